@@ -1,0 +1,87 @@
+//! The one `unsafe` door of qadapt (this module and its children `nf4`, ...): every kernel launch and every raw driver call is here.
+//!
+//! Each launch function validates before it launches: lengths against the shape, block size, that
+//! every buffer lives on this device, and 16-byte alignment where the kernel does 16-byte accesses.
+//! Device addresses go into the bindgen-generated argument struct of `qadapt.h`, which the kernel
+//! takes by value. The guards returned by `device_ptr` are held until the launch is queued, so
+//! cudarc's stream-ordering events cover the raw addresses too.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, DeviceRepr, PushKernelArg};
+use qadapt_kernels::{KernelName, ffi};
+
+use super::CudaDevice;
+use crate::error::{Result, invalid};
+use crate::plan::LaunchPlan;
+
+mod nf4;
+pub(crate) use nf4::{CudaScalesRef, nf4_dequantize, nf4_double_quant, nf4_quantize};
+
+/// A kernel argument struct from `qadapt.h`, passed to the kernel by value.
+///
+/// # Safety
+/// Implement only for bindgen-generated `#[repr(C)]` structs of plain integer and float fields
+/// (bindgen's layout tests check their size and offsets against the C header).
+pub(super) unsafe trait KernelArgs: Copy {}
+// SAFETY: #[repr(C)] struct of u64/u32 fields generated from qadapt.h.
+unsafe impl KernelArgs for ffi::QadaptNf4QuantizeArgs {}
+// SAFETY: #[repr(C)] struct of u64 fields generated from qadapt.h.
+unsafe impl KernelArgs for ffi::QadaptNf4DoubleQuantArgs {}
+// SAFETY: #[repr(C)] struct of u64/u32/f32 fields generated from qadapt.h.
+unsafe impl KernelArgs for ffi::QadaptNf4DequantizeArgs {}
+
+/// The by-value kernel parameter: the C struct's bytes, unchanged.
+#[derive(Clone, Copy)]
+#[repr(transparent)]
+struct ByValue<A: KernelArgs>(A);
+// SAFETY: repr(transparent) over a KernelArgs struct, whose bytes are a valid parameter of the
+// struct type the kernel declares.
+unsafe impl<A: KernelArgs> DeviceRepr for ByValue<A> {}
+
+/// Whether the CUDA driver library can be loaded (CudaContext::new panics without it).
+pub(crate) fn driver_library_present() -> bool {
+    // SAFETY: is_culib_present only tries to dlopen the driver library by its known names and
+    // drops the handle; it touches no global state of ours.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+pub(super) fn on_device<T>(
+    op: &'static str,
+    dev: &CudaDevice,
+    what: &str,
+    s: &CudaSlice<T>,
+) -> Result<()> {
+    if !Arc::ptr_eq(s.context(), &dev.inner.ctx) {
+        return Err(invalid(op, format!("{what} lives on another CUDA context")));
+    }
+    Ok(())
+}
+
+pub(super) fn aligned16(op: &'static str, what: &str, addr: u64) -> Result<()> {
+    if addr % 16 != 0 {
+        return Err(invalid(op, format!("{what} is not 16-byte aligned")));
+    }
+    Ok(())
+}
+
+/// Queues `k` with `args` on the device's stream.
+///
+/// # Safety
+/// `args` must be the argument struct `k` declares in `qadapt.h`, and every address in it must be
+/// a live allocation of this device large enough for what `k` reads and writes given `plan`.
+pub(super) unsafe fn launch<A: KernelArgs>(
+    dev: &CudaDevice,
+    k: KernelName,
+    plan: LaunchPlan,
+    args: &A,
+) -> Result<()> {
+    let f = dev.function(k)?;
+    let stream = dev.stream();
+    let param = ByValue(*args);
+    let mut b = stream.launch_builder(&f);
+    b.arg(&param);
+    // SAFETY: forwarded from this function's contract.
+    unsafe { b.launch(plan.config()) }?;
+    Ok(())
+}

@@ -1,0 +1,152 @@
+//! The CUDA device: context, stream, properties and the kernels loaded from the embedded fatbins.
+//! Everything here is safe code; the `unsafe` calls live in [`launch`], the one door to the driver.
+
+pub(crate) mod launch;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr};
+use qadapt_kernels::{KernelName, Module};
+
+use crate::error::{Error, Result};
+use crate::plan::DeviceProps;
+
+/// One CUDA device with its stream. Cheap to clone (shared handle). All of qadapt's work for this
+/// device goes to one stream, so launches are ordered without extra synchronization.
+#[derive(Clone)]
+pub struct CudaDevice {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    ordinal: usize,
+    name: String,
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    props: DeviceProps,
+    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+}
+
+impl std::fmt::Debug for CudaDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaDevice")
+            .field("ordinal", &self.inner.ordinal)
+            .field("name", &self.inner.name)
+            .field("props", &self.inner.props)
+            .finish()
+    }
+}
+
+impl CudaDevice {
+    /// Opens device `ordinal`: checks that kernels were compiled, that the driver library loads,
+    /// that the device exists and is sm_80 or newer.
+    pub fn new(ordinal: usize) -> Result<CudaDevice> {
+        if !qadapt_kernels::COMPILED {
+            return Err(Error::CudaNotCompiled);
+        }
+        if !launch::driver_library_present() {
+            return Err(Error::NoDevice(
+                "the CUDA driver library (libcuda.so) was not found".into(),
+            ));
+        }
+        let count = CudaContext::device_count()
+            .map_err(|e| Error::NoDevice(format!("the CUDA driver found no device ({e})")))?;
+        if ordinal >= count.max(0) as usize {
+            return Err(Error::NoDevice(format!(
+                "asked for device {ordinal}, the driver sees {count}"
+            )));
+        }
+        let ctx = CudaContext::new(ordinal)?;
+        let (major, minor) = ctx.compute_capability()?;
+        if major < 8 {
+            return Err(Error::NoDevice(format!(
+                "device {ordinal} has compute capability {major}.{minor}; qadapt needs 8.0 or newer"
+            )));
+        }
+        use cudarc::driver::sys::CUdevice_attribute as A;
+        let props = DeviceProps {
+            sm_count: ctx.attribute(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32,
+            compute_capability: (major as u32, minor as u32),
+            max_grid_x: ctx.attribute(A::CU_DEVICE_ATTRIBUTE_MAX_GRID_DIM_X)? as u32,
+        };
+        let name = ctx.name()?;
+        let stream = ctx.new_stream()?;
+        Ok(CudaDevice {
+            inner: Arc::new(Inner {
+                ordinal,
+                name,
+                ctx,
+                stream,
+                props,
+                modules: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// `cuda:N (name, sm_XY, S SMs)`.
+    pub fn describe(&self) -> String {
+        let p = &self.inner.props;
+        format!(
+            "cuda:{} ({}, sm_{}{}, {} SMs)",
+            self.inner.ordinal,
+            self.inner.name,
+            p.compute_capability.0,
+            p.compute_capability.1,
+            p.sm_count
+        )
+    }
+
+    /// The properties plans are made from.
+    pub fn props(&self) -> DeviceProps {
+        self.inner.props
+    }
+
+    /// The stream all of qadapt's work for this device goes to.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.inner.stream
+    }
+
+    /// Waits for all queued work.
+    pub fn synchronize(&self) -> Result<()> {
+        Ok(self.inner.stream.synchronize()?)
+    }
+
+    /// Copies a host slice to a new device buffer.
+    pub fn upload<T: DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>> {
+        Ok(self.inner.stream.clone_htod(host)?)
+    }
+
+    /// Copies a device buffer to a new host vector (synchronizes the stream).
+    pub fn download<T: DeviceRepr>(&self, dev: &CudaSlice<T>) -> Result<Vec<T>> {
+        Ok(self.inner.stream.clone_dtoh(dev)?)
+    }
+
+    /// A zeroed device buffer of `len` elements.
+    pub fn zeros<T: DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+        &self,
+        len: usize,
+    ) -> Result<CudaSlice<T>> {
+        Ok(self.inner.stream.alloc_zeros(len)?)
+    }
+
+    /// The kernel `k`, loading its module from the embedded fatbin on first use.
+    pub(crate) fn function(&self, k: KernelName) -> Result<CudaFunction> {
+        let module = {
+            let mut modules = self.inner.modules.lock().unwrap_or_else(|p| p.into_inner());
+            match modules.get(k.module) {
+                Some(m) => m.clone(),
+                None => {
+                    let image = Module::containing(k).ok_or(Error::CudaNotCompiled)?;
+                    let m = self
+                        .inner
+                        .ctx
+                        .load_module(cudarc::nvrtc::Ptx::from_binary(image.fatbin.to_vec()))?;
+                    modules.insert(k.module, m.clone());
+                    m
+                }
+            }
+        };
+        Ok(module.load_function(k.name)?)
+    }
+}

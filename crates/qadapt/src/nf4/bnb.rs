@@ -1,0 +1,1 @@
+//! The on-disk layout of bitsandbytes 4-bit weights (placeholder, filled below).

@@ -1,0 +1,256 @@
+/*
+ * nf4.cu — NF4 blockwise quantization, double quantization of the block constants, and
+ * dequantization, bit-exact with bitsandbytes and with qadapt's CPU reference
+ * (crates/qadapt/src/nf4/cpu.rs).
+ *
+ * Math (DESIGN.md §3). A tensor of n elements, flattened, is cut into blocks of `bs` (32..4096,
+ * power of two). For block b: absmax[b] = max |x|, and each element is coded as the nearest of the
+ * 16 NF4 levels to x * (1/absmax[b]) (see nf4_codec.cuh). An all-zero block keeps absmax 0 and code
+ * 7 (level 0.0). Element 2j goes to the HIGH nibble of packed[j], 2j+1 to the low one; an odd n
+ * pads the last low nibble with code 7.
+ *
+ * Double quantization replaces absmax[nblocks] (f32) with codes[nblocks] (u8): offset = mean of
+ * absmax (f64 sums in the fixed order of QADAPT_DQ_SUM_CHUNK, then one f32 division), and each run
+ * of 256 values v = absmax - offset is coded by the signed 8-bit dynamic map against
+ * v / nested_absmax, nested_absmax = max |v| of the run.
+ *
+ * Layout and tiling:
+ *   nf4_quantize_T       one warp per NF4 block (grid-stride over blocks); lanes read the block
+ *                        coalesced for the absmax, then each lane codes pairs (2j, 2j+1) and writes
+ *                        one byte per pair.
+ *   nf4_dq_partial_sums  one 256-thread CTA per chunk of 2048 absmax values.
+ *   nf4_dq_offset        one thread: sums the chunk partials in order.
+ *   nf4_dq_encode        one 256-thread CTA per double-quant block; map in shared memory.
+ *   nf4_dequantize_T     one thread per 32 elements: a single 16-byte load of packed codes, the
+ *                        block scale decoded in place (double quant included), NF4 levels from a
+ *                        16-entry shared table (16 distinct words, no bank conflicts), 16-byte
+ *                        stores. The tail (n not a multiple of 32) goes element by element.
+ * Every output is overwritten, never accumulated.
+ */
+#include "nf4_codec.cuh"
+#include "qadapt.h"
+
+using qadapt::from_f32;
+using qadapt::nf4_encode_scaled;
+using qadapt::nf4_level;
+using qadapt::round_to;
+using qadapt::to_f32;
+
+namespace {
+
+constexpr unsigned kFull = 0xffffffffu;
+
+template <typename T>
+__device__ __forceinline__ void quantize_blocks(const QadaptNf4QuantizeArgs& a) {
+    const T* __restrict__ in = reinterpret_cast<const T*>(a.input);
+    uint8_t* __restrict__ packed = reinterpret_cast<uint8_t*>(a.packed);
+    float* __restrict__ absmax = reinterpret_cast<float*>(a.absmax);
+    const uint64_t n = a.n;
+    const uint64_t bs = a.blocksize;
+    const uint64_t nblocks = (n + bs - 1) / bs;
+    const unsigned lane = threadIdx.x & 31u;
+    const uint64_t warps_per_cta = blockDim.x / 32u;
+    const uint64_t warp0 = blockIdx.x * warps_per_cta + threadIdx.x / 32u;
+    const uint64_t nwarps = (uint64_t)gridDim.x * warps_per_cta;
+
+    for (uint64_t b = warp0; b < nblocks; b += nwarps) {
+        const uint64_t start = b * bs;
+        const uint64_t len = (start + bs <= n) ? bs : n - start;
+        float m = 0.0f;
+        for (uint64_t i = lane; i < len; i += 32) m = fmaxf(m, fabsf(to_f32<T>(in[start + i])));
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(kFull, m, o));
+        if (lane == 0) absmax[b] = m;
+
+        const bool zero_block = (m == 0.0f);
+        const float inv = __fdiv_rn(1.0f, m);
+        const bool partial = len < bs;
+        const uint64_t pairs = (len + 1) / 2;
+        for (uint64_t p = lane; p < pairs; p += 32) {
+            const uint64_t e = start + 2 * p;
+            uint32_t q[2];
+#pragma unroll
+            for (int k = 0; k < 2; ++k) {
+                if (zero_block || 2 * p + k >= len) {
+                    q[k] = QADAPT_NF4_CODE_ZERO;
+                } else {
+                    float s = __fmul_rn(to_f32<T>(in[e + k]), inv);
+                    if (partial) s = round_to<T>(s);
+                    q[k] = nf4_encode_scaled(s);
+                }
+            }
+            packed[start / 2 + p] = (uint8_t)((q[0] << 4) | q[1]);
+        }
+    }
+}
+
+/* Nearest entry of a sorted 256-entry map, ties to the lower index. */
+__device__ __forceinline__ uint32_t nearest_in_map(const float* map, float q) {
+    int lo = 0;
+#pragma unroll
+    for (int step = 128; step > 0; step >>= 1) {
+        if (map[lo + step] <= q) lo += step;
+    }
+    /* map[lo] <= q < map[lo+1], or q is below map[0] (lo = 0) or at/after map[255] (lo = 255). */
+    if (lo < 255) {
+        const float dl = fabsf(__fsub_rn(q, map[lo]));
+        const float dr = fabsf(__fsub_rn(q, map[lo + 1]));
+        if (dr < dl) lo += 1;
+    }
+    return (uint32_t)lo;
+}
+
+template <typename T>
+__device__ __forceinline__ void store_decoded(T* out, const float (&v)[32]);
+
+template <>
+__device__ __forceinline__ void store_decoded<float>(float* out, const float (&v)[32]) {
+    float4* o = reinterpret_cast<float4*>(out);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) o[i] = make_float4(v[4 * i], v[4 * i + 1], v[4 * i + 2], v[4 * i + 3]);
+}
+
+template <typename H>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+    const H l = from_f32<H>(lo);
+    const H h = from_f32<H>(hi);
+    const uint16_t lb = *reinterpret_cast<const uint16_t*>(&l);
+    const uint16_t hb = *reinterpret_cast<const uint16_t*>(&h);
+    return (uint32_t)lb | ((uint32_t)hb << 16);
+}
+
+template <typename H>
+__device__ __forceinline__ void store_decoded_16(H* out, const float (&v)[32]) {
+    uint4* o = reinterpret_cast<uint4*>(out);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        o[i] = make_uint4(pack2<H>(v[8 * i], v[8 * i + 1]), pack2<H>(v[8 * i + 2], v[8 * i + 3]),
+                          pack2<H>(v[8 * i + 4], v[8 * i + 5]), pack2<H>(v[8 * i + 6], v[8 * i + 7]));
+    }
+}
+
+template <>
+__device__ __forceinline__ void store_decoded<__nv_bfloat16>(__nv_bfloat16* out, const float (&v)[32]) {
+    store_decoded_16<__nv_bfloat16>(out, v);
+}
+template <>
+__device__ __forceinline__ void store_decoded<__half>(__half* out, const float (&v)[32]) {
+    store_decoded_16<__half>(out, v);
+}
+
+template <typename T>
+__device__ __forceinline__ void dequantize(const QadaptNf4DequantizeArgs& a) {
+    __shared__ float levels[16];
+    /* Levels rounded to T first, as bitsandbytes decodes (code.to(dtype) * absmax). */
+    if (threadIdx.x < 16) levels[threadIdx.x] = round_to<T>(nf4_level((int)threadIdx.x));
+    __syncthreads();
+
+    const uint8_t* __restrict__ packed = reinterpret_cast<const uint8_t*>(a.packed);
+    const float* __restrict__ absmax = reinterpret_cast<const float*>(a.absmax);
+    const uint8_t* __restrict__ codes = reinterpret_cast<const uint8_t*>(a.absmax_codes);
+    const float* __restrict__ nested = reinterpret_cast<const float*>(a.nested_absmax);
+    const float* __restrict__ map = reinterpret_cast<const float*>(a.dynamic_map);
+    T* __restrict__ out = reinterpret_cast<T*>(a.out);
+    const uint64_t n = a.n;
+    const uint64_t groups = (n + 31) / 32;
+    const uint64_t stride = (uint64_t)gridDim.x * blockDim.x;
+
+    for (uint64_t g = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; g < groups; g += stride) {
+        const uint64_t e0 = 32 * g;
+        /* blocksize >= 32 and a power of two: the 32 elements share one NF4 block. */
+        const float scale = qadapt::nf4_block_scale(absmax, codes, nested, map, a.offset, e0 / a.blocksize);
+        if (e0 + 32 <= n) {
+            const uint4 w = __ldg(reinterpret_cast<const uint4*>(packed) + g);
+            const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+            float v[32];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    const uint32_t byte = (words[i] >> (8 * j)) & 0xffu;
+                    v[8 * i + 2 * j] = __fmul_rn(levels[byte >> 4], scale);
+                    v[8 * i + 2 * j + 1] = __fmul_rn(levels[byte & 0xfu], scale);
+                }
+            }
+            store_decoded<T>(out + e0, v);
+        } else {
+            for (uint64_t e = e0; e < n; ++e) {
+                const uint32_t byte = packed[e / 2];
+                const uint32_t q = (e & 1) ? (byte & 0xfu) : (byte >> 4);
+                out[e] = from_f32<T>(__fmul_rn(levels[q], scale));
+            }
+        }
+    }
+}
+
+}  // namespace
+
+QADAPT_KERNEL(nf4_quantize_f32, QadaptNf4QuantizeArgs) { quantize_blocks<float>(args); }
+QADAPT_KERNEL(nf4_quantize_bf16, QadaptNf4QuantizeArgs) { quantize_blocks<__nv_bfloat16>(args); }
+QADAPT_KERNEL(nf4_quantize_f16, QadaptNf4QuantizeArgs) { quantize_blocks<__half>(args); }
+
+QADAPT_KERNEL(nf4_dq_partial_sums, QadaptNf4DoubleQuantArgs) {
+    __shared__ double part[QADAPT_DQ_SUM_THREADS];
+    const float* __restrict__ absmax = reinterpret_cast<const float*>(args.absmax);
+    double* __restrict__ partial = reinterpret_cast<double*>(args.partial);
+    const uint64_t nchunks = (args.nblocks + QADAPT_DQ_SUM_CHUNK - 1) / QADAPT_DQ_SUM_CHUNK;
+    for (uint64_t c = blockIdx.x; c < nchunks; c += gridDim.x) {
+        const uint64_t base = c * QADAPT_DQ_SUM_CHUNK;
+        double acc = 0.0;
+        for (uint64_t i = threadIdx.x; i < QADAPT_DQ_SUM_CHUNK && base + i < args.nblocks;
+             i += QADAPT_DQ_SUM_THREADS) {
+            acc = __dadd_rn(acc, (double)absmax[base + i]);
+        }
+        part[threadIdx.x] = acc;
+        __syncthreads();
+        for (int s = QADAPT_DQ_SUM_THREADS / 2; s > 0; s >>= 1) {
+            if ((int)threadIdx.x < s) part[threadIdx.x] = __dadd_rn(part[threadIdx.x], part[threadIdx.x + s]);
+            __syncthreads();
+        }
+        if (threadIdx.x == 0) partial[c] = part[0];
+        __syncthreads();
+    }
+}
+
+QADAPT_KERNEL(nf4_dq_offset, QadaptNf4DoubleQuantArgs) {
+    if (blockIdx.x != 0 || threadIdx.x != 0) return;
+    const double* __restrict__ partial = reinterpret_cast<const double*>(args.partial);
+    const uint64_t nchunks = (args.nblocks + QADAPT_DQ_SUM_CHUNK - 1) / QADAPT_DQ_SUM_CHUNK;
+    double sum = 0.0;
+    for (uint64_t c = 0; c < nchunks; ++c) sum = __dadd_rn(sum, partial[c]);
+    *reinterpret_cast<float*>(args.offset) = __fdiv_rn((float)sum, (float)args.nblocks);
+}
+
+QADAPT_KERNEL(nf4_dq_encode, QadaptNf4DoubleQuantArgs) {
+    __shared__ float map[256];
+    __shared__ float warp_max[QADAPT_DQ_BLOCK / 32];
+    const float* __restrict__ absmax = reinterpret_cast<const float*>(args.absmax);
+    uint8_t* __restrict__ codes = reinterpret_cast<uint8_t*>(args.codes);
+    float* __restrict__ nested = reinterpret_cast<float*>(args.nested_absmax);
+    map[threadIdx.x] = reinterpret_cast<const float*>(args.dynamic_map)[threadIdx.x];
+    const float offset = *reinterpret_cast<const float*>(args.offset);
+    __syncthreads();
+    const uint64_t nnested = (args.nblocks + QADAPT_DQ_BLOCK - 1) / QADAPT_DQ_BLOCK;
+    for (uint64_t b = blockIdx.x; b < nnested; b += gridDim.x) {
+        const uint64_t i = b * QADAPT_DQ_BLOCK + threadIdx.x;
+        const bool live = i < args.nblocks;
+        const float v = live ? __fsub_rn(absmax[i], offset) : 0.0f;
+        float m = fabsf(v);
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(kFull, m, o));
+        if ((threadIdx.x & 31u) == 0) warp_max[threadIdx.x / 32] = m;
+        __syncthreads();
+        m = warp_max[0];
+#pragma unroll
+        for (int w = 1; w < QADAPT_DQ_BLOCK / 32; ++w) m = fmaxf(m, warp_max[w]);
+        if (threadIdx.x == 0) nested[b] = m;
+        if (live) {
+            codes[i] = (uint8_t)(m == 0.0f ? QADAPT_DQ_CODE_ZERO : nearest_in_map(map, __fdiv_rn(v, m)));
+        }
+        __syncthreads();
+    }
+}
+
+QADAPT_KERNEL(nf4_dequantize_f32, QadaptNf4DequantizeArgs) { dequantize<float>(args); }
+QADAPT_KERNEL(nf4_dequantize_bf16, QadaptNf4DequantizeArgs) { dequantize<__nv_bfloat16>(args); }
+QADAPT_KERNEL(nf4_dequantize_f16, QadaptNf4DequantizeArgs) { dequantize<__half>(args); }
