@@ -10,7 +10,7 @@
  * pads the last low nibble with code 7.
  *
  * Double quantization replaces absmax[nblocks] (f32) with codes[nblocks] (u8): offset = mean of
- * absmax (f64 sums in the fixed order of QADAPT_DQ_SUM_CHUNK, then one f32 division), and each run
+ * absmax as torch computes it (bitsandbytes calls absmax.mean(); see nf4_dq_offset), and each run
  * of 256 values v = absmax - offset is coded by the signed 8-bit dynamic map against
  * v / nested_absmax, nested_absmax = max |v| of the run.
  *
@@ -18,8 +18,8 @@
  *   nf4_quantize_T       one warp per NF4 block (grid-stride over blocks); lanes read the block
  *                        coalesced for the absmax, then each lane codes pairs (2j, 2j+1) and writes
  *                        one byte per pair.
- *   nf4_dq_partial_sums  one 256-thread CTA per chunk of 2048 absmax values.
- *   nf4_dq_offset        one thread: sums the chunk partials in order.
+ *   nf4_dq_offset        one warp: lane t sums column t of the 32-wide rows (torch's cascade),
+ *                        lane 0 folds the columns and the tail in torch's order.
  *   nf4_dq_encode        one 256-thread CTA per double-quant block; map in shared memory.
  *   nf4_dequantize_T     one thread per 32 elements: a single 16-byte load of packed codes, the
  *                        block scale decoded in place (double quant included), NF4 levels from a
@@ -189,36 +189,65 @@ QADAPT_KERNEL(nf4_quantize_f32, QadaptNf4QuantizeArgs) { quantize_blocks<float>(
 QADAPT_KERNEL(nf4_quantize_bf16, QadaptNf4QuantizeArgs) { quantize_blocks<__nv_bfloat16>(args); }
 QADAPT_KERNEL(nf4_quantize_f16, QadaptNf4QuantizeArgs) { quantize_blocks<__half>(args); }
 
-QADAPT_KERNEL(nf4_dq_partial_sums, QadaptNf4DoubleQuantArgs) {
-    __shared__ double part[QADAPT_DQ_SUM_THREADS];
-    const float* __restrict__ absmax = reinterpret_cast<const float*>(args.absmax);
-    double* __restrict__ partial = reinterpret_cast<double*>(args.partial);
-    const uint64_t nchunks = (args.nblocks + QADAPT_DQ_SUM_CHUNK - 1) / QADAPT_DQ_SUM_CHUNK;
-    for (uint64_t c = blockIdx.x; c < nchunks; c += gridDim.x) {
-        const uint64_t base = c * QADAPT_DQ_SUM_CHUNK;
-        double acc = 0.0;
-        for (uint64_t i = threadIdx.x; i < QADAPT_DQ_SUM_CHUNK && base + i < args.nblocks;
-             i += QADAPT_DQ_SUM_THREADS) {
-            acc = __dadd_rn(acc, (double)absmax[base + i]);
+/* torch's multi_row_sum for one column: rows of 32 floats, column t = threadIdx.x, four levels of
+ * accumulators; level 0 takes 2^lp rows, then carries into level 1, and level j into j+1 when the
+ * row count is a multiple of 2^(j*lp). */
+__device__ __forceinline__ float column_cascade_sum(const float* __restrict__ x, uint64_t rows, unsigned t) {
+    const unsigned cl = rows <= 2 ? 1u : 64u - (unsigned)__clzll((long long)(rows - 1));
+    const unsigned lp = max(4u, cl / 4u);
+    const uint64_t step = 1ull << lp;
+    const uint64_t mask = step - 1;
+    float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+    uint64_t i = 0;
+    while (i + step <= rows) {
+        for (uint64_t s = 0; s < step; ++s, ++i) a0 = __fadd_rn(a0, __ldg(x + 32 * i + t));
+        a1 = __fadd_rn(a1, a0);
+        a0 = 0.0f;
+        if ((i & (mask << lp)) == 0) {
+            a2 = __fadd_rn(a2, a1);
+            a1 = 0.0f;
+            if ((i & (mask << (2 * lp))) == 0) {
+                a3 = __fadd_rn(a3, a2);
+                a2 = 0.0f;
+            }
         }
-        part[threadIdx.x] = acc;
-        __syncthreads();
-        for (int s = QADAPT_DQ_SUM_THREADS / 2; s > 0; s >>= 1) {
-            if ((int)threadIdx.x < s) part[threadIdx.x] = __dadd_rn(part[threadIdx.x], part[threadIdx.x + s]);
-            __syncthreads();
-        }
-        if (threadIdx.x == 0) partial[c] = part[0];
-        __syncthreads();
     }
+    for (; i < rows; ++i) a0 = __fadd_rn(a0, __ldg(x + 32 * i + t));
+    return __fadd_rn(__fadd_rn(__fadd_rn(a0, a1), a2), a3);
 }
 
 QADAPT_KERNEL(nf4_dq_offset, QadaptNf4DoubleQuantArgs) {
-    if (blockIdx.x != 0 || threadIdx.x != 0) return;
-    const double* __restrict__ partial = reinterpret_cast<const double*>(args.partial);
-    const uint64_t nchunks = (args.nblocks + QADAPT_DQ_SUM_CHUNK - 1) / QADAPT_DQ_SUM_CHUNK;
-    double sum = 0.0;
-    for (uint64_t c = 0; c < nchunks; ++c) sum = __dadd_rn(sum, partial[c]);
-    *reinterpret_cast<float*>(args.offset) = __fdiv_rn((float)sum, (float)args.nblocks);
+    __shared__ float cols[QADAPT_DQ_SUM_COLUMNS];
+    const float* __restrict__ x = reinterpret_cast<const float*>(args.absmax);
+    const uint64_t n = args.nblocks;
+    const unsigned t = threadIdx.x;
+    float sum = 0.0f;
+    if (n < 8) {
+        /* torch's scalar row sum: rows of 4, then the tail into column 0, then the 4 columns. */
+        if (t == 0) {
+            float p[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            const uint64_t g = n / 4;
+            for (uint64_t i = 0; i < g; ++i)
+                for (int c = 0; c < 4; ++c) p[c] = __fadd_rn(p[c], x[4 * i + c]);
+            for (uint64_t k = 4 * g; k < n; ++k) p[0] = __fadd_rn(p[0], x[k]);
+            sum = __fadd_rn(__fadd_rn(__fadd_rn(p[0], p[1]), p[2]), p[3]);
+        }
+    } else {
+        const uint64_t v = n / 8, g = v / 4;
+        cols[t] = column_cascade_sum(x, g, t);
+        __syncwarp();
+        if (t == 0) {
+            float p[8];
+            for (int l = 0; l < 8; ++l) p[l] = cols[l];
+            for (uint64_t j = 4 * g; j < v; ++j)
+                for (int l = 0; l < 8; ++l) p[l] = __fadd_rn(p[l], x[8 * j + l]);
+            for (int b = 1; b < 4; ++b)
+                for (int l = 0; l < 8; ++l) p[l] = __fadd_rn(p[l], cols[8 * b + l]);
+            for (uint64_t k = 8 * v; k < n; ++k) sum = __fadd_rn(sum, x[k]);
+            for (int l = 0; l < 8; ++l) sum = __fadd_rn(sum, p[l]);
+        }
+    }
+    if (t == 0) *reinterpret_cast<float*>(args.offset) = __fdiv_rn(sum, (float)n);
 }
 
 QADAPT_KERNEL(nf4_dq_encode, QadaptNf4DoubleQuantArgs) {

@@ -32,13 +32,10 @@
 #define QADAPT_DQ_BLOCK 256
 /* Index of 0.0 in the sorted signed dynamic map (127 negatives come first). */
 #define QADAPT_DQ_CODE_ZERO 127
-/* The offset (mean of all absmax) is summed in f64 in chunks of this many absmax values: in each
- * chunk, thread t of QADAPT_DQ_SUM_THREADS sums elements t, t+THREADS, ... sequentially, then the
- * per-thread partials are added by a halving tree (p[t] += p[t+s], s = THREADS/2 .. 1). Chunk sums
- * are then added sequentially in chunk order. The CPU reference follows the same order, which is
- * what makes the CPU and CUDA offsets bit-identical. */
-#define QADAPT_DQ_SUM_CHUNK 2048
-#define QADAPT_DQ_SUM_THREADS 256
+/* The offset is the mean of all absmax exactly as torch's f32 Tensor.mean() computes it on one
+ * thread (its cascade sum over 8-lane vectors; crates/qadapt/src/nf4/cpu.rs `torch_sum`): the sum
+ * works on rows of 32 columns, which nf4_dq_offset gives to the 32 lanes of one warp. */
+#define QADAPT_DQ_SUM_COLUMNS 32
 
 /* Element types of float tensors crossing the ABI. */
 typedef enum QadaptDtype {
@@ -62,15 +59,13 @@ typedef struct QadaptNf4QuantizeArgs {
 } QadaptNf4QuantizeArgs;
 
 /* Double quantization of the f32 absmax of an NF4 tensor.
- * Stage 1 (nf4_dq_partial_sums): partial[c] = f64 sum of chunk c (order: see QADAPT_DQ_SUM_CHUNK).
- * Stage 2 (nf4_dq_offset): offset[0] = (float)(sum of partials, in order) / (float)nblocks.
- * Stage 3 (nf4_dq_encode): for each block of QADAPT_DQ_BLOCK values v = absmax - offset (f32),
+ * Stage 1 (nf4_dq_offset, one warp): offset[0] = torch_sum(absmax) / (float)nblocks.
+ * Stage 2 (nf4_dq_encode): for each block of QADAPT_DQ_BLOCK values v = absmax - offset (f32),
  *   nested_absmax[b] = max |v|, codes[i] = nearest entry of the signed dynamic map to
  *   v / nested_absmax[b] (f32 division), ties to the lower index; an all-zero block gets
  *   QADAPT_DQ_CODE_ZERO. All outputs are overwritten. */
 typedef struct QadaptNf4DoubleQuantArgs {
     uint64_t absmax;        /* const float* [nblocks] */
-    uint64_t partial;       /* double*      [ceil(nblocks / QADAPT_DQ_SUM_CHUNK)] (scratch) */
     uint64_t offset;        /* float*       [1] */
     uint64_t dynamic_map;   /* const float* [256], sorted ascending */
     uint64_t codes;         /* uint8_t*     [nblocks] */
@@ -95,6 +90,54 @@ typedef struct QadaptNf4DequantizeArgs {
     uint32_t blocksize;
 } QadaptNf4DequantizeArgs;
 
+/* ---- LoRA argument structs (kernels/lora.cu) --------------------------------------------------- */
+
+/* flags of QadaptLoraFwdArgs / QadaptLoraBwdArgs */
+/* Every row pointer the kernel reads with 16-byte loads is 16-byte aligned and the row lengths
+ * allow it (K % 8 == 0 for bf16 rows, K % 32 == 0 for NF4 rows): the kernels may use the
+ * vectorized path. Without it they take the element-by-element path (any shape). */
+#define QADAPT_LORA_VEC 1u
+/* Largest row count of the gemv path; larger batches take the tensor-core GEMM path. */
+#define QADAPT_LORA_GEMV_MAX_ROWS 16
+/* GEMM tiling (CTA tile BM x BN over a BK slice of K, 256 threads, 3-stage cp.async pipeline). */
+#define QADAPT_LORA_GEMM_BM 128
+#define QADAPT_LORA_GEMM_BN 128
+#define QADAPT_LORA_GEMM_THREADS 256
+/* gemv: warps per CTA (one output feature per warp, grid-stride). */
+#define QADAPT_LORA_GEMV_WARPS 8
+
+/* Fused LoRA linear forward, y = x W^T + bias + sum_a [idx(m) == a] * s_a * (x A_a^T) B_a^T.
+ * Shapes: x [m, k] bf16 row-major, W [n, k] (bf16, or NF4 packed over the flattened row-major W
+ * with `blocksize` and plain or double-quant scales), A stack [n_adapters, rank, k] bf16,
+ * B stack [n_adapters, n, rank] bf16, scales [n_adapters] f32, adapter_idx [m] i32 (-1 = base
+ * only; 0 pointer = every row uses adapter 0), bias [n] bf16 or 0, y [m, n] bf16.
+ * u [m, n_adapters * rank] bf16 is the LoRA intermediate: lora_xa writes
+ * u[m, a*rank + j] = bf16(s_a * sum_k x[m,k] A_a[j,k]) for a == idx(m) and 0 for the other
+ * adapters; the gemv/gemm kernels read it. u and y are overwritten. */
+typedef struct QadaptLoraFwdArgs {
+    uint64_t x;             /* const bf16* [m, k] */
+    uint64_t w;             /* const bf16* [n, k], or const uint8_t* [ceil(n*k/2)] for NF4 */
+    uint64_t absmax;        /* NF4: const float* [nblocks], used when absmax_codes == 0 */
+    uint64_t absmax_codes;  /* NF4: const uint8_t* [nblocks] or 0 */
+    uint64_t nested_absmax; /* NF4: const float* [ceil(nblocks / QADAPT_DQ_BLOCK)] */
+    uint64_t dynamic_map;   /* NF4: const float* [256] */
+    uint64_t lora_a;        /* const bf16* [n_adapters, rank, k] */
+    uint64_t lora_b;        /* const bf16* [n_adapters, n, rank] */
+    uint64_t scales;        /* const float* [n_adapters] */
+    uint64_t adapter_idx;   /* const int32_t* [m] or 0 */
+    uint64_t bias;          /* const bf16* [n] or 0 */
+    uint64_t u;             /* bf16* [m, n_adapters * rank] */
+    uint64_t y;             /* bf16* [m, n] */
+    uint32_t m;
+    uint32_t n;
+    uint32_t k;
+    uint32_t rank;          /* 0: no LoRA term */
+    uint32_t n_adapters;
+    uint32_t blocksize;     /* NF4 block size */
+    float offset;           /* NF4 double-quant offset */
+    uint32_t flags;         /* QADAPT_LORA_VEC */
+} QadaptLoraFwdArgs;
+
 /* ---- Kernels ---------------------------------------------------------------------------------- */
 
 #if defined(__CUDACC__)
@@ -108,11 +151,17 @@ typedef struct QadaptNf4DequantizeArgs {
 QADAPT_KERNEL(nf4_quantize_f32, QadaptNf4QuantizeArgs);
 QADAPT_KERNEL(nf4_quantize_bf16, QadaptNf4QuantizeArgs);
 QADAPT_KERNEL(nf4_quantize_f16, QadaptNf4QuantizeArgs);
-QADAPT_KERNEL(nf4_dq_partial_sums, QadaptNf4DoubleQuantArgs);
 QADAPT_KERNEL(nf4_dq_offset, QadaptNf4DoubleQuantArgs);
 QADAPT_KERNEL(nf4_dq_encode, QadaptNf4DoubleQuantArgs);
 QADAPT_KERNEL(nf4_dequantize_f32, QadaptNf4DequantizeArgs);
 QADAPT_KERNEL(nf4_dequantize_bf16, QadaptNf4DequantizeArgs);
 QADAPT_KERNEL(nf4_dequantize_f16, QadaptNf4DequantizeArgs);
+
+/* kernels/lora.cu */
+QADAPT_KERNEL(lora_xa_bf16, QadaptLoraFwdArgs);
+QADAPT_KERNEL(lora_gemv_dense_bf16, QadaptLoraFwdArgs);
+QADAPT_KERNEL(lora_gemv_nf4_bf16, QadaptLoraFwdArgs);
+QADAPT_KERNEL(lora_gemm_dense_bf16, QadaptLoraFwdArgs);
+QADAPT_KERNEL(lora_gemm_nf4_bf16, QadaptLoraFwdArgs);
 
 #endif /* QADAPT_H */

@@ -60,6 +60,26 @@ except Exception:  # transformers is not needed to generate, only pinned
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def save_canonical(tensors, path, metadata=None):
+    """save_file, then rewrite the header with the __metadata__ keys sorted:
+    safetensors serializes metadata from a hash map, so its order (and thus
+    the file bytes) would change from run to run."""
+    import struct
+
+    save_file(tensors, path, metadata=metadata)
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n).decode("utf-8"))
+        if "__metadata__" in header:
+            header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+            ordered = {"__metadata__": header.pop("__metadata__")}
+            ordered.update(header)
+            new = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+            assert len(new) <= n, "canonical header longer than the original"
+            f.seek(8)
+            f.write(new + b" " * (n - len(new)))
+
+
 def check_versions():
     found = {
         "torch": torch.__version__.split("+")[0],
@@ -144,6 +164,34 @@ def case_zero_block():
     return x
 
 
+def case_nested_ties():
+    """64 blocks of 64 whose absmax values are 1+t / 1-t pairs (t a multiple of
+    2^-23) laid out so that torch's cascade sum is exact: offset == 1.0 and the
+    nested absmax == 1.0 (one block has absmax 2, one is all zero), so the
+    nested normalized values are exactly +-t. Ten of the t are exact f32 ties
+    between two neighbouring entries of the (mutated) dynamic map."""
+    code = F.create_dynamic_map(signed=True)
+    code[0] = -1.0
+    ties = []
+    for i in range(255):
+        lo, hi = code[i], code[i + 1]
+        m = ((lo + hi) / 2).float()
+        if m > 0 and torch.abs(m - lo) == torch.abs(m - hi) and float(m) * 2**23 == int(float(m) * 2**23):
+            ties.append(float(m))
+    fill = [k / 64 + 1 / 2**20 for k in range(1, 64)]
+    ts = (ties + fill)[:31]
+    a = torch.zeros(64)
+    pairs = [(8 * k + l, 8 * (k + 4) + l) for k in range(4) for l in range(8)]
+    a[pairs[0][0]], a[pairs[0][1]] = 2.0, 0.0
+    for (i, j), t in zip(pairs[1:], ts):
+        a[i] = 1.0 + t
+        a[j] = 1.0 - t
+    g = gen(61)
+    x = (torch.rand(64, 64, generator=g) * 1.98 - 0.99) * a.view(64, 1)
+    x[:, 0] = a * torch.where(torch.rand(64, generator=g) < 0.5, -1.0, 1.0)
+    return x.reshape(-1)
+
+
 def case_outlier():
     x = randn(256, 41, 1e-2)
     x[70] = 1e4
@@ -179,6 +227,7 @@ CASES = [
     ("bf16_zero_block_bs64", lambda: case_zero_block().to(torch.bfloat16), 64),
     ("f32_ties_bs64", case_ties, 64),
     ("f32_outlier_bs64", case_outlier, 64),
+    ("f32_dq_nested_ties_bs64", case_nested_ties, 64),
     ("f32_negative_bs64", case_negative, 64),
     # 300 blocks -> double quant has one full nested block (256) + partial (44)
     ("f32_dq300_bs64", lambda: randn(300 * 64, 17, 0.02), 64),
@@ -256,7 +305,7 @@ def make_nf4_golden(versions, cap):
     meta["versions"] = json.dumps(versions)
     meta["cpu_capability"] = cap
     meta["num_threads"] = str(torch.get_num_threads())
-    save_file(tensors, os.path.join(HERE, "nf4_golden.safetensors"), metadata=meta)
+    save_canonical(tensors, os.path.join(HERE, "nf4_golden.safetensors"), metadata=meta)
 
     with open(os.path.join(HERE, "dynamic_map_signed.txt"), "w") as f:
         for v in dyn_before.view(torch.int32).tolist():
@@ -289,7 +338,7 @@ def make_mean_golden():
         "input": "x_i = f32(((i*2654435761 + 12345) mod 2^32) >> 8) * 2^-24 * f32(i%7+1), i = 0..len-1, f32 products",
         "num_threads": str(torch.get_num_threads()),
     }
-    save_file(tensors, os.path.join(HERE, "torch_mean_golden.safetensors"), metadata=meta)
+    save_canonical(tensors, os.path.join(HERE, "torch_mean_golden.safetensors"), metadata=meta)
 
 
 class TinyModel(torch.nn.Module):

@@ -20,6 +20,7 @@ pub mod cuda;
 pub mod device;
 pub mod dtype;
 pub mod error;
+pub mod lora;
 pub mod nf4;
 pub mod plan;
 

@@ -78,22 +78,16 @@ pub fn nf4_dequantize(n: u64, props: &DeviceProps) -> Result<LaunchPlan> {
     })
 }
 
-/// The three double-quant launches: partial sums, offset, encode.
-pub fn nf4_double_quant(nblocks: u64, props: &DeviceProps) -> Result<[LaunchPlan; 3]> {
+/// The two double-quant launches: offset (one warp), encode (one CTA per 256 blocks).
+pub fn nf4_double_quant(nblocks: u64, props: &DeviceProps) -> Result<[LaunchPlan; 2]> {
     if nblocks == 0 {
         return Err(invalid("nf4 double quant plan", "no blocks"));
     }
-    let chunks = nblocks.div_ceil(u64::from(ffi::QADAPT_DQ_SUM_CHUNK));
     let nested = nblocks.div_ceil(u64::from(ffi::QADAPT_DQ_BLOCK));
     Ok([
         LaunchPlan {
-            grid: capped_grid(chunks, props),
-            block: ffi::QADAPT_DQ_SUM_THREADS,
-            shared_bytes: 0,
-        },
-        LaunchPlan {
             grid: 1,
-            block: 32,
+            block: ffi::QADAPT_DQ_SUM_COLUMNS,
             shared_bytes: 0,
         },
         LaunchPlan {
@@ -136,10 +130,145 @@ mod tests {
 
     #[test]
     fn double_quant_plans_match_the_abi_constants() {
-        let [sum, off, enc] = nf4_double_quant(5000, &DeviceProps::H200).unwrap();
-        assert_eq!((sum.grid, sum.block), (3, ffi::QADAPT_DQ_SUM_THREADS));
-        assert_eq!(off.grid, 1);
+        let [off, enc] = nf4_double_quant(5000, &DeviceProps::H200).unwrap();
+        assert_eq!((off.grid, off.block), (1, 32));
         assert_eq!((enc.grid, enc.block), (20, 256));
         assert!(nf4_double_quant(0, &SMALL).is_err());
+    }
+}
+
+// ---- LoRA (kernels/lora.cu) ---------------------------------------------------------------------
+
+/// Which kernel family a fused LoRA forward takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoraPath {
+    /// `lora_gemv_*`: at most [`ffi::QADAPT_LORA_GEMV_MAX_ROWS`] rows, one warp per output
+    /// feature, the weight streamed once.
+    Gemv,
+    /// `lora_gemm_*`: tensor-core tiles of `QADAPT_LORA_GEMM_BM x QADAPT_LORA_GEMM_BN`.
+    Gemm,
+}
+
+/// The launches of one fused LoRA forward: `lora_xa_bf16` (absent without a LoRA term), then the
+/// gemv or GEMM kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoraForwardPlan {
+    /// The kernel family of the main launch.
+    pub path: LoraPath,
+    /// `u = s * x A^T` per row adapter; `None` when `rank * n_adapters == 0`.
+    pub xa: Option<LaunchPlan>,
+    /// The gemv or GEMM launch.
+    pub main: LaunchPlan,
+}
+
+/// Plans `y = x W^T + s B (A x)` for `m` rows, `n` outputs, `k` inputs and `r_total` =
+/// rank * adapters LoRA columns. Rows <= 16 take the gemv path (grid-stride, capped grid), more
+/// take the GEMM path, which needs one CTA per 128 x 128 output tile and an sm_80+ device
+/// (mma.sync bf16).
+pub fn lora_forward(
+    m: u64,
+    n: u64,
+    k: u64,
+    r_total: u64,
+    props: &DeviceProps,
+) -> Result<LoraForwardPlan> {
+    const OP: &str = "lora forward plan";
+    if m == 0 || n == 0 || k == 0 {
+        return Err(invalid(OP, format!("empty shape m={m} n={n} k={k}")));
+    }
+    if m > u64::from(u32::MAX) || n > u64::from(u32::MAX) || k > u64::from(u32::MAX) {
+        return Err(invalid(OP, "m, n and k must each fit in 32 bits"));
+    }
+    let warps = u64::from(ffi::QADAPT_LORA_GEMV_WARPS);
+    let xa = (r_total > 0).then(|| LaunchPlan {
+        grid: capped_grid((m * r_total).div_ceil(warps), props),
+        block: 32 * ffi::QADAPT_LORA_GEMV_WARPS,
+        shared_bytes: 0,
+    });
+    if m <= u64::from(ffi::QADAPT_LORA_GEMV_MAX_ROWS) {
+        return Ok(LoraForwardPlan {
+            path: LoraPath::Gemv,
+            xa,
+            main: LaunchPlan {
+                grid: capped_grid(n.div_ceil(warps), props),
+                block: 32 * ffi::QADAPT_LORA_GEMV_WARPS,
+                shared_bytes: 0,
+            },
+        });
+    }
+    if props.compute_capability.0 < 8 {
+        return Err(invalid(
+            OP,
+            "the GEMM path needs compute capability 8.0 or newer (mma.sync bf16)",
+        ));
+    }
+    let tiles = n.div_ceil(u64::from(ffi::QADAPT_LORA_GEMM_BN))
+        * m.div_ceil(u64::from(ffi::QADAPT_LORA_GEMM_BM));
+    if tiles > u64::from(props.max_grid_x) {
+        return Err(invalid(
+            OP,
+            format!("{tiles} output tiles exceed the grid limit"),
+        ));
+    }
+    Ok(LoraForwardPlan {
+        path: LoraPath::Gemm,
+        xa,
+        main: LaunchPlan {
+            grid: tiles as u32,
+            block: ffi::QADAPT_LORA_GEMM_THREADS,
+            shared_bytes: 0,
+        },
+    })
+}
+
+#[cfg(test)]
+mod lora_tests {
+    use super::*;
+
+    const SM75: DeviceProps = DeviceProps {
+        sm_count: 40,
+        compute_capability: (7, 5),
+        max_grid_x: i32::MAX as u32,
+    };
+
+    #[test]
+    fn lora_plan_picks_gemv_up_to_16_rows() {
+        for m in [1, 7, 16] {
+            let p = lora_forward(m, 4096, 4096, 16, &DeviceProps::H200).unwrap();
+            assert_eq!(p.path, LoraPath::Gemv);
+            assert_eq!((p.main.grid, p.main.block), (512, 256)); // 4096 features / 8 warps
+            assert_eq!(p.xa.unwrap().grid, (m as u32 * 16).div_ceil(8));
+        }
+        // The gemv grid-strides: capped at 32 CTAs per SM.
+        let p = lora_forward(1, 1 << 30, 64, 0, &DeviceProps::H200).unwrap();
+        assert_eq!(p.main.grid, 132 * 32);
+        assert_eq!(p.xa, None);
+        // Even a pre-Ampere device runs the gemv path.
+        assert_eq!(lora_forward(3, 10, 10, 1, &SM75).unwrap().path, LoraPath::Gemv);
+    }
+
+    #[test]
+    fn lora_plan_gemm_has_one_cta_per_output_tile() {
+        let p = lora_forward(17, 4096, 4096, 64, &DeviceProps::H200).unwrap();
+        assert_eq!(p.path, LoraPath::Gemm);
+        assert_eq!((p.main.grid, p.main.block), (32, 256));
+        let p = lora_forward(4097, 129, 33, 3, &DeviceProps::H200).unwrap();
+        assert_eq!(p.main.grid, 33 * 2);
+        assert_eq!(p.xa.unwrap().grid, (4097u32 * 3).div_ceil(8));
+    }
+
+    #[test]
+    fn lora_plan_refuses_what_it_cannot_launch() {
+        assert!(lora_forward(0, 1, 1, 0, &DeviceProps::H200).is_err());
+        assert!(lora_forward(1, 0, 1, 0, &DeviceProps::H200).is_err());
+        assert!(lora_forward(1, 1, 1 << 33, 0, &DeviceProps::H200).is_err());
+        assert!(lora_forward(64, 64, 64, 8, &SM75).is_err());
+        let tiny = DeviceProps {
+            max_grid_x: 3,
+            ..DeviceProps::H200
+        };
+        assert!(lora_forward(300, 300, 64, 8, &tiny).is_err());
+        assert!(lora_forward(300, 256, 64, 8, &tiny).is_err()); // 3 x 2 tiles
+        assert!(lora_forward(128, 384, 64, 8, &tiny).is_ok()); // 3 x 1 tiles
     }
 }

@@ -13,8 +13,6 @@ use qadapt_kernels::ffi;
 const CODE_ZERO: u8 = ffi::QADAPT_NF4_CODE_ZERO as u8;
 const DQ_BLOCK: usize = ffi::QADAPT_DQ_BLOCK as usize;
 const DQ_CODE_ZERO: u8 = ffi::QADAPT_DQ_CODE_ZERO as u8;
-const SUM_CHUNK: usize = ffi::QADAPT_DQ_SUM_CHUNK as usize;
-const SUM_THREADS: usize = ffi::QADAPT_DQ_SUM_THREADS as usize;
 
 /// Nearest NF4 code of a scaled value: |s - level| in f32, ties to the lower code. The nearest
 /// level brackets `s`, so count the levels <= s and compare the two distances; NaN lands on 0.
@@ -87,33 +85,90 @@ fn quantize_block<T: Float>(block: &[T], blocksize: usize, bytes: &mut [u8], am:
     }
 }
 
-/// The double-quant offset: the mean of `absmax`, summed in f64 in the fixed order of
-/// `QADAPT_DQ_SUM_CHUNK` (see `qadapt.h`), then divided in f32 (`nf4_dq_partial_sums` +
-/// `nf4_dq_offset`).
+/// The double-quant offset: the mean of `absmax` exactly as torch's f32 `Tensor.mean()` computes
+/// it on one CPU thread (bitsandbytes takes `absmax.mean()`): torch's cascade sum over 8-lane
+/// vectors, then one f32 division by n. Lane-wise f32 arithmetic, no FMA; see [`torch_sum`].
+/// The `nf4_dq_offset` kernel runs the same algorithm, one warp lane per sum column.
 pub fn dq_offset(absmax: &[f32]) -> f32 {
-    let partials: Vec<f64> = absmax
-        .par_chunks(SUM_CHUNK)
-        .map(|chunk| {
-            let mut part = [0.0f64; SUM_THREADS];
-            for (t, p) in part.iter_mut().enumerate() {
-                *p = chunk
-                    .iter()
-                    .skip(t)
-                    .step_by(SUM_THREADS)
-                    .fold(0.0f64, |a, &x| a + f64::from(x));
+    torch_sum(absmax) / absmax.len() as f32
+}
+
+/// torch's single-threaded f32 sum of a contiguous vector (at::native cascade_sum with 8-lane
+/// vectors, as it runs on AVX2 and AVX512 builds alike). For n >= 8 the data is viewed as
+/// `V = n/8` vectors; groups of 4 vectors form a row of 32 columns, and each column is summed over
+/// the `G = V/4` rows by [`multi_row_sum`]. The leftover vectors are added to column block 0, the
+/// four column blocks folded into one vector, and the scalar tail plus the 8 lanes summed in order.
+pub fn torch_sum(x: &[f32]) -> f32 {
+    let n = x.len();
+    if n < 8 {
+        let g = n / 4;
+        let mut p: [f32; 4] = multi_row_sum(g, |i| std::array::from_fn(|c| x[4 * i + c]));
+        for &v in &x[4 * g..] {
+            p[0] += v;
+        }
+        return p[0] + p[1] + p[2] + p[3];
+    }
+    let v = n / 8;
+    let g = v / 4;
+    let mut p: [f32; 32] = multi_row_sum(g, |i| std::array::from_fn(|c| x[32 * i + c]));
+    for j in 4 * g..v {
+        for l in 0..8 {
+            p[l] += x[8 * j + l];
+        }
+    }
+    for blk in 1..4 {
+        for l in 0..8 {
+            p[l] += p[8 * blk + l];
+        }
+    }
+    let mut acc = 0.0f32;
+    for &t in &x[8 * v..] {
+        acc += t;
+    }
+    for &lane in &p[..8] {
+        acc += lane;
+    }
+    acc
+}
+
+/// torch's `multi_row_sum`: column-wise sums of `g` rows through four levels of accumulators.
+/// Level 0 takes `step = 2^lp` rows at a time; after each such run it is carried into level 1,
+/// and level j into j+1 whenever the row count is a multiple of `step^j`, which keeps every partial
+/// sum over a similar number of rows (a cascade, so the error grows like log n).
+fn multi_row_sum<const W: usize>(g: usize, row: impl Fn(usize) -> [f32; W]) -> [f32; W] {
+    let ceil_log2 = if g <= 2 { 1 } else { usize::BITS - (g - 1).leading_zeros() };
+    let lp = (ceil_log2 / 4).max(4);
+    let step = 1usize << lp;
+    let mut a = [[0.0f32; W]; 4];
+    let mut i = 0usize;
+    let add = |dst: &mut [f32; W], src: &[f32; W]| {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d += *s;
+        }
+    };
+    while i + step <= g {
+        for _ in 0..step {
+            add(&mut a[0], &row(i));
+            i += 1;
+        }
+        for j in 1..4 {
+            let lower = a[j - 1];
+            add(&mut a[j], &lower);
+            a[j - 1] = [0.0; W];
+            if i & ((step - 1) << (j as u32 * lp)) != 0 {
+                break;
             }
-            let mut s = SUM_THREADS / 2;
-            while s > 0 {
-                for t in 0..s {
-                    part[t] += part[t + s];
-                }
-                s /= 2;
-            }
-            part[0]
-        })
-        .collect();
-    let sum = partials.iter().fold(0.0f64, |a, &p| a + p);
-    (sum as f32) / (absmax.len() as f32)
+        }
+    }
+    while i < g {
+        add(&mut a[0], &row(i));
+        i += 1;
+    }
+    for j in 1..4 {
+        let upper = a[j];
+        add(&mut a[0], &upper);
+    }
+    a[0]
 }
 
 /// Nearest entry of a sorted 256-entry map, ties to the lower index (`nearest_in_map`).
@@ -137,7 +192,7 @@ fn nearest_in_map(map: &[f32; 256], q: f32) -> u8 {
     lo as u8
 }
 
-/// Double quantization of `absmax` by the sorted 256-entry `map` (the three `nf4_dq_*` kernels).
+/// Double quantization of `absmax` by the sorted 256-entry `map` (the two `nf4_dq_*` kernels).
 /// Overwrites `codes[absmax.len()]` and `nested_absmax[ceil(len/256)]`; returns the offset.
 pub fn double_quant(
     absmax: &[f32],
@@ -346,11 +401,14 @@ mod tests {
     }
 
     #[test]
-    fn offset_uses_the_documented_order() {
-        let a: Vec<f32> = (0..5000).map(|i| 0.1 + (i % 97) as f32 * 1e-3).collect();
-        let exact: f64 = a.iter().map(|&x| f64::from(x)).sum();
-        let off = dq_offset(&a);
-        assert!(((exact as f32) / 5000.0 - off).abs() <= f32::EPSILON * off);
+    fn torch_sum_is_close_to_the_exact_sum() {
+        for n in [1, 3, 7, 8, 9, 100, 5000, 70_000] {
+            let a: Vec<f32> = (0..n).map(|i| 0.1 + (i % 97) as f32 * 1e-3).collect();
+            let exact: f64 = a.iter().map(|&x| f64::from(x)).sum();
+            let s = torch_sum(&a);
+            assert!((f64::from(s) - exact).abs() <= 4.0 * f64::from(f32::EPSILON) * exact, "n = {n}");
+        }
+        assert_eq!(torch_sum(&[]), 0.0);
     }
 
     #[test]

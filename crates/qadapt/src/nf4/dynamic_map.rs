@@ -3,6 +3,11 @@
 //! vectorised `linspace` whose rounding depends on the CPU's vector width, so the values below are
 //! the exact f32 bits bitsandbytes 0.48.2 produced (written by `tests/data/make_golden.py`), and
 //! a test checks them against the golden file. Sorted ascending; index 127 is 0.0, index 255 is 1.0.
+//!
+//! [`DQ_MAP`] is the map double quantization actually encodes with and stores as
+//! `nested_quant_map`: bitsandbytes' CPU kernel sets `code[0] = -1.0` (in place, on its cached
+//! map) so that the most negative value of a block decodes exactly. Files from bitsandbytes' CUDA
+//! path may carry the unmodified map; readers always decode with the map stored in the file.
 
 /// The signed dynamic map, `map[code]`.
 pub const DYNAMIC_MAP_SIGNED: [f32; 256] = [
@@ -263,3 +268,11 @@ pub const DYNAMIC_MAP_SIGNED: [f32; 256] = [
     f32::from_bits(0x3f7e3333),
     f32::from_bits(0x3f800000),
 ];
+
+/// The map double quantization encodes with and writes: [`DYNAMIC_MAP_SIGNED`] with entry 0 set
+/// to -1.0, as bitsandbytes' CPU path does.
+pub const DQ_MAP: [f32; 256] = {
+    let mut m = DYNAMIC_MAP_SIGNED;
+    m[0] = -1.0;
+    m
+};

@@ -5,7 +5,7 @@
 //! [`NF4_LEVELS`] to `x * (1/absmax)`, ties to the lower code. Two codes share a byte, element
 //! `2j` in the high nibble. With [`Statistics::DoubleQuant`] the absmax values are themselves
 //! quantized: `offset` = their mean, and blocks of 256 values `absmax - offset` are coded with
-//! the signed 8-bit [`dynamic_map::DYNAMIC_MAP_SIGNED`] plus one f32 per 256.
+//! the signed 8-bit [`dynamic_map::DQ_MAP`] plus one f32 per 256.
 //!
 //! [`Nf4Tensor`] holds the result on the host; [`cpu`] is the reference of every kernel, and
 //! [`CudaNf4`] the same data resident on a CUDA device. [`bnb`] reads and writes the on-disk
@@ -266,14 +266,14 @@ fn empty_scales(statistics: Statistics) -> Scales {
             codes: Vec::new(),
             nested_absmax: Vec::new(),
             offset: 0.0,
-            map: Box::new(dynamic_map::DYNAMIC_MAP_SIGNED),
+            map: Box::new(dynamic_map::DQ_MAP),
         }),
     }
 }
 
 /// Double quantization of `absmax` on the CPU with bitsandbytes' map.
 pub fn double_quant_cpu(absmax: &[f32]) -> Result<DoubleQuant> {
-    let map = Box::new(dynamic_map::DYNAMIC_MAP_SIGNED);
+    let map = Box::new(dynamic_map::DQ_MAP);
     let mut codes = vec![0u8; absmax.len()];
     let mut nested_absmax = vec![0f32; absmax.len().div_ceil(DQ_BLOCKSIZE)];
     let offset = cpu::double_quant(absmax, &map, &mut codes, &mut nested_absmax)?;
@@ -333,7 +333,7 @@ impl CudaNf4 {
         let scales = match statistics {
             Statistics::Plain => CudaScales::Absmax(absmax),
             Statistics::DoubleQuant => {
-                let map = dev.upload(&dynamic_map::DYNAMIC_MAP_SIGNED)?;
+                let map = dev.upload(&dynamic_map::DQ_MAP)?;
                 let mut codes = dev.zeros::<u8>(nb)?;
                 let mut nested_absmax = dev.zeros::<f32>(nb.div_ceil(DQ_BLOCKSIZE))?;
                 let offset =

@@ -15,7 +15,9 @@ use super::CudaDevice;
 use crate::error::{Result, invalid};
 use crate::plan::LaunchPlan;
 
+mod lora;
 mod nf4;
+pub(crate) use lora::{CudaLoraRef, CudaWeightRef, lora_forward};
 pub(crate) use nf4::{CudaScalesRef, nf4_dequantize, nf4_double_quant, nf4_quantize};
 
 /// A kernel argument struct from `qadapt.h`, passed to the kernel by value.
@@ -30,6 +32,9 @@ unsafe impl KernelArgs for ffi::QadaptNf4QuantizeArgs {}
 unsafe impl KernelArgs for ffi::QadaptNf4DoubleQuantArgs {}
 // SAFETY: #[repr(C)] struct of u64/u32/f32 fields generated from qadapt.h.
 unsafe impl KernelArgs for ffi::QadaptNf4DequantizeArgs {}
+// SAFETY: #[repr(C)] struct of u64/u32/f32 fields generated from qadapt.h (13 device addresses,
+// then 8 four-byte fields, no padding); bindgen's layout test pins its 136-byte size.
+unsafe impl KernelArgs for ffi::QadaptLoraFwdArgs {}
 
 /// The by-value kernel parameter: the C struct's bytes, unchanged.
 #[derive(Clone, Copy)]

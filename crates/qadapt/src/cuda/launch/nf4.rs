@@ -76,7 +76,7 @@ pub(crate) fn nf4_quantize<T: Float>(
     unsafe { launch(dev, quantize_kernel(T::DTYPE), plan, &args) }
 }
 
-/// The three `nf4_dq_*` kernels: overwrites `codes[nblocks]`, `nested_absmax[ceil(nblocks/256)]`
+/// The two `nf4_dq_*` kernels: overwrites `codes[nblocks]`, `nested_absmax[ceil(nblocks/256)]`
 /// and returns the offset (one 4-byte copy back to the host, which synchronizes the stream).
 pub(crate) fn nf4_double_quant(
     dev: &CudaDevice,
@@ -109,36 +109,29 @@ pub(crate) fn nf4_double_quant(
     on_device(OP, dev, "codes", codes)?;
     on_device(OP, dev, "nested_absmax", nested_absmax)?;
     let plans = plan::nf4_double_quant(nblocks as u64, &dev.props())?;
-    let chunks = nblocks.div_ceil(ffi::QADAPT_DQ_SUM_CHUNK as usize);
-    let mut partial = dev.zeros::<f64>(chunks)?;
     let mut offset = dev.zeros::<f32>(1)?;
     {
         let stream = dev.stream().clone();
         let (absmax_ptr, _r1) = absmax.device_ptr(&stream);
         let (map_ptr, _r2) = map.device_ptr(&stream);
-        let (partial_ptr, _w1) = partial.device_ptr_mut(&stream);
         let (offset_ptr, _w2) = offset.device_ptr_mut(&stream);
         let (codes_ptr, _w3) = codes.device_ptr_mut(&stream);
         let (nested_ptr, _w4) = nested_absmax.device_ptr_mut(&stream);
         let args = ffi::QadaptNf4DoubleQuantArgs {
             absmax: absmax_ptr,
-            partial: partial_ptr,
             offset: offset_ptr,
             dynamic_map: map_ptr,
             codes: codes_ptr,
             nested_absmax: nested_ptr,
             nblocks: nblocks as u64,
         };
-        let stages = [
-            kernels::NF4_DQ_PARTIAL_SUMS,
-            kernels::NF4_DQ_OFFSET,
-            kernels::NF4_DQ_ENCODE,
-        ];
+        let stages = [kernels::NF4_DQ_OFFSET, kernels::NF4_DQ_ENCODE];
         for (k, p) in stages.into_iter().zip(plans) {
-            // SAFETY: QadaptNf4DoubleQuantArgs is what all three nf4_dq_* kernels take; absmax and
-            // codes hold nblocks elements, partial ceil(nblocks/2048) doubles, nested_absmax
-            // ceil(nblocks/256) floats, map 256 floats, offset 1 float, all checked or allocated
-            // above on this device; the encode plan has exactly 256 threads per CTA as it needs.
+            // SAFETY: QadaptNf4DoubleQuantArgs is what both nf4_dq_* kernels take; absmax and
+            // codes hold nblocks elements, nested_absmax ceil(nblocks/256) floats, map 256
+            // floats, offset 1 float, all checked or allocated above on this device; the offset
+            // plan is one warp and the encode plan exactly 256 threads per CTA, as the kernels
+            // index by threadIdx.x.
             unsafe { launch(dev, k, p, &args) }?;
         }
     }

@@ -1,0 +1,2 @@
+//! LoRA benches (filled in below).
+fn main() {}

@@ -1,0 +1,86 @@
+//! File plumbing of the CLI: reading a whole safetensors file with a clear error, and writing an
+//! output atomically (a temporary file in the same directory, synced, then renamed over the
+//! target), so an interrupted or failed run never leaves a partial output behind.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use qadapt::nf4::bnb::OnDiskTensor;
+
+/// Reads `path`, refusing anything too short to be a safetensors file.
+pub(crate) fn read_safetensors(path: &Path) -> Result<Vec<u8>> {
+    let bytes = fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    if bytes.len() < 8 {
+        bail!(
+            "{}: not a safetensors file ({} bytes, shorter than the 8-byte header length)",
+            path.display(),
+            bytes.len()
+        );
+    }
+    Ok(bytes)
+}
+
+/// An output path that is checked before any work is done and written atomically at the end.
+pub(crate) struct Output {
+    target: PathBuf,
+}
+
+impl Output {
+    /// Refuses an output that is the input (also through another spelling of the same path) or
+    /// that lives in a directory that does not exist.
+    pub(crate) fn new(input: &Path, output: &Path) -> Result<Output> {
+        let same = match (fs::canonicalize(input), fs::canonicalize(output)) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => input == output,
+        };
+        if same {
+            bail!("the output {} is the input file; choose another path", output.display());
+        }
+        let dir = parent_dir(output);
+        if !dir.is_dir() {
+            bail!("the output directory {} does not exist", dir.display());
+        }
+        Ok(Output {
+            target: output.to_path_buf(),
+        })
+    }
+
+    /// Serializes `tensors` to a temporary file beside the target, syncs it, renames it over the
+    /// target. On any error the temporary file is removed.
+    pub(crate) fn write(
+        &self,
+        tensors: &[OnDiskTensor],
+        metadata: Option<HashMap<String, String>>,
+    ) -> Result<()> {
+        let file_name = self
+            .target
+            .file_name()
+            .context("the output path has no file name")?
+            .to_string_lossy();
+        let tmp = parent_dir(&self.target).join(format!(".{file_name}.partial-{}", std::process::id()));
+        let result = (|| -> Result<()> {
+            let bytes = safetensors::serialize(tensors.iter().map(|t| (t.name.as_str(), t)), metadata)
+                .context("serializing the output")?;
+            let mut f = fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+            f.write_all(&bytes).with_context(|| format!("writing {}", tmp.display()))?;
+            f.sync_all().with_context(|| format!("syncing {}", tmp.display()))?;
+            fs::rename(&tmp, &self.target)
+                .with_context(|| format!("renaming {} to {}", tmp.display(), self.target.display()))?;
+            Ok(())
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result
+    }
+}
+
+fn parent_dir(p: &Path) -> PathBuf {
+    match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
