@@ -113,7 +113,9 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // One line, whatever the cause chain holds (regex errors span several lines).
+            let msg = format!("{e:#}");
+            eprintln!("error: {}", msg.split_whitespace().collect::<Vec<_>>().join(" "));
             ExitCode::FAILURE
         }
     }

@@ -1,0 +1,188 @@
+//! The `qadapt` binary end to end: its output matches the file bitsandbytes wrote, byte for byte;
+//! it reads bitsandbytes' files; bad input gives one error line, a non-zero exit, and no output.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use safetensors::{SafeTensors, tensor::TensorView};
+
+fn data(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/data").join(name)
+}
+
+fn qadapt(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_qadapt")).args(args).output().expect("run qadapt")
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Writes `tensors` (name, view) of `src` under new names into a safetensors file.
+fn write_subset(src: &SafeTensors<'_>, pick: &[(&str, &str)], out: &Path) {
+    let views: Vec<(String, TensorView<'_>)> =
+        pick.iter().map(|(from, to)| (to.to_string(), src.tensor(from).unwrap())).collect();
+    safetensors::serialize_to_file(views, None, out).unwrap();
+}
+
+#[test]
+fn quantize_writes_the_bytes_bitsandbytes_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let orig_bytes = std::fs::read(data("bnb_linear4bit_dequant.safetensors")).unwrap();
+    let orig = SafeTensors::deserialize(&orig_bytes).unwrap();
+    let bnb_bytes = std::fs::read(data("bnb_linear4bit.safetensors")).unwrap();
+    let bnb = SafeTensors::deserialize(&bnb_bytes).unwrap();
+
+    // fc2: f32 weight, plain absmax, plus its bias copied through. The whole file must be equal.
+    let input = dir.path().join("fc2.safetensors");
+    let views = vec![
+        ("fc2.weight".to_string(), orig.tensor("fc2.weight.orig").unwrap()),
+        ("fc2.bias".to_string(), bnb.tensor("fc2.bias").unwrap()),
+    ];
+    safetensors::serialize_to_file(views, None, &input).unwrap();
+    let out = dir.path().join("fc2.nf4.safetensors");
+    let r = qadapt(&["quantize", s(&input), s(&out)]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let expected_keys = [
+        "fc2.bias",
+        "fc2.weight",
+        "fc2.weight.absmax",
+        "fc2.weight.quant_map",
+        "fc2.weight.quant_state.bitsandbytes__nf4",
+    ];
+    let expected = dir.path().join("expected.safetensors");
+    write_subset(&bnb, &expected_keys.map(|k| (k, k)), &expected);
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&expected).unwrap(), "fc2 file bytes");
+
+    // fc1: bf16 weight (40x97, 3880 values: a partial last block), double quant.
+    let input = dir.path().join("fc1.safetensors");
+    write_subset(&orig, &[("fc1.weight.orig", "fc1.weight")], &input);
+    let out = dir.path().join("fc1.nf4.safetensors");
+    let r = qadapt(&["quantize", s(&input), s(&out), "--double-quant", "--blocksize", "64"]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let ours_bytes = std::fs::read(&out).unwrap();
+    let ours = SafeTensors::deserialize(&ours_bytes).unwrap();
+    let mut names = ours.names();
+    names.sort();
+    assert_eq!(names.len(), 6);
+    for k in names {
+        let (a, b) = (ours.tensor(k).unwrap(), bnb.tensor(k).unwrap());
+        assert_eq!((a.dtype(), a.shape()), (b.dtype(), b.shape()), "{k}");
+        assert_eq!(a.data(), b.data(), "{k}");
+    }
+}
+
+#[test]
+fn dequantize_reads_bitsandbytes_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("deq.safetensors");
+    let r = qadapt(&["dequantize", s(&data("bnb_linear4bit.safetensors")), s(&out)]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let ours_bytes = std::fs::read(&out).unwrap();
+    let ours = SafeTensors::deserialize(&ours_bytes).unwrap();
+    let want_bytes = std::fs::read(data("bnb_linear4bit_dequant.safetensors")).unwrap();
+    let want = SafeTensors::deserialize(&want_bytes).unwrap();
+    let mut names = ours.names();
+    names.sort();
+    assert_eq!(names, ["fc1.bias", "fc1.weight", "fc2.bias", "fc2.weight"]);
+    for k in ["fc1.weight", "fc2.weight"] {
+        let (a, b) = (ours.tensor(k).unwrap(), want.tensor(k).unwrap());
+        assert_eq!((a.dtype(), a.shape()), (b.dtype(), b.shape()), "{k}");
+        assert_eq!(a.data(), b.data(), "{k} values");
+    }
+    // --dtype changes the element type, not the values' source.
+    let out32 = dir.path().join("deq32.safetensors");
+    let r = qadapt(&["dequantize", s(&data("bnb_linear4bit.safetensors")), s(&out32), "--dtype", "f32"]);
+    assert!(r.status.success());
+    let b = std::fs::read(&out32).unwrap();
+    let t = SafeTensors::deserialize(&b).unwrap();
+    assert_eq!(t.tensor("fc1.weight").unwrap().dtype(), safetensors::Dtype::F32);
+    assert_eq!(t.tensor("fc1.bias").unwrap().dtype(), safetensors::Dtype::BF16);
+}
+
+#[test]
+fn roundtrip_through_our_own_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = dir.path().join("q.safetensors");
+    let back = dir.path().join("back.safetensors");
+    let orig = data("bnb_linear4bit_dequant.safetensors");
+    assert!(qadapt(&["quantize", s(&orig), s(&q), "--only", r"\.orig$", "--blocksize", "32"]).status.success());
+    assert!(qadapt(&["dequantize", s(&q), s(&back)]).status.success());
+    let b = std::fs::read(&back).unwrap();
+    let t = SafeTensors::deserialize(&b).unwrap();
+    let o = std::fs::read(&orig).unwrap();
+    let o = SafeTensors::deserialize(&o).unwrap();
+    // fc2.weight.orig is f32 [33, 40]; NF4 error is at most half the widest level gap (~0.16) x absmax.
+    let a: Vec<f32> = bytemuck::pod_collect_to_vec(t.tensor("fc2.weight.orig").unwrap().data());
+    let x: Vec<f32> = bytemuck::pod_collect_to_vec(o.tensor("fc2.weight.orig").unwrap().data());
+    assert_eq!(t.tensor("fc2.weight.orig").unwrap().shape(), [33, 40]);
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let worst = a.iter().zip(&x).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
+    assert!(worst > 0.0 && worst <= 0.17 * amax, "worst {worst} of absmax {amax}");
+}
+
+fn assert_clean_failure(r: &Output, needle: &str, out: &Path) {
+    assert!(!r.status.success());
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(err.trim_end().lines().count(), 1, "one error line, got: {err}");
+    assert!(err.starts_with("error: ") && err.contains(needle), "{err}");
+    assert!(!out.exists(), "no output file after a failure");
+    let dir = out.parent().unwrap();
+    let leftovers: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains("partial"))
+        .collect();
+    assert!(leftovers.is_empty(), "no partial file left behind");
+}
+
+#[test]
+fn bad_input_gives_one_clear_error_and_no_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.safetensors");
+    let good = data("bnb_linear4bit_dequant.safetensors");
+
+    let not_st = dir.path().join("notes.txt");
+    std::fs::write(&not_st, "hello, this is not a tensor file at all").unwrap();
+    assert_clean_failure(&qadapt(&["quantize", s(&not_st), s(&out)]), "not a safetensors file", &out);
+
+    let truncated = dir.path().join("truncated.safetensors");
+    let bytes = std::fs::read(&good).unwrap();
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    assert_clean_failure(&qadapt(&["quantize", s(&truncated), s(&out)]), "not a safetensors file", &out);
+
+    let tiny = dir.path().join("tiny.safetensors");
+    std::fs::write(&tiny, [1u8, 2, 3]).unwrap();
+    assert_clean_failure(&qadapt(&["dequantize", s(&tiny), s(&out)]), "not a safetensors file", &out);
+
+    assert_clean_failure(&qadapt(&["quantize", s(&good), s(&out), "--blocksize", "48"]), "power of two", &out);
+    assert_clean_failure(&qadapt(&["quantize", s(&good), s(&out), "--blocksize", "8192"]), "power of two", &out);
+    assert_clean_failure(&qadapt(&["quantize", s(&good), s(&good)]), "is the input", &out);
+    assert_clean_failure(&qadapt(&["quantize", s(&good), s(&out), "--only", "("]), "regular expression", &out);
+    assert_clean_failure(&qadapt(&["quantize", s(&good), s(&out), "--device", "tpu"]), "unknown device", &out);
+    assert_clean_failure(&qadapt(&["dequantize", s(&good), s(&out)]), "no NF4 tensors", &out);
+
+    let missing_dir = dir.path().join("nope/out.safetensors");
+    let r = qadapt(&["quantize", s(&good), s(&missing_dir)]);
+    assert!(!r.status.success());
+    assert!(String::from_utf8_lossy(&r.stderr).contains("does not exist"));
+
+    // Unknown --dtype is refused by the argument parser, before any work.
+    let r = qadapt(&["dequantize", s(&data("bnb_linear4bit.safetensors")), s(&out), "--dtype", "f64"]);
+    assert!(!r.status.success());
+    assert!(!out.exists());
+}
+
+#[test]
+fn help_describes_every_option() {
+    let r = qadapt(&["quantize", "--help"]);
+    let h = String::from_utf8_lossy(&r.stdout);
+    for opt in ["--blocksize", "--double-quant", "--device", "--only"] {
+        assert!(h.contains(opt), "{opt} missing from quantize --help");
+    }
+    let r = qadapt(&["dequantize", "--help"]);
+    let h = String::from_utf8_lossy(&r.stdout);
+    for opt in ["--dtype", "--device"] {
+        assert!(h.contains(opt), "{opt} missing from dequantize --help");
+    }
+}

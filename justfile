@@ -1,0 +1,85 @@
+# qadapt tasks. `just` lists them. CI runs `just ci` (.ci/run).
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+cuda_dir := justfile_directory() / ".cuda"
+export NVCC := cuda_dir / "nvidia/cu13/bin/nvcc"
+
+# List the recipes.
+default:
+    @just --list
+
+# --- setup ---------------------------------------------------------------------------------------
+
+# Install what the build needs, idempotently: CUDA 13.0 nvcc + CCCL into .cuda/, cuobjdump/nvdisasm
+# for SASS checks, compute-sanitizer (for the GPU bundle), libclang for bindgen.
+setup:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    cd "{{justfile_directory()}}"
+    if [ ! -x .cuda/nvidia/cu13/bin/nvcc ]; then
+        echo "installing nvcc (cuda-toolkit 13.0.3.0, PyPI) into .cuda/"
+        python3 -m pip install -q --disable-pip-version-check --target .cuda 'cuda-toolkit[nvcc,cccl]==13.0.3.0'
+    fi
+    if [ ! -x .cuda/sass/nvidia/cu13/bin/cuobjdump ]; then
+        echo "installing cuobjdump + nvdisasm into .cuda/sass/"
+        python3 -m pip install -q --disable-pip-version-check --target .cuda/sass 'nvidia-cuda-cuobjdump==13.2.86' 'nvidia-cuda-nvdisasm==13.2.86'
+    fi
+    if ! ls .cuda/wheels/nvidia_cuda_sanitizer_api-13.0.85-*.whl >/dev/null 2>&1; then
+        echo "downloading compute-sanitizer 13.0 (for the GPU bundle) into .cuda/wheels/"
+        python3 -m pip download -q --disable-pip-version-check --no-deps -d .cuda/wheels 'nvidia-cuda-sanitizer-api==13.0.85'
+    fi
+    if ! ldconfig -p | grep -q 'libclang-14\|libclang.so'; then
+        echo "installing libclang for bindgen"
+        if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+        $SUDO apt-get update -qq && $SUDO apt-get install -y -qq libclang1-14 libclang-common-14-dev
+    fi
+    "{{NVCC}}" --version | tail -n 2
+
+# --- build and test ------------------------------------------------------------------------------
+
+# Build everything (kernels compiled by nvcc when present).
+build: setup
+    cargo build --workspace --all-targets
+
+# Run every test that needs no GPU (GPU tests are #[ignore] and run by `just gpu-check`).
+test: setup
+    QADAPT_REQUIRE_CUDA=1 cargo test --workspace
+
+# ptxas registers/spills and SASS instruction checks for every kernel, as a table.
+kernel-report: setup
+    QADAPT_REQUIRE_CUDA=1 cargo test -p qadapt-kernels --test static_report -- --nocapture
+
+# Formatting, lints, tests with kernels required, kernel report: what CI runs.
+ci: setup
+    cargo fmt --all -- --check
+    QADAPT_REQUIRE_CUDA=1 cargo clippy --workspace --all-targets -- -D warnings
+    just test
+    just kernel-report
+    bash scripts/gpu-bundle.sh --rehearse
+
+# --- benchmarks ----------------------------------------------------------------------------------
+
+# Criterion benches (CPU; CUDA ones run when a device is present).
+bench: setup
+    QADAPT_REQUIRE_CUDA=1 cargo bench --bench nf4
+
+# NF4 on the CPU: bitsandbytes' CPU path on the same shapes (needs the golden venv, see tests/data).
+bench-bnb python="python3":
+    {{python}} benches/nf4_bnb_cpu.py
+
+# --- GPU -----------------------------------------------------------------------------------------
+
+# Build the GPU bundle folder (no GPU needed): stripped release test and bench binaries + run.sh.
+gpu-bundle: setup
+    bash scripts/gpu-bundle.sh
+
+# Build the bundle and run it here (needs a local NVIDIA GPU with a CUDA 13 driver).
+gpu-check: gpu-bundle
+    bash gpu-bundle/run.sh
+
+# --- golden files --------------------------------------------------------------------------------
+
+# Regenerate tests/data fixtures from bitsandbytes (needs torch + bitsandbytes, see tests/data/README.md).
+golden python="python3":
+    {{python}} tests/data/make_golden.py
