@@ -83,3 +83,18 @@ gpu-check: gpu-bundle
 # Regenerate tests/data fixtures from bitsandbytes (needs torch + bitsandbytes, see tests/data/README.md).
 golden python="python3":
     {{python}} tests/data/make_golden.py
+
+# Quantize the fixture weights with qadapt and have bitsandbytes read the result back and compare
+# byte for byte with its own quantization (needs torch + bitsandbytes, see tests/data/README.md).
+bnb-check python="python3": setup
+    #!/usr/bin/env bash
+    set -euo pipefail
+    cargo build --release -q -p qadapt-cli
+    tmp=$(mktemp -d)
+    {{python}} -c "from safetensors.torch import load_file, save_file; t = load_file('tests/data/bnb_linear4bit_dequant.safetensors'); save_file({'fc1.weight': t['fc1.weight.orig'].contiguous(), 'fc2.weight': t['fc2.weight.orig'].contiguous()}, '$tmp/orig.safetensors')"
+    for args in "--blocksize 64" "--blocksize 64 --double-quant" "--blocksize 32 --double-quant" "--blocksize 1024"; do
+        echo "== qadapt quantize $args"
+        target/release/qadapt quantize "$tmp/orig.safetensors" "$tmp/q.safetensors" $args
+        {{python}} tests/data/check_bnb_reads.py "$tmp/orig.safetensors" "$tmp/q.safetensors" 2>/dev/null | tail -n 1
+        rm "$tmp/q.safetensors"
+    done

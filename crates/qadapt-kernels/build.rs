@@ -209,10 +209,11 @@ fn kernel_decls(header: &str) -> Vec<(String, String, String)> {
     let mut decls = Vec::new();
     for line in header.lines() {
         let l = line.trim();
-        if let Some(rest) = l.strip_prefix("/* kernels/") {
-            if let Some(stem) = rest.strip_suffix(".cu */") {
-                module = stem.to_string();
-            }
+        if let Some(stem) = l
+            .strip_prefix("/* kernels/")
+            .and_then(|rest| rest.strip_suffix(".cu */"))
+        {
+            module = stem.to_string();
         }
         if let Some(rest) = l.strip_prefix("QADAPT_KERNEL(") {
             let Some(inner) = rest.strip_suffix(");") else {

@@ -6,7 +6,9 @@ use rand::{Rng, SeedableRng, rngs::SmallRng};
 
 /// `tests/data/<name>` in this checkout.
 pub fn data_path(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data")
+        .join(name)
 }
 
 /// `n` normally distributed values (Box-Muller) times `scale`, from a fixed seed.

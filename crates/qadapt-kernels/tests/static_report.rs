@@ -54,13 +54,23 @@ fn parse_ptxas(report: &str) -> BTreeMap<(String, String), Ptxas> {
 
 /// (kernel, arch) -> SASS text, from `cuobjdump -sass`.
 fn sass(fatbin: &[u8]) -> BTreeMap<(String, String), String> {
-    let tool = option_env!("QADAPT_CUOBJDUMP").expect("cuobjdump was not found at build time; run `just setup`");
+    let Some(tool) = option_env!("QADAPT_CUOBJDUMP") else {
+        panic!("cuobjdump was not found at build time; run `just setup`");
+    };
     let dir = std::env::temp_dir().join(format!("qadapt-sass-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("module.fatbin");
     std::fs::write(&path, fatbin).unwrap();
-    let out = Command::new(tool).arg("-sass").arg(&path).output().expect("run cuobjdump");
-    assert!(out.status.success(), "cuobjdump failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(tool)
+        .arg("-sass")
+        .arg(&path)
+        .output()
+        .expect("run cuobjdump");
+    assert!(
+        out.status.success(),
+        "cuobjdump failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let _ = std::fs::remove_dir_all(&dir);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let mut map = BTreeMap::new();
@@ -104,19 +114,31 @@ fn kernels_do_not_spill_and_use_the_instructions_we_claim() {
                     continue;
                 };
                 if p.stack != 0 || p.spill_stores != 0 || p.spill_loads != 0 {
-                    failures.push(format!("{} {arch}: stack {} spills {}/{}", k.name, p.stack, p.spill_stores, p.spill_loads));
+                    failures.push(format!(
+                        "{} {arch}: stack {} spills {}/{}",
+                        k.name, p.stack, p.spill_stores, p.spill_loads
+                    ));
                 }
-                let code = sass.get(&(k.name.to_string(), arch.to_string())).map(String::as_str).unwrap_or("");
+                let code = sass
+                    .get(&(k.name.to_string(), arch.to_string()))
+                    .map(String::as_str)
+                    .unwrap_or("");
                 if code.is_empty() {
                     failures.push(format!("{} {arch}: no SASS", k.name));
                 }
                 let ldg128 = code.contains("LDG.E.128");
                 let hmma = code.contains("HMMA") || code.contains("HGMMA");
                 if (k.name.contains("dequantize") || k.name.contains("gemv")) && !ldg128 {
-                    failures.push(format!("{} {arch}: no 128-bit global load (LDG.E.128)", k.name));
+                    failures.push(format!(
+                        "{} {arch}: no 128-bit global load (LDG.E.128)",
+                        k.name
+                    ));
                 }
                 if k.name.contains("gemm") && !hmma {
-                    failures.push(format!("{} {arch}: no tensor-core instruction (HMMA)", k.name));
+                    failures.push(format!(
+                        "{} {arch}: no tensor-core instruction (HMMA)",
+                        k.name
+                    ));
                 }
                 rows.push(format!(
                     "| {:<28} | {:<5} | {:>4} | {:>5} | {:>6} | {:<8} | {:<4} |",
@@ -131,10 +153,20 @@ fn kernels_do_not_spill_and_use_the_instructions_we_claim() {
             }
         }
     }
-    println!("| {:<28} | {:<5} | {:>4} | {:>5} | {:>6} | {:<8} | {:<4} |", "kernel", "arch", "regs", "stack", "spills", "LDG.128", "HMMA");
-    println!("|{:-<30}|{:-<7}|{:-<6}|{:-<7}|{:-<8}|{:-<10}|{:-<6}|", "", "", "", "", "", "", "");
+    println!(
+        "| {:<28} | {:<5} | {:>4} | {:>5} | {:>6} | {:<8} | {:<4} |",
+        "kernel", "arch", "regs", "stack", "spills", "LDG.128", "HMMA"
+    );
+    println!(
+        "|{:-<30}|{:-<7}|{:-<6}|{:-<7}|{:-<8}|{:-<10}|{:-<6}|",
+        "", "", "", "", "", "", ""
+    );
     for r in &rows {
         println!("{r}");
     }
-    assert!(failures.is_empty(), "static checks failed:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "static checks failed:\n{}",
+        failures.join("\n")
+    );
 }

@@ -158,7 +158,7 @@ impl FloatVec {
 
     /// Reads little-endian bytes of `dtype` (any alignment).
     pub fn from_bytes(dtype: DType, bytes: &[u8]) -> Option<FloatVec> {
-        if bytes.len() % dtype.size() != 0 {
+        if !bytes.len().is_multiple_of(dtype.size()) {
             return None;
         }
         Some(match dtype {

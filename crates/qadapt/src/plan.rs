@@ -244,7 +244,10 @@ mod lora_tests {
         assert_eq!(p.main.grid, 132 * 32);
         assert_eq!(p.xa, None);
         // Even a pre-Ampere device runs the gemv path.
-        assert_eq!(lora_forward(3, 10, 10, 1, &SM75).unwrap().path, LoraPath::Gemv);
+        assert_eq!(
+            lora_forward(3, 10, 10, 1, &SM75).unwrap().path,
+            LoraPath::Gemv
+        );
     }
 
     #[test]
@@ -270,5 +273,106 @@ mod lora_tests {
         assert!(lora_forward(300, 300, 64, 8, &tiny).is_err());
         assert!(lora_forward(300, 256, 64, 8, &tiny).is_err()); // 3 x 2 tiles
         assert!(lora_forward(128, 384, 64, 8, &tiny).is_ok()); // 3 x 1 tiles
+    }
+}
+
+/// The launches of one fused LoRA backward: `lora_xa_bf16` (u), `lora_bwd_dyb_bf16` (g), the dx
+/// GEMM, and the two adapter-gradient GEMMs; the LoRA launches are `None` without a LoRA term.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoraBackwardPlan {
+    /// `u = bf16(s x A^T)`, recomputed for dB.
+    pub xa: Option<LaunchPlan>,
+    /// `g = bf16(s dy B)`.
+    pub dyb: Option<LaunchPlan>,
+    /// `dx = dy W + g Acat`: one CTA per 128 x 128 tile of dx.
+    pub dx: LaunchPlan,
+    /// `dA += g^T x`: one CTA per 128 x 128 tile of the `[R, k]` stack.
+    pub da: Option<LaunchPlan>,
+    /// `dB += dy^T u`: one CTA per 128 x 128 tile of `[n, R]`.
+    pub db: Option<LaunchPlan>,
+}
+
+/// Plans the fused backward for `m` rows, `n` outputs, `k` inputs, `r_total` LoRA columns. Every
+/// matmul takes the tensor-core path (sm_80+).
+pub fn lora_backward(
+    m: u64,
+    n: u64,
+    k: u64,
+    r_total: u64,
+    props: &DeviceProps,
+) -> Result<LoraBackwardPlan> {
+    const OP: &str = "lora backward plan";
+    if m == 0 || n == 0 || k == 0 {
+        return Err(invalid(OP, format!("empty shape m={m} n={n} k={k}")));
+    }
+    if m > u64::from(u32::MAX) || n > u64::from(u32::MAX) || k > u64::from(u32::MAX) {
+        return Err(invalid(OP, "m, n and k must each fit in 32 bits"));
+    }
+    if props.compute_capability.0 < 8 {
+        return Err(invalid(
+            OP,
+            "the backward needs compute capability 8.0 or newer (mma.sync bf16)",
+        ));
+    }
+    let t = u64::from(ffi::QADAPT_LORA_GEMM_BN);
+    let tiled = |rows: u64, cols: u64| -> Result<LaunchPlan> {
+        let tiles = rows.div_ceil(t) * cols.div_ceil(t);
+        if tiles > u64::from(props.max_grid_x) {
+            return Err(invalid(OP, format!("{tiles} tiles exceed the grid limit")));
+        }
+        Ok(LaunchPlan {
+            grid: tiles as u32,
+            block: ffi::QADAPT_LORA_GEMM_THREADS,
+            shared_bytes: 0,
+        })
+    };
+    let warps = u64::from(ffi::QADAPT_LORA_GEMV_WARPS);
+    let per_warp = LaunchPlan {
+        grid: capped_grid((m * r_total).div_ceil(warps), props),
+        block: 32 * ffi::QADAPT_LORA_GEMV_WARPS,
+        shared_bytes: 0,
+    };
+    let lora = r_total > 0;
+    Ok(LoraBackwardPlan {
+        xa: lora.then_some(per_warp),
+        dyb: lora.then_some(per_warp),
+        dx: tiled(m, k)?,
+        da: if lora { Some(tiled(r_total, k)?) } else { None },
+        db: if lora { Some(tiled(n, r_total)?) } else { None },
+    })
+}
+
+#[cfg(test)]
+mod lora_backward_tests {
+    use super::*;
+
+    #[test]
+    fn lora_backward_plan_tiles_each_output() {
+        let p = lora_backward(4096, 4096, 11008, 64, &DeviceProps::H200).unwrap();
+        assert_eq!(p.dx.grid, 32 * 86);
+        assert_eq!(p.da.unwrap().grid, 86);
+        assert_eq!(p.db.unwrap().grid, 32);
+        assert_eq!(p.xa.unwrap().grid, 132 * 32); // 32768 warps of 8, capped: grid-stride
+        assert_eq!(p.dyb, p.xa);
+        let p = lora_backward(1, 5, 3, 0, &DeviceProps::H200).unwrap();
+        assert_eq!((p.dx.grid, p.da, p.db, p.xa), (1, None, None, None));
+    }
+
+    #[test]
+    fn lora_backward_plan_refuses_what_it_cannot_launch() {
+        let old = DeviceProps {
+            compute_capability: (7, 5),
+            ..DeviceProps::H200
+        };
+        assert!(lora_backward(4, 4, 4, 1, &old).is_err());
+        assert!(lora_backward(0, 4, 4, 1, &DeviceProps::H200).is_err());
+        let tiny = DeviceProps {
+            max_grid_x: 2,
+            ..DeviceProps::H200
+        };
+        assert!(lora_backward(300, 4, 4, 1, &tiny).is_err()); // dx: 3 tiles
+        assert!(lora_backward(4, 300, 4, 1, &tiny).is_err()); // dB: 3 tiles
+        assert!(lora_backward(4, 4, 4, 300, &tiny).is_err()); // dA: 3 tiles
+        assert!(lora_backward(256, 256, 4, 128, &tiny).is_ok());
     }
 }

@@ -130,6 +130,30 @@ impl CudaDevice {
         Ok(self.inner.stream.alloc_zeros(len)?)
     }
 
+    /// Device-to-device copy of `src` into `dst` (same length): the bandwidth baseline of the
+    /// memory-bound kernels' benchmarks.
+    pub fn copy<T: DeviceRepr>(&self, src: &CudaSlice<T>, dst: &mut CudaSlice<T>) -> Result<()> {
+        if src.len() != dst.len() {
+            return Err(crate::error::shape_err("copy", src.len(), dst.len()));
+        }
+        Ok(self.inner.stream.memcpy_dtod(src, dst)?)
+    }
+
+    /// Milliseconds per call of `f`, timed with CUDA events on this device's stream over `iters`
+    /// calls after one warm-up call. For benchmarks; `f` must only queue work on this stream.
+    pub fn time_ms(&self, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+        use cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
+        f()?;
+        let stream = &self.inner.stream;
+        let start = stream.record_event(Some(CU_EVENT_DEFAULT))?;
+        for _ in 0..iters.max(1) {
+            f()?;
+        }
+        let end = stream.record_event(Some(CU_EVENT_DEFAULT))?;
+        end.synchronize()?;
+        Ok(f64::from(start.elapsed_ms(&end)?) / iters.max(1) as f64)
+    }
+
     /// The kernel `k`, loading its module from the embedded fatbin on first use.
     pub(crate) fn function(&self, k: KernelName) -> Result<CudaFunction> {
         let module = {

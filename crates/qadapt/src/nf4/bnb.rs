@@ -242,16 +242,29 @@ fn f32_vec(b: &[u8]) -> Vec<f32> {
 /// Reads the NF4 tensor stored under `name` (see the module docs for the keys).
 pub fn decode(st: &SafeTensors<'_>, file: &Path, name: &str) -> Result<Nf4Tensor> {
     if st.tensor(&format!("{name}{FP4_STATE_SUFFIX}")).is_ok() {
-        return Err(fmt_err(file, format!("{name} is FP4; only NF4 is supported")));
+        return Err(fmt_err(
+            file,
+            format!("{name} is FP4; only NF4 is supported"),
+        ));
     }
     let state_key = format!("{name}{QUANT_STATE_SUFFIX}");
     let state = st
         .tensor(&state_key)
         .map_err(|_| fmt_err(file, format!("missing tensor {state_key}")))?;
-    let qs: QuantStateJson = serde_json::from_slice(state.data())
-        .map_err(|e| fmt_err(file, format!("{state_key}: not a bitsandbytes quant state ({e})")))?;
+    let qs: QuantStateJson = serde_json::from_slice(state.data()).map_err(|e| {
+        fmt_err(
+            file,
+            format!("{state_key}: not a bitsandbytes quant state ({e})"),
+        )
+    })?;
     if qs.quant_type != "nf4" {
-        return Err(fmt_err(file, format!("{name}: quant_type {:?} is not supported (nf4 only)", qs.quant_type)));
+        return Err(fmt_err(
+            file,
+            format!(
+                "{name}: quant_type {:?} is not supported (nf4 only)",
+                qs.quant_type
+            ),
+        ));
     }
     let dtype = DType::parse(&qs.dtype)
         .ok_or_else(|| fmt_err(file, format!("{name}: unknown dtype {:?}", qs.dtype)))?;
@@ -259,30 +272,62 @@ pub fn decode(st: &SafeTensors<'_>, file: &Path, name: &str) -> Result<Nf4Tensor
         .map_err(|e| fmt_err(file, format!("{name}: {e}")))?;
     let n: usize = qs.shape.iter().product();
     let nb = num_blocks(n, qs.blocksize);
-    let packed = tensor(st, file, name, Dtype::U8, packed_len(n))?.data().to_vec();
+    let packed = tensor(st, file, name, Dtype::U8, packed_len(n))?
+        .data()
+        .to_vec();
     let quant_map = f32_vec(tensor(st, file, &format!("{name}.quant_map"), Dtype::F32, 16)?.data());
-    if quant_map.iter().zip(&NF4_LEVELS).any(|(a, b)| a.to_bits() != b.to_bits()) {
-        return Err(fmt_err(file, format!("{name}.quant_map is not the NF4 table")));
+    if quant_map
+        .iter()
+        .zip(&NF4_LEVELS)
+        .any(|(a, b)| a.to_bits() != b.to_bits())
+    {
+        return Err(fmt_err(
+            file,
+            format!("{name}.quant_map is not the NF4 table"),
+        ));
     }
     let absmax_key = format!("{name}.absmax");
     let absmax = st
         .tensor(&absmax_key)
         .map_err(|_| fmt_err(file, format!("missing tensor {absmax_key}")))?;
     let scales = match absmax.dtype() {
-        Dtype::F32 => Scales::Absmax(f32_vec(tensor(st, file, &absmax_key, Dtype::F32, nb)?.data())),
+        Dtype::F32 => Scales::Absmax(f32_vec(
+            tensor(st, file, &absmax_key, Dtype::F32, nb)?.data(),
+        )),
         Dtype::U8 => {
-            let codes = tensor(st, file, &absmax_key, Dtype::U8, nb)?.data().to_vec();
+            let codes = tensor(st, file, &absmax_key, Dtype::U8, nb)?
+                .data()
+                .to_vec();
             let nbs = qs.nested_blocksize.unwrap_or(DQ_BLOCKSIZE);
             if nbs != DQ_BLOCKSIZE {
-                return Err(fmt_err(file, format!("{name}: nested_blocksize {nbs} (only 256 is supported)")));
+                return Err(fmt_err(
+                    file,
+                    format!("{name}: nested_blocksize {nbs} (only 256 is supported)"),
+                ));
             }
-            let offset = qs
-                .nested_offset
-                .ok_or_else(|| fmt_err(file, format!("{state_key}: u8 absmax but no nested_offset")))?;
+            let offset = qs.nested_offset.ok_or_else(|| {
+                fmt_err(file, format!("{state_key}: u8 absmax but no nested_offset"))
+            })?;
             let nested_absmax = f32_vec(
-                tensor(st, file, &format!("{name}.nested_absmax"), Dtype::F32, nb.div_ceil(DQ_BLOCKSIZE))?.data(),
+                tensor(
+                    st,
+                    file,
+                    &format!("{name}.nested_absmax"),
+                    Dtype::F32,
+                    nb.div_ceil(DQ_BLOCKSIZE),
+                )?
+                .data(),
             );
-            let m = f32_vec(tensor(st, file, &format!("{name}.nested_quant_map"), Dtype::F32, 256)?.data());
+            let m = f32_vec(
+                tensor(
+                    st,
+                    file,
+                    &format!("{name}.nested_quant_map"),
+                    Dtype::F32,
+                    256,
+                )?
+                .data(),
+            );
             let mut map = Box::new([0f32; 256]);
             map.copy_from_slice(&m);
             Scales::Double(DoubleQuant {
@@ -293,7 +338,10 @@ pub fn decode(st: &SafeTensors<'_>, file: &Path, name: &str) -> Result<Nf4Tensor
             })
         }
         other => {
-            return Err(fmt_err(file, format!("{absmax_key}: dtype {other:?} (expected F32 or U8)")));
+            return Err(fmt_err(
+                file,
+                format!("{absmax_key}: dtype {other:?} (expected F32 or U8)"),
+            ));
         }
     };
     Ok(Nf4Tensor {
@@ -326,7 +374,10 @@ mod tests {
 
     #[test]
     fn python_repr_of_floats() {
-        assert_eq!(python_float_repr(0.12834592163562775), "0.12834592163562775");
+        assert_eq!(
+            python_float_repr(0.12834592163562775),
+            "0.12834592163562775"
+        );
         assert_eq!(python_float_repr(1.0), "1.0");
         assert_eq!(python_float_repr(-2.5), "-2.5");
         assert_eq!(python_float_repr(1e-5), "1e-05");

@@ -136,7 +136,11 @@ pub fn torch_sum(x: &[f32]) -> f32 {
 /// and level j into j+1 whenever the row count is a multiple of `step^j`, which keeps every partial
 /// sum over a similar number of rows (a cascade, so the error grows like log n).
 fn multi_row_sum<const W: usize>(g: usize, row: impl Fn(usize) -> [f32; W]) -> [f32; W] {
-    let ceil_log2 = if g <= 2 { 1 } else { usize::BITS - (g - 1).leading_zeros() };
+    let ceil_log2 = if g <= 2 {
+        1
+    } else {
+        usize::BITS - (g - 1).leading_zeros()
+    };
     let lp = (ceil_log2 / 4).max(4);
     let step = 1usize << lp;
     let mut a = [[0.0f32; W]; 4];
@@ -359,12 +363,17 @@ mod tests {
             ]);
         }
         for x in xs {
-            let mut best = 0;
-            for i in 1..16 {
-                if (x - NF4_LEVELS[i]).abs() < (x - NF4_LEVELS[best]).abs() {
-                    best = i;
-                }
-            }
+            let best = NF4_LEVELS
+                .iter()
+                .enumerate()
+                .skip(1)
+                .fold(0usize, |best, (i, l)| {
+                    if (x - l).abs() < (x - NF4_LEVELS[best]).abs() {
+                        i
+                    } else {
+                        best
+                    }
+                });
             assert_eq!(encode_scaled(x), best as u8, "x = {x:e}");
         }
         assert_eq!(encode_scaled(f32::NAN), 0);
@@ -406,7 +415,10 @@ mod tests {
             let a: Vec<f32> = (0..n).map(|i| 0.1 + (i % 97) as f32 * 1e-3).collect();
             let exact: f64 = a.iter().map(|&x| f64::from(x)).sum();
             let s = torch_sum(&a);
-            assert!((f64::from(s) - exact).abs() <= 4.0 * f64::from(f32::EPSILON) * exact, "n = {n}");
+            assert!(
+                (f64::from(s) - exact).abs() <= 4.0 * f64::from(f32::EPSILON) * exact,
+                "n = {n}"
+            );
         }
         assert_eq!(torch_sum(&[]), 0.0);
     }

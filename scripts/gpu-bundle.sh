@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# Builds gpu-bundle/ (DESIGN.md §7) on a machine without a GPU: stripped release test and bench
+# binaries with the kernels embedded, compute-sanitizer's wheel, and run.sh, which on an NVIDIA
+# machine with a CUDA 13 driver (no Rust needed) runs every ignored test, compute-sanitizer
+# memcheck on a small NF4 case, and the CUDA benchmarks, then prints one summary.
+#
+#   scripts/gpu-bundle.sh              build the folder
+#   scripts/gpu-bundle.sh --rehearse   build it, check its size, and run it here: without a GPU
+#                                      it must stop cleanly with "no CUDA device"
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=gpu-bundle
+limit_mb=60
+rm -rf "$out"
+mkdir -p "$out/tests" "$out/benches" "$out/tools"
+export QADAPT_REQUIRE_CUDA=1
+
+artifacts() { # cargo args... -> "name path" lines of the executables built
+    cargo "$@" --message-format=json 2>/dev/null | python3 -c '
+import json, sys
+for line in sys.stdin:
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    if m.get("reason") == "compiler-artifact" and m.get("executable"):
+        print(m["target"]["name"], m["executable"])
+'
+}
+
+echo "building release test binaries"
+cargo test --release --workspace --no-run -q
+while read -r name exe; do
+    # Only binaries that hold ignored (GPU) tests travel.
+    if "$exe" --list --ignored 2>/dev/null | grep -q ': test$'; then
+        cp "$exe" "$out/tests/$name"
+        strip "$out/tests/$name"
+    fi
+done < <(artifacts test --release --workspace --no-run)
+
+echo "building release bench binaries"
+cargo bench --workspace --no-run -q
+while read -r name exe; do
+    case "$exe" in */deps/*) ;; *) continue ;; esac
+    cp "$exe" "$out/benches/$name"
+    strip "$out/benches/$name"
+done < <(artifacts bench --workspace --no-run)
+
+cp .cuda/wheels/nvidia_cuda_sanitizer_api-13.0.85-*.whl "$out/tools/"
+
+cat > "$out/run.sh" <<'RUN'
+#!/usr/bin/env bash
+# qadapt GPU bundle. Needs an NVIDIA GPU (sm_80+) and a CUDA 13 driver; no Rust toolchain.
+# Runs every ignored (GPU) test, compute-sanitizer memcheck on a small case, the CUDA benches,
+# and prints one summary. Exit status: 0 all passed, 1 a check failed, 2 no CUDA device.
+set -uo pipefail
+cd "$(dirname "$0")"
+export RUST_BACKTRACE=1
+if ! ldconfig -p 2>/dev/null | grep -q 'libcuda\.so' && ! command -v nvidia-smi >/dev/null 2>&1; then
+    echo "no CUDA device: no NVIDIA driver (libcuda.so) on this machine"
+    exit 2
+fi
+if ! nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; then
+    echo "no CUDA device: nvidia-smi sees no GPU"
+    exit 2
+fi
+logs=$(mktemp -d)
+status=0
+summary=()
+for t in tests/*; do
+    name=$(basename "$t")
+    start=$(date +%s)
+    if "$t" --ignored --test-threads=1 >"$logs/$name.log" 2>&1; then r=PASS; else r=FAIL; status=1; fi
+    line=$(grep -E '^test result' "$logs/$name.log" | tail -n 1)
+    summary+=("| test | $name | $r | $(( $(date +%s) - start )) s | ${line:-no result line} |")
+    [ "$r" = FAIL ] && tail -n 40 "$logs/$name.log"
+done
+san=/tmp/qadapt-sanitizer
+rm -rf "$san"
+python3 -m zipfile -e tools/nvidia_cuda_sanitizer_api-*.whl "$san" >/dev/null 2>&1 || unzip -q tools/nvidia_cuda_sanitizer_api-*.whl -d "$san"
+chmod +x "$san"/nvidia/cu13/bin/compute-sanitizer 2>/dev/null
+if "$san"/nvidia/cu13/bin/compute-sanitizer --tool memcheck --error-exitcode 1 \
+    tests/nf4_cuda --ignored --exact cuda_small_roundtrip_for_sanitizer >"$logs/sanitizer.log" 2>&1; then
+    r=PASS
+else
+    r=FAIL; status=1; tail -n 40 "$logs/sanitizer.log"
+fi
+summary+=("| sanitizer | memcheck nf4 small case | $r | | $(grep -E 'ERROR SUMMARY' "$logs/sanitizer.log" | tail -n 1) |")
+for b in benches/*; do
+    name=$(basename "$b")
+    # "^$" matches no criterion id: only the CUDA tables printed by each bench's main run here.
+    timeout 240 "$b" --bench --noplot "^$" >"$logs/bench-$name.log" 2>&1 || { status=1; tail -n 20 "$logs/bench-$name.log"; }
+done
+echo
+echo "== qadapt GPU bundle summary =="
+printf '%s\n' "| kind | what | result | time | detail |" "|---|---|---|---|---|" "${summary[@]}"
+for f in "$logs"/bench-*.log; do
+    echo
+    grep -E '^(\||NF4|LoRA|[A-Za-z].* on cuda)' "$f" || true
+done
+exit $status
+RUN
+chmod +x "$out/run.sh"
+
+size_mb=$(du -sm "$out" | cut -f1)
+echo "gpu-bundle/: ${size_mb} MB ($(ls "$out/tests" | wc -l) test binaries, $(ls "$out/benches" | wc -l) bench binaries)"
+if [ "$size_mb" -gt "$limit_mb" ]; then
+    echo "gpu-bundle/ is ${size_mb} MB, over the ${limit_mb} MB limit" >&2
+    exit 1
+fi
+if [ "${1:-}" = "--rehearse" ]; then
+    set +e
+    output=$(bash "$out/run.sh" 2>&1)
+    code=$?
+    set -e
+    echo "$output" | tail -n 5
+    if [ $code -eq 2 ] && grep -q "no CUDA device" <<<"$output"; then
+        echo "rehearsal: the bundle stops cleanly without a GPU (exit 2)"
+    elif [ $code -eq 0 ]; then
+        echo "rehearsal: a GPU is present and every check passed"
+    else
+        echo "rehearsal failed (exit $code)" >&2
+        exit 1
+    fi
+fi
