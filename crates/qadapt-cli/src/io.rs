@@ -37,7 +37,10 @@ impl Output {
             _ => input == output,
         };
         if same {
-            bail!("the output {} is the input file; choose another path", output.display());
+            bail!(
+                "the output {} is the input file; choose another path",
+                output.display()
+            );
         }
         let dir = parent_dir(output);
         if !dir.is_dir() {
@@ -60,15 +63,21 @@ impl Output {
             .file_name()
             .context("the output path has no file name")?
             .to_string_lossy();
-        let tmp = parent_dir(&self.target).join(format!(".{file_name}.partial-{}", std::process::id()));
+        let tmp =
+            parent_dir(&self.target).join(format!(".{file_name}.partial-{}", std::process::id()));
         let result = (|| -> Result<()> {
-            let bytes = safetensors::serialize(tensors.iter().map(|t| (t.name.as_str(), t)), metadata)
-                .context("serializing the output")?;
-            let mut f = fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-            f.write_all(&bytes).with_context(|| format!("writing {}", tmp.display()))?;
-            f.sync_all().with_context(|| format!("syncing {}", tmp.display()))?;
-            fs::rename(&tmp, &self.target)
-                .with_context(|| format!("renaming {} to {}", tmp.display(), self.target.display()))?;
+            let bytes =
+                safetensors::serialize(tensors.iter().map(|t| (t.name.as_str(), t)), metadata)
+                    .context("serializing the output")?;
+            let mut f = fs::File::create(&tmp)
+                .with_context(|| format!("cannot create {}", tmp.display()))?;
+            f.write_all(&bytes)
+                .with_context(|| format!("writing {}", tmp.display()))?;
+            f.sync_all()
+                .with_context(|| format!("syncing {}", tmp.display()))?;
+            fs::rename(&tmp, &self.target).with_context(|| {
+                format!("renaming {} to {}", tmp.display(), self.target.display())
+            })?;
             Ok(())
         })();
         if result.is_err() {

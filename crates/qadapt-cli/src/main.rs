@@ -102,7 +102,14 @@ fn main() -> ExitCode {
             double_quant,
             device,
             only,
-        } => quantize(&input, &output, blocksize, double_quant, &device, only.as_deref()),
+        } => quantize(
+            &input,
+            &output,
+            blocksize,
+            double_quant,
+            &device,
+            only.as_deref(),
+        ),
         Command::Dequantize {
             input,
             output,
@@ -115,7 +122,10 @@ fn main() -> ExitCode {
         Err(e) => {
             // One line, whatever the cause chain holds (regex errors span several lines).
             let msg = format!("{e:#}");
-            eprintln!("error: {}", msg.split_whitespace().collect::<Vec<_>>().join(" "));
+            eprintln!(
+                "error: {}",
+                msg.split_whitespace().collect::<Vec<_>>().join(" ")
+            );
             ExitCode::FAILURE
         }
     }
@@ -202,8 +212,9 @@ fn quantize(
         };
         if selected && view.shape().iter().product::<usize>() > 0 {
             let dtype = float_dtype(view.dtype()).expect("selected tensors are floating");
-            let data = FloatVec::from_bytes(dtype, view.data())
-                .with_context(|| format!("{}: tensor {name} has a truncated payload", input.display()))?;
+            let data = FloatVec::from_bytes(dtype, view.data()).with_context(|| {
+                format!("{}: tensor {name} has a truncated payload", input.display())
+            })?;
             let q = Nf4Tensor::quantize(&device, &data, view.shape(), blocksize, statistics)
                 .with_context(|| format!("quantizing {name}"))?;
             tensors.extend(bnb::encode(name, &q));
@@ -223,7 +234,11 @@ fn quantize(
         eprintln!(
             "warning: no tensor of {} was selected for quantization{}; the output is a copy",
             input.display(),
-            if only.is_some() { " by --only" } else { " (no floating tensor with 2+ dimensions)" }
+            if only.is_some() {
+                " by --only"
+            } else {
+                " (no floating tensor with 2+ dimensions)"
+            }
         );
     }
     out.write(&tensors, header.metadata().clone())?;

@@ -7,11 +7,16 @@ use std::process::{Command, Output};
 use safetensors::{SafeTensors, tensor::TensorView};
 
 fn data(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/data").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/data")
+        .join(name)
 }
 
 fn qadapt(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_qadapt")).args(args).output().expect("run qadapt")
+    Command::new(env!("CARGO_BIN_EXE_qadapt"))
+        .args(args)
+        .output()
+        .expect("run qadapt")
 }
 
 fn s(p: &Path) -> &str {
@@ -20,8 +25,10 @@ fn s(p: &Path) -> &str {
 
 /// Writes `tensors` (name, view) of `src` under new names into a safetensors file.
 fn write_subset(src: &SafeTensors<'_>, pick: &[(&str, &str)], out: &Path) {
-    let views: Vec<(String, TensorView<'_>)> =
-        pick.iter().map(|(from, to)| (to.to_string(), src.tensor(from).unwrap())).collect();
+    let views: Vec<(String, TensorView<'_>)> = pick
+        .iter()
+        .map(|(from, to)| (to.to_string(), src.tensor(from).unwrap()))
+        .collect();
     safetensors::serialize_to_file(views, None, out).unwrap();
 }
 
@@ -36,7 +43,10 @@ fn quantize_writes_the_bytes_bitsandbytes_writes() {
     // fc2: f32 weight, plain absmax, plus its bias copied through. The whole file must be equal.
     let input = dir.path().join("fc2.safetensors");
     let views = vec![
-        ("fc2.weight".to_string(), orig.tensor("fc2.weight.orig").unwrap()),
+        (
+            "fc2.weight".to_string(),
+            orig.tensor("fc2.weight.orig").unwrap(),
+        ),
         ("fc2.bias".to_string(), bnb.tensor("fc2.bias").unwrap()),
     ];
     safetensors::serialize_to_file(views, None, &input).unwrap();
@@ -52,13 +62,24 @@ fn quantize_writes_the_bytes_bitsandbytes_writes() {
     ];
     let expected = dir.path().join("expected.safetensors");
     write_subset(&bnb, &expected_keys.map(|k| (k, k)), &expected);
-    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&expected).unwrap(), "fc2 file bytes");
+    assert_eq!(
+        std::fs::read(&out).unwrap(),
+        std::fs::read(&expected).unwrap(),
+        "fc2 file bytes"
+    );
 
     // fc1: bf16 weight (40x97, 3880 values: a partial last block), double quant.
     let input = dir.path().join("fc1.safetensors");
     write_subset(&orig, &[("fc1.weight.orig", "fc1.weight")], &input);
     let out = dir.path().join("fc1.nf4.safetensors");
-    let r = qadapt(&["quantize", s(&input), s(&out), "--double-quant", "--blocksize", "64"]);
+    let r = qadapt(&[
+        "quantize",
+        s(&input),
+        s(&out),
+        "--double-quant",
+        "--blocksize",
+        "64",
+    ]);
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     let ours_bytes = std::fs::read(&out).unwrap();
     let ours = SafeTensors::deserialize(&ours_bytes).unwrap();
@@ -76,7 +97,11 @@ fn quantize_writes_the_bytes_bitsandbytes_writes() {
 fn dequantize_reads_bitsandbytes_files() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("deq.safetensors");
-    let r = qadapt(&["dequantize", s(&data("bnb_linear4bit.safetensors")), s(&out)]);
+    let r = qadapt(&[
+        "dequantize",
+        s(&data("bnb_linear4bit.safetensors")),
+        s(&out),
+    ]);
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     let ours_bytes = std::fs::read(&out).unwrap();
     let ours = SafeTensors::deserialize(&ours_bytes).unwrap();
@@ -92,12 +117,24 @@ fn dequantize_reads_bitsandbytes_files() {
     }
     // --dtype changes the element type, not the values' source.
     let out32 = dir.path().join("deq32.safetensors");
-    let r = qadapt(&["dequantize", s(&data("bnb_linear4bit.safetensors")), s(&out32), "--dtype", "f32"]);
+    let r = qadapt(&[
+        "dequantize",
+        s(&data("bnb_linear4bit.safetensors")),
+        s(&out32),
+        "--dtype",
+        "f32",
+    ]);
     assert!(r.status.success());
     let b = std::fs::read(&out32).unwrap();
     let t = SafeTensors::deserialize(&b).unwrap();
-    assert_eq!(t.tensor("fc1.weight").unwrap().dtype(), safetensors::Dtype::F32);
-    assert_eq!(t.tensor("fc1.bias").unwrap().dtype(), safetensors::Dtype::BF16);
+    assert_eq!(
+        t.tensor("fc1.weight").unwrap().dtype(),
+        safetensors::Dtype::F32
+    );
+    assert_eq!(
+        t.tensor("fc1.bias").unwrap().dtype(),
+        safetensors::Dtype::BF16
+    );
 }
 
 #[test]
@@ -106,7 +143,19 @@ fn roundtrip_through_our_own_files() {
     let q = dir.path().join("q.safetensors");
     let back = dir.path().join("back.safetensors");
     let orig = data("bnb_linear4bit_dequant.safetensors");
-    assert!(qadapt(&["quantize", s(&orig), s(&q), "--only", r"\.orig$", "--blocksize", "32"]).status.success());
+    assert!(
+        qadapt(&[
+            "quantize",
+            s(&orig),
+            s(&q),
+            "--only",
+            r"\.orig$",
+            "--blocksize",
+            "32"
+        ])
+        .status
+        .success()
+    );
     assert!(qadapt(&["dequantize", s(&q), s(&back)]).status.success());
     let b = std::fs::read(&back).unwrap();
     let t = SafeTensors::deserialize(&b).unwrap();
@@ -117,14 +166,25 @@ fn roundtrip_through_our_own_files() {
     let x: Vec<f32> = bytemuck::pod_collect_to_vec(o.tensor("fc2.weight.orig").unwrap().data());
     assert_eq!(t.tensor("fc2.weight.orig").unwrap().shape(), [33, 40]);
     let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let worst = a.iter().zip(&x).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
-    assert!(worst > 0.0 && worst <= 0.17 * amax, "worst {worst} of absmax {amax}");
+    let worst = a
+        .iter()
+        .zip(&x)
+        .map(|(p, q)| (p - q).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        worst > 0.0 && worst <= 0.17 * amax,
+        "worst {worst} of absmax {amax}"
+    );
 }
 
 fn assert_clean_failure(r: &Output, needle: &str, out: &Path) {
     assert!(!r.status.success());
     let err = String::from_utf8_lossy(&r.stderr);
-    assert_eq!(err.trim_end().lines().count(), 1, "one error line, got: {err}");
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "one error line, got: {err}"
+    );
     assert!(err.starts_with("error: ") && err.contains(needle), "{err}");
     assert!(!out.exists(), "no output file after a failure");
     let dir = out.parent().unwrap();
@@ -144,23 +204,59 @@ fn bad_input_gives_one_clear_error_and_no_output() {
 
     let not_st = dir.path().join("notes.txt");
     std::fs::write(&not_st, "hello, this is not a tensor file at all").unwrap();
-    assert_clean_failure(&qadapt(&["quantize", s(&not_st), s(&out)]), "not a safetensors file", &out);
+    assert_clean_failure(
+        &qadapt(&["quantize", s(&not_st), s(&out)]),
+        "not a safetensors file",
+        &out,
+    );
 
     let truncated = dir.path().join("truncated.safetensors");
     let bytes = std::fs::read(&good).unwrap();
     std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
-    assert_clean_failure(&qadapt(&["quantize", s(&truncated), s(&out)]), "not a safetensors file", &out);
+    assert_clean_failure(
+        &qadapt(&["quantize", s(&truncated), s(&out)]),
+        "not a safetensors file",
+        &out,
+    );
 
     let tiny = dir.path().join("tiny.safetensors");
     std::fs::write(&tiny, [1u8, 2, 3]).unwrap();
-    assert_clean_failure(&qadapt(&["dequantize", s(&tiny), s(&out)]), "not a safetensors file", &out);
+    assert_clean_failure(
+        &qadapt(&["dequantize", s(&tiny), s(&out)]),
+        "not a safetensors file",
+        &out,
+    );
 
-    assert_clean_failure(&qadapt(&["quantize", s(&good), s(&out), "--blocksize", "48"]), "power of two", &out);
-    assert_clean_failure(&qadapt(&["quantize", s(&good), s(&out), "--blocksize", "8192"]), "power of two", &out);
-    assert_clean_failure(&qadapt(&["quantize", s(&good), s(&good)]), "is the input", &out);
-    assert_clean_failure(&qadapt(&["quantize", s(&good), s(&out), "--only", "("]), "regular expression", &out);
-    assert_clean_failure(&qadapt(&["quantize", s(&good), s(&out), "--device", "tpu"]), "unknown device", &out);
-    assert_clean_failure(&qadapt(&["dequantize", s(&good), s(&out)]), "no NF4 tensors", &out);
+    assert_clean_failure(
+        &qadapt(&["quantize", s(&good), s(&out), "--blocksize", "48"]),
+        "power of two",
+        &out,
+    );
+    assert_clean_failure(
+        &qadapt(&["quantize", s(&good), s(&out), "--blocksize", "8192"]),
+        "power of two",
+        &out,
+    );
+    assert_clean_failure(
+        &qadapt(&["quantize", s(&good), s(&good)]),
+        "is the input",
+        &out,
+    );
+    assert_clean_failure(
+        &qadapt(&["quantize", s(&good), s(&out), "--only", "("]),
+        "regular expression",
+        &out,
+    );
+    assert_clean_failure(
+        &qadapt(&["quantize", s(&good), s(&out), "--device", "tpu"]),
+        "unknown device",
+        &out,
+    );
+    assert_clean_failure(
+        &qadapt(&["dequantize", s(&good), s(&out)]),
+        "no NF4 tensors",
+        &out,
+    );
 
     let missing_dir = dir.path().join("nope/out.safetensors");
     let r = qadapt(&["quantize", s(&good), s(&missing_dir)]);
@@ -168,7 +264,13 @@ fn bad_input_gives_one_clear_error_and_no_output() {
     assert!(String::from_utf8_lossy(&r.stderr).contains("does not exist"));
 
     // Unknown --dtype is refused by the argument parser, before any work.
-    let r = qadapt(&["dequantize", s(&data("bnb_linear4bit.safetensors")), s(&out), "--dtype", "f64"]);
+    let r = qadapt(&[
+        "dequantize",
+        s(&data("bnb_linear4bit.safetensors")),
+        s(&out),
+        "--dtype",
+        "f64",
+    ]);
     assert!(!r.status.success());
     assert!(!out.exists());
 }

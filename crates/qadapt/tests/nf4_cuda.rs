@@ -65,7 +65,11 @@ fn cuda_quantize_matches_cpu_bit_for_bit() {
                         (Scales::Double(a), Scales::Double(b)) => {
                             assert_eq!(a.offset.to_bits(), b.offset.to_bits(), "offset, {what}");
                             assert_eq!(a.codes, b.codes, "codes, {what}");
-                            assert_eq!(bits(&a.nested_absmax), bits(&b.nested_absmax), "nested, {what}");
+                            assert_eq!(
+                                bits(&a.nested_absmax),
+                                bits(&b.nested_absmax),
+                                "nested, {what}"
+                            );
                         }
                         _ => panic!("statistics differ, {what}"),
                     }
@@ -87,7 +91,11 @@ fn cuda_dequantize_matches_cpu_bit_for_bit() {
                 for &d in &DTYPES {
                     let cpu = q.dequantize(&Device::Cpu, d).unwrap();
                     let dev = q.dequantize(&gpu, d).unwrap();
-                    assert_eq!(cpu.as_bytes(), dev.as_bytes(), "n={n} bs={bs} {d} {stats:?}");
+                    assert_eq!(
+                        cpu.as_bytes(),
+                        dev.as_bytes(),
+                        "n={n} bs={bs} {d} {stats:?}"
+                    );
                 }
             }
         }
@@ -99,7 +107,9 @@ fn cuda_dequantize_matches_cpu_bit_for_bit() {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn cuda_small_roundtrip_for_sanitizer() {
-    let Device::Cuda(dev) = cuda() else { unreachable!() };
+    let Device::Cuda(dev) = cuda() else {
+        unreachable!()
+    };
     for n in [1usize, 33, 1001] {
         let x: Vec<f32> = values(n, 3);
         let input = dev.upload(&x).unwrap();

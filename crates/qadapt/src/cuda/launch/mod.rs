@@ -17,7 +17,7 @@ use crate::plan::LaunchPlan;
 
 mod lora;
 mod nf4;
-pub(crate) use lora::{CudaLoraRef, CudaWeightRef, lora_forward};
+pub(crate) use lora::{CudaLoraRef, CudaWeightRef, lora_backward, lora_forward};
 pub(crate) use nf4::{CudaScalesRef, nf4_dequantize, nf4_double_quant, nf4_quantize};
 
 /// A kernel argument struct from `qadapt.h`, passed to the kernel by value.
@@ -35,6 +35,9 @@ unsafe impl KernelArgs for ffi::QadaptNf4DequantizeArgs {}
 // SAFETY: #[repr(C)] struct of u64/u32/f32 fields generated from qadapt.h (13 device addresses,
 // then 8 four-byte fields, no padding); bindgen's layout test pins its 136-byte size.
 unsafe impl KernelArgs for ffi::QadaptLoraFwdArgs {}
+// SAFETY: #[repr(C)] struct of u64/u32/f32 fields generated from qadapt.h (16 device addresses,
+// then 8 four-byte fields, no padding); bindgen's layout test pins its 160-byte size.
+unsafe impl KernelArgs for ffi::QadaptLoraBwdArgs {}
 
 /// The by-value kernel parameter: the C struct's bytes, unchanged.
 #[derive(Clone, Copy)]
@@ -64,7 +67,7 @@ pub(super) fn on_device<T>(
 }
 
 pub(super) fn aligned16(op: &'static str, what: &str, addr: u64) -> Result<()> {
-    if addr % 16 != 0 {
+    if !addr.is_multiple_of(16) {
         return Err(invalid(op, format!("{what} is not 16-byte aligned")));
     }
     Ok(())
