@@ -17,23 +17,46 @@
  * first and takes the dense kernels otherwise. Dense kernels handle any K: with QADAPT_LORA_VEC
  * (K % 8 == 0, aligned rows) they use 16-byte loads, else element loads.
  *
- * Kernels and tiling:
- *   lora_xa_bf16          one warp per output u[m, e] (grid-stride): a dot product over K with
- *                         16-byte loads of x and A, a warp reduction; zero for foreign adapters.
- *   lora_gemv_*_bf16      M <= 16 rows. One warp per output feature n (grid-stride), the row of
+ * Math (backward), dy [M, N] the gradient of y:
+ *     g[m, a*r + j] = bf16( s_a * sum_n dy[m,n] B_a[n,j] )  if a == idx(m), else 0
+ *     dx            = bf16( dy W + g Acat )          Acat = the A stack as [R, K]   OVERWRITTEN
+ *     grad_a       += g^T x            (f32 [R, K] = [n_adapters, r, K])          ACCUMULATED
+ *     grad_b[a,n,j]+= sum_m dy[m,n] u[m, a*r + j]   (f32 [n_adapters, N, r])       ACCUMULATED
+ * so dA = s (dy B)^T x and dB = s dy^T (x A^T) per adapter, over that adapter's rows only (the
+ * zeros of g and u mask the others). Gradient accumulation over micro-batches is a sequence of
+ * calls on the same grad_a / grad_b.
+ *
+ * Kernels and tiling (all GEMMs: CTA tile 128 x 128, BK = 32, 256 threads = 8 warps as 2 x 4,
+ * warp tile 64 x 32 of mma.sync.m16n8k16 bf16 -> f32, a 1-D grid with one CTA per output tile,
+ * column tiles fastest, operands through a 3-stage cp.async pipeline into XOR-swizzled shared
+ * memory, edges of any shape filled element by element with zeros):
+ *   lora_xa_bf16          gemv path: one warp per u[m, e] (grid-stride), 16-byte loads of x and
+ *                         A, a warp reduction, zero for foreign adapters.
+ *   lora_gemm_xa_bf16     GEMM path: u = x Acat^T on the tensor cores, masked and scaled at the
+ *                         store.
+ *   lora_gemv_*_bf16      M <= 4 rows (lora_gemv_wide_*_bf16: 5..16 rows, more accumulators and
+ *                         registers). One warp per output feature n (grid-stride), the row of
  *                         W streamed once with 16-byte loads (8 bf16, or 32 NF4 codes dequantized
- *                         in registers), multiplied against all M rows of x (from L1/L2), f32
- *                         accumulators per row; the LoRA term (r values per row) is added by the
- *                         lanes before the warp reduction, bias after, y written once.
- *   lora_gemm_*_bf16      M > 16 rows. CTA tile 128 x 128, BK = 32, 8 warps (2 x 4), warp tile
- *                         64 x 32 of mma.sync.m16n8k16 bf16 -> f32, one CTA per output tile (1-D grid, N tiles fastest). x and dense W tiles go through
- *                         a 3-stage cp.async pipeline into XOR-swizzled shared memory and reach
- *                         the tensor cores by ldmatrix. NF4 W tiles travel as packed bytes (16 per
- *                         row per stage) plus one f32 scale per row; each thread decodes the bytes
- *                         of its mma B fragment straight from shared memory through a 256-entry
- *                         (byte -> two levels) table. After the K loop the same accumulators take
- *                         the R-long extension [u | Bcat], then bias, then one bf16 store.
- * Every output (u, y) is overwritten, never accumulated.
+ *                         in registers; 4 loads in flight per lane for 1-2 rows), multiplied
+ *                         against all M rows of x (from L1/L2), f32 accumulators per row; the LoRA
+ *                         term (r values per row) is added by the lanes before the warp reduction,
+ *                         bias after, y written once.
+ *   lora_gemm_*_bf16      M > 16 rows. x tiles [128][32] and W tiles reach the tensor cores by
+ *                         ldmatrix. NF4 W tiles travel as packed bytes (16 per row per stage) plus
+ *                         one f32 scale per row; each thread decodes the bytes of its mma B
+ *                         fragment straight from shared memory through a 256-entry (byte -> two
+ *                         levels) table. After the K loop the same accumulators take the R-long
+ *                         extension [u | Bcat], then bias, then one bf16 store of y.
+ *   lora_gemm_bwd_dyb_bf16  g = dy Bcat: dy tiles [128][32], Bcat tiles [32 rows of n][128]
+ *                         read with ldmatrix.trans; masked and scaled at the store.
+ *   lora_gemm_bwd_dx_*_bf16 dx = dy W then + g Acat in the same accumulators: W tiles
+ *                         [32 rows of n][128 columns of k] by ldmatrix.trans; NF4 W tiles as 64
+ *                         bytes a row (80-byte stride: conflict-free) plus a scale per 32 columns,
+ *                         decoded per fragment element. One bf16 store of dx.
+ *   lora_gemm_bwd_da_bf16 / lora_gemm_bwd_db_bf16  reductions over the M rows: both operands
+ *                         [32 rows of m][128] tiles read with ldmatrix.trans; each output element
+ *                         is owned by one CTA, which adds its f32 sum to the stored gradient.
+ * Outputs u, g, y and dx are overwritten; grad_a and grad_b are accumulated into.
  */
 #include "nf4_codec.cuh"
 #include "qadapt.h"
@@ -87,7 +110,8 @@ __device__ __forceinline__ float warp_sum(float v) {
 
 /* The adapter of row m; indices outside [0, n_adapters) read as -1 (base only), so a bad index
  * can never address outside the stacks. */
-__device__ __forceinline__ int row_adapter(const QadaptLoraFwdArgs& a, uint32_t m) {
+template <typename Args>
+__device__ __forceinline__ int row_adapter(const Args& a, uint32_t m) {
     const int i = a.adapter_idx ? __ldg(reinterpret_cast<const int32_t*>(a.adapter_idx) + m) : 0;
     return (i >= 0 && (uint32_t)i < a.n_adapters) ? i : -1;
 }
@@ -129,12 +153,6 @@ __device__ __forceinline__ void xa(const QadaptLoraFwdArgs& a) {
 
 /* ---- gemv path (M <= 16) --------------------------------------------------------------------- */
 
-/* W source of the gemv: dense rows, 8 values per 16-byte load. */
-struct DenseRows {
-    const bf16* w;
-    uint64_t k;
-};
-
 /* The LoRA term of row n for every row m (lanes split the r values), bias, reduction, store.
  * MT is the row count rounded up to a power of two; rows m >= M compute on row M-1 and are
  * dropped at the store. */
@@ -166,6 +184,14 @@ __device__ __forceinline__ void gemv_finish(const QadaptLoraFwdArgs& a, uint32_t
     }
 }
 
+/* Loads kept in flight per lane by the gemv loops: 4 for one or two rows (bandwidth-bound, the
+ * weight stream needs many outstanding requests), 1 for more rows (x traffic dominates and the
+ * registers go to the MT accumulators). */
+template <int MT>
+__device__ constexpr int GEMV_UNROLL() {
+    return MT <= 2 ? 4 : 1;
+}
+
 template <int MT>
 __device__ __forceinline__ void gemv_dense(const QadaptLoraFwdArgs& a) {
     const bf16* __restrict__ x = reinterpret_cast<const bf16*>(a.x);
@@ -180,7 +206,23 @@ __device__ __forceinline__ void gemv_dense(const QadaptLoraFwdArgs& a) {
         const bf16* wr = w + (uint64_t)n * a.k;
         if (vec) {
             const uint4* wv = reinterpret_cast<const uint4*>(wr);
-            for (uint32_t c = lane; c < a.k / 8; c += 32) {
+            const uint32_t chunks = a.k / 8;
+            uint32_t c = lane;
+            /* Few rows: GEMV_UNROLL independent 16-byte weight loads in flight per lane. */
+            for (; c + 32 * (GEMV_UNROLL<MT>() - 1) < chunks; c += 32 * GEMV_UNROLL<MT>()) {
+                uint4 wq[GEMV_UNROLL<MT>()];
+#pragma unroll
+                for (int u = 0; u < GEMV_UNROLL<MT>(); ++u) wq[u] = __ldg(wv + c + 32 * u);
+#pragma unroll
+                for (int u = 0; u < GEMV_UNROLL<MT>(); ++u) {
+#pragma unroll
+                    for (int m = 0; m < MT; ++m) {
+                        const uint64_t mm = min((uint32_t)m, a.m - 1);
+                        acc[m] = dot8(wq[u], __ldg(reinterpret_cast<const uint4*>(x + mm * a.k) + c + 32 * u), acc[m]);
+                    }
+                }
+            }
+            for (; c < chunks; c += 32) {
                 const uint4 wq = __ldg(wv + c);
 #pragma unroll
                 for (int m = 0; m < MT; ++m) {
@@ -202,6 +244,29 @@ __device__ __forceinline__ void gemv_dense(const QadaptLoraFwdArgs& a) {
     }
 }
 
+/* One run of 32 NF4 codes (16 bytes q, block scale `scale`) at k = 32c, against the MT x rows. */
+template <int MT>
+__device__ __forceinline__ void nf4_run(const QadaptLoraFwdArgs& a, const bf16* __restrict__ x, const float* levels,
+                                        uint4 q, float scale, uint32_t c, float (&acc)[MT]) {
+    const uint32_t words[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        float wv[8];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const uint32_t byte = (words[i] >> (8 * j)) & 0xffu;
+            wv[2 * j] = round_to<bf16>(__fmul_rn(levels[byte >> 4], scale));
+            wv[2 * j + 1] = round_to<bf16>(__fmul_rn(levels[byte & 0xfu], scale));
+        }
+#pragma unroll
+        for (int m = 0; m < MT; ++m) {
+            const uint64_t mm = min((uint32_t)m, a.m - 1);
+            const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x + mm * a.k) + 4 * (uint64_t)c + i);
+            acc[m] = dot8w(wv, xv, acc[m]);
+        }
+    }
+}
+
 /* NF4 gemv: needs K % 32 == 0 (checked by the launcher). Lane c of the warp takes runs of 32
  * codes (16 bytes, one NF4 block since blocksize >= 32) at k = 32c, 32(c+32), ... */
 template <int MT>
@@ -220,26 +285,23 @@ __device__ __forceinline__ void gemv_nf4(const QadaptLoraFwdArgs& a, const float
 #pragma unroll
         for (int m = 0; m < MT; ++m) acc[m] = 0.0f;
         const uint64_t run0 = (uint64_t)n * runs;
-        for (uint32_t c = lane; c < runs; c += 32) {
+        uint32_t c = lane;
+        /* Few rows: GEMV_UNROLL independent 16-byte code loads (and their scales) in flight. */
+        for (; c + 32 * (GEMV_UNROLL<MT>() - 1) < runs; c += 32 * GEMV_UNROLL<MT>()) {
+            uint4 q[GEMV_UNROLL<MT>()];
+            float scale[GEMV_UNROLL<MT>()];
+#pragma unroll
+            for (int u = 0; u < GEMV_UNROLL<MT>(); ++u) {
+                q[u] = __ldg(packed + run0 + c + 32 * u);
+                scale[u] = nf4_block_scale(absmax, codes, nested, map, a.offset, ((run0 + c + 32 * u) * 32) / a.blocksize);
+            }
+#pragma unroll
+            for (int u = 0; u < GEMV_UNROLL<MT>(); ++u) nf4_run<MT>(a, x, levels, q[u], scale[u], c + 32 * u, acc);
+        }
+        for (; c < runs; c += 32) {
             const uint4 q = __ldg(packed + run0 + c);
             const float scale = nf4_block_scale(absmax, codes, nested, map, a.offset, ((run0 + c) * 32) / a.blocksize);
-            const uint32_t words[4] = {q.x, q.y, q.z, q.w};
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                float wv[8];
-#pragma unroll
-                for (int j = 0; j < 4; ++j) {
-                    const uint32_t byte = (words[i] >> (8 * j)) & 0xffu;
-                    wv[2 * j] = round_to<bf16>(__fmul_rn(levels[byte >> 4], scale));
-                    wv[2 * j + 1] = round_to<bf16>(__fmul_rn(levels[byte & 0xfu], scale));
-                }
-#pragma unroll
-                for (int m = 0; m < MT; ++m) {
-                    const uint64_t mm = min((uint32_t)m, a.m - 1);
-                    const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x + mm * a.k) + 4 * (uint64_t)c + i);
-                    acc[m] = dot8w(wv, xv, acc[m]);
-                }
-            }
+            nf4_run<MT>(a, x, levels, q, scale, c, acc);
         }
         gemv_finish<MT>(a, n, acc);
     }
@@ -454,26 +516,19 @@ __device__ __forceinline__ void zero_acc(float (&acc)[MI][NI][4]) {
             for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.0f;
 }
 
-/* CTA tile blockIdx.x = m_tile * ceil(N/BN) + n_tile (a 1-D grid, one CTA per output tile): x tiles and dense W tiles through a 3-stage
- * cp.async pipeline. */
-__device__ __forceinline__ void gemm_dense(const QadaptLoraFwdArgs& a) {
-    __shared__ __align__(128) bf16 sA[STAGES][BM * BK];
-    __shared__ __align__(128) bf16 sB[STAGES][BN * BK];
-    const bf16* __restrict__ x = reinterpret_cast<const bf16*>(a.x);
-    const bf16* __restrict__ w = reinterpret_cast<const bf16*>(a.w);
-    const uint32_t tiles_n = (a.n + BN - 1) / BN;
-    const uint32_t n0 = (blockIdx.x % tiles_n) * BN, m0 = (blockIdx.x / tiles_n) * BM;
-    const uint32_t warp = threadIdx.x / 32u;
-    const uint32_t wm0 = (warp / (BN / WN)) * WM, wn0 = (warp % (BN / WN)) * WN;
-    const bool vec = (a.flags & QADAPT_LORA_VEC) != 0;
-    const uint32_t KT = (a.k + BK - 1) / BK;
-    float acc[MI][NI][4];
-    zero_acc(acc);
+/* The pipelined K loop of a dense tile x W^T: rows m0.. of x [M, K] and rows n0.. of W [N, K],
+ * BK slices through a 3-stage cp.async pipeline (16-byte copies under `vec`, element loads at the
+ * edges), into the warp's accumulators. Leaves every copy complete. */
+__device__ __forceinline__ void mainloop_dense(float (&acc)[MI][NI][4], bf16 (*sA)[BM * BK], bf16 (*sB)[BN * BK],
+                                               const bf16* __restrict__ x, const bf16* __restrict__ w, uint32_t M,
+                                               uint32_t N, uint32_t K, uint32_t m0, uint32_t n0, uint32_t wm0,
+                                               uint32_t wn0, bool vec) {
+    const uint32_t KT = (K + BK - 1) / BK;
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
         if ((uint32_t)s < KT) {
-            load_tile<BM>(sA[s], x, m0, a.m, s * BK, a.k, a.k, vec);
-            load_tile<BN>(sB[s], w, n0, a.n, s * BK, a.k, a.k, vec);
+            load_tile<BM>(sA[s], x, m0, M, s * BK, K, K, vec);
+            load_tile<BN>(sB[s], w, n0, N, s * BK, K, K, vec);
         }
         cp_async_commit();
     }
@@ -482,14 +537,74 @@ __device__ __forceinline__ void gemm_dense(const QadaptLoraFwdArgs& a) {
         __syncthreads();
         const uint32_t nk = kt + STAGES - 1;
         if (nk < KT) {
-            load_tile<BM>(sA[nk % STAGES], x, m0, a.m, nk * BK, a.k, a.k, vec);
-            load_tile<BN>(sB[nk % STAGES], w, n0, a.n, nk * BK, a.k, a.k, vec);
+            load_tile<BM>(sA[nk % STAGES], x, m0, M, nk * BK, K, K, vec);
+            load_tile<BN>(sB[nk % STAGES], w, n0, N, nk * BK, K, K, vec);
         }
         cp_async_commit();
         mma_tile_dense(acc, sA[kt % STAGES], sB[kt % STAGES], wm0, wn0);
     }
     cp_async_wait<0>();
+}
+
+/* CTA tile blockIdx.x = m_tile * ceil(N/BN) + n_tile (a 1-D grid, one CTA per output tile). */
+__device__ __forceinline__ void gemm_dense(const QadaptLoraFwdArgs& a) {
+    __shared__ __align__(128) bf16 sA[STAGES][BM * BK];
+    __shared__ __align__(128) bf16 sB[STAGES][BN * BK];
+    const uint32_t tiles_n = (a.n + BN - 1) / BN;
+    const uint32_t n0 = (blockIdx.x % tiles_n) * BN, m0 = (blockIdx.x / tiles_n) * BM;
+    const uint32_t warp = threadIdx.x / 32u;
+    const uint32_t wm0 = (warp / (BN / WN)) * WM, wn0 = (warp % (BN / WN)) * WN;
+    float acc[MI][NI][4];
+    zero_acc(acc);
+    mainloop_dense(acc, sA, sB, reinterpret_cast<const bf16*>(a.x), reinterpret_cast<const bf16*>(a.w), a.m, a.n,
+                   a.k, m0, n0, wm0, wn0, (a.flags & QADAPT_LORA_VEC) != 0);
     gemm_finish(a, acc, sA[0], sB[0], m0, n0, wm0, wn0);
+}
+
+/* Stores the LoRA intermediate of a [BM x BN] tile of (rows m, columns e): the row's own adapter's
+ * columns as bf16(s_a * acc), every other column 0 (the masked products are discarded). */
+template <typename Args>
+__device__ __forceinline__ void store_masked(const Args& a, const float (&acc)[MI][NI][4], bf16* __restrict__ out,
+                                             uint32_t m0, uint32_t e0, uint32_t wm0, uint32_t wn0) {
+    const float* __restrict__ scales = reinterpret_cast<const float*>(a.scales);
+    const uint32_t R = a.rank * a.n_adapters;
+    const unsigned lane = threadIdx.x & 31u;
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const uint32_t row = m0 + wm0 + mi * 16 + (lane >> 2) + h * 8;
+            if (row >= a.m) continue;
+            const int ad = row_adapter(a, row);
+            const float s = ad >= 0 ? __ldg(scales + ad) : 0.0f;
+#pragma unroll
+            for (int ni = 0; ni < NI; ++ni) {
+#pragma unroll
+                for (int j = 0; j < 2; ++j) {
+                    const uint32_t e = e0 + wn0 + ni * 8 + (lane & 3u) * 2 + j;
+                    if (e >= R) continue;
+                    const bool own = ad >= 0 && (uint32_t)ad == e / a.rank;
+                    out[(uint64_t)row * R + e] = __float2bfloat16_rn(own ? __fmul_rn(s, acc[mi][ni][2 * h + j]) : 0.0f);
+                }
+            }
+        }
+    }
+}
+
+/* u = mask(s * x Acat^T) on the tensor cores: the dense main loop with W = the A stack [R, K]. */
+__device__ __forceinline__ void gemm_xa(const QadaptLoraFwdArgs& a) {
+    __shared__ __align__(128) bf16 sA[STAGES][BM * BK];
+    __shared__ __align__(128) bf16 sB[STAGES][BN * BK];
+    const uint32_t R = a.rank * a.n_adapters;
+    const uint32_t tiles_e = (R + BN - 1) / BN;
+    const uint32_t e0 = (blockIdx.x % tiles_e) * BN, m0 = (blockIdx.x / tiles_e) * BM;
+    const uint32_t warp = threadIdx.x / 32u;
+    const uint32_t wm0 = (warp / (BN / WN)) * WM, wn0 = (warp % (BN / WN)) * WN;
+    float acc[MI][NI][4];
+    zero_acc(acc);
+    mainloop_dense(acc, sA, sB, reinterpret_cast<const bf16*>(a.x), reinterpret_cast<const bf16*>(a.lora_a), a.m, R,
+                   a.k, m0, e0, wm0, wn0, (a.flags & QADAPT_LORA_VEC) != 0);
+    store_masked(a, acc, reinterpret_cast<bf16*>(a.u), m0, e0, wm0, wn0);
 }
 
 /* Packed NF4 W rows of one stage: 16 bytes (32 codes) per row by cp.async, and the row's block
@@ -553,29 +668,466 @@ __device__ __forceinline__ void gemm_nf4(const QadaptLoraFwdArgs& a) {
     gemm_finish(a, acc, sA[0], sA[1], m0, n0, wm0, wn0);
 }
 
+/* ---- backward --------------------------------------------------------------------------------- */
+
+/* Tiles whose rows run along the reduction: [BK rows][BQ columns], 16 chunks of 8 per row,
+ * chunk c of row r stored at chunk c ^ (r & 7) so the 8 rows of an ldmatrix phase hit 8 distinct
+ * 16-byte bank groups. Read with ldmatrix .trans, which hands each thread the (reduction-pair,
+ * column) elements of an mma fragment. */
+constexpr int BQ = 128;
+
+__device__ __forceinline__ uint32_t swz_t(uint32_t row, uint32_t chunk) {
+    return row * BQ + ((chunk ^ (row & 7u)) * 8u);
+}
+
+__device__ __forceinline__ void ldmatrix_x4_t(uint32_t (&r)[4], const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_u32(p)));
+}
+
+/* 8 values of row gr, columns gc.. of a row-major [rows, cols] matrix, zero outside. */
+__device__ __forceinline__ uint4 gather8(const bf16* __restrict__ g, uint32_t gr, uint32_t rows, uint32_t gc,
+                                         uint32_t cols, uint64_t ld) {
+    uint32_t v[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+        const uint32_t c = gc + 2 * e;
+        const uint32_t lo = (gr < rows && c < cols) ? __bfloat16_as_ushort(g[(uint64_t)gr * ld + c]) : 0u;
+        const uint32_t hi = (gr < rows && c + 1 < cols) ? __bfloat16_as_ushort(g[(uint64_t)gr * ld + c + 1]) : 0u;
+        v[e] = lo | (hi << 16);
+    }
+    return make_uint4(v[0], v[1], v[2], v[3]);
+}
+
+/* Rows r0..r0+BK x columns c0..c0+BQ of a row-major [rows, cols] bf16 matrix (leading dimension
+ * ld) into a swizzled [BK][BQ] tile; cp.async for in-bounds chunks under `vec`. */
+__device__ __forceinline__ void load_tile_t(bf16* tile, const bf16* __restrict__ g, uint32_t r0, uint32_t rows,
+                                            uint32_t c0, uint32_t cols, uint64_t ld, bool vec) {
+    constexpr int CHUNKS = BK * BQ / 8;
+#pragma unroll
+    for (int i = 0; i < CHUNKS / THREADS; ++i) {
+        const uint32_t c = threadIdx.x + i * THREADS;
+        const uint32_t row = c / (BQ / 8), cc = c % (BQ / 8);
+        const uint32_t gr = r0 + row, gc = c0 + cc * 8;
+        bf16* dst = tile + swz_t(row, cc);
+        if (vec && gr < rows && gc + 8 <= cols) {
+            cp_async16(dst, g + (uint64_t)gr * ld + gc);
+        } else {
+            *reinterpret_cast<uint4*>(dst) = gather8(g, gr, rows, gc, cols, ld);
+        }
+    }
+}
+
+/* A fragments from a [BK][BQ] tile holding the operand transposed (rows = reduction, columns =
+ * output rows): matrices (red 0-7, p 0-7), (red 0-7, p 8-15), (red 8-15, p 0-7), (red 8-15, p 8-15)
+ * are a0..a3 of m16n8k16. */
+__device__ __forceinline__ void load_a_frags_t(uint32_t (&af)[MI][4], const bf16* t, uint32_t wm0, int ks) {
+    const unsigned lane = threadIdx.x & 31u, q = lane >> 3;
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi) {
+        const uint32_t row = ks * 16 + (lane & 7u) + ((q >> 1) << 3);
+        ldmatrix_x4_t(af[mi], t + swz_t(row, (wm0 + mi * 16) / 8 + (q & 1u)));
+    }
+}
+
+/* B fragments of NI n8 tiles from a [BK][BQ] tile (rows = reduction, columns = output columns):
+ * per pair of n8 tiles the matrices (red 0-7), (red 8-15) of the first, then of the second. */
+__device__ __forceinline__ void load_b_frags_t(uint32_t (&bf)[NI][2], const bf16* t, uint32_t wn0, int ks) {
+    const unsigned lane = threadIdx.x & 31u, q = lane >> 3;
+#pragma unroll
+    for (int nj = 0; nj < NI / 2; ++nj) {
+        uint32_t r[4];
+        const uint32_t row = ks * 16 + (lane & 7u) + ((q & 1u) << 3);
+        ldmatrix_x4_t(r, t + swz_t(row, (wn0 + nj * 16) / 8 + (q >> 1)));
+        bf[2 * nj][0] = r[0];
+        bf[2 * nj][1] = r[1];
+        bf[2 * nj + 1][0] = r[2];
+        bf[2 * nj + 1][1] = r[3];
+    }
+}
+
+__device__ __forceinline__ void mma_all(float (&acc)[MI][NI][4], const uint32_t (&af)[MI][4],
+                                        const uint32_t (&bf)[NI][2]) {
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi) {
+#pragma unroll
+        for (int ni = 0; ni < NI; ++ni) mma_bf16(acc[mi][ni], af[mi], bf[ni][0], bf[ni][1]);
+    }
+}
+
+/* dx-type slice: A operand [BM rows][BK] (dy or g), B operand a [BK][BQ] tile (W or Acat). */
+__device__ __forceinline__ void mma_tile_nt(float (&acc)[MI][NI][4], const bf16* tA, const bf16* tB, uint32_t wm0,
+                                            uint32_t wn0) {
+#pragma unroll
+    for (int ks = 0; ks < BK / 16; ++ks) {
+        uint32_t af[MI][4];
+        uint32_t bf[NI][2];
+        load_a_frags(af, tA, wm0, ks);
+        load_b_frags_t(bf, tB, wn0, ks);
+        mma_all(acc, af, bf);
+    }
+}
+
+/* Stores the CTA's accumulators as bf16 into out[rows, cols] (row-major), overwriting. */
+__device__ __forceinline__ void store_bf16(const float (&acc)[MI][NI][4], bf16* __restrict__ out, uint32_t rows,
+                                           uint32_t cols, uint32_t m0, uint32_t n0, uint32_t wm0, uint32_t wn0) {
+    const unsigned lane = threadIdx.x & 31u;
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi) {
+#pragma unroll
+        for (int ni = 0; ni < NI; ++ni) {
+            const uint32_t col = n0 + wn0 + ni * 8 + (lane & 3u) * 2;
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const uint32_t row = m0 + wm0 + mi * 16 + (lane >> 2) + h * 8;
+                if (row >= rows) continue;
+                const uint64_t o = (uint64_t)row * cols + col;
+                if (col + 1 < cols && (cols % 2) == 0) {
+                    *reinterpret_cast<__nv_bfloat162*>(out + o) =
+                        __floats2bfloat162_rn(acc[mi][ni][2 * h], acc[mi][ni][2 * h + 1]);
+                } else {
+                    if (col < cols) out[o] = __float2bfloat16_rn(acc[mi][ni][2 * h]);
+                    if (col + 1 < cols) out[o + 1] = __float2bfloat16_rn(acc[mi][ni][2 * h + 1]);
+                }
+            }
+        }
+    }
+}
+
+/* The LoRA part of dx, g Acat over the R-long extension, then the single store of dx. */
+__device__ __forceinline__ void bwd_dx_finish(const QadaptLoraBwdArgs& a, float (&acc)[MI][NI][4], bf16* tA,
+                                              bf16* tB, uint32_t m0, uint32_t n0, uint32_t wm0, uint32_t wn0,
+                                              bool vec) {
+    const uint32_t R = a.rank * a.n_adapters;
+    for (uint32_t e0 = 0; e0 < R; e0 += BK) {
+        __syncthreads();
+        load_tile<BM>(tA, reinterpret_cast<const bf16*>(a.g), m0, a.m, e0, R, R, false);
+        load_tile_t(tB, reinterpret_cast<const bf16*>(a.lora_a), e0, R, n0, a.k, a.k, vec);
+        cp_async_commit();
+        cp_async_wait<0>();
+        __syncthreads();
+        mma_tile_nt(acc, tA, tB, wm0, wn0);
+    }
+    store_bf16(acc, reinterpret_cast<bf16*>(a.dx), a.m, a.k, m0, n0, wm0, wn0);
+}
+
+/* Bcat as a [BK rows of n][BQ columns of e] tile: Bcat[n, e] = B_{e / r}[n, e % r]. A run of 8
+ * columns is contiguous in B when r % 8 == 0 (then one cp.async if B is 16-byte aligned). */
+__device__ __forceinline__ void load_bcat_t(bf16* tile, const QadaptLoraBwdArgs& a, uint32_t r0, uint32_t c0) {
+    const bf16* __restrict__ B = reinterpret_cast<const bf16*>(a.lora_b);
+    const uint32_t R = a.rank * a.n_adapters;
+    const bool vec = (a.rank % 8) == 0 && (a.lora_b % 16) == 0;
+    constexpr int CHUNKS = BK * BQ / 8;
+#pragma unroll
+    for (int i = 0; i < CHUNKS / THREADS; ++i) {
+        const uint32_t c = threadIdx.x + i * THREADS;
+        const uint32_t row = c / (BQ / 8), cc = c % (BQ / 8);
+        const uint32_t n = r0 + row, e = c0 + cc * 8;
+        bf16* dst = tile + swz_t(row, cc);
+        if (vec && n < a.n && e + 8 <= R) {
+            cp_async16(dst, B + ((uint64_t)(e / a.rank) * a.n + n) * a.rank + e % a.rank);
+        } else {
+            uint32_t v[4];
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                uint32_t h[2];
+#pragma unroll
+                for (int t = 0; t < 2; ++t) {
+                    const uint32_t ee = e + 2 * q + t;
+                    h[t] = (n < a.n && ee < R)
+                               ? __bfloat16_as_ushort(B[((uint64_t)(ee / a.rank) * a.n + n) * a.rank + ee % a.rank])
+                               : 0u;
+                }
+                v[q] = h[0] | (h[1] << 16);
+            }
+            *reinterpret_cast<uint4*>(dst) = make_uint4(v[0], v[1], v[2], v[3]);
+        }
+    }
+}
+
+/* The pipelined reduction over n of dy [M, N] against a [N, cols] right operand read in
+ * [BK][BQ] tiles: W [N, K] (BCAT = false, for dx) or Bcat [N, R] (BCAT = true, for g). */
+template <bool BCAT>
+__device__ __forceinline__ void mainloop_dy(float (&acc)[MI][NI][4], bf16 (*sA)[BM * BK], bf16 (*sB)[BK * BQ],
+                                            const QadaptLoraBwdArgs& a, uint32_t m0, uint32_t n0, uint32_t wm0,
+                                            uint32_t wn0, bool vec) {
+    const bf16* __restrict__ dy = reinterpret_cast<const bf16*>(a.dy);
+    const bf16* __restrict__ w = reinterpret_cast<const bf16*>(a.w);
+    const uint32_t KT = (a.n + BK - 1) / BK;
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if ((uint32_t)s < KT) {
+            load_tile<BM>(sA[s], dy, m0, a.m, s * BK, a.n, a.n, vec);
+            if (BCAT) load_bcat_t(sB[s], a, s * BK, n0);
+            else load_tile_t(sB[s], w, s * BK, a.n, n0, a.k, a.k, vec);
+        }
+        cp_async_commit();
+    }
+    for (uint32_t kt = 0; kt < KT; ++kt) {
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();
+        const uint32_t nk = kt + STAGES - 1;
+        if (nk < KT) {
+            load_tile<BM>(sA[nk % STAGES], dy, m0, a.m, nk * BK, a.n, a.n, vec);
+            if (BCAT) load_bcat_t(sB[nk % STAGES], a, nk * BK, n0);
+            else load_tile_t(sB[nk % STAGES], w, nk * BK, a.n, n0, a.k, a.k, vec);
+        }
+        cp_async_commit();
+        mma_tile_nt(acc, sA[kt % STAGES], sB[kt % STAGES], wm0, wn0);
+    }
+    cp_async_wait<0>();
+}
+
+/* dx = dy W (+ g Acat): output tile [BM rows of m][BQ columns of k], reduction over n in BK
+ * slices, dy tiles [BM][BK] and W tiles [BK rows of n][BQ columns of k]. 1-D grid, k tiles
+ * fastest. */
+__device__ __forceinline__ void bwd_dx_dense(const QadaptLoraBwdArgs& a) {
+    __shared__ __align__(128) bf16 sA[STAGES][BM * BK];
+    __shared__ __align__(128) bf16 sB[STAGES][BK * BQ];
+    const uint32_t tiles_k = (a.k + BQ - 1) / BQ;
+    const uint32_t n0 = (blockIdx.x % tiles_k) * BQ, m0 = (blockIdx.x / tiles_k) * BM;
+    const uint32_t warp = threadIdx.x / 32u;
+    const uint32_t wm0 = (warp / (BQ / WN)) * WM, wn0 = (warp % (BQ / WN)) * WN;
+    const bool vec = (a.flags & QADAPT_LORA_VEC) != 0;
+    float acc[MI][NI][4];
+    zero_acc(acc);
+    mainloop_dy<false>(acc, sA, sB, a, m0, n0, wm0, wn0, vec);
+    bwd_dx_finish(a, acc, sA[0], sB[0], m0, n0, wm0, wn0, vec);
+}
+
+/* g = mask(s * dy Bcat) on the tensor cores: output tile [BM rows of m][BQ columns of e]. */
+__device__ __forceinline__ void bwd_dyb_gemm(const QadaptLoraBwdArgs& a) {
+    __shared__ __align__(128) bf16 sA[STAGES][BM * BK];
+    __shared__ __align__(128) bf16 sB[STAGES][BK * BQ];
+    const uint32_t R = a.rank * a.n_adapters;
+    const uint32_t tiles_e = (R + BQ - 1) / BQ;
+    const uint32_t e0 = (blockIdx.x % tiles_e) * BQ, m0 = (blockIdx.x / tiles_e) * BM;
+    const uint32_t warp = threadIdx.x / 32u;
+    const uint32_t wm0 = (warp / (BQ / WN)) * WM, wn0 = (warp % (BQ / WN)) * WN;
+    float acc[MI][NI][4];
+    zero_acc(acc);
+    mainloop_dy<true>(acc, sA, sB, a, m0, e0, wm0, wn0, (a.flags & QADAPT_LORA_VEC) != 0);
+    store_masked(a, acc, reinterpret_cast<bf16*>(a.g), m0, e0, wm0, wn0);
+}
+
+/* NF4 W tile for dx: BK rows of n, BQ = 128 columns of k = 64 bytes a row, stored with a row
+ * stride of 80 bytes (the 4 rows a fragment read touches land in distinct banks), plus one scale
+ * per (row, 32 columns). Thread t < 128 copies 16 bytes (row t/4, part t%4) and decodes their
+ * scale. Needs K % 32 == 0 (a 32-column part is one aligned 16-byte run inside one NF4 block). */
+constexpr int QROW = 80;
+
+__device__ __forceinline__ void load_nf4_tile_t(uint8_t* tq, float* ts, const QadaptLoraBwdArgs& a, uint32_t r0,
+                                                uint32_t c0) {
+    if (threadIdx.x < BK * 4) {
+        const uint32_t row = threadIdx.x / 4, part = threadIdx.x % 4;
+        const uint32_t n = r0 + row, kc = c0 + part * 32;
+        uint8_t* dst = tq + row * QROW + part * 16;
+        if (n < a.n && kc < a.k) {
+            const uint64_t e = (uint64_t)n * a.k + kc;
+            cp_async16(dst, reinterpret_cast<const uint8_t*>(a.w) + e / 2);
+            ts[row * 4 + part] = nf4_block_scale(reinterpret_cast<const float*>(a.absmax),
+                                                 reinterpret_cast<const uint8_t*>(a.absmax_codes),
+                                                 reinterpret_cast<const float*>(a.nested_absmax),
+                                                 reinterpret_cast<const float*>(a.dynamic_map), a.offset,
+                                                 e / a.blocksize);
+        } else {
+            *reinterpret_cast<uint4*>(dst) = make_uint4(0x77777777u, 0x77777777u, 0x77777777u, 0x77777777u);
+            ts[row * 4 + part] = 0.0f;
+        }
+    }
+}
+
+/* B fragments from the NF4 tile: thread (g = lane/4, t = lane%4) needs W[red][col] for
+ * red = 2t, 2t+1 (b0) and 2t+8, 2t+9 (b1), col = its n8 tile's column g; each value is
+ * bf16(level * scale) as the NF4 dequantizer gives it. */
+__device__ __forceinline__ void nf4_b_frags_t(uint32_t (&bf)[NI][2], const uint8_t* tq, const float* ts,
+                                              const float* lv, uint32_t wn0, int ks) {
+    const unsigned lane = threadIdx.x & 31u;
+#pragma unroll
+    for (int ni = 0; ni < NI; ++ni) {
+        const uint32_t col = wn0 + ni * 8 + (lane >> 2);
+        const uint32_t byte = col >> 1, shift = (col & 1u) ? 0u : 4u, part = col >> 5;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const uint32_t r0 = ks * 16 + (lane & 3u) * 2 + h * 8;
+            const float v0 = __fmul_rn(lv[(tq[r0 * QROW + byte] >> shift) & 15u], ts[r0 * 4 + part]);
+            const float v1 = __fmul_rn(lv[(tq[(r0 + 1) * QROW + byte] >> shift) & 15u], ts[(r0 + 1) * 4 + part]);
+            const __nv_bfloat162 v = __floats2bfloat162_rn(v0, v1);
+            bf[ni][h] = *reinterpret_cast<const uint32_t*>(&v);
+        }
+    }
+}
+
+__device__ __forceinline__ void bwd_dx_nf4(const QadaptLoraBwdArgs& a) {
+    __shared__ __align__(128) bf16 sA[STAGES][BM * BK];
+    __shared__ __align__(16) uint8_t sQ[STAGES][BK * QROW];
+    __shared__ float sS[STAGES][BK * 4];
+    __shared__ float sLv[16];
+    if (threadIdx.x < 16) sLv[threadIdx.x] = round_to<bf16>(nf4_level((int)threadIdx.x));
+    const bf16* __restrict__ dy = reinterpret_cast<const bf16*>(a.dy);
+    const uint32_t tiles_k = (a.k + BQ - 1) / BQ;
+    const uint32_t n0 = (blockIdx.x % tiles_k) * BQ, m0 = (blockIdx.x / tiles_k) * BM;
+    const uint32_t warp = threadIdx.x / 32u;
+    const uint32_t wm0 = (warp / (BQ / WN)) * WM, wn0 = (warp % (BQ / WN)) * WN;
+    const bool vec = (a.flags & QADAPT_LORA_VEC) != 0;
+    const uint32_t KT = (a.n + BK - 1) / BK;
+    float acc[MI][NI][4];
+    zero_acc(acc);
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if ((uint32_t)s < KT) {
+            load_tile<BM>(sA[s], dy, m0, a.m, s * BK, a.n, a.n, vec);
+            load_nf4_tile_t(sQ[s], sS[s], a, s * BK, n0);
+        }
+        cp_async_commit();
+    }
+    for (uint32_t kt = 0; kt < KT; ++kt) {
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();
+        const uint32_t nk = kt + STAGES - 1;
+        if (nk < KT) {
+            load_tile<BM>(sA[nk % STAGES], dy, m0, a.m, nk * BK, a.n, a.n, vec);
+            load_nf4_tile_t(sQ[nk % STAGES], sS[nk % STAGES], a, nk * BK, n0);
+        }
+        cp_async_commit();
+        const uint32_t st = kt % STAGES;
+#pragma unroll
+        for (int ks = 0; ks < BK / 16; ++ks) {
+            uint32_t af[MI][4];
+            uint32_t bf[NI][2];
+            load_a_frags(af, sA[st], wm0, ks);
+            nf4_b_frags_t(bf, sQ[st], sS[st], sLv, wn0, ks);
+            mma_all(acc, af, bf);
+        }
+    }
+    cp_async_wait<0>();
+    bwd_dx_finish(a, acc, sA[0], sA[1], m0, n0, wm0, wn0, vec);
+}
+
+/* Which adapter-gradient product a TN kernel forms. */
+enum class GradOut { A, B };
+
+/* out[p, q] += sum_m L[m, p] Rm[m, q] with both operands read along their rows (reduction over
+ * m in BK slices, [BK][BQ]-shaped tiles for both, ldmatrix .trans for both):
+ *   GradOut::A: L = g [m, R],  Rm = x [m, k], out = grad_a as [R, k]      (p = e, q = k)
+ *   GradOut::B: L = dy [m, n], Rm = u [m, R], out = grad_b[e / r][p][e % r] (p = n, q = e)
+ * Output tile [BM rows of p][BQ columns of q], 1-D grid with q tiles fastest. Each output element
+ * belongs to exactly one CTA, which adds its f32 sum to what is there (accumulation). */
+template <GradOut OUT>
+__device__ __forceinline__ void bwd_grad(const QadaptLoraBwdArgs& a) {
+    __shared__ __align__(128) bf16 sL[STAGES][BK * BQ];
+    __shared__ __align__(128) bf16 sR[STAGES][BK * BQ];
+    const uint32_t R = a.rank * a.n_adapters;
+    const bool vec = (a.flags & QADAPT_LORA_VEC) != 0;
+    /* g and u are the launcher's own allocations: aligned, so only their width decides. */
+    const bool vec_r = (R % 8) == 0;
+    const bf16* L = reinterpret_cast<const bf16*>(OUT == GradOut::A ? a.g : a.dy);
+    const bf16* Rm = reinterpret_cast<const bf16*>(OUT == GradOut::A ? a.x : a.u);
+    const uint32_t P = OUT == GradOut::A ? R : a.n;
+    const uint32_t Q = OUT == GradOut::A ? a.k : R;
+    const bool vec_l = OUT == GradOut::A ? vec_r : vec;
+    const bool vec_q = OUT == GradOut::A ? vec : vec_r;
+    const uint32_t tiles_q = (Q + BQ - 1) / BQ;
+    const uint32_t q0 = (blockIdx.x % tiles_q) * BQ, p0 = (blockIdx.x / tiles_q) * BM;
+    const uint32_t warp = threadIdx.x / 32u;
+    const uint32_t wm0 = (warp / (BQ / WN)) * WM, wn0 = (warp % (BQ / WN)) * WN;
+    const uint32_t KT = (a.m + BK - 1) / BK;
+    float acc[MI][NI][4];
+    zero_acc(acc);
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if ((uint32_t)s < KT) {
+            load_tile_t(sL[s], L, s * BK, a.m, p0, P, P, vec_l);
+            load_tile_t(sR[s], Rm, s * BK, a.m, q0, Q, Q, vec_q);
+        }
+        cp_async_commit();
+    }
+    for (uint32_t kt = 0; kt < KT; ++kt) {
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();
+        const uint32_t nk = kt + STAGES - 1;
+        if (nk < KT) {
+            load_tile_t(sL[nk % STAGES], L, nk * BK, a.m, p0, P, P, vec_l);
+            load_tile_t(sR[nk % STAGES], Rm, nk * BK, a.m, q0, Q, Q, vec_q);
+        }
+        cp_async_commit();
+        const uint32_t st = kt % STAGES;
+#pragma unroll
+        for (int ks = 0; ks < BK / 16; ++ks) {
+            uint32_t af[MI][4];
+            uint32_t bf[NI][2];
+            load_a_frags_t(af, sL[st], wm0, ks);
+            load_b_frags_t(bf, sR[st], wn0, ks);
+            mma_all(acc, af, bf);
+        }
+    }
+    cp_async_wait<0>();
+    float* __restrict__ out = reinterpret_cast<float*>(OUT == GradOut::A ? a.grad_a : a.grad_b);
+    const unsigned lane = threadIdx.x & 31u;
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi) {
+#pragma unroll
+        for (int ni = 0; ni < NI; ++ni) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const uint32_t p = p0 + wm0 + mi * 16 + (lane >> 2) + (e >> 1) * 8;
+                const uint32_t q = q0 + wn0 + ni * 8 + (lane & 3u) * 2 + (e & 1);
+                if (p >= P || q >= Q) continue;
+                const uint64_t o = OUT == GradOut::A
+                                       ? (uint64_t)p * Q + q
+                                       : ((uint64_t)(q / a.rank) * a.n + p) * a.rank + q % a.rank;
+                out[o] += acc[mi][ni][e];
+            }
+        }
+    }
+}
+
 }  // namespace
 
 QADAPT_KERNEL(lora_xa_bf16, QadaptLoraFwdArgs) { xa(args); }
 
+/* Few rows (M <= QADAPT_LORA_GEMV_NARROW_ROWS): few accumulators, few registers, many warps per
+ * SM to keep the weight stream busy. */
 QADAPT_KERNEL(lora_gemv_dense_bf16, QadaptLoraFwdArgs) {
     if (args.m <= 1) gemv_dense<1>(args);
     else if (args.m <= 2) gemv_dense<2>(args);
-    else if (args.m <= 4) gemv_dense<4>(args);
-    else if (args.m <= 8) gemv_dense<8>(args);
+    else gemv_dense<4>(args);
+}
+
+/* QADAPT_LORA_GEMV_NARROW_ROWS < M <= QADAPT_LORA_GEMV_MAX_ROWS. */
+QADAPT_KERNEL(lora_gemv_wide_dense_bf16, QadaptLoraFwdArgs) {
+    if (args.m <= 8) gemv_dense<8>(args);
     else gemv_dense<16>(args);
+}
+
+/* Levels rounded to bf16 first, as the NF4 dequantizer decodes. */
+__device__ __forceinline__ void nf4_levels_to_shared(float* levels) {
+    if (threadIdx.x < 16) levels[threadIdx.x] = round_to<bf16>(nf4_level((int)threadIdx.x));
+    __syncthreads();
 }
 
 QADAPT_KERNEL(lora_gemv_nf4_bf16, QadaptLoraFwdArgs) {
     __shared__ float levels[16];
-    /* Levels rounded to bf16 first, as the NF4 dequantizer decodes. */
-    if (threadIdx.x < 16) levels[threadIdx.x] = round_to<bf16>(nf4_level((int)threadIdx.x));
-    __syncthreads();
+    nf4_levels_to_shared(levels);
     if (args.m <= 1) gemv_nf4<1>(args, levels);
     else if (args.m <= 2) gemv_nf4<2>(args, levels);
-    else if (args.m <= 4) gemv_nf4<4>(args, levels);
-    else if (args.m <= 8) gemv_nf4<8>(args, levels);
+    else gemv_nf4<4>(args, levels);
+}
+
+QADAPT_KERNEL(lora_gemv_wide_nf4_bf16, QadaptLoraFwdArgs) {
+    __shared__ float levels[16];
+    nf4_levels_to_shared(levels);
+    if (args.m <= 8) gemv_nf4<8>(args, levels);
     else gemv_nf4<16>(args, levels);
 }
 
 QADAPT_KERNEL(lora_gemm_dense_bf16, QadaptLoraFwdArgs) { gemm_dense(args); }
 QADAPT_KERNEL(lora_gemm_nf4_bf16, QadaptLoraFwdArgs) { gemm_nf4(args); }
+QADAPT_KERNEL(lora_gemm_xa_bf16, QadaptLoraFwdArgs) { gemm_xa(args); }
+
+QADAPT_KERNEL(lora_gemm_bwd_dyb_bf16, QadaptLoraBwdArgs) { bwd_dyb_gemm(args); }
+QADAPT_KERNEL(lora_gemm_bwd_dx_dense_bf16, QadaptLoraBwdArgs) { bwd_dx_dense(args); }
+QADAPT_KERNEL(lora_gemm_bwd_dx_nf4_bf16, QadaptLoraBwdArgs) { bwd_dx_nf4(args); }
+QADAPT_KERNEL(lora_gemm_bwd_da_bf16, QadaptLoraBwdArgs) { bwd_grad<GradOut::A>(args); }
+QADAPT_KERNEL(lora_gemm_bwd_db_bf16, QadaptLoraBwdArgs) { bwd_grad<GradOut::B>(args); }

@@ -23,14 +23,14 @@ for line in sys.stdin:
         m = json.loads(line)
     except ValueError:
         continue
-    if m.get("reason") == "compiler-artifact" and m.get("executable"):
-        print(m["target"]["name"], m["executable"])
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and (kinds := m["target"]["kind"]):
+        print(kinds[0], m["target"]["name"], m["executable"])
 '
 }
 
 echo "building release test binaries"
 cargo test --release --workspace --no-run -q
-while read -r name exe; do
+while read -r _kind name exe; do
     # Only binaries that hold ignored (GPU) tests travel.
     if "$exe" --list --ignored 2>/dev/null | grep -q ': test$'; then
         cp "$exe" "$out/tests/$name"
@@ -40,8 +40,9 @@ done < <(artifacts test --release --workspace --no-run)
 
 echo "building release bench binaries"
 cargo bench --workspace --no-run -q
-while read -r name exe; do
-    case "$exe" in */deps/*) ;; *) continue ;; esac
+while read -r kind name exe; do
+    # The [[bench]] targets only (libraries also get a bench harness binary).
+    [ "$kind" = bench ] || continue
     cp "$exe" "$out/benches/$name"
     strip "$out/benches/$name"
 done < <(artifacts bench --workspace --no-run)

@@ -26,6 +26,7 @@ fn main() {
     println!("cargo::rerun-if-env-changed=NVCC");
     println!("cargo::rerun-if-env-changed=CUDA_HOME");
     println!("cargo::rerun-if-env-changed=QADAPT_REQUIRE_CUDA");
+    println!("cargo::rerun-if-env-changed=QADAPT_KERNEL_LINEINFO");
     println!("cargo::rerun-if-changed={}", kernels_dir.display());
     println!("cargo::rustc-check-cfg=cfg(qadapt_cuda)");
 
@@ -157,9 +158,12 @@ fn compile(
         .arg("-v,-warn-spills,-warn-lmem-usage")
         .arg("-Xfatbin")
         .arg("-compress=false")
-        .arg("-lineinfo")
         .arg("-I")
         .arg(kernels_dir.join("include"));
+    // Source line tables more than double the fatbin; on demand for profiling and sanitizing.
+    if env::var("QADAPT_KERNEL_LINEINFO").is_ok_and(|v| v == "1") {
+        cmd.arg("-lineinfo");
+    }
     for a in SASS_ARCHS {
         let num = a.trim_start_matches("sm_");
         cmd.arg(format!("-gencode=arch=compute_{num},code={a}"));

@@ -97,8 +97,10 @@ typedef struct QadaptNf4DequantizeArgs {
  * allow it (K % 8 == 0 for bf16 rows, K % 32 == 0 for NF4 rows): the kernels may use the
  * vectorized path. Without it they take the element-by-element path (any shape). */
 #define QADAPT_LORA_VEC 1u
-/* Largest row count of the gemv path; larger batches take the tensor-core GEMM path. */
+/* Largest row count of the gemv path; larger batches take the tensor-core GEMM path. Up to
+ * NARROW_ROWS rows take lora_gemv_*, more take lora_gemv_wide_* (more accumulators, fewer warps). */
 #define QADAPT_LORA_GEMV_MAX_ROWS 16
+#define QADAPT_LORA_GEMV_NARROW_ROWS 4
 /* GEMM tiling (CTA tile BM x BN over a BK slice of K, 256 threads, 3-stage cp.async pipeline). */
 #define QADAPT_LORA_GEMM_BM 128
 #define QADAPT_LORA_GEMM_BN 128
@@ -111,7 +113,7 @@ typedef struct QadaptNf4DequantizeArgs {
  * with `blocksize` and plain or double-quant scales), A stack [n_adapters, rank, k] bf16,
  * B stack [n_adapters, n, rank] bf16, scales [n_adapters] f32, adapter_idx [m] i32 (-1 = base
  * only; 0 pointer = every row uses adapter 0), bias [n] bf16 or 0, y [m, n] bf16.
- * u [m, n_adapters * rank] bf16 is the LoRA intermediate: lora_xa writes
+ * u [m, n_adapters * rank] bf16 is the LoRA intermediate: lora_xa / lora_gemm_xa write
  * u[m, a*rank + j] = bf16(s_a * sum_k x[m,k] A_a[j,k]) for a == idx(m) and 0 for the other
  * adapters; the gemv/gemm kernels read it. u and y are overwritten. */
 typedef struct QadaptLoraFwdArgs {
@@ -138,6 +140,41 @@ typedef struct QadaptLoraFwdArgs {
     uint32_t flags;         /* QADAPT_LORA_VEC */
 } QadaptLoraFwdArgs;
 
+/* Fused LoRA linear backward, for the forward above with upstream gradient dy [m, n]:
+ *   g[m, a*r + j]  = bf16(s_a * sum_n dy[m,n] B_a[n,j])  for a == idx(m), else 0   (overwritten)
+ *   dx             = dy W + g Acat                  [m, k] bf16, OVERWRITTEN
+ *   grad_a[a,j,k] += sum_m g[m, a*r+j] x[m,k]        f32, ACCUMULATED (= s_a (dy B_a)^T x)
+ *   grad_b[a,n,j] += sum_m dy[m,n] u[m, a*r+j]       f32, ACCUMULATED (= s_a dy^T (x A_a^T))
+ * with Acat = the A stack as [n_adapters * r, k] and u = bf16(s x A^T) as lora_xa_bf16 writes it
+ * (the launcher recomputes u with lora_gemm_xa_bf16 first). NF4 W is dequantized inside
+ * the dx matmul. Same index rule as the forward: idx outside [0, n_adapters) is -1. */
+typedef struct QadaptLoraBwdArgs {
+    uint64_t x;             /* const bf16* [m, k] */
+    uint64_t dy;            /* const bf16* [m, n] */
+    uint64_t w;             /* const bf16* [n, k], or const uint8_t* [ceil(n*k/2)] for NF4 */
+    uint64_t absmax;        /* NF4: const float* [nblocks], used when absmax_codes == 0 */
+    uint64_t absmax_codes;  /* NF4: const uint8_t* [nblocks] or 0 */
+    uint64_t nested_absmax; /* NF4: const float* [ceil(nblocks / QADAPT_DQ_BLOCK)] */
+    uint64_t dynamic_map;   /* NF4: const float* [256] */
+    uint64_t lora_a;        /* const bf16* [n_adapters, rank, k] */
+    uint64_t lora_b;        /* const bf16* [n_adapters, n, rank] */
+    uint64_t scales;        /* const float* [n_adapters] */
+    uint64_t adapter_idx;   /* const int32_t* [m] or 0 */
+    uint64_t u;             /* const bf16* [m, n_adapters * rank] */
+    uint64_t g;             /* bf16* [m, n_adapters * rank] */
+    uint64_t dx;            /* bf16* [m, k] */
+    uint64_t grad_a;        /* float* [n_adapters, rank, k] */
+    uint64_t grad_b;        /* float* [n_adapters, n, rank] */
+    uint32_t m;
+    uint32_t n;
+    uint32_t k;
+    uint32_t rank;          /* 0: no LoRA term */
+    uint32_t n_adapters;
+    uint32_t blocksize;     /* NF4 block size */
+    float offset;           /* NF4 double-quant offset */
+    uint32_t flags;         /* QADAPT_LORA_VEC: k % 8 == 0, n % 8 == 0, aligned x, dy, W, A */
+} QadaptLoraBwdArgs;
+
 /* ---- Kernels ---------------------------------------------------------------------------------- */
 
 #if defined(__CUDACC__)
@@ -161,7 +198,15 @@ QADAPT_KERNEL(nf4_dequantize_f16, QadaptNf4DequantizeArgs);
 QADAPT_KERNEL(lora_xa_bf16, QadaptLoraFwdArgs);
 QADAPT_KERNEL(lora_gemv_dense_bf16, QadaptLoraFwdArgs);
 QADAPT_KERNEL(lora_gemv_nf4_bf16, QadaptLoraFwdArgs);
+QADAPT_KERNEL(lora_gemv_wide_dense_bf16, QadaptLoraFwdArgs);
+QADAPT_KERNEL(lora_gemv_wide_nf4_bf16, QadaptLoraFwdArgs);
 QADAPT_KERNEL(lora_gemm_dense_bf16, QadaptLoraFwdArgs);
 QADAPT_KERNEL(lora_gemm_nf4_bf16, QadaptLoraFwdArgs);
+QADAPT_KERNEL(lora_gemm_xa_bf16, QadaptLoraFwdArgs);
+QADAPT_KERNEL(lora_gemm_bwd_dyb_bf16, QadaptLoraBwdArgs);
+QADAPT_KERNEL(lora_gemm_bwd_dx_dense_bf16, QadaptLoraBwdArgs);
+QADAPT_KERNEL(lora_gemm_bwd_dx_nf4_bf16, QadaptLoraBwdArgs);
+QADAPT_KERNEL(lora_gemm_bwd_da_bf16, QadaptLoraBwdArgs);
+QADAPT_KERNEL(lora_gemm_bwd_db_bf16, QadaptLoraBwdArgs);
 
 #endif /* QADAPT_H */

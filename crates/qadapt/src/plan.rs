@@ -142,15 +142,19 @@ mod tests {
 /// Which kernel family a fused LoRA forward takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LoraPath {
-    /// `lora_gemv_*`: at most [`ffi::QADAPT_LORA_GEMV_MAX_ROWS`] rows, one warp per output
-    /// feature, the weight streamed once.
+    /// `lora_gemv_*`: at most [`ffi::QADAPT_LORA_GEMV_NARROW_ROWS`] rows, one warp per output
+    /// feature, the weight streamed once (few registers: many warps per SM).
     Gemv,
+    /// `lora_gemv_wide_*`: up to [`ffi::QADAPT_LORA_GEMV_MAX_ROWS`] rows, same scheme with more
+    /// accumulators per lane.
+    GemvWide,
     /// `lora_gemm_*`: tensor-core tiles of `QADAPT_LORA_GEMM_BM x QADAPT_LORA_GEMM_BN`.
     Gemm,
 }
 
-/// The launches of one fused LoRA forward: `lora_xa_bf16` (absent without a LoRA term), then the
-/// gemv or GEMM kernel.
+/// The launches of one fused LoRA forward: the LoRA intermediate `u` (`lora_xa_bf16` on the gemv
+/// path, `lora_gemm_xa_bf16` on the GEMM path; absent without a LoRA term), then the gemv or GEMM
+/// kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LoraForwardPlan {
     /// The kernel family of the main launch.
@@ -162,7 +166,7 @@ pub struct LoraForwardPlan {
 }
 
 /// Plans `y = x W^T + s B (A x)` for `m` rows, `n` outputs, `k` inputs and `r_total` =
-/// rank * adapters LoRA columns. Rows <= 16 take the gemv path (grid-stride, capped grid), more
+/// rank * adapters LoRA columns. Rows <= 16 take a gemv path (grid-stride, capped grid), more
 /// take the GEMM path, which needs one CTA per 128 x 128 output tile and an sm_80+ device
 /// (mma.sync bf16).
 pub fn lora_forward(
@@ -180,14 +184,19 @@ pub fn lora_forward(
         return Err(invalid(OP, "m, n and k must each fit in 32 bits"));
     }
     let warps = u64::from(ffi::QADAPT_LORA_GEMV_WARPS);
-    let xa = (r_total > 0).then(|| LaunchPlan {
-        grid: capped_grid((m * r_total).div_ceil(warps), props),
-        block: 32 * ffi::QADAPT_LORA_GEMV_WARPS,
-        shared_bytes: 0,
-    });
     if m <= u64::from(ffi::QADAPT_LORA_GEMV_MAX_ROWS) {
+        // lora_xa_bf16: one warp per u element, grid-stride.
+        let xa = (r_total > 0).then(|| LaunchPlan {
+            grid: capped_grid((m * r_total).div_ceil(warps), props),
+            block: 32 * ffi::QADAPT_LORA_GEMV_WARPS,
+            shared_bytes: 0,
+        });
         return Ok(LoraForwardPlan {
-            path: LoraPath::Gemv,
+            path: if m <= u64::from(ffi::QADAPT_LORA_GEMV_NARROW_ROWS) {
+                LoraPath::Gemv
+            } else {
+                LoraPath::GemvWide
+            },
             xa,
             main: LaunchPlan {
                 grid: capped_grid(n.div_ceil(warps), props),
@@ -202,22 +211,30 @@ pub fn lora_forward(
             "the GEMM path needs compute capability 8.0 or newer (mma.sync bf16)",
         ));
     }
-    let tiles = n.div_ceil(u64::from(ffi::QADAPT_LORA_GEMM_BN))
-        * m.div_ceil(u64::from(ffi::QADAPT_LORA_GEMM_BM));
-    if tiles > u64::from(props.max_grid_x) {
-        return Err(invalid(
-            OP,
-            format!("{tiles} output tiles exceed the grid limit"),
-        ));
-    }
-    Ok(LoraForwardPlan {
-        path: LoraPath::Gemm,
-        xa,
-        main: LaunchPlan {
+    // lora_gemm_xa_bf16 and the main GEMM: one CTA per 128 x 128 output tile.
+    let tiled = |cols: u64| -> Result<LaunchPlan> {
+        let tiles = cols.div_ceil(u64::from(ffi::QADAPT_LORA_GEMM_BN))
+            * m.div_ceil(u64::from(ffi::QADAPT_LORA_GEMM_BM));
+        if tiles > u64::from(props.max_grid_x) {
+            return Err(invalid(
+                OP,
+                format!("{tiles} output tiles exceed the grid limit"),
+            ));
+        }
+        Ok(LaunchPlan {
             grid: tiles as u32,
             block: ffi::QADAPT_LORA_GEMM_THREADS,
             shared_bytes: 0,
+        })
+    };
+    Ok(LoraForwardPlan {
+        path: LoraPath::Gemm,
+        xa: if r_total > 0 {
+            Some(tiled(r_total)?)
+        } else {
+            None
         },
+        main: tiled(n)?,
     })
 }
 
@@ -233,9 +250,14 @@ mod lora_tests {
 
     #[test]
     fn lora_plan_picks_gemv_up_to_16_rows() {
-        for m in [1, 7, 16] {
+        for (m, path) in [
+            (1, LoraPath::Gemv),
+            (4, LoraPath::Gemv),
+            (5, LoraPath::GemvWide),
+            (16, LoraPath::GemvWide),
+        ] {
             let p = lora_forward(m, 4096, 4096, 16, &DeviceProps::H200).unwrap();
-            assert_eq!(p.path, LoraPath::Gemv);
+            assert_eq!(p.path, path);
             assert_eq!((p.main.grid, p.main.block), (512, 256)); // 4096 features / 8 warps
             assert_eq!(p.xa.unwrap().grid, (m as u32 * 16).div_ceil(8));
         }
@@ -255,9 +277,12 @@ mod lora_tests {
         let p = lora_forward(17, 4096, 4096, 64, &DeviceProps::H200).unwrap();
         assert_eq!(p.path, LoraPath::Gemm);
         assert_eq!((p.main.grid, p.main.block), (32, 256));
+        assert_eq!(p.xa.unwrap().grid, 1); // u is 17 x 64: one tile
         let p = lora_forward(4097, 129, 33, 3, &DeviceProps::H200).unwrap();
         assert_eq!(p.main.grid, 33 * 2);
-        assert_eq!(p.xa.unwrap().grid, (4097u32 * 3).div_ceil(8));
+        assert_eq!(p.xa.unwrap().grid, 33);
+        let p = lora_forward(300, 64, 64, 8 * 64, &DeviceProps::H200).unwrap();
+        assert_eq!((p.main.grid, p.xa.unwrap().grid), (3, 3 * 4));
     }
 
     #[test]
@@ -276,8 +301,9 @@ mod lora_tests {
     }
 }
 
-/// The launches of one fused LoRA backward: `lora_xa_bf16` (u), `lora_bwd_dyb_bf16` (g), the dx
-/// GEMM, and the two adapter-gradient GEMMs; the LoRA launches are `None` without a LoRA term.
+/// The launches of one fused LoRA backward: `lora_gemm_xa_bf16` (u), `lora_gemm_bwd_dyb_bf16` (g),
+/// the dx GEMM, and the two adapter-gradient GEMMs; the LoRA launches are `None` without a LoRA
+/// term. Every launch has one CTA per 128 x 128 output tile.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LoraBackwardPlan {
     /// `u = bf16(s x A^T)`, recomputed for dB.
@@ -326,16 +352,11 @@ pub fn lora_backward(
             shared_bytes: 0,
         })
     };
-    let warps = u64::from(ffi::QADAPT_LORA_GEMV_WARPS);
-    let per_warp = LaunchPlan {
-        grid: capped_grid((m * r_total).div_ceil(warps), props),
-        block: 32 * ffi::QADAPT_LORA_GEMV_WARPS,
-        shared_bytes: 0,
-    };
     let lora = r_total > 0;
+    let mr = if lora { Some(tiled(m, r_total)?) } else { None };
     Ok(LoraBackwardPlan {
-        xa: lora.then_some(per_warp),
-        dyb: lora.then_some(per_warp),
+        xa: mr,
+        dyb: mr,
         dx: tiled(m, k)?,
         da: if lora { Some(tiled(r_total, k)?) } else { None },
         db: if lora { Some(tiled(n, r_total)?) } else { None },
@@ -352,7 +373,7 @@ mod lora_backward_tests {
         assert_eq!(p.dx.grid, 32 * 86);
         assert_eq!(p.da.unwrap().grid, 86);
         assert_eq!(p.db.unwrap().grid, 32);
-        assert_eq!(p.xa.unwrap().grid, 132 * 32); // 32768 warps of 8, capped: grid-stride
+        assert_eq!(p.xa.unwrap().grid, 32); // u and g: 4096 x 64
         assert_eq!(p.dyb, p.xa);
         let p = lora_backward(1, 5, 3, 0, &DeviceProps::H200).unwrap();
         assert_eq!((p.dx.grid, p.da, p.db, p.xa), (1, None, None, None));
@@ -374,5 +395,6 @@ mod lora_backward_tests {
         assert!(lora_backward(4, 300, 4, 1, &tiny).is_err()); // dB: 3 tiles
         assert!(lora_backward(4, 4, 4, 300, &tiny).is_err()); // dA: 3 tiles
         assert!(lora_backward(256, 256, 4, 128, &tiny).is_ok());
+        assert!(lora_backward(256, 4, 4, 129, &tiny).is_err()); // u, g: 2 x 2 tiles
     }
 }

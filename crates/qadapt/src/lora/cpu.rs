@@ -5,7 +5,8 @@
 //! Forward (overwrites `u` and `y`):
 //! ```text
 //! u[m, a*r + j] = bf16(s_a * sum_k x[m,k] A_a[j,k])   if a == idx(m), else 0
-//! y[m, n]       = bf16(sum_k x[m,k] W[n,k] + sum_e u[m,e] Bcat[n,e] + bias[n]),  Bcat[n, a*r+j] = B_a[n,j]
+//! y[m, n]       = bf16(sum_k x[m,k] W[n,k] + sum_e u[m,e] Bcat[n,e] + bias[n])
+//! Bcat[n, a*r + j] = B_a[n, j]
 //! ```
 //! Backward of `y = x W^T + s (x A^T) B^T` for the rows of each adapter (f32 throughout, no
 //! intermediate rounding; W is the bf16 weight the forward used, NF4 dequantized):
@@ -15,7 +16,9 @@
 //! dA_a   += g^T x                                        accumulated (f32)
 //! dB_a   += s_a * dy^T (x A_a^T)                         accumulated (f32)
 //! ```
-//! Rows with adapter -1 only get `dx = dy W`.
+//! Rows with adapter -1 only get `dx = dy W`. The CUDA backward rounds g and u = bf16(s x A^T) to
+//! bf16 before its products (2^-9 relative each); its tests compare against this reference with a
+//! tolerance that covers that.
 
 use half::bf16;
 use ndarray::linalg::general_mat_mul;
@@ -26,7 +29,10 @@ use super::{LoraRef, LoraShape, WeightRef};
 use crate::error::{Result, shape_err};
 
 fn widen(v: &[bf16]) -> Vec<f32> {
-    v.par_iter().with_min_len(4096).map(|x| x.to_f32()).collect()
+    v.par_iter()
+        .with_min_len(4096)
+        .map(|x| x.to_f32())
+        .collect()
 }
 
 fn narrow(v: &[f32], out: &mut [bf16]) {
@@ -106,10 +112,18 @@ pub fn forward(
     const OP: &str = "lora forward (cpu)";
     shape.check(OP, x, w, lora, adapter_idx, bias)?;
     if u.len() != shape.m * shape.r_total() {
-        return Err(shape_err(OP, format!("u of {}", shape.m * shape.r_total()), u.len()));
+        return Err(shape_err(
+            OP,
+            format!("u of {}", shape.m * shape.r_total()),
+            u.len(),
+        ));
     }
     if y.len() != shape.m * shape.n {
-        return Err(shape_err(OP, format!("y of {}", shape.m * shape.n), y.len()));
+        return Err(shape_err(
+            OP,
+            format!("y of {}", shape.m * shape.n),
+            y.len(),
+        ));
     }
     let (m, n, k, r, rt) = (shape.m, shape.n, shape.k, shape.rank, shape.r_total());
     let xf = widen(x);
@@ -117,15 +131,28 @@ pub fn forward(
     let mut yf = vec![0f32; m * n];
     if let Some(b) = bias {
         let bf = widen(b);
-        yf.par_chunks_mut(n).for_each(|row| row.copy_from_slice(&bf));
+        yf.par_chunks_mut(n)
+            .for_each(|row| row.copy_from_slice(&bf));
     }
     let xv = view(m, k, &xf);
-    general_mat_mul(1.0, &xv, &view(n, k, &wf).t(), 1.0, &mut view_mut(m, n, &mut yf));
+    general_mat_mul(
+        1.0,
+        &xv,
+        &view(n, k, &wf).t(),
+        1.0,
+        &mut view_mut(m, n, &mut yf),
+    );
     if rt > 0 {
         // t = x A_all^T for every adapter at once, then keep the row's own adapter, scaled.
         let af = widen(lora.a);
         let mut t = vec![0f32; m * rt];
-        general_mat_mul(1.0, &xv, &view(rt, k, &af).t(), 0.0, &mut view_mut(m, rt, &mut t));
+        general_mat_mul(
+            1.0,
+            &xv,
+            &view(rt, k, &af).t(),
+            0.0,
+            &mut view_mut(m, rt, &mut t),
+        );
         u.par_chunks_mut(rt)
             .zip(t.par_chunks(rt))
             .enumerate()
@@ -195,10 +222,18 @@ pub fn backward(
     }
     let na = shape.n_adapters;
     if grad_a.len() != na * r * k {
-        return Err(shape_err(OP, format!("grad_a of {}", na * r * k), grad_a.len()));
+        return Err(shape_err(
+            OP,
+            format!("grad_a of {}", na * r * k),
+            grad_a.len(),
+        ));
     }
     if grad_b.len() != na * n * r {
-        return Err(shape_err(OP, format!("grad_b of {}", na * n * r), grad_b.len()));
+        return Err(shape_err(
+            OP,
+            format!("grad_b of {}", na * n * r),
+            grad_b.len(),
+        ));
     }
     let xf = widen(x);
     let dyf = widen(dy);
@@ -206,7 +241,13 @@ pub fn backward(
     let mut dxf = vec![0f32; m * k];
     let dyv = view(m, n, &dyf);
     let xv = view(m, k, &xf);
-    general_mat_mul(1.0, &dyv, &view(n, k, &wf), 0.0, &mut view_mut(m, k, &mut dxf));
+    general_mat_mul(
+        1.0,
+        &dyv,
+        &view(n, k, &wf),
+        0.0,
+        &mut view_mut(m, k, &mut dxf),
+    );
     if r > 0 {
         let af = widen(lora.a);
         let bf = widen(lora.b);
@@ -218,8 +259,16 @@ pub fn backward(
             let a_mat = view(r, k, &af[a * r * k..(a + 1) * r * k]);
             let b_mat = view(n, r, &bf[a * n * r..(a + 1) * n * r]);
             let all = rows.len() == m;
-            let dy_a = if all { dyv.to_owned() } else { gather(&dyv, rows) };
-            let x_a = if all { xv.to_owned() } else { gather(&xv, rows) };
+            let dy_a = if all {
+                dyv.to_owned()
+            } else {
+                gather(&dyv, rows)
+            };
+            let x_a = if all {
+                xv.to_owned()
+            } else {
+                gather(&xv, rows)
+            };
             // g = s dy B  [rows, r]
             let mut g = Array2::<f32>::zeros((rows.len(), r));
             general_mat_mul(s, &dy_a, &b_mat, 0.0, &mut g);
@@ -268,7 +317,10 @@ pub fn forward_unfused(
     shape.check(OP, x, w, lora, None, None)?;
     let (m, n, k, r) = (shape.m, shape.n, shape.k, shape.rank);
     if r == 0 || shape.n_adapters == 0 {
-        return Err(crate::error::invalid(OP, "needs one adapter of positive rank"));
+        return Err(crate::error::invalid(
+            OP,
+            "needs one adapter of positive rank",
+        ));
     }
     if y.len() != m * n {
         return Err(shape_err(OP, format!("y of {}", m * n), y.len()));
@@ -276,11 +328,23 @@ pub fn forward_unfused(
     let xf = widen(x);
     let wf = weight_f32(shape, w)?;
     let mut base = vec![0f32; m * n];
-    general_mat_mul(1.0, &view(m, k, &xf), &view(n, k, &wf).t(), 0.0, &mut view_mut(m, n, &mut base));
+    general_mat_mul(
+        1.0,
+        &view(m, k, &xf),
+        &view(n, k, &wf).t(),
+        0.0,
+        &mut view_mut(m, n, &mut base),
+    );
     let base_bf: Vec<bf16> = base.iter().map(|v| bf16::from_f32(*v)).collect();
     let af = widen(&lora.a[..r * k]);
     let mut t = vec![0f32; m * r];
-    general_mat_mul(1.0, &view(m, k, &xf), &view(r, k, &af).t(), 0.0, &mut view_mut(m, r, &mut t));
+    general_mat_mul(
+        1.0,
+        &view(m, k, &xf),
+        &view(r, k, &af).t(),
+        0.0,
+        &mut view_mut(m, r, &mut t),
+    );
     let tf: Vec<f32> = t.iter().map(|v| bf16::from_f32(*v).to_f32()).collect();
     let bfv = widen(&lora.b[..n * r]);
     let mut l = vec![0f32; m * n];
@@ -309,10 +373,20 @@ pub fn add_delta(
     const OP: &str = "lora merge (cpu)";
     let (n, k, r) = (shape.n, shape.k, shape.rank);
     if adapter >= shape.n_adapters || lora.scales.len() != shape.n_adapters {
-        return Err(crate::error::invalid(OP, format!("adapter {adapter} of {}", shape.n_adapters)));
+        return Err(crate::error::invalid(
+            OP,
+            format!("adapter {adapter} of {}", shape.n_adapters),
+        ));
     }
-    if w.len() != n * k || lora.a.len() != shape.n_adapters * r * k || lora.b.len() != shape.n_adapters * n * r {
-        return Err(shape_err(OP, format!("W {n}x{k}, A/B of rank {r}"), w.len()));
+    if w.len() != n * k
+        || lora.a.len() != shape.n_adapters * r * k
+        || lora.b.len() != shape.n_adapters * n * r
+    {
+        return Err(shape_err(
+            OP,
+            format!("W {n}x{k}, A/B of rank {r}"),
+            w.len(),
+        ));
     }
     let af = widen(&lora.a[adapter * r * k..(adapter + 1) * r * k]);
     let bf = widen(&lora.b[adapter * n * r..(adapter + 1) * n * r]);

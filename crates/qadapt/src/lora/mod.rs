@@ -7,7 +7,9 @@
 //! `u = bf16(s · x A^T)` is rounded to bf16 as a bf16 PEFT forward rounds `lora_A(x)`.
 //!
 //! [`cpu`] is the reference of every kernel in `kernels/lora.cu`; [`LoraLinear`] is the safe
-//! layer that runs either on a [`Device`].
+//! layer that runs either on a [`Device`] (uploading per call on CUDA), and [`CudaLoraLinear`] keeps
+//! a layer resident on a GPU for repeated forward/backward calls on device buffers. Forward
+//! overwrites y; backward overwrites dx and ADDS into the adapter gradients.
 //!
 //! ```
 //! use half::bf16;
@@ -36,6 +38,7 @@
 
 pub mod cpu;
 
+use cudarc::driver::CudaSlice;
 use half::bf16;
 
 use crate::cuda::CudaDevice;
@@ -103,15 +106,16 @@ impl LoraShape {
                 }
                 let nb = num_blocks(n * k, blocksize);
                 if scales.len() != nb {
-                    return Err(shape_err(op, format!("{nb} NF4 block scales"), scales.len()));
+                    return Err(shape_err(
+                        op,
+                        format!("{nb} NF4 block scales"),
+                        scales.len(),
+                    ));
                 }
             }
             WeightRef::Dense(_) => {}
         }
-        if lora.a.len() != na * r * k
-            || lora.b.len() != na * n * r
-            || lora.scales.len() != na
-        {
+        if lora.a.len() != na * r * k || lora.b.len() != na * n * r || lora.scales.len() != na {
             return Err(shape_err(
                 op,
                 format!("A of {na}x{r}x{k}, B of {na}x{n}x{r}, {na} scales"),
@@ -123,10 +127,7 @@ impl LoraShape {
                 return Err(shape_err(op, format!("{m} adapter indices"), idx.len()));
             }
             if let Some(bad) = idx.iter().find(|&&i| i < -1 || i >= na as i32) {
-                return Err(invalid(
-                    op,
-                    format!("adapter index {bad} outside -1..{na}"),
-                ));
+                return Err(invalid(op, format!("adapter index {bad} outside -1..{na}")));
             }
         } else if na == 0 && r > 0 {
             return Err(invalid(op, "no adapter index given and the stack is empty"));
@@ -207,14 +208,12 @@ impl AdapterStack {
     /// [`LoraLinear::new`]).
     pub fn new(rank: usize, a: Vec<bf16>, b: Vec<bf16>, scales: Vec<f32>) -> Result<AdapterStack> {
         if rank == 0 || scales.is_empty() {
-            return Err(invalid("lora adapters", "rank and adapter count must be positive"));
+            return Err(invalid(
+                "lora adapters",
+                "rank and adapter count must be positive",
+            ));
         }
-        Ok(AdapterStack {
-            rank,
-            a,
-            b,
-            scales,
-        })
+        Ok(AdapterStack { rank, a, b, scales })
     }
 
     /// Number of adapters.
@@ -368,67 +367,11 @@ impl LoraLinear {
         x: &[bf16],
         adapter_idx: Option<&[i32]>,
     ) -> Result<Vec<bf16>> {
+        let d = CudaLoraLinear::upload(dev, self)?;
         let xd = dev.upload(x)?;
-        let a = dev.upload(&self.adapters.a)?;
-        let b = dev.upload(&self.adapters.b)?;
-        let s = dev.upload(&self.adapters.scales)?;
         let idx = adapter_idx.map(|i| dev.upload(i)).transpose()?;
-        let bias = self.bias.as_ref().map(|b| dev.upload(b)).transpose()?;
-        let mut u = dev.zeros::<bf16>((shape.m * shape.r_total()).max(1))?;
         let mut y = dev.zeros::<bf16>(shape.m * shape.n)?;
-        let lora = CudaLoraRef {
-            a: &a,
-            b: &b,
-            scales: &s,
-        };
-        match &self.weight {
-            BaseWeight::Dense(w) => {
-                let wd = dev.upload(w)?;
-                launch::lora_forward(
-                    dev,
-                    shape,
-                    &xd,
-                    CudaWeightRef::Dense(&wd),
-                    lora,
-                    idx.as_ref(),
-                    bias.as_ref(),
-                    &mut u,
-                    &mut y,
-                )?;
-            }
-            BaseWeight::Nf4(t) => {
-                let q = crate::nf4::CudaNf4::upload(dev, t)?;
-                let scales = match &q.scales {
-                    crate::nf4::CudaScales::Absmax(a) => CudaScalesRef::Absmax(a),
-                    crate::nf4::CudaScales::Double {
-                        codes,
-                        nested_absmax,
-                        map,
-                        offset,
-                    } => CudaScalesRef::Double {
-                        codes,
-                        nested_absmax,
-                        map,
-                        offset: *offset,
-                    },
-                };
-                launch::lora_forward(
-                    dev,
-                    shape,
-                    &xd,
-                    CudaWeightRef::Nf4 {
-                        packed: &q.packed,
-                        scales,
-                        blocksize: q.blocksize,
-                    },
-                    lora,
-                    idx.as_ref(),
-                    bias.as_ref(),
-                    &mut u,
-                    &mut y,
-                )?;
-            }
-        }
+        d.forward(&xd, shape.m, idx.as_ref(), &mut y)?;
         dev.download(&y)
     }
 
@@ -458,11 +401,42 @@ impl LoraLinear {
                 &mut grads.a,
                 &mut grads.b,
             )?,
-            Device::Cuda(_) => {
-                return Err(invalid(
+            Device::Cuda(dev) => {
+                shape.check(
                     "lora backward (cuda)",
-                    "the fused CUDA backward kernels are not part of this build yet",
-                ));
+                    x,
+                    self.weight.as_ref(),
+                    self.adapters.as_ref(),
+                    adapter_idx,
+                    None,
+                )?;
+                let na = self.adapters.len();
+                let (r, n, k) = (self.adapters.rank, self.out_features, self.in_features);
+                if grads.a.len() != na * r * k || grads.b.len() != na * n * r {
+                    return Err(shape_err(
+                        "lora backward (cuda)",
+                        format!("grads of {} and {}", na * r * k, na * n * r),
+                        format!("{} and {}", grads.a.len(), grads.b.len()),
+                    ));
+                }
+                if dy.len() != rows * n {
+                    return Err(shape_err(
+                        "lora backward (cuda)",
+                        format!("dy of {}", rows * n),
+                        dy.len(),
+                    ));
+                }
+                let d = CudaLoraLinear::upload(dev, self)?;
+                let idx = adapter_idx.map(|i| dev.upload(i)).transpose()?;
+                let xd = dev.upload(x)?;
+                let dyd = dev.upload(dy)?;
+                let mut dxd = dev.zeros::<bf16>(rows * k)?;
+                let mut ga = dev.upload(&grads.a)?;
+                let mut gb = dev.upload(&grads.b)?;
+                d.backward(&xd, &dyd, rows, idx.as_ref(), &mut dxd, &mut ga, &mut gb)?;
+                dx = dev.download(&dxd)?;
+                grads.a = dev.download(&ga)?;
+                grads.b = dev.download(&gb)?;
             }
         }
         Ok(dx)
@@ -523,6 +497,142 @@ impl LoraLinear {
         };
         self.weight = stored;
         Ok(err)
+    }
+}
+
+/// A [`LoraLinear`] resident on a CUDA device: weight (dense or NF4), adapter stack and bias
+/// uploaded once, then any number of forward and backward calls on device buffers.
+#[derive(Debug)]
+pub struct CudaLoraLinear {
+    dev: CudaDevice,
+    out_features: usize,
+    in_features: usize,
+    rank: usize,
+    n_adapters: usize,
+    weight: DeviceWeight,
+    a: CudaSlice<bf16>,
+    b: CudaSlice<bf16>,
+    scales: CudaSlice<f32>,
+    bias: Option<CudaSlice<bf16>>,
+}
+
+impl CudaLoraLinear {
+    /// Copies `layer` to `dev`.
+    pub fn upload(dev: &CudaDevice, layer: &LoraLinear) -> Result<CudaLoraLinear> {
+        let weight = match &layer.weight {
+            BaseWeight::Dense(w) => DeviceWeight::Dense(dev.upload(w)?),
+            BaseWeight::Nf4(t) => DeviceWeight::Nf4(crate::nf4::CudaNf4::upload(dev, t)?),
+        };
+        Ok(CudaLoraLinear {
+            dev: dev.clone(),
+            out_features: layer.out_features,
+            in_features: layer.in_features,
+            rank: layer.adapters.rank,
+            n_adapters: layer.adapters.len(),
+            weight,
+            a: dev.upload(&layer.adapters.a)?,
+            b: dev.upload(&layer.adapters.b)?,
+            scales: dev.upload(&layer.adapters.scales)?,
+            bias: layer.bias.as_ref().map(|b| dev.upload(b)).transpose()?,
+        })
+    }
+
+    fn shape(&self, rows: usize) -> LoraShape {
+        LoraShape {
+            m: rows,
+            n: self.out_features,
+            k: self.in_features,
+            rank: self.rank,
+            n_adapters: self.n_adapters,
+        }
+    }
+
+    fn lora(&self) -> CudaLoraRef<'_> {
+        CudaLoraRef {
+            a: &self.a,
+            b: &self.b,
+            scales: &self.scales,
+        }
+    }
+
+    /// `y [rows, out_features]` (overwritten) for `x [rows, in_features]`, queued on the device's
+    /// stream. Row indices outside `0..adapters` count as -1 (base only).
+    pub fn forward(
+        &self,
+        x: &CudaSlice<bf16>,
+        rows: usize,
+        adapter_idx: Option<&CudaSlice<i32>>,
+        y: &mut CudaSlice<bf16>,
+    ) -> Result<()> {
+        launch::lora_forward(
+            &self.dev,
+            &self.shape(rows),
+            x,
+            self.weight.as_ref(),
+            self.lora(),
+            adapter_idx,
+            self.bias.as_ref(),
+            y,
+        )
+    }
+
+    /// Overwrites `dx [rows, in_features]` and ADDS the adapter gradients into
+    /// `grad_a [adapters, rank, in_features]` and `grad_b [adapters, out_features, rank]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        &self,
+        x: &CudaSlice<bf16>,
+        dy: &CudaSlice<bf16>,
+        rows: usize,
+        adapter_idx: Option<&CudaSlice<i32>>,
+        dx: &mut CudaSlice<bf16>,
+        grad_a: &mut CudaSlice<f32>,
+        grad_b: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        launch::lora_backward(
+            &self.dev,
+            &self.shape(rows),
+            x,
+            dy,
+            self.weight.as_ref(),
+            self.lora(),
+            adapter_idx,
+            dx,
+            grad_a,
+            grad_b,
+        )
+    }
+}
+
+#[derive(Debug)]
+enum DeviceWeight {
+    Dense(CudaSlice<bf16>),
+    Nf4(crate::nf4::CudaNf4),
+}
+
+impl DeviceWeight {
+    fn as_ref(&self) -> CudaWeightRef<'_> {
+        match self {
+            DeviceWeight::Dense(w) => CudaWeightRef::Dense(w),
+            DeviceWeight::Nf4(q) => CudaWeightRef::Nf4 {
+                packed: &q.packed,
+                scales: match &q.scales {
+                    crate::nf4::CudaScales::Absmax(a) => CudaScalesRef::Absmax(a),
+                    crate::nf4::CudaScales::Double {
+                        codes,
+                        nested_absmax,
+                        map,
+                        offset,
+                    } => CudaScalesRef::Double {
+                        codes,
+                        nested_absmax,
+                        map,
+                        offset: *offset,
+                    },
+                },
+                blocksize: q.blocksize,
+            },
+        }
     }
 }
 

@@ -1,5 +1,6 @@
-//! Fused LoRA launches (`kernels/lora.cu`): `lora_xa_bf16`, then the gemv or GEMM kernel for a
-//! dense or NF4 base weight, as [`plan::lora_forward`] decides.
+//! Fused LoRA launches (`kernels/lora.cu`). Forward: the LoRA intermediate `u` (`lora_xa_bf16` or
+//! `lora_gemm_xa_bf16`), then the gemv or GEMM kernel for a dense or NF4 base weight, as
+//! [`plan::lora_forward`] decides. Backward: `u` and `g` on the tensor cores, then dx, dA, dB.
 //!
 //! The fused NF4 kernels read 32 codes of one row as 16 aligned bytes, so they need
 //! `k % 32 == 0`, 16-byte aligned packed codes and a 16-byte aligned x; otherwise the weight is
@@ -36,21 +37,201 @@ pub(crate) struct CudaLoraRef<'a> {
 }
 
 fn is16(addr: u64) -> bool {
-    addr % 16 == 0
+    addr.is_multiple_of(16)
+}
+
+/// Device addresses of the base weight, with the guards that keep them stream-ordered.
+struct WeightPtrs<G> {
+    w: u64,
+    absmax: u64,
+    absmax_codes: u64,
+    nested_absmax: u64,
+    dynamic_map: u64,
+    offset: f32,
+    blocksize: u32,
+    nf4: bool,
+    _guards: Vec<G>,
+}
+
+/// Checks the weight against `n x k`, and returns a dense bf16 scratch copy when an NF4 weight
+/// cannot be streamed by the fused kernels (`k % 32 != 0`, or codes or `row_ptr` not 16-byte
+/// aligned).
+fn nf4_scratch(
+    op: &'static str,
+    dev: &CudaDevice,
+    n: usize,
+    k: usize,
+    w: CudaWeightRef<'_>,
+    row_ptr: u64,
+) -> Result<Option<CudaSlice<bf16>>> {
+    match w {
+        CudaWeightRef::Dense(d) => {
+            if d.len() != n * k {
+                return Err(shape_err(op, format!("W of {n}x{k}"), d.len()));
+            }
+            on_device(op, dev, "W", d)?;
+            Ok(None)
+        }
+        CudaWeightRef::Nf4 {
+            packed,
+            scales,
+            blocksize,
+        } => {
+            check_blocksize(op, blocksize)?;
+            if packed.len() != packed_len(n * k) {
+                return Err(shape_err(
+                    op,
+                    format!("{} packed bytes", packed_len(n * k)),
+                    packed.len(),
+                ));
+            }
+            on_device(op, dev, "NF4 codes", packed)?;
+            let nb = num_blocks(n * k, blocksize);
+            match scales {
+                CudaScalesRef::Absmax(a) => {
+                    if a.len() != nb {
+                        return Err(shape_err(op, format!("{nb} absmax"), a.len()));
+                    }
+                    on_device(op, dev, "absmax", a)?;
+                }
+                CudaScalesRef::Double {
+                    codes,
+                    nested_absmax,
+                    map,
+                    ..
+                } => {
+                    let nn = nb.div_ceil(ffi::QADAPT_DQ_BLOCK as usize);
+                    if codes.len() != nb || nested_absmax.len() != nn || map.len() != 256 {
+                        return Err(shape_err(
+                            op,
+                            format!("{nb} codes, {nn} nested absmax, 256 map entries"),
+                            format!("{}, {}, {}", codes.len(), nested_absmax.len(), map.len()),
+                        ));
+                    }
+                    on_device(op, dev, "absmax codes", codes)?;
+                    on_device(op, dev, "nested absmax", nested_absmax)?;
+                    on_device(op, dev, "map", map)?;
+                }
+            }
+            let stream = dev.stream().clone();
+            let (pp, _g) = packed.device_ptr(&stream);
+            if !k.is_multiple_of(32) || !is16(pp) || !is16(row_ptr) {
+                let mut d = dev.zeros::<bf16>(n * k)?;
+                nf4_dequantize(dev, packed, scales, blocksize, &mut d)?;
+                return Ok(Some(d));
+            }
+            Ok(None)
+        }
+    }
+}
+
+fn weight_ptrs<'s>(
+    stream: &'s std::sync::Arc<cudarc::driver::CudaStream>,
+    w: CudaWeightRef<'s>,
+) -> WeightPtrs<cudarc::driver::SyncOnDrop<'s>> {
+    match w {
+        CudaWeightRef::Dense(d) => {
+            let (p, g) = d.device_ptr(stream);
+            WeightPtrs {
+                w: p,
+                absmax: 0,
+                absmax_codes: 0,
+                nested_absmax: 0,
+                dynamic_map: 0,
+                offset: 0.0,
+                blocksize: 0,
+                nf4: false,
+                _guards: vec![g],
+            }
+        }
+        CudaWeightRef::Nf4 {
+            packed,
+            scales,
+            blocksize,
+        } => {
+            let (p, g) = packed.device_ptr(stream);
+            let mut out = WeightPtrs {
+                w: p,
+                absmax: 0,
+                absmax_codes: 0,
+                nested_absmax: 0,
+                dynamic_map: 0,
+                offset: 0.0,
+                blocksize: blocksize as u32,
+                nf4: true,
+                _guards: vec![g],
+            };
+            match scales {
+                CudaScalesRef::Absmax(a) => {
+                    let (p, g) = a.device_ptr(stream);
+                    out.absmax = p;
+                    out._guards.push(g);
+                }
+                CudaScalesRef::Double {
+                    codes,
+                    nested_absmax,
+                    map,
+                    offset,
+                } => {
+                    let (c, g1) = codes.device_ptr(stream);
+                    let (na, g2) = nested_absmax.device_ptr(stream);
+                    let (mp, g3) = map.device_ptr(stream);
+                    out.absmax_codes = c;
+                    out.nested_absmax = na;
+                    out.dynamic_map = mp;
+                    out.offset = offset;
+                    out._guards.extend([g1, g2, g3]);
+                }
+            }
+            out
+        }
+    }
 }
 
 fn main_kernel(path: LoraPath, nf4: bool) -> KernelName {
     match (path, nf4) {
         (LoraPath::Gemv, false) => kernels::LORA_GEMV_DENSE_BF16,
         (LoraPath::Gemv, true) => kernels::LORA_GEMV_NF4_BF16,
+        (LoraPath::GemvWide, false) => kernels::LORA_GEMV_WIDE_DENSE_BF16,
+        (LoraPath::GemvWide, true) => kernels::LORA_GEMV_WIDE_NF4_BF16,
         (LoraPath::Gemm, false) => kernels::LORA_GEMM_DENSE_BF16,
         (LoraPath::Gemm, true) => kernels::LORA_GEMM_NF4_BF16,
     }
 }
 
-/// The fused forward: overwrites `u [m, n_adapters*rank]` (at least that long; unused without a
-/// LoRA term) and `y [m, n]`. Adapter indices are not read back to the host: the kernels treat
-/// any index outside `0..n_adapters` as -1 (base only).
+/// The adapter-stack checks shared by forward and backward.
+fn check_lora(
+    op: &'static str,
+    dev: &CudaDevice,
+    shape: &LoraShape,
+    lora: CudaLoraRef<'_>,
+    adapter_idx: Option<&CudaSlice<i32>>,
+) -> Result<()> {
+    let (m, n, k, r, na) = (shape.m, shape.n, shape.k, shape.rank, shape.n_adapters);
+    if shape.r_total() > 0
+        && (lora.a.len() != na * r * k || lora.b.len() != na * n * r || lora.scales.len() != na)
+    {
+        return Err(shape_err(
+            op,
+            format!("A of {na}x{r}x{k}, B of {na}x{n}x{r}, {na} scales"),
+            format!("{}, {}, {}", lora.a.len(), lora.b.len(), lora.scales.len()),
+        ));
+    }
+    on_device(op, dev, "A", lora.a)?;
+    on_device(op, dev, "B", lora.b)?;
+    on_device(op, dev, "scales", lora.scales)?;
+    if let Some(i) = adapter_idx {
+        if i.len() != m {
+            return Err(shape_err(op, format!("{m} adapter indices"), i.len()));
+        }
+        on_device(op, dev, "adapter_idx", i)?;
+    }
+    Ok(())
+}
+
+/// The fused forward: overwrites `y [m, n]` (and its scratch `u [m, n_adapters*rank]`).
+/// Adapter indices are not read back to the host: the kernels treat any index outside
+/// `0..n_adapters` as -1 (base only).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn lora_forward(
     dev: &CudaDevice,
@@ -60,11 +241,10 @@ pub(crate) fn lora_forward(
     lora: CudaLoraRef<'_>,
     adapter_idx: Option<&CudaSlice<i32>>,
     bias: Option<&CudaSlice<bf16>>,
-    u: &mut CudaSlice<bf16>,
     y: &mut CudaSlice<bf16>,
 ) -> Result<()> {
     const OP: &str = "lora forward (cuda)";
-    let (m, n, k, r, na) = (shape.m, shape.n, shape.k, shape.rank, shape.n_adapters);
+    let (m, n, k) = (shape.m, shape.n, shape.k);
     let rt = shape.r_total();
     if x.len() != m * k {
         return Err(shape_err(OP, format!("x of {m}x{k}"), x.len()));
@@ -72,89 +252,23 @@ pub(crate) fn lora_forward(
     if y.len() != m * n {
         return Err(shape_err(OP, format!("y of {m}x{n}"), y.len()));
     }
-    if u.len() < (m * rt).max(1) {
-        return Err(shape_err(OP, format!("u of at least {}", m * rt), u.len()));
-    }
-    if lora.a.len() < (na * r * k).max(1) && rt > 0
-        || lora.b.len() < na * n * r
-        || lora.scales.len() < na
-    {
-        return Err(shape_err(
-            OP,
-            format!("A of {na}x{r}x{k}, B of {na}x{n}x{r}, {na} scales"),
-            format!("{}, {}, {}", lora.a.len(), lora.b.len(), lora.scales.len()),
-        ));
-    }
-    if let Some(i) = adapter_idx
-        && i.len() != m
-    {
-        return Err(shape_err(OP, format!("{m} adapter indices"), i.len()));
-    }
-    if let Some(b) = bias
-        && b.len() != n
-    {
-        return Err(shape_err(OP, format!("bias of {n}"), b.len()));
-    }
     on_device(OP, dev, "x", x)?;
-    on_device(OP, dev, "u", u)?;
     on_device(OP, dev, "y", y)?;
-    on_device(OP, dev, "A", lora.a)?;
-    on_device(OP, dev, "B", lora.b)?;
-    on_device(OP, dev, "scales", lora.scales)?;
-    if let Some(i) = adapter_idx {
-        on_device(OP, dev, "adapter_idx", i)?;
-    }
+    check_lora(OP, dev, shape, lora, adapter_idx)?;
     if let Some(b) = bias {
+        if b.len() != n {
+            return Err(shape_err(OP, format!("bias of {n}"), b.len()));
+        }
         on_device(OP, dev, "bias", b)?;
     }
     let plan = plan::lora_forward(m as u64, n as u64, k as u64, rt as u64, &dev.props())?;
-
-    // NF4 weights the fused kernels cannot stream become a dense bf16 scratch copy.
     let stream = dev.stream().clone();
-    let mut scratch: Option<CudaSlice<bf16>> = None;
-    if let CudaWeightRef::Nf4 {
-        packed,
-        scales,
-        blocksize,
-    } = w
-    {
-        check_blocksize(OP, blocksize)?;
-        if packed.len() != packed_len(n * k) {
-            return Err(shape_err(
-                OP,
-                format!("{} packed bytes", packed_len(n * k)),
-                packed.len(),
-            ));
-        }
-        let nb = num_blocks(n * k, blocksize);
-        let got = match scales {
-            CudaScalesRef::Absmax(a) => a.len(),
-            CudaScalesRef::Double { codes, .. } => codes.len(),
-        };
-        if got != nb {
-            return Err(shape_err(OP, format!("{nb} block scales"), got));
-        }
-        on_device(OP, dev, "NF4 codes", packed)?;
-        let (pp, _g1) = packed.device_ptr(&stream);
-        let (xp, _g2) = x.device_ptr(&stream);
-        if k % 32 != 0 || !is16(pp) || !is16(xp) {
-            let mut d = dev.zeros::<bf16>(n * k)?;
-            nf4_dequantize(dev, packed, scales, blocksize, &mut d)?;
-            scratch = Some(d);
-        }
-    }
-    let w = match &scratch {
-        Some(d) => CudaWeightRef::Dense(d),
-        None => w,
-    };
-    if let CudaWeightRef::Dense(d) = w {
-        if d.len() != n * k {
-            return Err(shape_err(OP, format!("W of {n}x{k}"), d.len()));
-        }
-        on_device(OP, dev, "W", d)?;
-    }
-
     let (x_ptr, _gx) = x.device_ptr(&stream);
+    let scratch = nf4_scratch(OP, dev, n, k, w, x_ptr)?;
+    let w = scratch.as_ref().map_or(w, CudaWeightRef::Dense);
+    // u: the kernels' own scratch, so it is ours to size and align (a fresh allocation).
+    let mut u = dev.zeros::<bf16>((m * rt).max(1))?;
+    let wp = weight_ptrs(&stream, w);
     let (a_ptr, _ga) = lora.a.device_ptr(&stream);
     let (b_ptr, _gb) = lora.b.device_ptr(&stream);
     let (s_ptr, _gs) = lora.scales.device_ptr(&stream);
@@ -162,8 +276,15 @@ pub(crate) fn lora_forward(
     let (y_ptr, _gy) = y.device_ptr_mut(&stream);
     let idx = adapter_idx.map(|i| i.device_ptr(&stream));
     let bias_p = bias.map(|b| b.device_ptr(&stream));
-    let mut args = ffi::QadaptLoraFwdArgs {
+    let vec =
+        k.is_multiple_of(8) && is16(x_ptr) && (rt == 0 || is16(a_ptr)) && (wp.nf4 || is16(wp.w));
+    let args = ffi::QadaptLoraFwdArgs {
         x: x_ptr,
+        w: wp.w,
+        absmax: wp.absmax,
+        absmax_codes: wp.absmax_codes,
+        nested_absmax: wp.nested_absmax,
+        dynamic_map: wp.dynamic_map,
         lora_a: a_ptr,
         lora_b: b_ptr,
         scales: s_ptr,
@@ -174,91 +295,188 @@ pub(crate) fn lora_forward(
         m: m as u32,
         n: n as u32,
         k: k as u32,
-        rank: if rt > 0 { r as u32 } else { 0 },
-        n_adapters: na as u32,
-        ..Default::default()
+        rank: if rt > 0 { shape.rank as u32 } else { 0 },
+        n_adapters: shape.n_adapters as u32,
+        blocksize: wp.blocksize,
+        offset: wp.offset,
+        flags: if vec { ffi::QADAPT_LORA_VEC } else { 0 },
     };
-    let mut vec = k % 8 == 0 && is16(x_ptr) && (rt == 0 || is16(a_ptr));
-    let mut guards = Vec::new();
-    let nf4 = match w {
-        CudaWeightRef::Dense(d) => {
-            let (p, g) = d.device_ptr(&stream);
-            vec &= is16(p);
-            args.w = p;
-            guards.push(g);
-            false
-        }
-        CudaWeightRef::Nf4 {
-            packed,
-            scales,
-            blocksize,
-        } => {
-            let (p, g) = packed.device_ptr(&stream);
-            args.w = p;
-            args.blocksize = blocksize as u32;
-            guards.push(g);
-            match scales {
-                CudaScalesRef::Absmax(a) => {
-                    on_device(OP, dev, "absmax", a)?;
-                    let (p, g) = a.device_ptr(&stream);
-                    args.absmax = p;
-                    guards.push(g);
-                }
-                CudaScalesRef::Double {
-                    codes,
-                    nested_absmax,
-                    map,
-                    offset,
-                } => {
-                    let nb = num_blocks(n * k, blocksize);
-                    let nn = nb.div_ceil(ffi::QADAPT_DQ_BLOCK as usize);
-                    if nested_absmax.len() != nn || map.len() != 256 {
-                        return Err(shape_err(
-                            OP,
-                            format!("{nn} nested absmax and a 256-entry map"),
-                            format!("{} and {}", nested_absmax.len(), map.len()),
-                        ));
-                    }
-                    on_device(OP, dev, "absmax codes", codes)?;
-                    on_device(OP, dev, "nested absmax", nested_absmax)?;
-                    on_device(OP, dev, "map", map)?;
-                    let (c, g1) = codes.device_ptr(&stream);
-                    let (na_, g2) = nested_absmax.device_ptr(&stream);
-                    let (mp, g3) = map.device_ptr(&stream);
-                    args.absmax_codes = c;
-                    args.nested_absmax = na_;
-                    args.dynamic_map = mp;
-                    args.offset = offset;
-                    guards.extend([g1, g2, g3]);
-                }
-            }
-            true
-        }
-    };
-    if vec {
-        args.flags |= ffi::QADAPT_LORA_VEC;
-    }
-    if nf4 && (k % 32 != 0 || !is16(args.w) || !is16(x_ptr)) {
-        return Err(invalid(OP, "internal: the fused NF4 path needs k % 32 == 0 and aligned rows"));
+    if wp.nf4 && (!k.is_multiple_of(32) || !is16(wp.w) || !is16(x_ptr)) {
+        return Err(invalid(
+            OP,
+            "internal: the fused NF4 path needs k % 32 == 0 and aligned rows",
+        ));
     }
     if let Some(xa) = plan.xa {
-        // SAFETY: QadaptLoraFwdArgs is what lora_xa_bf16 takes. It reads x [m*k], A [na*r*k]
-        // and scales [na] (lengths checked above), adapter_idx [m] when non-zero (checked), and
-        // writes u[0..m*na*r] (u.len() >= m*na*r checked); 16-byte loads only with
-        // QADAPT_LORA_VEC, set only when k % 8 == 0 and x and A are 16-byte aligned. Indices
-        // outside 0..na are treated as -1 by the kernel. All buffers are on this device.
-        unsafe { launch(dev, kernels::LORA_XA_BF16, xa, &args) }?;
+        let xa_kernel = match plan.path {
+            LoraPath::Gemv | LoraPath::GemvWide => kernels::LORA_XA_BF16,
+            LoraPath::Gemm => kernels::LORA_GEMM_XA_BF16,
+        };
+        // SAFETY: QadaptLoraFwdArgs is what lora_xa_bf16 and lora_gemm_xa_bf16 take. They read
+        // x [m*k], A [na*r*k] and scales [na] (lengths checked by check_lora and above),
+        // adapter_idx [m] when non-zero (checked), and write u[0..m*na*r] (allocated here with
+        // that length); 16-byte loads and cp.async only under QADAPT_LORA_VEC, set only when
+        // k % 8 == 0 and x and A are 16-byte aligned, and only for in-bounds 8-element chunks.
+        // The grid is the warp-per-element grid-stride (gemv path) or one CTA per 128 x 128 tile
+        // of u (GEMM path), as planned. Indices outside 0..na read as -1. All buffers are on
+        // this device.
+        unsafe { launch(dev, xa_kernel, xa, &args) }?;
     }
     // SAFETY: QadaptLoraFwdArgs is what every lora_gemv_*/lora_gemm_* kernel takes. Checked
-    // above: x [m*k], y [m*n], u [>= m*na*r], A [na*r*k], B [na*n*r], scales [na], bias [n],
+    // above: x [m*k], y [m*n], u [m*na*r] (ours), A [na*r*k], B [na*n*r], scales [na], bias [n],
     // adapter_idx [m]; a dense W of n*k bf16, or NF4 codes of ceil(n*k/2) bytes with
     // ceil(n*k/bs) block scales (and ceil(nb/256) nested absmax and a 256-entry map for double
-    // quant), bs a power of two >= 32. The NF4 kernels are only chosen when k % 32 == 0 and the
-    // codes and x are 16-byte aligned (their unconditional 16-byte loads), the dense kernels use
-    // 16-byte loads and cp.async only under QADAPT_LORA_VEC (k % 8 == 0, x/W/A aligned). The
-    // GEMM grid is exactly ceil(n/128)*ceil(m/128) CTAs of 256 threads, the gemv grid-strides.
-    // The stream-ordering guards of every buffer are held until after the launch.
-    unsafe { launch(dev, main_kernel(plan.path, nf4), plan.main, &args) }?;
-    drop(guards);
+    // quant), bs a power of two >= 32 (nf4_scratch). The NF4 kernels run only when k % 32 == 0
+    // and the codes and x are 16-byte aligned (their unconditional 16-byte loads, checked just
+    // above); the dense kernels use 16-byte loads and cp.async only under QADAPT_LORA_VEC
+    // (k % 8 == 0, x/W/A aligned). The GEMM grid is exactly ceil(n/128)*ceil(m/128) CTAs of 256
+    // threads (plan), the gemv grid-strides. Every buffer's guard is held past the launch.
+    unsafe { launch(dev, main_kernel(plan.path, wp.nf4), plan.main, &args) }?;
+    Ok(())
+}
+
+/// The fused backward: overwrites `dx [m, k]`, ADDS into `grad_a [na, r, k]` and
+/// `grad_b [na, n, r]` (f32). NF4 weights are dequantized inside the dx matmul (or into a scratch
+/// copy first, under the same conditions as the forward).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn lora_backward(
+    dev: &CudaDevice,
+    shape: &LoraShape,
+    x: &CudaSlice<bf16>,
+    dy: &CudaSlice<bf16>,
+    w: CudaWeightRef<'_>,
+    lora: CudaLoraRef<'_>,
+    adapter_idx: Option<&CudaSlice<i32>>,
+    dx: &mut CudaSlice<bf16>,
+    grad_a: &mut CudaSlice<f32>,
+    grad_b: &mut CudaSlice<f32>,
+) -> Result<()> {
+    const OP: &str = "lora backward (cuda)";
+    let (m, n, k, r, na) = (shape.m, shape.n, shape.k, shape.rank, shape.n_adapters);
+    let rt = shape.r_total();
+    for (what, len, want) in [
+        ("x", x.len(), m * k),
+        ("dy", dy.len(), m * n),
+        ("dx", dx.len(), m * k),
+    ] {
+        if len != want {
+            return Err(shape_err(OP, format!("{what} of {want}"), len));
+        }
+    }
+    if rt > 0 && (grad_a.len() != na * r * k || grad_b.len() != na * n * r) {
+        return Err(shape_err(
+            OP,
+            format!("grad_a of {} and grad_b of {}", na * r * k, na * n * r),
+            format!("{} and {}", grad_a.len(), grad_b.len()),
+        ));
+    }
+    on_device(OP, dev, "x", x)?;
+    on_device(OP, dev, "dy", dy)?;
+    on_device(OP, dev, "dx", dx)?;
+    on_device(OP, dev, "grad_a", grad_a)?;
+    on_device(OP, dev, "grad_b", grad_b)?;
+    check_lora(OP, dev, shape, lora, adapter_idx)?;
+    let plan = plan::lora_backward(m as u64, n as u64, k as u64, rt as u64, &dev.props())?;
+    let stream = dev.stream().clone();
+    let (x_ptr, _gx) = x.device_ptr(&stream);
+    let scratch = nf4_scratch(OP, dev, n, k, w, x_ptr)?;
+    let w = scratch.as_ref().map_or(w, CudaWeightRef::Dense);
+    let mut u = dev.zeros::<bf16>((m * rt).max(1))?;
+    let mut g = dev.zeros::<bf16>((m * rt).max(1))?;
+    let wp = weight_ptrs(&stream, w);
+    let (dy_ptr, _gdy) = dy.device_ptr(&stream);
+    let (a_ptr, _ga) = lora.a.device_ptr(&stream);
+    let (b_ptr, _gb) = lora.b.device_ptr(&stream);
+    let (s_ptr, _gs) = lora.scales.device_ptr(&stream);
+    let (u_ptr, _gu) = u.device_ptr_mut(&stream);
+    let (g_ptr, _gg) = g.device_ptr_mut(&stream);
+    let (dx_ptr, _gdx) = dx.device_ptr_mut(&stream);
+    let (da_ptr, _gda) = grad_a.device_ptr_mut(&stream);
+    let (db_ptr, _gdb) = grad_b.device_ptr_mut(&stream);
+    let idx = adapter_idx
+        .map(|i| i.device_ptr(&stream))
+        .map_or(0, |p| p.0);
+    let rank = if rt > 0 { r as u32 } else { 0 };
+    let vec_fwd = k.is_multiple_of(8) && is16(x_ptr) && is16(a_ptr);
+    let vec = vec_fwd && n.is_multiple_of(8) && is16(dy_ptr) && (wp.nf4 || is16(wp.w));
+    let fwd = ffi::QadaptLoraFwdArgs {
+        x: x_ptr,
+        lora_a: a_ptr,
+        lora_b: b_ptr,
+        scales: s_ptr,
+        adapter_idx: idx,
+        u: u_ptr,
+        m: m as u32,
+        n: n as u32,
+        k: k as u32,
+        rank,
+        n_adapters: na as u32,
+        flags: if vec_fwd { ffi::QADAPT_LORA_VEC } else { 0 },
+        ..Default::default()
+    };
+    let args = ffi::QadaptLoraBwdArgs {
+        x: x_ptr,
+        dy: dy_ptr,
+        w: wp.w,
+        absmax: wp.absmax,
+        absmax_codes: wp.absmax_codes,
+        nested_absmax: wp.nested_absmax,
+        dynamic_map: wp.dynamic_map,
+        lora_a: a_ptr,
+        lora_b: b_ptr,
+        scales: s_ptr,
+        adapter_idx: idx,
+        u: u_ptr,
+        g: g_ptr,
+        dx: dx_ptr,
+        grad_a: da_ptr,
+        grad_b: db_ptr,
+        m: m as u32,
+        n: n as u32,
+        k: k as u32,
+        rank,
+        n_adapters: na as u32,
+        blocksize: wp.blocksize,
+        offset: wp.offset,
+        flags: if vec { ffi::QADAPT_LORA_VEC } else { 0 },
+    };
+    if wp.nf4 && (!k.is_multiple_of(32) || !is16(wp.w)) {
+        return Err(invalid(
+            OP,
+            "internal: the fused NF4 path needs k % 32 == 0 and aligned codes",
+        ));
+    }
+    if let (Some(xa), Some(dyb)) = (plan.xa, plan.dyb) {
+        // SAFETY: lora_gemm_xa_bf16 takes QadaptLoraFwdArgs and reads x [m*k], A [na*r*k],
+        // scales [na], adapter_idx [m] (all checked above), writing u [m*na*r] (allocated here);
+        // cp.async only with QADAPT_LORA_VEC (k % 8 == 0, x and A aligned) at in-bounds chunks.
+        // Its W/bias/y fields are 0 and unread. One CTA per 128 x 128 tile of u (plan).
+        unsafe { launch(dev, kernels::LORA_GEMM_XA_BF16, xa, &fwd) }?;
+        // SAFETY: lora_gemm_bwd_dyb_bf16 takes QadaptLoraBwdArgs and reads dy [m*n] (cp.async
+        // under QADAPT_LORA_VEC: n % 8 == 0, dy aligned), B [na*n*r] (16-byte copies only when
+        // r % 8 == 0 and B is aligned, checked in the kernel), scales [na] and adapter_idx [m]
+        // (lengths checked above), and writes g [m*na*r] (allocated here); one CTA per tile of g.
+        unsafe { launch(dev, kernels::LORA_GEMM_BWD_DYB_BF16, dyb, &args) }?;
+    }
+    let dx_kernel = if wp.nf4 {
+        kernels::LORA_GEMM_BWD_DX_NF4_BF16
+    } else {
+        kernels::LORA_GEMM_BWD_DX_DENSE_BF16
+    };
+    // SAFETY: the dx kernels take QadaptLoraBwdArgs; they read dy [m*n], W (n*k bf16, or NF4
+    // codes/scales validated by nf4_scratch with k % 32 == 0 and aligned codes for the NF4
+    // kernel's 16-byte cp.async), g [m*na*r] and A [na*r*k], and write dx [m*k] only inside
+    // those bounds; cp.async of dy/W/A rows only under QADAPT_LORA_VEC (k % 8, n % 8, aligned).
+    // The grid is exactly ceil(m/128)*ceil(k/128) CTAs (plan); every guard is held past it.
+    unsafe { launch(dev, dx_kernel, plan.dx, &args) }?;
+    if let (Some(da), Some(db)) = (plan.da, plan.db) {
+        // SAFETY: lora_gemm_bwd_da_bf16 reads g [m*na*r] (ours, aligned; 16-byte copies only
+        // when na*r % 8 == 0) and x [m*k] (16-byte copies under QADAPT_LORA_VEC), and adds into
+        // grad_a [na*r*k] (checked), one CTA per 128 x 128 output tile, no two CTAs on one element.
+        unsafe { launch(dev, kernels::LORA_GEMM_BWD_DA_BF16, da, &args) }?;
+        // SAFETY: lora_gemm_bwd_db_bf16 reads dy [m*n] and u [m*na*r] under the same rules and
+        // adds into grad_b [na*n*r] (checked) at [e / r][n][e % r], each element by one CTA.
+        unsafe { launch(dev, kernels::LORA_GEMM_BWD_DB_BF16, db, &args) }?;
+    }
     Ok(())
 }

@@ -1,0 +1,772 @@
+//! Fused LoRA linear: the CPU reference against a naive f64 implementation on awkward sizes,
+//! finite-difference checks of the backward in f64, gradient accumulation, many adapters per
+//! batch, merge/unmerge, and the CUDA kernels against the same f64 truth (ignored without a
+//! device; they panic, not pass, when run on a machine without one).
+
+// The naive f64 helpers take the problem sizes and every operand explicitly, as the math reads.
+#![allow(clippy::too_many_arguments)]
+
+use half::bf16;
+use qadapt::lora::{
+    AdapterStack, BaseWeight, LoraGrads, LoraLinear, LoraRef, LoraShape, WeightRef, cpu,
+};
+use qadapt::nf4::{Nf4Tensor, Statistics};
+use qadapt::{DType, Device, Error, FloatVec};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+
+fn rand_bf16(rng: &mut SmallRng, len: usize, scale: f32) -> Vec<bf16> {
+    (0..len)
+        .map(|_| bf16::from_f32(rng.random_range(-1.0f32..1.0) * scale))
+        .collect()
+}
+
+fn f64s(v: &[bf16]) -> Vec<f64> {
+    v.iter().map(|x| f64::from(x.to_f32())).collect()
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Base {
+    Dense,
+    Nf4(Statistics),
+}
+
+struct Case {
+    layer: LoraLinear,
+    x: Vec<bf16>,
+    idx: Option<Vec<i32>>,
+    m: usize,
+}
+
+fn make_case(
+    seed: u64,
+    m: usize,
+    n: usize,
+    k: usize,
+    r: usize,
+    na: usize,
+    base: Base,
+    bias: bool,
+    multi: bool,
+) -> Case {
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let w = rand_bf16(&mut rng, n * k, 0.5);
+    let weight = match base {
+        Base::Dense => BaseWeight::Dense(w),
+        Base::Nf4(stats) => {
+            let wf: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
+            BaseWeight::Nf4(
+                Nf4Tensor::quantize(&Device::Cpu, &FloatVec::F32(wf), &[n, k], 64, stats).unwrap(),
+            )
+        }
+    };
+    let a = rand_bf16(&mut rng, na * r * k, 0.3);
+    let b = rand_bf16(&mut rng, na * n * r, 0.3);
+    let scales: Vec<f32> = (0..na).map(|i| 0.5 + i as f32 * 0.75).collect();
+    let bias = bias.then(|| rand_bf16(&mut rng, n, 1.0));
+    let layer = LoraLinear::new(
+        n,
+        k,
+        weight,
+        bias,
+        AdapterStack::new(r, a, b, scales).unwrap(),
+    )
+    .unwrap();
+    let x = rand_bf16(&mut rng, m * k, 1.0);
+    let idx = multi.then(|| (0..m).map(|i| (i % (na + 1)) as i32 - 1).collect());
+    Case { layer, x, idx, m }
+}
+
+/// W as the bf16 values the kernels use (NF4 dequantized to bf16), in f64.
+fn weight_f64(layer: &LoraLinear) -> Vec<f64> {
+    match &layer.weight {
+        BaseWeight::Dense(w) => f64s(w),
+        BaseWeight::Nf4(t) => match t.dequantize(&Device::Cpu, DType::BF16).unwrap() {
+            FloatVec::BF16(v) => f64s(&v),
+            _ => unreachable!(),
+        },
+    }
+}
+
+/// Naive f64 forward with the documented rounding of u to bf16. Returns (y, tolerance per
+/// element): |y_ref - y| may be 2^-8 |y| (bf16 output rounding with margin), 2^-8 of the LoRA
+/// magnitude sum |u B| (a u value rounded the other way after f32 accumulation) and 1e-4 of the
+/// base magnitude sum |x W| (f32 accumulation).
+fn naive_forward(c: &Case, round_u: bool) -> (Vec<f64>, Vec<f64>) {
+    let l = &c.layer;
+    let (m, n, k, r) = (c.m, l.out_features, l.in_features, l.adapters.rank);
+    let w = weight_f64(l);
+    let x = f64s(&c.x);
+    let a = f64s(&l.adapters.a);
+    let b = f64s(&l.adapters.b);
+    let mut y = vec![0f64; m * n];
+    let mut tol = vec![0f64; m * n];
+    for i in 0..m {
+        let ad = c.idx.as_ref().map_or(0, |v| v[i]);
+        let mut u = vec![0f64; r];
+        if ad >= 0 {
+            let ad = ad as usize;
+            for (j, uj) in u.iter_mut().enumerate() {
+                let mut t = 0f64;
+                for kk in 0..k {
+                    t += x[i * k + kk] * a[(ad * r + j) * k + kk];
+                }
+                let v = f64::from(l.adapters.scales[ad]) * t;
+                *uj = if round_u {
+                    f64::from(bf16::from_f64(v).to_f32())
+                } else {
+                    v
+                };
+            }
+        }
+        for o in 0..n {
+            let (mut acc, mut mag) = (0f64, 0f64);
+            for kk in 0..k {
+                acc += x[i * k + kk] * w[o * k + kk];
+                mag += (x[i * k + kk] * w[o * k + kk]).abs();
+            }
+            let mut lmag = 0f64;
+            if ad >= 0 {
+                for (j, uj) in u.iter().enumerate() {
+                    let bv = b[(ad as usize * n + o) * r + j];
+                    acc += uj * bv;
+                    lmag += (uj * bv).abs();
+                }
+            }
+            if let Some(bias) = &l.bias {
+                acc += f64::from(bias[o].to_f32());
+            }
+            y[i * n + o] = acc;
+            tol[i * n + o] = acc.abs() / 256.0 + lmag / 256.0 + 1e-4 * mag + 1e-6;
+        }
+    }
+    (y, tol)
+}
+
+fn assert_close(what: &str, got: &[bf16], want: &[f64], tol: &[f64]) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, ((g, w), t)) in got.iter().zip(want).zip(tol).enumerate() {
+        let d = (f64::from(g.to_f32()) - w).abs();
+        assert!(
+            d <= *t,
+            "{what}: element {i}: got {g}, want {w}, |diff| {d} > tol {t}"
+        );
+    }
+    if want.len() > 4 {
+        assert!(
+            want.iter().any(|v| v.abs() > 1e-2),
+            "{what}: degenerate test data"
+        );
+    }
+}
+
+#[test]
+fn cpu_forward_matches_naive_f64_on_awkward_sizes() {
+    let shapes = [
+        (1, 1, 1, 1, 1),
+        (3, 37, 45, 7, 1),
+        (17, 65, 130, 33, 2),
+        (5, 129, 96, 128, 1),
+        (33, 31, 200, 1, 3),
+    ];
+    for (si, &(m, n, k, r, na)) in shapes.iter().enumerate() {
+        for base in [
+            Base::Dense,
+            Base::Nf4(Statistics::Plain),
+            Base::Nf4(Statistics::DoubleQuant),
+        ] {
+            for (bias, multi) in [(false, false), (true, true)] {
+                let c = make_case(si as u64 * 7 + 1, m, n, k, r, na, base, bias, multi);
+                let y = c
+                    .layer
+                    .forward(&Device::Cpu, &c.x, m, c.idx.as_deref())
+                    .unwrap();
+                let (want, tol) = naive_forward(&c, true);
+                assert_close(
+                    &format!("shape {:?} bias {bias} multi {multi}", (m, n, k, r, na)),
+                    &y,
+                    &want,
+                    &tol,
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn base_only_rows_ignore_the_adapters() {
+    let c = make_case(3, 9, 23, 41, 5, 2, Base::Dense, true, false);
+    let y_none = c
+        .layer
+        .forward(&Device::Cpu, &c.x, 9, Some(&[-1; 9]))
+        .unwrap();
+    let mut plain = c.layer.clone();
+    plain.adapters.b.iter_mut().for_each(|v| *v = bf16::ZERO);
+    let y_zero_b = plain.forward(&Device::Cpu, &c.x, 9, None).unwrap();
+    assert_eq!(y_none, y_zero_b);
+    let y_lora = c.layer.forward(&Device::Cpu, &c.x, 9, None).unwrap();
+    assert_ne!(y_none, y_lora);
+}
+
+#[test]
+fn multi_adapter_rows_equal_single_adapter_calls() {
+    let c = make_case(
+        11,
+        7,
+        19,
+        33,
+        4,
+        3,
+        Base::Nf4(Statistics::Plain),
+        true,
+        true,
+    );
+    let idx = c.idx.clone().unwrap();
+    let y = c.layer.forward(&Device::Cpu, &c.x, 7, Some(&idx)).unwrap();
+    for (i, &ad) in idx.iter().enumerate() {
+        let xi = &c.x[i * 33..(i + 1) * 33];
+        let yi = c.layer.forward(&Device::Cpu, xi, 1, Some(&[ad])).unwrap();
+        assert_eq!(&y[i * 19..(i + 1) * 19], &yi[..], "row {i} adapter {ad}");
+    }
+}
+
+/// Naive f64 forward without rounding, reduced to the loss sum(y * g), for finite differences.
+fn loss_f64(
+    m: usize,
+    n: usize,
+    k: usize,
+    r: usize,
+    s: f64,
+    x: &[f64],
+    w: &[f64],
+    a: &[f64],
+    b: &[f64],
+    g: &[f64],
+) -> f64 {
+    let mut loss = 0.0;
+    for i in 0..m {
+        let t: Vec<f64> = (0..r)
+            .map(|j| (0..k).map(|kk| x[i * k + kk] * a[j * k + kk]).sum())
+            .collect();
+        for o in 0..n {
+            let base: f64 = (0..k).map(|kk| x[i * k + kk] * w[o * k + kk]).sum();
+            let lora: f64 = (0..r).map(|j| t[j] * b[o * r + j]).sum();
+            loss += (base + s * lora) * g[i * n + o];
+        }
+    }
+    loss
+}
+
+/// Naive f64 backward: (dx, dA, dB) of loss = sum(y * g).
+#[allow(clippy::type_complexity)]
+fn backward_f64(
+    m: usize,
+    n: usize,
+    k: usize,
+    r: usize,
+    s: f64,
+    x: &[f64],
+    w: &[f64],
+    a: &[f64],
+    b: &[f64],
+    g: &[f64],
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let mut dx = vec![0f64; m * k];
+    let mut da = vec![0f64; r * k];
+    let mut db = vec![0f64; n * r];
+    for i in 0..m {
+        let t: Vec<f64> = (0..r)
+            .map(|j| (0..k).map(|kk| x[i * k + kk] * a[j * k + kk]).sum())
+            .collect();
+        let gb: Vec<f64> = (0..r)
+            .map(|j| s * (0..n).map(|o| g[i * n + o] * b[o * r + j]).sum::<f64>())
+            .collect();
+        for kk in 0..k {
+            let mut v: f64 = (0..n).map(|o| g[i * n + o] * w[o * k + kk]).sum();
+            v += (0..r).map(|j| gb[j] * a[j * k + kk]).sum::<f64>();
+            dx[i * k + kk] = v;
+            for j in 0..r {
+                da[j * k + kk] += gb[j] * x[i * k + kk];
+            }
+        }
+        for o in 0..n {
+            for j in 0..r {
+                db[o * r + j] += s * g[i * n + o] * t[j];
+            }
+        }
+    }
+    (dx, da, db)
+}
+
+#[test]
+fn naive_backward_matches_finite_differences_in_f64() {
+    let (m, n, k, r, s) = (3, 5, 7, 2, 1.75);
+    let mut rng = SmallRng::seed_from_u64(5);
+    let mut v =
+        |len: usize| -> Vec<f64> { (0..len).map(|_| rng.random_range(-1.0..1.0)).collect() };
+    let (x, w, a, b, g) = (v(m * k), v(n * k), v(r * k), v(n * r), v(m * n));
+    let (dx, da, db) = backward_f64(m, n, k, r, s, &x, &w, &a, &b, &g);
+    let h = 1e-6;
+    let fd = |which: usize, idx: usize| {
+        let (mut xp, mut ap, mut bp) = (x.clone(), a.clone(), b.clone());
+        let (mut xm, mut am, mut bm) = (x.clone(), a.clone(), b.clone());
+        match which {
+            0 => (xp[idx] += h, xm[idx] -= h),
+            1 => (ap[idx] += h, am[idx] -= h),
+            _ => (bp[idx] += h, bm[idx] -= h),
+        };
+        (loss_f64(m, n, k, r, s, &xp, &w, &ap, &bp, &g)
+            - loss_f64(m, n, k, r, s, &xm, &w, &am, &bm, &g))
+            / (2.0 * h)
+    };
+    for (which, grad) in [(0, &dx), (1, &da), (2, &db)] {
+        for (i, want) in grad.iter().enumerate() {
+            let got = fd(which, i);
+            assert!(
+                (got - want).abs() <= 1e-7 * (1.0 + want.abs()),
+                "param {which} index {i}: fd {got} vs {want}"
+            );
+        }
+    }
+}
+
+#[test]
+fn cpu_backward_matches_naive_f64_and_accumulates() {
+    for (seed, (m, n, k, r), base) in [
+        (1, (4, 11, 13, 3), Base::Dense),
+        (2, (19, 37, 70, 9), Base::Nf4(Statistics::DoubleQuant)),
+        (3, (2, 64, 128, 128), Base::Dense),
+    ] {
+        let c = make_case(seed, m, n, k, r, 1, base, false, false);
+        let mut rng = SmallRng::seed_from_u64(seed + 100);
+        let dy = rand_bf16(&mut rng, m * n, 1.0);
+        let l = &c.layer;
+        let s = f64::from(l.adapters.scales[0]);
+        let (dx64, da64, db64) = backward_f64(
+            m,
+            n,
+            k,
+            r,
+            s,
+            &f64s(&c.x),
+            &weight_f64(l),
+            &f64s(&l.adapters.a),
+            &f64s(&l.adapters.b),
+            &f64s(&dy),
+        );
+        let mut grads = LoraGrads::zeros(l);
+        let dx = l
+            .backward(&Device::Cpu, &c.x, &dy, m, None, &mut grads)
+            .unwrap();
+        // dx is bf16: 2^-8 relative plus f32 accumulation over n + r terms.
+        let scale = |v: &[f64]| v.iter().fold(0f64, |a, b| a.max(b.abs()));
+        let (sx, sa, sb) = (scale(&dx64), scale(&da64), scale(&db64));
+        for (i, (g, w)) in dx.iter().zip(&dx64).enumerate() {
+            let d = (f64::from(g.to_f32()) - w).abs();
+            assert!(d <= w.abs() / 256.0 + 1e-4 * sx, "dx[{i}]: {g} vs {w}");
+        }
+        // dA, dB are f32 sums over m rows: 1e-4 of the largest gradient.
+        for (i, (g, w)) in grads.a.iter().zip(&da64).enumerate() {
+            assert!(
+                (f64::from(*g) - w).abs() <= 1e-4 * sa,
+                "dA[{i}]: {g} vs {w}"
+            );
+        }
+        for (i, (g, w)) in grads.b.iter().zip(&db64).enumerate() {
+            assert!(
+                (f64::from(*g) - w).abs() <= 1e-4 * sb,
+                "dB[{i}]: {g} vs {w}"
+            );
+        }
+        // A second call adds the same gradients again (accumulation), and dx is overwritten.
+        let first = grads.clone();
+        let dx2 = l
+            .backward(&Device::Cpu, &c.x, &dy, m, None, &mut grads)
+            .unwrap();
+        assert_eq!(dx, dx2);
+        for (g2, g1) in grads
+            .a
+            .iter()
+            .zip(&first.a)
+            .chain(grads.b.iter().zip(&first.b))
+        {
+            assert!(
+                (g2 - 2.0 * g1).abs() <= 1e-6 * g1.abs().max(1e-3),
+                "{g2} vs 2 * {g1}"
+            );
+        }
+    }
+}
+
+#[test]
+fn multi_adapter_backward_splits_gradients_by_adapter() {
+    let (m, n, k, r, na) = (6, 9, 10, 3, 2);
+    let c = make_case(21, m, n, k, r, na, Base::Dense, false, true);
+    let idx = c.idx.clone().unwrap(); // -1, 0, 1, -1, 0, 1
+    let mut rng = SmallRng::seed_from_u64(77);
+    let dy = rand_bf16(&mut rng, m * n, 1.0);
+    let mut grads = LoraGrads::zeros(&c.layer);
+    c.layer
+        .backward(&Device::Cpu, &c.x, &dy, m, Some(&idx), &mut grads)
+        .unwrap();
+    let l = &c.layer;
+    let w = weight_f64(l);
+    for ad in 0..na {
+        let rows: Vec<usize> = (0..m).filter(|&i| idx[i] == ad as i32).collect();
+        let xs: Vec<f64> = rows
+            .iter()
+            .flat_map(|&i| f64s(&c.x[i * k..(i + 1) * k]))
+            .collect();
+        let gs: Vec<f64> = rows
+            .iter()
+            .flat_map(|&i| f64s(&dy[i * n..(i + 1) * n]))
+            .collect();
+        let a = f64s(&l.adapters.a[ad * r * k..(ad + 1) * r * k]);
+        let b = f64s(&l.adapters.b[ad * n * r..(ad + 1) * n * r]);
+        let s = f64::from(l.adapters.scales[ad]);
+        let (_, da, db) = backward_f64(rows.len(), n, k, r, s, &xs, &w, &a, &b, &gs);
+        for (g, want) in grads.a[ad * r * k..(ad + 1) * r * k].iter().zip(&da) {
+            assert!(
+                (f64::from(*g) - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                "adapter {ad} dA {g} vs {want}"
+            );
+        }
+        for (g, want) in grads.b[ad * n * r..(ad + 1) * n * r].iter().zip(&db) {
+            assert!(
+                (f64::from(*g) - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                "adapter {ad} dB {g} vs {want}"
+            );
+        }
+    }
+}
+
+#[test]
+fn merge_then_unmerge_dense_and_nf4() {
+    // Dense: the merged base reproduces the adapter's output within bf16 rounding of W.
+    let c = make_case(31, 5, 24, 40, 4, 2, Base::Dense, true, false);
+    let mut merged = c.layer.clone();
+    let err = merged.merge(1).unwrap();
+    assert!(
+        err > 0.0 && err <= 2f32.powi(-9) * 2.0,
+        "dense merge error {err}"
+    );
+    let y_merged = merged
+        .forward(&Device::Cpu, &c.x, 5, Some(&[-1; 5]))
+        .unwrap();
+    let y_lora = c
+        .layer
+        .forward(&Device::Cpu, &c.x, 5, Some(&[1; 5]))
+        .unwrap();
+    let diff = y_merged
+        .iter()
+        .zip(&y_lora)
+        .map(|(a, b)| (a.to_f32() - b.to_f32()).abs())
+        .fold(0f32, f32::max);
+    let mag = y_lora.iter().fold(0f32, |a, b| a.max(b.to_f32().abs()));
+    assert!(
+        diff <= 0.02 * mag,
+        "merged vs adapter output: {diff} (max |y| {mag})"
+    );
+    let err2 = merged.unmerge(1).unwrap();
+    assert!(err2 <= 2f32.powi(-9) * 2.0);
+    let (BaseWeight::Dense(w0), BaseWeight::Dense(w2)) = (&c.layer.weight, &merged.weight) else {
+        unreachable!()
+    };
+    let back = w0
+        .iter()
+        .zip(w2)
+        .map(|(a, b)| (a.to_f32() - b.to_f32()).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        back <= 2.0 * 2f32.powi(-8),
+        "unmerge restores W within two bf16 roundings: {back}"
+    );
+
+    // NF4: the reported error is the true max |dequant(W') - (W + sBA)|.
+    for stats in [Statistics::Plain, Statistics::DoubleQuant] {
+        let c = make_case(32, 3, 16, 64, 2, 1, Base::Nf4(stats), false, false);
+        let shape = c.layer.shape(1);
+        let mut want = cpu::weight_f32(&shape, weight_ref(&c.layer)).unwrap();
+        cpu::add_delta(&shape, lora_ref(&c.layer), 0, 1.0, &mut want).unwrap();
+        let mut merged = c.layer.clone();
+        let err = merged.merge(0).unwrap();
+        let got = cpu::weight_f32(&shape, weight_ref(&merged)).unwrap();
+        let true_err = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert_eq!(err, true_err);
+        // NF4 rounding: at most half the widest level gap (0.152) of the block absmax, plus bf16.
+        let amax = want.iter().fold(0f32, |a, b| a.max(b.abs()));
+        assert!(
+            err > 0.0 && err <= 0.16 * amax,
+            "nf4 merge error {err} for absmax {amax}"
+        );
+        let BaseWeight::Nf4(q) = &merged.weight else {
+            unreachable!()
+        };
+        assert_eq!(q.scales.statistics(), stats);
+    }
+    assert!(matches!(
+        c.layer.clone().merge(2),
+        Err(Error::Invalid { .. })
+    ));
+}
+
+fn weight_ref(l: &LoraLinear) -> WeightRef<'_> {
+    match &l.weight {
+        BaseWeight::Dense(w) => WeightRef::Dense(w),
+        BaseWeight::Nf4(t) => WeightRef::Nf4 {
+            packed: &t.packed,
+            scales: t.scales.as_ref(),
+            blocksize: t.blocksize,
+        },
+    }
+}
+
+fn lora_ref(l: &LoraLinear) -> LoraRef<'_> {
+    LoraRef {
+        a: &l.adapters.a,
+        b: &l.adapters.b,
+        scales: &l.adapters.scales,
+    }
+}
+
+#[test]
+fn shapes_and_indices_are_checked() {
+    let c = make_case(41, 4, 8, 16, 2, 2, Base::Dense, true, false);
+    let l = &c.layer;
+    assert!(matches!(
+        l.forward(&Device::Cpu, &c.x[1..], 4, None),
+        Err(Error::Shape { .. })
+    ));
+    assert!(matches!(
+        l.forward(&Device::Cpu, &c.x, 4, Some(&[0, 1, 2, 0])),
+        Err(Error::Invalid { .. })
+    ));
+    assert!(matches!(
+        l.forward(&Device::Cpu, &c.x, 4, Some(&[0, 1])),
+        Err(Error::Shape { .. })
+    ));
+    assert!(matches!(
+        l.forward(&Device::Cpu, &[], 0, None),
+        Err(Error::Invalid { .. })
+    ));
+    let mut grads = LoraGrads {
+        a: vec![0.0; 3],
+        b: vec![],
+    };
+    assert!(matches!(
+        l.backward(&Device::Cpu, &c.x, &[bf16::ZERO; 32], 4, None, &mut grads),
+        Err(Error::Shape { .. })
+    ));
+    let bad = AdapterStack::new(2, vec![bf16::ZERO; 5], vec![bf16::ZERO; 16], vec![1.0]).unwrap();
+    assert!(matches!(
+        LoraLinear::new(8, 16, BaseWeight::Dense(vec![bf16::ZERO; 128]), None, bad),
+        Err(Error::Shape { .. })
+    ));
+    let mut u = vec![bf16::ZERO; 3];
+    let mut y = vec![bf16::ZERO; 32];
+    let shape = LoraShape {
+        m: 4,
+        n: 8,
+        k: 16,
+        rank: 2,
+        n_adapters: 2,
+    };
+    assert!(matches!(
+        cpu::forward(
+            &shape,
+            &c.x,
+            weight_ref(l),
+            lora_ref(l),
+            None,
+            None,
+            &mut u,
+            &mut y
+        ),
+        Err(Error::Shape { .. })
+    ));
+}
+
+// ---- CUDA against the f64 truth (and the CPU reference) ---------------------------------------
+
+fn cuda() -> Device {
+    Device::cuda(0).expect("this test needs a CUDA device (run it with `just gpu-check`)")
+}
+
+fn check_cuda(
+    seed: u64,
+    m: usize,
+    n: usize,
+    k: usize,
+    r: usize,
+    na: usize,
+    base: Base,
+    bias: bool,
+    multi: bool,
+) {
+    let dev = cuda();
+    let c = make_case(seed, m, n, k, r, na, base, bias, multi);
+    let y = c.layer.forward(&dev, &c.x, m, c.idx.as_deref()).unwrap();
+    let (want, tol) = naive_forward(&c, true);
+    assert_close(&format!("cuda {:?}", (m, n, k, r, na)), &y, &want, &tol);
+    let y_cpu = c
+        .layer
+        .forward(&Device::Cpu, &c.x, m, c.idx.as_deref())
+        .unwrap();
+    assert_close("cpu reference, same case", &y_cpu, &want, &tol);
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn cuda_gemv_dense_and_nf4_match_f64() {
+    for base in [
+        Base::Dense,
+        Base::Nf4(Statistics::Plain),
+        Base::Nf4(Statistics::DoubleQuant),
+    ] {
+        for m in [1, 2, 3, 5, 8, 13, 16] {
+            check_cuda(
+                m as u64,
+                m,
+                1000,
+                4096,
+                16,
+                1,
+                base,
+                m.is_multiple_of(2),
+                false,
+            );
+        }
+        check_cuda(90, 7, 333, 352, 128, 3, base, true, true); // k % 32 == 0, multi-adapter
+        check_cuda(91, 4, 77, 100, 7, 2, base, true, true); // NF4 falls back to dequantize + dense
+        check_cuda(92, 3, 50, 45, 3, 1, base, false, false); // k % 8 != 0: element loads
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn cuda_gemm_dense_and_nf4_match_f64() {
+    for base in [
+        Base::Dense,
+        Base::Nf4(Statistics::Plain),
+        Base::Nf4(Statistics::DoubleQuant),
+    ] {
+        check_cuda(100, 17, 129, 160, 1, 1, base, true, false);
+        check_cuda(101, 300, 257, 512, 64, 1, base, false, false);
+        check_cuda(102, 131, 200, 96, 33, 4, base, true, true);
+        check_cuda(103, 45, 70, 88, 5, 2, base, true, true); // NF4 fallback (k % 32 != 0)
+        check_cuda(104, 40, 31, 37, 128, 1, base, true, false); // k % 8 != 0: element loads
+    }
+}
+
+/// The layer with every value replaced by its absolute value (NF4 weights by their dequantized
+/// magnitudes): its CPU backward bounds the size of every sum the real backward forms.
+fn magnitude_layer(l: &LoraLinear) -> LoraLinear {
+    let abs = |v: &[bf16]| {
+        v.iter()
+            .map(|x| bf16::from_f32(x.to_f32().abs()))
+            .collect::<Vec<_>>()
+    };
+    let w: Vec<bf16> = weight_f64(l)
+        .iter()
+        .map(|v| bf16::from_f64(v.abs()))
+        .collect();
+    let mut m = l.clone();
+    m.weight = BaseWeight::Dense(w);
+    m.adapters.a = abs(&l.adapters.a);
+    m.adapters.b = abs(&l.adapters.b);
+    m.adapters.scales = l.adapters.scales.iter().map(|s| s.abs()).collect();
+    m
+}
+
+fn check_cuda_backward(
+    seed: u64,
+    m: usize,
+    n: usize,
+    k: usize,
+    r: usize,
+    na: usize,
+    base: Base,
+    multi: bool,
+) {
+    let dev = cuda();
+    let c = make_case(seed, m, n, k, r, na, base, false, multi);
+    let mut rng = SmallRng::seed_from_u64(seed ^ 0x5eed);
+    let dy = rand_bf16(&mut rng, m * n, 1.0);
+    let idx = c.idx.as_deref();
+    // Pre-filled gradients: the kernels must add to them.
+    let prefill = |len: usize| {
+        (0..len)
+            .map(|i| (i % 7) as f32 * 0.5 - 1.5)
+            .collect::<Vec<f32>>()
+    };
+    let fresh = LoraGrads::zeros(&c.layer);
+    let mut g_gpu = LoraGrads {
+        a: prefill(fresh.a.len()),
+        b: prefill(fresh.b.len()),
+    };
+    let mut g_cpu = LoraGrads {
+        a: prefill(fresh.a.len()),
+        b: prefill(fresh.b.len()),
+    };
+    let dx_gpu = c
+        .layer
+        .backward(&dev, &c.x, &dy, m, idx, &mut g_gpu)
+        .unwrap();
+    let dx_cpu = c
+        .layer
+        .backward(&Device::Cpu, &c.x, &dy, m, idx, &mut g_cpu)
+        .unwrap();
+    let abs_x: Vec<bf16> =
+        c.x.iter()
+            .map(|v| bf16::from_f32(v.to_f32().abs()))
+            .collect();
+    let abs_dy: Vec<bf16> = dy
+        .iter()
+        .map(|v| bf16::from_f32(v.to_f32().abs()))
+        .collect();
+    let mut mag = LoraGrads::zeros(&c.layer);
+    let mag_dx = magnitude_layer(&c.layer)
+        .backward(&Device::Cpu, &abs_x, &abs_dy, m, idx, &mut mag)
+        .unwrap();
+    // The GPU rounds g = s dy B and u = s x A^T to bf16 (2^-9 relative each) and dx to bf16;
+    // 2^-7 of the magnitude sum covers both roundings with margin.
+    let what = format!("{:?}", (m, n, k, r, na));
+    for (i, ((gp, cp), mg)) in dx_gpu.iter().zip(&dx_cpu).zip(&mag_dx).enumerate() {
+        let d = (gp.to_f32() - cp.to_f32()).abs();
+        assert!(
+            d <= mg.to_f32() / 128.0 + 1e-5,
+            "{what} dx[{i}]: {gp} vs {cp} (magnitude {mg})"
+        );
+    }
+    for (name, gp, cp, mg) in [
+        ("dA", &g_gpu.a, &g_cpu.a, &mag.a),
+        ("dB", &g_gpu.b, &g_cpu.b, &mag.b),
+    ] {
+        for (i, ((a, b), mg)) in gp.iter().zip(cp.iter()).zip(mg.iter()).enumerate() {
+            assert!(
+                (a - b).abs() <= mg / 128.0 + 1e-5,
+                "{what} {name}[{i}]: {a} vs {b} (magnitude {mg})"
+            );
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn cuda_backward_dense_and_nf4_match_cpu() {
+    for base in [
+        Base::Dense,
+        Base::Nf4(Statistics::Plain),
+        Base::Nf4(Statistics::DoubleQuant),
+    ] {
+        check_cuda_backward(200, 1, 300, 256, 8, 1, base, false);
+        check_cuda_backward(201, 130, 257, 384, 16, 1, base, false);
+        check_cuda_backward(202, 77, 200, 160, 33, 3, base, true);
+        check_cuda_backward(203, 45, 70, 88, 5, 2, base, true); // NF4: dequantize-first fallback
+        check_cuda_backward(204, 19, 37, 45, 128, 1, base, false); // odd n and k: element loads
+    }
+}
