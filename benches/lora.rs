@@ -3,11 +3,10 @@
 //! CPU (criterion): the fused reference (`x W^T + s (x A^T) B^T` summed before one bf16 store)
 //! against the unfused sequence (base matmul, rounded; `x A^T`, rounded; `(s t) B^T`; add), for a
 //! dense and an NF4 2048 x 2048 weight at 1, 16 and 256 rows, plus the backward at 256 rows.
-//! CUDA (when a device is present): a table of the fused kernels on a resident layer
-//! (`kernel | shape | ms | weight GB/s | TFLOP/s`); without a device it prints why it is skipped.
+//! CUDA (when a device is present): the fused NF4 kernels against the dense cuBLAS GEMM and the
+//! unfused path in the same run (see `cuda_table`); without a device it prints why it is skipped.
 
 use std::hint::black_box;
-use std::time::Instant;
 
 use criterion::{BenchmarkId, Criterion, criterion_group};
 use half::bf16;
@@ -98,7 +97,27 @@ fn cpu_benches(c: &mut Criterion) {
 }
 
 /// The CUDA table; prints why it is skipped without a device.
+/// Fast uniform values in [-scale, scale) (xorshift): big weights are generated in seconds.
+fn uniform(n: usize, scale: f32, seed: u64) -> Vec<bf16> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            bf16::from_f32(scale * (((s >> 40) as f32 / (1u64 << 23) as f32) - 1.0))
+        })
+        .collect()
+}
+
+/// The CUDA table: the fused NF4 + LoRA forward against, in the same run, the dense bf16 cuBLAS
+/// GEMM of the same shape and the unfused path (dequantize kernel, cuBLAS base GEMM, two cuBLAS
+/// LoRA GEMMs, the add folded into the second one's beta = 1, which favours the baseline), on
+/// DESIGN.md §8's shapes; plus the backward at 4096 rows against its unfused path. Weight GB/s
+/// (gemv rows) is read against the device-to-device copy bandwidth of the same run.
 fn cuda_table() {
+    use qadapt::cuda::Op;
+    use qadapt::nf4::{CudaNf4, Scales};
     let dev = match Device::cuda(0) {
         Ok(Device::Cuda(d)) => d,
         Ok(_) => unreachable!(),
@@ -107,56 +126,141 @@ fn cuda_table() {
             return;
         }
     };
-    println!("| kernel | shape (m, n, k, r) | ms | weight GB/s | TFLOP/s |");
-    println!("|---|---|---|---|---|");
-    let (n, k, r) = (4096usize, 4096usize, 16usize);
-    for nf4 in [true, false] {
-        let l = layer(n, k, r, nf4);
-        let d = CudaLoraLinear::upload(&dev, &l).unwrap();
-        let weight_bytes = if nf4 { n * k / 2 } else { n * k * 2 } as f64;
-        for m in [1usize, 16, 4096] {
-            let x = dev.upload(&bf(&randn(m * k, 1.0, 7))).unwrap();
-            let mut y = dev.zeros::<bf16>(m * n).unwrap();
-            d.forward(&x, m, None, &mut y).unwrap();
-            dev.synchronize().unwrap();
-            let iters = if m > 16 { 20 } else { 200 };
-            let t0 = Instant::now();
-            for _ in 0..iters {
-                d.forward(&x, m, None, &mut y).unwrap();
+    if let Err(e) = dev.gemm_bf16(
+        &dev.zeros::<bf16>(1).unwrap(),
+        Op::N,
+        &dev.zeros::<bf16>(1).unwrap(),
+        Op::N,
+        &mut dev.zeros::<bf16>(1).unwrap(),
+        (1, 1, 1),
+        1.0,
+        0.0,
+    ) {
+        println!("lora CUDA benches skipped: {e}");
+        return;
+    }
+    let copy_bytes = 1usize << 30;
+    let src = dev.zeros::<u8>(copy_bytes / 2).unwrap();
+    let mut dst = dev.zeros::<u8>(copy_bytes / 2).unwrap();
+    let copy_gbs = copy_bytes as f64 / dev.time_ms(20, || dev.copy(&src, &mut dst)).unwrap() / 1e6;
+    drop((src, dst));
+    println!(
+        "\nLoRA forward on {}; device copy {copy_gbs:.0} GB/s (read + write)",
+        dev.describe()
+    );
+    println!(
+        "| kernel | m | n x k | r | fused ms | cuBLAS dense ms | unfused ms | rate | vs cuBLAS | vs unfused |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    let s = 2.0f32;
+    for (n, k) in [
+        (4096usize, 4096usize),
+        (4096, 14336),
+        (14336, 4096),
+        (8192, 28672),
+    ] {
+        let w = dev.upload(&uniform(n * k, 0.05, 1)).unwrap();
+        let q = CudaNf4::quantize(&dev, &w, 64, Statistics::DoubleQuant).unwrap();
+        let (packed, scales) = q.to_host(&dev).unwrap();
+        let host_q = Nf4Tensor {
+            shape: vec![n, k],
+            dtype: qadapt::DType::BF16,
+            blocksize: 64,
+            packed,
+            scales,
+        };
+        let scale_bytes = match &host_q.scales {
+            Scales::Absmax(a) => 4 * a.len(),
+            Scales::Double(d) => d.codes.len() + 4 * d.nested_absmax.len(),
+        };
+        let mut wdq = dev.zeros::<bf16>(n * k).unwrap();
+        for r in [16usize, 64] {
+            let a = uniform(r * k, 0.05, 2);
+            let b = uniform(n * r, 0.05, 3);
+            let adapters = AdapterStack::new(r, a.clone(), b.clone(), vec![s]).unwrap();
+            let layer =
+                LoraLinear::new(n, k, BaseWeight::Nf4(host_q.clone()), None, adapters).unwrap();
+            let fused = CudaLoraLinear::upload(&dev, &layer).unwrap();
+            let (da, db) = (dev.upload(&a).unwrap(), dev.upload(&b).unwrap());
+            for m in [1usize, 8, 512, 4096] {
+                let x = dev.upload(&uniform(m * k, 1.0, 4)).unwrap();
+                let mut y = dev.zeros::<bf16>(m * n).unwrap();
+                let mut t = dev.zeros::<bf16>(m * r).unwrap();
+                let iters = if m <= 16 { 200 } else { 20 };
+                let f_ms = dev
+                    .time_ms(iters, || fused.forward(&x, m, None, &mut y))
+                    .unwrap();
+                let d_ms = dev
+                    .time_ms(iters, || {
+                        dev.gemm_bf16(&x, Op::N, &w, Op::T, &mut y, (m, n, k), 1.0, 0.0)
+                    })
+                    .unwrap();
+                let u_ms = dev
+                    .time_ms(iters, || {
+                        q.dequantize_into(&dev, &mut wdq)?;
+                        dev.gemm_bf16(&x, Op::N, &wdq, Op::T, &mut y, (m, n, k), 1.0, 0.0)?;
+                        dev.gemm_bf16(&x, Op::N, &da, Op::T, &mut t, (m, r, k), 1.0, 0.0)?;
+                        dev.gemm_bf16(&t, Op::N, &db, Op::T, &mut y, (m, n, r), s, 1.0)
+                    })
+                    .unwrap();
+                let rate = if m <= 16 {
+                    let gbs = (n * k / 2 + scale_bytes) as f64 / f_ms / 1e6;
+                    format!(
+                        "{gbs:.0} GB/s weights ({:.0}% of copy)",
+                        100.0 * gbs / copy_gbs
+                    )
+                } else {
+                    format!(
+                        "{:.0} TFLOP/s",
+                        2.0 * (m * n * k + m * r * (n + k)) as f64 / f_ms / 1e9
+                    )
+                };
+                println!(
+                    "| lora_*_nf4_bf16 | {m} | {n} x {k} | {r} | {f_ms:.4} | {d_ms:.4} | {u_ms:.4} | {rate} | {:.2}x | {:.2}x |",
+                    d_ms / f_ms,
+                    u_ms / f_ms
+                );
             }
-            dev.synchronize().unwrap();
-            let ms = t0.elapsed().as_secs_f64() * 1e3 / iters as f64;
-            let flops = 2.0 * (m * n * k + m * r * (n + k)) as f64;
-            println!(
-                "| lora forward {} | ({m}, {n}, {k}, {r}) | {ms:.4} | {:.0} | {:.1} |",
-                if nf4 { "nf4" } else { "dense" },
-                weight_bytes / (ms * 1e-3) / 1e9,
-                flops / (ms * 1e-3) / 1e12
-            );
+            if r == 16 {
+                let m = 4096;
+                let x = dev.upload(&uniform(m * k, 1.0, 5)).unwrap();
+                let dy = dev.upload(&uniform(m * n, 1.0, 6)).unwrap();
+                let mut dx = dev.zeros::<bf16>(m * k).unwrap();
+                let mut ga = dev.zeros::<f32>(r * k).unwrap();
+                let mut gb = dev.zeros::<f32>(n * r).unwrap();
+                let mut g = dev.zeros::<bf16>(m * r).unwrap();
+                let mut u = dev.zeros::<bf16>(m * r).unwrap();
+                let mut ga16 = dev.zeros::<bf16>(r * k).unwrap();
+                let mut gb16 = dev.zeros::<bf16>(n * r).unwrap();
+                let f_ms = dev
+                    .time_ms(10, || {
+                        fused.backward(&x, &dy, m, None, &mut dx, &mut ga, &mut gb)
+                    })
+                    .unwrap();
+                let d_ms = dev
+                    .time_ms(10, || {
+                        dev.gemm_bf16(&dy, Op::N, &w, Op::N, &mut dx, (m, k, n), 1.0, 0.0)
+                    })
+                    .unwrap();
+                let u_ms = dev
+                    .time_ms(10, || {
+                        q.dequantize_into(&dev, &mut wdq)?;
+                        dev.gemm_bf16(&dy, Op::N, &wdq, Op::N, &mut dx, (m, k, n), 1.0, 0.0)?;
+                        dev.gemm_bf16(&dy, Op::N, &db, Op::N, &mut g, (m, r, n), s, 0.0)?;
+                        dev.gemm_bf16(&g, Op::N, &da, Op::N, &mut dx, (m, k, r), 1.0, 1.0)?;
+                        dev.gemm_bf16(&x, Op::N, &da, Op::T, &mut u, (m, r, k), s, 0.0)?;
+                        dev.gemm_bf16(&g, Op::T, &x, Op::N, &mut ga16, (r, k, m), 1.0, 1.0)?;
+                        dev.gemm_bf16(&dy, Op::T, &u, Op::N, &mut gb16, (n, r, m), 1.0, 1.0)
+                    })
+                    .unwrap();
+                println!(
+                    "| lora_gemm_bwd_*_nf4_bf16 | {m} | {n} x {k} | {r} | {f_ms:.4} | {d_ms:.4} | {u_ms:.4} | {:.0} TFLOP/s | {:.2}x | {:.2}x |",
+                    2.0 * (m * n * k + 4 * m * r * (n + k)) as f64 / f_ms / 1e9,
+                    d_ms / f_ms,
+                    u_ms / f_ms
+                );
+            }
         }
-        let m = 4096;
-        let x = dev.upload(&bf(&randn(m * k, 1.0, 8))).unwrap();
-        let dy = dev.upload(&bf(&randn(m * n, 1.0, 9))).unwrap();
-        let mut dx = dev.zeros::<bf16>(m * k).unwrap();
-        let mut ga = dev.zeros::<f32>(r * k).unwrap();
-        let mut gb = dev.zeros::<f32>(n * r).unwrap();
-        d.backward(&x, &dy, m, None, &mut dx, &mut ga, &mut gb)
-            .unwrap();
-        dev.synchronize().unwrap();
-        let iters = 10;
-        let t0 = Instant::now();
-        for _ in 0..iters {
-            d.backward(&x, &dy, m, None, &mut dx, &mut ga, &mut gb)
-                .unwrap();
-        }
-        dev.synchronize().unwrap();
-        let ms = t0.elapsed().as_secs_f64() * 1e3 / iters as f64;
-        let flops = 2.0 * (m * n * k + 4 * m * r * (n + k)) as f64;
-        println!(
-            "| lora backward {} | ({m}, {n}, {k}, {r}) | {ms:.4} | - | {:.1} |",
-            if nf4 { "nf4" } else { "dense" },
-            flops / (ms * 1e-3) / 1e12
-        );
     }
 }
 

@@ -65,6 +65,24 @@ if ! nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,nohead
     echo "no CUDA device: nvidia-smi sees no GPU"
     exit 2
 fi
+# cuBLAS (the baselines and dense GEMMs) is loaded at run time; a Python CUDA wheel often has it.
+if ! ldconfig -p 2>/dev/null | grep -q 'libcublas\.so'; then
+    cublas_dir=$(python3 - 2>/dev/null <<'PY'
+import glob, os, site, sys
+dirs = site.getsitepackages() + [site.getusersitepackages()] + sys.path
+for d in dirs:
+    for p in sorted(glob.glob(os.path.join(d, "nvidia", "**", "libcublas.so*"), recursive=True)):
+        print(os.path.dirname(p))
+        sys.exit()
+PY
+)
+    if [ -n "$cublas_dir" ]; then
+        export LD_LIBRARY_PATH="$cublas_dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+        echo "cuBLAS from $cublas_dir"
+    else
+        echo "warning: no libcublas found; cuBLAS baselines and the cuBLAS test will fail"
+    fi
+fi
 logs=$(mktemp -d)
 status=0
 summary=()

@@ -9,9 +9,14 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use qadapt::nf4::bnb::OnDiskTensor;
+use safetensors::SafeTensors;
 
-/// Reads `path`, refusing anything too short to be a safetensors file.
-pub(crate) fn read_safetensors(path: &Path) -> Result<Vec<u8>> {
+/// The `__metadata__` map of a safetensors header.
+pub(crate) type Metadata = Option<HashMap<String, String>>;
+
+/// Reads `path` and checks that it is a whole safetensors file (header and every tensor's byte
+/// range); returns the bytes and the header's `__metadata__`.
+pub(crate) fn read_safetensors(path: &Path) -> Result<(Vec<u8>, Metadata)> {
     let bytes = fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     if bytes.len() < 8 {
         bail!(
@@ -20,7 +25,16 @@ pub(crate) fn read_safetensors(path: &Path) -> Result<Vec<u8>> {
             bytes.len()
         );
     }
-    Ok(bytes)
+    let not_st = |e: safetensors::SafeTensorError| {
+        anyhow::anyhow!("{}: not a safetensors file ({e})", path.display())
+    };
+    let metadata = SafeTensors::read_metadata(&bytes)
+        .map_err(not_st)?
+        .1
+        .metadata()
+        .clone();
+    SafeTensors::deserialize(&bytes).map_err(not_st)?;
+    Ok((bytes, metadata))
 }
 
 /// An output path that is checked before any work is done and written atomically at the end.
@@ -53,11 +67,7 @@ impl Output {
 
     /// Serializes `tensors` to a temporary file beside the target, syncs it, renames it over the
     /// target. On any error the temporary file is removed.
-    pub(crate) fn write(
-        &self,
-        tensors: &[OnDiskTensor],
-        metadata: Option<HashMap<String, String>>,
-    ) -> Result<()> {
+    pub(crate) fn write(&self, tensors: &[OnDiskTensor], metadata: Metadata) -> Result<()> {
         let file_name = self
             .target
             .file_name()

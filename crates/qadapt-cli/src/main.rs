@@ -176,11 +176,8 @@ fn quantize(
         .context("--only is not a valid regular expression")?;
     let device = Device::parse(device)?;
     let out = Output::new(input, output)?;
-    let bytes = read_safetensors(input)?;
-    let (_, header) = SafeTensors::read_metadata(&bytes)
-        .map_err(|e| anyhow::anyhow!("{}: not a safetensors file ({e})", input.display()))?;
-    let st = SafeTensors::deserialize(&bytes)
-        .map_err(|e| anyhow::anyhow!("{}: not a safetensors file ({e})", input.display()))?;
+    let (bytes, metadata) = read_safetensors(input)?;
+    let st = SafeTensors::deserialize(&bytes).expect("validated by read_safetensors");
     let already = bnb::quantized_names(&st);
     if !already.is_empty() {
         bail!(
@@ -241,7 +238,7 @@ fn quantize(
             }
         );
     }
-    out.write(&tensors, header.metadata().clone())?;
+    out.write(&tensors, metadata)?;
     eprintln!(
         "quantized {quantized} tensor(s) to NF4 (block {blocksize}{}) on {} -> {}",
         if double_quant { ", double quant" } else { "" },
@@ -254,11 +251,8 @@ fn quantize(
 fn dequantize(input: &Path, output: &Path, dtype: Option<DType>, device: &str) -> Result<()> {
     let device = Device::parse(device)?;
     let out = Output::new(input, output)?;
-    let bytes = read_safetensors(input)?;
-    let (_, header) = SafeTensors::read_metadata(&bytes)
-        .map_err(|e| anyhow::anyhow!("{}: not a safetensors file ({e})", input.display()))?;
-    let st = SafeTensors::deserialize(&bytes)
-        .map_err(|e| anyhow::anyhow!("{}: not a safetensors file ({e})", input.display()))?;
+    let (bytes, metadata) = read_safetensors(input)?;
+    let st = SafeTensors::deserialize(&bytes).expect("validated by read_safetensors");
     let quantized = bnb::quantized_names(&st);
     if quantized.is_empty() {
         bail!(
@@ -304,7 +298,7 @@ fn dequantize(input: &Path, output: &Path, dtype: Option<DType>, device: &str) -
         }
     }
     pb.finish_and_clear();
-    out.write(&tensors, header.metadata().clone())?;
+    out.write(&tensors, metadata)?;
     eprintln!(
         "dequantized {} tensor(s) on {} -> {}",
         quantized.len(),

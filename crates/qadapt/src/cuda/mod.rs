@@ -4,13 +4,22 @@
 pub(crate) mod launch;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr};
 use qadapt_kernels::{KernelName, Module};
 
 use crate::error::{Error, Result};
 use crate::plan::DeviceProps;
+
+/// Whether a GEMM operand is used as stored (`N`) or transposed (`T`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// As stored.
+    N,
+    /// Transposed.
+    T,
+}
 
 /// One CUDA device with its stream. Cheap to clone (shared handle). All of qadapt's work for this
 /// device goes to one stream, so launches are ordered without extra synchronization.
@@ -26,6 +35,7 @@ struct Inner {
     stream: Arc<CudaStream>,
     props: DeviceProps,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    blas: OnceLock<std::result::Result<Arc<cudarc::cublas::CudaBlas>, String>>,
 }
 
 impl std::fmt::Debug for CudaDevice {
@@ -80,6 +90,7 @@ impl CudaDevice {
                 stream,
                 props,
                 modules: Mutex::new(HashMap::new()),
+                blas: OnceLock::new(),
             }),
         })
     }
@@ -152,6 +163,49 @@ impl CudaDevice {
         let end = stream.record_event(Some(CU_EVENT_DEFAULT))?;
         end.synchronize()?;
         Ok(f64::from(start.elapsed_ms(&end)?) / iters.max(1) as f64)
+    }
+
+    /// `c[m, n] = alpha * op(a) · op(b) + beta * c` (row-major, bf16, f32 compute) with cuBLAS:
+    /// `op(a)` is `[m, k]`, `op(b)` is `[k, n]`; [`Op::T`] means the operand is stored transposed
+    /// (an nn.Linear weight `[n, k]` is `b` with `Op::T`). The dense matmul where nothing needs
+    /// fusing, and the baseline the fused kernels are measured against.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_bf16(
+        &self,
+        a: &CudaSlice<half::bf16>,
+        a_op: Op,
+        b: &CudaSlice<half::bf16>,
+        b_op: Op,
+        c: &mut CudaSlice<half::bf16>,
+        (m, n, k): (usize, usize, usize),
+        alpha: f32,
+        beta: f32,
+    ) -> Result<()> {
+        launch::gemm_bf16(self, a, a_op, b, b_op, c, (m, n, k), alpha, beta)
+    }
+
+    /// The cuBLAS handle of this device's stream, created on first use (cuBLAS is loaded at run
+    /// time: a machine without libcublas gets a typed error here, nothing else changes).
+    pub(crate) fn blas(&self) -> Result<Arc<cudarc::cublas::CudaBlas>> {
+        self.inner
+            .blas
+            .get_or_init(|| {
+                if !launch::cublas_library_present() {
+                    return Err(
+                        "the cuBLAS library (libcublas.so) was not found on the library path"
+                            .into(),
+                    );
+                }
+                cudarc::cublas::CudaBlas::new(self.inner.stream.clone())
+                    .map(Arc::new)
+                    .map_err(|e| {
+                        format!(
+                            "cuBLAS could not be loaded ({e}); is libcublas on the library path?"
+                        )
+                    })
+            })
+            .clone()
+            .map_err(Error::Driver)
     }
 
     /// The kernel `k`, loading its module from the embedded fatbin on first use.

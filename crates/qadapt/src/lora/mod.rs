@@ -42,7 +42,7 @@ use cudarc::driver::CudaSlice;
 use half::bf16;
 
 use crate::cuda::CudaDevice;
-use crate::cuda::launch::{self, CudaLoraRef, CudaScalesRef, CudaWeightRef};
+use crate::cuda::launch::{self, CudaLoraRef, CudaWeightRef};
 use crate::device::Device;
 use crate::dtype::FloatVec;
 use crate::error::{Result, invalid, shape_err};
@@ -616,20 +616,7 @@ impl DeviceWeight {
             DeviceWeight::Dense(w) => CudaWeightRef::Dense(w),
             DeviceWeight::Nf4(q) => CudaWeightRef::Nf4 {
                 packed: &q.packed,
-                scales: match &q.scales {
-                    crate::nf4::CudaScales::Absmax(a) => CudaScalesRef::Absmax(a),
-                    crate::nf4::CudaScales::Double {
-                        codes,
-                        nested_absmax,
-                        map,
-                        offset,
-                    } => CudaScalesRef::Double {
-                        codes,
-                        nested_absmax,
-                        map,
-                        offset: *offset,
-                    },
-                },
+                scales: q.scales_ref(),
                 blocksize: q.blocksize,
             },
         }

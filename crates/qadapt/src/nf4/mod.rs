@@ -390,7 +390,12 @@ impl CudaNf4 {
         if out.len() != self.n {
             return Err(shape_err("nf4 dequantize", self.n, out.len()));
         }
-        let scales = match &self.scales {
+        launch::nf4_dequantize(dev, &self.packed, self.scales_ref(), self.blocksize, out)
+    }
+
+    /// The scales, borrowed for a launch.
+    pub(crate) fn scales_ref(&self) -> CudaScalesRef<'_> {
+        match &self.scales {
             CudaScales::Absmax(a) => CudaScalesRef::Absmax(a),
             CudaScales::Double {
                 codes,
@@ -403,8 +408,7 @@ impl CudaNf4 {
                 map,
                 offset: *offset,
             },
-        };
-        launch::nf4_dequantize(dev, &self.packed, scales, self.blocksize, out)
+        }
     }
 
     /// Copies packed codes and scales back to the host.

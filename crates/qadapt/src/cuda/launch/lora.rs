@@ -87,32 +87,7 @@ fn nf4_scratch(
             }
             on_device(op, dev, "NF4 codes", packed)?;
             let nb = num_blocks(n * k, blocksize);
-            match scales {
-                CudaScalesRef::Absmax(a) => {
-                    if a.len() != nb {
-                        return Err(shape_err(op, format!("{nb} absmax"), a.len()));
-                    }
-                    on_device(op, dev, "absmax", a)?;
-                }
-                CudaScalesRef::Double {
-                    codes,
-                    nested_absmax,
-                    map,
-                    ..
-                } => {
-                    let nn = nb.div_ceil(ffi::QADAPT_DQ_BLOCK as usize);
-                    if codes.len() != nb || nested_absmax.len() != nn || map.len() != 256 {
-                        return Err(shape_err(
-                            op,
-                            format!("{nb} codes, {nn} nested absmax, 256 map entries"),
-                            format!("{}, {}, {}", codes.len(), nested_absmax.len(), map.len()),
-                        ));
-                    }
-                    on_device(op, dev, "absmax codes", codes)?;
-                    on_device(op, dev, "nested absmax", nested_absmax)?;
-                    on_device(op, dev, "map", map)?;
-                }
-            }
+            scales.check(op, dev, nb)?;
             let stream = dev.stream().clone();
             let (pp, _g) = packed.device_ptr(&stream);
             if !k.is_multiple_of(32) || !is16(pp) || !is16(row_ptr) {

@@ -15,8 +15,10 @@ use super::CudaDevice;
 use crate::error::{Result, invalid};
 use crate::plan::LaunchPlan;
 
+mod blas;
 mod lora;
 mod nf4;
+pub(crate) use blas::gemm_bf16;
 pub(crate) use lora::{CudaLoraRef, CudaWeightRef, lora_backward, lora_forward};
 pub(crate) use nf4::{CudaScalesRef, nf4_dequantize, nf4_double_quant, nf4_quantize};
 
@@ -52,6 +54,13 @@ pub(crate) fn driver_library_present() -> bool {
     // SAFETY: is_culib_present only tries to dlopen the driver library by its known names and
     // drops the handle; it touches no global state of ours.
     unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+/// Whether the cuBLAS library can be loaded (cudarc panics on first use without it).
+pub(crate) fn cublas_library_present() -> bool {
+    // SAFETY: is_culib_present only tries to dlopen libcublas by its known names and drops the
+    // handle; it touches no global state of ours.
+    unsafe { cudarc::cublas::sys::is_culib_present() }
 }
 
 pub(super) fn on_device<T>(

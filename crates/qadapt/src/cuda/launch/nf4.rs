@@ -150,6 +150,38 @@ pub(crate) enum CudaScalesRef<'a> {
     },
 }
 
+impl CudaScalesRef<'_> {
+    /// Checks that the scales cover `nblocks` NF4 blocks and live on `dev`.
+    pub(crate) fn check(&self, op: &'static str, dev: &CudaDevice, nblocks: usize) -> Result<()> {
+        match *self {
+            CudaScalesRef::Absmax(a) => {
+                if a.len() != nblocks {
+                    return Err(shape_err(op, format!("{nblocks} absmax"), a.len()));
+                }
+                on_device(op, dev, "absmax", a)
+            }
+            CudaScalesRef::Double {
+                codes,
+                nested_absmax,
+                map,
+                ..
+            } => {
+                let nn = nblocks.div_ceil(ffi::QADAPT_DQ_BLOCK as usize);
+                if codes.len() != nblocks || nested_absmax.len() != nn || map.len() != 256 {
+                    return Err(shape_err(
+                        op,
+                        format!("{nblocks} codes, {nn} nested absmax, 256 map entries"),
+                        format!("{}, {}, {}", codes.len(), nested_absmax.len(), map.len()),
+                    ));
+                }
+                on_device(op, dev, "absmax codes", codes)?;
+                on_device(op, dev, "nested absmax", nested_absmax)?;
+                on_device(op, dev, "map", map)
+            }
+        }
+    }
+}
+
 /// `nf4_dequantize_T`: overwrites `out[n]`.
 pub(crate) fn nf4_dequantize<T: Float>(
     dev: &CudaDevice,
@@ -187,12 +219,9 @@ pub(crate) fn nf4_dequantize<T: Float>(
         blocksize: blocksize as u32,
         ..Default::default()
     };
+    scales.check(OP, dev, nblocks)?;
     let _guards = match scales {
         CudaScalesRef::Absmax(a) => {
-            if a.len() != nblocks {
-                return Err(shape_err(OP, format!("{nblocks} absmax"), a.len()));
-            }
-            on_device(OP, dev, "absmax", a)?;
             let (p, g) = a.device_ptr(&stream);
             args.absmax = p;
             vec![g]
@@ -203,17 +232,6 @@ pub(crate) fn nf4_dequantize<T: Float>(
             map,
             offset,
         } => {
-            let nn = nblocks.div_ceil(ffi::QADAPT_DQ_BLOCK as usize);
-            if codes.len() != nblocks || nested_absmax.len() != nn || map.len() != 256 {
-                return Err(shape_err(
-                    OP,
-                    format!("{nblocks} codes, {nn} nested absmax, 256 map entries"),
-                    format!("{}, {}, {}", codes.len(), nested_absmax.len(), map.len()),
-                ));
-            }
-            on_device(OP, dev, "absmax codes", codes)?;
-            on_device(OP, dev, "nested absmax", nested_absmax)?;
-            on_device(OP, dev, "map", map)?;
             let (c, g1) = codes.device_ptr(&stream);
             let (na, g2) = nested_absmax.device_ptr(&stream);
             let (m, g3) = map.device_ptr(&stream);
