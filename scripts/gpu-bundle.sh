@@ -32,7 +32,9 @@ echo "building release test binaries"
 cargo test --release --workspace --no-run -q
 while read -r _kind name exe; do
     # Only binaries that hold ignored (GPU) tests travel.
-    if "$exe" --list --ignored 2>/dev/null | grep -q ': test$'; then
+    # (Read the whole list first: `grep -q` closing the pipe early would fail under pipefail.)
+    ignored=$("$exe" --list --ignored 2>/dev/null || true)
+    if grep -q ': test$' <<<"$ignored"; then
         cp "$exe" "$out/tests/$name"
         strip "$out/tests/$name"
     fi
@@ -115,7 +117,7 @@ echo "== qadapt GPU bundle summary =="
 printf '%s\n' "| kind | what | result | time | detail |" "|---|---|---|---|---|" "${summary[@]}"
 for f in "$logs"/bench-*.log; do
     echo
-    grep -E '^(\||NF4|LoRA|[A-Za-z].* on cuda)' "$f" || true
+    grep -E '^(\||NF4|LoRA|.*skipped)' "$f" || true
 done
 exit $status
 RUN
@@ -123,6 +125,10 @@ chmod +x "$out/run.sh"
 
 size_mb=$(du -sm "$out" | cut -f1)
 echo "gpu-bundle/: ${size_mb} MB ($(ls "$out/tests" | wc -l) test binaries, $(ls "$out/benches" | wc -l) bench binaries)"
+if [ -z "$(ls "$out/tests")" ] || [ -z "$(ls "$out/benches")" ]; then
+    echo "gpu-bundle/ has no test or no bench binary" >&2
+    exit 1
+fi
 if [ "$size_mb" -gt "$limit_mb" ]; then
     echo "gpu-bundle/ is ${size_mb} MB, over the ${limit_mb} MB limit" >&2
     exit 1
