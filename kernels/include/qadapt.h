@@ -175,6 +175,43 @@ typedef struct QadaptLoraBwdArgs {
     uint32_t flags;         /* QADAPT_LORA_VEC: k % 8 == 0, n % 8 == 0, aligned x, dy, W, A */
 } QadaptLoraBwdArgs;
 
+/* ---- Optimizer argument structs (kernels/optim.cu) ------------------------------------------- */
+
+/* One AdamW step over n f32 parameters, in torch.optim.AdamW's order of operations (f32, each step
+ * rounded, no fused multiply-add):
+ *   p  = p * (1 - lr * weight_decay)
+ *   g  = grad * grad_scale                      (grad_scale: clipping by global norm, else 1)
+ *   m  = m + (1 - beta1) * (g - m)              (torch's lerp with weight < 0.5)
+ *   v  = v * beta2 + (1 - beta2) * g * g
+ *   p  = p - step_size * m / (sqrt(v) / bc2_sqrt + eps)
+ * with step_size = lr / (1 - beta1^t) and bc2_sqrt = sqrt(1 - beta2^t) computed on the host.
+ * p, m, v are updated in place; when param_bf16 != 0 it is overwritten with bf16(p) (the bf16
+ * working copy of an f32 master weight). grad is read only. */
+typedef struct QadaptAdamwArgs {
+    uint64_t param;      /* float*          [n] */
+    uint64_t param_bf16; /* __nv_bfloat16*  [n] or 0 */
+    uint64_t grad;       /* const float*    [n] */
+    uint64_t m;          /* float*          [n] */
+    uint64_t v;          /* float*          [n] */
+    uint64_t n;
+    float lr;
+    float weight_decay;
+    float beta1;
+    float beta2;
+    float eps;
+    float step_size;
+    float bc2_sqrt;
+    float grad_scale;
+} QadaptAdamwArgs;
+
+/* Sum of squares of n f32 values: partial[b] = the f32 sum over CTA b's grid-stride share (a
+ * halving tree inside the CTA); the host adds the partials in f64. Overwrites partial[gridDim.x]. */
+typedef struct QadaptSumSquaresArgs {
+    uint64_t x;       /* const float* [n] */
+    uint64_t partial; /* float*       [gridDim.x] */
+    uint64_t n;
+} QadaptSumSquaresArgs;
+
 /* ---- Kernels ---------------------------------------------------------------------------------- */
 
 #if defined(__CUDACC__)
@@ -208,5 +245,9 @@ QADAPT_KERNEL(lora_gemm_bwd_dx_dense_bf16, QadaptLoraBwdArgs);
 QADAPT_KERNEL(lora_gemm_bwd_dx_nf4_bf16, QadaptLoraBwdArgs);
 QADAPT_KERNEL(lora_gemm_bwd_da_bf16, QadaptLoraBwdArgs);
 QADAPT_KERNEL(lora_gemm_bwd_db_bf16, QadaptLoraBwdArgs);
+
+/* kernels/optim.cu */
+QADAPT_KERNEL(adamw_f32, QadaptAdamwArgs);
+QADAPT_KERNEL(sum_squares_f32, QadaptSumSquaresArgs);
 
 #endif /* QADAPT_H */

@@ -22,6 +22,7 @@ pub mod dtype;
 pub mod error;
 pub mod lora;
 pub mod nf4;
+pub mod optim;
 pub mod plan;
 
 pub use cuda::CudaDevice;

@@ -98,6 +98,34 @@ pub fn nf4_double_quant(nblocks: u64, props: &DeviceProps) -> Result<[LaunchPlan
     ])
 }
 
+/// Element-wise kernels (the AdamW step): one thread per element, 256 a CTA, grid-stride.
+pub fn elementwise(n: u64, props: &DeviceProps) -> Result<LaunchPlan> {
+    if n == 0 {
+        return Err(invalid("elementwise plan", "no elements"));
+    }
+    Ok(LaunchPlan {
+        grid: capped_grid(n.div_ceil(256), props),
+        block: 256,
+        shared_bytes: 0,
+    })
+}
+
+/// Grid-stride reductions (`sum_squares_f32`): 256 threads a CTA, at most 4 CTAs per SM so the
+/// host adds few partials.
+pub fn reduction(n: u64, props: &DeviceProps) -> Result<LaunchPlan> {
+    if n == 0 {
+        return Err(invalid("reduction plan", "no elements"));
+    }
+    let cap = u64::from(props.sm_count.max(1)) * 4;
+    Ok(LaunchPlan {
+        grid: n
+            .div_ceil(256)
+            .clamp(1, cap.min(u64::from(props.max_grid_x))) as u32,
+        block: 256,
+        shared_bytes: 0,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -118,6 +146,22 @@ mod tests {
         assert_eq!(p.grid, 132 * 32);
         assert_eq!(nf4_quantize(1 << 20, 32, &SMALL).unwrap().grid, 10);
         assert!(nf4_quantize(0, 64, &SMALL).is_err());
+    }
+
+    #[test]
+    fn elementwise_and_reduction_plans() {
+        assert_eq!(elementwise(1000, &DeviceProps::H200).unwrap().grid, 4);
+        assert_eq!(
+            elementwise(1 << 40, &DeviceProps::H200).unwrap().grid,
+            132 * 32
+        );
+        assert_eq!(reduction(1000, &DeviceProps::H200).unwrap().grid, 4);
+        assert_eq!(
+            reduction(1 << 30, &DeviceProps::H200).unwrap().grid,
+            132 * 4
+        );
+        assert_eq!(reduction(1 << 30, &SMALL).unwrap().grid, 8);
+        assert!(elementwise(0, &SMALL).is_err() && reduction(0, &SMALL).is_err());
     }
 
     #[test]

@@ -18,9 +18,11 @@ use crate::plan::LaunchPlan;
 mod blas;
 mod lora;
 mod nf4;
+mod optim;
 pub(crate) use blas::gemm_bf16;
 pub(crate) use lora::{CudaLoraRef, CudaWeightRef, lora_backward, lora_forward};
 pub(crate) use nf4::{CudaScalesRef, nf4_dequantize, nf4_double_quant, nf4_quantize};
+pub(crate) use optim::{adamw, sum_squares};
 
 /// A kernel argument struct from `qadapt.h`, passed to the kernel by value.
 ///
@@ -34,6 +36,10 @@ unsafe impl KernelArgs for ffi::QadaptNf4QuantizeArgs {}
 unsafe impl KernelArgs for ffi::QadaptNf4DoubleQuantArgs {}
 // SAFETY: #[repr(C)] struct of u64/u32/f32 fields generated from qadapt.h.
 unsafe impl KernelArgs for ffi::QadaptNf4DequantizeArgs {}
+// SAFETY: #[repr(C)] struct of u64 and f32 fields generated from qadapt.h.
+unsafe impl KernelArgs for ffi::QadaptAdamwArgs {}
+// SAFETY: #[repr(C)] struct of u64 fields generated from qadapt.h.
+unsafe impl KernelArgs for ffi::QadaptSumSquaresArgs {}
 // SAFETY: #[repr(C)] struct of u64/u32/f32 fields generated from qadapt.h (13 device addresses,
 // then 8 four-byte fields, no padding); bindgen's layout test pins its 136-byte size.
 unsafe impl KernelArgs for ffi::QadaptLoraFwdArgs {}

@@ -1,0 +1,106 @@
+//! Optimizer launches: the AdamW step and the sum of squares (`kernels/optim.cu`).
+
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
+use half::bf16;
+use qadapt_kernels::{ffi, kernels};
+
+use super::{launch, on_device};
+use crate::cuda::CudaDevice;
+use crate::error::{Result, invalid, shape_err};
+use crate::optim::AdamWStep;
+use crate::plan;
+
+/// `adamw_f32`: updates param, m, v in place, overwrites param_bf16 when given.
+pub(crate) fn adamw(
+    dev: &CudaDevice,
+    param: &mut CudaSlice<f32>,
+    param_bf16: Option<&mut CudaSlice<bf16>>,
+    grad: &CudaSlice<f32>,
+    m: &mut CudaSlice<f32>,
+    v: &mut CudaSlice<f32>,
+    s: &AdamWStep,
+) -> Result<()> {
+    const OP: &str = "adamw (cuda)";
+    let n = param.len();
+    if n == 0 {
+        return Err(invalid(OP, "no parameters"));
+    }
+    let p16_len = param_bf16.as_ref().map_or(n, |p| p.len());
+    for (what, len) in [
+        ("grad", grad.len()),
+        ("m", m.len()),
+        ("v", v.len()),
+        ("param_bf16", p16_len),
+    ] {
+        if len != n {
+            return Err(shape_err(OP, format!("{what} of {n} elements"), len));
+        }
+    }
+    on_device(OP, dev, "param", param)?;
+    on_device(OP, dev, "grad", grad)?;
+    on_device(OP, dev, "m", m)?;
+    on_device(OP, dev, "v", v)?;
+    let plan = plan::elementwise(n as u64, &dev.props())?;
+    let stream = dev.stream().clone();
+    let (param_ptr, _w1) = param.device_ptr_mut(&stream);
+    let (grad_ptr, _r) = grad.device_ptr(&stream);
+    let (m_ptr, _w2) = m.device_ptr_mut(&stream);
+    let (v_ptr, _w3) = v.device_ptr_mut(&stream);
+    let mut p16_ptr = 0;
+    let _w4 = match param_bf16 {
+        Some(p16) => {
+            on_device(OP, dev, "param_bf16", p16)?;
+            let (p, g) = p16.device_ptr_mut(&stream);
+            p16_ptr = p;
+            Some(g)
+        }
+        None => None,
+    };
+    let args = ffi::QadaptAdamwArgs {
+        param: param_ptr,
+        param_bf16: p16_ptr,
+        grad: grad_ptr,
+        m: m_ptr,
+        v: v_ptr,
+        n: n as u64,
+        lr: s.lr,
+        weight_decay: s.weight_decay,
+        beta1: s.beta1,
+        beta2: s.beta2,
+        eps: s.eps,
+        step_size: s.step_size,
+        bc2_sqrt: s.bc2_sqrt,
+        grad_scale: s.grad_scale,
+    };
+    // SAFETY: QadaptAdamwArgs is what adamw_f32 takes; param, grad, m, v (and param_bf16 when
+    // non-zero) hold n elements each on this device (checked above); the kernel touches index i
+    // only for i < n.
+    unsafe { launch(dev, kernels::ADAMW_F32, plan, &args) }
+}
+
+/// `sum_squares_f32` then an f64 sum of the per-CTA partials on the host (synchronizes).
+pub(crate) fn sum_squares(dev: &CudaDevice, x: &CudaSlice<f32>) -> Result<f64> {
+    const OP: &str = "sum of squares (cuda)";
+    let n = x.len();
+    if n == 0 {
+        return Ok(0.0);
+    }
+    on_device(OP, dev, "x", x)?;
+    let plan = plan::reduction(n as u64, &dev.props())?;
+    let mut partial = dev.zeros::<f32>(plan.grid as usize)?;
+    {
+        let stream = dev.stream().clone();
+        let (x_ptr, _r) = x.device_ptr(&stream);
+        let (partial_ptr, _w) = partial.device_ptr_mut(&stream);
+        let args = ffi::QadaptSumSquaresArgs {
+            x: x_ptr,
+            partial: partial_ptr,
+            n: n as u64,
+        };
+        // SAFETY: QadaptSumSquaresArgs is what sum_squares_f32 takes; x holds n floats, partial
+        // one float per CTA of the plan (allocated above), both on this device; the plan has the
+        // 256 threads per CTA the kernel's shared array assumes.
+        unsafe { launch(dev, kernels::SUM_SQUARES_F32, plan, &args) }?;
+    }
+    Ok(dev.download(&partial)?.iter().map(|&p| f64::from(p)).sum())
+}
