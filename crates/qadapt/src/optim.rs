@@ -6,7 +6,7 @@
 //! bias corrections are computed in f64 on the host and passed as f32 scalars, as torch does with
 //! its Python floats. See `QadaptAdamwArgs` in `kernels/include/qadapt.h` for the formula.
 
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaSlice, UnifiedSlice};
 use half::bf16;
 use rayon::prelude::*;
 
@@ -158,7 +158,77 @@ pub fn adamw_cuda(
     v: &mut CudaSlice<f32>,
     s: &AdamWStep,
 ) -> Result<()> {
-    launch::adamw(dev, param, param_bf16, grad, m, v, s)
+    launch::adamw(
+        dev,
+        param,
+        param_bf16,
+        grad,
+        launch::Moments::Device(m, v),
+        s,
+    )
+}
+
+/// AdamW moments in managed memory (cuMemAllocManaged): the paged optimizer of QLoRA. The driver
+/// migrates pages to the device when a step prefetches them and back to the host under memory
+/// pressure, so optimizer state need not fit on the card next to the model. Zero at creation.
+pub struct PagedAdamState {
+    m: UnifiedSlice<f32>,
+    v: UnifiedSlice<f32>,
+}
+
+impl std::fmt::Debug for PagedAdamState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PagedAdamState")
+            .field("len", &self.m.len())
+            .finish()
+    }
+}
+
+impl PagedAdamState {
+    /// State for `n` parameters. Refuses more than half the device's free memory.
+    pub fn new(dev: &CudaDevice, n: usize) -> Result<PagedAdamState> {
+        Ok(PagedAdamState {
+            m: launch::alloc_managed_f32(dev, n)?,
+            v: launch::alloc_managed_f32(dev, n)?,
+        })
+    }
+
+    /// Number of parameters.
+    pub fn len(&self) -> usize {
+        self.m.len()
+    }
+
+    /// Whether the state is empty (never: allocation refuses zero).
+    pub fn is_empty(&self) -> bool {
+        self.m.is_empty()
+    }
+
+    /// Copies (m, v) to the host (synchronizes the device first).
+    pub fn to_host(&self, dev: &CudaDevice) -> Result<(Vec<f32>, Vec<f32>)> {
+        dev.synchronize()?;
+        Ok((self.m.as_slice()?.to_vec(), self.v.as_slice()?.to_vec()))
+    }
+}
+
+/// One AdamW step with paged (managed-memory) moments: prefetched to the device on this step's
+/// stream, then the same `adamw_f32` kernel as [`adamw_cuda`].
+pub fn adamw_cuda_paged(
+    dev: &CudaDevice,
+    param: &mut CudaSlice<f32>,
+    param_bf16: Option<&mut CudaSlice<bf16>>,
+    grad: &CudaSlice<f32>,
+    state: &mut PagedAdamState,
+    s: &AdamWStep,
+) -> Result<()> {
+    let PagedAdamState { m, v } = state;
+    launch::adamw(
+        dev,
+        param,
+        param_bf16,
+        grad,
+        launch::Moments::Managed(m, v),
+        s,
+    )
 }
 
 /// Sum of squares in f64 (the CPU reference of the gradient norm).

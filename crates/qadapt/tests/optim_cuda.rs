@@ -62,3 +62,29 @@ fn cuda_sum_squares_matches_cpu() {
         assert!((got - want).abs() <= 1e-5 * want, "n={n}: {got} vs {want}");
     }
 }
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn cuda_paged_adamw_matches_device_state_bit_for_bit() {
+    use qadapt::optim::{PagedAdamState, adamw_cuda_paged};
+    let Device::Cuda(dev) = Device::cuda(0).expect("this test needs a CUDA device") else {
+        unreachable!()
+    };
+    let h = AdamW::default();
+    let n = 3 << 20;
+    let p0 = vals(n, 2);
+    let (mut dp, mut pp) = (dev.upload(&p0).unwrap(), dev.upload(&p0).unwrap());
+    let (mut dm, mut dv) = (dev.zeros::<f32>(n).unwrap(), dev.zeros::<f32>(n).unwrap());
+    let mut paged = PagedAdamState::new(&dev, n).unwrap();
+    assert_eq!(paged.len(), n);
+    for t in 1..=3u64 {
+        let g = dev.upload(&vals(n, 20 + t as u32)).unwrap();
+        let s = h.step(t, h.lr, 1.0).unwrap();
+        adamw_cuda(&dev, &mut dp, None, &g, &mut dm, &mut dv, &s).unwrap();
+        adamw_cuda_paged(&dev, &mut pp, None, &g, &mut paged, &s).unwrap();
+    }
+    assert_eq!(dev.download(&dp).unwrap(), dev.download(&pp).unwrap());
+    let (m, v) = paged.to_host(&dev).unwrap();
+    assert_eq!(m, dev.download(&dm).unwrap());
+    assert_eq!(v, dev.download(&dv).unwrap());
+}

@@ -22,7 +22,7 @@ mod optim;
 pub(crate) use blas::gemm_bf16;
 pub(crate) use lora::{CudaLoraRef, CudaWeightRef, lora_backward, lora_forward};
 pub(crate) use nf4::{CudaScalesRef, nf4_dequantize, nf4_double_quant, nf4_quantize};
-pub(crate) use optim::{adamw, sum_squares};
+pub(crate) use optim::{Moments, adamw, alloc_managed_f32, sum_squares};
 
 /// A kernel argument struct from `qadapt.h`, passed to the kernel by value.
 ///

@@ -1,6 +1,7 @@
 //! Optimizer launches: the AdamW step and the sum of squares (`kernels/optim.cu`).
 
-use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
+use cudarc::driver::sys::CUmemAttach_flags::CU_MEM_ATTACH_GLOBAL;
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, UnifiedSlice};
 use half::bf16;
 use qadapt_kernels::{ffi, kernels};
 
@@ -10,14 +11,20 @@ use crate::error::{Result, invalid, shape_err};
 use crate::optim::AdamWStep;
 use crate::plan;
 
+/// Where the AdamW moments live: device memory, or managed memory the driver pages between host
+/// and device (the paged optimizer of QLoRA), prefetched to the device before each step.
+pub(crate) enum Moments<'a> {
+    Device(&'a mut CudaSlice<f32>, &'a mut CudaSlice<f32>),
+    Managed(&'a mut UnifiedSlice<f32>, &'a mut UnifiedSlice<f32>),
+}
+
 /// `adamw_f32`: updates param, m, v in place, overwrites param_bf16 when given.
 pub(crate) fn adamw(
     dev: &CudaDevice,
     param: &mut CudaSlice<f32>,
     param_bf16: Option<&mut CudaSlice<bf16>>,
     grad: &CudaSlice<f32>,
-    m: &mut CudaSlice<f32>,
-    v: &mut CudaSlice<f32>,
+    moments: Moments<'_>,
     s: &AdamWStep,
 ) -> Result<()> {
     const OP: &str = "adamw (cuda)";
@@ -26,10 +33,14 @@ pub(crate) fn adamw(
         return Err(invalid(OP, "no parameters"));
     }
     let p16_len = param_bf16.as_ref().map_or(n, |p| p.len());
+    let (m_len, v_len) = match &moments {
+        Moments::Device(m, v) => (m.len(), v.len()),
+        Moments::Managed(m, v) => (m.len(), v.len()),
+    };
     for (what, len) in [
         ("grad", grad.len()),
-        ("m", m.len()),
-        ("v", v.len()),
+        ("m", m_len),
+        ("v", v_len),
         ("param_bf16", p16_len),
     ] {
         if len != n {
@@ -38,14 +49,30 @@ pub(crate) fn adamw(
     }
     on_device(OP, dev, "param", param)?;
     on_device(OP, dev, "grad", grad)?;
-    on_device(OP, dev, "m", m)?;
-    on_device(OP, dev, "v", v)?;
     let plan = plan::elementwise(n as u64, &dev.props())?;
     let stream = dev.stream().clone();
     let (param_ptr, _w1) = param.device_ptr_mut(&stream);
     let (grad_ptr, _r) = grad.device_ptr(&stream);
-    let (m_ptr, _w2) = m.device_ptr_mut(&stream);
-    let (v_ptr, _w3) = v.device_ptr_mut(&stream);
+    let (m_ptr, v_ptr, _moment_guards) = match moments {
+        Moments::Device(m, v) => {
+            on_device(OP, dev, "m", m)?;
+            on_device(OP, dev, "v", v)?;
+            let (mp, g1) = m.device_ptr_mut(&stream);
+            let (vp, g2) = v.device_ptr_mut(&stream);
+            (mp, vp, [g1, g2])
+        }
+        Moments::Managed(m, v) => {
+            // Managed memory is valid on every device of the system; queue the migration to this
+            // device on the step's stream so the kernel does not fault page by page.
+            for state in [&mut *m, &mut *v] {
+                state.attach(&stream, CU_MEM_ATTACH_GLOBAL)?;
+                state.prefetch()?;
+            }
+            let (mp, g1) = m.device_ptr_mut(&stream);
+            let (vp, g2) = v.device_ptr_mut(&stream);
+            (mp, vp, [g1, g2])
+        }
+    };
     let mut p16_ptr = 0;
     let _w4 = match param_bf16 {
         Some(p16) => {
@@ -73,9 +100,33 @@ pub(crate) fn adamw(
         grad_scale: s.grad_scale,
     };
     // SAFETY: QadaptAdamwArgs is what adamw_f32 takes; param, grad, m, v (and param_bf16 when
-    // non-zero) hold n elements each on this device (checked above); the kernel touches index i
-    // only for i < n.
+    // non-zero) hold n elements each (checked above); param, grad and param_bf16 are device
+    // memory of this context, m and v device memory of it or managed memory attached to this
+    // stream (valid on the device); the kernel touches index i only for i < n.
     unsafe { launch(dev, kernels::ADAMW_F32, plan, &args) }
+}
+
+/// `n` zeroed f32 of managed memory (cuMemAllocManaged, attached globally), for paged state.
+pub(crate) fn alloc_managed_f32(dev: &CudaDevice, n: usize) -> Result<UnifiedSlice<f32>> {
+    if n == 0 {
+        return Err(invalid("managed allocation", "zero elements"));
+    }
+    let (free, _) = dev.inner.ctx.mem_get_info()?;
+    if n * 4 > free / 2 {
+        // Asking for more managed memory than the card has free can hang the device.
+        return Err(invalid(
+            "managed allocation",
+            format!(
+                "{} MiB asked, {} MiB free on the device: refused",
+                (n * 4) >> 20,
+                free >> 20
+            ),
+        ));
+    }
+    // SAFETY: f32 is valid for any bit pattern, and the buffer is zeroed below before any read.
+    let mut s = unsafe { dev.inner.ctx.alloc_unified::<f32>(n, true) }?;
+    dev.stream().memset_zeros(&mut s)?;
+    Ok(s)
 }
 
 /// `sum_squares_f32` then an f64 sum of the per-CTA partials on the host (synchronizes).
