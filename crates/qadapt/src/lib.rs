@@ -16,12 +16,14 @@
 //! # Ok::<(), qadapt::Error>(())
 //! ```
 
+pub mod adapter;
 pub mod cuda;
 pub mod device;
 pub mod dtype;
 pub mod error;
 pub mod lora;
 pub mod nf4;
+pub mod ops;
 pub mod optim;
 pub mod plan;
 

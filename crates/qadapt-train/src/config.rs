@@ -1,0 +1,264 @@
+//! `LlamaConfig`: the architecture fields of an HF `config.json` that the model needs.
+//!
+//! Both spellings of the RoPE settings are read: transformers 5 writes
+//! `rope_parameters: {rope_type, rope_theta, factor, ...}`, older files have a top-level
+//! `rope_theta` and `rope_scaling: {rope_type | type, factor, ...}`. Only the "default" and
+//! "llama3" rope types are supported; any other is refused rather than silently computed wrong.
+
+use std::path::Path;
+
+use qadapt::ops::rope::RopeScaling;
+use qadapt::{Error, Result};
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::format_err;
+
+/// The architecture of a Llama-family model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaConfig {
+    /// Model width C.
+    pub hidden_size: usize,
+    /// MLP width.
+    pub intermediate_size: usize,
+    /// Decoder layers.
+    pub num_hidden_layers: usize,
+    /// Query heads.
+    pub num_attention_heads: usize,
+    /// Key/value heads (grouped-query attention when fewer than the query heads).
+    pub num_key_value_heads: usize,
+    /// Size of one head (`hidden_size / num_attention_heads` unless the file says otherwise).
+    pub head_dim: usize,
+    /// RMSNorm epsilon.
+    pub rms_norm_eps: f64,
+    /// RoPE base.
+    pub rope_theta: f64,
+    /// RoPE frequency rescaling.
+    pub rope_scaling: RopeScaling,
+    /// Vocabulary size V.
+    pub vocab_size: usize,
+    /// The output projection is the embedding table.
+    pub tie_word_embeddings: bool,
+    /// Longest sequence the model was configured for.
+    pub max_position_embeddings: usize,
+}
+
+#[derive(Deserialize)]
+struct Raw {
+    architectures: Option<Vec<String>>,
+    model_type: Option<String>,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    rms_norm_eps: f64,
+    rope_theta: Option<f64>,
+    rope_scaling: Option<Value>,
+    rope_parameters: Option<Value>,
+    vocab_size: usize,
+    #[serde(default)]
+    tie_word_embeddings: bool,
+    max_position_embeddings: usize,
+    #[serde(default)]
+    hidden_act: Option<String>,
+    #[serde(default)]
+    attention_bias: bool,
+    #[serde(default)]
+    mlp_bias: bool,
+}
+
+impl LlamaConfig {
+    /// Reads and validates `config.json`.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+            file: path.to_owned(),
+            source,
+        })?;
+        Self::from_json(&text, path)
+    }
+
+    /// Parses the text of a `config.json`; `path` only names the file in errors.
+    pub fn from_json(text: &str, path: &Path) -> Result<Self> {
+        let raw: Raw = serde_json::from_str(text).map_err(|e| format_err(path, e))?;
+        let is_llama = raw
+            .architectures
+            .as_ref()
+            .is_some_and(|a| a.iter().any(|s| s == "LlamaForCausalLM"))
+            || raw.model_type.as_deref() == Some("llama");
+        if !is_llama {
+            return Err(format_err(
+                path,
+                format!(
+                    "not a Llama model: architectures {:?}, model_type {:?} (need LlamaForCausalLM or llama)",
+                    raw.architectures, raw.model_type
+                ),
+            ));
+        }
+        if let Some(act) = raw.hidden_act.as_deref().filter(|a| *a != "silu") {
+            return Err(format_err(
+                path,
+                format!("hidden_act {act:?} is not supported (silu only)"),
+            ));
+        }
+        if raw.attention_bias || raw.mlp_bias {
+            return Err(format_err(
+                path,
+                "attention_bias / mlp_bias are not supported",
+            ));
+        }
+        let heads = raw.num_attention_heads;
+        let kv = raw.num_key_value_heads.unwrap_or(heads);
+        if heads == 0 || kv == 0 || !heads.is_multiple_of(kv) {
+            return Err(format_err(
+                path,
+                format!(
+                    "num_attention_heads {heads} must be a positive multiple of num_key_value_heads {kv}"
+                ),
+            ));
+        }
+        let head_dim = match raw.head_dim {
+            Some(d) => d,
+            None if raw.hidden_size.is_multiple_of(heads) => raw.hidden_size / heads,
+            None => {
+                return Err(format_err(
+                    path,
+                    format!(
+                        "hidden_size {} is not a multiple of {heads} heads",
+                        raw.hidden_size
+                    ),
+                ));
+            }
+        };
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
+            return Err(format_err(
+                path,
+                format!("head_dim {head_dim} must be even and positive"),
+            ));
+        }
+        let rope = raw
+            .rope_parameters
+            .as_ref()
+            .or(raw.rope_scaling.as_ref())
+            .filter(|v| !v.is_null());
+        let rope_theta = rope
+            .and_then(|r| r.get("rope_theta"))
+            .and_then(Value::as_f64)
+            .or(raw.rope_theta)
+            .unwrap_or(10000.0);
+        let rope_scaling = match rope {
+            None => RopeScaling::None,
+            Some(r) => parse_rope(r, path)?,
+        };
+        Ok(LlamaConfig {
+            hidden_size: raw.hidden_size,
+            intermediate_size: raw.intermediate_size,
+            num_hidden_layers: raw.num_hidden_layers,
+            num_attention_heads: heads,
+            num_key_value_heads: kv,
+            head_dim,
+            rms_norm_eps: raw.rms_norm_eps,
+            rope_theta,
+            rope_scaling,
+            vocab_size: raw.vocab_size,
+            tie_word_embeddings: raw.tie_word_embeddings,
+            max_position_embeddings: raw.max_position_embeddings,
+        })
+    }
+
+    /// Width of the query projection (`heads * head_dim`).
+    pub fn q_dim(&self) -> usize {
+        self.num_attention_heads * self.head_dim
+    }
+
+    /// Width of the key and value projections (`kv_heads * head_dim`).
+    pub fn kv_dim(&self) -> usize {
+        self.num_key_value_heads * self.head_dim
+    }
+}
+
+fn parse_rope(r: &Value, path: &Path) -> Result<RopeScaling> {
+    let kind = r
+        .get("rope_type")
+        .or_else(|| r.get("type"))
+        .and_then(Value::as_str)
+        .unwrap_or("default");
+    match kind {
+        "default" => Ok(RopeScaling::None),
+        "llama3" => {
+            let field = |name: &str| {
+                r.get(name).and_then(Value::as_f64).ok_or_else(|| {
+                    format_err(
+                        path,
+                        format!("llama3 rope scaling lacks the number {name:?}"),
+                    )
+                })
+            };
+            Ok(RopeScaling::Llama3 {
+                factor: field("factor")?,
+                low_freq_factor: field("low_freq_factor")?,
+                high_freq_factor: field("high_freq_factor")?,
+                original_max_position_embeddings: field("original_max_position_embeddings")?,
+            })
+        }
+        other => Err(format_err(
+            path,
+            format!("rope_type {other:?} is not supported (default or llama3)"),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#""hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-6,
+        "vocab_size": 128, "max_position_embeddings": 256"#;
+
+    fn parse(extra: &str) -> Result<LlamaConfig> {
+        LlamaConfig::from_json(&format!("{{{BASE}{extra}}}"), Path::new("dir/config.json"))
+    }
+
+    #[test]
+    fn legacy_and_v5_rope_spellings() {
+        let a = parse(
+            r#", "architectures": ["LlamaForCausalLM"], "rope_theta": 500000.0,
+            "rope_scaling": {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}"#,
+        )
+        .unwrap();
+        assert_eq!(a.head_dim, 16);
+        assert_eq!(a.rope_theta, 500000.0);
+        assert!(!a.tie_word_embeddings);
+        let b = parse(
+            r#", "model_type": "llama", "tie_word_embeddings": true, "head_dim": 32,
+            "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192}"#,
+        )
+        .unwrap();
+        assert_eq!(a.rope_scaling, b.rope_scaling);
+        assert_eq!((b.head_dim, b.q_dim(), b.kv_dim()), (32, 128, 64));
+        assert!(b.tie_word_embeddings);
+        let c = parse(r#", "model_type": "llama""#).unwrap();
+        assert_eq!((c.rope_theta, c.rope_scaling), (10000.0, RopeScaling::None));
+    }
+
+    #[test]
+    fn refusals_name_the_file() {
+        let e = parse(r#", "architectures": ["MistralForCausalLM"], "model_type": "mistral""#)
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("dir/config.json: not a Llama model"),
+            "{e}"
+        );
+        let e = parse(r#", "model_type": "llama", "rope_parameters": {"rope_type": "yarn"}"#)
+            .unwrap_err();
+        assert!(e.to_string().contains("\"yarn\" is not supported"), "{e}");
+        let e = LlamaConfig::from_json("{}", Path::new("x.json")).unwrap_err();
+        assert!(e.to_string().starts_with("x.json: missing field"), "{e}");
+    }
+}

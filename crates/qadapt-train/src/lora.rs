@@ -1,0 +1,430 @@
+//! LoRA adapters on the decoder's linear layers, in HF PEFT's format.
+//!
+//! A targeted projection `y = x W^T` becomes `y = x W^T + s (x A^T) B^T` with `A [r, in]`,
+//! `B [out, r]` and `s = alpha / r`, or `alpha / sqrt(r)` with rsLoRA: the same math as
+//! [`qadapt::lora`] (whose fused bf16/NF4 kernels take these matrices through
+//! [`LoraAdapter::adapter_stack`]), here in the model's f32 (or f64) with f32 products. With
+//! `u = s x A^T` (saved by the forward):
+//! ```text
+//! dB += dy^T u          g = s dy B          dA += g^T x          dx += g A
+//! ```
+//! Files: `adapter_config.json` (peft_type "LORA": r, lora_alpha, use_rslora, lora_dropout,
+//! target_modules) and `adapter_model.safetensors` with
+//! `base_model.model.<module>.lora_A.weight [r, in]` and `.lora_B.weight [out, r]`. A target
+//! matches a module whose path equals it or ends with `.<target>` (PEFT's rule for a list of
+//! names); only the seven projections of the decoder layers can be targets. PEFT options that
+//! change the math (DoRA, biases, fan_in_fan_out, per-module rank or alpha patterns, a regex
+//! target) are refused when reading rather than silently ignored. Dropout is recorded, not applied:
+//! this forward is PEFT's eval mode.
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use half::bf16;
+use qadapt::ops::Real;
+use qadapt::{Error, Result};
+use safetensors::SafeTensors;
+use safetensors::tensor::TensorView;
+use serde_json::{Value, json};
+
+use crate::config::LlamaConfig;
+use crate::weights::{Proj, to_f32};
+use crate::{format_err, invalid};
+
+/// The hyper-parameters of a LoRA adapter.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraConfig {
+    /// Rank r.
+    pub r: usize,
+    /// `lora_alpha`.
+    pub alpha: f64,
+    /// rsLoRA scaling `alpha / sqrt(r)` instead of `alpha / r`.
+    pub use_rslora: bool,
+    /// `lora_dropout` (applied by the trainer; not by [`crate::Llama`]'s forward).
+    pub dropout: f64,
+    /// Module names or path suffixes, e.g. `["q_proj", "v_proj"]`.
+    pub target_modules: Vec<String>,
+}
+
+impl LoraConfig {
+    /// The scale s of the low-rank term.
+    pub fn scaling(&self) -> f64 {
+        if self.use_rslora {
+            self.alpha / (self.r as f64).sqrt()
+        } else {
+            self.alpha / self.r as f64
+        }
+    }
+
+    /// Whether `target_modules` selects this projection of `layer`.
+    pub fn targets(&self, layer: usize, p: Proj) -> bool {
+        let path = p.module(layer);
+        self.target_modules
+            .iter()
+            .any(|t| path == *t || path.ends_with(&format!(".{t}")))
+    }
+}
+
+/// The two matrices of one adapted projection.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraPair<T> {
+    /// `lora_A.weight [r, in]`.
+    pub a: Vec<T>,
+    /// `lora_B.weight [out, r]`.
+    pub b: Vec<T>,
+}
+
+/// How [`LoraAdapter::new`] fills A and B.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoraInit {
+    /// PEFT's default: A uniform in `±1/sqrt(in)` (kaiming-uniform with `a = sqrt(5)`), B = 0, so
+    /// the adapted model starts equal to the base. Deterministic in the seed.
+    Peft {
+        /// Seed of the generator.
+        seed: u64,
+    },
+    /// A = B = 0 (the shape of a gradient).
+    Zeros,
+}
+
+/// A LoRA adapter for every targeted projection of a model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraAdapter<T> {
+    /// The hyper-parameters.
+    pub config: LoraConfig,
+    /// `pairs[layer][proj.index()]`, `None` where not targeted.
+    pub pairs: Vec<Vec<Option<LoraPair<T>>>>,
+}
+
+/// Key of one LoRA matrix in `adapter_model.safetensors`.
+pub fn peft_key(layer: usize, p: Proj, which: char) -> String {
+    format!("base_model.model.{}.lora_{which}.weight", p.module(layer))
+}
+
+/// Uniform values in [-1, 1) (splitmix64), for a reproducible init without a crate dependency.
+fn uniform(state: &mut u64) -> f64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    (z >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
+}
+
+impl<T: Real> LoraAdapter<T> {
+    /// An adapter on `model`, checking that r > 0 and that every target selects some projection.
+    pub fn new(model: &LlamaConfig, config: LoraConfig, init: LoraInit) -> Result<Self> {
+        const OP: &str = "lora adapter";
+        if config.r == 0 {
+            return Err(invalid(OP, "rank r must be positive"));
+        }
+        for t in &config.target_modules {
+            let hit = (0..model.num_hidden_layers).any(|l| {
+                Proj::ALL.iter().any(|&p| {
+                    let path = p.module(l);
+                    path == *t || path.ends_with(&format!(".{t}"))
+                })
+            });
+            if !hit {
+                return Err(invalid(
+                    OP,
+                    format!("target module {t:?} matches no projection of a decoder layer"),
+                ));
+            }
+        }
+        let mut seed = match init {
+            LoraInit::Peft { seed } => seed,
+            LoraInit::Zeros => 0,
+        };
+        let r = config.r;
+        let pairs = (0..model.num_hidden_layers)
+            .map(|l| {
+                Proj::ALL
+                    .iter()
+                    .map(|&p| {
+                        config.targets(l, p).then(|| {
+                            let (inp, out) = p.dims(model);
+                            let bound = 1.0 / (inp as f64).sqrt();
+                            let a = (0..r * inp)
+                                .map(|_| match init {
+                                    LoraInit::Peft { .. } => {
+                                        T::from_f64(bound * uniform(&mut seed))
+                                    }
+                                    LoraInit::Zeros => T::ZERO,
+                                })
+                                .collect();
+                            LoraPair {
+                                a,
+                                b: vec![T::ZERO; out * r],
+                            }
+                        })
+                    })
+                    .collect()
+            })
+            .collect();
+        Ok(LoraAdapter { config, pairs })
+    }
+
+    /// The pair of one projection, if it is adapted.
+    pub fn pair(&self, layer: usize, p: Proj) -> Option<&LoraPair<T>> {
+        self.pairs.get(layer)?.get(p.index())?.as_ref()
+    }
+
+    /// The same adapter with every matrix zero (gradient accumulators).
+    pub fn zeros_like(&self) -> Self {
+        let z = |v: &Vec<T>| vec![T::ZERO; v.len()];
+        LoraAdapter {
+            config: self.config.clone(),
+            pairs: self
+                .pairs
+                .iter()
+                .map(|l| {
+                    l.iter()
+                        .map(|o| {
+                            o.as_ref().map(|p| LoraPair {
+                                a: z(&p.a),
+                                b: z(&p.b),
+                            })
+                        })
+                        .collect()
+                })
+                .collect(),
+        }
+    }
+
+    /// `(PEFT key, shape, values)` of every matrix, layer by layer, A before B.
+    pub fn named<'a>(&'a self, model: &LlamaConfig) -> Vec<(String, Vec<usize>, &'a [T])> {
+        let r = self.config.r;
+        let mut out = Vec::new();
+        for (l, layer) in self.pairs.iter().enumerate() {
+            for (&p, pair) in Proj::ALL.iter().zip(layer) {
+                if let Some(pair) = pair {
+                    let (inp, o) = p.dims(model);
+                    out.push((peft_key(l, p, 'A'), vec![r, inp], pair.a.as_slice()));
+                    out.push((peft_key(l, p, 'B'), vec![o, r], pair.b.as_slice()));
+                }
+            }
+        }
+        out
+    }
+
+    /// The same adapter in another [`Real`] type.
+    pub fn cast<U: Real>(&self) -> LoraAdapter<U> {
+        let c = |v: &Vec<T>| v.iter().map(|x| U::from_f64(x.to_f64())).collect();
+        LoraAdapter {
+            config: self.config.clone(),
+            pairs: self
+                .pairs
+                .iter()
+                .map(|l| {
+                    l.iter()
+                        .map(|o| {
+                            o.as_ref().map(|p| LoraPair {
+                                a: c(&p.a),
+                                b: c(&p.b),
+                            })
+                        })
+                        .collect()
+                })
+                .collect(),
+        }
+    }
+
+    /// One projection's adapter as a [`qadapt::lora::AdapterStack`] (bf16, one adapter), the input
+    /// of the fused LoRA layers and kernels.
+    pub fn adapter_stack(&self, layer: usize, p: Proj) -> Result<qadapt::lora::AdapterStack> {
+        let pair = self.pair(layer, p).ok_or_else(|| {
+            invalid(
+                "lora adapter",
+                format!("{} is not adapted", p.module(layer)),
+            )
+        })?;
+        let h = |v: &Vec<T>| v.iter().map(|x| bf16::from_f64(x.to_f64())).collect();
+        qadapt::lora::AdapterStack::new(
+            self.config.r,
+            h(&pair.a),
+            h(&pair.b),
+            vec![self.config.scaling() as f32],
+        )
+    }
+
+    /// Writes `adapter_config.json` and `adapter_model.safetensors` (f32) into `dir`.
+    pub fn save(&self, dir: &Path, model: &LlamaConfig) -> Result<()> {
+        let io = |file: &Path| {
+            let file = file.to_owned();
+            move |source| Error::Io { file, source }
+        };
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let mut targets = self.config.target_modules.clone();
+        targets.sort();
+        let cfg = json!({
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": null,
+            "r": self.config.r,
+            "lora_alpha": self.config.alpha,
+            "lora_dropout": self.config.dropout,
+            "use_rslora": self.config.use_rslora,
+            "target_modules": targets,
+            "bias": "none",
+            "fan_in_fan_out": false,
+            "use_dora": false,
+            "inference_mode": true,
+            "init_lora_weights": true,
+            "modules_to_save": null,
+            "layers_to_transform": null,
+            "rank_pattern": {},
+            "alpha_pattern": {},
+        });
+        let cfg_path = dir.join("adapter_config.json");
+        let text = serde_json::to_string_pretty(&cfg).map_err(|e| format_err(&cfg_path, e))?;
+        std::fs::write(&cfg_path, text + "\n").map_err(io(&cfg_path))?;
+        let named = self.named(model);
+        let bytes: Vec<Vec<u8>> = named
+            .iter()
+            .map(|(_, _, v)| {
+                v.iter()
+                    .flat_map(|x| (x.to_f64() as f32).to_le_bytes())
+                    .collect()
+            })
+            .collect();
+        let path = dir.join("adapter_model.safetensors");
+        let mut views = Vec::with_capacity(named.len());
+        for ((name, shape, _), b) in named.iter().zip(&bytes) {
+            let view = TensorView::new(safetensors::Dtype::F32, shape.clone(), b)
+                .map_err(|e| format_err(&path, e))?;
+            views.push((name.clone(), view));
+        }
+        safetensors::serialize_to_file(views, None, &path).map_err(|e| format_err(&path, e))
+    }
+}
+
+/// Reads the hyper-parameters from an `adapter_config.json`, refusing options this crate does not
+/// compute.
+pub fn read_config(path: &Path) -> Result<LoraConfig> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+        file: path.to_owned(),
+        source,
+    })?;
+    let v: Value = serde_json::from_str(&text).map_err(|e| format_err(path, e))?;
+    let get = |k: &str| v.get(k).filter(|x| !x.is_null());
+    if get("peft_type").and_then(Value::as_str) != Some("LORA") {
+        return Err(format_err(path, "peft_type is not \"LORA\""));
+    }
+    let refuse = |what: &str| Err(format_err(path, format!("{what} is not supported")));
+    if get("use_dora").and_then(Value::as_bool) == Some(true) {
+        return refuse("use_dora");
+    }
+    if get("fan_in_fan_out").and_then(Value::as_bool) == Some(true) {
+        return refuse("fan_in_fan_out");
+    }
+    if get("bias")
+        .and_then(Value::as_str)
+        .is_some_and(|b| b != "none")
+    {
+        return refuse("a bias other than \"none\"");
+    }
+    if get("lora_bias").and_then(Value::as_bool) == Some(true) {
+        return refuse("lora_bias");
+    }
+    for k in ["rank_pattern", "alpha_pattern"] {
+        if get(k)
+            .and_then(Value::as_object)
+            .is_some_and(|o| !o.is_empty())
+        {
+            return refuse(k);
+        }
+    }
+    for k in [
+        "layers_to_transform",
+        "layer_replication",
+        "target_parameters",
+    ] {
+        if get(k).is_some() {
+            return refuse(k);
+        }
+    }
+    if get("modules_to_save")
+        .and_then(Value::as_array)
+        .is_some_and(|a| !a.is_empty())
+    {
+        return refuse("modules_to_save");
+    }
+    let r = get("r")
+        .and_then(Value::as_u64)
+        .ok_or_else(|| format_err(path, "no integer \"r\""))? as usize;
+    let alpha = get("lora_alpha")
+        .and_then(Value::as_f64)
+        .ok_or_else(|| format_err(path, "no number \"lora_alpha\""))?;
+    let target_modules = match get("target_modules") {
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|t| {
+                t.as_str()
+                    .map(str::to_owned)
+                    .ok_or_else(|| format_err(path, "target_modules holds a non-string"))
+            })
+            .collect::<Result<Vec<_>>>()?,
+        Some(Value::String(_)) => return refuse("a regex target_modules"),
+        _ => return Err(format_err(path, "no \"target_modules\" list")),
+    };
+    Ok(LoraConfig {
+        r,
+        alpha,
+        use_rslora: get("use_rslora").and_then(Value::as_bool).unwrap_or(false),
+        dropout: get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0),
+        target_modules,
+    })
+}
+
+/// Loads a PEFT LoRA adapter directory for `model` (matrices widened to f32). Every matrix the
+/// config implies must be present with its shape, and the file may hold no other LoRA matrix.
+pub fn load(dir: &Path, model: &LlamaConfig) -> Result<LoraAdapter<f32>> {
+    let config = read_config(&dir.join("adapter_config.json"))?;
+    let mut adapter = LoraAdapter::<f32>::new(model, config, LoraInit::Zeros)
+        .map_err(|e| format_err(&dir.join("adapter_config.json"), e))?;
+    let path = dir.join("adapter_model.safetensors");
+    let bytes = std::fs::read(&path).map_err(|source| Error::Io {
+        file: path.clone(),
+        source,
+    })?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| format_err(&path, e))?;
+    let known: HashSet<String> = adapter
+        .named(model)
+        .into_iter()
+        .map(|(k, _, _)| k)
+        .collect();
+    let mut names = st.names();
+    names.sort();
+    if let Some(extra) = names
+        .into_iter()
+        .find(|k| k.contains(".lora_") && !known.contains(*k))
+    {
+        return Err(format_err(
+            &path,
+            format!("tensor {extra} belongs to no module of target_modules"),
+        ));
+    }
+    let r = adapter.config.r;
+    for (l, layer) in adapter.pairs.iter_mut().enumerate() {
+        for (&p, pair) in Proj::ALL.iter().zip(layer.iter_mut()) {
+            let Some(pair) = pair else { continue };
+            let (inp, out) = p.dims(model);
+            for (which, dst, shape) in [('A', &mut pair.a, [r, inp]), ('B', &mut pair.b, [out, r])]
+            {
+                let key = peft_key(l, p, which);
+                let t = st
+                    .tensor(&key)
+                    .map_err(|_| format_err(&path, format!("missing tensor {key}")))?;
+                if t.shape() != shape {
+                    return Err(format_err(
+                        &path,
+                        format!("tensor {key} has shape {:?}, expected {shape:?}", t.shape()),
+                    ));
+                }
+                *dst = to_f32(&path, &key, t.dtype(), t.data())?;
+            }
+        }
+    }
+    Ok(adapter)
+}

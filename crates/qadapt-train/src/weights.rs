@@ -1,0 +1,387 @@
+//! The parameters of a Llama model, named and shaped as in HF checkpoints, and their loading from
+//! `model.safetensors` or a sharded `model.safetensors.index.json`.
+//!
+//! Every tensor is row-major with PyTorch's layout (`Linear.weight` is `[out, in]`). The same
+//! struct holds gradients (see [`crate::model::Gradients`]). bf16, f16 and f32 files are all
+//! widened to f32 on load. A missing tensor, a shape that does not match the config or an
+//! unsupported dtype is one [`qadapt::Error::Format`] naming the file and the tensor.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use half::{bf16, f16};
+use qadapt::ops::Real;
+use qadapt::{Error, Result};
+use safetensors::{Dtype, SafeTensors};
+
+use crate::config::LlamaConfig;
+use crate::format_err;
+
+/// One decoder layer's parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerWeights<T> {
+    /// `input_layernorm.weight [C]`.
+    pub input_layernorm: Vec<T>,
+    /// `self_attn.q_proj.weight [heads * D, C]`.
+    pub q_proj: Vec<T>,
+    /// `self_attn.k_proj.weight [kv_heads * D, C]`.
+    pub k_proj: Vec<T>,
+    /// `self_attn.v_proj.weight [kv_heads * D, C]`.
+    pub v_proj: Vec<T>,
+    /// `self_attn.o_proj.weight [C, heads * D]`.
+    pub o_proj: Vec<T>,
+    /// `post_attention_layernorm.weight [C]`.
+    pub post_attention_layernorm: Vec<T>,
+    /// `mlp.gate_proj.weight [I, C]`.
+    pub gate_proj: Vec<T>,
+    /// `mlp.up_proj.weight [I, C]`.
+    pub up_proj: Vec<T>,
+    /// `mlp.down_proj.weight [C, I]`.
+    pub down_proj: Vec<T>,
+}
+
+/// The seven linear layers of a decoder layer, in [`layout`] order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Proj {
+    /// `self_attn.q_proj`.
+    Q,
+    /// `self_attn.k_proj`.
+    K,
+    /// `self_attn.v_proj`.
+    V,
+    /// `self_attn.o_proj`.
+    O,
+    /// `mlp.gate_proj`.
+    Gate,
+    /// `mlp.up_proj`.
+    Up,
+    /// `mlp.down_proj`.
+    Down,
+}
+
+impl Proj {
+    /// All seven, in order.
+    pub const ALL: [Proj; 7] = [
+        Proj::Q,
+        Proj::K,
+        Proj::V,
+        Proj::O,
+        Proj::Gate,
+        Proj::Up,
+        Proj::Down,
+    ];
+
+    /// The module path inside a layer, e.g. `self_attn.q_proj`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Proj::Q => "self_attn.q_proj",
+            Proj::K => "self_attn.k_proj",
+            Proj::V => "self_attn.v_proj",
+            Proj::O => "self_attn.o_proj",
+            Proj::Gate => "mlp.gate_proj",
+            Proj::Up => "mlp.up_proj",
+            Proj::Down => "mlp.down_proj",
+        }
+    }
+
+    /// The full HF module path, e.g. `model.layers.3.self_attn.q_proj`.
+    pub fn module(self, layer: usize) -> String {
+        format!("model.layers.{layer}.{}", self.name())
+    }
+
+    /// `(in_features, out_features)` under `cfg`.
+    pub fn dims(self, cfg: &LlamaConfig) -> (usize, usize) {
+        let (c, i, q, kv) = (
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            cfg.q_dim(),
+            cfg.kv_dim(),
+        );
+        match self {
+            Proj::Q => (c, q),
+            Proj::K | Proj::V => (c, kv),
+            Proj::O => (q, c),
+            Proj::Gate | Proj::Up => (c, i),
+            Proj::Down => (i, c),
+        }
+    }
+
+    /// Index in [`Proj::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl<T> LayerWeights<T> {
+    /// The weight `[out, in]` of one projection.
+    pub fn proj(&self, p: Proj) -> &[T] {
+        match p {
+            Proj::Q => &self.q_proj,
+            Proj::K => &self.k_proj,
+            Proj::V => &self.v_proj,
+            Proj::O => &self.o_proj,
+            Proj::Gate => &self.gate_proj,
+            Proj::Up => &self.up_proj,
+            Proj::Down => &self.down_proj,
+        }
+    }
+
+    /// The weight of one projection, mutable.
+    pub fn proj_mut(&mut self, p: Proj) -> &mut [T] {
+        match p {
+            Proj::Q => &mut self.q_proj,
+            Proj::K => &mut self.k_proj,
+            Proj::V => &mut self.v_proj,
+            Proj::O => &mut self.o_proj,
+            Proj::Gate => &mut self.gate_proj,
+            Proj::Up => &mut self.up_proj,
+            Proj::Down => &mut self.down_proj,
+        }
+    }
+}
+
+/// Every parameter of a Llama model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaWeights<T> {
+    /// `model.embed_tokens.weight [V, C]`.
+    pub embed_tokens: Vec<T>,
+    /// `model.layers.{i}.*`.
+    pub layers: Vec<LayerWeights<T>>,
+    /// `model.norm.weight [C]`.
+    pub norm: Vec<T>,
+    /// `lm_head.weight [V, C]`; `None` when tied to the embedding.
+    pub lm_head: Option<Vec<T>>,
+}
+
+/// HF names and shapes of every parameter, in the order of [`LlamaWeights::slots`].
+pub fn layout(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
+    let (c, v) = (cfg.hidden_size, cfg.vocab_size);
+    let mut out = vec![("model.embed_tokens.weight".to_owned(), vec![v, c])];
+    for l in 0..cfg.num_hidden_layers {
+        let norm = |name: &str| (format!("model.layers.{l}.{name}.weight"), vec![c]);
+        let proj = |p: Proj| {
+            let (inp, o) = p.dims(cfg);
+            (format!("{}.weight", p.module(l)), vec![o, inp])
+        };
+        out.push(norm("input_layernorm"));
+        out.extend([Proj::Q, Proj::K, Proj::V, Proj::O].map(proj));
+        out.push(norm("post_attention_layernorm"));
+        out.extend([Proj::Gate, Proj::Up, Proj::Down].map(proj));
+    }
+    out.push(("model.norm.weight".to_owned(), vec![c]));
+    if !cfg.tie_word_embeddings {
+        out.push(("lm_head.weight".to_owned(), vec![v, c]));
+    }
+    out
+}
+
+impl<T: Real> LlamaWeights<T> {
+    /// All-zero parameters (the start of a gradient accumulation).
+    pub fn zeros(cfg: &LlamaConfig) -> Self {
+        let mut w = LlamaWeights {
+            embed_tokens: Vec::new(),
+            layers: (0..cfg.num_hidden_layers)
+                .map(|_| LayerWeights {
+                    input_layernorm: Vec::new(),
+                    q_proj: Vec::new(),
+                    k_proj: Vec::new(),
+                    v_proj: Vec::new(),
+                    o_proj: Vec::new(),
+                    post_attention_layernorm: Vec::new(),
+                    gate_proj: Vec::new(),
+                    up_proj: Vec::new(),
+                    down_proj: Vec::new(),
+                })
+                .collect(),
+            norm: Vec::new(),
+            lm_head: (!cfg.tie_word_embeddings).then(Vec::new),
+        };
+        for ((_, shape), slot) in layout(cfg).iter().zip(w.slots_mut()) {
+            *slot = vec![T::ZERO; shape.iter().product()];
+        }
+        w
+    }
+
+    /// The tensors in [`layout`] order.
+    pub fn slots(&self) -> Vec<&Vec<T>> {
+        let mut out = vec![&self.embed_tokens];
+        for l in &self.layers {
+            out.extend([
+                &l.input_layernorm,
+                &l.q_proj,
+                &l.k_proj,
+                &l.v_proj,
+                &l.o_proj,
+                &l.post_attention_layernorm,
+                &l.gate_proj,
+                &l.up_proj,
+                &l.down_proj,
+            ]);
+        }
+        out.push(&self.norm);
+        out.extend(self.lm_head.as_ref());
+        out
+    }
+
+    /// The tensors in [`layout`] order, mutable.
+    pub fn slots_mut(&mut self) -> Vec<&mut Vec<T>> {
+        let mut out = vec![&mut self.embed_tokens];
+        for l in &mut self.layers {
+            out.extend([
+                &mut l.input_layernorm,
+                &mut l.q_proj,
+                &mut l.k_proj,
+                &mut l.v_proj,
+                &mut l.o_proj,
+                &mut l.post_attention_layernorm,
+                &mut l.gate_proj,
+                &mut l.up_proj,
+                &mut l.down_proj,
+            ]);
+        }
+        out.push(&mut self.norm);
+        out.extend(self.lm_head.as_mut());
+        out
+    }
+
+    /// `(HF name, shape, values)` of every tensor.
+    pub fn named<'a>(&'a self, cfg: &LlamaConfig) -> Vec<(String, Vec<usize>, &'a [T])> {
+        layout(cfg)
+            .into_iter()
+            .zip(self.slots())
+            .map(|((n, s), v)| (n, s, v.as_slice()))
+            .collect()
+    }
+
+    /// The same parameters converted to another [`Real`] type (f32 <-> f64).
+    pub fn cast<U: Real>(&self) -> LlamaWeights<U> {
+        let c = |v: &Vec<T>| {
+            v.iter()
+                .map(|x| U::from_f64(x.to_f64()))
+                .collect::<Vec<U>>()
+        };
+        LlamaWeights {
+            embed_tokens: c(&self.embed_tokens),
+            layers: self
+                .layers
+                .iter()
+                .map(|l| LayerWeights {
+                    input_layernorm: c(&l.input_layernorm),
+                    q_proj: c(&l.q_proj),
+                    k_proj: c(&l.k_proj),
+                    v_proj: c(&l.v_proj),
+                    o_proj: c(&l.o_proj),
+                    post_attention_layernorm: c(&l.post_attention_layernorm),
+                    gate_proj: c(&l.gate_proj),
+                    up_proj: c(&l.up_proj),
+                    down_proj: c(&l.down_proj),
+                })
+                .collect(),
+            norm: c(&self.norm),
+            lm_head: self.lm_head.as_ref().map(c),
+        }
+    }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|source| Error::Io {
+        file: path.to_owned(),
+        source,
+    })
+}
+
+/// Widens a bf16/f16/f32 little-endian tensor to f32.
+pub fn to_f32(file: &Path, name: &str, dtype: Dtype, data: &[u8]) -> Result<Vec<f32>> {
+    Ok(match dtype {
+        Dtype::F32 => bytemuck::pod_collect_to_vec::<u8, f32>(data),
+        Dtype::BF16 => bytemuck::pod_collect_to_vec::<u8, bf16>(data)
+            .into_iter()
+            .map(bf16::to_f32)
+            .collect(),
+        Dtype::F16 => bytemuck::pod_collect_to_vec::<u8, f16>(data)
+            .into_iter()
+            .map(f16::to_f32)
+            .collect(),
+        other => {
+            return Err(format_err(
+                file,
+                format!("tensor {name} has dtype {other:?}; bf16, f16 or f32 expected"),
+            ));
+        }
+    })
+}
+
+/// Which file holds each tensor: `model.safetensors`, or the `weight_map` of
+/// `model.safetensors.index.json` (that one wins when both exist, as in transformers).
+fn weight_files(dir: &Path) -> Result<(PathBuf, BTreeMap<String, PathBuf>)> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.exists() {
+        let text = String::from_utf8(read(&index)?).map_err(|e| format_err(&index, e))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| format_err(&index, e))?;
+        let map = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| format_err(&index, "no \"weight_map\" object"))?;
+        let mut out = BTreeMap::new();
+        for (k, f) in map {
+            let f = f.as_str().ok_or_else(|| {
+                format_err(&index, format!("weight_map[{k:?}] is not a file name"))
+            })?;
+            out.insert(k.clone(), dir.join(f));
+        }
+        return Ok((index, out));
+    }
+    let single = dir.join("model.safetensors");
+    if !single.exists() {
+        return Err(format_err(
+            dir,
+            "neither model.safetensors nor model.safetensors.index.json is here",
+        ));
+    }
+    Ok((single, BTreeMap::new()))
+}
+
+/// Loads every parameter [`layout`] lists from the HF directory `dir`, as f32.
+pub fn load(dir: &Path, cfg: &LlamaConfig) -> Result<LlamaWeights<f32>> {
+    let (source, map) = weight_files(dir)?;
+    let specs = layout(cfg);
+    // Group the tensors by the file that holds them, so each shard is read once.
+    let mut by_file: BTreeMap<PathBuf, Vec<usize>> = BTreeMap::new();
+    for (i, (name, _)) in specs.iter().enumerate() {
+        let file = if map.is_empty() {
+            source.clone()
+        } else {
+            map.get(name)
+                .cloned()
+                .ok_or_else(|| format_err(&source, format!("missing tensor {name}")))?
+        };
+        by_file.entry(file).or_default().push(i);
+    }
+    let mut values: Vec<Vec<f32>> = vec![Vec::new(); specs.len()];
+    for (file, idx) in by_file {
+        let bytes = read(&file)?;
+        let st = SafeTensors::deserialize(&bytes).map_err(|e| format_err(&file, e))?;
+        for i in idx {
+            let (name, shape) = &specs[i];
+            let t = st
+                .tensor(name)
+                .map_err(|_| format_err(&file, format!("missing tensor {name}")))?;
+            if t.shape() != shape.as_slice() {
+                return Err(format_err(
+                    &file,
+                    format!(
+                        "tensor {name} has shape {:?}, the config needs {shape:?}",
+                        t.shape()
+                    ),
+                ));
+            }
+            values[i] = to_f32(&file, name, t.dtype(), t.data())?;
+        }
+    }
+    let mut w = LlamaWeights::<f32>::zeros(cfg);
+    for (slot, v) in w.slots_mut().into_iter().zip(values) {
+        *slot = v;
+    }
+    Ok(w)
+}

@@ -1,0 +1,319 @@
+//! Causal grouped-query attention (scaled dot product), the eager path of transformers' Llama.
+//!
+//! Layout: `q [batch * seq, heads * D]`, `k` and `v [batch * seq, kv_heads * D]` (token-major, the
+//! projections' outputs after RoPE), `out [batch * seq, heads * D]`, and the saved probabilities
+//! `p [batch, heads, seq, seq]`. Query head `h` reads kv head `h / (heads / kv_heads)` (transformers'
+//! `repeat_kv` repeats each kv head for consecutive query heads). For one (batch, head):
+//! ```text
+//! S = Q K^T / sqrt(D),  S[i, j] = -inf for j > i (causal)
+//! P = softmax_rows(S)                              (saved; masked entries are exactly 0)
+//! O = P V                                          (overwritten)
+//! ```
+//! Backward (dq, dk, dv overwritten; a kv head sums the gradients of all its query heads):
+//! ```text
+//! dV  += P^T dO
+//! dP   = dO V^T
+//! dS   = P * (dP - rowsum(P * dP)) / sqrt(D)       (softmax backward; 0 where masked)
+//! dQ   = dS K
+//! dK  += dS^T Q
+//! ```
+//! Each product is one GEMM reading strided views of the token-major inputs (`[seq, D]` with row
+//! stride `heads * D`), so no input head is copied; outputs are written head-major (one contiguous
+//! block per parallel task) and then copied to the token-major layout once. The softmax works row
+//! by row on one `[seq, seq]` block.
+
+use ndarray::linalg::general_mat_mul;
+use ndarray::{Array2, ArrayView4, s};
+use rayon::prelude::*;
+
+use super::linear::view_mut;
+use super::{Real, check_len};
+use crate::error::{Result, invalid};
+
+/// Sizes of one attention call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionShape {
+    /// Sequences.
+    pub batch: usize,
+    /// Tokens per sequence.
+    pub seq: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads (divides `heads`).
+    pub kv_heads: usize,
+    /// Size D of one head.
+    pub head_dim: usize,
+}
+
+impl AttentionShape {
+    fn check<T>(&self, op: &'static str, q: &[T], k: &[T], v: &[T], p: &[T]) -> Result<()> {
+        if self.kv_heads == 0 || !self.heads.is_multiple_of(self.kv_heads) || self.head_dim == 0 {
+            return Err(invalid(
+                op,
+                format!(
+                    "heads {} must be a multiple of kv_heads {}, head_dim {} positive",
+                    self.heads, self.kv_heads, self.head_dim
+                ),
+            ));
+        }
+        let n = self.batch * self.seq;
+        check_len(op, "q", q, n * self.heads * self.head_dim)?;
+        check_len(op, "k", k, n * self.kv_heads * self.head_dim)?;
+        check_len(op, "v", v, n * self.kv_heads * self.head_dim)?;
+        check_len(op, "p", p, self.batch * self.heads * self.seq * self.seq)
+    }
+
+    fn dims(&self, heads: usize) -> (usize, usize, usize, usize) {
+        (self.batch, self.seq, heads, self.head_dim)
+    }
+
+    fn scale<T: Real>(&self) -> T {
+        T::from_f64(1.0 / (self.head_dim as f64).sqrt())
+    }
+}
+
+fn view4<T>(d: (usize, usize, usize, usize), v: &[T]) -> ArrayView4<'_, T> {
+    ArrayView4::from_shape(d, v).expect("length checked before the view")
+}
+
+/// Copies a head-major `[batch, heads, seq, D]` buffer into the token-major
+/// `[batch * seq, heads * D]` layout.
+fn heads_to_tokens<T: Real>(src: &[T], dst: &mut [T], seq: usize, heads: usize, d: usize) {
+    dst.par_chunks_exact_mut(heads * d)
+        .enumerate()
+        .with_min_len(16)
+        .for_each(|(n, row)| {
+            let (b, i) = (n / seq, n % seq);
+            for (h, out) in row.chunks_exact_mut(d).enumerate() {
+                let at = ((b * heads + h) * seq + i) * d;
+                out.copy_from_slice(&src[at..at + d]);
+            }
+        });
+}
+
+/// Forward (see the module doc): overwrites `p` and `out`. The (batch, head) pairs run in
+/// parallel, each on its own `[seq, seq]` block of `p` and a head-major copy of its output.
+pub fn forward<T: Real>(
+    sh: AttentionShape,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    p: &mut [T],
+    out: &mut [T],
+) -> Result<()> {
+    const OP: &str = "attention forward";
+    sh.check(OP, q, k, v, p)?;
+    check_len(OP, "out", out, q.len())?;
+    let (qv, kv, vv) = (
+        view4(sh.dims(sh.heads), q),
+        view4(sh.dims(sh.kv_heads), k),
+        view4(sh.dims(sh.kv_heads), v),
+    );
+    let (t, d, rep) = (sh.seq, sh.head_dim, sh.heads / sh.kv_heads);
+    let scale: T = sh.scale();
+    let mut o_heads = vec![T::ZERO; out.len()];
+    p.par_chunks_exact_mut(t * t)
+        .zip(o_heads.par_chunks_exact_mut(t * d))
+        .enumerate()
+        .for_each(|(bh, (pbh, obh))| {
+            let (b, h) = (bh / sh.heads, bh % sh.heads);
+            let mut pbh = view_mut(t, t, pbh);
+            general_mat_mul(
+                scale,
+                &qv.slice(s![b, .., h, ..]),
+                &kv.slice(s![b, .., h / rep, ..]).t(),
+                T::ZERO,
+                &mut pbh,
+            );
+            for (i, mut row) in pbh.rows_mut().into_iter().enumerate() {
+                let row = row.as_slice_mut().expect("p rows are contiguous");
+                let (live, masked) = row.split_at_mut(i + 1);
+                let m = live.iter().fold(T::NEG_INFINITY, |a, &x| a.max(x));
+                let mut sum = T::ZERO;
+                for x in live.iter_mut() {
+                    *x = (*x - m).exp();
+                    sum += *x;
+                }
+                let inv = T::ONE / sum;
+                live.iter_mut().for_each(|x| *x *= inv);
+                masked.iter_mut().for_each(|x| *x = T::ZERO);
+            }
+            general_mat_mul(
+                T::ONE,
+                &pbh,
+                &vv.slice(s![b, .., h / rep, ..]),
+                T::ZERO,
+                &mut view_mut(t, d, obh),
+            );
+        });
+    heads_to_tokens(&o_heads, out, t, sh.heads, d);
+    Ok(())
+}
+
+/// Backward (see the module doc): overwrites `dq`, `dk`, `dv`; `p` is what the forward saved.
+/// The (batch, kv head) groups run in parallel; within a group the query heads are summed into
+/// dK and dV in order, so the result does not depend on the thread count.
+#[allow(clippy::too_many_arguments)]
+pub fn backward<T: Real>(
+    sh: AttentionShape,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    p: &[T],
+    dout: &[T],
+    dq: &mut [T],
+    dk: &mut [T],
+    dv: &mut [T],
+) -> Result<()> {
+    const OP: &str = "attention backward";
+    sh.check(OP, q, k, v, p)?;
+    check_len(OP, "dout", dout, q.len())?;
+    check_len(OP, "dq", dq, q.len())?;
+    check_len(OP, "dk", dk, k.len())?;
+    check_len(OP, "dv", dv, v.len())?;
+    let (qv, kv, vv, dov) = (
+        view4(sh.dims(sh.heads), q),
+        view4(sh.dims(sh.kv_heads), k),
+        view4(sh.dims(sh.kv_heads), v),
+        view4(sh.dims(sh.heads), dout),
+    );
+    let pv = view4((sh.batch, sh.heads, sh.seq, sh.seq), p);
+    let (t, d, rep) = (sh.seq, sh.head_dim, sh.heads / sh.kv_heads);
+    let scale: T = sh.scale();
+    // Head-major gradients: [batch, heads, seq, D] and [batch, kv_heads, seq, D].
+    let mut dq_h = vec![T::ZERO; dq.len()];
+    let mut dk_h = vec![T::ZERO; dk.len()];
+    let mut dv_h = vec![T::ZERO; dv.len()];
+    dq_h.par_chunks_exact_mut(rep * t * d)
+        .zip(dk_h.par_chunks_exact_mut(t * d))
+        .zip(dv_h.par_chunks_exact_mut(t * d))
+        .enumerate()
+        .for_each_init(
+            || Array2::<T>::zeros((t, t)),
+            |ds, (bg, ((dqg, dkg), dvg))| {
+                let (b, g) = (bg / sh.kv_heads, bg % sh.kv_heads);
+                let mut dkv = view_mut(t, d, dkg);
+                let mut dvv = view_mut(t, d, dvg);
+                let (kg, vg) = (kv.slice(s![b, .., g, ..]), vv.slice(s![b, .., g, ..]));
+                for (j, dqh) in dqg.chunks_exact_mut(t * d).enumerate() {
+                    let h = g * rep + j;
+                    let pbh = pv.slice(s![b, h, .., ..]);
+                    let dobh = dov.slice(s![b, .., h, ..]);
+                    general_mat_mul(T::ONE, &pbh.t(), &dobh, T::ONE, &mut dvv);
+                    // ds = dO V^T, then the softmax backward in place, row by row.
+                    general_mat_mul(T::ONE, &dobh, &vg.t(), T::ZERO, ds);
+                    for (mut dsr, pr) in ds.rows_mut().into_iter().zip(pbh.rows()) {
+                        let mut dot = T::ZERO;
+                        for (&dd, &pp) in dsr.iter().zip(pr.iter()) {
+                            dot += dd * pp;
+                        }
+                        for (dd, &pp) in dsr.iter_mut().zip(pr.iter()) {
+                            *dd = pp * (*dd - dot) * scale;
+                        }
+                    }
+                    general_mat_mul(T::ONE, &*ds, &kg, T::ZERO, &mut view_mut(t, d, dqh));
+                    general_mat_mul(
+                        T::ONE,
+                        &ds.t(),
+                        &qv.slice(s![b, .., h, ..]),
+                        T::ONE,
+                        &mut dkv,
+                    );
+                }
+            },
+        );
+    heads_to_tokens(&dq_h, dq, t, sh.heads, d);
+    heads_to_tokens(&dk_h, dk, t, sh.kv_heads, d);
+    heads_to_tokens(&dv_h, dv, t, sh.kv_heads, d);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::gradcheck::{check_grad, rand_vec};
+
+    const SH: AttentionShape = AttentionShape {
+        batch: 2,
+        seq: 5,
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 3,
+    };
+
+    fn run(q: &[f64], k: &[f64], v: &[f64]) -> (Vec<f64>, Vec<f64>) {
+        let mut p = vec![0.0; SH.batch * SH.heads * SH.seq * SH.seq];
+        let mut o = vec![0.0; q.len()];
+        forward(SH, q, k, v, &mut p, &mut o).unwrap();
+        (p, o)
+    }
+
+    fn inputs() -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+        let n = SH.batch * SH.seq;
+        let scale = |v: Vec<f64>| v.into_iter().map(|x| 2.0 * x).collect::<Vec<_>>();
+        (
+            scale(rand_vec(1, n * SH.heads * SH.head_dim)),
+            scale(rand_vec(2, n * SH.kv_heads * SH.head_dim)),
+            rand_vec(3, n * SH.kv_heads * SH.head_dim),
+        )
+    }
+
+    #[test]
+    fn forward_matches_naive_loops() {
+        let (q, k, v) = inputs();
+        let (p, o) = run(&q, &k, &v);
+        let (t, d, hd) = (SH.seq, SH.head_dim, SH.heads * SH.head_dim);
+        let kd = SH.kv_heads * d;
+        for b in 0..SH.batch {
+            for h in 0..SH.heads {
+                let g = h / 2;
+                for i in 0..t {
+                    let sc: Vec<f64> = (0..=i)
+                        .map(|j| {
+                            (0..d)
+                                .map(|e| {
+                                    q[(b * t + i) * hd + h * d + e]
+                                        * k[(b * t + j) * kd + g * d + e]
+                                })
+                                .sum::<f64>()
+                                / (d as f64).sqrt()
+                        })
+                        .collect();
+                    let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let z: f64 = sc.iter().map(|x| (x - m).exp()).sum();
+                    for j in 0..t {
+                        let want = if j <= i { (sc[j] - m).exp() / z } else { 0.0 };
+                        let got = p[((b * SH.heads + h) * t + i) * t + j];
+                        assert!((got - want).abs() < 1e-12, "p[{b},{h},{i},{j}]");
+                    }
+                    for e in 0..d {
+                        let want: f64 = (0..=i)
+                            .map(|j| (sc[j] - m).exp() / z * v[(b * t + j) * kd + g * d + e])
+                            .sum();
+                        assert!((o[(b * t + i) * hd + h * d + e] - want).abs() < 1e-12);
+                    }
+                }
+            }
+        }
+        let bad = AttentionShape { kv_heads: 3, ..SH };
+        let mut pp = p.clone();
+        let mut oo = o.clone();
+        assert!(forward(bad, &q, &k, &v, &mut pp, &mut oo).is_err());
+    }
+
+    #[test]
+    fn gradients_match_finite_differences() {
+        let (q, k, v) = inputs();
+        let r = rand_vec(4, q.len());
+        let (p, _) = run(&q, &k, &v);
+        let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![9.0; k.len()], vec![9.0; v.len()]);
+        backward(SH, &q, &k, &v, &p, &r, &mut dq, &mut dk, &mut dv).unwrap();
+        let loss = |q: &[f64], k: &[f64], v: &[f64]| {
+            let (_, o) = run(q, k, v);
+            o.iter().zip(&r).map(|(a, b)| a * b).sum::<f64>()
+        };
+        check_grad("attention dq", &q, &dq, |x| loss(x, &k, &v)).unwrap();
+        check_grad("attention dk", &k, &dk, |x| loss(&q, x, &v)).unwrap();
+        check_grad("attention dv", &v, &dv, |x| loss(&q, &k, x)).unwrap();
+    }
+}
