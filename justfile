@@ -98,3 +98,19 @@ bnb-check python="python3": setup
         {{python}} tests/data/check_bnb_reads.py "$tmp/orig.safetensors" "$tmp/q.safetensors" 2>/dev/null | tail -n 1
         rm "$tmp/q.safetensors"
     done
+
+# Quantize the tiny Llama fixtures (single file and sharded) as model directories with qadapt and
+# have transformers load them and compare with its own 4-bit quantization, tensor by tensor and
+# logits (needs torch + transformers + bitsandbytes, see tests/data/README.md).
+transformers-check python="python3": setup
+    #!/usr/bin/env bash
+    set -euo pipefail
+    cargo build --release -q -p qadapt-cli
+    tmp=$(mktemp -d)
+    for model in tiny_llama tiny_llama_llama3; do
+        for dq in "" "--double-quant"; do
+            echo "== qadapt quantize tests/data/$model $dq"
+            target/release/qadapt quantize "tests/data/$model" "$tmp/$model$dq" $dq
+            {{python}} tests/data/check_transformers_reads.py "tests/data/$model" "$tmp/$model$dq" 2>/dev/null | tail -n 2
+        done
+    done

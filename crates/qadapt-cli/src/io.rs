@@ -76,19 +76,9 @@ impl Output {
         let tmp =
             parent_dir(&self.target).join(format!(".{file_name}.partial-{}", std::process::id()));
         let result = (|| -> Result<()> {
-            let bytes =
-                safetensors::serialize(tensors.iter().map(|t| (t.name.as_str(), t)), metadata)
-                    .context("serializing the output")?;
-            let mut f = fs::File::create(&tmp)
-                .with_context(|| format!("cannot create {}", tmp.display()))?;
-            f.write_all(&bytes)
-                .with_context(|| format!("writing {}", tmp.display()))?;
-            f.sync_all()
-                .with_context(|| format!("syncing {}", tmp.display()))?;
-            fs::rename(&tmp, &self.target).with_context(|| {
-                format!("renaming {} to {}", tmp.display(), self.target.display())
-            })?;
-            Ok(())
+            write_safetensors(&tmp, tensors, metadata)?;
+            fs::rename(&tmp, &self.target)
+                .with_context(|| format!("renaming {} to {}", tmp.display(), self.target.display()))
         })();
         if result.is_err() {
             let _ = fs::remove_file(&tmp);
@@ -102,4 +92,20 @@ fn parent_dir(p: &Path) -> PathBuf {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     }
+}
+
+/// Serializes `tensors` into `path` and syncs it to disk.
+pub(crate) fn write_safetensors(
+    path: &Path,
+    tensors: &[OnDiskTensor],
+    metadata: Metadata,
+) -> Result<()> {
+    let bytes = safetensors::serialize(tensors.iter().map(|t| (t.name.as_str(), t)), metadata)
+        .context("serializing the output")?;
+    let mut f =
+        fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    f.write_all(&bytes)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.sync_all()
+        .with_context(|| format!("syncing {}", path.display()))
 }
