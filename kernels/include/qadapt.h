@@ -212,6 +212,152 @@ typedef struct QadaptSumSquaresArgs {
     uint64_t n;
 } QadaptSumSquaresArgs;
 
+/* ---- Model-op argument structs (kernels/model.cu) ---------------------------------------------- */
+
+/* flags of the model-op structs: every pointer the kernel reads or writes with 16-byte accesses is
+ * 16-byte aligned and the row length is a multiple of 8 bf16 (the 16-byte path is allowed).
+ * Without it the kernels go element by element (any shape, any 2-byte alignment). */
+#define QADAPT_MODEL_VEC 1u
+/* Threads per CTA of every model-op kernel (8 warps). */
+#define QADAPT_MODEL_THREADS 256
+/* `accumulate` of an activation gradient: overwrite it, or add to what is there (bf16(old + new)). */
+#define QADAPT_ACC_OVERWRITE 0u
+#define QADAPT_ACC_ADD 1u
+/* `direction` of QadaptRopeArgs: rotate by +angle (forward) or by -angle (its backward). */
+#define QADAPT_ROPE_FORWARD 0u
+#define QADAPT_ROPE_BACKWARD 1u
+
+/* RMSNorm over rows of `dim` bf16 values, f32 math (crates/qadapt/src/ops/rmsnorm.rs):
+ *   rmsnorm_fwd_bf16:    rstd[n] = 1/sqrt(mean_d x^2 + eps) (f32, overwritten),
+ *                        y[n, d] = bf16(w[d] * (x[n, d] * rstd[n])) (overwritten)
+ *   rmsnorm_bwd_dx_bf16: dx[n, d] (=|+=) bf16(r (dy w - x r mean_d(dy w x r)))
+ *   rmsnorm_bwd_dw_bf16: partial[c, d] = sum_{n in chunk c} dy[n, d] * (x[n, d] * rstd[n])
+ *                        (f32, overwritten; chunk c = rows [c * chunk_rows, (c + 1) * chunk_rows))
+ *   rmsnorm_bwd_dw_reduce: dw[d] += partial[0, d] + partial[1, d] + ... in chunk order
+ *                        (f32, ACCUMULATED; deterministic, no atomics) */
+typedef struct QadaptRmsNormArgs {
+    uint64_t x;          /* const bf16* [rows, dim] */
+    uint64_t w;          /* const bf16* [dim] */
+    uint64_t rstd;       /* float* [rows]: written by the forward, read by the backward */
+    uint64_t y;          /* bf16* [rows, dim] (forward) */
+    uint64_t dy;         /* const bf16* [rows, dim] (backward) */
+    uint64_t dx;         /* bf16* [rows, dim] (backward) */
+    uint64_t dw;         /* float* [dim] (backward) */
+    uint64_t partial;    /* float* [chunks, dim] (backward scratch) */
+    uint64_t rows;
+    uint32_t dim;
+    float eps;
+    uint32_t accumulate; /* dx: QADAPT_ACC_OVERWRITE or QADAPT_ACC_ADD */
+    uint32_t flags;      /* QADAPT_MODEL_VEC: dim % 8 == 0, x, w, y, dy, dx 16-byte aligned */
+    uint32_t chunk_rows; /* dw: rows per chunk (> 0) */
+    uint32_t chunks;     /* dw: ceil(rows / chunk_rows) */
+} QadaptRmsNormArgs;
+
+/* SwiGLU gate over n bf16 elements, f32 math (crates/qadapt/src/ops/swiglu.rs), all overwritten:
+ *   swiglu_fwd_bf16: h = bf16(g sigmoid(g) u)
+ *   swiglu_bwd_bf16: du = bf16(dh g sigmoid(g)), dg = bf16(dh u s (1 + g (1 - s))), s = sigmoid(g) */
+typedef struct QadaptSwigluArgs {
+    uint64_t gate;  /* const bf16* [n] */
+    uint64_t up;    /* const bf16* [n] */
+    uint64_t h;     /* bf16* [n] (forward) */
+    uint64_t dh;    /* const bf16* [n] (backward) */
+    uint64_t dgate; /* bf16* [n] (backward) */
+    uint64_t dup;   /* bf16* [n] (backward) */
+    uint64_t n;
+    uint32_t flags; /* QADAPT_MODEL_VEC: every pointer 16-byte aligned (the tail n % 8 goes 1 by 1) */
+    uint32_t reserved;
+} QadaptSwigluArgs;
+
+/* RoPE, transformers' rotate_half convention, in place on x [rows, heads * head_dim] bf16 (token
+ * n is at position n % seq). With c = cos[p, i], s = +-sin[p, i] (f32 tables [seq, head_dim/2]):
+ *   x[i] = bf16(x[i] c - x[i + D/2] s),  x[i + D/2] = bf16(x[i + D/2] c + x[i] s). */
+typedef struct QadaptRopeArgs {
+    uint64_t x;         /* bf16* [rows, heads * head_dim], read and overwritten */
+    uint64_t cos;       /* const float* [seq, head_dim / 2] */
+    uint64_t sin;       /* const float* [seq, head_dim / 2] */
+    uint64_t rows;
+    uint32_t seq;
+    uint32_t heads;
+    uint32_t head_dim;  /* even */
+    uint32_t direction; /* QADAPT_ROPE_FORWARD or QADAPT_ROPE_BACKWARD */
+} QadaptRopeArgs;
+
+/* Token embedding (crates/qadapt/src/ops/embedding.rs):
+ *   embedding_fwd_bf16: out[n, :] = table[ids[n], :] (bf16 copy, overwritten)
+ *   embedding_bwd_bf16: for each distinct id v = uniq[u], dtable[v, :] += dout[n, :] for the
+ *     tokens n = order[offsets[u] .. offsets[u+1]] in ascending n, one f32 add at a time
+ *     (ACCUMULATED; the same adds in the same order as the CPU reference: bit-exact, no atomics).
+ * The host checks every id < vocab and builds uniq/offsets/order (a stable counting sort). */
+typedef struct QadaptEmbeddingArgs {
+    uint64_t ids;     /* const uint32_t* [tokens] (forward) */
+    uint64_t table;   /* const bf16* [vocab, dim] (forward) */
+    uint64_t out;     /* bf16* [tokens, dim] (forward) */
+    uint64_t dout;    /* const bf16* [tokens, dim] (backward) */
+    uint64_t dtable;  /* float* [vocab, dim] (backward) */
+    uint64_t uniq;    /* const uint32_t* [n_uniq] (backward) */
+    uint64_t offsets; /* const uint32_t* [n_uniq + 1] (backward) */
+    uint64_t order;   /* const uint32_t* [tokens] (backward) */
+    uint64_t tokens;
+    uint32_t vocab;
+    uint32_t dim;
+    uint32_t n_uniq;
+    uint32_t flags;   /* QADAPT_MODEL_VEC: dim % 8 == 0, table and out 16-byte aligned */
+} QadaptEmbeddingArgs;
+
+/* Cross-entropy fused with the softmax, one row of `vocab` bf16 logits per CTA
+ * (crates/qadapt/src/ops/cross_entropy.rs), f32 math, lse = max + log(sum exp(z - max)):
+ *   loss[n]       = lse - z[n, t[n]] for t[n] >= 0, else 0             (f32, overwritten)
+ *   dlogits[n, v] = bf16(exp(z - lse) g - [v == t[n]] g), g = grad_scale (= dloss / #targets),
+ *                   0 for rows with t[n] < 0 (ignored)                   (overwritten; skipped if 0)
+ * The host checks every target < vocab and takes the mean of loss over the rows with a target. */
+typedef struct QadaptCrossEntropyArgs {
+    uint64_t logits;  /* const bf16* [rows, vocab] */
+    uint64_t targets; /* const int32_t* [rows], -1 = ignored */
+    uint64_t loss;    /* float* [rows] */
+    uint64_t dlogits; /* bf16* [rows, vocab] or 0 (forward only) */
+    uint64_t rows;
+    uint32_t vocab;
+    float grad_scale;
+    uint32_t flags;   /* QADAPT_MODEL_VEC: vocab % 8 == 0, logits and dlogits 16-byte aligned */
+    uint32_t reserved;
+} QadaptCrossEntropyArgs;
+
+/* Causal grouped-query attention, one (batch, head) at a time, query head h reading kv head
+ * h / (heads / kv_heads) (crates/qadapt/src/ops/attention.rs). Layout: q, out, dout, dq
+ * [batch * seq, heads * head_dim] bf16; k, v, dk, dv [batch * seq, kv_heads * head_dim] bf16;
+ * lse, delta [batch, heads, seq] f32. With S = scale * Q K^T masked to j <= i, P = softmax(S):
+ *   attention_fwd_bf16:     out = bf16(P V), lse[i] = log sum_j exp(S[i, j])   (both overwritten;
+ *                           lse is what the backward needs instead of the CPU's saved P)
+ *   attention_bwd_dq_bf16:  P recomputed as exp(S - lse); dP = dO V^T;
+ *                           delta[i] = sum_j P[i, j] dP[i, j]                     (f32, overwritten)
+ *                           dq = bf16(scale * sum_j P (dP - delta) k_j)         (overwritten)
+ *   attention_bwd_dkv_bf16: dk[j] = bf16(scale * sum_{h in group} sum_{i >= j} P (dP - delta) q_i),
+ *                           dv[j] = bf16(sum_{h in group} sum_{i >= j} P[i, j] dO_i) (overwritten;
+ *                           runs after attention_bwd_dq_bf16, whose delta it reads) */
+#define QADAPT_ATTN_MAX_HEAD_DIM 256
+/* Query (or key) rows per CTA: one warp each. */
+#define QADAPT_ATTN_ROWS 8
+/* Keys (or queries) per shared-memory tile: one lane each. */
+#define QADAPT_ATTN_TILE 32
+typedef struct QadaptAttentionArgs {
+    uint64_t q;     /* const bf16* */
+    uint64_t k;     /* const bf16* */
+    uint64_t v;     /* const bf16* */
+    uint64_t out;   /* bf16* (forward) */
+    uint64_t lse;   /* float* [batch, heads, seq]: written by the forward, read by the backward */
+    uint64_t dout;  /* const bf16* (backward) */
+    uint64_t dq;    /* bf16* (backward) */
+    uint64_t dk;    /* bf16* (backward) */
+    uint64_t dv;    /* bf16* (backward) */
+    uint64_t delta; /* float* [batch, heads, seq] (backward scratch) */
+    uint32_t batch;
+    uint32_t seq;
+    uint32_t heads;
+    uint32_t kv_heads;  /* divides heads */
+    uint32_t head_dim;  /* even, <= QADAPT_ATTN_MAX_HEAD_DIM */
+    float scale;        /* 1 / sqrt(head_dim) */
+} QadaptAttentionArgs;
+
 /* ---- Kernels ---------------------------------------------------------------------------------- */
 
 #if defined(__CUDACC__)
@@ -249,5 +395,20 @@ QADAPT_KERNEL(lora_gemm_bwd_db_bf16, QadaptLoraBwdArgs);
 /* kernels/optim.cu */
 QADAPT_KERNEL(adamw_f32, QadaptAdamwArgs);
 QADAPT_KERNEL(sum_squares_f32, QadaptSumSquaresArgs);
+
+/* kernels/model.cu */
+QADAPT_KERNEL(rmsnorm_fwd_bf16, QadaptRmsNormArgs);
+QADAPT_KERNEL(rmsnorm_bwd_dx_bf16, QadaptRmsNormArgs);
+QADAPT_KERNEL(rmsnorm_bwd_dw_bf16, QadaptRmsNormArgs);
+QADAPT_KERNEL(rmsnorm_bwd_dw_reduce, QadaptRmsNormArgs);
+QADAPT_KERNEL(swiglu_fwd_bf16, QadaptSwigluArgs);
+QADAPT_KERNEL(swiglu_bwd_bf16, QadaptSwigluArgs);
+QADAPT_KERNEL(rope_bf16, QadaptRopeArgs);
+QADAPT_KERNEL(embedding_fwd_bf16, QadaptEmbeddingArgs);
+QADAPT_KERNEL(embedding_bwd_bf16, QadaptEmbeddingArgs);
+QADAPT_KERNEL(cross_entropy_bf16, QadaptCrossEntropyArgs);
+QADAPT_KERNEL(attention_fwd_bf16, QadaptAttentionArgs);
+QADAPT_KERNEL(attention_bwd_dq_bf16, QadaptAttentionArgs);
+QADAPT_KERNEL(attention_bwd_dkv_bf16, QadaptAttentionArgs);
 
 #endif /* QADAPT_H */

@@ -126,6 +126,82 @@ pub fn reduction(n: u64, props: &DeviceProps) -> Result<LaunchPlan> {
     })
 }
 
+// ---- Model ops (kernels/model.cu) ----------------------------------------------------------------
+
+/// How a model-op kernel spreads its work: every one runs `QADAPT_MODEL_THREADS` threads per CTA
+/// and grid-strides, so the grid only has to fill the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelWork {
+    /// One warp per item (a row of RMSNorm, a token of the embedding, a (row, head) of RoPE, a
+    /// distinct id of the embedding backward): 8 items per CTA.
+    WarpPerItem,
+    /// One CTA per item (a row of the cross-entropy; 8 query or key rows of one head of the
+    /// attention; 32 columns of one row chunk of the RMSNorm weight gradient).
+    CtaPerItem,
+    /// One thread per item (SwiGLU: an item is 8 elements on the 16-byte path, else 1; a column
+    /// of the RMSNorm weight-gradient reduction).
+    ThreadPerItem,
+}
+
+/// The launch of a `kernels/model.cu` kernel over `items` work items of the kind `work` says.
+pub fn model_op(items: u64, work: ModelWork, props: &DeviceProps) -> Result<LaunchPlan> {
+    if items == 0 {
+        return Err(invalid("model op plan", "no work items"));
+    }
+    let threads = u64::from(ffi::QADAPT_MODEL_THREADS);
+    let per_cta = match work {
+        ModelWork::WarpPerItem => threads / 32,
+        ModelWork::CtaPerItem => 1,
+        ModelWork::ThreadPerItem => threads,
+    };
+    Ok(LaunchPlan {
+        grid: capped_grid(items.div_ceil(per_cta), props),
+        block: ffi::QADAPT_MODEL_THREADS,
+        shared_bytes: 0,
+    })
+}
+
+/// The two launches of the RMSNorm weight gradient: `rmsnorm_bwd_dw_bf16` sums `chunk_rows` rows
+/// of 32 columns per CTA into `partial [chunks, dim]`, then `rmsnorm_bwd_dw_reduce` adds the
+/// chunks in order into `dw`, one thread per column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RmsNormDwPlan {
+    /// Row chunks (the rows of the partial-sum scratch).
+    pub chunks: u32,
+    /// Rows per chunk (the last chunk may hold fewer).
+    pub chunk_rows: u32,
+    /// `rmsnorm_bwd_dw_bf16`: one CTA per (32 columns, chunk), grid-stride.
+    pub partial: LaunchPlan,
+    /// `rmsnorm_bwd_dw_reduce`: one thread per column.
+    pub reduce: LaunchPlan,
+}
+
+/// Splits the rows into chunks so that about 4 CTAs per SM have work (each chunk at least 64
+/// rows, 8 per row-slice), for `rows` rows of `dim` columns.
+pub fn rmsnorm_dw(rows: u64, dim: u64, props: &DeviceProps) -> Result<RmsNormDwPlan> {
+    const OP: &str = "rmsnorm dw plan";
+    if rows == 0 || dim == 0 {
+        return Err(invalid(OP, "no rows or no columns"));
+    }
+    let groups = dim.div_ceil(32);
+    let target = u64::from(props.sm_count.max(1)) * 4;
+    let chunks = target.div_ceil(groups).clamp(1, rows.div_ceil(64));
+    let chunk_rows = rows.div_ceil(chunks);
+    let chunks = rows.div_ceil(chunk_rows);
+    if chunk_rows > u64::from(u32::MAX) {
+        return Err(invalid(
+            OP,
+            format!("{rows} rows do not fit the 32-bit chunking"),
+        ));
+    }
+    Ok(RmsNormDwPlan {
+        chunks: chunks as u32,
+        chunk_rows: chunk_rows as u32,
+        partial: model_op(groups * chunks, ModelWork::CtaPerItem, props)?,
+        reduce: model_op(dim, ModelWork::ThreadPerItem, props)?,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -178,6 +254,68 @@ mod tests {
         assert_eq!((off.grid, off.block), (1, 32));
         assert_eq!((enc.grid, enc.block), (20, 256));
         assert!(nf4_double_quant(0, &SMALL).is_err());
+    }
+
+    #[test]
+    fn model_op_plans_cover_the_items_and_cap_the_grid() {
+        let h = DeviceProps::H200;
+        assert_eq!(
+            model_op(4096, ModelWork::WarpPerItem, &h).unwrap().grid,
+            512
+        );
+        assert_eq!(model_op(9, ModelWork::WarpPerItem, &h).unwrap().grid, 2);
+        assert_eq!(model_op(7, ModelWork::CtaPerItem, &h).unwrap().grid, 7);
+        assert_eq!(
+            model_op(1 << 20, ModelWork::CtaPerItem, &h).unwrap().grid,
+            132 * 32
+        );
+        assert_eq!(model_op(257, ModelWork::ThreadPerItem, &h).unwrap().grid, 2);
+        assert_eq!(
+            model_op(1 << 30, ModelWork::ThreadPerItem, &SMALL)
+                .unwrap()
+                .grid,
+            10
+        );
+        for w in [
+            ModelWork::WarpPerItem,
+            ModelWork::CtaPerItem,
+            ModelWork::ThreadPerItem,
+        ] {
+            assert_eq!(
+                model_op(1, w, &h).unwrap(),
+                LaunchPlan {
+                    grid: 1,
+                    block: 256,
+                    shared_bytes: 0
+                }
+            );
+            assert!(model_op(0, w, &h).is_err());
+        }
+    }
+
+    #[test]
+    fn rmsnorm_dw_plan_chunks_rows_to_fill_the_device() {
+        let h = DeviceProps::H200;
+        // 4096 columns = 128 groups: 528 CTAs wanted, so 5 chunks of 820 rows.
+        let p = rmsnorm_dw(4096, 4096, &h).unwrap();
+        assert_eq!((p.chunks, p.chunk_rows), (5, 820));
+        assert_eq!(p.partial.grid, 128 * 5);
+        assert_eq!((p.reduce.grid, p.reduce.block), (16, 256));
+        // Few rows: one chunk (every chunk keeps at least 64 rows).
+        let p = rmsnorm_dw(37, 1000, &h).unwrap();
+        assert_eq!((p.chunks, p.chunk_rows, p.partial.grid), (1, 37, 32));
+        let p = rmsnorm_dw(1000, 8, &h).unwrap();
+        assert_eq!((p.chunks, p.chunk_rows), (16, 63));
+        // Every row is in exactly one chunk.
+        for (rows, dim) in [(1u64, 1u64), (65, 33), (100_003, 4096), (7, 1 << 20)] {
+            let p = rmsnorm_dw(rows, dim, &SMALL).unwrap();
+            let (c, r) = (u64::from(p.chunks), u64::from(p.chunk_rows));
+            assert!(
+                c * r >= rows && (c - 1) * r < rows,
+                "rows {rows} dim {dim}: {p:?}"
+            );
+        }
+        assert!(rmsnorm_dw(0, 4, &h).is_err() && rmsnorm_dw(4, 0, &h).is_err());
     }
 }
 

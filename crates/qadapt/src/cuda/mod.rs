@@ -2,6 +2,7 @@
 //! Everything here is safe code; the `unsafe` calls live in [`launch`], the one door to the driver.
 
 pub(crate) mod launch;
+pub mod ops;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};

@@ -17,10 +17,15 @@ use crate::plan::LaunchPlan;
 
 mod blas;
 mod lora;
+mod model;
 mod nf4;
 mod optim;
 pub(crate) use blas::gemm_bf16;
 pub(crate) use lora::{CudaLoraRef, CudaWeightRef, lora_backward, lora_forward};
+pub(crate) use model::{
+    SwigluOut, attention_backward, attention_forward, cross_entropy, embedding_backward,
+    embedding_forward, rmsnorm_backward, rmsnorm_forward, rope, swiglu, targets_i32,
+};
 pub(crate) use nf4::{CudaScalesRef, nf4_dequantize, nf4_double_quant, nf4_quantize};
 pub(crate) use optim::{Moments, adamw, alloc_managed_f32, sum_squares};
 
@@ -46,6 +51,24 @@ unsafe impl KernelArgs for ffi::QadaptLoraFwdArgs {}
 // SAFETY: #[repr(C)] struct of u64/u32/f32 fields generated from qadapt.h (16 device addresses,
 // then 8 four-byte fields, no padding); bindgen's layout test pins its 160-byte size.
 unsafe impl KernelArgs for ffi::QadaptLoraBwdArgs {}
+// SAFETY: #[repr(C)] struct of 9 u64 then 6 four-byte (u32/f32) fields generated from qadapt.h,
+// no padding; bindgen's layout test pins its 96-byte size.
+unsafe impl KernelArgs for ffi::QadaptRmsNormArgs {}
+// SAFETY: #[repr(C)] struct of 7 u64 then 2 u32 fields generated from qadapt.h, no padding
+// (64 bytes, pinned by bindgen's layout test).
+unsafe impl KernelArgs for ffi::QadaptSwigluArgs {}
+// SAFETY: #[repr(C)] struct of 4 u64 then 4 u32 fields generated from qadapt.h, no padding
+// (48 bytes, pinned by bindgen's layout test).
+unsafe impl KernelArgs for ffi::QadaptRopeArgs {}
+// SAFETY: #[repr(C)] struct of 9 u64 then 4 u32 fields generated from qadapt.h, no padding
+// (88 bytes, pinned by bindgen's layout test).
+unsafe impl KernelArgs for ffi::QadaptEmbeddingArgs {}
+// SAFETY: #[repr(C)] struct of 5 u64 then 4 four-byte (u32/f32) fields generated from qadapt.h,
+// no padding (56 bytes, pinned by bindgen's layout test).
+unsafe impl KernelArgs for ffi::QadaptCrossEntropyArgs {}
+// SAFETY: #[repr(C)] struct of 10 u64 then 6 four-byte (u32/f32) fields generated from
+// qadapt.h, no padding (104 bytes, pinned by bindgen's layout test).
+unsafe impl KernelArgs for ffi::QadaptAttentionArgs {}
 
 /// The by-value kernel parameter: the C struct's bytes, unchanged.
 #[derive(Clone, Copy)]

@@ -1,0 +1,793 @@
+//! Model-op launches (`kernels/model.cu`): RMSNorm, SwiGLU, RoPE, embedding, cross-entropy.
+//!
+//! Every function checks what its kernel's memory accesses depend on before it launches: each
+//! buffer's length against the shape (so every index the kernel forms is in bounds), that every
+//! buffer lives on this device, the 32-bit ranges of the scalar fields, and, for the 16-byte path
+//! (`QADAPT_MODEL_VEC`), the alignment of every address and the divisibility of the row length.
+//! Index arrays the kernels follow (token ids, targets, the grouping of the embedding backward)
+//! are built and checked here on the host, then uploaded, so no device data decides an address
+//! that was not checked.
+
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
+use half::bf16;
+use qadapt_kernels::{ffi, kernels};
+
+use super::{launch, on_device};
+use crate::cuda::CudaDevice;
+use crate::error::{Result, invalid, shape_err};
+use crate::ops::Accumulate;
+use crate::ops::attention::AttentionShape;
+use crate::ops::rope::RopeDirection;
+use crate::plan::{self, ModelWork};
+
+fn need<T>(op: &'static str, what: &str, s: &CudaSlice<T>, len: usize) -> Result<()> {
+    if s.len() != len {
+        return Err(shape_err(op, format!("{what} of {len} elements"), s.len()));
+    }
+    Ok(())
+}
+
+fn u32_of(op: &'static str, what: &str, v: usize) -> Result<u32> {
+    u32::try_from(v).map_err(|_| invalid(op, format!("{what} = {v} does not fit in 32 bits")))
+}
+
+/// The product of `parts`, refused when it overflows (lengths are compared with it).
+fn prod(op: &'static str, parts: &[usize]) -> Result<usize> {
+    parts
+        .iter()
+        .try_fold(1usize, |a, &b| a.checked_mul(b))
+        .ok_or_else(|| invalid(op, format!("the shape {parts:?} overflows")))
+}
+
+/// `QADAPT_MODEL_VEC` when `row % 8 == 0` and every address is 16-byte aligned, else 0.
+fn vec_flag(row: usize, addrs: &[u64]) -> u32 {
+    if row.is_multiple_of(8) && addrs.iter().all(|a| a.is_multiple_of(16)) {
+        ffi::QADAPT_MODEL_VEC
+    } else {
+        0
+    }
+}
+
+/// `rmsnorm_fwd_bf16`: `y` and `rstd` overwritten. `x`, `y` are `[rows, dim]`, `w` is `[dim]`.
+pub(crate) fn rmsnorm_forward(
+    dev: &CudaDevice,
+    x: &CudaSlice<bf16>,
+    w: &CudaSlice<bf16>,
+    eps: f32,
+    y: &mut CudaSlice<bf16>,
+    rstd: &mut CudaSlice<f32>,
+) -> Result<()> {
+    const OP: &str = "rmsnorm forward (cuda)";
+    let dim = w.len();
+    if dim == 0 || !x.len().is_multiple_of(dim) || x.is_empty() {
+        return Err(shape_err(
+            OP,
+            format!("x of rows * {dim} elements"),
+            x.len(),
+        ));
+    }
+    let rows = x.len() / dim;
+    need(OP, "y", y, x.len())?;
+    need(OP, "rstd", rstd, rows)?;
+    let dim32 = u32_of(OP, "dim", dim)?;
+    on_device(OP, dev, "x", x)?;
+    on_device(OP, dev, "w", w)?;
+    on_device(OP, dev, "y", y)?;
+    on_device(OP, dev, "rstd", rstd)?;
+    let plan = plan::model_op(rows as u64, ModelWork::WarpPerItem, &dev.props())?;
+    let stream = dev.stream().clone();
+    let (xp, _g1) = x.device_ptr(&stream);
+    let (wp, _g2) = w.device_ptr(&stream);
+    let (yp, _g3) = y.device_ptr_mut(&stream);
+    let (rp, _g4) = rstd.device_ptr_mut(&stream);
+    let args = ffi::QadaptRmsNormArgs {
+        x: xp,
+        w: wp,
+        rstd: rp,
+        y: yp,
+        rows: rows as u64,
+        dim: dim32,
+        eps,
+        flags: vec_flag(dim, &[xp, wp, yp]),
+        ..Default::default()
+    };
+    // SAFETY: QadaptRmsNormArgs is what rmsnorm_fwd_bf16 takes; x and y hold rows * dim bf16, w
+    // dim bf16 and rstd rows f32 (checked above, all on this device), so every row < rows and
+    // column < dim the kernel forms is in bounds; QADAPT_MODEL_VEC is set only when dim % 8 == 0
+    // and x, w, y are 16-byte aligned; dy, dx, dw are 0 and unused by this kernel.
+    unsafe { launch(dev, kernels::RMSNORM_FWD_BF16, plan, &args) }
+}
+
+/// `rmsnorm_bwd_dx_bf16`, then `rmsnorm_bwd_dw_bf16` and `rmsnorm_bwd_dw_reduce` (through an
+/// f32 scratch of row-chunk partial sums): `dx` overwritten or accumulated as `acc` says, `dw`
+/// accumulated.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn rmsnorm_backward(
+    dev: &CudaDevice,
+    x: &CudaSlice<bf16>,
+    w: &CudaSlice<bf16>,
+    rstd: &CudaSlice<f32>,
+    dy: &CudaSlice<bf16>,
+    dx: &mut CudaSlice<bf16>,
+    acc: Accumulate,
+    dw: &mut CudaSlice<f32>,
+) -> Result<()> {
+    const OP: &str = "rmsnorm backward (cuda)";
+    let dim = w.len();
+    if dim == 0 || !x.len().is_multiple_of(dim) || x.is_empty() {
+        return Err(shape_err(
+            OP,
+            format!("x of rows * {dim} elements"),
+            x.len(),
+        ));
+    }
+    let rows = x.len() / dim;
+    need(OP, "rstd", rstd, rows)?;
+    need(OP, "dy", dy, x.len())?;
+    need(OP, "dx", dx, x.len())?;
+    need(OP, "dw", dw, dim)?;
+    let dim32 = u32_of(OP, "dim", dim)?;
+    on_device(OP, dev, "x", x)?;
+    on_device(OP, dev, "w", w)?;
+    on_device(OP, dev, "rstd", rstd)?;
+    on_device(OP, dev, "dy", dy)?;
+    on_device(OP, dev, "dx", dx)?;
+    on_device(OP, dev, "dw", dw)?;
+    let props = dev.props();
+    let plan_dx = plan::model_op(rows as u64, ModelWork::WarpPerItem, &props)?;
+    let plan_dw = plan::rmsnorm_dw(rows as u64, dim as u64, &props)?;
+    let mut partial = dev.zeros::<f32>(plan_dw.chunks as usize * dim)?;
+    let stream = dev.stream().clone();
+    let (xp, _g1) = x.device_ptr(&stream);
+    let (wp, _g2) = w.device_ptr(&stream);
+    let (rp, _g3) = rstd.device_ptr(&stream);
+    let (dyp, _g4) = dy.device_ptr(&stream);
+    let (dxp, _g5) = dx.device_ptr_mut(&stream);
+    let (dwp, _g6) = dw.device_ptr_mut(&stream);
+    let (pp, _g7) = partial.device_ptr_mut(&stream);
+    let args = ffi::QadaptRmsNormArgs {
+        x: xp,
+        w: wp,
+        rstd: rp,
+        y: 0,
+        dy: dyp,
+        dx: dxp,
+        dw: dwp,
+        partial: pp,
+        rows: rows as u64,
+        dim: dim32,
+        eps: 0.0,
+        accumulate: match acc {
+            Accumulate::Overwrite => ffi::QADAPT_ACC_OVERWRITE,
+            Accumulate::Add => ffi::QADAPT_ACC_ADD,
+        },
+        flags: vec_flag(dim, &[xp, wp, dyp, dxp]),
+        chunk_rows: plan_dw.chunk_rows,
+        chunks: plan_dw.chunks,
+    };
+    // SAFETY: QadaptRmsNormArgs is what rmsnorm_bwd_dx_bf16 takes; x, dy, dx hold rows * dim
+    // bf16, w dim bf16, rstd rows f32 (checked above, all on this device); the kernel reads and
+    // writes rows < rows, columns < dim only; QADAPT_MODEL_VEC only with dim % 8 == 0 and x, w,
+    // dy, dx 16-byte aligned; y is 0 and unused.
+    unsafe { launch(dev, kernels::RMSNORM_BWD_DX_BF16, plan_dx, &args) }?;
+    // SAFETY: the same struct for rmsnorm_bwd_dw_bf16, which reads x, dy (rows * dim bf16) and
+    // rstd (rows f32) for rows < rows and writes partial[chunk * dim + col] for chunk < chunks,
+    // col < dim (partial allocated above with chunks * dim f32; the plan's chunks * chunk_rows
+    // covers the rows); 2- and 4-byte accesses, and its 8 x 32 shared array fits the plan's 256
+    // threads.
+    unsafe { launch(dev, kernels::RMSNORM_BWD_DW_BF16, plan_dw.partial, &args) }?;
+    // SAFETY: the same struct for rmsnorm_bwd_dw_reduce, queued after the partial sums on the same
+    // stream; it reads partial[c * dim + col] for c < chunks, col < dim and adds into dw[col]
+    // (dw holds dim f32, checked above).
+    unsafe { launch(dev, kernels::RMSNORM_BWD_DW_REDUCE, plan_dw.reduce, &args) }
+}
+
+/// The SwiGLU buffers of one launch: forward (`h`) or backward (`dh`, `dgate`, `dup`).
+pub(crate) enum SwigluOut<'a> {
+    Forward {
+        h: &'a mut CudaSlice<bf16>,
+    },
+    Backward {
+        dh: &'a CudaSlice<bf16>,
+        dgate: &'a mut CudaSlice<bf16>,
+        dup: &'a mut CudaSlice<bf16>,
+    },
+}
+
+/// `swiglu_fwd_bf16` or `swiglu_bwd_bf16`; every output overwritten.
+pub(crate) fn swiglu(
+    dev: &CudaDevice,
+    gate: &CudaSlice<bf16>,
+    up: &CudaSlice<bf16>,
+    out: SwigluOut<'_>,
+) -> Result<()> {
+    const OP: &str = "swiglu (cuda)";
+    let n = gate.len();
+    if n == 0 {
+        return Err(invalid(OP, "no elements"));
+    }
+    need(OP, "up", up, n)?;
+    on_device(OP, dev, "gate", gate)?;
+    on_device(OP, dev, "up", up)?;
+    let stream = dev.stream().clone();
+    let (gp, _g1) = gate.device_ptr(&stream);
+    let (upp, _g2) = up.device_ptr(&stream);
+    match out {
+        SwigluOut::Forward { h } => {
+            need(OP, "h", h, n)?;
+            on_device(OP, dev, "h", h)?;
+            let (hp, _g3) = h.device_ptr_mut(&stream);
+            let flags = vec_flag(8, &[gp, upp, hp]);
+            let items = if flags != 0 { n.div_ceil(8) } else { n };
+            let plan = plan::model_op(items as u64, ModelWork::ThreadPerItem, &dev.props())?;
+            let args = ffi::QadaptSwigluArgs {
+                gate: gp,
+                up: upp,
+                h: hp,
+                n: n as u64,
+                flags,
+                ..Default::default()
+            };
+            // SAFETY: QadaptSwigluArgs is what swiglu_fwd_bf16 takes; gate, up and h hold n bf16
+            // each (checked above, all on this device) and the kernel touches indices < n only
+            // (full groups of 8 below n, then the tail one by one); QADAPT_MODEL_VEC only when
+            // all three addresses are 16-byte aligned.
+            unsafe { launch(dev, kernels::SWIGLU_FWD_BF16, plan, &args) }
+        }
+        SwigluOut::Backward { dh, dgate, dup } => {
+            need(OP, "dh", dh, n)?;
+            need(OP, "dgate", dgate, n)?;
+            need(OP, "dup", dup, n)?;
+            on_device(OP, dev, "dh", dh)?;
+            on_device(OP, dev, "dgate", dgate)?;
+            on_device(OP, dev, "dup", dup)?;
+            let (dhp, _g3) = dh.device_ptr(&stream);
+            let (dgp, _g4) = dgate.device_ptr_mut(&stream);
+            let (dup_p, _g5) = dup.device_ptr_mut(&stream);
+            let flags = vec_flag(8, &[gp, upp, dhp, dgp, dup_p]);
+            let items = if flags != 0 { n.div_ceil(8) } else { n };
+            let plan = plan::model_op(items as u64, ModelWork::ThreadPerItem, &dev.props())?;
+            let args = ffi::QadaptSwigluArgs {
+                gate: gp,
+                up: upp,
+                h: 0,
+                dh: dhp,
+                dgate: dgp,
+                dup: dup_p,
+                n: n as u64,
+                flags,
+                reserved: 0,
+            };
+            // SAFETY: QadaptSwigluArgs is what swiglu_bwd_bf16 takes; gate, up, dh, dgate, dup
+            // hold n bf16 each (checked above, all on this device), the kernel touches indices
+            // < n only; QADAPT_MODEL_VEC only when all five addresses are 16-byte aligned.
+            unsafe { launch(dev, kernels::SWIGLU_BWD_BF16, plan, &args) }
+        }
+    }
+}
+
+/// `rope_bf16`: rotates `x [rows, heads * head_dim]` in place with the f32 tables
+/// `cos`, `sin [seq, head_dim / 2]`; `rows` must be a multiple of `seq`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn rope(
+    dev: &CudaDevice,
+    x: &mut CudaSlice<bf16>,
+    cos: &CudaSlice<f32>,
+    sin: &CudaSlice<f32>,
+    seq: usize,
+    head_dim: usize,
+    heads: usize,
+    dir: RopeDirection,
+) -> Result<()> {
+    const OP: &str = "rope (cuda)";
+    if head_dim == 0 || !head_dim.is_multiple_of(2) {
+        return Err(invalid(
+            OP,
+            format!("head_dim {head_dim} must be even and positive"),
+        ));
+    }
+    let row = prod(OP, &[heads, head_dim])?;
+    if row == 0 || seq == 0 || x.is_empty() || !x.len().is_multiple_of(prod(OP, &[row, seq])?) {
+        return Err(shape_err(
+            OP,
+            format!("x of batch * {seq} * {row} elements"),
+            x.len(),
+        ));
+    }
+    let table = prod(OP, &[seq, head_dim])? / 2;
+    need(OP, "cos", cos, table)?;
+    need(OP, "sin", sin, table)?;
+    let rows = x.len() / row;
+    let args_seq = u32_of(OP, "seq", seq)?;
+    let args_heads = u32_of(OP, "heads", heads)?;
+    let args_dim = u32_of(OP, "head_dim", head_dim)?;
+    on_device(OP, dev, "x", x)?;
+    on_device(OP, dev, "cos", cos)?;
+    on_device(OP, dev, "sin", sin)?;
+    let plan = plan::model_op((rows * heads) as u64, ModelWork::WarpPerItem, &dev.props())?;
+    let stream = dev.stream().clone();
+    let (xp, _g1) = x.device_ptr_mut(&stream);
+    let (cp, _g2) = cos.device_ptr(&stream);
+    let (sp, _g3) = sin.device_ptr(&stream);
+    let args = ffi::QadaptRopeArgs {
+        x: xp,
+        cos: cp,
+        sin: sp,
+        rows: rows as u64,
+        seq: args_seq,
+        heads: args_heads,
+        head_dim: args_dim,
+        direction: match dir {
+            RopeDirection::Forward => ffi::QADAPT_ROPE_FORWARD,
+            RopeDirection::Backward => ffi::QADAPT_ROPE_BACKWARD,
+        },
+    };
+    // SAFETY: QadaptRopeArgs is what rope_bf16 takes; x holds rows * heads * head_dim bf16 and
+    // cos, sin hold seq * head_dim / 2 f32 (checked above, all on this device); the kernel
+    // touches x[(row * heads + h) * head_dim + i] for i < head_dim and the tables at
+    // (row % seq) * head_dim / 2 + i for i < head_dim / 2, all in bounds; 2- and 4-byte accesses.
+    unsafe { launch(dev, kernels::ROPE_BF16, plan, &args) }
+}
+
+/// Checks `ids` against the vocabulary (the first bad one is reported, as the CPU does).
+fn check_ids(op: &'static str, ids: &[u32], vocab: usize) -> Result<()> {
+    match ids.iter().position(|&t| t as usize >= vocab) {
+        None => Ok(()),
+        Some(i) => Err(invalid(
+            op,
+            format!(
+                "token id {} at {i} is outside the vocabulary of {vocab}",
+                ids[i]
+            ),
+        )),
+    }
+}
+
+/// `embedding_fwd_bf16`: `out [ids.len(), dim] = table[ids]`, overwritten.
+pub(crate) fn embedding_forward(
+    dev: &CudaDevice,
+    ids: &[u32],
+    table: &CudaSlice<bf16>,
+    vocab: usize,
+    dim: usize,
+    out: &mut CudaSlice<bf16>,
+) -> Result<()> {
+    const OP: &str = "embedding forward (cuda)";
+    if ids.is_empty() || dim == 0 {
+        return Err(invalid(OP, "no tokens or an empty embedding"));
+    }
+    need(OP, "table", table, prod(OP, &[vocab, dim])?)?;
+    need(OP, "out", out, prod(OP, &[ids.len(), dim])?)?;
+    check_ids(OP, ids, vocab)?;
+    let vocab32 = u32_of(OP, "vocab", vocab)?;
+    let dim32 = u32_of(OP, "dim", dim)?;
+    on_device(OP, dev, "table", table)?;
+    on_device(OP, dev, "out", out)?;
+    let ids_dev = dev.upload(ids)?;
+    let plan = plan::model_op(ids.len() as u64, ModelWork::WarpPerItem, &dev.props())?;
+    let stream = dev.stream().clone();
+    let (ip, _g1) = ids_dev.device_ptr(&stream);
+    let (tp, _g2) = table.device_ptr(&stream);
+    let (op, _g3) = out.device_ptr_mut(&stream);
+    let args = ffi::QadaptEmbeddingArgs {
+        ids: ip,
+        table: tp,
+        out: op,
+        tokens: ids.len() as u64,
+        vocab: vocab32,
+        dim: dim32,
+        flags: vec_flag(dim, &[tp, op]),
+        ..Default::default()
+    };
+    // SAFETY: QadaptEmbeddingArgs is what embedding_fwd_bf16 takes; ids (uploaded above from the
+    // host slice, every id < vocab checked) holds `tokens` u32, table vocab * dim bf16 and out
+    // tokens * dim bf16 (checked above, all on this device), so every row copied is in bounds
+    // (the kernel also skips an id >= vocab); QADAPT_MODEL_VEC only with dim % 8 == 0 and table,
+    // out 16-byte aligned.
+    unsafe { launch(dev, kernels::EMBEDDING_FWD_BF16, plan, &args) }
+}
+
+/// The tokens grouped by id for the deterministic scatter-add: the distinct ids ascending, the
+/// start of each group (plus the end), and the token indices of each group in ascending order
+/// (a stable counting sort).
+pub(crate) fn group_by_id(ids: &[u32], vocab: usize) -> (Vec<u32>, Vec<u32>, Vec<u32>) {
+    let mut count = vec![0u32; vocab];
+    for &t in ids {
+        count[t as usize] += 1;
+    }
+    let mut uniq = Vec::new();
+    let mut offsets = vec![0u32];
+    let mut start = vec![0u32; vocab];
+    let mut total = 0u32;
+    for (v, &c) in count.iter().enumerate() {
+        if c > 0 {
+            uniq.push(v as u32);
+            start[v] = total;
+            total += c;
+            offsets.push(total);
+        }
+    }
+    let mut order = vec![0u32; ids.len()];
+    for (n, &t) in ids.iter().enumerate() {
+        let s = &mut start[t as usize];
+        order[*s as usize] = n as u32;
+        *s += 1;
+    }
+    (uniq, offsets, order)
+}
+
+/// `embedding_bwd_bf16`: `dtable[ids[n]] += dout[n]` for every n, f32, in ascending n per id.
+pub(crate) fn embedding_backward(
+    dev: &CudaDevice,
+    ids: &[u32],
+    dout: &CudaSlice<bf16>,
+    vocab: usize,
+    dim: usize,
+    dtable: &mut CudaSlice<f32>,
+) -> Result<()> {
+    const OP: &str = "embedding backward (cuda)";
+    if ids.is_empty() || dim == 0 {
+        return Err(invalid(OP, "no tokens or an empty embedding"));
+    }
+    need(OP, "dtable", dtable, prod(OP, &[vocab, dim])?)?;
+    need(OP, "dout", dout, prod(OP, &[ids.len(), dim])?)?;
+    check_ids(OP, ids, vocab)?;
+    let vocab32 = u32_of(OP, "vocab", vocab)?;
+    let dim32 = u32_of(OP, "dim", dim)?;
+    u32_of(OP, "tokens", ids.len())?;
+    on_device(OP, dev, "dout", dout)?;
+    on_device(OP, dev, "dtable", dtable)?;
+    let (uniq, offsets, order) = group_by_id(ids, vocab);
+    let (uniq_d, off_d, order_d) = (
+        dev.upload(&uniq)?,
+        dev.upload(&offsets)?,
+        dev.upload(&order)?,
+    );
+    let plan = plan::model_op(uniq.len() as u64, ModelWork::WarpPerItem, &dev.props())?;
+    let stream = dev.stream().clone();
+    let (up, _g1) = uniq_d.device_ptr(&stream);
+    let (offp, _g2) = off_d.device_ptr(&stream);
+    let (orp, _g3) = order_d.device_ptr(&stream);
+    let (dop, _g4) = dout.device_ptr(&stream);
+    let (dtp, _g5) = dtable.device_ptr_mut(&stream);
+    let args = ffi::QadaptEmbeddingArgs {
+        dout: dop,
+        dtable: dtp,
+        uniq: up,
+        offsets: offp,
+        order: orp,
+        tokens: ids.len() as u64,
+        vocab: vocab32,
+        dim: dim32,
+        n_uniq: uniq.len() as u32,
+        ..Default::default()
+    };
+    // SAFETY: QadaptEmbeddingArgs is what embedding_bwd_bf16 takes; uniq, offsets, order were
+    // built above by group_by_id from ids checked < vocab: every uniq[u] < vocab, offsets has
+    // n_uniq + 1 ascending entries ending at tokens, every order[k] < tokens; dout holds
+    // tokens * dim bf16 and dtable vocab * dim f32 (checked above, all on this device), so every
+    // row the kernel reads or adds into is in bounds; 2- and 4-byte accesses only.
+    unsafe { launch(dev, kernels::EMBEDDING_BWD_BF16, plan, &args) }
+}
+
+/// The targets as the kernel reads them (`-1` = ignored), after checking each is `< vocab`;
+/// returns them with the number of rows that have a target.
+pub(crate) fn targets_i32(
+    op: &'static str,
+    targets: &[Option<u32>],
+    vocab: usize,
+) -> Result<(Vec<i32>, usize)> {
+    if let Some(i) = targets
+        .iter()
+        .position(|t| t.is_some_and(|t| t as usize >= vocab))
+    {
+        return Err(invalid(
+            op,
+            format!(
+                "target {:?} at {i} is outside the vocabulary of {vocab}",
+                targets[i]
+            ),
+        ));
+    }
+    let t: Vec<i32> = targets.iter().map(|t| t.map_or(-1, |v| v as i32)).collect();
+    let n = targets.iter().filter(|t| t.is_some()).count();
+    Ok((t, n))
+}
+
+/// `cross_entropy_bf16`: `loss [rows]` overwritten with each row's `lse - z[t]` (0 when ignored)
+/// and, when given, `dlogits` overwritten with `grad_scale * (softmax - onehot)`.
+pub(crate) fn cross_entropy(
+    dev: &CudaDevice,
+    logits: &CudaSlice<bf16>,
+    targets: &[Option<u32>],
+    vocab: usize,
+    grad_scale: f32,
+    loss: &mut CudaSlice<f32>,
+    dlogits: Option<&mut CudaSlice<bf16>>,
+) -> Result<()> {
+    const OP: &str = "cross_entropy (cuda)";
+    let rows = targets.len();
+    if rows == 0 || vocab == 0 {
+        return Err(invalid(OP, "no rows or an empty vocabulary"));
+    }
+    let total = prod(OP, &[rows, vocab])?;
+    need(OP, "logits", logits, total)?;
+    need(OP, "loss", loss, rows)?;
+    let vocab32 = u32_of(OP, "vocab", vocab)?;
+    // An i32 target must not wrap: vocab fits in 31 bits.
+    i32::try_from(vocab).map_err(|_| invalid(OP, "vocab must fit in 31 bits"))?;
+    let (t, _) = targets_i32(OP, targets, vocab)?;
+    on_device(OP, dev, "logits", logits)?;
+    on_device(OP, dev, "loss", loss)?;
+    let t_dev = dev.upload(&t)?;
+    let plan = plan::model_op(rows as u64, ModelWork::CtaPerItem, &dev.props())?;
+    let stream = dev.stream().clone();
+    let (lp, _g1) = logits.device_ptr(&stream);
+    let (tp, _g2) = t_dev.device_ptr(&stream);
+    let (lossp, _g3) = loss.device_ptr_mut(&stream);
+    let (dp, _g4) = match dlogits {
+        Some(d) => {
+            need(OP, "dlogits", d, total)?;
+            on_device(OP, dev, "dlogits", d)?;
+            let (p, g) = d.device_ptr_mut(&stream);
+            (p, Some(g))
+        }
+        None => (0, None),
+    };
+    let mut addrs = vec![lp];
+    if dp != 0 {
+        addrs.push(dp);
+    }
+    let args = ffi::QadaptCrossEntropyArgs {
+        logits: lp,
+        targets: tp,
+        loss: lossp,
+        dlogits: dp,
+        rows: rows as u64,
+        vocab: vocab32,
+        grad_scale,
+        flags: vec_flag(vocab, &addrs),
+        reserved: 0,
+    };
+    // SAFETY: QadaptCrossEntropyArgs is what cross_entropy_bf16 takes; logits (and dlogits when
+    // non-zero) hold rows * vocab bf16, loss rows f32, targets rows i32 (uploaded above, each -1
+    // or < vocab, checked), all on this device, so every z[row, c] and z[row, t] the kernel reads
+    // is in bounds; QADAPT_MODEL_VEC only with vocab % 8 == 0 and logits, dlogits 16-byte
+    // aligned; the kernel's shared arrays are sized for the plan's 256 threads.
+    unsafe { launch(dev, kernels::CROSS_ENTROPY_BF16, plan, &args) }
+}
+
+/// Checks an attention call's shape and buffers (lengths, 4-byte alignment of the bf16 rows the
+/// kernels read as 32-bit words, this device) and returns the argument struct's scalars.
+fn attention_shape(op: &'static str, sh: &AttentionShape) -> Result<(u32, u32, u32, u32, u32)> {
+    if sh.batch == 0 || sh.seq == 0 || sh.heads == 0 {
+        return Err(invalid(op, "empty batch, sequence or heads"));
+    }
+    if sh.kv_heads == 0 || !sh.heads.is_multiple_of(sh.kv_heads) {
+        return Err(invalid(
+            op,
+            format!(
+                "heads {} must be a multiple of kv_heads {}",
+                sh.heads, sh.kv_heads
+            ),
+        ));
+    }
+    let max_d = ffi::QADAPT_ATTN_MAX_HEAD_DIM as usize;
+    if sh.head_dim == 0 || !sh.head_dim.is_multiple_of(2) || sh.head_dim > max_d {
+        return Err(invalid(
+            op,
+            format!(
+                "head_dim {} must be even, positive and at most {max_d}",
+                sh.head_dim
+            ),
+        ));
+    }
+    // The largest length (q's; heads >= kv_heads) must not overflow: every other product below it.
+    prod(op, &[sh.batch, sh.seq, sh.heads, sh.head_dim])?;
+    Ok((
+        u32_of(op, "batch", sh.batch)?,
+        u32_of(op, "seq", sh.seq)?,
+        u32_of(op, "heads", sh.heads)?,
+        u32_of(op, "kv_heads", sh.kv_heads)?,
+        sh.head_dim as u32,
+    ))
+}
+
+fn aligned4(op: &'static str, what: &str, addr: u64) -> Result<()> {
+    if !addr.is_multiple_of(4) {
+        return Err(invalid(op, format!("{what} is not 4-byte aligned")));
+    }
+    Ok(())
+}
+
+/// `attention_fwd_bf16`: `out` and `lse [batch, heads, seq]` overwritten.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attention_forward(
+    dev: &CudaDevice,
+    sh: AttentionShape,
+    q: &CudaSlice<bf16>,
+    k: &CudaSlice<bf16>,
+    v: &CudaSlice<bf16>,
+    lse: &mut CudaSlice<f32>,
+    out: &mut CudaSlice<bf16>,
+) -> Result<()> {
+    const OP: &str = "attention forward (cuda)";
+    let (batch, seq, heads, kv_heads, head_dim) = attention_shape(OP, &sh)?;
+    let n = sh.batch * sh.seq;
+    need(OP, "q", q, n * sh.heads * sh.head_dim)?;
+    need(OP, "k", k, n * sh.kv_heads * sh.head_dim)?;
+    need(OP, "v", v, n * sh.kv_heads * sh.head_dim)?;
+    need(OP, "out", out, n * sh.heads * sh.head_dim)?;
+    need(OP, "lse", lse, n * sh.heads)?;
+    on_device(OP, dev, "q", q)?;
+    on_device(OP, dev, "k", k)?;
+    on_device(OP, dev, "v", v)?;
+    on_device(OP, dev, "out", out)?;
+    on_device(OP, dev, "lse", lse)?;
+    let items = (sh.batch * sh.heads * sh.seq.div_ceil(ffi::QADAPT_ATTN_ROWS as usize)) as u64;
+    let plan = plan::model_op(items, ModelWork::CtaPerItem, &dev.props())?;
+    let stream = dev.stream().clone();
+    let (qp, _g1) = q.device_ptr(&stream);
+    let (kp, _g2) = k.device_ptr(&stream);
+    let (vp, _g3) = v.device_ptr(&stream);
+    let (lp, _g4) = lse.device_ptr_mut(&stream);
+    let (op, _g5) = out.device_ptr_mut(&stream);
+    for (what, a) in [("q", qp), ("k", kp), ("v", vp), ("out", op)] {
+        aligned4(OP, what, a)?;
+    }
+    let args = ffi::QadaptAttentionArgs {
+        q: qp,
+        k: kp,
+        v: vp,
+        out: op,
+        lse: lp,
+        batch,
+        seq,
+        heads,
+        kv_heads,
+        head_dim,
+        scale: (1.0 / (sh.head_dim as f64).sqrt()) as f32,
+        ..Default::default()
+    };
+    // SAFETY: QadaptAttentionArgs is what attention_fwd_bf16 takes; q, out hold
+    // batch * seq * heads * head_dim bf16, k, v batch * seq * kv_heads * head_dim bf16 and lse
+    // batch * heads * seq f32 (checked above, all on this device); heads is a multiple of
+    // kv_heads and head_dim is even and <= QADAPT_ATTN_MAX_HEAD_DIM (the shared tiles' size), so
+    // every row the kernel reads as 32-bit words (4-byte aligned, checked) or writes is in
+    // bounds; the plan has the 256 threads (8 warps) the kernel assumes.
+    unsafe { launch(dev, kernels::ATTENTION_FWD_BF16, plan, &args) }
+}
+
+/// `attention_bwd_dq_bf16` then `attention_bwd_dkv_bf16`: `dq`, `dk`, `dv` overwritten; `lse`
+/// is what [`attention_forward`] saved.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attention_backward(
+    dev: &CudaDevice,
+    sh: AttentionShape,
+    q: &CudaSlice<bf16>,
+    k: &CudaSlice<bf16>,
+    v: &CudaSlice<bf16>,
+    lse: &CudaSlice<f32>,
+    dout: &CudaSlice<bf16>,
+    dq: &mut CudaSlice<bf16>,
+    dk: &mut CudaSlice<bf16>,
+    dv: &mut CudaSlice<bf16>,
+) -> Result<()> {
+    const OP: &str = "attention backward (cuda)";
+    let (batch, seq, heads, kv_heads, head_dim) = attention_shape(OP, &sh)?;
+    let n = sh.batch * sh.seq;
+    let (qlen, kvlen) = (n * sh.heads * sh.head_dim, n * sh.kv_heads * sh.head_dim);
+    need(OP, "q", q, qlen)?;
+    need(OP, "k", k, kvlen)?;
+    need(OP, "v", v, kvlen)?;
+    need(OP, "lse", lse, n * sh.heads)?;
+    need(OP, "dout", dout, qlen)?;
+    need(OP, "dq", dq, qlen)?;
+    need(OP, "dk", dk, kvlen)?;
+    need(OP, "dv", dv, kvlen)?;
+    on_device(OP, dev, "q", q)?;
+    on_device(OP, dev, "k", k)?;
+    on_device(OP, dev, "v", v)?;
+    on_device(OP, dev, "lse", lse)?;
+    on_device(OP, dev, "dout", dout)?;
+    on_device(OP, dev, "dq", dq)?;
+    on_device(OP, dev, "dk", dk)?;
+    on_device(OP, dev, "dv", dv)?;
+    let mut delta = dev.zeros::<f32>(n * sh.heads)?;
+    let blocks = sh.seq.div_ceil(ffi::QADAPT_ATTN_ROWS as usize);
+    let props = dev.props();
+    let plan_dq = plan::model_op(
+        (sh.batch * sh.heads * blocks) as u64,
+        ModelWork::CtaPerItem,
+        &props,
+    )?;
+    let plan_dkv = plan::model_op(
+        (sh.batch * sh.kv_heads * blocks) as u64,
+        ModelWork::CtaPerItem,
+        &props,
+    )?;
+    let stream = dev.stream().clone();
+    let (qp, _g1) = q.device_ptr(&stream);
+    let (kp, _g2) = k.device_ptr(&stream);
+    let (vp, _g3) = v.device_ptr(&stream);
+    let (lp, _g4) = lse.device_ptr(&stream);
+    let (dop, _g5) = dout.device_ptr(&stream);
+    let (dqp, _g6) = dq.device_ptr_mut(&stream);
+    let (dkp, _g7) = dk.device_ptr_mut(&stream);
+    let (dvp, _g8) = dv.device_ptr_mut(&stream);
+    let (dp, _g9) = delta.device_ptr_mut(&stream);
+    for (what, a) in [
+        ("q", qp),
+        ("k", kp),
+        ("v", vp),
+        ("dout", dop),
+        ("dq", dqp),
+        ("dk", dkp),
+        ("dv", dvp),
+    ] {
+        aligned4(OP, what, a)?;
+    }
+    let args = ffi::QadaptAttentionArgs {
+        q: qp,
+        k: kp,
+        v: vp,
+        out: 0,
+        lse: lp,
+        dout: dop,
+        dq: dqp,
+        dk: dkp,
+        dv: dvp,
+        delta: dp,
+        batch,
+        seq,
+        heads,
+        kv_heads,
+        head_dim,
+        scale: (1.0 / (sh.head_dim as f64).sqrt()) as f32,
+    };
+    // SAFETY: QadaptAttentionArgs is what attention_bwd_dq_bf16 takes; q, dout, dq hold
+    // batch * seq * heads * head_dim bf16, k, v batch * seq * kv_heads * head_dim bf16, lse and
+    // delta (allocated above) batch * heads * seq f32 (checked above, all on this device); heads
+    // is a multiple of kv_heads, head_dim even and <= QADAPT_ATTN_MAX_HEAD_DIM, every address
+    // 4-byte aligned (checked), so each row read or written is in bounds; 256 threads a CTA.
+    unsafe { launch(dev, kernels::ATTENTION_BWD_DQ_BF16, plan_dq, &args) }?;
+    // SAFETY: the same struct and buffers for attention_bwd_dkv_bf16, queued after the dq kernel
+    // on the same stream so the delta it reads is written; it writes dk, dv rows
+    // (batch * seq * kv_heads * head_dim bf16 each, checked above) and reads q, dout, lse, delta
+    // within the bounds above.
+    unsafe { launch(dev, kernels::ATTENTION_BWD_DKV_BF16, plan_dkv, &args) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn group_by_id_is_a_stable_counting_sort() {
+        let ids = [4u32, 1, 4, 0, 4, 1];
+        let (uniq, offsets, order) = group_by_id(&ids, 6);
+        assert_eq!(uniq, [0, 1, 4]);
+        assert_eq!(offsets, [0, 1, 3, 6]);
+        assert_eq!(order, [3, 1, 5, 0, 2, 4]);
+        let (u, o, r) = group_by_id(&[2], 3);
+        assert_eq!((u, o, r), (vec![2], vec![0, 1], vec![0]));
+    }
+
+    #[test]
+    fn targets_and_ids_are_checked_against_the_vocabulary() {
+        let (t, n) = targets_i32("t", &[Some(2), None, Some(0)], 3).unwrap();
+        assert_eq!((t, n), (vec![2, -1, 0], 2));
+        let err = targets_i32("t", &[None, Some(3)], 3).unwrap_err();
+        assert!(err.to_string().contains("at 1"), "{err}");
+        assert!(check_ids("e", &[0, 2], 3).is_ok());
+        let err = check_ids("e", &[2, 3, 0], 3).unwrap_err();
+        assert!(err.to_string().contains("token id 3 at 1"), "{err}");
+    }
+
+    #[test]
+    fn the_16_byte_path_needs_aligned_rows_of_8() {
+        assert_eq!(vec_flag(64, &[0, 16, 4096]), ffi::QADAPT_MODEL_VEC);
+        assert_eq!(vec_flag(60, &[0, 16]), 0);
+        assert_eq!(vec_flag(64, &[0, 8]), 0);
+    }
+}

@@ -1,0 +1,306 @@
+//! The model ops on a CUDA device, on device-resident buffers: the kernels of `kernels/model.cu`
+//! behind the same signatures as the CPU references in [`crate::ops`] (same argument order, same
+//! overwrite/accumulate contracts), with bf16 activations and f32 math.
+//!
+//! | op | CPU reference | here |
+//! |---|---|---|
+//! | RMSNorm | [`crate::ops::rmsnorm`] | [`rmsnorm_forward`], [`rmsnorm_backward`] (`rstd` and `dw` f32) |
+//! | SwiGLU | [`crate::ops::swiglu`] | [`swiglu_forward`], [`swiglu_backward`] |
+//! | RoPE | [`crate::ops::rope::RopeTable::apply`] | [`CudaRopeTable::apply`] (the same f32 table, uploaded) |
+//! | embedding | [`crate::ops::embedding`] | [`embedding_forward`], [`embedding_backward`] (`dtable` f32) |
+//! | cross-entropy | [`crate::ops::cross_entropy`] | [`cross_entropy_forward`], [`cross_entropy_backward`], [`cross_entropy_fused`] |
+//! | attention | [`crate::ops::attention`] | [`attention_forward`], [`attention_backward`] (saves `lse`, not `p`) |
+//!
+//! Token ids and targets are host slices, as in the CPU references: they are checked against the
+//! vocabulary on the host (an id out of range is [`crate::Error::Invalid`] before anything runs)
+//! and uploaded with the launch. Every function checks shapes first and returns typed errors;
+//! work is queued on the device's stream (only the cross-entropy mean reads back, and says so).
+//!
+//! Results agree with the CPU reference run in f32 on the same (bf16-valued) inputs within a few
+//! bf16 ulps (each output is rounded to bf16 once); the embedding is bit-exact. The tolerances are
+//! written in `crates/qadapt/tests/model_ops_cuda.rs`.
+
+use cudarc::driver::CudaSlice;
+use half::bf16;
+
+use super::CudaDevice;
+use super::launch::{self, SwigluOut};
+use crate::error::{Result, shape_err};
+use crate::ops::Accumulate;
+use crate::ops::attention::AttentionShape;
+use crate::ops::rope::{RopeDirection, RopeTable};
+
+/// `y = w * x / sqrt(mean(x^2) + eps)` row by row: `x`, `y` are `[rows, w.len()]` bf16, `rstd`
+/// is `[rows]` f32 (overwritten with `1/sqrt(mean(x^2) + eps)`, saved for the backward).
+pub fn rmsnorm_forward(
+    dev: &CudaDevice,
+    x: &CudaSlice<bf16>,
+    w: &CudaSlice<bf16>,
+    eps: f64,
+    y: &mut CudaSlice<bf16>,
+    rstd: &mut CudaSlice<f32>,
+) -> Result<()> {
+    launch::rmsnorm_forward(dev, x, w, eps as f32, y, rstd)
+}
+
+/// Backward of [`rmsnorm_forward`]: `dx` overwritten or accumulated as `acc` says (bf16), `dw`
+/// (f32, `[w.len()]`) accumulated; `rstd` is what the forward saved.
+#[allow(clippy::too_many_arguments)]
+pub fn rmsnorm_backward(
+    dev: &CudaDevice,
+    x: &CudaSlice<bf16>,
+    w: &CudaSlice<bf16>,
+    rstd: &CudaSlice<f32>,
+    dy: &CudaSlice<bf16>,
+    dx: &mut CudaSlice<bf16>,
+    acc: Accumulate,
+    dw: &mut CudaSlice<f32>,
+) -> Result<()> {
+    launch::rmsnorm_backward(dev, x, w, rstd, dy, dx, acc, dw)
+}
+
+/// `h = silu(gate) * up`, elementwise; all three have the same length.
+pub fn swiglu_forward(
+    dev: &CudaDevice,
+    gate: &CudaSlice<bf16>,
+    up: &CudaSlice<bf16>,
+    h: &mut CudaSlice<bf16>,
+) -> Result<()> {
+    launch::swiglu(dev, gate, up, SwigluOut::Forward { h })
+}
+
+/// Backward of [`swiglu_forward`]: `dgate`, `dup` overwritten.
+pub fn swiglu_backward(
+    dev: &CudaDevice,
+    gate: &CudaSlice<bf16>,
+    up: &CudaSlice<bf16>,
+    dh: &CudaSlice<bf16>,
+    dgate: &mut CudaSlice<bf16>,
+    dup: &mut CudaSlice<bf16>,
+) -> Result<()> {
+    launch::swiglu(dev, gate, up, SwigluOut::Backward { dh, dgate, dup })
+}
+
+/// A [`RopeTable`] on the device: the f32 cos and sin `[seq, head_dim / 2]` the CPU reference
+/// builds, uploaded once.
+#[derive(Debug)]
+pub struct CudaRopeTable {
+    seq: usize,
+    head_dim: usize,
+    cos: CudaSlice<f32>,
+    sin: CudaSlice<f32>,
+}
+
+impl CudaRopeTable {
+    /// Uploads `table` (build it with [`RopeTable::new`] and [`crate::ops::rope::inv_freq`]).
+    pub fn new(dev: &CudaDevice, table: &RopeTable<f32>) -> Result<CudaRopeTable> {
+        let want = table.seq * table.head_dim / 2;
+        for (what, v) in [("cos", &table.cos), ("sin", &table.sin)] {
+            if v.len() != want {
+                return Err(shape_err(
+                    "rope table (cuda)",
+                    format!("{what} of {want} elements"),
+                    v.len(),
+                ));
+            }
+        }
+        Ok(CudaRopeTable {
+            seq: table.seq,
+            head_dim: table.head_dim,
+            cos: dev.upload(&table.cos)?,
+            sin: dev.upload(&table.sin)?,
+        })
+    }
+
+    /// Positions covered.
+    pub fn seq(&self) -> usize {
+        self.seq
+    }
+
+    /// Head size D.
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+    }
+
+    /// Rotates every head of `x [batch * seq, heads * head_dim]` in place (token n is at position
+    /// `n % seq`); [`RopeDirection::Backward`] applies the transpose (the gradient).
+    pub fn apply(
+        &self,
+        dev: &CudaDevice,
+        x: &mut CudaSlice<bf16>,
+        heads: usize,
+        dir: RopeDirection,
+    ) -> Result<()> {
+        launch::rope(
+            dev,
+            x,
+            &self.cos,
+            &self.sin,
+            self.seq,
+            self.head_dim,
+            heads,
+            dir,
+        )
+    }
+}
+
+/// `out [ids.len(), dim] = table[ids]`; `table` is `[vocab, dim]` (bit-exact copy).
+pub fn embedding_forward(
+    dev: &CudaDevice,
+    ids: &[u32],
+    table: &CudaSlice<bf16>,
+    vocab: usize,
+    dim: usize,
+    out: &mut CudaSlice<bf16>,
+) -> Result<()> {
+    launch::embedding_forward(dev, ids, table, vocab, dim, out)
+}
+
+/// `dtable[ids[n]] += dout[n]` for every n (f32, accumulated). Deterministic and bit-exact with
+/// the CPU reference: each row of `dtable` gets its tokens' rows added one at a time in ascending
+/// n, without atomics.
+pub fn embedding_backward(
+    dev: &CudaDevice,
+    ids: &[u32],
+    dout: &CudaSlice<bf16>,
+    vocab: usize,
+    dim: usize,
+    dtable: &mut CudaSlice<f32>,
+) -> Result<()> {
+    launch::embedding_backward(dev, ids, dout, vocab, dim, dtable)
+}
+
+/// The number of rows with a target, refusing a batch without any (as the CPU reference does).
+fn count_targets(op: &'static str, targets: &[Option<u32>], vocab: usize) -> Result<usize> {
+    let (_, n) = launch::targets_i32(op, targets, vocab)?;
+    if n == 0 {
+        return Err(shape_err(op, "at least one row with a target", "none"));
+    }
+    Ok(n)
+}
+
+/// The fused cross-entropy: `row_loss [rows]` (f32) overwritten with `logsumexp(z[n]) - z[n, t[n]]`
+/// (0 for ignored rows) and, when given, `dlogits` (bf16 `[rows, vocab]`) overwritten with the
+/// gradient of `dloss * mean loss` (0 for ignored rows). The mean is [`cross_entropy_mean`].
+pub fn cross_entropy_fused(
+    dev: &CudaDevice,
+    logits: &CudaSlice<bf16>,
+    targets: &[Option<u32>],
+    vocab: usize,
+    dloss: f32,
+    row_loss: &mut CudaSlice<f32>,
+    dlogits: Option<&mut CudaSlice<bf16>>,
+) -> Result<()> {
+    const OP: &str = "cross_entropy (cuda)";
+    let n = count_targets(OP, targets, vocab)?;
+    launch::cross_entropy(
+        dev,
+        logits,
+        targets,
+        vocab,
+        dloss / n as f32,
+        row_loss,
+        dlogits,
+    )
+}
+
+/// The mean of `row_loss` over the rows with a target, summed in f32 in row order as the CPU
+/// reference does. Reads `row_loss` back (synchronizes the stream).
+pub fn cross_entropy_mean(
+    dev: &CudaDevice,
+    row_loss: &CudaSlice<f32>,
+    targets: &[Option<u32>],
+) -> Result<f32> {
+    const OP: &str = "cross_entropy mean (cuda)";
+    if row_loss.len() != targets.len() {
+        return Err(shape_err(
+            OP,
+            format!("row_loss of {} elements", targets.len()),
+            row_loss.len(),
+        ));
+    }
+    let n = targets.iter().filter(|t| t.is_some()).count();
+    if n == 0 {
+        return Err(shape_err(OP, "at least one row with a target", "none"));
+    }
+    let mut total = 0f32;
+    for (v, t) in dev.download(row_loss)?.into_iter().zip(targets) {
+        if t.is_some() {
+            total += v;
+        }
+    }
+    Ok(total / n as f32)
+}
+
+/// The mean loss over the rows of `logits [targets.len(), vocab]` that have a target (reads the
+/// per-row losses back: synchronizes the stream).
+pub fn cross_entropy_forward(
+    dev: &CudaDevice,
+    logits: &CudaSlice<bf16>,
+    targets: &[Option<u32>],
+    vocab: usize,
+) -> Result<f32> {
+    count_targets("cross_entropy forward (cuda)", targets, vocab)?;
+    let mut row_loss = dev.zeros::<f32>(targets.len())?;
+    cross_entropy_fused(dev, logits, targets, vocab, 0.0, &mut row_loss, None)?;
+    cross_entropy_mean(dev, &row_loss, targets)
+}
+
+/// `dlogits` (overwritten) of `dloss * loss`, as [`crate::ops::cross_entropy::backward`].
+pub fn cross_entropy_backward(
+    dev: &CudaDevice,
+    logits: &CudaSlice<bf16>,
+    targets: &[Option<u32>],
+    vocab: usize,
+    dloss: f32,
+    dlogits: &mut CudaSlice<bf16>,
+) -> Result<()> {
+    count_targets("cross_entropy backward (cuda)", targets, vocab)?;
+    let mut row_loss = dev.zeros::<f32>(targets.len())?;
+    cross_entropy_fused(
+        dev,
+        logits,
+        targets,
+        vocab,
+        dloss,
+        &mut row_loss,
+        Some(dlogits),
+    )
+}
+
+/// Causal grouped-query attention forward (layouts of [`crate::ops::attention`]): `out`
+/// `[batch * seq, heads * head_dim]` overwritten, and `lse [batch, heads, seq]` (f32) overwritten
+/// with each query row's log-sum-exp of its scaled scores. The CPU reference saves the
+/// probabilities `p [batch, heads, seq, seq]`; the kernels save `lse` instead (seq times smaller)
+/// and recompute the probabilities in the backward. `head_dim` must be even and at most
+/// `QADAPT_ATTN_MAX_HEAD_DIM` (256).
+pub fn attention_forward(
+    dev: &CudaDevice,
+    sh: AttentionShape,
+    q: &CudaSlice<bf16>,
+    k: &CudaSlice<bf16>,
+    v: &CudaSlice<bf16>,
+    lse: &mut CudaSlice<f32>,
+    out: &mut CudaSlice<bf16>,
+) -> Result<()> {
+    launch::attention_forward(dev, sh, q, k, v, lse, out)
+}
+
+/// Backward of [`attention_forward`]: `dq`, `dk`, `dv` overwritten (a kv head sums the gradients
+/// of all its query heads); `lse` is what the forward saved. Allocates a `[batch, heads, seq]`
+/// f32 scratch for the row sums `delta = rowsum(P * dP)`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward(
+    dev: &CudaDevice,
+    sh: AttentionShape,
+    q: &CudaSlice<bf16>,
+    k: &CudaSlice<bf16>,
+    v: &CudaSlice<bf16>,
+    lse: &CudaSlice<f32>,
+    dout: &CudaSlice<bf16>,
+    dq: &mut CudaSlice<bf16>,
+    dk: &mut CudaSlice<bf16>,
+    dv: &mut CudaSlice<bf16>,
+) -> Result<()> {
+    launch::attention_backward(dev, sh, q, k, v, lse, dout, dq, dk, dv)
+}

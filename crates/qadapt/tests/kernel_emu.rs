@@ -1,0 +1,310 @@
+//! The CUDA kernels of `kernels/nf4.cu` and `kernels/optim.cu`, run on the CPU through the
+//! emulation shim `kernels/emu/cuda_emu.h` (every CTA's threads as host threads, real barriers and
+//! shuffles), compared with the Rust CPU reference bit for bit. This checks the kernels' indexing,
+//! tails, packing, reductions and rounding without a GPU; the GPU tests check the same on the
+//! device. Needs a C++20 compiler (`c++`); under `QADAPT_REQUIRE_CUDA=1` (CI) its absence fails.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use half::{bf16, f16};
+use qadapt::nf4::{Nf4Tensor, Scales, Statistics, dynamic_map::DQ_MAP};
+use qadapt::optim::{AdamW, adamw_cpu, sum_squares_cpu};
+use qadapt::{DType, Device, FloatVec};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Compiles `kernels/emu/<name>.cpp`; None when no C++ compiler is present (fatal under
+/// QADAPT_REQUIRE_CUDA=1).
+fn compile(name: &str) -> Option<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("qadapt-emu-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let exe = dir.join(name);
+    let r = root();
+    let out = Command::new(std::env::var("CXX").unwrap_or_else(|_| "c++".into()))
+        .args([
+            "-std=c++20",
+            "-O1",
+            "-pthread",
+            "-ffp-contract=off",
+            "-DQADAPT_EMU",
+        ])
+        .arg("-I")
+        .arg(r.join("kernels/emu"))
+        .arg("-I")
+        .arg(r.join("kernels/include"))
+        .arg(r.join(format!("kernels/emu/{name}.cpp")))
+        .arg("-o")
+        .arg(&exe)
+        .output();
+    match out {
+        Ok(o) if o.status.success() => Some(exe),
+        Ok(o) => panic!(
+            "the emulation runner does not compile:\n{}",
+            String::from_utf8_lossy(&o.stderr)
+        ),
+        Err(e) => {
+            let required = std::env::var("QADAPT_REQUIRE_CUDA").as_deref() == Ok("1");
+            assert!(
+                !required,
+                "QADAPT_REQUIRE_CUDA=1 but no C++ compiler to emulate kernels: {e}"
+            );
+            eprintln!("no C++ compiler ({e}): kernel emulation skipped");
+            None
+        }
+    }
+}
+
+/// The NF4 + optimizer runner, compiled once per test process.
+fn runner() -> Option<&'static Path> {
+    static RUNNER: OnceLock<Option<PathBuf>> = OnceLock::new();
+    RUNNER.get_or_init(|| compile("nf4_optim_emu")).as_deref()
+}
+
+fn run(mode: &str, input: &[u8]) -> Option<Vec<u8>> {
+    let exe = runner()?;
+    let dir = exe.parent().unwrap();
+    let tag = format!("{mode}-{}", input.len());
+    let (i, o) = (
+        dir.join(format!("{tag}.in")),
+        dir.join(format!("{tag}.out")),
+    );
+    std::fs::write(&i, input).unwrap();
+    let st = Command::new(exe)
+        .arg(mode)
+        .arg(&i)
+        .arg(&o)
+        .status()
+        .unwrap();
+    assert!(st.success(), "emulated {mode} failed");
+    Some(std::fs::read(&o).unwrap())
+}
+
+struct Out<'a>(&'a [u8]);
+impl Out<'_> {
+    fn take(&mut self, n: usize) -> Vec<u8> {
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        a.to_vec()
+    }
+    fn f32s(&mut self, n: usize) -> Vec<u32> {
+        self.take(4 * n)
+            .chunks(4)
+            .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    }
+    fn u16s(&mut self, n: usize) -> Vec<u16> {
+        self.take(2 * n)
+            .chunks(2)
+            .map(|c| u16::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    }
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+fn values(n: usize, seed: u32) -> Vec<f32> {
+    (0..n)
+        .map(|i| match i {
+            0..=63 if seed % 2 == 0 => 0.0,
+            _ if i % 501 == 7 => 40.0,
+            _ => {
+                (((i as u32).wrapping_mul(2_654_435_761) ^ seed) >> 8) as f32 / (1u32 << 24) as f32
+                    * 2.0
+                    - 1.0
+            }
+        })
+        .collect()
+}
+
+/// Runs quantize (+ double quant) and the three dequantize kernels under emulation on `x` and
+/// compares every output with the CPU reference; false when emulation is unavailable.
+fn check_nf4(x: &FloatVec, bs: usize, what: &str) -> bool {
+    let n = x.len();
+    let d: u32 = match x.dtype() {
+        DType::F32 => 0,
+        DType::BF16 => 1,
+        DType::F16 => 2,
+    };
+    for stats in [Statistics::Plain, Statistics::DoubleQuant] {
+        let dq = stats == Statistics::DoubleQuant;
+        let mut input = Vec::new();
+        input.extend(d.to_le_bytes());
+        input.extend((bs as u32).to_le_bytes());
+        input.extend(u32::from(dq).to_le_bytes());
+        input.extend((n as u64).to_le_bytes());
+        input.extend(x.as_bytes());
+        input.extend(DQ_MAP.iter().flat_map(|v| v.to_le_bytes()));
+        let Some(out) = run("nf4", &input) else {
+            return false;
+        };
+        let mut o = Out(&out);
+        let what = format!("{what} n={n} bs={bs} {} {stats:?}", x.dtype());
+        let cpu = Nf4Tensor::quantize(&Device::Cpu, x, &[n], bs, stats).unwrap();
+        let nb = n.div_ceil(bs);
+        assert_eq!(o.take(n.div_ceil(2)), cpu.packed, "packed, {what}");
+        let absmax = o.f32s(nb);
+        let offset = o.f32s(1)[0];
+        let codes = o.take(nb);
+        let nested = o.f32s(nb.div_ceil(256));
+        match &cpu.scales {
+            Scales::Absmax(a) => assert_eq!(absmax, bits(a), "absmax, {what}"),
+            Scales::Double(dqs) => {
+                assert_eq!(offset, dqs.offset.to_bits(), "offset, {what}");
+                assert_eq!(codes, dqs.codes, "codes, {what}");
+                assert_eq!(nested, bits(&dqs.nested_absmax), "nested absmax, {what}");
+            }
+        }
+        let f = cpu.dequantize(&Device::Cpu, DType::F32).unwrap();
+        assert_eq!(o.f32s(n), bits(&f.to_f32_vec()), "dequantize f32, {what}");
+        let FloatVec::BF16(b) = cpu.dequantize(&Device::Cpu, DType::BF16).unwrap() else {
+            unreachable!()
+        };
+        assert_eq!(
+            o.u16s(n),
+            b.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            "dequantize bf16, {what}"
+        );
+        let FloatVec::F16(h) = cpu.dequantize(&Device::Cpu, DType::F16).unwrap() else {
+            unreachable!()
+        };
+        assert_eq!(
+            o.u16s(n),
+            h.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            "dequantize f16, {what}"
+        );
+        assert!(o.0.is_empty());
+    }
+    true
+}
+
+#[test]
+fn emulated_nf4_kernels_match_the_cpu_reference_bit_for_bit() {
+    let cases = [
+        (1usize, 32usize),
+        (31, 64),
+        (999, 64),
+        (4097, 4096),
+        (19_203, 64),
+        (70_001, 32),
+        (2_000, 1024),
+    ];
+    for (k, &(n, bs)) in cases.iter().enumerate() {
+        let raw = values(n, k as u32);
+        for x in [
+            FloatVec::F32(raw.clone()),
+            FloatVec::BF16(raw.iter().map(|v| bf16::from_f32(*v)).collect()),
+            FloatVec::F16(raw.iter().map(|v| f16::from_f32(*v)).collect()),
+        ] {
+            if !check_nf4(&x, bs, "generated") {
+                return;
+            }
+        }
+    }
+}
+
+/// The bitsandbytes golden inputs: exact ties, values a hair from the midpoints (where rounding a
+/// 16-bit partial block first changes the code), zero blocks, outliers.
+#[test]
+fn emulated_nf4_kernels_on_the_golden_inputs() {
+    let bytes = std::fs::read(root().join("tests/data/nf4_golden.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let meta = safetensors::SafeTensors::read_metadata(&bytes)
+        .unwrap()
+        .1
+        .metadata()
+        .clone()
+        .unwrap();
+    let cases: Vec<String> = serde_json::from_str(&meta["cases"]).unwrap();
+    for case in &cases {
+        let m: serde_json::Value = serde_json::from_str(&meta[case.as_str()]).unwrap();
+        let bs = m["blocksize"].as_u64().unwrap() as usize;
+        let dtype = DType::parse(m["dtype"].as_str().unwrap()).unwrap();
+        let x = FloatVec::from_bytes(dtype, st.tensor(&format!("{case}.input")).unwrap().data())
+            .unwrap();
+        if !check_nf4(&x, bs, case) {
+            return;
+        }
+    }
+}
+
+#[test]
+fn emulated_adamw_matches_the_cpu_reference_bit_for_bit() {
+    let h = AdamW {
+        lr: 3e-3,
+        weight_decay: 0.05,
+        ..AdamW::default()
+    };
+    for n in [1usize, 255, 3_001] {
+        let mut input = Vec::new();
+        input.extend((n as u64).to_le_bytes());
+        input.extend(3u32.to_le_bytes());
+        for v in [h.lr, h.weight_decay, h.beta1, h.beta2, h.eps] {
+            input.extend(v.to_le_bytes());
+        }
+        let mut p = values(n, 1);
+        let (mut m, mut v) = (vec![0f32; n], vec![0f32; n]);
+        let mut p16 = vec![bf16::ZERO; n];
+        let mut steps = Vec::new();
+        for t in 1..=3u64 {
+            let s = h.step(t, h.lr, 0.75).unwrap();
+            let g = values(n, 10 + t as u32);
+            for v in [s.step_size, s.bc2_sqrt, s.grad_scale] {
+                input.extend(v.to_le_bytes());
+            }
+            input.extend(g.iter().flat_map(|v| v.to_le_bytes()));
+            steps.push((s, g));
+        }
+        input.extend(p.iter().flat_map(|v| v.to_le_bytes()));
+        for (s, g) in &steps {
+            adamw_cpu(&mut p, Some(&mut p16), g, &mut m, &mut v, s).unwrap();
+        }
+        let Some(out) = run("adamw", &input) else {
+            return;
+        };
+        let mut o = Out(&out);
+        assert_eq!(o.f32s(n), bits(&p), "param, n={n}");
+        assert_eq!(o.f32s(n), bits(&m), "m, n={n}");
+        assert_eq!(o.f32s(n), bits(&v), "v, n={n}");
+        assert_eq!(
+            o.u16s(n),
+            p16.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            "bf16 copy, n={n}"
+        );
+        let partial: f64 = o
+            .f32s(3)
+            .iter()
+            .map(|b| f64::from(f32::from_bits(*b)))
+            .sum();
+        let want = sum_squares_cpu(&p);
+        assert!(
+            (partial - want).abs() <= 1e-5 * want.max(1e-30),
+            "sum of squares {partial} vs {want}"
+        );
+    }
+}
+
+/// kernels/model.cu under emulation against the float64 reference inside model_emu.cpp.
+#[test]
+fn emulated_model_op_kernels_match_a_float64_reference() {
+    let Some(exe) = compile("model_emu") else {
+        return;
+    };
+    let out = Command::new(&exe).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "model_emu reported mismatches:\n{text}"
+    );
+    for op in ["rmsnorm", "swiglu", "rope", "embedding", "ce", "attention"] {
+        assert!(
+            text.contains(&format!("{op} done, fails 0")),
+            "{op} missing or failing:\n{text}"
+        );
+    }
+}

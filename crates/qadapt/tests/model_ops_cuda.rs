@@ -1,0 +1,455 @@
+//! The model-op kernels (`kernels/model.cu`) against the CPU references in `qadapt::ops`, on
+//! awkward sizes (rows not a multiple of the 8 rows a CTA takes, row lengths that are and are not
+//! multiples of 8 so both the 16-byte and the element-by-element paths run).
+//!
+//! The inputs are bf16; the CPU reference runs in f32 on the same values (widened exactly). Each
+//! bf16 output is rounded once from an f32 value that differs from the CPU's only by the order of
+//! f32 operations, so it is within 1.5 bf16 ulps of the CPU's unrounded value: we allow
+//! `atol + 2^-6 |ref|` (2^-6 = 2 ulps at the bottom of a binade), with an `atol` that covers the
+//! f32 rounding of terms that cancel, stated per test. f32 outputs (rstd, dw, the loss) get a
+//! relative tolerance for a different summation order. The embedding is exact.
+//!
+//! Needs a CUDA device: ignored by `cargo test`, run by the GPU bundle; fails loudly without one.
+
+use half::bf16;
+use qadapt::Device;
+use qadapt::cuda::CudaDevice;
+use qadapt::cuda::ops;
+use qadapt::ops::Accumulate;
+use qadapt::ops::rope::{RopeDirection, RopeScaling, RopeTable, inv_freq};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+
+/// bf16 ulps allowed, relative to |ref|.
+const RTOL_BF16: f32 = 1.0 / 64.0;
+
+fn device() -> CudaDevice {
+    match Device::cuda(0) {
+        Ok(Device::Cuda(dev)) => dev,
+        Ok(_) => panic!("Device::cuda returned a non-CUDA device"),
+        Err(e) => panic!("this test needs a CUDA device: {e}"),
+    }
+}
+
+/// `n` bf16 values uniform in `[-scale, scale)`, and the same values as f32.
+fn rand_bf16(seed: u64, n: usize, scale: f32) -> (Vec<bf16>, Vec<f32>) {
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let b: Vec<bf16> = (0..n)
+        .map(|_| bf16::from_f32(rng.random_range(-scale..scale)))
+        .collect();
+    let f = b.iter().map(|v| v.to_f32()).collect();
+    (b, f)
+}
+
+fn widen(v: &[bf16]) -> Vec<f32> {
+    v.iter().map(|x| x.to_f32()).collect()
+}
+
+/// Panics with the worst element unless `|got - want| <= atol + rtol |want|` everywhere.
+fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    let mut worst: Option<(usize, f32)> = None;
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let excess = (g - w).abs() - (atol + rtol * w.abs());
+        let bad = excess > 0.0 || excess.is_nan();
+        if bad && worst.is_none_or(|(_, e)| excess > e || excess.is_nan()) {
+            worst = Some((i, excess));
+        }
+    }
+    if let Some((i, _)) = worst {
+        panic!(
+            "{what}: element {i}: got {}, want {} (atol {atol}, rtol {rtol})",
+            got[i], want[i]
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn cuda_rmsnorm_matches_cpu() {
+    let dev = device();
+    // (1000, 64) and (130, 72) split the weight gradient over several row chunks.
+    for (rows, dim) in [
+        (37usize, 1000usize),
+        (9, 999),
+        (3, 4104),
+        (1, 1),
+        (130, 72),
+        (1000, 64),
+    ] {
+        let (xb, x) = rand_bf16(1, rows * dim, 2.0);
+        let (wb, w) = rand_bf16(2, dim, 1.5);
+        let (dyb, dy) = rand_bf16(3, rows * dim, 1.0);
+        let (dx0b, dx0) = rand_bf16(4, rows * dim, 0.5);
+        let dw0: Vec<f32> = (0..dim).map(|i| (i as f32 * 0.01).sin()).collect();
+        let eps = 1e-5;
+
+        let (mut y, mut rstd) = (vec![0f32; rows * dim], vec![0f32; rows]);
+        qadapt::ops::rmsnorm::forward(&x, &w, eps, &mut y, &mut rstd).unwrap();
+        let dxd = dev.upload(&xb).unwrap();
+        let dwd = dev.upload(&wb).unwrap();
+        let mut dyd_out = dev.zeros::<bf16>(rows * dim).unwrap();
+        let mut drstd = dev.zeros::<f32>(rows).unwrap();
+        ops::rmsnorm_forward(&dev, &dxd, &dwd, eps, &mut dyd_out, &mut drstd).unwrap();
+        let tag = format!("rows {rows} dim {dim}");
+        // rstd: f32 sums of dim squares in another order (the CPU's sequential sum drifts by
+        // ~sqrt(dim) f32 ulps, the rsqrt halves it): relative 3e-5.
+        assert_close(
+            &format!("rstd, {tag}"),
+            &dev.download(&drstd).unwrap(),
+            &rstd,
+            0.0,
+            3e-5,
+        );
+        // y = w x r: a product, no cancellation.
+        assert_close(
+            &format!("y, {tag}"),
+            &widen(&dev.download(&dyd_out).unwrap()),
+            &y,
+            1e-6,
+            RTOL_BF16,
+        );
+
+        for acc in [Accumulate::Overwrite, Accumulate::Add] {
+            let mut dx = dx0.clone();
+            let mut dw = dw0.clone();
+            qadapt::ops::rmsnorm::backward(&x, &w, &rstd, &dy, &mut dx, acc, &mut dw).unwrap();
+            let dyd = dev.upload(&dyb).unwrap();
+            let mut dxd = dev.upload(&dx0b).unwrap();
+            let mut dwd_grad = dev.upload(&dw0).unwrap();
+            ops::rmsnorm_backward(
+                &dev,
+                &dev.upload(&xb).unwrap(),
+                &dwd,
+                &drstd,
+                &dyd,
+                &mut dxd,
+                acc,
+                &mut dwd_grad,
+            )
+            .unwrap();
+            // dx = r (g w - x r mean): the two terms cancel; their f32 rounding is ~1e-6 of
+            // r * |g w| <= 4 r, so atol 1e-4 * r_max.
+            let rmax = rstd.iter().cloned().fold(0f32, f32::max);
+            assert_close(
+                &format!("dx {acc:?}, {tag}"),
+                &widen(&dev.download(&dxd).unwrap()),
+                &dx,
+                1e-4 * rmax.max(1.0),
+                RTOL_BF16,
+            );
+            // dw: f32 sums of rows terms of size ~1 in another order (row chunks, then the
+            // chunks), added to dw0 (accumulated): 1e-6 per row, relative 1e-5.
+            assert_close(
+                &format!("dw {acc:?}, {tag}"),
+                &dev.download(&dwd_grad).unwrap(),
+                &dw,
+                1e-6 * rows as f32 * rmax.max(1.0),
+                1e-5,
+            );
+        }
+    }
+    // Shapes are refused with a typed error, before anything runs.
+    let x = dev.zeros::<bf16>(10).unwrap();
+    let w = dev.zeros::<bf16>(3).unwrap();
+    let (mut y, mut r) = (dev.zeros::<bf16>(10).unwrap(), dev.zeros::<f32>(3).unwrap());
+    assert!(ops::rmsnorm_forward(&dev, &x, &w, 1e-5, &mut y, &mut r).is_err());
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn cuda_swiglu_matches_cpu() {
+    let dev = device();
+    for n in [8 * 1000 + 5, 12_345, 7, 64] {
+        let (gb, g) = rand_bf16(5, n, 6.0);
+        let (ub, u) = rand_bf16(6, n, 2.0);
+        let (dhb, dh) = rand_bf16(7, n, 1.0);
+        let mut h = vec![0f32; n];
+        qadapt::ops::swiglu::forward(&g, &u, &mut h).unwrap();
+        let (mut dg, mut du) = (vec![0f32; n], vec![0f32; n]);
+        qadapt::ops::swiglu::backward(&g, &u, &dh, &mut dg, &mut du).unwrap();
+
+        let (gd, ud, dhd) = (
+            dev.upload(&gb).unwrap(),
+            dev.upload(&ub).unwrap(),
+            dev.upload(&dhb).unwrap(),
+        );
+        let mut hd = dev.zeros::<bf16>(n).unwrap();
+        ops::swiglu_forward(&dev, &gd, &ud, &mut hd).unwrap();
+        let (mut dgd, mut dud) = (dev.zeros::<bf16>(n).unwrap(), dev.zeros::<bf16>(n).unwrap());
+        ops::swiglu_backward(&dev, &gd, &ud, &dhd, &mut dgd, &mut dud).unwrap();
+        // Products of a few f32 factors (expf within 2 ulps). The one sum that cancels is
+        // 1 + g (1 - s) near g = -1.28 (where silu' = 0): its f32 rounding is ~1e-7 of
+        // |dh u s| <= 2, so atol 1e-6.
+        assert_close(
+            &format!("h, n {n}"),
+            &widen(&dev.download(&hd).unwrap()),
+            &h,
+            1e-6,
+            RTOL_BF16,
+        );
+        assert_close(
+            &format!("dgate, n {n}"),
+            &widen(&dev.download(&dgd).unwrap()),
+            &dg,
+            1e-6,
+            RTOL_BF16,
+        );
+        assert_close(
+            &format!("dup, n {n}"),
+            &widen(&dev.download(&dud).unwrap()),
+            &du,
+            1e-6,
+            RTOL_BF16,
+        );
+    }
+    let a = dev.zeros::<bf16>(5).unwrap();
+    let b = dev.zeros::<bf16>(4).unwrap();
+    let mut h = dev.zeros::<bf16>(5).unwrap();
+    assert!(ops::swiglu_forward(&dev, &a, &b, &mut h).is_err());
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn cuda_rope_matches_cpu_both_directions() {
+    let dev = device();
+    let llama3 = RopeScaling::Llama3 {
+        factor: 8.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_position_embeddings: 64.0,
+    };
+    for (batch, seq, heads, d, scaling) in [
+        (3usize, 17usize, 5usize, 6usize, RopeScaling::None),
+        (2, 33, 4, 128, llama3),
+        (1, 300, 3, 66, RopeScaling::None),
+    ] {
+        let f = inv_freq(d, 10000.0, scaling).unwrap();
+        let table = RopeTable::<f32>::new(seq, d, &f).unwrap();
+        let dtable = ops::CudaRopeTable::new(&dev, &table).unwrap();
+        let (xb, x) = rand_bf16(8, batch * seq * heads * d, 1.0);
+        for dir in [RopeDirection::Forward, RopeDirection::Backward] {
+            let mut want = x.clone();
+            table.apply(&mut want, heads, dir).unwrap();
+            let mut xd = dev.upload(&xb).unwrap();
+            dtable.apply(&dev, &mut xd, heads, dir).unwrap();
+            // x1 c - x2 s may cancel: f32 rounding of terms <= 1 in size, atol 1e-6.
+            assert_close(
+                &format!("rope {dir:?}, seq {seq} heads {heads} d {d}"),
+                &widen(&dev.download(&xd).unwrap()),
+                &want,
+                1e-6,
+                RTOL_BF16,
+            );
+        }
+        let mut short = dev.zeros::<bf16>(seq * heads * d - 1).unwrap();
+        assert!(
+            dtable
+                .apply(&dev, &mut short, heads, RopeDirection::Forward)
+                .is_err()
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn cuda_embedding_matches_cpu_bit_for_bit() {
+    let dev = device();
+    for (vocab, dim, tokens) in [(50usize, 100usize, 77usize), (1000, 64, 301), (3, 1, 20)] {
+        let (tb, t) = rand_bf16(9, vocab * dim, 1.0);
+        let mut rng = SmallRng::seed_from_u64(10);
+        // Repeated ids (a few hot ones) so the scatter-add sums several rows per id.
+        let ids: Vec<u32> = (0..tokens)
+            .map(|i| {
+                if i % 3 == 0 {
+                    (vocab as u32 - 1).min(2)
+                } else {
+                    rng.random_range(0..vocab as u32)
+                }
+            })
+            .collect();
+        let mut out = vec![0f32; tokens * dim];
+        qadapt::ops::embedding::forward(&ids, &t, vocab, dim, &mut out).unwrap();
+        let td = dev.upload(&tb).unwrap();
+        let mut od = dev.zeros::<bf16>(tokens * dim).unwrap();
+        ops::embedding_forward(&dev, &ids, &td, vocab, dim, &mut od).unwrap();
+        assert_eq!(
+            widen(&dev.download(&od).unwrap()),
+            out,
+            "forward, vocab {vocab} dim {dim}"
+        );
+
+        let (gb, g) = rand_bf16(11, tokens * dim, 1.0);
+        let dt0: Vec<f32> = (0..vocab * dim).map(|i| (i as f32 * 0.37).cos()).collect();
+        let mut dt = dt0.clone();
+        qadapt::ops::embedding::backward(&ids, &g, vocab, dim, &mut dt).unwrap();
+        let mut dtd = dev.upload(&dt0).unwrap();
+        ops::embedding_backward(&dev, &ids, &dev.upload(&gb).unwrap(), vocab, dim, &mut dtd)
+            .unwrap();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(
+            bits(&dev.download(&dtd).unwrap()),
+            bits(&dt),
+            "backward, vocab {vocab} dim {dim}"
+        );
+    }
+    let td = dev.zeros::<bf16>(6).unwrap();
+    let mut od = dev.zeros::<bf16>(6).unwrap();
+    let err = ops::embedding_forward(&dev, &[2, 3, 0], &td, 3, 2, &mut od).unwrap_err();
+    assert!(err.to_string().contains("token id 3 at 1"), "{err}");
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn cuda_cross_entropy_matches_cpu() {
+    let dev = device();
+    for (rows, vocab) in [
+        (13usize, 1000usize),
+        (7, 1001),
+        (4, 32_000),
+        (3, 32_003),
+        (1, 1),
+    ] {
+        let (zb, z) = rand_bf16(12, rows * vocab, 8.0);
+        let mut rng = SmallRng::seed_from_u64(13);
+        let mut targets: Vec<Option<u32>> = (0..rows)
+            .map(|i| (i % 4 != 1).then(|| rng.random_range(0..vocab as u32)))
+            .collect();
+        targets[0] = Some(vocab as u32 - 1);
+        let dloss = 0.7f32;
+        let want_loss = qadapt::ops::cross_entropy::forward(&z, &targets, vocab).unwrap();
+        let mut want_dz = vec![0f32; rows * vocab];
+        qadapt::ops::cross_entropy::backward(&z, &targets, vocab, dloss, &mut want_dz).unwrap();
+
+        let zd = dev.upload(&zb).unwrap();
+        let got_loss = ops::cross_entropy_forward(&dev, &zd, &targets, vocab).unwrap();
+        let mut dzd = dev
+            .upload(&vec![bf16::from_f32(9.0); rows * vocab])
+            .unwrap();
+        let mut row_loss = dev.zeros::<f32>(rows).unwrap();
+        ops::cross_entropy_fused(
+            &dev,
+            &zd,
+            &targets,
+            vocab,
+            dloss,
+            &mut row_loss,
+            Some(&mut dzd),
+        )
+        .unwrap();
+        let fused_loss = ops::cross_entropy_mean(&dev, &row_loss, &targets).unwrap();
+        let tag = format!("rows {rows} vocab {vocab}");
+        // The loss: f32 log-sum-exp of up to 32k terms in another order: relative 1e-5.
+        assert!(
+            (got_loss - want_loss).abs() <= 1e-5 * want_loss.abs().max(1.0),
+            "loss, {tag}: {got_loss} vs {want_loss}"
+        );
+        assert_eq!(
+            got_loss.to_bits(),
+            fused_loss.to_bits(),
+            "fused loss, {tag}"
+        );
+        // dz = g softmax - g [v = t]: the target entry cancels (p - 1); f32 rounding of g-sized
+        // terms, atol 1e-5 g.
+        let g = dloss / targets.iter().filter(|t| t.is_some()).count() as f32;
+        let got_dz = widen(&dev.download(&dzd).unwrap());
+        assert_close(
+            &format!("dlogits, {tag}"),
+            &got_dz,
+            &want_dz,
+            1e-5 * g,
+            RTOL_BF16,
+        );
+        for (r, t) in targets.iter().enumerate() {
+            if t.is_none() {
+                assert!(got_dz[r * vocab..(r + 1) * vocab].iter().all(|&v| v == 0.0));
+            }
+        }
+    }
+    let zd = dev.zeros::<bf16>(6).unwrap();
+    assert!(ops::cross_entropy_forward(&dev, &zd, &[None, None], 3).is_err());
+    assert!(ops::cross_entropy_forward(&dev, &zd, &[Some(3), None], 3).is_err());
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn cuda_attention_matches_cpu() {
+    use qadapt::ops::attention::{AttentionShape, backward, forward};
+    let dev = device();
+    for (batch, seq, heads, kv_heads, head_dim) in [
+        (2usize, 37usize, 4usize, 2usize, 64usize),
+        (1, 70, 3, 1, 6),
+        (1, 5, 2, 2, 128),
+        (2, 33, 8, 2, 256),
+        (1, 1, 1, 1, 2),
+    ] {
+        let sh = AttentionShape {
+            batch,
+            seq,
+            heads,
+            kv_heads,
+            head_dim,
+        };
+        let n = batch * seq;
+        let (qb, q) = rand_bf16(20, n * heads * head_dim, 2.0);
+        let (kb, k) = rand_bf16(21, n * kv_heads * head_dim, 2.0);
+        let (vb, v) = rand_bf16(22, n * kv_heads * head_dim, 1.0);
+        let (dob, dout) = rand_bf16(23, n * heads * head_dim, 1.0);
+        let mut p = vec![0f32; batch * heads * seq * seq];
+        let mut out = vec![0f32; q.len()];
+        forward(sh, &q, &k, &v, &mut p, &mut out).unwrap();
+        let (mut dq, mut dk, mut dv) = (
+            vec![0f32; q.len()],
+            vec![0f32; k.len()],
+            vec![0f32; v.len()],
+        );
+        backward(sh, &q, &k, &v, &p, &dout, &mut dq, &mut dk, &mut dv).unwrap();
+
+        let (qd, kd, vd, dod) = (
+            dev.upload(&qb).unwrap(),
+            dev.upload(&kb).unwrap(),
+            dev.upload(&vb).unwrap(),
+            dev.upload(&dob).unwrap(),
+        );
+        let mut lse = dev.zeros::<f32>(n * heads).unwrap();
+        let mut od = dev.zeros::<bf16>(q.len()).unwrap();
+        ops::attention_forward(&dev, sh, &qd, &kd, &vd, &mut lse, &mut od).unwrap();
+        let mut dqd = dev.upload(&vec![bf16::from_f32(7.0); q.len()]).unwrap();
+        let mut dkd = dev.upload(&vec![bf16::from_f32(7.0); k.len()]).unwrap();
+        let mut dvd = dev.upload(&vec![bf16::from_f32(7.0); v.len()]).unwrap();
+        ops::attention_backward(
+            &dev, sh, &qd, &kd, &vd, &lse, &dod, &mut dqd, &mut dkd, &mut dvd,
+        )
+        .unwrap();
+        let tag = format!("{sh:?}");
+        // Every output is a sum over up to seq keys (or queries) whose terms may cancel; the f32
+        // scores, exps and sums differ from the CPU's in order only (~1e-6 relative), so we allow
+        // 1e-3 of the output's largest magnitude on top of the bf16 rounding.
+        for (what, got, want) in [
+            ("out", od, &out),
+            ("dq", dqd, &dq),
+            ("dk", dkd, &dk),
+            ("dv", dvd, &dv),
+        ] {
+            let scale = want.iter().fold(0f32, |a, x| a.max(x.abs()));
+            assert_close(
+                &format!("attention {what}, {tag}"),
+                &widen(&dev.download(&got).unwrap()),
+                want,
+                1e-3 * scale,
+                RTOL_BF16,
+            );
+        }
+    }
+    let bad = AttentionShape {
+        batch: 1,
+        seq: 2,
+        heads: 2,
+        kv_heads: 2,
+        head_dim: 258,
+    };
+    let x = dev.zeros::<bf16>(2 * 2 * 258).unwrap();
+    let mut lse = dev.zeros::<f32>(4).unwrap();
+    let mut o = dev.zeros::<bf16>(2 * 2 * 258).unwrap();
+    assert!(ops::attention_forward(&dev, bad, &x, &x, &x, &mut lse, &mut o).is_err());
+}
