@@ -111,7 +111,7 @@ fn bits(v: &[f32]) -> Vec<u32> {
 fn values(n: usize, seed: u32) -> Vec<f32> {
     (0..n)
         .map(|i| match i {
-            0..=63 if seed % 2 == 0 => 0.0,
+            0..=63 if seed.is_multiple_of(2) => 0.0,
             _ if i % 501 == 7 => 40.0,
             _ => {
                 (((i as u32).wrapping_mul(2_654_435_761) ^ seed) >> 8) as f32 / (1u32 << 24) as f32
