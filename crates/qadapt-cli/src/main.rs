@@ -8,6 +8,7 @@
 
 mod convert;
 mod io;
+mod logits;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -73,6 +74,10 @@ enum Command {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
+    /// Logits, loss and (with --grads) adapter gradients of a Llama model with an optional
+    /// adapter (LoRA, IA3, prompt/prefix tuning, Houlsby) on token ids, as transformers/PEFT
+    /// compute them (CPU, f32).
+    Logits(logits::LogitsArgs),
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -116,6 +121,7 @@ fn main() -> ExitCode {
             dtype,
             device,
         } => dequantize(&input, &output, dtype.map(DType::from), &device),
+        Command::Logits(args) => logits::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,12 +1,20 @@
-//! qadapt-train: the Llama-family model on qadapt's ops, and (to come) the PEFT methods, optimizers
-//! and trainer.
+//! qadapt-train: the Llama-family model on qadapt's ops, the PEFT methods, and CPU training.
 //!
-//! What is here: [`LlamaConfig`] from an HF `config.json`, the parameters from `model.safetensors`
-//! (or sharded), the tokenizer from `tokenizer.json`, and [`Llama`]: a CPU forward in f32 (or f64)
-//! with a hand-written backward for every parameter and the input embeddings, checked against
-//! transformers by `tests/golden.rs` and against finite differences in f64 by `tests/gradcheck.rs`;
-//! and [`LoraAdapter`]: LoRA on any of the decoder's projections, read and written in PEFT's
-//! format, checked against PEFT by `tests/lora.rs`.
+//! - [`LlamaConfig`] from an HF `config.json`, the parameters from `model.safetensors` (or
+//!   sharded, or a bitsandbytes 4-bit checkpoint, dequantized), the tokenizer from
+//!   `tokenizer.json`, and [`Llama`]: a CPU forward in f32 (or f64) with a hand-written backward
+//!   for every parameter and the input embeddings (`tests/golden.rs` against transformers,
+//!   `tests/gradcheck.rs` against finite differences in f64).
+//! - Adapters, each read and written in PEFT's `adapter_config.json` + `adapter_model.safetensors`
+//!   layout: [`LoraAdapter`] (`tests/lora.rs`), [`Ia3Adapter`], [`PromptTuning`],
+//!   [`PrefixTuning`] and [`PrefixMlp`] (the reparameterized prefix; `tests/peft.rs` against
+//!   PEFT), and [`HoulsbyAdapter`] (a documented PEFT-shaped format of our own). [`Adapter`] holds
+//!   any of them, [`peft::load`] reads any directory by its `peft_type`, and [`evaluate`] gives
+//!   logits, loss and gradients as PEFT computes them (`qadapt logits` uses it). Every backward
+//!   is checked in f64 by `tests/methods_gradcheck.rs`.
+//! - [`nf4::quantize_projections`]: the QLoRA base (NF4, block 64, double quant, dequantized).
+//! - Training: [`Selection`] (full fine-tuning, top-k layers) and [`Trainer`] (AdamW on the CPU,
+//!   clipping) on any [`Trainable`]; `tests/training.rs` trains every method on a small task.
 //!
 //! ```no_run
 //! let m = qadapt_train::LlamaDir::open(std::path::Path::new("tests/data/tiny_llama"))?;
@@ -20,15 +28,30 @@
 
 pub mod config;
 pub mod dataset;
+pub mod houlsby;
+pub mod ia3;
 pub mod lora;
 pub mod model;
+pub mod nf4;
+pub mod peft;
+mod peft_io;
+pub mod prefix_attention;
+pub mod prompt;
+pub mod select;
+pub mod train;
 pub mod weights;
 
 use std::path::{Path, PathBuf};
 
 pub use config::LlamaConfig;
+pub use houlsby::{HoulsbyAdapter, HoulsbyConfig};
+pub use ia3::{Ia3Adapter, Ia3Config};
 pub use lora::{LoraAdapter, LoraConfig, LoraInit};
-pub use model::{BaseGrads, Forward, Gradients, Llama, causal_targets};
+pub use model::{Attached, BaseGrads, Forward, Gradients, Llama, causal_targets};
+pub use peft::{Adapter, Evaluation, Grads, evaluate};
+pub use prompt::{PrefixMlp, PrefixTuning, PromptInit, PromptTuning};
+pub use select::Selection;
+pub use train::{Trainable, Trainer};
 pub use weights::{LayerWeights, LlamaWeights, Proj};
 
 use qadapt::{Error, Result};

@@ -102,7 +102,7 @@ pub fn peft_key(layer: usize, p: Proj, which: char) -> String {
 }
 
 /// Uniform values in [-1, 1) (splitmix64), for a reproducible init without a crate dependency.
-fn uniform(state: &mut u64) -> f64 {
+pub(crate) fn uniform(state: &mut u64) -> f64 {
     *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
     let mut z = *state;
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);

@@ -17,21 +17,87 @@
 //!
 //! The backward accumulates into a zeroed [`LlamaWeights`] (for tied weights, the head's gradient
 //! lands in `embed_tokens`) and also returns the gradient with respect to the input embeddings
-//! (the output of the embedding lookup), which prompt tuning trains. With a [`LoraAdapter`], every
-//! targeted projection adds its low-rank term (see [`crate::lora`]) and the backward returns the
-//! adapter's gradients; [`BaseGrads::Frozen`] then skips the base weights' gradients (their GEMMs
-//! and their memory), which is what LoRA training wants.
-
+//! (the output of the embedding lookup), which prompt tuning trains. An [`Attached`] adapter
+//! changes the layers: LoRA adds its low-rank term to each targeted projection (see
+//! [`crate::lora`]), (IA)³ scales a projection's output or input ([`crate::ia3`]), a prefix adds
+//! keys and values to every attention and shifts the real tokens' RoPE positions by its length
+//! ([`crate::prefix_attention`], [`crate::prompt`]), and Houlsby adapters wrap the outputs of
+//! `o_proj` and `down_proj` before their residual adds ([`crate::houlsby`]). The backward returns
+//! the adapter's gradients; [`BaseGrads::Frozen`] then skips the base weights' gradients (their
+//! GEMMs and their memory), which is what adapter training wants.
 use qadapt::Result;
 use qadapt::ops::attention::{self, AttentionShape};
 use qadapt::ops::linear::{self, LinearShape};
 use qadapt::ops::rope::{self, RopeDirection, RopeTable};
 use qadapt::ops::{Accumulate, Real, cross_entropy, embedding, rmsnorm, swiglu};
 
+use qadapt::adapter::{self as bottleneck, BottleneckShape};
+
 use crate::config::LlamaConfig;
+use crate::houlsby::HoulsbyAdapter;
+use crate::ia3::Ia3Adapter;
 use crate::lora::LoraAdapter;
+use crate::prefix_attention::{self, PrefixShape};
+use crate::prompt::PrefixTuning;
 use crate::weights::{LayerWeights, LlamaWeights, Proj};
 use crate::{invalid, shape_err};
+
+/// The adapter attached inside the decoder layers for one forward/backward (prompt tuning acts
+/// on the input embeddings only and needs none: see [`crate::peft`]).
+#[derive(Debug, Clone, Copy)]
+pub enum Attached<'a, T> {
+    /// The base model.
+    None,
+    /// LoRA on the targeted projections.
+    Lora(&'a LoraAdapter<T>),
+    /// (IA)³ scaling vectors on the targeted projections.
+    Ia3(&'a Ia3Adapter<T>),
+    /// Prefix keys and values in every layer's attention.
+    Prefix(&'a PrefixTuning<T>),
+    /// Houlsby bottleneck adapters after attention and after the MLP.
+    Houlsby(&'a HoulsbyAdapter<T>),
+}
+
+impl<T> Attached<'_, T> {
+    fn kind(&self) -> &'static str {
+        match self {
+            Attached::None => "no adapter",
+            Attached::Lora(_) => "a LoRA adapter",
+            Attached::Ia3(_) => "an (IA)3 adapter",
+            Attached::Prefix(_) => "a prefix",
+            Attached::Houlsby(_) => "Houlsby adapters",
+        }
+    }
+
+    fn prefix_len(&self) -> usize {
+        match self {
+            Attached::Prefix(p) => p.num_virtual_tokens,
+            _ => 0,
+        }
+    }
+}
+
+impl<'a, T> From<Option<&'a LoraAdapter<T>>> for Attached<'a, T> {
+    fn from(l: Option<&'a LoraAdapter<T>>) -> Self {
+        l.map_or(Attached::None, Attached::Lora)
+    }
+}
+
+/// What a Houlsby site's backward needs: its input (the sublayer output) and the bottleneck
+/// pre-activation.
+type HoulsbySaved<T> = (Vec<T>, Vec<T>);
+
+/// An output projection's saved values: the projection's own ([`LayerCache::saved`]) and the
+/// Houlsby site's.
+type OutProjSaved<T> = (Option<Vec<T>>, Option<HoulsbySaved<T>>);
+
+/// Adapter gradients being accumulated by a backward.
+struct AdapterGrads<T> {
+    lora: Option<LoraAdapter<T>>,
+    ia3: Option<Ia3Adapter<T>>,
+    prefix: Option<PrefixTuning<T>>,
+    houlsby: Option<HoulsbyAdapter<T>>,
+}
 
 /// A Llama model held in `T` (f32 to run, f64 to check gradients).
 #[derive(Debug, Clone)]
@@ -60,8 +126,11 @@ struct LayerCache<T> {
     gate: Vec<T>,
     up: Vec<T>,
     h: Vec<T>,
-    /// `u = s x A^T` of each adapted projection, by [`Proj::index`].
-    lora_u: Vec<Option<Vec<T>>>,
+    /// Per projection (by [`Proj::index`]): LoRA's `u = s x A^T`, or (IA)³'s unscaled output
+    /// `x W^T` for output scaling.
+    saved: Vec<Option<Vec<T>>>,
+    /// Houlsby: each site's input (the sublayer output) and its bottleneck pre-activation.
+    houlsby: Option<[HoulsbySaved<T>; 2]>,
 }
 
 /// The result of a forward pass: the logits and every activation the backward needs.
@@ -80,15 +149,7 @@ pub struct Forward<T> {
     rstd_final: Vec<T>,
     xn_final: Vec<T>,
     rope: RopeTable<T>,
-    with_lora: bool,
-}
-
-/// What a projection's backward needs of the adapter: its matrices, their gradients and the
-/// forward's saved `u`.
-struct LoraBack<'a, T> {
-    adapter: &'a LoraAdapter<T>,
-    grads: &'a mut LoraAdapter<T>,
-    saved: &'a [Option<Vec<T>>],
+    kind: &'static str,
 }
 
 /// Whether the backward computes the base weights' gradients.
@@ -106,8 +167,14 @@ pub enum BaseGrads {
 pub struct Gradients<T> {
     /// With respect to every base parameter (same layout as the weights); `None` when frozen.
     pub weights: Option<LlamaWeights<T>>,
-    /// With respect to the LoRA matrices, when the forward used an adapter.
+    /// With respect to the LoRA matrices, when the forward used a LoRA adapter.
     pub lora: Option<LoraAdapter<T>>,
+    /// With respect to the (IA)³ vectors, when the forward used them.
+    pub ia3: Option<Ia3Adapter<T>>,
+    /// With respect to the prefix (PEFT's `prompt_embeddings` layout), for prefix tuning.
+    pub prefix: Option<PrefixTuning<T>>,
+    /// With respect to the Houlsby adapters, when the forward used them.
+    pub houlsby: Option<HoulsbyAdapter<T>>,
     /// With respect to the input embeddings, `[N, C]`.
     pub inputs_embeds: Vec<T>,
 }
@@ -186,6 +253,17 @@ impl<T: Real> Llama<T> {
         seq: usize,
         lora: Option<&LoraAdapter<T>>,
     ) -> Result<Forward<T>> {
+        self.forward_attached(ids, batch, seq, lora.into())
+    }
+
+    /// Forward from token ids with any layer adapter.
+    pub fn forward_attached(
+        &self,
+        ids: &[u32],
+        batch: usize,
+        seq: usize,
+        att: Attached<'_, T>,
+    ) -> Result<Forward<T>> {
         let c = &self.config;
         if ids.len() != batch * seq {
             return Err(shape_err(
@@ -194,6 +272,16 @@ impl<T: Real> Llama<T> {
                 ids.len(),
             ));
         }
+        let x = self.embed(ids)?;
+        let mut f = self.forward_embeds_attached(x, batch, seq, att)?;
+        f.ids = Some(ids.to_vec());
+        debug_assert_eq!(f.logits.len(), ids.len() * c.vocab_size);
+        Ok(f)
+    }
+
+    /// The embedding rows of `ids`, `[ids.len(), C]`.
+    pub fn embed(&self, ids: &[u32]) -> Result<Vec<T>> {
+        let c = &self.config;
         let mut x = vec![T::ZERO; ids.len() * c.hidden_size];
         embedding::forward(
             ids,
@@ -202,14 +290,12 @@ impl<T: Real> Llama<T> {
             c.hidden_size,
             &mut x,
         )?;
-        let mut f = self.forward_embeds_with(x, batch, seq, lora)?;
-        f.ids = Some(ids.to_vec());
-        Ok(f)
+        Ok(x)
     }
 
     /// Forward from input embeddings `[batch * seq, C]`.
     pub fn forward_embeds(&self, embeds: Vec<T>, batch: usize, seq: usize) -> Result<Forward<T>> {
-        self.forward_embeds_with(embeds, batch, seq, None)
+        self.forward_embeds_attached(embeds, batch, seq, Attached::None)
     }
 
     /// Forward from input embeddings with an optional LoRA adapter.
@@ -220,10 +306,19 @@ impl<T: Real> Llama<T> {
         seq: usize,
         lora: Option<&LoraAdapter<T>>,
     ) -> Result<Forward<T>> {
+        self.forward_embeds_attached(embeds, batch, seq, lora.into())
+    }
+
+    /// Forward from input embeddings `[batch * seq, C]` with any layer adapter.
+    pub fn forward_embeds_attached(
+        &self,
+        embeds: Vec<T>,
+        batch: usize,
+        seq: usize,
+        att: Attached<'_, T>,
+    ) -> Result<Forward<T>> {
         let c = &self.config;
-        if let Some(a) = lora {
-            self.check_adapter(a)?;
-        }
+        self.check_attached(att)?;
         let n = batch * seq;
         if n == 0 || embeds.len() != n * c.hidden_size {
             return Err(shape_err(
@@ -232,20 +327,30 @@ impl<T: Real> Llama<T> {
                 embeds.len(),
             ));
         }
-        if seq > c.max_position_embeddings {
+        let prefix = att.prefix_len();
+        if seq + prefix > c.max_position_embeddings {
             return Err(invalid(
                 "llama forward",
                 format!(
-                    "{seq} tokens exceed max_position_embeddings {}",
+                    "{} positions exceed max_position_embeddings {}",
+                    seq + prefix,
                     c.max_position_embeddings
                 ),
             ));
         }
-        let rope = RopeTable::new(seq, c.head_dim, &self.inv_freq)?;
+        // Real tokens sit at positions prefix..prefix+seq (a prefix is a past of that length).
+        let full = RopeTable::new(seq + prefix, c.head_dim, &self.inv_freq)?;
+        let half = c.head_dim / 2;
+        let rope = RopeTable {
+            seq,
+            head_dim: c.head_dim,
+            cos: full.cos[prefix * half..].to_vec(),
+            sin: full.sin[prefix * half..].to_vec(),
+        };
         let mut x = embeds;
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for l in 0..c.num_hidden_layers {
-            let (cache, out) = self.layer_forward(l, x, batch, seq, &rope, lora)?;
+            let (cache, out) = self.layer_forward(l, x, batch, seq, &rope, att)?;
             layers.push(cache);
             x = out;
         }
@@ -280,38 +385,70 @@ impl<T: Real> Llama<T> {
             rstd_final,
             xn_final,
             rope,
-            with_lora: lora.is_some(),
+            kind: att.kind(),
         })
     }
 
-    fn check_adapter(&self, a: &LoraAdapter<T>) -> Result<()> {
+    fn check_attached(&self, att: Attached<'_, T>) -> Result<()> {
         let c = &self.config;
-        let ok = a.pairs.len() == c.num_hidden_layers
-            && a.pairs.iter().enumerate().all(|(l, layer)| {
-                layer.len() == Proj::ALL.len()
-                    && Proj::ALL.iter().zip(layer).all(|(&p, pair)| {
-                        let (inp, out) = p.dims(c);
-                        pair.as_ref().is_none_or(|pr| {
-                            pr.a.len() == a.config.r * inp && pr.b.len() == out * a.config.r
-                        }) && (pair.is_some() == a.config.targets(l, p))
+        let ok = match att {
+            Attached::None => true,
+            Attached::Lora(a) => {
+                a.pairs.len() == c.num_hidden_layers
+                    && a.pairs.iter().enumerate().all(|(l, layer)| {
+                        layer.len() == Proj::ALL.len()
+                            && Proj::ALL.iter().zip(layer).all(|(&p, pair)| {
+                                let (inp, out) = p.dims(c);
+                                pair.as_ref().is_none_or(|pr| {
+                                    pr.a.len() == a.config.r * inp && pr.b.len() == out * a.config.r
+                                }) && (pair.is_some() == a.config.targets(l, p))
+                            })
                     })
-            });
+            }
+            Attached::Ia3(a) => {
+                a.scales.len() == c.num_hidden_layers
+                    && a.scales.iter().enumerate().all(|(l, layer)| {
+                        layer.len() == Proj::ALL.len()
+                            && Proj::ALL.iter().zip(layer).all(|(&p, s)| {
+                                let (inp, out) = p.dims(c);
+                                let want = if a.config.is_feedforward(l, p) {
+                                    inp
+                                } else {
+                                    out
+                                };
+                                s.as_ref().is_none_or(|s| s.len() == want)
+                            })
+                    })
+            }
+            Attached::Prefix(p) => {
+                p.num_virtual_tokens > 0
+                    && p.values.len() == p.num_virtual_tokens * PrefixTuning::<T>::width(c)
+            }
+            Attached::Houlsby(h) => {
+                let b = h.config.bottleneck;
+                h.layers.len() == c.num_hidden_layers
+                    && h.layers.iter().flatten().all(|p| {
+                        p.down.len() == b * c.hidden_size
+                            && p.up.len() == b * c.hidden_size
+                            && p.down_bias.len() == b
+                            && p.up_bias.len() == c.hidden_size
+                    })
+            }
+        };
         if ok {
             Ok(())
         } else {
             Err(shape_err(
-                "llama lora",
-                format!(
-                    "an adapter of rank {} for {} layers of this model",
-                    a.config.r, c.num_hidden_layers
-                ),
-                "matrices of other shapes",
+                "llama adapter",
+                format!("{} shaped for this model", att.kind()),
+                "tensors of other shapes",
             ))
         }
     }
 
-    /// `y (=|+=) x W^T` for projection `p` of layer `l`, plus the LoRA term when adapted; returns
-    /// the saved `u = s x A^T`.
+    /// `y (=|+=) x W^T` for projection `p` of layer `l`, with the LoRA term or the (IA)³ scaling
+    /// when the projection is adapted; returns what the backward needs (LoRA's `u = s x A^T`,
+    /// (IA)³'s unscaled output for output scaling).
     #[allow(clippy::too_many_arguments)]
     fn proj_forward(
         &self,
@@ -321,12 +458,33 @@ impl<T: Real> Llama<T> {
         x: &[T],
         y: &mut [T],
         acc: Accumulate,
-        lora: Option<&LoraAdapter<T>>,
+        att: Attached<'_, T>,
     ) -> Result<Option<Vec<T>>> {
         let (inp, out) = p.dims(&self.config);
+        let sh = LinearShape { rows: n, inp, out };
         let w = self.weights.layers[l].proj(p);
-        linear::forward(LinearShape { rows: n, inp, out }, x, w, y, acc)?;
-        let Some((pair, a)) = lora.and_then(|a| a.pair(l, p).map(|pr| (pr, a))) else {
+        if let Attached::Ia3(a) = att
+            && let Some(s) = a.scale(l, p)
+        {
+            if a.config.is_feedforward(l, p) {
+                let xs = scale_cols(x, s);
+                linear::forward(sh, &xs, w, y, acc)?;
+                return Ok(None);
+            }
+            let mut y0 = vec![T::ZERO; n * out];
+            linear::forward(sh, x, w, &mut y0, Accumulate::Overwrite)?;
+            for (yr, y0r) in y.chunks_exact_mut(out).zip(y0.chunks_exact(out)) {
+                for ((o, v), g) in yr.iter_mut().zip(y0r).zip(s) {
+                    acc.store_value(o, *v * *g);
+                }
+            }
+            return Ok(Some(y0));
+        }
+        linear::forward(sh, x, w, y, acc)?;
+        let Attached::Lora(a) = att else {
+            return Ok(None);
+        };
+        let Some(pair) = a.pair(l, p) else {
             return Ok(None);
         };
         let r = a.config.r;
@@ -359,7 +517,7 @@ impl<T: Real> Llama<T> {
     }
 
     /// Backward of [`Self::proj_forward`]: `dx (=|+=)`, base `dW +=` when `dw` is given, and the
-    /// adapter's `dA`, `dB +=` when the projection is adapted.
+    /// adapter's gradients `+=` when the projection is adapted.
     #[allow(clippy::too_many_arguments)]
     fn proj_backward(
         &self,
@@ -371,35 +529,59 @@ impl<T: Real> Llama<T> {
         dx: &mut [T],
         acc: Accumulate,
         dw: Option<&mut LayerWeights<T>>,
-        lora: Option<LoraBack<'_, T>>,
+        att: Attached<'_, T>,
+        ga: &mut AdapterGrads<T>,
+        saved: &[Option<Vec<T>>],
     ) -> Result<()> {
+        const OP: &str = "llama adapter backward";
         let (inp, out) = p.dims(&self.config);
+        let sh = LinearShape { rows: n, inp, out };
         let w = self.weights.layers[l].proj(p);
-        linear::backward(
-            LinearShape { rows: n, inp, out },
-            x,
-            w,
-            dy,
-            Some((dx, acc)),
-            dw.map(|g| g.proj_mut(p)),
-        )?;
-        let Some(LoraBack {
-            adapter: a,
-            grads: ga,
-            saved,
-        }) = lora
-        else {
+        let dw = dw.map(|g| g.proj_mut(p));
+        if let (Attached::Ia3(a), Some(gi)) = (att, ga.ia3.as_mut())
+            && let Some(s) = a.scale(l, p)
+        {
+            let gs = gi.scales[l][p.index()]
+                .as_mut()
+                .ok_or_else(|| invalid(OP, "gradient buffers do not match the adapter"))?;
+            if a.config.is_feedforward(l, p) {
+                let xs = scale_cols(x, s);
+                let mut dxs = vec![T::ZERO; n * inp];
+                linear::backward(sh, &xs, w, dy, Some((&mut dxs, Accumulate::Overwrite)), dw)?;
+                for ((xr, dr), dxr) in x
+                    .chunks_exact(inp)
+                    .zip(dxs.chunks_exact(inp))
+                    .zip(dx.chunks_exact_mut(inp))
+                {
+                    for k in 0..inp {
+                        gs[k] += xr[k] * dr[k];
+                        acc.store_value(&mut dxr[k], dr[k] * s[k]);
+                    }
+                }
+                return Ok(());
+            }
+            let y0 = saved[p.index()]
+                .as_deref()
+                .ok_or_else(|| invalid(OP, "the forward ran without this adapter"))?;
+            let mut dy0 = dy.to_vec();
+            for (dr, yr) in dy0.chunks_exact_mut(out).zip(y0.chunks_exact(out)) {
+                for k in 0..out {
+                    gs[k] += yr[k] * dr[k];
+                    dr[k] *= s[k];
+                }
+            }
+            return linear::backward(sh, x, w, &dy0, Some((dx, acc)), dw);
+        }
+        linear::backward(sh, x, w, dy, Some((dx, acc)), dw)?;
+        let (Attached::Lora(a), Some(glora)) = (att, ga.lora.as_mut()) else {
             return Ok(());
         };
-        let (Some(pair), Some(gpair)) = (a.pair(l, p), ga.pairs[l][p.index()].as_mut()) else {
+        let (Some(pair), Some(gpair)) = (a.pair(l, p), glora.pairs[l][p.index()].as_mut()) else {
             return Ok(());
         };
-        let u = saved[p.index()].as_deref().ok_or_else(|| {
-            invalid(
-                "llama lora backward",
-                "the forward ran without this adapter",
-            )
-        })?;
+        let u = saved[p.index()]
+            .as_deref()
+            .ok_or_else(|| invalid(OP, "the forward ran without this adapter"))?;
         let r = a.config.r;
         // g = dy B (then scaled by s), dB += dy^T u.
         let mut g = vec![T::ZERO; n * r];
@@ -442,6 +624,56 @@ impl<T: Real> Llama<T> {
         }
     }
 
+    fn prefix_shape(&self, batch: usize, seq: usize, prefix: usize) -> PrefixShape {
+        PrefixShape {
+            batch,
+            seq,
+            prefix,
+            heads: self.config.num_attention_heads,
+            kv_heads: self.config.num_key_value_heads,
+            head_dim: self.config.head_dim,
+        }
+    }
+
+    /// A sublayer's output projection into the residual stream `resid`, through the Houlsby
+    /// adapter of `site` when attached; returns the adapter's saved (input, pre-activation).
+    #[allow(clippy::too_many_arguments)]
+    fn out_proj_forward(
+        &self,
+        l: usize,
+        p: Proj,
+        site: usize,
+        n: usize,
+        x: &[T],
+        resid: &mut [T],
+        att: Attached<'_, T>,
+    ) -> Result<OutProjSaved<T>> {
+        let Attached::Houlsby(h) = att else {
+            let saved = self.proj_forward(l, p, n, x, resid, Accumulate::Add, att)?;
+            return Ok((saved, None));
+        };
+        let cw = self.config.hidden_size;
+        let mut yin = vec![T::ZERO; n * cw];
+        self.proj_forward(l, p, n, x, &mut yin, Accumulate::Overwrite, att)?;
+        let bs = BottleneckShape {
+            rows: n,
+            hidden: cw,
+            bottleneck: h.config.bottleneck,
+        };
+        let mut z = vec![T::ZERO; n * bs.bottleneck];
+        let mut y = vec![T::ZERO; n * cw];
+        bottleneck::forward(
+            bs,
+            h.config.activation,
+            &yin,
+            &h.layers[l][site],
+            &mut z,
+            &mut y,
+        )?;
+        resid.iter_mut().zip(&y).for_each(|(r, v)| *r += *v);
+        Ok((None, Some((yin, z))))
+    }
+
     fn layer_forward(
         &self,
         l: usize,
@@ -449,7 +681,7 @@ impl<T: Real> Llama<T> {
         batch: usize,
         seq: usize,
         rope: &RopeTable<T>,
-        lora: Option<&LoraAdapter<T>>,
+        att: Attached<'_, T>,
     ) -> Result<(LayerCache<T>, Vec<T>)> {
         let lw = &self.weights.layers[l];
         let c = &self.config;
@@ -457,7 +689,7 @@ impl<T: Real> Llama<T> {
         let (cw, qd, kd, id) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
         let z = |len: usize| vec![T::ZERO; len];
         let ow = Accumulate::Overwrite;
-        let mut lora_u: Vec<Option<Vec<T>>> = vec![None; Proj::ALL.len()];
+        let mut saved: Vec<Option<Vec<T>>> = vec![None; Proj::ALL.len()];
 
         let (mut xn1, mut rstd1) = (z(n * cw), z(n));
         rmsnorm::forward(
@@ -468,16 +700,27 @@ impl<T: Real> Llama<T> {
             &mut rstd1,
         )?;
         let (mut q, mut k, mut v) = (z(n * qd), z(n * kd), z(n * kd));
-        lora_u[0] = self.proj_forward(l, Proj::Q, n, &xn1, &mut q, ow, lora)?;
-        lora_u[1] = self.proj_forward(l, Proj::K, n, &xn1, &mut k, ow, lora)?;
-        lora_u[2] = self.proj_forward(l, Proj::V, n, &xn1, &mut v, ow, lora)?;
+        saved[0] = self.proj_forward(l, Proj::Q, n, &xn1, &mut q, ow, att)?;
+        saved[1] = self.proj_forward(l, Proj::K, n, &xn1, &mut k, ow, att)?;
+        saved[2] = self.proj_forward(l, Proj::V, n, &xn1, &mut v, ow, att)?;
         rope.apply(&mut q, c.num_attention_heads, RopeDirection::Forward)?;
         rope.apply(&mut k, c.num_key_value_heads, RopeDirection::Forward)?;
-        let ash = self.attention_shape(batch, seq);
-        let (mut p, mut attn) = (z(batch * ash.heads * seq * seq), z(n * qd));
-        attention::forward(ash, &q, &k, &v, &mut p, &mut attn)?;
+        let mut attn = z(n * qd);
+        let p = if let Attached::Prefix(pt) = att {
+            let sh = self.prefix_shape(batch, seq, pt.num_virtual_tokens);
+            let mut p = z(batch * sh.heads * seq * sh.cols());
+            let (pk, pv) = (pt.gather(c, l, 0), pt.gather(c, l, 1));
+            prefix_attention::forward(sh, &q, &k, &v, &pk, &pv, &mut p, &mut attn)?;
+            p
+        } else {
+            let ash = self.attention_shape(batch, seq);
+            let mut p = z(batch * ash.heads * seq * seq);
+            attention::forward(ash, &q, &k, &v, &mut p, &mut attn)?;
+            p
+        };
         let mut x_mid = x.clone();
-        lora_u[3] = self.proj_forward(l, Proj::O, n, &attn, &mut x_mid, Accumulate::Add, lora)?;
+        let (s3, h0) = self.out_proj_forward(l, Proj::O, 0, n, &attn, &mut x_mid, att)?;
+        saved[3] = s3;
 
         let (mut xn2, mut rstd2) = (z(n * cw), z(n));
         rmsnorm::forward(
@@ -488,11 +731,12 @@ impl<T: Real> Llama<T> {
             &mut rstd2,
         )?;
         let (mut gate, mut up, mut h) = (z(n * id), z(n * id), z(n * id));
-        lora_u[4] = self.proj_forward(l, Proj::Gate, n, &xn2, &mut gate, ow, lora)?;
-        lora_u[5] = self.proj_forward(l, Proj::Up, n, &xn2, &mut up, ow, lora)?;
+        saved[4] = self.proj_forward(l, Proj::Gate, n, &xn2, &mut gate, ow, att)?;
+        saved[5] = self.proj_forward(l, Proj::Up, n, &xn2, &mut up, ow, att)?;
         swiglu::forward(&gate, &up, &mut h)?;
         let mut out = x_mid.clone();
-        lora_u[6] = self.proj_forward(l, Proj::Down, n, &h, &mut out, Accumulate::Add, lora)?;
+        let (s6, h1) = self.out_proj_forward(l, Proj::Down, 1, n, &h, &mut out, att)?;
+        saved[6] = s6;
         Ok((
             LayerCache {
                 x,
@@ -509,7 +753,8 @@ impl<T: Real> Llama<T> {
                 gate,
                 up,
                 h,
-                lora_u,
+                saved,
+                houlsby: h0.zip(h1).map(|(a, b)| [a, b]),
             },
             out,
         ))
@@ -533,8 +778,7 @@ impl<T: Real> Llama<T> {
         self.backward_with(f, targets, None, BaseGrads::Compute)
     }
 
-    /// The general backward: `lora` must be the adapter the forward used (if any); `base` says
-    /// whether the base parameters get gradients.
+    /// The backward with an optional LoRA adapter (the one the forward used).
     pub fn backward_with(
         &self,
         f: &Forward<T>,
@@ -542,17 +786,31 @@ impl<T: Real> Llama<T> {
         lora: Option<&LoraAdapter<T>>,
         base: BaseGrads,
     ) -> Result<Gradients<T>> {
+        self.backward_attached(f, targets, lora.into(), base)
+    }
+
+    /// The general backward: `att` must be what the forward used; `base` says whether the base
+    /// parameters get gradients.
+    pub fn backward_attached(
+        &self,
+        f: &Forward<T>,
+        targets: &[Option<u32>],
+        att: Attached<'_, T>,
+        base: BaseGrads,
+    ) -> Result<Gradients<T>> {
         const OP: &str = "llama backward";
         let c = &self.config;
-        if f.with_lora != lora.is_some() {
+        if f.kind != att.kind() {
             return Err(invalid(
                 OP,
-                "pass the LoRA adapter to the backward exactly when the forward used one",
+                format!(
+                    "the forward ran with {}, the backward was given {}",
+                    f.kind,
+                    att.kind()
+                ),
             ));
         }
-        if let Some(a) = lora {
-            self.check_adapter(a)?;
-        }
+        self.check_attached(att)?;
         let n = f.batch * f.seq;
         let (cw, qd, kd, id, vocab) = (
             c.hidden_size,
@@ -568,7 +826,24 @@ impl<T: Real> Llama<T> {
             BaseGrads::Compute => Some(LlamaWeights::<T>::zeros(c)),
             BaseGrads::Frozen => None,
         };
-        let mut glora = lora.map(LoraAdapter::zeros_like);
+        let mut ga = AdapterGrads {
+            lora: None,
+            ia3: None,
+            prefix: None,
+            houlsby: None,
+        };
+        match att {
+            Attached::None => {}
+            Attached::Lora(a) => ga.lora = Some(a.zeros_like()),
+            Attached::Ia3(a) => ga.ia3 = Some(a.zeros_like()),
+            Attached::Prefix(p) => {
+                ga.prefix = Some(PrefixTuning {
+                    num_virtual_tokens: p.num_virtual_tokens,
+                    values: z(p.values.len()),
+                })
+            }
+            Attached::Houlsby(h) => ga.houlsby = Some(h.zeros_like()),
+        }
         // Norm weight gradients of a frozen base land here and are dropped.
         let mut scratch = z(cw);
 
@@ -607,10 +882,11 @@ impl<T: Real> Llama<T> {
         let (mut dh, mut dgate, mut dup) = (z(n * id), z(n * id), z(n * id));
         let mut dattn = z(n * qd);
         let (mut dq, mut dk, mut dv) = (z(n * qd), z(n * kd), z(n * kd));
+        let mut dsub = z(n * cw);
         for l in (0..c.num_hidden_layers).rev() {
             let (lw, lc) = (&self.weights.layers[l], &f.layers[l]);
             let mut lg = g.as_mut().map(|g| &mut g.layers[l]);
-            let saved = &lc.lora_u;
+            let saved = lc.saved.as_slice();
             macro_rules! proj_back {
                 ($p:expr, $x:expr, $dy:expr, $dx:expr, $acc:expr) => {
                     self.proj_backward(
@@ -622,16 +898,48 @@ impl<T: Real> Llama<T> {
                         $dx,
                         $acc,
                         lg.as_deref_mut(),
-                        lora.zip(glora.as_mut()).map(|(adapter, grads)| LoraBack {
-                            adapter,
-                            grads,
-                            saved: saved.as_slice(),
-                        }),
+                        att,
+                        &mut ga,
+                        saved,
                     )?
                 };
             }
+            // The gradient of a sublayer's output projection: through the Houlsby adapter of
+            // `site` when attached, else the residual gradient itself.
+            macro_rules! through_adapter {
+                ($site:expr, $dres:expr) => {
+                    if let (Attached::Houlsby(ha), Some(hc), Some(gh)) =
+                        (att, lc.houlsby.as_ref(), ga.houlsby.as_mut())
+                    {
+                        let (yin, zb) = &hc[$site];
+                        let bs = BottleneckShape {
+                            rows: n,
+                            hidden: cw,
+                            bottleneck: ha.config.bottleneck,
+                        };
+                        bottleneck::backward(
+                            bs,
+                            ha.config.activation,
+                            yin,
+                            zb,
+                            &ha.layers[l][$site],
+                            $dres,
+                            &mut dsub,
+                            ow,
+                            &mut gh.layers[l][$site],
+                        )?;
+                        true
+                    } else {
+                        false
+                    }
+                };
+            }
             // MLP branch: dx is the gradient of the layer output (= of x_mid through the residual).
-            proj_back!(Proj::Down, &lc.h, &dx, &mut dh, ow);
+            if through_adapter!(1, &dx) {
+                proj_back!(Proj::Down, &lc.h, &dsub, &mut dh, ow);
+            } else {
+                proj_back!(Proj::Down, &lc.h, &dx, &mut dh, ow);
+            }
             swiglu::backward(&lc.gate, &lc.up, &dh, &mut dgate, &mut dup)?;
             proj_back!(Proj::Gate, &lc.xn2, &dgate, &mut dxn, ow);
             proj_back!(Proj::Up, &lc.xn2, &dup, &mut dxn, add);
@@ -648,10 +956,26 @@ impl<T: Real> Llama<T> {
                 dpost,
             )?;
             // Attention branch: dx is now the gradient of x_mid (= of x through the residual).
-            proj_back!(Proj::O, &lc.attn, &dx, &mut dattn, ow);
-            attention::backward(
-                ash, &lc.q, &lc.k, &lc.v, &lc.p, &dattn, &mut dq, &mut dk, &mut dv,
-            )?;
+            if through_adapter!(0, &dx) {
+                proj_back!(Proj::O, &lc.attn, &dsub, &mut dattn, ow);
+            } else {
+                proj_back!(Proj::O, &lc.attn, &dx, &mut dattn, ow);
+            }
+            if let (Attached::Prefix(pt), Some(gp)) = (att, ga.prefix.as_mut()) {
+                let sh = self.prefix_shape(f.batch, f.seq, pt.num_virtual_tokens);
+                let (pk, pv) = (pt.gather(c, l, 0), pt.gather(c, l, 1));
+                let (mut dpk, mut dpv) = (z(pk.len()), z(pv.len()));
+                prefix_attention::backward(
+                    sh, &lc.q, &lc.k, &lc.v, &pk, &pv, &lc.p, &dattn, &mut dq, &mut dk, &mut dv,
+                    &mut dpk, &mut dpv,
+                )?;
+                gp.scatter_add(c, l, 0, &dpk);
+                gp.scatter_add(c, l, 1, &dpv);
+            } else {
+                attention::backward(
+                    ash, &lc.q, &lc.k, &lc.v, &lc.p, &dattn, &mut dq, &mut dk, &mut dv,
+                )?;
+            }
             f.rope
                 .apply(&mut dq, c.num_attention_heads, RopeDirection::Backward)?;
             f.rope
@@ -675,7 +999,10 @@ impl<T: Real> Llama<T> {
         }
         Ok(Gradients {
             weights: g,
-            lora: glora,
+            lora: ga.lora,
+            ia3: ga.ia3,
+            prefix: ga.prefix,
+            houlsby: ga.houlsby,
             inputs_embeds: dx,
         })
     }
@@ -706,5 +1033,26 @@ impl<T: Real> Llama<T> {
         let loss = cross_entropy::forward(&f.logits, &targets, self.config.vocab_size)?;
         let g = self.backward_with(&f, &targets, lora, base)?;
         Ok((loss, f, g))
+    }
+}
+
+/// `x * s` column-wise (`x [rows, s.len()]`).
+fn scale_cols<T: Real>(x: &[T], s: &[T]) -> Vec<T> {
+    x.chunks_exact(s.len())
+        .flat_map(|r| r.iter().zip(s).map(|(a, b)| *a * *b))
+        .collect()
+}
+
+trait StoreValue<T> {
+    fn store_value(self, out: &mut T, v: T);
+}
+
+impl<T: Real> StoreValue<T> for Accumulate {
+    #[inline]
+    fn store_value(self, out: &mut T, v: T) {
+        match self {
+            Accumulate::Overwrite => *out = v,
+            Accumulate::Add => *out += v,
+        }
     }
 }

@@ -3,15 +3,17 @@
 //!
 //! Every tensor is row-major with PyTorch's layout (`Linear.weight` is `[out, in]`). The same
 //! struct holds gradients (see [`crate::model::Gradients`]). bf16, f16 and f32 files are all
-//! widened to f32 on load. A missing tensor, a shape that does not match the config or an
+//! widened to f32 on load; a weight stored as a bitsandbytes 4-bit tensor (the keys of
+//! [`qadapt::nf4::bnb`], as transformers saves a `load_in_4bit` model) is dequantized to f32. A missing tensor, a shape that does not match the config or an
 //! unsupported dtype is one [`qadapt::Error::Format`] naming the file and the tensor.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
+use qadapt::nf4::bnb;
 use qadapt::ops::Real;
-use qadapt::{Error, Result};
+use qadapt::{DType, Device, Error, FloatVec, Result};
 use safetensors::{Dtype, SafeTensors};
 
 use crate::config::LlamaConfig;
@@ -364,6 +366,27 @@ pub fn load(dir: &Path, cfg: &LlamaConfig) -> Result<LlamaWeights<f32>> {
         let st = SafeTensors::deserialize(&bytes).map_err(|e| format_err(&file, e))?;
         for i in idx {
             let (name, shape) = &specs[i];
+            if st
+                .tensor(&format!("{name}{}", bnb::QUANT_STATE_SUFFIX))
+                .is_ok()
+            {
+                // A bitsandbytes 4-bit weight: decoded and dequantized to f32.
+                let q = bnb::decode(&st, &file, name)?;
+                if q.shape != *shape {
+                    return Err(format_err(
+                        &file,
+                        format!(
+                            "tensor {name} has shape {:?}, the config needs {shape:?}",
+                            q.shape
+                        ),
+                    ));
+                }
+                values[i] = match q.dequantize(&Device::Cpu, DType::F32)? {
+                    FloatVec::F32(v) => v,
+                    _ => return Err(format_err(&file, format!("tensor {name}: bad dequantize"))),
+                };
+                continue;
+            }
             let t = st
                 .tensor(name)
                 .map_err(|_| format_err(&file, format!("missing tensor {name}")))?;
