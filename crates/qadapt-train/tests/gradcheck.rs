@@ -9,51 +9,10 @@
 use qadapt::ops::Real;
 use qadapt::ops::cross_entropy;
 use qadapt::ops::rope::RopeScaling;
-use qadapt_train::{Llama, LlamaConfig, LlamaWeights, causal_targets};
+use qadapt_train::{Llama, causal_targets};
 
-fn config(tied: bool, scaling: RopeScaling) -> LlamaConfig {
-    LlamaConfig {
-        hidden_size: 8,
-        intermediate_size: 12,
-        num_hidden_layers: 2,
-        num_attention_heads: 2,
-        num_key_value_heads: 1,
-        head_dim: 4,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10000.0,
-        rope_scaling: scaling,
-        vocab_size: 11,
-        tie_word_embeddings: tied,
-        max_position_embeddings: 32,
-    }
-}
-
-/// Values in [-1, 1) from an LCG.
-fn lcg(seed: &mut u64) -> f64 {
-    *seed = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    ((*seed >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
-}
-
-fn random_model(cfg: LlamaConfig, mut seed: u64) -> Llama<f64> {
-    let mut w = LlamaWeights::<f64>::zeros(&cfg);
-    let names: Vec<String> = qadapt_train::weights::layout(&cfg)
-        .into_iter()
-        .map(|(n, _)| n)
-        .collect();
-    for (name, slot) in names.iter().zip(w.slots_mut()) {
-        for v in slot.iter_mut() {
-            let r = lcg(&mut seed);
-            *v = if name.ends_with("norm.weight") {
-                1.0 + 0.3 * r
-            } else {
-                0.8 * r
-            };
-        }
-    }
-    Llama::new(cfg, w).unwrap()
-}
+mod common;
+use common::{random_model, tiny_config as config};
 
 const IDS: [u32; 10] = [3, 7, 1, 10, 0, 4, 4, 9, 2, 6];
 const B: usize = 2;
@@ -125,7 +84,7 @@ fn check_model(m: &Llama<f64>) {
 
 #[test]
 fn untied_plain_rope_backward_matches_finite_differences() {
-    check_model(&random_model(config(false, RopeScaling::None), 11));
+    check_model(&random_model(config(false, RopeScaling::None), &mut 11));
 }
 
 #[test]
@@ -136,12 +95,12 @@ fn tied_llama3_rope_backward_matches_finite_differences() {
         high_freq_factor: 4.0,
         original_max_position_embeddings: 16.0,
     };
-    check_model(&random_model(config(true, scaling), 12));
+    check_model(&random_model(config(true, scaling), &mut 12));
 }
 
 #[test]
 fn checker_catches_a_wrong_gradient() {
-    let m = random_model(config(false, RopeScaling::None), 13);
+    let m = random_model(config(false, RopeScaling::None), &mut 13);
     let (_, _, grads) = m.loss_and_grads(&IDS, B, T).unwrap();
     let mut g = grads.weights.unwrap().layers[1].k_proj.clone();
     let i = g

@@ -18,10 +18,12 @@ use qadapt::lora::{BaseWeight, LoraLinear};
 use qadapt::ops::cross_entropy;
 use qadapt_train::lora::{self, LoraPair};
 use qadapt_train::{
-    BaseGrads, Llama, LlamaConfig, LlamaDir, LoraAdapter, LoraConfig, LoraInit, Proj,
-    causal_targets,
+    BaseGrads, Llama, LlamaDir, LoraAdapter, LoraConfig, LoraInit, Proj, causal_targets,
 };
 use safetensors::SafeTensors;
+
+mod common;
+use common::{lcg, random_model, tiny_config};
 
 fn data(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -107,49 +109,11 @@ fn peft_adapter_matches_peft_logits_loss_and_gradients() {
     println!("lora: {n} adapter gradients, worst max-err / max|g| {worst_rel:.3e}");
 }
 
-fn tiny_config() -> LlamaConfig {
-    LlamaConfig {
-        hidden_size: 8,
-        intermediate_size: 12,
-        num_hidden_layers: 2,
-        num_attention_heads: 2,
-        num_key_value_heads: 1,
-        head_dim: 4,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10000.0,
-        rope_scaling: qadapt::ops::rope::RopeScaling::None,
-        vocab_size: 11,
-        tie_word_embeddings: false,
-        max_position_embeddings: 32,
-    }
-}
-
-fn lcg(seed: &mut u64) -> f64 {
-    *seed = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    ((*seed >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
-}
-
 /// A random f64 model and an adapter on every projection kind, B random too.
 fn random_setup(targets: &[&str], rslora: bool) -> (Llama<f64>, LoraAdapter<f64>) {
-    let cfg = tiny_config();
+    let cfg = tiny_config(false, qadapt::ops::rope::RopeScaling::None);
     let mut seed = 99u64;
-    let mut w = qadapt_train::LlamaWeights::<f64>::zeros(&cfg);
-    let names: Vec<String> = qadapt_train::weights::layout(&cfg)
-        .into_iter()
-        .map(|(n, _)| n)
-        .collect();
-    for (name, slot) in names.iter().zip(w.slots_mut()) {
-        for v in slot.iter_mut() {
-            let r = lcg(&mut seed);
-            *v = if name.ends_with("norm.weight") {
-                1.0 + 0.3 * r
-            } else {
-                0.8 * r
-            };
-        }
-    }
+    let model = random_model(cfg.clone(), &mut seed);
     let lc = LoraConfig {
         r: 3,
         alpha: 5.0,
@@ -161,7 +125,7 @@ fn random_setup(targets: &[&str], rslora: bool) -> (Llama<f64>, LoraAdapter<f64>
     for pair in a.pairs.iter_mut().flatten().flatten() {
         pair.b.iter_mut().for_each(|v| *v = 0.5 * lcg(&mut seed));
     }
-    (Llama::new(cfg, w).unwrap(), a)
+    (model, a)
 }
 
 const IDS: [u32; 10] = [3, 7, 1, 10, 0, 4, 4, 9, 2, 6];

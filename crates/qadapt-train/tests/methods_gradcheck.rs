@@ -9,53 +9,20 @@
 use qadapt::adapter::Activation;
 use qadapt::ops::rope::RopeScaling;
 use qadapt_train::{
-    Adapter, Grads, HoulsbyAdapter, HoulsbyConfig, Ia3Adapter, Ia3Config, Llama, LlamaConfig,
-    LlamaWeights, PrefixTuning, PromptInit, PromptTuning, evaluate,
+    Adapter, Grads, HoulsbyAdapter, HoulsbyConfig, Ia3Adapter, Ia3Config, Llama, PrefixTuning,
+    PromptInit, PromptTuning, evaluate,
 };
 
-fn config() -> LlamaConfig {
-    LlamaConfig {
-        hidden_size: 8,
-        intermediate_size: 12,
-        num_hidden_layers: 2,
-        num_attention_heads: 2,
-        num_key_value_heads: 1,
-        head_dim: 4,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10000.0,
-        rope_scaling: RopeScaling::None,
-        vocab_size: 11,
-        tie_word_embeddings: false,
-        max_position_embeddings: 32,
-    }
-}
+mod common;
+use common::lcg;
 
-fn lcg(seed: &mut u64) -> f64 {
-    *seed = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    ((*seed >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
-}
-
+/// The shared tiny model, untied with plain RoPE, from `seed`.
 fn random_model(seed: u64) -> Llama<f64> {
-    let cfg = config();
-    let mut s = seed;
-    let mut w = LlamaWeights::<f64>::zeros(&cfg);
-    let names: Vec<String> = qadapt_train::weights::layout(&cfg)
-        .into_iter()
-        .map(|(n, _)| n)
-        .collect();
-    for (name, slot) in names.iter().zip(w.slots_mut()) {
-        for v in slot.iter_mut() {
-            let r = lcg(&mut s);
-            *v = if name.ends_with("norm.weight") {
-                1.0 + 0.3 * r
-            } else {
-                0.8 * r
-            };
-        }
-    }
-    Llama::new(cfg, w).unwrap()
+    common::random_model(config(), &mut { seed })
+}
+
+fn config() -> qadapt_train::LlamaConfig {
+    common::tiny_config(false, RopeScaling::None)
 }
 
 fn randomize(a: &mut Adapter<f64>, seed: u64, center: f64, scale: f64) {

@@ -1,0 +1,53 @@
+//! Helpers shared by the f64 gradient-check tests: one tiny Llama configuration (grouped-query,
+//! 2 layers) and a random model drawn from a deterministic LCG.
+#![allow(dead_code)]
+
+use qadapt::ops::rope::RopeScaling;
+use qadapt_train::{Llama, LlamaConfig, LlamaWeights};
+
+/// hidden 8, intermediate 12, 2 layers, 2 heads over 1 kv head of 4, vocab 11.
+pub(crate) fn tiny_config(tied: bool, scaling: RopeScaling) -> LlamaConfig {
+    LlamaConfig {
+        hidden_size: 8,
+        intermediate_size: 12,
+        num_hidden_layers: 2,
+        num_attention_heads: 2,
+        num_key_value_heads: 1,
+        head_dim: 4,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10000.0,
+        rope_scaling: scaling,
+        vocab_size: 11,
+        tie_word_embeddings: tied,
+        max_position_embeddings: 32,
+    }
+}
+
+/// Values in [-1, 1) from an LCG.
+pub(crate) fn lcg(seed: &mut u64) -> f64 {
+    *seed = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    ((*seed >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+}
+
+/// A model whose norm weights are 1 ± 0.3 and every other parameter uniform in ±0.8 (large
+/// enough that attention is far from uniform), drawn in layout order from `seed`, which advances.
+pub(crate) fn random_model(cfg: LlamaConfig, seed: &mut u64) -> Llama<f64> {
+    let mut w = LlamaWeights::<f64>::zeros(&cfg);
+    let names: Vec<String> = qadapt_train::weights::layout(&cfg)
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    for (name, slot) in names.iter().zip(w.slots_mut()) {
+        for v in slot.iter_mut() {
+            let r = lcg(seed);
+            *v = if name.ends_with("norm.weight") {
+                1.0 + 0.3 * r
+            } else {
+                0.8 * r
+            };
+        }
+    }
+    Llama::new(cfg, w).unwrap()
+}
