@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Context, Result, anyhow, bail};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -22,7 +22,7 @@ use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 use serde_json::{Value, json};
 
-use crate::io::{Output, read_safetensors, write_safetensors};
+use crate::io::{Output, copy_other_files, new_directory, read_safetensors, write_safetensors};
 
 /// How a quantize run picks its tensors.
 pub(crate) enum Selection {
@@ -79,7 +79,7 @@ pub(crate) fn float_dtype(d: Dtype) -> Option<DType> {
     }
 }
 
-fn safetensors_dtype(d: DType) -> Dtype {
+pub(crate) fn safetensors_dtype(d: DType) -> Dtype {
     match d {
         DType::F32 => Dtype::F32,
         DType::BF16 => Dtype::BF16,
@@ -344,29 +344,7 @@ fn convert_dir(
     };
     edit_config(config_map);
     let (shards, index) = shard_files(input)?;
-    if output.exists() {
-        bail!(
-            "{} already exists; choose another output directory or remove it",
-            output.display()
-        );
-    }
-    let parent = match output.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    if !parent.is_dir() {
-        bail!(
-            "the output directory's parent {} does not exist",
-            parent.display()
-        );
-    }
-    let name = output
-        .file_name()
-        .context("the output path has no name")?
-        .to_string_lossy();
-    let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
-    let result = (|| -> Result<usize> {
-        fs::create_dir(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    new_directory(output, |tmp| {
         let total: u64 = shards.iter().map(|s| file_size(&input.join(s))).sum();
         let pb = byte_bar(total, verb);
         let mut changed = 0;
@@ -399,23 +377,11 @@ fn convert_dir(
             tmp.join("config.json"),
             serde_json::to_string_pretty(&config)? + "\n",
         )?;
-        for entry in fs::read_dir(input)? {
-            let entry = entry?;
-            let file = entry.file_name().to_string_lossy().into_owned();
-            let skip = file == "config.json" || file == INDEX || shards.contains(&file);
-            if !skip && entry.file_type()?.is_file() {
-                fs::copy(entry.path(), tmp.join(&file))
-                    .with_context(|| format!("copying {file}"))?;
-            }
-        }
-        fs::rename(&tmp, output)
-            .with_context(|| format!("renaming {} to {}", tmp.display(), output.display()))?;
+        copy_other_files(input, tmp, |file| {
+            file == "config.json" || file == INDEX || shards.iter().any(|s| s == file)
+        })?;
         Ok(changed)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_dir_all(&tmp);
-    }
-    result
+    })
 }
 
 /// The safetensors files of a model directory (sorted), and its index when sharded.

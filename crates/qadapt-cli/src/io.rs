@@ -109,3 +109,52 @@ pub(crate) fn write_safetensors(
     f.sync_all()
         .with_context(|| format!("syncing {}", path.display()))
 }
+
+/// Creates the directory `output` atomically: `fill` writes into a temporary directory beside it,
+/// which is renamed to `output` only when `fill` succeeds, and removed otherwise. An existing
+/// `output` is refused, never overwritten.
+pub(crate) fn new_directory<T>(output: &Path, fill: impl FnOnce(&Path) -> Result<T>) -> Result<T> {
+    if output.exists() {
+        bail!(
+            "{} already exists; choose another output directory or remove it",
+            output.display()
+        );
+    }
+    let parent = parent_dir(output);
+    if !parent.is_dir() {
+        bail!(
+            "the output directory's parent {} does not exist",
+            parent.display()
+        );
+    }
+    let name = output
+        .file_name()
+        .context("the output path has no name")?
+        .to_string_lossy();
+    let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
+    let result = fs::create_dir(&tmp)
+        .with_context(|| format!("cannot create {}", tmp.display()))
+        .and_then(|()| fill(&tmp))
+        .and_then(|v| {
+            fs::rename(&tmp, output)
+                .with_context(|| format!("renaming {} to {}", tmp.display(), output.display()))?;
+            Ok(v)
+        });
+    if result.is_err() {
+        let _ = fs::remove_dir_all(&tmp);
+    }
+    result
+}
+
+/// Copies the plain files of `from` into `to`, except those `skip` names (tokenizer, generation
+/// config and the like travel with a converted model).
+pub(crate) fn copy_other_files(from: &Path, to: &Path, skip: impl Fn(&str) -> bool) -> Result<()> {
+    for entry in fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
+        let entry = entry?;
+        let file = entry.file_name().to_string_lossy().into_owned();
+        if !skip(&file) && entry.file_type()?.is_file() {
+            fs::copy(entry.path(), to.join(&file)).with_context(|| format!("copying {file}"))?;
+        }
+    }
+    Ok(())
+}

@@ -9,6 +9,7 @@
 mod convert;
 mod io;
 mod logits;
+mod merge;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -78,10 +79,13 @@ enum Command {
     /// adapter (LoRA, IA3, prompt/prefix tuning, Houlsby) on token ids, as transformers/PEFT
     /// compute them (CPU, f32).
     Logits(logits::LogitsArgs),
+    /// Fold a LoRA adapter into its base model (W += s·BA for every targeted projection) and write
+    /// an HF model directory that loads without PEFT.
+    Merge(merge::MergeArgs),
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
-enum OutDType {
+pub(crate) enum OutDType {
     F32,
     Bf16,
     F16,
@@ -122,6 +126,7 @@ fn main() -> ExitCode {
             device,
         } => dequantize(&input, &output, dtype.map(DType::from), &device),
         Command::Logits(args) => logits::run(&args),
+        Command::Merge(args) => merge::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

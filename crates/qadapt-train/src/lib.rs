@@ -31,6 +31,7 @@ pub mod dataset;
 pub mod houlsby;
 pub mod ia3;
 pub mod lora;
+pub mod merge;
 pub mod model;
 pub mod nf4;
 pub mod peft;

@@ -1,0 +1,108 @@
+//! `qadapt merge`: the written directory is the base with the LoRA folded in, loadable as a plain
+//! model; bad input is refused with one line and leaves nothing behind.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use qadapt_train::{LlamaDir, lora};
+
+fn data(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/data")
+        .join(name)
+}
+
+fn merge(model: &Path, adapter: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_qadapt"))
+        .arg("merge")
+        .arg("--model")
+        .arg(model)
+        .arg("--adapter")
+        .arg(adapter)
+        .arg("--out")
+        .arg(out)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn merged_directory_computes_base_plus_adapter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("merged");
+    let r = merge(
+        &data("tiny_llama"),
+        &data("tiny_llama_lora"),
+        &out,
+        &["--dtype", "f32"],
+    );
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert!(out.join("config.json").is_file() && out.join("model.safetensors").is_file());
+
+    let base = LlamaDir::open(&data("tiny_llama")).unwrap();
+    let adapter = lora::load(&data("tiny_llama_lora"), &base.config).unwrap();
+    let merged = LlamaDir::open(&out).unwrap();
+    let ids: Vec<u32> = (0..22).map(|i| (i * 13 + 3) % 100).collect();
+    let want = base
+        .model()
+        .unwrap()
+        .forward_with(&ids, 2, 11, Some(&adapter))
+        .unwrap()
+        .logits;
+    let got = merged.model().unwrap().forward(&ids, 2, 11).unwrap().logits;
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let err = got
+        .iter()
+        .zip(&want)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    // Same math, two f32 summation orders: a few ulps of the largest logit.
+    assert!(
+        err <= 2e-5 * scale,
+        "merged logits off by {err:e} of {scale}"
+    );
+
+    // Default dtype follows config.json (bf16 for this model).
+    let out16 = tmp.path().join("merged16");
+    assert!(
+        merge(&data("tiny_llama"), &data("tiny_llama_lora"), &out16, &[])
+            .status
+            .success()
+    );
+    let bytes = std::fs::read(out16.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert_eq!(
+        st.tensor("model.layers.0.self_attn.q_proj.weight")
+            .unwrap()
+            .dtype(),
+        safetensors::Dtype::BF16
+    );
+}
+
+#[test]
+fn bad_merges_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("m");
+    // Not a LoRA adapter.
+    let r = merge(&data("tiny_llama"), &data("tiny_llama_ia3"), &out, &[]);
+    assert!(!r.status.success());
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        err.starts_with("error: ") && err.trim_end().lines().count() == 1,
+        "{err}"
+    );
+    assert!(!out.exists());
+    // An existing output directory is never overwritten.
+    std::fs::create_dir(&out).unwrap();
+    let r = merge(&data("tiny_llama"), &data("tiny_llama_lora"), &out, &[]);
+    assert!(!r.status.success());
+    assert!(String::from_utf8_lossy(&r.stderr).contains("already exists"));
+    assert_eq!(std::fs::read_dir(&out).unwrap().count(), 0);
+    let leftovers = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .filter_map(|e| e.ok());
+    assert!(
+        leftovers
+            .into_iter()
+            .all(|e| !e.file_name().to_string_lossy().contains("partial"))
+    );
+}
