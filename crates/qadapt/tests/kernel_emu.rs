@@ -7,6 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use half::{bf16, f16};
 use qadapt::nf4::{Nf4Tensor, Scales, Statistics, dynamic_map::DQ_MAP};
@@ -67,7 +68,9 @@ fn runner() -> Option<&'static Path> {
 fn run(mode: &str, input: &[u8]) -> Option<Vec<u8>> {
     let exe = runner()?;
     let dir = exe.parent().unwrap();
-    let tag = format!("{mode}-{}", input.len());
+    // Tests run on several threads: every call gets its own files.
+    static CALLS: AtomicUsize = AtomicUsize::new(0);
+    let tag = format!("{mode}-{}", CALLS.fetch_add(1, Ordering::Relaxed));
     let (i, o) = (
         dir.join(format!("{tag}.in")),
         dir.join(format!("{tag}.out")),
