@@ -49,10 +49,10 @@ pub use houlsby::{HoulsbyAdapter, HoulsbyConfig};
 pub use ia3::{Ia3Adapter, Ia3Config};
 pub use lora::{LoraAdapter, LoraConfig, LoraInit};
 pub use model::{Attached, BaseGrads, Forward, Gradients, Llama, causal_targets};
-pub use peft::{Adapter, Evaluation, Grads, evaluate};
+pub use peft::{Adapter, Evaluation, Grads, evaluate, evaluate_targets};
 pub use prompt::{PrefixMlp, PrefixTuning, PromptInit, PromptTuning};
 pub use select::Selection;
-pub use train::{Trainable, Trainer};
+pub use train::{Batch, StepStats, Trainable, Trainer, loss_and_grads};
 pub use weights::{LayerWeights, LlamaWeights, Proj};
 
 use qadapt::{Error, Result};

@@ -178,12 +178,47 @@ pub struct Evaluation<T> {
     pub base_grads: Option<crate::LlamaWeights<T>>,
 }
 
-/// Forward (and backward) of `model` with `adapter` on ids `[batch, seq]`, labels = ids.
+/// Forward (and backward) of `model` with `adapter` on ids `[batch, seq]`, labels = ids (the
+/// loss PEFT and transformers compute for `labels=input_ids`).
 pub fn evaluate<T: Real>(
     model: &Llama<T>,
     ids: &[u32],
     batch: usize,
     seq: usize,
+    adapter: Option<&Adapter<T>>,
+    grads: Grads,
+) -> Result<Evaluation<T>> {
+    evaluate_inner(model, ids, batch, seq, None, adapter, grads)
+}
+
+/// [`evaluate`] with explicit next-token targets `[batch, seq]` for the real tokens
+/// (`targets[b, i]` is what position i must predict; `None` is not trained, e.g. prompt tokens
+/// and padding). Prompt tuning's virtual positions get no target.
+pub fn evaluate_targets<T: Real>(
+    model: &Llama<T>,
+    ids: &[u32],
+    batch: usize,
+    seq: usize,
+    targets: &[Option<u32>],
+    adapter: Option<&Adapter<T>>,
+    grads: Grads,
+) -> Result<Evaluation<T>> {
+    if targets.len() != batch * seq {
+        return Err(crate::shape_err(
+            "evaluate",
+            format!("{batch} x {seq} targets"),
+            targets.len(),
+        ));
+    }
+    evaluate_inner(model, ids, batch, seq, Some(targets), adapter, grads)
+}
+
+fn evaluate_inner<T: Real>(
+    model: &Llama<T>,
+    ids: &[u32],
+    batch: usize,
+    seq: usize,
+    given: Option<&[Option<u32>]>,
     adapter: Option<&Adapter<T>>,
     grads: Grads,
 ) -> Result<Evaluation<T>> {
@@ -207,7 +242,13 @@ pub fn evaluate<T: Real>(
             x.extend_from_slice(&tok[b * seq * c..(b + 1) * seq * c]);
         }
         let f = model.forward_embeds_attached(x, batch, p + seq, Attached::None)?;
-        let targets = prompt_targets(ids, batch, seq, p);
+        let targets = match given {
+            None => prompt_targets(ids, batch, seq, p),
+            Some(t) => t
+                .chunks_exact(seq)
+                .flat_map(|row| std::iter::repeat_n(None, p).chain(row.iter().copied()))
+                .collect(),
+        };
         let loss = cross_entropy::forward(&f.logits, &targets, cfg.vocab_size)?;
         let (adapter_grads, base_grads) = if grads == Grads::None {
             (None, None)
@@ -259,7 +300,10 @@ pub fn evaluate<T: Real>(
         (None, a) => a.map_or(Attached::None, Adapter::attached),
     };
     let f = model.forward_attached(ids, batch, seq, att)?;
-    let targets = causal_targets(ids, batch, seq)?;
+    let targets = match given {
+        None => causal_targets(ids, batch, seq)?,
+        Some(t) => t.to_vec(),
+    };
     let loss = cross_entropy::forward(&f.logits, &targets, cfg.vocab_size)?;
     let (adapter_grads, base_grads) = if grads == Grads::None {
         (None, None)

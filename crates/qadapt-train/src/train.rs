@@ -1,17 +1,26 @@
-//! One optimizer step of any method on the CPU: the loss and gradients from
-//! [`crate::peft::evaluate`], optional clipping by global norm (torch's `clip_grad_norm_`), and
-//! [`qadapt::optim::adamw_cpu`] on exactly the trainable tensors, with AdamW moments kept per
-//! tensor. What trains:
+//! Optimizer steps of any method on the CPU: the loss and gradients from
+//! [`crate::peft::evaluate_targets`], gradient accumulation over micro-batches, optional clipping
+//! by global norm (torch's `clip_grad_norm_`), and [`qadapt::optim::adamw_cpu`] on exactly the
+//! trainable tensors, with AdamW moments kept per tensor. What trains:
 //! - [`Trainable::Adapter`]: every tensor of the adapter; the base is frozen (its gradients are
 //!   never computed).
-//! - [`Trainable::Base`]: the base parameters a [`Selection`] picks (full fine-tuning or the top k
-//!   layers); the others are neither updated nor decayed.
+//! - [`Trainable::Base`]: the base parameters a [`Selection`] picks (full fine-tuning, the top k
+//!   layers, a layer group); the others are neither updated nor decayed.
+//!
+//! Accumulation is exact: each micro-batch's gradient (of its mean loss over its n_i target
+//! tokens) is added with weight n_i, and [`Trainer::apply`] divides by the sum of the n_i, so k
+//! micro-batches give the gradient of the mean loss over all their tokens, the same as one batch
+//! holding them all (up to f32 summation order).
+//!
+//! Per-tensor learning rates ([`Trainer::apply`]'s `lr_scales`) multiply the step's learning rate
+//! for one tensor; its weight decay scales with it (decoupled decay is `lr·wd·θ`), as in torch's
+//! AdamW with one parameter group per tensor.
 
 use qadapt::Result;
 use qadapt::optim::{AdamW, adamw_cpu, clip_coefficient, sum_squares_cpu};
 
-use crate::model::Llama;
-use crate::peft::{Adapter, Grads, evaluate};
+use crate::model::{Llama, causal_targets};
+use crate::peft::{Adapter, Grads, evaluate_targets};
 use crate::select::Selection;
 use crate::{invalid, shape_err};
 
@@ -24,7 +33,148 @@ pub enum Trainable<'a> {
     Base(Selection),
 }
 
-/// AdamW state across steps.
+impl Trainable<'_> {
+    /// Names of the trainable tensors, in the order of the gradients and of `lr_scales`: PEFT keys
+    /// for an adapter, HF parameter names for the base.
+    pub fn names(&self, model: &Llama<f32>) -> Result<Vec<String>> {
+        Ok(match self {
+            Trainable::Adapter(a) => a
+                .named(&model.config)
+                .into_iter()
+                .map(|(k, _, _)| k)
+                .collect(),
+            Trainable::Base(sel) => crate::weights::layout(&model.config)
+                .into_iter()
+                .zip(sel.mask(&model.config)?)
+                .filter(|(_, m)| *m)
+                .map(|((n, _), _)| n)
+                .collect(),
+        })
+    }
+
+    /// The trainable tensors' current values, in [`Self::names`] order.
+    pub fn values<'m>(&'m self, model: &'m Llama<f32>) -> Result<Vec<&'m [f32]>> {
+        Ok(match self {
+            Trainable::Adapter(a) => a
+                .named(&model.config)
+                .into_iter()
+                .map(|(_, _, v)| v)
+                .collect(),
+            Trainable::Base(sel) => model
+                .weights
+                .slots()
+                .into_iter()
+                .zip(sel.mask(&model.config)?)
+                .filter(|(_, m)| *m)
+                .map(|(v, _)| v.as_slice())
+                .collect(),
+        })
+    }
+
+    /// Trainable parameters.
+    pub fn num_params(&self, model: &Llama<f32>) -> Result<usize> {
+        Ok(self.values(model)?.iter().map(|v| v.len()).sum())
+    }
+}
+
+/// One micro-batch: ids `[batch, seq]` and their next-token targets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Batch {
+    /// Token ids, row-major `[batch, seq]` (rows padded to `seq` as the caller likes).
+    pub ids: Vec<u32>,
+    /// Rows.
+    pub batch: usize,
+    /// Positions per row.
+    pub seq: usize,
+    /// `targets[b, i]`: the token position i must predict, `None` where no loss is taken
+    /// (prompt tokens, padding, the last position).
+    pub targets: Vec<Option<u32>>,
+}
+
+impl Batch {
+    /// Labels = ids (every next token is a target), as transformers' `labels=input_ids`.
+    pub fn causal(ids: Vec<u32>, batch: usize, seq: usize) -> Result<Batch> {
+        let targets = causal_targets(&ids, batch, seq)?;
+        Ok(Batch {
+            ids,
+            batch,
+            seq,
+            targets,
+        })
+    }
+
+    /// Positions that carry a loss.
+    pub fn num_targets(&self) -> usize {
+        self.targets.iter().filter(|t| t.is_some()).count()
+    }
+}
+
+/// The loss and gradients of one micro-batch for the trainable tensors, in
+/// [`Trainable::names`] order; the base is frozen when an adapter trains.
+pub fn loss_and_grads(
+    model: &Llama<f32>,
+    what: &Trainable<'_>,
+    b: &Batch,
+) -> Result<(f32, Vec<Vec<f32>>)> {
+    match what {
+        Trainable::Adapter(a) => {
+            let ev = evaluate_targets(
+                model,
+                &b.ids,
+                b.batch,
+                b.seq,
+                &b.targets,
+                Some(&**a),
+                Grads::Adapter,
+            )?;
+            let g = ev
+                .adapter_grads
+                .ok_or_else(|| invalid("train step", "no adapter gradients"))?;
+            let gv = g
+                .named(&model.config)
+                .into_iter()
+                .map(|(_, _, v)| v.to_vec())
+                .collect();
+            Ok((ev.loss, gv))
+        }
+        Trainable::Base(sel) => {
+            let mask = sel.mask(&model.config)?;
+            let ev = evaluate_targets(
+                model,
+                &b.ids,
+                b.batch,
+                b.seq,
+                &b.targets,
+                None,
+                Grads::All,
+            )?;
+            let g = ev
+                .base_grads
+                .ok_or_else(|| invalid("train step", "no base gradients"))?;
+            let gv = g
+                .slots()
+                .into_iter()
+                .zip(&mask)
+                .filter(|(_, m)| **m)
+                .map(|(v, _)| v.clone())
+                .collect();
+            Ok((ev.loss, gv))
+        }
+    }
+}
+
+/// What [`Trainer::apply`] did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepStats {
+    /// Mean loss over the accumulated target tokens (before the update).
+    pub loss: f32,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Target tokens accumulated.
+    pub tokens: usize,
+}
+
+/// AdamW state across steps, and the gradient being accumulated.
 #[derive(Debug, Clone)]
 pub struct Trainer {
     /// Hyper-parameters (the learning rate is `opt.lr` unless a step passes another).
@@ -33,6 +183,9 @@ pub struct Trainer {
     pub max_grad_norm: Option<f64>,
     moments: Vec<(Vec<f32>, Vec<f32>)>,
     t: u64,
+    acc: Vec<Vec<f32>>,
+    acc_tokens: usize,
+    acc_loss: f64,
 }
 
 impl Trainer {
@@ -43,6 +196,9 @@ impl Trainer {
             max_grad_norm,
             moments: Vec::new(),
             t: 0,
+            acc: Vec::new(),
+            acc_tokens: 0,
+            acc_loss: 0.0,
         }
     }
 
@@ -51,54 +207,108 @@ impl Trainer {
         self.t
     }
 
-    /// One step on ids `[batch, seq]` (labels = ids) at learning rate `lr`; returns the loss
-    /// before the update.
-    pub fn step(
+    /// The AdamW moments `(m, v)` per trainable tensor (empty before the first step), for
+    /// checkpoints.
+    pub fn moments(&self) -> &[(Vec<f32>, Vec<f32>)] {
+        &self.moments
+    }
+
+    /// Continues from a checkpoint: `steps` taken and the moments [`Self::moments`] returned.
+    pub fn restore(&mut self, steps: u64, moments: Vec<(Vec<f32>, Vec<f32>)>) {
+        self.t = steps;
+        self.moments = moments;
+        self.acc.clear();
+        self.acc_tokens = 0;
+        self.acc_loss = 0.0;
+    }
+
+    /// Adds one micro-batch's gradient to the accumulator; returns its mean loss.
+    pub fn accumulate(
+        &mut self,
+        model: &Llama<f32>,
+        what: &Trainable<'_>,
+        b: &Batch,
+    ) -> Result<f32> {
+        let n = b.num_targets();
+        if n == 0 {
+            return Err(invalid("train step", "a micro-batch without target tokens"));
+        }
+        let (loss, grads) = loss_and_grads(model, what, b)?;
+        let w = n as f32;
+        if self.acc.is_empty() {
+            self.acc = grads
+                .into_iter()
+                .map(|mut g| {
+                    g.iter_mut().for_each(|v| *v *= w);
+                    g
+                })
+                .collect();
+        } else {
+            if self.acc.len() != grads.len()
+                || self.acc.iter().zip(&grads).any(|(a, g)| a.len() != g.len())
+            {
+                return Err(shape_err(
+                    "gradient accumulation",
+                    "the tensors of the first micro-batch",
+                    "another set of tensors",
+                ));
+            }
+            for (a, g) in self.acc.iter_mut().zip(&grads) {
+                a.iter_mut().zip(g).for_each(|(a, g)| *a += w * g);
+            }
+        }
+        self.acc_tokens += n;
+        self.acc_loss += f64::from(loss) * n as f64;
+        Ok(loss)
+    }
+
+    /// One AdamW update from the accumulated gradient at learning rate `lr`, each tensor's rate
+    /// multiplied by `lr_scales[i]` when given; clears the accumulator.
+    pub fn apply(
         &mut self,
         model: &mut Llama<f32>,
         what: &mut Trainable<'_>,
-        ids: &[u32],
-        batch: usize,
-        seq: usize,
         lr: f32,
-    ) -> Result<f32> {
-        let (loss, grads, mut params): (f32, Vec<Vec<f32>>, Vec<&mut Vec<f32>>) = match what {
-            Trainable::Adapter(a) => {
-                let ev = evaluate(model, ids, batch, seq, Some(&**a), Grads::Adapter)?;
-                let g = ev
-                    .adapter_grads
-                    .ok_or_else(|| invalid("train step", "no adapter gradients"))?;
-                let gv = g
-                    .named(&model.config)
-                    .into_iter()
-                    .map(|(_, _, v)| v.to_vec())
-                    .collect();
-                (ev.loss, gv, a.tensors_mut())
-            }
+        lr_scales: Option<&[f32]>,
+    ) -> Result<StepStats> {
+        if self.acc_tokens == 0 {
+            return Err(invalid("train step", "nothing accumulated"));
+        }
+        let inv = 1.0 / self.acc_tokens as f32;
+        let mut grads = std::mem::take(&mut self.acc);
+        grads
+            .iter_mut()
+            .for_each(|g| g.iter_mut().for_each(|v| *v *= inv));
+        let stats = StepStats {
+            loss: (self.acc_loss / self.acc_tokens as f64) as f32,
+            grad_norm: grads.iter().map(|g| sum_squares_cpu(g)).sum::<f64>().sqrt(),
+            tokens: self.acc_tokens,
+        };
+        self.acc_tokens = 0;
+        self.acc_loss = 0.0;
+        let mut params: Vec<&mut Vec<f32>> = match what {
+            Trainable::Adapter(a) => a.tensors_mut(),
             Trainable::Base(sel) => {
                 let mask = sel.mask(&model.config)?;
-                let ev = evaluate(model, ids, batch, seq, None, Grads::All)?;
-                let g = ev
-                    .base_grads
-                    .ok_or_else(|| invalid("train step", "no base gradients"))?;
-                let gv = g
-                    .slots()
-                    .into_iter()
-                    .zip(&mask)
-                    .filter(|(_, m)| **m)
-                    .map(|(v, _)| v.clone())
-                    .collect();
-                let params = model
+                model
                     .weights
                     .slots_mut()
                     .into_iter()
                     .zip(mask)
                     .filter(|(_, m)| *m)
                     .map(|(v, _)| v)
-                    .collect();
-                (ev.loss, gv, params)
+                    .collect()
             }
         };
+        if let Some(s) = lr_scales
+            && s.len() != params.len()
+        {
+            return Err(shape_err(
+                "train step",
+                format!("{} learning-rate scales", params.len()),
+                s.len(),
+            ));
+        }
         if self.moments.is_empty() {
             self.moments = params
                 .iter()
@@ -106,6 +316,7 @@ impl Trainer {
                 .collect();
         }
         if self.moments.len() != params.len()
+            || grads.len() != params.len()
             || self
                 .moments
                 .iter()
@@ -119,17 +330,56 @@ impl Trainer {
             ));
         }
         let scale = match self.max_grad_norm {
-            Some(max) => {
-                let norm = grads.iter().map(|g| sum_squares_cpu(g)).sum::<f64>().sqrt();
-                clip_coefficient(norm, max)
-            }
+            Some(max) => clip_coefficient(stats.grad_norm, max),
             None => 1.0,
         };
         self.t += 1;
-        let s = self.opt.step(self.t, lr, scale)?;
-        for ((p, g), (m, v)) in params.iter_mut().zip(&grads).zip(&mut self.moments) {
-            adamw_cpu(p, None, g, m, v, &s)?;
+        let base = self.opt.step(self.t, lr, scale)?;
+        for (i, ((p, g), (m, v))) in params
+            .iter_mut()
+            .zip(&grads)
+            .zip(&mut self.moments)
+            .enumerate()
+        {
+            match lr_scales {
+                Some(s) => {
+                    let st = self.opt.step(self.t, lr * s[i], scale)?;
+                    adamw_cpu(p, None, g, m, v, &st)?;
+                }
+                None => adamw_cpu(p, None, g, m, v, &base)?,
+            }
         }
-        Ok(loss)
+        Ok(stats)
+    }
+
+    /// One step on ids `[batch, seq]` (labels = ids) at learning rate `lr`; returns the loss
+    /// before the update.
+    pub fn step(
+        &mut self,
+        model: &mut Llama<f32>,
+        what: &mut Trainable<'_>,
+        ids: &[u32],
+        batch: usize,
+        seq: usize,
+        lr: f32,
+    ) -> Result<f32> {
+        let b = Batch::causal(ids.to_vec(), batch, seq)?;
+        self.accumulate(model, what, &b)?;
+        Ok(self.apply(model, what, lr, None)?.loss)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn causal_batches_target_every_next_token() {
+        let b = Batch::causal(vec![1, 2, 3, 4, 5, 6], 2, 3).unwrap();
+        assert_eq!(
+            b.targets,
+            [Some(2), Some(3), None, Some(5), Some(6), None]
+        );
+        assert_eq!(b.num_targets(), 4);
     }
 }
