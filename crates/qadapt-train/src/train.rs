@@ -352,8 +352,9 @@ impl Trainer {
         Ok(stats)
     }
 
-    /// One step on ids `[batch, seq]` (labels = ids) at learning rate `lr`; returns the loss
-    /// before the update.
+    /// One step on ids `[batch, seq]` at learning rate `lr`, every next real token a target
+    /// ([`Batch::causal`]; prompt tuning's virtual positions carry none); returns the loss before
+    /// the update.
     pub fn step(
         &mut self,
         model: &mut Llama<f32>,

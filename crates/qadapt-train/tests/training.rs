@@ -48,12 +48,14 @@ fn train(m: &mut Llama<f32>, what: &mut Trainable<'_>, steps: usize, lr: f32) ->
         last = t.step(m, what, &ids, 2, 12, lr).unwrap();
         first.get_or_insert(last);
     }
-    // The loss after the last update.
-    let after = qadapt_train::evaluate(
+    // The loss after the last update, on the same targets as the steps.
+    let targets = qadapt_train::Batch::causal(ids.clone(), 2, 12).unwrap().targets;
+    let after = qadapt_train::evaluate_targets(
         m,
         &ids,
         2,
         12,
+        &targets,
         match what {
             Trainable::Adapter(a) => Some(&**a),
             Trainable::Base(_) => None,
