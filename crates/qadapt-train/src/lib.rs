@@ -28,6 +28,7 @@
 
 pub mod config;
 pub mod dataset;
+pub mod fit;
 pub mod houlsby;
 pub mod ia3;
 pub mod lora;

@@ -1,0 +1,298 @@
+//! The pieces of a training run between the data and the [`crate::Trainer`]: micro-batches from
+//! tokenized sequences, a resumable shuffling sampler, held-out metrics, and random
+//! initialization for pretraining.
+//!
+//! Batches are right-padded: row b holds its sequence at positions `0..len_b` and the pad id after
+//! it. With a causal mask, position i only attends to positions ≤ i, so the padding never changes
+//! a real position's logits, and padded positions carry no target. A row's target at position i
+//! is `ids[i + 1]` when `mask[i + 1]` (the loss trains "predict token i+1 from tokens ≤ i").
+
+use qadapt::Result;
+
+use crate::config::LlamaConfig;
+use crate::dataset::Sequence;
+use crate::model::Llama;
+use crate::peft::{Adapter, Grads, evaluate_targets};
+use crate::train::Batch;
+use crate::weights::{LlamaWeights, layout};
+use crate::{invalid, lora::uniform};
+
+/// A right-padded micro-batch of `seqs` (see the module doc); `seq` is the longest length.
+pub fn pack(seqs: &[&Sequence], pad: u32) -> Result<Batch> {
+    let seq = seqs.iter().map(|s| s.ids.len()).max().unwrap_or(0);
+    if seqs.is_empty() || seq == 0 {
+        return Err(invalid("batch", "no tokens"));
+    }
+    let mut ids = Vec::with_capacity(seqs.len() * seq);
+    let mut targets = Vec::with_capacity(seqs.len() * seq);
+    for s in seqs {
+        if s.mask.len() != s.ids.len() {
+            return Err(invalid(
+                "batch",
+                "a sequence whose mask and ids differ in length",
+            ));
+        }
+        let n = s.ids.len();
+        ids.extend_from_slice(&s.ids);
+        ids.extend(std::iter::repeat_n(pad, seq - n));
+        targets.extend((0..seq).map(|i| (i + 1 < n && s.mask[i + 1]).then(|| s.ids[i + 1])));
+    }
+    Ok(Batch {
+        ids,
+        batch: seqs.len(),
+        seq,
+        targets,
+    })
+}
+
+/// Epochs of seeded shuffles over `n` items, drawn `k` at a time; its position is two numbers,
+/// so a resumed run draws exactly the batches the uninterrupted run would have.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sampler {
+    n: usize,
+    seed: u64,
+    epoch: u64,
+    cursor: usize,
+    order: Vec<usize>,
+}
+
+impl Sampler {
+    /// Starts at epoch 0.
+    pub fn new(n: usize, seed: u64) -> Result<Sampler> {
+        if n == 0 {
+            return Err(invalid("sampler", "no training examples"));
+        }
+        let mut s = Sampler {
+            n,
+            seed,
+            epoch: 0,
+            cursor: 0,
+            order: Vec::new(),
+        };
+        s.shuffle();
+        Ok(s)
+    }
+
+    fn shuffle(&mut self) {
+        let mut st = self.seed ^ self.epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        self.order = (0..self.n).collect();
+        for i in (1..self.n).rev() {
+            let j = (unit(&mut st) * (i + 1) as f64) as usize;
+            self.order.swap(i, j.min(i));
+        }
+    }
+
+    /// The next `k` indices, wrapping into a new shuffled epoch when one ends.
+    pub fn take(&mut self, k: usize) -> Vec<usize> {
+        let mut out = Vec::with_capacity(k);
+        while out.len() < k {
+            if self.cursor == self.n {
+                self.epoch += 1;
+                self.cursor = 0;
+                self.shuffle();
+            }
+            out.push(self.order[self.cursor]);
+            self.cursor += 1;
+        }
+        out
+    }
+
+    /// `(epoch, cursor)`: completed epochs and the position in the current one.
+    pub fn position(&self) -> (u64, usize) {
+        (self.epoch, self.cursor)
+    }
+
+    /// Moves to a position [`Self::position`] returned.
+    pub fn seek(&mut self, epoch: u64, cursor: usize) -> Result<()> {
+        if cursor > self.n {
+            return Err(invalid("sampler", format!("cursor {cursor} > {}", self.n)));
+        }
+        self.epoch = epoch;
+        self.cursor = cursor;
+        self.shuffle();
+        Ok(())
+    }
+}
+
+/// Held-out metrics of [`heldout`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Heldout {
+    /// Mean cross-entropy per target token.
+    pub loss: f64,
+    /// Sequences whose every target token is the argmax of its logits: what greedy decoding
+    /// produces exactly the target completion (and stops, when the eos is a target).
+    pub exact: usize,
+    /// Sequences evaluated.
+    pub total: usize,
+}
+
+impl Heldout {
+    /// `exact / total`.
+    pub fn accuracy(&self) -> f64 {
+        self.exact as f64 / self.total.max(1) as f64
+    }
+
+    /// `exp(loss)`.
+    pub fn perplexity(&self) -> f64 {
+        self.loss.exp()
+    }
+}
+
+/// Loss and exact-match accuracy of `model` (+ `adapter`) on `seqs`, `batch` at a time.
+pub fn heldout(
+    model: &Llama<f32>,
+    adapter: Option<&Adapter<f32>>,
+    seqs: &[Sequence],
+    batch: usize,
+    pad: u32,
+) -> Result<Heldout> {
+    let v = model.config.vocab_size;
+    let (mut loss_sum, mut tokens, mut exact) = (0.0f64, 0usize, 0usize);
+    for chunk in seqs.chunks(batch.max(1)) {
+        let refs: Vec<&Sequence> = chunk.iter().collect();
+        let b = pack(&refs, pad)?;
+        let ev = evaluate_targets(
+            model,
+            &b.ids,
+            b.batch,
+            b.seq,
+            &b.targets,
+            adapter,
+            Grads::None,
+        )?;
+        let n = b.num_targets();
+        loss_sum += f64::from(ev.loss) * n as f64;
+        tokens += n;
+        // Prompt tuning puts its virtual positions first; the real ones follow.
+        let offset = ev.positions - b.seq;
+        for r in 0..b.batch {
+            let ok = (0..b.seq).all(|i| match b.targets[r * b.seq + i] {
+                None => true,
+                Some(t) => {
+                    let row = &ev.logits[(r * ev.positions + offset + i) * v..][..v];
+                    argmax(row) == t as usize
+                }
+            });
+            exact += usize::from(ok);
+        }
+    }
+    Ok(Heldout {
+        loss: loss_sum / tokens.max(1) as f64,
+        exact,
+        total: seqs.len(),
+    })
+}
+
+/// Index of the largest value (the first on ties, as torch's argmax).
+pub fn argmax(row: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &x) in row.iter().enumerate() {
+        if x > row[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// Uniform in [0, 1) from the crate's splitmix generator.
+fn unit(state: &mut u64) -> f64 {
+    0.5 * (uniform(state) + 1.0)
+}
+
+/// A standard normal draw (Box–Muller on two uniforms).
+fn normal(state: &mut u64) -> f64 {
+    let u1 = unit(state).max(1e-300);
+    let u2 = unit(state);
+    (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+}
+
+/// Fresh weights for pretraining, as transformers initializes a Llama: every matrix
+/// N(0, std²) (`initializer_range`, 0.02 by default), every norm weight 1. Deterministic in
+/// `seed`.
+pub fn init_weights(cfg: &LlamaConfig, std: f64, seed: u64) -> LlamaWeights<f32> {
+    let mut w = LlamaWeights::<f32>::zeros(cfg);
+    let mut st = seed;
+    for ((name, _), slot) in layout(cfg).iter().zip(w.slots_mut()) {
+        if name.ends_with("norm.weight") {
+            slot.iter_mut().for_each(|v| *v = 1.0);
+        } else {
+            slot.iter_mut()
+                .for_each(|v| *v = (std * normal(&mut st)) as f32);
+        }
+    }
+    w
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seq(ids: &[u32], mask: &[bool]) -> Sequence {
+        Sequence {
+            ids: ids.to_vec(),
+            mask: mask.to_vec(),
+        }
+    }
+
+    #[test]
+    fn pack_right_pads_and_shifts_the_masked_targets() {
+        let a = seq(&[1, 10, 11, 12], &[false, false, true, true]);
+        let b = seq(&[1, 20], &[false, true]);
+        let batch = pack(&[&a, &b], 0).unwrap();
+        assert_eq!((batch.batch, batch.seq), (2, 4));
+        assert_eq!(batch.ids, [1, 10, 11, 12, 1, 20, 0, 0]);
+        assert_eq!(
+            batch.targets,
+            [None, Some(11), Some(12), None, Some(20), None, None, None]
+        );
+    }
+
+    #[test]
+    fn sampler_covers_each_epoch_once_and_resumes_exactly() {
+        let mut s = Sampler::new(7, 3).unwrap();
+        let mut first: Vec<usize> = s.take(7);
+        first.sort_unstable();
+        assert_eq!(first, (0..7).collect::<Vec<_>>());
+        let _ = s.take(3);
+        let (e, c) = s.position();
+        assert_eq!((e, c), (1, 3));
+        let next = s.take(9);
+        let mut t = Sampler::new(7, 3).unwrap();
+        t.seek(e, c).unwrap();
+        assert_eq!(t.take(9), next);
+        // Another epoch, another order.
+        let mut u = Sampler::new(7, 3).unwrap();
+        let e0 = u.take(7);
+        let e1 = u.take(7);
+        assert_ne!(e0, e1);
+    }
+
+    #[test]
+    fn argmax_takes_the_first_of_ties() {
+        assert_eq!(argmax(&[0.0, 2.0, 2.0, -1.0]), 1);
+    }
+
+    #[test]
+    fn init_has_the_requested_spread_and_unit_norms() {
+        let cfg = LlamaConfig {
+            hidden_size: 16,
+            intermediate_size: 32,
+            num_hidden_layers: 1,
+            num_attention_heads: 2,
+            num_key_value_heads: 1,
+            head_dim: 8,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10000.0,
+            rope_scaling: qadapt::ops::rope::RopeScaling::None,
+            vocab_size: 64,
+            tie_word_embeddings: false,
+            max_position_embeddings: 32,
+        };
+        let w = init_weights(&cfg, 0.02, 7);
+        assert!(w.norm.iter().all(|&v| v == 1.0));
+        let e = &w.embed_tokens;
+        let var = e.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>() / e.len() as f64;
+        assert!((var.sqrt() - 0.02).abs() < 0.002, "std {}", var.sqrt());
+        assert_eq!(w, init_weights(&cfg, 0.02, 7));
+    }
+}
