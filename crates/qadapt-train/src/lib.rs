@@ -40,6 +40,7 @@ mod peft_io;
 pub mod prefix_attention;
 pub mod prompt;
 pub mod select;
+pub mod surgical;
 pub mod train;
 pub mod weights;
 
@@ -52,7 +53,7 @@ pub use lora::{LoraAdapter, LoraConfig, LoraInit};
 pub use model::{Attached, BaseGrads, Forward, Gradients, Llama, causal_targets};
 pub use peft::{Adapter, Evaluation, Grads, evaluate, evaluate_targets};
 pub use prompt::{PrefixMlp, PrefixTuning, PromptInit, PromptTuning};
-pub use select::Selection;
+pub use select::{LayerGroup, Selection};
 pub use train::{Batch, StepStats, Trainable, Trainer, loss_and_grads};
 pub use weights::{LayerWeights, LlamaWeights, Proj};
 
