@@ -14,8 +14,17 @@
 //! matches a module whose path equals it or ends with `.<target>` (PEFT's rule for a list of
 //! names); only the seven projections of the decoder layers can be targets. PEFT options that
 //! change the math (DoRA, biases, fan_in_fan_out, per-module rank or alpha patterns, a regex
-//! target) are refused when reading rather than silently ignored. Dropout is recorded, not applied:
-//! this forward is PEFT's eval mode.
+//! target) are refused when reading rather than silently ignored.
+//!
+//! Dropout (`lora_dropout` = p) acts on the adapter's input only, as PEFT's
+//! `lora_B(lora_A(dropout(x)))`: in training, `y = x W^T + s (d(x) A^T) B^T` with
+//! `d(x) = x ⊙ m`, `m_j = 1/(1-p)` with probability 1-p and 0 otherwise (inverted dropout, so
+//! `E[d(x)] = x`). The backward uses the same mask: `dA += g^T d(x)`, `dx += (g A) ⊙ m`. Evaluation
+//! (logits, `qadapt logits`, the golden tests) is PEFT's eval mode: no dropout. The masks are not
+//! drawn from a running generator but computed from a [`DropoutKey`] (seed, step, micro-batch),
+//! the layer and the projection ([`dropout_mask`]), so a run is reproducible, a resumed run draws
+//! the masks the uninterrupted one would have, and the backward regenerates the forward's mask
+//! instead of storing it.
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -40,7 +49,7 @@ pub struct LoraConfig {
     pub alpha: f64,
     /// rsLoRA scaling `alpha / sqrt(r)` instead of `alpha / r`.
     pub use_rslora: bool,
-    /// `lora_dropout` (applied by the trainer; not by [`crate::Llama`]'s forward).
+    /// `lora_dropout`, applied only in training mode (a [`DropoutKey`] given to the forward).
     pub dropout: f64,
     /// Module names or path suffixes, e.g. `["q_proj", "v_proj"]`.
     pub target_modules: Vec<String>,
@@ -99,6 +108,58 @@ pub struct LoraAdapter<T> {
 /// Key of one LoRA matrix in `adapter_model.safetensors`.
 pub fn peft_key(layer: usize, p: Proj, which: char) -> String {
     format!("base_model.model.{}.lora_{which}.weight", p.module(layer))
+}
+
+/// Which dropout masks a training forward draws: one key per forward (per micro-batch), e.g.
+/// `step` the optimizer step being computed and `micro` the micro-batch within it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct DropoutKey {
+    /// The run's seed.
+    pub seed: u64,
+    /// The optimizer step.
+    pub step: u64,
+    /// The micro-batch within the step.
+    pub micro: u64,
+}
+
+/// splitmix64's output function: a bijective 64-bit mix.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The dropout multipliers for the `len` input elements (`[n, in]` row-major) of projection `p`
+/// of `layer` under `key`: `1/(1-prob)` where kept, 0 where dropped. Element j is dropped iff
+/// `u_j < prob`, with `u_j` uniform in [0, 1) from the top 53 bits of a counter-based hash of
+/// (key, layer, p, j), so any mask can be recomputed alone. `prob` must be in [0, 1).
+pub fn dropout_mask<T: Real>(
+    key: DropoutKey,
+    prob: f64,
+    layer: usize,
+    p: Proj,
+    len: usize,
+) -> Result<Vec<T>> {
+    if !(0.0..1.0).contains(&prob) {
+        return Err(invalid(
+            "lora dropout",
+            format!("lora_dropout = {prob} must be in [0, 1)"),
+        ));
+    }
+    let site = ((layer as u64) << 8) | p.index() as u64;
+    let base = [key.step, key.micro, site]
+        .into_iter()
+        .fold(mix(key.seed), |h, v| {
+            mix(h ^ mix(v.wrapping_add(0x9E37_79B9_7F4A_7C15)))
+        });
+    let keep = T::from_f64(1.0 / (1.0 - prob));
+    Ok((0..len as u64)
+        .map(|j| {
+            let z = mix(base.wrapping_add(j.wrapping_mul(0x9E37_79B9_7F4A_7C15)));
+            let u = (z >> 11) as f64 / (1u64 << 53) as f64;
+            if u < prob { T::ZERO } else { keep }
+        })
+        .collect())
 }
 
 /// Uniform values in [-1, 1) (splitmix64), for a reproducible init without a crate dependency.

@@ -19,8 +19,9 @@
 //! lands in `embed_tokens`) and also returns the gradient with respect to the input embeddings
 //! (the output of the embedding lookup), which prompt tuning trains. An [`Attached`] adapter
 //! changes the layers: LoRA adds its low-rank term to each targeted projection (see
-//! [`crate::lora`]), (IA)³ scales a projection's output or input ([`crate::ia3`]), a prefix adds
-//! keys and values to every attention and shifts the real tokens' RoPE positions by its length
+//! [`crate::lora`]; [`Attached::LoraTrain`] also applies its dropout), (IA)³ scales a
+//! projection's output or input ([`crate::ia3`]), a prefix adds keys and values to every
+//! attention and shifts the real tokens' RoPE positions by its length
 //! ([`crate::prefix_attention`], [`crate::prompt`]), and Houlsby adapters wrap the outputs of
 //! `o_proj` and `down_proj` before their residual adds ([`crate::houlsby`]). The backward returns
 //! the adapter's gradients; [`BaseGrads::Frozen`] then skips the base weights' gradients (their
@@ -36,7 +37,7 @@ use qadapt::adapter::{self as bottleneck, BottleneckShape};
 use crate::config::LlamaConfig;
 use crate::houlsby::HoulsbyAdapter;
 use crate::ia3::Ia3Adapter;
-use crate::lora::LoraAdapter;
+use crate::lora::{DropoutKey, LoraAdapter, dropout_mask};
 use crate::prefix_attention::{self, PrefixShape};
 use crate::prompt::PrefixTuning;
 use crate::weights::{LayerWeights, LlamaWeights, Proj};
@@ -48,8 +49,11 @@ use crate::{invalid, shape_err};
 pub enum Attached<'a, T> {
     /// The base model.
     None,
-    /// LoRA on the targeted projections.
+    /// LoRA on the targeted projections (PEFT's eval mode: no dropout).
     Lora(&'a LoraAdapter<T>),
+    /// LoRA in training mode: its `lora_dropout` on the adapter's inputs, with the masks of this
+    /// key (see [`crate::lora`]); the backward must be given the same key.
+    LoraTrain(&'a LoraAdapter<T>, DropoutKey),
     /// (IA)³ scaling vectors on the targeted projections.
     Ia3(&'a Ia3Adapter<T>),
     /// Prefix keys and values in every layer's attention.
@@ -63,9 +67,19 @@ impl<T> Attached<'_, T> {
         match self {
             Attached::None => "no adapter",
             Attached::Lora(_) => "a LoRA adapter",
+            Attached::LoraTrain(..) => "a LoRA adapter in training mode",
             Attached::Ia3(_) => "an (IA)3 adapter",
             Attached::Prefix(_) => "a prefix",
             Attached::Houlsby(_) => "Houlsby adapters",
+        }
+    }
+
+    /// The LoRA adapter and, in training mode, its dropout key.
+    fn lora(&self) -> Option<(&LoraAdapter<T>, Option<DropoutKey>)> {
+        match *self {
+            Attached::Lora(a) => Some((a, None)),
+            Attached::LoraTrain(a, k) => Some((a, Some(k))),
+            _ => None,
         }
     }
 
@@ -150,6 +164,7 @@ pub struct Forward<T> {
     xn_final: Vec<T>,
     rope: RopeTable<T>,
     kind: &'static str,
+    dropout: Option<DropoutKey>,
 }
 
 /// Whether the backward computes the base weights' gradients.
@@ -386,6 +401,7 @@ impl<T: Real> Llama<T> {
             xn_final,
             rope,
             kind: att.kind(),
+            dropout: att.lora().and_then(|(_, k)| k),
         })
     }
 
@@ -393,7 +409,7 @@ impl<T: Real> Llama<T> {
         let c = &self.config;
         let ok = match att {
             Attached::None => true,
-            Attached::Lora(a) => {
+            Attached::Lora(a) | Attached::LoraTrain(a, _) => {
                 a.pairs.len() == c.num_hidden_layers
                     && a.pairs.iter().enumerate().all(|(l, layer)| {
                         layer.len() == Proj::ALL.len()
@@ -481,13 +497,14 @@ impl<T: Real> Llama<T> {
             return Ok(Some(y0));
         }
         linear::forward(sh, x, w, y, acc)?;
-        let Attached::Lora(a) = att else {
+        let Some((a, key)) = att.lora() else {
             return Ok(None);
         };
         let Some(pair) = a.pair(l, p) else {
             return Ok(None);
         };
         let r = a.config.r;
+        let dropped = lora_dropout(a, key, l, p, x)?;
         let mut u = vec![T::ZERO; n * r];
         linear::forward(
             LinearShape {
@@ -495,7 +512,7 @@ impl<T: Real> Llama<T> {
                 inp,
                 out: r,
             },
-            x,
+            dropped.as_ref().map_or(x, |(xd, _)| xd),
             &pair.a,
             &mut u,
             Accumulate::Overwrite,
@@ -573,7 +590,7 @@ impl<T: Real> Llama<T> {
             return linear::backward(sh, x, w, &dy0, Some((dx, acc)), dw);
         }
         linear::backward(sh, x, w, dy, Some((dx, acc)), dw)?;
-        let (Attached::Lora(a), Some(glora)) = (att, ga.lora.as_mut()) else {
+        let (Some((a, key)), Some(glora)) = (att.lora(), ga.lora.as_mut()) else {
             return Ok(());
         };
         let (Some(pair), Some(gpair)) = (a.pair(l, p), glora.pairs[l][p.index()].as_mut()) else {
@@ -599,19 +616,35 @@ impl<T: Real> Llama<T> {
         )?;
         let s = T::from_f64(a.config.scaling());
         g.iter_mut().for_each(|v| *v *= s);
-        // dx += g A, dA += g^T x.
+        let sa = LinearShape {
+            rows: n,
+            inp,
+            out: r,
+        };
+        // dx += g A, dA += g^T x; with dropout x is d(x) = x ⊙ m and dx += (g A) ⊙ m.
+        let Some((xd, m)) = lora_dropout(a, key, l, p, x)? else {
+            return linear::backward(
+                sa,
+                x,
+                &pair.a,
+                &g,
+                Some((dx, Accumulate::Add)),
+                Some(&mut gpair.a),
+            );
+        };
+        let mut dxd = vec![T::ZERO; n * inp];
         linear::backward(
-            LinearShape {
-                rows: n,
-                inp,
-                out: r,
-            },
-            x,
+            sa,
+            &xd,
             &pair.a,
             &g,
-            Some((dx, Accumulate::Add)),
+            Some((&mut dxd, Accumulate::Overwrite)),
             Some(&mut gpair.a),
-        )
+        )?;
+        dx.iter_mut()
+            .zip(dxd.iter().zip(&m))
+            .for_each(|(d, (v, k))| *d += *v * *k);
+        Ok(())
     }
 
     fn attention_shape(&self, batch: usize, seq: usize) -> AttentionShape {
@@ -810,6 +843,9 @@ impl<T: Real> Llama<T> {
                 ),
             ));
         }
+        if f.dropout != att.lora().and_then(|(_, k)| k) {
+            return Err(invalid(OP, "the forward drew other LoRA dropout masks"));
+        }
         self.check_attached(att)?;
         let n = f.batch * f.seq;
         let (cw, qd, kd, id, vocab) = (
@@ -834,7 +870,7 @@ impl<T: Real> Llama<T> {
         };
         match att {
             Attached::None => {}
-            Attached::Lora(a) => ga.lora = Some(a.zeros_like()),
+            Attached::Lora(a) | Attached::LoraTrain(a, _) => ga.lora = Some(a.zeros_like()),
             Attached::Ia3(a) => ga.ia3 = Some(a.zeros_like()),
             Attached::Prefix(p) => {
                 ga.prefix = Some(PrefixTuning {
@@ -1034,6 +1070,24 @@ impl<T: Real> Llama<T> {
         let g = self.backward_with(&f, &targets, lora, base)?;
         Ok((loss, f, g))
     }
+}
+
+/// LoRA's dropped-out input `(x ⊙ m, m)` for projection `p` of layer `l` in training mode with
+/// a positive `lora_dropout`; `None` where the adapter sees `x` itself.
+fn lora_dropout<T: Real>(
+    a: &LoraAdapter<T>,
+    key: Option<DropoutKey>,
+    l: usize,
+    p: Proj,
+    x: &[T],
+) -> Result<Option<(Vec<T>, Vec<T>)>> {
+    let prob = a.config.dropout;
+    let Some(key) = key.filter(|_| prob != 0.0) else {
+        return Ok(None);
+    };
+    let m = dropout_mask::<T>(key, prob, l, p, x.len())?;
+    let xd = x.iter().zip(&m).map(|(v, k)| *v * *k).collect();
+    Ok(Some((xd, m)))
 }
 
 /// `x * s` column-wise (`x [rows, s.len()]`).

@@ -7,6 +7,11 @@
 //! the `P` virtual positions and their labels are -100 (see [`crate::prompt`]), so the output has
 //! `P + T` positions per sequence. Gradients come back as an [`Adapter`] of the same shapes, so
 //! [`Adapter::named`] gives them under the adapter's PEFT keys.
+//!
+//! [`evaluate`] and [`evaluate_targets`] run PEFT's eval mode. [`evaluate_train`] runs a training
+//! step's forward: the same, except that LoRA applies its `lora_dropout` with the masks of a
+//! [`DropoutKey`] (the other methods have no dropout in PEFT's forward; (IA)³ and prompt/prefix
+//! tuning have none at all).
 
 use std::path::Path;
 
@@ -17,7 +22,7 @@ use serde_json::Value;
 use crate::config::LlamaConfig;
 use crate::houlsby::{self, HoulsbyAdapter};
 use crate::ia3::{self, Ia3Adapter};
-use crate::lora::{self, LoraAdapter};
+use crate::lora::{self, DropoutKey, LoraAdapter};
 use crate::model::{Attached, BaseGrads, Llama, causal_targets};
 use crate::peft_io::read_json;
 use crate::prompt::{self, PrefixMlp, PrefixTuning, PromptTuning, prompt_targets};
@@ -141,9 +146,12 @@ impl<T: Real> Adapter<T> {
         }
     }
 
-    fn attached(&self) -> Attached<'_, T> {
+    fn attached(&self, dropout: Option<DropoutKey>) -> Attached<'_, T> {
         match self {
-            Adapter::Lora(a) => Attached::Lora(a),
+            Adapter::Lora(a) => match dropout {
+                Some(k) => Attached::LoraTrain(a, k),
+                None => Attached::Lora(a),
+            },
             Adapter::Ia3(a) => Attached::Ia3(a),
             Adapter::Prefix(a) => Attached::Prefix(a),
             Adapter::Houlsby(a) => Attached::Houlsby(a),
@@ -188,7 +196,7 @@ pub fn evaluate<T: Real>(
     adapter: Option<&Adapter<T>>,
     grads: Grads,
 ) -> Result<Evaluation<T>> {
-    evaluate_inner(model, ids, batch, seq, None, adapter, grads)
+    evaluate_inner(model, ids, batch, seq, None, adapter, grads, None)
 }
 
 /// [`evaluate`] with explicit next-token targets `[batch, seq]` for the real tokens
@@ -210,9 +218,43 @@ pub fn evaluate_targets<T: Real>(
             targets.len(),
         ));
     }
-    evaluate_inner(model, ids, batch, seq, Some(targets), adapter, grads)
+    evaluate_inner(model, ids, batch, seq, Some(targets), adapter, grads, None)
 }
 
+/// [`evaluate_targets`] in training mode: a LoRA adapter applies its dropout with the masks of
+/// `dropout` (give each micro-batch of each step its own key). Everything else is as in
+/// evaluation.
+#[allow(clippy::too_many_arguments)]
+pub fn evaluate_train<T: Real>(
+    model: &Llama<T>,
+    ids: &[u32],
+    batch: usize,
+    seq: usize,
+    targets: &[Option<u32>],
+    adapter: Option<&Adapter<T>>,
+    grads: Grads,
+    dropout: DropoutKey,
+) -> Result<Evaluation<T>> {
+    if targets.len() != batch * seq {
+        return Err(crate::shape_err(
+            "evaluate",
+            format!("{batch} x {seq} targets"),
+            targets.len(),
+        ));
+    }
+    evaluate_inner(
+        model,
+        ids,
+        batch,
+        seq,
+        Some(targets),
+        adapter,
+        grads,
+        Some(dropout),
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
 fn evaluate_inner<T: Real>(
     model: &Llama<T>,
     ids: &[u32],
@@ -221,6 +263,7 @@ fn evaluate_inner<T: Real>(
     given: Option<&[Option<u32>]>,
     adapter: Option<&Adapter<T>>,
     grads: Grads,
+    dropout: Option<DropoutKey>,
 ) -> Result<Evaluation<T>> {
     let cfg = &model.config;
     let base = match grads {
@@ -297,7 +340,7 @@ fn evaluate_inner<T: Real>(
     };
     let att = match (&projected, adapter) {
         (Some((_, (prefix, _))), _) => Attached::Prefix(prefix),
-        (None, a) => a.map_or(Attached::None, Adapter::attached),
+        (None, a) => a.map_or(Attached::None, |a| a.attached(dropout)),
     };
     let f = model.forward_attached(ids, batch, seq, att)?;
     let targets = match given {
