@@ -68,6 +68,10 @@ bench: setup
 bench-bnb python="python3":
     {{python}} benches/nf4_bnb_cpu.py
 
+# A CPU LoRA training step, PyTorch + PEFT vs qadapt on the same model, batch and threads (pins in the script).
+bench-torch python="python3" *args="":
+    {{python}} benches/lora_step_torch.py {{args}}
+
 # --- GPU -----------------------------------------------------------------------------------------
 
 # Build the GPU bundle folder (no GPU needed): stripped release test and bench binaries + run.sh.

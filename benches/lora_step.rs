@@ -1,0 +1,236 @@
+//! Wall-clock time of one LoRA training step on the CPU: forward, loss, backward (frozen base)
+//! and AdamW through [`qadapt_train::Trainer`], on one fixed batch, as `benches/lora_step_torch.py`
+//! times the same step with PyTorch + PEFT. Prints one JSON object on stdout.
+//!
+//! ```text
+//! cargo bench --bench lora_step                       # random model of the default shape
+//! cargo bench --bench lora_step -- --model DIR --ids IDS.txt --adapter PEFT_DIR --steps 20
+//! ```
+//! Options (each also read from `QADAPT_BENCH_<NAME>`, e.g. `QADAPT_BENCH_STEPS=20`; the
+//! argument wins):
+//! - `--model DIR`: an HF Llama directory (f32/bf16 safetensors). Without it, a random model of
+//!   the default shape (hidden 192, MLP 512, 4 layers, 6 heads over 2 kv heads of 32, vocab 512,
+//!   untied) is built here.
+//! - `--ids FILE`: `batch * seq` whitespace-separated token ids, row-major `[batch, seq]`;
+//!   without it, ids are drawn from a fixed seed.
+//! - `--batch B --seq T` (16 x 64), `--rank R` (8), `--alpha A` (16), `--targets q_proj,...` (all
+//!   seven projections), `--lr` (1e-3; betas 0.9/0.999, eps 1e-8, weight decay 0.01, no clipping).
+//! - `--adapter DIR`: start from a PEFT LoRA directory (the hyper-parameters are read from it) so
+//!   the losses of every step can be compared with PEFT's; otherwise qadapt's own PEFT-like init.
+//! - `--warmup W` (1) untimed steps, then `--steps N` (3) timed ones.
+//!
+//! Labels are the ids (every next token a target), as `labels=input_ids` in transformers. Threads:
+//! rayon's pool (`RAYON_NUM_THREADS`) and matrixmultiply's (`MATMUL_NUM_THREADS`, at most 4) are
+//! both sized by the caller; the JSON echoes both variables.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use qadapt::ops::rope::RopeScaling;
+use qadapt::optim::AdamW;
+use qadapt_suite::randn;
+use qadapt_train::{
+    Adapter, Llama, LlamaConfig, LlamaWeights, LoraAdapter, LoraConfig, LoraInit, Trainable,
+    Trainer, peft,
+};
+use rand::{Rng, SeedableRng, rngs::SmallRng};
+use serde_json::json;
+
+const ALL_TARGETS: &str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj";
+
+/// The command line, `QADAPT_BENCH_*` as fallback.
+struct Opts {
+    args: Vec<(String, String)>,
+}
+
+impl Opts {
+    fn parse() -> Opts {
+        let mut args = Vec::new();
+        let mut it = std::env::args().skip(1);
+        while let Some(a) = it.next() {
+            // `cargo bench` passes `--bench` to every harness-less target.
+            if a == "--bench" {
+                continue;
+            }
+            let Some(name) = a.strip_prefix("--") else {
+                panic!("unexpected argument {a:?} (options are --name value)");
+            };
+            let v = it
+                .next()
+                .unwrap_or_else(|| panic!("--{name} needs a value"));
+            args.push((name.to_owned(), v));
+        }
+        Opts { args }
+    }
+
+    fn get(&self, name: &str) -> Option<String> {
+        self.args
+            .iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+            .or_else(|| {
+                std::env::var(format!("QADAPT_BENCH_{}", name.to_uppercase()))
+                    .ok()
+                    .filter(|v| !v.is_empty())
+            })
+    }
+
+    fn num<T: std::str::FromStr>(&self, name: &str, default: T) -> T {
+        self.get(name).map_or(default, |v| {
+            v.parse()
+                .unwrap_or_else(|_| panic!("--{name}: not a number: {v:?}"))
+        })
+    }
+}
+
+/// The default shape (what the Python side builds with transformers).
+fn default_config() -> LlamaConfig {
+    LlamaConfig {
+        hidden_size: 192,
+        intermediate_size: 512,
+        num_hidden_layers: 4,
+        num_attention_heads: 6,
+        num_key_value_heads: 2,
+        head_dim: 32,
+        rms_norm_eps: 1e-6,
+        rope_theta: 10000.0,
+        rope_scaling: RopeScaling::None,
+        vocab_size: 512,
+        tie_word_embeddings: false,
+        max_position_embeddings: 128,
+    }
+}
+
+/// Norm weights 1, every other parameter N(0, 0.02²) (transformers' init), from fixed seeds.
+fn random_model(cfg: LlamaConfig) -> Llama<f32> {
+    let mut w = LlamaWeights::<f32>::zeros(&cfg);
+    let names: Vec<String> = qadapt_train::weights::layout(&cfg)
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    for (i, (name, slot)) in names.iter().zip(w.slots_mut()).enumerate() {
+        if name.ends_with("norm.weight") {
+            slot.fill(1.0);
+        } else {
+            *slot = randn(slot.len(), 0.02, 100 + i as u64);
+        }
+    }
+    Llama::new(cfg, w).expect("the layout fits the config")
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let m = s.len() / 2;
+    if s.len() % 2 == 1 {
+        s[m]
+    } else {
+        (s[m - 1] + s[m]) / 2.0
+    }
+}
+
+fn main() {
+    let o = Opts::parse();
+    let (batch, seq) = (o.num("batch", 16usize), o.num("seq", 64usize));
+    let (warmup, steps) = (o.num("warmup", 1usize), o.num("steps", 3usize));
+    let lr = o.num("lr", 1e-3f32);
+    assert!(steps > 0, "--steps must be positive");
+
+    let t0 = Instant::now();
+    let (mut model, source) = match o.get("model") {
+        Some(dir) => {
+            let d = qadapt_train::LlamaDir::open(&PathBuf::from(&dir)).expect("model directory");
+            (d.model().expect("model"), dir)
+        }
+        None => (random_model(default_config()), "random".to_owned()),
+    };
+    let cfg = model.config.clone();
+    let ids: Vec<u32> = match o.get("ids") {
+        Some(f) => std::fs::read_to_string(&f)
+            .unwrap_or_else(|e| panic!("{f}: {e}"))
+            .split_whitespace()
+            .map(|t| t.parse().unwrap_or_else(|_| panic!("{f}: bad id {t:?}")))
+            .collect(),
+        None => {
+            let mut rng = SmallRng::seed_from_u64(7);
+            (0..batch * seq)
+                .map(|_| rng.random_range(0..cfg.vocab_size as u32))
+                .collect()
+        }
+    };
+    assert_eq!(ids.len(), batch * seq, "--ids must hold batch * seq ids");
+    let mut adapter = Adapter::Lora(match o.get("adapter") {
+        Some(dir) => match peft::load(&PathBuf::from(&dir), &cfg).expect("adapter directory") {
+            Adapter::Lora(l) => l,
+            other => panic!("{dir}: a {} adapter, not LoRA", other.peft_type()),
+        },
+        None => {
+            let r = o.num("rank", 8usize);
+            let lc = LoraConfig {
+                r,
+                alpha: o.num("alpha", 16.0f64),
+                use_rslora: false,
+                dropout: 0.0,
+                target_modules: o
+                    .get("targets")
+                    .unwrap_or_else(|| ALL_TARGETS.to_owned())
+                    .split(',')
+                    .map(str::to_owned)
+                    .collect(),
+            };
+            LoraAdapter::new(&cfg, lc, LoraInit::Peft { seed: 0 }).expect("lora config")
+        }
+    });
+    let (rank, targets) = match &adapter {
+        Adapter::Lora(l) => (l.config.r, l.config.target_modules.clone()),
+        _ => unreachable!("built as LoRA above"),
+    };
+    let setup_s = t0.elapsed().as_secs_f64();
+
+    let opt = AdamW {
+        lr,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.01,
+    };
+    let mut trainer = Trainer::new(opt, None);
+    let mut what = Trainable::Adapter(&mut adapter);
+    let trainable = what.num_params(&model).expect("adapter fits the model");
+    let mut losses = Vec::with_capacity(warmup + steps);
+    let mut times_ms = Vec::with_capacity(steps);
+    for i in 0..warmup + steps {
+        let t = Instant::now();
+        let loss = trainer
+            .step(&mut model, &mut what, &ids, batch, seq, lr)
+            .expect("train step");
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        losses.push(loss);
+        if i >= warmup {
+            times_ms.push(ms);
+        }
+    }
+    let med = median(&times_ms);
+    let env = |k: &str| std::env::var(k).ok();
+    let out = json!({
+        "framework": "qadapt",
+        "model": source,
+        "batch": batch,
+        "seq": seq,
+        "rank": rank,
+        "targets": targets,
+        "trainable_params": trainable,
+        "warmup": warmup,
+        "steps": steps,
+        "RAYON_NUM_THREADS": env("RAYON_NUM_THREADS"),
+        "MATMUL_NUM_THREADS": env("MATMUL_NUM_THREADS"),
+        "setup_s": setup_s,
+        "losses": losses,
+        "step_ms": times_ms,
+        "median_ms": med,
+        "min_ms": times_ms.iter().copied().fold(f64::INFINITY, f64::min),
+        "tokens_per_s": (batch * seq) as f64 / (med / 1e3),
+    });
+    println!("{out}");
+}
