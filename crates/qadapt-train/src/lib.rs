@@ -13,8 +13,13 @@
 //!   logits, loss and gradients as PEFT computes them (`qadapt logits` uses it). Every backward
 //!   is checked in f64 by `tests/methods_gradcheck.rs`.
 //! - [`nf4::quantize_projections`]: the QLoRA base (NF4, block 64, double quant, dequantized).
-//! - Training: [`Selection`] (full fine-tuning, top-k layers) and [`Trainer`] (AdamW on the CPU,
-//!   clipping) on any [`Trainable`]; `tests/training.rs` trains every method on a small task.
+//! - [`LoraSet`]: several named LoRA adapters on one base, one active (switch, merge, unmerge;
+//!   `tests/lora_set.rs`).
+//! - Training: [`Selection`] (full fine-tuning, top-k layers, one [`LayerGroup`]) and [`Trainer`]
+//!   (AdamW on the CPU, clipping) on any [`Trainable`]; `tests/training.rs` trains every method on
+//!   a small task. LoRA dropout applies in training mode only ([`evaluate_train`] with a
+//!   [`DropoutKey`]; `tests/lora_dropout.rs`). [`surgical`]: surgical fine-tuning, by layer group
+//!   chosen on validation loss or by Auto-RGN per-tensor rates (`tests/surgical.rs`).
 //!
 //! ```no_run
 //! let m = qadapt_train::LlamaDir::open(std::path::Path::new("tests/data/tiny_llama"))?;
@@ -32,6 +37,7 @@ pub mod fit;
 pub mod houlsby;
 pub mod ia3;
 pub mod lora;
+pub mod lora_set;
 pub mod merge;
 pub mod model;
 pub mod nf4;
@@ -50,6 +56,7 @@ pub use config::LlamaConfig;
 pub use houlsby::{HoulsbyAdapter, HoulsbyConfig};
 pub use ia3::{Ia3Adapter, Ia3Config};
 pub use lora::{DropoutKey, LoraAdapter, LoraConfig, LoraInit};
+pub use lora_set::LoraSet;
 pub use model::{Attached, BaseGrads, Forward, Gradients, Llama, causal_targets};
 pub use peft::{Adapter, Evaluation, Grads, evaluate, evaluate_targets, evaluate_train};
 pub use prompt::{PrefixMlp, PrefixTuning, PromptInit, PromptTuning};
