@@ -10,6 +10,7 @@ mod convert;
 mod io;
 mod logits;
 mod merge;
+mod plot;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
