@@ -15,6 +15,9 @@
 //! - [`nf4::quantize_projections`]: the QLoRA base (NF4, block 64, double quant, dequantized).
 //! - [`LoraSet`]: several named LoRA adapters on one base, one active (switch, merge, unmerge;
 //!   `tests/lora_set.rs`).
+//! - [`Generator`]: text generation with a KV cache (greedy, temperature, top-p, eos, seed) for
+//!   the base and every adapter method, one batch serving a different adapter per row (LoRA through
+//!   a per-row-indexed [`LoraStack`]; `tests/generate.rs` checks every step against [`evaluate`]).
 //! - Training: [`Selection`] (full fine-tuning, top-k layers, one [`LayerGroup`]) and [`Trainer`]
 //!   (AdamW on the CPU, clipping) on any [`Trainable`]; `tests/training.rs` trains every method on
 //!   a small task. LoRA dropout applies in training mode only ([`evaluate_train`] with a
@@ -34,6 +37,7 @@
 pub mod config;
 pub mod dataset;
 pub mod fit;
+pub mod generate;
 pub mod houlsby;
 pub mod ia3;
 pub mod lora;
@@ -53,6 +57,9 @@ pub mod weights;
 use std::path::{Path, PathBuf};
 
 pub use config::LlamaConfig;
+pub use generate::{
+    Completion, Finish, GenerateOptions, Generator, KvCache, LoraStack, Prompt, Sampler, Sampling,
+};
 pub use houlsby::{HoulsbyAdapter, HoulsbyConfig};
 pub use ia3::{Ia3Adapter, Ia3Config};
 pub use lora::{DropoutKey, LoraAdapter, LoraConfig, LoraInit};

@@ -1,0 +1,1069 @@
+//! Text generation on the CPU (f32): incremental decoding with a per-layer KV cache, greedy,
+//! temperature and nucleus (top-p) sampling, and a batch in which every row may use a different
+//! adapter (or none), all rows going through one forward per step.
+//!
+//! **Decoding.** A [`KvCache`] holds, for every layer, the RoPE'd keys and the values of every
+//! position seen so far, `[batch, capacity, kv_heads * D]` each, allocated once by
+//! [`Generator::start`]. [`Generator::feed`] appends any number of new tokens to any subset of
+//! the rows: the new tokens of all rows are one ragged token-major block `[N, *]` through the
+//! projections, RMSNorms and MLP (the same qadapt ops as [`crate::Llama`]'s forward), each token
+//! is rotated at its own absolute position `pos` (the row's filled length so far), its key and
+//! value are written to `cache[row, pos]`, and its query attends to `cache[row, 0..=pos]`
+//! (grouped-query: query head h reads kv head `h / (heads / kv_heads)`; `1/sqrt(D)` scaling;
+//! causal because later positions are not written yet, or, within one call, lie beyond `pos`).
+//! The prompt is fed once (prefill), then one token per row per step; only each fed row's last
+//! position goes through the final norm and the head, so `feed` returns `[batch, V]` logits.
+//!
+//! **Prompts of different lengths** are not padded: every row keeps its own length, a call
+//! carries exactly the rows' real tokens (a ragged batch) and attention reads only the row's own
+//! cache, so there is no mask and no wasted compute on padding. Finished rows are simply not fed.
+//!
+//! **Adapters**, chosen per row from the [`Generator`]'s list (every method runs in this cached
+//! path; none falls back to recomputation):
+//! - LoRA: per projection, the LoRA adapters of the list are stacked in
+//!   [`qadapt::lora::AdapterStack`]'s layout (`A [adapters, r, in]`, `B [adapters, out, r]`, one
+//!   scale each, ranks zero-padded to the largest, zeros where an adapter does not target the
+//!   projection) and each token carries its row's stack index (-1: none), the contract of
+//!   `qadapt::lora`'s fused multi-adapter kernels. Here in f32: `y = x W^T` for all tokens in one
+//!   GEMM, then per adapter `y[rows_a] += (s_a x[rows_a] A_a^T) B_a^T` (the grouping the CPU
+//!   reference `qadapt::lora::cpu` does). [`LoraStack::to_bf16`] hands the same stack to the
+//!   kernels.
+//! - (IA)³: the rows' inputs (feed-forward modules) or outputs are scaled by their adapter's
+//!   vector around the shared base GEMM.
+//! - Houlsby: each row's sublayer output goes through its adapter's bottleneck before the
+//!   residual add.
+//! - Prefix tuning (and a reparameterized prefix, projected once): [`Generator::start`] writes
+//!   the prefix keys and values into the row's cache positions `0..P` as they are (no RoPE: PEFT
+//!   passes them as past keys), so the real tokens start at position P, as in
+//!   [`crate::prefix_attention`].
+//! - Prompt tuning: [`Generator::start`] runs the `P` virtual embeddings through the model at
+//!   positions `0..P` (they only attend to each other, so computing them first is the same as
+//!   computing them with the prompt); the prompt starts at position P.
+//!
+//! **Sampling** ([`Sampling`]): greedy takes the first maximal logit; otherwise
+//! `p = softmax(logits / T)` (f64), the tokens sorted by decreasing probability (ties by index)
+//! are kept up to the smallest prefix whose mass reaches `top_p` (at least one token), and one is
+//! drawn from the renormalized kept mass. Row b draws from its own splitmix64 stream seeded by
+//! `seed + b`, so a seed fixes the whole output.
+
+use qadapt::Result;
+use qadapt::adapter::{self as bottleneck, BottleneckShape};
+use qadapt::ops::linear::{self, LinearShape};
+use qadapt::ops::rope::{self, RopeTable};
+use qadapt::ops::{Accumulate, rmsnorm, swiglu};
+
+use crate::config::LlamaConfig;
+use crate::lora::{LoraAdapter, uniform};
+use crate::model::Llama;
+use crate::peft::Adapter;
+use crate::prompt::PrefixTuning;
+use crate::weights::Proj;
+use crate::{invalid, shape_err};
+
+/// One projection's LoRA adapters stacked in [`qadapt::lora::AdapterStack`]'s layout, in f32.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraStack {
+    /// The largest rank of the stacked adapters (smaller ones are zero-padded: the padding adds
+    /// exact zeros to `u` and nothing to `y`).
+    pub rank: usize,
+    /// Input features.
+    pub inp: usize,
+    /// Output features.
+    pub out: usize,
+    /// `A [adapters, rank, inp]`.
+    pub a: Vec<f32>,
+    /// `B [adapters, out, rank]`.
+    pub b: Vec<f32>,
+    /// One scale per adapter (`alpha / r` or rsLoRA's `alpha / sqrt(r)`).
+    pub scales: Vec<f32>,
+    /// Whether each adapter targets this projection (the others hold zeros and are skipped).
+    pub targeted: Vec<bool>,
+}
+
+/// Reusable buffers of [`LoraStack::forward`] (they grow to the largest call and stay).
+#[derive(Debug, Default, Clone)]
+pub struct LoraScratch {
+    rows: Vec<usize>,
+    xg: Vec<f32>,
+    u: Vec<f32>,
+    yg: Vec<f32>,
+}
+
+/// `v` resized to `n` zeros, reusing its allocation.
+fn buf(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    v.clear();
+    v.resize(n, 0.0);
+    v
+}
+
+impl LoraStack {
+    /// Stacks projection `p` of layer `l` of `adapters` (all for `model`).
+    pub fn new(
+        model: &LlamaConfig,
+        adapters: &[&LoraAdapter<f32>],
+        l: usize,
+        p: Proj,
+    ) -> Result<LoraStack> {
+        const OP: &str = "lora stack";
+        let (inp, out) = p.dims(model);
+        let rank = adapters.iter().map(|a| a.config.r).max().unwrap_or(0);
+        if rank == 0 {
+            return Err(invalid(OP, "no adapter, or a rank of 0"));
+        }
+        let na = adapters.len();
+        let mut st = LoraStack {
+            rank,
+            inp,
+            out,
+            a: vec![0.0; na * rank * inp],
+            b: vec![0.0; na * out * rank],
+            scales: adapters.iter().map(|a| a.config.scaling() as f32).collect(),
+            targeted: vec![false; na],
+        };
+        for (i, ad) in adapters.iter().enumerate() {
+            let Some(pair) = ad.pair(l, p) else { continue };
+            let r = ad.config.r;
+            if pair.a.len() != r * inp || pair.b.len() != out * r {
+                return Err(shape_err(
+                    OP,
+                    format!("{}: A of {r}x{inp}, B of {out}x{r}", p.module(l)),
+                    format!("{} and {}", pair.a.len(), pair.b.len()),
+                ));
+            }
+            // A's rows 0..r of the adapter's [rank, inp] block; B's columns 0..r of [out, rank].
+            st.a[i * rank * inp..][..r * inp].copy_from_slice(&pair.a);
+            for (dst, src) in st.b[i * out * rank..(i + 1) * out * rank]
+                .chunks_exact_mut(rank)
+                .zip(pair.b.chunks_exact(r))
+            {
+                dst[..r].copy_from_slice(src);
+            }
+            st.targeted[i] = true;
+        }
+        Ok(st)
+    }
+
+    /// The same stack in bf16 for `qadapt::lora`'s layers and kernels.
+    pub fn to_bf16(&self) -> Result<qadapt::lora::AdapterStack> {
+        let h = |v: &[f32]| v.iter().map(|x| half::bf16::from_f32(*x)).collect();
+        qadapt::lora::AdapterStack::new(self.rank, h(&self.a), h(&self.b), self.scales.clone())
+    }
+
+    /// `y[m] += s_a (x[m] A_a^T) B_a^T` with `a = idx[m]` for every row whose index is a targeted
+    /// adapter (-1: nothing); `x [rows, inp]`, `y [rows, out]`.
+    pub fn forward(
+        &self,
+        x: &[f32],
+        idx: &[i32],
+        y: &mut [f32],
+        s: &mut LoraScratch,
+    ) -> Result<()> {
+        const OP: &str = "lora stack forward";
+        let (inp, out, r) = (self.inp, self.out, self.rank);
+        let m = idx.len();
+        if x.len() != m * inp || y.len() != m * out {
+            return Err(shape_err(
+                OP,
+                format!("x of {m}x{inp}, y of {m}x{out}"),
+                format!("{} and {}", x.len(), y.len()),
+            ));
+        }
+        for (ai, &on) in self.targeted.iter().enumerate() {
+            if !on {
+                continue;
+            }
+            s.rows.clear();
+            s.rows.extend((0..m).filter(|&row| idx[row] == ai as i32));
+            let g = s.rows.len();
+            if g == 0 {
+                continue;
+            }
+            let xg = buf(&mut s.xg, g * inp);
+            for (dst, &row) in xg.chunks_exact_mut(inp).zip(&s.rows) {
+                dst.copy_from_slice(&x[row * inp..][..inp]);
+            }
+            let u = buf(&mut s.u, g * r);
+            let a = &self.a[ai * r * inp..][..r * inp];
+            linear::forward(
+                LinearShape {
+                    rows: g,
+                    inp,
+                    out: r,
+                },
+                xg,
+                a,
+                u,
+                Accumulate::Overwrite,
+            )?;
+            let sc = self.scales[ai];
+            u.iter_mut().for_each(|v| *v *= sc);
+            let yg = buf(&mut s.yg, g * out);
+            linear::forward(
+                LinearShape {
+                    rows: g,
+                    inp: r,
+                    out,
+                },
+                u,
+                &self.b[ai * out * r..][..out * r],
+                yg,
+                Accumulate::Overwrite,
+            )?;
+            for (src, &row) in yg.chunks_exact(out).zip(&s.rows) {
+                for (o, v) in y[row * out..][..out].iter_mut().zip(src) {
+                    *o += *v;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How the next token is chosen from the logits.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Sampling {
+    /// The first maximal logit.
+    Greedy,
+    /// Softmax at `temperature` (> 0), restricted to the top-p nucleus (`0 < top_p <= 1`).
+    Nucleus {
+        /// Divides the logits.
+        temperature: f32,
+        /// Probability mass kept.
+        top_p: f32,
+    },
+}
+
+impl Sampling {
+    /// Greedy for a temperature of 0, else [`Sampling::Nucleus`]; refuses a negative or non-finite
+    /// temperature and a `top_p` outside `(0, 1]`.
+    pub fn new(temperature: f32, top_p: f32) -> Result<Sampling> {
+        const OP: &str = "sampling";
+        if !temperature.is_finite() || temperature < 0.0 {
+            return Err(invalid(
+                OP,
+                format!("temperature {temperature} must be finite and >= 0"),
+            ));
+        }
+        if top_p.is_nan() || top_p <= 0.0 || top_p > 1.0 {
+            return Err(invalid(OP, format!("top_p {top_p} must be in (0, 1]")));
+        }
+        Ok(if temperature == 0.0 {
+            Sampling::Greedy
+        } else {
+            Sampling::Nucleus { temperature, top_p }
+        })
+    }
+}
+
+/// The index of the first maximal value.
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// A token sampler: the settings, one splitmix64 state per row, and reusable sort buffers.
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    sampling: Sampling,
+    states: Vec<u64>,
+    order: Vec<u32>,
+    probs: Vec<f64>,
+}
+
+impl Sampler {
+    /// A sampler for `rows` rows; row b's stream is seeded by `seed + b`.
+    pub fn new(sampling: Sampling, rows: usize, seed: u64) -> Sampler {
+        Sampler {
+            sampling,
+            states: (0..rows as u64).map(|b| seed.wrapping_add(b)).collect(),
+            order: Vec::new(),
+            probs: Vec::new(),
+        }
+    }
+
+    /// The next token of `row` from its logits `[V]`.
+    pub fn sample(&mut self, row: usize, logits: &[f32]) -> u32 {
+        let Sampling::Nucleus { temperature, top_p } = self.sampling else {
+            return argmax(logits);
+        };
+        let t = f64::from(temperature);
+        let m = logits.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v)) as f64;
+        self.probs.clear();
+        self.probs
+            .extend(logits.iter().map(|&v| ((f64::from(v) - m) / t).exp()));
+        let total: f64 = self.probs.iter().sum();
+        self.order.clear();
+        self.order.extend(0..logits.len() as u32);
+        let probs = &self.probs;
+        // Stable: equal probabilities keep increasing index order (the greedy tie-break).
+        self.order
+            .sort_by(|&i, &j| probs[j as usize].total_cmp(&probs[i as usize]));
+        let want = f64::from(top_p) * total;
+        let (mut kept, mut mass) = (0, 0.0);
+        for &i in &self.order {
+            mass += probs[i as usize];
+            kept += 1;
+            if mass >= want {
+                break;
+            }
+        }
+        let u = (uniform(&mut self.states[row]) + 1.0) / 2.0 * mass;
+        let mut acc = 0.0;
+        for &i in &self.order[..kept] {
+            acc += probs[i as usize];
+            if u < acc {
+                return i;
+            }
+        }
+        self.order[kept - 1]
+    }
+}
+
+/// One prompt of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Prompt {
+    /// Token ids (at least one).
+    pub ids: Vec<u32>,
+    /// Index into the [`Generator`]'s adapters, or `None` for the base model.
+    pub adapter: Option<usize>,
+}
+
+/// Settings of [`Generator::generate`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateOptions {
+    /// Most tokens generated per prompt.
+    pub max_new_tokens: usize,
+    /// Greedy or sampled.
+    pub sampling: Sampling,
+    /// Token ids that end a completion (the eos token is kept as its last token).
+    pub eos: Vec<u32>,
+    /// Seed of the sampler.
+    pub seed: u64,
+}
+
+/// Why a completion ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    /// It produced an eos token.
+    Eos,
+    /// It reached `max_new_tokens`.
+    Length,
+}
+
+/// The generated tokens of one prompt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Completion {
+    /// New tokens (ending with the eos token when [`Finish::Eos`]).
+    pub tokens: Vec<u32>,
+    /// Why it stopped.
+    pub finish: Finish,
+}
+
+/// Keys and values of every position of every row, per layer, and the buffers of a step.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    batch: usize,
+    cap: usize,
+    /// Per layer, `[batch, cap, kv_dim]` RoPE'd keys.
+    k: Vec<Vec<f32>>,
+    /// Per layer, `[batch, cap, kv_dim]` values.
+    v: Vec<Vec<f32>>,
+    /// Positions filled per row (prefix and virtual tokens included).
+    len: Vec<usize>,
+    adapter: Vec<Option<usize>>,
+    rope: RopeTable<f32>,
+    s: Scratch,
+}
+
+impl KvCache {
+    /// Rows.
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+
+    /// Positions filled in row `b` (prefix and virtual tokens included).
+    pub fn filled(&self, b: usize) -> usize {
+        self.len[b]
+    }
+
+    /// Positions each row can hold.
+    pub fn capacity(&self) -> usize {
+        self.cap
+    }
+}
+
+/// Activations of one call, `[N, *]` token-major; grown as needed, never shrunk.
+#[derive(Debug, Clone, Default)]
+struct Scratch {
+    owner: Vec<usize>,
+    pos: Vec<usize>,
+    adapter: Vec<Option<usize>>,
+    lora_idx: Vec<i32>,
+    x: Vec<f32>,
+    xn: Vec<f32>,
+    rstd: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    attn: Vec<f32>,
+    tmp: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    h: Vec<f32>,
+    xs: Vec<f32>,
+    scores: Vec<f32>,
+    lora: LoraScratch,
+}
+
+/// A model and a list of adapters, ready to decode batches whose rows pick one adapter each.
+#[derive(Debug)]
+pub struct Generator<'a> {
+    model: &'a Llama<f32>,
+    adapters: &'a [Adapter<f32>],
+    /// The prefix of each adapter that is one (a reparameterized prefix projected once).
+    projected: Vec<Option<PrefixTuning<f32>>>,
+    /// Per adapter, its slot in the LoRA stacks (-1: not LoRA).
+    lora_slot: Vec<i32>,
+    /// `[layer][proj]`, when some LoRA adapter targets the projection.
+    lora: Vec<Vec<Option<LoraStack>>>,
+    inv_freq: Vec<f32>,
+}
+
+impl<'a> Generator<'a> {
+    /// A generator over `model` whose rows may use any of `adapters` (checked against the model).
+    pub fn new(model: &'a Llama<f32>, adapters: &'a [Adapter<f32>]) -> Result<Self> {
+        let c = &model.config;
+        for a in adapters {
+            check_adapter(c, a)?;
+        }
+        let projected = adapters
+            .iter()
+            .map(|a| match a {
+                Adapter::PrefixMlp(pm) => pm.project(c).map(|(p, _)| Some(p)),
+                _ => Ok(None),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let loras: Vec<&LoraAdapter<f32>> = adapters
+            .iter()
+            .filter_map(|a| match a {
+                Adapter::Lora(l) => Some(l),
+                _ => None,
+            })
+            .collect();
+        let mut next = 0;
+        let lora_slot = adapters
+            .iter()
+            .map(|a| match a {
+                Adapter::Lora(_) => {
+                    next += 1;
+                    next - 1
+                }
+                _ => -1,
+            })
+            .collect();
+        let lora = (0..c.num_hidden_layers)
+            .map(|l| {
+                Proj::ALL
+                    .iter()
+                    .map(|&p| {
+                        if loras.iter().any(|a| a.pair(l, p).is_some()) {
+                            LoraStack::new(c, &loras, l, p).map(Some)
+                        } else {
+                            Ok(None)
+                        }
+                    })
+                    .collect::<Result<Vec<_>>>()
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let inv_freq = rope::inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)?;
+        Ok(Generator {
+            model,
+            adapters,
+            projected,
+            lora_slot,
+            lora,
+            inv_freq,
+        })
+    }
+
+    /// The model.
+    pub fn model(&self) -> &Llama<f32> {
+        self.model
+    }
+
+    /// Positions adapter `a` puts before the prompt (prefix or virtual tokens).
+    pub fn leading_positions(&self, a: Option<usize>) -> usize {
+        match a.map(|i| (&self.adapters[i], &self.projected[i])) {
+            Some((Adapter::Prefix(p), _)) => p.num_virtual_tokens,
+            Some((_, Some(p))) => p.num_virtual_tokens,
+            Some((Adapter::Prompt(p), _)) => p.num_virtual_tokens,
+            _ => 0,
+        }
+    }
+
+    fn prefix(&self, a: usize) -> Option<&PrefixTuning<f32>> {
+        match (&self.adapters[a], &self.projected[a]) {
+            (Adapter::Prefix(p), _) => Some(p),
+            (_, Some(p)) => Some(p),
+            _ => None,
+        }
+    }
+
+    /// A cache for one row per entry of `rows` (each an adapter index or `None`), with room for
+    /// `tokens` real tokens per row after the adapter's leading positions. Prefix rows get their
+    /// prefix keys and values; prompt-tuning rows run their virtual tokens.
+    pub fn start(&self, rows: &[Option<usize>], tokens: usize) -> Result<KvCache> {
+        const OP: &str = "generate";
+        let c = &self.model.config;
+        if rows.is_empty() {
+            return Err(invalid(OP, "an empty batch"));
+        }
+        if let Some(bad) = rows.iter().flatten().find(|&&a| a >= self.adapters.len()) {
+            return Err(invalid(
+                OP,
+                format!("adapter {bad} of {}", self.adapters.len()),
+            ));
+        }
+        let lead = rows
+            .iter()
+            .map(|&a| self.leading_positions(a))
+            .max()
+            .unwrap_or(0);
+        let cap = lead + tokens;
+        if cap > c.max_position_embeddings {
+            return Err(invalid(
+                OP,
+                format!(
+                    "{cap} positions ({lead} virtual + {tokens}) exceed max_position_embeddings {}",
+                    c.max_position_embeddings
+                ),
+            ));
+        }
+        let kd = c.kv_dim();
+        let batch = rows.len();
+        let mut cache = KvCache {
+            batch,
+            cap,
+            k: vec![vec![0.0; batch * cap * kd]; c.num_hidden_layers],
+            v: vec![vec![0.0; batch * cap * kd]; c.num_hidden_layers],
+            len: vec![0; batch],
+            adapter: rows.to_vec(),
+            rope: RopeTable::new(cap.max(1), c.head_dim, &self.inv_freq)?,
+            s: Scratch::default(),
+        };
+        for (b, a) in rows.iter().enumerate() {
+            let Some(pt) = a.and_then(|a| self.prefix(a)) else {
+                continue;
+            };
+            let p = pt.num_virtual_tokens;
+            for l in 0..c.num_hidden_layers {
+                let at = b * cap * kd;
+                cache.k[l][at..at + p * kd].copy_from_slice(&pt.gather(c, l, 0));
+                cache.v[l][at..at + p * kd].copy_from_slice(&pt.gather(c, l, 1));
+            }
+            cache.len[b] = p;
+        }
+        let prompted: Vec<(usize, &[f32], usize)> = rows
+            .iter()
+            .enumerate()
+            .filter_map(|(b, a)| match a.map(|a| &self.adapters[a]) {
+                Some(Adapter::Prompt(pt)) => Some((b, &pt.embeddings[..], pt.num_virtual_tokens)),
+                _ => None,
+            })
+            .collect();
+        if !prompted.is_empty() {
+            let cw = c.hidden_size;
+            let s = &mut cache.s;
+            s.owner.clear();
+            s.x.clear();
+            for &(b, e, p) in &prompted {
+                if e.len() != p * cw {
+                    return Err(shape_err(OP, format!("a [{p}, {cw}] soft prompt"), e.len()));
+                }
+                s.owner.extend(std::iter::repeat_n(b, p));
+                s.x.extend_from_slice(e);
+            }
+            self.run(&mut cache, None)?;
+        }
+        Ok(cache)
+    }
+
+    /// Appends `tokens[b]` to row b (an empty slice leaves the row as it is) and overwrites
+    /// `logits[b]` (`[batch, V]`) with the logits after each fed row's last new token.
+    pub fn feed(&self, cache: &mut KvCache, tokens: &[&[u32]], logits: &mut [f32]) -> Result<()> {
+        const OP: &str = "generate feed";
+        let c = &self.model.config;
+        let (batch, vocab, cw) = (cache.batch, c.vocab_size, c.hidden_size);
+        if tokens.len() != batch || logits.len() != batch * vocab {
+            return Err(shape_err(
+                OP,
+                format!("{batch} token lists and {batch} x {vocab} logits"),
+                format!("{} and {}", tokens.len(), logits.len()),
+            ));
+        }
+        if let Some(bad) = tokens
+            .iter()
+            .flat_map(|t| t.iter())
+            .find(|&&t| t as usize >= vocab)
+        {
+            return Err(invalid(
+                OP,
+                format!("token id {bad} outside the vocabulary of {vocab}"),
+            ));
+        }
+        let s = &mut cache.s;
+        s.owner.clear();
+        for (b, t) in tokens.iter().enumerate() {
+            s.owner.extend(std::iter::repeat_n(b, t.len()));
+        }
+        let x = buf(&mut s.x, s.owner.len() * cw);
+        for (row, &t) in x
+            .chunks_exact_mut(cw)
+            .zip(tokens.iter().flat_map(|t| t.iter()))
+        {
+            row.copy_from_slice(&self.model.weights.embed_tokens[t as usize * cw..][..cw]);
+        }
+        self.run(cache, Some(logits))
+    }
+
+    /// Runs `cache.s.x [N, C]` (the embeddings of the tokens of rows `cache.s.owner`, each row's
+    /// tokens in order) through every layer, appending each token to its row's cache; writes the
+    /// logits of each fed row's last token when asked.
+    fn run(&self, cache: &mut KvCache, logits: Option<&mut [f32]>) -> Result<()> {
+        const OP: &str = "generate";
+        let c = &self.model.config;
+        let KvCache {
+            cap,
+            k: kc,
+            v: vc,
+            len,
+            adapter,
+            rope,
+            s,
+            ..
+        } = cache;
+        let n = s.owner.len();
+        if n == 0 {
+            return Ok(());
+        }
+        // Positions: each row continues from its filled length.
+        s.pos.clear();
+        s.adapter.clear();
+        s.lora_idx.clear();
+        let mut next = len.clone();
+        for &b in &s.owner {
+            s.pos.push(next[b]);
+            next[b] += 1;
+            s.adapter.push(adapter[b]);
+            s.lora_idx
+                .push(adapter[b].map_or(-1, |a| self.lora_slot[a]));
+        }
+        if let Some(b) = (0..len.len()).find(|&b| next[b] > *cap) {
+            return Err(invalid(
+                OP,
+                format!(
+                    "row {b} would hold {} positions, the cache has {cap}",
+                    next[b]
+                ),
+            ));
+        }
+        let (cw, qd, kd, id) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
+        let (heads, kvh, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let (rep, half) = (heads / kvh, d / 2);
+        let scale = 1.0 / (d as f32).sqrt();
+        buf(&mut s.scores, *cap);
+        for l in 0..c.num_hidden_layers {
+            let lw = &self.model.weights.layers[l];
+            rmsnorm::forward(
+                &s.x,
+                &lw.input_layernorm,
+                c.rms_norm_eps,
+                buf(&mut s.xn, n * cw),
+                buf(&mut s.rstd, n),
+            )?;
+            for (p, dst, w) in [
+                (Proj::Q, &mut s.q, qd),
+                (Proj::K, &mut s.k, kd),
+                (Proj::V, &mut s.v, kd),
+            ] {
+                buf(dst, n * w);
+                self.project(
+                    l,
+                    p,
+                    &s.xn,
+                    dst,
+                    &s.adapter,
+                    &s.lora_idx,
+                    &mut s.xs,
+                    &mut s.lora,
+                )?;
+            }
+            // RoPE at each token's absolute position (rope.rs's rotate_half convention and the
+            // same cos/sin table), then the key and value into the row's cache slot.
+            for t in 0..n {
+                let (cos, sin) = (
+                    &rope.cos[s.pos[t] * half..][..half],
+                    &rope.sin[s.pos[t] * half..][..half],
+                );
+                for head in s.q[t * qd..(t + 1) * qd]
+                    .chunks_exact_mut(d)
+                    .chain(s.k[t * kd..(t + 1) * kd].chunks_exact_mut(d))
+                {
+                    let (lo, hi) = head.split_at_mut(half);
+                    for (((a, b), &cs), &sn) in lo.iter_mut().zip(hi.iter_mut()).zip(cos).zip(sin) {
+                        let (x1, x2) = (*a, *b);
+                        *a = x1 * cs - x2 * sn;
+                        *b = x2 * cs + x1 * sn;
+                    }
+                }
+                let at = (s.owner[t] * *cap + s.pos[t]) * kd;
+                kc[l][at..at + kd].copy_from_slice(&s.k[t * kd..(t + 1) * kd]);
+                vc[l][at..at + kd].copy_from_slice(&s.v[t * kd..(t + 1) * kd]);
+            }
+            // Attention of each token over its row's positions 0..=pos.
+            let attn = buf(&mut s.attn, n * qd);
+            for t in 0..n {
+                let live = s.pos[t] + 1;
+                let base = s.owner[t] * *cap * kd;
+                let (keys, vals) = (
+                    &kc[l][base..base + live * kd],
+                    &vc[l][base..base + live * kd],
+                );
+                for h in 0..heads {
+                    let g = h / rep;
+                    let qh = &s.q[t * qd + h * d..][..d];
+                    let sc = &mut s.scores[..live];
+                    let mut m = f32::NEG_INFINITY;
+                    for (j, sj) in sc.iter_mut().enumerate() {
+                        let kj = &keys[j * kd + g * d..][..d];
+                        *sj = qh.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * scale;
+                        m = m.max(*sj);
+                    }
+                    let mut sum = 0.0;
+                    for sj in sc.iter_mut() {
+                        *sj = (*sj - m).exp();
+                        sum += *sj;
+                    }
+                    let inv = 1.0 / sum;
+                    let o = &mut attn[t * qd + h * d..][..d];
+                    for (j, &pj) in sc.iter().enumerate() {
+                        let vj = &vals[j * kd + g * d..][..d];
+                        let pj = pj * inv;
+                        for (x, y) in o.iter_mut().zip(vj) {
+                            *x += pj * *y;
+                        }
+                    }
+                }
+            }
+            self.out_project(l, Proj::O, 0, n, s, true)?;
+            rmsnorm::forward(
+                &s.x,
+                &lw.post_attention_layernorm,
+                c.rms_norm_eps,
+                buf(&mut s.xn, n * cw),
+                buf(&mut s.rstd, n),
+            )?;
+            for (p, dst) in [(Proj::Gate, &mut s.gate), (Proj::Up, &mut s.up)] {
+                buf(dst, n * id);
+                self.project(
+                    l,
+                    p,
+                    &s.xn,
+                    dst,
+                    &s.adapter,
+                    &s.lora_idx,
+                    &mut s.xs,
+                    &mut s.lora,
+                )?;
+            }
+            swiglu::forward(&s.gate, &s.up, buf(&mut s.h, n * id))?;
+            self.out_project(l, Proj::Down, 1, n, s, false)?;
+        }
+        *len = next;
+        let Some(logits) = logits else {
+            return Ok(());
+        };
+        // The last token of each fed row: gather, final norm, head.
+        let last: Vec<(usize, usize)> = (0..n)
+            .filter(|&t| t + 1 == n || s.owner[t + 1] != s.owner[t])
+            .map(|t| (s.owner[t], t))
+            .collect();
+        let m = last.len();
+        let xl = buf(&mut s.tmp, m * cw);
+        for (dst, &(_, t)) in xl.chunks_exact_mut(cw).zip(&last) {
+            dst.copy_from_slice(&s.x[t * cw..][..cw]);
+        }
+        rmsnorm::forward(
+            xl,
+            &self.model.weights.norm,
+            c.rms_norm_eps,
+            buf(&mut s.xn, m * cw),
+            buf(&mut s.rstd, m),
+        )?;
+        let vocab = c.vocab_size;
+        let head = self
+            .model
+            .weights
+            .lm_head
+            .as_deref()
+            .unwrap_or(&self.model.weights.embed_tokens);
+        let out = buf(&mut s.xs, m * vocab);
+        linear::forward(
+            LinearShape {
+                rows: m,
+                inp: cw,
+                out: vocab,
+            },
+            &s.xn,
+            head,
+            out,
+            Accumulate::Overwrite,
+        )?;
+        for (src, &(b, _)) in out.chunks_exact(vocab).zip(&last) {
+            logits[b * vocab..(b + 1) * vocab].copy_from_slice(src);
+        }
+        Ok(())
+    }
+
+    /// `y = x W^T` for projection `p` of layer `l` on every token, with each token's adapter:
+    /// (IA)³ scaling of the input or output, and the LoRA term through the stack.
+    #[allow(clippy::too_many_arguments)]
+    fn project(
+        &self,
+        l: usize,
+        p: Proj,
+        x: &[f32],
+        y: &mut [f32],
+        adapter: &[Option<usize>],
+        lora_idx: &[i32],
+        xs: &mut Vec<f32>,
+        ls: &mut LoraScratch,
+    ) -> Result<()> {
+        let (inp, out) = p.dims(&self.model.config);
+        let n = adapter.len();
+        let w = self.model.weights.layers[l].proj(p);
+        let ia3 = |t: usize| match adapter[t].map(|a| &self.adapters[a]) {
+            Some(Adapter::Ia3(a)) => a.scale(l, p).map(|s| (a.config.is_feedforward(l, p), s)),
+            _ => None,
+        };
+        let scales_input = (0..n).any(|t| matches!(ia3(t), Some((true, _))));
+        let xin: &[f32] = if scales_input {
+            xs.clear();
+            xs.extend_from_slice(x);
+            for t in 0..n {
+                if let Some((true, s)) = ia3(t) {
+                    xs[t * inp..(t + 1) * inp]
+                        .iter_mut()
+                        .zip(s)
+                        .for_each(|(v, g)| *v *= *g);
+                }
+            }
+            xs
+        } else {
+            x
+        };
+        linear::forward(
+            LinearShape { rows: n, inp, out },
+            xin,
+            w,
+            y,
+            Accumulate::Overwrite,
+        )?;
+        for t in 0..n {
+            if let Some((false, s)) = ia3(t) {
+                y[t * out..(t + 1) * out]
+                    .iter_mut()
+                    .zip(s)
+                    .for_each(|(v, g)| *v *= *g);
+            }
+        }
+        if let Some(st) = &self.lora[l][p.index()] {
+            st.forward(x, lora_idx, y, ls)?;
+        }
+        Ok(())
+    }
+
+    /// A sublayer's output projection (`o_proj` from `s.attn` when `attention`, else `down_proj`
+    /// from `s.h`) added into the residual stream `s.x`, through the Houlsby adapter of `site`
+    /// for the tokens whose row has one.
+    fn out_project(
+        &self,
+        l: usize,
+        p: Proj,
+        site: usize,
+        n: usize,
+        s: &mut Scratch,
+        attention: bool,
+    ) -> Result<()> {
+        let cw = self.model.config.hidden_size;
+        let tmp = buf(&mut s.tmp, n * cw);
+        let src = if attention { &s.attn } else { &s.h };
+        self.project(
+            l,
+            p,
+            src,
+            tmp,
+            &s.adapter,
+            &s.lora_idx,
+            &mut s.xs,
+            &mut s.lora,
+        )?;
+        for t in 0..n {
+            if matches!(
+                s.adapter[t].map(|a| &self.adapters[a]),
+                Some(Adapter::Houlsby(_))
+            ) {
+                continue;
+            }
+            s.x[t * cw..(t + 1) * cw]
+                .iter_mut()
+                .zip(&tmp[t * cw..(t + 1) * cw])
+                .for_each(|(r, v)| *r += *v);
+        }
+        for (ai, ad) in self.adapters.iter().enumerate() {
+            let Adapter::Houlsby(ha) = ad else { continue };
+            let ls = &mut s.lora;
+            ls.rows.clear();
+            ls.rows.extend((0..n).filter(|&t| s.adapter[t] == Some(ai)));
+            let g = ls.rows.len();
+            if g == 0 {
+                continue;
+            }
+            let bs = BottleneckShape {
+                rows: g,
+                hidden: cw,
+                bottleneck: ha.config.bottleneck,
+            };
+            let yin = buf(&mut ls.xg, g * cw);
+            for (dst, &t) in yin.chunks_exact_mut(cw).zip(&ls.rows) {
+                dst.copy_from_slice(&tmp[t * cw..(t + 1) * cw]);
+            }
+            bottleneck::forward(
+                bs,
+                ha.config.activation,
+                yin,
+                &ha.layers[l][site],
+                buf(&mut ls.u, g * bs.bottleneck),
+                buf(&mut ls.yg, g * cw),
+            )?;
+            for (src, &t) in ls.yg.chunks_exact(cw).zip(&ls.rows) {
+                s.x[t * cw..(t + 1) * cw]
+                    .iter_mut()
+                    .zip(src)
+                    .for_each(|(r, v)| *r += *v);
+            }
+        }
+        Ok(())
+    }
+
+    /// Completes every prompt: one prefill, then one token per unfinished row per step (a row
+    /// stops at an eos token or after `max_new_tokens`).
+    pub fn generate(&self, prompts: &[Prompt], opts: &GenerateOptions) -> Result<Vec<Completion>> {
+        const OP: &str = "generate";
+        if let Some(i) = prompts.iter().position(|p| p.ids.is_empty()) {
+            return Err(invalid(OP, format!("prompt {i} has no tokens")));
+        }
+        let longest = prompts.iter().map(|p| p.ids.len()).max().unwrap_or(0);
+        let rows: Vec<Option<usize>> = prompts.iter().map(|p| p.adapter).collect();
+        let mut cache = self.start(&rows, longest + opts.max_new_tokens)?;
+        let vocab = self.model.config.vocab_size;
+        let batch = prompts.len();
+        let mut logits = vec![0.0; batch * vocab];
+        let ids: Vec<&[u32]> = prompts.iter().map(|p| p.ids.as_slice()).collect();
+        self.feed(&mut cache, &ids, &mut logits)?;
+        let mut sampler = Sampler::new(opts.sampling, batch, opts.seed);
+        let mut out: Vec<Completion> = (0..batch)
+            .map(|_| Completion {
+                tokens: Vec::with_capacity(opts.max_new_tokens),
+                finish: Finish::Length,
+            })
+            .collect();
+        let mut active = vec![opts.max_new_tokens > 0; batch];
+        let mut next = vec![0u32; batch];
+        while active.iter().any(|&a| a) {
+            for b in 0..batch {
+                if !active[b] {
+                    continue;
+                }
+                let t = sampler.sample(b, &logits[b * vocab..(b + 1) * vocab]);
+                out[b].tokens.push(t);
+                next[b] = t;
+                if opts.eos.contains(&t) {
+                    out[b].finish = Finish::Eos;
+                    active[b] = false;
+                } else if out[b].tokens.len() == opts.max_new_tokens {
+                    active[b] = false;
+                }
+            }
+            if !active.iter().any(|&a| a) {
+                break;
+            }
+            let step: Vec<&[u32]> = (0..batch)
+                .map(|b| {
+                    if active[b] {
+                        std::slice::from_ref(&next[b])
+                    } else {
+                        &[][..]
+                    }
+                })
+                .collect();
+            self.feed(&mut cache, &step, &mut logits)?;
+        }
+        Ok(out)
+    }
+}
+
+/// Shapes of an adapter against the model (loaded adapters are checked on load; this catches one
+/// built in code for another model).
+fn check_adapter(c: &LlamaConfig, a: &Adapter<f32>) -> Result<()> {
+    let ok = match a {
+        Adapter::Lora(l) => {
+            l.pairs.len() == c.num_hidden_layers
+                && l.pairs.iter().all(|p| p.len() == Proj::ALL.len())
+        }
+        Adapter::Ia3(a) => {
+            a.scales.len() == c.num_hidden_layers
+                && a.scales.iter().enumerate().all(|(l, layer)| {
+                    layer.len() == Proj::ALL.len()
+                        && Proj::ALL.iter().zip(layer).all(|(&p, s)| {
+                            let (inp, out) = p.dims(c);
+                            let want = if a.config.is_feedforward(l, p) {
+                                inp
+                            } else {
+                                out
+                            };
+                            s.as_ref().is_none_or(|s| s.len() == want)
+                        })
+                })
+        }
+        Adapter::Prompt(p) => p.embeddings.len() == p.num_virtual_tokens * c.hidden_size,
+        Adapter::Prefix(p) => {
+            p.values.len() == p.num_virtual_tokens * PrefixTuning::<f32>::width(c)
+        }
+        Adapter::PrefixMlp(p) => p.embedding.len() == p.num_virtual_tokens * c.kv_dim(),
+        Adapter::Houlsby(h) => {
+            let b = h.config.bottleneck;
+            h.layers.len() == c.num_hidden_layers
+                && h.layers.iter().flatten().all(|p| {
+                    p.down.len() == b * c.hidden_size
+                        && p.up.len() == b * c.hidden_size
+                        && p.down_bias.len() == b
+                        && p.up_bias.len() == c.hidden_size
+                })
+        }
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(shape_err(
+            "generate",
+            format!("a {} adapter shaped for this model", a.peft_type()),
+            "tensors of other shapes",
+        ))
+    }
+}
