@@ -8,7 +8,8 @@
 //! - A mixed batch (LoRA "a", none, LoRA "b" of another rank and other targets, (IA)³, prefix,
 //!   prompt tuning, Houlsby; prompts of different lengths) gives every row the same tokens as
 //!   the row run alone, and logits within `1e-5` relative.
-//! - Nucleus sampling with `top_p -> 0` is greedy; a seed fixes the sample.
+//! - The nucleus is the smallest most-likely set reaching `top_p`, sampled renormalized; with
+//!   `top_p -> 0` it is greedy; a seed fixes the sample.
 //! - The f32 LoRA stack agrees with `qadapt::lora`'s bf16 CPU reference on the same stack and
 //!   per-row indices (`max|err| <= 2e-2 max|want|`: bf16 inputs, u and y).
 
@@ -406,4 +407,33 @@ fn the_f32_lora_stack_matches_qadapts_bf16_multi_adapter_reference() {
     let pb: &LoraPair<f32> = b.pair(l, p).unwrap();
     assert_eq!(&st.a[4 * inp..4 * inp + 2 * inp], &pb.a[..]);
     assert!(st.a[6 * inp..8 * inp].iter().all(|&v| v == 0.0));
+}
+
+#[test]
+fn the_nucleus_keeps_the_smallest_set_reaching_top_p() {
+    use qadapt_train::Sampler;
+    // Probabilities 0.5, 0.3, 0.2 (as logits at temperature 1), listed out of order.
+    let logits = [0.3f32.ln(), 0.5f32.ln(), 0.2f32.ln()];
+    let count = |top_p: f32| {
+        let mut s = Sampler::new(Sampling::new(1.0, top_p).unwrap(), 1, 11);
+        let mut n = [0usize; 3];
+        for _ in 0..4000 {
+            n[s.sample(0, &logits) as usize] += 1;
+        }
+        n
+    };
+    // 0.5 alone reaches 0.45: always token 1.
+    assert_eq!(count(0.45), [0, 4000, 0]);
+    // 0.6 needs tokens 1 and 0, renormalized to 5/8 and 3/8; token 2 never.
+    let n = count(0.6);
+    assert_eq!(n[2], 0);
+    assert!((n[1] as f64 / 4000.0 - 0.625).abs() < 0.03, "{n:?}");
+    // 1.0 keeps all three at their probabilities.
+    let n = count(1.0);
+    for (got, want) in n.iter().zip([0.3, 0.5, 0.2]) {
+        assert!((*got as f64 / 4000.0 - want).abs() < 0.03, "{n:?}");
+    }
+    // Ties keep index order, as greedy: equal logits give token 0 with top_p -> 0.
+    let mut s = Sampler::new(Sampling::new(1.0, 1e-6).unwrap(), 1, 0);
+    assert_eq!(s.sample(0, &[1.0, 1.0, 0.0]), argmax(&[1.0, 1.0, 0.0]));
 }
