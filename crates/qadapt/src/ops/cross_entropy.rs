@@ -86,10 +86,15 @@ pub fn backward<T: Real>(
         .for_each(|((row, drow), t)| match *t {
             None => drow.iter_mut().for_each(|d| *d = T::ZERO),
             Some(t) => {
-                let lse = logsumexp(row);
+                // softmax(z) = e^(z - m) / sum e^(z - m): one exp per logit, kept in drow.
+                let m = row.iter().fold(T::NEG_INFINITY, |a, &x| a.max(x));
+                let mut s = T::ZERO;
                 for (d, &z) in drow.iter_mut().zip(row) {
-                    *d = (z - lse).exp() * g;
+                    *d = (z - m).exp();
+                    s += *d;
                 }
+                let scale = g / s;
+                drow.iter_mut().for_each(|d| *d *= scale);
                 drow[t as usize] -= g;
             }
         });

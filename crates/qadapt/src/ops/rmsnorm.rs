@@ -14,7 +14,7 @@
 
 use rayon::prelude::*;
 
-use super::{Accumulate, Real, check_len};
+use super::{Accumulate, Real, check_len, dot};
 use crate::error::{Result, shape_err};
 
 fn check_rows(op: &'static str, x: &[impl Sized], w_len: usize) -> Result<usize> {
@@ -43,11 +43,7 @@ pub fn forward<T: Real>(x: &[T], w: &[T], eps: f64, y: &mut [T], rstd: &mut [T])
         .zip(rstd.par_iter_mut())
         .with_min_len(16)
         .for_each(|((xr, yr), r)| {
-            let mut ss = T::ZERO;
-            for &v in xr {
-                ss += v * v;
-            }
-            *r = T::ONE / (ss * inv_d + eps).sqrt();
+            *r = T::ONE / (dot(xr, xr) * inv_d + eps).sqrt();
             for ((o, &v), &wd) in yr.iter_mut().zip(xr).zip(w) {
                 *o = wd * (v * *r);
             }
@@ -73,22 +69,26 @@ pub fn backward<T: Real>(
     check_len(OP, "dw", dw, w.len())?;
     let d = w.len();
     let inv_d = T::from_f64(1.0 / d as f64);
-    // dx row by row in parallel; dw (a sum over rows) sequentially, in row order.
+    // dx row by row in parallel (each task keeps a row of g = dy * w); dw (a sum over rows)
+    // sequentially, in row order.
     x.par_chunks_exact(d)
         .zip(dy.par_chunks_exact(d))
         .zip(dx.par_chunks_exact_mut(d))
         .zip(rstd.par_iter())
         .with_min_len(16)
-        .for_each(|(((xr, dyr), dxr), &r)| {
-            let mut dot = T::ZERO;
-            for ((&v, &g), &wd) in xr.iter().zip(dyr).zip(w) {
-                dot += g * wd * (v * r);
-            }
-            let mean = dot * inv_d;
-            for (((o, &v), &g), &wd) in dxr.iter_mut().zip(xr).zip(dyr).zip(w) {
-                acc.store(o, r * (g * wd - v * r * mean));
-            }
-        });
+        .for_each_init(
+            || vec![T::ZERO; d],
+            |g, (((xr, dyr), dxr), &r)| {
+                for ((gd, &dyd), &wd) in g.iter_mut().zip(dyr).zip(w) {
+                    *gd = dyd * wd;
+                }
+                // mean_d(g * xh) with xh = x * r.
+                let mean = dot(g, xr) * r * inv_d;
+                for ((o, &v), &gd) in dxr.iter_mut().zip(xr).zip(g.iter()) {
+                    acc.store(o, r * (gd - v * r * mean));
+                }
+            },
+        );
     for ((xr, dyr), &r) in x.chunks_exact(d).zip(dy.chunks_exact(d)).zip(rstd) {
         for ((&v, &g), dwd) in xr.iter().zip(dyr).zip(dw.iter_mut()) {
             *dwd += g * (v * r);
