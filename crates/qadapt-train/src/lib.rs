@@ -68,7 +68,7 @@ pub use model::{Attached, BaseGrads, Forward, Gradients, Llama, causal_targets};
 pub use peft::{Adapter, Evaluation, Grads, evaluate, evaluate_targets, evaluate_train};
 pub use prompt::{PrefixMlp, PrefixTuning, PromptInit, PromptTuning};
 pub use select::{LayerGroup, Selection};
-pub use train::{Batch, StepStats, Trainable, Trainer, loss_and_grads};
+pub use train::{Batch, StepStats, Trainable, Trainer, loss_and_grads, loss_and_grads_with};
 pub use weights::{LayerWeights, LlamaWeights, Proj};
 
 use qadapt::{Error, Result};

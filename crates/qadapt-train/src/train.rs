@@ -19,8 +19,9 @@
 use qadapt::Result;
 use qadapt::optim::{AdamW, adamw_cpu, clip_coefficient, sum_squares_cpu};
 
+use crate::lora::DropoutKey;
 use crate::model::{Llama, causal_targets};
-use crate::peft::{Adapter, Grads, evaluate_targets};
+use crate::peft::{Adapter, Grads, evaluate_targets, evaluate_train};
 use crate::select::Selection;
 use crate::{invalid, shape_err};
 
@@ -116,17 +117,40 @@ pub fn loss_and_grads(
     what: &Trainable<'_>,
     b: &Batch,
 ) -> Result<(f32, Vec<Vec<f32>>)> {
+    loss_and_grads_with(model, what, b, None)
+}
+
+/// [`loss_and_grads`] in training mode: LoRA's `lora_dropout` applies with the masks of `dropout`.
+pub fn loss_and_grads_with(
+    model: &Llama<f32>,
+    what: &Trainable<'_>,
+    b: &Batch,
+    dropout: Option<DropoutKey>,
+) -> Result<(f32, Vec<Vec<f32>>)> {
     match what {
         Trainable::Adapter(a) => {
-            let ev = evaluate_targets(
-                model,
-                &b.ids,
-                b.batch,
-                b.seq,
-                &b.targets,
-                Some(&**a),
-                Grads::Adapter,
-            )?;
+            let (ids, targets) = (&b.ids, &b.targets);
+            let ev = match dropout {
+                Some(key) => evaluate_train(
+                    model,
+                    ids,
+                    b.batch,
+                    b.seq,
+                    targets,
+                    Some(&**a),
+                    Grads::Adapter,
+                    key,
+                )?,
+                None => evaluate_targets(
+                    model,
+                    ids,
+                    b.batch,
+                    b.seq,
+                    targets,
+                    Some(&**a),
+                    Grads::Adapter,
+                )?,
+            };
             let g = ev
                 .adapter_grads
                 .ok_or_else(|| invalid("train step", "no adapter gradients"))?;
@@ -139,15 +163,7 @@ pub fn loss_and_grads(
         }
         Trainable::Base(sel) => {
             let mask = sel.mask(&model.config)?;
-            let ev = evaluate_targets(
-                model,
-                &b.ids,
-                b.batch,
-                b.seq,
-                &b.targets,
-                None,
-                Grads::All,
-            )?;
+            let ev = evaluate_targets(model, &b.ids, b.batch, b.seq, &b.targets, None, Grads::All)?;
             let g = ev
                 .base_grads
                 .ok_or_else(|| invalid("train step", "no base gradients"))?;
@@ -181,8 +197,14 @@ pub struct Trainer {
     pub opt: AdamW,
     /// Clip the global gradient norm to this value, if set.
     pub max_grad_norm: Option<f64>,
+    /// Seed of LoRA's dropout masks; `None` trains without dropout whatever the adapter's
+    /// `lora_dropout`. Micro-batch m of step t draws the masks of
+    /// `DropoutKey { seed, step: t, micro: m }`, so a resumed run draws what the uninterrupted
+    /// run would have.
+    pub dropout_seed: Option<u64>,
     moments: Vec<(Vec<f32>, Vec<f32>)>,
     t: u64,
+    micro: u64,
     acc: Vec<Vec<f32>>,
     acc_tokens: usize,
     acc_loss: f64,
@@ -194,8 +216,10 @@ impl Trainer {
         Trainer {
             opt,
             max_grad_norm,
+            dropout_seed: None,
             moments: Vec::new(),
             t: 0,
+            micro: 0,
             acc: Vec::new(),
             acc_tokens: 0,
             acc_loss: 0.0,
@@ -216,6 +240,7 @@ impl Trainer {
     /// Continues from a checkpoint: `steps` taken and the moments [`Self::moments`] returned.
     pub fn restore(&mut self, steps: u64, moments: Vec<(Vec<f32>, Vec<f32>)>) {
         self.t = steps;
+        self.micro = 0;
         self.moments = moments;
         self.acc.clear();
         self.acc_tokens = 0;
@@ -233,7 +258,13 @@ impl Trainer {
         if n == 0 {
             return Err(invalid("train step", "a micro-batch without target tokens"));
         }
-        let (loss, grads) = loss_and_grads(model, what, b)?;
+        let key = self.dropout_seed.map(|seed| DropoutKey {
+            seed,
+            step: self.t + 1,
+            micro: self.micro,
+        });
+        let (loss, grads) = loss_and_grads_with(model, what, b, key)?;
+        self.micro += 1;
         let w = n as f32;
         if self.acc.is_empty() {
             self.acc = grads
@@ -286,6 +317,7 @@ impl Trainer {
         };
         self.acc_tokens = 0;
         self.acc_loss = 0.0;
+        self.micro = 0;
         let mut params: Vec<&mut Vec<f32>> = match what {
             Trainable::Adapter(a) => a.tensors_mut(),
             Trainable::Base(sel) => {
@@ -377,10 +409,7 @@ mod tests {
     #[test]
     fn causal_batches_target_every_next_token() {
         let b = Batch::causal(vec![1, 2, 3, 4, 5, 6], 2, 3).unwrap();
-        assert_eq!(
-            b.targets,
-            [Some(2), Some(3), None, Some(5), Some(6), None]
-        );
+        assert_eq!(b.targets, [Some(2), Some(3), None, Some(5), Some(6), None]);
         assert_eq!(b.num_targets(), 4);
     }
 }

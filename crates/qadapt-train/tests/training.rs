@@ -12,9 +12,9 @@ use std::path::{Path, PathBuf};
 use qadapt::adapter::Activation;
 use qadapt::optim::AdamW;
 use qadapt_train::{
-    Adapter, HoulsbyAdapter, HoulsbyConfig, Ia3Adapter, Ia3Config, Llama, LlamaDir, LoraAdapter,
-    LoraConfig, LoraInit, PrefixTuning, Proj, PromptInit, PromptTuning, Selection, Trainable,
-    Trainer,
+    Adapter, Batch, HoulsbyAdapter, HoulsbyConfig, Ia3Adapter, Ia3Config, Llama, LlamaDir,
+    LoraAdapter, LoraConfig, LoraInit, PrefixTuning, Proj, PromptInit, PromptTuning, Selection,
+    Trainable, Trainer,
 };
 
 fn data(rel: &str) -> PathBuf {
@@ -49,7 +49,9 @@ fn train(m: &mut Llama<f32>, what: &mut Trainable<'_>, steps: usize, lr: f32) ->
         first.get_or_insert(last);
     }
     // The loss after the last update, on the same targets as the steps.
-    let targets = qadapt_train::Batch::causal(ids.clone(), 2, 12).unwrap().targets;
+    let targets = qadapt_train::Batch::causal(ids.clone(), 2, 12)
+        .unwrap()
+        .targets;
     let after = qadapt_train::evaluate_targets(
         m,
         &ids,
@@ -248,4 +250,104 @@ fn reparameterized_prefix_trains_and_saves_the_projection() {
     let e2 =
         qadapt_train::evaluate(&mm, &ids, 2, 12, Some(&back), qadapt_train::Grads::None).unwrap();
     assert_eq!(e1.logits, e2.logits);
+}
+
+fn lora(dropout: f64) -> Adapter<f32> {
+    let cfg = model().config;
+    let lc = LoraConfig {
+        r: 4,
+        alpha: 8.0,
+        use_rslora: false,
+        dropout,
+        target_modules: vec!["q_proj".into(), "v_proj".into()],
+    };
+    // A non-zero B so that dropout on the adapter input changes the first step's gradients.
+    let mut a = LoraAdapter::new(&cfg, lc, LoraInit::Peft { seed: 3 }).unwrap();
+    for p in a.pairs.iter_mut().flatten().flatten() {
+        p.b.iter_mut()
+            .enumerate()
+            .for_each(|(i, v)| *v = 0.01 * ((i % 7) as f32 - 3.0));
+    }
+    Adapter::Lora(a)
+}
+
+/// Runs `steps` LoRA steps with the trainer's dropout seed; returns the adapter and losses.
+fn lora_run(dropout: f64, seed: Option<u64>, steps: usize) -> (Adapter<f32>, Vec<f32>) {
+    let mut m = model();
+    let mut a = lora(dropout);
+    let mut t = Trainer::new(AdamW::default(), Some(1.0));
+    t.dropout_seed = seed;
+    let ids = batch();
+    let losses = (0..steps)
+        .map(|_| {
+            t.step(&mut m, &mut Trainable::Adapter(&mut a), &ids, 2, 12, 1e-2)
+                .unwrap()
+        })
+        .collect();
+    (a, losses)
+}
+
+#[test]
+fn lora_dropout_trains_reproducibly_and_only_with_a_seed() {
+    let (plain, l0) = lora_run(0.5, None, 4);
+    let (d1, l1) = lora_run(0.5, Some(9), 4);
+    let (d2, l2) = lora_run(0.5, Some(9), 4);
+    let (d3, _) = lora_run(0.5, Some(10), 4);
+    assert!(d1 == d2, "same seed, same masks, same weights");
+    assert_eq!(l1, l2);
+    assert!(d1 != d3, "another seed draws other masks");
+    assert!(plain != d1, "dropout changes the updates");
+    // Without a seed the trainer runs in evaluation mode: as if lora_dropout were 0.
+    let values = |a: &Adapter<f32>| -> Vec<f32> {
+        a.named(&model().config)
+            .into_iter()
+            .flat_map(|(_, _, v)| v.to_vec())
+            .collect()
+    };
+    assert!(values(&plain) == values(&lora_run(0.0, None, 4).0));
+    assert!(l1[3] < l1[0] && l0[3] < l0[0], "{l1:?} {l0:?}");
+}
+
+#[test]
+fn accumulated_micro_batches_equal_one_batch() {
+    let ids = batch();
+    let (one, two) = (
+        Batch::causal(ids.clone(), 2, 12).unwrap(),
+        [
+            Batch::causal(ids[..12].to_vec(), 1, 12).unwrap(),
+            Batch::causal(ids[12..].to_vec(), 1, 12).unwrap(),
+        ],
+    );
+    let run = |micro: &[Batch]| {
+        let mut m = model();
+        let mut a = lora(0.0);
+        let mut t = Trainer::new(AdamW::default(), Some(1.0));
+        let mut stats = Vec::new();
+        for _ in 0..3 {
+            for b in micro {
+                t.accumulate(&m, &Trainable::Adapter(&mut a), b).unwrap();
+            }
+            stats.push(
+                t.apply(&mut m, &mut Trainable::Adapter(&mut a), 1e-2, None)
+                    .unwrap(),
+            );
+        }
+        (a, stats)
+    };
+    let (a1, s1) = run(std::slice::from_ref(&one));
+    let (a2, s2) = run(&two);
+    for (x, y) in s1.iter().zip(&s2) {
+        assert_eq!(x.tokens, y.tokens);
+        assert!((x.loss - y.loss).abs() < 1e-5, "{x:?} {y:?}");
+        assert!(
+            (x.grad_norm - y.grad_norm).abs() < 1e-5 * x.grad_norm,
+            "{x:?} {y:?}"
+        );
+    }
+    let (n1, n2) = (a1.named(&model().config), a2.named(&model().config));
+    for ((k, _, v1), (_, _, v2)) in n1.iter().zip(&n2) {
+        for (x, y) in v1.iter().zip(v2.iter()) {
+            assert!((x - y).abs() < 1e-5, "{k}: {x} vs {y}");
+        }
+    }
 }
