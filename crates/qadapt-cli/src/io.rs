@@ -146,6 +146,46 @@ pub(crate) fn new_directory<T>(output: &Path, fill: impl FnOnce(&Path) -> Result
     result
 }
 
+/// Replaces the directory `output` (created if absent) atomically: `fill` writes a new one
+/// beside it; then the old one is moved aside, the new one renamed into place, and the old one
+/// removed. A crash leaves `output` either old or new (or, between the two renames, the old one
+/// at `<output>.old`, which [`recover_directory`] moves back).
+pub(crate) fn replace_directory(
+    output: &Path,
+    fill: impl FnOnce(&Path) -> Result<()>,
+) -> Result<()> {
+    recover_directory(output)?;
+    let name = output
+        .file_name()
+        .context("the output path has no name")?
+        .to_string_lossy()
+        .into_owned();
+    let next = parent_dir(output).join(format!("{name}.next"));
+    let old = parent_dir(output).join(format!("{name}.old"));
+    let _ = fs::remove_dir_all(&next);
+    new_directory(&next, fill)?;
+    if output.exists() {
+        fs::rename(output, &old).with_context(|| format!("moving {} aside", output.display()))?;
+    }
+    fs::rename(&next, output).with_context(|| format!("renaming into {}", output.display()))?;
+    let _ = fs::remove_dir_all(&old);
+    Ok(())
+}
+
+/// Undoes a [`replace_directory`] cut off between its renames.
+pub(crate) fn recover_directory(output: &Path) -> Result<()> {
+    let name = output
+        .file_name()
+        .context("the output path has no name")?
+        .to_string_lossy()
+        .into_owned();
+    let old = parent_dir(output).join(format!("{name}.old"));
+    if !output.exists() && old.is_dir() {
+        fs::rename(&old, output).with_context(|| format!("restoring {}", output.display()))?;
+    }
+    Ok(())
+}
+
 /// Copies the plain files of `from` into `to`, except those `skip` names (tokenizer, generation
 /// config and the like travel with a converted model).
 pub(crate) fn copy_other_files(from: &Path, to: &Path, skip: impl Fn(&str) -> bool) -> Result<()> {

@@ -6,11 +6,16 @@
 //! place only when complete, so a failure never leaves a half-written file behind.
 #![forbid(unsafe_code)]
 
+mod assets;
+mod compare;
 mod convert;
 mod io;
 mod logits;
 mod merge;
 mod plot;
+mod pretrain;
+mod progress;
+mod train;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -83,6 +88,15 @@ enum Command {
     /// Fold a LoRA adapter into its base model (W += s·BA for every targeted projection) and write
     /// an HF model directory that loads without PEFT.
     Merge(merge::MergeArgs),
+    /// Train a small Llama from scratch on a text corpus (tokenizer included) and write an HF
+    /// model directory; makes the embedded default model.
+    Pretrain(pretrain::PretrainArgs),
+    /// Fine-tune a model with one PEFT method on the CPU (no arguments: QLoRA on the embedded
+    /// model and task); writes the adapter, a JSONL log, a loss plot and checkpoints.
+    Train(train::TrainArgs),
+    /// Run every PEFT method on the same model, data and budget and print the table to choose
+    /// by (also written as Markdown, CSV and a plot of all loss curves).
+    Compare(compare::CompareArgs),
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -128,6 +142,9 @@ fn main() -> ExitCode {
         } => dequantize(&input, &output, dtype.map(DType::from), &device),
         Command::Logits(args) => logits::run(&args),
         Command::Merge(args) => merge::run(&args),
+        Command::Pretrain(args) => pretrain::run(&args),
+        Command::Train(args) => train::run(&args),
+        Command::Compare(args) => compare::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,249 @@
+//! `qadapt train` and `qadapt compare` on the embedded model and task (short runs): what lands
+//! on disk, exact resume after an interruption, the NaN stop, and bad input.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn qadapt(args: &[&str], cwd: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_qadapt"))
+        .args(args)
+        .current_dir(cwd)
+        .output()
+        .unwrap()
+}
+
+fn ok(o: &Output) -> String {
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(o.status.success(), "failed: {err}");
+    err
+}
+
+fn fails(o: &Output) -> String {
+    assert!(!o.status.success(), "should fail");
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "one error line: {err}");
+    assert!(
+        err.trim_end().ends_with(errors[0]),
+        "the error comes last: {err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    err
+}
+
+fn step_losses(dir: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(dir.join("log.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter_map(|v| Some((v.get("step")?.as_u64()?, v.get("loss")?.as_f64()?)))
+        .collect()
+}
+
+const SHORT: [&str; 6] = ["--steps", "6", "--batch", "4", "--checkpoint-every", "2"];
+
+#[test]
+fn a_run_writes_a_peft_adapter_a_log_a_plot_and_a_summary() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let o = qadapt(
+        &[
+            &["train", "--method", "lora", "--output", "run"][..],
+            &SHORT,
+        ]
+        .concat(),
+        tmp.path(),
+    );
+    let err = ok(&o);
+    assert!(err.contains("before: exact match"), "{err}");
+    assert!(err.contains("after:  exact match"), "{err}");
+    for f in [
+        "run.toml",
+        "log.jsonl",
+        "loss.png",
+        "summary.json",
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "checkpoint/state.json",
+        "checkpoint/tensors.safetensors",
+    ] {
+        assert!(out.join(f).is_file(), "missing {f}");
+    }
+    let losses = step_losses(&out);
+    assert_eq!(
+        losses.iter().map(|l| l.0).collect::<Vec<_>>(),
+        [1, 2, 3, 4, 5, 6]
+    );
+    assert!(losses.iter().all(|l| l.1.is_finite() && l.1 > 0.0));
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("adapter/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cfg["peft_type"], "LORA");
+    assert_eq!(cfg["r"], 8);
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    // r (in + out) per projection: 4 layers x (q 192+192, k 192+64, v 192+64, o 192+192,
+    // gate 192+512, up 192+512, down 512+192) x 8.
+    assert_eq!(
+        summary["trainable_params"],
+        4 * 8 * (384 + 256 + 256 + 384 + 704 * 3)
+    );
+    assert_eq!(summary["steps"], 6);
+    // The PNG signature.
+    assert_eq!(
+        &std::fs::read(out.join("loss.png")).unwrap()[..8],
+        b"\x89PNG\r\n\x1a\n"
+    );
+    // The output directory is never reused silently.
+    let again = qadapt(&["train", "--output", "run", "--steps", "1"], tmp.path());
+    assert!(fails(&again).contains("already exists"));
+}
+
+#[test]
+fn an_interrupted_run_resumes_to_the_same_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let common = [
+        &["train", "--method", "lora", "--lora-dropout", "0.1"][..],
+        &SHORT,
+    ]
+    .concat();
+    ok(&qadapt(
+        &[&common[..], &["--output", "whole"]].concat(),
+        tmp.path(),
+    ));
+    let cut = qadapt(
+        &[&common[..], &["--output", "cut", "--interrupt-after", "3"]].concat(),
+        tmp.path(),
+    );
+    let err = ok(&cut);
+    assert!(err.contains("interrupted at step 3"), "{err}");
+    assert!(!tmp.path().join("cut/adapter").exists());
+    assert_eq!(step_losses(&tmp.path().join("cut")).len(), 3);
+    // Other options are refused with --resume.
+    let bad = qadapt(&["train", "--resume", "cut", "--steps", "9"], tmp.path());
+    assert!(fails(&bad).contains("--resume"));
+    let err = ok(&qadapt(&["train", "--resume", "cut"], tmp.path()));
+    assert!(err.contains("resuming at step 3 of 6"), "{err}");
+    let read = |d: &str| {
+        std::fs::read(tmp.path().join(d).join("adapter/adapter_model.safetensors")).unwrap()
+    };
+    assert_eq!(read("whole"), read("cut"), "resumed weights differ");
+    assert_eq!(
+        step_losses(&tmp.path().join("whole")),
+        step_losses(&tmp.path().join("cut"))
+    );
+}
+
+#[test]
+fn a_diverging_run_stops_with_a_clear_message_and_keeps_its_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = qadapt(
+        &[
+            "train",
+            "--method",
+            "full",
+            "--output",
+            "nan",
+            "--steps",
+            "20",
+            "--batch",
+            "2",
+            "--checkpoint-every",
+            "1",
+            "--lr",
+            "1e30",
+            "--max-grad-norm",
+            "0",
+        ],
+        tmp.path(),
+    );
+    let err = fails(&o);
+    assert!(err.contains("the loss is"), "{err}");
+    assert!(err.contains("last good checkpoint"), "{err}");
+    let st: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(tmp.path().join("nan/checkpoint/state.json")).unwrap(),
+    )
+    .unwrap();
+    let step = st["step"].as_u64().unwrap();
+    assert!(step >= 1 && step < 20, "checkpoint at step {step}");
+}
+
+#[test]
+fn bad_data_is_reported_with_file_and_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("d.jsonl");
+    let mut text = String::new();
+    for i in 0..12 {
+        text += &format!(
+            "{{\"prompt\": \"review: the soup was great {i}.\\nsentiment:\", \"completion\": \" positive\"}}\n"
+        );
+    }
+    text += "{not json\n";
+    std::fs::write(&data, &text).unwrap();
+    let d = data.to_str().unwrap();
+    let o = qadapt(
+        &[
+            "train", "--data", d, "--output", "a", "--steps", "1", "--batch", "2",
+        ],
+        tmp.path(),
+    );
+    let err = ok(&o);
+    assert!(err.contains("d.jsonl:13:"), "{err}");
+    assert!(err.contains("1 malformed line(s) skipped"), "{err}");
+    let strict = qadapt(
+        &[
+            "train", "--data", d, "--output", "b", "--steps", "1", "--strict",
+        ],
+        tmp.path(),
+    );
+    assert!(fails(&strict).contains("d.jsonl:13"));
+    let empty = tmp.path().join("empty.jsonl");
+    std::fs::write(&empty, "\n\n").unwrap();
+    let o = qadapt(
+        &["train", "--data", empty.to_str().unwrap(), "--output", "c"],
+        tmp.path(),
+    );
+    assert!(fails(&o).contains("no usable example"));
+    let o = qadapt(
+        &["train", "--data", d, "--output", "e", "--max-len", "5"],
+        tmp.path(),
+    );
+    assert!(fails(&o).contains("no usable example"));
+}
+
+#[test]
+fn cuda_without_a_device_is_an_error_not_a_panic() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = qadapt(&["train", "--device", "cuda", "--output", "x"], tmp.path());
+    let err = fails(&o);
+    assert!(err.contains("cuda") || err.contains("CUDA"), "{err}");
+}
+
+#[test]
+fn compare_tabulates_every_requested_method() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = qadapt(
+        &[
+            "compare",
+            "--methods",
+            "lora,ia3,top-k",
+            "--steps",
+            "2",
+            "--batch",
+            "2",
+            "--output",
+            "cmp",
+        ],
+        tmp.path(),
+    );
+    ok(&o);
+    let table = String::from_utf8_lossy(&o.stdout);
+    for m in ["| lora |", "| ia3 |", "| top-k |"] {
+        assert!(table.contains(m), "{table}");
+    }
+    let csv = std::fs::read_to_string(tmp.path().join("cmp/compare.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 4);
+    assert!(tmp.path().join("cmp/losses.png").is_file());
+    assert!(tmp.path().join("cmp/compare.md").is_file());
+}
