@@ -118,3 +118,22 @@ transformers-check python="python3": setup
             {{python}} tests/data/check_transformers_reads.py "tests/data/$model" "$tmp/$model$dq" 2>/dev/null | tail -n 2
         done
     done
+
+
+# Train LoRA and QLoRA adapters with `qadapt train` on the embedded model, then have PEFT load
+# each over the same base (4-bit through bitsandbytes for QLoRA) and compare its logits and loss
+# with `qadapt logits` (needs torch + transformers + peft + bitsandbytes, see tests/data/README.md).
+train-check python="python3": setup
+    #!/usr/bin/env bash
+    set -euo pipefail
+    cargo build --release -q -p qadapt-cli
+    tmp=$(mktemp -d)
+    model=crates/qadapt-cli/assets/default-model
+    {{python}} -c "import torch; from safetensors.torch import save_file; g = torch.Generator().manual_seed(0); save_file({'input_ids': torch.randint(3, 512, (2, 24), generator=g)}, '$tmp/ids.safetensors')"
+    for m in lora qlora; do
+        echo "== qadapt train --method $m --steps 40"
+        target/release/qadapt train --method $m --steps 40 --output "$tmp/$m" --quiet
+        nf4=""; [ $m = qlora ] && nf4="--nf4"
+        target/release/qadapt logits --model $model --adapter "$tmp/$m/adapter" $nf4 --tokens "$tmp/ids.safetensors" --out "$tmp/$m.safetensors"
+        {{python}} tests/data/check_peft_reads_train.py $model "$tmp/$m/adapter" "$tmp/ids.safetensors" "$tmp/$m.safetensors" $nf4 2>/dev/null | tail -n 1
+    done

@@ -19,7 +19,7 @@ pub(crate) struct CompareArgs {
     #[arg(long, value_enum, value_delimiter = ',')]
     methods: Option<Vec<Method>>,
     /// Optimizer steps per method (the same budget for all).
-    #[arg(long, default_value_t = 150)]
+    #[arg(long, default_value_t = 300)]
     steps: u64,
     /// Sequences per step.
     #[arg(long, default_value_t = 16)]

@@ -106,8 +106,7 @@ impl Method {
         match self {
             Method::Full | Method::TopK | Method::Surgical | Method::SurgicalAuto => 1e-3,
             Method::Lora | Method::Qlora | Method::Adapter => 3e-3,
-            Method::Prefix => 1e-2,
-            Method::Prompt | Method::Ia3 => 3e-2,
+            Method::Prompt | Method::Prefix | Method::Ia3 => 3e-2,
         }
     }
 }
@@ -169,7 +168,7 @@ impl Default for Settings {
             heldout_data: String::new(),
             heldout: 200,
             device: "cpu".into(),
-            steps: 150,
+            steps: 300,
             batch: 16,
             grad_accum: 1,
             lr: 0.0,
