@@ -46,6 +46,24 @@ build: setup
 test: setup
     QADAPT_REQUIRE_CUDA=1 cargo test --workspace
 
+# Fine-tune the embedded model on the embedded task (QLoRA, CPU, about a minute on two cores);
+# extra arguments go to `qadapt train` (e.g. `just train --method prompt`).
+train *args="":
+    cargo run --release -q -p qadapt-cli -- train {{args}}
+
+# Every PEFT method on the embedded task with the same budget: the table of the README.
+compare *args="":
+    cargo run --release -q -p qadapt-cli -- compare {{args}}
+
+# Regenerate the embedded default: the corpus and task (assets/make_task.py), then pretrain the
+# model on the corpus (about 15 minutes on two cores) into assets/default-model.
+make-default:
+    python3 crates/qadapt-cli/assets/make_task.py
+    rm -rf crates/qadapt-cli/assets/default-model.new
+    cargo run --release -q -p qadapt-cli -- pretrain --corpus crates/qadapt-cli/assets/corpus.txt --out crates/qadapt-cli/assets/default-model.new --steps 1500
+    rm -rf crates/qadapt-cli/assets/default-model
+    mv crates/qadapt-cli/assets/default-model.new crates/qadapt-cli/assets/default-model
+
 # ptxas registers/spills and SASS instruction checks for every kernel, as a table.
 kernel-report: setup
     QADAPT_REQUIRE_CUDA=1 cargo test -p qadapt-kernels --test static_report -- --nocapture

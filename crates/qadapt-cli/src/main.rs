@@ -93,7 +93,7 @@ enum Command {
     Pretrain(pretrain::PretrainArgs),
     /// Fine-tune a model with one PEFT method on the CPU (no arguments: QLoRA on the embedded
     /// model and task); writes the adapter, a JSONL log, a loss plot and checkpoints.
-    Train(train::TrainArgs),
+    Train(Box<train::TrainArgs>),
     /// Run every PEFT method on the same model, data and budget and print the table to choose
     /// by (also written as Markdown, CSV and a plot of all loss curves).
     Compare(compare::CompareArgs),

@@ -1057,7 +1057,6 @@ pub(crate) fn run(a: &TrainArgs) -> Result<()> {
         }
         let lr = sched.lr(trainer.steps() + 1);
         let st = trainer.apply(&mut model, &mut what, lr, surgery.lr_scales())?;
-        drop(what);
         ck.step += 1;
         ck.tokens += seen as u64;
         let (epoch, cursor) = sampler.position();
@@ -1153,13 +1152,16 @@ pub(crate) fn run(a: &TrainArgs) -> Result<()> {
     };
     // Manual surgery ends with its kept group as the state.
     let trainable_params = state.trainable().num_params(&model)?;
-    if let (Surgery::Manual { groups, best, .. }, true) = (&surgery, s.method == Method::Surgical) {
-        if let Some((b, v)) = best {
-            say(format!(
-                "surgical: kept {} ({} parameters, validation loss {v:.4})",
-                groups[*b], trainable_params
-            ));
-        }
+    if let Surgery::Manual {
+        groups,
+        best: Some((b, v)),
+        ..
+    } = &surgery
+    {
+        say(format!(
+            "surgical: kept {} ({} parameters, validation loss {v:.4})",
+            groups[*b], trainable_params
+        ));
     }
     let summary = Summary {
         method: s.method.name().to_string(),

@@ -166,7 +166,7 @@ fn a_diverging_run_stops_with_a_clear_message_and_keeps_its_checkpoint() {
     )
     .unwrap();
     let step = st["step"].as_u64().unwrap();
-    assert!(step >= 1 && step < 20, "checkpoint at step {step}");
+    assert!((1..20).contains(&step), "checkpoint at step {step}");
 }
 
 #[test]
