@@ -9,6 +9,7 @@
 mod assets;
 mod compare;
 mod convert;
+mod generate;
 mod io;
 mod logits;
 mod merge;
@@ -88,6 +89,9 @@ enum Command {
     /// Fold a LoRA adapter into its base model (W += s·BA for every targeted projection) and write
     /// an HF model directory that loads without PEFT.
     Merge(merge::MergeArgs),
+    /// Generate text from a model and optional adapters (KV cache, greedy or temperature/top-p
+    /// sampling); one batch may serve several adapters, each prompt naming its own.
+    Generate(generate::GenerateArgs),
     /// Train a small Llama from scratch on a text corpus (tokenizer included) and write an HF
     /// model directory; makes the embedded default model.
     Pretrain(pretrain::PretrainArgs),
@@ -142,6 +146,7 @@ fn main() -> ExitCode {
         } => dequantize(&input, &output, dtype.map(DType::from), &device),
         Command::Logits(args) => logits::run(&args),
         Command::Merge(args) => merge::run(&args),
+        Command::Generate(args) => generate::run(&args),
         Command::Pretrain(args) => pretrain::run(&args),
         Command::Train(args) => train::run(&args),
         Command::Compare(args) => compare::run(&args),
