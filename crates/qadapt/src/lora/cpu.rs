@@ -21,12 +21,12 @@
 //! tolerance that covers that.
 
 use half::bf16;
-use ndarray::linalg::general_mat_mul;
 use ndarray::{Array2, ArrayView2, ArrayViewMut2, s};
 use rayon::prelude::*;
 
 use super::{LoraRef, LoraShape, WeightRef};
 use crate::error::{Result, shape_err};
+use crate::ops::linear::gemm;
 
 fn widen(v: &[bf16]) -> Vec<f32> {
     v.par_iter()
@@ -135,7 +135,7 @@ pub fn forward(
             .for_each(|row| row.copy_from_slice(&bf));
     }
     let xv = view(m, k, &xf);
-    general_mat_mul(
+    gemm(
         1.0,
         &xv,
         &view(n, k, &wf).t(),
@@ -146,7 +146,7 @@ pub fn forward(
         // t = x A_all^T for every adapter at once, then keep the row's own adapter, scaled.
         let af = widen(lora.a);
         let mut t = vec![0f32; m * rt];
-        general_mat_mul(
+        gemm(
             1.0,
             &xv,
             &view(rt, k, &af).t(),
@@ -169,7 +169,7 @@ pub fn forward(
             });
         let uf = widen(u);
         let bcat = bcat_f32(shape, lora.b);
-        general_mat_mul(
+        gemm(
             1.0,
             &view(m, rt, &uf),
             &view(n, rt, &bcat).t(),
@@ -241,7 +241,7 @@ pub fn backward(
     let mut dxf = vec![0f32; m * k];
     let dyv = view(m, n, &dyf);
     let xv = view(m, k, &xf);
-    general_mat_mul(
+    gemm(
         1.0,
         &dyv,
         &view(n, k, &wf),
@@ -271,17 +271,17 @@ pub fn backward(
             };
             // g = s dy B  [rows, r]
             let mut g = Array2::<f32>::zeros((rows.len(), r));
-            general_mat_mul(s, &dy_a, &b_mat, 0.0, &mut g);
+            gemm(s, &dy_a, &b_mat, 0.0, &mut g);
             // dx rows += g A
             let mut dx_a = Array2::<f32>::zeros((rows.len(), k));
-            general_mat_mul(1.0, &g, &a_mat, 0.0, &mut dx_a);
+            gemm(1.0, &g, &a_mat, 0.0, &mut dx_a);
             let mut dxv = view_mut(m, k, &mut dxf);
             for (i, &row) in rows.iter().enumerate() {
                 let mut dst = dxv.slice_mut(s![row, ..]);
                 dst += &dx_a.row(i);
             }
             // dA += g^T x
-            general_mat_mul(
+            gemm(
                 1.0,
                 &g.t(),
                 &x_a,
@@ -290,8 +290,8 @@ pub fn backward(
             );
             // dB += s dy^T (x A^T)
             let mut t = Array2::<f32>::zeros((rows.len(), r));
-            general_mat_mul(1.0, &x_a, &a_mat.t(), 0.0, &mut t);
-            general_mat_mul(
+            gemm(1.0, &x_a, &a_mat.t(), 0.0, &mut t);
+            gemm(
                 s,
                 &dy_a.t(),
                 &t,
@@ -328,7 +328,7 @@ pub fn forward_unfused(
     let xf = widen(x);
     let wf = weight_f32(shape, w)?;
     let mut base = vec![0f32; m * n];
-    general_mat_mul(
+    gemm(
         1.0,
         &view(m, k, &xf),
         &view(n, k, &wf).t(),
@@ -338,7 +338,7 @@ pub fn forward_unfused(
     let base_bf: Vec<bf16> = base.iter().map(|v| bf16::from_f32(*v)).collect();
     let af = widen(&lora.a[..r * k]);
     let mut t = vec![0f32; m * r];
-    general_mat_mul(
+    gemm(
         1.0,
         &view(m, k, &xf),
         &view(r, k, &af).t(),
@@ -348,7 +348,7 @@ pub fn forward_unfused(
     let tf: Vec<f32> = t.iter().map(|v| bf16::from_f32(*v).to_f32()).collect();
     let bfv = widen(&lora.b[..n * r]);
     let mut l = vec![0f32; m * n];
-    general_mat_mul(
+    gemm(
         lora.scales[0],
         &view(m, r, &tf),
         &view(n, r, &bfv).t(),
@@ -390,7 +390,7 @@ pub fn add_delta(
     }
     let af = widen(&lora.a[adapter * r * k..(adapter + 1) * r * k]);
     let bf = widen(&lora.b[adapter * n * r..(adapter + 1) * n * r]);
-    general_mat_mul(
+    gemm(
         sign * lora.scales[adapter],
         &view(n, r, &bf),
         &view(r, k, &af),

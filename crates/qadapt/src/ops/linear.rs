@@ -5,13 +5,92 @@
 //! backward  dx[n, i] (=|+=) sum_o dy[n, o] W[o, i]         dx = dy W
 //!           dW[o, i] +=     sum_n dy[n, o] x[n, i]         dW = dy^T x   (always accumulated)
 //! ```
-//! All three are one GEMM each on views of the slices (no copies, no transposes materialized).
+//! All three are one GEMM each on views of the slices (no copies, no transposes materialized),
+//! through [`gemm`]: matrixmultiply's single-threaded kernel on blocks of the output, the blocks
+//! run on rayon's pool.
+//!
+//! Why not matrixmultiply's own threading: it keeps a second thread pool beside rayon's, and on a
+//! machine with few cores the two pools' idle workers spin (`sched_yield`) while the other pool
+//! works; in a training step that took about a sixth of the CPU time (BENCHMARKS.md, "CPU LoRA
+//! training step"). One pool that runs the GEMM blocks and the elementwise ops alike has no such
+//! contention.
 
 use ndarray::linalg::general_mat_mul;
-use ndarray::{ArrayView2, ArrayViewMut2};
+use ndarray::{ArrayBase, ArrayView2, ArrayViewMut2, Axis, Data, DataMut, Ix2};
+use rayon::prelude::*;
 
 use super::{Accumulate, Real, check_len};
 use crate::error::Result;
+
+/// Below this many multiply-adds (`m * n * k`) a product runs as one block: splitting it costs
+/// more in dispatch and in packing the shared operand twice than the second core gives back.
+const SPLIT_MIN_WORK: usize = 1 << 18;
+
+/// Block sizes are multiples of this (matrixmultiply's f32 and f64 micro-tiles divide it), so only
+/// the last block has a ragged edge.
+const BLOCK_ALIGN: usize = 16;
+
+/// `c = alpha a b + beta c` (ndarray's `general_mat_mul`, any strides), split over rayon's pool:
+/// `c` is cut into one block per thread, along its rows (with the matching rows of `a`) when it
+/// has at least as many rows as columns, else along its columns (with the matching columns of
+/// `b`). Each block is one single-threaded matrixmultiply call over the whole inner dimension, so
+/// each element of `c` is the same sum in the same order whatever the split (the test checks it
+/// bit for bit).
+pub(crate) fn gemm<T, S1, S2, S3>(
+    alpha: T,
+    a: &ArrayBase<S1, Ix2>,
+    b: &ArrayBase<S2, Ix2>,
+    beta: T,
+    c: &mut ArrayBase<S3, Ix2>,
+) where
+    T: Real,
+    S1: Data<Elem = T>,
+    S2: Data<Elem = T>,
+    S3: DataMut<Elem = T>,
+{
+    let (m, k) = a.dim();
+    let n = b.ncols();
+    let blocks = if m * n * k < SPLIT_MIN_WORK {
+        1
+    } else {
+        rayon::current_num_threads()
+    };
+    gemm_blocks(blocks, alpha, &a.view(), &b.view(), beta, &mut c.view_mut());
+}
+
+/// [`gemm`] in at most `blocks` blocks.
+fn gemm_blocks<T: Real>(
+    blocks: usize,
+    alpha: T,
+    a: &ArrayView2<'_, T>,
+    b: &ArrayView2<'_, T>,
+    beta: T,
+    c: &mut ArrayViewMut2<'_, T>,
+) {
+    let (m, n) = c.dim();
+    let along = if m >= n { Axis(0) } else { Axis(1) };
+    let len = c.len_of(along);
+    let size = len.div_ceil(blocks.max(1)).next_multiple_of(BLOCK_ALIGN);
+    if blocks <= 1 || size >= len {
+        general_mat_mul(alpha, a, b, beta, c);
+        return;
+    }
+    if along == Axis(0) {
+        let jobs: Vec<_> = a
+            .axis_chunks_iter(Axis(0), size)
+            .zip(c.axis_chunks_iter_mut(Axis(0), size))
+            .collect();
+        jobs.into_par_iter()
+            .for_each(|(a, mut c)| general_mat_mul(alpha, &a, b, beta, &mut c));
+    } else {
+        let jobs: Vec<_> = b
+            .axis_chunks_iter(Axis(1), size)
+            .zip(c.axis_chunks_iter_mut(Axis(1), size))
+            .collect();
+        jobs.into_par_iter()
+            .for_each(|(b, mut c)| general_mat_mul(alpha, a, &b, beta, &mut c));
+    }
+}
 
 /// Sizes of a linear layer applied to `rows` row vectors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,7 +123,7 @@ pub fn forward<T: Real>(
     check_len(OP, "x", x, s.rows * s.inp)?;
     check_len(OP, "w", w, s.out * s.inp)?;
     check_len(OP, "y", y, s.rows * s.out)?;
-    general_mat_mul(
+    gemm(
         T::ONE,
         &view(s.rows, s.inp, x),
         &view(s.out, s.inp, w).t(),
@@ -70,7 +149,7 @@ pub fn backward<T: Real>(
     let dyv = view(s.rows, s.out, dy);
     if let Some((dx, acc)) = dx {
         check_len(OP, "dx", dx, s.rows * s.inp)?;
-        general_mat_mul(
+        gemm(
             T::ONE,
             &dyv,
             &view(s.out, s.inp, w),
@@ -80,7 +159,7 @@ pub fn backward<T: Real>(
     }
     if let Some(dw) = dw {
         check_len(OP, "dw", dw, s.out * s.inp)?;
-        general_mat_mul(
+        gemm(
             T::ONE,
             &dyv.t(),
             &view(s.rows, s.inp, x),
@@ -112,6 +191,38 @@ mod tests {
         assert_eq!(y, [-4.0, 14.0, -2.0, -3.0]);
         let err = forward(s, &x[..5], &w, &mut y, Accumulate::Add).unwrap_err();
         assert!(err.to_string().contains("x of 6"), "{err}");
+    }
+
+    #[test]
+    fn split_gemm_equals_one_block_bit_for_bit() {
+        // Tall (split by rows), wide (split by columns), transposed operands, ragged last blocks.
+        for (m, k, n, at) in [
+            (300, 70, 40, false),
+            (9, 500, 203, true),
+            (150, 33, 150, true),
+        ] {
+            let a = rand_vec(5, m * k);
+            let b = rand_vec(6, k * n);
+            let c0 = rand_vec(7, m * n);
+            let av = if at {
+                view(k, m, &a).reversed_axes()
+            } else {
+                view(m, k, &a)
+            };
+            let bv = view(k, n, &b);
+            let mut want = c0.clone();
+            gemm_blocks(1, 0.5, &av, &bv, 1.0, &mut view_mut(m, n, &mut want));
+            for blocks in [2, 3, 5] {
+                let mut got = c0.clone();
+                gemm_blocks(blocks, 0.5, &av, &bv, 1.0, &mut view_mut(m, n, &mut got));
+                assert!(
+                    got.iter()
+                        .zip(&want)
+                        .all(|(g, w)| g.to_bits() == w.to_bits()),
+                    "{m}x{k}x{n} in {blocks} blocks"
+                );
+            }
+        }
     }
 
     #[test]
