@@ -1155,9 +1155,15 @@ pub(crate) fn run(a: &TrainArgs) -> Result<()> {
     if let Surgery::Manual {
         groups,
         best: Some((b, v)),
+        per,
         ..
     } = &surgery
     {
+        // The kept group's last training loss, not the last group's.
+        let end = (*b as u64 + 1) * per;
+        if let Some(&(_, l)) = read_losses(&out).iter().find(|(st, _)| *st as u64 == end) {
+            last_loss = l;
+        }
         say(format!(
             "surgical: kept {} ({} parameters, validation loss {v:.4})",
             groups[*b], trainable_params
