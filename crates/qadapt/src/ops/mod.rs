@@ -5,8 +5,9 @@
 //! Every op is generic over [`Real`] (f32 and f64): the model runs in f32, and the
 //! finite-difference gradient checks run the very same code in f64. Activations are row-major
 //! `[rows, cols]` slices where `rows = batch * seq` (token-major), so a `[B, T, H, D]` tensor is a
-//! `[B*T, H*D]` matrix and no op needs a transpose copy. Matrix products go through ndarray's
-//! `general_mat_mul` (matrixmultiply, threaded) on views of those slices.
+//! `[B*T, H*D]` matrix and no op needs a transpose copy. Matrix products are matrixmultiply's
+//! kernel on views of those slices, split over rayon's pool by `linear::gemm` (attention's small
+//! per-head products run one per rayon task instead).
 //!
 //! Contracts shared by every backward: inputs are the forward's inputs (and whatever the forward
 //! saved, named in each op), gradients of *parameters* are always accumulated into (so several
