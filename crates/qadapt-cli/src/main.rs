@@ -1,9 +1,11 @@
 //! The `qadapt` binary.
 //!
 //! `quantize` and `dequantize` convert safetensors files and HF model directories to and from the
-//! bitsandbytes 4-bit layout that transformers reads (see `qadapt::nf4::bnb` and `convert`). Errors print one line and exit with a
-//! non-zero status; an output file is written to a temporary name beside it and renamed into
-//! place only when complete, so a failure never leaves a half-written file behind.
+//! bitsandbytes 4-bit layout that transformers reads (see `qadapt::nf4::bnb` and `convert`);
+//! `logits`, `merge` and `generate` run a model with PEFT adapters; `pretrain`, `train` and
+//! `compare` train (see `train` for the run directory). Errors print one line and exit with a
+//! non-zero status; outputs are written beside their final name and renamed into place only when
+//! complete, so a failure never leaves a half-written file behind.
 #![forbid(unsafe_code)]
 
 mod assets;
@@ -31,7 +33,7 @@ use regex::Regex;
 #[command(
     name = "qadapt",
     version,
-    about = "Quantized adapters: NF4 quantization in the bitsandbytes layout, on the CPU or CUDA",
+    about = "Quantized adapters: NF4 in the bitsandbytes layout, every PEFT method trained on the CPU, PEFT files in and out",
     long_about = None
 )]
 struct Cli {
