@@ -11,10 +11,11 @@
 //!   without "adapter" (or with null) the prompt uses the default adapter if there is one, else
 //!   the base.
 //!
-//! Prompts are encoded with the model directory's `tokenizer.json` with its special tokens (as
-//! `tokenizer(text)` does in transformers); generation stops at the `eos_token_id`s of
-//! `generation_config.json` or else `config.json`, or after `--max-new-tokens` (lowered, with a
-//! warning, to what `max_position_embeddings` leaves). Completions go to stdout (text, or JSON
+//! Without `--model` the embedded model of `qadapt train` is used. Prompts are encoded with the
+//! model directory's `tokenizer.json` with its special tokens (as `tokenizer(text)` does in
+//! transformers); generation stops at the `eos_token_id`s of `generation_config.json` or else
+//! `config.json`, or after `--max-new-tokens` (lowered, with a warning, to what
+//! `max_position_embeddings` leaves). Completions go to stdout (text, or JSON
 //! lines with `--format jsonl`), the throughput to stderr.
 
 use std::collections::HashMap;
@@ -48,9 +49,10 @@ A --prompts line without \"adapter\" (or with null) uses the default adapter if 
 else the base. Generation stops at an eos id of generation_config.json or config.json."
 )]
 pub(crate) struct GenerateArgs {
-    /// HF Llama directory (config.json, weights, tokenizer.json).
+    /// HF Llama directory (config.json, weights, tokenizer.json); default: the embedded model
+    /// that `qadapt train` fine-tunes without --model.
     #[arg(long)]
-    model: PathBuf,
+    model: Option<PathBuf>,
     /// PEFT adapter directory (LORA, IA3, PROMPT_TUNING, PREFIX_TUNING, HOULSBY), as DIR (the
     /// adapter "default") or NAME=DIR; repeat for several. A batch may mix adapters of any kind.
     #[arg(long = "adapter", value_name = "[NAME=]DIR")]
@@ -192,11 +194,15 @@ pub(crate) fn run(a: &GenerateArgs) -> Result<()> {
     let specs = adapter_specs(&a.adapters)?;
     let named = specs.iter().any(|(n, _)| n != DEFAULT);
     let raw = read_prompts(a, named)?;
-    let mut dir = LlamaDir::open(&a.model)?;
+    let model_path = match &a.model {
+        Some(p) => p.clone(),
+        None => crate::assets::model_dir()?,
+    };
+    let mut dir = LlamaDir::open(&model_path)?;
     let tok = dir.tokenizer.take().with_context(|| {
         format!(
             "{} has no tokenizer.json (generate needs it to encode prompts and decode tokens)",
-            a.model.display()
+            model_path.display()
         )
     })?;
     if a.nf4 {
@@ -211,7 +217,7 @@ pub(crate) fn run(a: &GenerateArgs) -> Result<()> {
                 format!(
                     "adapter {name:?} ({}) does not load for the model {}",
                     d.display(),
-                    a.model.display()
+                    model_path.display()
                 )
             })
         })
@@ -273,7 +279,7 @@ pub(crate) fn run(a: &GenerateArgs) -> Result<()> {
     let opts = GenerateOptions {
         max_new_tokens: max_new,
         sampling,
-        eos: eos_ids(&a.model)?,
+        eos: eos_ids(&model_path)?,
         seed: a.seed,
     };
     let start = Instant::now();

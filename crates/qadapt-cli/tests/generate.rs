@@ -363,3 +363,20 @@ fn bad_inputs_fail_with_a_clear_message() {
     ok(&r);
     assert!(String::from_utf8_lossy(&r.stderr).contains("lowered to 62"));
 }
+
+#[test]
+fn without_a_model_it_uses_the_embedded_one() {
+    let r = qadapt(&[
+        "generate",
+        "--prompt",
+        "the soup was bland. aspect: soup",
+        "--max-new-tokens",
+        "3",
+        "--format",
+        "jsonl",
+    ]);
+    let out = lines(&ok(&r));
+    assert_eq!(out.len(), 1);
+    let n = tokens(&out[0]).len();
+    assert!((1..=3).contains(&n), "{out:?}");
+}
