@@ -155,13 +155,8 @@ pub(crate) fn replace_directory(
     fill: impl FnOnce(&Path) -> Result<()>,
 ) -> Result<()> {
     recover_directory(output)?;
-    let name = output
-        .file_name()
-        .context("the output path has no name")?
-        .to_string_lossy()
-        .into_owned();
-    let next = parent_dir(output).join(format!("{name}.next"));
-    let old = parent_dir(output).join(format!("{name}.old"));
+    let next = sibling(output, "next")?;
+    let old = sibling(output, "old")?;
     let _ = fs::remove_dir_all(&next);
     new_directory(&next, fill)?;
     if output.exists() {
@@ -172,14 +167,18 @@ pub(crate) fn replace_directory(
     Ok(())
 }
 
-/// Undoes a [`replace_directory`] cut off between its renames.
-pub(crate) fn recover_directory(output: &Path) -> Result<()> {
+/// `<output>.<suffix>` beside `output`.
+fn sibling(output: &Path, suffix: &str) -> Result<PathBuf> {
     let name = output
         .file_name()
         .context("the output path has no name")?
-        .to_string_lossy()
-        .into_owned();
-    let old = parent_dir(output).join(format!("{name}.old"));
+        .to_string_lossy();
+    Ok(parent_dir(output).join(format!("{name}.{suffix}")))
+}
+
+/// Undoes a [`replace_directory`] cut off between its renames.
+pub(crate) fn recover_directory(output: &Path) -> Result<()> {
+    let old = sibling(output, "old")?;
     if !output.exists() && old.is_dir() {
         fs::rename(&old, output).with_context(|| format!("restoring {}", output.display()))?;
     }

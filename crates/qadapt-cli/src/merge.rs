@@ -7,12 +7,11 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use clap::Args;
 use qadapt::DType;
-use qadapt::nf4::bnb::OnDiskTensor;
-use qadapt_train::merge::{Fold, fold, named_tensors};
+use qadapt_train::merge::{Fold, fold};
 use qadapt_train::{LlamaDir, lora};
 
 use crate::OutDType;
-use crate::io::{copy_other_files, new_directory, write_safetensors};
+use crate::io::{copy_other_files, new_directory};
 
 #[derive(Args, Debug)]
 pub(crate) struct MergeArgs {
@@ -51,19 +50,13 @@ pub(crate) fn run(a: &MergeArgs) -> Result<()> {
         .map(DType::from)
         .or_else(|| config_dtype(&a.model))
         .unwrap_or(DType::F32);
-    let tensors: Vec<OnDiskTensor> = named_tensors(&dir.config, &weights, dtype)
-        .into_iter()
-        .map(|(name, shape, v)| OnDiskTensor {
-            name,
-            dtype: crate::convert::safetensors_dtype(dtype),
-            shape,
-            data: v.as_bytes().to_vec(),
-        })
-        .collect();
     new_directory(&a.out, |tmp| {
-        let mut meta = std::collections::HashMap::new();
-        meta.insert("format".to_string(), "pt".to_string());
-        write_safetensors(&tmp.join("model.safetensors"), &tensors, Some(meta))?;
+        crate::pretrain::write_weights(
+            &tmp.join("model.safetensors"),
+            &dir.config,
+            &weights,
+            dtype,
+        )?;
         copy_other_files(&a.model, tmp, |f| {
             f.ends_with(".safetensors") || f == "model.safetensors.index.json"
         })

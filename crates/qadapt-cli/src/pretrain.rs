@@ -23,7 +23,7 @@ use qadapt::optim::{AdamW, CosineSchedule};
 use qadapt_train::dataset::Sequence;
 use qadapt_train::fit::{Sampler, heldout, init_weights, pack};
 use qadapt_train::merge::named_tensors;
-use qadapt_train::{Llama, LlamaConfig, Selection, Trainable, Trainer};
+use qadapt_train::{Llama, LlamaConfig, LlamaWeights, Selection, Trainable, Trainer};
 use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::processors::template::TemplateProcessing;
@@ -164,6 +164,27 @@ pub(crate) fn config_json(cfg: &LlamaConfig, dtype: DType) -> serde_json::Value 
     })
 }
 
+/// Writes `weights` as an HF `model.safetensors` (HF names, `dtype`, `format: pt` metadata).
+pub(crate) fn write_weights(
+    path: &Path,
+    cfg: &LlamaConfig,
+    weights: &LlamaWeights<f32>,
+    dtype: DType,
+) -> Result<()> {
+    let tensors: Vec<OnDiskTensor> = named_tensors(cfg, weights, dtype)
+        .into_iter()
+        .map(|(name, shape, v)| OnDiskTensor {
+            name,
+            dtype: crate::convert::safetensors_dtype(dtype),
+            shape,
+            data: v.as_bytes().to_vec(),
+        })
+        .collect();
+    let mut meta = std::collections::HashMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    write_safetensors(path, &tensors, Some(meta))
+}
+
 /// Writes `config.json` + `model.safetensors` (+ the tokenizer files when given) into `tmp`.
 pub(crate) fn write_model_files(
     tmp: &Path,
@@ -176,18 +197,7 @@ pub(crate) fn write_model_files(
         tmp.join("config.json"),
         serde_json::to_string_pretty(&config_json(cfg, dtype))?,
     )?;
-    let tensors: Vec<OnDiskTensor> = named_tensors(cfg, &model.weights, dtype)
-        .into_iter()
-        .map(|(name, shape, v)| OnDiskTensor {
-            name,
-            dtype: crate::convert::safetensors_dtype(dtype),
-            shape,
-            data: v.as_bytes().to_vec(),
-        })
-        .collect();
-    let mut meta = std::collections::HashMap::new();
-    meta.insert("format".to_string(), "pt".to_string());
-    write_safetensors(&tmp.join("model.safetensors"), &tensors, Some(meta))?;
+    write_weights(&tmp.join("model.safetensors"), cfg, &model.weights, dtype)?;
     if let Some(src) = tokenizer_dir {
         for f in [
             "tokenizer.json",

@@ -39,7 +39,7 @@ use qadapt_train::fit::{Heldout, Sampler, heldout, pack};
 use qadapt_train::surgical::AutoRgn;
 use qadapt_train::{
     Adapter, HoulsbyAdapter, HoulsbyConfig, Ia3Adapter, Ia3Config, LayerGroup, Llama, LlamaDir,
-    LoraAdapter, LoraConfig, LoraInit, PrefixMlp, PrefixTuning, PromptInit, PromptTuning,
+    LoraAdapter, LoraConfig, LoraInit, PrefixMlp, PrefixTuning, Proj, PromptInit, PromptTuning,
     Selection, Trainable, Trainer,
 };
 use serde::{Deserialize, Serialize};
@@ -185,17 +185,11 @@ impl Default for Settings {
             alpha: 16.0,
             lora_dropout: 0.0,
             rslora: false,
-            targets: [
-                "q_proj",
-                "k_proj",
-                "v_proj",
-                "o_proj",
-                "gate_proj",
-                "up_proj",
-                "down_proj",
-            ]
-            .map(String::from)
-            .to_vec(),
+            // Every projection, by its module name (`q_proj`, ..., `down_proj`).
+            targets: Proj::ALL
+                .iter()
+                .map(|p| p.name().rsplit('.').next().unwrap_or(p.name()).to_string())
+                .collect(),
             virtual_tokens: 10,
             prompt_init: "vocab".into(),
             prefix_mlp: 0,
@@ -1209,21 +1203,11 @@ fn restore_values(
     model: &mut Llama<f32>,
     params: &[Vec<f32>],
 ) -> Result<()> {
-    let slots: Vec<&mut Vec<f32>> = match state {
-        State::Adapter(a) => a.tensors_mut(),
-        State::Base(sel) => {
-            let sel = surgery.checkpointed(*sel);
-            let mask = sel.mask(&model.config)?;
-            model
-                .weights
-                .slots_mut()
-                .into_iter()
-                .zip(mask)
-                .filter(|(_, m)| *m)
-                .map(|(v, _)| v)
-                .collect()
-        }
+    let mut what = match state {
+        State::Adapter(a) => Trainable::Adapter(a),
+        State::Base(sel) => Trainable::Base(surgery.checkpointed(*sel)),
     };
+    let slots = what.params_mut(model)?;
     if slots.len() != params.len() || slots.iter().zip(params).any(|(s, p)| s.len() != p.len()) {
         bail!("the checkpoint's tensors do not match this run's method and model");
     }

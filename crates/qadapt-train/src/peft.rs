@@ -211,19 +211,12 @@ pub fn evaluate_targets<T: Real>(
     adapter: Option<&Adapter<T>>,
     grads: Grads,
 ) -> Result<Evaluation<T>> {
-    if targets.len() != batch * seq {
-        return Err(crate::shape_err(
-            "evaluate",
-            format!("{batch} x {seq} targets"),
-            targets.len(),
-        ));
-    }
-    evaluate_inner(model, ids, batch, seq, Some(targets), adapter, grads, None)
+    evaluate_train(model, ids, batch, seq, targets, adapter, grads, None)
 }
 
-/// [`evaluate_targets`] in training mode: a LoRA adapter applies its dropout with the masks of
-/// `dropout` (give each micro-batch of each step its own key). Everything else is as in
-/// evaluation.
+/// [`evaluate_targets`] in training mode: with `Some(key)`, a LoRA adapter applies its dropout
+/// with the masks of `key` (give each micro-batch of each step its own key); with `None` this is
+/// [`evaluate_targets`]. Everything else is as in evaluation.
 #[allow(clippy::too_many_arguments)]
 pub fn evaluate_train<T: Real>(
     model: &Llama<T>,
@@ -233,7 +226,7 @@ pub fn evaluate_train<T: Real>(
     targets: &[Option<u32>],
     adapter: Option<&Adapter<T>>,
     grads: Grads,
-    dropout: DropoutKey,
+    dropout: Option<DropoutKey>,
 ) -> Result<Evaluation<T>> {
     if targets.len() != batch * seq {
         return Err(crate::shape_err(
@@ -250,7 +243,7 @@ pub fn evaluate_train<T: Real>(
         Some(targets),
         adapter,
         grads,
-        Some(dropout),
+        dropout,
     )
 }
 

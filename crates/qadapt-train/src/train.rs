@@ -72,6 +72,28 @@ impl Trainable<'_> {
         })
     }
 
+    /// The trainable tensors, mutable, in [`Self::names`] order (the adapter's, or the selected
+    /// tensors of `model`).
+    pub fn params_mut<'m>(
+        &'m mut self,
+        model: &'m mut Llama<f32>,
+    ) -> Result<Vec<&'m mut Vec<f32>>> {
+        Ok(match self {
+            Trainable::Adapter(a) => a.tensors_mut(),
+            Trainable::Base(sel) => {
+                let mask = sel.mask(&model.config)?;
+                model
+                    .weights
+                    .slots_mut()
+                    .into_iter()
+                    .zip(mask)
+                    .filter(|(_, m)| *m)
+                    .map(|(v, _)| v)
+                    .collect()
+            }
+        })
+    }
+
     /// Trainable parameters.
     pub fn num_params(&self, model: &Llama<f32>) -> Result<usize> {
         Ok(self.values(model)?.iter().map(|v| v.len()).sum())
@@ -129,28 +151,16 @@ pub fn loss_and_grads_with(
 ) -> Result<(f32, Vec<Vec<f32>>)> {
     match what {
         Trainable::Adapter(a) => {
-            let (ids, targets) = (&b.ids, &b.targets);
-            let ev = match dropout {
-                Some(key) => evaluate_train(
-                    model,
-                    ids,
-                    b.batch,
-                    b.seq,
-                    targets,
-                    Some(&**a),
-                    Grads::Adapter,
-                    key,
-                )?,
-                None => evaluate_targets(
-                    model,
-                    ids,
-                    b.batch,
-                    b.seq,
-                    targets,
-                    Some(&**a),
-                    Grads::Adapter,
-                )?,
-            };
+            let ev = evaluate_train(
+                model,
+                &b.ids,
+                b.batch,
+                b.seq,
+                &b.targets,
+                Some(&**a),
+                Grads::Adapter,
+                dropout,
+            )?;
             let g = ev
                 .adapter_grads
                 .ok_or_else(|| invalid("train step", "no adapter gradients"))?;
@@ -318,20 +328,7 @@ impl Trainer {
         self.acc_tokens = 0;
         self.acc_loss = 0.0;
         self.micro = 0;
-        let mut params: Vec<&mut Vec<f32>> = match what {
-            Trainable::Adapter(a) => a.tensors_mut(),
-            Trainable::Base(sel) => {
-                let mask = sel.mask(&model.config)?;
-                model
-                    .weights
-                    .slots_mut()
-                    .into_iter()
-                    .zip(mask)
-                    .filter(|(_, m)| *m)
-                    .map(|(v, _)| v)
-                    .collect()
-            }
-        };
+        let mut params = what.params_mut(model)?;
         if let Some(s) = lr_scales
             && s.len() != params.len()
         {

@@ -59,7 +59,7 @@ fn targets() -> Vec<Option<u32>> {
 }
 
 fn train(m: &Llama<f64>, a: &Adapter<f64>, key: DropoutKey, grads: Grads) -> Evaluation<f64> {
-    evaluate_train(m, &IDS, 2, 5, &targets(), Some(a), grads, key).unwrap()
+    evaluate_train(m, &IDS, 2, 5, &targets(), Some(a), grads, Some(key)).unwrap()
 }
 
 fn eval(m: &Llama<f64>, a: &Adapter<f64>, grads: Grads) -> Evaluation<f64> {
