@@ -88,8 +88,8 @@ enum Command {
     /// adapter (LoRA, IA3, prompt/prefix tuning, Houlsby) on token ids, as transformers/PEFT
     /// compute them (CPU, f32).
     Logits(logits::LogitsArgs),
-    /// Fold a LoRA adapter into its base model (W += s·BA for every targeted projection) and write
-    /// an HF model directory that loads without PEFT.
+    /// Fold a LoRA or (IA)³ adapter into its base model (W += s·BA, or W's rows/columns scaled by
+    /// the (IA)³ vectors) and write an HF model directory that loads without PEFT.
     Merge(merge::MergeArgs),
     /// Generate text from a model and optional adapters (KV cache, greedy or temperature/top-p
     /// sampling); one batch may serve several adapters, each prompt naming its own.

@@ -1,14 +1,14 @@
-//! `qadapt merge`: fold a LoRA adapter into its base model and write an HF model directory that
-//! any Llama loader reads without PEFT (`W += s · B A` on every targeted projection; see
-//! `qadapt_train::merge`).
+//! `qadapt merge`: fold a LoRA or (IA)³ adapter into its base model and write an HF model
+//! directory that any Llama loader reads without PEFT (`W += s · B A` on every LoRA-targeted
+//! projection; rows or columns of W scaled by the (IA)³ vectors; see `qadapt_train::merge`).
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::Args;
 use qadapt::DType;
-use qadapt_train::merge::{Fold, fold};
-use qadapt_train::{LlamaDir, lora};
+use qadapt_train::merge::{Fold, fold, fold_ia3};
+use qadapt_train::{Adapter, LlamaDir, peft};
 
 use crate::OutDType;
 use crate::io::{copy_other_files, new_directory};
@@ -18,7 +18,7 @@ pub(crate) struct MergeArgs {
     /// HF Llama model directory (config.json + model.safetensors, or shards).
     #[arg(long)]
     model: PathBuf,
-    /// PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors).
+    /// PEFT LoRA or IA3 adapter directory (adapter_config.json + adapter_model.safetensors).
     #[arg(long)]
     adapter: PathBuf,
     /// New output directory (must not exist): config.json, model.safetensors and the model's
@@ -42,9 +42,30 @@ fn config_dtype(dir: &Path) -> Option<DType> {
 
 pub(crate) fn run(a: &MergeArgs) -> Result<()> {
     let dir = LlamaDir::open(&a.model)?;
-    let adapter = lora::load(&a.adapter, &dir.config)?;
     let mut weights = dir.weights.clone();
-    fold(&adapter, &dir.config, &mut weights, Fold::Merge)?;
+    let what = match peft::load(&a.adapter, &dir.config)? {
+        Adapter::Lora(ad) => {
+            fold(&ad, &dir.config, &mut weights, Fold::Merge)?;
+            format!(
+                "{} LoRA projection(s) (r {}, scaling {})",
+                ad.pairs.iter().flatten().flatten().count(),
+                ad.config.r,
+                ad.config.scaling()
+            )
+        }
+        Adapter::Ia3(ad) => {
+            fold_ia3(&ad, &dir.config, &mut weights, Fold::Merge)?;
+            format!(
+                "{} (IA)3 vector(s)",
+                ad.scales.iter().flatten().flatten().count()
+            )
+        }
+        other => bail!(
+            "{}: a {} adapter does not fold into the weights (merge takes LoRA or IA3)",
+            a.adapter.display(),
+            other.peft_type()
+        ),
+    };
     let dtype = a
         .dtype
         .map(DType::from)
@@ -62,11 +83,8 @@ pub(crate) fn run(a: &MergeArgs) -> Result<()> {
         })
         .context("copying the model's other files")
     })?;
-    let targeted = adapter.pairs.iter().flatten().flatten().count();
     eprintln!(
-        "merged {targeted} LoRA projection(s) (r {}, scaling {}) into {} -> {} ({dtype})",
-        adapter.config.r,
-        adapter.config.scaling(),
+        "merged {what} into {} -> {} ({dtype})",
         a.model.display(),
         a.out.display()
     );

@@ -82,8 +82,8 @@ fn merged_directory_computes_base_plus_adapter() {
 fn bad_merges_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("m");
-    // Not a LoRA adapter.
-    let r = merge(&data("tiny_llama"), &data("tiny_llama_ia3"), &out, &[]);
+    // Not an adapter that folds into the weights.
+    let r = merge(&data("tiny_llama"), &data("tiny_llama_prefix"), &out, &[]);
     assert!(!r.status.success());
     let err = String::from_utf8_lossy(&r.stderr);
     assert!(
@@ -105,4 +105,44 @@ fn bad_merges_are_refused() {
             .into_iter()
             .all(|e| !e.file_name().to_string_lossy().contains("partial"))
     );
+}
+
+#[test]
+fn ia3_merges_and_other_methods_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("merged");
+    let r = merge(
+        &data("tiny_llama"),
+        &data("tiny_llama_ia3"),
+        &out,
+        &["--dtype", "f32"],
+    );
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(r.status.success(), "{err}");
+    assert!(err.contains("(IA)3 vector(s)"), "{err}");
+    let merged = LlamaDir::open(&out).unwrap();
+    let base = LlamaDir::open(&data("tiny_llama")).unwrap();
+    let adapter = qadapt_train::ia3::load(&data("tiny_llama_ia3"), &base.config).unwrap();
+    let mut want = base.weights.clone();
+    qadapt_train::merge::fold_ia3(
+        &adapter,
+        &base.config,
+        &mut want,
+        qadapt_train::merge::Fold::Merge,
+    )
+    .unwrap();
+    assert!(merged.weights == want);
+    let r = merge(
+        &data("tiny_llama"),
+        &data("tiny_llama_prompt"),
+        &tmp.path().join("p"),
+        &[],
+    );
+    assert!(!r.status.success());
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        err.contains("PROMPT_TUNING") && err.contains("does not fold"),
+        "{err}"
+    );
+    assert!(!tmp.path().join("p").exists());
 }

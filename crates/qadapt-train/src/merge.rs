@@ -5,6 +5,11 @@
 //!
 //! Layout: W `[out, in]`, A `[r, in]`, B `[out, r]` row-major, so the update is one GEMM per
 //! projection, `general_mat_mul(±s, B, A, 1, W)`.
+//!
+//! (IA)³ folds too ([`fold_ia3`]): its vector l scales a projection's output (`y = l ⊙ Wx`, so
+//! row o of W is multiplied by l[o]) or, for a feed-forward module, its input
+//! (`y = W(l ⊙ x)`, so column i of W is multiplied by l[i]), as PEFT's `merge`. Unmerging divides,
+//! which PEFT also does (exact up to rounding unless some l is 0).
 
 use ndarray::linalg::general_mat_mul;
 use ndarray::{ArrayView2, ArrayViewMut2};
@@ -12,6 +17,7 @@ use qadapt::ops::Real;
 use qadapt::{DType, Error, FloatVec, Result};
 
 use crate::LlamaConfig;
+use crate::ia3::Ia3Adapter;
 use crate::lora::LoraAdapter;
 use crate::weights::{self, LlamaWeights, Proj};
 
@@ -68,6 +74,53 @@ pub fn fold<T: Real>(
             let mut w =
                 ArrayViewMut2::from_shape((out, inp), w).map_err(|_| bad("weight", wlen))?;
             general_mat_mul(T::from_f64(s), &b, &a, T::ONE, &mut w);
+        }
+    }
+    Ok(())
+}
+
+/// Multiplies (merge) or divides (unmerge) every targeted projection of `weights` by its (IA)³
+/// vector: rows for output scaling, columns for feed-forward (input) scaling.
+pub fn fold_ia3<T: Real>(
+    adapter: &Ia3Adapter<T>,
+    cfg: &LlamaConfig,
+    weights: &mut LlamaWeights<T>,
+    how: Fold,
+) -> Result<()> {
+    if adapter.scales.len() != cfg.num_hidden_layers
+        || weights.layers.len() != cfg.num_hidden_layers
+    {
+        return Err(shape_err(format!(
+            "{} adapter layers and {} weight layers for a {}-layer model",
+            adapter.scales.len(),
+            weights.layers.len(),
+            cfg.num_hidden_layers
+        )));
+    }
+    for l in 0..cfg.num_hidden_layers {
+        for p in Proj::ALL {
+            let Some(v) = adapter.scale(l, p) else {
+                continue;
+            };
+            let (inp, out) = p.dims(cfg);
+            let ff = adapter.config.is_feedforward(l, p);
+            let want = if ff { inp } else { out };
+            if v.len() != want {
+                return Err(shape_err(format!(
+                    "layer {l} {p:?} ia3_l has {} elements, the projection needs {want}",
+                    v.len()
+                )));
+            }
+            let w = weights.layers[l].proj_mut(p);
+            for (o, row) in w.chunks_exact_mut(inp).enumerate() {
+                for (i, x) in row.iter_mut().enumerate() {
+                    let f = if ff { v[i] } else { v[o] };
+                    *x = match how {
+                        Fold::Merge => *x * f,
+                        Fold::Unmerge => *x / f,
+                    };
+                }
+            }
         }
     }
     Ok(())

@@ -1,9 +1,9 @@
-//! LoRA merge/unmerge on the model: the merged weights compute what base + adapter computes, and
+//! LoRA and (IA)³ merge/unmerge on the model: the merged weights compute what base + adapter computes, and
 //! unmerging gives the base back.
 
 use std::path::{Path, PathBuf};
 
-use qadapt_train::merge::{Fold, fold, named_tensors};
+use qadapt_train::merge::{Fold, fold, fold_ia3, named_tensors};
 use qadapt_train::{Llama, LlamaDir, lora};
 
 fn data(rel: &str) -> PathBuf {
@@ -77,4 +77,56 @@ fn adapter_for_another_model_is_refused() {
     let mut cfg = other.config.clone();
     cfg.num_hidden_layers += 1;
     assert!(fold(&adapter, &cfg, &mut w, Fold::Merge).is_err());
+}
+
+/// (IA)³ folds too: the PEFT fixture `tiny_llama_ia3` (k, v, o scaled at the output, down_proj at
+/// its input) merged into the weights gives the adapted model's logits, and unmerging divides
+/// the scaling back out.
+#[test]
+fn merged_ia3_equals_base_plus_adapter_and_unmerge_restores_the_base() {
+    let dir = LlamaDir::open(&data("tiny_llama")).unwrap();
+    let adapter = qadapt_train::ia3::load(&data("tiny_llama_ia3"), &dir.config).unwrap();
+    assert!(
+        adapter
+            .config
+            .feedforward_modules
+            .iter()
+            .any(|m| m == "down_proj")
+    );
+    let ids: Vec<u32> = (0..22)
+        .map(|i| (i * 29 + 3) % dir.config.vocab_size as u32)
+        .collect();
+    let base = dir.model().unwrap();
+    let with = qadapt_train::Adapter::Ia3(adapter.clone());
+    let want = qadapt_train::evaluate(&base, &ids, 2, 11, Some(&with), qadapt_train::Grads::None)
+        .unwrap()
+        .logits;
+    let mut w = dir.weights.clone();
+    fold_ia3(&adapter, &dir.config, &mut w, Fold::Merge).unwrap();
+    let got = Llama::new(dir.config.clone(), w.clone())
+        .unwrap()
+        .forward(&ids, 2, 11)
+        .unwrap()
+        .logits;
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let err = got
+        .iter()
+        .zip(&want)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(
+        err <= 3e-5 * scale,
+        "merged (IA)3 logits off by {err:e} of {scale}"
+    );
+    let plain = base.forward(&ids, 2, 11).unwrap().logits;
+    let moved = plain
+        .iter()
+        .zip(&want)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(moved > 1e-2 * scale, "the adapter must change the logits");
+    fold_ia3(&adapter, &dir.config, &mut w, Fold::Unmerge).unwrap();
+    for (back, orig) in w.slots().iter().zip(dir.weights.slots()) {
+        for (x, y) in back.iter().zip(orig.iter()) {
+            assert!((x - y).abs() <= 1e-6 * y.abs().max(1e-3), "{x} vs {y}");
+        }
+    }
 }
