@@ -186,11 +186,13 @@ pub(crate) fn run(a: &CompareArgs) -> Result<()> {
         bail!("{} already exists; choose another --output", out.display());
     }
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    let bar = crate::progress::bar(methods.len() as u64, "compare");
+    // Off a terminal the per-method lines below are the progress report.
+    let quiet = !std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let mut bar = crate::progress::Progress::new(methods.len() as u64, "compare", quiet);
     let mut rows = Vec::new();
     let mut curves = Vec::new();
     for m in &methods {
-        bar.set_message(m.name());
+        bar.set_message(m.name().to_string());
         let dir = out.join(m.name());
         let s = run_one(a, *m, &dir)?;
         eprintln!(
@@ -209,9 +211,9 @@ pub(crate) fn run(a: &CompareArgs) -> Result<()> {
             points: read_losses(&dir),
         });
         rows.push(s);
-        bar.inc(1);
+        bar.inc();
     }
-    bar.finish_and_clear();
+    bar.finish();
     let metric = if rows.iter().all(|s| s.completions) {
         "exact match"
     } else {

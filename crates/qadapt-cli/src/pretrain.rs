@@ -318,7 +318,7 @@ pub(crate) fn run(a: &PretrainArgs) -> Result<()> {
     );
     let mut what = Trainable::Base(Selection::Full);
     let mut sampler = Sampler::new(train.len(), a.seed)?;
-    let bar = crate::progress::bar(a.steps, "pretrain");
+    let mut bar = crate::progress::Progress::new(a.steps, "pretrain", false);
     for step in 1..=a.steps {
         let idx = sampler.take(a.batch);
         let refs: Vec<&Sequence> = idx.iter().map(|&i| &train[i]).collect();
@@ -329,7 +329,7 @@ pub(crate) fn run(a: &PretrainArgs) -> Result<()> {
             bail!("the loss is {} at step {step}; nothing was written", s.loss);
         }
         bar.set_message(format!("loss {:.3}", s.loss));
-        bar.inc(1);
+        bar.inc();
     }
     bar.finish();
     let h = heldout(&model, None, held, 16, 0)?;

@@ -1005,10 +1005,7 @@ pub(crate) fn run(a: &TrainArgs) -> Result<()> {
             }
         });
     }
-    let bar = crate::progress::bar(total_steps, s.method.name());
-    if a.quiet {
-        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
+    let mut bar = crate::progress::Progress::new(total_steps, s.method.name(), a.quiet);
     bar.set_position(ck.step);
     let t_run = Instant::now();
     let elapsed0 = ck.elapsed_s;
@@ -1071,7 +1068,7 @@ pub(crate) fn run(a: &TrainArgs) -> Result<()> {
             "elapsed_s": ck.elapsed_s,
         }))?;
         bar.set_message(format!("loss {:.4} {:.0} tok/s", st.loss, seen as f64 / dt));
-        bar.inc(1);
+        bar.inc();
         if let Some(report) = surgery.after_step(ck.step, &mut model, &mut state, pad)? {
             trainer = new_trainer();
             log.write(report)?;
@@ -1099,7 +1096,7 @@ pub(crate) fn run(a: &TrainArgs) -> Result<()> {
         );
         return Ok(());
     }
-    bar.finish_and_clear();
+    bar.finish();
     let after = heldout(&model, state.adapter(), &data.heldout, 32, pad)?;
     log.write(serde_json::json!({
         "step": ck.step, "eval_loss": after.loss, "eval_accuracy": after.accuracy()
