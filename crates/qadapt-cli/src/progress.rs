@@ -17,6 +17,8 @@ pub(crate) struct Progress {
     what: String,
     len: u64,
     pos: u64,
+    /// Where this process started (a resumed run starts past 0).
+    first: u64,
     msg: String,
     start: Instant,
 }
@@ -45,6 +47,7 @@ impl Progress {
             what: what.to_string(),
             len,
             pos: 0,
+            first: 0,
             msg: String::new(),
             start: Instant::now(),
         }
@@ -53,6 +56,7 @@ impl Progress {
     /// Jumps to `pos` (a resumed run).
     pub(crate) fn set_position(&mut self, pos: u64) {
         self.pos = pos;
+        self.first = pos;
         self.bar.set_position(pos);
     }
 
@@ -69,7 +73,8 @@ impl Progress {
         let tenth = self.len.div_ceil(10).max(1);
         if self.lines && !self.quiet && (self.pos.is_multiple_of(tenth) || self.pos == self.len) {
             let t = self.start.elapsed().as_secs_f64();
-            let eta = t / self.pos as f64 * self.len.saturating_sub(self.pos) as f64;
+            let done = (self.pos - self.first).max(1) as f64;
+            let eta = t / done * self.len.saturating_sub(self.pos) as f64;
             eprintln!(
                 "{}: step {}/{} {} [{t:.1}s, ETA {eta:.0}s]",
                 self.what, self.pos, self.len, self.msg
