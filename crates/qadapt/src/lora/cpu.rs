@@ -280,24 +280,19 @@ pub fn backward(
                 let mut dst = dxv.slice_mut(s![row, ..]);
                 dst += &dx_a.row(i);
             }
-            // dA += g^T x
-            gemm(
-                1.0,
-                &g.t(),
-                &x_a,
-                1.0,
-                &mut view_mut(r, k, &mut grad_a[a * r * k..(a + 1) * r * k]),
-            );
-            // dB += s dy^T (x A^T)
+            // dA += g^T x, dB += s dy^T (x A^T): each product whole, then one add per element,
+            // so that accumulating over calls is a sum of the calls' gradients (the GEMM kernel
+            // would fold the old value into its multiply-add chain instead).
+            let mut da = Array2::<f32>::zeros((r, k));
+            gemm(1.0, &g.t(), &x_a, 0.0, &mut da);
+            let mut ga = view_mut(r, k, &mut grad_a[a * r * k..(a + 1) * r * k]);
+            ga += &da;
             let mut t = Array2::<f32>::zeros((rows.len(), r));
             gemm(1.0, &x_a, &a_mat.t(), 0.0, &mut t);
-            gemm(
-                s,
-                &dy_a.t(),
-                &t,
-                1.0,
-                &mut view_mut(n, r, &mut grad_b[a * n * r..(a + 1) * n * r]),
-            );
+            let mut db = Array2::<f32>::zeros((n, r));
+            gemm(s, &dy_a.t(), &t, 0.0, &mut db);
+            let mut gb = view_mut(n, r, &mut grad_b[a * n * r..(a + 1) * n * r]);
+            gb += &db;
         }
     }
     narrow(&dxf, dx);

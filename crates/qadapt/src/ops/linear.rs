@@ -6,17 +6,18 @@
 //!           dW[o, i] +=     sum_n dy[n, o] x[n, i]         dW = dy^T x   (always accumulated)
 //! ```
 //! All three are one GEMM each on views of the slices (no copies, no transposes materialized),
-//! through [`gemm`]: matrixmultiply's single-threaded kernel on blocks of the output, the blocks
-//! run on rayon's pool.
+//! through [`gemm`]: faer's single-threaded kernel on blocks of the output, the blocks run on
+//! rayon's pool.
 //!
-//! Why not matrixmultiply's own threading: it keeps a second thread pool beside rayon's, and on a
-//! machine with few cores the two pools' idle workers spin (`sched_yield`) while the other pool
-//! works; in a training step that took about a sixth of the CPU time (BENCHMARKS.md, "CPU LoRA
-//! training step"). One pool that runs the GEMM blocks and the elementwise ops alike has no such
-//! contention.
+//! Why faer and not matrixmultiply (ndarray's): on the step's shapes faer's kernels are about
+//! 15 % faster, more on the thin rank-8 products (BENCHMARKS.md, "CPU LoRA training step").
+//! Why not a library's own threading: a second thread pool beside rayon's, on a machine with few
+//! cores, spins (`sched_yield`) while the other pool works; in a training step that took about a
+//! sixth of the CPU time. One pool that runs the GEMM blocks and the elementwise ops alike has no
+//! such contention.
 
-use ndarray::linalg::general_mat_mul;
-use ndarray::{ArrayBase, ArrayView2, ArrayViewMut2, Axis, Data, DataMut, Ix2};
+use faer::{Accum, MatMut, MatRef};
+use ndarray::{ArrayBase, ArrayView2, ArrayViewMut2, Data, DataMut, Ix2};
 use rayon::prelude::*;
 
 use super::{Accumulate, Real, check_len};
@@ -26,16 +27,16 @@ use crate::error::Result;
 /// more in dispatch and in packing the shared operand twice than the second core gives back.
 const SPLIT_MIN_WORK: usize = 1 << 18;
 
-/// Block sizes are multiples of this (matrixmultiply's f32 and f64 micro-tiles divide it), so only
+/// Block sizes are multiples of this (the kernels' f32 and f64 micro-tiles divide it), so only
 /// the last block has a ragged edge.
 const BLOCK_ALIGN: usize = 16;
 
-/// `c = alpha a b + beta c` (ndarray's `general_mat_mul`, any strides), split over rayon's pool:
-/// `c` is cut into one block per thread, along its rows (with the matching rows of `a`) when it
-/// has at least as many rows as columns, else along its columns (with the matching columns of
-/// `b`). Each block is one single-threaded matrixmultiply call over the whole inner dimension, so
-/// each element of `c` is the same sum in the same order whatever the split (the test checks it
-/// bit for bit).
+/// `c = alpha a b + beta c` (any strides), split over rayon's pool: `c` is cut into one block per
+/// thread, along its rows (with the matching rows of `a`) when it has at least as many rows as
+/// columns, else along its columns (with the matching columns of `b`). Each block is one
+/// single-threaded faer product over the whole inner dimension. The result does not depend on
+/// scheduling: the same thread count gives the same blocks, and each block is a sequential
+/// kernel, so runs are bit-identical.
 pub(crate) fn gemm<T, S1, S2, S3>(
     alpha: T,
     a: &ArrayBase<S1, Ix2>,
@@ -58,6 +59,17 @@ pub(crate) fn gemm<T, S1, S2, S3>(
     gemm_blocks(blocks, alpha, &a.view(), &b.view(), beta, &mut c.view_mut());
 }
 
+/// faer's view of an ndarray view that is row-major or column-major contiguous; `None` for any
+/// other strides.
+fn faer_ref<'a, T>(v: &ArrayView2<'a, T>) -> Option<MatRef<'a, T>> {
+    let (rows, cols) = v.dim();
+    if let Some(s) = v.to_slice() {
+        return Some(MatRef::from_row_major_slice(s, rows, cols));
+    }
+    let s = (*v).reversed_axes().to_slice()?;
+    Some(MatRef::from_column_major_slice(s, rows, cols))
+}
+
 /// [`gemm`] in at most `blocks` blocks.
 fn gemm_blocks<T: Real>(
     blocks: usize,
@@ -67,29 +79,98 @@ fn gemm_blocks<T: Real>(
     beta: T,
     c: &mut ArrayViewMut2<'_, T>,
 ) {
+    // Operands with other strides (none of this crate's callers) are copied to row-major first.
+    let (a_own, b_own);
+    let a = match faer_ref(a) {
+        Some(v) => v,
+        None => {
+            a_own = a.as_standard_layout().into_owned();
+            faer_ref(&a_own.view()).expect("standard layout")
+        }
+    };
+    let b = match faer_ref(b) {
+        Some(v) => v,
+        None => {
+            b_own = b.as_standard_layout().into_owned();
+            faer_ref(&b_own.view()).expect("standard layout")
+        }
+    };
+    if beta != T::ZERO && beta != T::ONE {
+        c.mapv_inplace(|v| v * beta);
+    }
+    let acc = if beta == T::ZERO {
+        Accum::Replace
+    } else {
+        Accum::Add
+    };
     let (m, n) = c.dim();
-    let along = if m >= n { Axis(0) } else { Axis(1) };
-    let len = c.len_of(along);
+    if c.is_standard_layout() {
+        let s = c.as_slice_mut().expect("standard layout");
+        gemm_faer(
+            blocks,
+            alpha,
+            a,
+            b,
+            acc,
+            MatMut::from_row_major_slice_mut(s, m, n),
+        );
+    } else if let Some(s) = c.view_mut().reversed_axes().into_slice() {
+        gemm_faer(
+            blocks,
+            alpha,
+            a,
+            b,
+            acc,
+            MatMut::from_column_major_slice_mut(s, m, n),
+        );
+    } else {
+        let mut tmp = c.as_standard_layout().into_owned();
+        let s = tmp.as_slice_mut().expect("standard layout");
+        gemm_faer(
+            blocks,
+            alpha,
+            a,
+            b,
+            acc,
+            MatMut::from_row_major_slice_mut(s, m, n),
+        );
+        c.assign(&tmp);
+    }
+}
+
+/// `c (=|+=) alpha a b` on faer views, cut as [`gemm`] says.
+fn gemm_faer<T: Real>(
+    blocks: usize,
+    alpha: T,
+    a: MatRef<'_, T>,
+    b: MatRef<'_, T>,
+    acc: Accum,
+    c: MatMut<'_, T>,
+) {
+    let (m, n) = (c.nrows(), c.ncols());
+    let by_rows = m >= n;
+    let len = if by_rows { m } else { n };
     let size = len.div_ceil(blocks.max(1)).next_multiple_of(BLOCK_ALIGN);
     if blocks <= 1 || size >= len {
-        general_mat_mul(alpha, a, b, beta, c);
+        T::matmul(c, acc, a, b, alpha);
         return;
     }
-    if along == Axis(0) {
-        let jobs: Vec<_> = a
-            .axis_chunks_iter(Axis(0), size)
-            .zip(c.axis_chunks_iter_mut(Axis(0), size))
-            .collect();
-        jobs.into_par_iter()
-            .for_each(|(a, mut c)| general_mat_mul(alpha, &a, b, beta, &mut c));
-    } else {
-        let jobs: Vec<_> = b
-            .axis_chunks_iter(Axis(1), size)
-            .zip(c.axis_chunks_iter_mut(Axis(1), size))
-            .collect();
-        jobs.into_par_iter()
-            .for_each(|(b, mut c)| general_mat_mul(alpha, a, &b, beta, &mut c));
+    let mut jobs = Vec::with_capacity(blocks);
+    let (mut rest, mut start) = (c, 0);
+    while start < len {
+        let w = size.min(len - start);
+        let block;
+        if by_rows {
+            (block, rest) = rest.split_at_row_mut(w);
+            jobs.push((a.subrows(start, w), b, block));
+        } else {
+            (block, rest) = rest.split_at_col_mut(w);
+            jobs.push((a, b.subcols(start, w), block));
+        }
+        start += w;
     }
+    jobs.into_par_iter()
+        .for_each(|(a, b, c)| T::matmul(c, acc, a, b, alpha));
 }
 
 /// Sizes of a linear layer applied to `rows` row vectors.

@@ -5,9 +5,9 @@
 //! Every op is generic over [`Real`] (f32 and f64): the model runs in f32, and the
 //! finite-difference gradient checks run the very same code in f64. Activations are row-major
 //! `[rows, cols]` slices where `rows = batch * seq` (token-major), so a `[B, T, H, D]` tensor is a
-//! `[B*T, H*D]` matrix and no op needs a transpose copy. Matrix products are matrixmultiply's
-//! kernel on views of those slices, split over rayon's pool by `linear::gemm` (attention's small
-//! per-head products run one per rayon task instead).
+//! `[B*T, H*D]` matrix and no op needs a transpose copy. Matrix products are faer's kernel on
+//! views of those slices, split over rayon's pool by `linear::gemm` (attention's small per-head
+//! products are matrixmultiply's, one per rayon task).
 //!
 //! Contracts shared by every backward: inputs are the forward's inputs (and whatever the forward
 //! saved, named in each op), gradients of *parameters* are always accumulated into (so several
@@ -96,6 +96,15 @@ pub trait Real:
     fn sin(self) -> Self;
     /// The larger of two values (NaN-ignoring like `f32::max`).
     fn max(self, other: Self) -> Self;
+    /// `c (=|+=) alpha a b`, faer's single-threaded kernel (the block of [`linear`]'s GEMMs).
+    #[doc(hidden)]
+    fn matmul(
+        c: faer::MatMut<'_, Self>,
+        acc: faer::Accum,
+        a: faer::MatRef<'_, Self>,
+        b: faer::MatRef<'_, Self>,
+        alpha: Self,
+    );
 }
 
 macro_rules! impl_real {
@@ -135,6 +144,15 @@ macro_rules! impl_real {
             #[inline]
             fn max(self, other: Self) -> Self {
                 <$t>::max(self, other)
+            }
+            fn matmul(
+                c: faer::MatMut<'_, Self>,
+                acc: faer::Accum,
+                a: faer::MatRef<'_, Self>,
+                b: faer::MatRef<'_, Self>,
+                alpha: Self,
+            ) {
+                faer::linalg::matmul::matmul(c, acc, a, b, alpha, faer::Par::Seq);
             }
         }
     };
