@@ -1046,16 +1046,7 @@ fn check_adapter(c: &LlamaConfig, a: &Adapter<f32>) -> Result<()> {
             p.values.len() == p.num_virtual_tokens * PrefixTuning::<f32>::width(c)
         }
         Adapter::PrefixMlp(p) => p.embedding.len() == p.num_virtual_tokens * c.kv_dim(),
-        Adapter::Houlsby(h) => {
-            let b = h.config.bottleneck;
-            h.layers.len() == c.num_hidden_layers
-                && h.layers.iter().flatten().all(|p| {
-                    p.down.len() == b * c.hidden_size
-                        && p.up.len() == b * c.hidden_size
-                        && p.down_bias.len() == b
-                        && p.up_bias.len() == c.hidden_size
-                })
-        }
+        Adapter::Houlsby(h) => h.fits(c),
     };
     if ok {
         Ok(())

@@ -53,6 +53,19 @@ pub struct HoulsbyAdapter<T> {
 }
 
 impl<T: Real> HoulsbyAdapter<T> {
+    /// Whether every tensor has the shape `model` needs (one pair of sites per layer, down
+    /// `[b, C]`, up `[C, b]` and their biases).
+    pub fn fits(&self, model: &LlamaConfig) -> bool {
+        let (b, c) = (self.config.bottleneck, model.hidden_size);
+        self.layers.len() == model.num_hidden_layers
+            && self.layers.iter().flatten().all(|p| {
+                p.down.len() == b * c
+                    && p.up.len() == b * c
+                    && p.down_bias.len() == b
+                    && p.up_bias.len() == c
+            })
+    }
+
     /// Near-identity adapters (down projection uniform in `±init_scale` from `seed`).
     pub fn new(
         model: &LlamaConfig,

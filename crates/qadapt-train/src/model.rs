@@ -440,16 +440,7 @@ impl<T: Real> Llama<T> {
                 p.num_virtual_tokens > 0
                     && p.values.len() == p.num_virtual_tokens * PrefixTuning::<T>::width(c)
             }
-            Attached::Houlsby(h) => {
-                let b = h.config.bottleneck;
-                h.layers.len() == c.num_hidden_layers
-                    && h.layers.iter().flatten().all(|p| {
-                        p.down.len() == b * c.hidden_size
-                            && p.up.len() == b * c.hidden_size
-                            && p.down_bias.len() == b
-                            && p.up_bias.len() == c.hidden_size
-                    })
-            }
+            Attached::Houlsby(h) => h.fits(c),
         };
         if ok {
             Ok(())
