@@ -1026,21 +1026,7 @@ fn check_adapter(c: &LlamaConfig, a: &Adapter<f32>) -> Result<()> {
             l.pairs.len() == c.num_hidden_layers
                 && l.pairs.iter().all(|p| p.len() == Proj::ALL.len())
         }
-        Adapter::Ia3(a) => {
-            a.scales.len() == c.num_hidden_layers
-                && a.scales.iter().enumerate().all(|(l, layer)| {
-                    layer.len() == Proj::ALL.len()
-                        && Proj::ALL.iter().zip(layer).all(|(&p, s)| {
-                            let (inp, out) = p.dims(c);
-                            let want = if a.config.is_feedforward(l, p) {
-                                inp
-                            } else {
-                                out
-                            };
-                            s.as_ref().is_none_or(|s| s.len() == want)
-                        })
-                })
-        }
+        Adapter::Ia3(a) => a.fits(c),
         Adapter::Prompt(p) => p.embeddings.len() == p.num_virtual_tokens * c.hidden_size,
         Adapter::Prefix(p) => {
             p.values.len() == p.num_virtual_tokens * PrefixTuning::<f32>::width(c)

@@ -67,6 +67,24 @@ pub fn peft_key(layer: usize, p: Proj) -> String {
 }
 
 impl<T: Real> Ia3Adapter<T> {
+    /// Whether every vector has the length `model` needs: a projection's input width for a
+    /// feed-forward module, its output width otherwise.
+    pub fn fits(&self, model: &LlamaConfig) -> bool {
+        self.scales.len() == model.num_hidden_layers
+            && self.scales.iter().enumerate().all(|(l, layer)| {
+                layer.len() == Proj::ALL.len()
+                    && Proj::ALL.iter().zip(layer).all(|(&p, s)| {
+                        let (inp, out) = p.dims(model);
+                        let want = if self.config.is_feedforward(l, p) {
+                            inp
+                        } else {
+                            out
+                        };
+                        s.as_ref().is_none_or(|s| s.len() == want)
+                    })
+            })
+    }
+
     /// PEFT's initialization (every vector 1: the base model), or zeros with `ones = false`.
     pub fn new(model: &LlamaConfig, config: Ia3Config, ones: bool) -> Result<Self> {
         const OP: &str = "ia3 adapter";

@@ -421,21 +421,7 @@ impl<T: Real> Llama<T> {
                             })
                     })
             }
-            Attached::Ia3(a) => {
-                a.scales.len() == c.num_hidden_layers
-                    && a.scales.iter().enumerate().all(|(l, layer)| {
-                        layer.len() == Proj::ALL.len()
-                            && Proj::ALL.iter().zip(layer).all(|(&p, s)| {
-                                let (inp, out) = p.dims(c);
-                                let want = if a.config.is_feedforward(l, p) {
-                                    inp
-                                } else {
-                                    out
-                                };
-                                s.as_ref().is_none_or(|s| s.len() == want)
-                            })
-                    })
-            }
+            Attached::Ia3(a) => a.fits(c),
             Attached::Prefix(p) => {
                 p.num_virtual_tokens > 0
                     && p.values.len() == p.num_virtual_tokens * PrefixTuning::<T>::width(c)
