@@ -47,6 +47,7 @@ pub mod model;
 pub mod nf4;
 pub mod peft;
 mod peft_io;
+mod pool;
 pub mod prefix_attention;
 pub mod prompt;
 pub mod select;

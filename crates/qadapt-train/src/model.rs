@@ -26,6 +26,9 @@
 //! `o_proj` and `down_proj` before their residual adds ([`crate::houlsby`]). The backward returns
 //! the adapter's gradients; [`BaseGrads::Frozen`] then skips the base weights' gradients (their
 //! GEMMs and their memory), which is what adapter training wants.
+
+use std::sync::Arc;
+
 use qadapt::Result;
 use qadapt::ops::attention::{self, AttentionShape};
 use qadapt::ops::linear::{self, LinearShape};
@@ -38,6 +41,7 @@ use crate::config::LlamaConfig;
 use crate::houlsby::HoulsbyAdapter;
 use crate::ia3::Ia3Adapter;
 use crate::lora::{DropoutKey, LoraAdapter, dropout_mask};
+use crate::pool::{Buf, Pool};
 use crate::prefix_attention::{self, PrefixShape};
 use crate::prompt::PrefixTuning;
 use crate::weights::{LayerWeights, LlamaWeights, Proj};
@@ -121,25 +125,27 @@ pub struct Llama<T> {
     /// The parameters.
     pub weights: LlamaWeights<T>,
     inv_freq: Vec<f32>,
+    /// Activation buffers kept from one forward/backward for the next (see [`crate::pool`]).
+    pool: Arc<Pool<T>>,
 }
 
 /// Activations one layer's backward needs.
 #[derive(Debug, Clone)]
 struct LayerCache<T> {
-    x: Vec<T>,
-    rstd1: Vec<T>,
-    xn1: Vec<T>,
-    q: Vec<T>,
-    k: Vec<T>,
-    v: Vec<T>,
-    p: Vec<T>,
-    attn: Vec<T>,
-    x_mid: Vec<T>,
-    rstd2: Vec<T>,
-    xn2: Vec<T>,
-    gate: Vec<T>,
-    up: Vec<T>,
-    h: Vec<T>,
+    x: Buf<T>,
+    rstd1: Buf<T>,
+    xn1: Buf<T>,
+    q: Buf<T>,
+    k: Buf<T>,
+    v: Buf<T>,
+    p: Buf<T>,
+    attn: Buf<T>,
+    x_mid: Buf<T>,
+    rstd2: Buf<T>,
+    xn2: Buf<T>,
+    gate: Buf<T>,
+    up: Buf<T>,
+    h: Buf<T>,
     /// Per projection (by [`Proj::index`]): LoRA's `u = s x A^T`, or (IA)³'s unscaled output
     /// `x W^T` for output scaling.
     saved: Vec<Option<Vec<T>>>,
@@ -159,9 +165,9 @@ pub struct Forward<T> {
     /// `[N, V]` (`[batch, seq, vocab]` row-major).
     pub logits: Vec<T>,
     layers: Vec<LayerCache<T>>,
-    x_final: Vec<T>,
-    rstd_final: Vec<T>,
-    xn_final: Vec<T>,
+    x_final: Buf<T>,
+    rstd_final: Buf<T>,
+    xn_final: Buf<T>,
     rope: RopeTable<T>,
     kind: &'static str,
     dropout: Option<DropoutKey>,
@@ -236,6 +242,7 @@ impl<T: Real> Llama<T> {
             config,
             weights,
             inv_freq,
+            pool: Pool::new(),
         })
     }
 
@@ -245,7 +252,15 @@ impl<T: Real> Llama<T> {
             config: self.config.clone(),
             weights: self.weights.cast(),
             inv_freq: self.inv_freq.clone(),
+            pool: Pool::new(),
         }
+    }
+
+    /// A pooled copy of `x`.
+    fn copy(&self, x: &[T]) -> Buf<T> {
+        let mut y = self.pool.zeros(x.len());
+        y.copy_from_slice(x);
+        y
     }
 
     fn head(&self) -> &[T] {
@@ -362,15 +377,15 @@ impl<T: Real> Llama<T> {
             cos: full.cos[prefix * half..].to_vec(),
             sin: full.sin[prefix * half..].to_vec(),
         };
-        let mut x = embeds;
+        let mut x = self.pool.adopt(embeds);
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for l in 0..c.num_hidden_layers {
             let (cache, out) = self.layer_forward(l, x, batch, seq, &rope, att)?;
             layers.push(cache);
             x = out;
         }
-        let mut rstd_final = vec![T::ZERO; n];
-        let mut xn_final = vec![T::ZERO; x.len()];
+        let mut rstd_final = self.pool.zeros(n);
+        let mut xn_final = self.pool.zeros(x.len());
         rmsnorm::forward(
             &x,
             &self.weights.norm,
@@ -687,17 +702,17 @@ impl<T: Real> Llama<T> {
     fn layer_forward(
         &self,
         l: usize,
-        x: Vec<T>,
+        x: Buf<T>,
         batch: usize,
         seq: usize,
         rope: &RopeTable<T>,
         att: Attached<'_, T>,
-    ) -> Result<(LayerCache<T>, Vec<T>)> {
+    ) -> Result<(LayerCache<T>, Buf<T>)> {
         let lw = &self.weights.layers[l];
         let c = &self.config;
         let n = batch * seq;
         let (cw, qd, kd, id) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
-        let z = |len: usize| vec![T::ZERO; len];
+        let z = |len: usize| self.pool.zeros(len);
         let ow = Accumulate::Overwrite;
         let mut saved: Vec<Option<Vec<T>>> = vec![None; Proj::ALL.len()];
 
@@ -728,7 +743,7 @@ impl<T: Real> Llama<T> {
             attention::forward(ash, &q, &k, &v, &mut p, &mut attn)?;
             p
         };
-        let mut x_mid = x.clone();
+        let mut x_mid = self.copy(&x);
         let (s3, h0) = self.out_proj_forward(l, Proj::O, 0, n, &attn, &mut x_mid, att)?;
         saved[3] = s3;
 
@@ -744,7 +759,7 @@ impl<T: Real> Llama<T> {
         saved[4] = self.proj_forward(l, Proj::Gate, n, &xn2, &mut gate, ow, att)?;
         saved[5] = self.proj_forward(l, Proj::Up, n, &xn2, &mut up, ow, att)?;
         swiglu::forward(&gate, &up, &mut h)?;
-        let mut out = x_mid.clone();
+        let mut out = self.copy(&x_mid);
         let (s6, h1) = self.out_proj_forward(l, Proj::Down, 1, n, &h, &mut out, att)?;
         saved[6] = s6;
         Ok((
@@ -832,7 +847,7 @@ impl<T: Real> Llama<T> {
             c.intermediate_size,
             c.vocab_size,
         );
-        let z = |len: usize| vec![T::ZERO; len];
+        let z = |len: usize| self.pool.zeros(len);
         let ow = Accumulate::Overwrite;
         let add = Accumulate::Add;
         let mut g = match base {
@@ -852,13 +867,13 @@ impl<T: Real> Llama<T> {
             Attached::Prefix(p) => {
                 ga.prefix = Some(PrefixTuning {
                     num_virtual_tokens: p.num_virtual_tokens,
-                    values: z(p.values.len()),
+                    values: vec![T::ZERO; p.values.len()],
                 })
             }
             Attached::Houlsby(h) => ga.houlsby = Some(h.zeros_like()),
         }
         // Norm weight gradients of a frozen base land here and are dropped.
-        let mut scratch = z(cw);
+        let mut scratch = vec![T::ZERO; cw];
 
         let mut dlogits = z(n * vocab);
         cross_entropy::backward(&f.logits, targets, vocab, T::ONE, &mut dlogits)?;
@@ -1016,7 +1031,7 @@ impl<T: Real> Llama<T> {
             ia3: ga.ia3,
             prefix: ga.prefix,
             houlsby: ga.houlsby,
-            inputs_embeds: dx,
+            inputs_embeds: dx.into_vec(),
         })
     }
 

@@ -1,0 +1,183 @@
+//! Recycled activation buffers for the CPU model.
+//!
+//! A training step allocates the same few dozen buffers every time: each layer's saved
+//! activations (the forward) and the backward's gradient temporaries, from a few hundred KB to a
+//! few MB each. Left to the allocator, every step gets fresh pages: buffers this large are
+//! `mmap`ed or sit at the top of the heap, which `free` hands back to the kernel, so the next
+//! step takes a page fault and a kernel-side zeroing per 4 KB page, and with two threads each
+//! unmap also interrupts the other core to flush its TLB. That was about a tenth of a 2-thread
+//! LoRA step (BENCHMARKS.md). A [`Pool`] keeps the buffers of one step for the next: a [`Buf`]
+//! is a `Vec` that goes back to its pool when dropped, and [`Pool::zeros`] hands out the
+//! smallest kept buffer that fits.
+//!
+//! The contract is the same as `vec![0; len]`: every buffer handed out is zero-filled and has
+//! exactly the requested length. The pool holds at most [`MAX_KEPT`] buffers and none larger
+//! than twice what is asked (so one huge buffer is not spent on a small request, and shapes that
+//! change from batch to batch cannot make it grow without bound).
+
+use std::ops::{Deref, DerefMut};
+use std::sync::{Arc, Mutex};
+
+use qadapt::ops::Real;
+
+/// Buffers a pool keeps at most; a Llama step of L layers uses about 15 L + 15.
+const MAX_KEPT: usize = 1024;
+
+/// Free buffers shared by the model's forward and backward (held in an `Arc`: clones of a model
+/// share one pool).
+pub(crate) struct Pool<T> {
+    free: Mutex<Vec<Vec<T>>>,
+}
+
+impl<T> std::fmt::Debug for Pool<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kept = self.free.lock().map_or(0, |v| v.len());
+        f.debug_struct("Pool").field("kept", &kept).finish()
+    }
+}
+
+impl<T: Real> Pool<T> {
+    pub(crate) fn new() -> Arc<Pool<T>> {
+        Arc::new(Pool {
+            free: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// A zero-filled buffer of `len` elements: the smallest kept one whose capacity fits (and is
+    /// at most twice `len`), else a new allocation.
+    pub(crate) fn zeros(self: &Arc<Self>, len: usize) -> Buf<T> {
+        let reused = {
+            let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+            let best = free
+                .iter()
+                .enumerate()
+                .filter(|(_, v)| v.capacity() >= len && v.capacity() <= 2 * len.max(1))
+                .min_by_key(|(_, v)| v.capacity())
+                .map(|(i, _)| i);
+            best.map(|i| free.swap_remove(i))
+        };
+        let v = match reused {
+            Some(mut v) => {
+                v.clear();
+                v.resize(len, T::ZERO);
+                v
+            }
+            None => vec![T::ZERO; len],
+        };
+        Buf {
+            v,
+            pool: Some(self.clone()),
+        }
+    }
+
+    /// `v` as a buffer of this pool (it joins the pool when dropped).
+    pub(crate) fn adopt(self: &Arc<Self>, v: Vec<T>) -> Buf<T> {
+        Buf {
+            v,
+            pool: Some(self.clone()),
+        }
+    }
+}
+
+impl<T> Pool<T> {
+    fn give(&self, v: Vec<T>) {
+        if v.capacity() == 0 {
+            return;
+        }
+        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        if free.len() >= MAX_KEPT {
+            // The oldest goes: shapes that are no longer used age out first.
+            free.remove(0);
+        }
+        free.push(v);
+    }
+}
+
+/// A `Vec<T>` borrowed from a [`Pool`]: derefs to `[T]` and returns to the pool when dropped.
+pub(crate) struct Buf<T> {
+    v: Vec<T>,
+    pool: Option<Arc<Pool<T>>>,
+}
+
+impl<T> Buf<T> {
+    /// The buffer as a plain `Vec`, leaving the pool for good (for values handed to the caller).
+    pub(crate) fn into_vec(mut self) -> Vec<T> {
+        self.pool = None;
+        std::mem::take(&mut self.v)
+    }
+}
+
+impl<T> Drop for Buf<T> {
+    fn drop(&mut self) {
+        if let Some(pool) = self.pool.take() {
+            pool.give(std::mem::take(&mut self.v));
+        }
+    }
+}
+
+impl<T> Deref for Buf<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        &self.v
+    }
+}
+
+impl<T> DerefMut for Buf<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        &mut self.v
+    }
+}
+
+impl<T: Clone> Clone for Buf<T> {
+    /// A copy in a new buffer of the same pool (the copy is fresh memory, not a pooled buffer).
+    fn clone(&self) -> Self {
+        Buf {
+            v: self.v.clone(),
+            pool: self.pool.clone(),
+        }
+    }
+}
+
+impl<T: std::fmt::Debug> std::fmt::Debug for Buf<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.v.fmt(f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_come_back_zeroed_and_are_reused() {
+        let pool = Pool::<f32>::new();
+        let mut a = pool.zeros(1000);
+        a.iter_mut().for_each(|v| *v = 7.0);
+        let ptr = a.as_ptr();
+        drop(a);
+        // Same size: the same memory, zero-filled again.
+        let b = pool.zeros(1000);
+        assert_eq!(b.as_ptr(), ptr);
+        assert_eq!(b.len(), 1000);
+        assert!(b.iter().all(|&v| v == 0.0));
+        // A smaller request may reuse it only while it is at most twice the size.
+        drop(b);
+        let c = pool.zeros(600);
+        assert_eq!((c.as_ptr(), c.len()), (ptr, 600));
+        drop(c);
+        let d = pool.zeros(100);
+        assert_ne!(d.as_ptr(), ptr);
+        // Leaving the pool: the vector is the caller's, nothing goes back.
+        let e = pool.zeros(1000).into_vec();
+        assert_eq!(e.len(), 1000);
+        assert_eq!(pool.free.lock().unwrap().len(), 0);
+    }
+
+    #[test]
+    fn the_pool_stays_bounded() {
+        let pool = Pool::<f32>::new();
+        let bufs: Vec<_> = (1..=MAX_KEPT + 10).map(|n| pool.zeros(n)).collect();
+        drop(bufs);
+        assert_eq!(pool.free.lock().unwrap().len(), MAX_KEPT);
+    }
+}
