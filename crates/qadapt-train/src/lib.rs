@@ -35,6 +35,7 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod cuda;
 pub mod dataset;
 pub mod fit;
 pub mod generate;

@@ -13,6 +13,10 @@ use qadapt_kernels::{KernelName, Module};
 use crate::error::{Error, Result};
 use crate::plan::DeviceProps;
 
+/// The device buffer type of every CUDA signature here, re-exported so that crates above qadapt
+/// can name it without depending on cudarc themselves.
+pub use cudarc::driver::CudaSlice as DeviceBuffer;
+
 /// Whether a GEMM operand is used as stored (`N`) or transposed (`T`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Op {

@@ -576,6 +576,16 @@ impl CudaLoraLinear {
         )
     }
 
+    /// The resident adapter stack, A `[adapters, rank, in_features]` and B
+    /// `[adapters, out_features, rank]` (bf16), for an optimizer that updates them in place: the
+    /// mixed-precision trainer keeps f32 master copies elsewhere and has AdamW write their bf16
+    /// rounding here, so the base weight is never uploaded again. Every launch checks these
+    /// buffers' lengths and device again, so replacing one by a buffer of another length is a
+    /// typed error at the next call, never an out-of-bounds access.
+    pub fn adapters_mut(&mut self) -> (&mut CudaSlice<bf16>, &mut CudaSlice<bf16>) {
+        (&mut self.a, &mut self.b)
+    }
+
     /// Overwrites `dx [rows, in_features]` and ADDS the adapter gradients into
     /// `grad_a [adapters, rank, in_features]` and `grad_b [adapters, out_features, rank]`.
     #[allow(clippy::too_many_arguments)]

@@ -1,0 +1,257 @@
+//! The ops the mixed-precision model is written against. Each method mirrors one safe CUDA op
+//! of `qadapt` (same argument order, same overwrite/accumulate contract, bf16 activations, f32
+//! statistics and gradients), so that [`super::LoraModel`] can run on the device
+//! ([`super::CudaBackend`]) or on host vectors ([`super::CpuBackend`]) with one orchestration.
+//!
+//! Buffers: `Act` holds bf16 activations or bf16 weights (`[rows, cols]` row-major, token-major
+//! as in [`qadapt::ops`]); `F32` holds f32 values (RMSNorm's `rstd`, attention's saved
+//! statistics, LoRA master weights, gradients). A `Proj` is one resident projection: its frozen
+//! base weight (dense bf16 or NF4) and, when adapted, the bf16 working copy of its LoRA pair.
+
+use half::bf16;
+use qadapt::Result;
+use qadapt::nf4::Nf4Tensor;
+use qadapt::ops::Accumulate;
+use qadapt::ops::attention::AttentionShape;
+use qadapt::ops::rope::{RopeDirection, RopeTable};
+use qadapt::optim::AdamWStep;
+
+/// Where the AdamW moments of the LoRA tensors live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MomentPlacement {
+    /// Device memory next to the parameters.
+    Device,
+    /// Managed memory paged between host and device ([`qadapt::optim::PagedAdamState`]): QLoRA's
+    /// paged optimizer. The CPU backend keeps host vectors either way.
+    Paged,
+}
+
+/// A frozen base weight `[out, in]` as handed to [`Backend::proj`].
+#[derive(Debug, Clone, Copy)]
+pub enum BaseRef<'a> {
+    /// f32 values, held by the backend as bf16 (rounded to nearest).
+    Dense(&'a [f32]),
+    /// NF4 codes with their (double-quantized) block scales.
+    Nf4(&'a Nf4Tensor),
+}
+
+/// The LoRA pair of an adapted projection as handed to [`Backend::proj`]: A `[r, in]`,
+/// B `[out, r]` (the f32 masters; the backend keeps their bf16 rounding) and the scale s.
+#[derive(Debug, Clone, Copy)]
+pub struct LoraRef<'a> {
+    /// Rank r.
+    pub rank: usize,
+    /// `lora_A.weight`.
+    pub a: &'a [f32],
+    /// `lora_B.weight`.
+    pub b: &'a [f32],
+    /// `alpha / r` or `alpha / sqrt(r)`.
+    pub scale: f32,
+}
+
+/// Which matrix of a LoRA pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoraMatrix {
+    /// A `[r, in]`.
+    A,
+    /// B `[out, r]`.
+    B,
+}
+
+/// The ops of one device, on its own buffers (see the module doc).
+pub trait Backend {
+    /// bf16 values.
+    type Act;
+    /// f32 values.
+    type F32;
+    /// A RoPE table resident on the backend.
+    type Rope;
+    /// A resident projection (base weight and optional LoRA working copy).
+    type Proj;
+    /// The AdamW moments `(m, v)` of one tensor.
+    type Moments;
+
+    /// A short description for logs (`cpu (bf16 activations)`, `cuda:0 (...)`).
+    fn describe(&self) -> String;
+
+    /// `len` zeros.
+    fn zeros(&self, len: usize) -> Result<Self::Act>;
+    /// `len` zeros in f32.
+    fn zeros_f32(&self, len: usize) -> Result<Self::F32>;
+    /// f32 host values rounded to bf16.
+    fn upload(&self, host: &[f32]) -> Result<Self::Act>;
+    /// f32 host values kept in f32.
+    fn upload_f32(&self, host: &[f32]) -> Result<Self::F32>;
+    /// The values widened to f32 (synchronizes a device).
+    fn download(&self, x: &Self::Act) -> Result<Vec<f32>>;
+    /// The f32 values (synchronizes a device).
+    fn download_f32(&self, x: &Self::F32) -> Result<Vec<f32>>;
+    /// A copy of `x`.
+    fn duplicate(&self, x: &Self::Act) -> Result<Self::Act>;
+    /// `dst += src` elementwise (same length), rounded to bf16 once.
+    fn add_assign(&self, dst: &mut Self::Act, src: &Self::Act) -> Result<()>;
+
+    /// Uploads an f32 RoPE table (cos and sin stay f32).
+    fn rope(&self, table: &RopeTable<f32>) -> Result<Self::Rope>;
+    /// Rotates every head of `x [batch * seq, heads * head_dim]` in place.
+    fn rope_apply(
+        &self,
+        rope: &Self::Rope,
+        x: &mut Self::Act,
+        heads: usize,
+        dir: RopeDirection,
+    ) -> Result<()>;
+
+    /// `out [ids.len(), dim] = table[ids]`.
+    fn embedding(
+        &self,
+        ids: &[u32],
+        table: &Self::Act,
+        vocab: usize,
+        dim: usize,
+        out: &mut Self::Act,
+    ) -> Result<()>;
+
+    /// RMSNorm: `y` overwritten, `rstd [rows]` overwritten.
+    fn rmsnorm_forward(
+        &self,
+        x: &Self::Act,
+        w: &Self::Act,
+        eps: f64,
+        y: &mut Self::Act,
+        rstd: &mut Self::F32,
+    ) -> Result<()>;
+    /// RMSNorm backward: `dx` overwritten or accumulated, `dw` accumulated.
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_backward(
+        &self,
+        x: &Self::Act,
+        w: &Self::Act,
+        rstd: &Self::F32,
+        dy: &Self::Act,
+        dx: &mut Self::Act,
+        acc: Accumulate,
+        dw: &mut Self::F32,
+    ) -> Result<()>;
+
+    /// `h = silu(gate) * up`.
+    fn swiglu_forward(&self, gate: &Self::Act, up: &Self::Act, h: &mut Self::Act) -> Result<()>;
+    /// SwiGLU backward: `dgate`, `dup` overwritten.
+    fn swiglu_backward(
+        &self,
+        gate: &Self::Act,
+        up: &Self::Act,
+        dh: &Self::Act,
+        dgate: &mut Self::Act,
+        dup: &mut Self::Act,
+    ) -> Result<()>;
+
+    /// Length of what the attention forward saves for its backward (the CUDA kernels keep the
+    /// row log-sum-exps `[batch, heads, seq]`, the CPU reference the probabilities
+    /// `[batch, heads, seq, seq]`).
+    fn attention_saved_len(&self, sh: AttentionShape) -> usize;
+    /// Causal GQA attention: `out` and `saved` overwritten.
+    fn attention_forward(
+        &self,
+        sh: AttentionShape,
+        q: &Self::Act,
+        k: &Self::Act,
+        v: &Self::Act,
+        saved: &mut Self::F32,
+        out: &mut Self::Act,
+    ) -> Result<()>;
+    /// Attention backward: `dq`, `dk`, `dv` overwritten.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward(
+        &self,
+        sh: AttentionShape,
+        q: &Self::Act,
+        k: &Self::Act,
+        v: &Self::Act,
+        saved: &Self::F32,
+        dout: &Self::Act,
+        dq: &mut Self::Act,
+        dk: &mut Self::Act,
+        dv: &mut Self::Act,
+    ) -> Result<()>;
+
+    /// `y [rows, out] = x [rows, inp] W^T` with W `[out, inp]` bf16 (the LM head).
+    fn matmul_wt(
+        &self,
+        x: &Self::Act,
+        w: &Self::Act,
+        rows_inp_out: (usize, usize, usize),
+        y: &mut Self::Act,
+    ) -> Result<()>;
+    /// `dx [rows, inp] = dy [rows, out] W` (the LM head's input gradient).
+    fn matmul_w(
+        &self,
+        dy: &Self::Act,
+        w: &Self::Act,
+        rows_inp_out: (usize, usize, usize),
+        dx: &mut Self::Act,
+    ) -> Result<()>;
+
+    /// A resident projection `[out, inp]`, adapted when `lora` is given.
+    fn proj(
+        &self,
+        out: usize,
+        inp: usize,
+        base: BaseRef<'_>,
+        lora: Option<LoraRef<'_>>,
+    ) -> Result<Self::Proj>;
+    /// `y (=|+=) x W^T + s (x A^T) B^T` for `x [rows, inp]` (the LoRA term where adapted).
+    fn proj_forward(
+        &self,
+        p: &Self::Proj,
+        x: &Self::Act,
+        rows: usize,
+        y: &mut Self::Act,
+        acc: Accumulate,
+    ) -> Result<()>;
+    /// Backward of [`Self::proj_forward`]: `dx (=|+=) dy W + s (dy B) A`, and where adapted and
+    /// `grads` is given, `dA += s (dy B)^T x` and `dB += s dy^T (x A^T)` (f32).
+    #[allow(clippy::too_many_arguments)]
+    fn proj_backward(
+        &self,
+        p: &Self::Proj,
+        x: &Self::Act,
+        dy: &Self::Act,
+        rows: usize,
+        dx: &mut Self::Act,
+        acc: Accumulate,
+        grads: Option<(&mut Self::F32, &mut Self::F32)>,
+    ) -> Result<()>;
+
+    /// The mean cross-entropy of `logits [targets.len(), vocab]` over the rows with a target and,
+    /// when `dlogits` is given, its gradient scaled by `dloss` (overwritten; 0 on ignored rows).
+    fn cross_entropy(
+        &self,
+        logits: &Self::Act,
+        targets: &[Option<u32>],
+        vocab: usize,
+        dloss: f32,
+        dlogits: Option<&mut Self::Act>,
+    ) -> Result<f32>;
+
+    /// `sum x^2` (f64 accumulation of the partials).
+    fn sum_squares(&self, x: &Self::F32) -> Result<f64>;
+    /// Zero moments for `len` parameters.
+    fn moments(&self, len: usize, placement: MomentPlacement) -> Result<Self::Moments>;
+    /// One AdamW step on the f32 master `param` with gradient `grad`, then writes the bf16
+    /// rounding of the new master into matrix `which` of projection `proj`'s working copy.
+    fn adamw(
+        &self,
+        param: &mut Self::F32,
+        proj: &mut Self::Proj,
+        which: LoraMatrix,
+        grad: &Self::F32,
+        state: &mut Self::Moments,
+        step: &AdamWStep,
+    ) -> Result<()>;
+}
+
+/// bf16 rounding of f32 values (nearest, ties to even), as a device upload stores them.
+pub(crate) fn round_bf16(x: f32) -> f32 {
+    bf16::from_f32(x).to_f32()
+}

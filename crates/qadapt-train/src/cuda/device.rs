@@ -1,0 +1,487 @@
+//! [`Backend`] on a CUDA device: `qadapt::cuda::ops` for the model ops, cuBLAS
+//! ([`CudaDevice::gemm_bf16`]) for the head and frozen dense projections, the fused
+//! [`CudaLoraLinear`] for adapted projections (dense or NF4 base, the NF4 codes dequantized
+//! inside the matmul) and for frozen NF4 ones, and `qadapt::optim`'s AdamW kernels (moments in
+//! device or managed memory) for the step. All work is queued on the device's one stream; only
+//! the loss, the gradient norm and downloads synchronize.
+//!
+//! Two compositions stand in for kernels that do not exist:
+//! - `dst += src` (residual adds, summed input gradients) is a cuBLAS GEMM with k = 1:
+//!   `dst [1, len] = 1 · ones [1, 1] · src [1, len] + 1 · dst`, f32 compute, one bf16 rounding.
+//! - a frozen NF4 projection is a [`CudaLoraLinear`] with a zero rank-1 adapter and every row's
+//!   adapter index -1 (base only), so the fused dequantizing GEMM runs without a LoRA term.
+
+use half::bf16;
+use qadapt::Result;
+use qadapt::cuda::ops::{self, CudaRopeTable};
+use qadapt::cuda::{CudaDevice, DeviceBuffer, Op};
+use qadapt::lora::{AdapterStack, BaseWeight, CudaLoraLinear, LoraLinear};
+use qadapt::ops::Accumulate;
+use qadapt::ops::attention::AttentionShape;
+use qadapt::ops::rope::{RopeDirection, RopeTable};
+use qadapt::optim::{AdamWStep, PagedAdamState, adamw_cuda, adamw_cuda_paged, sum_squares_cuda};
+
+use super::backend::{Backend, BaseRef, LoraMatrix, LoraRef, MomentPlacement};
+use crate::{invalid, shape_err};
+
+/// The CUDA backend: one device and a bf16 1 (the `ones` of the add).
+#[derive(Debug)]
+pub struct CudaBackend {
+    dev: CudaDevice,
+    one: DeviceBuffer<bf16>,
+}
+
+impl CudaBackend {
+    /// The backend on `dev`.
+    pub fn new(dev: CudaDevice) -> Result<Self> {
+        let one = dev.upload(&[bf16::ONE])?;
+        Ok(CudaBackend { dev, one })
+    }
+
+    /// Opens device `ordinal`: [`qadapt::Error::CudaNotCompiled`] or [`qadapt::Error::NoDevice`]
+    /// where there is none.
+    pub fn open(ordinal: usize) -> Result<Self> {
+        Self::new(CudaDevice::new(ordinal)?)
+    }
+
+    /// The device.
+    pub fn device(&self) -> &CudaDevice {
+        &self.dev
+    }
+
+    fn base_only(&self, rows: usize) -> Result<DeviceBuffer<i32>> {
+        self.dev.upload(&vec![-1i32; rows])
+    }
+}
+
+/// A projection on the device.
+#[derive(Debug)]
+pub enum CudaProj {
+    /// A frozen bf16 weight `[out, inp]`, multiplied by cuBLAS.
+    Dense {
+        /// Output features.
+        out: usize,
+        /// Input features.
+        inp: usize,
+        /// The weight.
+        w: DeviceBuffer<bf16>,
+    },
+    /// The fused LoRA layer; `adapted == false` is a frozen NF4 weight run with adapter index -1.
+    Fused {
+        /// Output features.
+        out: usize,
+        /// Input features.
+        inp: usize,
+        /// The layer (base weight and adapter stack of one adapter).
+        layer: CudaLoraLinear,
+        /// Rank of the stack.
+        rank: usize,
+        /// Whether the adapter is real (trainable) or the rank-1 placeholder.
+        adapted: bool,
+    },
+}
+
+/// AdamW moments on the device.
+#[derive(Debug)]
+pub enum CudaMoments {
+    /// `(m, v)` in device memory.
+    Device(DeviceBuffer<f32>, DeviceBuffer<f32>),
+    /// In managed memory, prefetched to the device by each step.
+    Paged(PagedAdamState),
+}
+
+fn to_bf16(v: &[f32]) -> Vec<bf16> {
+    v.iter().map(|x| bf16::from_f32(*x)).collect()
+}
+
+impl Backend for CudaBackend {
+    type Act = DeviceBuffer<bf16>;
+    type F32 = DeviceBuffer<f32>;
+    type Rope = CudaRopeTable;
+    type Proj = CudaProj;
+    type Moments = CudaMoments;
+
+    fn describe(&self) -> String {
+        self.dev.describe()
+    }
+
+    fn zeros(&self, len: usize) -> Result<Self::Act> {
+        self.dev.zeros(len)
+    }
+
+    fn zeros_f32(&self, len: usize) -> Result<Self::F32> {
+        self.dev.zeros(len)
+    }
+
+    fn upload(&self, host: &[f32]) -> Result<Self::Act> {
+        self.dev.upload(&to_bf16(host))
+    }
+
+    fn upload_f32(&self, host: &[f32]) -> Result<Self::F32> {
+        self.dev.upload(host)
+    }
+
+    fn download(&self, x: &Self::Act) -> Result<Vec<f32>> {
+        Ok(self
+            .dev
+            .download(x)?
+            .into_iter()
+            .map(|v| v.to_f32())
+            .collect())
+    }
+
+    fn download_f32(&self, x: &Self::F32) -> Result<Vec<f32>> {
+        self.dev.download(x)
+    }
+
+    fn duplicate(&self, x: &Self::Act) -> Result<Self::Act> {
+        let mut y = self.dev.zeros(x.len())?;
+        self.dev.copy(x, &mut y)?;
+        Ok(y)
+    }
+
+    fn add_assign(&self, dst: &mut Self::Act, src: &Self::Act) -> Result<()> {
+        if dst.len() != src.len() {
+            return Err(shape_err("add (cuda)", dst.len(), src.len()));
+        }
+        self.dev.gemm_bf16(
+            &self.one,
+            Op::N,
+            src,
+            Op::N,
+            dst,
+            (1, src.len(), 1),
+            1.0,
+            1.0,
+        )
+    }
+
+    fn rope(&self, table: &RopeTable<f32>) -> Result<Self::Rope> {
+        CudaRopeTable::new(&self.dev, table)
+    }
+
+    fn rope_apply(
+        &self,
+        rope: &Self::Rope,
+        x: &mut Self::Act,
+        heads: usize,
+        dir: RopeDirection,
+    ) -> Result<()> {
+        rope.apply(&self.dev, x, heads, dir)
+    }
+
+    fn embedding(
+        &self,
+        ids: &[u32],
+        table: &Self::Act,
+        vocab: usize,
+        dim: usize,
+        out: &mut Self::Act,
+    ) -> Result<()> {
+        ops::embedding_forward(&self.dev, ids, table, vocab, dim, out)
+    }
+
+    fn rmsnorm_forward(
+        &self,
+        x: &Self::Act,
+        w: &Self::Act,
+        eps: f64,
+        y: &mut Self::Act,
+        rstd: &mut Self::F32,
+    ) -> Result<()> {
+        ops::rmsnorm_forward(&self.dev, x, w, eps, y, rstd)
+    }
+
+    fn rmsnorm_backward(
+        &self,
+        x: &Self::Act,
+        w: &Self::Act,
+        rstd: &Self::F32,
+        dy: &Self::Act,
+        dx: &mut Self::Act,
+        acc: Accumulate,
+        dw: &mut Self::F32,
+    ) -> Result<()> {
+        ops::rmsnorm_backward(&self.dev, x, w, rstd, dy, dx, acc, dw)
+    }
+
+    fn swiglu_forward(&self, gate: &Self::Act, up: &Self::Act, h: &mut Self::Act) -> Result<()> {
+        ops::swiglu_forward(&self.dev, gate, up, h)
+    }
+
+    fn swiglu_backward(
+        &self,
+        gate: &Self::Act,
+        up: &Self::Act,
+        dh: &Self::Act,
+        dgate: &mut Self::Act,
+        dup: &mut Self::Act,
+    ) -> Result<()> {
+        ops::swiglu_backward(&self.dev, gate, up, dh, dgate, dup)
+    }
+
+    fn attention_saved_len(&self, sh: AttentionShape) -> usize {
+        sh.batch * sh.heads * sh.seq
+    }
+
+    fn attention_forward(
+        &self,
+        sh: AttentionShape,
+        q: &Self::Act,
+        k: &Self::Act,
+        v: &Self::Act,
+        saved: &mut Self::F32,
+        out: &mut Self::Act,
+    ) -> Result<()> {
+        ops::attention_forward(&self.dev, sh, q, k, v, saved, out)
+    }
+
+    fn attention_backward(
+        &self,
+        sh: AttentionShape,
+        q: &Self::Act,
+        k: &Self::Act,
+        v: &Self::Act,
+        saved: &Self::F32,
+        dout: &Self::Act,
+        dq: &mut Self::Act,
+        dk: &mut Self::Act,
+        dv: &mut Self::Act,
+    ) -> Result<()> {
+        ops::attention_backward(&self.dev, sh, q, k, v, saved, dout, dq, dk, dv)
+    }
+
+    fn matmul_wt(
+        &self,
+        x: &Self::Act,
+        w: &Self::Act,
+        (rows, inp, out): (usize, usize, usize),
+        y: &mut Self::Act,
+    ) -> Result<()> {
+        self.dev
+            .gemm_bf16(x, Op::N, w, Op::T, y, (rows, out, inp), 1.0, 0.0)
+    }
+
+    fn matmul_w(
+        &self,
+        dy: &Self::Act,
+        w: &Self::Act,
+        (rows, inp, out): (usize, usize, usize),
+        dx: &mut Self::Act,
+    ) -> Result<()> {
+        self.dev
+            .gemm_bf16(dy, Op::N, w, Op::N, dx, (rows, inp, out), 1.0, 0.0)
+    }
+
+    fn proj(
+        &self,
+        out: usize,
+        inp: usize,
+        base: BaseRef<'_>,
+        lora: Option<LoraRef<'_>>,
+    ) -> Result<Self::Proj> {
+        let weight = match (base, &lora) {
+            (BaseRef::Dense(w), None) => {
+                if w.len() != out * inp {
+                    return Err(shape_err(
+                        "projection (cuda)",
+                        format!("W of {out}x{inp}"),
+                        w.len(),
+                    ));
+                }
+                return Ok(CudaProj::Dense {
+                    out,
+                    inp,
+                    w: self.upload(w)?,
+                });
+            }
+            (BaseRef::Dense(w), Some(_)) => BaseWeight::Dense(to_bf16(w)),
+            (BaseRef::Nf4(t), _) => BaseWeight::Nf4(t.clone()),
+        };
+        let (adapters, rank, adapted) = match lora {
+            Some(l) => (
+                AdapterStack::new(l.rank, to_bf16(l.a), to_bf16(l.b), vec![l.scale])?,
+                l.rank,
+                true,
+            ),
+            None => (
+                AdapterStack::new(1, vec![bf16::ZERO; inp], vec![bf16::ZERO; out], vec![0.0])?,
+                1,
+                false,
+            ),
+        };
+        let host = LoraLinear::new(out, inp, weight, None, adapters)?;
+        Ok(CudaProj::Fused {
+            out,
+            inp,
+            layer: CudaLoraLinear::upload(&self.dev, &host)?,
+            rank,
+            adapted,
+        })
+    }
+
+    fn proj_forward(
+        &self,
+        p: &Self::Proj,
+        x: &Self::Act,
+        rows: usize,
+        y: &mut Self::Act,
+        acc: Accumulate,
+    ) -> Result<()> {
+        match p {
+            CudaProj::Dense { out, inp, w } => {
+                let beta = match acc {
+                    Accumulate::Overwrite => 0.0,
+                    Accumulate::Add => 1.0,
+                };
+                self.dev
+                    .gemm_bf16(x, Op::N, w, Op::T, y, (rows, *out, *inp), 1.0, beta)
+            }
+            CudaProj::Fused {
+                out,
+                layer,
+                adapted,
+                ..
+            } => {
+                let idx = if *adapted {
+                    None
+                } else {
+                    Some(self.base_only(rows)?)
+                };
+                match acc {
+                    Accumulate::Overwrite => layer.forward(x, rows, idx.as_ref(), y),
+                    Accumulate::Add => {
+                        let mut t = self.dev.zeros(rows * out)?;
+                        layer.forward(x, rows, idx.as_ref(), &mut t)?;
+                        self.add_assign(y, &t)
+                    }
+                }
+            }
+        }
+    }
+
+    fn proj_backward(
+        &self,
+        p: &Self::Proj,
+        x: &Self::Act,
+        dy: &Self::Act,
+        rows: usize,
+        dx: &mut Self::Act,
+        acc: Accumulate,
+        grads: Option<(&mut Self::F32, &mut Self::F32)>,
+    ) -> Result<()> {
+        const OP: &str = "projection backward (cuda)";
+        match p {
+            CudaProj::Dense { out, inp, w } => {
+                if grads.is_some() {
+                    return Err(invalid(OP, "gradients asked of a projection without LoRA"));
+                }
+                let beta = match acc {
+                    Accumulate::Overwrite => 0.0,
+                    Accumulate::Add => 1.0,
+                };
+                self.dev
+                    .gemm_bf16(dy, Op::N, w, Op::N, dx, (rows, *inp, *out), 1.0, beta)
+            }
+            CudaProj::Fused {
+                out,
+                inp,
+                layer,
+                rank,
+                adapted,
+            } => {
+                if grads.is_some() && !adapted {
+                    return Err(invalid(OP, "gradients asked of a projection without LoRA"));
+                }
+                let idx = if *adapted {
+                    None
+                } else {
+                    Some(self.base_only(rows)?)
+                };
+                let (mut sa, mut sb);
+                let (ga, gb) = match grads {
+                    Some(g) => g,
+                    None => {
+                        sa = self.dev.zeros::<f32>(rank * inp)?;
+                        sb = self.dev.zeros::<f32>(out * rank)?;
+                        (&mut sa, &mut sb)
+                    }
+                };
+                match acc {
+                    Accumulate::Overwrite => layer.backward(x, dy, rows, idx.as_ref(), dx, ga, gb),
+                    Accumulate::Add => {
+                        let mut t = self.dev.zeros(rows * inp)?;
+                        layer.backward(x, dy, rows, idx.as_ref(), &mut t, ga, gb)?;
+                        self.add_assign(dx, &t)
+                    }
+                }
+            }
+        }
+    }
+
+    fn cross_entropy(
+        &self,
+        logits: &Self::Act,
+        targets: &[Option<u32>],
+        vocab: usize,
+        dloss: f32,
+        dlogits: Option<&mut Self::Act>,
+    ) -> Result<f32> {
+        let mut row_loss = self.dev.zeros::<f32>(targets.len())?;
+        ops::cross_entropy_fused(
+            &self.dev,
+            logits,
+            targets,
+            vocab,
+            dloss,
+            &mut row_loss,
+            dlogits,
+        )?;
+        ops::cross_entropy_mean(&self.dev, &row_loss, targets)
+    }
+
+    fn sum_squares(&self, x: &Self::F32) -> Result<f64> {
+        sum_squares_cuda(&self.dev, x)
+    }
+
+    fn moments(&self, len: usize, placement: MomentPlacement) -> Result<Self::Moments> {
+        Ok(match placement {
+            MomentPlacement::Device => {
+                CudaMoments::Device(self.dev.zeros(len)?, self.dev.zeros(len)?)
+            }
+            MomentPlacement::Paged => CudaMoments::Paged(PagedAdamState::new(&self.dev, len)?),
+        })
+    }
+
+    fn adamw(
+        &self,
+        param: &mut Self::F32,
+        proj: &mut Self::Proj,
+        which: LoraMatrix,
+        grad: &Self::F32,
+        state: &mut Self::Moments,
+        step: &AdamWStep,
+    ) -> Result<()> {
+        let CudaProj::Fused {
+            layer,
+            adapted: true,
+            ..
+        } = proj
+        else {
+            return Err(invalid("adamw (cuda)", "the projection has no LoRA pair"));
+        };
+        let (a, b) = layer.adapters_mut();
+        let working = match which {
+            LoraMatrix::A => a,
+            LoraMatrix::B => b,
+        };
+        match state {
+            CudaMoments::Device(m, v) => {
+                adamw_cuda(&self.dev, param, Some(working), grad, m, v, step)
+            }
+            CudaMoments::Paged(s) => {
+                adamw_cuda_paged(&self.dev, param, Some(working), grad, s, step)
+            }
+        }
+    }
+}

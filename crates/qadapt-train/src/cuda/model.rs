@@ -1,0 +1,667 @@
+//! The Llama decoder with a trainable LoRA adapter, written once over a [`Backend`]: the same
+//! layer order as the CPU [`crate::Llama`] (see `model.rs` for the math of one layer), with the
+//! base frozen.
+//!
+//! Precision: base weights (embeddings, norms, head, projections) are bf16 or NF4 (block 64,
+//! double quant), activations and their gradients bf16, statistics and sums f32. The trainable
+//! tensors are the LoRA matrices: f32 masters (what AdamW updates and what is saved) and bf16
+//! working copies inside each projection (what the forward and backward multiply with), rewritten
+//! by every AdamW step. Their gradients are f32.
+//!
+//! Saved per layer for the backward: the layer input `x`, `rstd1`, `xn1`, `q` and `k` after RoPE,
+//! `v`, attention's saved statistics, the attention output, `x_mid`, `rstd2`, `xn2`, `gate`, `up`
+//! and `h`; plus the final norm's input and `rstd` (the frozen head needs no input). A LoRA projection's backward needs only
+//! its input (the fused kernel recomputes `u = s x A^T`). The logits are freed once the
+//! cross-entropy has written their gradient.
+//!
+//! Backward, per layer in reverse, with `dx` the gradient of the layer output:
+//! ```text
+//! dh = proj_bwd(down, h, dx)                 dgate, dup = swiglu_bwd(gate, up, dh)
+//! dxn = proj_bwd(gate, xn2, dgate) + proj_bwd(up, xn2, dup)
+//! dx += rmsnorm_bwd(x_mid, dxn)              (dx is now the gradient of x_mid)
+//! dattn = proj_bwd(o, attn, dx)              dq, dk, dv = attention_bwd(dattn)
+//! dq, dk = rope^T(dq), rope^T(dk)
+//! dxn = proj_bwd(q, xn1, dq) + proj_bwd(k, xn1, dk) + proj_bwd(v, xn1, dv)
+//! dx += rmsnorm_bwd(x, dxn)                  (dx is now the gradient of the layer input)
+//! ```
+//! each `proj_bwd` adding into its LoRA gradients when the projection is adapted.
+//!
+//! Gradient accumulation follows [`crate::Trainer`]: each micro-batch's backward is seeded with
+//! `dloss = ` its number of target tokens, so the accumulators hold the gradient of the summed
+//! token losses; [`LoraModel::apply`] divides by the total token count (folded into AdamW's
+//! gradient scale together with the clipping coefficient).
+
+use std::path::Path;
+
+use qadapt::nf4::{DEFAULT_BLOCKSIZE, Nf4Tensor, Statistics};
+use qadapt::ops::Accumulate;
+use qadapt::ops::attention::AttentionShape;
+use qadapt::ops::rope::{self, RopeDirection, RopeTable};
+use qadapt::optim::{AdamW, clip_coefficient};
+use qadapt::{Device, FloatVec, Result};
+
+use super::backend::{Backend, BaseRef, LoraMatrix, LoraRef, MomentPlacement};
+use crate::config::LlamaConfig;
+use crate::lora::{LoraAdapter, LoraPair};
+use crate::model::Llama;
+use crate::train::{Batch, StepStats};
+use crate::weights::Proj;
+use crate::{invalid, shape_err};
+
+/// How the frozen projection weights are held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BaseFormat {
+    /// bf16 (the LoRA method).
+    Dense,
+    /// NF4, block 64, double quantization, bitsandbytes' layout (QLoRA); embeddings, norms and
+    /// the head stay bf16 as transformers' `load_in_4bit` leaves them.
+    Nf4,
+}
+
+struct Layer<B: Backend> {
+    input_norm: B::Act,
+    post_norm: B::Act,
+    /// By [`Proj::index`].
+    projs: Vec<B::Proj>,
+}
+
+/// One adapted projection's trainable state.
+struct Trainable<B: Backend> {
+    layer: usize,
+    proj: Proj,
+    /// Lengths of A and B.
+    len: (usize, usize),
+    /// f32 masters, A `[r, in]` and B `[out, r]`.
+    a: B::F32,
+    b: B::F32,
+    /// Accumulated gradients (of the summed token losses).
+    ga: B::F32,
+    gb: B::F32,
+    /// AdamW moments of A and B, allocated by the first step.
+    moments: Option<(B::Moments, B::Moments)>,
+}
+
+struct LayerCache<B: Backend> {
+    x: B::Act,
+    rstd1: B::F32,
+    xn1: B::Act,
+    q: B::Act,
+    k: B::Act,
+    v: B::Act,
+    att: B::F32,
+    attn: B::Act,
+    x_mid: B::Act,
+    rstd2: B::F32,
+    xn2: B::Act,
+    gate: B::Act,
+    up: B::Act,
+    h: B::Act,
+}
+
+/// What a forward keeps for the backward.
+struct Saved<B: Backend> {
+    batch: usize,
+    seq: usize,
+    layers: Vec<LayerCache<B>>,
+    x_final: B::Act,
+    rstd_final: B::F32,
+    rope: B::Rope,
+}
+
+/// A frozen Llama base with one trainable LoRA adapter on a [`Backend`], with its AdamW state.
+pub struct LoraModel<B: Backend> {
+    backend: B,
+    config: LlamaConfig,
+    adapter: crate::lora::LoraConfig,
+    base: BaseFormat,
+    embed: B::Act,
+    /// `None` when the head is tied to `embed`.
+    head: Option<B::Act>,
+    norm: B::Act,
+    layers: Vec<Layer<B>>,
+    inv_freq: Vec<f32>,
+    /// In [`LoraAdapter::named`] order (layer, then [`Proj::ALL`]).
+    trainable: Vec<Trainable<B>>,
+    /// `slot[layer][proj.index()]`: index into `trainable`.
+    slot: Vec<Vec<Option<usize>>>,
+    placement: MomentPlacement,
+    acc_tokens: usize,
+    acc_loss: f64,
+    steps: u64,
+}
+
+impl<B: Backend> std::fmt::Debug for LoraModel<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoraModel")
+            .field("backend", &self.backend.describe())
+            .field("base", &self.base)
+            .field("adapted", &self.trainable.len())
+            .field("steps", &self.steps)
+            .finish()
+    }
+}
+
+fn nf4(w: &[f32], out: usize, inp: usize) -> Result<Nf4Tensor> {
+    Nf4Tensor::quantize(
+        &Device::Cpu,
+        &FloatVec::F32(w.to_vec()),
+        &[out, inp],
+        DEFAULT_BLOCKSIZE,
+        Statistics::DoubleQuant,
+    )
+}
+
+impl<B: Backend> LoraModel<B> {
+    /// Puts `model`'s weights on `backend` (projections as `base` says; with [`BaseFormat::Nf4`]
+    /// they are quantized here, exactly as [`crate::nf4::quantize_projections`] quantizes them)
+    /// and `adapter` as the trainable LoRA tensors; AdamW moments go where `placement` says.
+    pub fn new(
+        backend: B,
+        model: &Llama<f32>,
+        base: BaseFormat,
+        adapter: &LoraAdapter<f32>,
+        placement: MomentPlacement,
+    ) -> Result<Self> {
+        const OP: &str = "lora model";
+        let c = &model.config;
+        let r = adapter.config.r;
+        if adapter.pairs.len() != c.num_hidden_layers
+            || adapter.pairs.iter().any(|l| l.len() != Proj::ALL.len())
+        {
+            return Err(shape_err(
+                OP,
+                format!("{} layers of {} projections", c.num_hidden_layers, 7),
+                "an adapter for another model",
+            ));
+        }
+        let w = &model.weights;
+        let scale = adapter.config.scaling() as f32;
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        let mut trainable = Vec::new();
+        let mut slot = vec![vec![None; Proj::ALL.len()]; c.num_hidden_layers];
+        for (l, lw) in w.layers.iter().enumerate() {
+            let mut projs = Vec::with_capacity(Proj::ALL.len());
+            for p in Proj::ALL {
+                let (inp, out) = p.dims(c);
+                let pair = adapter.pairs[l][p.index()].as_ref();
+                if let Some(pr) = pair
+                    && (pr.a.len() != r * inp || pr.b.len() != out * r)
+                {
+                    return Err(shape_err(
+                        OP,
+                        format!("{}: A of {r}x{inp}, B of {out}x{r}", p.module(l)),
+                        format!("{} and {}", pr.a.len(), pr.b.len()),
+                    ));
+                }
+                let lora = pair.map(|pr| LoraRef {
+                    rank: r,
+                    a: &pr.a,
+                    b: &pr.b,
+                    scale,
+                });
+                let q;
+                let base_ref = match base {
+                    BaseFormat::Dense => BaseRef::Dense(lw.proj(p)),
+                    BaseFormat::Nf4 => {
+                        q = nf4(lw.proj(p), out, inp)?;
+                        BaseRef::Nf4(&q)
+                    }
+                };
+                projs.push(backend.proj(out, inp, base_ref, lora)?);
+                if let Some(pr) = pair {
+                    slot[l][p.index()] = Some(trainable.len());
+                    trainable.push(Trainable {
+                        layer: l,
+                        proj: p,
+                        len: (pr.a.len(), pr.b.len()),
+                        a: backend.upload_f32(&pr.a)?,
+                        b: backend.upload_f32(&pr.b)?,
+                        ga: backend.zeros_f32(pr.a.len())?,
+                        gb: backend.zeros_f32(pr.b.len())?,
+                        moments: None,
+                    });
+                }
+            }
+            layers.push(Layer {
+                input_norm: backend.upload(&lw.input_layernorm)?,
+                post_norm: backend.upload(&lw.post_attention_layernorm)?,
+                projs,
+            });
+        }
+        if trainable.is_empty() {
+            return Err(invalid(OP, "the adapter targets no projection"));
+        }
+        Ok(LoraModel {
+            embed: backend.upload(&w.embed_tokens)?,
+            head: w.lm_head.as_ref().map(|h| backend.upload(h)).transpose()?,
+            norm: backend.upload(&w.norm)?,
+            inv_freq: rope::inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)?,
+            config: c.clone(),
+            adapter: adapter.config.clone(),
+            base,
+            layers,
+            trainable,
+            slot,
+            placement,
+            acc_tokens: 0,
+            acc_loss: 0.0,
+            steps: 0,
+            backend,
+        })
+    }
+
+    /// The backend the model runs on.
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// The architecture.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    /// AdamW steps applied so far.
+    pub fn steps(&self) -> u64 {
+        self.steps
+    }
+
+    /// Number of trainable parameters (the LoRA matrices).
+    pub fn num_params(&self) -> usize {
+        let r = self.adapter.r;
+        self.trainable
+            .iter()
+            .map(|t| {
+                let (inp, out) = t.proj.dims(&self.config);
+                r * (inp + out)
+            })
+            .sum()
+    }
+
+    fn head(&self) -> &B::Act {
+        self.head.as_ref().unwrap_or(&self.embed)
+    }
+
+    fn attention_shape(&self, batch: usize, seq: usize) -> AttentionShape {
+        AttentionShape {
+            batch,
+            seq,
+            heads: self.config.num_attention_heads,
+            kv_heads: self.config.num_key_value_heads,
+            head_dim: self.config.head_dim,
+        }
+    }
+
+    /// Forward on ids `[batch, seq]`: the saved activations and the bf16 logits `[N, V]`.
+    fn forward(&self, ids: &[u32], batch: usize, seq: usize) -> Result<(Saved<B>, B::Act)> {
+        const OP: &str = "lora model forward";
+        let c = &self.config;
+        let be = &self.backend;
+        let n = batch * seq;
+        if n == 0 || ids.len() != n {
+            return Err(shape_err(
+                OP,
+                format!("{batch} x {seq} ids (non-empty)"),
+                ids.len(),
+            ));
+        }
+        if seq > c.max_position_embeddings {
+            return Err(invalid(
+                OP,
+                format!(
+                    "{seq} positions exceed max_position_embeddings {}",
+                    c.max_position_embeddings
+                ),
+            ));
+        }
+        let rope = be.rope(&RopeTable::new(seq, c.head_dim, &self.inv_freq)?)?;
+        let mut x = be.zeros(n * c.hidden_size)?;
+        be.embedding(ids, &self.embed, c.vocab_size, c.hidden_size, &mut x)?;
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for l in 0..c.num_hidden_layers {
+            let (cache, out) = self.layer_forward(l, x, batch, seq, &rope)?;
+            layers.push(cache);
+            x = out;
+        }
+        let mut xn_final = be.zeros(n * c.hidden_size)?;
+        let mut rstd_final = be.zeros_f32(n)?;
+        be.rmsnorm_forward(
+            &x,
+            &self.norm,
+            c.rms_norm_eps,
+            &mut xn_final,
+            &mut rstd_final,
+        )?;
+        let mut logits = be.zeros(n * c.vocab_size)?;
+        be.matmul_wt(
+            &xn_final,
+            self.head(),
+            (n, c.hidden_size, c.vocab_size),
+            &mut logits,
+        )?;
+        Ok((
+            Saved {
+                batch,
+                seq,
+                layers,
+                x_final: x,
+                rstd_final,
+                rope,
+            },
+            logits,
+        ))
+    }
+
+    fn layer_forward(
+        &self,
+        l: usize,
+        x: B::Act,
+        batch: usize,
+        seq: usize,
+        rope: &B::Rope,
+    ) -> Result<(LayerCache<B>, B::Act)> {
+        let c = &self.config;
+        let be = &self.backend;
+        let lw = &self.layers[l];
+        let n = batch * seq;
+        let (cw, qd, kd, id) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
+        let ow = Accumulate::Overwrite;
+        let pj = |p: Proj| &lw.projs[p.index()];
+
+        let (mut xn1, mut rstd1) = (be.zeros(n * cw)?, be.zeros_f32(n)?);
+        be.rmsnorm_forward(&x, &lw.input_norm, c.rms_norm_eps, &mut xn1, &mut rstd1)?;
+        let (mut q, mut k, mut v) = (be.zeros(n * qd)?, be.zeros(n * kd)?, be.zeros(n * kd)?);
+        be.proj_forward(pj(Proj::Q), &xn1, n, &mut q, ow)?;
+        be.proj_forward(pj(Proj::K), &xn1, n, &mut k, ow)?;
+        be.proj_forward(pj(Proj::V), &xn1, n, &mut v, ow)?;
+        be.rope_apply(rope, &mut q, c.num_attention_heads, RopeDirection::Forward)?;
+        be.rope_apply(rope, &mut k, c.num_key_value_heads, RopeDirection::Forward)?;
+        let sh = self.attention_shape(batch, seq);
+        let mut att = be.zeros_f32(be.attention_saved_len(sh))?;
+        let mut attn = be.zeros(n * qd)?;
+        be.attention_forward(sh, &q, &k, &v, &mut att, &mut attn)?;
+        let mut x_mid = be.duplicate(&x)?;
+        be.proj_forward(pj(Proj::O), &attn, n, &mut x_mid, Accumulate::Add)?;
+
+        let (mut xn2, mut rstd2) = (be.zeros(n * cw)?, be.zeros_f32(n)?);
+        be.rmsnorm_forward(&x_mid, &lw.post_norm, c.rms_norm_eps, &mut xn2, &mut rstd2)?;
+        let (mut gate, mut up, mut h) = (be.zeros(n * id)?, be.zeros(n * id)?, be.zeros(n * id)?);
+        be.proj_forward(pj(Proj::Gate), &xn2, n, &mut gate, ow)?;
+        be.proj_forward(pj(Proj::Up), &xn2, n, &mut up, ow)?;
+        be.swiglu_forward(&gate, &up, &mut h)?;
+        let mut out = be.duplicate(&x_mid)?;
+        be.proj_forward(pj(Proj::Down), &h, n, &mut out, Accumulate::Add)?;
+        Ok((
+            LayerCache {
+                x,
+                rstd1,
+                xn1,
+                q,
+                k,
+                v,
+                att,
+                attn,
+                x_mid,
+                rstd2,
+                xn2,
+                gate,
+                up,
+                h,
+            },
+            out,
+        ))
+    }
+
+    /// Backward from `dlogits` (the gradient of the loss with respect to the logits): adds the
+    /// LoRA gradients into the accumulators.
+    fn backward(&mut self, f: &Saved<B>, dlogits: &B::Act) -> Result<()> {
+        let LoraModel {
+            backend: be,
+            config: c,
+            embed,
+            head,
+            norm,
+            layers,
+            trainable,
+            slot,
+            ..
+        } = self;
+        let n = f.batch * f.seq;
+        let (cw, qd, kd, id) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
+        let (ow, add) = (Accumulate::Overwrite, Accumulate::Add);
+        // Gradients of the frozen norm weights land here and are dropped.
+        let mut scratch = be.zeros_f32(cw)?;
+
+        let mut dxn = be.zeros(n * cw)?;
+        be.matmul_w(
+            dlogits,
+            head.as_ref().unwrap_or(embed),
+            (n, cw, c.vocab_size),
+            &mut dxn,
+        )?;
+        let mut dx = be.zeros(n * cw)?;
+        be.rmsnorm_backward(
+            &f.x_final,
+            norm,
+            &f.rstd_final,
+            &dxn,
+            &mut dx,
+            ow,
+            &mut scratch,
+        )?;
+
+        let sh = AttentionShape {
+            batch: f.batch,
+            seq: f.seq,
+            heads: c.num_attention_heads,
+            kv_heads: c.num_key_value_heads,
+            head_dim: c.head_dim,
+        };
+        let (mut dh, mut dgate, mut dup) =
+            (be.zeros(n * id)?, be.zeros(n * id)?, be.zeros(n * id)?);
+        let mut dattn = be.zeros(n * qd)?;
+        let (mut dq, mut dk, mut dv) = (be.zeros(n * qd)?, be.zeros(n * kd)?, be.zeros(n * kd)?);
+        for l in (0..c.num_hidden_layers).rev() {
+            let (lw, lc) = (&layers[l], &f.layers[l]);
+            // One projection's backward, into its LoRA gradients when adapted.
+            let mut proj_back =
+                |p: Proj, x: &B::Act, dy: &B::Act, dx: &mut B::Act, acc: Accumulate| {
+                    let grads = slot[l][p.index()].map(|i| {
+                        let t = &mut trainable[i];
+                        (&mut t.ga, &mut t.gb)
+                    });
+                    be.proj_backward(&lw.projs[p.index()], x, dy, n, dx, acc, grads)
+                };
+            // MLP branch: dx is the gradient of the layer output (= of x_mid through the residual).
+            proj_back(Proj::Down, &lc.h, &dx, &mut dh, ow)?;
+            be.swiglu_backward(&lc.gate, &lc.up, &dh, &mut dgate, &mut dup)?;
+            proj_back(Proj::Gate, &lc.xn2, &dgate, &mut dxn, ow)?;
+            proj_back(Proj::Up, &lc.xn2, &dup, &mut dxn, add)?;
+            be.rmsnorm_backward(
+                &lc.x_mid,
+                &lw.post_norm,
+                &lc.rstd2,
+                &dxn,
+                &mut dx,
+                add,
+                &mut scratch,
+            )?;
+            // Attention branch: dx is now the gradient of x_mid (= of x through the residual).
+            proj_back(Proj::O, &lc.attn, &dx, &mut dattn, ow)?;
+            be.attention_backward(
+                sh, &lc.q, &lc.k, &lc.v, &lc.att, &dattn, &mut dq, &mut dk, &mut dv,
+            )?;
+            be.rope_apply(
+                &f.rope,
+                &mut dq,
+                c.num_attention_heads,
+                RopeDirection::Backward,
+            )?;
+            be.rope_apply(
+                &f.rope,
+                &mut dk,
+                c.num_key_value_heads,
+                RopeDirection::Backward,
+            )?;
+            proj_back(Proj::Q, &lc.xn1, &dq, &mut dxn, ow)?;
+            proj_back(Proj::K, &lc.xn1, &dk, &mut dxn, add)?;
+            proj_back(Proj::V, &lc.xn1, &dv, &mut dxn, add)?;
+            be.rmsnorm_backward(
+                &lc.x,
+                &lw.input_norm,
+                &lc.rstd1,
+                &dxn,
+                &mut dx,
+                add,
+                &mut scratch,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The logits `[batch * seq, vocab]` (bf16 values widened to f32) of ids `[batch, seq]`.
+    pub fn logits(&self, ids: &[u32], batch: usize, seq: usize) -> Result<Vec<f32>> {
+        let (_, logits) = self.forward(ids, batch, seq)?;
+        self.backend.download(&logits)
+    }
+
+    /// The mean cross-entropy of a batch's targets (no gradient).
+    pub fn loss(&self, b: &Batch) -> Result<f32> {
+        let (_, logits) = self.forward(&b.ids, b.batch, b.seq)?;
+        self.backend
+            .cross_entropy(&logits, &b.targets, self.config.vocab_size, 1.0, None)
+    }
+
+    /// Forward and backward of one micro-batch, adding its gradient (weighted by its target
+    /// tokens, as [`crate::Trainer::accumulate`] does) to the accumulators; returns its mean loss.
+    /// LoRA dropout is refused: the fused kernels feed one input to the base weight and to A, so
+    /// a dropped-out adapter input has no kernel yet.
+    pub fn accumulate(&mut self, b: &Batch) -> Result<f32> {
+        const OP: &str = "lora model step";
+        let tokens = b.num_targets();
+        if tokens == 0 {
+            return Err(invalid(OP, "a micro-batch without target tokens"));
+        }
+        if self.adapter.dropout != 0.0 {
+            return Err(invalid(
+                OP,
+                format!(
+                    "lora_dropout = {} is not supported on this path (the fused LoRA kernels have \
+                     no dropout); train with lora_dropout 0",
+                    self.adapter.dropout
+                ),
+            ));
+        }
+        if b.targets.len() != b.ids.len() {
+            return Err(shape_err(OP, b.ids.len(), b.targets.len()));
+        }
+        let (saved, logits) = self.forward(&b.ids, b.batch, b.seq)?;
+        let v = self.config.vocab_size;
+        let mut dlogits = self.backend.zeros(b.ids.len() * v)?;
+        let loss = self.backend.cross_entropy(
+            &logits,
+            &b.targets,
+            v,
+            tokens as f32,
+            Some(&mut dlogits),
+        )?;
+        drop(logits);
+        self.backward(&saved, &dlogits)?;
+        self.acc_tokens += tokens;
+        self.acc_loss += f64::from(loss) * tokens as f64;
+        Ok(loss)
+    }
+
+    fn download_pairs(
+        &self,
+        pick: impl Fn(&Trainable<B>) -> (&B::F32, &B::F32),
+        scale: f32,
+    ) -> Result<LoraAdapter<f32>> {
+        let mut pairs = vec![vec![None; Proj::ALL.len()]; self.config.num_hidden_layers];
+        for t in &self.trainable {
+            let (a, b) = pick(t);
+            let s = |v: Vec<f32>| v.into_iter().map(|x| x * scale).collect();
+            pairs[t.layer][t.proj.index()] = Some(LoraPair {
+                a: s(self.backend.download_f32(a)?),
+                b: s(self.backend.download_f32(b)?),
+            });
+        }
+        Ok(LoraAdapter {
+            config: self.adapter.clone(),
+            pairs,
+        })
+    }
+
+    /// The mean-loss gradient accumulated so far (the accumulators divided by their token count),
+    /// shaped as the adapter.
+    pub fn grads(&self) -> Result<LoraAdapter<f32>> {
+        if self.acc_tokens == 0 {
+            return Err(invalid("lora model grads", "nothing accumulated"));
+        }
+        self.download_pairs(|t| (&t.ga, &t.gb), 1.0 / self.acc_tokens as f32)
+    }
+
+    /// The current f32 masters, as a [`LoraAdapter`] (save it with [`LoraAdapter::save`]).
+    pub fn adapter(&self) -> Result<LoraAdapter<f32>> {
+        self.download_pairs(|t| (&t.a, &t.b), 1.0)
+    }
+
+    /// Writes the adapter in PEFT's format (the CPU writer, from the downloaded masters).
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        self.adapter()?.save(dir, &self.config)
+    }
+
+    /// One AdamW step from the accumulated gradient at learning rate `lr`, clipped to
+    /// `max_grad_norm` by global norm when given; clears the accumulators. The moments are
+    /// allocated (zero) by the first step, where the model's [`MomentPlacement`] says.
+    pub fn apply(&mut self, opt: &AdamW, max_grad_norm: Option<f64>, lr: f32) -> Result<StepStats> {
+        if self.acc_tokens == 0 {
+            return Err(invalid("lora model step", "nothing accumulated"));
+        }
+        let be = &self.backend;
+        let inv = 1.0 / self.acc_tokens as f64;
+        let mut sq = 0.0;
+        for t in &self.trainable {
+            sq += be.sum_squares(&t.ga)? + be.sum_squares(&t.gb)?;
+        }
+        let stats = StepStats {
+            loss: (self.acc_loss * inv) as f32,
+            grad_norm: sq.sqrt() * inv,
+            tokens: self.acc_tokens,
+        };
+        let clip = max_grad_norm.map_or(1.0, |m| clip_coefficient(stats.grad_norm, m));
+        // AdamW multiplies each gradient by this first: the mean over tokens, then the clip.
+        let step = opt.step(self.steps + 1, lr, clip * inv as f32)?;
+        for t in &mut self.trainable {
+            if t.moments.is_none() {
+                let ma = be.moments(t.len.0, self.placement)?;
+                let mb = be.moments(t.len.1, self.placement)?;
+                t.moments = Some((ma, mb));
+            }
+            let (ma, mb) = t.moments.as_mut().expect("allocated above");
+            let proj = &mut self.layers[t.layer].projs[t.proj.index()];
+            be.adamw(&mut t.a, proj, LoraMatrix::A, &t.ga, ma, &step)?;
+            be.adamw(&mut t.b, proj, LoraMatrix::B, &t.gb, mb, &step)?;
+        }
+        for t in &mut self.trainable {
+            t.ga = be.zeros_f32(t.len.0)?;
+            t.gb = be.zeros_f32(t.len.1)?;
+        }
+        self.steps += 1;
+        self.acc_tokens = 0;
+        self.acc_loss = 0.0;
+        Ok(stats)
+    }
+
+    /// One step on a batch: [`Self::accumulate`] then [`Self::apply`]; returns the loss before the
+    /// update.
+    pub fn step(
+        &mut self,
+        b: &Batch,
+        opt: &AdamW,
+        max_grad_norm: Option<f64>,
+        lr: f32,
+    ) -> Result<f32> {
+        self.accumulate(b)?;
+        Ok(self.apply(opt, max_grad_norm, lr)?.loss)
+    }
+}
