@@ -73,7 +73,7 @@ pub enum CudaProj {
         /// Input features.
         inp: usize,
         /// The layer (base weight and adapter stack of one adapter).
-        layer: CudaLoraLinear,
+        layer: Box<CudaLoraLinear>,
         /// Rank of the stack.
         rank: usize,
         /// Whether the adapter is real (trainable) or the rank-1 placeholder.
@@ -314,7 +314,7 @@ impl Backend for CudaBackend {
         Ok(CudaProj::Fused {
             out,
             inp,
-            layer: CudaLoraLinear::upload(&self.dev, &host)?,
+            layer: Box::new(CudaLoraLinear::upload(&self.dev, &host)?),
             rank,
             adapted,
         })
