@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Builds gpu-bundle/ (DESIGN.md §7) on a machine without a GPU: stripped release test and bench
-# binaries with the kernels embedded, compute-sanitizer's wheel, and run.sh, which on an NVIDIA
-# machine with a CUDA 13 driver (no Rust needed) runs every ignored test, compute-sanitizer
-# memcheck on a small NF4 case, and the CUDA benchmarks, then prints one summary.
+# binaries with the kernels embedded, packed into one bins.tar.xz (each binary carries the same
+# fatbins and std, so the solid archive is ~5x smaller than the binaries), compute-sanitizer's
+# wheel, and run.sh, which on an NVIDIA machine with a CUDA 13 driver (no Rust needed) extracts
+# the binaries, runs every ignored test, compute-sanitizer memcheck on a small NF4 case, and the
+# CUDA benchmarks, then prints one summary.
 #
 #   scripts/gpu-bundle.sh              build the folder
 #   scripts/gpu-bundle.sh --rehearse   build it, check its size, and run it here: without a GPU
@@ -11,8 +13,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out=gpu-bundle
 limit_mb=60
+stage="$out/stage"
 rm -rf "$out"
-mkdir -p "$out/tests" "$out/benches" "$out/tools"
+mkdir -p "$stage/tests" "$stage/benches" "$out/tools"
 export QADAPT_REQUIRE_CUDA=1
 
 artifacts() { # cargo args... -> "name path" lines of the executables built
@@ -35,8 +38,8 @@ while read -r _kind name exe; do
     # (Read the whole list first: `grep -q` closing the pipe early would fail under pipefail.)
     ignored=$("$exe" --list --ignored 2>/dev/null || true)
     if grep -q ': test$' <<<"$ignored"; then
-        cp "$exe" "$out/tests/$name"
-        strip "$out/tests/$name"
+        cp "$exe" "$stage/tests/$name"
+        strip "$stage/tests/$name"
     fi
 done < <(artifacts test --release --workspace --no-run)
 
@@ -45,9 +48,18 @@ cargo bench --workspace --no-run -q
 while read -r kind name exe; do
     # The [[bench]] targets only (libraries also get a bench harness binary).
     [ "$kind" = bench ] || continue
-    cp "$exe" "$out/benches/$name"
-    strip "$out/benches/$name"
+    cp "$exe" "$stage/benches/$name"
+    strip "$stage/benches/$name"
 done < <(artifacts bench --workspace --no-run)
+n_tests=$(ls "$stage/tests" | wc -l)
+n_benches=$(ls "$stage/benches" | wc -l)
+if [ "$n_tests" -eq 0 ] || [ "$n_benches" -eq 0 ]; then
+    echo "gpu-bundle/ has no test or no bench binary" >&2
+    exit 1
+fi
+echo "packing $(du -sm "$stage" | cut -f1) MB of binaries into bins.tar.xz"
+tar -C "$stage" -cf - tests benches | xz -T0 -9 >"$out/bins.tar.xz"
+rm -rf "$stage"
 
 cp .cuda/wheels/nvidia_cuda_sanitizer_api-13.0.85-*.whl "$out/tools/"
 
@@ -57,8 +69,19 @@ cat > "$out/run.sh" <<'RUN'
 # Runs every ignored (GPU) test, compute-sanitizer memcheck on a small case, the CUDA benches,
 # and prints one summary. Exit status: 0 all passed, 1 a check failed, 2 no CUDA device.
 set -uo pipefail
-cd "$(dirname "$0")"
+here=$(cd "$(dirname "$0")" && pwd)
 export RUST_BACKTRACE=1
+# The binaries travel as one bins.tar.xz; unpack them next to a scratch log folder first (xz, or
+# Python's lzma where the xz tool is missing).
+bins=$(mktemp -d)
+trap 'rm -rf "$bins"' EXIT
+if ! { xz -dc "$here/bins.tar.xz" 2>/dev/null | tar -C "$bins" -xf - 2>/dev/null; }; then
+    rm -rf "$bins" && mkdir -p "$bins"
+    python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1], "r:xz").extractall(sys.argv[2])' \
+        "$here/bins.tar.xz" "$bins" || { echo "cannot unpack bins.tar.xz"; exit 1; }
+fi
+echo "unpacked $(ls "$bins/tests" | wc -l) test and $(ls "$bins/benches" | wc -l) bench binaries"
+cd "$bins"
 if ! ldconfig -p 2>/dev/null | grep -q 'libcuda\.so' && ! command -v nvidia-smi >/dev/null 2>&1; then
     echo "no CUDA device: no NVIDIA driver (libcuda.so) on this machine"
     exit 2
@@ -98,7 +121,7 @@ for t in tests/*; do
 done
 san=/tmp/qadapt-sanitizer
 rm -rf "$san"
-python3 -m zipfile -e tools/nvidia_cuda_sanitizer_api-*.whl "$san" >/dev/null 2>&1 || unzip -q tools/nvidia_cuda_sanitizer_api-*.whl -d "$san"
+python3 -m zipfile -e "$here"/tools/nvidia_cuda_sanitizer_api-*.whl "$san" >/dev/null 2>&1 || unzip -q "$here"/tools/nvidia_cuda_sanitizer_api-*.whl -d "$san"
 chmod +x "$san"/nvidia/cu13/bin/compute-sanitizer 2>/dev/null
 if "$san"/nvidia/cu13/bin/compute-sanitizer --tool memcheck --error-exitcode 1 \
     tests/nf4_cuda --ignored --exact cuda_small_roundtrip_for_sanitizer >"$logs/sanitizer.log" 2>&1; then
@@ -124,11 +147,7 @@ RUN
 chmod +x "$out/run.sh"
 
 size_mb=$(du -sm "$out" | cut -f1)
-echo "gpu-bundle/: ${size_mb} MB ($(ls "$out/tests" | wc -l) test binaries, $(ls "$out/benches" | wc -l) bench binaries)"
-if [ -z "$(ls "$out/tests")" ] || [ -z "$(ls "$out/benches")" ]; then
-    echo "gpu-bundle/ has no test or no bench binary" >&2
-    exit 1
-fi
+echo "gpu-bundle/: ${size_mb} MB ($n_tests test binaries, $n_benches bench binaries, packed)"
 if [ "$size_mb" -gt "$limit_mb" ]; then
     echo "gpu-bundle/ is ${size_mb} MB, over the ${limit_mb} MB limit" >&2
     exit 1
@@ -139,6 +158,10 @@ if [ "${1:-}" = "--rehearse" ]; then
     code=$?
     set -e
     echo "$output" | tail -n 5
+    if ! grep -q "unpacked $n_tests test and $n_benches bench binaries" <<<"$output"; then
+        echo "rehearsal failed: run.sh did not unpack every binary" >&2
+        exit 1
+    fi
     if [ $code -eq 2 ] && grep -q "no CUDA device" <<<"$output"; then
         echo "rehearsal: the bundle stops cleanly without a GPU (exit 2)"
     elif [ $code -eq 0 ]; then
