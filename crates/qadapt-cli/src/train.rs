@@ -1,6 +1,9 @@
 //! `qadapt train`: fine-tune a Llama-family model with one PEFT method on the CPU, with a
 //! progress bar, a JSONL log of every step, a loss-curve PNG, atomic checkpoints, `--resume`,
-//! Ctrl-C, and the held-out metric before and after.
+//! Ctrl-C, and the held-out metric before and after. `--device cuda` trains `--method lora` and
+//! `--method qlora` on the GPU ([`qadapt_train::cuda`]: bf16 compute, NF4 base with paged AdamW
+//! for QLoRA, no LoRA dropout, no `--resume` yet); the held-out metric is still computed on the
+//! CPU model with the adapter downloaded. Every other method on `--device cuda` is refused.
 //!
 //! With no arguments it fine-tunes the embedded default (see [`crate::assets`]) with QLoRA.
 //!
@@ -34,6 +37,7 @@ use clap::{Args, ValueEnum};
 use qadapt::adapter::Activation;
 use qadapt::nf4::bnb::OnDiskTensor;
 use qadapt::optim::{AdamW, CosineSchedule};
+use qadapt_train::cuda::{BaseFormat, CudaBackend, LoraModel, MomentPlacement};
 use qadapt_train::dataset::{self, Example, Framing, Overlong, Sequence, Strictness, Tokenize};
 use qadapt_train::fit::{Heldout, Sampler, heldout, pack};
 use qadapt_train::surgical::AutoRgn;
@@ -628,6 +632,15 @@ fn build(s: &Settings, model: &Llama<f32>, tok: &tokenizers::Tokenizer) -> Resul
     })
 }
 
+/// Copies the adapter trained on the device (its f32 masters) into `state`, where the CPU
+/// evaluation, the checkpoint and the PEFT writer read it.
+fn download_adapter(gpu: Option<&LoraModel<CudaBackend>>, state: &mut State) -> Result<()> {
+    if let (Some(g), State::Adapter(a)) = (gpu, state) {
+        *a = Adapter::Lora(g.adapter()?);
+    }
+    Ok(())
+}
+
 impl State {
     fn trainable(&mut self) -> Trainable<'_> {
         match self {
@@ -855,14 +868,39 @@ pub(crate) fn run(a: &TrainArgs) -> Result<()> {
         }
     };
     check(&s)?;
-    if s.device != "cpu" {
-        let d = qadapt::Device::parse(&s.device)?;
-        bail!(
-            "training on {} is not available yet: the model's CUDA path (bf16 compute over the \
-             kernels) is not wired into the trainer; use --device cpu",
-            d.describe()
-        );
-    }
+    // --device cuda: LoRA and QLoRA train on the mixed-precision path (qadapt_train::cuda);
+    // every other method runs on the CPU only. The settings are checked before the device is
+    // opened, so a refused method says so on any machine.
+    let gpu_backend = if s.device != "cpu" {
+        if !matches!(s.method, Method::Lora | Method::Qlora) {
+            bail!(
+                "--device {} trains --method lora and --method qlora only; --method {} runs on \
+                 --device cpu",
+                s.device,
+                s.method.name()
+            );
+        }
+        if s.lora_dropout > 0.0 {
+            bail!(
+                "--device {} has no LoRA dropout (the fused kernels feed one input to the base \
+                 weight and the adapter); use --lora-dropout 0 or --device cpu",
+                s.device
+            );
+        }
+        if resuming {
+            bail!(
+                "a --device {} run cannot be resumed yet (its AdamW moments stay on the device); \
+                 start a new run",
+                s.device
+            );
+        }
+        match qadapt::Device::parse(&s.device)? {
+            qadapt::Device::Cuda(dev) => Some(CudaBackend::new(dev)?),
+            qadapt::Device::Cpu => None,
+        }
+    } else {
+        None
+    };
     if !resuming {
         if out.exists() {
             bail!(
@@ -887,6 +925,9 @@ pub(crate) fn run(a: &TrainArgs) -> Result<()> {
         )
     })?;
     let mut model = dir.model()?;
+    // The device quantizes the original projections itself (the same NF4 codes the CPU round
+    // trip below decodes), so it gets them before that round trip.
+    let unquantized = (gpu_backend.is_some() && s.method == Method::Qlora).then(|| model.clone());
     if s.method == Method::Qlora {
         qadapt_train::nf4::quantize_projections(&mut model.weights, &dir.config)?;
     }
@@ -907,6 +948,21 @@ pub(crate) fn run(a: &TrainArgs) -> Result<()> {
     let mut data = load_data(&s, &model_dir, tok, max_len - virt, a.quiet)?;
     let pad = 0;
     let mut state = build(&s, &model, tok)?;
+    // The CPU model (NF4 round trip for QLoRA) still evaluates the held-out set, with the adapter
+    // downloaded from the device before each evaluation, checkpoint and the final save.
+    let mut gpu = match (gpu_backend, state.adapter()) {
+        (Some(be), Some(Adapter::Lora(a))) => {
+            let (base, placement) = match s.method {
+                Method::Qlora => (BaseFormat::Nf4, MomentPlacement::Paged),
+                _ => (BaseFormat::Dense, MomentPlacement::Device),
+            };
+            let m = unquantized.as_ref().unwrap_or(&model);
+            Some(LoraModel::new(be, m, base, a, placement)?)
+        }
+        (Some(_), _) => bail!("--device cuda needs a LoRA adapter"),
+        (None, _) => None,
+    };
+    drop(unquantized);
     // Surgical fine-tuning changes the trainable group as it goes; its count is the model's.
     let total_params = Selection::Full.num_params(&dir.config);
     let trainable_params = state.trainable().num_params(&model)?;
@@ -932,6 +988,17 @@ pub(crate) fn run(a: &TrainArgs) -> Result<()> {
         100.0 * trainable_params as f64 / total_params as f64,
         total_params
     ));
+    if let Some(g) = &gpu {
+        say(format!(
+            "training on {} (bf16 compute, {} base, f32 LoRA masters)",
+            g.backend().device().describe(),
+            if s.method == Method::Qlora {
+                "NF4"
+            } else {
+                "bf16"
+            }
+        ));
+    }
     say(format!(
         "before: {}",
         metric_line(&before, data.completions)
@@ -1027,7 +1094,10 @@ pub(crate) fn run(a: &TrainArgs) -> Result<()> {
             let refs: Vec<&Sequence> = idx.iter().map(|&i| &data.train[i]).collect();
             seen += refs.iter().map(|r| r.ids.len()).sum::<usize>();
             let b = pack(&refs, pad)?;
-            let l = trainer.accumulate(&model, &what, &b)?;
+            let l = match gpu.as_mut() {
+                Some(g) => g.accumulate(&b)?,
+                None => trainer.accumulate(&model, &what, &b)?,
+            };
             if !l.is_finite() {
                 bad = Some(l);
             }
@@ -1046,8 +1116,20 @@ pub(crate) fn run(a: &TrainArgs) -> Result<()> {
                 }
             );
         }
-        let lr = sched.lr(trainer.steps() + 1);
-        let st = trainer.apply(&mut model, &mut what, lr, surgery.lr_scales())?;
+        let st = match gpu.as_mut() {
+            Some(g) => {
+                let lr = sched.lr(g.steps() + 1);
+                (g.apply(&trainer.opt, trainer.max_grad_norm, lr)?, lr)
+            }
+            None => {
+                let lr = sched.lr(trainer.steps() + 1);
+                (
+                    trainer.apply(&mut model, &mut what, lr, surgery.lr_scales())?,
+                    lr,
+                )
+            }
+        };
+        let (st, lr) = st;
         ck.step += 1;
         ck.tokens += seen as u64;
         let (epoch, cursor) = sampler.position();
@@ -1074,7 +1156,12 @@ pub(crate) fn run(a: &TrainArgs) -> Result<()> {
             log.write(report)?;
         }
         ck.trainer_steps = trainer.steps();
-        if s.eval_every > 0 && ck.step.is_multiple_of(s.eval_every) && ck.step < total_steps {
+        let evaluate =
+            s.eval_every > 0 && ck.step.is_multiple_of(s.eval_every) && ck.step < total_steps;
+        if evaluate || ck.step.is_multiple_of(s.checkpoint_every) || ck.step == total_steps {
+            download_adapter(gpu.as_ref(), &mut state)?;
+        }
+        if evaluate {
             let h = heldout(&model, state.adapter(), &data.heldout, 32, pad)?;
             log.write(serde_json::json!({
                 "step": ck.step, "eval_loss": h.loss, "eval_accuracy": h.accuracy()
@@ -1085,6 +1172,7 @@ pub(crate) fn run(a: &TrainArgs) -> Result<()> {
         }
     }
     if interrupted {
+        download_adapter(gpu.as_ref(), &mut state)?;
         checkpoint(&out, &mut ck, &mut state, &surgery, &model, &trainer)?;
         bar.abandon();
         eprintln!(
@@ -1097,6 +1185,7 @@ pub(crate) fn run(a: &TrainArgs) -> Result<()> {
         return Ok(());
     }
     bar.finish();
+    download_adapter(gpu.as_ref(), &mut state)?;
     let after = heldout(&model, state.adapter(), &data.heldout, 32, pad)?;
     log.write(serde_json::json!({
         "step": ck.step, "eval_loss": after.loss, "eval_accuracy": after.accuracy()

@@ -221,6 +221,39 @@ fn cuda_without_a_device_is_an_error_not_a_panic() {
 }
 
 #[test]
+fn cuda_trains_lora_methods_only_and_says_so_before_opening_a_device() {
+    let tmp = tempfile::tempdir().unwrap();
+    for method in ["ia3", "full", "prompt"] {
+        let o = qadapt(
+            &[
+                "train", "--device", "cuda", "--method", method, "--output", method,
+            ],
+            tmp.path(),
+        );
+        let err = fails(&o);
+        assert!(
+            err.contains("--method lora and --method qlora only") && err.contains(method),
+            "{err}"
+        );
+    }
+    let o = qadapt(
+        &[
+            "train",
+            "--device",
+            "cuda",
+            "--method",
+            "lora",
+            "--lora-dropout",
+            "0.1",
+            "--output",
+            "d",
+        ],
+        tmp.path(),
+    );
+    assert!(fails(&o).contains("no LoRA dropout"));
+}
+
+#[test]
 fn compare_tabulates_every_requested_method() {
     let tmp = tempfile::tempdir().unwrap();
     let o = qadapt(
