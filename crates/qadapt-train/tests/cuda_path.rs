@@ -438,8 +438,19 @@ fn lora_dropout_and_foreign_adapters_are_refused() {
 
 // ---- On a CUDA device (ignored without one; `--ignored` fails without one). ----
 
+/// A backend on device 0; the device (context, stream, loaded kernels) is opened once per test
+/// binary and shared by every backend.
 fn cuda() -> CudaBackend {
-    CudaBackend::open(0).unwrap_or_else(|e| panic!("needs a CUDA device: {e}"))
+    static DEV: std::sync::OnceLock<qadapt::CudaDevice> = std::sync::OnceLock::new();
+    let dev = match DEV.get() {
+        Some(d) => d.clone(),
+        None => {
+            let d =
+                qadapt::CudaDevice::new(0).unwrap_or_else(|e| panic!("needs a CUDA device: {e}"));
+            DEV.get_or_init(|| d).clone()
+        }
+    };
+    CudaBackend::new(dev).unwrap()
 }
 
 #[test]
