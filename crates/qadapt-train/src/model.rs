@@ -258,7 +258,7 @@ impl<T: Real> Llama<T> {
 
     /// A pooled copy of `x`.
     fn copy(&self, x: &[T]) -> Buf<T> {
-        let mut y = self.pool.zeros(x.len());
+        let mut y = self.pool.overwritten(x.len());
         y.copy_from_slice(x);
         y
     }
@@ -384,8 +384,8 @@ impl<T: Real> Llama<T> {
             layers.push(cache);
             x = out;
         }
-        let mut rstd_final = self.pool.zeros(n);
-        let mut xn_final = self.pool.zeros(x.len());
+        let mut rstd_final = self.pool.overwritten(n);
+        let mut xn_final = self.pool.overwritten(x.len());
         rmsnorm::forward(
             &x,
             &self.weights.norm,
@@ -712,7 +712,8 @@ impl<T: Real> Llama<T> {
         let c = &self.config;
         let n = batch * seq;
         let (cw, qd, kd, id) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
-        let z = |len: usize| self.pool.zeros(len);
+        // Every buffer here is overwritten whole by the op that fills it.
+        let z = |len: usize| self.pool.overwritten(len);
         let ow = Accumulate::Overwrite;
         let mut saved: Vec<Option<Vec<T>>> = vec![None; Proj::ALL.len()];
 
@@ -847,7 +848,9 @@ impl<T: Real> Llama<T> {
             c.intermediate_size,
             c.vocab_size,
         );
-        let z = |len: usize| self.pool.zeros(len);
+        // The activation gradients below are each overwritten whole by their first op (an
+        // `Overwrite` store or an op that always overwrites) before anything adds to them.
+        let o = |len: usize| self.pool.overwritten(len);
         let ow = Accumulate::Overwrite;
         let add = Accumulate::Add;
         let mut g = match base {
@@ -875,9 +878,9 @@ impl<T: Real> Llama<T> {
         // Norm weight gradients of a frozen base land here and are dropped.
         let mut scratch = vec![T::ZERO; cw];
 
-        let mut dlogits = z(n * vocab);
+        let mut dlogits = o(n * vocab);
         cross_entropy::backward(&f.logits, targets, vocab, T::ONE, &mut dlogits)?;
-        let mut dxn = z(n * cw);
+        let mut dxn = o(n * cw);
         let dhead = g.as_mut().map(|g| match g.lm_head.as_mut() {
             Some(h) => h.as_mut_slice(),
             None => g.embed_tokens.as_mut_slice(),
@@ -894,7 +897,7 @@ impl<T: Real> Llama<T> {
             Some((&mut dxn, ow)),
             dhead,
         )?;
-        let mut dx = z(n * cw);
+        let mut dx = o(n * cw);
         let dnorm = g.as_mut().map_or(&mut scratch, |g| &mut g.norm);
         rmsnorm::backward(
             &f.x_final,
@@ -907,10 +910,10 @@ impl<T: Real> Llama<T> {
         )?;
 
         let ash = self.attention_shape(f.batch, f.seq);
-        let (mut dh, mut dgate, mut dup) = (z(n * id), z(n * id), z(n * id));
-        let mut dattn = z(n * qd);
-        let (mut dq, mut dk, mut dv) = (z(n * qd), z(n * kd), z(n * kd));
-        let mut dsub = z(n * cw);
+        let (mut dh, mut dgate, mut dup) = (o(n * id), o(n * id), o(n * id));
+        let mut dattn = o(n * qd);
+        let (mut dq, mut dk, mut dv) = (o(n * qd), o(n * kd), o(n * kd));
+        let mut dsub = o(n * cw);
         for l in (0..c.num_hidden_layers).rev() {
             let (lw, lc) = (&self.weights.layers[l], &f.layers[l]);
             let mut lg = g.as_mut().map(|g| &mut g.layers[l]);
@@ -992,7 +995,7 @@ impl<T: Real> Llama<T> {
             if let (Attached::Prefix(pt), Some(gp)) = (att, ga.prefix.as_mut()) {
                 let sh = self.prefix_shape(f.batch, f.seq, pt.num_virtual_tokens);
                 let (pk, pv) = (pt.gather(c, l, 0), pt.gather(c, l, 1));
-                let (mut dpk, mut dpv) = (z(pk.len()), z(pv.len()));
+                let (mut dpk, mut dpv) = (vec![T::ZERO; pk.len()], vec![T::ZERO; pv.len()]);
                 prefix_attention::backward(
                     sh, &lc.q, &lc.k, &lc.v, &pk, &pv, &lc.p, &dattn, &mut dq, &mut dk, &mut dv,
                     &mut dpk, &mut dpv,

@@ -7,13 +7,15 @@
 //! step takes a page fault and a kernel-side zeroing per 4 KB page, and with two threads each
 //! unmap also interrupts the other core to flush its TLB. That was about a tenth of a 2-thread
 //! LoRA step (BENCHMARKS.md). A [`Pool`] keeps the buffers of one step for the next: a [`Buf`]
-//! is a `Vec` that goes back to its pool when dropped, and [`Pool::zeros`] hands out the
+//! is a `Vec` that goes back to its pool when dropped, and [`Pool::overwritten`] hands out the
 //! smallest kept buffer that fits.
 //!
-//! The contract is the same as `vec![0; len]`: every buffer handed out is zero-filled and has
-//! exactly the requested length. The pool holds at most [`MAX_KEPT`] buffers and none larger
-//! than twice what is asked (so one huge buffer is not spent on a small request, and shapes that
-//! change from batch to batch cannot make it grow without bound).
+//! Every buffer the model takes is overwritten whole by the op that fills it, so buffers are
+//! handed out without zero-filling (that memset was the next 3 % of the step); debug builds fill
+//! them with NaN so a read before the write cannot go unnoticed. The pool holds at most
+//! [`MAX_KEPT`] buffers and none larger than twice what is asked (so one huge buffer is not spent
+//! on a small request, and shapes that change from batch to batch cannot make it grow without
+//! bound).
 
 use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex};
@@ -45,7 +47,34 @@ impl<T: Real> Pool<T> {
 
     /// A zero-filled buffer of `len` elements: the smallest kept one whose capacity fits (and is
     /// at most twice `len`), else a new allocation.
+    #[cfg(test)]
     pub(crate) fn zeros(self: &Arc<Self>, len: usize) -> Buf<T> {
+        self.take(len, T::ZERO)
+    }
+
+    /// A buffer of `len` elements for an op that overwrites every element before anything reads
+    /// one: its contents are whatever a previous step left (no zero-fill). Debug builds fill it
+    /// with NaN instead, so a read before the write poisons every result downstream and the
+    /// tests see it.
+    pub(crate) fn overwritten(self: &Arc<Self>, len: usize) -> Buf<T> {
+        if cfg!(debug_assertions) {
+            return self.take(len, T::from_f64(f64::NAN));
+        }
+        let mut b = self.take_unfilled(len);
+        // Only a new allocation or a shorter reused buffer needs elements added.
+        b.v.resize(len, T::ZERO);
+        b
+    }
+
+    fn take(self: &Arc<Self>, len: usize, fill: T) -> Buf<T> {
+        let mut b = self.take_unfilled(len);
+        b.v.clear();
+        b.v.resize(len, fill);
+        b
+    }
+
+    /// The best-fitting kept buffer (its old length and contents), or an empty vector.
+    fn take_unfilled(self: &Arc<Self>, len: usize) -> Buf<T> {
         let reused = {
             let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
             let best = free
@@ -56,14 +85,8 @@ impl<T: Real> Pool<T> {
                 .map(|(i, _)| i);
             best.map(|i| free.swap_remove(i))
         };
-        let v = match reused {
-            Some(mut v) => {
-                v.clear();
-                v.resize(len, T::ZERO);
-                v
-            }
-            None => vec![T::ZERO; len],
-        };
+        let mut v = reused.unwrap_or_else(|| Vec::with_capacity(len));
+        v.truncate(len);
         Buf {
             v,
             pool: Some(self.clone()),
@@ -171,6 +194,22 @@ mod tests {
         let e = pool.zeros(1000).into_vec();
         assert_eq!(e.len(), 1000);
         assert_eq!(pool.free.lock().unwrap().len(), 0);
+    }
+
+    #[test]
+    fn overwritten_buffers_have_the_length_asked_and_poison_in_debug() {
+        let pool = Pool::<f32>::new();
+        let mut a = pool.zeros(100);
+        a.iter_mut().for_each(|v| *v = 3.0);
+        drop(a);
+        let b = pool.overwritten(150);
+        assert_eq!(b.len(), 150);
+        if cfg!(debug_assertions) {
+            assert!(b.iter().all(|v| v.is_nan()));
+        } else {
+            // The kept buffer, its old contents untouched, the new tail added.
+            assert!(b[..100].iter().all(|&v| v == 3.0));
+        }
     }
 
     #[test]
