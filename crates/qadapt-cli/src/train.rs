@@ -225,7 +225,8 @@ pub(crate) struct TrainArgs {
     /// Examples split off --data for held-out evaluation when --heldout-data is not given.
     #[arg(long)]
     heldout: Option<usize>,
-    /// cpu or cuda.
+    /// cpu (every method) or cuda[:N] (lora and qlora only: bf16 compute, NF4 base and paged
+    /// AdamW for qlora; no LoRA dropout, no --resume).
     #[arg(long)]
     device: Option<String>,
     /// New output directory (default runs/<method>-<unix time>).
