@@ -61,17 +61,7 @@ fn all_targets(m: &Llama<f32>, seed: u64) -> LoraAdapter<f32> {
         alpha: 8.0,
         use_rslora: false,
         dropout: 0.0,
-        target_modules: [
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ]
-        .map(String::from)
-        .to_vec(),
+        target_modules: common::all_projections(),
     };
     let mut a = LoraAdapter::new(&m.config, lc, LoraInit::Peft { seed }).unwrap();
     let mut s = seed;

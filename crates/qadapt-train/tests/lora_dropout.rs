@@ -35,17 +35,7 @@ fn setup(dropout: f64) -> (Llama<f64>, Adapter<f64>) {
         alpha: 4.0,
         use_rslora: false,
         dropout,
-        target_modules: [
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ]
-        .map(String::from)
-        .to_vec(),
+        target_modules: common::all_projections(),
     };
     let mut a = LoraAdapter::<f64>::new(&cfg, lc, LoraInit::Peft { seed: 5 }).unwrap();
     for pair in a.pairs.iter_mut().flatten().flatten() {

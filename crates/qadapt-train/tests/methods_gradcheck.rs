@@ -94,17 +94,7 @@ fn check_all(name: &str, m: &Llama<f64>, a: &Adapter<f64>) {
 fn ia3_gradients_match_finite_differences() {
     let m = random_model(5);
     let ic = Ia3Config {
-        target_modules: [
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ]
-        .map(String::from)
-        .to_vec(),
+        target_modules: common::all_projections(),
         // Input scaling on an overwritten (q) and an accumulated (down) projection; output
         // scaling on the others, o_proj accumulating into the residual.
         feedforward_modules: vec!["q_proj".into(), "down_proj".into()],

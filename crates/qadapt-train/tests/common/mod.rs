@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 use qadapt::ops::rope::RopeScaling;
+use qadapt_train::weights::Proj;
 use qadapt_train::{Llama, LlamaConfig, LlamaWeights};
 
 /// hidden 8, intermediate 12, 2 layers, 2 heads over 1 kv head of 4, vocab 11.
@@ -50,4 +51,12 @@ pub(crate) fn random_model(cfg: LlamaConfig, seed: &mut u64) -> Llama<f64> {
         }
     }
     Llama::new(cfg, w).unwrap()
+}
+
+/// The names of all seven projections (LoRA's or (IA)³'s `target_modules` covering every one).
+pub(crate) fn all_projections() -> Vec<String> {
+    // `Proj::name` is the path inside a layer (`self_attn.q_proj`); PEFT configs name the leaf.
+    Proj::ALL
+        .map(|p| p.name().rsplit('.').next().unwrap_or_default().to_string())
+        .to_vec()
 }
