@@ -8,7 +8,8 @@
 //! unmap also interrupts the other core to flush its TLB. That was about a tenth of a 2-thread
 //! LoRA step (BENCHMARKS.md). A [`Pool`] keeps the buffers of one step for the next: a [`Buf`]
 //! is a `Vec` that goes back to its pool when dropped, and [`Pool::overwritten`] hands out the
-//! smallest kept buffer that fits.
+//! smallest kept buffer that fits. The pool keeps no more memory than the most that was in use
+//! at once, dropping its oldest buffers first.
 //!
 //! Every buffer the model takes is overwritten whole by the op that fills it, so buffers are
 //! handed out without zero-filling (that memset was the next 3 % of the step); debug builds fill
@@ -28,12 +29,23 @@ const MAX_KEPT: usize = 1024;
 /// Free buffers shared by the model's forward and backward (held in an `Arc`: clones of a model
 /// share one pool).
 pub(crate) struct Pool<T> {
-    free: Mutex<Vec<Vec<T>>>,
+    state: Mutex<State<T>>,
+}
+
+/// The kept buffers, oldest first, and the element counts (capacities) that bound them: the pool
+/// never keeps more than the most that was ever handed out at once (one step's activations), so
+/// batches whose shapes change from step to step cannot make it hold more than one more step's
+/// worth of memory; the oldest buffers go first.
+struct State<T> {
+    free: Vec<Vec<T>>,
+    kept: usize,
+    in_use: usize,
+    peak_in_use: usize,
 }
 
 impl<T> std::fmt::Debug for Pool<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let kept = self.free.lock().map_or(0, |v| v.len());
+        let kept = self.state.lock().map_or(0, |s| s.free.len());
         f.debug_struct("Pool").field("kept", &kept).finish()
     }
 }
@@ -41,7 +53,12 @@ impl<T> std::fmt::Debug for Pool<T> {
 impl<T: Real> Pool<T> {
     pub(crate) fn new() -> Arc<Pool<T>> {
         Arc::new(Pool {
-            free: Mutex::new(Vec::new()),
+            state: Mutex::new(State {
+                free: Vec::new(),
+                kept: 0,
+                in_use: 0,
+                peak_in_use: 0,
+            }),
         })
     }
 
@@ -75,18 +92,26 @@ impl<T: Real> Pool<T> {
 
     /// The best-fitting kept buffer (its old length and contents), or an empty vector.
     fn take_unfilled(self: &Arc<Self>, len: usize) -> Buf<T> {
-        let reused = {
-            let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
-            let best = free
-                .iter()
-                .enumerate()
-                .filter(|(_, v)| v.capacity() >= len && v.capacity() <= 2 * len.max(1))
-                .min_by_key(|(_, v)| v.capacity())
-                .map(|(i, _)| i);
-            best.map(|i| free.swap_remove(i))
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let best = st
+            .free
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| v.capacity() >= len && v.capacity() <= 2 * len.max(1))
+            .min_by_key(|(_, v)| v.capacity())
+            .map(|(i, _)| i);
+        let mut v = match best {
+            Some(i) => {
+                let v = st.free.remove(i);
+                st.kept -= v.capacity();
+                v
+            }
+            None => Vec::with_capacity(len),
         };
-        let mut v = reused.unwrap_or_else(|| Vec::with_capacity(len));
         v.truncate(len);
+        st.in_use += v.capacity();
+        st.peak_in_use = st.peak_in_use.max(st.in_use);
+        drop(st);
         Buf {
             v,
             pool: Some(self.clone()),
@@ -107,12 +132,16 @@ impl<T> Pool<T> {
         if v.capacity() == 0 {
             return;
         }
-        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
-        if free.len() >= MAX_KEPT {
-            // The oldest goes: shapes that are no longer used age out first.
-            free.remove(0);
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        // Adopted and cloned buffers were never counted as handed out.
+        st.in_use = st.in_use.saturating_sub(v.capacity());
+        st.kept += v.capacity();
+        st.free.push(v);
+        // The oldest go first: shapes that are no longer used age out.
+        while st.free.len() > MAX_KEPT || (st.kept > st.peak_in_use && st.free.len() > 1) {
+            let old = st.free.remove(0);
+            st.kept -= old.capacity();
         }
-        free.push(v);
     }
 }
 
@@ -193,7 +222,7 @@ mod tests {
         // Leaving the pool: the vector is the caller's, nothing goes back.
         let e = pool.zeros(1000).into_vec();
         assert_eq!(e.len(), 1000);
-        assert_eq!(pool.free.lock().unwrap().len(), 0);
+        assert_eq!(pool.state.lock().unwrap().free.len(), 0);
     }
 
     #[test]
@@ -213,10 +242,27 @@ mod tests {
     }
 
     #[test]
+    fn the_pool_keeps_no_more_than_its_peak_in_use() {
+        let pool = Pool::<f32>::new();
+        // One "step" holds 3 x 100 elements at once; later steps use other shapes one at a time.
+        drop([pool.zeros(100), pool.zeros(100), pool.zeros(100)]);
+        for n in [150, 160, 170, 180, 190, 400, 410] {
+            drop(pool.zeros(n));
+            let st = pool.state.lock().unwrap();
+            assert!(st.kept <= st.peak_in_use.max(410), "{} > {}", st.kept, st.peak_in_use);
+            assert_eq!(st.in_use, 0);
+        }
+        let st = pool.state.lock().unwrap();
+        assert_eq!(st.peak_in_use, 410);
+        // 410 alone fits the peak; the older 100s and 150..190s were dropped, oldest first.
+        assert!(st.kept <= 410);
+    }
+
+    #[test]
     fn the_pool_stays_bounded() {
         let pool = Pool::<f32>::new();
         let bufs: Vec<_> = (1..=MAX_KEPT + 10).map(|n| pool.zeros(n)).collect();
         drop(bufs);
-        assert_eq!(pool.free.lock().unwrap().len(), MAX_KEPT);
+        assert_eq!(pool.state.lock().unwrap().free.len(), MAX_KEPT);
     }
 }
