@@ -206,7 +206,7 @@ pub(crate) fn run(a: &GenerateArgs) -> Result<()> {
         )
     })?;
     if a.nf4 {
-        qadapt_train::nf4::quantize_projections(&mut dir.weights, &dir.config)
+        qadapt_train::nf4::quantize_projections(&mut dir.weights, &dir.config, &dir.nf4)
             .context("quantizing the base to NF4")?;
     }
     let model = dir.model()?;

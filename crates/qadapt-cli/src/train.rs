@@ -926,12 +926,17 @@ pub(crate) fn run(a: &TrainArgs) -> Result<()> {
         )
     })?;
     let mut model = dir.model()?;
-    // The device quantizes the original projections itself (the same NF4 codes the CPU round
-    // trip below decodes), so it gets them before that round trip.
-    let unquantized = (gpu_backend.is_some() && s.method == Method::Qlora).then(|| model.clone());
-    if s.method == Method::Qlora {
-        qadapt_train::nf4::quantize_projections(&mut model.weights, &dir.config)?;
-    }
+    // QLoRA: the CPU model runs on the dequantized codes, the device on the codes themselves (a
+    // bitsandbytes checkpoint's own where it stores them).
+    let nf4 = if s.method == Method::Qlora {
+        Some(qadapt_train::nf4::quantize_projections(
+            &mut model.weights,
+            &dir.config,
+            &dir.nf4,
+        )?)
+    } else {
+        None
+    };
     let ctx = dir.config.max_position_embeddings;
     let virt = if matches!(s.method, Method::Prompt | Method::Prefix) {
         s.virtual_tokens
@@ -953,17 +958,16 @@ pub(crate) fn run(a: &TrainArgs) -> Result<()> {
     // downloaded from the device before each evaluation, checkpoint and the final save.
     let mut gpu = match (gpu_backend, state.adapter()) {
         (Some(be), Some(Adapter::Lora(a))) => {
-            let (base, placement) = match s.method {
-                Method::Qlora => (BaseFormat::Nf4, MomentPlacement::Paged),
-                _ => (BaseFormat::Dense, MomentPlacement::Device),
+            let (base, placement) = match &nf4 {
+                Some(codes) => (BaseFormat::Nf4(codes), MomentPlacement::Paged),
+                None => (BaseFormat::Dense, MomentPlacement::Device),
             };
-            let m = unquantized.as_ref().unwrap_or(&model);
-            Some(LoraModel::new(be, m, base, a, placement)?)
+            Some(LoraModel::new(be, &model, base, a, placement)?)
         }
         (Some(_), _) => bail!("--device cuda needs a LoRA adapter"),
         (None, _) => None,
     };
-    drop(unquantized);
+    drop(nf4);
     // Surgical fine-tuning changes the trainable group as it goes; its count is the model's.
     let total_params = Selection::Full.num_params(&dir.config);
     let trainable_params = state.trainable().num_params(&model)?;

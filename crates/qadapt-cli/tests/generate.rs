@@ -260,7 +260,7 @@ fn nf4_and_seeded_sampling() {
     assert_eq!(nf4.len(), 2);
     // The NF4 base is the library's on the quantized weights.
     let mut dir = LlamaDir::open(&model).unwrap();
-    qadapt_train::nf4::quantize_projections(&mut dir.weights, &dir.config).unwrap();
+    qadapt_train::nf4::quantize_projections(&mut dir.weights, &dir.config, &dir.nf4).unwrap();
     let m = dir.model().unwrap();
     let g = Generator::new(&m, &[]).unwrap();
     let want = g

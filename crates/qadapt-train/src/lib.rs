@@ -104,8 +104,12 @@ pub struct LlamaDir {
     pub dir: PathBuf,
     /// Its `config.json`.
     pub config: LlamaConfig,
-    /// Its weights, widened to f32.
+    /// Its weights, widened to f32 (a projection stored as bitsandbytes 4-bit holds its
+    /// dequantized values).
     pub weights: LlamaWeights<f32>,
+    /// The NF4 codes of the projections the checkpoint stores as bitsandbytes 4-bit (none for
+    /// an unquantized checkpoint): what [`nf4::quantize_projections`] keeps.
+    pub nf4: nf4::Nf4Projections,
     /// Its `tokenizer.json`, if the directory has one.
     pub tokenizer: Option<tokenizers::Tokenizer>,
 }
@@ -114,7 +118,7 @@ impl LlamaDir {
     /// Reads the config, every weight and the tokenizer (if any).
     pub fn open(dir: &Path) -> Result<Self> {
         let config = LlamaConfig::from_file(&dir.join("config.json"))?;
-        let weights = weights::load(dir, &config)?;
+        let (weights, nf4) = weights::load(dir, &config)?;
         let tok_path = dir.join("tokenizer.json");
         let tokenizer = if tok_path.exists() {
             Some(
@@ -128,6 +132,7 @@ impl LlamaDir {
             dir: dir.to_owned(),
             config,
             weights,
+            nf4,
             tokenizer,
         })
     }

@@ -2,6 +2,13 @@
 //! (block 64, double quantization: bitsandbytes' layout and codes, via [`qadapt::nf4`]) and the
 //! model run on their dequantized f32 values. Embeddings, norms and the head stay as they are,
 //! as transformers' `load_in_4bit` leaves them.
+//!
+//! A checkpoint that transformers saved with bitsandbytes 4-bit already holds the codes: the
+//! loader keeps them ([`crate::LlamaDir::nf4`]) next to their dequantized values, and
+//! [`quantize_projections`] leaves those projections as they are. Quantizing the dequantized
+//! values again would not give them back (the block absmax would be double-quantized a second
+//! time), so the codes the checkpoint stores are the ones every path runs on: the CPU model
+//! through their dequantized values, the CUDA path ([`crate::cuda`]) on the codes themselves.
 
 use qadapt::nf4::{DEFAULT_BLOCKSIZE, Nf4Tensor, Statistics};
 use qadapt::{DType, Device, FloatVec, Result};
@@ -10,31 +17,89 @@ use crate::config::LlamaConfig;
 use crate::invalid;
 use crate::weights::{LlamaWeights, Proj};
 
-/// Quantizes one `[out, in]` weight and returns its dequantized f32 values.
-pub fn round_trip(w: &[f32], shape: [usize; 2], blocksize: usize) -> Result<Vec<f32>> {
-    let q = Nf4Tensor::quantize(
+/// The NF4 codes of a model's projections, by layer and [`Proj::index`]; a projection without
+/// codes is `None`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Nf4Projections {
+    layers: Vec<Vec<Option<Nf4Tensor>>>,
+}
+
+impl Nf4Projections {
+    /// No codes, for a model of `layers` decoder layers.
+    pub fn none(layers: usize) -> Self {
+        Nf4Projections {
+            layers: vec![vec![None; Proj::ALL.len()]; layers],
+        }
+    }
+
+    /// The codes of projection `p` of layer `layer`, if it has them.
+    pub fn get(&self, layer: usize, p: Proj) -> Option<&Nf4Tensor> {
+        self.layers.get(layer)?.get(p.index())?.as_ref()
+    }
+
+    /// Sets the codes of projection `p` of layer `layer` (layers are added as needed).
+    pub fn set(&mut self, layer: usize, p: Proj, t: Nf4Tensor) {
+        if self.layers.len() <= layer {
+            self.layers.resize(layer + 1, vec![None; Proj::ALL.len()]);
+        }
+        self.layers[layer][p.index()] = Some(t);
+    }
+
+    /// How many projections have codes.
+    pub fn count(&self) -> usize {
+        self.layers.iter().flatten().filter(|t| t.is_some()).count()
+    }
+}
+
+/// Quantizes one `[out, in]` weight (block `blocksize`, double quant).
+pub fn quantize(w: &[f32], shape: [usize; 2], blocksize: usize) -> Result<Nf4Tensor> {
+    Nf4Tensor::quantize(
         &Device::Cpu,
         &FloatVec::F32(w.to_vec()),
         &shape,
         blocksize,
         Statistics::DoubleQuant,
-    )?;
+    )
+}
+
+/// The f32 values of `q`.
+pub fn dequantize(q: &Nf4Tensor) -> Result<Vec<f32>> {
     match q.dequantize(&Device::Cpu, DType::F32)? {
         FloatVec::F32(v) => Ok(v),
-        _ => Err(invalid("nf4 round trip", "dequantize gave another dtype")),
+        _ => Err(invalid("nf4 dequantize", "dequantize gave another dtype")),
     }
 }
 
-/// Replaces every projection weight by its NF4 (block 64, double quant) round trip.
-pub fn quantize_projections(w: &mut LlamaWeights<f32>, cfg: &LlamaConfig) -> Result<()> {
-    for layer in &mut w.layers {
+/// Quantizes one `[out, in]` weight and returns its dequantized f32 values.
+pub fn round_trip(w: &[f32], shape: [usize; 2], blocksize: usize) -> Result<Vec<f32>> {
+    dequantize(&quantize(w, shape, blocksize)?)
+}
+
+/// Makes `w`'s projections the QLoRA base and returns the codes of all of them. A projection
+/// `stored` has codes for (a bitsandbytes checkpoint's own, whose dequantized values `w` already
+/// holds) keeps them and its values; every other is quantized (block 64, double quant) and
+/// replaced by its dequantized values.
+pub fn quantize_projections(
+    w: &mut LlamaWeights<f32>,
+    cfg: &LlamaConfig,
+    stored: &Nf4Projections,
+) -> Result<Nf4Projections> {
+    let mut codes = Nf4Projections::none(w.layers.len());
+    for (l, layer) in w.layers.iter_mut().enumerate() {
         for p in Proj::ALL {
-            let (inp, out) = p.dims(cfg);
-            let v = round_trip(layer.proj(p), [out, inp], DEFAULT_BLOCKSIZE)?;
-            layer.proj_mut(p).copy_from_slice(&v);
+            let q = match stored.get(l, p) {
+                Some(q) => q.clone(),
+                None => {
+                    let (inp, out) = p.dims(cfg);
+                    let q = quantize(layer.proj(p), [out, inp], DEFAULT_BLOCKSIZE)?;
+                    layer.proj_mut(p).copy_from_slice(&dequantize(&q)?);
+                    q
+                }
+            };
+            codes.set(l, p, q);
         }
     }
-    Ok(())
+    Ok(codes)
 }
 
 #[cfg(test)]

@@ -13,11 +13,12 @@ use std::path::{Path, PathBuf};
 use half::{bf16, f16};
 use qadapt::nf4::bnb;
 use qadapt::ops::Real;
-use qadapt::{DType, Device, Error, FloatVec, Result};
+use qadapt::{Error, Result};
 use safetensors::{Dtype, SafeTensors};
 
 use crate::config::LlamaConfig;
 use crate::format_err;
+use crate::nf4::Nf4Projections;
 
 /// One decoder layer's parameters.
 #[derive(Debug, Clone, PartialEq)]
@@ -344,8 +345,10 @@ fn weight_files(dir: &Path) -> Result<(PathBuf, BTreeMap<String, PathBuf>)> {
     Ok((single, BTreeMap::new()))
 }
 
-/// Loads every parameter [`layout`] lists from the HF directory `dir`, as f32.
-pub fn load(dir: &Path, cfg: &LlamaConfig) -> Result<LlamaWeights<f32>> {
+/// Loads every parameter [`layout`] lists from the HF directory `dir`, as f32, with the NF4 codes
+/// of the projections a bitsandbytes 4-bit checkpoint stores quantized (kept as they are: see
+/// [`crate::nf4`]).
+pub fn load(dir: &Path, cfg: &LlamaConfig) -> Result<(LlamaWeights<f32>, Nf4Projections)> {
     let (source, map) = weight_files(dir)?;
     let specs = layout(cfg);
     // Group the tensors by the file that holds them, so each shard is read once.
@@ -361,6 +364,11 @@ pub fn load(dir: &Path, cfg: &LlamaConfig) -> Result<LlamaWeights<f32>> {
         by_file.entry(file).or_default().push(i);
     }
     let mut values: Vec<Vec<f32>> = vec![Vec::new(); specs.len()];
+    let mut codes = Nf4Projections::none(cfg.num_hidden_layers);
+    // Which projection each parameter name is, for the codes.
+    let projections: BTreeMap<String, (usize, Proj)> = (0..cfg.num_hidden_layers)
+        .flat_map(|l| Proj::ALL.map(|p| (format!("{}.weight", p.module(l)), (l, p))))
+        .collect();
     for (file, idx) in by_file {
         let bytes = read(&file)?;
         let st = SafeTensors::deserialize(&bytes).map_err(|e| format_err(&file, e))?;
@@ -381,10 +389,11 @@ pub fn load(dir: &Path, cfg: &LlamaConfig) -> Result<LlamaWeights<f32>> {
                         ),
                     ));
                 }
-                values[i] = match q.dequantize(&Device::Cpu, DType::F32)? {
-                    FloatVec::F32(v) => v,
-                    _ => return Err(format_err(&file, format!("tensor {name}: bad dequantize"))),
-                };
+                values[i] = crate::nf4::dequantize(&q)
+                    .map_err(|e| format_err(&file, format!("tensor {name}: {e}")))?;
+                if let Some(&(l, p)) = projections.get(name) {
+                    codes.set(l, p, q);
+                }
                 continue;
             }
             let t = st
@@ -406,5 +415,5 @@ pub fn load(dir: &Path, cfg: &LlamaConfig) -> Result<LlamaWeights<f32>> {
     for (slot, v) in w.slots_mut().into_iter().zip(values) {
         *slot = v;
     }
-    Ok(w)
+    Ok((w, codes))
 }

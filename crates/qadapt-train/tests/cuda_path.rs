@@ -25,6 +25,7 @@ use qadapt::optim::AdamW;
 use qadapt_train::cuda::{
     Backend, BaseFormat, CpuBackend, CudaBackend, LoraModel, MomentPlacement,
 };
+use qadapt_train::nf4::{Nf4Projections, quantize_projections};
 use qadapt_train::{
     Adapter, BaseGrads, Batch, Llama, LlamaDir, LoraAdapter, LoraConfig, LoraInit, Trainable,
     Trainer,
@@ -115,12 +116,12 @@ fn reference(
 fn mixed<B: Backend>(
     be: B,
     m: &Llama<f32>,
-    base: BaseFormat,
+    base: Base,
     a: &LoraAdapter<f32>,
     ids: &[u32],
     seq: usize,
 ) -> (f32, Vec<f32>, LoraAdapter<f32>) {
-    let mut lm = LoraModel::new(be, m, base, a, MomentPlacement::Device).unwrap();
+    let mut lm = lora_model(be, m, base, a, MomentPlacement::Device);
     let logits = lm.logits(ids, 2, seq).unwrap();
     let b = Batch::causal(ids.to_vec(), 2, seq).unwrap();
     let loss = lm.accumulate(&b).unwrap();
@@ -129,11 +130,38 @@ fn mixed<B: Backend>(
     (loss, logits, lm.grads().unwrap())
 }
 
-/// The CPU model with its projections replaced by their NF4 round trip (the QLoRA base).
-fn quantized(m: &Llama<f32>) -> Llama<f32> {
-    let mut q = m.clone();
-    qadapt_train::nf4::quantize_projections(&mut q.weights, &m.config).unwrap();
-    q
+/// How a test holds the frozen projections.
+#[derive(Debug, Clone, Copy)]
+enum Base {
+    Dense,
+    Nf4,
+}
+
+/// The CPU model of `base` (for NF4, the projections replaced by their round trip: the QLoRA
+/// base) and the NF4 codes the mixed path runs on.
+fn base_of(m: &Llama<f32>, base: Base) -> (Llama<f32>, Option<Nf4Projections>) {
+    match base {
+        Base::Dense => (m.clone(), None),
+        Base::Nf4 => {
+            let mut q = m.clone();
+            let none = Nf4Projections::none(m.config.num_hidden_layers);
+            let codes = quantize_projections(&mut q.weights, &m.config, &none).unwrap();
+            (q, Some(codes))
+        }
+    }
+}
+
+/// The mixed-path model on `be` over `m`, its projections as `base` says.
+fn lora_model<B: Backend>(
+    be: B,
+    m: &Llama<f32>,
+    base: Base,
+    a: &LoraAdapter<f32>,
+    placement: MomentPlacement,
+) -> LoraModel<B> {
+    let (_, codes) = base_of(m, base);
+    let format = codes.as_ref().map_or(BaseFormat::Dense, BaseFormat::Nf4);
+    LoraModel::new(be, m, format, a, placement).unwrap()
 }
 
 /// Per-tensor gradient errors of `got` against `want`: (worst max-relative, worst norm-relative).
@@ -157,12 +185,9 @@ fn grad_errs(
     (worst_max, worst_norm)
 }
 
-fn check_exact(m: &Llama<f32>, a: &LoraAdapter<f32>, base: BaseFormat, seq: usize, what: &str) {
+fn check_exact(m: &Llama<f32>, a: &LoraAdapter<f32>, base: Base, seq: usize, what: &str) {
     let ids = ids(m.config.vocab_size, seq, 5);
-    let cpu = match base {
-        BaseFormat::Dense => m.clone(),
-        BaseFormat::Nf4 => quantized(m),
-    };
+    let (cpu, _) = base_of(m, base);
     let (loss0, logits0, g0) = reference(&cpu, a, &ids, seq);
     let (loss, logits, g) = mixed(CpuBackend::f32(), m, base, a, &ids, seq);
     let (gmax, gnorm) = grad_errs(&g, &g0, &m.config);
@@ -189,37 +214,97 @@ fn f32_backend_matches_the_cpu_model_on_the_peft_fixture() {
         p.b.iter_mut()
             .for_each(|v| *v += 0.2 * common::lcg(&mut s) as f32);
     }
-    check_exact(&m, &a, BaseFormat::Dense, 12, "fixture adapter, dense");
+    check_exact(&m, &a, Base::Dense, 12, "fixture adapter, dense");
 }
 
 #[test]
 fn f32_backend_matches_the_cpu_model_on_every_projection_dense_and_nf4() {
     let m = fixture();
     let a = all_targets(&m, 7);
-    check_exact(&m, &a, BaseFormat::Dense, 12, "all targets, dense");
-    check_exact(&m, &a, BaseFormat::Nf4, 12, "all targets, nf4");
+    check_exact(&m, &a, Base::Dense, 12, "all targets, dense");
+    check_exact(&m, &a, Base::Nf4, 12, "all targets, nf4");
 }
 
 #[test]
 fn f32_backend_matches_the_cpu_model_with_tied_embeddings_and_llama3_rope() {
     let m = tied();
     let a = all_targets(&m, 9);
-    check_exact(&m, &a, BaseFormat::Dense, 10, "tied, llama3 rope");
+    check_exact(&m, &a, Base::Dense, 10, "tied, llama3 rope");
 }
 
-fn check_bf16<B: Backend>(
-    be: B,
-    m: &Llama<f32>,
-    a: &LoraAdapter<f32>,
-    base: BaseFormat,
-    what: &str,
-) {
+#[test]
+fn a_bitsandbytes_checkpoint_runs_on_its_own_codes() {
+    // transformers + bitsandbytes saved this model 4-bit (tests/data/make_transformers_nf4.py):
+    // all 14 projections are NF4 codes with double-quantized block constants.
+    let dir = LlamaDir::open(&data("tiny_llama_nf4")).unwrap();
+    let c = &dir.config;
+    assert_eq!(dir.nf4.count(), c.num_hidden_layers * 7);
+    // QLoRA keeps the checkpoint's codes and values. Quantizing the dequantized values again
+    // would not: the block absmax goes through a second double quantization.
+    let mut w = dir.weights.clone();
+    let codes = quantize_projections(&mut w, c, &dir.nf4).unwrap();
+    assert_eq!(codes, dir.nf4);
+    assert_eq!(w, dir.weights);
+    let again = quantize_projections(&mut w, c, &Nf4Projections::none(c.num_hidden_layers));
+    assert_ne!(
+        again.unwrap(),
+        dir.nf4,
+        "re-quantizing should not be the identity here"
+    );
+    // The mixed path on those codes (f32 backend, `dir`'s projection values unused) is the CPU
+    // model on their dequantized values, to f32 rounding.
+    let m = dir.model().unwrap();
+    let mut hollow = m.clone();
+    for l in &mut hollow.weights.layers {
+        for p in qadapt_train::Proj::ALL {
+            l.proj_mut(p).fill(f32::NAN);
+        }
+    }
+    let a = all_targets(&m, 13);
+    let seq = 12;
+    let ids = ids(c.vocab_size, seq, 29);
+    let (loss0, logits0, g0) = reference(&m, &a, &ids, seq);
+    let mut lm = LoraModel::new(
+        CpuBackend::f32(),
+        &hollow,
+        BaseFormat::Nf4(&dir.nf4),
+        &a,
+        MomentPlacement::Paged,
+    )
+    .unwrap();
+    let logits = lm.logits(&ids, 2, seq).unwrap();
+    let loss = lm.accumulate(&Batch::causal(ids, 2, seq).unwrap()).unwrap();
+    let (gmax, _) = grad_errs(&lm.grads().unwrap(), &g0, c);
+    println!("bnb checkpoint: loss {loss} vs {loss0}, grads {gmax:.2e}");
+    assert!(
+        (loss - loss0).abs() <= 1e-5 * loss0.abs(),
+        "{loss} vs {loss0}"
+    );
+    assert!(rel_err(&logits, &logits0) < 1e-5);
+    assert!(gmax < 1e-4, "{gmax}");
+    // Codes that do not fit the config are refused, naming the projection.
+    let mut wrong = dir.nf4.clone();
+    wrong.set(
+        1,
+        qadapt_train::Proj::Up,
+        dir.nf4.get(0, qadapt_train::Proj::Q).unwrap().clone(),
+    );
+    let e = LoraModel::new(
+        CpuBackend::f32(),
+        &m,
+        BaseFormat::Nf4(&wrong),
+        &a,
+        MomentPlacement::Paged,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("model.layers.1.mlp.up_proj"), "{e}");
+}
+
+fn check_bf16<B: Backend>(be: B, m: &Llama<f32>, a: &LoraAdapter<f32>, base: Base, what: &str) {
     let seq = 12;
     let ids = ids(m.config.vocab_size, seq, 17);
-    let cpu = match base {
-        BaseFormat::Dense => m.clone(),
-        BaseFormat::Nf4 => quantized(m),
-    };
+    let (cpu, _) = base_of(m, base);
     let (loss0, logits0, g0) = reference(&cpu, a, &ids, seq);
     let (loss, logits, g) = mixed(be, m, base, a, &ids, seq);
     let (gmax, gnorm) = grad_errs(&g, &g0, &m.config);
@@ -249,20 +334,14 @@ fn check_bf16<B: Backend>(
 fn bf16_backend_is_within_bf16_tolerance_of_the_cpu_model() {
     let m = fixture();
     let a = all_targets(&m, 7);
-    check_bf16(
-        CpuBackend::bf16(),
-        &m,
-        &a,
-        BaseFormat::Dense,
-        "cpu bf16, dense",
-    );
-    check_bf16(CpuBackend::bf16(), &m, &a, BaseFormat::Nf4, "cpu bf16, nf4");
+    check_bf16(CpuBackend::bf16(), &m, &a, Base::Dense, "cpu bf16, dense");
+    check_bf16(CpuBackend::bf16(), &m, &a, Base::Nf4, "cpu bf16, nf4");
     let t = tied();
     check_bf16(
         CpuBackend::bf16(),
         &t,
         &all_targets(&t, 9),
-        BaseFormat::Dense,
+        Base::Dense,
         "cpu bf16, tied",
     );
 }
@@ -307,14 +386,13 @@ fn f32_backend_steps_land_on_the_cpu_trainers_adapter() {
     let mut cpu_model = m.clone();
     let mut cpu_adapter = Adapter::Lora(a0.clone());
     let mut t = Trainer::new(opt, Some(0.5));
-    let mut lm = LoraModel::new(
+    let mut lm = lora_model(
         CpuBackend::f32(),
         &m,
-        BaseFormat::Dense,
+        Base::Dense,
         &a0,
         MomentPlacement::Paged,
-    )
-    .unwrap();
+    );
     for step in 0..3 {
         let mut what = Trainable::Adapter(&mut cpu_adapter);
         for k in 0..2 {
@@ -355,14 +433,13 @@ fn f32_backend_steps_land_on_the_cpu_trainers_adapter() {
 fn qlora_steps_on_the_bf16_backend_lower_the_loss_and_save_a_peft_adapter() {
     let m = fixture();
     let a0 = qv_adapter(&m);
-    let mut lm = LoraModel::new(
+    let mut lm = lora_model(
         CpuBackend::bf16(),
         &m,
-        BaseFormat::Nf4,
+        Base::Nf4,
         &a0,
         MomentPlacement::Paged,
-    )
-    .unwrap();
+    );
     // r (in + out) per adapted projection: q 4 (32 + 32), v 4 (32 + 16), two layers.
     assert_eq!(lm.num_params(), 2 * (4 * 64 + 4 * 48));
     let (first, after) = qlora_steps(&mut lm, 30);
@@ -397,14 +474,13 @@ fn lora_dropout_and_foreign_adapters_are_refused() {
     let m = fixture();
     let mut a = qv_adapter(&m);
     a.config.dropout = 0.1;
-    let mut lm = LoraModel::new(
+    let mut lm = lora_model(
         CpuBackend::bf16(),
         &m,
-        BaseFormat::Dense,
+        Base::Dense,
         &a,
         MomentPlacement::Device,
-    )
-    .unwrap();
+    );
     let e = lm.accumulate(&pattern_batch()).unwrap_err().to_string();
     assert!(e.contains("lora_dropout"), "{e}");
     // Evaluation (PEFT's eval mode) is fine.
@@ -448,16 +524,10 @@ fn cuda() -> CudaBackend {
 fn cuda_matches_the_cpu_model_dense_and_nf4() {
     let m = fixture();
     let a = all_targets(&m, 7);
-    check_bf16(cuda(), &m, &a, BaseFormat::Dense, "cuda, dense");
-    check_bf16(cuda(), &m, &a, BaseFormat::Nf4, "cuda, nf4");
+    check_bf16(cuda(), &m, &a, Base::Dense, "cuda, dense");
+    check_bf16(cuda(), &m, &a, Base::Nf4, "cuda, nf4");
     let t = tied();
-    check_bf16(
-        cuda(),
-        &t,
-        &all_targets(&t, 9),
-        BaseFormat::Dense,
-        "cuda, tied",
-    );
+    check_bf16(cuda(), &t, &all_targets(&t, 9), Base::Dense, "cuda, tied");
     // Frozen projections (q and v adapted only): dense through cuBLAS, NF4 through the fused
     // kernel with adapter index -1.
     let mut a = qv_adapter(&m);
@@ -466,8 +536,8 @@ fn cuda_matches_the_cpu_model_dense_and_nf4() {
         p.b.iter_mut()
             .for_each(|v| *v = 0.3 * common::lcg(&mut s) as f32);
     }
-    check_bf16(cuda(), &m, &a, BaseFormat::Dense, "cuda, q/v dense");
-    check_bf16(cuda(), &m, &a, BaseFormat::Nf4, "cuda, q/v nf4");
+    check_bf16(cuda(), &m, &a, Base::Dense, "cuda, q/v dense");
+    check_bf16(cuda(), &m, &a, Base::Nf4, "cuda, q/v nf4");
 }
 
 #[test]
@@ -477,7 +547,7 @@ fn cuda_agrees_with_the_bf16_cpu_backend() {
     let m = fixture();
     let a = all_targets(&m, 7);
     let ids = ids(m.config.vocab_size, 12, 23);
-    for base in [BaseFormat::Dense, BaseFormat::Nf4] {
+    for base in [Base::Dense, Base::Nf4] {
         let (l0, z0, g0) = mixed(CpuBackend::bf16(), &m, base, &a, &ids, 12);
         let (l1, z1, g1) = mixed(cuda(), &m, base, &a, &ids, 12);
         let (gmax, gnorm) = grad_errs(&g1, &g0, &m.config);
@@ -496,11 +566,11 @@ fn cuda_agrees_with_the_bf16_cpu_backend() {
 fn cuda_qlora_steps_with_paged_adamw_lower_the_loss() {
     let m = fixture();
     for (base, placement) in [
-        (BaseFormat::Nf4, MomentPlacement::Paged),
-        (BaseFormat::Dense, MomentPlacement::Device),
+        (Base::Nf4, MomentPlacement::Paged),
+        (Base::Dense, MomentPlacement::Device),
     ] {
         let a0 = qv_adapter(&m);
-        let mut lm = LoraModel::new(cuda(), &m, base, &a0, placement).unwrap();
+        let mut lm = lora_model(cuda(), &m, base, &a0, placement);
         let (first, after) = qlora_steps(&mut lm, 30);
         println!(
             "{base:?} {placement:?} on {}: loss {first:.4} -> {after:.4}",
@@ -508,7 +578,7 @@ fn cuda_qlora_steps_with_paged_adamw_lower_the_loss() {
         );
         assert!(after < 0.5 * first, "{base:?}: {first} -> {after}");
         // The same steps on the CPU backend that rounds like the device: the curves agree.
-        let mut cpu = LoraModel::new(CpuBackend::bf16(), &m, base, &a0, placement).unwrap();
+        let mut cpu = lora_model(CpuBackend::bf16(), &m, base, &a0, placement);
         let (cf, ca) = qlora_steps(&mut cpu, 30);
         // The first loss is one forward (bf16 noise, see above); later ones follow diverging
         // trajectories, so only the trend is compared.

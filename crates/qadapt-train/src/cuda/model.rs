@@ -33,29 +33,30 @@
 
 use std::path::Path;
 
-use qadapt::nf4::{DEFAULT_BLOCKSIZE, Nf4Tensor, Statistics};
+use qadapt::Result;
 use qadapt::ops::Accumulate;
 use qadapt::ops::attention::AttentionShape;
 use qadapt::ops::rope::{self, RopeDirection, RopeTable};
 use qadapt::optim::{AdamW, clip_coefficient};
-use qadapt::{Device, FloatVec, Result};
 
 use super::backend::{Backend, BaseRef, LoraMatrix, LoraRef, MomentPlacement};
 use crate::config::LlamaConfig;
 use crate::lora::{LoraAdapter, LoraPair};
 use crate::model::Llama;
+use crate::nf4::Nf4Projections;
 use crate::train::{Batch, StepStats};
 use crate::weights::Proj;
 use crate::{invalid, shape_err};
 
 /// How the frozen projection weights are held.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BaseFormat {
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum BaseFormat<'a> {
     /// bf16 (the LoRA method).
     Dense,
-    /// NF4, block 64, double quantization, bitsandbytes' layout (QLoRA); embeddings, norms and
-    /// the head stay bf16 as transformers' `load_in_4bit` leaves them.
-    Nf4,
+    /// These NF4 codes (block 64 and double quantization as [`crate::nf4::quantize_projections`]
+    /// makes them, or a bitsandbytes checkpoint's own), one per projection (QLoRA); embeddings,
+    /// norms and the head stay bf16 as transformers' `load_in_4bit` leaves them.
+    Nf4(&'a Nf4Projections),
 }
 
 struct Layer<B: Backend> {
@@ -113,7 +114,8 @@ pub struct LoraModel<B: Backend> {
     backend: B,
     config: LlamaConfig,
     adapter: crate::lora::LoraConfig,
-    base: BaseFormat,
+    /// Whether the projections are NF4.
+    nf4: bool,
     embed: B::Act,
     /// `None` when the head is tied to `embed`.
     head: Option<B::Act>,
@@ -134,31 +136,21 @@ impl<B: Backend> std::fmt::Debug for LoraModel<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LoraModel")
             .field("backend", &self.backend.describe())
-            .field("base", &self.base)
+            .field("nf4", &self.nf4)
             .field("adapted", &self.trainable.len())
             .field("steps", &self.steps)
             .finish()
     }
 }
 
-fn nf4(w: &[f32], out: usize, inp: usize) -> Result<Nf4Tensor> {
-    Nf4Tensor::quantize(
-        &Device::Cpu,
-        &FloatVec::F32(w.to_vec()),
-        &[out, inp],
-        DEFAULT_BLOCKSIZE,
-        Statistics::DoubleQuant,
-    )
-}
-
 impl<B: Backend> LoraModel<B> {
-    /// Puts `model`'s weights on `backend` (projections as `base` says; with [`BaseFormat::Nf4`]
-    /// they are quantized here, exactly as [`crate::nf4::quantize_projections`] quantizes them)
-    /// and `adapter` as the trainable LoRA tensors; AdamW moments go where `placement` says.
+    /// Puts `model`'s weights on `backend` (the projections as `base` says: `model`'s own in
+    /// bf16, or the NF4 codes given, `model`'s projection values unused) and `adapter` as the
+    /// trainable LoRA tensors; AdamW moments go where `placement` says.
     pub fn new(
         backend: B,
         model: &Llama<f32>,
-        base: BaseFormat,
+        base: BaseFormat<'_>,
         adapter: &LoraAdapter<f32>,
         placement: MomentPlacement,
     ) -> Result<Self> {
@@ -199,13 +191,18 @@ impl<B: Backend> LoraModel<B> {
                     b: &pr.b,
                     scale,
                 });
-                let q;
                 let base_ref = match base {
                     BaseFormat::Dense => BaseRef::Dense(lw.proj(p)),
-                    BaseFormat::Nf4 => {
-                        q = nf4(lw.proj(p), out, inp)?;
-                        BaseRef::Nf4(&q)
-                    }
+                    BaseFormat::Nf4(codes) => match codes.get(l, p) {
+                        Some(q) if q.shape == [out, inp] => BaseRef::Nf4(q),
+                        q => {
+                            return Err(shape_err(
+                                OP,
+                                format!("NF4 codes of {} [{out}, {inp}]", p.module(l)),
+                                q.map_or("none".to_string(), |q| format!("{:?}", q.shape)),
+                            ));
+                        }
+                    },
                 };
                 projs.push(backend.proj(out, inp, base_ref, lora)?);
                 if let Some(pr) = pair {
@@ -238,7 +235,7 @@ impl<B: Backend> LoraModel<B> {
             inv_freq: rope::inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)?,
             config: c.clone(),
             adapter: adapter.config.clone(),
-            base,
+            nf4: matches!(base, BaseFormat::Nf4(_)),
             layers,
             trainable,
             slot,
