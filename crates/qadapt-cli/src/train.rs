@@ -2,8 +2,8 @@
 //! progress bar, a JSONL log of every step, a loss-curve PNG, atomic checkpoints, `--resume`,
 //! Ctrl-C, and the held-out metric before and after. `--device cuda` trains `--method lora` and
 //! `--method qlora` on the GPU ([`qadapt_train::cuda`]: bf16 compute, NF4 base with paged AdamW
-//! for QLoRA, no LoRA dropout, no `--resume` yet); the held-out metric is still computed on the
-//! CPU model with the adapter downloaded. Every other method on `--device cuda` is refused.
+//! for QLoRA, no LoRA dropout); the held-out metric is still computed on the CPU model with the
+//! adapter downloaded. Every other method on `--device cuda` is refused.
 //!
 //! With no arguments it fine-tunes the embedded default (see [`crate::assets`]) with QLoRA.
 //!
@@ -24,7 +24,9 @@
 //! Resuming is exact on the CPU: the sampler position, the step count, the AdamW moments and the
 //! trainable tensors are restored, the log is cut back to the checkpoint's step, and LoRA dropout
 //! masks are a function of (seed, step), so the resumed run reaches the weights of an
-//! uninterrupted one bit for bit.
+//! uninterrupted one bit for bit. A `--device cuda` run checkpoints the device's step count and
+//! moments in the same layout and resumes from them (the adapter's f32 masters are the
+//! checkpoint's tensors).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -226,7 +228,7 @@ pub(crate) struct TrainArgs {
     #[arg(long)]
     heldout: Option<usize>,
     /// cpu (every method) or cuda[:N] (lora and qlora only: bf16 compute, NF4 base and paged
-    /// AdamW for qlora; no LoRA dropout, no --resume).
+    /// AdamW for qlora; no LoRA dropout).
     #[arg(long)]
     device: Option<String>,
     /// New output directory (default runs/<method>-<unix time>).
@@ -677,7 +679,7 @@ fn save_checkpoint(
     out: &Path,
     st: &CheckpointState,
     values: &[&[f32]],
-    trainer: &Trainer,
+    moments: &[(Vec<f32>, Vec<f32>)],
     extra: &[(String, &[f32])],
 ) -> Result<()> {
     let f32s = |name: String, v: &[f32]| OnDiskTensor {
@@ -690,7 +692,7 @@ fn save_checkpoint(
     for (i, v) in values.iter().enumerate() {
         tensors.push(f32s(format!("param.{i}"), v));
     }
-    for (i, (m, v)) in trainer.moments().iter().enumerate() {
+    for (i, (m, v)) in moments.iter().enumerate() {
         tensors.push(f32s(format!("m.{i}"), m));
         tensors.push(f32s(format!("v.{i}"), v));
     }
@@ -888,13 +890,6 @@ pub(crate) fn run(a: &TrainArgs) -> Result<()> {
                 s.device
             );
         }
-        if resuming {
-            bail!(
-                "a --device {} run cannot be resumed yet (its AdamW moments stay on the device); \
-                 start a new run",
-                s.device
-            );
-        }
         match qadapt::Device::parse(&s.device)? {
             qadapt::Device::Cuda(dev) => Some(CudaBackend::new(dev)?),
             qadapt::Device::Cpu => None,
@@ -954,20 +949,6 @@ pub(crate) fn run(a: &TrainArgs) -> Result<()> {
     let mut data = load_data(&s, &model_dir, tok, max_len - virt, a.quiet)?;
     let pad = 0;
     let mut state = build(&s, &model, tok)?;
-    // The CPU model (NF4 round trip for QLoRA) still evaluates the held-out set, with the adapter
-    // downloaded from the device before each evaluation, checkpoint and the final save.
-    let mut gpu = match (gpu_backend, state.adapter()) {
-        (Some(be), Some(Adapter::Lora(a))) => {
-            let (base, placement) = match &nf4 {
-                Some(codes) => (BaseFormat::Nf4(codes), MomentPlacement::Paged),
-                None => (BaseFormat::Dense, MomentPlacement::Device),
-            };
-            Some(LoraModel::new(be, &model, base, a, placement)?)
-        }
-        (Some(_), _) => bail!("--device cuda needs a LoRA adapter"),
-        (None, _) => None,
-    };
-    drop(nf4);
     // Surgical fine-tuning changes the trainable group as it goes; its count is the model's.
     let total_params = Selection::Full.num_params(&dir.config);
     let trainable_params = state.trainable().num_params(&model)?;
@@ -993,10 +974,10 @@ pub(crate) fn run(a: &TrainArgs) -> Result<()> {
         100.0 * trainable_params as f64 / total_params as f64,
         total_params
     ));
-    if let Some(g) = &gpu {
+    if let Some(be) = &gpu_backend {
         say(format!(
             "training on {} (bf16 compute, {} base, f32 LoRA masters)",
-            g.backend().device().describe(),
+            be.device().describe(),
             if s.method == Method::Qlora {
                 "NF4"
             } else {
@@ -1066,6 +1047,24 @@ pub(crate) fn run(a: &TrainArgs) -> Result<()> {
         say(format!("resuming at step {} of {total_steps}", st.step));
         ck = st;
     }
+    // --device cuda: the model goes to the device with the adapter (a resumed run's), the step
+    // count and the moments (none for a new run). The CPU model (NF4 round trip for QLoRA) still
+    // evaluates the held-out set, with the adapter downloaded from the device before each
+    // evaluation, checkpoint and the final save.
+    let mut gpu = match (gpu_backend, state.adapter()) {
+        (Some(be), Some(Adapter::Lora(a))) => {
+            let (base, placement) = match &nf4 {
+                Some(codes) => (BaseFormat::Nf4(codes), MomentPlacement::Paged),
+                None => (BaseFormat::Dense, MomentPlacement::Device),
+            };
+            let mut g = LoraModel::new(be, &model, base, a, placement)?;
+            g.restore(trainer.steps(), trainer.moments())?;
+            Some(g)
+        }
+        (Some(_), _) => bail!("--device cuda needs a LoRA adapter"),
+        (None, _) => None,
+    };
+    drop(nf4);
     let mut log = Log::open(&out, resuming.then_some(ck.step))?;
     let stop = Arc::new(AtomicBool::new(false));
     {
@@ -1160,7 +1159,7 @@ pub(crate) fn run(a: &TrainArgs) -> Result<()> {
             trainer = new_trainer();
             log.write(report)?;
         }
-        ck.trainer_steps = trainer.steps();
+        ck.trainer_steps = gpu.as_ref().map_or(trainer.steps(), |g| g.steps());
         let evaluate =
             s.eval_every > 0 && ck.step.is_multiple_of(s.eval_every) && ck.step < total_steps;
         if evaluate || ck.step.is_multiple_of(s.checkpoint_every) || ck.step == total_steps {
@@ -1173,12 +1172,28 @@ pub(crate) fn run(a: &TrainArgs) -> Result<()> {
             }))?;
         }
         if ck.step.is_multiple_of(s.checkpoint_every) || ck.step == total_steps {
-            checkpoint(&out, &mut ck, &mut state, &surgery, &model, &trainer)?;
+            checkpoint(
+                &out,
+                &mut ck,
+                &mut state,
+                &surgery,
+                &model,
+                &trainer,
+                gpu.as_ref(),
+            )?;
         }
     }
     if interrupted {
         download_adapter(gpu.as_ref(), &mut state)?;
-        checkpoint(&out, &mut ck, &mut state, &surgery, &model, &trainer)?;
+        checkpoint(
+            &out,
+            &mut ck,
+            &mut state,
+            &surgery,
+            &model,
+            &trainer,
+            gpu.as_ref(),
+        )?;
         bar.abandon();
         eprintln!(
             "interrupted at step {} of {}: checkpoint saved; continue with `qadapt train --resume \
@@ -1308,7 +1323,9 @@ fn restore_values(
     Ok(())
 }
 
-/// Writes the checkpoint of the run's current state.
+/// Writes the checkpoint of the run's current state: the step count and AdamW moments are the
+/// device's on `--device cuda` (in the CPU trainer's layout, so either path can resume it), the
+/// trainer's otherwise.
 fn checkpoint(
     out: &Path,
     ck: &mut CheckpointState,
@@ -1316,14 +1333,26 @@ fn checkpoint(
     surgery: &Surgery,
     model: &Llama<f32>,
     trainer: &Trainer,
+    gpu: Option<&LoraModel<CudaBackend>>,
 ) -> Result<()> {
-    ck.trainer_steps = trainer.steps();
+    let device_moments;
+    let moments = match gpu {
+        Some(g) => {
+            ck.trainer_steps = g.steps();
+            device_moments = g.moments()?;
+            &device_moments[..]
+        }
+        None => {
+            ck.trainer_steps = trainer.steps();
+            trainer.moments()
+        }
+    };
     ck.extra = surgery.state_json();
     let what = match state {
         State::Base(sel) => Trainable::Base(surgery.checkpointed(*sel)),
         State::Adapter(a) => Trainable::Adapter(a),
     };
-    save_checkpoint(out, ck, &what.values(model)?, trainer, &surgery.tensors())
+    save_checkpoint(out, ck, &what.values(model)?, moments, &surgery.tensors())
 }
 
 /// Surgical fine-tuning's state beyond the trainer's.

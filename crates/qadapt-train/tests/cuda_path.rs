@@ -417,6 +417,15 @@ fn f32_backend_steps_land_on_the_cpu_trainers_adapter() {
         );
     }
     assert_eq!(lm.steps(), 3);
+    // The moments come out in the CPU trainer's layout (what a checkpoint stores).
+    let (got, want) = (lm.moments().unwrap(), t.moments());
+    assert_eq!(got.len(), want.len());
+    for (i, ((gm, gv), (wm, wv))) in got.iter().zip(want).enumerate() {
+        assert!(
+            rel_err(gm, wm) < 1e-4 && rel_err(gv, wv) < 1e-4,
+            "moments {i}"
+        );
+    }
     let Adapter::Lora(want) = &cpu_adapter else {
         unreachable!()
     };
@@ -455,6 +464,79 @@ fn qlora_steps_on_the_bf16_backend_lower_the_loss_and_save_a_peft_adapter() {
     lm.save(dir.path()).unwrap();
     let back = qadapt_train::lora::load(dir.path(), &m.config).unwrap();
     assert_eq!(back, trained);
+}
+
+#[test]
+fn a_run_restored_from_its_adapter_moments_and_step_continues_exactly() {
+    let m = fixture();
+    let a0 = qv_adapter(&m);
+    let b = pattern_batch();
+    let opt = AdamW {
+        weight_decay: 0.01,
+        ..AdamW::default()
+    };
+    let model = || {
+        lora_model(
+            CpuBackend::bf16(),
+            &m,
+            Base::Nf4,
+            &a0,
+            MomentPlacement::Paged,
+        )
+    };
+    let mut whole = model();
+    assert!(
+        whole.moments().unwrap().is_empty(),
+        "no moments before a step"
+    );
+    for _ in 0..5 {
+        whole.step(&b, &opt, Some(1.0), 1e-2).unwrap();
+    }
+    // Interrupted after 3 steps: what a checkpoint keeps is the adapter, the moments and the
+    // step count; the run continues on a model built from that adapter.
+    let mut first = model();
+    for _ in 0..3 {
+        first.step(&b, &opt, Some(1.0), 1e-2).unwrap();
+    }
+    let (saved, moments, steps) = (
+        first.adapter().unwrap(),
+        first.moments().unwrap(),
+        first.steps(),
+    );
+    assert_eq!(moments.len(), 8, "A and B of q and v in two layers");
+    assert!(
+        moments
+            .iter()
+            .all(|(m, v)| m.iter().any(|x| *x != 0.0) && v.iter().all(|x| *x >= 0.0))
+    );
+    let mut resumed = lora_model(
+        CpuBackend::bf16(),
+        &m,
+        Base::Nf4,
+        &saved,
+        MomentPlacement::Paged,
+    );
+    resumed.restore(steps, &moments).unwrap();
+    for _ in 0..2 {
+        resumed.step(&b, &opt, Some(1.0), 1e-2).unwrap();
+    }
+    assert_eq!(resumed.steps(), 5);
+    assert_eq!(resumed.adapter().unwrap(), whole.adapter().unwrap());
+    assert_eq!(resumed.moments().unwrap(), whole.moments().unwrap());
+    // Without the moments the continuation differs (Adam's first step is lr * sign(g)).
+    let mut cold = lora_model(
+        CpuBackend::bf16(),
+        &m,
+        Base::Nf4,
+        &saved,
+        MomentPlacement::Paged,
+    );
+    cold.restore(steps, &[]).unwrap();
+    cold.step(&b, &opt, Some(1.0), 1e-2).unwrap();
+    assert_ne!(cold.adapter().unwrap(), resumed.adapter().unwrap());
+    // Moments of another shape are refused.
+    let e = cold.restore(steps, &moments[1..]).unwrap_err().to_string();
+    assert!(e.contains("moments"), "{e}");
 }
 
 /// Trains on the pattern batch; returns the first loss and the loss after the last update.
@@ -588,5 +670,21 @@ fn cuda_qlora_steps_with_paged_adamw_lower_the_loss() {
         lm.save(dir.path()).unwrap();
         let back = qadapt_train::lora::load(dir.path(), &m.config).unwrap();
         assert_eq!(back, lm.adapter().unwrap());
+        // A resumed model (the saved adapter, the downloaded moments and step count uploaded
+        // again) holds exactly that state, and its next step equals the original's.
+        let moments = lm.moments().unwrap();
+        assert_eq!(moments.len(), 8);
+        let mut resumed = lora_model(cuda(), &m, base, &back, placement);
+        resumed.restore(lm.steps(), &moments).unwrap();
+        assert_eq!(resumed.moments().unwrap(), moments);
+        let (b, opt) = (pattern_batch(), AdamW::default());
+        let l0 = lm.step(&b, &opt, Some(1.0), 1e-2).unwrap();
+        let l1 = resumed.step(&b, &opt, Some(1.0), 1e-2).unwrap();
+        assert_eq!(l0, l1, "{base:?}: the same forward");
+        let (a0, a1) = (lm.adapter().unwrap(), resumed.adapter().unwrap());
+        for ((k, _, x), (_, _, y)) in a0.named(&m.config).iter().zip(a1.named(&m.config)) {
+            // The kernels use no atomics, so the same inputs give the same step.
+            assert_eq!(*x, y, "{base:?} {k}");
+        }
     }
 }

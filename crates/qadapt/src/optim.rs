@@ -203,6 +203,19 @@ impl PagedAdamState {
         self.m.is_empty()
     }
 
+    /// State holding the moments `(m, v)` (a resumed run's), for `m.len()` parameters.
+    pub fn from_host(dev: &CudaDevice, m: &[f32], v: &[f32]) -> Result<PagedAdamState> {
+        if m.len() != v.len() {
+            return Err(shape_err("paged adam state", m.len(), v.len()));
+        }
+        let mut s = PagedAdamState::new(dev, m.len())?;
+        // The zero fill is queued on the stream: let it finish before the host writes.
+        dev.synchronize()?;
+        s.m.as_mut_slice()?.copy_from_slice(m);
+        s.v.as_mut_slice()?.copy_from_slice(v);
+        Ok(s)
+    }
+
     /// Copies (m, v) to the host (synchronizes the device first).
     pub fn to_host(&self, dev: &CudaDevice) -> Result<(Vec<f32>, Vec<f32>)> {
         dev.synchronize()?;

@@ -87,4 +87,13 @@ fn cuda_paged_adamw_matches_device_state_bit_for_bit() {
     let (m, v) = paged.to_host(&dev).unwrap();
     assert_eq!(m, dev.download(&dm).unwrap());
     assert_eq!(v, dev.download(&dv).unwrap());
+    // A resumed state: the moments written back from the host, then one more step on each.
+    let mut resumed = PagedAdamState::from_host(&dev, &m, &v).unwrap();
+    assert_eq!(resumed.to_host(&dev).unwrap(), (m.clone(), v.clone()));
+    let g = dev.upload(&vals(n, 24)).unwrap();
+    let s = h.step(4, h.lr, 1.0).unwrap();
+    adamw_cuda(&dev, &mut dp, None, &g, &mut dm, &mut dv, &s).unwrap();
+    adamw_cuda_paged(&dev, &mut pp, None, &g, &mut resumed, &s).unwrap();
+    assert_eq!(dev.download(&dp).unwrap(), dev.download(&pp).unwrap());
+    assert!(PagedAdamState::from_host(&dev, &m, &v[1..]).is_err());
 }

@@ -238,6 +238,15 @@ pub trait Backend {
     fn sum_squares(&self, x: &Self::F32) -> Result<f64>;
     /// Zero moments for `len` parameters.
     fn moments(&self, len: usize, placement: MomentPlacement) -> Result<Self::Moments>;
+    /// Moments holding `(m, v)` (a resumed run's), placed as `placement` says.
+    fn moments_from(
+        &self,
+        m: &[f32],
+        v: &[f32],
+        placement: MomentPlacement,
+    ) -> Result<Self::Moments>;
+    /// The moments `(m, v)` on the host (synchronizes a device).
+    fn download_moments(&self, state: &Self::Moments) -> Result<(Vec<f32>, Vec<f32>)>;
     /// One AdamW step on the f32 master `param` with gradient `grad`, then writes the bf16
     /// rounding of the new master into matrix `which` of projection `proj`'s working copy.
     fn adamw(

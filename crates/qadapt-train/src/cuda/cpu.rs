@@ -467,6 +467,22 @@ impl Backend for CpuBackend {
         Ok((vec![0.0; len], vec![0.0; len]))
     }
 
+    fn moments_from(
+        &self,
+        m: &[f32],
+        v: &[f32],
+        _placement: MomentPlacement,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        if m.len() != v.len() {
+            return Err(shape_err("adam moments (cpu)", m.len(), v.len()));
+        }
+        Ok((m.to_vec(), v.to_vec()))
+    }
+
+    fn download_moments(&self, (m, v): &(Vec<f32>, Vec<f32>)) -> Result<(Vec<f32>, Vec<f32>)> {
+        Ok((m.clone(), v.clone()))
+    }
+
     fn adamw(
         &self,
         param: &mut Vec<f32>,

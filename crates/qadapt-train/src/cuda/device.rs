@@ -453,6 +453,32 @@ impl Backend for CudaBackend {
         })
     }
 
+    fn moments_from(
+        &self,
+        m: &[f32],
+        v: &[f32],
+        placement: MomentPlacement,
+    ) -> Result<Self::Moments> {
+        if m.len() != v.len() {
+            return Err(shape_err("adam moments (cuda)", m.len(), v.len()));
+        }
+        Ok(match placement {
+            MomentPlacement::Device => {
+                CudaMoments::Device(self.dev.upload(m)?, self.dev.upload(v)?)
+            }
+            MomentPlacement::Paged => {
+                CudaMoments::Paged(PagedAdamState::from_host(&self.dev, m, v)?)
+            }
+        })
+    }
+
+    fn download_moments(&self, state: &Self::Moments) -> Result<(Vec<f32>, Vec<f32>)> {
+        match state {
+            CudaMoments::Device(m, v) => Ok((self.dev.download(m)?, self.dev.download(v)?)),
+            CudaMoments::Paged(s) => s.to_host(&self.dev),
+        }
+    }
+
     fn adamw(
         &self,
         param: &mut Self::F32,

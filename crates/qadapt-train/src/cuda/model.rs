@@ -639,14 +639,65 @@ impl<B: Backend> LoraModel<B> {
             be.adamw(&mut t.a, proj, LoraMatrix::A, &t.ga, ma, &step)?;
             be.adamw(&mut t.b, proj, LoraMatrix::B, &t.gb, mb, &step)?;
         }
-        for t in &mut self.trainable {
-            t.ga = be.zeros_f32(t.len.0)?;
-            t.gb = be.zeros_f32(t.len.1)?;
-        }
         self.steps += 1;
+        self.clear_accumulators()?;
+        Ok(stats)
+    }
+
+    fn clear_accumulators(&mut self) -> Result<()> {
+        for t in &mut self.trainable {
+            t.ga = self.backend.zeros_f32(t.len.0)?;
+            t.gb = self.backend.zeros_f32(t.len.1)?;
+        }
         self.acc_tokens = 0;
         self.acc_loss = 0.0;
-        Ok(stats)
+        Ok(())
+    }
+
+    /// The AdamW moments `(m, v)` of every trainable tensor in [`LoraAdapter::named`] order (A
+    /// then B of each adapted projection), downloaded: the layout of
+    /// [`crate::Trainer::moments`], so that a checkpoint holds the same tensors whichever path
+    /// wrote it. Empty before the first step.
+    pub fn moments(&self) -> Result<Vec<(Vec<f32>, Vec<f32>)>> {
+        let mut out = Vec::with_capacity(2 * self.trainable.len());
+        for (ma, mb) in self.trainable.iter().filter_map(|t| t.moments.as_ref()) {
+            out.push(self.backend.download_moments(ma)?);
+            out.push(self.backend.download_moments(mb)?);
+        }
+        Ok(out)
+    }
+
+    /// Continues a run: `steps` AdamW steps taken and the moments [`Self::moments`] (or
+    /// [`crate::Trainer::moments`] on the same adapter) returned, empty for none yet. The masters
+    /// are the adapter the model was built with; the accumulators are cleared.
+    pub fn restore(&mut self, steps: u64, moments: &[(Vec<f32>, Vec<f32>)]) -> Result<()> {
+        const OP: &str = "lora model restore";
+        if !moments.is_empty() {
+            let want: Vec<usize> = self
+                .trainable
+                .iter()
+                .flat_map(|t| [t.len.0, t.len.1])
+                .collect();
+            let got: Vec<usize> = moments.iter().map(|(m, _)| m.len()).collect();
+            if want != got || moments.iter().any(|(m, v)| m.len() != v.len()) {
+                return Err(shape_err(
+                    OP,
+                    format!("moments of {} tensors of lengths {want:?}", want.len()),
+                    format!("{} of lengths {got:?}", got.len()),
+                ));
+            }
+        }
+        for (i, t) in self.trainable.iter_mut().enumerate() {
+            t.moments = match moments.get(2 * i..2 * i + 2) {
+                Some([(ma, va), (mb, vb)]) => Some((
+                    self.backend.moments_from(ma, va, self.placement)?,
+                    self.backend.moments_from(mb, vb, self.placement)?,
+                )),
+                _ => None,
+            };
+        }
+        self.steps = steps;
+        self.clear_accumulators()
     }
 
     /// One step on a batch: [`Self::accumulate`] then [`Self::apply`]; returns the loss before the
