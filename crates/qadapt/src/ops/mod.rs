@@ -1,6 +1,6 @@
 //! CPU references of the model ops a Llama-family transformer is built from, forward and backward:
 //! [`linear`] (GEMMs), [`embedding`], [`rmsnorm`], [`rope`], [`attention`] (grouped-query, causal),
-//! [`swiglu`] and [`cross_entropy`].
+//! [`swiglu`] and [`cross_entropy`]; [`dropout`] draws counter-based masks and applies them.
 //!
 //! Every op is generic over [`Real`] (f32 and f64): the model runs in f32, and the
 //! finite-difference gradient checks run the very same code in f64. Activations are row-major
@@ -17,6 +17,7 @@
 
 pub mod attention;
 pub mod cross_entropy;
+pub mod dropout;
 pub mod embedding;
 pub mod linear;
 pub mod rmsnorm;
