@@ -1,6 +1,7 @@
 /*
- * model_emu.cpp — runs every kernel of kernels/model.cu (RMSNorm, SwiGLU, RoPE, embedding,
- * cross-entropy, causal GQA attention; forward and backward) on the CPU through cuda_emu.h and
+ * model_emu.cpp — runs every kernel of kernels/model.cu (RMSNorm, SwiGLU, the dropout-mask blend,
+ * RoPE, embedding, cross-entropy, causal GQA attention; forward and backward) on the CPU through
+ * cuda_emu.h and
  * compares it with a float64 reference written here, at the tolerances of a bf16 output
  * (atol + 2^-6 |ref| unless stated). Grids are small (2-3 CTAs) so every grid-stride loop runs
  * more than once. Exit status 0 when every element matches; crates/qadapt/tests/kernel_emu.rs
@@ -61,6 +62,40 @@ void test_swiglu(size_t n, bool vec) {
         check("du", F(du[i]), D * G * s, 1e-6, 1.0/64, i);
         check("dg", F(dg[i]), D * U * s * (1 + G * (1 - s)), 1e-6, 1.0/64, i);
     }
+}
+/* The dropout mask, written out again for the reference: splitmix64's output function of
+ * base + j * golden, kept iff its top 53 bits are >= threshold = ceil(prob * 2^53). */
+uint64_t ref_mix(uint64_t z) {
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+bool ref_kept(uint64_t base, uint64_t threshold, uint64_t j) { return (ref_mix(base + j * 0x9E3779B97F4A7C15ull) >> 11) >= threshold; }
+/* With k = 1 / (1 - prob): without b, dropout (a = (k, 0)); with b, d0 + m (d1 - d0)
+ * (a = (1 - k, 1), b = (k, 0)). Checked per element: the float64 value at bf16 tolerance, bit
+ * equality with the f32 reference (two products and a sum, each rounded) rounded to bf16, and the
+ * exact mask: a dropped element is exactly 0 (dropout) or exactly a (the blend). */
+void test_mask_mix(size_t n, bool vec, bool with_b, double prob, uint64_t base) {
+    auto x = rnd(n, 2), y = rnd(n, 2); std::vector<B> out(n, __float2bfloat16_rn(9.f));
+    const uint64_t thr = (uint64_t)std::ceil(prob * 9007199254740992.0);
+    const float k = (float)(1 / (1 - prob));
+    const float ak = with_b ? 1 - k : k, ad = with_b ? 1.f : 0.f, bk = k, bd = 0.f;
+    QadaptMaskMixArgs a{}; a.a = P(x.data()); a.b = with_b ? P(y.data()) : 0; a.out = P(out.data()); a.n = n;
+    a.base = base; a.threshold = thr; a.a_keep = ak; a.a_drop = ad; a.b_keep = with_b ? bk : 77.f; a.b_drop = with_b ? bd : 77.f; a.flags = vec ? QADAPT_MODEL_VEC : 0;
+    run_(mask_mix_bf16, a, 2);
+    size_t dropped = 0;
+    for (size_t i = 0; i < n; ++i) {
+        const bool kept = ref_kept(base, thr, i); dropped += !kept;
+        const float ca = kept ? ak : ad, cb = kept ? bk : bd;
+        double want = (double)ca * F(x[i]) + (with_b ? (double)cb * F(y[i]) : 0);
+        check("mask_mix", F(out[i]), want, 1e-6, 1.0/256, i);
+        float f = ca * F(x[i]); if (with_b) f = f + cb * F(y[i]);
+        if (__float2bfloat16_rn(f).bits != out[i].bits) { if (fails++ < 10) printf("FAIL mask_mix bits[%zu]: %04x vs f32 reference %04x\n", i, out[i].bits, __float2bfloat16_rn(f).bits); }
+        if (!kept && F(out[i]) != (with_b ? F(x[i]) : 0.f)) { if (fails++ < 10) printf("FAIL mask_mix dropped[%zu]: %g\n", i, F(out[i])); }
+    }
+    // Binomial(n, prob): 5 sd, and none at all for prob 0.
+    const double frac = (double)dropped / n;
+    if (std::fabs(frac - prob) > 5 * std::sqrt(prob * (1 - prob) / n) + (prob > 0 ? 1.0 / n : 0)) { if (fails++ < 10) printf("FAIL mask_mix: dropped %g, prob %g\n", frac, prob); }
 }
 void test_rope(size_t batch, uint32_t seq, uint32_t heads, uint32_t D, bool back) {
     size_t rows = batch * seq; auto x = rnd(rows * heads * D, 1); auto x0 = x;
@@ -132,6 +167,12 @@ void test_attention(uint32_t batch, uint32_t T, uint32_t H, uint32_t KV, uint32_
 int main() {
     test_rmsnorm(19, 1000, true, false, 5); test_rmsnorm(11, 999, false, true, 11); test_rmsnorm(5, 520, true, true, 2); test_rmsnorm(2, 1, false, false, 1); test_rmsnorm(70, 40, true, false, 9); printf("rmsnorm done, fails %d\n", fails);
     test_swiglu(8*300+5, true); test_swiglu(777, false); test_swiglu(7, true); printf("swiglu done, fails %d\n", fails);
+    if (ref_mix(0x9E3779B97F4A7C15ull) != 0xE220A8397B1DCDAFull || ref_mix(2 * 0x9E3779B97F4A7C15ull) != 0x6E789E6AA1B965F4ull) { fails++; printf("FAIL the reference mix is not splitmix64 (seed 0 outputs)\n"); }
+    for (double prob : {0.0, 0.1, 0.5}) for (bool with_b : {false, true}) {
+        test_mask_mix(1001, false, with_b, prob, 0xD1B54A32D192ED03ull); test_mask_mix(8*1100, true, with_b, prob, 17);
+        test_mask_mix(8*300+5, true, with_b, prob, ~0ull); test_mask_mix(7, true, with_b, prob, 3);
+    }
+    printf("mask_mix done, fails %d\n", fails);
     test_rope(2, 17, 3, 6, false); test_rope(1, 9, 2, 130, true); printf("rope done, fails %d\n", fails);
     test_embedding(50, 100, 77, false); test_embedding(40, 64, 101, true); printf("embedding done, fails %d\n", fails);
     test_ce(9, 1000, true); test_ce(6, 2049, false); test_ce(2, 1, false); printf("ce done, fails %d\n", fails);

@@ -268,6 +268,30 @@ typedef struct QadaptSwigluArgs {
     uint32_t reserved;
 } QadaptSwigluArgs;
 
+/* Masked blend of one or two tensors of n bf16 elements by a counter-based dropout mask
+ * (crates/qadapt/src/ops/dropout.rs), out overwritten. Element j is kept iff
+ *   (mix(base + j * 0x9E3779B97F4A7C15) >> 11) >= threshold      (u64 arithmetic mod 2^64)
+ * with mix splitmix64's output function and threshold = ceil(prob * 2^53) (dropped with
+ * probability prob). With c(j) = c_keep where element j is kept, c_drop where it is dropped:
+ *   mask_mix_bf16: out[j] = bf16(fl(fl(ca(j) a[j]) + fl(cb(j) b[j])))
+ * in f32, each product and the sum rounded to nearest (no FMA), so out is bit-equal to the f32
+ * reference rounded to bf16; no b term (out[j] = bf16(ca(j) a[j])) when b == 0. */
+typedef struct QadaptMaskMixArgs {
+    uint64_t a;         /* const bf16* [n] */
+    uint64_t b;         /* const bf16* [n], or 0 (no b term) */
+    uint64_t out;       /* bf16* [n] (neither a nor b) */
+    uint64_t n;
+    uint64_t base;      /* the mask's name: element j hashes base + j * 0x9E3779B97F4A7C15 */
+    uint64_t threshold; /* ceil(prob * 2^53): kept iff the 53-bit draw >= threshold */
+    float a_keep;
+    float a_drop;
+    float b_keep;       /* unused when b == 0 */
+    float b_drop;       /* unused when b == 0 */
+    uint32_t flags;     /* QADAPT_MODEL_VEC: a, b (when present) and out 16-byte aligned (the
+                           tail n % 8 goes 1 by 1) */
+    uint32_t reserved;
+} QadaptMaskMixArgs;
+
 /* RoPE, transformers' rotate_half convention, in place on x [rows, heads * head_dim] bf16 (token
  * n is at position n % seq). With c = cos[p, i], s = +-sin[p, i] (f32 tables [seq, head_dim/2]):
  *   x[i] = bf16(x[i] c - x[i + D/2] s),  x[i + D/2] = bf16(x[i + D/2] c + x[i] s). */
@@ -403,6 +427,7 @@ QADAPT_KERNEL(rmsnorm_bwd_dw_bf16, QadaptRmsNormArgs);
 QADAPT_KERNEL(rmsnorm_bwd_dw_reduce, QadaptRmsNormArgs);
 QADAPT_KERNEL(swiglu_fwd_bf16, QadaptSwigluArgs);
 QADAPT_KERNEL(swiglu_bwd_bf16, QadaptSwigluArgs);
+QADAPT_KERNEL(mask_mix_bf16, QadaptMaskMixArgs);
 QADAPT_KERNEL(rope_bf16, QadaptRopeArgs);
 QADAPT_KERNEL(embedding_fwd_bf16, QadaptEmbeddingArgs);
 QADAPT_KERNEL(embedding_bwd_bf16, QadaptEmbeddingArgs);

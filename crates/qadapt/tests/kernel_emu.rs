@@ -304,7 +304,15 @@ fn emulated_model_op_kernels_match_a_float64_reference() {
         out.status.success(),
         "model_emu reported mismatches:\n{text}"
     );
-    for op in ["rmsnorm", "swiglu", "rope", "embedding", "ce", "attention"] {
+    for op in [
+        "rmsnorm",
+        "swiglu",
+        "mask_mix",
+        "rope",
+        "embedding",
+        "ce",
+        "attention",
+    ] {
         assert!(
             text.contains(&format!("{op} done, fails 0")),
             "{op} missing or failing:\n{text}"

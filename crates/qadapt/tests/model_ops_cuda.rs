@@ -209,6 +209,70 @@ fn cuda_swiglu_matches_cpu() {
     assert!(ops::swiglu_forward(&dev, &a, &b, &mut h).is_err());
 }
 
+/// The mask blend rounds as the f32 reference does (two products and a sum, no FMA), so its bf16
+/// output is the reference rounded to bf16, bit for bit; that also pins the mask: a dropped
+/// element of the dropout (drop coefficient 0) is exactly 0, one of the blend exactly `a`.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn cuda_mask_mix_is_the_cpu_reference_rounded_to_bf16() {
+    use qadapt::ops::dropout::{DropoutMask, MaskCoef, mask_mix};
+    let dev = device();
+    for (n, base) in [
+        (8 * 1000 + 5, 0xD1B5_4A32_D192_ED03),
+        (12_345, u64::MAX),
+        (7, 3),
+        (64, 0),
+        (1 << 20, 17),
+    ] {
+        let (ab, a) = rand_bf16(8, n, 2.0);
+        let (bb, b) = rand_bf16(9, n, 2.0);
+        let (ad, bd) = (dev.upload(&ab).unwrap(), dev.upload(&bb).unwrap());
+        for prob in [0.0, 0.1, 0.5] {
+            let mask = DropoutMask::new(base, prob).unwrap();
+            let k = (1.0 / (1.0 - prob)) as f32;
+            for with_b in [false, true] {
+                // Dropout a = (k, 0) alone, or d0 + m (d1 - d0): a = (1 - k, 1), b = (k, 0).
+                let (ca, cb) = if with_b {
+                    (MaskCoef::new(1.0 - k, 1.0), Some(MaskCoef::new(k, 0.0)))
+                } else {
+                    (MaskCoef::new(k, 0.0), None)
+                };
+                let mut want = vec![0f32; n];
+                mask_mix(mask, &a, ca, cb.map(|c| (&b[..], c)), &mut want).unwrap();
+                let mut od = dev.upload(&vec![bf16::from_f32(9.0); n]).unwrap();
+                ops::mask_mix(&dev, mask, &ad, ca, cb.map(|c| (&bd, c)), &mut od).unwrap();
+                let got = dev.download(&od).unwrap();
+                let what = format!("n {n}, prob {prob}, b {with_b}");
+                for j in 0..n {
+                    let dropped = if with_b { ab[j].to_f32() } else { 0.0 };
+                    if !mask.kept(j as u64) {
+                        assert_eq!(got[j].to_f32(), dropped, "{what}: dropped element {j}");
+                    }
+                    assert_eq!(
+                        got[j].to_bits(),
+                        bf16::from_f32(want[j]).to_bits(),
+                        "{what}: element {j}, {} vs the reference {}",
+                        got[j],
+                        want[j]
+                    );
+                }
+                if prob == 0.0 {
+                    assert!((0..n as u64).all(|j| mask.kept(j)), "{what}");
+                }
+            }
+        }
+    }
+    // Lengths are refused with a typed error, before anything runs.
+    let mask = DropoutMask::new(1, 0.1).unwrap();
+    let c = MaskCoef::new(1.0, 0.0);
+    let a = dev.zeros::<bf16>(10).unwrap();
+    let b = dev.zeros::<bf16>(9).unwrap();
+    let mut out = dev.zeros::<bf16>(10).unwrap();
+    let mut short = dev.zeros::<bf16>(9).unwrap();
+    assert!(ops::mask_mix(&dev, mask, &a, c, None, &mut short).is_err());
+    assert!(ops::mask_mix(&dev, mask, &a, c, Some((&b, c)), &mut out).is_err());
+}
+
 #[test]
 #[ignore = "needs a CUDA device"]
 fn cuda_rope_matches_cpu_both_directions() {

@@ -6,6 +6,7 @@
 //! |---|---|---|
 //! | RMSNorm | [`crate::ops::rmsnorm`] | [`rmsnorm_forward`], [`rmsnorm_backward`] (`rstd` and `dw` f32) |
 //! | SwiGLU | [`crate::ops::swiglu`] | [`swiglu_forward`], [`swiglu_backward`] |
+//! | dropout-mask blend | [`crate::ops::dropout::mask_mix`] | [`mask_mix`] (bit-equal to the f32 reference rounded to bf16) |
 //! | RoPE | [`crate::ops::rope::RopeTable::apply`] | [`CudaRopeTable::apply`] (the same f32 table, uploaded) |
 //! | embedding | [`crate::ops::embedding`] | [`embedding_forward`], [`embedding_backward`] (`dtable` f32) |
 //! | cross-entropy | [`crate::ops::cross_entropy`] | [`cross_entropy_forward`], [`cross_entropy_backward`], [`cross_entropy_fused`] |
@@ -17,8 +18,8 @@
 //! work is queued on the device's stream (only the cross-entropy mean reads back, and says so).
 //!
 //! Results agree with the CPU reference run in f32 on the same (bf16-valued) inputs within a few
-//! bf16 ulps (each output is rounded to bf16 once); the embedding is bit-exact. The tolerances are
-//! written in `crates/qadapt/tests/model_ops_cuda.rs`.
+//! bf16 ulps (each output is rounded to bf16 once); the embedding and the mask blend are
+//! bit-exact. The tolerances are written in `crates/qadapt/tests/model_ops_cuda.rs`.
 
 use cudarc::driver::CudaSlice;
 use half::bf16;
@@ -28,6 +29,7 @@ use super::launch::{self, SwigluOut};
 use crate::error::{Result, shape_err};
 use crate::ops::Accumulate;
 use crate::ops::attention::AttentionShape;
+use crate::ops::dropout::{DropoutMask, MaskCoef};
 use crate::ops::rope::{RopeDirection, RopeTable};
 
 /// `y = w * x / sqrt(mean(x^2) + eps)` row by row: `x`, `y` are `[rows, w.len()]` bf16, `rstd`
@@ -79,6 +81,18 @@ pub fn swiglu_backward(
     dup: &mut CudaSlice<bf16>,
 ) -> Result<()> {
     launch::swiglu(dev, gate, up, SwigluOut::Backward { dh, dgate, dup })
+}
+
+/// [`crate::ops::dropout::mask_mix`] on bf16: out overwritten, f32 arithmetic, one rounding.
+pub fn mask_mix(
+    dev: &CudaDevice,
+    mask: DropoutMask,
+    a: &CudaSlice<bf16>,
+    ca: MaskCoef,
+    b: Option<(&CudaSlice<bf16>, MaskCoef)>,
+    out: &mut CudaSlice<bf16>,
+) -> Result<()> {
+    launch::mask_mix(dev, mask, a, ca, b, out)
 }
 
 /// A [`RopeTable`] on the device: the f32 cos and sin `[seq, head_dim / 2]` the CPU reference

@@ -24,7 +24,7 @@ pub(crate) use blas::gemm_bf16;
 pub(crate) use lora::{CudaLoraRef, CudaWeightRef, lora_backward, lora_forward};
 pub(crate) use model::{
     SwigluOut, attention_backward, attention_forward, cross_entropy, embedding_backward,
-    embedding_forward, rmsnorm_backward, rmsnorm_forward, rope, swiglu, targets_i32,
+    embedding_forward, mask_mix, rmsnorm_backward, rmsnorm_forward, rope, swiglu, targets_i32,
 };
 pub(crate) use nf4::{CudaScalesRef, nf4_dequantize, nf4_double_quant, nf4_quantize};
 pub(crate) use optim::{Moments, adamw, alloc_managed_f32, sum_squares};
@@ -57,6 +57,9 @@ unsafe impl KernelArgs for ffi::QadaptRmsNormArgs {}
 // SAFETY: #[repr(C)] struct of 7 u64 then 2 u32 fields generated from qadapt.h, no padding
 // (64 bytes, pinned by bindgen's layout test).
 unsafe impl KernelArgs for ffi::QadaptSwigluArgs {}
+// SAFETY: #[repr(C)] struct of 6 u64 then 6 four-byte (f32/u32) fields generated from qadapt.h,
+// no padding (72 bytes, pinned by bindgen's layout test).
+unsafe impl KernelArgs for ffi::QadaptMaskMixArgs {}
 // SAFETY: #[repr(C)] struct of 4 u64 then 4 u32 fields generated from qadapt.h, no padding
 // (48 bytes, pinned by bindgen's layout test).
 unsafe impl KernelArgs for ffi::QadaptRopeArgs {}

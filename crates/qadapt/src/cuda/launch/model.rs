@@ -1,4 +1,5 @@
-//! Model-op launches (`kernels/model.cu`): RMSNorm, SwiGLU, RoPE, embedding, cross-entropy.
+//! Model-op launches (`kernels/model.cu`): RMSNorm, SwiGLU, the dropout-mask blend, RoPE,
+//! embedding, cross-entropy, attention.
 //!
 //! Every function checks what its kernel's memory accesses depend on before it launches: each
 //! buffer's length against the shape (so every index the kernel forms is in bounds), that every
@@ -17,6 +18,7 @@ use crate::cuda::CudaDevice;
 use crate::error::{Result, invalid, shape_err};
 use crate::ops::Accumulate;
 use crate::ops::attention::AttentionShape;
+use crate::ops::dropout::{DropoutMask, MaskCoef};
 use crate::ops::rope::RopeDirection;
 use crate::plan::{self, ModelWork};
 
@@ -264,6 +266,62 @@ pub(crate) fn swiglu(
             unsafe { launch(dev, kernels::SWIGLU_BWD_BF16, plan, &args) }
         }
     }
+}
+
+/// `mask_mix_bf16`: `out[j] = ca(j) a[j] + cb(j) b[j]` with the coefficients `mask` picks for
+/// element `j` (no `b` term when `b` is `None`), overwritten; `a`, `b`, `out` of one length.
+pub(crate) fn mask_mix(
+    dev: &CudaDevice,
+    mask: DropoutMask,
+    a: &CudaSlice<bf16>,
+    ca: MaskCoef,
+    b: Option<(&CudaSlice<bf16>, MaskCoef)>,
+    out: &mut CudaSlice<bf16>,
+) -> Result<()> {
+    const OP: &str = "mask mix (cuda)";
+    let n = a.len();
+    if n == 0 {
+        return Err(invalid(OP, "no elements"));
+    }
+    need(OP, "out", out, n)?;
+    on_device(OP, dev, "a", a)?;
+    on_device(OP, dev, "out", out)?;
+    if let Some((b, _)) = b {
+        need(OP, "b", b, n)?;
+        on_device(OP, dev, "b", b)?;
+    }
+    let cb = b.map_or(MaskCoef::new(0.0, 0.0), |(_, cb)| cb);
+    let stream = dev.stream().clone();
+    let (ap, _g1) = a.device_ptr(&stream);
+    let b_ptr = b.map(|(b, _)| b.device_ptr(&stream));
+    let bp = b_ptr.as_ref().map_or(0, |(p, _)| *p);
+    let (outp, _g3) = out.device_ptr_mut(&stream);
+    let flags = match b_ptr {
+        Some(_) => vec_flag(8, &[ap, bp, outp]),
+        None => vec_flag(8, &[ap, outp]),
+    };
+    let items = if flags != 0 { n.div_ceil(8) } else { n };
+    let plan = plan::model_op(items as u64, ModelWork::ThreadPerItem, &dev.props())?;
+    let args = ffi::QadaptMaskMixArgs {
+        a: ap,
+        b: bp,
+        out: outp,
+        n: n as u64,
+        base: mask.base,
+        threshold: mask.threshold,
+        a_keep: ca.keep,
+        a_drop: ca.drop,
+        b_keep: cb.keep,
+        b_drop: cb.drop,
+        flags,
+        reserved: 0,
+    };
+    // SAFETY: QadaptMaskMixArgs is what mask_mix_bf16 takes; a, out and b when present hold n
+    // bf16 each (checked above, all on this device; the guards _g1, b_ptr, _g3 live until the
+    // launch is queued), b is 0 only when absent, and then the kernel never reads it; the kernel
+    // touches indices < n only (full groups of 8 below n, then the tail one by one), and sets
+    // QADAPT_MODEL_VEC only when every address it reads or writes is 16-byte aligned.
+    unsafe { launch(dev, kernels::MASK_MIX_BF16, plan, &args) }
 }
 
 /// `rope_bf16`: rotates `x [rows, heads * head_dim]` in place with the f32 tables
