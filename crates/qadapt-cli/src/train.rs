@@ -2,8 +2,9 @@
 //! progress bar, a JSONL log of every step, a loss-curve PNG, atomic checkpoints, `--resume`,
 //! Ctrl-C, and the held-out metric before and after. `--device cuda` trains `--method lora` and
 //! `--method qlora` on the GPU ([`qadapt_train::cuda`]: bf16 compute, NF4 base with paged AdamW
-//! for QLoRA, no LoRA dropout); the held-out metric is still computed on the CPU model with the
-//! adapter downloaded. Every other method on `--device cuda` is refused.
+//! for QLoRA, LoRA dropout drawing the CPU path's masks); the held-out metric is still computed
+//! on the CPU model with the adapter downloaded. Every other method on `--device cuda` is
+//! refused.
 //!
 //! With no arguments it fine-tunes the embedded default (see [`crate::assets`]) with QLoRA.
 //!
@@ -228,7 +229,7 @@ pub(crate) struct TrainArgs {
     #[arg(long)]
     heldout: Option<usize>,
     /// cpu (every method) or cuda[:N] (lora and qlora only: bf16 compute, NF4 base and paged
-    /// AdamW for qlora; no LoRA dropout).
+    /// AdamW for qlora).
     #[arg(long)]
     device: Option<String>,
     /// New output directory (default runs/<method>-<unix time>).
@@ -883,13 +884,6 @@ pub(crate) fn run(a: &TrainArgs) -> Result<()> {
                 s.method.name()
             );
         }
-        if s.lora_dropout > 0.0 {
-            bail!(
-                "--device {} has no LoRA dropout (the fused kernels feed one input to the base \
-                 weight and the adapter); use --lora-dropout 0 or --device cpu",
-                s.device
-            );
-        }
         match qadapt::Device::parse(&s.device)? {
             qadapt::Device::Cuda(dev) => Some(CudaBackend::new(dev)?),
             qadapt::Device::Cpu => None,
@@ -1059,6 +1053,9 @@ pub(crate) fn run(a: &TrainArgs) -> Result<()> {
             };
             let mut g = LoraModel::new(be, &model, base, a, placement)?;
             g.restore(trainer.steps(), trainer.moments())?;
+            if let Some(seed) = trainer.dropout_seed {
+                g.set_dropout_seed(seed);
+            }
             Some(g)
         }
         (Some(_), _) => bail!("--device cuda needs a LoRA adapter"),

@@ -31,6 +31,7 @@ use std::path::Path;
 
 use half::bf16;
 use qadapt::ops::Real;
+use qadapt::ops::dropout::{DropoutMask, GOLDEN, mix};
 use qadapt::{Error, Result};
 use safetensors::SafeTensors;
 use safetensors::tensor::TensorView;
@@ -122,17 +123,20 @@ pub struct DropoutKey {
     pub micro: u64,
 }
 
-/// splitmix64's output function: a bijective 64-bit mix.
-fn mix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
+/// The name of the dropout mask of projection `p` of `layer` under `key`: a hash of (seed, step,
+/// micro-batch, layer, projection), the `base` of its [`DropoutMask`].
+pub fn dropout_base(key: DropoutKey, layer: usize, p: Proj) -> u64 {
+    let site = ((layer as u64) << 8) | p.index() as u64;
+    [key.step, key.micro, site]
+        .into_iter()
+        .fold(mix(key.seed), |h, v| mix(h ^ mix(v.wrapping_add(GOLDEN))))
 }
 
 /// The dropout multipliers for the `len` input elements (`[n, in]` row-major) of projection `p`
 /// of `layer` under `key`: `1/(1-prob)` where kept, 0 where dropped. Element j is dropped iff
 /// `u_j < prob`, with `u_j` uniform in [0, 1) from the top 53 bits of a counter-based hash of
-/// (key, layer, p, j), so any mask can be recomputed alone. `prob` must be in [0, 1).
+/// (key, layer, p, j) ([`DropoutMask`] named by [`dropout_base`]), so any mask can be
+/// recomputed alone, on the CPU or on a device. `prob` must be in [0, 1).
 pub fn dropout_mask<T: Real>(
     key: DropoutKey,
     prob: f64,
@@ -140,36 +144,22 @@ pub fn dropout_mask<T: Real>(
     p: Proj,
     len: usize,
 ) -> Result<Vec<T>> {
-    if !(0.0..1.0).contains(&prob) {
-        return Err(invalid(
+    let mask = DropoutMask::new(dropout_base(key, layer, p), prob).map_err(|_| {
+        invalid(
             "lora dropout",
             format!("lora_dropout = {prob} must be in [0, 1)"),
-        ));
-    }
-    let site = ((layer as u64) << 8) | p.index() as u64;
-    let base = [key.step, key.micro, site]
-        .into_iter()
-        .fold(mix(key.seed), |h, v| {
-            mix(h ^ mix(v.wrapping_add(0x9E37_79B9_7F4A_7C15)))
-        });
+        )
+    })?;
     let keep = T::from_f64(1.0 / (1.0 - prob));
     Ok((0..len as u64)
-        .map(|j| {
-            let z = mix(base.wrapping_add(j.wrapping_mul(0x9E37_79B9_7F4A_7C15)));
-            let u = (z >> 11) as f64 / (1u64 << 53) as f64;
-            if u < prob { T::ZERO } else { keep }
-        })
+        .map(|j| if mask.kept(j) { keep } else { T::ZERO })
         .collect())
 }
 
 /// Uniform values in [-1, 1) (splitmix64), for a reproducible init without a crate dependency.
 pub(crate) fn uniform(state: &mut u64) -> f64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^= z >> 31;
-    (z >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
+    *state = state.wrapping_add(GOLDEN);
+    (mix(*state) >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
 }
 
 impl<T: Real> LoraAdapter<T> {

@@ -369,8 +369,23 @@ fn qv_adapter(m: &Llama<f32>) -> LoraAdapter<f32> {
 
 #[test]
 fn f32_backend_steps_land_on_the_cpu_trainers_adapter() {
+    lockstep(0.0);
+}
+
+#[test]
+fn f32_backend_with_lora_dropout_draws_the_cpu_trainers_masks() {
+    // Dropout on every adapted input: the device path composes it (the fused layer on m x, the
+    // base alone on x - m x, the input gradient blended by the mask), the CPU model applies it
+    // directly; the same keyed masks make both the same function.
+    lockstep(0.3);
+}
+
+/// Three clipped AdamW steps of two micro-batches each on the f32 backend and on the CPU
+/// `Trainer`, LoRA dropout `dropout` (seed 42 on both): the same losses, norms and adapter.
+fn lockstep(dropout: f64) {
     let m = fixture();
-    let a0 = all_targets(&m, 11);
+    let mut a0 = all_targets(&m, 11);
+    a0.config.dropout = dropout;
     let b = pattern_batch();
     let opt = AdamW {
         lr: 1e-2,
@@ -393,6 +408,10 @@ fn f32_backend_steps_land_on_the_cpu_trainers_adapter() {
         &a0,
         MomentPlacement::Paged,
     );
+    if dropout > 0.0 {
+        t.dropout_seed = Some(42);
+        lm.set_dropout_seed(42);
+    }
     for step in 0..3 {
         let mut what = Trainable::Adapter(&mut cpu_adapter);
         for k in 0..2 {
@@ -552,7 +571,7 @@ fn qlora_steps<B: Backend>(lm: &mut LoraModel<B>, steps: usize) -> (f32, f32) {
 }
 
 #[test]
-fn lora_dropout_and_foreign_adapters_are_refused() {
+fn dropout_without_a_seed_and_foreign_adapters_are_refused() {
     let m = fixture();
     let mut a = qv_adapter(&m);
     a.config.dropout = 0.1;
@@ -564,8 +583,8 @@ fn lora_dropout_and_foreign_adapters_are_refused() {
         MomentPlacement::Device,
     );
     let e = lm.accumulate(&pattern_batch()).unwrap_err().to_string();
-    assert!(e.contains("lora_dropout"), "{e}");
-    // Evaluation (PEFT's eval mode) is fine.
+    assert!(e.contains("lora_dropout") && e.contains("seed"), "{e}");
+    // Evaluation (PEFT's eval mode: no dropout) needs no seed.
     assert!(lm.loss(&pattern_batch()).unwrap() > 0.0);
     let other = qv_adapter(&tied());
     let e = LoraModel::new(
@@ -687,4 +706,35 @@ fn cuda_qlora_steps_with_paged_adamw_lower_the_loss() {
             assert_eq!(*x, y, "{base:?} {k}");
         }
     }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn cuda_lora_dropout_agrees_with_the_bf16_cpu_backend() {
+    // The mask kernel draws the CPU's masks; the rest is bf16 noise (see the test above).
+    let m = fixture();
+    let mut a = all_targets(&m, 7);
+    a.config.dropout = 0.3;
+    let b = Batch::causal(ids(m.config.vocab_size, 12, 31), 2, 12).unwrap();
+    for base in [Base::Dense, Base::Nf4] {
+        let (l0, g0) = dropout_step(
+            &mut lora_model(CpuBackend::bf16(), &m, base, &a, MomentPlacement::Device),
+            &b,
+        );
+        let (l1, g1) = dropout_step(
+            &mut lora_model(cuda(), &m, base, &a, MomentPlacement::Device),
+            &b,
+        );
+        let (_, gnorm) = grad_errs(&g1, &g0, &m.config);
+        println!("{base:?} dropout: loss {l1} vs {l0}, grads {gnorm:.2e}");
+        assert!((l1 - l0).abs() < 1e-2 * l0, "{base:?}: {l1} vs {l0}");
+        assert!(gnorm < 0.2, "{base:?}: gradients {gnorm}");
+    }
+}
+
+/// One micro-batch with dropout seed 9: its loss and gradients.
+fn dropout_step<B: Backend>(lm: &mut LoraModel<B>, b: &Batch) -> (f32, LoraAdapter<f32>) {
+    lm.set_dropout_seed(9);
+    let loss = lm.accumulate(b).unwrap();
+    (loss, lm.grads().unwrap())
 }

@@ -13,6 +13,7 @@ use qadapt::Result;
 use qadapt::nf4::Nf4Tensor;
 use qadapt::ops::Accumulate;
 use qadapt::ops::attention::AttentionShape;
+use qadapt::ops::dropout::{DropoutMask, MaskCoef};
 use qadapt::ops::rope::{RopeDirection, RopeTable};
 use qadapt::optim::AdamWStep;
 
@@ -221,6 +222,38 @@ pub trait Backend {
         dx: &mut Self::Act,
         acc: Accumulate,
         grads: Option<(&mut Self::F32, &mut Self::F32)>,
+    ) -> Result<()>;
+
+    /// [`Self::proj_forward`] without the LoRA term: `y (=|+=) x W^T`.
+    fn proj_forward_base(
+        &self,
+        p: &Self::Proj,
+        x: &Self::Act,
+        rows: usize,
+        y: &mut Self::Act,
+        acc: Accumulate,
+    ) -> Result<()>;
+    /// [`Self::proj_backward`] without the LoRA term: `dx (=|+=) dy W` (`x [rows, inp]` is the
+    /// forward's input; the fused kernel takes it even when no adapter gradient is formed).
+    #[allow(clippy::too_many_arguments)]
+    fn proj_backward_base(
+        &self,
+        p: &Self::Proj,
+        x: &Self::Act,
+        dy: &Self::Act,
+        rows: usize,
+        dx: &mut Self::Act,
+        acc: Accumulate,
+    ) -> Result<()>;
+    /// `out = ca a + cb b`, each coefficient chosen per element by `mask`
+    /// ([`qadapt::ops::dropout::mask_mix`]; bf16 out), overwritten.
+    fn mask_mix(
+        &self,
+        mask: DropoutMask,
+        a: &Self::Act,
+        ca: MaskCoef,
+        b: Option<(&Self::Act, MaskCoef)>,
+        out: &mut Self::Act,
     ) -> Result<()>;
 
     /// The mean cross-entropy of `logits [targets.len(), vocab]` over the rows with a target and,

@@ -18,6 +18,7 @@ use qadapt::cuda::{CudaDevice, DeviceBuffer, Op};
 use qadapt::lora::{AdapterStack, BaseWeight, CudaLoraLinear, LoraLinear};
 use qadapt::ops::Accumulate;
 use qadapt::ops::attention::AttentionShape;
+use qadapt::ops::dropout::{DropoutMask, MaskCoef};
 use qadapt::ops::rope::{RopeDirection, RopeTable};
 use qadapt::optim::{AdamWStep, PagedAdamState, adamw_cuda, adamw_cuda_paged, sum_squares_cuda};
 
@@ -51,6 +52,119 @@ impl CudaBackend {
 
     fn base_only(&self, rows: usize) -> Result<DeviceBuffer<i32>> {
         self.dev.upload(&vec![-1i32; rows])
+    }
+
+    /// The rows' adapter indices for the fused layer: `None` (every row adapted) when the LoRA
+    /// term is wanted and the projection has one, all -1 (base only) otherwise.
+    fn rows_index(
+        &self,
+        adapted: bool,
+        lora: bool,
+        rows: usize,
+    ) -> Result<Option<DeviceBuffer<i32>>> {
+        if adapted && lora {
+            Ok(None)
+        } else {
+            self.base_only(rows).map(Some)
+        }
+    }
+
+    /// `y (=|+=) x W^T`, plus the LoRA term when `lora` and the projection is adapted.
+    fn forward_part(
+        &self,
+        p: &CudaProj,
+        x: &DeviceBuffer<bf16>,
+        rows: usize,
+        y: &mut DeviceBuffer<bf16>,
+        acc: Accumulate,
+        lora: bool,
+    ) -> Result<()> {
+        match p {
+            CudaProj::Dense { out, inp, w } => {
+                self.dev
+                    .gemm_bf16(x, Op::N, w, Op::T, y, (rows, *out, *inp), 1.0, beta(acc))
+            }
+            CudaProj::Fused {
+                out,
+                layer,
+                adapted,
+                ..
+            } => {
+                let idx = self.rows_index(*adapted, lora, rows)?;
+                match acc {
+                    Accumulate::Overwrite => layer.forward(x, rows, idx.as_ref(), y),
+                    Accumulate::Add => {
+                        let mut t = self.dev.zeros(rows * out)?;
+                        layer.forward(x, rows, idx.as_ref(), &mut t)?;
+                        self.add_assign(y, &t)
+                    }
+                }
+            }
+        }
+    }
+
+    /// `dx (=|+=) dy W`, plus the LoRA term (and its gradients into `grads`) when `lora` and the
+    /// projection is adapted.
+    #[allow(clippy::too_many_arguments)]
+    fn backward_part(
+        &self,
+        p: &CudaProj,
+        x: &DeviceBuffer<bf16>,
+        dy: &DeviceBuffer<bf16>,
+        rows: usize,
+        dx: &mut DeviceBuffer<bf16>,
+        acc: Accumulate,
+        grads: Option<(&mut DeviceBuffer<f32>, &mut DeviceBuffer<f32>)>,
+        lora: bool,
+    ) -> Result<()> {
+        const OP: &str = "projection backward (cuda)";
+        match p {
+            CudaProj::Dense { out, inp, w } => {
+                if grads.is_some() {
+                    return Err(invalid(OP, "gradients asked of a projection without LoRA"));
+                }
+                self.dev
+                    .gemm_bf16(dy, Op::N, w, Op::N, dx, (rows, *inp, *out), 1.0, beta(acc))
+            }
+            CudaProj::Fused {
+                out,
+                inp,
+                layer,
+                rank,
+                adapted,
+            } => {
+                if grads.is_some() && !(*adapted && lora) {
+                    return Err(invalid(OP, "gradients asked without the LoRA term"));
+                }
+                let idx = self.rows_index(*adapted, lora, rows)?;
+                // Rows with index -1 add nothing to the adapter gradients: scratch buffers.
+                let (mut sa, mut sb);
+                let (ga, gb) = match grads {
+                    Some(g) => g,
+                    None => {
+                        sa = self.dev.zeros::<f32>(rank * inp)?;
+                        sb = self.dev.zeros::<f32>(out * rank)?;
+                        (&mut sa, &mut sb)
+                    }
+                };
+                match acc {
+                    Accumulate::Overwrite => layer.backward(x, dy, rows, idx.as_ref(), dx, ga, gb),
+                    Accumulate::Add => {
+                        let mut t = self.dev.zeros(rows * inp)?;
+                        layer.backward(x, dy, rows, idx.as_ref(), &mut t, ga, gb)?;
+                        self.add_assign(dx, &t)
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The `beta` of a cuBLAS GEMM that overwrites or accumulates.
+fn beta(acc: Accumulate) -> f32 {
+    match acc {
+        Accumulate::Overwrite => 0.0,
+        Accumulate::Add => 1.0,
     }
 }
 
@@ -328,36 +442,18 @@ impl Backend for CudaBackend {
         y: &mut Self::Act,
         acc: Accumulate,
     ) -> Result<()> {
-        match p {
-            CudaProj::Dense { out, inp, w } => {
-                let beta = match acc {
-                    Accumulate::Overwrite => 0.0,
-                    Accumulate::Add => 1.0,
-                };
-                self.dev
-                    .gemm_bf16(x, Op::N, w, Op::T, y, (rows, *out, *inp), 1.0, beta)
-            }
-            CudaProj::Fused {
-                out,
-                layer,
-                adapted,
-                ..
-            } => {
-                let idx = if *adapted {
-                    None
-                } else {
-                    Some(self.base_only(rows)?)
-                };
-                match acc {
-                    Accumulate::Overwrite => layer.forward(x, rows, idx.as_ref(), y),
-                    Accumulate::Add => {
-                        let mut t = self.dev.zeros(rows * out)?;
-                        layer.forward(x, rows, idx.as_ref(), &mut t)?;
-                        self.add_assign(y, &t)
-                    }
-                }
-            }
-        }
+        self.forward_part(p, x, rows, y, acc, true)
+    }
+
+    fn proj_forward_base(
+        &self,
+        p: &Self::Proj,
+        x: &Self::Act,
+        rows: usize,
+        y: &mut Self::Act,
+        acc: Accumulate,
+    ) -> Result<()> {
+        self.forward_part(p, x, rows, y, acc, false)
     }
 
     fn proj_backward(
@@ -370,53 +466,19 @@ impl Backend for CudaBackend {
         acc: Accumulate,
         grads: Option<(&mut Self::F32, &mut Self::F32)>,
     ) -> Result<()> {
-        const OP: &str = "projection backward (cuda)";
-        match p {
-            CudaProj::Dense { out, inp, w } => {
-                if grads.is_some() {
-                    return Err(invalid(OP, "gradients asked of a projection without LoRA"));
-                }
-                let beta = match acc {
-                    Accumulate::Overwrite => 0.0,
-                    Accumulate::Add => 1.0,
-                };
-                self.dev
-                    .gemm_bf16(dy, Op::N, w, Op::N, dx, (rows, *inp, *out), 1.0, beta)
-            }
-            CudaProj::Fused {
-                out,
-                inp,
-                layer,
-                rank,
-                adapted,
-            } => {
-                if grads.is_some() && !adapted {
-                    return Err(invalid(OP, "gradients asked of a projection without LoRA"));
-                }
-                let idx = if *adapted {
-                    None
-                } else {
-                    Some(self.base_only(rows)?)
-                };
-                let (mut sa, mut sb);
-                let (ga, gb) = match grads {
-                    Some(g) => g,
-                    None => {
-                        sa = self.dev.zeros::<f32>(rank * inp)?;
-                        sb = self.dev.zeros::<f32>(out * rank)?;
-                        (&mut sa, &mut sb)
-                    }
-                };
-                match acc {
-                    Accumulate::Overwrite => layer.backward(x, dy, rows, idx.as_ref(), dx, ga, gb),
-                    Accumulate::Add => {
-                        let mut t = self.dev.zeros(rows * inp)?;
-                        layer.backward(x, dy, rows, idx.as_ref(), &mut t, ga, gb)?;
-                        self.add_assign(dx, &t)
-                    }
-                }
-            }
-        }
+        self.backward_part(p, x, dy, rows, dx, acc, grads, true)
+    }
+
+    fn proj_backward_base(
+        &self,
+        p: &Self::Proj,
+        x: &Self::Act,
+        dy: &Self::Act,
+        rows: usize,
+        dx: &mut Self::Act,
+        acc: Accumulate,
+    ) -> Result<()> {
+        self.backward_part(p, x, dy, rows, dx, acc, None, false)
     }
 
     fn cross_entropy(
@@ -451,6 +513,17 @@ impl Backend for CudaBackend {
             }
             MomentPlacement::Paged => CudaMoments::Paged(PagedAdamState::new(&self.dev, len)?),
         })
+    }
+
+    fn mask_mix(
+        &self,
+        mask: DropoutMask,
+        a: &Self::Act,
+        ca: MaskCoef,
+        b: Option<(&Self::Act, MaskCoef)>,
+        out: &mut Self::Act,
+    ) -> Result<()> {
+        ops::mask_mix(&self.dev, mask, a, ca, b, out)
     }
 
     fn moments_from(

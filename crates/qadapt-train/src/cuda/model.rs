@@ -26,6 +26,10 @@
 //! ```
 //! each `proj_bwd` adding into its LoRA gradients when the projection is adapted.
 //!
+//! LoRA dropout (training only) follows [`crate::Trainer`]'s keyed masks; each adapted projection
+//! then runs as [`proj_forward`] and [`proj_backward`] compose it (the fused layer on the
+//! dropped-out input, the base weight alone on the rest), the masks regenerated in the backward.
+//!
 //! Gradient accumulation follows [`crate::Trainer`]: each micro-batch's backward is seeded with
 //! `dloss = ` its number of target tokens, so the accumulators hold the gradient of the summed
 //! token losses; [`LoraModel::apply`] divides by the total token count (folded into AdamW's
@@ -36,12 +40,13 @@ use std::path::Path;
 use qadapt::Result;
 use qadapt::ops::Accumulate;
 use qadapt::ops::attention::AttentionShape;
+use qadapt::ops::dropout::{DropoutMask, MaskCoef};
 use qadapt::ops::rope::{self, RopeDirection, RopeTable};
 use qadapt::optim::{AdamW, clip_coefficient};
 
 use super::backend::{Backend, BaseRef, LoraMatrix, LoraRef, MomentPlacement};
 use crate::config::LlamaConfig;
-use crate::lora::{LoraAdapter, LoraPair};
+use crate::lora::{DropoutKey, LoraAdapter, LoraPair, dropout_base};
 use crate::model::Llama;
 use crate::nf4::Nf4Projections;
 use crate::train::{Batch, StepStats};
@@ -103,6 +108,8 @@ struct LayerCache<B: Backend> {
 struct Saved<B: Backend> {
     batch: usize,
     seq: usize,
+    /// The dropout key of a training forward (`None`: no dropout).
+    key: Option<DropoutKey>,
     layers: Vec<LayerCache<B>>,
     x_final: B::Act,
     rstd_final: B::F32,
@@ -127,6 +134,10 @@ pub struct LoraModel<B: Backend> {
     /// `slot[layer][proj.index()]`: index into `trainable`.
     slot: Vec<Vec<Option<usize>>>,
     placement: MomentPlacement,
+    /// LoRA dropout's seed (see [`Self::set_dropout_seed`]) and the micro-batch counter of the
+    /// step being accumulated: the [`DropoutKey`] of [`crate::Trainer`].
+    dropout_seed: Option<u64>,
+    micro: u64,
     acc_tokens: usize,
     acc_loss: f64,
     steps: u64,
@@ -240,6 +251,8 @@ impl<B: Backend> LoraModel<B> {
             trainable,
             slot,
             placement,
+            dropout_seed: None,
+            micro: 0,
             acc_tokens: 0,
             acc_loss: 0.0,
             steps: 0,
@@ -288,8 +301,15 @@ impl<B: Backend> LoraModel<B> {
         }
     }
 
-    /// Forward on ids `[batch, seq]`: the saved activations and the bf16 logits `[N, V]`.
-    fn forward(&self, ids: &[u32], batch: usize, seq: usize) -> Result<(Saved<B>, B::Act)> {
+    /// Forward on ids `[batch, seq]`: the saved activations and the bf16 logits `[N, V]`. With a
+    /// `key` (training), LoRA dropout applies to the adapters' inputs.
+    fn forward(
+        &self,
+        ids: &[u32],
+        batch: usize,
+        seq: usize,
+        key: Option<DropoutKey>,
+    ) -> Result<(Saved<B>, B::Act)> {
         const OP: &str = "lora model forward";
         let c = &self.config;
         let be = &self.backend;
@@ -315,7 +335,7 @@ impl<B: Backend> LoraModel<B> {
         be.embedding(ids, &self.embed, c.vocab_size, c.hidden_size, &mut x)?;
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for l in 0..c.num_hidden_layers {
-            let (cache, out) = self.layer_forward(l, x, batch, seq, &rope)?;
+            let (cache, out) = self.layer_forward(l, x, batch, seq, &rope, key)?;
             layers.push(cache);
             x = out;
         }
@@ -339,6 +359,7 @@ impl<B: Backend> LoraModel<B> {
             Saved {
                 batch,
                 seq,
+                key,
                 layers,
                 x_final: x,
                 rstd_final,
@@ -355,6 +376,7 @@ impl<B: Backend> LoraModel<B> {
         batch: usize,
         seq: usize,
         rope: &B::Rope,
+        key: Option<DropoutKey>,
     ) -> Result<(LayerCache<B>, B::Act)> {
         let c = &self.config;
         let be = &self.backend;
@@ -362,14 +384,17 @@ impl<B: Backend> LoraModel<B> {
         let n = batch * seq;
         let (cw, qd, kd, id) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
         let ow = Accumulate::Overwrite;
-        let pj = |p: Proj| &lw.projs[p.index()];
+        let fwd = |p: Proj, x: &B::Act, y: &mut B::Act, acc: Accumulate| {
+            let mask = self.dropout(key, l, p)?;
+            proj_forward(be, &lw.projs[p.index()], mask, x, n, p.dims(c).0, y, acc)
+        };
 
         let (mut xn1, mut rstd1) = (be.zeros(n * cw)?, be.zeros_f32(n)?);
         be.rmsnorm_forward(&x, &lw.input_norm, c.rms_norm_eps, &mut xn1, &mut rstd1)?;
         let (mut q, mut k, mut v) = (be.zeros(n * qd)?, be.zeros(n * kd)?, be.zeros(n * kd)?);
-        be.proj_forward(pj(Proj::Q), &xn1, n, &mut q, ow)?;
-        be.proj_forward(pj(Proj::K), &xn1, n, &mut k, ow)?;
-        be.proj_forward(pj(Proj::V), &xn1, n, &mut v, ow)?;
+        fwd(Proj::Q, &xn1, &mut q, ow)?;
+        fwd(Proj::K, &xn1, &mut k, ow)?;
+        fwd(Proj::V, &xn1, &mut v, ow)?;
         be.rope_apply(rope, &mut q, c.num_attention_heads, RopeDirection::Forward)?;
         be.rope_apply(rope, &mut k, c.num_key_value_heads, RopeDirection::Forward)?;
         let sh = self.attention_shape(batch, seq);
@@ -377,16 +402,16 @@ impl<B: Backend> LoraModel<B> {
         let mut attn = be.zeros(n * qd)?;
         be.attention_forward(sh, &q, &k, &v, &mut att, &mut attn)?;
         let mut x_mid = be.duplicate(&x)?;
-        be.proj_forward(pj(Proj::O), &attn, n, &mut x_mid, Accumulate::Add)?;
+        fwd(Proj::O, &attn, &mut x_mid, Accumulate::Add)?;
 
         let (mut xn2, mut rstd2) = (be.zeros(n * cw)?, be.zeros_f32(n)?);
         be.rmsnorm_forward(&x_mid, &lw.post_norm, c.rms_norm_eps, &mut xn2, &mut rstd2)?;
         let (mut gate, mut up, mut h) = (be.zeros(n * id)?, be.zeros(n * id)?, be.zeros(n * id)?);
-        be.proj_forward(pj(Proj::Gate), &xn2, n, &mut gate, ow)?;
-        be.proj_forward(pj(Proj::Up), &xn2, n, &mut up, ow)?;
+        fwd(Proj::Gate, &xn2, &mut gate, ow)?;
+        fwd(Proj::Up, &xn2, &mut up, ow)?;
         be.swiglu_forward(&gate, &up, &mut h)?;
         let mut out = be.duplicate(&x_mid)?;
-        be.proj_forward(pj(Proj::Down), &h, n, &mut out, Accumulate::Add)?;
+        fwd(Proj::Down, &h, &mut out, Accumulate::Add)?;
         Ok((
             LayerCache {
                 x,
@@ -411,6 +436,7 @@ impl<B: Backend> LoraModel<B> {
     /// Backward from `dlogits` (the gradient of the loss with respect to the logits): adds the
     /// LoRA gradients into the accumulators.
     fn backward(&mut self, f: &Saved<B>, dlogits: &B::Act) -> Result<()> {
+        let dropout = &self.adapter.dropout;
         let LoraModel {
             backend: be,
             config: c,
@@ -459,14 +485,18 @@ impl<B: Backend> LoraModel<B> {
         let (mut dq, mut dk, mut dv) = (be.zeros(n * qd)?, be.zeros(n * kd)?, be.zeros(n * kd)?);
         for l in (0..c.num_hidden_layers).rev() {
             let (lw, lc) = (&layers[l], &f.layers[l]);
-            // One projection's backward, into its LoRA gradients when adapted.
+            // One projection's backward, into its LoRA gradients when adapted, through the
+            // forward's dropout mask.
             let mut proj_back =
                 |p: Proj, x: &B::Act, dy: &B::Act, dx: &mut B::Act, acc: Accumulate| {
-                    let grads = slot[l][p.index()].map(|i| {
+                    let adapted = slot[l][p.index()];
+                    let mask = dropout_mask(*dropout, f.key, adapted.is_some(), l, p)?;
+                    let grads = adapted.map(|i| {
                         let t = &mut trainable[i];
                         (&mut t.ga, &mut t.gb)
                     });
-                    be.proj_backward(&lw.projs[p.index()], x, dy, n, dx, acc, grads)
+                    let pj = &lw.projs[p.index()];
+                    proj_backward(be, pj, mask, x, dy, n, p.dims(c).0, dx, acc, grads)
                 };
             // MLP branch: dx is the gradient of the layer output (= of x_mid through the residual).
             proj_back(Proj::Down, &lc.h, &dx, &mut dh, ow)?;
@@ -517,41 +547,70 @@ impl<B: Backend> LoraModel<B> {
 
     /// The logits `[batch * seq, vocab]` (bf16 values widened to f32) of ids `[batch, seq]`.
     pub fn logits(&self, ids: &[u32], batch: usize, seq: usize) -> Result<Vec<f32>> {
-        let (_, logits) = self.forward(ids, batch, seq)?;
+        let (_, logits) = self.forward(ids, batch, seq, None)?;
         self.backend.download(&logits)
     }
 
     /// The mean cross-entropy of a batch's targets (no gradient).
     pub fn loss(&self, b: &Batch) -> Result<f32> {
-        let (_, logits) = self.forward(&b.ids, b.batch, b.seq)?;
+        let (_, logits) = self.forward(&b.ids, b.batch, b.seq, None)?;
         self.backend
             .cross_entropy(&logits, &b.targets, self.config.vocab_size, 1.0, None)
     }
 
+    /// LoRA dropout's seed: training steps draw the masks of [`crate::Trainer`] with the same
+    /// `dropout_seed` (keyed by seed, step and micro-batch, [`crate::lora::dropout_mask`]), so
+    /// both paths drop the same elements. Needed when the adapter's `dropout` is positive.
+    pub fn set_dropout_seed(&mut self, seed: u64) {
+        self.dropout_seed = Some(seed);
+    }
+
+    /// The dropout key of the next micro-batch (`None` without dropout).
+    fn dropout_key(&self) -> Result<Option<DropoutKey>> {
+        if self.adapter.dropout == 0.0 {
+            return Ok(None);
+        }
+        let seed = self.dropout_seed.ok_or_else(|| {
+            invalid(
+                "lora model step",
+                format!(
+                    "lora_dropout = {} needs a dropout seed (set_dropout_seed)",
+                    self.adapter.dropout
+                ),
+            )
+        })?;
+        Ok(Some(DropoutKey {
+            seed,
+            step: self.steps + 1,
+            micro: self.micro,
+        }))
+    }
+
+    /// The dropout mask of projection `p` of layer `l` under `key` (`None` where nothing drops).
+    fn dropout(
+        &self,
+        key: Option<DropoutKey>,
+        l: usize,
+        p: Proj,
+    ) -> Result<Option<(DropoutMask, f32)>> {
+        let adapted = self.slot[l][p.index()].is_some();
+        dropout_mask(self.adapter.dropout, key, adapted, l, p)
+    }
+
     /// Forward and backward of one micro-batch, adding its gradient (weighted by its target
     /// tokens, as [`crate::Trainer::accumulate`] does) to the accumulators; returns its mean loss.
-    /// LoRA dropout is refused: the fused kernels feed one input to the base weight and to A, so
-    /// a dropped-out adapter input has no kernel yet.
+    /// LoRA dropout applies as in [`crate::Trainer`] (see [`Self::set_dropout_seed`]).
     pub fn accumulate(&mut self, b: &Batch) -> Result<f32> {
         const OP: &str = "lora model step";
         let tokens = b.num_targets();
         if tokens == 0 {
             return Err(invalid(OP, "a micro-batch without target tokens"));
         }
-        if self.adapter.dropout != 0.0 {
-            return Err(invalid(
-                OP,
-                format!(
-                    "lora_dropout = {} is not supported on this path (the fused LoRA kernels have \
-                     no dropout); train with lora_dropout 0",
-                    self.adapter.dropout
-                ),
-            ));
-        }
         if b.targets.len() != b.ids.len() {
             return Err(shape_err(OP, b.ids.len(), b.targets.len()));
         }
-        let (saved, logits) = self.forward(&b.ids, b.batch, b.seq)?;
+        let key = self.dropout_key()?;
+        let (saved, logits) = self.forward(&b.ids, b.batch, b.seq, key)?;
         let v = self.config.vocab_size;
         let mut dlogits = self.backend.zeros(b.ids.len() * v)?;
         let loss = self.backend.cross_entropy(
@@ -563,6 +622,7 @@ impl<B: Backend> LoraModel<B> {
         )?;
         drop(logits);
         self.backward(&saved, &dlogits)?;
+        self.micro += 1;
         self.acc_tokens += tokens;
         self.acc_loss += f64::from(loss) * tokens as f64;
         Ok(loss)
@@ -649,6 +709,7 @@ impl<B: Backend> LoraModel<B> {
             t.ga = self.backend.zeros_f32(t.len.0)?;
             t.gb = self.backend.zeros_f32(t.len.1)?;
         }
+        self.micro = 0;
         self.acc_tokens = 0;
         self.acc_loss = 0.0;
         Ok(())
@@ -711,5 +772,83 @@ impl<B: Backend> LoraModel<B> {
     ) -> Result<f32> {
         self.accumulate(b)?;
         Ok(self.apply(opt, max_grad_norm, lr)?.loss)
+    }
+}
+
+/// The dropout mask of projection `p` of layer `l` in a training forward under `key`, with the
+/// kept elements' multiplier `k = 1 / (1 - prob)`: `None` without a key (evaluation), without
+/// dropout, or where the projection is not adapted.
+fn dropout_mask(
+    prob: f64,
+    key: Option<DropoutKey>,
+    adapted: bool,
+    l: usize,
+    p: Proj,
+) -> Result<Option<(DropoutMask, f32)>> {
+    match key {
+        Some(key) if adapted && prob > 0.0 => {
+            let mask = DropoutMask::new(dropout_base(key, l, p), prob)?;
+            Ok(Some((mask, (1.0 / (1.0 - prob)) as f32)))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// A projection's forward. With a dropout mask m (multipliers 0 or k), PEFT's
+/// `W x + s B A (m x)` is the fused layer on `x~ = m x` plus the base weight alone on the
+/// complement: `(W x~ + s B A x~) + W (x - x~)`, one more base GEMM than without dropout.
+#[allow(clippy::too_many_arguments)]
+fn proj_forward<B: Backend>(
+    be: &B,
+    pj: &B::Proj,
+    mask: Option<(DropoutMask, f32)>,
+    x: &B::Act,
+    rows: usize,
+    inp: usize,
+    y: &mut B::Act,
+    acc: Accumulate,
+) -> Result<()> {
+    let Some((mask, k)) = mask else {
+        return be.proj_forward(pj, x, rows, y, acc);
+    };
+    let mut xd = be.zeros(rows * inp)?;
+    be.mask_mix(mask, x, MaskCoef::new(k, 0.0), None, &mut xd)?;
+    be.proj_forward(pj, &xd, rows, y, acc)?;
+    be.mask_mix(mask, x, MaskCoef::new(1.0 - k, 1.0), None, &mut xd)?;
+    be.proj_forward_base(pj, &xd, rows, y, Accumulate::Add)
+}
+
+/// Backward of [`proj_forward`]. With a dropout mask, the fused backward on `x~` forms the
+/// adapter gradients (which see `x~`) and `d1 = dy W + s (dy B) A`; the base alone gives
+/// `d0 = dy W`; the input gradient `dy W + m ⊙ s (dy B) A` is then `d0 + m ⊙ (d1 - d0)`, i.e.
+/// `(1 - k) d0 + k d1` where kept and `d0` where dropped (the mask regenerated, not stored).
+#[allow(clippy::too_many_arguments)]
+fn proj_backward<B: Backend>(
+    be: &B,
+    pj: &B::Proj,
+    mask: Option<(DropoutMask, f32)>,
+    x: &B::Act,
+    dy: &B::Act,
+    rows: usize,
+    inp: usize,
+    dx: &mut B::Act,
+    acc: Accumulate,
+    grads: Option<(&mut B::F32, &mut B::F32)>,
+) -> Result<()> {
+    let Some((mask, k)) = mask else {
+        return be.proj_backward(pj, x, dy, rows, dx, acc, grads);
+    };
+    let mut xd = be.zeros(rows * inp)?;
+    be.mask_mix(mask, x, MaskCoef::new(k, 0.0), None, &mut xd)?;
+    let (mut d1, mut d0) = (be.zeros(rows * inp)?, be.zeros(rows * inp)?);
+    be.proj_backward(pj, &xd, dy, rows, &mut d1, Accumulate::Overwrite, grads)?;
+    be.proj_backward_base(pj, &xd, dy, rows, &mut d0, Accumulate::Overwrite)?;
+    let (ca, cb) = (MaskCoef::new(1.0 - k, 1.0), MaskCoef::new(k, 0.0));
+    match acc {
+        Accumulate::Overwrite => be.mask_mix(mask, &d0, ca, Some((&d1, cb)), dx),
+        Accumulate::Add => {
+            be.mask_mix(mask, &d0, ca, Some((&d1, cb)), &mut xd)?;
+            be.add_assign(dx, &xd)
+        }
     }
 }
