@@ -7,6 +7,7 @@
 
 use std::path::Path;
 
+use qadapt::ops::attention::AttentionShape;
 use qadapt::ops::rope::RopeScaling;
 use qadapt::{Error, Result};
 use serde::Deserialize;
@@ -165,6 +166,17 @@ impl LlamaConfig {
             tie_word_embeddings: raw.tie_word_embeddings,
             max_position_embeddings: raw.max_position_embeddings,
         })
+    }
+
+    /// The attention op's shape for `batch` sequences of `seq` tokens.
+    pub fn attention_shape(&self, batch: usize, seq: usize) -> AttentionShape {
+        AttentionShape {
+            batch,
+            seq,
+            heads: self.num_attention_heads,
+            kv_heads: self.num_key_value_heads,
+            head_dim: self.head_dim,
+        }
     }
 
     /// Width of the query projection (`heads * head_dim`).

@@ -30,7 +30,7 @@
 use std::sync::Arc;
 
 use qadapt::Result;
-use qadapt::ops::attention::{self, AttentionShape};
+use qadapt::ops::attention;
 use qadapt::ops::linear::{self, LinearShape};
 use qadapt::ops::rope::{self, RopeDirection, RopeTable};
 use qadapt::ops::{Accumulate, Real, cross_entropy, embedding, rmsnorm, swiglu};
@@ -639,16 +639,6 @@ impl<T: Real> Llama<T> {
         Ok(())
     }
 
-    fn attention_shape(&self, batch: usize, seq: usize) -> AttentionShape {
-        AttentionShape {
-            batch,
-            seq,
-            heads: self.config.num_attention_heads,
-            kv_heads: self.config.num_key_value_heads,
-            head_dim: self.config.head_dim,
-        }
-    }
-
     fn prefix_shape(&self, batch: usize, seq: usize, prefix: usize) -> PrefixShape {
         PrefixShape {
             batch,
@@ -739,7 +729,7 @@ impl<T: Real> Llama<T> {
             prefix_attention::forward(sh, &q, &k, &v, &pk, &pv, &mut p, &mut attn)?;
             p
         } else {
-            let ash = self.attention_shape(batch, seq);
+            let ash = self.config.attention_shape(batch, seq);
             let mut p = z(batch * ash.heads * seq * seq);
             attention::forward(ash, &q, &k, &v, &mut p, &mut attn)?;
             p
@@ -909,7 +899,7 @@ impl<T: Real> Llama<T> {
             dnorm,
         )?;
 
-        let ash = self.attention_shape(f.batch, f.seq);
+        let ash = self.config.attention_shape(f.batch, f.seq);
         let (mut dh, mut dgate, mut dup) = (o(n * id), o(n * id), o(n * id));
         let mut dattn = o(n * qd);
         let (mut dq, mut dk, mut dv) = (o(n * qd), o(n * kd), o(n * kd));

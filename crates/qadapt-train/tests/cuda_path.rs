@@ -738,3 +738,38 @@ fn dropout_step<B: Backend>(lm: &mut LoraModel<B>, b: &Batch) -> (f32, LoraAdapt
     let loss = lm.accumulate(b).unwrap();
     (loss, lm.grads().unwrap())
 }
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn cuda_runs_a_bitsandbytes_checkpoint_on_its_own_codes() {
+    // The device dequantizes the checkpoint's codes inside the matmul; the bf16 CPU backend
+    // decodes the same codes: the same function up to bf16 noise.
+    let dir = LlamaDir::open(&data("tiny_llama_nf4")).unwrap();
+    let m = dir.model().unwrap();
+    let a = all_targets(&m, 13);
+    let b = Batch::causal(ids(m.config.vocab_size, 12, 37), 2, 12).unwrap();
+    let cpu = LoraModel::new(
+        CpuBackend::bf16(),
+        &m,
+        BaseFormat::Nf4(&dir.nf4),
+        &a,
+        MomentPlacement::Paged,
+    )
+    .unwrap();
+    let gpu = LoraModel::new(
+        cuda(),
+        &m,
+        BaseFormat::Nf4(&dir.nf4),
+        &a,
+        MomentPlacement::Paged,
+    )
+    .unwrap();
+    let (l0, z0) = (cpu.loss(&b).unwrap(), cpu.logits(&b.ids, 2, 12).unwrap());
+    let (l1, z1) = (gpu.loss(&b).unwrap(), gpu.logits(&b.ids, 2, 12).unwrap());
+    println!(
+        "bnb codes: loss {l1} vs {l0}, logits {:.2e}",
+        norm_err(&z1, &z0)
+    );
+    assert!((l1 - l0).abs() < 1e-2 * l0, "{l1} vs {l0}");
+    assert!(norm_err(&z1, &z0) < 6e-2);
+}

@@ -39,7 +39,6 @@ use std::path::Path;
 
 use qadapt::Result;
 use qadapt::ops::Accumulate;
-use qadapt::ops::attention::AttentionShape;
 use qadapt::ops::dropout::{DropoutMask, MaskCoef};
 use qadapt::ops::rope::{self, RopeDirection, RopeTable};
 use qadapt::optim::{AdamW, clip_coefficient};
@@ -291,16 +290,6 @@ impl<B: Backend> LoraModel<B> {
         self.head.as_ref().unwrap_or(&self.embed)
     }
 
-    fn attention_shape(&self, batch: usize, seq: usize) -> AttentionShape {
-        AttentionShape {
-            batch,
-            seq,
-            heads: self.config.num_attention_heads,
-            kv_heads: self.config.num_key_value_heads,
-            head_dim: self.config.head_dim,
-        }
-    }
-
     /// Forward on ids `[batch, seq]`: the saved activations and the bf16 logits `[N, V]`. With a
     /// `key` (training), LoRA dropout applies to the adapters' inputs.
     fn forward(
@@ -397,7 +386,7 @@ impl<B: Backend> LoraModel<B> {
         fwd(Proj::V, &xn1, &mut v, ow)?;
         be.rope_apply(rope, &mut q, c.num_attention_heads, RopeDirection::Forward)?;
         be.rope_apply(rope, &mut k, c.num_key_value_heads, RopeDirection::Forward)?;
-        let sh = self.attention_shape(batch, seq);
+        let sh = self.config.attention_shape(batch, seq);
         let mut att = be.zeros_f32(be.attention_saved_len(sh))?;
         let mut attn = be.zeros(n * qd)?;
         be.attention_forward(sh, &q, &k, &v, &mut att, &mut attn)?;
@@ -472,13 +461,7 @@ impl<B: Backend> LoraModel<B> {
             &mut scratch,
         )?;
 
-        let sh = AttentionShape {
-            batch: f.batch,
-            seq: f.seq,
-            heads: c.num_attention_heads,
-            kv_heads: c.num_key_value_heads,
-            head_dim: c.head_dim,
-        };
+        let sh = c.attention_shape(f.batch, f.seq);
         let (mut dh, mut dgate, mut dup) =
             (be.zeros(n * id)?, be.zeros(n * id)?, be.zeros(n * id)?);
         let mut dattn = be.zeros(n * qd)?;
