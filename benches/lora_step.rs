@@ -1,6 +1,8 @@
-//! Wall-clock time of one LoRA training step on the CPU: forward, loss, backward (frozen base)
-//! and AdamW through [`qadapt_train::Trainer`], on one fixed batch, as `benches/lora_step_torch.py`
-//! times the same step with PyTorch + PEFT. Prints one JSON object on stdout.
+//! Wall-clock time of one LoRA training step: forward, loss, backward (frozen base) and AdamW, on
+//! one fixed batch. On the CPU through [`qadapt_train::Trainer`], as `benches/lora_step_torch.py`
+//! times the same step with PyTorch + PEFT; with `--device cuda` through the mixed-precision
+//! [`qadapt_train::cuda::LoraModel`] (bf16 compute, f32 masters; the GPU bundle runs both on one
+//! machine). Prints one JSON object on stdout.
 //!
 //! ```text
 //! cargo bench --bench lora_step                       # random model of the default shape
@@ -18,6 +20,10 @@
 //! - `--adapter DIR`: start from a PEFT LoRA directory (the hyper-parameters are read from it) so
 //!   the losses of every step can be compared with PEFT's; otherwise qadapt's own PEFT-like init.
 //! - `--warmup W` (1) untimed steps, then `--steps N` (3) timed ones.
+//! - `--device cpu|cuda[:N]` (cpu); `--base dense|nf4` (dense): the frozen projections as they
+//!   are or NF4 (block 64, double quant; QLoRA, with paged AdamW moments on CUDA).
+//! - The random model's shape: `--hidden`, `--intermediate`, `--layers`, `--heads`,
+//!   `--kv-heads`, `--head-dim`, `--vocab` (defaults above; the context is at least `--seq`).
 //!
 //! Labels are the ids (every next token a target), as `labels=input_ids` in transformers. Threads:
 //! rayon's pool (`RAYON_NUM_THREADS`) and matrixmultiply's (`MATMUL_NUM_THREADS`, at most 4) are
@@ -29,6 +35,8 @@ use std::time::Instant;
 use qadapt::ops::rope::RopeScaling;
 use qadapt::optim::AdamW;
 use qadapt_suite::randn;
+use qadapt_train::cuda::{BaseFormat, CudaBackend, LoraModel, MomentPlacement};
+use qadapt_train::nf4::{Nf4Projections, quantize_projections};
 use qadapt_train::{
     Adapter, Llama, LlamaConfig, LlamaWeights, LoraAdapter, LoraConfig, LoraInit, Trainable,
     Trainer, peft,
@@ -84,21 +92,21 @@ impl Opts {
     }
 }
 
-/// The default shape (what the Python side builds with transformers).
-fn default_config() -> LlamaConfig {
+/// The default shape (what the Python side builds with transformers), each size overridable.
+fn config(o: &Opts, seq: usize) -> LlamaConfig {
     LlamaConfig {
-        hidden_size: 192,
-        intermediate_size: 512,
-        num_hidden_layers: 4,
-        num_attention_heads: 6,
-        num_key_value_heads: 2,
-        head_dim: 32,
+        hidden_size: o.num("hidden", 192),
+        intermediate_size: o.num("intermediate", 512),
+        num_hidden_layers: o.num("layers", 4),
+        num_attention_heads: o.num("heads", 6),
+        num_key_value_heads: o.num("kv-heads", 2),
+        head_dim: o.num("head-dim", 32),
         rms_norm_eps: 1e-6,
         rope_theta: 10000.0,
         rope_scaling: RopeScaling::None,
-        vocab_size: 512,
+        vocab_size: o.num("vocab", 512),
         tie_word_embeddings: false,
-        max_position_embeddings: 128,
+        max_position_embeddings: seq.max(128),
     }
 }
 
@@ -143,7 +151,7 @@ fn main() {
             let d = qadapt_train::LlamaDir::open(&PathBuf::from(&dir)).expect("model directory");
             (d.model().expect("model"), dir)
         }
-        None => (random_model(default_config()), "random".to_owned()),
+        None => (random_model(config(&o, seq)), "random".to_owned()),
     };
     let cfg = model.config.clone();
     let ids: Vec<u32> = match o.get("ids") {
@@ -186,6 +194,15 @@ fn main() {
         Adapter::Lora(l) => (l.config.r, l.config.target_modules.clone()),
         _ => unreachable!("built as LoRA above"),
     };
+    let device = o.get("device").unwrap_or_else(|| "cpu".to_owned());
+    let nf4 = match o.get("base").as_deref() {
+        None | Some("dense") => None,
+        Some("nf4") => {
+            let none = Nf4Projections::none(cfg.num_hidden_layers);
+            Some(quantize_projections(&mut model.weights, &cfg, &none).expect("nf4 base"))
+        }
+        Some(b) => panic!("--base {b}: dense or nf4"),
+    };
     let setup_s = t0.elapsed().as_secs_f64();
 
     let opt = AdamW {
@@ -195,27 +212,62 @@ fn main() {
         eps: 1e-8,
         weight_decay: 0.01,
     };
-    let mut trainer = Trainer::new(opt, None);
-    let mut what = Trainable::Adapter(&mut adapter);
-    let trainable = what.num_params(&model).expect("adapter fits the model");
     let mut losses = Vec::with_capacity(warmup + steps);
     let mut times_ms = Vec::with_capacity(steps);
-    for i in 0..warmup + steps {
+    let mut time = |i: usize, step: &mut dyn FnMut() -> f32| {
         let t = Instant::now();
-        let loss = trainer
-            .step(&mut model, &mut what, &ids, batch, seq, lr)
-            .expect("train step");
-        let ms = t.elapsed().as_secs_f64() * 1e3;
-        losses.push(loss);
+        losses.push(step());
         if i >= warmup {
-            times_ms.push(ms);
+            times_ms.push(t.elapsed().as_secs_f64() * 1e3);
         }
-    }
+    };
+    let trainable;
+    let on = match qadapt::Device::parse(&device).expect("--device") {
+        qadapt::Device::Cpu => {
+            let mut trainer = Trainer::new(opt, None);
+            let mut what = Trainable::Adapter(&mut adapter);
+            trainable = what.num_params(&model).expect("adapter fits the model");
+            for i in 0..warmup + steps {
+                time(i, &mut || {
+                    trainer
+                        .step(&mut model, &mut what, &ids, batch, seq, lr)
+                        .expect("train step")
+                });
+            }
+            "cpu".to_owned()
+        }
+        qadapt::Device::Cuda(dev) => {
+            let Adapter::Lora(a) = &adapter else {
+                unreachable!("built as LoRA above")
+            };
+            let (base, placement) = match &nf4 {
+                Some(codes) => (BaseFormat::Nf4(codes), MomentPlacement::Paged),
+                None => (BaseFormat::Dense, MomentPlacement::Device),
+            };
+            let be = CudaBackend::new(dev.clone()).expect("cuda backend");
+            let mut lm = LoraModel::new(be, &model, base, a, placement).expect("device model");
+            trainable = lm.num_params();
+            let b = qadapt_train::Batch::causal(ids.clone(), batch, seq).expect("batch");
+            for i in 0..warmup + steps {
+                time(i, &mut || {
+                    let loss = lm.step(&b, &opt, None, lr).expect("train step");
+                    // The step's AdamW launches are queued: the step ends when they finish.
+                    dev.synchronize().expect("synchronize");
+                    loss
+                });
+            }
+            dev.describe()
+        }
+    };
     let med = median(&times_ms);
     let env = |k: &str| std::env::var(k).ok();
     let out = json!({
         "framework": "qadapt",
+        "device": on,
+        "base": if nf4.is_some() { "nf4" } else { "dense" },
         "model": source,
+        "hidden": cfg.hidden_size,
+        "layers": cfg.num_hidden_layers,
         "batch": batch,
         "seq": seq,
         "rank": rank,

@@ -135,12 +135,33 @@ for b in benches/*; do
     # "^$" matches no criterion id: only the CUDA tables printed by each bench's main run here.
     timeout 240 "$b" --bench --noplot "^$" >"$logs/bench-$name.log" 2>&1 || { status=1; tail -n 20 "$logs/bench-$name.log"; }
 done
+# One LoRA training step (forward, backward, AdamW), CPU and CUDA side by side on the bench's
+# default shape, dense and NF4 base, then a larger shape on CUDA alone (a CPU step there takes
+# too long for the device budget).
+steps=()
+for args in "--device cpu --base dense" "--device cuda --base dense" \
+    "--device cpu --base nf4" "--device cuda --base nf4" \
+    "--device cuda --base nf4 --hidden 2048 --intermediate 5632 --layers 4 --heads 16 --kv-heads 4 --head-dim 128 --vocab 32000 --batch 8 --seq 512 --rank 16 --alpha 32"; do
+    # shellcheck disable=SC2086
+    if line=$(timeout 240 benches/lora_step $args --warmup 2 --steps 5 2>"$logs/step.err"); then
+        steps+=("$line")
+    else
+        status=1; echo "lora_step $args failed:"; tail -n 20 "$logs/step.err"
+    fi
+done
 echo
 echo "== qadapt GPU bundle summary =="
 printf '%s\n' "| kind | what | result | time | detail |" "|---|---|---|---|---|" "${summary[@]}"
 for f in "$logs"/bench-*.log; do
     echo
     grep -E '^(\||NF4|LoRA|.*skipped)' "$f" || true
+done
+echo
+echo "LoRA training step (benches/lora_step.rs, median of 5 after 2 warm-up steps)"
+echo "| device | base | hidden x layers | batch x seq | median ms | tokens/s | first loss |"
+echo "|---|---|---|---|---|---|---|"
+for line in "${steps[@]}"; do
+    python3 -c 'import json, sys; j = json.loads(sys.argv[1]); print("| {} | {} | {} x {} | {} x {} | {:.2f} | {:.0f} | {:.4f} |".format(j["device"], j["base"], j["hidden"], j["layers"], j["batch"], j["seq"], j["median_ms"], j["tokens_per_s"], j["losses"][0]))' "$line" 2>/dev/null || echo "$line"
 done
 exit $status
 RUN
