@@ -253,7 +253,14 @@ pub fn sum_squares_cpu(x: &[f32]) -> f64 {
 
 /// Sum of squares on the device: per-CTA f32 partials (`sum_squares_f32`) added in f64 here.
 pub fn sum_squares_cuda(dev: &CudaDevice, x: &CudaSlice<f32>) -> Result<f64> {
-    launch::sum_squares(dev, x)
+    launch::sum_squares(dev, &[x])
+}
+
+/// The sum of squares of every element of `xs` (a squared global gradient norm): each tensor's
+/// per-CTA partials into one buffer, one download, one f64 sum; one synchronization however
+/// many tensors.
+pub fn sum_squares_cuda_all(dev: &CudaDevice, xs: &[&CudaSlice<f32>]) -> Result<f64> {
+    launch::sum_squares(dev, xs)
 }
 
 /// Clipping by global norm as torch's `clip_grad_norm_`: scale every gradient by

@@ -54,13 +54,21 @@ fn cuda_sum_squares_matches_cpu() {
     let Device::Cuda(dev) = Device::cuda(0).expect("this test needs a CUDA device") else {
         unreachable!()
     };
+    let mut all = Vec::new();
     for n in [1usize, 1000, 10_000_019] {
         let x = vals(n, 5);
         let want = sum_squares_cpu(&x);
         let got = sum_squares_cuda(&dev, &dev.upload(&x).unwrap()).unwrap();
         // f32 partials over at most n/(CTAs*256) terms each, then an f64 sum: relative 1e-5.
         assert!((got - want).abs() <= 1e-5 * want, "n={n}: {got} vs {want}");
+        all.push((dev.upload(&x).unwrap(), want));
     }
+    // Several tensors in one call: each tensor's partials in its own range, one sum.
+    let want: f64 = all.iter().map(|(_, w)| w).sum();
+    let bufs: Vec<_> = all.iter().map(|(b, _)| b).collect();
+    let got = qadapt::optim::sum_squares_cuda_all(&dev, &bufs).unwrap();
+    assert!((got - want).abs() <= 1e-5 * want, "all: {got} vs {want}");
+    assert_eq!(qadapt::optim::sum_squares_cuda_all(&dev, &[]).unwrap(), 0.0);
 }
 
 #[test]

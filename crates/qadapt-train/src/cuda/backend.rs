@@ -267,8 +267,9 @@ pub trait Backend {
         dlogits: Option<&mut Self::Act>,
     ) -> Result<f32>;
 
-    /// `sum x^2` (f64 accumulation of the partials).
-    fn sum_squares(&self, x: &Self::F32) -> Result<f64>;
+    /// `sum x^2` over every element of `xs` (f64 accumulation of the partials; a device
+    /// synchronizes once).
+    fn sum_squares(&self, xs: &[&Self::F32]) -> Result<f64>;
     /// Zero moments for `len` parameters.
     fn moments(&self, len: usize, placement: MomentPlacement) -> Result<Self::Moments>;
     /// Moments holding `(m, v)` (a resumed run's), placed as `placement` says.

@@ -526,8 +526,8 @@ impl Backend for CpuBackend {
         Ok(loss)
     }
 
-    fn sum_squares(&self, x: &Vec<f32>) -> Result<f64> {
-        Ok(sum_squares_cpu(x))
+    fn sum_squares(&self, xs: &[&Vec<f32>]) -> Result<f64> {
+        Ok(xs.iter().map(|x| sum_squares_cpu(x)).sum())
     }
 
     fn moments(&self, len: usize, _placement: MomentPlacement) -> Result<(Vec<f32>, Vec<f32>)> {

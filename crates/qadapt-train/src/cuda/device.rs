@@ -20,7 +20,9 @@ use qadapt::ops::Accumulate;
 use qadapt::ops::attention::AttentionShape;
 use qadapt::ops::dropout::{DropoutMask, MaskCoef};
 use qadapt::ops::rope::{RopeDirection, RopeTable};
-use qadapt::optim::{AdamWStep, PagedAdamState, adamw_cuda, adamw_cuda_paged, sum_squares_cuda};
+use qadapt::optim::{
+    AdamWStep, PagedAdamState, adamw_cuda, adamw_cuda_paged, sum_squares_cuda_all,
+};
 
 use super::backend::{Backend, BaseRef, LoraMatrix, LoraRef, MomentPlacement};
 use crate::{invalid, shape_err};
@@ -502,8 +504,8 @@ impl Backend for CudaBackend {
         ops::cross_entropy_mean(&self.dev, &row_loss, targets)
     }
 
-    fn sum_squares(&self, x: &Self::F32) -> Result<f64> {
-        sum_squares_cuda(&self.dev, x)
+    fn sum_squares(&self, xs: &[&Self::F32]) -> Result<f64> {
+        sum_squares_cuda_all(&self.dev, xs)
     }
 
     fn moments(&self, len: usize, placement: MomentPlacement) -> Result<Self::Moments> {

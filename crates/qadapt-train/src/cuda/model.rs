@@ -659,10 +659,8 @@ impl<B: Backend> LoraModel<B> {
         }
         let be = &self.backend;
         let inv = 1.0 / self.acc_tokens as f64;
-        let mut sq = 0.0;
-        for t in &self.trainable {
-            sq += be.sum_squares(&t.ga)? + be.sum_squares(&t.gb)?;
-        }
+        let grads: Vec<&B::F32> = self.trainable.iter().flat_map(|t| [&t.ga, &t.gb]).collect();
+        let sq = be.sum_squares(&grads)?;
         let stats = StepStats {
             loss: (self.acc_loss * inv) as f32,
             grad_norm: sq.sqrt() * inv,

@@ -129,28 +129,38 @@ pub(crate) fn alloc_managed_f32(dev: &CudaDevice, n: usize) -> Result<UnifiedSli
     Ok(s)
 }
 
-/// `sum_squares_f32` then an f64 sum of the per-CTA partials on the host (synchronizes).
-pub(crate) fn sum_squares(dev: &CudaDevice, x: &CudaSlice<f32>) -> Result<f64> {
+/// `sum_squares_f32` on each of `xs`, every tensor's per-CTA partials in its own range of one
+/// buffer, then one download (one synchronization) and an f64 sum of all partials on the host:
+/// the squared global norm of several tensors.
+pub(crate) fn sum_squares(dev: &CudaDevice, xs: &[&CudaSlice<f32>]) -> Result<f64> {
     const OP: &str = "sum of squares (cuda)";
-    let n = x.len();
-    if n == 0 {
+    let mut plans = Vec::with_capacity(xs.len());
+    for x in xs.iter().filter(|x| !x.is_empty()) {
+        on_device(OP, dev, "x", x)?;
+        plans.push((x, plan::reduction(x.len() as u64, &dev.props())?));
+    }
+    let total: usize = plans.iter().map(|(_, p)| p.grid as usize).sum();
+    if total == 0 {
         return Ok(0.0);
     }
-    on_device(OP, dev, "x", x)?;
-    let plan = plan::reduction(n as u64, &dev.props())?;
-    let mut partial = dev.zeros::<f32>(plan.grid as usize)?;
-    {
-        let stream = dev.stream().clone();
+    let mut partial = dev.zeros::<f32>(total)?;
+    let stream = dev.stream().clone();
+    let mut at = 0;
+    for (x, plan) in plans {
+        let grid = plan.grid as usize;
+        let mut range = partial.slice_mut(at..at + grid);
+        at += grid;
         let (x_ptr, _r) = x.device_ptr(&stream);
-        let (partial_ptr, _w) = partial.device_ptr_mut(&stream);
+        let (partial_ptr, _w) = range.device_ptr_mut(&stream);
         let args = ffi::QadaptSumSquaresArgs {
             x: x_ptr,
             partial: partial_ptr,
-            n: n as u64,
+            n: x.len() as u64,
         };
-        // SAFETY: QadaptSumSquaresArgs is what sum_squares_f32 takes; x holds n floats, partial
-        // one float per CTA of the plan (allocated above), both on this device; the plan has the
-        // 256 threads per CTA the kernel's shared array assumes.
+        // SAFETY: QadaptSumSquaresArgs is what sum_squares_f32 takes; x holds n floats, the
+        // partial range one float per CTA of this plan (a view of the buffer allocated above,
+        // disjoint from every other tensor's range), both on this device; the plan has the 256
+        // threads per CTA the kernel's shared array assumes.
         unsafe { launch(dev, kernels::SUM_SQUARES_F32, plan, &args) }?;
     }
     Ok(dev.download(&partial)?.iter().map(|&p| f64::from(p)).sum())
