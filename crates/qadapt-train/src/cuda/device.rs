@@ -11,6 +11,9 @@
 //! - a frozen NF4 projection is a [`CudaLoraLinear`] with a zero rank-1 adapter and every row's
 //!   adapter index -1 (base only), so the fused dequantizing GEMM runs without a LoRA term.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
 use half::bf16;
 use qadapt::Result;
 use qadapt::cuda::ops::{self, CudaRopeTable};
@@ -27,18 +30,26 @@ use qadapt::optim::{
 use super::backend::{Backend, BaseRef, LoraMatrix, LoraRef, MomentPlacement};
 use crate::{invalid, shape_err};
 
-/// The CUDA backend: one device and a bf16 1 (the `ones` of the add).
+/// The CUDA backend: one device, a bf16 1 (the `ones` of the add), and the all -1 row indices
+/// (base only) of the fused layer by row count, uploaded once each: an upload from pageable host
+/// memory waits for the copy, so uploading them per call would stall every frozen NF4
+/// projection's forward and backward.
 #[derive(Debug)]
 pub struct CudaBackend {
     dev: CudaDevice,
     one: DeviceBuffer<bf16>,
+    base_only: Mutex<HashMap<usize, Arc<DeviceBuffer<i32>>>>,
 }
 
 impl CudaBackend {
     /// The backend on `dev`.
     pub fn new(dev: CudaDevice) -> Result<Self> {
         let one = dev.upload(&[bf16::ONE])?;
-        Ok(CudaBackend { dev, one })
+        Ok(CudaBackend {
+            dev,
+            one,
+            base_only: Mutex::new(HashMap::new()),
+        })
     }
 
     /// Opens device `ordinal`: [`qadapt::Error::CudaNotCompiled`] or [`qadapt::Error::NoDevice`]
@@ -52,8 +63,14 @@ impl CudaBackend {
         &self.dev
     }
 
-    fn base_only(&self, rows: usize) -> Result<DeviceBuffer<i32>> {
-        self.dev.upload(&vec![-1i32; rows])
+    fn base_only(&self, rows: usize) -> Result<Arc<DeviceBuffer<i32>>> {
+        let mut cache = self.base_only.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(idx) = cache.get(&rows) {
+            return Ok(idx.clone());
+        }
+        let idx = Arc::new(self.dev.upload(&vec![-1i32; rows])?);
+        cache.insert(rows, idx.clone());
+        Ok(idx)
     }
 
     /// The rows' adapter indices for the fused layer: `None` (every row adapted) when the LoRA
@@ -63,7 +80,7 @@ impl CudaBackend {
         adapted: bool,
         lora: bool,
         rows: usize,
-    ) -> Result<Option<DeviceBuffer<i32>>> {
+    ) -> Result<Option<Arc<DeviceBuffer<i32>>>> {
         if adapted && lora {
             Ok(None)
         } else {
@@ -94,10 +111,10 @@ impl CudaBackend {
             } => {
                 let idx = self.rows_index(*adapted, lora, rows)?;
                 match acc {
-                    Accumulate::Overwrite => layer.forward(x, rows, idx.as_ref(), y),
+                    Accumulate::Overwrite => layer.forward(x, rows, idx.as_deref(), y),
                     Accumulate::Add => {
                         let mut t = self.dev.zeros(rows * out)?;
-                        layer.forward(x, rows, idx.as_ref(), &mut t)?;
+                        layer.forward(x, rows, idx.as_deref(), &mut t)?;
                         self.add_assign(y, &t)
                     }
                 }
@@ -150,10 +167,12 @@ impl CudaBackend {
                     }
                 };
                 match acc {
-                    Accumulate::Overwrite => layer.backward(x, dy, rows, idx.as_ref(), dx, ga, gb),
+                    Accumulate::Overwrite => {
+                        layer.backward(x, dy, rows, idx.as_deref(), dx, ga, gb)
+                    }
                     Accumulate::Add => {
                         let mut t = self.dev.zeros(rows * inp)?;
-                        layer.backward(x, dy, rows, idx.as_ref(), &mut t, ga, gb)?;
+                        layer.backward(x, dy, rows, idx.as_deref(), &mut t, ga, gb)?;
                         self.add_assign(dx, &t)
                     }
                 }
