@@ -70,11 +70,6 @@ pub fn dequantize(q: &Nf4Tensor) -> Result<Vec<f32>> {
     }
 }
 
-/// Quantizes one `[out, in]` weight and returns its dequantized f32 values.
-pub fn round_trip(w: &[f32], shape: [usize; 2], blocksize: usize) -> Result<Vec<f32>> {
-    dequantize(&quantize(w, shape, blocksize)?)
-}
-
 /// Makes `w`'s projections the QLoRA base and returns the codes of all of them. A projection
 /// `stored` has codes for (a bitsandbytes checkpoint's own, whose dequantized values `w` already
 /// holds) keeps them and its values; every other is quantized (block 64, double quant) and
@@ -107,11 +102,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn round_trip_error_is_within_half_the_widest_code_gap() {
+    fn the_round_trip_error_is_within_half_the_widest_code_gap() {
         let w: Vec<f32> = (0..4096)
             .map(|i| ((i as f32) * 0.731).sin() * 0.3)
             .collect();
-        let back = round_trip(&w, [64, 64], DEFAULT_BLOCKSIZE).unwrap();
+        let back = dequantize(&quantize(&w, [64, 64], DEFAULT_BLOCKSIZE).unwrap()).unwrap();
         let mut worst = 0f32;
         for (wb, bb) in w.chunks(64).zip(back.chunks(64)) {
             let absmax = wb.iter().fold(0f32, |a, v| a.max(v.abs()));
