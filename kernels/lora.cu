@@ -60,10 +60,17 @@
  */
 #include "nf4_codec.cuh"
 #include "qadapt.h"
+#include "qadapt_mma.cuh"
 
 using qadapt::nf4_block_scale;
 using qadapt::nf4_level;
 using qadapt::round_to;
+using qadapt::cp_async16;
+using qadapt::cp_async_commit;
+using qadapt::cp_async_wait;
+using qadapt::ldmatrix_x4;
+using qadapt::ldmatrix_x4_t;
+using qadapt::mma_bf16;
 
 namespace {
 
@@ -325,33 +332,6 @@ static_assert((BM / WM) * (BN / WN) * 32 == THREADS, "8 warps tile the CTA");
  * groups. Returns the element offset. */
 __device__ __forceinline__ uint32_t swz(uint32_t row, uint32_t chunk) {
     return row * BK + ((chunk ^ ((row >> 1) & 3u)) * 8u);
-}
-
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-    return (uint32_t)__cvta_generic_to_shared(p);
-}
-
-__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_u32(dst)), "l"(src));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_u32(p)));
-}
-
-__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-        "{%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
 /* Loads a `ROWS` x BK tile of a row-major bf16 matrix (rows r0.., columns k0.., leading dimension
@@ -678,12 +658,6 @@ constexpr int BQ = 128;
 
 __device__ __forceinline__ uint32_t swz_t(uint32_t row, uint32_t chunk) {
     return row * BQ + ((chunk ^ (row & 7u)) * 8u);
-}
-
-__device__ __forceinline__ void ldmatrix_x4_t(uint32_t (&r)[4], const void* p) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_u32(p)));
 }
 
 /* 8 values of row gr, columns gc.. of a row-major [rows, cols] matrix, zero outside. */

@@ -1,51 +1,26 @@
 /*
- * cuda_emu_runtime.h — the runner half of cuda_emu.h: thread indices, barriers and shuffles, and
- * `emu::launch(kernel, args, grid, block)`, which runs the grid one CTA at a time on blockDim
- * host threads. Include once, in the file that holds main().
+ * cuda_emu_runtime.h — the kernel emulator's runtime (vgpu_runtime.cpp) for single-file runner
+ * programs such as nf4_optim_emu.cpp and model_emu.cpp: include it once, before the kernel files,
+ * in the file that holds main(). It adds emu::launch(kernel, args, grid, block[, dyn_smem]), which
+ * runs a kernel through the fiber runtime and ends the program with the runtime's message when the
+ * launch fails (a barrier deadlock, a memory fault, a PTX rule broken, a trap).
  */
 #pragma once
-#include "cuda_emu.h"
-
-thread_local dim3 threadIdx, blockIdx;
-dim3 blockDim, gridDim;
+#define QV_NO_KERNEL_ANCHORS /* the runner compiles only some kernel files */
+#include "vgpu_runtime.cpp"
 
 namespace emu {
-constexpr int kMaxWarps = 32;
-inline float lanes[kMaxWarps][32];
-inline std::unique_ptr<std::barrier<>> warp_bar[kMaxWarps];
-inline std::unique_ptr<std::barrier<>> cta_bar;
 
-inline float shuffle(float v, unsigned src) {
-    const unsigned w = threadIdx.x / 32, l = threadIdx.x % 32;
-    lanes[w][l] = v;
-    warp_bar[w]->arrive_and_wait();
-    const float r = lanes[w][src % 32];
-    warp_bar[w]->arrive_and_wait();
-    return r;
-}
-
-/* Runs kernel(args) over `grid` CTAs of `block` threads (a multiple of 32, at most 1024). */
+/* Runs kernel(args) over `grid` CTAs of `block` threads (1-D; at most 1024 threads). */
 template <class A>
-void launch(void (*kernel)(const A), const A& args, unsigned grid, unsigned block) {
-    blockDim.x = block;
-    gridDim.x = grid;
-    for (unsigned w = 0; w < block / 32; ++w) warp_bar[w] = std::make_unique<std::barrier<>>(32);
-    cta_bar = std::make_unique<std::barrier<>>(block);
-    for (unsigned b = 0; b < grid; ++b) {
-        std::vector<std::thread> threads;
-        threads.reserve(block);
-        for (unsigned t = 0; t < block; ++t)
-            threads.emplace_back([=, &args] {
-                blockIdx.x = b;
-                threadIdx.x = t;
-                kernel(args);
-            });
-        for (auto& t : threads) t.join();
+void launch(void (*kernel)(const A), const A& args, unsigned grid, unsigned block, unsigned dyn_smem = 0) {
+    QvStatus st{};
+    const int rc = qv::launch_fn(nullptr, &qv::invoke<A>, (void*)kernel, &args, sizeof(A), QvDim3{grid, 1, 1},
+                                 QvDim3{block, 1, 1}, dyn_smem, nullptr, &st);
+    if (rc != QV_OK) {
+        fprintf(stderr, "emu::launch failed (code %d): %s\n", rc, st.message);
+        exit(3);
     }
 }
-}  // namespace emu
 
-float __shfl_xor_sync(unsigned, float v, int lane_mask) { return emu::shuffle(v, (threadIdx.x % 32) ^ lane_mask); }
-float __shfl_sync(unsigned, float v, int src_lane) { return emu::shuffle(v, src_lane); }
-void __syncwarp(unsigned) { emu::warp_bar[threadIdx.x / 32]->arrive_and_wait(); }
-void __syncthreads() { emu::cta_bar->arrive_and_wait(); }
+}  // namespace emu

@@ -386,6 +386,11 @@ typedef struct QadaptAttentionArgs {
 
 #if defined(__CUDACC__)
 #define QADAPT_KERNEL(name, Args) extern "C" __global__ void name(const Args args)
+#elif defined(QADAPT_EMU) && defined(__cplusplus)
+/* Host C++ for the kernel emulator (kernels/emu/cuda_emu.h): an extern "C" function that is also
+ * registered under its name for the virtual device (kernels/emu/vgpu_abi.h). */
+#include "cuda_emu.h"
+#define QADAPT_KERNEL(name, Args) QV_KERNEL(name, Args)
 #else
 /* Seen by bindgen only as documentation; the Rust side never calls these symbols directly. */
 #define QADAPT_KERNEL(name, Args) void name(const Args args)

@@ -1,0 +1,1292 @@
+/*
+ * vgpu_runtime.cpp — the runtime of the kernel emulator: runs the kernels of kernels/<name>.cu,
+ * compiled as host C++ against cuda_emu.h, over a grid of CTAs whose threads are fibers, behind the
+ * C ABI of vgpu_abi.h (used by crates/qadapt-vgpu) and emu::launch (cuda_emu_runtime.h, for the
+ * small runners).
+ *
+ * Threads. A launch's CTAs are taken one at a time, in blockIdx order, by the calling host thread
+ * and qv_set_workers(n) - 1 pool threads. A CTA runs to its end on the host thread that took it,
+ * as blockDim.x*y*z fibers with 64 KiB stacks (a PROT_NONE guard page below each), switched by a
+ * hand-written x86-64 context switch that saves the callee-saved registers and rsp (a thread
+ * blocking and resuming costs about 20 ns; -DQV_USE_UCONTEXT selects swapcontext instead, ten
+ * times slower for its sigprocmask system call, and the fallback on other architectures).
+ *
+ * Scheduling. Fibers run cooperatively: a fiber runs until it blocks at __syncthreads, at a warp
+ * collective (shuffle, __syncwarp, vote, ldmatrix, mma) or ends, then switches directly to the
+ * next fiber of the scheduler's pass. A pass takes the warps one at a time and runs each as far as
+ * it can go, normally to its next __syncthreads (its lanes one after another, from collective to
+ * collective); the barrier's completion ends the pass. The warp order changes at every barrier:
+ * ascending or descending warp index, alternating with the barrier interval and with the CTA
+ * index, rotated by a number of warps that depends on both. Within one barrier interval one warp's
+ * whole work thus runs before or after another's, the largest skew real warps can show, and over
+ * two intervals (or two CTAs) in both orders: a missing __syncthreads between a store to shared
+ * memory and another warp's load (read-after-write), or between a load and another warp's next
+ * store (write-after-read), yields wrong data as soon as the harmful order comes up. A scheduler
+ * advancing all warps in lockstep, one collective at a time, would hide races between phases of a
+ * kernel, and one fixed order would hide one direction of each. Lanes of a warp also run one after
+ * another between collectives, so code relying on lockstep lanes without __syncwarp is exposed too
+ * (Volta and later do not run lanes in lockstep). The order is deterministic: a failure reproduces.
+ *
+ * Barriers. __syncthreads completes when all threads of the CTA have arrived. A thread that exits
+ * while others wait, or arrives when the others have exited, is reported as QV_BARRIER_DEADLOCK:
+ * __syncthreads is bar.sync 0 = barrier.sync.aligned, which CUDA allows only where the whole CTA
+ * reaches it (the hardware releases a barrier held up only by exited threads, but code relying on
+ * that is outside the contract). A warp collective completes when every lane its mask names (for
+ * ldmatrix and mma all 32) has arrived at the same instruction kind with the same mask; lanes
+ * disagreeing are a QV_PTX_ERROR; a named lane that has exited, or a state where no fiber can run,
+ * is a QV_BARRIER_DEADLOCK naming how many threads arrived where. The launch is then abandoned:
+ * the other CTAs are not started, the fibers' stacks are reused by the next launch.
+ *
+ * Faults. SIGSEGV/SIGBUS while a CTA runs (the driver surrounds device allocations with guard
+ * pages) end the launch with QV_MEMORY_FAULT, the address, CTA and thread; SIGFPE, SIGILL and
+ * SIGABRT (a host assert) with QV_TRAP. The handler runs on an alternate signal stack, finds the
+ * faulting host thread in a table (by gettid, async-signal-safe), and siglongjmps back to the
+ * scheduler; a signal outside a launch goes to the handler installed before ours (Rust's
+ * stack-overflow handler, or the default action).
+ *
+ * Memory model. Shared memory is per host thread (cuda_emu.h); dynamic shared memory is a per
+ * executor buffer poisoned with 0xff at each CTA start. cp.async copies land at the wait that
+ * retires their group (qadapt_mma.cuh in this directory).
+ */
+#undef _FORTIFY_SOURCE
+#include "cuda_emu.h"
+#include "vgpu_abi.h"
+
+#include <atomic>
+#include <condition_variable>
+#include <csetjmp>
+#include <csignal>
+#include <cstdarg>
+#include <deque>
+#include <mutex>
+#include <new>
+#include <thread>
+#include <vector>
+
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#if !defined(__x86_64__) && !defined(QV_USE_UCONTEXT)
+#define QV_USE_UCONTEXT 1
+#endif
+#ifdef QV_USE_UCONTEXT
+#include <ucontext.h>
+#endif
+
+namespace qv {
+struct Fiber;
+}
+extern "C" {
+void qv_ctx_swap(void** save_sp, void* new_sp) __attribute__((visibility("hidden")));
+void qv_fiber_entry() __attribute__((visibility("hidden")));
+__attribute__((visibility("hidden"), noreturn)) void qv_fiber_main(qv::Fiber* f);
+}
+
+namespace qv {
+
+constexpr uint32_t kMaxThreads = 1024;
+constexpr uint32_t kGuard = 4096;
+constexpr uint8_t kPoison = 0xff;
+
+enum class St : uint8_t { Runnable, AtBarrier, AtWarp, Done };
+enum class Op : uint8_t { None, Shfl, SyncWarp, Ballot, Ldmatrix, Mma };
+
+const char* op_name(Op op, uint32_t variant) {
+    switch (op) {
+        case Op::Shfl: return "a shuffle (__shfl*_sync)";
+        case Op::SyncWarp: return "__syncwarp";
+        case Op::Ballot: return "a vote (__ballot/__any/__all_sync)";
+        case Op::Ldmatrix:
+            switch (variant) {
+                case 2: return "ldmatrix.x1";
+                case 3: return "ldmatrix.x1.trans";
+                case 4: return "ldmatrix.x2";
+                case 5: return "ldmatrix.x2.trans";
+                case 8: return "ldmatrix.x4";
+                default: return "ldmatrix.x4.trans";
+            }
+        case Op::Mma: return variant ? "mma.sync.m16n8k16.f16" : "mma.sync.m16n8k16.bf16";
+        default: return "nothing";
+    }
+}
+
+struct Pending {
+    uint8_t* dst;
+    uint32_t size;
+    uint64_t group;
+    alignas(16) uint8_t data[16];
+};
+
+struct LaneSlot {
+    uint64_t in, out;
+    int32_t src;
+    const void* addr;
+    uint32_t* regs;
+    float* d;
+    uint32_t a[4], b[2];
+    float c[4];
+};
+
+struct Warp {
+    uint32_t exists;  /* lanes present in the CTA */
+    uint32_t exited;  /* lanes that ended */
+    uint32_t arrived; /* lanes waiting at the pending collective */
+    uint32_t mask;    /* lanes the pending collective names */
+    Op op;
+    uint32_t variant;
+    LaneSlot slot[32];
+};
+
+struct Launch;
+struct Executor;
+
+struct Fiber {
+#ifdef QV_USE_UCONTEXT
+    ucontext_t uc;
+#else
+    void* sp;
+#endif
+    uint8_t* region; /* kStackSize bytes, aligned to kStackSize; guard page at the bottom */
+    FiberHdr* hdr;
+    Executor* ex;
+    uint32_t linear, warp, lane;
+    St state;
+    uint64_t committed; /* cp.async groups committed so far = the id of the open group */
+    std::vector<Pending> pend;
+};
+
+struct Launch {
+    const char* name;
+    Invoke invoke;
+    void* fn;
+    const void* args;
+    QvDim3 grid, block;
+    uint32_t dyn_smem;
+    uint64_t total;
+    std::atomic<uint64_t> next{0};
+    std::atomic<bool> failed{false};
+    int active = 0; /* pool threads working on it (guarded by the pool mutex) */
+    std::condition_variable idle;
+    std::mutex mu; /* status and counters */
+    QvStatus status{};
+    QvCounters ctr{};
+};
+
+struct Executor {
+    pid_t tid = 0;
+    int slot_index = -1;
+    /* fibers and their stacks */
+    std::vector<Fiber*> fibers;
+    std::vector<std::pair<void*, size_t>> maps;
+#ifdef QV_USE_UCONTEXT
+    ucontext_t sched_uc;
+#else
+    void* sched_sp = nullptr;
+#endif
+    Fiber* current = nullptr;
+    /* the scheduler's current pass: warps in a fixed order, each run until none of its lanes can */
+    uint64_t pass_epoch = 0;
+    uint32_t pass_warp = 0, pass_lane = 0, pass_shift = 0;
+    bool pass_reverse = false, pass_progress = false, sweep_ran = false;
+    /* the CTA being run */
+    Launch* L = nullptr;
+    dim3 cta, bdim, gdim;
+    uint64_t cta_linear = 0;
+    uint32_t T = 0, nwarps = 0;
+    uint32_t bar_arrived = 0, exited = 0, done = 0;
+    uint64_t epoch = 0;
+    Warp* warps = nullptr;
+    uint8_t* dyn = nullptr;
+    size_t dyn_cap = 0;
+    uint32_t dyn_size = 0;
+    /* the CTA's outcome */
+    int err = QV_OK;
+    bool err_thread_known = false;
+    dim3 err_thread;
+    uint64_t err_addr = 0;
+    char err_msg[480];
+    QvCounters ctr{};
+    /* signals */
+    sigjmp_buf jb;
+    volatile sig_atomic_t in_cta = 0;
+    volatile int fault_sig = 0;
+    volatile int fault_code = 0;
+    void* volatile fault_addr = nullptr;
+    void* altstack = nullptr;
+
+    Executor();
+    ~Executor();
+    void ensure_fibers(uint32_t n);
+    void work(Launch& l);
+    void run_cta(uint64_t linear);
+    void schedule();
+    Fiber* next_in_pass();
+    void suspend(Fiber* f);
+    void set_error(int code, const Fiber* f, const char* fmt, ...) __attribute__((format(printf, 4, 5)));
+    [[noreturn]] void fail(int code, Fiber* f, const char* fmt, ...) __attribute__((format(printf, 4, 5)));
+    void release_barrier();
+    bool warp_arrive(Fiber* f, Op op, uint32_t variant, uint32_t mask);
+    void warp_done(Warp& w, Fiber* self);
+    void describe_deadlock();
+    void fault_to_error();
+};
+
+/* ---- context switch ----------------------------------------------------------------------------- */
+
+#ifndef QV_USE_UCONTEXT
+/* qv_ctx_swap(save, next): pushes the callee-saved registers, stores rsp in *save, loads next as
+ * rsp, pops that fiber's registers and returns into it. A new fiber's stack is prepared so that
+ * the first swap "returns" into qv_fiber_entry with its Fiber* in rbx. */
+asm(R"(
+    .pushsection .text
+    .p2align 4
+    .globl qv_ctx_swap
+    .hidden qv_ctx_swap
+    .type qv_ctx_swap,@function
+qv_ctx_swap:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size qv_ctx_swap, .-qv_ctx_swap
+
+    .p2align 4
+    .globl qv_fiber_entry
+    .hidden qv_fiber_entry
+    .type qv_fiber_entry,@function
+qv_fiber_entry:
+    .cfi_startproc
+    .cfi_undefined rip
+    movq %rbx, %rdi
+    andq $-16, %rsp
+    call qv_fiber_main
+    ud2
+    .cfi_endproc
+    .size qv_fiber_entry, .-qv_fiber_entry
+    .popsection
+)");
+#endif
+
+void ctx_init(Fiber* f) {
+#ifdef QV_USE_UCONTEXT
+    getcontext(&f->uc);
+    f->uc.uc_stack.ss_sp = f->region + kGuard;
+    f->uc.uc_stack.ss_size = (uint8_t*)f->hdr - (f->region + kGuard);
+    f->uc.uc_link = nullptr;
+    /* The pointer travels as makecontext's int argument: glibc on 64-bit targets passes it whole. */
+    makecontext(&f->uc, (void (*)())qv_fiber_main, 1, f);
+#else
+    /* Top of the usable stack, 16-byte aligned, just below the header. The frame popped by the first
+     * qv_ctx_swap: r15 r14 r13 r12 rbx rbp, then the return address. */
+    uintptr_t top = (uintptr_t)f->hdr & ~(uintptr_t)15;
+    uint64_t* sp = (uint64_t*)(top - 72);
+    sp[0] = sp[1] = sp[2] = sp[3] = 0;
+    sp[4] = (uint64_t)(uintptr_t)f; /* rbx */
+    sp[5] = 0;                      /* rbp */
+    sp[6] = (uint64_t)(uintptr_t)&qv_fiber_entry;
+    f->sp = sp;
+#endif
+}
+
+/* The next fiber to run in the current pass, or null when the pass is over (or the CTA failed).
+ * A pass takes the warps one at a time in its order and runs each until none of its lanes can run
+ * (all wait at __syncthreads, have exited, or wait at a collective for a lane that cannot come):
+ * its lanes are swept in order, each running to its next collective, the sweeps repeating while
+ * any lane ran. A barrier that completes ends the pass, so the next barrier interval starts with a
+ * fresh order. */
+Fiber* Executor::next_in_pass() {
+    if (err != QV_OK || epoch != pass_epoch) return nullptr;
+    while (pass_warp < nwarps) {
+        uint32_t w = (pass_reverse ? nwarps - 1 - pass_warp : pass_warp) + pass_shift;
+        if (w >= nwarps) w -= nwarps;
+        const uint32_t base = 32 * w, n = std::min<uint32_t>(32, T - base);
+        while (pass_lane < n) {
+            const uint32_t i = pass_lane++;
+            Fiber* f = fibers[base + (pass_reverse ? n - 1 - i : i)];
+            if (f->state == St::Runnable) {
+                pass_progress = sweep_ran = true;
+                return f;
+            }
+        }
+        pass_lane = 0;
+        if (sweep_ran) {
+            sweep_ran = false; /* sweep the warp again */
+            continue;
+        }
+        ++pass_warp;
+    }
+    return nullptr;
+}
+
+/* A fiber that blocks (or ends) hands the host thread straight to the next runnable fiber of the
+ * pass, or back to the scheduler at the end of the pass. */
+void Executor::suspend(Fiber* f) {
+    Fiber* n = next_in_pass();
+    current = n;
+#ifdef QV_USE_UCONTEXT
+    swapcontext(&f->uc, n ? &n->uc : &sched_uc);
+#else
+    qv_ctx_swap(&f->sp, n ? n->sp : sched_sp);
+#endif
+}
+
+inline Fiber* self() { return hdr()->fiber; }
+
+/* ---- signals ------------------------------------------------------------------------------------ */
+
+struct SigSlot {
+    std::atomic<pid_t> tid{0};
+    std::atomic<Executor*> ex{nullptr};
+};
+constexpr int kSlots = 1024;
+SigSlot g_slots[kSlots];
+constexpr int kSignals[] = {SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGABRT};
+struct sigaction g_old[sizeof(kSignals) / sizeof(kSignals[0])];
+
+void chain(int sig, siginfo_t* si, void* uc) {
+    for (size_t i = 0; i < sizeof(kSignals) / sizeof(kSignals[0]); ++i) {
+        if (kSignals[i] != sig) continue;
+        struct sigaction& old = g_old[i];
+        if (old.sa_flags & SA_SIGINFO) {
+            if (old.sa_sigaction) old.sa_sigaction(sig, si, uc);
+            return;
+        }
+        if (old.sa_handler == SIG_IGN) return;
+        if (old.sa_handler == SIG_DFL) {
+            /* Back to the default action: a fault re-executes and terminates; a raised signal is
+             * raised again (it is blocked until this handler returns). */
+            sigaction(sig, &old, nullptr);
+            if (si->si_code <= 0 && sig != SIGABRT) raise(sig);
+            return;
+        }
+        old.sa_handler(sig);
+        return;
+    }
+}
+
+void on_signal(int sig, siginfo_t* si, void* uc) {
+    const pid_t tid = (pid_t)syscall(SYS_gettid);
+    for (int i = 0; i < kSlots; ++i) {
+        if (g_slots[i].tid.load(std::memory_order_relaxed) != tid) continue;
+        Executor* ex = g_slots[i].ex.load(std::memory_order_relaxed);
+        if (ex && ex->in_cta) {
+            ex->in_cta = 0;
+            ex->fault_sig = sig;
+            ex->fault_code = si->si_code;
+            ex->fault_addr = si->si_addr;
+            siglongjmp(ex->jb, 1);
+        }
+        break;
+    }
+    chain(sig, si, uc);
+}
+
+void install_handlers() {
+    static std::once_flag once;
+    std::call_once(once, [] {
+        for (size_t i = 0; i < sizeof(kSignals) / sizeof(kSignals[0]); ++i) {
+            struct sigaction sa;
+            memset(&sa, 0, sizeof(sa));
+            sa.sa_sigaction = on_signal;
+            sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+            sigemptyset(&sa.sa_mask);
+            sigaction(kSignals[i], &sa, &g_old[i]);
+        }
+    });
+}
+
+/* ---- executor ----------------------------------------------------------------------------------- */
+
+Executor::Executor() {
+    tid = (pid_t)syscall(SYS_gettid);
+    warps = new Warp[kMaxThreads / 32];
+    for (int i = 0; i < kSlots; ++i) {
+        pid_t z = 0;
+        if (g_slots[i].tid.load() == 0 && g_slots[i].tid.compare_exchange_strong(z, tid)) {
+            g_slots[i].ex.store(this);
+            slot_index = i;
+            break;
+        }
+    }
+    /* Faults on a fiber's guard page need an alternate signal stack; keep the thread's own if it has
+     * one (Rust threads do). */
+    stack_t cur;
+    if (sigaltstack(nullptr, &cur) == 0 && (cur.ss_flags & SS_DISABLE)) {
+        const size_t n = 64 * 1024;
+        altstack = mmap(nullptr, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (altstack != MAP_FAILED) {
+            stack_t ss{};
+            ss.ss_sp = altstack;
+            ss.ss_size = n;
+            sigaltstack(&ss, nullptr);
+        } else {
+            altstack = nullptr;
+        }
+    }
+}
+
+Executor::~Executor() {
+    if (slot_index >= 0) {
+        g_slots[slot_index].ex.store(nullptr);
+        g_slots[slot_index].tid.store(0);
+    }
+    if (altstack) {
+        stack_t ss{};
+        ss.ss_flags = SS_DISABLE;
+        sigaltstack(&ss, nullptr);
+        munmap(altstack, 64 * 1024);
+    }
+    for (Fiber* f : fibers) delete f;
+    for (auto& m : maps) munmap(m.first, m.second);
+    delete[] warps;
+    free(dyn);
+}
+
+void Executor::ensure_fibers(uint32_t n) {
+    if (fibers.size() >= n) return;
+    /* Grow geometrically (up to kMaxThreads) so that mixed block sizes map stacks rarely. */
+    const uint32_t have = (uint32_t)fibers.size();
+    const uint32_t add = std::max<uint32_t>(n - have, std::min<uint32_t>(have, kMaxThreads - have));
+    const size_t bytes = (size_t)(add + 1) * kStackSize;
+    void* m = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (m == MAP_FAILED) {
+        fprintf(stderr, "vgpu: cannot map %zu bytes of fiber stacks\n", bytes);
+        abort();
+    }
+    maps.emplace_back(m, bytes);
+    uint8_t* base = (uint8_t*)(((uintptr_t)m + kStackSize - 1) & ~(kStackSize - 1));
+    for (uint32_t i = 0; i < add; ++i) {
+        Fiber* f = new Fiber();
+        f->region = base + (size_t)i * kStackSize;
+        mprotect(f->region, kGuard, PROT_NONE);
+        f->hdr = new (f->region + kStackSize - sizeof(FiberHdr)) FiberHdr();
+        f->hdr->fiber = f;
+        f->ex = this;
+        f->pend.reserve(32);
+        fibers.push_back(f);
+    }
+}
+
+void Executor::set_error(int code, const Fiber* f, const char* fmt, ...) {
+    if (err != QV_OK) return;
+    err = code;
+    err_thread_known = f != nullptr;
+    if (f) err_thread = f->hdr->thread_idx;
+    int n = snprintf(err_msg, sizeof err_msg, "kernel '%s', CTA (%u,%u,%u)", L->name, cta.x, cta.y, cta.z);
+    if (f && n > 0 && (size_t)n < sizeof err_msg)
+        n += snprintf(err_msg + n, sizeof err_msg - n, ", thread (%u,%u,%u)", f->hdr->thread_idx.x,
+                      f->hdr->thread_idx.y, f->hdr->thread_idx.z);
+    if (n > 0 && (size_t)n + 2 < sizeof err_msg) {
+        err_msg[n++] = ':';
+        err_msg[n++] = ' ';
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(err_msg + n, sizeof err_msg - n, fmt, ap);
+        va_end(ap);
+    }
+}
+
+void Executor::fail(int code, Fiber* f, const char* fmt, ...) {
+    if (err == QV_OK) {
+        char buf[400];
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(buf, sizeof buf, fmt, ap);
+        va_end(ap);
+        set_error(code, f, "%s", buf);
+    }
+    suspend(f); /* never resumed: the scheduler abandons the CTA */
+    __builtin_unreachable();
+}
+
+void Executor::release_barrier() {
+    for (uint32_t t = 0; t < T; ++t)
+        if (fibers[t]->state == St::AtBarrier) fibers[t]->state = St::Runnable;
+    bar_arrived = 0;
+    ++epoch;
+    ++ctr.bar_sync;
+}
+
+/* Records lane f's arrival at a warp collective; true when it is the last lane the collective names
+ * (the caller then performs it and calls warp_done). */
+bool Executor::warp_arrive(Fiber* f, Op op, uint32_t variant, uint32_t mask) {
+    Warp& w = warps[f->warp];
+    const uint32_t bit = 1u << f->lane;
+    mask &= w.exists;
+    if (!(mask & bit))
+        fail(QV_PTX_ERROR, f, "%s with member mask 0x%08x that does not name the executing lane %u", op_name(op, variant),
+             mask, f->lane);
+    if (w.arrived == 0) {
+        w.op = op;
+        w.variant = variant;
+        w.mask = mask;
+    } else if (w.op != op || w.variant != variant || w.mask != mask) {
+        fail(QV_PTX_ERROR, f,
+             "lanes of warp %u disagree: lane %u executes %s (mask 0x%08x) while lanes 0x%08x wait at %s (mask 0x%08x)",
+             f->warp, f->lane, op_name(op, variant), mask, w.arrived, op_name(w.op, w.variant), w.mask);
+    }
+    if (mask & w.exited)
+        fail(QV_BARRIER_DEADLOCK, f, "%s in warp %u names lanes 0x%08x that have exited; %d of %d lanes arrived",
+             op_name(op, variant), f->warp, mask & w.exited, __builtin_popcount(w.arrived | bit), __builtin_popcount(mask));
+    w.arrived |= bit;
+    return w.arrived == w.mask;
+}
+
+void Executor::warp_done(Warp& w, Fiber* me) {
+    const uint32_t base = me->warp * 32;
+    uint32_t m = w.mask & ~(1u << me->lane);
+    while (m) {
+        const int l = __builtin_ctz(m);
+        m &= m - 1;
+        fibers[base + l]->state = St::Runnable;
+    }
+    w.arrived = 0;
+    w.op = Op::None;
+}
+
+void Executor::describe_deadlock() {
+    char buf[400];
+    int n = snprintf(buf, sizeof buf, "no thread can run: %u of %u threads wait at __syncthreads, %u exited", bar_arrived, T,
+                     exited);
+    const Fiber* who = nullptr;
+    for (uint32_t w = 0; w < nwarps && n > 0 && (size_t)n < sizeof buf; ++w) {
+        if (!warps[w].arrived) continue;
+        n += snprintf(buf + n, sizeof buf - n, "; warp %u: %d of %d lanes wait at %s", w, __builtin_popcount(warps[w].arrived),
+                      __builtin_popcount(warps[w].mask), op_name(warps[w].op, warps[w].variant));
+        if (!who) {
+            const uint32_t missing = warps[w].mask & ~warps[w].arrived;
+            if (missing) who = fibers[w * 32 + __builtin_ctz(missing)];
+        }
+    }
+    if (!who)
+        for (uint32_t t = 0; t < T && !who; ++t)
+            if (fibers[t]->state == St::AtWarp) who = fibers[t];
+    set_error(QV_BARRIER_DEADLOCK, who, "%s", buf);
+}
+
+void Executor::fault_to_error() {
+    const uintptr_t a = (uintptr_t)fault_addr;
+    const Fiber* f = current;
+    current = nullptr;
+    const char* sig = fault_sig == SIGSEGV ? "SIGSEGV"
+                      : fault_sig == SIGBUS ? "SIGBUS"
+                      : fault_sig == SIGFPE ? "SIGFPE"
+                      : fault_sig == SIGILL ? "SIGILL"
+                                            : "SIGABRT";
+    if (fault_sig == SIGSEGV || fault_sig == SIGBUS) {
+        bool stack = false;
+        for (const Fiber* g : fibers)
+            if (a >= (uintptr_t)g->region && a < (uintptr_t)g->region + kGuard) stack = true;
+        if (stack)
+            set_error(QV_MEMORY_FAULT, f, "stack overflow of an emulated thread (%s at 0x%llx; fiber stacks are %u KiB)", sig,
+                      (unsigned long long)a, (unsigned)(kStackSize / 1024));
+        else if (fault_code == SI_KERNEL)
+            set_error(QV_MEMORY_FAULT, f,
+                      "%s: general protection fault (a misaligned 16-byte vector access or a non-canonical address)", sig);
+        else
+            set_error(QV_MEMORY_FAULT, f, "invalid memory access at 0x%llx (%s)", (unsigned long long)a, sig);
+        err_addr = a;
+    } else if (fault_sig == SIGABRT) {
+        set_error(QV_TRAP, f, "abort() (%s; a host assert() in device code?)", sig);
+    } else {
+        set_error(QV_TRAP, f, "%s at 0x%llx (%s)", fault_sig == SIGFPE ? "arithmetic exception (integer division by zero?)"
+                                                                      : "illegal instruction",
+                  (unsigned long long)a, sig);
+    }
+}
+
+void Executor::run_cta(uint64_t linear) {
+    const Launch& l = *L;
+    cta_linear = linear;
+    cta.x = (unsigned)(linear % l.grid.x);
+    cta.y = (unsigned)((linear / l.grid.x) % l.grid.y);
+    cta.z = (unsigned)(linear / ((uint64_t)l.grid.x * l.grid.y));
+    for (uint32_t t = 0; t < T; ++t) {
+        Fiber* f = fibers[t];
+        f->linear = t;
+        f->warp = t / 32;
+        f->lane = t % 32;
+        f->state = St::Runnable;
+        f->committed = 0;
+        f->pend.clear();
+        FiberHdr* h = f->hdr;
+        h->thread_idx = dim3{t % bdim.x, (t / bdim.x) % bdim.y, t / (bdim.x * bdim.y)};
+        h->block_idx = cta;
+        h->block_dim = bdim;
+        h->grid_dim = gdim;
+        ctx_init(f);
+    }
+    for (uint32_t w = 0; w < nwarps; ++w) {
+        const uint32_t n = std::min<uint32_t>(32, T - 32 * w);
+        warps[w].exists = n == 32 ? 0xffffffffu : ((1u << n) - 1);
+        warps[w].exited = warps[w].arrived = warps[w].mask = 0;
+        warps[w].op = Op::None;
+    }
+    bar_arrived = exited = done = 0;
+    epoch = 0;
+    err = QV_OK;
+    err_addr = 0;
+    if (dyn_size) memset(dyn, kPoison, dyn_size);
+    ++ctr.ctas;
+    if (sigsetjmp(jb, 1)) {
+        fault_to_error();
+        return;
+    }
+    in_cta = 1;
+    schedule();
+    in_cta = 0;
+}
+
+void Executor::schedule() {
+    for (;;) {
+        /* The order of a pass: warps ascending or descending (alternating with the barrier epoch and
+         * the CTA), rotated by a number of warps that also changes with both; lanes in the same
+         * direction. */
+        pass_epoch = epoch;
+        pass_reverse = ((cta_linear + epoch) & 1) != 0;
+        pass_shift = (uint32_t)((cta_linear * 5 + epoch * 3) % nwarps);
+        pass_warp = pass_lane = 0;
+        pass_progress = sweep_ran = false;
+        if (Fiber* f = next_in_pass()) {
+            current = f;
+#ifdef QV_USE_UCONTEXT
+            swapcontext(&sched_uc, &f->uc);
+#else
+            qv_ctx_swap(&sched_sp, f->sp);
+#endif
+            current = nullptr;
+        }
+        if (err != QV_OK || done == T) return;
+        if (!pass_progress) {
+            describe_deadlock();
+            return;
+        }
+    }
+}
+
+void Executor::work(Launch& l) {
+    L = &l;
+    bdim = dim3{l.block.x, l.block.y, l.block.z};
+    gdim = dim3{l.grid.x, l.grid.y, l.grid.z};
+    T = l.block.x * l.block.y * l.block.z;
+    nwarps = (T + 31) / 32;
+    ensure_fibers(T);
+    dyn_size = l.dyn_smem;
+    if (dyn_size > dyn_cap) {
+        free(dyn);
+        dyn_cap = (dyn_size + 1023) & ~(size_t)1023;
+        dyn = (uint8_t*)aligned_alloc(1024, dyn_cap);
+    }
+    ctr = QvCounters{};
+    while (!l.failed.load(std::memory_order_relaxed)) {
+        const uint64_t i = l.next.fetch_add(1, std::memory_order_relaxed);
+        if (i >= l.total) break;
+        run_cta(i);
+        if (err != QV_OK) {
+            std::lock_guard<std::mutex> g(l.mu);
+            if (!l.failed.exchange(true)) {
+                QvStatus& s = l.status;
+                s.code = err;
+                s.fault_addr = err_addr;
+                s.cta = QvDim3{cta.x, cta.y, cta.z};
+                s.thread = err_thread_known ? QvDim3{err_thread.x, err_thread.y, err_thread.z} : QvDim3{0, 0, 0};
+                snprintf(s.message, sizeof s.message, "vgpu: %s", err_msg);
+            }
+            break;
+        }
+    }
+    std::lock_guard<std::mutex> g(l.mu);
+    QvCounters& c = l.ctr;
+    c.mma += ctr.mma;
+    c.ldmatrix += ctr.ldmatrix;
+    c.ldmatrix_wavefronts += ctr.ldmatrix_wavefronts;
+    c.cp_async += ctr.cp_async;
+    c.cp_async_bytes += ctr.cp_async_bytes;
+    c.shfl += ctr.shfl;
+    c.bar_sync += ctr.bar_sync;
+    c.ctas += ctr.ctas;
+    L = nullptr;
+}
+
+/* ---- the pool ----------------------------------------------------------------------------------- */
+
+struct Pool {
+    std::mutex mu;
+    std::condition_variable cv;
+    std::deque<Launch*> q;
+    std::vector<std::thread> threads;
+    unsigned helpers = 0; /* pool threads allowed to take work */
+
+    static unsigned default_workers() {
+        if (const char* e = getenv("QV_WORKERS")) {
+            const long v = strtol(e, nullptr, 10);
+            if (v >= 1) return (unsigned)v;
+        }
+        const unsigned n = std::thread::hardware_concurrency();
+        return n ? n : 1;
+    }
+    Pool() { helpers = default_workers() - 1; }
+
+    void loop(unsigned index) {
+        Executor ex;
+        std::unique_lock<std::mutex> lk(mu);
+        for (;;) {
+            Launch* l = nullptr;
+            if (index < helpers)
+                for (Launch* x : q)
+                    if (!x->failed.load(std::memory_order_relaxed) && x->next.load(std::memory_order_relaxed) < x->total) {
+                        l = x;
+                        break;
+                    }
+            if (!l) {
+                cv.wait(lk);
+                continue;
+            }
+            ++l->active;
+            lk.unlock();
+            ex.work(*l);
+            lk.lock();
+            if (--l->active == 0) l->idle.notify_all();
+        }
+    }
+    /* Called with mu held. */
+    void spawn(unsigned n) {
+        while (threads.size() < n) {
+            const unsigned i = (unsigned)threads.size();
+            threads.emplace_back([this, i] { loop(i); });
+            threads.back().detach();
+        }
+    }
+};
+
+Pool& pool() {
+    static Pool* p = new Pool(); /* never destroyed: detached threads wait on it at exit */
+    return *p;
+}
+
+Executor& caller_executor() {
+    thread_local std::unique_ptr<Executor> ex;
+    if (!ex) ex.reset(new Executor());
+    return *ex;
+}
+
+/* ---- registry ----------------------------------------------------------------------------------- */
+
+KernelReg* g_regs = nullptr;
+
+const std::vector<const KernelReg*>& kernels() {
+    static const std::vector<const KernelReg*> v = [] {
+        std::vector<const KernelReg*> out;
+        for (const KernelReg* r = g_regs; r; r = r->next) {
+            bool dup = false;
+            for (const KernelReg* o : out) dup |= strcmp(o->name, r->name) == 0;
+            if (!dup) out.push_back(r);
+        }
+        std::sort(out.begin(), out.end(), [](const KernelReg* a, const KernelReg* b) { return strcmp(a->name, b->name) < 0; });
+        return out;
+    }();
+    return v;
+}
+
+const KernelReg* find_kernel(const char* name) {
+    for (const KernelReg* r : kernels())
+        if (strcmp(r->name, name) == 0) return r;
+    return nullptr;
+}
+
+void set_status(QvStatus* st, int code, const char* fmt, ...) __attribute__((format(printf, 3, 4)));
+void set_status(QvStatus* st, int code, const char* fmt, ...) {
+    if (!st) return;
+    memset(st, 0, sizeof *st);
+    st->code = code;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(st->message, sizeof st->message, fmt, ap);
+    va_end(ap);
+}
+
+/* ---- helpers for the instructions --------------------------------------------------------------- */
+
+inline float f16_to_f32(uint32_t h) {
+    const uint32_t sign = (h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+    if (e == 0x1f) return __uint_as_float(sign | 0x7f800000u | (m << 13));
+    if (e == 0) {
+        const float v = (float)m * 0x1p-24f; /* exact: m < 2^10 */
+        return sign ? -v : v;
+    }
+    return __uint_as_float(sign | ((e + 112) << 23) | (m << 13));
+}
+
+/* Shared-memory wavefronts of one 8x8 ldmatrix phase. Shared memory has 32 banks of 4 bytes; a
+ * 16-byte aligned row occupies the 4 banks of group (address / 16) % 8 and one wavefront serves one
+ * distinct row per group (lanes naming the same row share it: a broadcast). So the phase takes as
+ * many wavefronts as the largest number of distinct rows falling in one bank group: 1 when the 8
+ * rows hit 8 different groups (a conflict-free swizzle), up to 8 when they all share one. */
+uint32_t count_wavefronts(const uintptr_t (&row)[8]) {
+    uint32_t worst = 1;
+    for (int g = 0; g < 8; ++g) {
+        uintptr_t seen[8];
+        uint32_t n = 0;
+        for (int r = 0; r < 8; ++r) {
+            if (((row[r] >> 4) & 7) != (uintptr_t)g) continue;
+            bool dup = false;
+            for (uint32_t k = 0; k < n; ++k) dup |= seen[k] == row[r];
+            if (!dup) seen[n++] = row[r];
+        }
+        worst = std::max(worst, n);
+    }
+    return worst;
+}
+
+void complete_cp(Fiber* f, uint64_t below) {
+    size_t k = 0;
+    for (size_t i = 0; i < f->pend.size(); ++i) {
+        Pending& p = f->pend[i];
+        if (p.group < below) memcpy(p.dst, p.data, p.size);
+        else f->pend[k++] = p;
+    }
+    f->pend.resize(k);
+}
+
+/* ---- fiber entry and exit ------------------------------------------------------------------------ */
+
+}  // namespace qv
+
+extern "C" void qv_fiber_main(qv::Fiber* f) {
+    using namespace qv;
+    Executor* ex = f->ex;
+    ex->L->invoke(ex->L->fn, ex->L->args);
+    /* The thread ends: its outstanding copies still land (the hardware completes them). */
+    complete_cp(f, ~0ull);
+    f->state = St::Done;
+    ++ex->done;
+    ++ex->exited;
+    Warp& w = ex->warps[f->warp];
+    w.exited |= 1u << f->lane;
+    if (w.arrived && (w.mask & (1u << f->lane)))
+        ex->fail(QV_BARRIER_DEADLOCK, f, "exited while lanes 0x%08x of warp %u wait for it at %s", w.arrived, f->warp,
+                 op_name(w.op, w.variant));
+    if (ex->bar_arrived && ex->bar_arrived + ex->exited == ex->T)
+        ex->fail(QV_BARRIER_DEADLOCK, f,
+                 "__syncthreads reached by %u of %u threads; the other %u exited (every thread of the CTA must reach it)",
+                 ex->bar_arrived, ex->T, ex->exited);
+    ex->suspend(f);
+    __builtin_unreachable();
+}
+
+namespace qv {
+
+KernelReg::KernelReg(const char* name_, size_t args_size_, Invoke invoke_, void* fn_)
+    : name(name_), args_size(args_size_), invoke(invoke_), fn(fn_), next(nullptr) {
+    if (!fn) return; /* declared, but not linked into this program */
+    next = g_regs;
+    g_regs = this;
+}
+
+/* ---- device-side entry points (cuda_emu.h) ------------------------------------------------------- */
+
+void syncthreads() {
+    Fiber* f = self();
+    Executor* ex = f->ex;
+    if (++ex->bar_arrived == ex->T) {
+        /* The last thread releases the barrier and yields: the next barrier interval starts a new
+         * pass in its own order. */
+        ex->release_barrier();
+        f->state = St::Runnable;
+        ex->suspend(f);
+        return;
+    }
+    if (ex->bar_arrived + ex->exited == ex->T)
+        ex->fail(QV_BARRIER_DEADLOCK, f,
+                 "__syncthreads reached by %u of %u threads; the other %u exited (every thread of the CTA must reach it)",
+                 ex->bar_arrived, ex->T, ex->exited);
+    f->state = St::AtBarrier;
+    ex->suspend(f);
+}
+
+uint64_t shfl(unsigned mask, uint64_t v, int mode, int b, int c, int words) {
+    Fiber* f = self();
+    Executor* ex = f->ex;
+    Warp& w = ex->warps[f->warp];
+    LaneSlot& s = w.slot[f->lane];
+    s.in = v;
+    /* PTX shfl.sync: segment mask c[12:8], clamp c[4:0], lane operand b[4:0]. */
+    const int lane = (int)f->lane, bval = b & 31, cval = c & 31, seg = (c >> 8) & 31;
+    const int max_lane = (lane & seg) | (cval & ~seg), min_lane = lane & seg;
+    int j;
+    bool ok;
+    switch (mode) {
+        case 0: j = min_lane | (bval & ~seg); ok = j <= max_lane; break;
+        case 1: j = lane - bval; ok = j >= max_lane; break;
+        case 2: j = lane + bval; ok = j <= max_lane; break;
+        default: j = lane ^ bval; ok = j <= max_lane; break;
+    }
+    s.src = ok ? j : lane;
+    if (ex->warp_arrive(f, Op::Shfl, 0, mask)) {
+        uint32_t m = w.mask;
+        while (m) {
+            const int l = __builtin_ctz(m);
+            m &= m - 1;
+            const int src = w.slot[l].src;
+            /* A source lane outside the mask has no defined value: the lane keeps its own. */
+            w.slot[l].out = (w.mask >> src) & 1 ? w.slot[src].in : w.slot[l].in;
+        }
+        ex->ctr.shfl += words;
+        ex->warp_done(w, f);
+    } else {
+        f->state = St::AtWarp;
+        ex->suspend(f);
+    }
+    return s.out;
+}
+
+void syncwarp(unsigned mask) {
+    Fiber* f = self();
+    Executor* ex = f->ex;
+    if (ex->warp_arrive(f, Op::SyncWarp, 0, mask)) {
+        ex->warp_done(ex->warps[f->warp], f);
+    } else {
+        f->state = St::AtWarp;
+        ex->suspend(f);
+    }
+}
+
+unsigned ballot(unsigned mask, int pred) {
+    Fiber* f = self();
+    Executor* ex = f->ex;
+    Warp& w = ex->warps[f->warp];
+    LaneSlot& s = w.slot[f->lane];
+    s.in = pred != 0;
+    if (ex->warp_arrive(f, Op::Ballot, 0, mask)) {
+        uint32_t r = 0, m = w.mask;
+        while (m) {
+            const int l = __builtin_ctz(m);
+            m &= m - 1;
+            if (w.slot[l].in) r |= 1u << l;
+        }
+        m = w.mask;
+        while (m) {
+            const int l = __builtin_ctz(m);
+            m &= m - 1;
+            w.slot[l].out = r;
+        }
+        ex->warp_done(w, f);
+    } else {
+        f->state = St::AtWarp;
+        ex->suspend(f);
+    }
+    return (unsigned)s.out;
+}
+
+unsigned activemask() {
+    Fiber* f = self();
+    const Warp& w = f->ex->warps[f->warp];
+    return w.exists & ~w.exited;
+}
+
+void trap(const char* what) {
+    Fiber* f = self();
+    f->ex->fail(QV_TRAP, f, "%s", what);
+}
+
+void device_assert(const char* expr, const char* file, int line) {
+    Fiber* f = self();
+    f->ex->fail(QV_TRAP, f, "device assertion '%s' failed at %s:%d", expr, file, line);
+}
+
+void* dynamic_smem() { return self()->ex->dyn; }
+uint32_t dynamic_smem_size() { return self()->ex->dyn_size; }
+
+void cp_async(void* dst, const void* src, uint32_t cp_size, uint32_t src_size, bool cg) {
+    Fiber* f = self();
+    Executor* ex = f->ex;
+    if (cp_size != 4 && cp_size != 8 && cp_size != 16)
+        ex->fail(QV_PTX_ERROR, f, "cp.async of %u bytes (4, 8 or 16)", cp_size);
+    if (cg && cp_size != 16) ex->fail(QV_PTX_ERROR, f, "cp.async.cg of %u bytes (only 16)", cp_size);
+    if (src_size > cp_size) ex->fail(QV_PTX_ERROR, f, "cp.async src-size %u larger than cp-size %u", src_size, cp_size);
+    if (((uintptr_t)dst | (uintptr_t)src) & (cp_size - 1))
+        ex->fail(QV_PTX_ERROR, f, "cp.async of %u bytes from %p to %p: addresses must be %u-byte aligned", cp_size, src, dst,
+                 cp_size);
+    f->pend.emplace_back();
+    Pending& p = f->pend.back();
+    p.dst = (uint8_t*)dst;
+    p.size = cp_size;
+    p.group = f->committed;
+    memcpy(p.data, src, src_size);
+    memset(p.data + src_size, 0, cp_size - src_size);
+    memset(dst, kPoison, cp_size); /* undefined until the group completes */
+    ++ex->ctr.cp_async;
+    ex->ctr.cp_async_bytes += src_size;
+}
+
+void cp_async_commit() { ++self()->committed; }
+
+void cp_async_wait(int n) {
+    Fiber* f = self();
+    if (f->committed > (uint64_t)n) complete_cp(f, f->committed - (uint64_t)n);
+}
+
+void cp_async_wait_all() {
+    Fiber* f = self();
+    ++f->committed;
+    complete_cp(f, f->committed);
+}
+
+void ldmatrix(uint32_t* r, int n, bool trans, const void* p) {
+    Fiber* f = self();
+    Executor* ex = f->ex;
+    Warp& w = ex->warps[f->warp];
+    const uint32_t variant = (uint32_t)n * 2 + (trans ? 1 : 0);
+    if (w.exists != 0xffffffffu)
+        ex->fail(QV_PTX_ERROR, f, "%s in a warp of %d threads (needs all 32)", op_name(Op::Ldmatrix, variant),
+                 __builtin_popcount(w.exists));
+    LaneSlot& s = w.slot[f->lane];
+    s.addr = p;
+    s.regs = r;
+    if (!ex->warp_arrive(f, Op::Ldmatrix, variant, 0xffffffffu)) {
+        f->state = St::AtWarp;
+        ex->suspend(f);
+        return;
+    }
+    uint16_t m[4][8][8];
+    for (int i = 0; i < n; ++i) {
+        uintptr_t rows[8];
+        for (int rr = 0; rr < 8; ++rr) {
+            const int lane = 8 * i + rr;
+            rows[rr] = (uintptr_t)w.slot[lane].addr;
+            if (rows[rr] & 15) {
+                ex->set_error(QV_PTX_ERROR, ex->fibers[f->warp * 32 + lane],
+                              "%s: row address %p of matrix %d (lane %d) is not 16-byte aligned",
+                              op_name(Op::Ldmatrix, variant), w.slot[lane].addr, i, lane);
+                ex->fail(QV_PTX_ERROR, f, "-");
+            }
+            memcpy(m[i][rr], w.slot[lane].addr, 16);
+        }
+        ex->ctr.ldmatrix_wavefronts += count_wavefronts(rows);
+    }
+    for (int lane = 0; lane < 32; ++lane) {
+        const int rr = lane / 4, cc = 2 * (lane % 4);
+        for (int i = 0; i < n; ++i) {
+            const uint32_t lo = trans ? m[i][cc][rr] : m[i][rr][cc];
+            const uint32_t hi = trans ? m[i][cc + 1][rr] : m[i][rr][cc + 1];
+            w.slot[lane].regs[i] = lo | (hi << 16);
+        }
+    }
+    ++ex->ctr.ldmatrix;
+    ex->warp_done(w, f);
+}
+
+void mma_16816(float* d, const uint32_t* a, uint32_t b0, uint32_t b1, const float* c, MmaType t) {
+    Fiber* f = self();
+    Executor* ex = f->ex;
+    Warp& w = ex->warps[f->warp];
+    if (w.exists != 0xffffffffu)
+        ex->fail(QV_PTX_ERROR, f, "%s in a warp of %d threads (needs all 32)", op_name(Op::Mma, (uint32_t)t),
+                 __builtin_popcount(w.exists));
+    LaneSlot& s = w.slot[f->lane];
+    memcpy(s.a, a, sizeof s.a);
+    s.b[0] = b0;
+    s.b[1] = b1;
+    memcpy(s.c, c, sizeof s.c);
+    s.d = d;
+    if (!ex->warp_arrive(f, Op::Mma, (uint32_t)t, 0xffffffffu)) {
+        f->state = St::AtWarp;
+        ex->suspend(f);
+        return;
+    }
+    /* Unpack the fragments (PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point type"):
+     * g = lane / 4, q = lane % 4; each register holds two elements, the lower index in bits 0-15. */
+    typedef float v4 __attribute__((vector_size(16)));
+    alignas(32) float A[16][16], B[16][8], D[16][8];
+    for (int lane = 0; lane < 32; ++lane) {
+        const int g = lane >> 2, q = lane & 3;
+        const LaneSlot& x = w.slot[lane];
+        const uint32_t regs[6] = {x.a[0], x.a[1], x.a[2], x.a[3], x.b[0], x.b[1]};
+        float e[12];
+        if (t == MmaType::BF16) {
+            for (int k = 0; k < 6; ++k) {
+                e[2 * k] = __uint_as_float(regs[k] << 16);
+                e[2 * k + 1] = __uint_as_float(regs[k] & 0xffff0000u);
+            }
+        } else {
+            for (int k = 0; k < 6; ++k) {
+                e[2 * k] = f16_to_f32(regs[k] & 0xffffu);
+                e[2 * k + 1] = f16_to_f32(regs[k] >> 16);
+            }
+        }
+        A[g][2 * q] = e[0], A[g][2 * q + 1] = e[1];             /* a0, a1 */
+        A[g + 8][2 * q] = e[2], A[g + 8][2 * q + 1] = e[3];     /* a2, a3 */
+        A[g][2 * q + 8] = e[4], A[g][2 * q + 9] = e[5];         /* a4, a5 */
+        A[g + 8][2 * q + 8] = e[6], A[g + 8][2 * q + 9] = e[7]; /* a6, a7 */
+        B[2 * q][g] = e[8], B[2 * q + 1][g] = e[9];             /* b0, b1 */
+        B[2 * q + 8][g] = e[10], B[2 * q + 9][g] = e[11];       /* b2, b3 */
+        D[g][2 * q] = x.c[0], D[g][2 * q + 1] = x.c[1];         /* c0, c1 */
+        D[g + 8][2 * q] = x.c[2], D[g + 8][2 * q + 1] = x.c[3]; /* c2, c3 */
+    }
+    /* D[i][j] = ((C[i][j] + A[i][0] B[0][j]) + A[i][1] B[1][j]) + ... : exact products, f32 adds, k
+     * ascending (4 columns per vector operation, each element still one multiply and one add). */
+    for (int i = 0; i < 16; ++i) {
+        v4 d0, d1;
+        memcpy(&d0, &D[i][0], 16);
+        memcpy(&d1, &D[i][4], 16);
+        for (int k = 0; k < 16; ++k) {
+            const v4 a = {A[i][k], A[i][k], A[i][k], A[i][k]};
+            v4 b0, b1;
+            memcpy(&b0, &B[k][0], 16);
+            memcpy(&b1, &B[k][4], 16);
+            d0 = d0 + a * b0;
+            d1 = d1 + a * b1;
+        }
+        memcpy(&D[i][0], &d0, 16);
+        memcpy(&D[i][4], &d1, 16);
+    }
+    for (int lane = 0; lane < 32; ++lane) {
+        const int g = lane >> 2, q = lane & 3;
+        float* out = w.slot[lane].d;
+        out[0] = D[g][2 * q];
+        out[1] = D[g][2 * q + 1];
+        out[2] = D[g + 8][2 * q];
+        out[3] = D[g + 8][2 * q + 1];
+    }
+    ++ex->ctr.mma;
+    ex->warp_done(w, f);
+}
+
+/* ---- launching ---------------------------------------------------------------------------------- */
+
+int launch_fn(const char* name, Invoke invoke, void* fn, const void* args, size_t args_size, QvDim3 grid, QvDim3 block,
+              uint32_t dyn_smem, QvCounters* counters, QvStatus* status) {
+    if (!name) {
+        name = "(unregistered kernel)";
+        for (const KernelReg* r : kernels())
+            if (r->fn == fn) name = r->name;
+    }
+    const uint64_t threads = (uint64_t)block.x * block.y * block.z;
+    if (threads > kMaxThreads) {
+        set_status(status, QV_BAD_ARGS, "vgpu: kernel '%s': a block of %llu threads (at most %u)", name,
+                   (unsigned long long)threads, kMaxThreads);
+        return QV_BAD_ARGS;
+    }
+    set_status(status, QV_OK, "ok");
+    const uint64_t total = (uint64_t)grid.x * grid.y * grid.z;
+    if (total == 0 || threads == 0) return QV_OK;
+    install_handlers();
+    Executor& me = caller_executor();
+
+    /* The argument struct is passed by value: the launch keeps its own copy. */
+    void* copy = ::operator new(args_size ? args_size : 1, std::align_val_t(64));
+    memcpy(copy, args, args_size);
+    Launch l;
+    l.name = name;
+    l.invoke = invoke;
+    l.fn = fn;
+    l.args = copy;
+    l.grid = grid;
+    l.block = block;
+    l.dyn_smem = dyn_smem;
+    l.total = total;
+
+    Pool& p = pool();
+    bool shared = false;
+    {
+        std::lock_guard<std::mutex> g(p.mu);
+        const unsigned helpers = (unsigned)std::min<uint64_t>(p.helpers, total - 1);
+        if (helpers) {
+            p.spawn(p.helpers);
+            p.q.push_back(&l);
+            shared = true;
+            if (helpers == 1) p.cv.notify_one();
+            else p.cv.notify_all();
+        }
+    }
+    me.work(l);
+    if (shared) {
+        std::unique_lock<std::mutex> lk(p.mu);
+        for (auto it = p.q.begin(); it != p.q.end(); ++it)
+            if (*it == &l) {
+                p.q.erase(it);
+                break;
+            }
+        l.idle.wait(lk, [&] { return l.active == 0; });
+    }
+    ::operator delete(copy, std::align_val_t(64));
+    if (counters) {
+        counters->mma += l.ctr.mma;
+        counters->ldmatrix += l.ctr.ldmatrix;
+        counters->ldmatrix_wavefronts += l.ctr.ldmatrix_wavefronts;
+        counters->cp_async += l.ctr.cp_async;
+        counters->cp_async_bytes += l.ctr.cp_async_bytes;
+        counters->shfl += l.ctr.shfl;
+        counters->bar_sync += l.ctr.bar_sync;
+        counters->ctas += l.ctr.ctas;
+    }
+    if (l.failed.load()) {
+        if (status) *status = l.status;
+        return l.status.code;
+    }
+    return QV_OK;
+}
+
+}  // namespace qv
+
+/* ---- C ABI (vgpu_abi.h) ---------------------------------------------------------------------------- */
+
+extern "C" {
+
+size_t qv_kernel_count(void) { return qv::kernels().size(); }
+
+const char* qv_kernel_name(size_t i) {
+    const auto& k = qv::kernels();
+    return i < k.size() ? k[i]->name : nullptr;
+}
+
+size_t qv_kernel_args_size(const char* name) {
+    const qv::KernelReg* r = name ? qv::find_kernel(name) : nullptr;
+    return r ? r->args_size : 0;
+}
+
+int32_t qv_launch(const char* name, const void* args, size_t args_size, QvDim3 grid, QvDim3 block, uint32_t dyn_smem,
+                  QvCounters* counters, QvStatus* status) {
+    const qv::KernelReg* r = name ? qv::find_kernel(name) : nullptr;
+    if (!r) {
+        qv::set_status(status, QV_UNKNOWN_KERNEL, "vgpu: no kernel named '%s'", name ? name : "(null)");
+        return QV_UNKNOWN_KERNEL;
+    }
+    if (args_size != r->args_size) {
+        qv::set_status(status, QV_BAD_ARGS, "vgpu: kernel '%s' takes %zu bytes of arguments, got %zu", r->name, r->args_size,
+                       args_size);
+        return QV_BAD_ARGS;
+    }
+    return qv::launch_fn(r->name, r->invoke, r->fn, args, args_size, grid, block, dyn_smem, counters, status);
+}
+
+void qv_set_workers(uint32_t n) {
+    qv::Pool& p = qv::pool();
+    std::lock_guard<std::mutex> g(p.mu);
+    p.helpers = n > 1 ? n - 1 : 0;
+    p.cv.notify_all();
+}
+
+}  // extern "C"
+
+/* Strong references to every kernel qadapt.h declares, so that a program linking this runtime out
+ * of a static library also links every kernel object (their registrations are static
+ * initializers that nothing else refers to). The small runners, which compile only some kernel
+ * files, include this file with QV_NO_KERNEL_ANCHORS (cuda_emu_runtime.h). */
+#ifndef QV_NO_KERNEL_ANCHORS
+#undef QV_KERNEL_ANCHOR
+#define QV_KERNEL_ANCHOR(name, n) __attribute__((used)) static void* const qv_anchor_##name##_##n = (void*)&name;
+#include "qadapt.h"
+#endif

@@ -1,0 +1,972 @@
+/*
+ * vgpu_selftest.cpp — checks the kernel emulator (vgpu_runtime.cpp + cuda_emu.h + the emulated
+ * qadapt_mma.cuh) through its C ABI (vgpu_abi.h), linked the way crates/qadapt-vgpu links it: every
+ * kernels/<name>.cu compiled on its own as C++, plus the runtime, plus this file. Build and run
+ * (kernels/emu/README.md):
+ *
+ *   F="-std=c++20 -O2 -ffp-contract=off -fno-strict-aliasing -DQADAPT_EMU -pthread -Ikernels/emu -Ikernels/include"
+ *   for f in nf4 optim model lora; do c++ -x c++ $F -c kernels/$f.cu -o /tmp/$f.o; done
+ *   c++ $F -c kernels/emu/vgpu_runtime.cpp -o /tmp/vgpu_runtime.o
+ *   c++ $F kernels/emu/vgpu_selftest.cpp /tmp/{nf4,optim,model,lora,vgpu_runtime}.o -o /tmp/vgpu_selftest
+ *   /tmp/vgpu_selftest            # exit status 0 when every check passes
+ *
+ * What it checks:
+ *   - the registry: every kernel of qadapt.h is registered with its argument size; unknown names
+ *     and wrong sizes are refused;
+ *   - indices (3-D grids and blocks), shuffles of every mode and width, votes, dynamic shared memory
+ *     (poisoned at CTA start), cp.async (ca/cg, zero fill, poison until the wait), ldmatrix x1/x2/x4
+ *     with and without .trans against the ISA's fragment formula, its wavefront counts, and mma
+ *     m16n8k16 bf16/f16 against a scalar reference in the documented summation order (bit for bit);
+ *   - the tensor-core kernels of kernels/lora.cu (forward, backward, NF4) against a float64
+ *     reference, the NF4 kernels bit for bit against the dense ones on the dequantized weight;
+ *   - teeth: planted bugs are caught (a swapped B fragment pair, a missing cp.async.wait_group, a
+ *     wait_group one group too loose, a missing __syncthreads in both directions, barriers and warp
+ *     collectives some threads never reach, an out-of-bounds store into a guard page, misaligned
+ *     ldmatrix/cp.async, __trap, assert, a fiber stack overflow), each reported with its code and
+ *     message, and the next launch still works;
+ *   - concurrent launches from several host threads.
+ */
+#include "qadapt.h"
+#include "qadapt_mma.cuh"
+#include "vgpu_abi.h"
+
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <cstdarg>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <sys/mman.h>
+#include <unistd.h>
+
+using qadapt::cp_async16;
+using qadapt::cp_async_ca;
+using qadapt::cp_async_commit;
+using qadapt::cp_async_wait;
+using qadapt::cp_async_wait_all;
+typedef __nv_bfloat16 bf16;
+
+/* ---- test kernels ------------------------------------------------------------------------------ */
+
+struct StOut {
+    uint64_t out;
+    uint64_t in;
+    int32_t mode, param, width, flag;
+};
+
+/* Every thread writes its indices: threadIdx, blockIdx, blockDim, gridDim. */
+QADAPT_KERNEL(st_indices, StOut) {
+    const uint64_t b = blockIdx.x + (uint64_t)gridDim.x * (blockIdx.y + (uint64_t)gridDim.y * blockIdx.z);
+    const uint64_t t = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+    uint32_t* o = reinterpret_cast<uint32_t*>(args.out) + (b * blockDim.x * blockDim.y * blockDim.z + t) * 12;
+    const dim3 v[4] = {threadIdx, blockIdx, blockDim, gridDim};
+    for (int i = 0; i < 4; ++i) {
+        o[3 * i] = v[i].x;
+        o[3 * i + 1] = v[i].y;
+        o[3 * i + 2] = v[i].z;
+    }
+}
+
+/* out[t] = shuffle of in[t] (mode 0 idx, 1 up, 2 down, 3 xor, 4 ballot/any/all, 5 a double). */
+QADAPT_KERNEL(st_shfl, StOut) {
+    const unsigned t = threadIdx.x + blockIdx.x * blockDim.x;
+    const float v = reinterpret_cast<const float*>(args.in)[t];
+    float* o = reinterpret_cast<float*>(args.out);
+    const unsigned full = 0xffffffffu;
+    switch (args.mode) {
+        case 0: o[t] = __shfl_sync(full, v, args.param, args.width); break;
+        case 1: o[t] = __shfl_up_sync(full, v, args.param, args.width); break;
+        case 2: o[t] = __shfl_down_sync(full, v, args.param, args.width); break;
+        case 3: o[t] = __shfl_xor_sync(full, v, args.param, args.width); break;
+        case 4: {
+            const unsigned b = __ballot_sync(full, v > 0.0f);
+            const int any = __any_sync(full, v > 0.9f), all = __all_sync(full, v > -2.0f);
+            o[t] = (float)(b & 0xffffu) + 65536.0f * (float)(b >> 16) + 0.25f * any + 0.5f * all;
+            break;
+        }
+        default: {
+            const double d = __shfl_xor_sync(full, (double)v * 3.0, args.param);
+            o[t] = (float)d;
+        }
+    }
+}
+
+/* ldmatrix of a tile whose element (r, c) holds r * 256 + c: lane l gives the row address of
+ * matrix l / 8, row l % 8, at element (8 * (l / 8) + l % 8) * stride (+ a misalignment when flag). */
+QADAPT_KERNEL(st_ldmatrix, StOut) {
+    __shared__ __align__(128) uint16_t tile[64 * 64];
+    for (unsigned i = threadIdx.x; i < 64 * 64; i += blockDim.x) tile[i] = (uint16_t)((i / 64) * 256 + i % 64);
+    __syncthreads();
+    const unsigned lane = threadIdx.x & 31u;
+    const unsigned row = lane;  /* matrix lane / 8, row lane % 8: row `lane` of a [32][stride] layout */
+    const uint16_t* p = tile + row * (unsigned)args.param + (args.flag ? 4 : 0);
+    uint32_t r[4] = {0, 0, 0, 0};
+    const int n = args.mode & 7;
+    const bool trans = (args.mode & 8) != 0;
+    if (n == 1) {
+        uint32_t q[1];
+        trans ? qadapt::ldmatrix_x1_t(q, p) : qadapt::ldmatrix_x1(q, p);
+        r[0] = q[0];
+    } else if (n == 2) {
+        uint32_t q[2];
+        trans ? qadapt::ldmatrix_x2_t(q, p) : qadapt::ldmatrix_x2(q, p);
+        r[0] = q[0], r[1] = q[1];
+    } else {
+        trans ? qadapt::ldmatrix_x4_t(r, p) : qadapt::ldmatrix_x4(r, p);
+    }
+    uint32_t* o = reinterpret_cast<uint32_t*>(args.out) + threadIdx.x * 4;
+    for (int i = 0; i < 4; ++i) o[i] = r[i];
+}
+
+/* One m16n8k16 on one warp, fragments loaded element by element from global A [16][16], B [16][8]
+ * (k rows), C [16][8], per the ISA layout; flag 1 swaps b0 and b1 (a planted bug); mode 1 f16;
+ * param 1 accumulates into D (c aliased) instead of passing C separately. */
+QADAPT_KERNEL(st_mma, StOut) {
+    const uint16_t* A = reinterpret_cast<const uint16_t*>(args.in);
+    const uint16_t* B = A + 256;
+    const float* C = reinterpret_cast<const float*>(A + 384);
+    float* D = reinterpret_cast<float*>(args.out);
+    const unsigned lane = threadIdx.x & 31u, g = lane >> 2, t = lane & 3u;
+    auto pack = [](uint16_t lo, uint16_t hi) { return (uint32_t)lo | ((uint32_t)hi << 16); };
+    const uint32_t a[4] = {pack(A[g * 16 + 2 * t], A[g * 16 + 2 * t + 1]),
+                           pack(A[(g + 8) * 16 + 2 * t], A[(g + 8) * 16 + 2 * t + 1]),
+                           pack(A[g * 16 + 2 * t + 8], A[g * 16 + 2 * t + 9]),
+                           pack(A[(g + 8) * 16 + 2 * t + 8], A[(g + 8) * 16 + 2 * t + 9])};
+    uint32_t b0 = pack(B[(2 * t) * 8 + g], B[(2 * t + 1) * 8 + g]);
+    uint32_t b1 = pack(B[(2 * t + 8) * 8 + g], B[(2 * t + 9) * 8 + g]);
+    if (args.flag) {
+        const uint32_t s = b0;
+        b0 = b1;
+        b1 = s;
+    }
+    const float c[4] = {C[g * 8 + 2 * t], C[g * 8 + 2 * t + 1], C[(g + 8) * 8 + 2 * t], C[(g + 8) * 8 + 2 * t + 1]};
+    float d[4];
+    if (args.param) {
+        for (int i = 0; i < 4; ++i) d[i] = c[i];
+        args.mode ? qadapt::mma_f16(d, a, b0, b1) : qadapt::mma_bf16(d, a, b0, b1);
+    } else {
+        args.mode ? qadapt::mma_f16(d, a, b0, b1, c) : qadapt::mma_bf16(d, a, b0, b1, c);
+    }
+    D[g * 8 + 2 * t] = d[0];
+    D[g * 8 + 2 * t + 1] = d[1];
+    D[(g + 8) * 8 + 2 * t] = d[2];
+    D[(g + 8) * 8 + 2 * t + 1] = d[3];
+}
+
+/* A 3-stage cp.async pipeline over param tiles of 512 floats (128 threads x 16 bytes), each thread
+ * summing 4 values that another thread copied. mode 0: correct (wait_group STAGES-2 = 1);
+ * mode 1: wait_group 2, one group too many in flight (planted); mode 2: no wait at all (planted). */
+QADAPT_KERNEL(st_pipeline, StOut) {
+    constexpr int STAGES = 3, TILE = 512;
+    __shared__ __align__(16) float buf[STAGES][TILE];
+    const float* src = reinterpret_cast<const float*>(args.in);
+    const unsigned t = threadIdx.x;
+    const int tiles = args.param;
+    auto load = [&](int kt) { cp_async16(&buf[kt % STAGES][4 * t], src + (size_t)kt * TILE + 4 * t); };
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < tiles) load(s);
+        cp_async_commit();
+    }
+    float acc = 0.0f;
+    for (int kt = 0; kt < tiles; ++kt) {
+        if (args.mode == 0) cp_async_wait<STAGES - 2>();
+        else if (args.mode == 1) cp_async_wait<STAGES - 1>();
+        __syncthreads();
+        if (kt + STAGES - 1 < tiles) load(kt + STAGES - 1);
+        cp_async_commit();
+        const unsigned o = (4 * t + 4 * 37) % TILE;
+        for (int i = 0; i < 4; ++i) acc += buf[kt % STAGES][o + i];
+        __syncthreads();
+    }
+    cp_async_wait<0>();
+    reinterpret_cast<float*>(args.out)[blockIdx.x * blockDim.x + t] = acc;
+}
+
+/* cp.async forms: ca of 4 and 8 bytes, cg 16 with src-size 8 (zero fill), ca 16 with src-size 0;
+ * flag 1: read the destination before waiting (sees the poison). */
+QADAPT_KERNEL(st_cp_forms, StOut) {
+    __shared__ __align__(16) uint32_t s[32][16];
+    const uint32_t* src = reinterpret_cast<const uint32_t*>(args.in);
+    uint32_t* o = reinterpret_cast<uint32_t*>(args.out) + threadIdx.x * 16;
+    const unsigned t = threadIdx.x;
+    cp_async_ca<4>(&s[t][0], src + 16 * t);
+    cp_async_ca<4>(&s[t][1], src + 16 * t + 1);
+    cp_async_ca<8>(&s[t][2], src + 16 * t + 2);
+    cp_async16(&s[t][4], src + 16 * t + 4, 8);
+    cp_async_ca<16>(&s[t][8], src + 16 * t + 8, 0);
+    cp_async16(&s[t][12], src + 16 * t + 12);
+    if (args.flag) {
+        for (int i = 0; i < 16; ++i) o[i] = s[t][i];
+        cp_async_wait_all();
+        return;
+    }
+    cp_async_wait_all();
+    for (int i = 0; i < 16; ++i) o[i] = s[t][i];
+}
+
+/* Races on shared memory that a barrier should order: each of `param` iterations writes
+ * s[t] = it * 1000 + t, waits at a barrier (flag bit 0), reads the slot of the thread 32 * mode
+ * places away (mode +1: the next warp, -1: the previous one), and waits at a barrier again (flag
+ * bit 1). Without the first barrier a read can run before the other warp's store
+ * (read-after-write); without the second, the other warp's next store can run before the read
+ * (write-after-read). */
+QADAPT_KERNEL(st_race, StOut) {
+    __shared__ float s[256];
+    const unsigned t = threadIdx.x;
+    float* o = reinterpret_cast<float*>(args.out) + (size_t)blockIdx.x * args.param * 256;
+    for (int it = 0; it < args.param; ++it) {
+        s[t] = (float)(it * 1000 + (int)t);
+        if (args.flag & 1) __syncthreads();
+        o[it * 256 + t] = s[(t + 256 + 32 * args.mode) % 256];
+        if (args.flag & 2) __syncthreads();
+    }
+}
+
+/* Barriers and collectives some threads never reach. */
+QADAPT_KERNEL(st_deadlock, StOut) {
+    const unsigned t = threadIdx.x, lane = t & 31u;
+    float v = (float)t;
+    switch (args.mode) {
+        case 0: /* threads >= 100 leave before the barrier */
+            if (t >= 100) return;
+            __syncthreads();
+            break;
+        case 1: /* lane 5 of warp 1 leaves before a shuffle */
+            if (t == 37) return;
+            v = __shfl_xor_sync(0xffffffffu, v, 1);
+            break;
+        case 2: /* half of warp 0 waits at __syncthreads, the other half at a shuffle */
+            if (t < 16) __syncthreads();
+            else if (t < 32) v = __shfl_xor_sync(0xffffffffu, v, 1);
+            else __syncthreads();
+            break;
+        case 3: /* lanes of one warp at two different collectives */
+            if (lane < 16) v = __shfl_xor_sync(0xffffffffu, v, 1);
+            else v = (float)__ballot_sync(0xffffffffu, lane > 20);
+            break;
+        default: /* a correct kernel */
+            __syncthreads();
+            v = __shfl_xor_sync(0xffffffffu, v, 1);
+            break;
+    }
+    reinterpret_cast<float*>(args.out)[blockIdx.x * blockDim.x + t] = v;
+}
+
+/* Writes out[i] for i <= n (one past the end: a planted off-by-one) over a grid-stride loop. */
+QADAPT_KERNEL(st_oob, StOut) {
+    float* o = reinterpret_cast<float*>(args.out);
+    const uint32_t n = (uint32_t)args.param + (args.flag ? 1 : 0);
+    for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) o[i] = 1.0f;
+}
+
+/* Misuse: mode 0 __trap, 1 a failed assert, 2 a misaligned cp.async, 3 cp.async.cg of 8 bytes via the
+ * runtime, 4 deep recursion (fiber stack overflow), 5 integer division by zero. */
+__attribute__((noinline)) int deep(int n) {
+    volatile char buf[4096];
+    buf[0] = (char)n;
+    if (n == 0) return buf[0];
+    return deep(n - 1) + buf[0];
+}
+QADAPT_KERNEL(st_misuse, StOut) {
+    __shared__ __align__(16) float s[64];
+    const float* src = reinterpret_cast<const float*>(args.in);
+    if (threadIdx.x == 3) {
+        switch (args.mode) {
+            case 0: __trap();
+            case 1: assert(args.param == 12345);
+            break;
+            case 2: cp_async16(&s[1], src); break;
+            case 3: ::qv::cp_async(&s[0], src, 8, 8, true); break;
+            case 4: reinterpret_cast<float*>(args.out)[0] = (float)deep(100); break;
+            case 5: reinterpret_cast<float*>(args.out)[0] = (float)(args.param / args.width); break;
+        }
+    }
+    __syncthreads();
+}
+
+/* Dynamic shared memory: each thread reads its word before writing (the poison), then its
+ * neighbour's after a barrier; out[t] = {before, after, size}. */
+QADAPT_KERNEL(st_dyn_smem, StOut) {
+    uint32_t* s = qadapt::dynamic_smem<uint32_t>();
+    const unsigned t = threadIdx.x;
+    uint32_t* o = reinterpret_cast<uint32_t*>(args.out) + 3 * (blockIdx.x * blockDim.x + t);
+    o[0] = s[t];
+    s[t] = 7 * t + blockIdx.x;
+    __syncthreads();
+    o[1] = s[(t + 1) % blockDim.x];
+    o[2] = qadapt::dynamic_smem_size();
+}
+
+/* ---- harness ----------------------------------------------------------------------------------- */
+
+namespace {
+
+int g_fail = 0, g_checks = 0;
+void check(bool ok, const char* fmt, ...) __attribute__((format(printf, 2, 3)));
+void check(bool ok, const char* fmt, ...) {
+    ++g_checks;
+    if (ok) return;
+    ++g_fail;
+    va_list ap;
+    va_start(ap, fmt);
+    printf("  FAIL: ");
+    vprintf(fmt, ap);
+    printf("\n");
+    va_end(ap);
+}
+
+uint64_t P(const void* p) { return (uint64_t)(uintptr_t)p; }
+
+template <class A>
+QvStatus run(const char* name, const A& a, QvDim3 grid, QvDim3 block, uint32_t dyn = 0, QvCounters* c = nullptr) {
+    QvStatus st{};
+    qv_launch(name, &a, sizeof a, grid, block, dyn, c, &st);
+    return st;
+}
+QvDim3 D1(uint32_t x) { return QvDim3{x, 1, 1}; }
+
+const char* code_name(int c) {
+    static const char* n[] = {"QV_OK", "QV_UNKNOWN_KERNEL", "QV_BAD_ARGS", "QV_BARRIER_DEADLOCK", "QV_MEMORY_FAULT",
+                              "QV_PTX_ERROR", "QV_TRAP"};
+    return c >= 0 && c <= 6 ? n[c] : "?";
+}
+
+/* A launch expected to fail with `code`: prints its message (the report the driver will see). */
+void expect(const char* what, const QvStatus& st, int code) {
+    check(st.code == code, "%s: expected %s, got %s (%s)", what, code_name(code), code_name(st.code), st.message);
+    if (st.code == code) printf("  caught %-44s %s: %s\n", what, code_name(code), st.message);
+}
+
+struct Timer {
+    const char* what;
+    std::chrono::steady_clock::time_point t0 = std::chrono::steady_clock::now();
+    explicit Timer(const char* w) : what(w) { printf("%s\n", w); }
+    ~Timer() {
+        const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+        printf("  (%s: %.0f ms)\n", what, ms);
+    }
+};
+
+std::mt19937 rng(7);
+float uni(float lo, float hi) { return std::uniform_real_distribution<float>(lo, hi)(rng); }
+std::vector<bf16> rnd_bf16(size_t n, float s) {
+    std::vector<bf16> v(n);
+    for (auto& x : v) x = __float2bfloat16_rn(uni(-s, s));
+    return v;
+}
+float F(bf16 v) { return __bfloat162float(v); }
+
+/* ---- semantics ---------------------------------------------------------------------------------- */
+
+void test_registry() {
+    Timer tm("registry");
+    const size_t n = qv_kernel_count();
+    size_t lora = 0, st = 0;
+    for (size_t i = 0; i < n; ++i) {
+        const std::string k = qv_kernel_name(i);
+        lora += k.rfind("lora_", 0) == 0;
+        st += k.rfind("st_", 0) == 0;
+        if (i) check(std::string(qv_kernel_name(i - 1)) < k, "kernel names sorted and unique at %zu", i);
+    }
+    printf("  %zu kernels registered (%zu lora_*, %zu selftest)\n", n, lora, st);
+    check(lora == 13 && st == 11, "13 lora kernels and 11 selftest kernels registered");
+    check(qv_kernel_args_size("lora_gemm_dense_bf16") == sizeof(QadaptLoraFwdArgs), "args size of lora_gemm_dense_bf16");
+    check(qv_kernel_args_size("adamw_f32") == sizeof(QadaptAdamwArgs), "args size of adamw_f32");
+    check(qv_kernel_args_size("attention_fwd_bf16") == sizeof(QadaptAttentionArgs), "args size of attention_fwd_bf16");
+    check(qv_kernel_args_size("no_such_kernel") == 0, "unknown kernel has size 0");
+    StOut a{};
+    QvStatus s{};
+    check(qv_launch("no_such_kernel", &a, sizeof a, D1(1), D1(32), 0, nullptr, &s) == QV_UNKNOWN_KERNEL,
+          "unknown kernel refused");
+    check(qv_launch("st_indices", &a, sizeof a - 4, D1(1), D1(32), 0, nullptr, &s) == QV_BAD_ARGS, "wrong args size refused");
+}
+
+void test_indices() {
+    Timer tm("indices: 3-D grid (3,2,2) of 3-D blocks (5,4,3)");
+    const QvDim3 g{3, 2, 2}, b{5, 4, 3};
+    const size_t nb = 12, nt = 60;
+    std::vector<uint32_t> out(nb * nt * 12, 0xdeadbeef);
+    StOut a{};
+    a.out = P(out.data());
+    QvCounters c{};
+    const QvStatus st = run("st_indices", a, g, b, 0, &c);
+    check(st.code == QV_OK, "indices launch: %s", st.message);
+    size_t bad = 0;
+    for (uint32_t bz = 0; bz < 2; ++bz)
+        for (uint32_t by = 0; by < 2; ++by)
+            for (uint32_t bx = 0; bx < 3; ++bx)
+                for (uint32_t tz = 0; tz < 3; ++tz)
+                    for (uint32_t ty = 0; ty < 4; ++ty)
+                        for (uint32_t tx = 0; tx < 5; ++tx) {
+                            const size_t bl = bx + 3 * (by + 2 * bz), tl = tx + 5 * (ty + 4 * tz);
+                            const uint32_t* o = &out[(bl * nt + tl) * 12];
+                            const uint32_t want[12] = {tx, ty, tz, bx, by, bz, 5, 4, 3, 3, 2, 2};
+                            bad += memcmp(o, want, sizeof want) != 0;
+                        }
+    check(bad == 0, "indices: %zu threads saw wrong indices", bad);
+    check(c.ctas == 12, "ctas counter %llu", (unsigned long long)c.ctas);
+}
+
+void test_shuffles() {
+    Timer tm("shuffles: idx/up/down/xor at widths 32, 16, 8; ballot/any/all; 8-byte values");
+    const unsigned T = 64;
+    std::vector<float> in(T), out(T);
+    for (unsigned i = 0; i < T; ++i) in[i] = (float)i - 20.5f;
+    StOut a{};
+    a.in = P(in.data());
+    a.out = P(out.data());
+    size_t bad = 0;
+    for (int mode = 0; mode < 4; ++mode)
+        for (int width : {32, 16, 8})
+            for (int param : {0, 1, 3, 5, 13, 31}) {
+                a.mode = mode, a.width = width, a.param = param;
+                const QvStatus st = run("st_shfl", a, D1(1), D1(T));
+                check(st.code == QV_OK, "shfl launch: %s", st.message);
+                /* The CUDA Programming Guide's description of each intrinsic. */
+                for (unsigned t = 0; t < T; ++t) {
+                    const int lane = t % 32, base = lane / width * width;
+                    int src = lane;
+                    if (mode == 0) src = base + param % width;
+                    if (mode == 1) src = lane - base >= param ? lane - param : lane;
+                    if (mode == 2) src = lane - base + param < width ? lane + param : lane;
+                    if (mode == 3) src = ((lane ^ param) / width > lane / width) ? lane : (lane ^ param);
+                    bad += out[t] != in[t - lane + src];
+                }
+            }
+    check(bad == 0, "shuffles: %zu wrong values", bad);
+    a.mode = 4;
+    check(run("st_shfl", a, D1(1), D1(T)).code == QV_OK, "vote launch");
+    for (unsigned t = 0; t < T; ++t) {
+        uint32_t ballot = 0;
+        bool any = false, all = true;
+        for (unsigned l = 0; l < 32; ++l) {
+            const float v = in[t / 32 * 32 + l];
+            ballot |= (v > 0.0f ? 1u : 0u) << l;
+            any |= v > 0.9f;
+            all &= v > -2.0f;
+        }
+        const float want = (float)(ballot & 0xffffu) + 65536.0f * (float)(ballot >> 16) + 0.25f * any + 0.5f * all;
+        check(out[t] == want, "vote of thread %u: %g vs %g", t, out[t], want);
+    }
+    a.mode = 5;
+    a.param = 6;
+    check(run("st_shfl", a, D1(1), D1(T)).code == QV_OK, "double shuffle launch");
+    for (unsigned t = 0; t < T; ++t) check(out[t] == (float)((double)in[t ^ 6] * 3.0), "double shuffle at %u", t);
+}
+
+void test_ldmatrix() {
+    Timer tm("ldmatrix: x1/x2/x4, with and without .trans, row strides 8/16/32/64 elements");
+    std::vector<uint32_t> out(64 * 4);
+    StOut a{};
+    a.out = P(out.data());
+    size_t bad = 0;
+    for (int stride : {8, 16, 32, 64})
+        for (int n : {1, 2, 4})
+            for (int trans = 0; trans < 2; ++trans) {
+                a.mode = n | (trans ? 8 : 0);
+                a.param = stride;
+                QvCounters c{};
+                const QvStatus st = run("st_ldmatrix", a, D1(1), D1(64), 0, &c);
+                check(st.code == QV_OK, "ldmatrix launch: %s", st.message);
+                /* Element (r, c) of the [32][stride] view is tile[r * stride + c], which holds
+                 * (flat / 64) * 256 + flat % 64. Matrix i is rows 8i..8i+7, columns 0..7. */
+                auto elem = [&](int i, int r, int c) {
+                    const int flat = (8 * i + r) * stride + c;
+                    return (uint32_t)((flat / 64) * 256 + flat % 64);
+                };
+                for (int lane = 0; lane < 32; ++lane)
+                    for (int i = 0; i < n; ++i) {
+                        const int r = lane / 4, c = 2 * (lane % 4);
+                        const uint32_t lo = trans ? elem(i, c, r) : elem(i, r, c);
+                        const uint32_t hi = trans ? elem(i, c + 1, r) : elem(i, r, c + 1);
+                        bad += out[lane * 4 + i] != (lo | (hi << 16));
+                        bad += out[(lane + 32) * 4 + i] != (lo | (hi << 16)); /* warp 1 the same */
+                    }
+                /* Row stride 16 bytes: 8 rows in 8 bank groups, 1 wavefront per matrix; 32 bytes: 2
+                 * rows per group; 64: 4; 128: 8. Two warps each issue one instruction. */
+                const uint64_t per = stride == 8 ? 1 : stride == 16 ? 2 : stride == 32 ? 4 : 8;
+                check(c.ldmatrix == 2 && c.ldmatrix_wavefronts == 2 * per * n,
+                      "ldmatrix counters at stride %d x%d: %llu instructions, %llu wavefronts (want %llu)", stride, n,
+                      (unsigned long long)c.ldmatrix, (unsigned long long)c.ldmatrix_wavefronts,
+                      (unsigned long long)(2 * per * n));
+            }
+    check(bad == 0, "ldmatrix: %zu wrong registers", bad);
+    printf("  wavefronts per 8x8 matrix at row strides of 16/32/64/128 bytes: 1/2/4/8 (checked)\n");
+}
+
+/* The scalar reference of one mma in the documented order. */
+void mma_ref(const float (&A)[16][16], const float (&B)[16][8], const float (&C)[16][8], float (&D)[16][8]) {
+    for (int i = 0; i < 16; ++i)
+        for (int j = 0; j < 8; ++j) {
+            float acc = C[i][j];
+            for (int k = 0; k < 16; ++k) acc = acc + A[i][k] * B[k][j];
+            D[i][j] = acc;
+        }
+}
+
+void test_mma() {
+    Timer tm("mma m16n8k16: bf16 and f16, C separate and accumulated; planted bug: b0/b1 swapped");
+    for (int type = 0; type < 2; ++type) {
+        std::vector<uint16_t> buf(384 + 256);
+        float A[16][16], B[16][8], C[16][8], R[16][8];
+        for (int i = 0; i < 16; ++i)
+            for (int k = 0; k < 16; ++k) {
+                const float v = uni(-2, 2);
+                uint16_t bits = type ? __half_as_ushort(__float2half_rn(v)) : __bfloat16_as_ushort(__float2bfloat16_rn(v));
+                buf[i * 16 + k] = bits;
+                A[i][k] = type ? __half2float(__ushort_as_half(bits)) : F(__ushort_as_bfloat16(bits));
+            }
+        for (int k = 0; k < 16; ++k)
+            for (int j = 0; j < 8; ++j) {
+                const float v = uni(-2, 2);
+                uint16_t bits = type ? __half_as_ushort(__float2half_rn(v)) : __bfloat16_as_ushort(__float2bfloat16_rn(v));
+                buf[256 + k * 8 + j] = bits;
+                B[k][j] = type ? __half2float(__ushort_as_half(bits)) : F(__ushort_as_bfloat16(bits));
+            }
+        float* cp = reinterpret_cast<float*>(&buf[384]);
+        for (int i = 0; i < 16; ++i)
+            for (int j = 0; j < 8; ++j) cp[i * 8 + j] = C[i][j] = uni(-1, 1);
+        mma_ref(A, B, C, R);
+        std::vector<float> out(128);
+        StOut a{};
+        a.in = P(buf.data());
+        a.out = P(out.data());
+        a.mode = type;
+        for (int acc = 0; acc < 2; ++acc) {
+            a.param = acc;
+            a.flag = 0;
+            QvCounters c{};
+            const QvStatus st = run("st_mma", a, D1(1), D1(32), 0, &c);
+            check(st.code == QV_OK && c.mma == 1, "mma launch: %s", st.message);
+            size_t diff = 0;
+            double worst = 0;
+            for (int i = 0; i < 16; ++i)
+                for (int j = 0; j < 8; ++j) {
+                    diff += memcmp(&out[i * 8 + j], &R[i][j], 4) != 0;
+                    double exact = C[i][j];
+                    for (int k = 0; k < 16; ++k) exact += (double)A[i][k] * B[k][j];
+                    worst = std::max(worst, std::fabs(out[i * 8 + j] - exact));
+                }
+            check(diff == 0, "mma %s: %zu elements differ from the scalar reference", type ? "f16" : "bf16", diff);
+            check(worst < 1e-4, "mma %s: %g from the exact value", type ? "f16" : "bf16", worst);
+        }
+        a.flag = 1;
+        a.param = 0;
+        check(run("st_mma", a, D1(1), D1(32)).code == QV_OK, "mma (planted bug) launch");
+        size_t diff = 0;
+        for (int i = 0; i < 16; ++i)
+            for (int j = 0; j < 8; ++j) diff += std::fabs(out[i * 8 + j] - R[i][j]) > 1e-3;
+        check(diff > 100, "swapped B fragments went unnoticed (%zu of 128 differ)", diff);
+        printf("  %s: matches the scalar reference bit for bit; b0/b1 swapped: %zu of 128 outputs wrong (caught)\n",
+               type ? "f16" : "bf16", diff);
+    }
+}
+
+void test_cp_async() {
+    Timer tm("cp.async: forms, zero fill, poison before the wait; a 3-stage pipeline with planted bugs");
+    std::vector<uint32_t> src(32 * 16), out(32 * 16);
+    for (size_t i = 0; i < src.size(); ++i) src[i] = 0x01000000u + (uint32_t)i;
+    StOut a{};
+    a.in = P(src.data());
+    a.out = P(out.data());
+    QvCounters c{};
+    QvStatus st = run("st_cp_forms", a, D1(1), D1(32), 0, &c);
+    check(st.code == QV_OK, "cp forms: %s", st.message);
+    size_t bad = 0;
+    for (int t = 0; t < 32; ++t)
+        for (int i = 0; i < 16; ++i) {
+            const uint32_t want = (i >= 6 && i < 12) ? 0u : src[16 * t + i];
+            bad += out[16 * t + i] != want;
+        }
+    check(bad == 0, "cp.async forms: %zu wrong words", bad);
+    check(c.cp_async == 32 * 6 && c.cp_async_bytes == 32 * (4 + 4 + 8 + 8 + 0 + 16), "cp.async counters %llu / %llu",
+          (unsigned long long)c.cp_async, (unsigned long long)c.cp_async_bytes);
+    a.flag = 1;
+    check(run("st_cp_forms", a, D1(1), D1(32)).code == QV_OK, "cp forms (early read)");
+    bad = 0;
+    for (size_t i = 0; i < out.size(); ++i) bad += out[i] != 0xffffffffu;
+    check(bad == 0, "a read before the wait sees the poison (%zu words did not)", bad);
+    printf("  reads before cp.async.wait_all: %zu of %zu words are the 0xff poison\n", out.size() - bad, out.size());
+
+    const int tiles = 7;
+    std::vector<float> in(tiles * 512), res(2 * 128);
+    for (auto& v : in) v = uni(-1, 1);
+    std::vector<float> want(128, 0.0f);
+    for (int t = 0; t < 128; ++t)
+        for (int kt = 0; kt < tiles; ++kt)
+            for (int i = 0; i < 4; ++i) want[t] += in[kt * 512 + (4 * t + 4 * 37) % 512 + i];
+    StOut p{};
+    p.in = P(in.data());
+    p.out = P(res.data());
+    p.param = tiles;
+    const char* names[] = {"correct wait_group 1", "wait_group 2 (one group too many)", "no wait_group"};
+    for (int mode = 0; mode < 3; ++mode) {
+        p.mode = mode;
+        check(run("st_pipeline", p, D1(2), D1(128)).code == QV_OK, "pipeline launch");
+        size_t wrong = 0, nan = 0;
+        for (int t = 0; t < 256; ++t) {
+            wrong += res[t] != want[t % 128];
+            nan += std::isnan(res[t]);
+        }
+        if (mode == 0) check(wrong == 0, "pipeline: %zu wrong sums", wrong);
+        else check(wrong == 256, "planted pipeline bug (%s) went unnoticed: %zu of 256 sums wrong", names[mode], wrong);
+        printf("  pipeline, %-34s: %3zu of 256 sums wrong (%zu NaN)%s\n", names[mode], wrong, nan,
+               mode ? " (caught)" : "");
+    }
+}
+
+void test_race() {
+    Timer tm("races a missing __syncthreads leaves open between warps");
+    const int iters = 6;
+    std::vector<float> out(2 * iters * 256);
+    StOut a{};
+    a.out = P(out.data());
+    a.param = iters;
+    const char* what[] = {"", "store; barrier removed; load (read-after-write)", "load; barrier removed; next store (write-after-read)",
+                          "both barriers"};
+    for (int flag : {3, 2, 1})
+        for (int dir : {+1, -1}) {
+            a.mode = dir;
+            a.flag = flag;
+            std::fill(out.begin(), out.end(), -1.0f);
+            check(run("st_race", a, D1(2), D1(256)).code == QV_OK, "race launch");
+            size_t stale = 0, epochs = 0;
+            for (int b = 0; b < 2; ++b)
+                for (int it = 0; it < iters; ++it) {
+                    size_t here = 0;
+                    for (int t = 0; t < 256; ++t)
+                        here += out[(b * iters + it) * 256 + t] != (float)(it * 1000 + (t + 256 + 32 * dir) % 256);
+                    stale += here;
+                    epochs += here != 0;
+                }
+            if (flag == 3) check(stale == 0, "race kernel with both barriers: %zu wrong", stale);
+            else check(stale > 0, "%s, reading the %s warp, went unnoticed", what[flag], dir > 0 ? "next" : "previous");
+            printf("  %-52s reading the %s warp: %4zu of %d reads wrong, in %2zu of %d iterations%s\n", what[flag],
+                   dir > 0 ? "next    " : "previous", stale, 2 * iters * 256, epochs, 2 * iters, flag == 3 ? "" : " (caught)");
+        }
+}
+
+void test_deadlocks() {
+    Timer tm("barriers and collectives not reached by every thread");
+    std::vector<float> out(512);
+    StOut a{};
+    a.out = P(out.data());
+    const char* what[] = {"__syncthreads, threads >= 100 exited", "shuffle, lane 5 of warp 1 exited",
+                          "half a warp at a shuffle, the rest at barrier", "lanes at a shuffle and at a ballot"};
+    const int code[] = {QV_BARRIER_DEADLOCK, QV_BARRIER_DEADLOCK, QV_BARRIER_DEADLOCK, QV_PTX_ERROR};
+    for (int mode = 0; mode < 4; ++mode) {
+        a.mode = mode;
+        expect(what[mode], run("st_deadlock", a, D1(2), D1(256)), code[mode]);
+        a.mode = 9; /* the next launch works */
+        const QvStatus ok = run("st_deadlock", a, D1(2), D1(256));
+        check(ok.code == QV_OK && out[5] == 4.0f, "launch after a deadlock: %s", ok.message);
+    }
+}
+
+void test_faults() {
+    Timer tm("faults: guard page, misaligned ldmatrix/cp.async, trap, assert, stack overflow, SIGFPE");
+    const long page = sysconf(_SC_PAGESIZE);
+    uint8_t* m = (uint8_t*)mmap(nullptr, 2 * page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    mprotect(m + page, page, PROT_NONE);
+    StOut a{};
+    a.out = P(m);
+    a.param = (int)(page / 4);
+    a.flag = 1;
+    const QvStatus st = run("st_oob", a, D1(3), D1(128));
+    expect("store one past the end into a guard page", st, QV_MEMORY_FAULT);
+    check(st.fault_addr == P(m + page), "fault address %llx, guard page at %llx", (unsigned long long)st.fault_addr,
+          (unsigned long long)P(m + page));
+    /* Element n is written by the thread whose grid-stride index reaches it first. */
+    const uint32_t stride = 3 * 128, first = (uint32_t)(page / 4) % stride;
+    check(st.cta.x == first / 128 && st.thread.x == first % 128, "fault reported at CTA %u thread %u (want %u, %u)", st.cta.x,
+          st.thread.x, first / 128, first % 128);
+    a.flag = 0;
+    check(run("st_oob", a, D1(3), D1(128)).code == QV_OK, "in-bounds launch after the fault");
+    munmap(m, 2 * page);
+
+    std::vector<uint32_t> out(128);
+    StOut l{};
+    l.out = P(out.data());
+    l.mode = 4;
+    l.param = 16;
+    l.flag = 1;
+    expect("ldmatrix row address 8 bytes off", run("st_ldmatrix", l, D1(1), D1(32)), QV_PTX_ERROR);
+    float src[8] __attribute__((aligned(16))) = {};
+    StOut x{};
+    x.in = P(src);
+    x.out = P(out.data());
+    const char* what[] = {"__trap()", "assert(false)", "cp.async 16 to a 4-byte aligned address", "cp.async.cg of 8 bytes",
+                          "recursion past the 64 KiB fiber stack", "integer division by zero"};
+    const int code[] = {QV_TRAP, QV_TRAP, QV_PTX_ERROR, QV_PTX_ERROR, QV_MEMORY_FAULT, QV_TRAP};
+    for (int mode = 0; mode < 6; ++mode) {
+        x.mode = mode;
+        x.param = 7;
+        x.width = 0;
+        expect(what[mode], run("st_misuse", x, D1(1), D1(64)), code[mode]);
+    }
+    x.mode = 1;
+    x.param = 12345;
+    check(run("st_misuse", x, D1(1), D1(64)).code == QV_OK, "a passing assert");
+}
+
+void test_dyn_smem() {
+    Timer tm("dynamic shared memory: poisoned at CTA start, private per CTA");
+    const unsigned T = 96, G = 5;
+    std::vector<uint32_t> out(3 * T * G);
+    StOut a{};
+    a.out = P(out.data());
+    check(run("st_dyn_smem", a, D1(G), D1(T), 4 * T + 100).code == QV_OK, "dyn smem launch");
+    size_t bad = 0;
+    for (unsigned b = 0; b < G; ++b)
+        for (unsigned t = 0; t < T; ++t) {
+            const uint32_t* o = &out[3 * (b * T + t)];
+            bad += o[0] != 0xffffffffu || o[1] != 7 * ((t + 1) % T) + b || o[2] != 4 * T + 100;
+        }
+    check(bad == 0, "dynamic shared memory: %zu threads wrong", bad);
+}
+
+/* ---- the tensor-core kernels of lora.cu ----------------------------------------------------------- */
+
+struct Lora {
+    uint32_t M, N, K, r, na;
+    bool vec;
+    std::vector<bf16> x, W, A, B, bias, dy;
+    std::vector<float> s;
+    std::vector<int32_t> idx;
+    int adapter(uint32_t m) const { return idx[m] >= 0 && (uint32_t)idx[m] < na ? idx[m] : -1; }
+    uint32_t R() const { return r * na; }
+    Lora(uint32_t M_, uint32_t N_, uint32_t K_, uint32_t r_, uint32_t na_, bool vec_)
+        : M(M_), N(N_), K(K_), r(r_), na(na_), vec(vec_) {
+        x = rnd_bf16((size_t)M * K, 1);
+        W = rnd_bf16((size_t)N * K, 0.5f);
+        A = rnd_bf16((size_t)na * r * K, 0.5f);
+        B = rnd_bf16((size_t)na * N * r, 0.5f);
+        bias = rnd_bf16(N, 1);
+        dy = rnd_bf16((size_t)M * N, 1);
+        for (uint32_t i = 0; i < na; ++i) s.push_back(0.5f + i);
+        for (uint32_t m = 0; m < M; ++m) idx.push_back((int32_t)(m % (na + 1)) - 1);
+    }
+};
+
+uint32_t tiles(uint32_t a, uint32_t b) { return ((a + 127) / 128) * ((b + 127) / 128); }
+
+/* |got - want| <= 2^-7 |want| + atol, the bf16 output's rounding plus f32 accumulation. */
+size_t compare(const char* what, const std::vector<bf16>& got, const std::vector<double>& want, double atol) {
+    size_t bad = 0;
+    for (size_t i = 0; i < got.size(); ++i)
+        if (!(std::fabs(F(got[i]) - want[i]) <= std::ldexp(std::fabs(want[i]), -7) + atol)) {
+            if (bad++ < 3) printf("  %s[%zu]: %g vs %g\n", what, i, F(got[i]), want[i]);
+        }
+    check(bad == 0, "%s: %zu of %zu elements off", what, bad, got.size());
+    return bad;
+}
+
+void test_lora(uint32_t M, uint32_t N, uint32_t K, uint32_t r, uint32_t na, bool vec) {
+    char title[160];
+    snprintf(title, sizeof title, "lora.cu tensor-core kernels, M=%u N=%u K=%u r=%u x %u adapters%s", M, N, K, r, na,
+             vec ? ", 16-byte cp.async path" : ", element-load path");
+    Timer tm(title);
+    Lora L(M, N, K, r, na, vec);
+    const uint32_t R = L.R();
+    std::vector<bf16> u((size_t)M * R), y((size_t)M * N), g((size_t)M * R), dx((size_t)M * K);
+    std::vector<float> ga((size_t)R * K), gb((size_t)L.na * N * L.r);
+    for (auto& v : ga) v = uni(-1, 1);
+    for (auto& v : gb) v = uni(-1, 1);
+    const std::vector<float> ga0 = ga, gb0 = gb;
+    QadaptLoraFwdArgs f{};
+    f.x = P(L.x.data());
+    f.w = P(L.W.data());
+    f.lora_a = P(L.A.data());
+    f.lora_b = P(L.B.data());
+    f.scales = P(L.s.data());
+    f.adapter_idx = P(L.idx.data());
+    f.bias = P(L.bias.data());
+    f.u = P(u.data());
+    f.y = P(y.data());
+    f.m = M, f.n = N, f.k = K, f.rank = L.r, f.n_adapters = L.na;
+    f.flags = vec ? QADAPT_LORA_VEC : 0;
+    QvCounters c{};
+    QvStatus st = run("lora_gemm_xa_bf16", f, D1(tiles(M, R)), D1(256), 0, &c);
+    check(st.code == QV_OK, "lora_gemm_xa_bf16: %s", st.message);
+    st = run("lora_gemm_dense_bf16", f, D1(tiles(M, N)), D1(256), 0, &c);
+    check(st.code == QV_OK, "lora_gemm_dense_bf16: %s", st.message);
+    /* float64 references */
+    std::vector<double> u_ref((size_t)M * R), y_ref((size_t)M * N);
+    for (uint32_t m = 0; m < M; ++m)
+        for (uint32_t e = 0; e < R; ++e) {
+            const int ad = L.adapter(m);
+            double acc = 0;
+            if (ad == (int)(e / L.r))
+                for (uint32_t k = 0; k < K; ++k) acc += (double)F(L.x[(size_t)m * K + k]) * F(L.A[(size_t)e * K + k]);
+            u_ref[(size_t)m * R + e] = ad == (int)(e / L.r) ? L.s[ad] * acc : 0.0;
+        }
+    compare("u = s x A^T", u, u_ref, 1e-5);
+    for (uint32_t m = 0; m < M; ++m)
+        for (uint32_t n = 0; n < N; ++n) {
+            double acc = F(L.bias[n]);
+            for (uint32_t k = 0; k < K; ++k) acc += (double)F(L.x[(size_t)m * K + k]) * F(L.W[(size_t)n * K + k]);
+            for (uint32_t e = 0; e < R; ++e)
+                acc += (double)F(u[(size_t)m * R + e]) * F(L.B[((size_t)(e / L.r) * N + n) * L.r + e % L.r]);
+            y_ref[(size_t)m * N + n] = acc;
+        }
+    compare("y = x W^T + u Bcat^T + bias", y, y_ref, 1e-4);
+
+    QadaptLoraBwdArgs b{};
+    b.x = P(L.x.data());
+    b.dy = P(L.dy.data());
+    b.w = P(L.W.data());
+    b.lora_a = P(L.A.data());
+    b.lora_b = P(L.B.data());
+    b.scales = P(L.s.data());
+    b.adapter_idx = P(L.idx.data());
+    b.u = P(u.data());
+    b.g = P(g.data());
+    b.dx = P(dx.data());
+    b.grad_a = P(ga.data());
+    b.grad_b = P(gb.data());
+    b.m = M, b.n = N, b.k = K, b.rank = L.r, b.n_adapters = L.na;
+    b.flags = vec ? QADAPT_LORA_VEC : 0;
+    st = run("lora_gemm_bwd_dyb_bf16", b, D1(tiles(M, R)), D1(256), 0, &c);
+    check(st.code == QV_OK, "lora_gemm_bwd_dyb_bf16: %s", st.message);
+    st = run("lora_gemm_bwd_dx_dense_bf16", b, D1(tiles(M, K)), D1(256), 0, &c);
+    check(st.code == QV_OK, "lora_gemm_bwd_dx_dense_bf16: %s", st.message);
+    st = run("lora_gemm_bwd_da_bf16", b, D1(tiles(R, K)), D1(256), 0, &c);
+    check(st.code == QV_OK, "lora_gemm_bwd_da_bf16: %s", st.message);
+    st = run("lora_gemm_bwd_db_bf16", b, D1(tiles(N, R)), D1(256), 0, &c);
+    check(st.code == QV_OK, "lora_gemm_bwd_db_bf16: %s", st.message);
+    std::vector<double> g_ref((size_t)M * R), dx_ref((size_t)M * K);
+    for (uint32_t m = 0; m < M; ++m)
+        for (uint32_t e = 0; e < R; ++e) {
+            const int ad = L.adapter(m);
+            double acc = 0;
+            for (uint32_t n = 0; n < N; ++n)
+                acc += (double)F(L.dy[(size_t)m * N + n]) * F(L.B[((size_t)(e / L.r) * N + n) * L.r + e % L.r]);
+            g_ref[(size_t)m * R + e] = ad == (int)(e / L.r) ? L.s[ad] * acc : 0.0;
+        }
+    compare("g = s dy Bcat", g, g_ref, 1e-5);
+    for (uint32_t m = 0; m < M; ++m)
+        for (uint32_t k = 0; k < K; ++k) {
+            double acc = 0;
+            for (uint32_t n = 0; n < N; ++n) acc += (double)F(L.dy[(size_t)m * N + n]) * F(L.W[(size_t)n * K + k]);
+            for (uint32_t e = 0; e < R; ++e) acc += (double)F(g[(size_t)m * R + e]) * F(L.A[(size_t)e * K + k]);
+            dx_ref[(size_t)m * K + k] = acc;
+        }
+    compare("dx = dy W + g Acat", dx, dx_ref, 1e-4);
+    size_t bad_a = 0, bad_b = 0;
+    for (uint32_t e = 0; e < R; ++e)
+        for (uint32_t k = 0; k < K; ++k) {
+            double acc = ga0[(size_t)e * K + k];
+            for (uint32_t m = 0; m < M; ++m) acc += (double)F(g[(size_t)m * R + e]) * F(L.x[(size_t)m * K + k]);
+            bad_a += !(std::fabs(ga[(size_t)e * K + k] - acc) <= 1e-4 * (1 + std::fabs(acc)));
+        }
+    for (uint32_t a = 0; a < L.na; ++a)
+        for (uint32_t n = 0; n < N; ++n)
+            for (uint32_t j = 0; j < L.r; ++j) {
+                const size_t o = ((size_t)a * N + n) * L.r + j;
+                double acc = gb0[o];
+                for (uint32_t m = 0; m < M; ++m) acc += (double)F(L.dy[(size_t)m * N + n]) * F(u[(size_t)m * R + a * L.r + j]);
+                bad_b += !(std::fabs(gb[o] - acc) <= 1e-4 * (1 + std::fabs(acc)));
+            }
+    check(bad_a == 0, "grad_a += g^T x: %zu wrong", bad_a);
+    check(bad_b == 0, "grad_b += dy^T u: %zu wrong", bad_b);
+    printf("  6 kernels against the float64 reference (failures above); counters: %llu mma, %llu ldmatrix (%.2f wavefronts per matrix), "
+           "%llu cp.async (%llu bytes), %llu CTAs, %llu barriers\n",
+           (unsigned long long)c.mma, (unsigned long long)c.ldmatrix,
+           (double)c.ldmatrix_wavefronts / (4.0 * (double)std::max<uint64_t>(c.ldmatrix, 1)), (unsigned long long)c.cp_async,
+           (unsigned long long)c.cp_async_bytes, (unsigned long long)c.ctas, (unsigned long long)c.bar_sync);
+
+    if (K % 32 != 0) return;
+    /* NF4: quantize W with the nf4 kernels, dequantize to bf16; the fused NF4 GEMMs must equal the
+     * dense GEMMs on the dequantized W bit for bit (same tiles, same mma order). */
+    const uint32_t bs = 64, nb = (N * K + bs - 1) / bs;
+    std::vector<uint8_t> packed((size_t)N * K / 2 + 16);
+    std::vector<float> absmax(nb);
+    std::vector<bf16> wdq((size_t)N * K);
+    QadaptNf4QuantizeArgs q{P(L.W.data()), P(packed.data()), P(absmax.data()), (uint64_t)N * K, bs, 0};
+    check(run("nf4_quantize_bf16", q, D1(3), D1(256)).code == QV_OK, "nf4_quantize_bf16");
+    QadaptNf4DequantizeArgs dq{};
+    dq.packed = P(packed.data());
+    dq.absmax = P(absmax.data());
+    dq.n = (uint64_t)N * K;
+    dq.blocksize = bs;
+    dq.out = P(wdq.data());
+    check(run("nf4_dequantize_bf16", dq, D1(3), D1(256)).code == QV_OK, "nf4_dequantize_bf16");
+    std::vector<bf16> y_nf4((size_t)M * N), y_deq((size_t)M * N), dx_nf4((size_t)M * K), dx_deq((size_t)M * K);
+    f.w = P(packed.data());
+    f.absmax = P(absmax.data());
+    f.blocksize = bs;
+    f.y = P(y_nf4.data());
+    check(run("lora_gemm_nf4_bf16", f, D1(tiles(M, N)), D1(256)).code == QV_OK, "lora_gemm_nf4_bf16");
+    f.w = P(wdq.data());
+    f.y = P(y_deq.data());
+    check(run("lora_gemm_dense_bf16", f, D1(tiles(M, N)), D1(256)).code == QV_OK, "lora_gemm_dense_bf16 (dequantized W)");
+    b.w = P(packed.data());
+    b.absmax = P(absmax.data());
+    b.blocksize = bs;
+    b.dx = P(dx_nf4.data());
+    check(run("lora_gemm_bwd_dx_nf4_bf16", b, D1(tiles(M, K)), D1(256)).code == QV_OK, "lora_gemm_bwd_dx_nf4_bf16");
+    b.w = P(wdq.data());
+    b.dx = P(dx_deq.data());
+    check(run("lora_gemm_bwd_dx_dense_bf16", b, D1(tiles(M, K)), D1(256)).code == QV_OK, "bwd dx (dequantized W)");
+    check(memcmp(y_nf4.data(), y_deq.data(), y_nf4.size() * 2) == 0, "lora_gemm_nf4_bf16 == dense on dequantized W");
+    check(memcmp(dx_nf4.data(), dx_deq.data(), dx_nf4.size() * 2) == 0, "bwd_dx_nf4 == dense on dequantized W");
+    printf("  NF4 forward and dx GEMMs against the dense ones on the dequantized weight, bit for bit\n");
+}
+
+void test_concurrent() {
+    Timer tm("4 host threads launching lora_gemm_dense_bf16 at once");
+    Lora L(130, 136, 64, 8, 1, true);
+    std::vector<std::vector<bf16>> ys(4, std::vector<bf16>((size_t)L.M * L.N));
+    std::vector<bf16> u((size_t)L.M * L.R());
+    QadaptLoraFwdArgs f{};
+    f.x = P(L.x.data());
+    f.w = P(L.W.data());
+    f.lora_a = P(L.A.data());
+    f.lora_b = P(L.B.data());
+    f.scales = P(L.s.data());
+    f.adapter_idx = P(L.idx.data());
+    f.u = P(u.data());
+    f.m = L.M, f.n = L.N, f.k = L.K, f.rank = L.r, f.n_adapters = L.na, f.flags = QADAPT_LORA_VEC;
+    check(run("lora_gemm_xa_bf16", f, D1(tiles(L.M, L.R())), D1(256)).code == QV_OK, "xa");
+    std::vector<std::thread> th;
+    std::atomic<int> ok{0};
+    for (int i = 0; i < 4; ++i)
+        th.emplace_back([&, i] {
+            QadaptLoraFwdArgs a = f;
+            a.y = P(ys[i].data());
+            for (int rep = 0; rep < 3; ++rep) ok += run("lora_gemm_dense_bf16", a, D1(tiles(L.M, L.N)), D1(256)).code == QV_OK;
+        });
+    for (auto& t : th) t.join();
+    check(ok == 12, "concurrent launches: %d of 12 ok", ok.load());
+    for (int i = 1; i < 4; ++i) check(memcmp(ys[0].data(), ys[i].data(), ys[0].size() * 2) == 0, "concurrent result %d", i);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    const auto t0 = std::chrono::steady_clock::now();
+    if (argc > 1) qv_set_workers((uint32_t)atoi(argv[1]));
+    test_registry();
+    test_indices();
+    test_shuffles();
+    test_ldmatrix();
+    test_mma();
+    test_cp_async();
+    test_race();
+    test_deadlocks();
+    test_faults();
+    test_dyn_smem();
+    test_lora(150, 200, 96, 8, 2, true);
+    test_lora(70, 130, 90, 8, 2, false);
+    test_lora(300, 264, 256, 8, 2, true);
+    /* K / 32 = 4 k-slices: the last one in stage buffer 0, which the LoRA extension reuses; R = 48:
+     * two extension slices (both make the barriers around the extension matter). */
+    test_lora(130, 136, 128, 16, 3, true);
+    test_concurrent();
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    printf("%d checks, %d failed, %.2f s\n", g_checks, g_fail, s);
+    return g_fail != 0;
+}
