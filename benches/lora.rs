@@ -15,7 +15,7 @@ use qadapt::lora::{
 };
 use qadapt::nf4::{Nf4Tensor, Statistics};
 use qadapt::{Device, FloatVec};
-use qadapt_suite::randn;
+use qadapt_suite::{bench_smoke, randn};
 
 fn bf(v: &[f32]) -> Vec<bf16> {
     v.iter().map(|x| bf16::from_f32(*x)).collect()
@@ -139,10 +139,18 @@ fn cuda_table() {
         println!("lora CUDA benches skipped: {e}");
         return;
     }
-    let copy_bytes = 1usize << 30;
+    // Smoke (QADAPT_BENCH_SMOKE=1): one small awkward shape, one timed call each, so every CUDA
+    // branch runs on the virtual device; the numbers mean nothing.
+    let smoke = bench_smoke();
+    let iters = |n: usize| if smoke { 1 } else { n };
+    if smoke {
+        println!("\nSMOKE RUN (QADAPT_BENCH_SMOKE=1): tiny shapes, times mean nothing");
+    }
+    let copy_bytes = if smoke { 1usize << 20 } else { 1usize << 30 };
     let src = dev.zeros::<u8>(copy_bytes / 2).unwrap();
     let mut dst = dev.zeros::<u8>(copy_bytes / 2).unwrap();
-    let copy_gbs = copy_bytes as f64 / dev.time_ms(20, || dev.copy(&src, &mut dst)).unwrap() / 1e6;
+    let copy_gbs =
+        copy_bytes as f64 / dev.time_ms(iters(20), || dev.copy(&src, &mut dst)).unwrap() / 1e6;
     drop((src, dst));
     println!(
         "\nLoRA forward on {}; device copy {copy_gbs:.0} GB/s (read + write)",
@@ -153,12 +161,17 @@ fn cuda_table() {
     );
     println!("|---|---|---|---|---|---|---|---|---|---|");
     let s = 2.0f32;
-    for (n, k) in [
-        (4096usize, 4096usize),
-        (4096, 14336),
-        (14336, 4096),
-        (8192, 28672),
-    ] {
+    let shapes: &[(usize, usize)] = if smoke {
+        &[(136, 96)]
+    } else {
+        &[(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672)]
+    };
+    let rows: &[usize] = if smoke {
+        &[1, 8, 40]
+    } else {
+        &[1, 8, 512, 4096]
+    };
+    for &(n, k) in shapes {
         let w = dev.upload(&uniform(n * k, 0.05, 1)).unwrap();
         let q = CudaNf4::quantize(&dev, &w, 64, Statistics::DoubleQuant).unwrap();
         let (packed, scales) = q.to_host(&dev).unwrap();
@@ -182,11 +195,11 @@ fn cuda_table() {
                 LoraLinear::new(n, k, BaseWeight::Nf4(host_q.clone()), None, adapters).unwrap();
             let fused = CudaLoraLinear::upload(&dev, &layer).unwrap();
             let (da, db) = (dev.upload(&a).unwrap(), dev.upload(&b).unwrap());
-            for m in [1usize, 8, 512, 4096] {
+            for &m in rows {
                 let x = dev.upload(&uniform(m * k, 1.0, 4)).unwrap();
                 let mut y = dev.zeros::<bf16>(m * n).unwrap();
                 let mut t = dev.zeros::<bf16>(m * r).unwrap();
-                let iters = if m <= 16 { 200 } else { 20 };
+                let iters = iters(if m <= 16 { 200 } else { 20 });
                 let f_ms = dev
                     .time_ms(iters, || fused.forward(&x, m, None, &mut y))
                     .unwrap();
@@ -222,7 +235,7 @@ fn cuda_table() {
                 );
             }
             if r == 16 {
-                let m = 4096;
+                let m = *rows.last().unwrap();
                 let x = dev.upload(&uniform(m * k, 1.0, 5)).unwrap();
                 let dy = dev.upload(&uniform(m * n, 1.0, 6)).unwrap();
                 let mut dx = dev.zeros::<bf16>(m * k).unwrap();
@@ -233,17 +246,17 @@ fn cuda_table() {
                 let mut ga16 = dev.zeros::<bf16>(r * k).unwrap();
                 let mut gb16 = dev.zeros::<bf16>(n * r).unwrap();
                 let f_ms = dev
-                    .time_ms(10, || {
+                    .time_ms(iters(10), || {
                         fused.backward(&x, &dy, m, None, &mut dx, &mut ga, &mut gb)
                     })
                     .unwrap();
                 let d_ms = dev
-                    .time_ms(10, || {
+                    .time_ms(iters(10), || {
                         dev.gemm_bf16(&dy, Op::N, &w, Op::N, &mut dx, (m, k, n), 1.0, 0.0)
                     })
                     .unwrap();
                 let u_ms = dev
-                    .time_ms(10, || {
+                    .time_ms(iters(10), || {
                         q.dequantize_into(&dev, &mut wdq)?;
                         dev.gemm_bf16(&dy, Op::N, &wdq, Op::N, &mut dx, (m, k, n), 1.0, 0.0)?;
                         dev.gemm_bf16(&dy, Op::N, &db, Op::N, &mut g, (m, r, n), s, 0.0)?;

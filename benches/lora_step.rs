@@ -20,6 +20,8 @@
 //! - `--adapter DIR`: start from a PEFT LoRA directory (the hyper-parameters are read from it) so
 //!   the losses of every step can be compared with PEFT's; otherwise qadapt's own PEFT-like init.
 //! - `--warmup W` (1) untimed steps, then `--steps N` (3) timed ones.
+//! - `QADAPT_BENCH_SMOKE=1` replaces all of the above by a one-layer model of hidden 64 and one
+//!   step (the virtual device's smoke run; its times mean nothing).
 //! - `--device cpu|cuda[:N]` (cpu); `--base dense|nf4` (dense): the frozen projections as they
 //!   are or NF4 (block 64, double quant; QLoRA, with paged AdamW moments on CUDA).
 //! - The random model's shape: `--hidden`, `--intermediate`, `--layers`, `--heads`,
@@ -67,6 +69,26 @@ impl Opts {
                 .next()
                 .unwrap_or_else(|| panic!("--{name} needs a value"));
             args.push((name.to_owned(), v));
+        }
+        if qadapt_suite::bench_smoke() {
+            // QADAPT_BENCH_SMOKE=1 (the virtual device): a tiny model and one step, whatever
+            // was asked, so the CUDA path runs end to end in seconds; the times mean nothing.
+            for (k, v) in [
+                ("hidden", "64"),
+                ("intermediate", "96"),
+                ("layers", "1"),
+                ("heads", "2"),
+                ("kv-heads", "1"),
+                ("head-dim", "32"),
+                ("vocab", "128"),
+                ("batch", "2"),
+                ("seq", "24"),
+                ("rank", "4"),
+                ("warmup", "0"),
+                ("steps", "1"),
+            ] {
+                args.push((k.to_owned(), v.to_owned()));
+            }
         }
         Opts { args }
     }
@@ -263,6 +285,7 @@ fn main() {
     let env = |k: &str| std::env::var(k).ok();
     let out = json!({
         "framework": "qadapt",
+        "smoke": qadapt_suite::bench_smoke(),
         "device": on,
         "base": if nf4.is_some() { "nf4" } else { "dense" },
         "model": source,

@@ -12,7 +12,7 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group};
 use half::bf16;
 use qadapt::nf4::{CudaNf4, Nf4Tensor, Statistics};
 use qadapt::{DType, Device, FloatVec};
-use qadapt_suite::randn;
+use qadapt_suite::{bench_smoke, randn};
 
 fn cpu(c: &mut Criterion) {
     let (rows, cols) = (4096usize, 4096usize);
@@ -78,15 +78,22 @@ fn cuda() {
             return;
         }
     };
+    // Smoke: one awkward shape (a partial block of 64, a partial double-quant block of 256), one
+    // timed call each; the numbers mean nothing.
+    let smoke = bench_smoke();
+    let iters = |n: usize| if smoke { 1 } else { n };
+    if smoke {
+        println!("\nSMOKE RUN (QADAPT_BENCH_SMOKE=1): tiny shapes, times mean nothing");
+    }
     println!("\nNF4 dequantize on {}", dev.describe());
     println!("| kernel | shape | stats | time (us) | GB/s | copy GB/s | ratio |");
     println!("|---|---|---|---|---|---|---|");
-    for (rows, cols) in [
-        (4096usize, 4096usize),
-        (4096, 14336),
-        (14336, 4096),
-        (8192, 28672),
-    ] {
+    let shapes: &[(usize, usize)] = if smoke {
+        &[(67, 400)]
+    } else {
+        &[(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672)]
+    };
+    for &(rows, cols) in shapes {
         let n = rows * cols;
         let w: Vec<bf16> = randn(n, 0.02, 2)
             .iter()
@@ -102,11 +109,11 @@ fn cuda() {
             };
             let bytes = (n / 2 + scale_bytes + 2 * n) as f64;
             let ms = dev
-                .time_ms(50, || q.dequantize_into(&dev, &mut out))
+                .time_ms(iters(50), || q.dequantize_into(&dev, &mut out))
                 .unwrap();
             let src = dev.zeros::<u8>(bytes as usize / 2).unwrap();
             let mut dst = dev.zeros::<u8>(bytes as usize / 2).unwrap();
-            let copy_ms = dev.time_ms(50, || dev.copy(&src, &mut dst)).unwrap();
+            let copy_ms = dev.time_ms(iters(50), || dev.copy(&src, &mut dst)).unwrap();
             let gbs = bytes / ms / 1e6;
             let copy_gbs = bytes / copy_ms / 1e6;
             println!(
@@ -118,7 +125,7 @@ fn cuda() {
         let q = CudaNf4::quantize(&dev, &x, 64, Statistics::DoubleQuant).unwrap();
         drop(q);
         let ms = dev
-            .time_ms(5, || {
+            .time_ms(iters(5), || {
                 CudaNf4::quantize(&dev, &x, 64, Statistics::DoubleQuant).map(drop)
             })
             .unwrap();

@@ -15,7 +15,7 @@ out=gpu-bundle
 limit_mb=60
 stage="$out/stage"
 rm -rf "$out"
-mkdir -p "$stage/tests" "$stage/benches" "$out/tools"
+mkdir -p "$stage/tests" "$stage/benches" "$stage/bin" "$out/tools"
 export QADAPT_REQUIRE_CUDA=1
 
 artifacts() { # cargo args... -> "name path" lines of the executables built
@@ -43,6 +43,11 @@ while read -r _kind name exe; do
     fi
 done < <(artifacts test --release --workspace --no-run)
 
+# The CLI's GPU tests run the `qadapt` binary: it travels too (run.sh points QADAPT_BIN at it).
+cargo build --release -q -p qadapt-cli
+cp target/release/qadapt "$stage/bin/qadapt"
+strip "$stage/bin/qadapt"
+
 echo "building release bench binaries"
 cargo bench --workspace --no-run -q
 while read -r kind name exe; do
@@ -58,7 +63,7 @@ if [ "$n_tests" -eq 0 ] || [ "$n_benches" -eq 0 ]; then
     exit 1
 fi
 echo "packing $(du -sm "$stage" | cut -f1) MB of binaries into bins.tar.xz"
-tar -C "$stage" -cf - tests benches | xz -T0 -9 >"$out/bins.tar.xz"
+tar -C "$stage" -cf - tests benches bin | xz -T0 -9 >"$out/bins.tar.xz"
 rm -rf "$stage"
 
 cp .cuda/wheels/nvidia_cuda_sanitizer_api-13.0.85-*.whl "$out/tools/"
@@ -82,6 +87,7 @@ if ! { xz -dc "$here/bins.tar.xz" 2>/dev/null | tar -C "$bins" -xf - 2>/dev/null
 fi
 echo "unpacked $(ls "$bins/tests" | wc -l) test and $(ls "$bins/benches" | wc -l) bench binaries"
 cd "$bins"
+export QADAPT_BIN="$bins/bin/qadapt"
 if ! ldconfig -p 2>/dev/null | grep -q 'libcuda\.so' && ! command -v nvidia-smi >/dev/null 2>&1; then
     echo "no CUDA device: no NVIDIA driver (libcuda.so) on this machine"
     exit 2

@@ -22,3 +22,10 @@ pub fn randn(n: usize, scale: f32, seed: u64) -> Vec<f32> {
         })
         .collect()
 }
+
+/// `QADAPT_BENCH_SMOKE=1`: the CUDA tables of the benches run once at tiny shapes, so every CUDA
+/// branch executes on the virtual device (`just vgpu`) in CI. Times measured so mean nothing and
+/// are printed under a SMOKE header, never to be reported.
+pub fn bench_smoke() -> bool {
+    std::env::var("QADAPT_BENCH_SMOKE").is_ok_and(|v| v == "1")
+}
