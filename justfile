@@ -68,12 +68,14 @@ make-default:
 kernel-report: setup
     QADAPT_REQUIRE_CUDA=1 cargo test -p qadapt-kernels --test static_report -- --nocapture
 
-# Formatting, lints, tests with kernels required, kernel report: what CI runs.
+# Formatting, lints, tests with kernels required, kernel report, every GPU test on the virtual
+# device, the GPU bundle rehearsed (without a driver, then on the virtual device): what CI runs.
 ci: setup
     cargo fmt --all -- --check
     QADAPT_REQUIRE_CUDA=1 cargo clippy --workspace --all-targets -- -D warnings
     just test
     just kernel-report
+    just test-vgpu
     bash scripts/gpu-bundle.sh --rehearse
 
 # --- benchmarks ----------------------------------------------------------------------------------
@@ -99,6 +101,24 @@ gpu-bundle: setup
 # Build the bundle and run it here (needs a local NVIDIA GPU with a CUDA 13 driver).
 gpu-check: gpu-bundle
     bash gpu-bundle/run.sh
+
+# Run CMD on the virtual H200 of crates/qadapt-vgpu (no GPU needed): builds it into target/vgpu/
+# (libcuda.so, libcublas.so), puts that first on LD_LIBRARY_PATH and sets QADAPT_VGPU=1, e.g.
+# `just vgpu cargo test -p qadapt --release -- --ignored`.
+[positional-arguments]
+vgpu +cmd:
+    bash crates/qadapt-vgpu/vgpu.sh run "$@"
+
+# Every GPU test (`#[ignore = "needs a CUDA device"]`) of the workspace on the virtual H200
+# (release); fails unless every listed test ran and passed. Extra arguments go to cargo test.
+[positional-arguments]
+test-vgpu *args="":
+    bash crates/qadapt-vgpu/vgpu.sh test "$@"
+
+# The virtual device's counters (mma, ldmatrix wavefronts, cp.async bytes, barriers, CTAs) per
+# kernel at DESIGN.md §8's shapes (benches/kernel_counters.rs; options such as `--m 128`).
+kernel-counters *args="":
+    bash crates/qadapt-vgpu/vgpu.sh run cargo bench -q --bench kernel_counters -- {{args}}
 
 # --- golden files --------------------------------------------------------------------------------
 

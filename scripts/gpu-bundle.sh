@@ -7,8 +7,9 @@
 # racecheck on the LoRA kernels) and the CUDA benchmarks, then prints one summary.
 #
 #   scripts/gpu-bundle.sh              build the folder
-#   scripts/gpu-bundle.sh --rehearse   build it, check its size, and run it here: without a GPU
-#                                      it must stop cleanly with "no CUDA device"
+#   scripts/gpu-bundle.sh --rehearse   build it, check its size, and run it here twice: without a
+#                                      driver it must stop cleanly with "no CUDA device"; on the
+#                                      virtual device (crates/qadapt-vgpu) every step must pass
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=gpu-bundle
@@ -72,7 +73,12 @@ cat > "$out/run.sh" <<'RUN'
 #!/usr/bin/env bash
 # qadapt GPU bundle. Needs an NVIDIA GPU (sm_80+) and a CUDA 13 driver; no Rust toolchain.
 # Runs every ignored (GPU) test, compute-sanitizer memcheck on each test binary and racecheck on
-# the LoRA tests, the CUDA benches, and prints one summary. Exit status: 0 all passed, 1 a check failed, 2 no CUDA device.
+# the LoRA tests, the CUDA benches, and prints one summary. Exit status: 0 all passed, 1 a check
+# failed, 2 no CUDA device.
+# With QADAPT_VGPU=1 (set by `just vgpu`, the virtual device of crates/qadapt-vgpu first on
+# LD_LIBRARY_PATH) it runs the same steps on the virtual H200: the GPU checks of the machine
+# (nvidia-smi, cuBLAS lookup, compute-sanitizer) are skipped and the benches run once at tiny
+# shapes (QADAPT_BENCH_SMOKE=1): their times mean nothing.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 export RUST_BACKTRACE=1
@@ -88,16 +94,20 @@ fi
 echo "unpacked $(ls "$bins/tests" | wc -l) test and $(ls "$bins/benches" | wc -l) bench binaries"
 cd "$bins"
 export QADAPT_BIN="$bins/bin/qadapt"
-if ! ldconfig -p 2>/dev/null | grep -q 'libcuda\.so' && ! command -v nvidia-smi >/dev/null 2>&1; then
+vgpu=${QADAPT_VGPU:-0}
+if [ "$vgpu" = 1 ]; then
+    echo "virtual device (QADAPT_VGPU=1): benches at smoke shapes, times mean nothing; no sanitizer"
+    export QADAPT_BENCH_SMOKE=1
+elif ! ldconfig -p 2>/dev/null | grep -q 'libcuda\.so' && ! command -v nvidia-smi >/dev/null 2>&1; then
     echo "no CUDA device: no NVIDIA driver (libcuda.so) on this machine"
     exit 2
 fi
-if ! nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; then
+if [ "$vgpu" != 1 ] && ! nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; then
     echo "no CUDA device: nvidia-smi sees no GPU"
     exit 2
 fi
 # cuBLAS (the baselines and dense GEMMs) is loaded at run time; a Python CUDA wheel often has it.
-if ! ldconfig -p 2>/dev/null | grep -q 'libcublas\.so'; then
+if [ "$vgpu" != 1 ] && ! ldconfig -p 2>/dev/null | grep -q 'libcublas\.so'; then
     cublas_dir=$(python3 - 2>/dev/null <<'PY'
 import glob, os, site, sys
 dirs = site.getsitepackages() + [site.getusersitepackages()] + sys.path
@@ -134,31 +144,34 @@ done
 # 2026-12-04, whose /usr/local/cuda/bin/compute-sanitizer 2025.3.1 works), else the bundled wheel.
 # memcheck runs every test binary (device out-of-bounds, misaligned and uninitialized-free
 # accesses), racecheck the LoRA kernels (shared-memory hazards of the cp.async pipeline).
-cs=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
-if [ -z "$cs" ]; then
-    san=/tmp/qadapt-sanitizer
-    rm -rf "$san"
-    python3 -m zipfile -e "$here"/tools/nvidia_cuda_sanitizer_api-*.whl "$san" >/dev/null 2>&1 || unzip -q "$here"/tools/nvidia_cuda_sanitizer_api-*.whl -d "$san"
-    chmod +x "$san"/nvidia/cu13/bin/compute-sanitizer 2>/dev/null
-    cs="$san"/nvidia/cu13/bin/compute-sanitizer
-fi
-for t in tests/*; do
-    name=$(basename "$t")
-    if timeout 300 "$cs" --tool memcheck --error-exitcode 1 "$t" --ignored --test-threads=1 >"$logs/memcheck-$name.log" 2>&1; then
+# (The virtual device checks memory itself; compute-sanitizer needs NVIDIA's driver.)
+if [ "$vgpu" != 1 ]; then
+    cs=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
+    if [ -z "$cs" ]; then
+        san=/tmp/qadapt-sanitizer
+        rm -rf "$san"
+        python3 -m zipfile -e "$here"/tools/nvidia_cuda_sanitizer_api-*.whl "$san" >/dev/null 2>&1 || unzip -q "$here"/tools/nvidia_cuda_sanitizer_api-*.whl -d "$san"
+        chmod +x "$san"/nvidia/cu13/bin/compute-sanitizer 2>/dev/null
+        cs="$san"/nvidia/cu13/bin/compute-sanitizer
+    fi
+    for t in tests/*; do
+        name=$(basename "$t")
+        if timeout 300 "$cs" --tool memcheck --error-exitcode 1 "$t" --ignored --test-threads=1 >"$logs/memcheck-$name.log" 2>&1; then
+            r=PASS
+        else
+            r=FAIL; status=1; tail -n 40 "$logs/memcheck-$name.log"
+        fi
+        summary+=("| memcheck | $name | $r | | $(grep -E 'ERROR SUMMARY' "$logs/memcheck-$name.log" | tail -n 1) |")
+        echo "${summary[-1]}"
+    done
+    if timeout 300 "$cs" --tool racecheck --error-exitcode 1 tests/lora --ignored --test-threads=1 >"$logs/racecheck-lora.log" 2>&1; then
         r=PASS
     else
-        r=FAIL; status=1; tail -n 40 "$logs/memcheck-$name.log"
+        r=FAIL; status=1; tail -n 40 "$logs/racecheck-lora.log"
     fi
-    summary+=("| memcheck | $name | $r | | $(grep -E 'ERROR SUMMARY' "$logs/memcheck-$name.log" | tail -n 1) |")
+    summary+=("| racecheck | lora | $r | | $(grep -E 'RACECHECK SUMMARY' "$logs/racecheck-lora.log" | tail -n 1) |")
     echo "${summary[-1]}"
-done
-if timeout 300 "$cs" --tool racecheck --error-exitcode 1 tests/lora --ignored --test-threads=1 >"$logs/racecheck-lora.log" 2>&1; then
-    r=PASS
-else
-    r=FAIL; status=1; tail -n 40 "$logs/racecheck-lora.log"
 fi
-summary+=("| racecheck | lora | $r | | $(grep -E 'RACECHECK SUMMARY' "$logs/racecheck-lora.log" | tail -n 1) |")
-echo "${summary[-1]}"
 for b in benches/*; do
     name=$(basename "$b")
     # lora_step is no criterion bench: it is timed below with its own options.
@@ -207,8 +220,9 @@ if [ "$size_mb" -gt "$limit_mb" ]; then
     exit 1
 fi
 if [ "${1:-}" = "--rehearse" ]; then
+    # 1. As on a machine without a driver: it must stop cleanly.
     set +e
-    output=$(bash "$out/run.sh" 2>&1)
+    output=$(env -u QADAPT_VGPU bash "$out/run.sh" 2>&1)
     code=$?
     set -e
     echo "$output" | tail -n 5
@@ -224,4 +238,14 @@ if [ "${1:-}" = "--rehearse" ]; then
         echo "rehearsal failed (exit $code)" >&2
         exit 1
     fi
+    # 2. On the virtual H200: every step runs and the summary table is reached.
+    set +e
+    bash crates/qadapt-vgpu/vgpu.sh run bash "$out/run.sh" 2>&1 | tee "$out/rehearsal-vgpu.log"
+    code=${PIPESTATUS[0]}
+    set -e
+    if [ $code -ne 0 ] || ! grep -q "== qadapt GPU bundle summary ==" "$out/rehearsal-vgpu.log"; then
+        echo "rehearsal failed on the virtual device (exit $code): gpu-bundle/rehearsal-vgpu.log" >&2
+        exit 1
+    fi
+    echo "rehearsal: every step of run.sh passed on the virtual device"
 fi

@@ -290,7 +290,7 @@ fn compare_tabulates_every_requested_method() {
 }
 
 /// `--device cuda` on the embedded model: LoRA and QLoRA follow the CPU run's losses to bf16
-/// tolerance (the device computes in bf16 with f32 accumulation and masters, the CPU in f32), and
+/// tolerance (1 %) (the device computes in bf16 with f32 accumulation and masters, the CPU in f32), and
 /// an interrupted device run resumes to the losses of the uninterrupted one. Runs on a GPU (the
 /// bundle) and on the virtual device (`just test-vgpu`).
 #[test]
@@ -298,7 +298,10 @@ fn compare_tabulates_every_requested_method() {
 fn cuda_training_follows_the_cpu_run_and_resumes() {
     let tmp = tempfile::tempdir().unwrap();
     for method in ["lora", "qlora"] {
-        let common = [&["train", "--method", method][..], &SHORT].concat();
+        // A learning rate of 1e-3 (not the default 3e-3): at the default, bf16 rounding noise
+        // grows along the diverging trajectories of six steps to a few percent (measured on the
+        // virtual device: up to 6 % at step 5); at 1e-3 both runs stay within 0.25 %.
+        let common = [&["train", "--method", method, "--lr", "1e-3"][..], &SHORT].concat();
         let run = |device: &str, out: &str, extra: &[&str]| {
             let args = [&common[..], &["--device", device, "--output", out], extra].concat();
             ok(&qadapt(&args, tmp.path()))
@@ -317,10 +320,9 @@ fn cuda_training_follows_the_cpu_run_and_resumes() {
             [1, 2, 3, 4, 5, 6]
         );
         for ((step, c), (_, g)) in cpu.iter().zip(&gpu) {
-            // bf16 activations carry 8 bits of mantissa; six steps of AdamW at the default
-            // learning rate keep the runs within 2 % of each other.
+            // bf16 activations carry 8 bits of mantissa: 1 % is four times what was measured.
             assert!(
-                (c - g).abs() <= 0.02 * c.abs(),
+                (c - g).abs() <= 0.01 * c.abs(),
                 "{method} step {step}: cpu {c} vs cuda {g}"
             );
         }

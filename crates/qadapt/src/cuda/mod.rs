@@ -16,6 +16,7 @@ use crate::plan::DeviceProps;
 /// The device buffer type of every CUDA signature here, re-exported so that crates above qadapt
 /// can name it without depending on cudarc themselves.
 pub use cudarc::driver::CudaSlice as DeviceBuffer;
+pub use launch::EmulatorCounters;
 
 /// Whether a GEMM operand is used as stored (`N`) or transposed (`T`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,6 +55,19 @@ impl std::fmt::Debug for CudaDevice {
 }
 
 impl CudaDevice {
+    /// On the virtual device (`just vgpu`): the launches of `kernel` since the last
+    /// [`reset_emulator_counters`](Self::reset_emulator_counters) and what the emulator counted
+    /// in them (instructions and shared-memory wavefronts; DESIGN.md §7). `None` on a real GPU.
+    pub fn emulator_counters(&self, kernel: KernelName) -> Option<(u64, EmulatorCounters)> {
+        self.synchronize().ok()?;
+        launch::emulator_counters(kernel.name)
+    }
+
+    /// Clears the virtual device's counters; `false` on a real GPU.
+    pub fn reset_emulator_counters(&self) -> bool {
+        self.synchronize().is_ok() && launch::reset_emulator_counters()
+    }
+
     /// Opens device `ordinal`: checks that kernels were compiled, that the driver library loads,
     /// that the device exists and is sm_80 or newer.
     pub fn new(ordinal: usize) -> Result<CudaDevice> {

@@ -16,11 +16,14 @@ use crate::error::{Result, invalid};
 use crate::plan::LaunchPlan;
 
 mod blas;
+mod counters;
 mod lora;
 mod model;
 mod nf4;
 mod optim;
 pub(crate) use blas::gemm_bf16;
+pub use counters::EmulatorCounters;
+pub(crate) use counters::{emulator_counters, reset_emulator_counters};
 pub(crate) use lora::{CudaLoraRef, CudaWeightRef, lora_backward, lora_forward};
 pub(crate) use model::{
     SwigluOut, attention_backward, attention_forward, cross_entropy, embedding_backward,

@@ -1,0 +1,151 @@
+//! The virtual device's counters per kernel and shape (DESIGN.md §7 and §8): what the emulator
+//! counts while it runs our kernels, decided by the code and not by timing, so it is the
+//! performance instrument where no GPU is at hand. Run with `just kernel-counters` (on the virtual
+//! device); on a real GPU or without a device it says why it prints nothing.
+//!
+//! Per kernel: launches, CTAs, `mma.sync` and `ldmatrix` instructions (per warp), the
+//! shared-memory wavefronts of those `ldmatrix` (1 per 8x8 matrix when conflict-free, up to 8),
+//! the `cp.async` bytes and the CTA barriers. The derived columns are the ones the kernel-speed
+//! work is judged by: wavefronts per `mma` (the NF4 GEMM's within 1.25x of the dense GEMM's) and
+//! CTAs against the 132 SMs of the H200.
+//!
+//! Options (`--name value`): `--n`, `--k` (4096 x 4096: a Llama-3-8B attention projection),
+//! `--m` (512 rows for the GEMM paths; the gemv paths run 1 and 16), `--rank` (16). Shapes are
+//! `m x n x k`: `y [m, n] = x [m, k] W^T [k, n]`.
+
+use half::bf16;
+use qadapt::Device;
+use qadapt::FloatVec;
+use qadapt::cuda::CudaDevice;
+use qadapt::lora::{AdapterStack, BaseWeight, CudaLoraLinear, LoraLinear};
+use qadapt::nf4::{CudaNf4, Nf4Tensor, Statistics};
+use qadapt_suite::randn;
+
+fn bf(v: &[f32]) -> Vec<bf16> {
+    v.iter().map(|x| bf16::from_f32(*x)).collect()
+}
+
+fn arg(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == &format!("--{name}"))
+        .and_then(|i| args.get(i + 1))
+        .map_or(default, |v| {
+            v.parse()
+                .unwrap_or_else(|_| panic!("--{name}: not a number: {v:?}"))
+        })
+}
+
+/// One table row per kernel launched since the last reset.
+fn report(dev: &CudaDevice, path: &str, shape: &str) {
+    for kernel in qadapt_kernels::KERNELS {
+        let Some((launches, c)) = dev.emulator_counters(*kernel) else {
+            continue;
+        };
+        if launches == 0 {
+            continue;
+        }
+        let per = |a: u64, b: u64| {
+            if b == 0 {
+                "-".to_owned()
+            } else {
+                format!("{:.2}", a as f64 / b as f64)
+            }
+        };
+        println!(
+            "| {path} | {shape} | {} | {launches} | {} | {} | {} | {} | {} | {:.1} | {} |",
+            kernel.name,
+            c.ctas,
+            c.mma,
+            c.ldmatrix,
+            per(c.ldmatrix_wavefronts, c.ldmatrix),
+            per(c.ldmatrix_wavefronts, c.mma),
+            c.cp_async_bytes as f64 / 1024.0,
+            per(c.bar_sync, c.ctas),
+        );
+    }
+    dev.reset_emulator_counters();
+}
+
+fn main() {
+    let dev = match Device::cuda(0) {
+        Ok(Device::Cuda(d)) => d,
+        Ok(_) => unreachable!(),
+        Err(e) => {
+            println!("kernel counters skipped: {e}");
+            return;
+        }
+    };
+    if !dev.reset_emulator_counters() {
+        println!(
+            "kernel counters skipped: {} is not the virtual device (run `just kernel-counters`)",
+            dev.describe()
+        );
+        return;
+    }
+    let (n, k, m, r) = (
+        arg("n", 4096),
+        arg("k", 4096),
+        arg("m", 512),
+        arg("rank", 16),
+    );
+    println!(
+        "\nKernel counters on {} (emulated; no times)",
+        dev.describe()
+    );
+    println!(
+        "| path | shape | kernel | launches | CTAs | mma | ldmatrix | wavefronts / ldmatrix | wavefronts / mma | cp.async KiB | barriers / CTA |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    let w = randn(n * k, 0.02, 1);
+    let adapters = AdapterStack::new(
+        r,
+        bf(&randn(r * k, 0.02, 2)),
+        bf(&randn(n * r, 0.02, 3)),
+        vec![2.0],
+    )
+    .unwrap();
+    let q = Nf4Tensor::quantize(
+        &Device::Cpu,
+        &FloatVec::F32(w.clone()),
+        &[n, k],
+        64,
+        Statistics::DoubleQuant,
+    )
+    .unwrap();
+    for (base, weight) in [
+        ("dense", BaseWeight::Dense(bf(&w))),
+        ("nf4", BaseWeight::Nf4(q.clone())),
+    ] {
+        let layer = LoraLinear::new(n, k, weight, None, adapters.clone()).unwrap();
+        let fused = CudaLoraLinear::upload(&dev, &layer).unwrap();
+        dev.reset_emulator_counters();
+        for rows in [1, 16, m] {
+            let x = dev.upload(&bf(&randn(rows * k, 1.0, 4))).unwrap();
+            let mut y = dev.zeros::<bf16>(rows * n).unwrap();
+            fused.forward(&x, rows, None, &mut y).unwrap();
+            report(
+                &dev,
+                &format!("forward {base}"),
+                &format!("{rows} x {n} x {k}"),
+            );
+        }
+        let x = dev.upload(&bf(&randn(m * k, 1.0, 5))).unwrap();
+        let dy = dev.upload(&bf(&randn(m * n, 1.0, 6))).unwrap();
+        let mut dx = dev.zeros::<bf16>(m * k).unwrap();
+        let mut ga = dev.zeros::<f32>(r * k).unwrap();
+        let mut gb = dev.zeros::<f32>(n * r).unwrap();
+        fused
+            .backward(&x, &dy, m, None, &mut dx, &mut ga, &mut gb)
+            .unwrap();
+        report(
+            &dev,
+            &format!("backward {base}"),
+            &format!("{m} x {n} x {k}"),
+        );
+    }
+    let dq = CudaNf4::upload(&dev, &q).unwrap();
+    let mut out = dev.zeros::<bf16>(n * k).unwrap();
+    dq.dequantize_into(&dev, &mut out).unwrap();
+    report(&dev, "dequantize bf16", &format!("{n} x {k}"));
+}
