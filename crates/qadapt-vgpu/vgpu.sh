@@ -17,6 +17,7 @@ set -euo pipefail
 # The virtual device runs the real build's kernels (fatbins and ptxas report) and the same value
 # as `just test` and the GPU bundle keeps cargo from rebuilding everything above qadapt-kernels.
 export QADAPT_REQUIRE_CUDA=1
+caller=$PWD
 root=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$root"
 target=${CARGO_TARGET_DIR:-target}
@@ -48,6 +49,8 @@ case "${1:-}" in
         [ $# -gt 0 ] || { echo "usage: vgpu.sh run CMD..." >&2; exit 2; }
         setup
         env_on
+        # CMD runs where vgpu.sh was called from (`just vgpu` calls it from the repository root).
+        cd "$caller"
         exec "$@"
         ;;
     test)
