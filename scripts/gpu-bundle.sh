@@ -203,7 +203,11 @@ for f in "$logs"/bench-*.log; do
     grep -E '^(\||NF4|LoRA|.*skipped)' "$f" || true
 done
 echo
-echo "LoRA training step (benches/lora_step.rs, median of 5 after 2 warm-up steps)"
+if [ "$vgpu" = 1 ]; then
+    echo "LoRA training step (benches/lora_step.rs) SMOKE RUN on the virtual device: one step of a tiny model, times mean nothing"
+else
+    echo "LoRA training step (benches/lora_step.rs, median of 5 after 2 warm-up steps)"
+fi
 echo "| device | base | hidden x layers | batch x seq | median ms | tokens/s | first loss |"
 echo "|---|---|---|---|---|---|---|"
 for line in "${steps[@]}"; do
