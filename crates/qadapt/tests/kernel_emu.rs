@@ -18,26 +18,36 @@ fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
+/// The host C++ compiler with the flags of every emulation build (the same as the virtual
+/// device's build.rs and `vgpu_mutants.sh`): C++20, no FMA contraction, the emulated CUDA headers
+/// of `kernels/emu` before `kernels/include`.
+fn emu_cxx() -> Command {
+    let r = root();
+    let mut cmd = Command::new(std::env::var("CXX").unwrap_or_else(|_| "c++".into()));
+    cmd.args([
+        "-std=c++20",
+        "-O2",
+        "-ffp-contract=off",
+        "-fno-strict-aliasing",
+        "-DQADAPT_EMU",
+        "-pthread",
+        "-Wno-unknown-pragmas",
+    ])
+    .arg("-I")
+    .arg(r.join("kernels/emu"))
+    .arg("-I")
+    .arg(r.join("kernels/include"));
+    cmd
+}
+
 /// Compiles `kernels/emu/<name>.cpp`; None when no C++ compiler is present (fatal under
 /// QADAPT_REQUIRE_CUDA=1).
 fn compile(name: &str) -> Option<PathBuf> {
     let dir = std::env::temp_dir().join(format!("qadapt-emu-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let exe = dir.join(name);
-    let r = root();
-    let out = Command::new(std::env::var("CXX").unwrap_or_else(|_| "c++".into()))
-        .args([
-            "-std=c++20",
-            "-O1",
-            "-pthread",
-            "-ffp-contract=off",
-            "-DQADAPT_EMU",
-        ])
-        .arg("-I")
-        .arg(r.join("kernels/emu"))
-        .arg("-I")
-        .arg(r.join("kernels/include"))
-        .arg(r.join(format!("kernels/emu/{name}.cpp")))
+    let out = emu_cxx()
+        .arg(root().join(format!("kernels/emu/{name}.cpp")))
         .arg("-o")
         .arg(&exe)
         .output();
@@ -333,15 +343,6 @@ fn the_emulator_selftest_passes_and_catches_planted_defects() {
     let r = root();
     let dir = std::env::temp_dir().join(format!("qadapt-vgpu-selftest-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let flags = [
-        "-std=c++20",
-        "-O2",
-        "-ffp-contract=off",
-        "-fno-strict-aliasing",
-        "-DQADAPT_EMU",
-        "-pthread",
-        "-Wno-unknown-pragmas",
-    ];
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
     let mut objects = Vec::new();
     let sources = ["nf4.cu", "optim.cu", "model.cu", "lora.cu"]
@@ -353,21 +354,11 @@ fn the_emulator_selftest_passes_and_catches_planted_defects() {
         );
     for (src, cuda) in sources {
         let obj = dir.join(src.file_name().unwrap()).with_extension("o");
-        let mut cmd = Command::new(&cxx);
+        let mut cmd = emu_cxx();
         if cuda {
             cmd.args(["-x", "c++"]);
         }
-        let out = cmd
-            .args(flags)
-            .arg("-I")
-            .arg(r.join("kernels/emu"))
-            .arg("-I")
-            .arg(r.join("kernels/include"))
-            .arg("-c")
-            .arg(&src)
-            .arg("-o")
-            .arg(&obj)
-            .output();
+        let out = cmd.arg("-c").arg(&src).arg("-o").arg(&obj).output();
         match out {
             Ok(o) => assert!(
                 o.status.success(),
