@@ -68,6 +68,8 @@ pub(crate) struct QuantizeOptions {
     pub(crate) statistics: Statistics,
     pub(crate) device: Device,
     pub(crate) selection: Option<Regex>,
+    /// Replace an existing output file.
+    pub(crate) force: bool,
 }
 
 pub(crate) fn float_dtype(d: Dtype) -> Option<DType> {
@@ -144,6 +146,18 @@ fn quantize_tensors(
         }
         pb.inc(view.data().len() as u64);
     }
+    // A file may already hold a tensor named like a quantized tensor's statistics (`w` and
+    // `w.absmax`, without the quant state that marks a bitsandbytes tensor).
+    let mut written: Vec<&str> = out.iter().map(|t| t.name.as_str()).collect();
+    written.sort_unstable();
+    if let Some(w) = written.windows(2).find(|w| w[0] == w[1]) {
+        bail!(
+            "{}: quantizing would write the tensor {} twice (the file already has a tensor of \
+             that name); rename it or leave its base tensor out with --only",
+            file.display(),
+            w[0]
+        );
+    }
     Ok((out, quantized))
 }
 
@@ -156,6 +170,13 @@ fn dequantize_tensors(
     pb: &ProgressBar,
 ) -> Result<(Vec<OnDiskTensor>, usize)> {
     let quantized = bnb::quantized_names(st);
+    if let Some(name) = quantized.iter().find(|q| st.tensor(q).is_err()) {
+        bail!(
+            "{}: {name} has a quant state ({name}{}) but no tensor of codes named {name}",
+            file.display(),
+            bnb::QUANT_STATE_SUFFIX
+        );
+    }
     let mut names = st.names();
     names.sort();
     let mut out = Vec::new();
@@ -220,7 +241,7 @@ pub(crate) fn quantize(input: &Path, output: &Path, o: QuantizeOptions) -> Resul
         );
         return Ok(());
     }
-    let out = Output::new(input, output)?;
+    let out = Output::new(output, &[input], o.force)?;
     let (bytes, metadata) = read_safetensors(input)?;
     let st = SafeTensors::deserialize(&bytes).expect("validated by read_safetensors");
     let select = o
@@ -256,6 +277,7 @@ pub(crate) fn dequantize(
     output: &Path,
     dtype: Option<DType>,
     device: &Device,
+    force: bool,
 ) -> Result<()> {
     if input.is_dir() {
         let n = convert_dir(
@@ -277,7 +299,7 @@ pub(crate) fn dequantize(
         );
         return Ok(());
     }
-    let out = Output::new(input, output)?;
+    let out = Output::new(output, &[input], force)?;
     let (bytes, metadata) = read_safetensors(input)?;
     let st = SafeTensors::deserialize(&bytes).expect("validated by read_safetensors");
     if bnb::quantized_names(&st).is_empty() {

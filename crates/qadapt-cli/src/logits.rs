@@ -34,9 +34,13 @@ pub(crate) struct LogitsArgs {
     /// Safetensors file holding `input_ids` (integer [batch, seq]).
     #[arg(long)]
     tokens: PathBuf,
-    /// Output safetensors file: `logits`, `loss` and with --grads `grad.<adapter key>`.
+    /// Output safetensors file: `logits`, `loss` and with --grads `grad.<adapter key>` (not an
+    /// input of the command; an existing file only with --force).
     #[arg(long)]
     out: PathBuf,
+    /// Replace the output file if it exists.
+    #[arg(long)]
+    force: bool,
     /// Also write the gradient of the loss for every adapter tensor.
     #[arg(long)]
     grads: bool,
@@ -86,7 +90,9 @@ fn f32_tensor(name: String, shape: Vec<usize>, v: &[f32]) -> OnDiskTensor {
 
 /// Runs the command.
 pub(crate) fn run(a: &LogitsArgs) -> Result<()> {
-    let out = Output::new(&a.tokens, &a.out)?;
+    let mut inputs = vec![a.tokens.as_path(), a.model.as_path()];
+    inputs.extend(a.adapter.as_deref());
+    let out = Output::new(&a.out, &inputs, a.force)?;
     let (batch, seq, ids) = read_ids(&a.tokens)?;
     let mut dir = LlamaDir::open(&a.model)?;
     let vocab = dir.config.vocab_size;

@@ -12,6 +12,7 @@ mod assets;
 mod compare;
 mod convert;
 mod generate;
+mod inputs;
 mod io;
 mod logits;
 mod merge;
@@ -51,7 +52,8 @@ enum Command {
     Quantize {
         /// Input safetensors file, or HF model directory (config.json + safetensors).
         input: PathBuf,
-        /// Output file (must differ from the input), or a new directory for a model directory.
+        /// Output file (not the input; an existing one only with --force), or a new directory for
+        /// a model directory.
         output: PathBuf,
         /// Elements per quantization block: a power of two from 32 to 4096.
         #[arg(long, default_value_t = 64)]
@@ -67,6 +69,10 @@ enum Command {
         /// every linear layer's weight (2-D, not the embeddings nor lm_head), as transformers does.
         #[arg(long, value_name = "REGEX")]
         only: Option<String>,
+        /// Replace the output file if it exists (never a directory, a FIFO or a device, nor an
+        /// input of this command).
+        #[arg(long)]
+        force: bool,
     },
     /// Dequantize every NF4 tensor of a file or model directory in the bitsandbytes layout (ours
     /// or one written by bitsandbytes/transformers) back to its original key and shape. Other
@@ -74,7 +80,8 @@ enum Command {
     Dequantize {
         /// Input safetensors file or HF model directory with bitsandbytes 4-bit tensors.
         input: PathBuf,
-        /// Output file (must differ from the input), or a new directory for a model directory.
+        /// Output file (not the input; an existing one only with --force), or a new directory for
+        /// a model directory.
         output: PathBuf,
         /// Element type of the dequantized tensors (default: the dtype recorded in each tensor's
         /// quant state).
@@ -83,6 +90,10 @@ enum Command {
         /// Where to compute: cpu, cuda or cuda:N.
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// Replace the output file if it exists (never a directory, a FIFO or a device, nor an
+        /// input of this command).
+        #[arg(long)]
+        force: bool,
     },
     /// Logits, loss and (with --grads) adapter gradients of a Llama model with an optional
     /// adapter (LoRA, IA3, prompt/prefix tuning, Houlsby) on token ids, as transformers/PEFT
@@ -132,6 +143,7 @@ fn main() -> ExitCode {
             double_quant,
             device,
             only,
+            force,
         } => quantize(
             &input,
             &output,
@@ -139,13 +151,15 @@ fn main() -> ExitCode {
             double_quant,
             &device,
             only.as_deref(),
+            force,
         ),
         Command::Dequantize {
             input,
             output,
             dtype,
             device,
-        } => dequantize(&input, &output, dtype.map(DType::from), &device),
+            force,
+        } => dequantize(&input, &output, dtype.map(DType::from), &device, force),
         Command::Logits(args) => logits::run(&args),
         Command::Merge(args) => merge::run(&args),
         Command::Generate(args) => generate::run(&args),
@@ -174,6 +188,7 @@ fn quantize(
     double_quant: bool,
     device: &str,
     only: Option<&str>,
+    force: bool,
 ) -> Result<()> {
     qadapt::nf4::check_blocksize("quantize", blocksize)?;
     let selection = only
@@ -194,11 +209,18 @@ fn quantize(
             statistics,
             device,
             selection,
+            force,
         },
     )
 }
 
-fn dequantize(input: &Path, output: &Path, dtype: Option<DType>, device: &str) -> Result<()> {
+fn dequantize(
+    input: &Path,
+    output: &Path,
+    dtype: Option<DType>,
+    device: &str,
+    force: bool,
+) -> Result<()> {
     let device = Device::parse(device)?;
-    convert::dequantize(input, output, dtype, &device)
+    convert::dequantize(input, output, dtype, &device, force)
 }

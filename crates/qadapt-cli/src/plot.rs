@@ -19,14 +19,11 @@
 //! proportionally: a glyph advances by its inked width plus one column, a space by 3 columns.
 //! Characters outside the table are drawn as `?`.
 
-// Used by `qadapt train`/`compare`; remove once they call `write_png`.
-#![allow(dead_code)]
-
 use std::fs;
 use std::io::{BufWriter, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use anyhow::{Context, Result, bail};
+use anyhow::Result;
 
 /// One curve: `points` are (x, y) in drawing order.
 #[derive(Debug, Clone)]
@@ -44,57 +41,23 @@ pub(crate) struct Plot<'a> {
     pub(crate) log_y: bool,
 }
 
-/// Writes the plot of `series` as an RGB8 PNG of `WIDTH` x `HEIGHT` pixels to `path`, through a
-/// temporary file in the same directory that is synced and then renamed over `path`; on error the
-/// temporary file is removed and `path` is left as it was.
+/// Writes the plot of `series` as an RGB8 PNG of `WIDTH` x `HEIGHT` pixels to `path`, atomically
+/// (`crate::io::write_file`): on error `path` is left as it was.
 pub(crate) fn write_png(path: &Path, plot: &Plot<'_>, series: &[Series]) -> Result<()> {
-    let name = path
-        .file_name()
-        .context("the plot path has no file name")?
-        .to_string_lossy();
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    if !dir.is_dir() {
-        bail!("the plot's directory {} does not exist", dir.display());
-    }
     let canvas = render(plot, series);
-    let tmp = dir.join(format!(".{name}.partial-{}", std::process::id()));
-    let result = encode(&canvas, &tmp).and_then(|()| {
-        fs::rename(&tmp, path)
-            .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
-    });
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
+    crate::io::write_file(path, |file| encode(&canvas, file))
 }
 
-fn encode(canvas: &Canvas, path: &Path) -> Result<()> {
-    let file =
-        fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+fn encode(canvas: &Canvas, file: &mut fs::File) -> Result<()> {
     let mut out = BufWriter::new(file);
     let mut encoder = png::Encoder::new(&mut out, canvas.width as u32, canvas.height as u32);
     encoder.set_color(png::ColorType::Rgb);
     encoder.set_depth(png::BitDepth::Eight);
-    let mut writer = encoder
-        .write_header()
-        .with_context(|| format!("writing {}", path.display()))?;
-    writer
-        .write_image_data(&canvas.pixels)
-        .with_context(|| format!("writing {}", path.display()))?;
-    writer
-        .finish()
-        .with_context(|| format!("writing {}", path.display()))?;
-    out.flush()
-        .with_context(|| format!("writing {}", path.display()))?;
-    let file = out
-        .into_inner()
-        .map_err(|e| e.into_error())
-        .with_context(|| format!("writing {}", path.display()))?;
-    file.sync_all()
-        .with_context(|| format!("syncing {}", path.display()))
+    let mut writer = encoder.write_header()?;
+    writer.write_image_data(&canvas.pixels)?;
+    writer.finish()?;
+    out.flush()?;
+    Ok(())
 }
 
 const WIDTH: usize = 900;

@@ -1,6 +1,7 @@
 //! The `qadapt` binary end to end: its output matches the file bitsandbytes wrote, byte for byte;
 //! it reads bitsandbytes' files; bad input gives one error line, a non-zero exit, and no output.
 
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -239,7 +240,7 @@ fn bad_input_gives_one_clear_error_and_no_output() {
     );
     assert_clean_failure(
         &qadapt(&["quantize", s(&good), s(&good)]),
-        "is the input",
+        "is an input of this command",
         &out,
     );
     assert_clean_failure(
@@ -258,6 +259,38 @@ fn bad_input_gives_one_clear_error_and_no_output() {
         &out,
     );
 
+    // A tensor already named like a statistic of the one being quantized.
+    let clash = dir.path().join("clash.safetensors");
+    let src = std::fs::read(&good).unwrap();
+    let src = SafeTensors::deserialize(&src).unwrap();
+    write_subset(
+        &src,
+        &[("fc2.weight", "w"), ("fc2.weight.orig", "w.absmax")],
+        &clash,
+    );
+    assert_clean_failure(
+        &qadapt(&["quantize", s(&clash), s(&out)]),
+        "would write the tensor w.absmax twice",
+        &out,
+    );
+
+    // A quant state without its codes: refused, not silently dropped.
+    let no_codes = dir.path().join("no_codes.safetensors");
+    let bnb = std::fs::read(data("bnb_linear4bit.safetensors")).unwrap();
+    let bnb = SafeTensors::deserialize(&bnb).unwrap();
+    let keep: Vec<(&str, &str)> = bnb
+        .names()
+        .into_iter()
+        .filter(|n| *n != "fc2.weight")
+        .map(|n| (n, n))
+        .collect();
+    write_subset(&bnb, &keep, &no_codes);
+    assert_clean_failure(
+        &qadapt(&["dequantize", s(&no_codes), s(&out)]),
+        "fc2.weight has a quant state",
+        &out,
+    );
+
     let missing_dir = dir.path().join("nope/out.safetensors");
     let r = qadapt(&["quantize", s(&good), s(&missing_dir)]);
     assert!(!r.status.success());
@@ -273,6 +306,130 @@ fn bad_input_gives_one_clear_error_and_no_output() {
     ]);
     assert!(!r.status.success());
     assert!(!out.exists());
+}
+
+/// The error of a refused output, with the output left exactly as it was.
+fn assert_refused(r: &Output, needle: &str) {
+    assert!(!r.status.success());
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(err.trim_end().lines().count(), 1, "one error line: {err}");
+    assert!(err.contains(needle), "{err}");
+}
+
+#[test]
+fn outputs_never_destroy_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n);
+    let good = p("in.safetensors");
+    std::fs::copy(data("bnb_linear4bit_dequant.safetensors"), &good).unwrap();
+    let original = std::fs::read(&good).unwrap();
+
+    // An existing regular file is replaced only with --force.
+    std::fs::write(p("out.st"), "keep me").unwrap();
+    assert_refused(
+        &qadapt(&["quantize", s(&good), s(&p("out.st"))]),
+        "already exists; pass --force",
+    );
+    assert_eq!(std::fs::read(p("out.st")).unwrap(), b"keep me");
+    assert!(
+        qadapt(&["quantize", s(&good), s(&p("out.st")), "--force"])
+            .status
+            .success()
+    );
+    assert_ne!(std::fs::read(p("out.st")).unwrap(), b"keep me");
+
+    // The input under another name: a hard link, a symlink, another spelling.
+    std::fs::hard_link(&good, p("hard.st")).unwrap();
+    std::os::unix::fs::symlink(&good, p("sym.st")).unwrap();
+    let spelled = dir.path().join(".").join("in.safetensors");
+    for alias in [p("hard.st"), p("sym.st"), spelled] {
+        assert_refused(
+            &qadapt(&["quantize", s(&good), s(&alias), "--force"]),
+            "is an input of this command",
+        );
+    }
+    assert_eq!(std::fs::read(&good).unwrap(), original);
+
+    // Not a regular file: a FIFO, a device, a directory.
+    assert!(
+        Command::new("mkfifo")
+            .arg(p("fifo"))
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert_refused(
+        &qadapt(&["quantize", s(&good), s(&p("fifo")), "--force"]),
+        "is a FIFO",
+    );
+    assert!(
+        std::fs::symlink_metadata(p("fifo"))
+            .unwrap()
+            .file_type()
+            .is_fifo()
+    );
+    assert_refused(
+        &qadapt(&["quantize", s(&good), "/dev/null", "--force"]),
+        "is a device",
+    );
+    std::fs::create_dir(p("adir")).unwrap();
+    assert_refused(
+        &qadapt(&["quantize", s(&good), s(&p("adir")), "--force"]),
+        "is a directory",
+    );
+
+    // A symlink at the output is replaced by the file; its target is not written through.
+    std::fs::write(p("victim"), "victim").unwrap();
+    std::os::unix::fs::symlink(p("victim"), p("link.st")).unwrap();
+    assert!(
+        qadapt(&["quantize", s(&good), s(&p("link.st")), "--force"])
+            .status
+            .success()
+    );
+    assert_eq!(std::fs::read(p("victim")).unwrap(), b"victim");
+    assert!(std::fs::symlink_metadata(p("link.st")).unwrap().is_file());
+
+    // `logits --out` aimed at a file of the model directory it reads.
+    let model = p("model");
+    std::fs::create_dir(&model).unwrap();
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/default-model");
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), model.join(e.file_name())).unwrap();
+    }
+    let weights = std::fs::read(model.join("model.safetensors")).unwrap();
+    let ids = p("ids.st");
+    let v = [1i64, 2, 3];
+    let view = TensorView::new(
+        safetensors::Dtype::I64,
+        vec![1, 3],
+        bytemuck::cast_slice(&v),
+    )
+    .unwrap();
+    safetensors::serialize_to_file([("input_ids", view)], None, &ids).unwrap();
+    let target = model.join("model.safetensors");
+    assert_refused(
+        &qadapt(&[
+            "logits",
+            "--model",
+            s(&model),
+            "--tokens",
+            s(&ids),
+            "--out",
+            s(&target),
+            "--force",
+        ]),
+        "is an input of this command",
+    );
+    assert_eq!(std::fs::read(&target).unwrap(), weights);
+
+    // Nothing temporary is left anywhere.
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("partial"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
 }
 
 #[test]
