@@ -11,7 +11,9 @@
 //! Output directory (`--output`, default `runs/<method>-<unix time>`; an existing one is refused
 //! unless it is the `--resume` target):
 //! ```text
-//! run.toml            the resolved settings (what --config reads; --resume reads it back)
+//! run.toml            the resolved settings, model and data as absolute paths (what --config
+//!                     reads; --resume reads it back from any working directory)
+//! inputs.json         size and CRC-32 of every model and data file: --resume refuses changed ones
 //! log.jsonl           {"step", "loss", "lr", "grad_norm", "tokens" (processed), "target_tokens",
 //!                     "tokens_per_s", "elapsed_s"} per step; {"step", "eval_loss", "eval_accuracy"} per evaluation
 //! loss.png            the training loss per step
@@ -21,6 +23,11 @@
 //! model/              an HF model directory (full, top-k, surgical: the base itself trains)
 //! summary.json        what `qadapt compare` tabulates
 //! ```
+//!
+//! Every file is written through a temporary that is renamed into place, and the checkpoint is
+//! swapped with the old one moved aside first (`crate::io`): a kill at any point leaves a run
+//! that `--resume` continues, and its leftovers are removed then (tests/crash.rs kills the
+//! process at each of these steps).
 //!
 //! Resuming is exact on the CPU: the sampler position, the step count, the AdamW moments and the
 //! trainable tensors are restored, the log is cut back to the checkpoint's step, and LoRA dropout
@@ -51,7 +58,10 @@ use qadapt_train::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::io::{new_directory, read_safetensors, replace_directory, write_safetensors};
+use crate::io::{
+    new_directory, read_safetensors, recover_directory, remove_temporaries, replace_directory,
+    write_file, write_safetensors,
+};
 
 /// The PEFT methods `qadapt train` runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
@@ -396,6 +406,25 @@ impl TrainArgs {
         };
         format!("{bare:?}") == format!("{self:?}")
     }
+}
+
+/// The settings with the model and data paths made absolute (canonical), so that `run.toml`
+/// means the same files from any working directory (`--resume` reads it from wherever it runs).
+fn absolute_paths(mut s: Settings) -> Result<Settings> {
+    for (flag, p) in [
+        ("--model", &mut s.model),
+        ("--data", &mut s.data),
+        ("--heldout-data", &mut s.heldout_data),
+    ] {
+        if !p.is_empty() {
+            let abs = std::fs::canonicalize(&*p).with_context(|| format!("{flag} {p}"))?;
+            *p = abs
+                .to_str()
+                .with_context(|| format!("{flag} {p}: the path is not UTF-8"))?
+                .to_string();
+        }
+    }
+    Ok(s)
 }
 
 fn check(s: &Settings) -> Result<()> {
@@ -762,7 +791,7 @@ impl Log {
                 })
                 .map(|l| format!("{l}\n"))
                 .collect();
-            std::fs::write(&path, kept)?;
+            write_file(&path, |f| Ok(f.write_all(kept.as_bytes())?))?;
         }
         let f = std::fs::OpenOptions::new()
             .create(true)
@@ -891,17 +920,34 @@ pub(crate) fn run(a: &TrainArgs) -> Result<()> {
     } else {
         None
     };
-    if !resuming {
-        if out.exists() {
+    let s = if resuming {
+        recover_directory(&out.join("checkpoint"))?;
+        for name in ["adapter", "model", "log.jsonl", "loss.png", "summary.json"] {
+            remove_temporaries(&out.join(name))?;
+        }
+        crate::inputs::Inputs::read(&out)?.check_unchanged()?;
+        s
+    } else {
+        if std::fs::symlink_metadata(&out).is_ok() {
             bail!(
                 "{} already exists; choose another --output, or --resume {} to continue it",
                 out.display(),
                 out.display()
             );
         }
-        std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-        std::fs::write(out.join("run.toml"), toml::to_string(&s)?)?;
-    }
+        let s = absolute_paths(s)?;
+        if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("creating {}", parent.display()))?;
+        }
+        remove_temporaries(&out)?;
+        let inputs = crate::inputs::Inputs::of(&s.model, &[&s.data, &s.heldout_data])?;
+        new_directory(&out, |tmp| {
+            std::fs::write(tmp.join("run.toml"), toml::to_string(&s)?)?;
+            inputs.write(tmp)
+        })?;
+        s
+    };
     let model_dir = if s.model.is_empty() {
         crate::assets::model_dir()?
     } else {
@@ -1210,14 +1256,12 @@ pub(crate) fn run(a: &TrainArgs) -> Result<()> {
     let saved = match &state {
         State::Adapter(ad) => {
             let p = out.join("adapter");
-            let _ = std::fs::remove_dir_all(&p);
-            new_directory(&p, |tmp| Ok(ad.save(tmp, &model.config)?))?;
+            replace_directory(&p, |tmp| Ok(ad.save(tmp, &model.config)?))?;
             p
         }
         State::Base(_) => {
             let p = out.join("model");
-            let _ = std::fs::remove_dir_all(&p);
-            new_directory(&p, |tmp| {
+            replace_directory(&p, |tmp| {
                 crate::pretrain::write_model_files(
                     tmp,
                     &model,
@@ -1283,10 +1327,10 @@ pub(crate) fn run(a: &TrainArgs) -> Result<()> {
         saved_bytes: dir_size(&saved),
         saved: saved.to_string_lossy().into_owned(),
     };
-    std::fs::write(
-        out.join("summary.json"),
-        serde_json::to_string_pretty(&summary)?,
-    )?;
+    let json = serde_json::to_string_pretty(&summary)?;
+    write_file(&out.join("summary.json"), |f| {
+        Ok(f.write_all(json.as_bytes())?)
+    })?;
     say(format!("after:  {}", metric_line(&after, data.completions)));
     say(format!(
         "{} steps in {:.1}s ({:.0} tokens/s); wrote {} ({} bytes), log.jsonl, loss.png",
