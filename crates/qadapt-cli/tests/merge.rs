@@ -146,3 +146,45 @@ fn ia3_merges_and_other_methods_are_refused() {
     );
     assert!(!tmp.path().join("p").exists());
 }
+
+/// The Hugging Face cache keeps a snapshot's files as symlinks into `blobs/`: merge and quantize
+/// read through them and write a directory with real copies of every file.
+#[test]
+fn a_symlinked_model_directory_gives_a_self_contained_output() {
+    let tmp = tempfile::tempdir().unwrap();
+    let blobs = tmp.path().join("blobs");
+    let snapshot = tmp.path().join("snapshots/abc");
+    std::fs::create_dir_all(&blobs).unwrap();
+    std::fs::create_dir_all(&snapshot).unwrap();
+    let mut names = Vec::new();
+    for (i, e) in std::fs::read_dir(data("tiny_llama")).unwrap().enumerate() {
+        let e = e.unwrap();
+        let blob = blobs.join(format!("blob{i}"));
+        std::fs::copy(e.path(), &blob).unwrap();
+        std::os::unix::fs::symlink(format!("../../blobs/blob{i}"), snapshot.join(e.file_name()))
+            .unwrap();
+        names.push(e.file_name());
+    }
+    // A file that neither command writes itself, only copies.
+    std::fs::write(blobs.join("tok"), "{}").unwrap();
+    std::os::unix::fs::symlink("../../blobs/tok", snapshot.join("README.md")).unwrap();
+    names.push("README.md".into());
+    let out = tmp.path().join("merged");
+    let r = merge(&snapshot, &data("tiny_llama_lora"), &out, &[]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let quantized = tmp.path().join("nf4");
+    let r = Command::new(env!("CARGO_BIN_EXE_qadapt"))
+        .arg("quantize")
+        .arg(&snapshot)
+        .arg(&quantized)
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    for dir in [&out, &quantized] {
+        for name in &names {
+            let p = dir.join(name);
+            let m = std::fs::symlink_metadata(&p).unwrap_or_else(|_| panic!("{p:?} missing"));
+            assert!(m.is_file(), "{p:?} is a copy, not a link");
+        }
+    }
+}
