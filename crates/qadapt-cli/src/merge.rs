@@ -71,6 +71,18 @@ pub(crate) fn run(a: &MergeArgs) -> Result<()> {
         .map(DType::from)
         .or_else(|| config_dtype(&a.model))
         .unwrap_or(DType::F32);
+    // The base's config.json, less the quantization_config of a 4-bit base: the merged weights
+    // are dense, and transformers would try to load them as 4-bit.
+    let config_path = a.model.join("config.json");
+    let mut config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(&config_path)
+            .with_context(|| format!("reading {}", config_path.display()))?,
+    )
+    .with_context(|| format!("{}", config_path.display()))?;
+    let dequantized = config
+        .as_object_mut()
+        .and_then(|c| c.remove("quantization_config"))
+        .is_some();
     new_directory(&a.out, |tmp| {
         crate::pretrain::write_weights(
             &tmp.join("model.safetensors"),
@@ -79,10 +91,23 @@ pub(crate) fn run(a: &MergeArgs) -> Result<()> {
             dtype,
         )?;
         copy_other_files(&a.model, tmp, |f| {
-            f.ends_with(".safetensors") || f == "model.safetensors.index.json"
+            f.ends_with(".safetensors") || f == "model.safetensors.index.json" || f == "config.json"
         })
-        .context("copying the model's other files")
+        .context("copying the model's other files")?;
+        std::fs::write(
+            tmp.join("config.json"),
+            serde_json::to_string_pretty(&config)?,
+        )
+        .context("writing config.json")
     })?;
+    if dequantized {
+        eprintln!(
+            "note: {} is a bitsandbytes 4-bit checkpoint; the merged model is dense ({dtype}, no \
+             quantization_config); `qadapt quantize {} OUT` quantizes it again",
+            a.model.display(),
+            a.out.display()
+        );
+    }
     eprintln!(
         "merged {what} into {} -> {} ({dtype})",
         a.model.display(),

@@ -188,3 +188,28 @@ fn a_symlinked_model_directory_gives_a_self_contained_output() {
         }
     }
 }
+
+/// A LoRA merged onto a bitsandbytes 4-bit base gives a dense model, and its config.json no
+/// longer claims 4-bit weights (transformers would fail to load it).
+#[test]
+fn a_merge_onto_a_4bit_base_drops_its_quantization_config() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = data("tiny_llama_nf4");
+    let before: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(base.join("config.json")).unwrap()).unwrap();
+    assert!(before.get("quantization_config").is_some());
+    let out = tmp.path().join("merged");
+    let r = merge(&base, &data("tiny_llama_lora"), &out, &[]);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(r.status.success(), "{err}");
+    assert!(err.contains("no quantization_config"), "{err}");
+    let after: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert!(after.get("quantization_config").is_none());
+    assert_eq!(after["hidden_size"], before["hidden_size"]);
+    // Dense weights: no tensor of the bitsandbytes layout is left.
+    let bytes = std::fs::read(out.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert!(st.names().iter().all(|n| !n.contains("quant_state")));
+    LlamaDir::open(&out).unwrap();
+}
