@@ -137,6 +137,14 @@ fn quantize_tensors(
             let data = FloatVec::from_bytes(dtype, view.data()).with_context(|| {
                 format!("{}: tensor {name} has a truncated payload", file.display())
             })?;
+            if let Some((i, v)) = data.first_non_finite() {
+                bail!(
+                    "{}: tensor {name} holds {v} at element {i}; NF4 has no code for it (its \
+                     block scale would be {v} too): fix the weights or leave the tensor out with \
+                     --only",
+                    file.display()
+                );
+            }
             let q = Nf4Tensor::quantize(&o.device, &data, view.shape(), o.blocksize, o.statistics)
                 .with_context(|| format!("quantizing {name}"))?;
             out.extend(bnb::encode(name, &q));

@@ -445,6 +445,33 @@ fn check(s: &Settings) -> Result<()> {
     if !(0.0..1.0).contains(&s.lora_dropout) {
         bail!("--lora-dropout must be in [0, 1), got {}", s.lora_dropout);
     }
+    // The schedule decays from lr to lr x ratio: outside [0, 1] it would raise the rate or make
+    // it negative.
+    if !(0.0..=1.0).contains(&s.min_lr_ratio) {
+        bail!("--min-lr-ratio must be in [0, 1], got {}", s.min_lr_ratio);
+    }
+    if !(s.weight_decay.is_finite() && s.weight_decay >= 0.0) {
+        bail!(
+            "--weight-decay must be 0 or positive, got {}",
+            s.weight_decay
+        );
+    }
+    if !(s.max_grad_norm.is_finite() && s.max_grad_norm >= 0.0) {
+        bail!(
+            "--max-grad-norm must be 0 (no clipping) or positive, got {}",
+            s.max_grad_norm
+        );
+    }
+    if !s.alpha.is_finite() {
+        bail!("--alpha must be a number, got {}", s.alpha);
+    }
+    if matches!(s.method, Method::Lora | Method::Qlora) && s.targets.is_empty() {
+        bail!(
+            "--targets is empty: --method {} would train no parameter (name projections such as \
+             q_proj,v_proj)",
+            s.method.name()
+        );
+    }
     Ok(())
 }
 

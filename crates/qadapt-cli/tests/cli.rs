@@ -274,6 +274,23 @@ fn bad_input_gives_one_clear_error_and_no_output() {
         &out,
     );
 
+    // NaN or infinity in a weight: named, not quantized to finite codes.
+    let nan = dir.path().join("nan.safetensors");
+    let mut w = vec![0.5f32; 64 * 4];
+    w[77] = f32::NAN;
+    let view = TensorView::new(
+        safetensors::Dtype::F32,
+        vec![64, 4],
+        bytemuck::cast_slice(&w),
+    )
+    .unwrap();
+    safetensors::serialize_to_file([("layer.weight", view)], None, &nan).unwrap();
+    assert_clean_failure(
+        &qadapt(&["quantize", s(&nan), s(&out)]),
+        "tensor layer.weight holds NaN at element 77",
+        &out,
+    );
+
     // A quant state without its codes: refused, not silently dropped.
     let no_codes = dir.path().join("no_codes.safetensors");
     let bnb = std::fs::read(data("bnb_linear4bit.safetensors")).unwrap();

@@ -216,6 +216,33 @@ fn bad_data_is_reported_with_file_and_line() {
 }
 
 #[test]
+fn settings_that_would_train_wrongly_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cases: [(&[&str], &str); 4] = [
+        (&["--min-lr-ratio=-1"], "--min-lr-ratio must be in [0, 1]"),
+        (
+            &["--weight-decay=-0.1"],
+            "--weight-decay must be 0 or positive",
+        ),
+        (&["--max-grad-norm=-1"], "--max-grad-norm must be 0"),
+        (&["--config", "empty_targets.toml"], "--targets is empty"),
+    ];
+    std::fs::write(tmp.path().join("empty_targets.toml"), "targets = []\n").unwrap();
+    for (i, (flags, needle)) in cases.iter().enumerate() {
+        let out = format!("r{i}");
+        let o = qadapt(
+            &[&["train", "--output", &out][..], flags].concat(),
+            tmp.path(),
+        );
+        assert!(fails(&o).contains(needle), "{flags:?}");
+        assert!(
+            !tmp.path().join(&out).exists(),
+            "{flags:?} left a run directory"
+        );
+    }
+}
+
+#[test]
 fn cuda_without_a_device_is_an_error_not_a_panic() {
     let tmp = tempfile::tempdir().unwrap();
     let o = qadapt(&["train", "--device", "cuda", "--output", "x"], tmp.path());

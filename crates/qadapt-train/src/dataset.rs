@@ -121,6 +121,8 @@ pub fn load(path: &Path, strictness: Strictness) -> Result<Loaded, DataError> {
 
 /// [`load`] on text already in memory (`path` names it in messages).
 pub fn parse(path: &Path, text: &str, strictness: Strictness) -> Result<Loaded, DataError> {
+    // A UTF-8 byte order mark (Windows editors write one) is not part of the first line.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
     let jsonl = first.trim_start().starts_with('{');
     let mut examples = Vec::new();
@@ -350,6 +352,22 @@ mod tests {
 
     fn p() -> &'static Path {
         Path::new("data.jsonl")
+    }
+
+    #[test]
+    fn a_byte_order_mark_does_not_turn_jsonl_into_text() {
+        let text = "\u{feff}{\"prompt\": \"a\", \"completion\": \"b\"}\n{\"text\": \"c\"}\n";
+        let l = parse(p(), text, Strictness::Strict).unwrap();
+        assert_eq!(
+            l.examples,
+            vec![
+                Example::PromptCompletion {
+                    prompt: "a".into(),
+                    completion: "b".into()
+                },
+                Example::Text("c".into())
+            ]
+        );
     }
 
     #[test]

@@ -168,6 +168,21 @@ impl FloatVec {
         })
     }
 
+    /// The first NaN or infinite element, as (index, value), if any.
+    pub fn first_non_finite(&self) -> Option<(usize, f32)> {
+        fn find<T: Copy>(v: &[T], f32_of: impl Fn(T) -> f32) -> Option<(usize, f32)> {
+            v.iter()
+                .map(|&x| f32_of(x))
+                .enumerate()
+                .find(|(_, x)| !x.is_finite())
+        }
+        match self {
+            FloatVec::F32(v) => find(v, |x| x),
+            FloatVec::BF16(v) => find(v, bf16::to_f32),
+            FloatVec::F16(v) => find(v, f16::to_f32),
+        }
+    }
+
     /// Widened to f32.
     pub fn to_f32_vec(&self) -> Vec<f32> {
         match self {
