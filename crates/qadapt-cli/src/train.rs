@@ -430,17 +430,53 @@ fn check_sizes(
     virt: usize,
 ) -> Result<()> {
     use qadapt_train::budget;
+    let lora = LoraConfig {
+        r: s.rank,
+        alpha: s.alpha,
+        use_rslora: s.rslora,
+        dropout: s.lora_dropout,
+        target_modules: s.targets.clone(),
+    };
+    // A size past what the model can use adds parameters and nothing else: refused before the
+    // budget is even asked.
+    let limit = match s.method {
+        Method::Lora | Method::Qlora => Some((
+            "--rank",
+            s.rank,
+            Proj::ALL
+                .iter()
+                .filter(|&&p| (0..cfg.num_hidden_layers).any(|l| lora.targets(l, p)))
+                .map(|p| {
+                    let (i, o) = p.dims(cfg);
+                    i.min(o)
+                })
+                .min()
+                .unwrap_or(usize::MAX),
+            "the smaller side of a targeted projection",
+        )),
+        Method::Adapter => Some((
+            "--bottleneck",
+            s.bottleneck,
+            cfg.hidden_size,
+            "the model's hidden_size",
+        )),
+        Method::Prefix if s.prefix_mlp > 0 => Some((
+            "--prefix-mlp",
+            s.prefix_mlp,
+            PrefixTuning::<f32>::width(cfg),
+            "the width of the prefix it produces (layers x 2 x kv_dim)",
+        )),
+        _ => None,
+    };
+    if let Some((flag, v, max, what)) = limit
+        && v > max
+    {
+        bail!("{flag} {v} is larger than {what}, {max}");
+    }
     let (flag, params) = match s.method {
         Method::Lora | Method::Qlora => (
             format!("--rank {}", s.rank),
-            LoraConfig {
-                r: s.rank,
-                alpha: s.alpha,
-                use_rslora: s.rslora,
-                dropout: s.lora_dropout,
-                target_modules: s.targets.clone(),
-            }
-            .num_params(cfg),
+            lora.num_params(cfg),
         ),
         Method::Adapter => (
             format!("--bottleneck {}", s.bottleneck),
