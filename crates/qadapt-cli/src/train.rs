@@ -474,10 +474,7 @@ fn check_sizes(
         bail!("{flag} {v} is larger than {what}, {max}");
     }
     let (flag, params) = match s.method {
-        Method::Lora | Method::Qlora => (
-            format!("--rank {}", s.rank),
-            lora.num_params(cfg),
-        ),
+        Method::Lora | Method::Qlora => (format!("--rank {}", s.rank), lora.num_params(cfg)),
         Method::Adapter => (
             format!("--bottleneck {}", s.bottleneck),
             HoulsbyConfig {

@@ -163,7 +163,10 @@ fn shard_names_stay_inside_the_model_directory() {
     for (entry, why) in [
         ("../outside.safetensors", "a path with '..' or '.'"),
         (abs.as_str(), "an absolute path"),
-        ("./model-00001-of-00002.safetensors", "a path with '..' or '.'"),
+        (
+            "./model-00001-of-00002.safetensors",
+            "a path with '..' or '.'",
+        ),
         ("", "not a plain relative file name"),
     ] {
         let dir = index_with(tmp.path(), entry);
