@@ -459,37 +459,16 @@ pub fn load(dir: &Path, model: &LlamaConfig) -> Result<LoraAdapter<f32>> {
         source,
     })?;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| format_err(&path, e))?;
-    // r sizes every matrix: it must be the rank of the tensors present before anything is
-    // allocated by it.
+    let cfg_path = dir.join("adapter_config.json");
+    // Which tensors the config implies, from the names alone (nothing is allocated yet).
+    let mut known: HashSet<String> = HashSet::new();
     for l in 0..model.num_hidden_layers {
         for &p in &Proj::ALL {
-            if !config.targets(l, p) {
-                continue;
-            }
-            let key = peft_key(l, p, 'A');
-            let t = st
-                .tensor(&key)
-                .map_err(|_| format_err(&path, format!("missing tensor {key}")))?;
-            if t.shape().first() != Some(&config.r) {
-                return Err(format_err(
-                    &dir.join("adapter_config.json"),
-                    format!(
-                        "r = {} but {} holds {key} of shape {:?}",
-                        config.r,
-                        path.display(),
-                        t.shape()
-                    ),
-                ));
+            if config.targets(l, p) {
+                known.extend(['A', 'B'].map(|w| peft_key(l, p, w)));
             }
         }
     }
-    let mut adapter = LoraAdapter::<f32>::new(model, config, LoraInit::Zeros)
-        .map_err(|e| format_err(&dir.join("adapter_config.json"), e))?;
-    let known: HashSet<String> = adapter
-        .named(model)
-        .into_iter()
-        .map(|(k, _, _)| k)
-        .collect();
     let mut names = st.names();
     names.sort();
     if let Some(extra) = names
@@ -501,6 +480,33 @@ pub fn load(dir: &Path, model: &LlamaConfig) -> Result<LoraAdapter<f32>> {
             format!("tensor {extra} belongs to no module of target_modules"),
         ));
     }
+    // r sizes every matrix: it must be the rank of the tensors present before anything is
+    // allocated by it.
+    for l in 0..model.num_hidden_layers {
+        for &p in &Proj::ALL {
+            if !config.targets(l, p) {
+                continue;
+            }
+            let key = peft_key(l, p, 'A');
+            let t = st
+                .tensor(&key)
+                .map_err(|_| format_err(&path, format!("missing tensor {key}")))?;
+            let want = [config.r, p.dims(model).0];
+            if t.shape() != want {
+                return Err(format_err(
+                    &path,
+                    format!(
+                        "tensor {key} has shape {:?}, expected {want:?} ({}: r = {})",
+                        t.shape(),
+                        cfg_path.display(),
+                        config.r
+                    ),
+                ));
+            }
+        }
+    }
+    let mut adapter = LoraAdapter::<f32>::new(model, config, LoraInit::Zeros)
+        .map_err(|e| format_err(&cfg_path, e))?;
     let r = adapter.config.r;
     for (l, layer) in adapter.pairs.iter_mut().enumerate() {
         for (&p, pair) in Proj::ALL.iter().zip(layer.iter_mut()) {

@@ -481,11 +481,11 @@ fn check_config_against(
             && *got != shape
         {
             return Err(format_err(
-                &config,
+                file,
                 format!(
-                    "{} needs {name} of shape {shape:?} but {} holds {got:?}",
-                    sizes_of(cfg, &name),
-                    file.display()
+                    "tensor {name} has shape {got:?}, the config needs {shape:?} ({}: {})",
+                    config.display(),
+                    sizes_of(cfg, &name)
                 ),
             ));
         }

@@ -67,9 +67,9 @@ fn config_sizes_are_checked_against_the_headers_and_for_overflow() {
     let e = open_err(&dir);
     assert!(
         e.contains(
-            "config.json: vocab_size = 1099511627776, hidden_size = 32 needs \
-             model.embed_tokens.weight of shape [1099511627776, 32] but"
-        ) && e.ends_with("holds [100, 32]"),
+            "model.safetensors: tensor model.embed_tokens.weight has shape [100, 32], the \
+             config needs [1099511627776, 32] ("
+        ) && e.ends_with("config.json: vocab_size = 1099511627776, hidden_size = 32)"),
         "{e}"
     );
     set(&dir.join("config.json"), "vocab_size", 100.into());
@@ -99,8 +99,9 @@ fn lora_rank_must_be_that_of_the_tensors_before_allocating() {
         );
         let e = lora::load(&dir, &model.config).unwrap_err().to_string();
         assert!(
-            e.contains(&format!("adapter_config.json: r = {r} but "))
-                && e.ends_with("lora_A.weight of shape [4, 32]"),
+            e.contains(&format!(
+                "lora_A.weight has shape [4, 32], expected [{r}, 32] ("
+            )) && e.ends_with(&format!("adapter_config.json: r = {r})")),
             "{e}"
         );
     }
