@@ -432,6 +432,9 @@ fn shard_files(dir: &Path) -> Result<(Vec<String>, Option<Value>)> {
         shards.sort();
         shards.dedup();
         for s in &shards {
+            // Inside the directory (no absolute path, no '..'), as the loader requires.
+            qadapt_train::weights::file_in_dir(dir, &index_path, s)?;
+            // The output writes each shard under its name: a plain file name only.
             if s.contains('/') || s.contains('\\') || !dir.join(s).is_file() {
                 bail!("{}: shard {s} is missing", index_path.display());
             }

@@ -116,8 +116,8 @@ struct RawPrompt {
 
 fn read_prompts(a: &GenerateArgs, named: bool) -> Result<Vec<RawPrompt>> {
     if let Some(path) = &a.prompts {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        // Lines are bounded (qadapt_train::dataset::MAX_LINE_BYTES) before they are read whole.
+        let text = qadapt_train::dataset::read_text(path)?;
         let mut out = Vec::new();
         for (i, line) in text.lines().enumerate() {
             if line.trim().is_empty() {
@@ -270,7 +270,7 @@ pub(crate) fn run(a: &GenerateArgs) -> Result<()> {
         );
     }
     let mut max_new = a.max_new_tokens;
-    if positions + max_new > max_pos {
+    if max_new > max_pos - positions {
         max_new = max_pos - positions;
         eprintln!(
             "warning: --max-new-tokens lowered to {max_new} (max_position_embeddings {max_pos})"

@@ -116,6 +116,11 @@ enum Command {
     Compare(compare::CompareArgs),
 }
 
+/// clap's parser for a size flag that must be at least 1 (`--seq 0` is clap's one-line error).
+pub(crate) fn positive() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub(crate) enum OutDType {
     F32,

@@ -41,13 +41,13 @@ pub(crate) struct PretrainArgs {
     #[arg(long)]
     out: PathBuf,
     /// Optimizer steps.
-    #[arg(long, default_value_t = 1500)]
+    #[arg(long, default_value_t = 1500, value_parser = clap::value_parser!(u64).range(1..))]
     steps: u64,
     /// Blocks per step.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = crate::positive())]
     batch: usize,
     /// Tokens per block (also the model's max_position_embeddings is 2x this).
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = crate::positive())]
     seq: usize,
     /// Peak learning rate.
     #[arg(long, default_value_t = 3e-3)]
@@ -56,22 +56,22 @@ pub(crate) struct PretrainArgs {
     #[arg(long, default_value_t = 100)]
     warmup: u64,
     /// Tokenizer vocabulary (256 byte symbols + 3 special tokens + merges).
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(259..=u64::from(u32::MAX)))]
     vocab: usize,
     /// Model width.
-    #[arg(long, default_value_t = 192)]
+    #[arg(long, default_value_t = 192, value_parser = crate::positive())]
     hidden: usize,
     /// MLP width.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, value_parser = crate::positive())]
     intermediate: usize,
     /// Decoder layers.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = crate::positive())]
     layers: usize,
     /// Attention heads (head_dim = hidden / heads).
-    #[arg(long, default_value_t = 6)]
+    #[arg(long, default_value_t = 6, value_parser = crate::positive())]
     heads: usize,
     /// Key/value heads (grouped-query attention).
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = crate::positive())]
     kv_heads: usize,
     /// Blocks held out for the final loss.
     #[arg(long, default_value_t = 64)]
@@ -236,6 +236,51 @@ fn write_tokenizer_files(tmp: &Path, tok: &Tokenizer) -> Result<()> {
     Ok(())
 }
 
+/// The model the flags ask for (at its largest vocabulary), its training state and one batch's
+/// activations, checked against the memory budget before the tokenizer or the model is made.
+fn check_sizes(a: &PretrainArgs) -> Result<()> {
+    use qadapt_train::budget;
+    let cfg = LlamaConfig {
+        hidden_size: a.hidden,
+        intermediate_size: a.intermediate,
+        num_hidden_layers: a.layers,
+        num_attention_heads: a.heads,
+        num_key_value_heads: a.kv_heads,
+        head_dim: a.hidden / a.heads,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10000.0,
+        rope_scaling: RopeScaling::None,
+        vocab_size: a.vocab,
+        tie_word_embeddings: false,
+        max_position_embeddings: a
+            .seq
+            .checked_mul(2)
+            .with_context(|| format!("--seq {} is too large", a.seq))?,
+    };
+    let flags = format!(
+        "--vocab {} --hidden {} --intermediate {} --layers {}",
+        a.vocab, a.hidden, a.intermediate, a.layers
+    );
+    cfg.check_sizes()
+        .map_err(|e| anyhow::anyhow!("{flags}: {e}"))?;
+    // Parameters, gradients and the two AdamW moments, in f32.
+    let state = budget::llama_params(&cfg).and_then(|n| n.checked_mul(16));
+    budget::check(
+        &format!("{flags}: the model, its gradients and AdamW moments"),
+        state,
+    )
+    .map_err(anyhow::Error::msg)?;
+    let act = budget::activation_bytes(&cfg, a.batch, a.seq, 4);
+    budget::check(
+        &format!(
+            "--batch {} --seq {}: the activations (with the model's training state)",
+            a.batch, a.seq
+        ),
+        act.zip(state).and_then(|(x, y)| x.checked_add(y)),
+    )
+    .map_err(anyhow::Error::msg)
+}
+
 pub(crate) fn run(a: &PretrainArgs) -> Result<()> {
     if a.out.exists() {
         bail!("{} exists; choose a new output directory", a.out.display());
@@ -247,6 +292,14 @@ pub(crate) fn run(a: &PretrainArgs) -> Result<()> {
             a.heads
         );
     }
+    if !a.heads.is_multiple_of(a.kv_heads) {
+        bail!(
+            "--heads {} is not a multiple of --kv-heads {}",
+            a.heads,
+            a.kv_heads
+        );
+    }
+    check_sizes(a)?;
     let t0 = Instant::now();
     let tok = train_tokenizer(&a.corpus, a.vocab)?;
     let text = std::fs::read_to_string(&a.corpus)
@@ -267,7 +320,7 @@ pub(crate) fn run(a: &PretrainArgs) -> Result<()> {
             mask: (0..a.seq).map(|i| i > 0).collect(),
         })
         .collect();
-    if blocks.len() <= a.heldout + a.batch {
+    if blocks.len() <= a.heldout.saturating_add(a.batch) {
         bail!(
             "{}: {} blocks of {} tokens is too little text",
             a.corpus.display(),

@@ -254,13 +254,13 @@ pub(crate) struct TrainArgs {
     #[arg(long)]
     resume: Option<PathBuf>,
     /// Optimizer steps.
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     steps: Option<u64>,
     /// Sequences per micro-batch.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::positive())]
     batch: Option<usize>,
     /// Micro-batches per optimizer step.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::positive())]
     grad_accum: Option<usize>,
     /// Peak learning rate (default: per method, 1e-3 .. 3e-2).
     #[arg(long)]
@@ -288,13 +288,13 @@ pub(crate) struct TrainArgs {
     #[arg(long)]
     eval_every: Option<u64>,
     /// Checkpoint every N steps.
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     checkpoint_every: Option<u64>,
     /// Stop at the first malformed data line instead of skipping it.
     #[arg(long)]
     strict: bool,
     /// LoRA rank r.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::positive())]
     rank: Option<usize>,
     /// LoRA alpha (scale alpha/r, or alpha/sqrt(r) with --rslora).
     #[arg(long)]
@@ -309,7 +309,7 @@ pub(crate) struct TrainArgs {
     #[arg(long, value_delimiter = ',')]
     targets: Option<Vec<String>>,
     /// Virtual tokens of prompt and prefix tuning.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::positive())]
     virtual_tokens: Option<usize>,
     /// Prompt tuning init: random, vocab (embeddings of random vocabulary tokens) or text:WORDS.
     #[arg(long)]
@@ -318,16 +318,16 @@ pub(crate) struct TrainArgs {
     #[arg(long)]
     prefix_mlp: Option<usize>,
     /// Houlsby adapter bottleneck width.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::positive())]
     bottleneck: Option<usize>,
     /// Layers trained by top-k.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::positive())]
     top_k: Option<usize>,
     /// Surgical: decoder layers per group.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::positive())]
     group_size: Option<usize>,
     /// Surgical-auto: batches averaged for the relative gradient norms (refreshed each epoch).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::positive())]
     rgn_batches: Option<usize>,
     /// Testing aid: behave as if Ctrl-C came after this many steps.
     #[arg(long, hide = true)]
@@ -473,6 +473,108 @@ fn check(s: &Settings) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// What the settings make the run allocate, checked against the memory budget before any of it
+/// is: the trainable tensors with their gradients and AdamW moments (4 f32 each, sized by the
+/// method's flag), then one micro-batch of `--batch` sequences of the longest training example
+/// (plus `virt` virtual tokens). The error names the flag and its value.
+fn check_sizes(
+    s: &Settings,
+    cfg: &qadapt_train::LlamaConfig,
+    train: &[Sequence],
+    virt: usize,
+) -> Result<()> {
+    use qadapt_train::budget;
+    let lora = LoraConfig {
+        r: s.rank,
+        alpha: s.alpha,
+        use_rslora: s.rslora,
+        dropout: s.lora_dropout,
+        target_modules: s.targets.clone(),
+    };
+    // A size past what the model can use adds parameters and nothing else: refused before the
+    // budget is even asked.
+    let limit = match s.method {
+        Method::Lora | Method::Qlora => Some((
+            "--rank",
+            s.rank,
+            Proj::ALL
+                .iter()
+                .filter(|&&p| (0..cfg.num_hidden_layers).any(|l| lora.targets(l, p)))
+                .map(|p| {
+                    let (i, o) = p.dims(cfg);
+                    i.min(o)
+                })
+                .min()
+                .unwrap_or(usize::MAX),
+            "the smaller side of a targeted projection",
+        )),
+        Method::Adapter => Some((
+            "--bottleneck",
+            s.bottleneck,
+            cfg.hidden_size,
+            "the model's hidden_size",
+        )),
+        Method::Prefix if s.prefix_mlp > 0 => Some((
+            "--prefix-mlp",
+            s.prefix_mlp,
+            PrefixTuning::<f32>::width(cfg),
+            "the width of the prefix it produces (layers x 2 x kv_dim)",
+        )),
+        _ => None,
+    };
+    if let Some((flag, v, max, what)) = limit
+        && v > max
+    {
+        bail!("{flag} {v} is larger than {what}, {max}");
+    }
+    let (flag, params) = match s.method {
+        Method::Lora | Method::Qlora => (format!("--rank {}", s.rank), lora.num_params(cfg)),
+        Method::Adapter => (
+            format!("--bottleneck {}", s.bottleneck),
+            HoulsbyConfig {
+                bottleneck: s.bottleneck,
+                activation: Activation::Relu,
+            }
+            .num_params(cfg),
+        ),
+        Method::Prefix if s.prefix_mlp > 0 => (
+            format!("--prefix-mlp {}", s.prefix_mlp),
+            PrefixMlp::<f32>::num_params(cfg, s.virtual_tokens, s.prefix_mlp),
+        ),
+        Method::Prefix => (
+            format!("--virtual-tokens {}", s.virtual_tokens),
+            budget::product(&[s.virtual_tokens, PrefixTuning::<f32>::width(cfg)]),
+        ),
+        Method::Prompt => (
+            format!("--virtual-tokens {}", s.virtual_tokens),
+            budget::product(&[s.virtual_tokens, cfg.hidden_size]),
+        ),
+        Method::Ia3 => (String::from("--method ia3"), Some(0)),
+        Method::Full | Method::TopK | Method::Surgical | Method::SurgicalAuto => (
+            format!("--method {}", s.method.name()),
+            budget::llama_params(cfg),
+        ),
+    };
+    let state = params.and_then(|n| n.checked_mul(16));
+    budget::check(
+        &format!("{flag}: the trainable tensors, their gradients and AdamW moments"),
+        state,
+    )
+    .map_err(anyhow::Error::msg)?;
+    let longest = train.iter().map(|q| q.ids.len()).max().unwrap_or(0);
+    let seq = longest.saturating_add(virt);
+    budget::check(
+        &format!(
+            "--batch {} of {seq}-token sequences: the activations (with the trainable state)",
+            s.batch
+        ),
+        budget::activation_bytes(cfg, s.batch, seq, 4)
+            .zip(state)
+            .and_then(|(a, b)| a.checked_add(b)),
+    )
+    .map_err(anyhow::Error::msg)
 }
 
 /// Token ids through the model's `tokenizer.json`.
@@ -1010,10 +1112,11 @@ pub(crate) fn run(a: &TrainArgs) -> Result<()> {
     } else {
         s.max_len.min(ctx)
     };
-    if max_len <= virt + 1 {
+    if max_len <= virt.saturating_add(1) {
         bail!("the context ({max_len} tokens) leaves no room after {virt} virtual tokens");
     }
     let mut data = load_data(&s, &model_dir, tok, max_len - virt, a.quiet)?;
+    check_sizes(&s, &dir.config, &data.train, virt)?;
     let pad = 0;
     let mut state = build(&s, &model, tok)?;
     // Surgical fine-tuning changes the trainable group as it goes; its count is the model's.

@@ -152,7 +152,7 @@ impl LlamaConfig {
             None => RopeScaling::None,
             Some(r) => parse_rope(r, path)?,
         };
-        Ok(LlamaConfig {
+        let cfg = LlamaConfig {
             hidden_size: raw.hidden_size,
             intermediate_size: raw.intermediate_size,
             num_hidden_layers: raw.num_hidden_layers,
@@ -165,7 +165,41 @@ impl LlamaConfig {
             vocab_size: raw.vocab_size,
             tie_word_embeddings: raw.tie_word_embeddings,
             max_position_embeddings: raw.max_position_embeddings,
-        })
+        };
+        cfg.check_sizes().map_err(|e| format_err(path, e))?;
+        Ok(cfg)
+    }
+
+    /// Refuses zero sizes and sizes whose parameter count overflows 64 bits (the reason names
+    /// the field and its value). What the sizes need in memory is checked where they are
+    /// allocated, against the weights present and [`crate::budget`].
+    pub fn check_sizes(&self) -> std::result::Result<(), String> {
+        for (field, v) in [
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("vocab_size", self.vocab_size),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ] {
+            if v == 0 {
+                return Err(format!("{field} = 0 must be positive"));
+            }
+        }
+        if crate::budget::llama_params(self).is_none() {
+            let (field, v) = [
+                ("num_hidden_layers", self.num_hidden_layers),
+                ("vocab_size", self.vocab_size),
+                ("intermediate_size", self.intermediate_size),
+                ("hidden_size", self.hidden_size),
+                ("head_dim", self.head_dim),
+            ]
+            .into_iter()
+            .max_by_key(|&(_, v)| v)
+            .unwrap_or(("hidden_size", self.hidden_size));
+            return Err(format!(
+                "{field} = {v}: the parameter count of these sizes overflows 64 bits"
+            ));
+        }
+        Ok(())
     }
 
     /// The attention op's shape for `batch` sequences of `seq` tokens.

@@ -110,12 +110,55 @@ pub struct Loaded {
     pub skipped: Vec<Skipped>,
 }
 
-/// Reads `path` (see the module docs for the formats).
-pub fn load(path: &Path, strictness: Strictness) -> Result<Loaded, DataError> {
-    let text = std::fs::read_to_string(path).map_err(|source| DataError::Io {
+/// The longest line [`load`] and [`read_text`] accept, in bytes (8 MiB): a longer one is refused
+/// before it is read whole.
+pub const MAX_LINE_BYTES: usize = 8 << 20;
+
+/// Reads a text file whose every line is at most [`MAX_LINE_BYTES`] long; a longer line (or
+/// one that is not UTF-8) is a [`DataError::Malformed`] naming the file and line, found without
+/// reading that line whole.
+pub fn read_text(path: &Path) -> Result<String, DataError> {
+    use std::io::{BufRead, Read};
+    let io = |source| DataError::Io {
         file: path.to_path_buf(),
         source,
-    })?;
+    };
+    let mut r = std::io::BufReader::new(std::fs::File::open(path).map_err(io)?);
+    let mut text = String::new();
+    let mut buf = Vec::new();
+    for line in 1.. {
+        buf.clear();
+        let n = r
+            .by_ref()
+            .take(MAX_LINE_BYTES as u64 + 1)
+            .read_until(b'\n', &mut buf)
+            .map_err(io)?;
+        if n == 0 {
+            break;
+        }
+        let body = buf.strip_suffix(b"\n").unwrap_or(&buf);
+        let body = body.strip_suffix(b"\r").unwrap_or(body);
+        if body.len() > MAX_LINE_BYTES {
+            return Err(DataError::Malformed {
+                file: path.to_path_buf(),
+                line,
+                reason: format!("a line longer than {MAX_LINE_BYTES} bytes (not read further)"),
+            });
+        }
+        let s = std::str::from_utf8(&buf).map_err(|e| DataError::Malformed {
+            file: path.to_path_buf(),
+            line,
+            reason: format!("not UTF-8 ({e})"),
+        })?;
+        text.push_str(s);
+    }
+    Ok(text)
+}
+
+/// Reads `path` (see the module docs for the formats); lines are bounded by
+/// [`MAX_LINE_BYTES`].
+pub fn load(path: &Path, strictness: Strictness) -> Result<Loaded, DataError> {
+    let text = read_text(path)?;
     parse(path, &text, strictness)
 }
 

@@ -534,7 +534,7 @@ impl<'a> Generator<'a> {
             .map(|&a| self.leading_positions(a))
             .max()
             .unwrap_or(0);
-        let cap = lead + tokens;
+        let cap = lead.saturating_add(tokens);
         if cap > c.max_position_embeddings {
             return Err(invalid(
                 OP,
@@ -546,6 +546,12 @@ impl<'a> Generator<'a> {
         }
         let kd = c.kv_dim();
         let batch = rows.len();
+        crate::budget::check_elements(
+            &format!("a cache of {batch} x {cap} positions"),
+            crate::budget::product(&[2, c.num_hidden_layers, batch, cap, kd]),
+            4,
+        )
+        .map_err(|e| invalid(OP, e))?;
         let mut cache = KvCache {
             batch,
             cap,
@@ -970,7 +976,7 @@ impl<'a> Generator<'a> {
         }
         let longest = prompts.iter().map(|p| p.ids.len()).max().unwrap_or(0);
         let rows: Vec<Option<usize>> = prompts.iter().map(|p| p.adapter).collect();
-        let mut cache = self.start(&rows, longest + opts.max_new_tokens)?;
+        let mut cache = self.start(&rows, longest.saturating_add(opts.max_new_tokens))?;
         let vocab = self.model.config.vocab_size;
         let batch = prompts.len();
         let mut logits = vec![0.0; batch * vocab];
@@ -979,7 +985,7 @@ impl<'a> Generator<'a> {
         let mut sampler = Sampler::new(opts.sampling, batch, opts.seed);
         let mut out: Vec<Completion> = (0..batch)
             .map(|_| Completion {
-                tokens: Vec::with_capacity(opts.max_new_tokens),
+                tokens: Vec::with_capacity(opts.max_new_tokens.min(cache.cap)),
                 finish: Finish::Length,
             })
             .collect();

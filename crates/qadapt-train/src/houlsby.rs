@@ -40,6 +40,36 @@ pub struct HoulsbyConfig {
     pub activation: Activation,
 }
 
+impl HoulsbyConfig {
+    /// Trainable parameters on `model` (two sites per layer, each `2 b C + b + C`), computed
+    /// without allocating (`None` on overflow).
+    pub fn num_params(&self, model: &LlamaConfig) -> Option<u64> {
+        let (b, c) = (self.bottleneck as u64, model.hidden_size as u64);
+        b.checked_mul(c)?
+            .checked_mul(2)?
+            .checked_add(b)?
+            .checked_add(c)?
+            .checked_mul(2)?
+            .checked_mul(model.num_hidden_layers as u64)
+    }
+}
+
+/// Every tensor's key and shape for `model`, in [`HoulsbyAdapter::named`] order.
+fn specs(model: &LlamaConfig, b: usize) -> Vec<(String, Vec<usize>)> {
+    let c = model.hidden_size;
+    let mut out = Vec::new();
+    for l in 0..model.num_hidden_layers {
+        for site in SITES {
+            let k = |t: &str| format!("base_model.model.model.layers.{l}.{site}.adapter.{t}");
+            out.push((k("down.weight"), vec![b, c]));
+            out.push((k("down.bias"), vec![b]));
+            out.push((k("up.weight"), vec![c, b]));
+            out.push((k("up.bias"), vec![c]));
+        }
+    }
+    out
+}
+
 /// Where an adapter sits in a layer.
 pub const SITES: [&str; 2] = ["self_attn", "mlp"];
 
@@ -79,6 +109,12 @@ impl<T: Real> HoulsbyAdapter<T> {
                 "bottleneck_size must be positive",
             ));
         }
+        crate::budget::check_elements(
+            &format!("bottleneck_size = {}: the adapters", config.bottleneck),
+            config.num_params(model),
+            std::mem::size_of::<T>(),
+        )
+        .map_err(|e| invalid("houlsby adapter", e))?;
         let c = model.hidden_size;
         let layers = (0..model.num_hidden_layers)
             .map(|l| {
@@ -173,6 +209,19 @@ pub fn load(dir: &Path, model: &LlamaConfig) -> Result<HoulsbyAdapter<f32>> {
         .unwrap_or("silu");
     let activation = Activation::parse(act)
         .ok_or_else(|| format_err(&cfg_path, format!("non_linearity {act:?} is not supported")))?;
+    if bottleneck == 0 {
+        return Err(format_err(
+            &cfg_path,
+            "bottleneck_size = 0 must be positive",
+        ));
+    }
+    // The tensors present (their shapes checked against bottleneck_size) come first: the
+    // adapter is allocated only for a size the file holds.
+    let values = read_tensors(
+        &dir.join("adapter_model.safetensors"),
+        &specs(model, bottleneck),
+        ".adapter.",
+    )?;
     let mut a = HoulsbyAdapter::<f32>::new(
         model,
         HoulsbyConfig {
@@ -183,8 +232,6 @@ pub fn load(dir: &Path, model: &LlamaConfig) -> Result<HoulsbyAdapter<f32>> {
         0,
     )
     .map_err(|e| format_err(&cfg_path, e))?;
-    let specs: Vec<(String, Vec<usize>)> = a.named().into_iter().map(|(k, s, _)| (k, s)).collect();
-    let values = read_tensors(&dir.join("adapter_model.safetensors"), &specs, ".adapter.")?;
     for (slot, v) in a.tensors_mut().into_iter().zip(values) {
         *slot = v;
     }

@@ -34,6 +34,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod budget;
 pub mod config;
 pub mod cuda;
 pub mod dataset;

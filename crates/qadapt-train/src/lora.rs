@@ -73,6 +73,21 @@ impl LoraConfig {
             .iter()
             .any(|t| path == *t || path.ends_with(&format!(".{t}")))
     }
+
+    /// Trainable parameters on `model`: `r * (in + out)` per targeted projection, computed
+    /// without allocating (`None` on overflow).
+    pub fn num_params(&self, model: &LlamaConfig) -> Option<u64> {
+        let mut n = 0u64;
+        for l in 0..model.num_hidden_layers {
+            for &p in &Proj::ALL {
+                if self.targets(l, p) {
+                    let (inp, out) = p.dims(model);
+                    n = n.checked_add(crate::budget::product(&[self.r, inp.checked_add(out)?])?)?;
+                }
+            }
+        }
+        Some(n)
+    }
 }
 
 /// The two matrices of one adapted projection.
@@ -183,6 +198,12 @@ impl<T: Real> LoraAdapter<T> {
                 ));
             }
         }
+        crate::budget::check_elements(
+            &format!("r = {}: the LoRA matrices", config.r),
+            config.num_params(model),
+            std::mem::size_of::<T>(),
+        )
+        .map_err(|e| invalid(OP, e))?;
         let mut seed = match init {
             LoraInit::Peft { seed } => seed,
             LoraInit::Zeros => 0,
@@ -432,19 +453,22 @@ pub fn read_config(path: &Path) -> Result<LoraConfig> {
 /// config implies must be present with its shape, and the file may hold no other LoRA matrix.
 pub fn load(dir: &Path, model: &LlamaConfig) -> Result<LoraAdapter<f32>> {
     let config = read_config(&dir.join("adapter_config.json"))?;
-    let mut adapter = LoraAdapter::<f32>::new(model, config, LoraInit::Zeros)
-        .map_err(|e| format_err(&dir.join("adapter_config.json"), e))?;
     let path = dir.join("adapter_model.safetensors");
     let bytes = std::fs::read(&path).map_err(|source| Error::Io {
         file: path.clone(),
         source,
     })?;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| format_err(&path, e))?;
-    let known: HashSet<String> = adapter
-        .named(model)
-        .into_iter()
-        .map(|(k, _, _)| k)
-        .collect();
+    let cfg_path = dir.join("adapter_config.json");
+    // Which tensors the config implies, from the names alone (nothing is allocated yet).
+    let mut known: HashSet<String> = HashSet::new();
+    for l in 0..model.num_hidden_layers {
+        for &p in &Proj::ALL {
+            if config.targets(l, p) {
+                known.extend(['A', 'B'].map(|w| peft_key(l, p, w)));
+            }
+        }
+    }
     let mut names = st.names();
     names.sort();
     if let Some(extra) = names
@@ -456,6 +480,33 @@ pub fn load(dir: &Path, model: &LlamaConfig) -> Result<LoraAdapter<f32>> {
             format!("tensor {extra} belongs to no module of target_modules"),
         ));
     }
+    // r sizes every matrix: it must be the rank of the tensors present before anything is
+    // allocated by it.
+    for l in 0..model.num_hidden_layers {
+        for &p in &Proj::ALL {
+            if !config.targets(l, p) {
+                continue;
+            }
+            let key = peft_key(l, p, 'A');
+            let t = st
+                .tensor(&key)
+                .map_err(|_| format_err(&path, format!("missing tensor {key}")))?;
+            let want = [config.r, p.dims(model).0];
+            if t.shape() != want {
+                return Err(format_err(
+                    &path,
+                    format!(
+                        "tensor {key} has shape {:?}, expected {want:?} ({}: r = {})",
+                        t.shape(),
+                        cfg_path.display(),
+                        config.r
+                    ),
+                ));
+            }
+        }
+    }
+    let mut adapter = LoraAdapter::<f32>::new(model, config, LoraInit::Zeros)
+        .map_err(|e| format_err(&cfg_path, e))?;
     let r = adapter.config.r;
     for (l, layer) in adapter.pairs.iter_mut().enumerate() {
         for (&p, pair) in Proj::ALL.iter().zip(layer.iter_mut()) {

@@ -358,16 +358,24 @@ impl<T: Real> Llama<T> {
             ));
         }
         let prefix = att.prefix_len();
-        if seq + prefix > c.max_position_embeddings {
+        if seq.saturating_add(prefix) > c.max_position_embeddings {
             return Err(invalid(
                 "llama forward",
                 format!(
                     "{} positions exceed max_position_embeddings {}",
-                    seq + prefix,
+                    seq.saturating_add(prefix),
                     c.max_position_embeddings
                 ),
             ));
         }
+        crate::budget::check(
+            &format!(
+                "a batch of {batch} x {} positions: the activations",
+                seq + prefix
+            ),
+            crate::budget::activation_bytes(c, batch, seq + prefix, std::mem::size_of::<T>()),
+        )
+        .map_err(|e| invalid("llama forward", e))?;
         // Real tokens sit at positions prefix..prefix+seq (a prefix is a past of that length).
         let full = RopeTable::new(seq + prefix, c.head_dim, &self.inv_freq)?;
         let half = c.head_dim / 2;

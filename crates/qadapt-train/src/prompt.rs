@@ -115,6 +115,12 @@ impl<T: Real> PromptTuning<T> {
                 "num_virtual_tokens must be positive",
             ));
         }
+        crate::budget::check_elements(
+            &format!("num_virtual_tokens = {p}: the soft prompt"),
+            crate::budget::product(&[p, c]),
+            std::mem::size_of::<T>(),
+        )
+        .map_err(|e| invalid("prompt tuning", e))?;
         let embeddings = match init {
             PromptInit::Random { seed, scale } => {
                 let mut s = *seed;
@@ -187,6 +193,12 @@ impl<T: Real> PrefixTuning<T> {
                 "num_virtual_tokens must be positive",
             ));
         }
+        crate::budget::check_elements(
+            &format!("num_virtual_tokens = {p}: the prefixes"),
+            crate::budget::product(&[p, Self::width(model)]),
+            std::mem::size_of::<T>(),
+        )
+        .map_err(|e| invalid("prefix tuning", e))?;
         let mut s = seed;
         Ok(PrefixTuning {
             num_virtual_tokens: p,
@@ -343,6 +355,12 @@ impl<T: Real> PrefixMlp<T> {
             ));
         }
         let (kd, w) = (model.kv_dim(), PrefixTuning::<T>::width(model));
+        crate::budget::check_elements(
+            &format!("num_virtual_tokens = {p}, encoder_hidden_size = {hidden}: the prefix MLP"),
+            Self::num_params(model, p, hidden),
+            std::mem::size_of::<T>(),
+        )
+        .map_err(|e| invalid("prefix tuning", e))?;
         let mut s = seed;
         let mut fill = |n: usize, b: f64| -> Vec<T> {
             (0..n).map(|_| T::from_f64(b * uniform(&mut s))).collect()
@@ -357,6 +375,18 @@ impl<T: Real> PrefixMlp<T> {
             w2: fill(w * hidden, b2b),
             b2: fill(w, b2b),
         })
+    }
+
+    /// Trainable parameters of a `p`-token prefix through an MLP of width `hidden` on `model`
+    /// (`E`, `W1`, `b1`, `W2`, `b2`), computed without allocating (`None` on overflow).
+    pub fn num_params(model: &LlamaConfig, p: usize, hidden: usize) -> Option<u64> {
+        use crate::budget::product;
+        let (kd, w) = (model.kv_dim(), PrefixTuning::<T>::width(model));
+        product(&[p, kd])?
+            .checked_add(product(&[hidden, kd])?)?
+            .checked_add(hidden as u64)?
+            .checked_add(product(&[w, hidden])?)?
+            .checked_add(w as u64)
     }
 
     fn shapes(&self, model: &LlamaConfig) -> [LinearShape; 2] {

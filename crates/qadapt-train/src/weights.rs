@@ -314,8 +314,88 @@ pub fn to_f32(file: &Path, name: &str, dtype: Dtype, data: &[u8]) -> Result<Vec<
     })
 }
 
+/// The path of a file an index names (a shard of `weight_map`), refused unless `name` is a plain
+/// relative path inside `dir`: not absolute, no `..` or `.` component, no backslash, and any
+/// subdirectory it goes through resolving inside `dir`. The file itself may be a symlink
+/// anywhere (an HF cache snapshot links every file to `../../blobs/<hash>`), so only the name
+/// and the directories it passes through are checked, not the link's target. `index` names the
+/// file the name came from in the error.
+pub fn file_in_dir(dir: &Path, index: &Path, name: &str) -> Result<PathBuf> {
+    use std::path::Component;
+    let bad = |why: &str| format_err(index, format!("entry {name:?}: {why}"));
+    if name.is_empty() || name.contains('\\') || name.contains('\0') {
+        return Err(bad("not a plain relative file name"));
+    }
+    let rel = Path::new(name);
+    if rel.is_absolute() || name.starts_with('/') {
+        return Err(bad(
+            "an absolute path (a shard must be inside the model directory)",
+        ));
+    }
+    if !rel.components().all(|c| matches!(c, Component::Normal(_))) {
+        return Err(bad(
+            "a path with '..' or '.' (a shard must be inside the model directory)",
+        ));
+    }
+    let path = dir.join(rel);
+    if let Some(sub) = rel.parent().filter(|p| !p.as_os_str().is_empty()) {
+        // A subdirectory may not be a link out of the directory.
+        if let (Ok(root), Ok(inner)) = (dir.canonicalize(), dir.join(sub).canonicalize())
+            && !inner.starts_with(&root)
+        {
+            return Err(bad("its directory resolves outside the model directory"));
+        }
+    }
+    Ok(path)
+}
+
+/// The tensor names and shapes of a safetensors file's header, read without the data (the
+/// header length is checked against the file's size first).
+pub fn header_shapes(path: &Path) -> Result<BTreeMap<String, Vec<usize>>> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(|source| Error::Io {
+        file: path.to_owned(),
+        source,
+    })?;
+    let size = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len)
+        .map_err(|_| format_err(path, "not a safetensors file (shorter than 8 bytes)"))?;
+    let n = u64::from_le_bytes(len);
+    // safetensors' own limit on a header is 100 MB.
+    if n > size.saturating_sub(8) || n > 100_000_000 {
+        return Err(format_err(
+            path,
+            format!("not a safetensors file (a header of {n} bytes in a file of {size})"),
+        ));
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header).map_err(|source| Error::Io {
+        file: path.to_owned(),
+        source,
+    })?;
+    let v: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
+        .map_err(|e| format_err(path, format!("not a safetensors header ({e})")))?;
+    Ok(v.into_iter()
+        .filter(|(k, _)| k != "__metadata__")
+        .map(|(k, t)| {
+            let shape = t
+                .get("shape")
+                .and_then(|s| s.as_array())
+                .map(|s| {
+                    s.iter()
+                        .map(|d| d.as_u64().map_or(usize::MAX, |d| d as usize))
+                        .collect()
+                })
+                .unwrap_or_default();
+            (k, shape)
+        })
+        .collect())
+}
+
 /// Which file holds each tensor: `model.safetensors`, or the `weight_map` of
-/// `model.safetensors.index.json` (that one wins when both exist, as in transformers).
+/// `model.safetensors.index.json` (that one wins when both exist, as in transformers). Every
+/// shard name must stay inside `dir` ([`file_in_dir`]).
 fn weight_files(dir: &Path) -> Result<(PathBuf, BTreeMap<String, PathBuf>)> {
     let index = dir.join("model.safetensors.index.json");
     if index.exists() {
@@ -331,7 +411,7 @@ fn weight_files(dir: &Path) -> Result<(PathBuf, BTreeMap<String, PathBuf>)> {
             let f = f.as_str().ok_or_else(|| {
                 format_err(&index, format!("weight_map[{k:?}] is not a file name"))
             })?;
-            out.insert(k.clone(), dir.join(f));
+            out.insert(k.clone(), file_in_dir(dir, &index, f)?);
         }
         return Ok((index, out));
     }
@@ -345,11 +425,105 @@ fn weight_files(dir: &Path) -> Result<(PathBuf, BTreeMap<String, PathBuf>)> {
     Ok((single, BTreeMap::new()))
 }
 
+/// Refuses a config whose layer count the weights cannot hold (a layer needs its tensors: a
+/// count above the distinct `model.layers.N.` of the index or header is refused before anything
+/// is sized by it), and a model whose f32 copy does not fit [`crate::budget`].
+fn check_config_against(
+    dir: &Path,
+    cfg: &LlamaConfig,
+    source: &Path,
+    map: &BTreeMap<String, PathBuf>,
+) -> Result<()> {
+    let config = dir.join("config.json");
+    let mut headers: BTreeMap<&Path, BTreeMap<String, Vec<usize>>> = BTreeMap::new();
+    let names: Vec<String> = if map.is_empty() {
+        let h = header_shapes(source)?;
+        let names = h.keys().cloned().collect();
+        headers.insert(source, h);
+        names
+    } else {
+        map.keys().cloned().collect()
+    };
+    let layers: std::collections::BTreeSet<&str> = names
+        .iter()
+        .filter_map(|n| n.strip_prefix("model.layers.")?.split('.').next())
+        .collect();
+    if cfg.num_hidden_layers > layers.len() {
+        return Err(format_err(
+            &config,
+            format!(
+                "num_hidden_layers = {} but {} holds the weights of {} layer(s)",
+                cfg.num_hidden_layers,
+                source.display(),
+                layers.len()
+            ),
+        ));
+    }
+    // Every size the config gives must be that of the tensors present (from the headers: no
+    // data is read before this). A bitsandbytes 4-bit weight is checked when it is decoded.
+    for (name, shape) in layout(cfg) {
+        let file: &Path = if map.is_empty() {
+            source
+        } else {
+            match map.get(&name) {
+                Some(f) => f,
+                None => continue,
+            }
+        };
+        if !headers.contains_key(file) {
+            headers.insert(file, header_shapes(file)?);
+        }
+        let h = &headers[file];
+        if h.contains_key(&format!("{name}{}", bnb::QUANT_STATE_SUFFIX)) {
+            continue;
+        }
+        if let Some(got) = h.get(&name)
+            && *got != shape
+        {
+            return Err(format_err(
+                file,
+                format!(
+                    "tensor {name} has shape {got:?}, the config needs {shape:?} ({}: {})",
+                    config.display(),
+                    sizes_of(cfg, &name)
+                ),
+            ));
+        }
+    }
+    crate::budget::check_elements(
+        "the model's parameters in f32",
+        crate::budget::llama_params(cfg),
+        4,
+    )
+    .map_err(|e| format_err(&config, e))
+}
+
+/// The config fields that size the tensor `name`, with their values.
+fn sizes_of(cfg: &LlamaConfig, name: &str) -> String {
+    let c = format!("hidden_size = {}", cfg.hidden_size);
+    let v = format!("vocab_size = {}", cfg.vocab_size);
+    let i = format!("intermediate_size = {}", cfg.intermediate_size);
+    let heads = format!(
+        "num_attention_heads = {}, num_key_value_heads = {}, head_dim = {}",
+        cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    );
+    if name.contains("embed_tokens") || name.starts_with("lm_head") {
+        format!("{v}, {c}")
+    } else if name.contains("mlp.") {
+        format!("{i}, {c}")
+    } else if name.contains("self_attn.") {
+        format!("{heads}, {c}")
+    } else {
+        c
+    }
+}
+
 /// Loads every parameter [`layout`] lists from the HF directory `dir`, as f32, with the NF4 codes
 /// of the projections a bitsandbytes 4-bit checkpoint stores quantized (kept as they are: see
 /// [`crate::nf4`]).
 pub fn load(dir: &Path, cfg: &LlamaConfig) -> Result<(LlamaWeights<f32>, Nf4Projections)> {
     let (source, map) = weight_files(dir)?;
+    check_config_against(dir, cfg, &source, &map)?;
     let specs = layout(cfg);
     // Group the tensors by the file that holds them, so each shard is read once.
     let mut by_file: BTreeMap<PathBuf, Vec<usize>> = BTreeMap::new();

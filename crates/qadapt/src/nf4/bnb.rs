@@ -270,7 +270,17 @@ pub fn decode(st: &SafeTensors<'_>, file: &Path, name: &str) -> Result<Nf4Tensor
         .ok_or_else(|| fmt_err(file, format!("{name}: unknown dtype {:?}", qs.dtype)))?;
     super::check_blocksize("bitsandbytes quant state", qs.blocksize)
         .map_err(|e| fmt_err(file, format!("{name}: {e}")))?;
-    let n: usize = qs.shape.iter().product();
+    let n = qs
+        .shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .filter(|&n| n <= isize::MAX as usize / 4)
+        .ok_or_else(|| {
+            fmt_err(
+                file,
+                format!("{state_key}: shape {:?} is too large", qs.shape),
+            )
+        })?;
     let nb = num_blocks(n, qs.blocksize);
     let packed = tensor(st, file, name, Dtype::U8, packed_len(n))?
         .data()
