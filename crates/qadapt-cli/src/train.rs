@@ -1069,13 +1069,17 @@ pub(crate) fn run(a: &TrainArgs) -> Result<()> {
             std::fs::create_dir_all(parent)
                 .with_context(|| format!("creating {}", parent.display()))?;
         }
-        remove_temporaries(&out)?;
-        let inputs = crate::inputs::Inputs::of(&s.model, &[&s.data, &s.heldout_data])?;
-        new_directory(&out, |tmp| {
-            std::fs::write(tmp.join("run.toml"), toml::to_string(&s)?)?;
-            inputs.write(tmp)
-        })?;
         s
+    };
+    // A new run's directory is made once every input has been read and checked (below), so a
+    // refused run leaves nothing; the inputs are fingerprinted as they are now.
+    let new_run = if resuming {
+        None
+    } else {
+        Some(crate::inputs::Inputs::of(
+            &s.model,
+            &[&s.data, &s.heldout_data],
+        )?)
     };
     let model_dir = if s.model.is_empty() {
         crate::assets::model_dir()?
@@ -1238,6 +1242,13 @@ pub(crate) fn run(a: &TrainArgs) -> Result<()> {
         (None, _) => None,
     };
     drop(nf4);
+    if let Some(inputs) = new_run {
+        remove_temporaries(&out)?;
+        new_directory(&out, |tmp| {
+            std::fs::write(tmp.join("run.toml"), toml::to_string(&s)?)?;
+            inputs.write(tmp)
+        })?;
+    }
     let mut log = Log::open(&out, resuming.then_some(ck.step))?;
     let stop = Arc::new(AtomicBool::new(false));
     {
