@@ -64,6 +64,23 @@ make-default:
     rm -rf crates/qadapt-cli/assets/default-model
     mv crates/qadapt-cli/assets/default-model.new crates/qadapt-cli/assets/default-model
 
+# cargo-fuzz on this stable toolchain (through RUSTC_BOOTSTRAP), from a copy of the committed
+# corpus (tests/fuzz/corpus, which `just test` replays), a 256 MiB memory budget and a 2 GiB RSS
+# limit; a crash lands in tests/fuzz/artifacts/. The loaders: safetensors + quant states, model
+# directory, PEFT adapter, training data.
+# Fuzz each loader of untrusted files for SECS seconds with libFuzzer.
+fuzz secs="60":
+    #!/usr/bin/env bash
+    set -euo pipefail
+    cd "{{justfile_directory()}}"
+    command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --version 0.13.2 --locked
+    for t in safetensors_nf4 model_dir adapter jsonl; do
+        work=target/fuzz-corpus/$t
+        rm -rf "$work" && mkdir -p "$work" && cp tests/fuzz/corpus/$t/* "$work"/
+        QADAPT_MEMORY_BUDGET=268435456 RUSTC_BOOTSTRAP=1 cargo fuzz run --fuzz-dir tests/fuzz -O "$t" "$work" -- \
+            -max_total_time={{secs}} -rss_limit_mb=2048 -max_len=131072
+    done
+
 # ptxas registers/spills and SASS instruction checks for every kernel, as a table.
 kernel-report: setup
     QADAPT_REQUIRE_CUDA=1 cargo test -p qadapt-kernels --test static_report -- --nocapture
