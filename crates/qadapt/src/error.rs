@@ -31,9 +31,30 @@ pub enum Error {
         "qadapt was built without CUDA kernels (nvcc was not found at build time); run `just setup` and rebuild"
     )]
     CudaNotCompiled,
-    /// The CUDA driver reported an error.
-    #[error("CUDA driver: {0}")]
-    Driver(String),
+    /// The device has no memory left for an allocation (the driver's
+    /// `CUDA_ERROR_OUT_OF_MEMORY`, cuBLAS' `CUBLAS_STATUS_ALLOC_FAILED`): a smaller batch or
+    /// sequence may fit, unlike the other driver errors.
+    #[error("out of device memory ({0})")]
+    OutOfMemory(String),
+    /// The CUDA driver reported an error: `code` is its `CUresult`, as `cuda.h` numbers them.
+    #[error("CUDA driver: {message} (CUresult {code})")]
+    Driver {
+        /// The `CUresult`.
+        code: u32,
+        /// The driver's name and description of it.
+        message: String,
+    },
+    /// cuBLAS reported an error: `status` is its `cublasStatus_t`.
+    #[error("cuBLAS: {message} (cublasStatus_t {status})")]
+    Blas {
+        /// The `cublasStatus_t`.
+        status: u32,
+        /// Its name.
+        message: String,
+    },
+    /// A CUDA library the op needs could not be loaded (libcublas not on the library path).
+    #[error("{0}")]
+    Library(String),
     /// A file is not in the format it should be.
     #[error("{file}: {reason}")]
     Format {
@@ -54,7 +75,27 @@ pub enum Error {
 
 impl From<cudarc::driver::DriverError> for Error {
     fn from(e: cudarc::driver::DriverError) -> Self {
-        Error::Driver(e.to_string())
+        use cudarc::driver::sys::CUresult;
+        if e.0 == CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+            return Error::OutOfMemory(e.to_string());
+        }
+        Error::Driver {
+            code: e.0 as u32,
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<cudarc::cublas::result::CublasError> for Error {
+    fn from(e: cudarc::cublas::result::CublasError) -> Self {
+        use cudarc::cublas::sys::cublasStatus_t;
+        if e.0 == cublasStatus_t::CUBLAS_STATUS_ALLOC_FAILED {
+            return Error::OutOfMemory(format!("cuBLAS: {e:?}"));
+        }
+        Error::Blas {
+            status: e.0 as u32,
+            message: format!("{:?}", e.0),
+        }
     }
 }
 

@@ -1,5 +1,7 @@
-//! cuBLAS GEMM wrapper against a naive f64 product, every operand layout, awkward shapes.
-//! Needs a CUDA device (and libcublas): ignored by `cargo test`, run by the GPU bundle.
+//! cuBLAS GEMM wrapper against a naive f64 product, every operand layout, awkward shapes; the
+//! device's errors keep their kind (out of memory apart from the rest).
+//! Needs a CUDA device (and libcublas): ignored by `cargo test`, run by the GPU bundle and the
+//! virtual device.
 
 use half::bf16;
 use qadapt::Device;
@@ -60,4 +62,20 @@ fn cublas_gemm_matches_f64_reference_for_every_layout() {
             }
         }
     }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn running_out_of_device_memory_is_its_own_error_and_the_device_goes_on() {
+    let Device::Cuda(dev) = Device::cuda(0).expect("this test needs a CUDA device") else {
+        unreachable!()
+    };
+    // 1 PiB: more than any GPU (and the virtual device's limit) has.
+    match dev.zeros::<u8>(1 << 50) {
+        Err(qadapt::Error::OutOfMemory(msg)) => assert!(msg.contains("OUT_OF_MEMORY"), "{msg}"),
+        Err(e) => panic!("another error than out of memory: {e:?}"),
+        Ok(_) => panic!("a 1 PiB allocation succeeded"),
+    }
+    let small = dev.upload(&[1.5f32, -2.0]).unwrap();
+    assert_eq!(dev.download(&small).unwrap(), [1.5, -2.0]);
 }

@@ -224,7 +224,7 @@ impl CudaDevice {
                     })
             })
             .clone()
-            .map_err(Error::Driver)
+            .map_err(Error::Library)
     }
 
     /// The kernel `k`, loading its module from the embedded fatbin on first use.

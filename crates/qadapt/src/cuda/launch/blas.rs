@@ -17,7 +17,7 @@ use half::bf16;
 
 use super::on_device;
 use crate::cuda::{CudaDevice, Op};
-use crate::error::{Error, Result, invalid, shape_err};
+use crate::error::{Result, invalid, shape_err};
 
 /// `c[m, n] = alpha * op(a) · op(b) + beta * c` with cuBLAS (see the module docs).
 #[allow(clippy::too_many_arguments)]
@@ -75,5 +75,5 @@ pub(crate) fn gemm_bf16(
     // SAFETY: a holds m*k, b k*n and c m*n bf16 elements (checked above), all on this device and
     // on the stream the handle is bound to; the leading dimensions are the row lengths of the
     // stored matrices as the module docs derive, so cuBLAS reads and writes exactly those ranges.
-    unsafe { blas.gemm(cfg, b, a, c) }.map_err(|e| Error::Driver(format!("cuBLAS: {e}")))
+    Ok(unsafe { blas.gemm(cfg, b, a, c) }?)
 }
