@@ -30,6 +30,7 @@
 #include "nf4_codec.cuh"
 #include "qadapt.h"
 
+using qadapt::absmax_step;
 using qadapt::from_f32;
 using qadapt::nf4_encode_scaled;
 using qadapt::nf4_level;
