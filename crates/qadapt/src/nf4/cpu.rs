@@ -35,7 +35,7 @@ pub const NF4_BOUNDS: [f32; 15] = {
 pub fn encode_scaled(s: f32) -> u8 {
     let mut c = 0u8;
     for b in NF4_BOUNDS {
-        c += u8::from(!(s <= b));
+        c += u8::from(s.is_nan() || s > b);
     }
     c
 }
@@ -217,14 +217,8 @@ pub fn dq_midpoints(map: &[f32; 256]) -> [f32; 255] {
 /// number of map midpoints below the bin's value `2i / 65535 - 1` (its `build_quantize_lut`).
 #[inline]
 pub fn dq_encode(mid: &[f32; 255], q: f32) -> u8 {
-    let c = if q < -1.0 {
-        -1.0
-    } else if 1.0 < q {
-        1.0
-    } else {
-        q
-    };
-    let h = (c + 1.0) * 0.5;
+    // f32::clamp keeps NaN, as std::clamp does.
+    let h = (q.clamp(-1.0, 1.0) + 1.0) * 0.5;
     // A NaN converts to 0x8000_0000 on x86 (cvttss2si), which truncates to bin 0.
     let bin = if h.is_nan() {
         0
