@@ -8,8 +8,9 @@
  * with Bcat[n, a*r + j] = B_a[n, j]: the LoRA term is one more GEMM over an extension of K by
  * R = n_adapters * r, summed into the same f32 accumulators as the base product, and y is stored
  * once. Rounding u to bf16 matches a bf16 PEFT forward (lora_A(x) is a bf16 tensor). NF4 weights
- * are used as the bf16 values the NF4 dequantizer produces, W[n,k] = bf16(bf16(level) * scale),
- * scale decoded in place from plain or double-quant block constants (nf4_block_scale).
+ * are used as the bf16 values the NF4 dequantizer produces, W[n,k] = bf16(level * scale) (f32
+ * level and product, one rounding: bitsandbytes 0.50), scale decoded in place from plain or
+ * double-quant block constants (nf4_block_scale).
  *
  * Layout. NF4 W is the flattened row-major [N, K] tensor cut into blocks of `blocksize`, two
  * codes a byte (element 2j in the high nibble). The fused NF4 kernels need K % 32 == 0 (so a
