@@ -8,8 +8,9 @@
  * with Bcat[n, a*r + j] = B_a[n, j]: the LoRA term is one more GEMM over an extension of K by
  * R = n_adapters * r, summed into the same f32 accumulators as the base product, and y is stored
  * once. Rounding u to bf16 matches a bf16 PEFT forward (lora_A(x) is a bf16 tensor). NF4 weights
- * are used as the bf16 values the NF4 dequantizer produces, W[n,k] = bf16(bf16(level) * scale),
- * scale decoded in place from plain or double-quant block constants (nf4_block_scale).
+ * are used as the bf16 values the NF4 dequantizer produces, W[n,k] = bf16(level * scale) (f32
+ * level and product, one rounding: bitsandbytes 0.50), scale decoded in place from plain or
+ * double-quant block constants (nf4_block_scale).
  *
  * Layout. NF4 W is the flattened row-major [N, K] tensor cut into blocks of `blocksize`, two
  * codes a byte (element 2j in the high nibble). The fused NF4 kernels need K % 32 == 0 (so a
@@ -612,10 +613,9 @@ __device__ __forceinline__ void gemm_nf4(const QadaptLoraFwdArgs& a) {
     __shared__ __align__(16) uint8_t sQ[STAGES][BN * 16];
     __shared__ float sScale[STAGES][BN];
     __shared__ float2 sPairs[256];
-    /* byte -> (level of the high nibble, level of the low nibble), levels rounded to bf16 as the
-     * NF4 dequantizer does. */
-    sPairs[threadIdx.x] = make_float2(round_to<bf16>(nf4_level((int)(threadIdx.x >> 4))),
-                                      round_to<bf16>(nf4_level((int)(threadIdx.x & 15u))));
+    /* byte -> (level of the high nibble, level of the low nibble), f32 levels as the NF4
+     * dequantizer uses them (bitsandbytes 0.50 decodes in f32). */
+    sPairs[threadIdx.x] = make_float2(nf4_level((int)(threadIdx.x >> 4)), nf4_level((int)(threadIdx.x & 15u)));
     const bf16* __restrict__ x = reinterpret_cast<const bf16*>(a.x);
     const uint32_t tiles_n = (a.n + BN - 1) / BN;
     const uint32_t n0 = (blockIdx.x % tiles_n) * BN, m0 = (blockIdx.x / tiles_n) * BM;
@@ -938,7 +938,7 @@ __device__ __forceinline__ void bwd_dx_nf4(const QadaptLoraBwdArgs& a) {
     __shared__ __align__(16) uint8_t sQ[STAGES][BK * QROW];
     __shared__ float sS[STAGES][BK * 4];
     __shared__ float sLv[16];
-    if (threadIdx.x < 16) sLv[threadIdx.x] = round_to<bf16>(nf4_level((int)threadIdx.x));
+    if (threadIdx.x < 16) sLv[threadIdx.x] = nf4_level((int)threadIdx.x);
     const bf16* __restrict__ dy = reinterpret_cast<const bf16*>(a.dy);
     const uint32_t tiles_k = (a.k + BQ - 1) / BQ;
     const uint32_t n0 = (blockIdx.x % tiles_k) * BQ, m0 = (blockIdx.x / tiles_k) * BM;
@@ -1075,9 +1075,9 @@ QADAPT_KERNEL(lora_gemv_wide_dense_bf16, QadaptLoraFwdArgs) {
     else gemv_dense<16>(args);
 }
 
-/* Levels rounded to bf16 first, as the NF4 dequantizer decodes. */
+/* f32 levels, as the NF4 dequantizer decodes (bitsandbytes 0.50: f32 product, one rounding). */
 __device__ __forceinline__ void nf4_levels_to_shared(float* levels) {
-    if (threadIdx.x < 16) levels[threadIdx.x] = round_to<bf16>(nf4_level((int)threadIdx.x));
+    if (threadIdx.x < 16) levels[threadIdx.x] = nf4_level((int)threadIdx.x);
     __syncthreads();
 }
 

@@ -5,8 +5,8 @@
  *
  * Math (DESIGN.md §3). A tensor of n elements, flattened, is cut into blocks of `bs` (32..4096,
  * power of two). For block b: absmax[b] = max |x|, and each element is coded as the nearest of the
- * 16 NF4 levels to x * (1/absmax[b]) (see nf4_codec.cuh). An all-zero block keeps absmax 0 and code
- * 7 (level 0.0). Element 2j goes to the HIGH nibble of packed[j], 2j+1 to the low one; an odd n
+ * 16 NF4 levels to x * (1/absmax[b]), bounds exactly as bitsandbytes 0.50 (see nf4_codec.cuh). An
+ * all-zero block codes to 7 (level 0.0). Element 2j goes to the HIGH nibble of packed[j], 2j+1 to the low one; an odd n
  * pads the last low nibble with code 7.
  *
  * Double quantization replaces absmax[nblocks] (f32) with codes[nblocks] (u8): offset = mean of
@@ -30,10 +30,10 @@
 #include "nf4_codec.cuh"
 #include "qadapt.h"
 
+using qadapt::absmax_step;
 using qadapt::from_f32;
 using qadapt::nf4_encode_scaled;
 using qadapt::nf4_level;
-using qadapt::round_to;
 using qadapt::to_f32;
 
 namespace {
@@ -57,26 +57,27 @@ __device__ __forceinline__ void quantize_blocks(const QadaptNf4QuantizeArgs& a) 
         const uint64_t start = b * bs;
         const uint64_t len = (start + bs <= n) ? bs : n - start;
         float m = 0.0f;
-        for (uint64_t i = lane; i < len; i += 32) m = fmaxf(m, fabsf(to_f32<T>(in[start + i])));
+        for (uint64_t i = lane; i < len; i += 32) m = absmax_step(m, to_f32<T>(in[start + i]));
 #pragma unroll
-        for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(kFull, m, o));
-        if (lane == 0) absmax[b] = m;
-
-        const bool zero_block = (m == 0.0f);
-        const float inv = __fdiv_rn(1.0f, m);
+        for (int o = 16; o > 0; o >>= 1) m = absmax_step(m, __shfl_xor_sync(kFull, m, o));
+        /* bitsandbytes 0.50: the divisor is absmax.clamp(min=1e-38) (NaN stays NaN); a full block
+         * stores absmax and scales by x * (1/d), a partial last block stores d and divides. */
+        const float d = (m < QADAPT_NF4_MIN_ABSMAX) ? QADAPT_NF4_MIN_ABSMAX : m;
         const bool partial = len < bs;
+        if (lane == 0) absmax[b] = partial ? d : m;
+
+        const float inv = __fdiv_rn(1.0f, d);
         const uint64_t pairs = (len + 1) / 2;
         for (uint64_t p = lane; p < pairs; p += 32) {
             const uint64_t e = start + 2 * p;
             uint32_t q[2];
 #pragma unroll
             for (int k = 0; k < 2; ++k) {
-                if (zero_block || 2 * p + k >= len) {
+                if (2 * p + k >= len) {
                     q[k] = QADAPT_NF4_CODE_ZERO;
                 } else {
-                    float s = __fmul_rn(to_f32<T>(in[e + k]), inv);
-                    if (partial) s = round_to<T>(s);
-                    q[k] = nf4_encode_scaled(s);
+                    const float x = to_f32<T>(in[e + k]);
+                    q[k] = nf4_encode_scaled(partial ? __fdiv_rn(x, d) : __fmul_rn(x, inv));
                 }
             }
             packed[start / 2 + p] = (uint8_t)((q[0] << 4) | q[1]);
@@ -84,20 +85,20 @@ __device__ __forceinline__ void quantize_blocks(const QadaptNf4QuantizeArgs& a) 
     }
 }
 
-/* Nearest entry of a sorted 256-entry map, ties to the lower index. */
-__device__ __forceinline__ uint32_t nearest_in_map(const float* map, float q) {
-    int lo = 0;
+/* Code of a normalized value q as bitsandbytes 0.50's CPU quantize_blockwise picks it (cpu.rs
+ * dq_encode): clamp to [-1, 1], bin i = (u16)(fma((q + 1) * 0.5, 65535, 0.5)) (its x86-64 build
+ * fuses that multiply-add), then the number of the 255 sorted midpoints below 2i/65535 - 1. */
+__device__ __forceinline__ uint32_t dq_encode(const float* mid, float q) {
+    const float c = (q < -1.0f) ? -1.0f : ((1.0f < q) ? 1.0f : q);
+    const float h = __fmul_rn(__fadd_rn(c, 1.0f), 0.5f);
+    const uint32_t bin = (h != h) ? 0u : ((uint32_t)__fmaf_rn(h, 65535.0f, 0.5f) & 0xffffu);
+    const float val = __fsub_rn(__fdiv_rn(__fmul_rn(2.0f, (float)bin), 65535.0f), 1.0f);
+    uint32_t lo = 0;
 #pragma unroll
-    for (int step = 128; step > 0; step >>= 1) {
-        if (map[lo + step] <= q) lo += step;
+    for (uint32_t step = 128; step > 0; step >>= 1) {
+        if (lo + step <= 255u && mid[lo + step - 1] < val) lo += step;
     }
-    /* map[lo] <= q < map[lo+1], or q is below map[0] (lo = 0) or at/after map[255] (lo = 255). */
-    if (lo < 255) {
-        const float dl = fabsf(__fsub_rn(q, map[lo]));
-        const float dr = fabsf(__fsub_rn(q, map[lo + 1]));
-        if (dr < dl) lo += 1;
-    }
-    return (uint32_t)lo;
+    return lo;
 }
 
 template <typename T>
@@ -141,8 +142,8 @@ __device__ __forceinline__ void store_decoded<__half>(__half* out, const float (
 template <typename T>
 __device__ __forceinline__ void dequantize(const QadaptNf4DequantizeArgs& a) {
     __shared__ float levels[16];
-    /* Levels rounded to T first, as bitsandbytes decodes (code.to(dtype) * absmax). */
-    if (threadIdx.x < 16) levels[threadIdx.x] = round_to<T>(nf4_level((int)threadIdx.x));
+    /* f32 levels times the f32 scale, one rounding to T: bitsandbytes 0.50 decodes in f32. */
+    if (threadIdx.x < 16) levels[threadIdx.x] = nf4_level((int)threadIdx.x);
     __syncthreads();
 
     const uint8_t* __restrict__ packed = reinterpret_cast<const uint8_t*>(a.packed);
@@ -251,12 +252,15 @@ QADAPT_KERNEL(nf4_dq_offset, QadaptNf4DoubleQuantArgs) {
 }
 
 QADAPT_KERNEL(nf4_dq_encode, QadaptNf4DoubleQuantArgs) {
-    __shared__ float map[256];
+    __shared__ float mid[255];
     __shared__ float warp_max[QADAPT_DQ_BLOCK / 32];
     const float* __restrict__ absmax = reinterpret_cast<const float*>(args.absmax);
     uint8_t* __restrict__ codes = reinterpret_cast<uint8_t*>(args.codes);
     float* __restrict__ nested = reinterpret_cast<float*>(args.nested_absmax);
-    map[threadIdx.x] = reinterpret_cast<const float*>(args.dynamic_map)[threadIdx.x];
+    {
+        const float* map = reinterpret_cast<const float*>(args.dynamic_map);
+        if (threadIdx.x < 255) mid[threadIdx.x] = __fmul_rn(0.5f, __fadd_rn(map[threadIdx.x], map[threadIdx.x + 1]));
+    }
     const float offset = *reinterpret_cast<const float*>(args.offset);
     __syncthreads();
     const uint64_t nnested = (args.nblocks + QADAPT_DQ_BLOCK - 1) / QADAPT_DQ_BLOCK;
@@ -274,7 +278,7 @@ QADAPT_KERNEL(nf4_dq_encode, QadaptNf4DoubleQuantArgs) {
         for (int w = 1; w < QADAPT_DQ_BLOCK / 32; ++w) m = fmaxf(m, warp_max[w]);
         if (threadIdx.x == 0) nested[b] = m;
         if (live) {
-            codes[i] = (uint8_t)(m == 0.0f ? QADAPT_DQ_CODE_ZERO : nearest_in_map(map, __fdiv_rn(v, m)));
+            codes[i] = (uint8_t)(m == 0.0f ? QADAPT_DQ_CODE_ZERO : dq_encode(mid, __fmul_rn(v, __fdiv_rn(1.0f, m))));
         }
         __syncthreads();
     }

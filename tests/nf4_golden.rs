@@ -1,4 +1,4 @@
-//! NF4 against bitsandbytes 0.48.2, byte for byte: `tests/data/nf4_golden.safetensors` was written
+//! NF4 against bitsandbytes 0.50.2, byte for byte: `tests/data/nf4_golden.safetensors` was written
 //! by `tests/data/make_golden.py` (bitsandbytes' CPU path). Every case is quantized and
 //! dequantized by qadapt's CPU path and compared bit for bit, with plain and double-quant stats.
 

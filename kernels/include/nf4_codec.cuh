@@ -2,12 +2,10 @@
  * nf4_codec.cuh — NF4 code table and the per-element encode/decode shared by every kernel that
  * reads or writes NF4 (kernels/nf4.cu, the fused LoRA matmuls).
  *
- * Encoding (bit-exact with bitsandbytes, DESIGN.md §3): the block is scaled by the f32 reciprocal
- * of its absmax, s = x * (1/absmax), and the code is the index of the nearest table entry measured
- * as |s - code[i]| in f32, ties to the lower index. Since f32 subtraction is monotone, the nearest
- * entry is one of the two that bracket s, so we count the entries <= s (15 compares against
- * immediates, no memory) and compare the two distances. NaN compares false everywhere and lands on
- * code 0, like torch.argmin over a NaN row.
+ * Encoding (bit-exact with bitsandbytes 0.50's CPU path, DESIGN.md §3): a full block is scaled by
+ * the f32 reciprocal of its absmax, s = x * (1/absmax), a partial last block by a division, and the
+ * code is the number of bounds (level[i] + level[i+1]) / 2 (f32) below s, as torch.bucketize
+ * counts: a value exactly on a bound takes the lower code, NaN (compares false) lands on 15.
  *
  * Decoding: code[q] * scale in f32 with one rounding; the caller converts to its output type.
  */
@@ -30,23 +28,23 @@ static __constant__ float kNf4Levels[16] = {
 
 __device__ __forceinline__ float nf4_level(int i) { return kNf4Levels[i]; }
 
-/* Nearest NF4 code of an already-scaled value (see the header comment for the rule). */
+/* NF4 code of an already-scaled value (see the header comment for the rule). */
 __device__ __forceinline__ uint32_t nf4_encode_scaled(float s) {
-    int lo = 0;
+    uint32_t c = 0;
 #pragma unroll
-    for (int i = 1; i < 15; ++i) lo += (s >= nf4_level(i)) ? 1 : 0;
-    /* lo in [0, 14]: s lies in [level(lo), level(lo+1)) or beyond the ends. */
-    float c_lo = -1.0f, c_hi = -0.6961928009986877f;
-#pragma unroll
-    for (int i = 1; i < 15; ++i) {
-        if (lo == i) {
-            c_lo = nf4_level(i);
-            c_hi = nf4_level(i + 1);
-        }
+    for (int i = 0; i < 15; ++i) {
+        const float b = __fmul_rn(__fadd_rn(nf4_level(i), nf4_level(i + 1)), 0.5f);
+        c += (s <= b) ? 0u : 1u;
     }
-    const float d_lo = fabsf(__fsub_rn(s, c_lo));
-    const float d_hi = fabsf(__fsub_rn(s, c_hi));
-    return (uint32_t)(lo + (d_hi < d_lo ? 1 : 0));
+    return c;
+}
+
+/* The smallest divisor of a block (bitsandbytes 0.50's absmax.clamp(min=1e-38), an f32 subnormal). */
+#define QADAPT_NF4_MIN_ABSMAX 1e-38f
+
+/* torch.max of |x|: the canonical NaN if either is NaN, else the larger (cpu.rs absmax_step). */
+__device__ __forceinline__ float absmax_step(float m, float v) {
+    return (m != m || v != v) ? __int_as_float(0x7fc00000) : fmaxf(m, fabsf(v));
 }
 
 /* Value rounded to the precision of T and back: the scaled values of a partial last block of a

@@ -23,15 +23,16 @@
 
 /* ---- NF4 format constants (DESIGN.md §3) ------------------------------------------------------ */
 
-/* Code of 0.0 in the NF4 table: pads an odd element count and fills all-zero blocks. */
+/* Code of 0.0 in the NF4 table: pads an odd element count (an all-zero block also codes to it). */
 #define QADAPT_NF4_CODE_ZERO 7
 /* Supported blockwise quantization block sizes: powers of two in [MIN, MAX]. */
 #define QADAPT_NF4_MIN_BLOCK 32
 #define QADAPT_NF4_MAX_BLOCK 4096
 /* Double quantization: absmax values are coded in blocks of this many by the signed dynamic map. */
 #define QADAPT_DQ_BLOCK 256
-/* Index of 0.0 in the sorted signed dynamic map (127 negatives come first). */
-#define QADAPT_DQ_CODE_ZERO 127
+/* Code of every value of an all-zero double-quant block: bitsandbytes 0.50's CPU quantize_blockwise
+ * writes 0 there (0.48 divided 0 by 0 and crashed). */
+#define QADAPT_DQ_CODE_ZERO 0
 /* The offset is the mean of all absmax exactly as torch's f32 Tensor.mean() computes it on one
  * thread (its cascade sum over 8-lane vectors; crates/qadapt/src/nf4/cpu.rs `torch_sum`): the sum
  * works on rows of 32 columns, which nf4_dq_offset gives to the 32 lanes of one warp. */
@@ -61,8 +62,9 @@ typedef struct QadaptNf4QuantizeArgs {
 /* Double quantization of the f32 absmax of an NF4 tensor.
  * Stage 1 (nf4_dq_offset, one warp): offset[0] = torch_sum(absmax) / (float)nblocks.
  * Stage 2 (nf4_dq_encode): for each block of QADAPT_DQ_BLOCK values v = absmax - offset (f32),
- *   nested_absmax[b] = max |v|, codes[i] = nearest entry of the signed dynamic map to
- *   v / nested_absmax[b] (f32 division), ties to the lower index; an all-zero block gets
+ *   nested_absmax[b] = max |v|, and codes[i] = the code bitsandbytes 0.50's CPU quantize_blockwise
+ *   gives q = v * (1 / nested_absmax[b]): q rounded to one of 65536 bins over [-1, 1], then the
+ *   number of map midpoints below the bin's value (cpu.rs `dq_encode`); an all-zero block gets
  *   QADAPT_DQ_CODE_ZERO. All outputs are overwritten. */
 typedef struct QadaptNf4DoubleQuantArgs {
     uint64_t absmax;        /* const float* [nblocks] */

@@ -19,7 +19,7 @@
 # Plain tensors present in both files must be byte-identical.
 # One line per tensor; exit status 1 on any mismatch.
 #
-# Pinned: torch==2.15.0 bitsandbytes==0.48.2 safetensors==0.8.0 transformers==5.24.0
+# Pinned: torch==2.15.0 bitsandbytes==0.50.2 safetensors==0.8.0 transformers==5.24.0
 
 import json
 import sys
@@ -71,9 +71,9 @@ def main(argv):
     if len(argv) != 3:
         print("usage: check_bnb_reads.py ORIG.safetensors QUANT.safetensors", file=sys.stderr)
         return 2
-    if torch.__version__.split("+")[0] != "2.15.0" or bnb.__version__ != "0.48.2":
+    if torch.__version__.split("+")[0] != "2.15.0" or bnb.__version__ != "0.50.2":
         print(f"WARNING: torch {torch.__version__} / bitsandbytes {bnb.__version__} differ from the pinned "
-              "2.15.0 / 0.48.2", file=sys.stderr)
+              "2.15.0 / 0.50.2", file=sys.stderr)
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         print("WARNING: torch CPU capability is not AVX2/AVX512: bnb's dynamic map (double quant) differs",
               file=sys.stderr)

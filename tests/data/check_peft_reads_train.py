@@ -8,7 +8,7 @@
 # wrote (logits, loss) for the input_ids of IDS. With --nf4 the base is loaded 4-bit by transformers +
 # bitsandbytes (NF4, block 64, double quant, f32 compute), the QLoRA setting of `qadapt train
 # --method qlora` and `qadapt logits --nf4`. Pinned versions: torch==2.15.0,
-# transformers==5.24.0, peft==0.21.2, bitsandbytes==0.48.2 (see tests/data/README.md).
+# transformers==5.24.0, peft==0.21.2, bitsandbytes==0.50.2 (see tests/data/README.md).
 
 import sys
 import warnings

@@ -8,7 +8,7 @@ ORIG_DIR is the unquantized HF model directory, QUANT_DIR qadapt's output. The s
 ORIG_DIR itself with transformers (BitsAndBytesConfig as recorded in QUANT_DIR/config.json, on the
 CPU), loads QUANT_DIR with from_pretrained, and compares every tensor of the two state dicts byte
 for byte and the logits of both models on a fixed input. Exit status 0 when all match.
-Pinned: torch==2.15.0 transformers==5.24.0 bitsandbytes==0.48.2 (see tests/data/README.md).
+Pinned: torch==2.15.0 transformers==5.24.0 bitsandbytes==0.50.2 (see tests/data/README.md).
 """
 import json
 import sys

@@ -4,7 +4,7 @@
 #
 # Pinned versions (the fixtures in this directory were produced with these):
 #   torch==2.15.0
-#   bitsandbytes==0.48.2
+#   bitsandbytes==0.50.2
 #   safetensors==0.8.0
 #   transformers==5.24.0
 #
@@ -34,7 +34,7 @@ import warnings
 
 PINNED = {
     "torch": "2.15.0",
-    "bitsandbytes": "0.48.2",
+    "bitsandbytes": "0.50.2",
     "safetensors": "0.8.0",
     "transformers": "5.24.0",
 }
@@ -113,6 +113,16 @@ NF4 = F.get_4bit_type("nf4", device="cpu").float()
 NF4_MID = ((NF4[:-1] + NF4[1:]) / 2).float()  # f32 midpoints between neighbouring codes
 
 
+# The thresholds of bnb's CUDA dQuantizeNF4 (csrc/kernels.cu, `x > 0.8614784181118011f`, ...)
+# as f32 bit patterns, read from the SASS of libbitsandbytes_cuda130.so (0.50.2, sm_90). nvcc
+# rounds each decimal literal straight to f32; going through a Python float (f64) would round
+# four of them (indices 0, 8, 12, 14) the other way, onto NF4_MID.
+NF4_TREE_BITS = [
+    0xBF591CD9, 0xBF1C5270, 0xBEEB8480, 0xBEADEA76, 0xBE703CEC, 0xBE0D38BC, 0xBD3A7871, 0x3D22FAFF,
+    0x3DF64863, 0x3E5067E0, 0x3E9582D4, 0x3EC753F9, 0x3F006D03, 0x3F248DAF, 0x3F5C89D9,
+]
+
+
 def gen(seed):
     return torch.Generator().manual_seed(seed)
 
@@ -142,6 +152,33 @@ def case_ties():
     rem[16:31] = -NF4_MID
     blocks.append(rem)
     return torch.cat(blocks)
+
+
+def f32_step(x, k):
+    """x moved by k f32 units in the last place (x > 0 or x < 0, never crossing 0)."""
+    bits = x.view(torch.int32) + k
+    return bits.view(torch.float32)
+
+
+def case_midpoints():
+    """Every f32 midpoint between neighbouring NF4 levels (NF4_MID, the bounds
+    bnb 0.50's CPU path bucketizes on), the 15 thresholds of bnb's CUDA
+    dQuantizeNF4 (4 of them one ulp off NF4_MID), their f32 neighbours at
+    +-1 and +-2 ulp, and the levels themselves, with absmax 1.0 so that the
+    scaled value is the value itself. A full block of 128 (scaled by the
+    reciprocal) and a partial block of 94 (scaled by a division) hold the same
+    values."""
+    tree = torch.tensor(NF4_TREE_BITS, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    vals = [NF4, -torch.zeros(1)]
+    for base in (NF4_MID, tree):
+        vals += [f32_step(base, k) for k in (-2, -1, 0, 1, 2)]
+    v = torch.unique(torch.cat(vals))
+    assert v.numel() <= 126, v.numel()
+    full = torch.zeros(128)
+    full[0] = 1.0
+    full[1 : 1 + v.numel()] = v
+    rem = torch.cat([torch.ones(1), v])
+    return torch.cat([full, rem])
 
 
 def case_near_mid(n, bs, seed, dtype):
@@ -226,6 +263,7 @@ CASES = [
     ("f32_zero_block_bs64", case_zero_block, 64),
     ("bf16_zero_block_bs64", lambda: case_zero_block().to(torch.bfloat16), 64),
     ("f32_ties_bs64", case_ties, 64),
+    ("f32_midpoints_bs128", case_midpoints, 128),
     ("f32_outlier_bs64", case_outlier, 64),
     ("f32_dq_nested_ties_bs64", case_nested_ties, 64),
     ("f32_negative_bs64", case_negative, 64),

@@ -4,7 +4,7 @@ bitsandbytes itself (NF4, double quant, bf16 compute, on the CPU) and saved with
 save_pretrained. `crates/qadapt-cli/tests/model_dir.rs` checks that `qadapt quantize` on the same
 directory writes the same tensors and the quantization_config transformers needs.
 
-Pinned: torch==2.15.0 transformers==5.24.0 bitsandbytes==0.48.2 safetensors==0.8.0.
+Pinned: torch==2.15.0 transformers==5.24.0 bitsandbytes==0.50.2 safetensors==0.8.0.
 Run from the repository root in a venv outside the repo:
     python tests/data/make_transformers_nf4.py
 """

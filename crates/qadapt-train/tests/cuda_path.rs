@@ -301,29 +301,71 @@ fn a_bitsandbytes_checkpoint_runs_on_its_own_codes() {
     assert!(e.contains("model.layers.1.mlp.up_proj"), "{e}");
 }
 
-fn check_bf16<B: Backend>(be: B, m: &Llama<f32>, a: &LoraAdapter<f32>, base: Base, what: &str) {
+/// Batches [`check_bf16`] averages over (ids seeds 17, 18, ...).
+const BF16_BATCHES: u64 = 16;
+
+/// The bf16 backend `be()` against the f32 CPU model (for NF4, the model on the f32 round trip of
+/// the same codes), averaged over [`BF16_BATCHES`] batches.
+///
+/// One batch is not a stable measurement here: bf16 rounding is discontinuous, so a perturbation
+/// far below bf16 precision (another decode rounding of the NF4 weights, another batch) redraws
+/// which activations round up or down, and these models amplify (a 2^-9 relative perturbation of
+/// the fixture's input embeddings alone moves its logits by 1% of the largest one: its init is
+/// large so that attention is not uniform). Over 40 batches the worst-tensor LoRA gradient error
+/// by norm of the fixture is heavy-tailed: median 4.7e-2 (dense) and 5.1e-2 (NF4), single batches
+/// up to 1.9e-1 (dense) and 1.7e-1 (NF4) with no change to the code. The bounds apply to the
+/// medians over the batches; a wiring error (missing LoRA term, wrong transpose, wrong head) is
+/// O(1) on every batch.
+fn check_bf16<B: Backend>(
+    be: impl Fn() -> B,
+    m: &Llama<f32>,
+    a: &LoraAdapter<f32>,
+    base: Base,
+    what: &str,
+) {
     let seq = 12;
-    let ids = ids(m.config.vocab_size, seq, 17);
     let (cpu, _) = base_of(m, base);
-    let (loss0, logits0, g0) = reference(&cpu, a, &ids, seq);
-    let (loss, logits, g) = mixed(be, m, base, a, &ids, seq);
-    let (gmax, gnorm) = grad_errs(&g, &g0, &m.config);
-    let (lmax, lnorm) = (rel_err(&logits, &logits0), norm_err(&logits, &logits0));
+    // Per batch: relative loss error, logits max and norm, grads max and norm.
+    let errs: Vec<[f64; 5]> = (17..17 + BF16_BATCHES)
+        .map(|seed| {
+            let ids = ids(m.config.vocab_size, seq, seed);
+            let (loss0, logits0, g0) = reference(&cpu, a, &ids, seq);
+            let (loss, logits, g) = mixed(be(), m, base, a, &ids, seq);
+            let (gmax, gnorm) = grad_errs(&g, &g0, &m.config);
+            [
+                f64::from((loss - loss0).abs() / loss0.abs()),
+                rel_err(&logits, &logits0),
+                norm_err(&logits, &logits0),
+                gmax,
+                gnorm,
+            ]
+        })
+        .collect();
+    // The median: a batch in the tail (see above) moves the mean of 16 by up to 4e-2.
+    let median = |i: usize| {
+        let mut v: Vec<f64> = errs.iter().map(|e| e[i]).collect();
+        v.sort_by(f64::total_cmp);
+        0.5 * (v[v.len() / 2 - 1] + v[v.len() / 2])
+    };
+    let worst = |i: usize| errs.iter().fold(0f64, |w, e| w.max(e[i]));
+    let [loss, lmax, lnorm, gmax, gnorm] = std::array::from_fn(median);
     println!(
-        "{what}: loss {loss} vs {loss0}, logits max {lmax:.2e} norm {lnorm:.2e}, grads max \
-         {gmax:.2e} norm {gnorm:.2e}"
+        "{what}: median over {BF16_BATCHES} batches: loss {loss:.2e}, logits max {lmax:.2e} norm \
+         {lnorm:.2e}, grads max {gmax:.2e} norm {gnorm:.2e} (worst batch: loss {:.2e}, logits max \
+         {:.2e} norm {:.2e}, grads max {:.2e} norm {:.2e})",
+        worst(0),
+        worst(1),
+        worst(2),
+        worst(3),
+        worst(4)
     );
-    // bf16 keeps 8 significant bits (relative rounding 2^-9 = 2e-3 per stored value), and this
-    // fixture amplifies: a 2^-9 relative perturbation of the input embeddings alone moves its
-    // logits by 1% of the largest one (its init is large so that attention is not uniform). With
-    // ~15 rounded stores per layer, the measured errors on the CPU bf16 backend are: logits 2-3%
-    // by norm (3.5-7% max), loss 0.1-0.3%, LoRA gradients 7-8.5% by norm. The bounds leave about
-    // 1.7x room; a wiring error (missing LoRA term, wrong transpose, wrong head) is O(1).
+    // bf16 keeps 8 significant bits (relative rounding 2^-9 = 2e-3 per stored value), with ~15
+    // rounded stores per layer. Medians measured on the CPU bf16 backend (fixture dense / NF4 /
+    // tied random model): logits 1.3 / 1.6 / 2.7% by norm (2.1 / 2.4 / 6.0% max), loss 0.07 /
+    // 0.06 / 0.11%, LoRA gradients 4.7 / 5.3 / 14% by norm (6.3 / 8.0 / 15% max). The tied model
+    // is the noisiest and has the least room (1.06x on the gradient norm).
     assert!(lnorm < 5e-2 && lmax < 0.12, "{what}: logits {lnorm} {lmax}");
-    assert!(
-        (loss - loss0).abs() < 1e-2 * loss0.abs(),
-        "{what}: {loss} vs {loss0}"
-    );
+    assert!(loss < 1e-2, "{what}: loss {loss}");
     assert!(
         gnorm < 0.15 && gmax < 0.2,
         "{what}: gradients {gnorm} {gmax}"
@@ -334,11 +376,11 @@ fn check_bf16<B: Backend>(be: B, m: &Llama<f32>, a: &LoraAdapter<f32>, base: Bas
 fn bf16_backend_is_within_bf16_tolerance_of_the_cpu_model() {
     let m = fixture();
     let a = all_targets(&m, 7);
-    check_bf16(CpuBackend::bf16(), &m, &a, Base::Dense, "cpu bf16, dense");
-    check_bf16(CpuBackend::bf16(), &m, &a, Base::Nf4, "cpu bf16, nf4");
+    check_bf16(CpuBackend::bf16, &m, &a, Base::Dense, "cpu bf16, dense");
+    check_bf16(CpuBackend::bf16, &m, &a, Base::Nf4, "cpu bf16, nf4");
     let t = tied();
     check_bf16(
-        CpuBackend::bf16(),
+        CpuBackend::bf16,
         &t,
         &all_targets(&t, 9),
         Base::Dense,
@@ -625,10 +667,10 @@ fn cuda() -> CudaBackend {
 fn cuda_matches_the_cpu_model_dense_and_nf4() {
     let m = fixture();
     let a = all_targets(&m, 7);
-    check_bf16(cuda(), &m, &a, Base::Dense, "cuda, dense");
-    check_bf16(cuda(), &m, &a, Base::Nf4, "cuda, nf4");
+    check_bf16(cuda, &m, &a, Base::Dense, "cuda, dense");
+    check_bf16(cuda, &m, &a, Base::Nf4, "cuda, nf4");
     let t = tied();
-    check_bf16(cuda(), &t, &all_targets(&t, 9), Base::Dense, "cuda, tied");
+    check_bf16(cuda, &t, &all_targets(&t, 9), Base::Dense, "cuda, tied");
     // Frozen projections (q and v adapted only): dense through cuBLAS, NF4 through the fused
     // kernel with adapter index -1.
     let mut a = qv_adapter(&m);
@@ -637,8 +679,8 @@ fn cuda_matches_the_cpu_model_dense_and_nf4() {
         p.b.iter_mut()
             .for_each(|v| *v = 0.3 * common::lcg(&mut s) as f32);
     }
-    check_bf16(cuda(), &m, &a, Base::Dense, "cuda, q/v dense");
-    check_bf16(cuda(), &m, &a, Base::Nf4, "cuda, q/v nf4");
+    check_bf16(cuda, &m, &a, Base::Dense, "cuda, q/v dense");
+    check_bf16(cuda, &m, &a, Base::Nf4, "cuda, q/v nf4");
 }
 
 #[test]

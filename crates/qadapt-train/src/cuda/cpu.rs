@@ -576,7 +576,8 @@ impl Backend for CpuBackend {
 }
 
 /// The NF4 weight as the backend multiplies with it: decoded to bf16 as the kernels decode
-/// (`bf16(bf16(level) * absmax)`), or to f32 as [`crate::nf4::dequantize`] does.
+/// (`bf16(level * absmax)`, the f32 product rounded once), or to f32 as
+/// [`crate::nf4::dequantize`] does.
 fn nf4_weight(t: &Nf4Tensor, out: usize, inp: usize, precision: Precision) -> Result<Vec<f32>> {
     if t.numel() != out * inp {
         return Err(shape_err(

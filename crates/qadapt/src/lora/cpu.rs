@@ -50,7 +50,9 @@ fn view_mut(rows: usize, cols: usize, v: &mut [f32]) -> ArrayViewMut2<'_, f32> {
     ArrayViewMut2::from_shape((rows, cols), v).expect("length checked by LoraShape")
 }
 
-/// W as f32 `[n, k]`: the bf16 values (NF4 dequantized to bf16 first, as the kernels decode).
+/// W as f32 `[n, k]`: the bf16 values the kernels multiply with. NF4 is dequantized to bf16 first,
+/// `bf16(level * scale)` with the f32 level and one rounding of the f32 product, as `lora.cu`
+/// decodes (`decode_pair`, `nf4_b_frags_t`, `nf4_levels_to_shared`) and bitsandbytes 0.50 does.
 pub fn weight_f32(shape: &LoraShape, w: WeightRef<'_>) -> Result<Vec<f32>> {
     match w {
         WeightRef::Dense(d) => Ok(widen(d)),
@@ -393,4 +395,45 @@ pub fn add_delta(
         &mut view_mut(n, k, w),
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nf4::cpu::ScalesRef;
+    use crate::nf4::{NF4_LEVELS, packed_len};
+
+    #[test]
+    fn nf4_weight_is_the_f32_level_times_the_scale_rounded_once() {
+        // Every code against scales whose products with the f32 levels round differently to
+        // bf16 than the products with bf16-rounded levels would (the rule before bitsandbytes
+        // 0.50): the reference must follow the kernels' f32 levels.
+        let shape = LoraShape {
+            m: 1,
+            n: 4,
+            k: 64,
+            rank: 0,
+            n_adapters: 0,
+        };
+        let codes: Vec<u8> = (0..shape.n * shape.k).map(|i| (i * 7 % 16) as u8).collect();
+        let packed: Vec<u8> = codes.chunks(2).map(|p| (p[0] << 4) | p[1]).collect();
+        assert_eq!(packed.len(), packed_len(codes.len()));
+        let absmax = [0.0123f32, 1.7, 3.3e-3, 0.771];
+        let w = weight_f32(
+            &shape,
+            WeightRef::Nf4 {
+                packed: &packed,
+                scales: ScalesRef::Absmax(&absmax),
+                blocksize: 64,
+            },
+        )
+        .unwrap();
+        let mut differs = 0;
+        for (i, (&c, &v)) in codes.iter().zip(&w).enumerate() {
+            let (l, s) = (NF4_LEVELS[usize::from(c)], absmax[i / 64]);
+            assert_eq!(v, bf16::from_f32(l * s).to_f32(), "element {i}");
+            differs += usize::from(v != bf16::from_f32(bf16::from_f32(l).to_f32() * s).to_f32());
+        }
+        assert!(differs > 0, "the case does not tell the two rules apart");
+    }
 }

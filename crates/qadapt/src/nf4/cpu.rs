@@ -14,17 +14,46 @@ const CODE_ZERO: u8 = ffi::QADAPT_NF4_CODE_ZERO as u8;
 const DQ_BLOCK: usize = ffi::QADAPT_DQ_BLOCK as usize;
 const DQ_CODE_ZERO: u8 = ffi::QADAPT_DQ_CODE_ZERO as u8;
 
-/// Nearest NF4 code of a scaled value: |s - level| in f32, ties to the lower code. The nearest
-/// level brackets `s`, so count the levels <= s and compare the two distances; NaN lands on 0.
+/// The 15 decision bounds of NF4, `(level[i] + level[i+1]) / 2` in f32 (one rounding of the sum,
+/// the halving is exact): bitsandbytes 0.50's `_get_4bit_quantize_bounds`. Its CUDA kernel's
+/// `dQuantizeNF4` tree compares with decimal literals that nvcc rounds to these same values except
+/// at indices 0, 8, 12 and 14, where they are one ulp off (see `tests/data/README.md`).
+pub const NF4_BOUNDS: [f32; 15] = {
+    let mut b = [0.0f32; 15];
+    let mut i = 0;
+    while i < 15 {
+        b[i] = (NF4_LEVELS[i] + NF4_LEVELS[i + 1]) / 2.0;
+        i += 1;
+    }
+    b
+};
+
+/// NF4 code of a scaled value as bitsandbytes 0.50 decides it (`torch.bucketize(s, bounds)`):
+/// the number of bounds below `s`, so a value exactly on a bound takes the lower code. NaN, which
+/// compares false, counts past every bound and lands on 15, as bucketize puts it.
 #[inline]
 pub fn encode_scaled(s: f32) -> u8 {
-    let mut lo = 0usize;
-    for l in &NF4_LEVELS[1..15] {
-        lo += usize::from(s >= *l);
+    let mut c = 0u8;
+    for b in NF4_BOUNDS {
+        c += u8::from(s.is_nan() || s > b);
     }
-    let d_lo = (s - NF4_LEVELS[lo]).abs();
-    let d_hi = (s - NF4_LEVELS[lo + 1]).abs();
-    (lo + usize::from(d_hi < d_lo)) as u8
+    c
+}
+
+/// The smallest divisor bitsandbytes 0.50 scales a block by: `absmax.clamp(min=1e-38)` (an f32
+/// subnormal). An all-zero block divides by it (every code 7), and a partial last block also
+/// stores it as its absmax.
+pub const MIN_ABSMAX: f32 = 1e-38;
+
+/// `torch.max` of |x| over a block: NaN if any element is NaN (as the canonical NaN, so that the
+/// kernel's reduction order cannot change its bits), else the largest |x|.
+#[inline]
+pub fn absmax_step(m: f32, v: f32) -> f32 {
+    if m.is_nan() || v.is_nan() {
+        f32::NAN
+    } else {
+        m.max(v.abs())
+    }
 }
 
 /// Blockwise NF4 quantization of `input` (see `nf4_quantize_*` in `kernels/nf4.cu`).
@@ -62,19 +91,18 @@ pub fn quantize<T: Float>(
 }
 
 fn quantize_block<T: Float>(block: &[T], blocksize: usize, bytes: &mut [u8], am: &mut f32) {
-    let m = block.iter().fold(0.0f32, |m, x| m.max(x.to_f32().abs()));
-    *am = m;
-    if m == 0.0 {
-        bytes.fill((CODE_ZERO << 4) | CODE_ZERO);
-        return;
-    }
-    let inv = 1.0f32 / m;
-    // A partial last block of a 16-bit tensor rounds its scaled values to T first, as
-    // bitsandbytes' CPU path does (`A_rem * (1 / absmax[-1])` keeps T).
+    let m = block.iter().fold(0.0f32, |m, x| absmax_step(m, x.to_f32()));
+    // NaN stays NaN (`clamp` keeps it).
+    let d = if m < MIN_ABSMAX { MIN_ABSMAX } else { m };
+    // bitsandbytes 0.50 (`quantize_4bit`, default backend): a full block stores its absmax and is
+    // scaled by the f32 reciprocal of the clamped absmax, `x * (1 / d)`; a partial last block
+    // stores the clamped absmax and is scaled by a division, `x / d`. Both in f32 for every T.
     let partial = block.len() < blocksize;
+    *am = if partial { d } else { m };
+    let inv = 1.0f32 / d;
     let code = |x: T| {
-        let s = x.to_f32() * inv;
-        encode_scaled(if partial { T::round(s) } else { s })
+        let x = x.to_f32();
+        encode_scaled(if partial { x / d } else { x * inv })
     };
     let mut pairs = block.chunks_exact(2);
     for (byte, pair) in bytes.iter_mut().zip(&mut pairs) {
@@ -175,23 +203,37 @@ fn multi_row_sum<const W: usize>(g: usize, row: impl Fn(usize) -> [f32; W]) -> [
     a[0]
 }
 
-/// Nearest entry of a sorted 256-entry map, ties to the lower index (`nearest_in_map`).
+/// Number of LUT bins of bitsandbytes 0.50's 8-bit blockwise CPU quantizer (`kLUTSize`).
+const DQ_LUT_BINS: f32 = 65535.0;
+
+/// The 255 midpoints of a sorted 256-entry map, `0.5 * (map[j] + map[j+1])` in f32.
+pub fn dq_midpoints(map: &[f32; 256]) -> [f32; 255] {
+    std::array::from_fn(|j| 0.5 * (map[j] + map[j + 1]))
+}
+
+/// Code of a normalized value `q` as bitsandbytes 0.50's CPU `quantize_blockwise` picks it: `q`
+/// is clamped to [-1, 1] and rounded to one of 65536 bins, `i = (u16)((q + 1) * 0.5 * 65535 +
+/// 0.5)` (the last multiply-add fused, as the x86-64 build compiles it), and the code is the
+/// number of map midpoints below the bin's value `2i / 65535 - 1` (its `build_quantize_lut`).
 #[inline]
-fn nearest_in_map(map: &[f32; 256], q: f32) -> u8 {
+pub fn dq_encode(mid: &[f32; 255], q: f32) -> u8 {
+    // f32::clamp keeps NaN, as std::clamp does.
+    let h = (q.clamp(-1.0, 1.0) + 1.0) * 0.5;
+    // A NaN converts to 0x8000_0000 on x86 (cvttss2si), which truncates to bin 0.
+    let bin = if h.is_nan() {
+        0
+    } else {
+        h.mul_add(DQ_LUT_BINS, 0.5) as u32 & 0xffff
+    };
+    let val = (2.0 * bin as f32) / DQ_LUT_BINS - 1.0;
+    // Midpoints are sorted: count those below val.
     let mut lo = 0usize;
     let mut step = 128;
     while step > 0 {
-        if map[lo + step] <= q {
+        if lo + step <= 255 && mid[lo + step - 1] < val {
             lo += step;
         }
         step /= 2;
-    }
-    if lo < 255 {
-        let dl = (q - map[lo]).abs();
-        let dr = (q - map[lo + 1]).abs();
-        if dr < dl {
-            lo += 1;
-        }
     }
     lo as u8
 }
@@ -224,6 +266,7 @@ pub fn double_quant(
         return Ok(0.0);
     }
     let offset = dq_offset(absmax);
+    let mid = dq_midpoints(map);
     absmax
         .par_chunks(DQ_BLOCK)
         .zip(codes.par_chunks_mut(DQ_BLOCK))
@@ -231,11 +274,12 @@ pub fn double_quant(
         .for_each(|((a, c), nested)| {
             let m = a.iter().fold(0.0f32, |m, &x| m.max((x - offset).abs()));
             *nested = m;
+            let inv = 1.0f32 / m;
             for (code, &x) in c.iter_mut().zip(a) {
                 *code = if m == 0.0 {
                     DQ_CODE_ZERO
                 } else {
-                    nearest_in_map(map, (x - offset) / m)
+                    dq_encode(&mid, (x - offset) * inv)
                 };
             }
         });
@@ -307,7 +351,7 @@ impl ScalesRef<'_> {
 }
 
 /// Blockwise NF4 dequantization into `out[n]` (the `nf4_dequantize_*` kernels): each value is
-/// `T(T(level) * scale)`, the level rounded to T first as bitsandbytes decodes.
+/// `T(level * scale)`: bitsandbytes 0.50 decodes in f32 and rounds once to T.
 pub fn dequantize<T: Float>(
     packed: &[u8],
     scales: ScalesRef<'_>,
@@ -325,7 +369,7 @@ pub fn dequantize<T: Float>(
         ));
     }
     scales.check(OP, num_blocks(n, blocksize))?;
-    let levels: [f32; 16] = NF4_LEVELS.map(T::round);
+    let levels: [f32; 16] = NF4_LEVELS;
     out.par_chunks_mut(blocksize)
         .zip(packed.par_chunks(blocksize / 2))
         .enumerate()
@@ -349,20 +393,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn encode_matches_argmin_over_all_levels() {
-        // Dense sweep of [-1.1, 1.1] plus every midpoint and its f32 neighbours.
-        let mut xs: Vec<f32> = (0..200_001)
-            .map(|i| -1.1 + 2.2 * i as f32 / 200_000.0)
-            .collect();
-        for w in NF4_LEVELS.windows(2) {
-            let mid = (w[0] + w[1]) / 2.0;
-            xs.extend([
-                mid,
-                f32::from_bits(mid.to_bits() + 1),
-                f32::from_bits(mid.to_bits() - 1),
-            ]);
-        }
-        for x in xs {
+    fn encode_matches_argmin_off_the_bounds() {
+        // Dense sweep of [-1.1, 1.1]: away from the 15 bounds, bucketize and the nearest level
+        // by f32 distance (bitsandbytes 0.48's argmin) agree.
+        for i in 0..200_001 {
+            let x = -1.1 + 2.2 * i as f32 / 200_000.0;
+            if NF4_BOUNDS.contains(&x) {
+                continue;
+            }
             let best = NF4_LEVELS
                 .iter()
                 .enumerate()
@@ -376,16 +414,44 @@ mod tests {
                 });
             assert_eq!(encode_scaled(x), best as u8, "x = {x:e}");
         }
-        assert_eq!(encode_scaled(f32::NAN), 0);
     }
 
     #[test]
-    fn ties_go_to_the_lower_code() {
-        // 0.5 is exactly between 0.0 and 1.0 only for a 2-level table; use a real NF4 tie:
-        // the f32 midpoint of levels 7 (0.0) and 8 whose distances compare equal.
-        let mid = NF4_LEVELS[8] / 2.0;
-        assert_eq!((mid - NF4_LEVELS[7]).abs(), (mid - NF4_LEVELS[8]).abs());
-        assert_eq!(encode_scaled(mid), 7);
+    fn bounds_are_bitsandbytes_and_take_the_lower_code() {
+        // bitsandbytes 0.50.2's `_get_4bit_quantize_bounds("nf4")`, bit for bit.
+        const BNB: [u32; 15] = [
+            0xbf59_1cd8,
+            0xbf1c_5270,
+            0xbeeb_8480,
+            0xbead_ea76,
+            0xbe70_3cec,
+            0xbe0d_38bc,
+            0xbd3a_7871,
+            0x3d22_faff,
+            0x3df6_4862,
+            0x3e50_67e0,
+            0x3e95_82d4,
+            0x3ec7_53f9,
+            0x3f00_6d04,
+            0x3f24_8daf,
+            0x3f5c_89da,
+        ];
+        assert_eq!(NF4_BOUNDS.map(f32::to_bits), BNB);
+        for (i, b) in NF4_BOUNDS.into_iter().enumerate() {
+            assert_eq!(encode_scaled(b), i as u8);
+            assert_eq!(encode_scaled(b.next_down()), i as u8);
+            assert_eq!(encode_scaled(b.next_up()), i as u8 + 1);
+        }
+        // Six of them sit where the f32 distances say the upper level is nearer (0.48's choice).
+        let upper = NF4_BOUNDS
+            .iter()
+            .enumerate()
+            .filter(|&(i, &b)| (b - NF4_LEVELS[i + 1]).abs() < (b - NF4_LEVELS[i]).abs())
+            .map(|(i, _)| i)
+            .collect::<Vec<_>>();
+        assert_eq!(upper, [0, 1, 3, 4, 12, 14]);
+        assert_eq!(encode_scaled(f32::NAN), 15);
+        assert_eq!(encode_scaled(-0.0), CODE_ZERO);
     }
 
     #[test]

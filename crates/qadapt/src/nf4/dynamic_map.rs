@@ -1,13 +1,13 @@
 //! bitsandbytes' signed 8-bit dynamic map (`create_dynamic_map(signed=True)`), the code book of
 //! double quantization. The 256 values are data, not a formula: torch builds them with a
 //! vectorised `linspace` whose rounding depends on the CPU's vector width, so the values below are
-//! the exact f32 bits bitsandbytes 0.48.2 produced (written by `tests/data/make_golden.py`), and
+//! the exact f32 bits bitsandbytes 0.48.2 and 0.50.2 produced (written by `tests/data/make_golden.py`), and
 //! a test checks them against the golden file. Sorted ascending; index 127 is 0.0, index 255 is 1.0.
 //!
-//! [`DQ_MAP`] is the map double quantization actually encodes with and stores as
-//! `nested_quant_map`: bitsandbytes' CPU kernel sets `code[0] = -1.0` (in place, on its cached
-//! map) so that the most negative value of a block decodes exactly. Files from bitsandbytes' CUDA
-//! path may carry the unmodified map; readers always decode with the map stored in the file.
+//! [`DQ_MAP`] is the map double quantization encodes with and stores as `nested_quant_map`: the
+//! unmodified map, as bitsandbytes 0.50 writes it (0.48's CPU kernel set `code[0] = -1.0` in place
+//! on its cached map, and files from it carry that). Readers always decode with the map stored in
+//! the file.
 
 /// The signed dynamic map, `map[code]`.
 pub const DYNAMIC_MAP_SIGNED: [f32; 256] = [
@@ -269,10 +269,6 @@ pub const DYNAMIC_MAP_SIGNED: [f32; 256] = [
     f32::from_bits(0x3f800000),
 ];
 
-/// The map double quantization encodes with and writes: [`DYNAMIC_MAP_SIGNED`] with entry 0 set
-/// to -1.0, as bitsandbytes' CPU path does.
-pub const DQ_MAP: [f32; 256] = {
-    let mut m = DYNAMIC_MAP_SIGNED;
-    m[0] = -1.0;
-    m
-};
+/// The map double quantization encodes with and writes: [`DYNAMIC_MAP_SIGNED`] unchanged, as
+/// bitsandbytes 0.50 writes it (0.48's CPU kernel set entry 0 to -1.0 in place).
+pub const DQ_MAP: [f32; 256] = DYNAMIC_MAP_SIGNED;
