@@ -4,10 +4,12 @@
  * kernels/<name>.cu compiled on its own as C++, plus the runtime, plus this file. Build and run
  * (kernels/emu/README.md):
  *
- *   F="-std=c++20 -O2 -ffp-contract=off -fno-strict-aliasing -DQADAPT_EMU -pthread -Ikernels/emu -Ikernels/include"
- *   for f in nf4 optim model lora; do c++ -x c++ $F -c kernels/$f.cu -o /tmp/$f.o; done
- *   c++ $F -c kernels/emu/vgpu_runtime.cpp -o /tmp/vgpu_runtime.o
- *   c++ $F kernels/emu/vgpu_selftest.cpp /tmp/{nf4,optim,model,lora,vgpu_runtime}.o -o /tmp/vgpu_selftest
+ *   F="$(sed -n 's/^common: //p' kernels/emu/emu.flags) -Ikernels/emu -Ikernels/include"
+ *   MC="$(sed -n 's/^memcheck: //p' kernels/emu/emu.flags)"   # kernel code only, never the runtime
+ *   for f in nf4 optim model lora; do c++ -x c++ $F $MC -c kernels/$f.cu -o /tmp/$f.o; done
+ *   c++ $F -DQV_NO_KERNEL_ANCHORS -c kernels/emu/vgpu_runtime.cpp -o /tmp/vgpu_runtime.o
+ *   c++ $F $MC -c kernels/emu/vgpu_selftest.cpp -o /tmp/vgpu_selftest.o
+ *   c++ -pthread /tmp/{vgpu_selftest,nf4,optim,model,lora,vgpu_runtime}.o -o /tmp/vgpu_selftest
  *   /tmp/vgpu_selftest            # exit status 0 when every check passes
  *
  * What it checks:
@@ -24,7 +26,12 @@
  *     collectives some threads never reach, an out-of-bounds store into a guard page, misaligned
  *     ldmatrix/cp.async, __trap, assert, a fiber stack overflow), each reported with its code and
  *     message, and the next launch still works;
- *   - concurrent launches from several host threads.
+ *   - concurrent launches from several host threads;
+ *   - the memory checker (vgpu_memcheck.inc): exact counters (global bytes, requests, 32-byte
+ *     sectors; shared requests, wavefronts with bank conflicts) on kernels of known traffic,
+ *     ldmatrix and cp.async traffic in the same counters, misaligned uint4/uint2 accesses, and
+ *     exact bounds against registered buffers (in[-1], a read into the slack, a byte one past the
+ *     end); test_lora registers every buffer at its exact size.
  */
 #include "qadapt.h"
 #include "qadapt_mma.cuh"
