@@ -52,7 +52,10 @@ fn emu_cxx(kernel: bool) -> Command {
 fn build(mut cmd: Command, what: &str) -> Option<()> {
     match cmd.output() {
         Ok(o) if o.status.success() => Some(()),
-        Ok(o) => panic!("{what} does not build:\n{}", String::from_utf8_lossy(&o.stderr)),
+        Ok(o) => panic!(
+            "{what} does not build:\n{}",
+            String::from_utf8_lossy(&o.stderr)
+        ),
         Err(e) => {
             let required = std::env::var("QADAPT_REQUIRE_CUDA").as_deref() == Ok("1");
             assert!(
