@@ -5,9 +5,14 @@
 //!
 //! Per kernel: launches, CTAs, `mma.sync` and `ldmatrix` instructions (per warp), the
 //! shared-memory wavefronts of those `ldmatrix` (1 per 8x8 matrix when conflict-free, up to 8),
-//! the `cp.async` bytes and the CTA barriers. The derived columns are the ones the kernel-speed
-//! work is judged by: wavefronts per `mma` (the NF4 GEMM's within 1.25x of the dense GEMM's) and
-//! CTAs against the 132 SMs of the H200.
+//! the `cp.async` bytes and the CTA barriers; and the memory traffic of every load and store of
+//! kernel code (the emulator's memory checker): global bytes loaded and stored, 32-byte sectors
+//! per warp-level request and the share of the loaded sectors' bytes the lanes asked for (100%
+//! when coalesced; above 100% when lanes share bytes), and shared-memory wavefronts against the
+//! conflict-free count (1.00 without bank conflicts; `ldmatrix` included). The derived columns
+//! are the ones the kernel-speed work is judged by: wavefronts per `mma` (the NF4 GEMM's within
+//! 1.25x of the dense GEMM's), coalescing, bank conflicts, and CTAs against the 132 SMs of the
+//! H200.
 //!
 //! Options (`--name value`): `--n`, `--k` (4096 x 4096: a Llama-3-8B attention projection),
 //! `--m` (512 rows for the GEMM paths; the gemv paths run 1 and 16), `--rank` (16). Shapes are
@@ -52,8 +57,16 @@ fn report(dev: &CudaDevice, path: &str, shape: &str) {
                 format!("{:.2}", a as f64 / b as f64)
             }
         };
+        let mib = |b: u64| format!("{:.2}", b as f64 / (1024.0 * 1024.0));
+        let used = |bytes: u64, sectors: u64| {
+            if sectors == 0 {
+                "-".to_owned()
+            } else {
+                format!("{:.0}%", 100.0 * bytes as f64 / (32.0 * sectors as f64))
+            }
+        };
         println!(
-            "| {path} | {shape} | {} | {launches} | {} | {} | {} | {} | {} | {:.1} | {} |",
+            "| {path} | {shape} | {} | {launches} | {} | {} | {} | {} | {} | {:.1} | {} | {} | {} | {} | {} | {} | {} |",
             kernel.name,
             c.ctas,
             c.mma,
@@ -62,6 +75,12 @@ fn report(dev: &CudaDevice, path: &str, shape: &str) {
             per(c.ldmatrix_wavefronts, c.mma),
             c.cp_async_bytes as f64 / 1024.0,
             per(c.bar_sync, c.ctas),
+            mib(c.global_ld_bytes),
+            per(c.global_ld_sectors, c.global_ld_requests),
+            used(c.global_ld_bytes, c.global_ld_sectors),
+            mib(c.global_st_bytes),
+            per(c.global_st_sectors, c.global_st_requests),
+            per(c.shared_wavefronts, c.shared_ideal_wavefronts),
         );
     }
     dev.reset_emulator_counters();
@@ -94,9 +113,9 @@ fn main() {
         dev.describe()
     );
     println!(
-        "| path | shape | kernel | launches | CTAs | mma | ldmatrix | wavefronts / ldmatrix | wavefronts / mma | cp.async KiB | barriers / CTA |"
+        "| path | shape | kernel | launches | CTAs | mma | ldmatrix | wavefronts / ldmatrix | wavefronts / mma | cp.async KiB | barriers / CTA | global ld MiB | sectors / ld request | ld bytes used | global st MiB | sectors / st request | shared wavefronts / ideal |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let w = randn(n * k, 0.02, 1);
     let adapters = AdapterStack::new(
         r,

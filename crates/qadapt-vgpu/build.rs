@@ -3,7 +3,11 @@
 //! With the `emu` feature: every `kernels/*.cu` as host C++20 (`-DQADAPT_EMU`, the emulated CUDA
 //! headers of `kernels/emu` first on the include path), plus `kernels/emu/vgpu_*.cpp` (the runtime
 //! behind `kernels/emu/vgpu_abi.h`; self-tests excluded), linked into the cdylib; `cfg(qv_runtime)`
-//! tells the Rust side. Without the feature nothing is compiled and no kernel is registered, which
+//! tells the Rust side. The flags are `kernels/emu/emu.flags`' (the one place that spells them):
+//! `common:` for every object, plus `memcheck:` for the kernels only (GCC's ThreadSanitizer
+//! instrumentation as a callback mechanism: every load and store of kernel code is checked and
+//! counted by `vgpu_memcheck.inc`; the runtime, which defines those callbacks, is never
+//! instrumented, and nothing links libtsan). Without the feature nothing is compiled and no kernel is registered, which
 //! keeps `cargo build --workspace` cheap (`just vgpu` turns the feature on).
 //!
 //! The library is linked `-z nodelete`: cudarc probes the driver with dlopen + dlclose before it
@@ -46,6 +50,7 @@ fn main() {
     let headers = [
         files(&emu, "h"),
         files(&emu, "cuh"),
+        files(&emu, "inc"),
         files(&include, "h"),
         files(&include, "cuh"),
     ];
@@ -56,24 +61,52 @@ fn main() {
         println!("cargo::rerun-if-changed={}", s.display());
     }
 
-    let mut build = cc::Build::new();
-    build
-        .cpp(true)
-        .std("c++20")
-        .opt_level(2)
-        .debug(false)
-        .warnings(false)
-        .flag("-x")
-        .flag("c++")
-        .flag("-ffp-contract=off")
-        .flag("-fno-strict-aliasing")
-        .flag("-pthread")
-        .define("QADAPT_EMU", None)
-        .include(&emu)
-        .include(&include);
-    for s in &sources {
+    let flags_file = emu.join("emu.flags");
+    println!("cargo::rerun-if-changed={}", flags_file.display());
+    let flags = fs::read_to_string(&flags_file)
+        .unwrap_or_else(|e| panic!("feature `emu`: {}: {e}", flags_file.display()));
+    let line = |name: &str| -> Vec<String> {
+        flags
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}:")))
+            .unwrap_or_else(|| panic!("{} has no `{name}:` line", flags_file.display()))
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect()
+    };
+    let base = || {
+        let mut b = cc::Build::new();
+        b.cpp(true)
+            .opt_level(2)
+            .debug(false)
+            .warnings(false)
+            .flag("-x")
+            .flag("c++")
+            .include(&emu)
+            .include(&include);
+        for f in line("common") {
+            b.flag(f);
+        }
+        b
+    };
+    // The kernels, instrumented; their objects go into the runtime's archive (they and the
+    // runtime refer to each other: registrations, anchors, callbacks).
+    let (kernel_sources, runtime_sources): (Vec<&PathBuf>, Vec<&PathBuf>) = sources
+        .iter()
+        .partition(|p| p.extension().is_some_and(|x| x == "cu"));
+    let mut kernels_build = base();
+    for f in line("memcheck") {
+        kernels_build.flag(f);
+    }
+    for s in &kernel_sources {
+        kernels_build.file(s);
+    }
+    let kernel_objects = kernels_build.compile_intermediates();
+    let mut build = base();
+    for s in &runtime_sources {
         build.file(s);
     }
+    build.objects(&kernel_objects);
     build.compile("qadapt_vgpu_emu");
     println!("cargo::rustc-link-lib=pthread");
     println!("cargo::rustc-cfg=qv_runtime");

@@ -1,13 +1,22 @@
 /*
- * cuda_emu_runtime.h — the kernel emulator's runtime (vgpu_runtime.cpp) for single-file runner
- * programs such as nf4_optim_emu.cpp and model_emu.cpp: include it once, before the kernel files,
- * in the file that holds main(). It adds emu::launch(kernel, args, grid, block[, dyn_smem]), which
- * runs a kernel through the fiber runtime and ends the program with the runtime's message when the
- * launch fails (a barrier deadlock, a memory fault, a PTX rule broken, a trap).
+ * cuda_emu_runtime.h — emu::launch for single-file runner programs such as nf4_optim_emu.cpp and
+ * model_emu.cpp: include it before the kernel files, in the file that holds main(), and link the
+ * kernel emulator's runtime (kernels/emu/vgpu_runtime.cpp, compiled on its own without the
+ * instrumentation flags and with -DQV_NO_KERNEL_ANCHORS, since a runner holds only some kernels).
+ * emu::launch(kernel, args, grid, block[, dyn_smem]) runs a kernel through the fiber runtime and
+ * ends the program with the runtime's message when the launch fails (a barrier deadlock, a memory
+ * fault, a PTX rule broken, a trap).
  */
 #pragma once
-#define QV_NO_KERNEL_ANCHORS /* the runner compiles only some kernel files */
-#include "vgpu_runtime.cpp"
+#include "cuda_emu.h"
+#include "vgpu_abi.h"
+
+#include <cstdlib>
+
+namespace qv {
+int launch_fn(const char* name, Invoke invoke, void* fn, const void* args, size_t args_size, QvDim3 grid, QvDim3 block,
+              uint32_t dyn_smem, QvCounters* counters, QvStatus* status);
+}
 
 namespace emu {
 

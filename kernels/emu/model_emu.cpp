@@ -6,8 +6,10 @@
  * (atol + 2^-6 |ref| unless stated). Grids are small (2-3 CTAs) so every grid-stride loop runs
  * more than once. Exit status 0 when every element matches; crates/qadapt/tests/kernel_emu.rs
  * builds and runs it. Build by hand:
- *   c++ -std=c++20 -O1 -pthread -ffp-contract=off -DQADAPT_EMU -Ikernels/emu -Ikernels/include \
- *       kernels/emu/model_emu.cpp -o model_emu && ./model_emu
+ *   F="$(sed -n 's/^common: //p' kernels/emu/emu.flags) -Ikernels/emu -Ikernels/include"
+ *   c++ $F -DQV_NO_KERNEL_ANCHORS -c kernels/emu/vgpu_runtime.cpp -o rt.o
+ *   c++ $F $(sed -n 's/^memcheck: //p' kernels/emu/emu.flags) -c kernels/emu/model_emu.cpp -o model_emu.o
+ *   c++ -pthread model_emu.o rt.o -o model_emu && ./model_emu
  */
 #include <cstdio>
 #include <random>

@@ -2,8 +2,10 @@
  * nf4_optim_emu.cpp — runs the kernels of kernels/nf4.cu and kernels/optim.cu on the CPU through
  * cuda_emu.h, for crates/qadapt/tests/kernel_emu.rs, which compares what they write with the Rust
  * CPU reference bit for bit. Build (the test does it):
- *   c++ -std=c++20 -O1 -pthread -ffp-contract=off -DQADAPT_EMU -Ikernels/emu -Ikernels/include \
- *       kernels/emu/nf4_optim_emu.cpp -o nf4_optim_emu
+ *   F="$(sed -n 's/^common: //p' kernels/emu/emu.flags) -Ikernels/emu -Ikernels/include"
+ *   c++ $F -DQV_NO_KERNEL_ANCHORS -c kernels/emu/vgpu_runtime.cpp -o rt.o
+ *   c++ $F $(sed -n 's/^memcheck: //p' kernels/emu/emu.flags) -c kernels/emu/nf4_optim_emu.cpp -o nf4_optim_emu.o
+ *   c++ -pthread nf4_optim_emu.o rt.o -o nf4_optim_emu
  * Protocol: `nf4_optim_emu nf4 IN OUT` or `nf4_optim_emu adamw IN OUT`, little-endian binary files
  * whose layouts are written next to each mode below. Grids are deliberately small (2 or 3 CTAs) so
  * every grid-stride loop runs more than once.

@@ -1,28 +1,35 @@
 #!/bin/sh
 # vgpu_mutants.sh — plants bugs in temporary copies of kernels/lora.cu and checks that the emulator's
 # selftest (vgpu_selftest.cpp) fails on each: the emulation must have teeth on the real tensor-core
-# kernels, not only on its own test kernels. Needs a C++20 compiler and perl; about 30 s.
+# kernels, not only on its own test kernels. A mutant may name the report that must catch it (the
+# memory checker's, for the last two). Flags from kernels/emu/emu.flags: kernel code instrumented
+# (memcheck), the runtime not. Needs a C++20 compiler and perl; about 40 s.
 #   sh kernels/emu/vgpu_mutants.sh
 set -eu
 cd "$(dirname "$0")/../.."
 T=$(mktemp -d)
 trap 'rm -rf "$T"' EXIT
-F="-std=c++20 -O2 -ffp-contract=off -fno-strict-aliasing -DQADAPT_EMU -pthread -Ikernels/emu -Ikernels/include"
-for f in nf4 optim model; do c++ -x c++ $F -c kernels/$f.cu -o "$T/$f.o"; done
-c++ $F -c kernels/emu/vgpu_runtime.cpp -o "$T/rt.o"
-c++ $F -c kernels/emu/vgpu_selftest.cpp -o "$T/st.o"
+F="$(sed -n 's/^common: //p' kernels/emu/emu.flags) -Ikernels/emu -Ikernels/include"
+MC="$(sed -n 's/^memcheck: //p' kernels/emu/emu.flags)"
+CXX=${CXX:-c++}
+for f in nf4 optim model; do $CXX -x c++ $F $MC -c kernels/$f.cu -o "$T/$f.o"; done
+$CXX $F -DQV_NO_KERNEL_ANCHORS -c kernels/emu/vgpu_runtime.cpp -o "$T/rt.o"
+$CXX $F $MC -c kernels/emu/vgpu_selftest.cpp -o "$T/st.o"
 missed=0
 mutant() {
     perl -0pe "$2" kernels/lora.cu > "$T/lora.cu"
     if cmp -s kernels/lora.cu "$T/lora.cu"; then echo "$1: the pattern no longer matches lora.cu"; missed=1; return; fi
-    c++ -x c++ $F -c "$T/lora.cu" -o "$T/lora.o"
-    c++ -pthread "$T/st.o" "$T/nf4.o" "$T/optim.o" "$T/model.o" "$T/lora.o" "$T/rt.o" -o "$T/st"
+    $CXX -x c++ $F $MC -c "$T/lora.cu" -o "$T/lora.o"
+    $CXX -pthread "$T/st.o" "$T/nf4.o" "$T/optim.o" "$T/model.o" "$T/lora.o" "$T/rt.o" -o "$T/st"
     if "$T/st" > "$T/log" 2>&1; then echo "$1: NOT caught"; missed=1
-    else echo "$1: caught, $(grep -c FAIL "$T/log") checks fail"; fi
+    elif [ -n "${3:-}" ] && ! grep -q "$3" "$T/log"; then echo "$1: fails, but not as '$3'"; missed=1
+    else echo "$1: caught, $(grep -c FAIL "$T/log") checks fail${3:+ ('$3')}"; fi
 }
 mutant "cp.async.wait_group one group too loose in the main loops" 's/cp_async_wait<STAGES - 2>\(\);/cp_async_wait<STAGES - 1>();/g'
 mutant "__syncthreads removed after the wait in the main loops" 's/(cp_async_wait<STAGES - 2>\(\);\n)\s*__syncthreads\(\);\n/$1/g'
 mutant "b0/b1 of the ldmatrix B fragments swapped" 's/bf\[2 \* nj\]\[0\] = r\[0\];\n(\s*)bf\[2 \* nj\]\[1\] = r\[1\];/bf[2 * nj][0] = r[1];\n$1bf[2 * nj][1] = r[0];/g'
 mutant "__syncthreads removed before the LoRA extension reuses the stage buffers" 's/__syncthreads\(\);\n(\s*load_tile<BM>\(tA, reinterpret_cast<const bf16\*>\(a\.u\))/$1/'
 mutant "A fragment rows 8-15 taken from rows 0-7 (lane & 7 for lane & 15)" 's/const uint32_t row = wm0 \+ mi \* 16 \+ \(lane & 15u\);/const uint32_t row = wm0 + mi * 16 + (lane & 7u);/'
+mutant "tile loads read one element past the end of a row in the K tail (k <= cols)" 's/const uint32_t lo = \(gr < rows && k < cols\)/const uint32_t lo = (gr < rows && k <= cols)/' "outside every allocation"
+mutant "the dense gemv takes 16-byte loads whatever the vec flag (rows not 16-byte aligned when K % 8 != 0)" 's/(const bf16\* wr = w \+ \(uint64_t\)n \* a\.k;\n\s*)if \(vec\) \{/$1if (true) {/' "misaligned address"
 exit $missed

@@ -140,6 +140,7 @@ struct Warp {
 
 struct Launch;
 struct Executor;
+struct MemCheck;
 
 struct Fiber {
 #ifdef QV_USE_UCONTEXT
@@ -161,6 +162,7 @@ struct Launch {
     Invoke invoke;
     void* fn;
     const void* args;
+    size_t args_size = 0;
     QvDim3 grid, block;
     uint32_t dyn_smem;
     uint64_t total;
@@ -207,6 +209,7 @@ struct Executor {
     uint64_t err_addr = 0;
     char err_msg[480];
     QvCounters ctr{};
+    MemCheck* mc = nullptr; /* this host thread's memory checker (vgpu_memcheck.inc) */
     /* signals */
     sigjmp_buf jb;
     volatile sig_atomic_t in_cta = 0;
@@ -344,6 +347,38 @@ void Executor::suspend(Fiber* f) {
 
 inline Fiber* self() { return hdr()->fiber; }
 
+/* Adds every counter of c into into. */
+void add_counters(QvCounters& into, const QvCounters& c) {
+    into.mma += c.mma;
+    into.ldmatrix += c.ldmatrix;
+    into.ldmatrix_wavefronts += c.ldmatrix_wavefronts;
+    into.cp_async += c.cp_async;
+    into.cp_async_bytes += c.cp_async_bytes;
+    into.shfl += c.shfl;
+    into.bar_sync += c.bar_sync;
+    into.ctas += c.ctas;
+    into.global_ld_bytes += c.global_ld_bytes;
+    into.global_st_bytes += c.global_st_bytes;
+    into.global_ld_requests += c.global_ld_requests;
+    into.global_st_requests += c.global_st_requests;
+    into.global_ld_sectors += c.global_ld_sectors;
+    into.global_st_sectors += c.global_st_sectors;
+    into.shared_ld_bytes += c.shared_ld_bytes;
+    into.shared_st_bytes += c.shared_st_bytes;
+    into.shared_requests += c.shared_requests;
+    into.shared_wavefronts += c.shared_wavefronts;
+    into.shared_ideal_wavefronts += c.shared_ideal_wavefronts;
+    into.local_bytes += c.local_bytes;
+    into.param_bytes += c.param_bytes;
+    into.ungrouped_accesses += c.ungrouped_accesses;
+}
+
+}  // namespace qv
+
+#include "vgpu_memcheck.inc"
+
+namespace qv {
+
 /* ---- signals ------------------------------------------------------------------------------------ */
 
 struct SigSlot {
@@ -451,6 +486,7 @@ Executor::~Executor() {
     for (Fiber* f : fibers) delete f;
     for (auto& m : maps) munmap(m.first, m.second);
     delete[] warps;
+    delete mc;
     free(dyn);
 }
 
@@ -517,6 +553,7 @@ void Executor::release_barrier() {
     bar_arrived = 0;
     ++epoch;
     ++ctr.bar_sync;
+    mc_converged();
 }
 
 /* Records lane f's arrival at a warp collective; true when it is the last lane the collective names
@@ -541,6 +578,7 @@ bool Executor::warp_arrive(Fiber* f, Op op, uint32_t variant, uint32_t mask) {
         fail(QV_BARRIER_DEADLOCK, f, "%s in warp %u names lanes 0x%08x that have exited; %d of %d lanes arrived",
              op_name(op, variant), f->warp, mask & w.exited, __builtin_popcount(w.arrived | bit), __builtin_popcount(mask));
     w.arrived |= bit;
+    if (w.arrived == w.mask && w.mask == (w.exists & ~w.exited)) mc_converged();
     return w.arrived == w.mask;
 }
 
@@ -640,13 +678,16 @@ void Executor::run_cta(uint64_t linear) {
     err_addr = 0;
     if (dyn_size) memset(dyn, kPoison, dyn_size);
     ++ctr.ctas;
+    mc_cta_begin(this, l.args, l.args_size);
     if (sigsetjmp(jb, 1)) {
         fault_to_error();
+        mc_cta_end(this);
         return;
     }
     in_cta = 1;
     schedule();
     in_cta = 0;
+    mc_cta_end(this);
 }
 
 void Executor::schedule() {
@@ -708,15 +749,7 @@ void Executor::work(Launch& l) {
         }
     }
     std::lock_guard<std::mutex> g(l.mu);
-    QvCounters& c = l.ctr;
-    c.mma += ctr.mma;
-    c.ldmatrix += ctr.ldmatrix;
-    c.ldmatrix_wavefronts += ctr.ldmatrix_wavefronts;
-    c.cp_async += ctr.cp_async;
-    c.cp_async_bytes += ctr.cp_async_bytes;
-    c.shfl += ctr.shfl;
-    c.bar_sync += ctr.bar_sync;
-    c.ctas += ctr.ctas;
+    add_counters(l.ctr, ctr);
     L = nullptr;
 }
 
@@ -1019,6 +1052,13 @@ void cp_async(void* dst, const void* src, uint32_t cp_size, uint32_t src_size, b
     if (((uintptr_t)dst | (uintptr_t)src) & (cp_size - 1))
         ex->fail(QV_PTX_ERROR, f, "cp.async of %u bytes from %p to %p: addresses must be %u-byte aligned", cp_size, src, dst,
                  cp_size);
+    if (mc_space_of(ex, dst) != McSpace::Shared)
+        ex->fail(QV_PTX_ERROR, f, "cp.async destination %p is not shared memory", dst);
+    if (src_size && mc_space_of(ex, src) != McSpace::Global)
+        ex->fail(QV_PTX_ERROR, f, "cp.async source %p is not global memory", src);
+    const uintptr_t pc = (uintptr_t)__builtin_return_address(0);
+    mc_runtime_access(src, src_size, false, pc);
+    mc_runtime_access(dst, cp_size, true, pc + 1);
     f->pend.emplace_back();
     Pending& p = f->pend.back();
     p.dst = (uint8_t*)dst;
@@ -1061,6 +1101,7 @@ void ldmatrix(uint32_t* r, int n, bool trans, const void* p) {
         return;
     }
     uint16_t m[4][8][8];
+    uint64_t wfs = 0;
     for (int i = 0; i < n; ++i) {
         uintptr_t rows[8];
         for (int rr = 0; rr < 8; ++rr) {
@@ -1072,10 +1113,19 @@ void ldmatrix(uint32_t* r, int n, bool trans, const void* p) {
                               op_name(Op::Ldmatrix, variant), w.slot[lane].addr, i, lane);
                 ex->fail(QV_PTX_ERROR, f, "-");
             }
+            if (mc_space_of(ex, w.slot[lane].addr) != McSpace::Shared) {
+                ex->set_error(QV_PTX_ERROR, ex->fibers[f->warp * 32 + lane],
+                              "%s: row address %p of matrix %d (lane %d) is not shared memory",
+                              op_name(Op::Ldmatrix, variant), w.slot[lane].addr, i, lane);
+                ex->fail(QV_PTX_ERROR, f, "-");
+            }
             memcpy(m[i][rr], w.slot[lane].addr, 16);
         }
-        ex->ctr.ldmatrix_wavefronts += count_wavefronts(rows);
+        const uint32_t wf = count_wavefronts(rows);
+        ex->ctr.ldmatrix_wavefronts += wf;
+        wfs += wf;
     }
+    mc_ldmatrix((uint32_t)n, wfs);
     for (int lane = 0; lane < 32; ++lane) {
         const int rr = lane / 4, cc = 2 * (lane % 4);
         for (int i = 0; i < n; ++i) {
@@ -1193,6 +1243,7 @@ int launch_fn(const char* name, Invoke invoke, void* fn, const void* args, size_
     l.invoke = invoke;
     l.fn = fn;
     l.args = copy;
+    l.args_size = args_size;
     l.grid = grid;
     l.block = block;
     l.dyn_smem = dyn_smem;
@@ -1222,16 +1273,7 @@ int launch_fn(const char* name, Invoke invoke, void* fn, const void* args, size_
         l.idle.wait(lk, [&] { return l.active == 0; });
     }
     ::operator delete(copy, std::align_val_t(64));
-    if (counters) {
-        counters->mma += l.ctr.mma;
-        counters->ldmatrix += l.ctr.ldmatrix;
-        counters->ldmatrix_wavefronts += l.ctr.ldmatrix_wavefronts;
-        counters->cp_async += l.ctr.cp_async;
-        counters->cp_async_bytes += l.ctr.cp_async_bytes;
-        counters->shfl += l.ctr.shfl;
-        counters->bar_sync += l.ctr.bar_sync;
-        counters->ctas += l.ctr.ctas;
-    }
+    if (counters) add_counters(*counters, l.ctr);
     if (l.failed.load()) {
         if (status) *status = l.status;
         return l.status.code;

@@ -4,10 +4,12 @@
  * kernels/<name>.cu compiled on its own as C++, plus the runtime, plus this file. Build and run
  * (kernels/emu/README.md):
  *
- *   F="-std=c++20 -O2 -ffp-contract=off -fno-strict-aliasing -DQADAPT_EMU -pthread -Ikernels/emu -Ikernels/include"
- *   for f in nf4 optim model lora; do c++ -x c++ $F -c kernels/$f.cu -o /tmp/$f.o; done
- *   c++ $F -c kernels/emu/vgpu_runtime.cpp -o /tmp/vgpu_runtime.o
- *   c++ $F kernels/emu/vgpu_selftest.cpp /tmp/{nf4,optim,model,lora,vgpu_runtime}.o -o /tmp/vgpu_selftest
+ *   F="$(sed -n 's/^common: //p' kernels/emu/emu.flags) -Ikernels/emu -Ikernels/include"
+ *   MC="$(sed -n 's/^memcheck: //p' kernels/emu/emu.flags)"   # kernel code only, never the runtime
+ *   for f in nf4 optim model lora; do c++ -x c++ $F $MC -c kernels/$f.cu -o /tmp/$f.o; done
+ *   c++ $F -DQV_NO_KERNEL_ANCHORS -c kernels/emu/vgpu_runtime.cpp -o /tmp/vgpu_runtime.o
+ *   c++ $F $MC -c kernels/emu/vgpu_selftest.cpp -o /tmp/vgpu_selftest.o
+ *   c++ -pthread /tmp/{vgpu_selftest,nf4,optim,model,lora,vgpu_runtime}.o -o /tmp/vgpu_selftest
  *   /tmp/vgpu_selftest            # exit status 0 when every check passes
  *
  * What it checks:
@@ -24,7 +26,12 @@
  *     collectives some threads never reach, an out-of-bounds store into a guard page, misaligned
  *     ldmatrix/cp.async, __trap, assert, a fiber stack overflow), each reported with its code and
  *     message, and the next launch still works;
- *   - concurrent launches from several host threads.
+ *   - concurrent launches from several host threads;
+ *   - the memory checker (vgpu_memcheck.inc): exact counters (global bytes, requests, 32-byte
+ *     sectors; shared requests, wavefronts with bank conflicts) on kernels of known traffic,
+ *     ldmatrix and cp.async traffic in the same counters, misaligned uint4/uint2 accesses, and
+ *     exact bounds against registered buffers (in[-1], a read into the slack, a byte one past the
+ *     end); test_lora registers every buffer at its exact size.
  */
 #include "qadapt.h"
 #include "qadapt_mma.cuh"
@@ -300,6 +307,52 @@ QADAPT_KERNEL(st_dyn_smem, StOut) {
     o[2] = qadapt::dynamic_smem_size();
 }
 
+/* Global accesses of known shape, one warp (vgpu_memcheck.inc): mode 0 out[t] = in[t], 1 a stride
+ * of 32 floats, 2 one word for all, 3 a uint4 copy, 4 out[t] = in[t + 1], 5 a uint4 load at in +
+ * param bytes, 6 a uint2 store at out + param bytes, 7 out[t] = in[t + param], 8 a byte
+ * out[t] = ((uint8_t*)in)[t + param]. */
+QADAPT_KERNEL(st_mem_global, StOut) {
+    const unsigned t = threadIdx.x;
+    const float* in = reinterpret_cast<const float*>(args.in);
+    float* out = reinterpret_cast<float*>(args.out);
+    switch (args.mode) {
+        case 0: out[t] = in[t]; break;
+        case 1: out[t] = in[t * 32]; break;
+        case 2: out[t] = in[0]; break;
+        case 3: reinterpret_cast<uint4*>(args.out)[t] = reinterpret_cast<const uint4*>(args.in)[t]; break;
+        case 4: out[t] = in[t + 1]; break;
+        case 5: {
+            const uint4 v = *reinterpret_cast<const uint4*>(reinterpret_cast<const char*>(args.in) + args.param);
+            out[t] = (float)(v.x + v.y + v.z + v.w);
+            break;
+        }
+        case 6: *reinterpret_cast<uint2*>(reinterpret_cast<char*>(args.out) + args.param) = make_uint2(t, 2); break;
+        case 7: out[t] = in[(int)t + args.param]; break;
+        case 8: out[t] = reinterpret_cast<const uint8_t*>(args.in)[(int)t + args.param]; break;
+    }
+}
+
+/* Shared accesses of known bank behaviour, one warp; out[t] = what was read. Mode 0 tile[t] then
+ * tile[t ^ 1], 1 tile[2t], 2 tile[32t], 3 tile[33t], 4 tile[0] by every lane then read back,
+ * 5 float4 tile[t], 6 float4 tile[2t], 7 float2 tile[t], 8 dynamic shared d[4t]. */
+QADAPT_KERNEL(st_mem_shared, StOut) {
+    __shared__ __align__(16) float tile[32 * 33];
+    const unsigned t = threadIdx.x;
+    float v = 0;
+    switch (args.mode) {
+        case 0: tile[t] = (float)t; v = tile[t ^ 1]; break;
+        case 1: tile[2 * t] = (float)t; break;
+        case 2: tile[32 * t] = (float)t; break;
+        case 3: tile[33 * t] = (float)t; break;
+        case 4: tile[0] = 1; __syncwarp(); v = tile[0]; break;
+        case 5: reinterpret_cast<float4*>(tile)[t] = make_float4(1, 2, 3, 4); break;
+        case 6: reinterpret_cast<float4*>(tile)[2 * t] = make_float4(1, 2, 3, 4); break;
+        case 7: reinterpret_cast<float2*>(tile)[t] = make_float2(1, 2); break;
+        case 8: qadapt::dynamic_smem<float>()[4 * t] = 1; break;
+    }
+    reinterpret_cast<float*>(args.out)[t] = v;
+}
+
 /* ---- harness ----------------------------------------------------------------------------------- */
 
 namespace {
@@ -327,6 +380,20 @@ QvStatus run(const char* name, const A& a, QvDim3 grid, QvDim3 block, uint32_t d
     return st;
 }
 QvDim3 D1(uint32_t x) { return QvDim3{x, 1, 1}; }
+
+/* Registers buffers in the emulator's allocation table (as the driver does) for as long as it lives:
+ * while the table is not empty, every global access of a kernel must fall inside one. */
+struct Registered {
+    std::vector<const void*> ps;
+    template <class T> void add(const std::vector<T>& v) { add(v.data(), v.size() * sizeof(T)); }
+    void add(const void* p, size_t n) {
+        qv_mem_register(p, n);
+        ps.push_back(p);
+    }
+    ~Registered() {
+        for (const void* p : ps) qv_mem_unregister(p);
+    }
+};
 
 const char* code_name(int c) {
     static const char* n[] = {"QV_OK", "QV_UNKNOWN_KERNEL", "QV_BAD_ARGS", "QV_BARRIER_DEADLOCK", "QV_MEMORY_FAULT",
@@ -372,7 +439,7 @@ void test_registry() {
         if (i) check(std::string(qv_kernel_name(i - 1)) < k, "kernel names sorted and unique at %zu", i);
     }
     printf("  %zu kernels registered (%zu lora_*, %zu selftest)\n", n, lora, st);
-    check(lora == 13 && st == 11, "13 lora kernels and 11 selftest kernels registered");
+    check(lora == 13 && st == 13, "13 lora kernels and 13 selftest kernels registered");
     check(qv_kernel_args_size("lora_gemm_dense_bf16") == sizeof(QadaptLoraFwdArgs), "args size of lora_gemm_dense_bf16");
     check(qv_kernel_args_size("adamw_f32") == sizeof(QadaptAdamwArgs), "args size of adamw_f32");
     check(qv_kernel_args_size("attention_fwd_bf16") == sizeof(QadaptAttentionArgs), "args size of attention_fwd_bf16");
@@ -771,11 +838,15 @@ void test_lora(uint32_t M, uint32_t N, uint32_t K, uint32_t r, uint32_t na, bool
     Timer tm(title);
     Lora L(M, N, K, r, na, vec);
     const uint32_t R = L.R();
-    std::vector<bf16> u((size_t)M * R), y((size_t)M * N), g((size_t)M * R), dx((size_t)M * K);
+    std::vector<bf16> u((size_t)M * R), y((size_t)M * N), g((size_t)M * R), dx((size_t)M * K), yv((size_t)3 * N);
     std::vector<float> ga((size_t)R * K), gb((size_t)L.na * N * L.r);
     for (auto& v : ga) v = uni(-1, 1);
     for (auto& v : gb) v = uni(-1, 1);
     const std::vector<float> ga0 = ga, gb0 = gb;
+    /* Every buffer at its exact size: a kernel reading or writing one element past any of them fails. */
+    Registered reg;
+    reg.add(L.x), reg.add(L.W), reg.add(L.A), reg.add(L.B), reg.add(L.bias), reg.add(L.dy), reg.add(L.s), reg.add(L.idx);
+    reg.add(u), reg.add(y), reg.add(g), reg.add(dx), reg.add(yv), reg.add(ga), reg.add(gb);
     QadaptLoraFwdArgs f{};
     f.x = P(L.x.data());
     f.w = P(L.W.data());
@@ -813,6 +884,14 @@ void test_lora(uint32_t M, uint32_t N, uint32_t K, uint32_t r, uint32_t na, bool
             y_ref[(size_t)m * N + n] = acc;
         }
     compare("y = x W^T + u Bcat^T + bias", y, y_ref, 1e-4);
+    /* The gemv path (lora_gemv_dense_bf16, M <= 4: 16-byte weight and x loads when vec) on the
+     * first 3 rows, against the same reference. */
+    QadaptLoraFwdArgs v = f;
+    v.m = 3;
+    v.y = P(yv.data());
+    st = run("lora_gemv_dense_bf16", v, D1((N + 7) / 8), D1(256), 0, &c);
+    check(st.code == QV_OK, "lora_gemv_dense_bf16: %s", st.message);
+    compare("gemv y (3 rows)", yv, std::vector<double>(y_ref.begin(), y_ref.begin() + (size_t)3 * N), 1e-4);
 
     QadaptLoraBwdArgs b{};
     b.x = P(L.x.data());
@@ -882,9 +961,10 @@ void test_lora(uint32_t M, uint32_t N, uint32_t K, uint32_t r, uint32_t na, bool
     /* NF4: quantize W with the nf4 kernels, dequantize to bf16; the fused NF4 GEMMs must equal the
      * dense GEMMs on the dequantized W bit for bit (same tiles, same mma order). */
     const uint32_t bs = 64, nb = (N * K + bs - 1) / bs;
-    std::vector<uint8_t> packed((size_t)N * K / 2 + 16);
+    std::vector<uint8_t> packed((size_t)N * K / 2);
     std::vector<float> absmax(nb);
     std::vector<bf16> wdq((size_t)N * K);
+    reg.add(packed), reg.add(absmax), reg.add(wdq);
     QadaptNf4QuantizeArgs q{P(L.W.data()), P(packed.data()), P(absmax.data()), (uint64_t)N * K, bs, 0};
     check(run("nf4_quantize_bf16", q, D1(3), D1(256)).code == QV_OK, "nf4_quantize_bf16");
     QadaptNf4DequantizeArgs dq{};
@@ -895,6 +975,7 @@ void test_lora(uint32_t M, uint32_t N, uint32_t K, uint32_t r, uint32_t na, bool
     dq.out = P(wdq.data());
     check(run("nf4_dequantize_bf16", dq, D1(3), D1(256)).code == QV_OK, "nf4_dequantize_bf16");
     std::vector<bf16> y_nf4((size_t)M * N), y_deq((size_t)M * N), dx_nf4((size_t)M * K), dx_deq((size_t)M * K);
+    reg.add(y_nf4), reg.add(y_deq), reg.add(dx_nf4), reg.add(dx_deq);
     f.w = P(packed.data());
     f.absmax = P(absmax.data());
     f.blocksize = bs;
@@ -914,6 +995,145 @@ void test_lora(uint32_t M, uint32_t N, uint32_t K, uint32_t r, uint32_t na, bool
     check(memcmp(y_nf4.data(), y_deq.data(), y_nf4.size() * 2) == 0, "lora_gemm_nf4_bf16 == dense on dequantized W");
     check(memcmp(dx_nf4.data(), dx_deq.data(), dx_nf4.size() * 2) == 0, "bwd_dx_nf4 == dense on dequantized W");
     printf("  NF4 forward and dx GEMMs against the dense ones on the dequantized weight, bit for bit\n");
+}
+
+
+/* Counted and checked memory traffic (vgpu_memcheck.inc) on kernels whose exact counts are known. */
+void test_memcheck() {
+    Timer tm("memory checks and counters: sectors, bank conflicts, misaligned vectors, exact bounds");
+    float* in = (float*)aligned_alloc(128, 32 * 32 * 4);
+    float* out = (float*)aligned_alloc(128, 32 * 16);
+    for (int i = 0; i < 32 * 32; ++i) in[i] = (float)i;
+    struct G {
+        int mode;
+        const char* what;
+        uint64_t ld_b, ld_req, ld_sec, st_b, st_req, st_sec;
+    };
+    const G gl[] = {{0, "out[t] = in[t]", 128, 1, 4, 128, 1, 4},
+                    {1, "out[t] = in[32 t] (uncoalesced)", 128, 1, 32, 128, 1, 4},
+                    {2, "out[t] = in[0] (one sector for all)", 128, 1, 1, 128, 1, 4},
+                    {3, "uint4 copy", 512, 1, 16, 512, 1, 16},
+                    {4, "out[t] = in[t + 1] (straddles a sector)", 128, 1, 5, 128, 1, 4}};
+    for (const G& g : gl) {
+        StOut a{};
+        a.in = P(in), a.out = P(out), a.mode = g.mode;
+        QvCounters c{};
+        const QvStatus st = run("st_mem_global", a, D1(1), D1(32), 0, &c);
+        check(st.code == QV_OK, "%s: %s", g.what, st.message);
+        check(c.global_ld_bytes == g.ld_b && c.global_ld_requests == g.ld_req && c.global_ld_sectors == g.ld_sec &&
+                  c.global_st_bytes == g.st_b && c.global_st_requests == g.st_req && c.global_st_sectors == g.st_sec &&
+                  c.shared_requests == 0 && c.ungrouped_accesses == 0,
+              "%s: loads %llu B / %llu requests / %llu sectors (want %llu/%llu/%llu), stores %llu B / %llu / %llu (want "
+              "%llu/%llu/%llu)",
+              g.what, (unsigned long long)c.global_ld_bytes, (unsigned long long)c.global_ld_requests,
+              (unsigned long long)c.global_ld_sectors, (unsigned long long)g.ld_b, (unsigned long long)g.ld_req,
+              (unsigned long long)g.ld_sec, (unsigned long long)c.global_st_bytes, (unsigned long long)c.global_st_requests,
+              (unsigned long long)c.global_st_sectors, (unsigned long long)g.st_b, (unsigned long long)g.st_req,
+              (unsigned long long)g.st_sec);
+    }
+    struct S {
+        int mode;
+        const char* what;
+        uint64_t req, wf, ideal;
+    };
+    const S sh[] = {{0, "tile[t] = ..; tile[t ^ 1]", 2, 2, 2},       {1, "tile[2t] (2-way conflict)", 1, 2, 1},
+                    {2, "tile[32t] (32-way conflict)", 1, 32, 1},    {3, "tile[33t] (padded)", 1, 1, 1},
+                    {4, "tile[0] by every lane (broadcast)", 2, 2, 2}, {5, "float4 tile[t] (4 phases)", 1, 4, 4},
+                    {6, "float4 tile[2t] (2-way per phase)", 1, 8, 4}, {7, "float2 tile[t] (2 phases)", 1, 2, 2},
+                    {8, "dynamic d[4t] (4-way conflict)", 1, 4, 1}};
+    for (const S& x : sh) {
+        StOut a{};
+        a.in = P(in), a.out = P(out), a.mode = x.mode;
+        QvCounters c{};
+        const QvStatus st = run("st_mem_shared", a, D1(1), D1(32), x.mode == 8 ? 1024 : 0, &c);
+        check(st.code == QV_OK, "%s: %s", x.what, st.message);
+        check(c.shared_requests == x.req && c.shared_wavefronts == x.wf && c.shared_ideal_wavefronts == x.ideal &&
+                  c.global_st_requests == 1 && c.global_st_sectors == 4 && c.global_ld_requests == 0,
+              "%s: %llu requests, %llu wavefronts (ideal %llu); want %llu, %llu (%llu); global stores %llu/%llu", x.what,
+              (unsigned long long)c.shared_requests, (unsigned long long)c.shared_wavefronts,
+              (unsigned long long)c.shared_ideal_wavefronts, (unsigned long long)x.req, (unsigned long long)x.wf,
+              (unsigned long long)x.ideal, (unsigned long long)c.global_st_requests, (unsigned long long)c.global_st_sectors);
+    }
+    {
+        /* cp.async and ldmatrix traffic lands in the same counters: st_pipeline's copies, st_ldmatrix's rows. */
+        std::vector<uint32_t> o(128);
+        StOut l{};
+        l.out = P(o.data());
+        l.mode = 4;
+        l.param = 64; /* rows 128 bytes apart, all in one bank group: 8 wavefronts per matrix */
+        QvCounters c{};
+        check(run("st_ldmatrix", l, D1(1), D1(32), 0, &c).code == QV_OK, "ldmatrix.x4 for the counters");
+        /* the fill: 128 warp-wide stores of 32 consecutive uint16 (1 wavefront each); the x4: 4 x 8 */
+        check(c.ldmatrix == 1 && c.ldmatrix_wavefronts == 32 && c.shared_requests == 129 && c.shared_wavefronts == 160 &&
+                  c.shared_ideal_wavefronts == 132 && c.shared_ld_bytes == 512 && c.shared_st_bytes == 64 * 64 * 2,
+              "ldmatrix.x4 in the shared counters: %llu requests, %llu wavefronts (ideal %llu), %llu B loaded, %llu B stored",
+              (unsigned long long)c.shared_requests, (unsigned long long)c.shared_wavefronts,
+              (unsigned long long)c.shared_ideal_wavefronts, (unsigned long long)c.shared_ld_bytes,
+              (unsigned long long)c.shared_st_bytes);
+    }
+    {
+        /* cp.async: a global read of src-size bytes and a shared write of cp-size bytes per copy. */
+        std::vector<float> src(16 * 32), o(16 * 32);
+        for (size_t i = 0; i < src.size(); ++i) src[i] = (float)i;
+        Registered reg;
+        reg.add(src);
+        reg.add(o);
+        StOut a{};
+        a.in = P(src.data());
+        a.out = P(o.data());
+        a.mode = 0;
+        QvCounters c{};
+        check(run("st_cp_forms", a, D1(1), D1(32), 0, &c).code == QV_OK, "cp.async forms for the counters");
+        check(c.cp_async > 0 && c.global_ld_bytes >= c.cp_async_bytes && c.shared_st_bytes >= 4 * c.cp_async,
+              "cp.async in the global/shared counters: %llu copies of %llu B; global loads %llu B, shared stores %llu B",
+              (unsigned long long)c.cp_async, (unsigned long long)c.cp_async_bytes, (unsigned long long)c.global_ld_bytes,
+              (unsigned long long)c.shared_st_bytes);
+    }
+    /* Misaligned vector accesses: x86 performs them, a GPU faults. */
+    {
+        StOut a{};
+        a.in = P(in), a.out = P(out), a.mode = 5, a.param = 4;
+        const QvStatus st = run("st_mem_global", a, D1(1), D1(32));
+        expect("uint4 load 4 bytes off 16-byte alignment", st, QV_PTX_ERROR);
+        check(strstr(st.message, "misaligned") != nullptr, "message names the misalignment: %s", st.message);
+        a.mode = 6;
+        expect("uint2 store 4 bytes off 8-byte alignment", run("st_mem_global", a, D1(1), D1(32)), QV_PTX_ERROR);
+        a.param = 16;
+        a.mode = 5;
+        check(run("st_mem_global", a, D1(1), D1(32)).code == QV_OK, "uint4 load at a 16-byte aligned offset");
+    }
+    /* Exact bounds against the allocation table: 31 floats, 4 bytes of slack after them. */
+    {
+        float* small = (float*)aligned_alloc(16, 32 * 4);
+        for (int i = 0; i < 32; ++i) small[i] = (float)i;
+        Registered reg;
+        reg.add(small, 31 * 4);
+        reg.add(out, 32 * 16);
+        StOut a{};
+        a.in = P(small), a.out = P(out), a.mode = 7, a.param = 0;
+        QvStatus st = run("st_mem_global", a, D1(1), D1(31));
+        check(st.code == QV_OK, "31 threads read in[0] .. in[30]: %s", st.message);
+        a.param = -1;
+        expect("a 4-byte read of in[-1]", run("st_mem_global", a, D1(1), D1(31)), QV_MEMORY_FAULT);
+        a.param = 0;
+        st = run("st_mem_global", a, D1(1), D1(32));
+        expect("a 4-byte read of in[31], into the slack", st, QV_MEMORY_FAULT);
+        check(st.fault_addr == P(small) + 124 && st.thread.x == 31, "fault at %llx thread %u (want %llx, 31)",
+              (unsigned long long)st.fault_addr, st.thread.x, (unsigned long long)(P(small) + 124));
+        Registered bytes;
+        uint8_t* b = (uint8_t*)aligned_alloc(16, 64);
+        bytes.add(b, 31);
+        a.in = P(b), a.mode = 8, a.param = 0;
+        st = run("st_mem_global", a, D1(1), D1(32));
+        expect("a 1-byte read one past the end of a 31-byte buffer", st, QV_MEMORY_FAULT);
+        check(st.fault_addr == P(b) + 31, "fault at %llx (want %llx)", (unsigned long long)st.fault_addr,
+              (unsigned long long)(P(b) + 31));
+        check(run("st_mem_global", a, D1(1), D1(31)).code == QV_OK, "bytes 0 .. 30 of the 31-byte buffer");
+        free(b);
+        free(small);
+    }
+    free(in);
+    free(out);
 }
 
 void test_concurrent() {
@@ -966,6 +1186,7 @@ int main(int argc, char** argv) {
      * two extension slices (both make the barriers around the extension matter). */
     test_lora(130, 136, 128, 16, 3, true);
     test_concurrent();
+    test_memcheck();
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     printf("%d checks, %d failed, %.2f s\n", g_checks, g_fail, s);
     return g_fail != 0;

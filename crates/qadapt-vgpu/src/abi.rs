@@ -37,6 +37,34 @@ pub struct QvCounters {
     pub bar_sync: u64,
     /// CTAs run.
     pub ctas: u64,
+    /// Bytes loaded from global memory (plain loads and cp.async sources, per thread, summed).
+    pub global_ld_bytes: u64,
+    /// Bytes stored to global memory (atomics included).
+    pub global_st_bytes: u64,
+    /// Warp-level global load instructions.
+    pub global_ld_requests: u64,
+    /// Warp-level global store instructions.
+    pub global_st_requests: u64,
+    /// Distinct 32-byte sectors per global load request, summed (4 per request when 32 lanes read consecutive words).
+    pub global_ld_sectors: u64,
+    /// Distinct 32-byte sectors per global store request, summed.
+    pub global_st_sectors: u64,
+    /// Bytes loaded from shared memory (ldmatrix included).
+    pub shared_ld_bytes: u64,
+    /// Bytes stored to shared memory (cp.async destinations included).
+    pub shared_st_bytes: u64,
+    /// Warp-level shared-memory instructions (ldmatrix included).
+    pub shared_requests: u64,
+    /// Shared-memory wavefronts those took, bank conflicts included.
+    pub shared_wavefronts: u64,
+    /// Shared-memory wavefronts without bank conflicts (one per phase or 8x8 matrix).
+    pub shared_ideal_wavefronts: u64,
+    /// Bytes of the threads' own stacks (host frames: no GPU meaning).
+    pub local_bytes: u64,
+    /// Bytes read from the kernel's argument struct.
+    pub param_bytes: u64,
+    /// Accesses counted in bytes but not grouped into requests (tables full).
+    pub ungrouped_accesses: u64,
 }
 
 impl QvCounters {
@@ -49,6 +77,20 @@ impl QvCounters {
         self.shfl += o.shfl;
         self.bar_sync += o.bar_sync;
         self.ctas += o.ctas;
+        self.global_ld_bytes += o.global_ld_bytes;
+        self.global_st_bytes += o.global_st_bytes;
+        self.global_ld_requests += o.global_ld_requests;
+        self.global_st_requests += o.global_st_requests;
+        self.global_ld_sectors += o.global_ld_sectors;
+        self.global_st_sectors += o.global_st_sectors;
+        self.shared_ld_bytes += o.shared_ld_bytes;
+        self.shared_st_bytes += o.shared_st_bytes;
+        self.shared_requests += o.shared_requests;
+        self.shared_wavefronts += o.shared_wavefronts;
+        self.shared_ideal_wavefronts += o.shared_ideal_wavefronts;
+        self.local_bytes += o.local_bytes;
+        self.param_bytes += o.param_bytes;
+        self.ungrouped_accesses += o.ungrouped_accesses;
     }
 }
 
@@ -116,6 +158,8 @@ mod ffi {
             status: *mut QvStatus,
         ) -> i32;
         pub(super) fn qv_set_workers(n: u32);
+        pub(super) fn qv_mem_register(p: *const std::ffi::c_void, n: usize);
+        pub(super) fn qv_mem_unregister(p: *const std::ffi::c_void);
     }
 }
 
@@ -205,6 +249,33 @@ pub(crate) fn set_workers(n: u32) {
     #[cfg(not(qv_runtime))]
     {
         let _ = n;
+    }
+}
+
+/// Enters `[base, base + size)` in the emulator's allocation table: while it holds any range,
+/// every global access of a kernel must fall inside one, to the exact byte.
+pub(crate) fn mem_register(base: u64, size: usize) {
+    #[cfg(qv_runtime)]
+    {
+        // SAFETY: the emulator only records the numbers (it never dereferences them here).
+        unsafe { ffi::qv_mem_register(base as usize as *const std::ffi::c_void, size) }
+    }
+    #[cfg(not(qv_runtime))]
+    {
+        let _ = (base, size);
+    }
+}
+
+/// Removes the range that starts at `base` from the emulator's allocation table.
+pub(crate) fn mem_unregister(base: u64) {
+    #[cfg(qv_runtime)]
+    {
+        // SAFETY: as in mem_register, a number the emulator looks up in its table.
+        unsafe { ffi::qv_mem_unregister(base as usize as *const std::ffi::c_void) }
+    }
+    #[cfg(not(qv_runtime))]
+    {
+        let _ = base;
     }
 }
 

@@ -206,6 +206,8 @@ pub(crate) fn allocate(size: usize, kind: Kind) -> Result<u64, CUresult> {
         map_len,
     };
     t.live.insert(base as u64, a);
+    // The emulator checks kernels' global accesses against the requested size, not the rounded.
+    crate::abi::mem_register(base as u64, size);
     Ok(base as u64)
 }
 
@@ -231,6 +233,7 @@ pub(crate) fn free(ptr: u64, kinds: &[Kind], api: &str) -> Result<(), CUresult> 
             }
         }
         let a = t.live.remove(&ptr).expect("checked above");
+        crate::abi::mem_unregister(ptr);
         t.used -= a.size;
         if t.freed.len() == FREED_KEPT {
             t.freed.pop_front();

@@ -18,43 +18,42 @@ fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-/// The host C++ compiler with the flags of every emulation build (the same as the virtual
-/// device's build.rs and `vgpu_mutants.sh`): C++20, no FMA contraction, the emulated CUDA headers
-/// of `kernels/emu` before `kernels/include`.
-fn emu_cxx() -> Command {
+/// A line `name: flags` of `kernels/emu/emu.flags`, the one place that spells the emulation
+/// builds' flags (also read by the virtual device's build.rs and `vgpu_mutants.sh`).
+fn emu_flags(name: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(root().join("kernels/emu/emu.flags")).unwrap();
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}:")))
+        .unwrap_or_else(|| panic!("kernels/emu/emu.flags has no `{name}:` line"));
+    line.split_whitespace().map(str::to_owned).collect()
+}
+
+/// The host C++ compiler with the flags of every emulation build (`common:` of emu.flags: C++20,
+/// no FMA contraction), the emulated CUDA headers of `kernels/emu` before `kernels/include`, and
+/// for objects holding kernel code (`kernel`) the memory checker's instrumentation (`memcheck:`),
+/// never given to `vgpu_runtime.cpp`.
+fn emu_cxx(kernel: bool) -> Command {
     let r = root();
     let mut cmd = Command::new(std::env::var("CXX").unwrap_or_else(|_| "c++".into()));
-    cmd.args([
-        "-std=c++20",
-        "-O2",
-        "-ffp-contract=off",
-        "-fno-strict-aliasing",
-        "-DQADAPT_EMU",
-        "-pthread",
-        "-Wno-unknown-pragmas",
-    ])
-    .arg("-I")
-    .arg(r.join("kernels/emu"))
-    .arg("-I")
-    .arg(r.join("kernels/include"));
+    cmd.args(emu_flags("common"));
+    if kernel {
+        cmd.args(emu_flags("memcheck"));
+    }
+    cmd.arg("-I")
+        .arg(r.join("kernels/emu"))
+        .arg("-I")
+        .arg(r.join("kernels/include"));
     cmd
 }
 
-/// Compiles `kernels/emu/<name>.cpp`; None when no C++ compiler is present (fatal under
-/// QADAPT_REQUIRE_CUDA=1).
-fn compile(name: &str) -> Option<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("qadapt-emu-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let exe = dir.join(name);
-    let out = emu_cxx()
-        .arg(root().join(format!("kernels/emu/{name}.cpp")))
-        .arg("-o")
-        .arg(&exe)
-        .output();
-    match out {
-        Ok(o) if o.status.success() => Some(exe),
+/// Runs a compile or link command; None when no C++ compiler is present (fatal under
+/// QADAPT_REQUIRE_CUDA=1), a panic naming `what` when it fails.
+fn build(mut cmd: Command, what: &str) -> Option<()> {
+    match cmd.output() {
+        Ok(o) if o.status.success() => Some(()),
         Ok(o) => panic!(
-            "the emulation runner does not compile:\n{}",
+            "{what} does not build:\n{}",
             String::from_utf8_lossy(&o.stderr)
         ),
         Err(e) => {
@@ -67,6 +66,48 @@ fn compile(name: &str) -> Option<PathBuf> {
             None
         }
     }
+}
+
+fn emu_dir() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("qadapt-emu-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// `kernels/emu/vgpu_runtime.cpp`, compiled once per test process without the instrumentation and
+/// with `-DQV_NO_KERNEL_ANCHORS` (the runners hold only some kernels).
+fn runtime_object() -> Option<&'static Path> {
+    static RT: OnceLock<Option<PathBuf>> = OnceLock::new();
+    RT.get_or_init(|| {
+        let obj = emu_dir().join("vgpu_runtime.o");
+        let mut cmd = emu_cxx(false);
+        cmd.arg("-DQV_NO_KERNEL_ANCHORS")
+            .arg("-c")
+            .arg(root().join("kernels/emu/vgpu_runtime.cpp"))
+            .arg("-o")
+            .arg(&obj);
+        build(cmd, "kernels/emu/vgpu_runtime.cpp").map(|()| obj)
+    })
+    .as_deref()
+}
+
+/// Compiles `kernels/emu/<name>.cpp` (which includes the kernel files it runs) with the memory
+/// checker and links it with the runtime; None when no C++ compiler is present.
+fn compile(name: &str) -> Option<PathBuf> {
+    let rt = runtime_object()?;
+    let dir = emu_dir();
+    let (obj, exe) = (dir.join(format!("{name}.o")), dir.join(name));
+    let mut cmd = emu_cxx(true);
+    cmd.arg("-c")
+        .arg(root().join(format!("kernels/emu/{name}.cpp")))
+        .arg("-o")
+        .arg(&obj);
+    build(cmd, &format!("the emulation runner {name}"))?;
+    // Linked without -fsanitize: the callbacks are the runtime's, libtsan is not wanted.
+    let mut link = Command::new(std::env::var("CXX").unwrap_or_else(|_| "c++".into()));
+    link.arg("-pthread").arg(&obj).arg(rt).arg("-o").arg(&exe);
+    build(link, &format!("the emulation runner {name} (link)"))?;
+    Some(exe)
 }
 
 /// The NF4 + optimizer runner, compiled once per test process.
@@ -334,44 +375,38 @@ fn emulated_model_op_kernels_match_a_float64_reference() {
 /// shuffles, `ldmatrix` and `mma.sync` fragment layouts against scalar references, `cp.async`
 /// poison before the wait, exposed shared-memory races, deadlock, fault and trap reports, and the
 /// LoRA tensor-core kernels at awkward shapes against a float64 reference. Then
-/// `vgpu_mutants.sh` plants five defects in copies of `kernels/lora.cu` (a loosened
+/// `vgpu_mutants.sh` plants seven defects in copies of `kernels/lora.cu` (a loosened
 /// `cp.async.wait_group`, two removed `__syncthreads`, a swapped B-fragment pair, wrong A-fragment
-/// rows) and the selftest must fail on each: the emulation has teeth on the shipped kernels.
+/// rows, a one-element read past a row's end in the K tail, 16-byte loads of rows that are not
+/// 16-byte aligned) and the selftest must fail on each, the last two through the memory checker's
+/// reports: the emulation has teeth on the shipped kernels.
 #[test]
 fn the_emulator_selftest_passes_and_catches_planted_defects() {
-    let required = std::env::var("QADAPT_REQUIRE_CUDA").as_deref() == Ok("1");
     let r = root();
+    let Some(rt) = runtime_object() else {
+        return;
+    };
     let dir = std::env::temp_dir().join(format!("qadapt-vgpu-selftest-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
-    let mut objects = Vec::new();
+    let mut objects = vec![rt.to_path_buf()];
     let sources = ["nf4.cu", "optim.cu", "model.cu", "lora.cu"]
         .map(|f| (r.join("kernels").join(f), true))
         .into_iter()
-        .chain(
-            ["vgpu_runtime.cpp", "vgpu_selftest.cpp"]
-                .map(|f| (r.join("kernels/emu").join(f), false)),
-        );
+        .chain(std::iter::once((
+            r.join("kernels/emu/vgpu_selftest.cpp"),
+            false,
+        )));
     for (src, cuda) in sources {
         let obj = dir.join(src.file_name().unwrap()).with_extension("o");
-        let mut cmd = emu_cxx();
+        // Every object here holds kernel code: instrumented for the memory checker.
+        let mut cmd = emu_cxx(true);
         if cuda {
             cmd.args(["-x", "c++"]);
         }
-        let out = cmd.arg("-c").arg(&src).arg("-o").arg(&obj).output();
-        match out {
-            Ok(o) => assert!(
-                o.status.success(),
-                "{} does not compile as emulated C++:\n{}",
-                src.display(),
-                String::from_utf8_lossy(&o.stderr)
-            ),
-            Err(e) => {
-                assert!(!required, "QADAPT_REQUIRE_CUDA=1 but no C++ compiler: {e}");
-                eprintln!("no C++ compiler ({e}): emulator selftest skipped");
-                return;
-            }
-        }
+        cmd.arg("-c").arg(&src).arg("-o").arg(&obj);
+        build(cmd, &format!("{} (as emulated C++)", src.display()))
+            .expect("the compiler ran for the runtime object");
         objects.push(obj);
     }
     let exe = dir.join("vgpu_selftest");
@@ -397,6 +432,6 @@ fn the_emulator_selftest_passes_and_catches_planted_defects() {
         out.status.success(),
         "a planted defect went unnoticed:\n{text}"
     );
-    assert_eq!(text.matches(": caught").count(), 5, "{text}");
+    assert_eq!(text.matches(": caught").count(), 7, "{text}");
     std::fs::remove_dir_all(&dir).ok();
 }
