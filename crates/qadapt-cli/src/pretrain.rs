@@ -236,11 +236,9 @@ fn write_tokenizer_files(tmp: &Path, tok: &Tokenizer) -> Result<()> {
     Ok(())
 }
 
-/// The model the flags ask for (at its largest vocabulary), its training state and one batch's
-/// activations, checked against the memory budget before the tokenizer or the model is made.
-fn check_sizes(a: &PretrainArgs) -> Result<()> {
-    use qadapt_train::budget;
-    let cfg = LlamaConfig {
+/// The Llama the flags describe, with `vocab` tokens and a context of twice `--seq`.
+fn model_config(a: &PretrainArgs, vocab: usize) -> Result<LlamaConfig> {
+    Ok(LlamaConfig {
         hidden_size: a.hidden,
         intermediate_size: a.intermediate,
         num_hidden_layers: a.layers,
@@ -250,13 +248,20 @@ fn check_sizes(a: &PretrainArgs) -> Result<()> {
         rms_norm_eps: 1e-5,
         rope_theta: 10000.0,
         rope_scaling: RopeScaling::None,
-        vocab_size: a.vocab,
+        vocab_size: vocab,
         tie_word_embeddings: false,
         max_position_embeddings: a
             .seq
             .checked_mul(2)
             .with_context(|| format!("--seq {} is too large", a.seq))?,
-    };
+    })
+}
+
+/// The model the flags ask for (at its largest vocabulary), its training state and one batch's
+/// activations, checked against the memory budget before the tokenizer or the model is made.
+fn check_sizes(a: &PretrainArgs) -> Result<()> {
+    use qadapt_train::budget;
+    let cfg = model_config(a, a.vocab)?;
     let flags = format!(
         "--vocab {} --hidden {} --intermediate {} --layers {}",
         a.vocab, a.hidden, a.intermediate, a.layers
@@ -338,20 +343,7 @@ pub(crate) fn run(a: &PretrainArgs) -> Result<()> {
         train.len(),
         a.seq
     );
-    let cfg = LlamaConfig {
-        hidden_size: a.hidden,
-        intermediate_size: a.intermediate,
-        num_hidden_layers: a.layers,
-        num_attention_heads: a.heads,
-        num_key_value_heads: a.kv_heads,
-        head_dim: a.hidden / a.heads,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10000.0,
-        rope_scaling: RopeScaling::None,
-        vocab_size: tok.get_vocab_size(true),
-        tie_word_embeddings: false,
-        max_position_embeddings: 2 * a.seq,
-    };
+    let cfg = model_config(a, tok.get_vocab_size(true))?;
     let mut model = Llama::new(cfg.clone(), init_weights(&cfg, 0.02, a.seed))?;
     let params = Selection::Full.num_params(&cfg);
     eprintln!("model: {params} parameters ({cfg:?})");

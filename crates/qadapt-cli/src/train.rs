@@ -344,7 +344,7 @@ impl TrainArgs {
             Some(p) => {
                 let text = std::fs::read_to_string(p)
                     .with_context(|| format!("reading {}", p.display()))?;
-                toml::from_str(&text).with_context(|| format!("{}", p.display()))?
+                parse_config(&text).with_context(|| format!("{}", p.display()))?
             }
             None => Settings::default(),
         };
@@ -406,6 +406,11 @@ impl TrainArgs {
         };
         format!("{bare:?}") == format!("{self:?}")
     }
+}
+
+/// The settings of a `--config` TOML text (unknown keys refused).
+fn parse_config(text: &str) -> Result<Settings> {
+    Ok(toml::from_str(text)?)
 }
 
 /// The settings with the model and data paths made absolute (canonical), so that `run.toml`
@@ -1814,5 +1819,94 @@ impl Surgery {
             Surgery::Off => {}
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng, rngs::SmallRng};
+
+    /// What `--config FILE` goes through before any other file is read: the TOML, the default
+    /// learning rate, the checks.
+    fn config_text(text: &str) -> Result<Settings> {
+        let mut s = parse_config(text)?;
+        if s.lr == 0.0 {
+            s.lr = s.method.default_lr();
+        }
+        check(&s)?;
+        Ok(s)
+    }
+
+    /// The TOML settings are not a libFuzzer target (they live in this binary): the committed
+    /// corpus (`tests/fuzz/corpus/toml_config`) and 20 000 seeded mutations of it, with edits
+    /// aimed at the values (huge, negative, non-finite numbers, wrong types), must give settings
+    /// or an error, never a panic.
+    #[test]
+    fn toml_settings_survive_the_corpus_and_its_mutations() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fuzz/corpus/toml_config");
+        let corpus: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+            .collect();
+        assert!(corpus.len() >= 3);
+        let run_toml = corpus.iter().filter(|t| config_text(t).is_ok()).count();
+        assert!(run_toml >= 3, "the seeds are valid settings");
+        const VALUES: [&str; 12] = [
+            "18446744073709551616",
+            "18446744073709551615",
+            "-1",
+            "0",
+            "nan",
+            "inf",
+            "-inf",
+            "1e400",
+            "\"\"",
+            "[]",
+            "{}",
+            "true",
+        ];
+        let mut rng = SmallRng::seed_from_u64(12);
+        let (mut ok, mut refused) = (0, 0);
+        for _ in 0..20_000 {
+            let mut text = corpus[rng.random_range(0..corpus.len())]
+                .clone()
+                .into_bytes();
+            for _ in 0..rng.random_range(1..4) {
+                let at = rng.random_range(0..=text.len());
+                match rng.random_range(0..4) {
+                    // A value replaced after some `=`.
+                    0 => {
+                        if let Some(eq) = text[..at].iter().rposition(|&b| b == b'=') {
+                            let end = text[eq..]
+                                .iter()
+                                .position(|&b| b == b'\n')
+                                .map_or(text.len(), |n| eq + n);
+                            let v = format!(" {}", VALUES[rng.random_range(0..VALUES.len())]);
+                            text.splice(eq + 1..end, v.into_bytes());
+                        }
+                    }
+                    1 => text.insert(at, rng.random()),
+                    2 => {
+                        let end = (at + rng.random_range(0..8)).min(text.len());
+                        text.drain(at..end);
+                    }
+                    _ => {
+                        if at < text.len() {
+                            text[at] = b"0123456789.-e=[]\"\n "[rng.random_range(0..18)];
+                        }
+                    }
+                }
+            }
+            match config_text(&String::from_utf8_lossy(&text)) {
+                Ok(_) => ok += 1,
+                Err(_) => refused += 1,
+            }
+        }
+        // The mutations reach both outcomes.
+        assert!(
+            ok > 100 && refused > 100,
+            "{ok} accepted, {refused} refused"
+        );
     }
 }
