@@ -28,7 +28,7 @@ const BASE_CONFIG: &str = include_str!("../data/tiny_llama/config.json");
 
 /// A safetensors file with bitsandbytes 4-bit tensors, as `qadapt dequantize` reads it: the
 /// header, every quant state, the codes, and the dequantized values.
-pub fn safetensors_nf4(data: &[u8]) {
+pub(crate) fn safetensors_nf4(data: &[u8]) {
     let Ok(st) = safetensors::SafeTensors::deserialize(data) else {
         return;
     };
@@ -41,7 +41,7 @@ pub fn safetensors_nf4(data: &[u8]) {
 
 /// A model directory: `config.json` and `model.safetensors` from one input, opened as every
 /// command opens one (config checks, weight shapes, 4-bit checkpoints), then the model built.
-pub fn model_dir(data: &[u8]) {
+pub(crate) fn model_dir(data: &[u8]) {
     let (config, weights) = split(data);
     let dir = tempfile::tempdir().expect("a temporary directory");
     std::fs::write(dir.path().join("config.json"), config).expect("writing the config");
@@ -53,7 +53,7 @@ pub fn model_dir(data: &[u8]) {
 
 /// A PEFT adapter directory (`adapter_config.json`, `adapter_model.safetensors`) loaded against
 /// the tiny Llama's config, as `logits`, `merge` and `generate` load one.
-pub fn adapter(data: &[u8]) {
+pub(crate) fn adapter(data: &[u8]) {
     let (config, tensors) = split(data);
     let base = qadapt_train::LlamaConfig::from_json(BASE_CONFIG, Path::new("config.json"))
         .expect("the base config parses");
@@ -65,7 +65,7 @@ pub fn adapter(data: &[u8]) {
 }
 
 /// Training data (JSONL or plain text), read leniently and strictly.
-pub fn jsonl(data: &[u8]) {
+pub(crate) fn jsonl(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
     for strictness in [
         qadapt_train::dataset::Strictness::Skip,
