@@ -3,7 +3,7 @@
 //!
 //! The rules every output follows (issue 12):
 //! - a temporary beside the target, created with `O_EXCL` under an unpredictable name
-//!   (`.NAME.XXXXXXXXXXXX.partial`, `tempfile`), so a planted symlink or file is never followed
+//!   (`.NAME.<12 random alphanumerics>.partial`, `tempfile`), so a planted symlink or file is never followed
 //!   or reused; it is synced, then renamed over the target, and removed on any error;
 //! - an output that is the same file as an input of the command (another spelling, a symlink, a
 //!   hard link: same device and inode) is refused, as is an output that exists and is not a
