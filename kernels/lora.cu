@@ -43,17 +43,16 @@
  *                         term (r values per row) is added by the lanes before the warp reduction,
  *                         bias after, y written once.
  *   lora_gemm_*_bf16      M > 16 rows. x tiles [128][32] and W tiles reach the tensor cores by
- *                         ldmatrix. NF4 W tiles travel as packed bytes (16 per row per stage) plus
- *                         one f32 scale per row; each thread decodes the bytes of its mma B
- *                         fragment straight from shared memory through a 256-entry (byte -> two
- *                         levels) table. After the K loop the same accumulators take the R-long
+ *                         ldmatrix. NF4 W travels as packed codes (2 KiB a stage) plus one scale
+ *                         per 32 codes, and each stage is decoded once per CTA, by all threads,
+ *                         into a swizzled bf16 tile that the dense path reads (the NF4 section
+ *                         below). After the K loop the same accumulators take the R-long
  *                         extension [u | Bcat], then bias, then one bf16 store of y.
  *   lora_gemm_bwd_dyb_bf16  g = dy Bcat: dy tiles [128][32], Bcat tiles [32 rows of n][128]
  *                         read with ldmatrix.trans; masked and scaled at the store.
  *   lora_gemm_bwd_dx_*_bf16 dx = dy W then + g Acat in the same accumulators: W tiles
- *                         [32 rows of n][128 columns of k] by ldmatrix.trans; NF4 W tiles as 64
- *                         bytes a row (80-byte stride: conflict-free) plus a scale per 32 columns,
- *                         decoded per fragment element. One bf16 store of dx.
+ *                         [32 rows of n][128 columns of k] by ldmatrix.trans; NF4 W decoded once
+ *                         per stage into such a tile, as in the forward. One bf16 store of dx.
  *   lora_gemm_bwd_da_bf16 / lora_gemm_bwd_db_bf16  reductions over the M rows: both operands
  *                         [32 rows of m][128] tiles read with ldmatrix.trans; each output element
  *                         is owned by one CTA, which adds its f32 sum to the stored gradient.
@@ -414,40 +413,6 @@ __device__ __forceinline__ void mma_tile_dense(float (&acc)[MI][NI][4], const bf
     }
 }
 
-/* Two codes of a byte, decoded with the row's scale and packed as the bf16 pair of an mma
- * B register (element k, the high nibble, in the low half). */
-__device__ __forceinline__ uint32_t decode_pair(const float2* pairs, uint32_t byte, float scale) {
-    const float2 l = pairs[byte];
-    const __nv_bfloat162 v = __floats2bfloat162_rn(__fmul_rn(l.x, scale), __fmul_rn(l.y, scale));
-    return *reinterpret_cast<const uint32_t*>(&v);
-}
-
-/* One BK slice with an NF4 B tile: 16 packed bytes and one scale per W row. Thread (g = lane/4,
- * t = lane%4) needs W[n0 + g][k + 2t, k + 2t + 1] (byte k/2 + t) and the same at k + 8. */
-__device__ __forceinline__ void mma_tile_nf4(float (&acc)[MI][NI][4], const bf16* tA, const uint8_t* tq,
-                                             const float* tscale, const float2* pairs, uint32_t wm0, uint32_t wn0) {
-    const unsigned lane = threadIdx.x & 31u;
-#pragma unroll
-    for (int ks = 0; ks < BK / 16; ++ks) {
-        uint32_t af[MI][4];
-        load_a_frags(af, tA, wm0, ks);
-        uint32_t bf[NI][2];
-#pragma unroll
-        for (int ni = 0; ni < NI; ++ni) {
-            const uint32_t row = wn0 + ni * 8 + (lane >> 2);
-            const float sc = tscale[row];
-            const uint8_t* q = tq + row * 16 + ks * 8 + (lane & 3u);
-            bf[ni][0] = decode_pair(pairs, q[0], sc);
-            bf[ni][1] = decode_pair(pairs, q[4], sc);
-        }
-#pragma unroll
-        for (int mi = 0; mi < MI; ++mi) {
-#pragma unroll
-            for (int ni = 0; ni < NI; ++ni) mma_bf16(acc[mi][ni], af[mi], bf[ni][0], bf[ni][1]);
-        }
-    }
-}
-
 /* The LoRA extension over R = n_adapters * r (element loads, one slice at a time), then bias and
  * the single bf16 store of y. tA and tB are two free BM x BK / BN x BK tiles. */
 __device__ __forceinline__ void gemm_finish(const QadaptLoraFwdArgs& a, float (&acc)[MI][NI][4], bf16* tA, bf16* tB,
@@ -586,66 +551,6 @@ __device__ __forceinline__ void gemm_xa(const QadaptLoraFwdArgs& a) {
     mainloop_dense(acc, sA, sB, reinterpret_cast<const bf16*>(a.x), reinterpret_cast<const bf16*>(a.lora_a), a.m, R,
                    a.k, m0, e0, wm0, wn0, (a.flags & QADAPT_LORA_VEC) != 0);
     store_masked(a, acc, reinterpret_cast<bf16*>(a.u), m0, e0, wm0, wn0);
-}
-
-/* Packed NF4 W rows of one stage: 16 bytes (32 codes) per row by cp.async, and the row's block
- * scale decoded by the same thread. Needs K % 32 == 0 and 16-byte aligned packed codes. */
-__device__ __forceinline__ void load_nf4_tile(uint8_t* tq, float* tscale, const QadaptLoraFwdArgs& a, uint32_t n0,
-                                              uint32_t k0) {
-    if (threadIdx.x < BN) {
-        const uint32_t row = threadIdx.x, n = n0 + row;
-        if (n < a.n) {
-            const uint64_t e = (uint64_t)n * a.k + k0;
-            cp_async16(tq + row * 16, reinterpret_cast<const uint8_t*>(a.w) + e / 2);
-            tscale[row] = nf4_block_scale(reinterpret_cast<const float*>(a.absmax),
-                                          reinterpret_cast<const uint8_t*>(a.absmax_codes),
-                                          reinterpret_cast<const float*>(a.nested_absmax),
-                                          reinterpret_cast<const float*>(a.dynamic_map), a.offset, e / a.blocksize);
-        } else {
-            *reinterpret_cast<uint4*>(tq + row * 16) = make_uint4(0x77777777u, 0x77777777u, 0x77777777u, 0x77777777u);
-            tscale[row] = 0.0f;
-        }
-    }
-}
-
-__device__ __forceinline__ void gemm_nf4(const QadaptLoraFwdArgs& a) {
-    __shared__ __align__(128) bf16 sA[STAGES][BM * BK];
-    __shared__ __align__(16) uint8_t sQ[STAGES][BN * 16];
-    __shared__ float sScale[STAGES][BN];
-    __shared__ float2 sPairs[256];
-    /* byte -> (level of the high nibble, level of the low nibble), f32 levels as the NF4
-     * dequantizer uses them (bitsandbytes 0.50 decodes in f32). */
-    sPairs[threadIdx.x] = make_float2(nf4_level((int)(threadIdx.x >> 4)), nf4_level((int)(threadIdx.x & 15u)));
-    const bf16* __restrict__ x = reinterpret_cast<const bf16*>(a.x);
-    const uint32_t tiles_n = (a.n + BN - 1) / BN;
-    const uint32_t n0 = (blockIdx.x % tiles_n) * BN, m0 = (blockIdx.x / tiles_n) * BM;
-    const uint32_t warp = threadIdx.x / 32u;
-    const uint32_t wm0 = (warp / (BN / WN)) * WM, wn0 = (warp % (BN / WN)) * WN;
-    const bool vec = (a.flags & QADAPT_LORA_VEC) != 0;
-    const uint32_t KT = a.k / BK;
-    float acc[MI][NI][4];
-    zero_acc(acc);
-#pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) {
-        if ((uint32_t)s < KT) {
-            load_tile<BM>(sA[s], x, m0, a.m, s * BK, a.k, a.k, vec);
-            load_nf4_tile(sQ[s], sScale[s], a, n0, s * BK);
-        }
-        cp_async_commit();
-    }
-    for (uint32_t kt = 0; kt < KT; ++kt) {
-        cp_async_wait<STAGES - 2>();
-        __syncthreads();
-        const uint32_t nk = kt + STAGES - 1;
-        if (nk < KT) {
-            load_tile<BM>(sA[nk % STAGES], x, m0, a.m, nk * BK, a.k, a.k, vec);
-            load_nf4_tile(sQ[nk % STAGES], sScale[nk % STAGES], a, n0, nk * BK);
-        }
-        cp_async_commit();
-        mma_tile_nf4(acc, sA[kt % STAGES], sQ[kt % STAGES], sScale[kt % STAGES], sPairs, wm0, wn0);
-    }
-    cp_async_wait<0>();
-    gemm_finish(a, acc, sA[0], sA[1], m0, n0, wm0, wn0);
 }
 
 /* ---- backward --------------------------------------------------------------------------------- */
@@ -885,98 +790,180 @@ __device__ __forceinline__ void bwd_dyb_gemm(const QadaptLoraBwdArgs& a) {
     store_masked(a, acc, reinterpret_cast<bf16*>(a.g), m0, e0, wm0, wn0);
 }
 
-/* NF4 W tile for dx: BK rows of n, BQ = 128 columns of k = 64 bytes a row, stored with a row
- * stride of 80 bytes (the 4 rows a fragment read touches land in distinct banks), plus one scale
- * per (row, 32 columns). Thread t < 128 copies 16 bytes (row t/4, part t%4) and decodes their
- * scale. Needs K % 32 == 0 (a 32-column part is one aligned 16-byte run inside one NF4 block). */
-constexpr int QROW = 80;
+/* ---- NF4 GEMMs: the weight decoded once per CTA ------------------------------------------------
+ *
+ * Both NF4 GEMMs (forward y = x W^T, backward dx = dy W) stream W as packed codes and decode each
+ * stage ONCE, by all 256 threads, into a swizzled bf16 tile that the dense ldmatrix paths then
+ * read exactly as they read a dense W tile (mma_tile_dense / mma_tile_nt). No warp decodes what
+ * another warp of the CTA decodes.
+ *
+ * A stage of codes is 2 KiB: 128 "code runs" of 32 codes = 16 aligned bytes inside one NF4 block
+ * (K % 32 == 0), each with one scale:
+ *   forward  run i = row n0 + i of W, columns k0 .. k0+32           -> decoded tile [BN][BK] (swz)
+ *   backward run i = row r0 + i/4 of W, columns c0 + 32 (i%4) ..    -> decoded tile [BK][BQ] (swz_t)
+ * Thread i < 128 copies run i with one cp.async and computes its scale. The decode reads the
+ * stage as 512 words of 8 codes: thread t takes words t and t + 256 (consecutive lanes, consecutive
+ * words: one wavefront), the scale of run word/4 (8 addresses a warp: one wavefront), looks up
+ * the 16 f32 levels in shared memory (16 words in 16 banks: never a conflict) and stores 8 bf16
+ * values as one 16-byte chunk of the swizzled tile (the chunks of a quarter-warp are 128
+ * contiguous bytes: conflict-free). Values are bf16(level * scale) with the f32 product rounded
+ * once, as the NF4 dequantizer gives them.
+ *
+ * Pipeline (STAGES = 3 slots for x/dy tiles and for codes, 2 decoded tiles). The codes travel one
+ * stage ahead of the x/dy tiles: cp.async group j holds the x/dy tile of step j and the codes of
+ * step j + 1 (group 0 also those of step 0). Iteration kt: wait for group kt, one barrier, issue
+ * group kt + 2, decode the codes of step kt + 1 into decoded tile (kt + 1) % 2, run the mma of
+ * step kt on decoded tile kt % 2. One barrier per step orders all reuse: the slot a new group
+ * overwrites and the decoded tile being written were last read in step kt - 1.
+ * Scales are prefetched: the loads of the scales of step kt + 3 are issued with its codes and
+ * their value is stored to shared memory only after step kt's mma, so their latency (two
+ * dependent loads with double quantization) hides behind the tensor-core work. */
 
-__device__ __forceinline__ void load_nf4_tile_t(uint8_t* tq, float* ts, const QadaptLoraBwdArgs& a, uint32_t r0,
-                                                uint32_t c0) {
-    if (threadIdx.x < BK * 4) {
-        const uint32_t row = threadIdx.x / 4, part = threadIdx.x % 4;
-        const uint32_t n = r0 + row, kc = c0 + part * 32;
-        uint8_t* dst = tq + row * QROW + part * 16;
-        if (n < a.n && kc < a.k) {
-            const uint64_t e = (uint64_t)n * a.k + kc;
-            cp_async16(dst, reinterpret_cast<const uint8_t*>(a.w) + e / 2);
-            ts[row * 4 + part] = nf4_block_scale(reinterpret_cast<const float*>(a.absmax),
-                                                 reinterpret_cast<const uint8_t*>(a.absmax_codes),
-                                                 reinterpret_cast<const float*>(a.nested_absmax),
-                                                 reinterpret_cast<const float*>(a.dynamic_map), a.offset,
-                                                 e / a.blocksize);
-        } else {
-            *reinterpret_cast<uint4*>(dst) = make_uint4(0x77777777u, 0x77777777u, 0x77777777u, 0x77777777u);
-            ts[row * 4 + part] = 0.0f;
-        }
+/* 8 codes (a little-endian word: element 2j in the high nibble of byte j) as 8 bf16 values. */
+__device__ __forceinline__ uint4 nf4_decode8(uint32_t word, float scale, const float* lv) {
+    uint32_t v[4];
+#pragma unroll
+    for (int b = 0; b < 4; ++b) {
+        const uint32_t byte = (word >> (8 * b)) & 0xffu;
+        const __nv_bfloat162 p = __floats2bfloat162_rn(__fmul_rn(lv[byte >> 4], scale), __fmul_rn(lv[byte & 15u], scale));
+        v[b] = *reinterpret_cast<const uint32_t*>(&p);
+    }
+    return make_uint4(v[0], v[1], v[2], v[3]);
+}
+
+/* The argument fields both directions share (QadaptLoraFwdArgs and QadaptLoraBwdArgs). */
+struct Nf4W {
+    const uint8_t* codes;
+    const float* absmax;
+    const uint8_t* absmax_codes;
+    const float* nested;
+    const float* map;
+    float offset;
+    uint32_t block_shift; /* log2(blocksize): block sizes are powers of two */
+    uint32_t n, k;
+    template <typename Args>
+    __device__ __forceinline__ explicit Nf4W(const Args& a)
+        : codes(reinterpret_cast<const uint8_t*>(a.w)),
+          absmax(reinterpret_cast<const float*>(a.absmax)),
+          absmax_codes(reinterpret_cast<const uint8_t*>(a.absmax_codes)),
+          nested(reinterpret_cast<const float*>(a.nested_absmax)),
+          map(reinterpret_cast<const float*>(a.dynamic_map)),
+          offset(a.offset),
+          block_shift(__ffs((int)a.blocksize) - 1),
+          n(a.n),
+          k(a.k) {}
+};
+
+/* Thread i < 128: starts the copy of code run i of step `step` into `tq` and returns its scale
+ * (0 with the zero code 7 stored for a run outside W). BWD selects the backward run geometry.
+ * The returned value is the only use of the scale loads, so a caller that stores it late does
+ * not wait for them here. */
+template <bool BWD>
+__device__ __forceinline__ float nf4_issue_run(uint8_t* tq, const Nf4W& w, uint32_t step, uint32_t tile0) {
+    const uint32_t i = threadIdx.x;
+    const uint32_t n = BWD ? step * BK + i / 4 : tile0 + i;
+    const uint32_t kc = BWD ? tile0 + (i % 4) * 32 : step * BK;
+    if (n < w.n && kc < w.k) {
+        const uint64_t e = (uint64_t)n * w.k + kc;
+        cp_async16(tq + i * 16, w.codes + e / 2);
+        return nf4_block_scale(w.absmax, w.absmax_codes, w.nested, w.map, w.offset, e >> w.block_shift);
+    }
+    *reinterpret_cast<uint4*>(tq + i * 16) = make_uint4(0x77777777u, 0x77777777u, 0x77777777u, 0x77777777u);
+    return 0.0f;
+}
+
+/* Decodes one stage of codes into the bf16 tile the dense path reads (see the section comment). */
+template <bool BWD>
+__device__ __forceinline__ void nf4_decode_stage(bf16* tw, const uint8_t* tq, const float* ts, const float* lv) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const uint32_t j = threadIdx.x + h * THREADS;
+        const uint4 v = nf4_decode8(reinterpret_cast<const uint32_t*>(tq)[j], ts[j / 4], lv);
+        *reinterpret_cast<uint4*>(tw + (BWD ? swz_t(j / 16, j % 16) : swz(j / 4, j % 4))) = v;
     }
 }
 
-/* B fragments from the NF4 tile: thread (g = lane/4, t = lane%4) needs W[red][col] for
- * red = 2t, 2t+1 (b0) and 2t+8, 2t+9 (b1), col = its n8 tile's column g; each value is
- * bf16(level * scale) as the NF4 dequantizer gives it. */
-__device__ __forceinline__ void nf4_b_frags_t(uint32_t (&bf)[NI][2], const uint8_t* tq, const float* ts,
-                                              const float* lv, uint32_t wn0, int ks) {
-    const unsigned lane = threadIdx.x & 31u;
+/* The shared memory of an NF4 GEMM: 24 KiB of x/dy tiles, 6 KiB of codes, 1.5 KiB of scales,
+ * 16 KiB of decoded W, the levels: 48704 bytes, under the 48 KiB of static shared memory. */
+struct Nf4Smem {
+    bf16 a[STAGES][BM * BK];
+    bf16 w[2][BN * BK];
+    uint8_t q[STAGES][2048];
+    float s[STAGES][128];
+    float lv[16];
+};
+static_assert(BN * BK == BK * BQ && BN * BK == 4096, "both directions decode 4096 values a stage");
+static_assert(sizeof(Nf4Smem) <= 48 * 1024, "static shared memory");
+
+/* The K loop of an NF4 GEMM: A operand tiles [BM][BK] from `act` (rows m0.., reduction columns,
+ * bounds rows x cols with leading dimension cols) against the decoded W. Forward (BWD = false):
+ * act = x, reduction over k, W rows n0..; backward: act = dy, reduction over n, W columns n0... */
+template <bool BWD>
+__device__ __forceinline__ void mainloop_nf4(float (&acc)[MI][NI][4], Nf4Smem& sm, const Nf4W& w,
+                                             const bf16* __restrict__ act, uint32_t rows, uint32_t cols,
+                                             uint32_t m0, uint32_t tile0, uint32_t wm0, uint32_t wn0, bool vec) {
+    if (threadIdx.x < 16) sm.lv[threadIdx.x] = nf4_level((int)threadIdx.x);
+    const uint32_t KT = (cols + BK - 1) / BK;
+    const bool runner = threadIdx.x < 128;
+    /* Prologue: group 0 = {act 0, codes 0, codes 1}, group 1 = {act 1, codes 2}; their scales
+     * are stored at once. */
 #pragma unroll
-    for (int ni = 0; ni < NI; ++ni) {
-        const uint32_t col = wn0 + ni * 8 + (lane >> 2);
-        const uint32_t byte = col >> 1, shift = (col & 1u) ? 0u : 4u, part = col >> 5;
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const uint32_t r0 = ks * 16 + (lane & 3u) * 2 + h * 8;
-            const float v0 = __fmul_rn(lv[(tq[r0 * QROW + byte] >> shift) & 15u], ts[r0 * 4 + part]);
-            const float v1 = __fmul_rn(lv[(tq[(r0 + 1) * QROW + byte] >> shift) & 15u], ts[(r0 + 1) * 4 + part]);
-            const __nv_bfloat162 v = __floats2bfloat162_rn(v0, v1);
-            bf[ni][h] = *reinterpret_cast<const uint32_t*>(&v);
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if ((uint32_t)s < KT) load_tile<BM>(sm.a[s], act, m0, rows, s * BK, cols, cols, vec);
+        if (runner) {
+            for (uint32_t step = s == 0 ? 0u : (uint32_t)s + 1; step <= (uint32_t)s + 1; ++step) {
+                if (step < KT) sm.s[step % STAGES][threadIdx.x] = nf4_issue_run<BWD>(sm.q[step % STAGES], w, step, tile0);
+            }
         }
+        cp_async_commit();
     }
+    cp_async_wait<STAGES - 2>();
+    __syncthreads();
+    nf4_decode_stage<BWD>(sm.w[0], sm.q[0], sm.s[0], sm.lv);
+    for (uint32_t kt = 0; kt < KT; ++kt) {
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();
+        const uint32_t na = kt + STAGES - 1, nq = kt + STAGES;
+        if (na < KT) load_tile<BM>(sm.a[na % STAGES], act, m0, rows, na * BK, cols, cols, vec);
+        float scale = 0.0f;
+        const bool issued = runner && nq < KT;
+        if (issued) scale = nf4_issue_run<BWD>(sm.q[nq % STAGES], w, nq, tile0);
+        cp_async_commit();
+        if (kt + 1 < KT)
+            nf4_decode_stage<BWD>(sm.w[(kt + 1) % 2], sm.q[(kt + 1) % STAGES], sm.s[(kt + 1) % STAGES], sm.lv);
+        if (BWD) mma_tile_nt(acc, sm.a[kt % STAGES], sm.w[kt % 2], wm0, wn0);
+        else mma_tile_dense(acc, sm.a[kt % STAGES], sm.w[kt % 2], wm0, wn0);
+        if (issued) sm.s[nq % STAGES][threadIdx.x] = scale;
+    }
+    cp_async_wait<0>();
 }
 
+/* y = x W^T (+ the LoRA extension, bias) with NF4 W; tiles as gemm_dense. */
+__device__ __forceinline__ void gemm_nf4(const QadaptLoraFwdArgs& a) {
+    __shared__ __align__(128) Nf4Smem sm;
+    const uint32_t tiles_n = (a.n + BN - 1) / BN;
+    const uint32_t n0 = (blockIdx.x % tiles_n) * BN, m0 = (blockIdx.x / tiles_n) * BM;
+    const uint32_t warp = threadIdx.x / 32u;
+    const uint32_t wm0 = (warp / (BN / WN)) * WM, wn0 = (warp % (BN / WN)) * WN;
+    float acc[MI][NI][4];
+    zero_acc(acc);
+    mainloop_nf4<false>(acc, sm, Nf4W(a), reinterpret_cast<const bf16*>(a.x), a.m, a.k, m0, n0, wm0, wn0,
+                        (a.flags & QADAPT_LORA_VEC) != 0);
+    gemm_finish(a, acc, sm.a[0], sm.a[1], m0, n0, wm0, wn0);
+}
+
+/* dx = dy W (+ g Acat) with NF4 W; tiles as bwd_dx_dense. */
 __device__ __forceinline__ void bwd_dx_nf4(const QadaptLoraBwdArgs& a) {
-    __shared__ __align__(128) bf16 sA[STAGES][BM * BK];
-    __shared__ __align__(16) uint8_t sQ[STAGES][BK * QROW];
-    __shared__ float sS[STAGES][BK * 4];
-    __shared__ float sLv[16];
-    if (threadIdx.x < 16) sLv[threadIdx.x] = nf4_level((int)threadIdx.x);
-    const bf16* __restrict__ dy = reinterpret_cast<const bf16*>(a.dy);
+    __shared__ __align__(128) Nf4Smem sm;
     const uint32_t tiles_k = (a.k + BQ - 1) / BQ;
     const uint32_t n0 = (blockIdx.x % tiles_k) * BQ, m0 = (blockIdx.x / tiles_k) * BM;
     const uint32_t warp = threadIdx.x / 32u;
     const uint32_t wm0 = (warp / (BQ / WN)) * WM, wn0 = (warp % (BQ / WN)) * WN;
     const bool vec = (a.flags & QADAPT_LORA_VEC) != 0;
-    const uint32_t KT = (a.n + BK - 1) / BK;
     float acc[MI][NI][4];
     zero_acc(acc);
-#pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) {
-        if ((uint32_t)s < KT) {
-            load_tile<BM>(sA[s], dy, m0, a.m, s * BK, a.n, a.n, vec);
-            load_nf4_tile_t(sQ[s], sS[s], a, s * BK, n0);
-        }
-        cp_async_commit();
-    }
-    for (uint32_t kt = 0; kt < KT; ++kt) {
-        cp_async_wait<STAGES - 2>();
-        __syncthreads();
-        const uint32_t nk = kt + STAGES - 1;
-        if (nk < KT) {
-            load_tile<BM>(sA[nk % STAGES], dy, m0, a.m, nk * BK, a.n, a.n, vec);
-            load_nf4_tile_t(sQ[nk % STAGES], sS[nk % STAGES], a, nk * BK, n0);
-        }
-        cp_async_commit();
-        const uint32_t st = kt % STAGES;
-#pragma unroll
-        for (int ks = 0; ks < BK / 16; ++ks) {
-            uint32_t af[MI][4];
-            uint32_t bf[NI][2];
-            load_a_frags(af, sA[st], wm0, ks);
-            nf4_b_frags_t(bf, sQ[st], sS[st], sLv, wn0, ks);
-            mma_all(acc, af, bf);
-        }
-    }
-    cp_async_wait<0>();
-    bwd_dx_finish(a, acc, sA[0], sA[1], m0, n0, wm0, wn0, vec);
+    mainloop_nf4<true>(acc, sm, Nf4W(a), reinterpret_cast<const bf16*>(a.dy), a.m, a.n, m0, n0, wm0, wn0, vec);
+    bwd_dx_finish(a, acc, sm.a[0], sm.a[1], m0, n0, wm0, wn0, vec);
 }
 
 /* Which adapter-gradient product a TN kernel forms. */

@@ -55,8 +55,12 @@ fn make_case(
         Base::Dense => BaseWeight::Dense(w),
         Base::Nf4(stats) => {
             let wf: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
+            // Block sizes 32 (a scale per 32-code run of the fused kernels), 64 (QLoRA's) and
+            // 128 (a block spanning several runs and rows).
+            let blocksize = 32 << (seed % 3);
             BaseWeight::Nf4(
-                Nf4Tensor::quantize(&Device::Cpu, &FloatVec::F32(wf), &[n, k], 64, stats).unwrap(),
+                Nf4Tensor::quantize(&Device::Cpu, &FloatVec::F32(wf), &[n, k], blocksize, stats)
+                    .unwrap(),
             )
         }
     };
