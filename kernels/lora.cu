@@ -37,8 +37,9 @@
  *                         store.
  *   lora_gemv_*_bf16      M <= 4 rows (lora_gemv_wide_*_bf16: 5..16 rows, more accumulators and
  *                         registers). One warp per output feature n (grid-stride), the row of
- *                         W streamed once with 16-byte loads (8 bf16, or 32 NF4 codes dequantized
- *                         in registers; 4 loads in flight per lane for 1-2 rows), multiplied
+ *                         W streamed once with 16-byte loads (8 bf16, 4 loads in flight per lane
+ *                         for 1-2 rows; or a run of 32 NF4 codes, 2 in flight, decoded through the
+ *                         lane's own 16-entry table of dequantized values), multiplied
  *                         against all M rows of x (from L1/L2), f32 accumulators per row; the LoRA
  *                         term (r values per row) is added by the lanes before the warp reduction,
  *                         bias after, y written once.
@@ -199,6 +200,14 @@ __device__ constexpr int GEMV_UNROLL() {
     return MT <= 2 ? 4 : 1;
 }
 
+/* The NF4 gemv keeps 2 runs (32 bytes a lane) in flight for one or two rows: with 4, ptxas builds
+ * the four runs' tables in registers at once (127 instead of 64 registers, half the CTAs per SM);
+ * 4 CTAs of 256 lanes with 32 bytes each still cover the H200's bytes in flight per SM. */
+template <int MT>
+__device__ constexpr int GEMV_NF4_UNROLL() {
+    return MT <= 2 ? 2 : 1;
+}
+
 template <int MT>
 __device__ __forceinline__ void gemv_dense(const QadaptLoraFwdArgs& a) {
     const bf16* __restrict__ x = reinterpret_cast<const bf16*>(a.x);
@@ -251,10 +260,19 @@ __device__ __forceinline__ void gemv_dense(const QadaptLoraFwdArgs& a) {
     }
 }
 
-/* One run of 32 NF4 codes (16 bytes q, block scale `scale`) at k = 32c, against the MT x rows. */
+/* The gemv's per-lane tables: 16 f32 values per lane, the lane's current run decoded for every
+ * code, tab[c * 32 + lane] (the warp's 32 lanes in 32 banks: any mix of codes is one wavefront).
+ * 2 KiB per warp. */
+constexpr int GEMV_TAB = 16 * 32;
+
+/* One run of 32 NF4 codes (16 bytes q, block scale `scale`) at k = 32c, against the MT x rows.
+ * The lane first writes its table of the 16 dequantized values bf16(level * scale) (16 products
+ * instead of 32), then each element is one lookup and one FMA per row. */
 template <int MT>
-__device__ __forceinline__ void nf4_run(const QadaptLoraFwdArgs& a, const bf16* __restrict__ x, const float* levels,
-                                        uint4 q, float scale, uint32_t c, float (&acc)[MT]) {
+__device__ __forceinline__ void nf4_run(const QadaptLoraFwdArgs& a, const bf16* __restrict__ x, float* tab, uint4 q,
+                                        float scale, uint32_t c, float (&acc)[MT]) {
+#pragma unroll
+    for (int v = 0; v < 16; ++v) tab[v * 32] = round_to<bf16>(__fmul_rn(nf4_level(v), scale));
     const uint32_t words[4] = {q.x, q.y, q.z, q.w};
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
@@ -262,8 +280,8 @@ __device__ __forceinline__ void nf4_run(const QadaptLoraFwdArgs& a, const bf16* 
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
             const uint32_t byte = (words[i] >> (8 * j)) & 0xffu;
-            wv[2 * j] = round_to<bf16>(__fmul_rn(levels[byte >> 4], scale));
-            wv[2 * j + 1] = round_to<bf16>(__fmul_rn(levels[byte & 0xfu], scale));
+            wv[2 * j] = tab[(byte >> 4) * 32];
+            wv[2 * j + 1] = tab[(byte & 0xfu) * 32];
         }
 #pragma unroll
         for (int m = 0; m < MT; ++m) {
@@ -275,9 +293,11 @@ __device__ __forceinline__ void nf4_run(const QadaptLoraFwdArgs& a, const bf16* 
 }
 
 /* NF4 gemv: needs K % 32 == 0 (checked by the launcher). Lane c of the warp takes runs of 32
- * codes (16 bytes, one NF4 block since blocksize >= 32) at k = 32c, 32(c+32), ... */
+ * codes (16 bytes, one NF4 block since blocksize >= 32) at k = 32c, 32(c+32), ...; `tabs` holds
+ * the CTA's per-lane tables (GEMV_TAB floats per warp). Block index by shift (block sizes are
+ * powers of two). */
 template <int MT>
-__device__ __forceinline__ void gemv_nf4(const QadaptLoraFwdArgs& a, const float* levels) {
+__device__ __forceinline__ void gemv_nf4(const QadaptLoraFwdArgs& a, float* tabs) {
     const bf16* __restrict__ x = reinterpret_cast<const bf16*>(a.x);
     const uint4* __restrict__ packed = reinterpret_cast<const uint4*>(a.w);
     const float* __restrict__ absmax = reinterpret_cast<const float*>(a.absmax);
@@ -285,6 +305,8 @@ __device__ __forceinline__ void gemv_nf4(const QadaptLoraFwdArgs& a, const float
     const float* __restrict__ nested = reinterpret_cast<const float*>(a.nested_absmax);
     const float* __restrict__ map = reinterpret_cast<const float*>(a.dynamic_map);
     const unsigned lane = threadIdx.x & 31u;
+    float* tab = tabs + (threadIdx.x / 32u) * GEMV_TAB + lane;
+    const uint32_t shift = __ffs((int)a.blocksize) - 1;
     const uint32_t warps = gridDim.x * (blockDim.x / 32u);
     const uint32_t runs = a.k / 32;
     for (uint32_t n = blockIdx.x * (blockDim.x / 32u) + threadIdx.x / 32u; n < a.n; n += warps) {
@@ -294,21 +316,21 @@ __device__ __forceinline__ void gemv_nf4(const QadaptLoraFwdArgs& a, const float
         const uint64_t run0 = (uint64_t)n * runs;
         uint32_t c = lane;
         /* Few rows: GEMV_UNROLL independent 16-byte code loads (and their scales) in flight. */
-        for (; c + 32 * (GEMV_UNROLL<MT>() - 1) < runs; c += 32 * GEMV_UNROLL<MT>()) {
-            uint4 q[GEMV_UNROLL<MT>()];
-            float scale[GEMV_UNROLL<MT>()];
+        for (; c + 32 * (GEMV_NF4_UNROLL<MT>() - 1) < runs; c += 32 * GEMV_NF4_UNROLL<MT>()) {
+            uint4 q[GEMV_NF4_UNROLL<MT>()];
+            float scale[GEMV_NF4_UNROLL<MT>()];
 #pragma unroll
-            for (int u = 0; u < GEMV_UNROLL<MT>(); ++u) {
+            for (int u = 0; u < GEMV_NF4_UNROLL<MT>(); ++u) {
                 q[u] = __ldg(packed + run0 + c + 32 * u);
-                scale[u] = nf4_block_scale(absmax, codes, nested, map, a.offset, ((run0 + c + 32 * u) * 32) / a.blocksize);
+                scale[u] = nf4_block_scale(absmax, codes, nested, map, a.offset, ((run0 + c + 32 * u) * 32) >> shift);
             }
 #pragma unroll
-            for (int u = 0; u < GEMV_UNROLL<MT>(); ++u) nf4_run<MT>(a, x, levels, q[u], scale[u], c + 32 * u, acc);
+            for (int u = 0; u < GEMV_NF4_UNROLL<MT>(); ++u) nf4_run<MT>(a, x, tab, q[u], scale[u], c + 32 * u, acc);
         }
         for (; c < runs; c += 32) {
             const uint4 q = __ldg(packed + run0 + c);
-            const float scale = nf4_block_scale(absmax, codes, nested, map, a.offset, ((run0 + c) * 32) / a.blocksize);
-            nf4_run<MT>(a, x, levels, q, scale, c, acc);
+            const float scale = nf4_block_scale(absmax, codes, nested, map, a.offset, ((run0 + c) * 32) >> shift);
+            nf4_run<MT>(a, x, tab, q, scale, c, acc);
         }
         gemv_finish<MT>(a, n, acc);
     }
@@ -1062,25 +1084,20 @@ QADAPT_KERNEL(lora_gemv_wide_dense_bf16, QadaptLoraFwdArgs) {
     else gemv_dense<16>(args);
 }
 
-/* f32 levels, as the NF4 dequantizer decodes (bitsandbytes 0.50: f32 product, one rounding). */
-__device__ __forceinline__ void nf4_levels_to_shared(float* levels) {
-    if (threadIdx.x < 16) levels[threadIdx.x] = nf4_level((int)threadIdx.x);
-    __syncthreads();
-}
+/* The per-lane tables of the NF4 gemv: GEMV_TAB floats per warp of the CTA. */
+#define QADAPT_GEMV_TABS __shared__ float tabs[QADAPT_LORA_GEMV_WARPS * GEMV_TAB]
 
 QADAPT_KERNEL(lora_gemv_nf4_bf16, QadaptLoraFwdArgs) {
-    __shared__ float levels[16];
-    nf4_levels_to_shared(levels);
-    if (args.m <= 1) gemv_nf4<1>(args, levels);
-    else if (args.m <= 2) gemv_nf4<2>(args, levels);
-    else gemv_nf4<4>(args, levels);
+    QADAPT_GEMV_TABS;
+    if (args.m <= 1) gemv_nf4<1>(args, tabs);
+    else if (args.m <= 2) gemv_nf4<2>(args, tabs);
+    else gemv_nf4<4>(args, tabs);
 }
 
 QADAPT_KERNEL(lora_gemv_wide_nf4_bf16, QadaptLoraFwdArgs) {
-    __shared__ float levels[16];
-    nf4_levels_to_shared(levels);
-    if (args.m <= 8) gemv_nf4<8>(args, levels);
-    else gemv_nf4<16>(args, levels);
+    QADAPT_GEMV_TABS;
+    if (args.m <= 8) gemv_nf4<8>(args, tabs);
+    else gemv_nf4<16>(args, tabs);
 }
 
 QADAPT_KERNEL(lora_gemm_dense_bf16, QadaptLoraFwdArgs) { gemm_dense(args); }

@@ -645,6 +645,7 @@ fn cuda_gemv_dense_and_nf4_match_f64() {
             );
         }
         check_cuda(90, 7, 333, 352, 128, 3, base, true, true); // k % 32 == 0, multi-adapter
+        check_cuda(93, 1, 129, 1056, 8, 1, base, false, false); // 33 runs: unrolled and tail
         check_cuda(91, 4, 77, 100, 7, 2, base, true, true); // NF4 falls back to dequantize + dense
         check_cuda(92, 3, 50, 45, 3, 1, base, false, false); // k % 8 != 0: element loads
     }
