@@ -1,8 +1,13 @@
 //! Static proof about the compiled kernels, no GPU needed (DESIGN.md §8 "Static"):
 //! - ptxas: zero spill bytes and zero stack frame for every kernel on every SASS arch;
-//! - SASS (cuobjdump): 128-bit global loads (`LDG.E.128`) in the memory-bound kernels (names with
-//!   `dequantize` or `gemv`) and tensor-core instructions (`HMMA`) in the GEMM kernels (names with
-//!   `gemm`), on every arch.
+//! - SASS (cuobjdump): no local memory (`LDL`/`STL`) anywhere, 128-bit global loads (`LDG.E.128`)
+//!   in the memory-bound kernels (names with `dequantize` or `gemv`) and tensor-core instructions
+//!   (`HMMA`) in the GEMM kernels (names with `gemm`), on every arch;
+//! - per kernel and arch, the instruction mix of its hot loop: of the innermost loops (a backward
+//!   branch whose body holds no other backward branch), the one with the most `HMMA`, else the
+//!   longest. Columns: instructions, `HMMA`, `LDSM` (ldmatrix), other shared loads and stores,
+//!   global loads (`LDG`, `LDGSTS` = cp.async), float and integer/other ALU, barriers, and
+//!   instructions per `HMMA`: what the main loop spends around each tensor-core instruction.
 //!
 //! Prints the report as a table (`cargo test -p qadapt-kernels --test static_report -- --nocapture`).
 //! Without nvcc the kernels are not compiled and there is nothing to inspect: the test then fails
@@ -53,6 +58,102 @@ fn parse_ptxas(report: &str) -> BTreeMap<(String, String), Ptxas> {
 }
 
 /// (kernel, arch) -> SASS text, from `cuobjdump -sass`.
+/// The instruction mix of one loop body.
+#[derive(Debug, Default, Clone, PartialEq)]
+struct LoopMix {
+    total: u32,
+    hmma: u32,
+    ldsm: u32,
+    lds: u32,
+    sts: u32,
+    ldg: u32,
+    fp: u32,
+    alu: u32,
+    bar: u32,
+}
+
+/// `(address, opcode)` of every instruction in cuobjdump's listing of one function, and the
+/// branch target of each `BRA`.
+fn instructions(code: &str) -> Vec<(u64, String, Option<u64>)> {
+    let mut out = Vec::new();
+    for line in code.lines() {
+        let Some(rest) = line.trim().strip_prefix("/*") else {
+            continue;
+        };
+        let Some((addr, body)) = rest.split_once("*/") else {
+            continue;
+        };
+        let Ok(addr) = u64::from_str_radix(addr.trim(), 16) else {
+            continue;
+        };
+        let body = body.split(';').next().unwrap_or("").trim();
+        let mut toks = body.split_whitespace();
+        let mut op = toks.next().unwrap_or("");
+        if op.starts_with('@') {
+            op = toks.next().unwrap_or("");
+        }
+        if op.is_empty() {
+            continue;
+        }
+        let target = (op == "BRA")
+            .then(|| body.rsplit(|c: char| c == ' ' || c == ',').next())
+            .flatten()
+            .and_then(|t| t.strip_prefix("0x"))
+            .and_then(|t| u64::from_str_radix(t, 16).ok());
+        out.push((addr, op.to_string(), target));
+    }
+    out
+}
+
+fn classify(ops: &[&str]) -> LoopMix {
+    let mut m = LoopMix::default();
+    for op in ops {
+        let base = op.split('.').next().unwrap_or(op);
+        m.total += 1;
+        match base {
+            "HMMA" | "HGMMA" => m.hmma += 1,
+            "LDSM" => m.ldsm += 1,
+            "LDS" => m.lds += 1,
+            "STS" => m.sts += 1,
+            "LDG" | "LDGSTS" | "LDGDEPBAR" => m.ldg += 1,
+            "BAR" | "DEPBAR" => m.bar += 1,
+            b if b.starts_with('F')
+                || b.starts_with("HF")
+                || b.starts_with("HADD")
+                || b.starts_with("HMUL") =>
+            {
+                m.fp += 1
+            }
+            _ => m.alu += 1,
+        }
+    }
+    m
+}
+
+/// The hot loop of a function (see the module comment); `None` without a loop.
+fn hot_loop(code: &str) -> Option<LoopMix> {
+    let ins = instructions(code);
+    let loops: Vec<(u64, u64)> = ins
+        .iter()
+        .filter_map(|(a, _, t)| t.filter(|t| t <= a).map(|t| (t, *a)))
+        .collect();
+    let innermost = loops.iter().filter(|(s, e)| {
+        !loops
+            .iter()
+            .any(|(s2, e2)| (s2, e2) != (s, e) && s <= s2 && e2 <= e)
+    });
+    innermost
+        .map(|(s, e)| {
+            let ops: Vec<&str> = ins
+                .iter()
+                .filter(|(a, _, _)| s <= a && a <= e)
+                .map(|(_, o, _)| o.as_str())
+                .collect();
+            classify(&ops)
+        })
+        .max_by_key(|m| (m.hmma, m.total))
+}
+
 fn sass(fatbin: &[u8]) -> BTreeMap<(String, String), String> {
     let Some(tool) = option_env!("QADAPT_CUOBJDUMP") else {
         panic!("cuobjdump was not found at build time; run `just setup`");
@@ -127,6 +228,15 @@ fn kernels_do_not_spill_and_use_the_instructions_we_claim() {
                     failures.push(format!("{} {arch}: no SASS", k.name));
                 }
                 let ldg128 = code.contains("LDG.E.128");
+                if code.contains("LDL") || code.contains("STL") {
+                    failures.push(format!("{} {arch}: local memory (LDL/STL) in SASS", k.name));
+                }
+                let mix = hot_loop(code).unwrap_or_default();
+                let per_hmma = if mix.hmma == 0 {
+                    "-".to_owned()
+                } else {
+                    format!("{:.1}", f64::from(mix.total) / f64::from(mix.hmma))
+                };
                 let hmma = code.contains("HMMA") || code.contains("HGMMA");
                 if (k.name.contains("dequantize") || k.name.contains("gemv")) && !ldg128 {
                     failures.push(format!(
@@ -141,25 +251,51 @@ fn kernels_do_not_spill_and_use_the_instructions_we_claim() {
                     ));
                 }
                 rows.push(format!(
-                    "| {:<28} | {:<5} | {:>4} | {:>5} | {:>6} | {:<8} | {:<4} |",
+                    "| {:<28} | {:<5} | {:>4} | {:>5} | {:>6} | {:<8} | {:<4} | {:>5} | {:>4} | {:>4} | {:>4} | {:>4} | {:>4} | {:>4} | {:>4} | {:>3} | {:>9} |",
                     k.name,
                     arch,
                     p.registers,
                     p.stack,
                     p.spill_stores + p.spill_loads,
                     if ldg128 { "yes" } else { "no" },
-                    if hmma { "yes" } else { "no" }
+                    if hmma { "yes" } else { "no" },
+                    mix.total,
+                    mix.hmma,
+                    mix.ldsm,
+                    mix.lds,
+                    mix.sts,
+                    mix.ldg,
+                    mix.fp,
+                    mix.alu,
+                    mix.bar,
+                    per_hmma,
                 ));
             }
         }
     }
     println!(
-        "| {:<28} | {:<5} | {:>4} | {:>5} | {:>6} | {:<8} | {:<4} |",
-        "kernel", "arch", "regs", "stack", "spills", "LDG.128", "HMMA"
+        "| {:<28} | {:<5} | {:>4} | {:>5} | {:>6} | {:<8} | {:<4} | {:>5} | {:>4} | {:>4} | {:>4} | {:>4} | {:>4} | {:>4} | {:>4} | {:>3} | {:>9} |",
+        "kernel",
+        "arch",
+        "regs",
+        "stack",
+        "spills",
+        "LDG.128",
+        "HMMA",
+        "loop",
+        "HMMA",
+        "LDSM",
+        "LDS",
+        "STS",
+        "LDG",
+        "FP",
+        "ALU",
+        "BAR",
+        "per HMMA"
     );
     println!(
-        "|{:-<30}|{:-<7}|{:-<6}|{:-<7}|{:-<8}|{:-<10}|{:-<6}|",
-        "", "", "", "", "", "", ""
+        "|{:-<30}|{:-<7}|{:-<6}|{:-<7}|{:-<8}|{:-<10}|{:-<6}|{:-<7}|{:-<6}|{:-<6}|{:-<6}|{:-<6}|{:-<6}|{:-<6}|{:-<6}|{:-<5}|{:-<11}|",
+        "", "", "", "", "", "", "", "", "", "", "", "", "", "", "", "", ""
     );
     for r in &rows {
         println!("{r}");
@@ -169,4 +305,25 @@ fn kernels_do_not_spill_and_use_the_instructions_we_claim() {
         "static checks failed:\n{}",
         failures.join("\n")
     );
+}
+
+#[test]
+fn hot_loop_finds_the_innermost_loop_with_the_most_hmma() {
+    // An outer loop (0x10..0x90) around two inner ones: 0x20..0x40 with one HMMA, 0x50..0x80
+    // with two; the second is the hot loop. Predicated branches and forward branches count as
+    // what they are.
+    let code = "\
+        /*0010*/ MOV R1, R2 ;\n\
+        /*0020*/ HMMA.16816.F32.BF16 R4, R8, R12, R4 ;\n\
+        /*0030*/ LDS R5, [R6] ;\n\
+        /*0040*/ @P0 BRA 0x20 ;\n\
+        /*0050*/ HMMA.16816.F32.BF16 R4, R8, R12, R4 ;\n\
+        /*0060*/ @!P1 BRA 0x70 ;\n\
+        /*0070*/ HMMA.16816.F32.BF16 R4, R8, R12, R4 ;\n\
+        /*0080*/ @P2 BRA P3, 0x50 ;\n\
+        /*0090*/ BRA 0x10 ;\n\
+        /*00a0*/ EXIT ;\n";
+    let m = hot_loop(code).unwrap();
+    assert_eq!((m.total, m.hmma, m.alu, m.lds), (4, 2, 2, 0));
+    assert_eq!(hot_loop("/*0000*/ EXIT ;\n"), None);
 }
