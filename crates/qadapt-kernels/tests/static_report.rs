@@ -96,7 +96,7 @@ fn instructions(code: &str) -> Vec<(u64, String, Option<u64>)> {
             continue;
         }
         let target = (op == "BRA")
-            .then(|| body.rsplit(|c: char| c == ' ' || c == ',').next())
+            .then(|| body.rsplit([' ', ',']).next())
             .flatten()
             .and_then(|t| t.strip_prefix("0x"))
             .and_then(|t| u64::from_str_radix(t, 16).ok());
