@@ -385,6 +385,68 @@ __device__ __forceinline__ void load_tile(bf16* tile, const bf16* __restrict__ g
     }
 }
 
+/* The 16-byte chunks one thread copies of the ROWS x BK tiles of a row-major bf16 matrix [rows,
+ * cols] (leading dimension ld) whose columns advance by BK a step: x and W along k, dy along n.
+ * Set up once (the source of each chunk, its offset in the swizzled tile, whether its row is in
+ * the matrix); a step then tests one column bound and issues one cp.async per chunk, a chunk
+ * outside the matrix zero-filled by the copy itself (src_size 0, from a valid address). Needs the
+ * vector layout: cols % 8 == 0 and 16-byte aligned rows, so a chunk is wholly in or out. Each
+ * issue() is the next step. */
+template <int ROWS>
+struct ColCopy {
+    static constexpr int N = ROWS * BK / 8 / THREADS;
+    static_assert(N >= 1 && THREADS % (BK / 8) == 0, "whole chunks per thread, one chunk column");
+    const bf16* src[N];
+    uint32_t dst[N];
+    bool row_ok[N];
+    const bf16* safe;
+    uint32_t col, cols;
+    __device__ __forceinline__ ColCopy(const bf16* g, uint32_t r0, uint32_t rows, uint32_t cols_, uint64_t ld)
+        : safe(g), col((threadIdx.x % (BK / 8)) * 8), cols(cols_) {
+#pragma unroll
+        for (int i = 0; i < N; ++i) {
+            const uint32_t row = (threadIdx.x + i * THREADS) / (BK / 8);
+            row_ok[i] = r0 + row < rows;
+            src[i] = row_ok[i] ? g + (uint64_t)(r0 + row) * ld + col : g;
+            dst[i] = swz(row, col / 8);
+        }
+    }
+    __device__ __forceinline__ void issue(bf16* tile) {
+        const bool col_ok = col < cols;
+#pragma unroll
+        for (int i = 0; i < N; ++i) {
+            const bool ok = row_ok[i] && col_ok;
+            cp_async16(tile + dst[i], ok ? src[i] : safe, ok ? 16u : 0u);
+            src[i] += BK;
+        }
+        col += BK;
+    }
+};
+
+/* The 3-stage cp.async pipeline of a loop of KT steps: issue(slot, step) starts the copies of
+ * step `step` into buffer slot `slot` (called in step order), compute(slot) consumes a slot. One
+ * barrier a step orders all reuse: the slot a step overwrites was last read one step before.
+ * Leaves every copy complete. */
+template <class Issue, class Compute>
+__device__ __forceinline__ void pipeline(uint32_t KT, Issue&& issue, Compute&& compute) {
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if ((uint32_t)s < KT) issue((uint32_t)s, (uint32_t)s);
+        cp_async_commit();
+    }
+    uint32_t rs = 0, ws = STAGES - 1;
+    for (uint32_t kt = 0; kt < KT; ++kt) {
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();
+        if (kt + STAGES - 1 < KT) issue(ws, kt + STAGES - 1);
+        cp_async_commit();
+        compute(rs);
+        rs = rs + 1 == STAGES ? 0 : rs + 1;
+        ws = ws + 1 == STAGES ? 0 : ws + 1;
+    }
+    cp_async_wait<0>();
+}
+
 /* The LoRA extension slice e0..e0+BK of Bcat[n, e] = B_{e / r}[n, e % r] (element loads). */
 __device__ __forceinline__ void load_bcat_tile(bf16* tile, const QadaptLoraFwdArgs& a, uint32_t n0, uint32_t e0) {
     const bf16* __restrict__ B = reinterpret_cast<const bf16*>(a.lora_b);
@@ -485,33 +547,33 @@ __device__ __forceinline__ void zero_acc(float (&acc)[MI][NI][4]) {
 }
 
 /* The pipelined K loop of a dense tile x W^T: rows m0.. of x [M, K] and rows n0.. of W [N, K],
- * BK slices through a 3-stage cp.async pipeline (16-byte copies under `vec`, element loads at the
- * edges), into the warp's accumulators. Leaves every copy complete. */
+ * BK slices through the 3-stage pipeline (ColCopy under `vec`, element loads otherwise), into the
+ * warp's accumulators. Leaves every copy complete. */
 __device__ __forceinline__ void mainloop_dense(float (&acc)[MI][NI][4], bf16 (*sA)[BM * BK], bf16 (*sB)[BN * BK],
                                                const bf16* __restrict__ x, const bf16* __restrict__ w, uint32_t M,
                                                uint32_t N, uint32_t K, uint32_t m0, uint32_t n0, uint32_t wm0,
                                                uint32_t wn0, bool vec) {
     const uint32_t KT = (K + BK - 1) / BK;
-#pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) {
-        if ((uint32_t)s < KT) {
-            load_tile<BM>(sA[s], x, m0, M, s * BK, K, K, vec);
-            load_tile<BN>(sB[s], w, n0, N, s * BK, K, K, vec);
-        }
-        cp_async_commit();
+    auto compute = [&](uint32_t s) { mma_tile_dense(acc, sA[s], sB[s], wm0, wn0); };
+    if (vec) {
+        ColCopy<BM> ca(x, m0, M, K, K);
+        ColCopy<BN> cb(w, n0, N, K, K);
+        pipeline(
+            KT,
+            [&](uint32_t s, uint32_t) {
+                ca.issue(sA[s]);
+                cb.issue(sB[s]);
+            },
+            compute);
+    } else {
+        pipeline(
+            KT,
+            [&](uint32_t s, uint32_t step) {
+                load_tile<BM>(sA[s], x, m0, M, step * BK, K, K, false);
+                load_tile<BN>(sB[s], w, n0, N, step * BK, K, K, false);
+            },
+            compute);
     }
-    for (uint32_t kt = 0; kt < KT; ++kt) {
-        cp_async_wait<STAGES - 2>();
-        __syncthreads();
-        const uint32_t nk = kt + STAGES - 1;
-        if (nk < KT) {
-            load_tile<BM>(sA[nk % STAGES], x, m0, M, nk * BK, K, K, vec);
-            load_tile<BN>(sB[nk % STAGES], w, n0, N, nk * BK, K, K, vec);
-        }
-        cp_async_commit();
-        mma_tile_dense(acc, sA[kt % STAGES], sB[kt % STAGES], wm0, wn0);
-    }
-    cp_async_wait<0>();
 }
 
 /* CTA tile blockIdx.x = m_tile * ceil(N/BN) + n_tile (a 1-D grid, one CTA per output tile). */
@@ -619,6 +681,42 @@ __device__ __forceinline__ void load_tile_t(bf16* tile, const bf16* __restrict__
         }
     }
 }
+
+/* The chunks one thread copies of the [BK][BQ] tiles (swz_t) of a row-major bf16 matrix [rows,
+ * cols] whose rows advance by BK a step (W and Acat along n or e, the reduction): columns
+ * c0..c0+BQ fixed, so the column bound is decided once; a step tests one row bound per chunk.
+ * Zero-fill and vector layout as ColCopy. Each issue() is the next step. */
+struct RowCopy {
+    static constexpr int N = BK * BQ / 8 / THREADS;
+    static_assert(N >= 1 && THREADS % (BQ / 8) == 0, "whole chunks per thread, one chunk column");
+    const bf16* src[N];
+    uint32_t dst[N];
+    uint32_t row[N];
+    const bf16* safe;
+    uint64_t stride;
+    uint32_t rows;
+    bool col_ok;
+    __device__ __forceinline__ RowCopy(const bf16* g, uint32_t c0, uint32_t cols, uint32_t rows_, uint64_t ld)
+        : safe(g), stride((uint64_t)BK * ld), rows(rows_) {
+        const uint32_t cc = threadIdx.x % (BQ / 8);
+        col_ok = c0 + cc * 8 < cols;
+#pragma unroll
+        for (int i = 0; i < N; ++i) {
+            row[i] = (threadIdx.x + i * THREADS) / (BQ / 8);
+            src[i] = col_ok ? g + (uint64_t)row[i] * ld + c0 + cc * 8 : g;
+            dst[i] = swz_t(row[i], cc);
+        }
+    }
+    __device__ __forceinline__ void issue(bf16* tile) {
+#pragma unroll
+        for (int i = 0; i < N; ++i) {
+            const bool ok = col_ok && row[i] < rows;
+            cp_async16(tile + dst[i], ok ? src[i] : safe, ok ? 16u : 0u);
+            src[i] += stride;
+            row[i] += BK;
+        }
+    }
+};
 
 /* A fragments from a [BK][BQ] tile holding the operand transposed (rows = reduction, columns =
  * output rows): matrices (red 0-7, p 0-7), (red 0-7, p 8-15), (red 8-15, p 0-7), (red 8-15, p 8-15)
@@ -756,28 +854,27 @@ __device__ __forceinline__ void mainloop_dy(float (&acc)[MI][NI][4], bf16 (*sA)[
     const bf16* __restrict__ dy = reinterpret_cast<const bf16*>(a.dy);
     const bf16* __restrict__ w = reinterpret_cast<const bf16*>(a.w);
     const uint32_t KT = (a.n + BK - 1) / BK;
-#pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) {
-        if ((uint32_t)s < KT) {
-            load_tile<BM>(sA[s], dy, m0, a.m, s * BK, a.n, a.n, vec);
-            if (BCAT) load_bcat_t(sB[s], a, s * BK, n0);
-            else load_tile_t(sB[s], w, s * BK, a.n, n0, a.k, a.k, vec);
-        }
-        cp_async_commit();
+    auto compute = [&](uint32_t s) { mma_tile_nt(acc, sA[s], sB[s], wm0, wn0); };
+    if (!BCAT && vec) {
+        ColCopy<BM> ca(dy, m0, a.m, a.n, a.n);
+        RowCopy cb(w, n0, a.k, a.n, a.k);
+        pipeline(
+            KT,
+            [&](uint32_t s, uint32_t) {
+                ca.issue(sA[s]);
+                cb.issue(sB[s]);
+            },
+            compute);
+    } else {
+        pipeline(
+            KT,
+            [&](uint32_t s, uint32_t step) {
+                load_tile<BM>(sA[s], dy, m0, a.m, step * BK, a.n, a.n, vec);
+                if (BCAT) load_bcat_t(sB[s], a, step * BK, n0);
+                else load_tile_t(sB[s], w, step * BK, a.n, n0, a.k, a.k, vec);
+            },
+            compute);
     }
-    for (uint32_t kt = 0; kt < KT; ++kt) {
-        cp_async_wait<STAGES - 2>();
-        __syncthreads();
-        const uint32_t nk = kt + STAGES - 1;
-        if (nk < KT) {
-            load_tile<BM>(sA[nk % STAGES], dy, m0, a.m, nk * BK, a.n, a.n, vec);
-            if (BCAT) load_bcat_t(sB[nk % STAGES], a, nk * BK, n0);
-            else load_tile_t(sB[nk % STAGES], w, nk * BK, a.n, n0, a.k, a.k, vec);
-        }
-        cp_async_commit();
-        mma_tile_nt(acc, sA[kt % STAGES], sB[kt % STAGES], wm0, wn0);
-    }
-    cp_async_wait<0>();
 }
 
 /* dx = dy W (+ g Acat): output tile [BM rows of m][BQ columns of k], reduction over n in BK
@@ -917,24 +1014,23 @@ struct Nf4Smem {
 static_assert(BN * BK == BK * BQ && BN * BK == 4096, "both directions decode 4096 values a stage");
 static_assert(sizeof(Nf4Smem) <= 48 * 1024, "static shared memory");
 
-/* The K loop of an NF4 GEMM: A operand tiles [BM][BK] from `act` (rows m0.., reduction columns,
- * bounds rows x cols with leading dimension cols) against the decoded W. Forward (BWD = false):
- * act = x, reduction over k, W rows n0..; backward: act = dy, reduction over n, W columns n0... */
-template <bool BWD>
-__device__ __forceinline__ void mainloop_nf4(float (&acc)[MI][NI][4], Nf4Smem& sm, const Nf4W& w,
-                                             const bf16* __restrict__ act, uint32_t rows, uint32_t cols,
-                                             uint32_t m0, uint32_t tile0, uint32_t wm0, uint32_t wn0, bool vec) {
+/* The K loop of an NF4 GEMM over KT steps: issue_a(slot, step) copies the A operand tile [BM][BK]
+ * of a step (x in the forward, dy in the backward; called in step order), against the decoded W.
+ * Forward (BWD = false): W rows tile0.., reduction over k; backward: W columns tile0.., reduction
+ * over n. Buffer slots rotate instead of taking step % STAGES. */
+template <bool BWD, class IssueA>
+__device__ __forceinline__ void mainloop_nf4(float (&acc)[MI][NI][4], Nf4Smem& sm, const Nf4W& w, uint32_t KT,
+                                             IssueA&& issue_a, uint32_t tile0, uint32_t wm0, uint32_t wn0) {
     if (threadIdx.x < 16) sm.lv[threadIdx.x] = nf4_level((int)threadIdx.x);
-    const uint32_t KT = (cols + BK - 1) / BK;
     const bool runner = threadIdx.x < 128;
-    /* Prologue: group 0 = {act 0, codes 0, codes 1}, group 1 = {act 1, codes 2}; their scales
-     * are stored at once. */
+    /* Prologue: group 0 = {A 0, codes 0, codes 1}, group 1 = {A 1, codes 2}; their scales are
+     * stored at once. */
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
-        if ((uint32_t)s < KT) load_tile<BM>(sm.a[s], act, m0, rows, s * BK, cols, cols, vec);
+        if ((uint32_t)s < KT) issue_a((uint32_t)s, (uint32_t)s);
         if (runner) {
             for (uint32_t step = s == 0 ? 0u : (uint32_t)s + 1; step <= (uint32_t)s + 1; ++step) {
-                if (step < KT) sm.s[step % STAGES][threadIdx.x] = nf4_issue_run<BWD>(sm.q[step % STAGES], w, step, tile0);
+                if (step < KT) sm.s[step][threadIdx.x] = nf4_issue_run<BWD>(sm.q[step], w, step, tile0);
             }
         }
         cp_async_commit();
@@ -942,22 +1038,46 @@ __device__ __forceinline__ void mainloop_nf4(float (&acc)[MI][NI][4], Nf4Smem& s
     cp_async_wait<STAGES - 2>();
     __syncthreads();
     nf4_decode_stage<BWD>(sm.w[0], sm.q[0], sm.s[0], sm.lv);
+    /* Slots: x/dy of step kt in a[sa], codes of step kt + 1 in q[sq], the A slot and the codes
+     * slot to be written this step (steps kt + 2 and kt + 3) in a[sa_w] and q[sa] (the codes of
+     * step kt, decoded one step before, freed it). */
+    uint32_t sa = 0, sq = 1, sa_w = STAGES - 1;
     for (uint32_t kt = 0; kt < KT; ++kt) {
         cp_async_wait<STAGES - 2>();
         __syncthreads();
-        const uint32_t na = kt + STAGES - 1, nq = kt + STAGES;
-        if (na < KT) load_tile<BM>(sm.a[na % STAGES], act, m0, rows, na * BK, cols, cols, vec);
-        float scale = 0.0f;
+        if (kt + STAGES - 1 < KT) issue_a(sa_w, kt + STAGES - 1);
+        const uint32_t nq = kt + STAGES;
         const bool issued = runner && nq < KT;
-        if (issued) scale = nf4_issue_run<BWD>(sm.q[nq % STAGES], w, nq, tile0);
+        float scale = 0.0f;
+        if (issued) scale = nf4_issue_run<BWD>(sm.q[sa], w, nq, tile0);
         cp_async_commit();
-        if (kt + 1 < KT)
-            nf4_decode_stage<BWD>(sm.w[(kt + 1) % 2], sm.q[(kt + 1) % STAGES], sm.s[(kt + 1) % STAGES], sm.lv);
-        if (BWD) mma_tile_nt(acc, sm.a[kt % STAGES], sm.w[kt % 2], wm0, wn0);
-        else mma_tile_dense(acc, sm.a[kt % STAGES], sm.w[kt % 2], wm0, wn0);
-        if (issued) sm.s[nq % STAGES][threadIdx.x] = scale;
+        if (kt + 1 < KT) nf4_decode_stage<BWD>(sm.w[(kt + 1) & 1], sm.q[sq], sm.s[sq], sm.lv);
+        if (BWD) mma_tile_nt(acc, sm.a[sa], sm.w[kt & 1], wm0, wn0);
+        else mma_tile_dense(acc, sm.a[sa], sm.w[kt & 1], wm0, wn0);
+        if (issued) sm.s[sa][threadIdx.x] = scale;
+        sa = sa + 1 == STAGES ? 0 : sa + 1;
+        sq = sq + 1 == STAGES ? 0 : sq + 1;
+        sa_w = sa_w + 1 == STAGES ? 0 : sa_w + 1;
     }
     cp_async_wait<0>();
+}
+
+/* The A operand of an NF4 GEMM, [rows, cols] from `act` at rows m0.., through ColCopy under
+ * `vec`, element loads otherwise. */
+template <bool BWD>
+__device__ __forceinline__ void mainloop_nf4_act(float (&acc)[MI][NI][4], Nf4Smem& sm, const Nf4W& w,
+                                                 const bf16* __restrict__ act, uint32_t rows, uint32_t cols,
+                                                 uint32_t m0, uint32_t tile0, uint32_t wm0, uint32_t wn0, bool vec) {
+    const uint32_t KT = (cols + BK - 1) / BK;
+    if (vec) {
+        ColCopy<BM> ca(act, m0, rows, cols, cols);
+        mainloop_nf4<BWD>(acc, sm, w, KT, [&](uint32_t s, uint32_t) { ca.issue(sm.a[s]); }, tile0, wm0, wn0);
+    } else {
+        mainloop_nf4<BWD>(
+            acc, sm, w, KT,
+            [&](uint32_t s, uint32_t step) { load_tile<BM>(sm.a[s], act, m0, rows, step * BK, cols, cols, false); },
+            tile0, wm0, wn0);
+    }
 }
 
 /* y = x W^T (+ the LoRA extension, bias) with NF4 W; tiles as gemm_dense. */
@@ -969,7 +1089,7 @@ __device__ __forceinline__ void gemm_nf4(const QadaptLoraFwdArgs& a) {
     const uint32_t wm0 = (warp / (BN / WN)) * WM, wn0 = (warp % (BN / WN)) * WN;
     float acc[MI][NI][4];
     zero_acc(acc);
-    mainloop_nf4<false>(acc, sm, Nf4W(a), reinterpret_cast<const bf16*>(a.x), a.m, a.k, m0, n0, wm0, wn0,
+    mainloop_nf4_act<false>(acc, sm, Nf4W(a), reinterpret_cast<const bf16*>(a.x), a.m, a.k, m0, n0, wm0, wn0,
                         (a.flags & QADAPT_LORA_VEC) != 0);
     gemm_finish(a, acc, sm.a[0], sm.a[1], m0, n0, wm0, wn0);
 }
@@ -984,7 +1104,7 @@ __device__ __forceinline__ void bwd_dx_nf4(const QadaptLoraBwdArgs& a) {
     const bool vec = (a.flags & QADAPT_LORA_VEC) != 0;
     float acc[MI][NI][4];
     zero_acc(acc);
-    mainloop_nf4<true>(acc, sm, Nf4W(a), reinterpret_cast<const bf16*>(a.dy), a.m, a.n, m0, n0, wm0, wn0, vec);
+    mainloop_nf4_act<true>(acc, sm, Nf4W(a), reinterpret_cast<const bf16*>(a.dy), a.m, a.n, m0, n0, wm0, wn0, vec);
     bwd_dx_finish(a, acc, sm.a[0], sm.a[1], m0, n0, wm0, wn0, vec);
 }
 

@@ -4,8 +4,9 @@
 //!   in the memory-bound kernels (names with `dequantize` or `gemv`) and tensor-core instructions
 //!   (`HMMA`) in the GEMM kernels (names with `gemm`), on every arch;
 //! - per kernel and arch, the instruction mix of its hot loop: of the innermost loops (a backward
-//!   branch whose body holds no other backward branch), the one with the most `HMMA`, else the
-//!   longest. Columns: instructions, `HMMA`, `LDSM` (ldmatrix), other shared loads and stores,
+//!   branch whose body holds no other backward branch), the one with the most `HMMA` (among
+//!   equals the fewest scalar global loads, then the shortest: the vector path, not the
+//!   element-load variant for ragged shapes or the short LoRA extension), else the longest. Columns: instructions, `HMMA`, `LDSM` (ldmatrix), other shared loads and stores,
 //!   global loads (`LDG`, `LDGSTS` = cp.async), float and integer/other ALU, barriers, and
 //!   instructions per `HMMA`: what the main loop spends around each tensor-core instruction.
 //!
@@ -67,6 +68,8 @@ struct LoopMix {
     lds: u32,
     sts: u32,
     ldg: u32,
+    /// Scalar global loads (`LDG` narrower than 128 bits): element-by-element tile loads.
+    ldg_scalar: u32,
     fp: u32,
     alu: u32,
     bar: u32,
@@ -115,7 +118,12 @@ fn classify(ops: &[&str]) -> LoopMix {
             "LDSM" => m.ldsm += 1,
             "LDS" => m.lds += 1,
             "STS" => m.sts += 1,
-            "LDG" | "LDGSTS" | "LDGDEPBAR" => m.ldg += 1,
+            "LDG" | "LDGSTS" | "LDGDEPBAR" => {
+                m.ldg += 1;
+                if base == "LDG" && !op.contains(".128") {
+                    m.ldg_scalar += 1;
+                }
+            }
             "BAR" | "DEPBAR" => m.bar += 1,
             b if b.starts_with('F')
                 || b.starts_with("HF")
@@ -151,7 +159,17 @@ fn hot_loop(code: &str) -> Option<LoopMix> {
                 .collect();
             classify(&ops)
         })
-        .max_by_key(|m| (m.hmma, m.total))
+        // The most HMMA; among loops with as many, the fewest scalar global loads, then the
+        // shortest: a main loop is compiled twice, its vector path and an element-load path for
+        // ragged shapes, and the short LoRA extension loops load element by element too.
+        // Without HMMA, the longest.
+        .max_by_key(|m| {
+            if m.hmma > 0 {
+                (m.hmma, -i64::from(m.ldg_scalar), -i64::from(m.total))
+            } else {
+                (0, 0, i64::from(m.total))
+            }
+        })
 }
 
 fn sass(fatbin: &[u8]) -> BTreeMap<(String, String), String> {
@@ -309,9 +327,9 @@ fn kernels_do_not_spill_and_use_the_instructions_we_claim() {
 
 #[test]
 fn hot_loop_finds_the_innermost_loop_with_the_most_hmma() {
-    // An outer loop (0x10..0x90) around two inner ones: 0x20..0x40 with one HMMA, 0x50..0x80
-    // with two; the second is the hot loop. Predicated branches and forward branches count as
-    // what they are.
+    // An outer loop (0x10..0xe0) around three inner ones: 0x20..0x40 with one HMMA, 0x50..0x80
+    // with two in 4 instructions, 0x90..0xd0 with two in 5 (the "element-load variant"). The
+    // second is the hot loop. Predicated and forward branches count as what they are.
     let code = "\
         /*0010*/ MOV R1, R2 ;\n\
         /*0020*/ HMMA.16816.F32.BF16 R4, R8, R12, R4 ;\n\
@@ -321,9 +339,17 @@ fn hot_loop_finds_the_innermost_loop_with_the_most_hmma() {
         /*0060*/ @!P1 BRA 0x70 ;\n\
         /*0070*/ HMMA.16816.F32.BF16 R4, R8, R12, R4 ;\n\
         /*0080*/ @P2 BRA P3, 0x50 ;\n\
-        /*0090*/ BRA 0x10 ;\n\
-        /*00a0*/ EXIT ;\n";
+        /*0090*/ HMMA.16816.F32.BF16 R4, R8, R12, R4 ;\n\
+        /*00a0*/ LDG.E R5, [R6.64] ;\n\
+        /*00b0*/ HMMA.16816.F32.BF16 R4, R8, R12, R4 ;\n\
+        /*00c0*/ FMUL R5, R5, R5 ;\n\
+        /*00d0*/ @P2 BRA 0x90 ;\n\
+        /*00e0*/ BRA 0x10 ;\n\
+        /*00f0*/ EXIT ;\n";
     let m = hot_loop(code).unwrap();
-    assert_eq!((m.total, m.hmma, m.alu, m.lds), (4, 2, 2, 0));
+    assert_eq!((m.total, m.hmma, m.alu, m.lds, m.ldg), (4, 2, 2, 0, 0));
     assert_eq!(hot_loop("/*0000*/ EXIT ;\n"), None);
+    // Without HMMA the longest innermost loop.
+    let m = hot_loop("/*0000*/ LDS R1, [R2] ;\n/*0010*/ @P0 BRA 0x0 ;\n/*0020*/ FADD R1, R1, R1 ;\n/*0030*/ STS [R2], R1 ;\n/*0040*/ @P1 BRA 0x20 ;\n").unwrap();
+    assert_eq!((m.total, m.fp, m.sts, m.lds), (3, 1, 1, 0));
 }
