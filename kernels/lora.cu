@@ -28,9 +28,10 @@
  * calls on the same grad_a / grad_b.
  *
  * Kernels and tiling (all GEMMs: CTA tile 128 x 128, BK = 32, 256 threads = 8 warps as 2 x 4,
- * warp tile 64 x 32 of mma.sync.m16n8k16 bf16 -> f32, a 1-D grid with one CTA per output tile,
- * column tiles fastest, operands through a 3-stage cp.async pipeline into XOR-swizzled shared
- * memory, edges of any shape filled element by element with zeros):
+ * warp tile 64 x 32 of mma.sync.m16n8k16 bf16 -> f32, a 1-D grid with one CTA per output tile
+ * (the y and dx GEMMs in grouped order, grouped_tile; the others column tiles fastest), operands
+ * through a 3-stage cp.async pipeline into XOR-swizzled shared memory, copy plans set up once per
+ * thread for the vector layout, edges of any shape filled with zeros):
  *   lora_xa_bf16          gemv path: one warp per u[m, e] (grid-stride), 16-byte loads of x and
  *                         A, a warp reduction, zero for foreign adapters.
  *   lora_gemm_xa_bf16     GEMM path: u = x Acat^T on the tensor cores, masked and scaled at the
@@ -385,6 +386,20 @@ __device__ __forceinline__ void load_tile(bf16* tile, const bf16* __restrict__ g
     }
 }
 
+/* Grouped rasterization of a 1-D grid over tiles_m x tiles_n output tiles: consecutive CTAs walk
+ * down GROUP_M row tiles, then move to the next column tile, so the CTAs resident at once share
+ * a few x/dy row tiles and a band of W tiles, which stay in L2 (the plain row-major order streams
+ * all of W once per row of tiles). Returns the (row tile, column tile) of this CTA. */
+constexpr uint32_t GROUP_M = 8;
+
+__device__ __forceinline__ uint2 grouped_tile(uint32_t tiles_m, uint32_t tiles_n) {
+    const uint32_t per_group = GROUP_M * tiles_n;
+    const uint32_t group = blockIdx.x / per_group, in_group = blockIdx.x % per_group;
+    const uint32_t first_m = group * GROUP_M;
+    const uint32_t rows = min(tiles_m - first_m, GROUP_M);
+    return make_uint2(first_m + in_group % rows, in_group / rows);
+}
+
 /* The 16-byte chunks one thread copies of the ROWS x BK tiles of a row-major bf16 matrix [rows,
  * cols] (leading dimension ld) whose columns advance by BK a step: x and W along k, dy along n.
  * Set up once (the source of each chunk, its offset in the swizzled tile, whether its row is in
@@ -576,12 +591,12 @@ __device__ __forceinline__ void mainloop_dense(float (&acc)[MI][NI][4], bf16 (*s
     }
 }
 
-/* CTA tile blockIdx.x = m_tile * ceil(N/BN) + n_tile (a 1-D grid, one CTA per output tile). */
+/* One CTA per output tile, in grouped order (grouped_tile). */
 __device__ __forceinline__ void gemm_dense(const QadaptLoraFwdArgs& a) {
     __shared__ __align__(128) bf16 sA[STAGES][BM * BK];
     __shared__ __align__(128) bf16 sB[STAGES][BN * BK];
-    const uint32_t tiles_n = (a.n + BN - 1) / BN;
-    const uint32_t n0 = (blockIdx.x % tiles_n) * BN, m0 = (blockIdx.x / tiles_n) * BM;
+    const uint2 t = grouped_tile((a.m + BM - 1) / BM, (a.n + BN - 1) / BN);
+    const uint32_t m0 = t.x * BM, n0 = t.y * BN;
     const uint32_t warp = threadIdx.x / 32u;
     const uint32_t wm0 = (warp / (BN / WN)) * WM, wn0 = (warp % (BN / WN)) * WN;
     float acc[MI][NI][4];
@@ -878,13 +893,13 @@ __device__ __forceinline__ void mainloop_dy(float (&acc)[MI][NI][4], bf16 (*sA)[
 }
 
 /* dx = dy W (+ g Acat): output tile [BM rows of m][BQ columns of k], reduction over n in BK
- * slices, dy tiles [BM][BK] and W tiles [BK rows of n][BQ columns of k]. 1-D grid, k tiles
- * fastest. */
+ * slices, dy tiles [BM][BK] and W tiles [BK rows of n][BQ columns of k]. 1-D grid in grouped
+ * order. */
 __device__ __forceinline__ void bwd_dx_dense(const QadaptLoraBwdArgs& a) {
     __shared__ __align__(128) bf16 sA[STAGES][BM * BK];
     __shared__ __align__(128) bf16 sB[STAGES][BK * BQ];
-    const uint32_t tiles_k = (a.k + BQ - 1) / BQ;
-    const uint32_t n0 = (blockIdx.x % tiles_k) * BQ, m0 = (blockIdx.x / tiles_k) * BM;
+    const uint2 t = grouped_tile((a.m + BM - 1) / BM, (a.k + BQ - 1) / BQ);
+    const uint32_t m0 = t.x * BM, n0 = t.y * BQ;
     const uint32_t warp = threadIdx.x / 32u;
     const uint32_t wm0 = (warp / (BQ / WN)) * WM, wn0 = (warp % (BQ / WN)) * WN;
     const bool vec = (a.flags & QADAPT_LORA_VEC) != 0;
@@ -1083,8 +1098,8 @@ __device__ __forceinline__ void mainloop_nf4_act(float (&acc)[MI][NI][4], Nf4Sme
 /* y = x W^T (+ the LoRA extension, bias) with NF4 W; tiles as gemm_dense. */
 __device__ __forceinline__ void gemm_nf4(const QadaptLoraFwdArgs& a) {
     __shared__ __align__(128) Nf4Smem sm;
-    const uint32_t tiles_n = (a.n + BN - 1) / BN;
-    const uint32_t n0 = (blockIdx.x % tiles_n) * BN, m0 = (blockIdx.x / tiles_n) * BM;
+    const uint2 t = grouped_tile((a.m + BM - 1) / BM, (a.n + BN - 1) / BN);
+    const uint32_t m0 = t.x * BM, n0 = t.y * BN;
     const uint32_t warp = threadIdx.x / 32u;
     const uint32_t wm0 = (warp / (BN / WN)) * WM, wn0 = (warp % (BN / WN)) * WN;
     float acc[MI][NI][4];
@@ -1097,8 +1112,8 @@ __device__ __forceinline__ void gemm_nf4(const QadaptLoraFwdArgs& a) {
 /* dx = dy W (+ g Acat) with NF4 W; tiles as bwd_dx_dense. */
 __device__ __forceinline__ void bwd_dx_nf4(const QadaptLoraBwdArgs& a) {
     __shared__ __align__(128) Nf4Smem sm;
-    const uint32_t tiles_k = (a.k + BQ - 1) / BQ;
-    const uint32_t n0 = (blockIdx.x % tiles_k) * BQ, m0 = (blockIdx.x / tiles_k) * BM;
+    const uint2 t = grouped_tile((a.m + BM - 1) / BM, (a.k + BQ - 1) / BQ);
+    const uint32_t m0 = t.x * BM, n0 = t.y * BQ;
     const uint32_t warp = threadIdx.x / 32u;
     const uint32_t wm0 = (warp / (BQ / WN)) * WM, wn0 = (warp % (BQ / WN)) * WN;
     const bool vec = (a.flags & QADAPT_LORA_VEC) != 0;

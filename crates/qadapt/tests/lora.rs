@@ -664,6 +664,7 @@ fn cuda_gemm_dense_and_nf4_match_f64() {
         check_cuda(102, 131, 200, 96, 33, 4, base, true, true);
         check_cuda(103, 45, 70, 88, 5, 2, base, true, true); // NF4 fallback (k % 32 != 0)
         check_cuda(104, 40, 31, 37, 128, 1, base, true, false); // k % 8 != 0: element loads
+        check_cuda(105, 1300, 200, 64, 8, 1, base, false, false); // 11 row tiles: two raster groups
     }
 }
 
@@ -773,5 +774,6 @@ fn cuda_backward_dense_and_nf4_match_cpu() {
         check_cuda_backward(202, 77, 200, 160, 33, 3, base, true);
         check_cuda_backward(203, 45, 70, 88, 5, 2, base, true); // NF4: dequantize-first fallback
         check_cuda_backward(204, 19, 37, 45, 128, 1, base, false); // odd n and k: element loads
+        check_cuda_backward(205, 1300, 40, 160, 8, 1, base, false); // two raster groups
     }
 }
