@@ -1235,12 +1235,13 @@ QADAPT_KERNEL(lora_gemv_wide_nf4_bf16, QadaptLoraFwdArgs) {
     else gemv_nf4<16>(args, tabs);
 }
 
-QADAPT_KERNEL(lora_gemm_dense_bf16, QadaptLoraFwdArgs) { gemm_dense(args); }
-QADAPT_KERNEL(lora_gemm_nf4_bf16, QadaptLoraFwdArgs) { gemm_nf4(args); }
+/* The y and dx GEMMs: 256 threads, two CTAs an SM (at most 128 registers a thread). */
+QADAPT_KERNEL_BOUNDED(lora_gemm_dense_bf16, QadaptLoraFwdArgs, THREADS, 2) { gemm_dense(args); }
+QADAPT_KERNEL_BOUNDED(lora_gemm_nf4_bf16, QadaptLoraFwdArgs, THREADS, 2) { gemm_nf4(args); }
 QADAPT_KERNEL(lora_gemm_xa_bf16, QadaptLoraFwdArgs) { gemm_xa(args); }
 
 QADAPT_KERNEL(lora_gemm_bwd_dyb_bf16, QadaptLoraBwdArgs) { bwd_dyb_gemm(args); }
-QADAPT_KERNEL(lora_gemm_bwd_dx_dense_bf16, QadaptLoraBwdArgs) { bwd_dx_dense(args); }
-QADAPT_KERNEL(lora_gemm_bwd_dx_nf4_bf16, QadaptLoraBwdArgs) { bwd_dx_nf4(args); }
+QADAPT_KERNEL_BOUNDED(lora_gemm_bwd_dx_dense_bf16, QadaptLoraBwdArgs, THREADS, 2) { bwd_dx_dense(args); }
+QADAPT_KERNEL_BOUNDED(lora_gemm_bwd_dx_nf4_bf16, QadaptLoraBwdArgs, THREADS, 2) { bwd_dx_nf4(args); }
 QADAPT_KERNEL(lora_gemm_bwd_da_bf16, QadaptLoraBwdArgs) { bwd_grad<GradOut::A>(args); }
 QADAPT_KERNEL(lora_gemm_bwd_db_bf16, QadaptLoraBwdArgs) { bwd_grad<GradOut::B>(args); }

@@ -246,7 +246,10 @@ fn check_decls_against_sources(
         let text = fs::read_to_string(src).unwrap();
         for line in text.lines() {
             let l = line.trim_start();
-            if let Some(rest) = l.strip_prefix("QADAPT_KERNEL(") {
+            let def = l
+                .strip_prefix("QADAPT_KERNEL(")
+                .or_else(|| l.strip_prefix("QADAPT_KERNEL_BOUNDED("));
+            if let Some(rest) = def {
                 let name = rest.split(',').next().unwrap().trim();
                 let found = decls.iter().find(|(n, _, _)| n == name);
                 match found {

@@ -386,13 +386,19 @@ typedef struct QadaptAttentionArgs {
 
 /* ---- Kernels ---------------------------------------------------------------------------------- */
 
+/* QADAPT_KERNEL_BOUNDED(name, Args, threads, min_ctas) defines a kernel declared here with
+ * __launch_bounds__: launched with at most `threads` threads a CTA, and compiled to fit at least
+ * `min_ctas` CTAs per SM (ptxas caps the registers; the static report fails on any spill). */
 #if defined(__CUDACC__)
 #define QADAPT_KERNEL(name, Args) extern "C" __global__ void name(const Args args)
+#define QADAPT_KERNEL_BOUNDED(name, Args, threads, min_ctas) \
+    extern "C" __global__ void __launch_bounds__(threads, min_ctas) name(const Args args)
 #elif defined(QADAPT_EMU) && defined(__cplusplus)
 /* Host C++ for the kernel emulator (kernels/emu/cuda_emu.h): an extern "C" function that is also
  * registered under its name for the virtual device (kernels/emu/vgpu_abi.h). */
 #include "cuda_emu.h"
 #define QADAPT_KERNEL(name, Args) QV_KERNEL(name, Args)
+#define QADAPT_KERNEL_BOUNDED(name, Args, threads, min_ctas) QV_KERNEL(name, Args)
 #else
 /* Seen by bindgen only as documentation; the Rust side never calls these symbols directly. */
 #define QADAPT_KERNEL(name, Args) void name(const Args args)
