@@ -360,13 +360,13 @@ __device__ __forceinline__ uint32_t swz(uint32_t row, uint32_t chunk) {
 /* Loads a `ROWS` x BK tile of a row-major bf16 matrix (rows r0.., columns k0.., leading dimension
  * ld, bounds rows x cols) into swizzled shared memory. With `vec` each in-bounds 8-chunk is one
  * cp.async; chunks crossing a bound are filled element by element with zeros outside. */
-template <int ROWS>
+template <int ROWS, int NT = THREADS>
 __device__ __forceinline__ void load_tile(bf16* tile, const bf16* __restrict__ g, uint32_t r0, uint32_t rows,
                                           uint32_t k0, uint32_t cols, uint64_t ld, bool vec) {
     constexpr int CHUNKS = ROWS * BK / 8;
 #pragma unroll
-    for (int i = 0; i < CHUNKS / THREADS; ++i) {
-        const uint32_t c = threadIdx.x + i * THREADS;
+    for (int i = 0; i < CHUNKS / NT; ++i) {
+        const uint32_t c = threadIdx.x + i * NT;
         const uint32_t row = c / 4, kc = c % 4;
         const uint32_t gr = r0 + row, gk = k0 + kc * 8;
         bf16* dst = tile + swz(row, kc);
@@ -407,10 +407,10 @@ __device__ __forceinline__ uint2 grouped_tile(uint32_t tiles_m, uint32_t tiles_n
  * outside the matrix zero-filled by the copy itself (src_size 0, from a valid address). Needs the
  * vector layout: cols % 8 == 0 and 16-byte aligned rows, so a chunk is wholly in or out. Each
  * issue() is the next step. */
-template <int ROWS>
+template <int ROWS, int NT = THREADS>
 struct ColCopy {
-    static constexpr int N = ROWS * BK / 8 / THREADS;
-    static_assert(N >= 1 && THREADS % (BK / 8) == 0, "whole chunks per thread, one chunk column");
+    static constexpr int N = ROWS * BK / 8 / NT;
+    static_assert(N >= 1 && NT % (BK / 8) == 0, "whole chunks per thread, one chunk column");
     const bf16* src[N];
     uint32_t dst[N];
     bool row_ok[N];
@@ -420,7 +420,7 @@ struct ColCopy {
         : safe(g), col((threadIdx.x % (BK / 8)) * 8), cols(cols_) {
 #pragma unroll
         for (int i = 0; i < N; ++i) {
-            const uint32_t row = (threadIdx.x + i * THREADS) / (BK / 8);
+            const uint32_t row = (threadIdx.x + i * NT) / (BK / 8);
             row_ok[i] = r0 + row < rows;
             src[i] = row_ok[i] ? g + (uint64_t)(r0 + row) * ld + col : g;
             dst[i] = swz(row, col / 8);
@@ -463,10 +463,11 @@ __device__ __forceinline__ void pipeline(uint32_t KT, Issue&& issue, Compute&& c
 }
 
 /* The LoRA extension slice e0..e0+BK of Bcat[n, e] = B_{e / r}[n, e % r] (element loads). */
+template <int NT = THREADS>
 __device__ __forceinline__ void load_bcat_tile(bf16* tile, const QadaptLoraFwdArgs& a, uint32_t n0, uint32_t e0) {
     const bf16* __restrict__ B = reinterpret_cast<const bf16*>(a.lora_b);
     const uint32_t R = a.rank * a.n_adapters;
-    for (uint32_t i = threadIdx.x; i < BN * BK; i += THREADS) {
+    for (uint32_t i = threadIdx.x; i < BN * BK; i += NT) {
         const uint32_t row = i / BK, col = i % BK;
         const uint32_t n = n0 + row, e = e0 + col;
         bf16 v = __float2bfloat16_rn(0.0f);
@@ -475,27 +476,30 @@ __device__ __forceinline__ void load_bcat_tile(bf16* tile, const QadaptLoraFwdAr
     }
 }
 
-/* The A fragments (x rows) of one k16 step of the warp tile. */
-__device__ __forceinline__ void load_a_frags(uint32_t (&af)[MI][4], const bf16* tA, uint32_t wm0, int ks) {
+/* The A fragments (x rows) of one k16 step of the warp tile (MI_ m16 tiles). */
+template <int MI_>
+__device__ __forceinline__ void load_a_frags(uint32_t (&af)[MI_][4], const bf16* tA, uint32_t wm0, int ks) {
     const unsigned lane = threadIdx.x & 31u;
 #pragma unroll
-    for (int mi = 0; mi < MI; ++mi) {
+    for (int mi = 0; mi < MI_; ++mi) {
         const uint32_t row = wm0 + mi * 16 + (lane & 15u);
         ldmatrix_x4(af[mi], tA + swz(row, ks * 2 + (lane >> 4)));
     }
 }
 
-/* One BK slice with a dense bf16 B tile ([n][k] rows, as W is stored). */
-__device__ __forceinline__ void mma_tile_dense(float (&acc)[MI][NI][4], const bf16* tA, const bf16* tB, uint32_t wm0,
-                                               uint32_t wn0) {
+/* One BK slice with a dense bf16 B tile ([n][k] rows, as W is stored), warp tile MI_ x NI_ mma
+ * tiles. */
+template <int MI_, int NI_>
+__device__ __forceinline__ void mma_tile_dense(float (&acc)[MI_][NI_][4], const bf16* tA, const bf16* tB,
+                                               uint32_t wm0, uint32_t wn0) {
     const unsigned lane = threadIdx.x & 31u;
 #pragma unroll
     for (int ks = 0; ks < BK / 16; ++ks) {
-        uint32_t af[MI][4];
+        uint32_t af[MI_][4];
         load_a_frags(af, tA, wm0, ks);
-        uint32_t bf[NI][2];
+        uint32_t bf[NI_][2];
 #pragma unroll
-        for (int nj = 0; nj < NI / 2; ++nj) {
+        for (int nj = 0; nj < NI_ / 2; ++nj) {
             uint32_t r[4];
             const uint32_t row = wn0 + nj * 16 + (lane & 7u) + ((lane >> 4) << 3);
             ldmatrix_x4(r, tB + swz(row, ks * 2 + ((lane >> 3) & 1u)));
@@ -505,22 +509,23 @@ __device__ __forceinline__ void mma_tile_dense(float (&acc)[MI][NI][4], const bf
             bf[2 * nj + 1][1] = r[3];
         }
 #pragma unroll
-        for (int mi = 0; mi < MI; ++mi) {
+        for (int mi = 0; mi < MI_; ++mi) {
 #pragma unroll
-            for (int ni = 0; ni < NI; ++ni) mma_bf16(acc[mi][ni], af[mi], bf[ni][0], bf[ni][1]);
+            for (int ni = 0; ni < NI_; ++ni) mma_bf16(acc[mi][ni], af[mi], bf[ni][0], bf[ni][1]);
         }
     }
 }
 
 /* The LoRA extension over R = n_adapters * r (element loads, one slice at a time), then bias and
  * the single bf16 store of y. tA and tB are two free BM x BK / BN x BK tiles. */
-__device__ __forceinline__ void gemm_finish(const QadaptLoraFwdArgs& a, float (&acc)[MI][NI][4], bf16* tA, bf16* tB,
-                                            uint32_t m0, uint32_t n0, uint32_t wm0, uint32_t wn0) {
+template <int NT = THREADS, int MI_, int NI_>
+__device__ __forceinline__ void gemm_finish(const QadaptLoraFwdArgs& a, float (&acc)[MI_][NI_][4], bf16* tA,
+                                            bf16* tB, uint32_t m0, uint32_t n0, uint32_t wm0, uint32_t wn0) {
     const uint32_t R = a.rank * a.n_adapters;
     for (uint32_t e0 = 0; e0 < R; e0 += BK) {
         __syncthreads();
-        load_tile<BM>(tA, reinterpret_cast<const bf16*>(a.u), m0, a.m, e0, R, R, false);
-        load_bcat_tile(tB, a, n0, e0);
+        load_tile<BM, NT>(tA, reinterpret_cast<const bf16*>(a.u), m0, a.m, e0, R, R, false);
+        load_bcat_tile<NT>(tB, a, n0, e0);
         __syncthreads();
         mma_tile_dense(acc, tA, tB, wm0, wn0);
     }
@@ -528,12 +533,12 @@ __device__ __forceinline__ void gemm_finish(const QadaptLoraFwdArgs& a, float (&
     const bf16* __restrict__ bias = reinterpret_cast<const bf16*>(a.bias);
     bf16* __restrict__ y = reinterpret_cast<bf16*>(a.y);
 #pragma unroll
-    for (int ni = 0; ni < NI; ++ni) {
+    for (int ni = 0; ni < NI_; ++ni) {
         const uint32_t col = n0 + wn0 + ni * 8 + (lane & 3u) * 2;
         const float b0 = (bias && col < a.n) ? bf_at(bias, col) : 0.0f;
         const float b1 = (bias && col + 1 < a.n) ? bf_at(bias, col + 1) : 0.0f;
 #pragma unroll
-        for (int mi = 0; mi < MI; ++mi) {
+        for (int mi = 0; mi < MI_; ++mi) {
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
                 const uint32_t row = m0 + wm0 + mi * 16 + (lane >> 2) + h * 8;
@@ -552,11 +557,12 @@ __device__ __forceinline__ void gemm_finish(const QadaptLoraFwdArgs& a, float (&
     }
 }
 
-__device__ __forceinline__ void zero_acc(float (&acc)[MI][NI][4]) {
+template <int MI_, int NI_>
+__device__ __forceinline__ void zero_acc(float (&acc)[MI_][NI_][4]) {
 #pragma unroll
-    for (int mi = 0; mi < MI; ++mi)
+    for (int mi = 0; mi < MI_; ++mi)
 #pragma unroll
-        for (int ni = 0; ni < NI; ++ni)
+        for (int ni = 0; ni < NI_; ++ni)
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.0f;
 }
@@ -680,12 +686,13 @@ __device__ __forceinline__ uint4 gather8(const bf16* __restrict__ g, uint32_t gr
 
 /* Rows r0..r0+BK x columns c0..c0+BQ of a row-major [rows, cols] bf16 matrix (leading dimension
  * ld) into a swizzled [BK][BQ] tile; cp.async for in-bounds chunks under `vec`. */
+template <int NT = THREADS>
 __device__ __forceinline__ void load_tile_t(bf16* tile, const bf16* __restrict__ g, uint32_t r0, uint32_t rows,
                                             uint32_t c0, uint32_t cols, uint64_t ld, bool vec) {
     constexpr int CHUNKS = BK * BQ / 8;
 #pragma unroll
-    for (int i = 0; i < CHUNKS / THREADS; ++i) {
-        const uint32_t c = threadIdx.x + i * THREADS;
+    for (int i = 0; i < CHUNKS / NT; ++i) {
+        const uint32_t c = threadIdx.x + i * NT;
         const uint32_t row = c / (BQ / 8), cc = c % (BQ / 8);
         const uint32_t gr = r0 + row, gc = c0 + cc * 8;
         bf16* dst = tile + swz_t(row, cc);
@@ -701,9 +708,10 @@ __device__ __forceinline__ void load_tile_t(bf16* tile, const bf16* __restrict__
  * cols] whose rows advance by BK a step (W and Acat along n or e, the reduction): columns
  * c0..c0+BQ fixed, so the column bound is decided once; a step tests one row bound per chunk.
  * Zero-fill and vector layout as ColCopy. Each issue() is the next step. */
+template <int NT = THREADS>
 struct RowCopy {
-    static constexpr int N = BK * BQ / 8 / THREADS;
-    static_assert(N >= 1 && THREADS % (BQ / 8) == 0, "whole chunks per thread, one chunk column");
+    static constexpr int N = BK * BQ / 8 / NT;
+    static_assert(N >= 1 && NT % (BQ / 8) == 0, "whole chunks per thread, one chunk column");
     const bf16* src[N];
     uint32_t dst[N];
     uint32_t row[N];
@@ -717,7 +725,7 @@ struct RowCopy {
         col_ok = c0 + cc * 8 < cols;
 #pragma unroll
         for (int i = 0; i < N; ++i) {
-            row[i] = (threadIdx.x + i * THREADS) / (BQ / 8);
+            row[i] = (threadIdx.x + i * NT) / (BQ / 8);
             src[i] = col_ok ? g + (uint64_t)row[i] * ld + c0 + cc * 8 : g;
             dst[i] = swz_t(row[i], cc);
         }
@@ -747,10 +755,11 @@ __device__ __forceinline__ void load_a_frags_t(uint32_t (&af)[MI][4], const bf16
 
 /* B fragments of NI n8 tiles from a [BK][BQ] tile (rows = reduction, columns = output columns):
  * per pair of n8 tiles the matrices (red 0-7), (red 8-15) of the first, then of the second. */
-__device__ __forceinline__ void load_b_frags_t(uint32_t (&bf)[NI][2], const bf16* t, uint32_t wn0, int ks) {
+template <int NI_>
+__device__ __forceinline__ void load_b_frags_t(uint32_t (&bf)[NI_][2], const bf16* t, uint32_t wn0, int ks) {
     const unsigned lane = threadIdx.x & 31u, q = lane >> 3;
 #pragma unroll
-    for (int nj = 0; nj < NI / 2; ++nj) {
+    for (int nj = 0; nj < NI_ / 2; ++nj) {
         uint32_t r[4];
         const uint32_t row = ks * 16 + (lane & 7u) + ((q & 1u) << 3);
         ldmatrix_x4_t(r, t + swz_t(row, (wn0 + nj * 16) / 8 + (q >> 1)));
@@ -761,22 +770,24 @@ __device__ __forceinline__ void load_b_frags_t(uint32_t (&bf)[NI][2], const bf16
     }
 }
 
-__device__ __forceinline__ void mma_all(float (&acc)[MI][NI][4], const uint32_t (&af)[MI][4],
-                                        const uint32_t (&bf)[NI][2]) {
+template <int MI_, int NI_>
+__device__ __forceinline__ void mma_all(float (&acc)[MI_][NI_][4], const uint32_t (&af)[MI_][4],
+                                        const uint32_t (&bf)[NI_][2]) {
 #pragma unroll
-    for (int mi = 0; mi < MI; ++mi) {
+    for (int mi = 0; mi < MI_; ++mi) {
 #pragma unroll
-        for (int ni = 0; ni < NI; ++ni) mma_bf16(acc[mi][ni], af[mi], bf[ni][0], bf[ni][1]);
+        for (int ni = 0; ni < NI_; ++ni) mma_bf16(acc[mi][ni], af[mi], bf[ni][0], bf[ni][1]);
     }
 }
 
 /* dx-type slice: A operand [BM rows][BK] (dy or g), B operand a [BK][BQ] tile (W or Acat). */
-__device__ __forceinline__ void mma_tile_nt(float (&acc)[MI][NI][4], const bf16* tA, const bf16* tB, uint32_t wm0,
+template <int MI_, int NI_>
+__device__ __forceinline__ void mma_tile_nt(float (&acc)[MI_][NI_][4], const bf16* tA, const bf16* tB, uint32_t wm0,
                                             uint32_t wn0) {
 #pragma unroll
     for (int ks = 0; ks < BK / 16; ++ks) {
-        uint32_t af[MI][4];
-        uint32_t bf[NI][2];
+        uint32_t af[MI_][4];
+        uint32_t bf[NI_][2];
         load_a_frags(af, tA, wm0, ks);
         load_b_frags_t(bf, tB, wn0, ks);
         mma_all(acc, af, bf);
@@ -784,13 +795,14 @@ __device__ __forceinline__ void mma_tile_nt(float (&acc)[MI][NI][4], const bf16*
 }
 
 /* Stores the CTA's accumulators as bf16 into out[rows, cols] (row-major), overwriting. */
-__device__ __forceinline__ void store_bf16(const float (&acc)[MI][NI][4], bf16* __restrict__ out, uint32_t rows,
+template <int MI_, int NI_>
+__device__ __forceinline__ void store_bf16(const float (&acc)[MI_][NI_][4], bf16* __restrict__ out, uint32_t rows,
                                            uint32_t cols, uint32_t m0, uint32_t n0, uint32_t wm0, uint32_t wn0) {
     const unsigned lane = threadIdx.x & 31u;
 #pragma unroll
-    for (int mi = 0; mi < MI; ++mi) {
+    for (int mi = 0; mi < MI_; ++mi) {
 #pragma unroll
-        for (int ni = 0; ni < NI; ++ni) {
+        for (int ni = 0; ni < NI_; ++ni) {
             const uint32_t col = n0 + wn0 + ni * 8 + (lane & 3u) * 2;
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
@@ -810,14 +822,15 @@ __device__ __forceinline__ void store_bf16(const float (&acc)[MI][NI][4], bf16* 
 }
 
 /* The LoRA part of dx, g Acat over the R-long extension, then the single store of dx. */
-__device__ __forceinline__ void bwd_dx_finish(const QadaptLoraBwdArgs& a, float (&acc)[MI][NI][4], bf16* tA,
+template <int NT = THREADS, int MI_, int NI_>
+__device__ __forceinline__ void bwd_dx_finish(const QadaptLoraBwdArgs& a, float (&acc)[MI_][NI_][4], bf16* tA,
                                               bf16* tB, uint32_t m0, uint32_t n0, uint32_t wm0, uint32_t wn0,
                                               bool vec) {
     const uint32_t R = a.rank * a.n_adapters;
     for (uint32_t e0 = 0; e0 < R; e0 += BK) {
         __syncthreads();
-        load_tile<BM>(tA, reinterpret_cast<const bf16*>(a.g), m0, a.m, e0, R, R, false);
-        load_tile_t(tB, reinterpret_cast<const bf16*>(a.lora_a), e0, R, n0, a.k, a.k, vec);
+        load_tile<BM, NT>(tA, reinterpret_cast<const bf16*>(a.g), m0, a.m, e0, R, R, false);
+        load_tile_t<NT>(tB, reinterpret_cast<const bf16*>(a.lora_a), e0, R, n0, a.k, a.k, vec);
         cp_async_commit();
         cp_async_wait<0>();
         __syncthreads();
@@ -872,7 +885,7 @@ __device__ __forceinline__ void mainloop_dy(float (&acc)[MI][NI][4], bf16 (*sA)[
     auto compute = [&](uint32_t s) { mma_tile_nt(acc, sA[s], sB[s], wm0, wn0); };
     if (!BCAT && vec) {
         ColCopy<BM> ca(dy, m0, a.m, a.n, a.n);
-        RowCopy cb(w, n0, a.k, a.n, a.k);
+        RowCopy<> cb(w, n0, a.k, a.n, a.k);
         pipeline(
             KT,
             [&](uint32_t s, uint32_t) {
@@ -988,6 +1001,16 @@ struct Nf4W {
           k(a.k) {}
 };
 
+/* The NF4 GEMMs' tiling: 128 threads = 4 warps as 2 x 2, warp tiles 64 x 64 (MI4 x NI8 mma
+ * tiles) over the same 128 x 128 CTA tile. Wider warp tiles take 1 ldmatrix wavefront per mma
+ * instead of 1.5, which pays for the decode's lookups and stores (section comment); each thread
+ * decodes 4 words a step and copies one code run. */
+constexpr int NF4_THREADS = QADAPT_LORA_GEMM_NF4_THREADS;
+constexpr int NF4_WM = 64, NF4_WN = 64;
+constexpr int MI4 = NF4_WM / 16, NI8 = NF4_WN / 8;
+static_assert((BM / NF4_WM) * (BN / NF4_WN) * 32 == NF4_THREADS, "4 warps tile the CTA");
+static_assert(NF4_THREADS == 128, "one code run (of 128 a stage) per thread");
+
 /* Thread i < 128: starts the copy of code run i of step `step` into `tq` and returns its scale
  * (0 with the zero code 7 stored for a run outside W). BWD selects the backward run geometry.
  * The returned value is the only use of the scale loads, so a caller that stores it late does
@@ -1010,8 +1033,8 @@ __device__ __forceinline__ float nf4_issue_run(uint8_t* tq, const Nf4W& w, uint3
 template <bool BWD>
 __device__ __forceinline__ void nf4_decode_stage(bf16* tw, const uint8_t* tq, const float* ts, const float* lv) {
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        const uint32_t j = threadIdx.x + h * THREADS;
+    for (int h = 0; h < 512 / NF4_THREADS; ++h) {
+        const uint32_t j = threadIdx.x + h * NF4_THREADS;
         const uint4 v = nf4_decode8(reinterpret_cast<const uint32_t*>(tq)[j], ts[j / 4], lv);
         *reinterpret_cast<uint4*>(tw + (BWD ? swz_t(j / 16, j % 16) : swz(j / 4, j % 4))) = v;
     }
@@ -1034,7 +1057,7 @@ static_assert(sizeof(Nf4Smem) <= 48 * 1024, "static shared memory");
  * Forward (BWD = false): W rows tile0.., reduction over k; backward: W columns tile0.., reduction
  * over n. Buffer slots rotate instead of taking step % STAGES. */
 template <bool BWD, class IssueA>
-__device__ __forceinline__ void mainloop_nf4(float (&acc)[MI][NI][4], Nf4Smem& sm, const Nf4W& w, uint32_t KT,
+__device__ __forceinline__ void mainloop_nf4(float (&acc)[MI4][NI8][4], Nf4Smem& sm, const Nf4W& w, uint32_t KT,
                                              IssueA&& issue_a, uint32_t tile0, uint32_t wm0, uint32_t wn0) {
     if (threadIdx.x < 16) sm.lv[threadIdx.x] = nf4_level((int)threadIdx.x);
     const bool runner = threadIdx.x < 128;
@@ -1080,17 +1103,19 @@ __device__ __forceinline__ void mainloop_nf4(float (&acc)[MI][NI][4], Nf4Smem& s
 /* The A operand of an NF4 GEMM, [rows, cols] from `act` at rows m0.., through ColCopy under
  * `vec`, element loads otherwise. */
 template <bool BWD>
-__device__ __forceinline__ void mainloop_nf4_act(float (&acc)[MI][NI][4], Nf4Smem& sm, const Nf4W& w,
+__device__ __forceinline__ void mainloop_nf4_act(float (&acc)[MI4][NI8][4], Nf4Smem& sm, const Nf4W& w,
                                                  const bf16* __restrict__ act, uint32_t rows, uint32_t cols,
                                                  uint32_t m0, uint32_t tile0, uint32_t wm0, uint32_t wn0, bool vec) {
     const uint32_t KT = (cols + BK - 1) / BK;
     if (vec) {
-        ColCopy<BM> ca(act, m0, rows, cols, cols);
+        ColCopy<BM, NF4_THREADS> ca(act, m0, rows, cols, cols);
         mainloop_nf4<BWD>(acc, sm, w, KT, [&](uint32_t s, uint32_t) { ca.issue(sm.a[s]); }, tile0, wm0, wn0);
     } else {
         mainloop_nf4<BWD>(
             acc, sm, w, KT,
-            [&](uint32_t s, uint32_t step) { load_tile<BM>(sm.a[s], act, m0, rows, step * BK, cols, cols, false); },
+            [&](uint32_t s, uint32_t step) {
+                load_tile<BM, NF4_THREADS>(sm.a[s], act, m0, rows, step * BK, cols, cols, false);
+            },
             tile0, wm0, wn0);
     }
 }
@@ -1101,12 +1126,12 @@ __device__ __forceinline__ void gemm_nf4(const QadaptLoraFwdArgs& a) {
     const uint2 t = grouped_tile((a.m + BM - 1) / BM, (a.n + BN - 1) / BN);
     const uint32_t m0 = t.x * BM, n0 = t.y * BN;
     const uint32_t warp = threadIdx.x / 32u;
-    const uint32_t wm0 = (warp / (BN / WN)) * WM, wn0 = (warp % (BN / WN)) * WN;
-    float acc[MI][NI][4];
+    const uint32_t wm0 = (warp / (BN / NF4_WN)) * NF4_WM, wn0 = (warp % (BN / NF4_WN)) * NF4_WN;
+    float acc[MI4][NI8][4];
     zero_acc(acc);
     mainloop_nf4_act<false>(acc, sm, Nf4W(a), reinterpret_cast<const bf16*>(a.x), a.m, a.k, m0, n0, wm0, wn0,
-                        (a.flags & QADAPT_LORA_VEC) != 0);
-    gemm_finish(a, acc, sm.a[0], sm.a[1], m0, n0, wm0, wn0);
+                            (a.flags & QADAPT_LORA_VEC) != 0);
+    gemm_finish<NF4_THREADS>(a, acc, sm.a[0], sm.a[1], m0, n0, wm0, wn0);
 }
 
 /* dx = dy W (+ g Acat) with NF4 W; tiles as bwd_dx_dense. */
@@ -1115,12 +1140,12 @@ __device__ __forceinline__ void bwd_dx_nf4(const QadaptLoraBwdArgs& a) {
     const uint2 t = grouped_tile((a.m + BM - 1) / BM, (a.k + BQ - 1) / BQ);
     const uint32_t m0 = t.x * BM, n0 = t.y * BQ;
     const uint32_t warp = threadIdx.x / 32u;
-    const uint32_t wm0 = (warp / (BQ / WN)) * WM, wn0 = (warp % (BQ / WN)) * WN;
+    const uint32_t wm0 = (warp / (BQ / NF4_WN)) * NF4_WM, wn0 = (warp % (BQ / NF4_WN)) * NF4_WN;
     const bool vec = (a.flags & QADAPT_LORA_VEC) != 0;
-    float acc[MI][NI][4];
+    float acc[MI4][NI8][4];
     zero_acc(acc);
     mainloop_nf4_act<true>(acc, sm, Nf4W(a), reinterpret_cast<const bf16*>(a.dy), a.m, a.n, m0, n0, wm0, wn0, vec);
-    bwd_dx_finish(a, acc, sm.a[0], sm.a[1], m0, n0, wm0, wn0, vec);
+    bwd_dx_finish<NF4_THREADS>(a, acc, sm.a[0], sm.a[1], m0, n0, wm0, wn0, vec);
 }
 
 /* Which adapter-gradient product a TN kernel forms. */
@@ -1235,13 +1260,14 @@ QADAPT_KERNEL(lora_gemv_wide_nf4_bf16, QadaptLoraFwdArgs) {
     else gemv_nf4<16>(args, tabs);
 }
 
-/* The y and dx GEMMs: 256 threads, two CTAs an SM (at most 128 registers a thread). */
+/* The y and dx GEMMs: two CTAs an SM (dense: 256 threads, at most 128 registers a thread; NF4:
+ * 128 threads, at most 255). */
 QADAPT_KERNEL_BOUNDED(lora_gemm_dense_bf16, QadaptLoraFwdArgs, THREADS, 2) { gemm_dense(args); }
-QADAPT_KERNEL_BOUNDED(lora_gemm_nf4_bf16, QadaptLoraFwdArgs, THREADS, 2) { gemm_nf4(args); }
+QADAPT_KERNEL_BOUNDED(lora_gemm_nf4_bf16, QadaptLoraFwdArgs, NF4_THREADS, 2) { gemm_nf4(args); }
 QADAPT_KERNEL(lora_gemm_xa_bf16, QadaptLoraFwdArgs) { gemm_xa(args); }
 
 QADAPT_KERNEL(lora_gemm_bwd_dyb_bf16, QadaptLoraBwdArgs) { bwd_dyb_gemm(args); }
 QADAPT_KERNEL_BOUNDED(lora_gemm_bwd_dx_dense_bf16, QadaptLoraBwdArgs, THREADS, 2) { bwd_dx_dense(args); }
-QADAPT_KERNEL_BOUNDED(lora_gemm_bwd_dx_nf4_bf16, QadaptLoraBwdArgs, THREADS, 2) { bwd_dx_nf4(args); }
+QADAPT_KERNEL_BOUNDED(lora_gemm_bwd_dx_nf4_bf16, QadaptLoraBwdArgs, NF4_THREADS, 2) { bwd_dx_nf4(args); }
 QADAPT_KERNEL(lora_gemm_bwd_da_bf16, QadaptLoraBwdArgs) { bwd_grad<GradOut::A>(args); }
 QADAPT_KERNEL(lora_gemm_bwd_db_bf16, QadaptLoraBwdArgs) { bwd_grad<GradOut::B>(args); }

@@ -28,7 +28,9 @@ mutant() {
 mutant "cp.async.wait_group one group too loose in the main loops" 's/cp_async_wait<STAGES - 2>\(\);/cp_async_wait<STAGES - 1>();/g'
 mutant "__syncthreads removed after the wait in the main loops" 's/(cp_async_wait<STAGES - 2>\(\);\n)\s*__syncthreads\(\);\n/$1/g'
 mutant "b0/b1 of the ldmatrix B fragments swapped" 's/bf\[2 \* nj\]\[0\] = r\[0\];\n(\s*)bf\[2 \* nj\]\[1\] = r\[1\];/bf[2 * nj][0] = r[1];\n$1bf[2 * nj][1] = r[0];/g'
-mutant "__syncthreads removed before the LoRA extension reuses the stage buffers" 's/__syncthreads\(\);\n(\s*load_tile<BM>\(tA, reinterpret_cast<const bf16\*>\(a\.u\))/$1/'
+mutant "__syncthreads removed before the LoRA extension reuses the stage buffers" 's/__syncthreads\(\);\n(\s*load_tile<BM, NT>\(tA, reinterpret_cast<const bf16\*>\(a\.u\))/$1/'
+mutant "the NF4 decode overwrites the decoded tile the mma of the step reads" 's/nf4_decode_stage<BWD>\(sm\.w\[\(kt \+ 1\) & 1\]/nf4_decode_stage<BWD>(sm.w[kt & 1]/'
+mutant "NF4 high and low nibbles swapped in the decode" 's/__fmul_rn\(lv\[byte >> 4\], scale\), __fmul_rn\(lv\[byte & 15u\], scale\)/__fmul_rn(lv[byte & 15u], scale), __fmul_rn(lv[byte >> 4], scale)/'
 mutant "A fragment rows 8-15 taken from rows 0-7 (lane & 7 for lane & 15)" 's/const uint32_t row = wm0 \+ mi \* 16 \+ \(lane & 15u\);/const uint32_t row = wm0 + mi * 16 + (lane & 7u);/'
 mutant "tile loads read one element past the end of a row in the K tail (k <= cols)" 's/const uint32_t lo = \(gr < rows && k < cols\)/const uint32_t lo = (gr < rows && k <= cols)/' "outside every allocation"
 mutant "the dense gemv takes 16-byte loads whatever the vec flag (rows not 16-byte aligned when K % 8 != 0)" 's/(const bf16\* wr = w \+ \(uint64_t\)n \* a\.k;\n\s*)if \(vec\) \{/$1if (true) {/' "misaligned address"

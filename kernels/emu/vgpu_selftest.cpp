@@ -980,7 +980,7 @@ void test_lora(uint32_t M, uint32_t N, uint32_t K, uint32_t r, uint32_t na, bool
     f.absmax = P(absmax.data());
     f.blocksize = bs;
     f.y = P(y_nf4.data());
-    check(run("lora_gemm_nf4_bf16", f, D1(tiles(M, N)), D1(256)).code == QV_OK, "lora_gemm_nf4_bf16");
+    check(run("lora_gemm_nf4_bf16", f, D1(tiles(M, N)), D1(QADAPT_LORA_GEMM_NF4_THREADS)).code == QV_OK, "lora_gemm_nf4_bf16");
     f.w = P(wdq.data());
     f.y = P(y_deq.data());
     check(run("lora_gemm_dense_bf16", f, D1(tiles(M, N)), D1(256)).code == QV_OK, "lora_gemm_dense_bf16 (dequantized W)");
@@ -988,7 +988,7 @@ void test_lora(uint32_t M, uint32_t N, uint32_t K, uint32_t r, uint32_t na, bool
     b.absmax = P(absmax.data());
     b.blocksize = bs;
     b.dx = P(dx_nf4.data());
-    check(run("lora_gemm_bwd_dx_nf4_bf16", b, D1(tiles(M, K)), D1(256)).code == QV_OK, "lora_gemm_bwd_dx_nf4_bf16");
+    check(run("lora_gemm_bwd_dx_nf4_bf16", b, D1(tiles(M, K)), D1(QADAPT_LORA_GEMM_NF4_THREADS)).code == QV_OK, "lora_gemm_bwd_dx_nf4_bf16");
     b.w = P(wdq.data());
     b.dx = P(dx_deq.data());
     check(run("lora_gemm_bwd_dx_dense_bf16", b, D1(tiles(M, K)), D1(256)).code == QV_OK, "bwd dx (dequantized W)");

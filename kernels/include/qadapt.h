@@ -107,6 +107,9 @@ typedef struct QadaptNf4DequantizeArgs {
 #define QADAPT_LORA_GEMM_BM 128
 #define QADAPT_LORA_GEMM_BN 128
 #define QADAPT_LORA_GEMM_THREADS 256
+/* The NF4 y and dx GEMMs (lora_gemm_nf4_bf16, lora_gemm_bwd_dx_nf4_bf16): same CTA tile, 4 warps of
+ * 64 x 64. */
+#define QADAPT_LORA_GEMM_NF4_THREADS 128
 /* gemv: warps per CTA (one output feature per warp, grid-stride). */
 #define QADAPT_LORA_GEMV_WARPS 8
 

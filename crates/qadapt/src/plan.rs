@@ -334,6 +334,17 @@ pub enum LoraPath {
     Gemm,
 }
 
+/// Threads a CTA of the y and dx GEMMs over a dense (`QADAPT_LORA_GEMM_THREADS`: 8 warps of
+/// 64 x 32) or an NF4 weight (`QADAPT_LORA_GEMM_NF4_THREADS`: 4 warps of 64 x 64, the wider warp
+/// tiles paying for the in-CTA decode). The grid is the same 128 x 128 tiling.
+pub fn lora_gemm_threads(nf4: bool) -> u32 {
+    if nf4 {
+        ffi::QADAPT_LORA_GEMM_NF4_THREADS
+    } else {
+        ffi::QADAPT_LORA_GEMM_THREADS
+    }
+}
+
 /// The launches of one fused LoRA forward: the LoRA intermediate `u` (`lora_xa_bf16` on the gemv
 /// path, `lora_gemm_xa_bf16` on the GEMM path; absent without a LoRA term), then the gemv or GEMM
 /// kernel.

@@ -375,11 +375,12 @@ fn emulated_model_op_kernels_match_a_float64_reference() {
 /// shuffles, `ldmatrix` and `mma.sync` fragment layouts against scalar references, `cp.async`
 /// poison before the wait, exposed shared-memory races, deadlock, fault and trap reports, and the
 /// LoRA tensor-core kernels at awkward shapes against a float64 reference. Then
-/// `vgpu_mutants.sh` plants seven defects in copies of `kernels/lora.cu` (a loosened
-/// `cp.async.wait_group`, two removed `__syncthreads`, a swapped B-fragment pair, wrong A-fragment
-/// rows, a one-element read past a row's end in the K tail, 16-byte loads of rows that are not
-/// 16-byte aligned) and the selftest must fail on each, the last two through the memory checker's
-/// reports: the emulation has teeth on the shipped kernels.
+/// `vgpu_mutants.sh` plants nine defects in copies of `kernels/lora.cu` (a loosened
+/// `cp.async.wait_group`, two removed `__syncthreads`, a swapped B-fragment pair, the NF4 decode
+/// writing the tile being read, swapped NF4 nibbles, wrong A-fragment rows, a one-element read
+/// past a row's end in the K tail, 16-byte loads of rows that are not 16-byte aligned) and the
+/// selftest must fail on each, the last two through the memory checker's reports: the emulation
+/// has teeth on the shipped kernels.
 #[test]
 fn the_emulator_selftest_passes_and_catches_planted_defects() {
     let r = root();
@@ -432,6 +433,6 @@ fn the_emulator_selftest_passes_and_catches_planted_defects() {
         out.status.success(),
         "a planted defect went unnoticed:\n{text}"
     );
-    assert_eq!(text.matches(": caught").count(), 7, "{text}");
+    assert_eq!(text.matches(": caught").count(), 9, "{text}");
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -304,9 +304,17 @@ pub(crate) fn lora_forward(
     // quant), bs a power of two >= 32 (nf4_scratch). The NF4 kernels run only when k % 32 == 0
     // and the codes and x are 16-byte aligned (their unconditional 16-byte loads, checked just
     // above); the dense kernels use 16-byte loads and cp.async only under QADAPT_LORA_VEC
-    // (k % 8 == 0, x/W/A aligned). The GEMM grid is exactly ceil(n/128)*ceil(m/128) CTAs of 256
-    // threads (plan), the gemv grid-strides. Every buffer's guard is held past the launch.
-    unsafe { launch(dev, main_kernel(plan.path, wp.nf4), plan.main, &args) }?;
+    // (k % 8 == 0, x/W/A aligned). The GEMM grid is exactly ceil(n/128)*ceil(m/128) CTAs of the
+    // kernel's thread count (plan; lora_gemm_threads, which its __launch_bounds__ match), the gemv
+    // grid-strides. Every buffer's guard is held past the launch.
+    let main = match plan.path {
+        LoraPath::Gemm => plan::LaunchPlan {
+            block: plan::lora_gemm_threads(wp.nf4),
+            ..plan.main
+        },
+        LoraPath::Gemv | LoraPath::GemvWide => plan.main,
+    };
+    unsafe { launch(dev, main_kernel(plan.path, wp.nf4), main, &args) }?;
     Ok(())
 }
 
@@ -442,8 +450,13 @@ pub(crate) fn lora_backward(
     // codes/scales validated by nf4_scratch with k % 32 == 0 and aligned codes for the NF4
     // kernel's 16-byte cp.async), g [m*na*r] and A [na*r*k], and write dx [m*k] only inside
     // those bounds; cp.async of dy/W/A rows only under QADAPT_LORA_VEC (k % 8, n % 8, aligned).
-    // The grid is exactly ceil(m/128)*ceil(k/128) CTAs (plan); every guard is held past it.
-    unsafe { launch(dev, dx_kernel, plan.dx, &args) }?;
+    // The grid is exactly ceil(m/128)*ceil(k/128) CTAs (plan) of the kernel's thread count
+    // (lora_gemm_threads); every guard is held past it.
+    let dx = plan::LaunchPlan {
+        block: plan::lora_gemm_threads(wp.nf4),
+        ..plan.dx
+    };
+    unsafe { launch(dev, dx_kernel, dx, &args) }?;
     if let (Some(da), Some(db)) = (plan.da, plan.db) {
         // SAFETY: lora_gemm_bwd_da_bf16 reads g [m*na*r] (ours, aligned; 16-byte copies only
         // when na*r % 8 == 0) and x [m*k] (16-byte copies under QADAPT_LORA_VEC), and adds into
