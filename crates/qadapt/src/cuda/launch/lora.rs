@@ -297,6 +297,13 @@ pub(crate) fn lora_forward(
         // this device.
         unsafe { launch(dev, xa_kernel, xa, &args) }?;
     }
+    let main = match plan.path {
+        LoraPath::Gemm => plan::LaunchPlan {
+            block: plan::lora_gemm_threads(wp.nf4),
+            ..plan.main
+        },
+        LoraPath::Gemv | LoraPath::GemvWide => plan.main,
+    };
     // SAFETY: QadaptLoraFwdArgs is what every lora_gemv_*/lora_gemm_* kernel takes. Checked
     // above: x [m*k], y [m*n], u [m*na*r] (ours), A [na*r*k], B [na*n*r], scales [na], bias [n],
     // adapter_idx [m]; a dense W of n*k bf16, or NF4 codes of ceil(n*k/2) bytes with
@@ -307,13 +314,6 @@ pub(crate) fn lora_forward(
     // (k % 8 == 0, x/W/A aligned). The GEMM grid is exactly ceil(n/128)*ceil(m/128) CTAs of the
     // kernel's thread count (plan; lora_gemm_threads, which its __launch_bounds__ match), the gemv
     // grid-strides. Every buffer's guard is held past the launch.
-    let main = match plan.path {
-        LoraPath::Gemm => plan::LaunchPlan {
-            block: plan::lora_gemm_threads(wp.nf4),
-            ..plan.main
-        },
-        LoraPath::Gemv | LoraPath::GemvWide => plan.main,
-    };
     unsafe { launch(dev, main_kernel(plan.path, wp.nf4), main, &args) }?;
     Ok(())
 }
@@ -446,16 +446,16 @@ pub(crate) fn lora_backward(
     } else {
         kernels::LORA_GEMM_BWD_DX_DENSE_BF16
     };
+    let dx = plan::LaunchPlan {
+        block: plan::lora_gemm_threads(wp.nf4),
+        ..plan.dx
+    };
     // SAFETY: the dx kernels take QadaptLoraBwdArgs; they read dy [m*n], W (n*k bf16, or NF4
     // codes/scales validated by nf4_scratch with k % 32 == 0 and aligned codes for the NF4
     // kernel's 16-byte cp.async), g [m*na*r] and A [na*r*k], and write dx [m*k] only inside
     // those bounds; cp.async of dy/W/A rows only under QADAPT_LORA_VEC (k % 8, n % 8, aligned).
     // The grid is exactly ceil(m/128)*ceil(k/128) CTAs (plan) of the kernel's thread count
     // (lora_gemm_threads); every guard is held past it.
-    let dx = plan::LaunchPlan {
-        block: plan::lora_gemm_threads(wp.nf4),
-        ..plan.dx
-    };
     unsafe { launch(dev, dx_kernel, dx, &args) }?;
     if let (Some(da), Some(db)) = (plan.da, plan.db) {
         // SAFETY: lora_gemm_bwd_da_bf16 reads g [m*na*r] (ours, aligned; 16-byte copies only
