@@ -462,6 +462,20 @@ __device__ __forceinline__ void pipeline(uint32_t KT, Issue&& issue, Compute&& c
     cp_async_wait<0>();
 }
 
+/* The pipeline over two operands whose copy plans are set up (ColCopy / RowCopy): A tiles into
+ * sA[slot], B tiles into sB[slot]. */
+template <class CopyA, class CopyB, class TileA, class TileB, class Compute>
+__device__ __forceinline__ void pipeline_planned(uint32_t KT, CopyA& ca, CopyB& cb, TileA* sA, TileB* sB,
+                                                 Compute&& compute) {
+    pipeline(
+        KT,
+        [&](uint32_t s, uint32_t) {
+            ca.issue(sA[s]);
+            cb.issue(sB[s]);
+        },
+        compute);
+}
+
 /* The LoRA extension slice e0..e0+BK of Bcat[n, e] = B_{e / r}[n, e % r] (element loads). */
 template <int NT = THREADS>
 __device__ __forceinline__ void load_bcat_tile(bf16* tile, const QadaptLoraFwdArgs& a, uint32_t n0, uint32_t e0) {
@@ -579,13 +593,7 @@ __device__ __forceinline__ void mainloop_dense(float (&acc)[MI][NI][4], bf16 (*s
     if (vec) {
         ColCopy<BM> ca(x, m0, M, K, K);
         ColCopy<BN> cb(w, n0, N, K, K);
-        pipeline(
-            KT,
-            [&](uint32_t s, uint32_t) {
-                ca.issue(sA[s]);
-                cb.issue(sB[s]);
-            },
-            compute);
+        pipeline_planned(KT, ca, cb, sA, sB, compute);
     } else {
         pipeline(
             KT,
@@ -886,13 +894,7 @@ __device__ __forceinline__ void mainloop_dy(float (&acc)[MI][NI][4], bf16 (*sA)[
     if (!BCAT && vec) {
         ColCopy<BM> ca(dy, m0, a.m, a.n, a.n);
         RowCopy<> cb(w, n0, a.k, a.n, a.k);
-        pipeline(
-            KT,
-            [&](uint32_t s, uint32_t) {
-                ca.issue(sA[s]);
-                cb.issue(sB[s]);
-            },
-            compute);
+        pipeline_planned(KT, ca, cb, sA, sB, compute);
     } else {
         pipeline(
             KT,
