@@ -32,8 +32,9 @@
  * (the y and dx GEMMs in grouped order, grouped_tile; the others column tiles fastest), operands
  * through a 3-stage cp.async pipeline into XOR-swizzled shared memory, copy plans set up once per
  * thread for the vector layout, edges of any shape filled with zeros):
- *   lora_xa_bf16          gemv path: one warp per u[m, e] (grid-stride), 16-byte loads of x and
- *                         A, a warp reduction, zero for foreign adapters.
+ *   lora_xa_bf16          gemv path: one CTA per u[m, e] (grid-stride), its 8 warps splitting k,
+ *                         16-byte loads of x and A, a fixed-order reduction, zero for foreign
+ *                         adapters.
  *   lora_gemm_xa_bf16     GEMM path: u = x Acat^T on the tensor cores, masked and scaled at the
  *                         store.
  *   lora_gemv_*_bf16      M <= 4 rows (lora_gemv_wide_*_bf16: 5..16 rows, more accumulators and
@@ -127,22 +128,30 @@ __device__ __forceinline__ int row_adapter(const Args& a, uint32_t m) {
 
 /* ---- lora_xa: u = s * (x A^T) per row adapter ------------------------------------------------ */
 
+/* One CTA per u[m, e] (grid-stride over the m * R elements): its QADAPT_LORA_GEMV_WARPS warps
+ * split the k dot product (warp w takes the 16-byte chunks w * 32 + lane, + 256, ...: the CTA
+ * reads x and A rows in consecutive 512-byte runs), reduce in registers, then thread 0 adds the
+ * warp sums in warp order (fixed order: deterministic). With one warp per element the m * R
+ * dot products of a decode step ran on a few SMs, each the whole length of k: the serial tail
+ * before the gemv. */
 __device__ __forceinline__ void xa(const QadaptLoraFwdArgs& a) {
+    constexpr int WARPS = QADAPT_LORA_GEMV_WARPS;
+    __shared__ float part[WARPS];
     const bf16* __restrict__ x = reinterpret_cast<const bf16*>(a.x);
     const bf16* __restrict__ A = reinterpret_cast<const bf16*>(a.lora_a);
     const float* __restrict__ scales = reinterpret_cast<const float*>(a.scales);
     bf16* __restrict__ u = reinterpret_cast<bf16*>(a.u);
     const uint32_t R = a.rank * a.n_adapters;
     const uint64_t total = (uint64_t)a.m * R;
-    const unsigned lane = threadIdx.x & 31u;
-    const uint64_t warps = (uint64_t)gridDim.x * (blockDim.x / 32u);
+    const unsigned lane = threadIdx.x & 31u, warp = threadIdx.x / 32u;
     const bool vec = (a.flags & QADAPT_LORA_VEC) != 0;
-    for (uint64_t w = (uint64_t)blockIdx.x * (blockDim.x / 32u) + threadIdx.x / 32u; w < total; w += warps) {
+    for (uint64_t w = blockIdx.x; w < total; w += gridDim.x) {
         const uint32_t m = (uint32_t)(w / R);
         const uint32_t e = (uint32_t)(w % R);
         const uint32_t ad = e / a.rank;
+        /* Uniform over the CTA: every thread skips, or every thread reaches the barriers. */
         if (row_adapter(a, m) != (int)ad) {
-            if (lane == 0) u[w] = __float2bfloat16_rn(0.0f);
+            if (threadIdx.x == 0) u[w] = __float2bfloat16_rn(0.0f);
             continue;
         }
         const bf16* xr = x + (uint64_t)m * a.k;
@@ -151,12 +160,20 @@ __device__ __forceinline__ void xa(const QadaptLoraFwdArgs& a) {
         if (vec) {
             const uint4* xv = reinterpret_cast<const uint4*>(xr);
             const uint4* av = reinterpret_cast<const uint4*>(ar);
-            for (uint32_t c = lane; c < a.k / 8; c += 32) acc = dot8(__ldg(xv + c), __ldg(av + c), acc);
+            for (uint32_t c = threadIdx.x; c < a.k / 8; c += 32 * WARPS) acc = dot8(__ldg(xv + c), __ldg(av + c), acc);
         } else {
-            for (uint32_t k = lane; k < a.k; k += 32) acc = fmaf(bf_at(xr, k), bf_at(ar, k), acc);
+            for (uint32_t k = threadIdx.x; k < a.k; k += 32 * WARPS) acc = fmaf(bf_at(xr, k), bf_at(ar, k), acc);
         }
         acc = warp_sum(acc);
-        if (lane == 0) u[w] = __float2bfloat16_rn(__fmul_rn(__ldg(scales + ad), acc));
+        if (lane == 0) part[warp] = acc;
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            float sum = 0.0f;
+#pragma unroll
+            for (int i = 0; i < WARPS; ++i) sum += part[i];
+            u[w] = __float2bfloat16_rn(__fmul_rn(__ldg(scales + ad), sum));
+        }
+        __syncthreads();
     }
 }
 

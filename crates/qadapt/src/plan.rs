@@ -378,9 +378,9 @@ pub fn lora_forward(
     }
     let warps = u64::from(ffi::QADAPT_LORA_GEMV_WARPS);
     if m <= u64::from(ffi::QADAPT_LORA_GEMV_MAX_ROWS) {
-        // lora_xa_bf16: one warp per u element, grid-stride.
+        // lora_xa_bf16: one CTA per u element (its warps split k), grid-stride.
         let xa = (r_total > 0).then(|| LaunchPlan {
-            grid: capped_grid((m * r_total).div_ceil(warps), props),
+            grid: capped_grid(m * r_total, props),
             block: 32 * ffi::QADAPT_LORA_GEMV_WARPS,
             shared_bytes: 0,
         });
@@ -452,7 +452,7 @@ mod lora_tests {
             let p = lora_forward(m, 4096, 4096, 16, &DeviceProps::H200).unwrap();
             assert_eq!(p.path, path);
             assert_eq!((p.main.grid, p.main.block), (512, 256)); // 4096 features / 8 warps
-            assert_eq!(p.xa.unwrap().grid, (m as u32 * 16).div_ceil(8));
+            assert_eq!(p.xa.unwrap().grid, m as u32 * 16); // a CTA per u element
         }
         // The gemv grid-strides: capped at 32 CTAs per SM.
         let p = lora_forward(1, 1 << 30, 64, 0, &DeviceProps::H200).unwrap();

@@ -292,7 +292,7 @@ pub(crate) fn lora_forward(
         // adapter_idx [m] when non-zero (checked), and write u[0..m*na*r] (allocated here with
         // that length); 16-byte loads and cp.async only under QADAPT_LORA_VEC, set only when
         // k % 8 == 0 and x and A are 16-byte aligned, and only for in-bounds 8-element chunks.
-        // The grid is the warp-per-element grid-stride (gemv path) or one CTA per 128 x 128 tile
+        // The grid is the CTA-per-element grid-stride (gemv path) or one CTA per 128 x 128 tile
         // of u (GEMM path), as planned. Indices outside 0..na read as -1. All buffers are on
         // this device.
         unsafe { launch(dev, xa_kernel, xa, &args) }?;
