@@ -959,7 +959,7 @@ __device__ __forceinline__ void bwd_dyb_gemm(const QadaptLoraBwdArgs& a) {
 /* ---- NF4 GEMMs: the weight decoded once per CTA ------------------------------------------------
  *
  * Both NF4 GEMMs (forward y = x W^T, backward dx = dy W) stream W as packed codes and decode each
- * stage ONCE, by all 256 threads, into a swizzled bf16 tile that the dense ldmatrix paths then
+ * stage ONCE, by all its threads, into a swizzled bf16 tile that the dense ldmatrix paths then
  * read exactly as they read a dense W tile (mma_tile_dense / mma_tile_nt). No warp decodes what
  * another warp of the CTA decodes.
  *
@@ -967,9 +967,9 @@ __device__ __forceinline__ void bwd_dyb_gemm(const QadaptLoraBwdArgs& a) {
  * (K % 32 == 0), each with one scale:
  *   forward  run i = row n0 + i of W, columns k0 .. k0+32           -> decoded tile [BN][BK] (swz)
  *   backward run i = row r0 + i/4 of W, columns c0 + 32 (i%4) ..    -> decoded tile [BK][BQ] (swz_t)
- * Thread i < 128 copies run i with one cp.async and computes its scale. The decode reads the
- * stage as 512 words of 8 codes: thread t takes words t and t + 256 (consecutive lanes, consecutive
- * words: one wavefront), the scale of run word/4 (8 addresses a warp: one wavefront), looks up
+ * Thread i (of 128) copies run i with one cp.async and computes its scale. The decode reads the
+ * stage as 512 words of 8 codes: thread t takes words t, t + 128, t + 256 and t + 384 (consecutive
+ * lanes, consecutive words: one wavefront), the scale of run word/4 (8 addresses a warp: one wavefront), looks up
  * the 16 f32 levels in shared memory (16 words in 16 banks: never a conflict) and stores 8 bf16
  * values as one 16-byte chunk of the swizzled tile (the chunks of a quarter-warp are 128
  * contiguous bytes: conflict-free). Values are bf16(level * scale) with the f32 product rounded
@@ -1030,23 +1030,40 @@ constexpr int MI4 = NF4_WM / 16, NI8 = NF4_WN / 8;
 static_assert((BM / NF4_WM) * (BN / NF4_WN) * 32 == NF4_THREADS, "4 warps tile the CTA");
 static_assert(NF4_THREADS == 128, "one code run (of 128 a stage) per thread");
 
-/* Thread i < 128: starts the copy of code run i of step `step` into `tq` and returns its scale
- * (0 with the zero code 7 stored for a run outside W). BWD selects the backward run geometry.
- * The returned value is the only use of the scale loads, so a caller that stores it late does
- * not wait for them here. */
+/* Thread i's code run, one per step in step order: run i of every stage (forward: row tile0 + i
+ * of W at columns step * BK; backward: row step * BK + i / 4 at columns tile0 + 32 (i % 4)),
+ * its flat element index e advancing by a fixed stride (BK, or BK * K rows down) instead of being
+ * recomputed in 64 bits each step. issue() starts the cp.async of its 16 bytes and returns its
+ * scale (0, with the zero code 7 stored, for a run outside W). The returned value is the only use
+ * of the scale loads, so a caller that stores it late does not wait for them here. */
 template <bool BWD>
-__device__ __forceinline__ float nf4_issue_run(uint8_t* tq, const Nf4W& w, uint32_t step, uint32_t tile0) {
-    const uint32_t i = threadIdx.x;
-    const uint32_t n = BWD ? step * BK + i / 4 : tile0 + i;
-    const uint32_t kc = BWD ? tile0 + (i % 4) * 32 : step * BK;
-    if (n < w.n && kc < w.k) {
-        const uint64_t e = (uint64_t)n * w.k + kc;
-        cp_async16(tq + i * 16, w.codes + e / 2);
-        return nf4_block_scale(w.absmax, w.absmax_codes, w.nested, w.map, w.offset, e >> w.block_shift);
+struct Nf4Runs {
+    uint64_t e, stride;
+    uint32_t row;  /* backward: this step's row of W (bound-checked each step) */
+    bool fixed_ok; /* forward: the row is in W; backward: the columns are */
+    __device__ __forceinline__ Nf4Runs(const Nf4W& w, uint32_t tile0) {
+        const uint32_t i = threadIdx.x;
+        row = BWD ? i / 4 : tile0 + i;
+        const uint32_t kc = BWD ? tile0 + (i % 4) * 32 : 0;
+        fixed_ok = BWD ? kc < w.k : row < w.n;
+        e = (uint64_t)row * w.k + kc;
+        stride = BWD ? (uint64_t)BK * w.k : (uint64_t)BK;
     }
-    *reinterpret_cast<uint4*>(tq + i * 16) = make_uint4(0x77777777u, 0x77777777u, 0x77777777u, 0x77777777u);
-    return 0.0f;
-}
+    __device__ __forceinline__ float issue(uint8_t* tq, const Nf4W& w) {
+        const bool ok = fixed_ok && (!BWD || row < w.n);
+        uint8_t* dst = tq + threadIdx.x * 16;
+        float scale = 0.0f;
+        if (ok) {
+            cp_async16(dst, w.codes + e / 2);
+            scale = nf4_block_scale(w.absmax, w.absmax_codes, w.nested, w.map, w.offset, e >> w.block_shift);
+        } else {
+            *reinterpret_cast<uint4*>(dst) = make_uint4(0x77777777u, 0x77777777u, 0x77777777u, 0x77777777u);
+        }
+        e += stride;
+        row += BWD ? BK : 0;
+        return scale;
+    }
+};
 
 /* Decodes one stage of codes into the bf16 tile the dense path reads (see the section comment). */
 template <bool BWD>
@@ -1079,16 +1096,14 @@ template <bool BWD, class IssueA>
 __device__ __forceinline__ void mainloop_nf4(float (&acc)[MI4][NI8][4], Nf4Smem& sm, const Nf4W& w, uint32_t KT,
                                              IssueA&& issue_a, uint32_t tile0, uint32_t wm0, uint32_t wn0) {
     if (threadIdx.x < 16) sm.lv[threadIdx.x] = nf4_level((int)threadIdx.x);
-    const bool runner = threadIdx.x < 128;
+    Nf4Runs<BWD> runs(w, tile0);
     /* Prologue: group 0 = {A 0, codes 0, codes 1}, group 1 = {A 1, codes 2}; their scales are
      * stored at once. */
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
         if ((uint32_t)s < KT) issue_a((uint32_t)s, (uint32_t)s);
-        if (runner) {
-            for (uint32_t step = s == 0 ? 0u : (uint32_t)s + 1; step <= (uint32_t)s + 1; ++step) {
-                if (step < KT) sm.s[step][threadIdx.x] = nf4_issue_run<BWD>(sm.q[step], w, step, tile0);
-            }
+        for (uint32_t step = s == 0 ? 0u : (uint32_t)s + 1; step <= (uint32_t)s + 1; ++step) {
+            if (step < KT) sm.s[step][threadIdx.x] = runs.issue(sm.q[step], w);
         }
         cp_async_commit();
     }
@@ -1103,10 +1118,9 @@ __device__ __forceinline__ void mainloop_nf4(float (&acc)[MI4][NI8][4], Nf4Smem&
         cp_async_wait<STAGES - 2>();
         __syncthreads();
         if (kt + STAGES - 1 < KT) issue_a(sa_w, kt + STAGES - 1);
-        const uint32_t nq = kt + STAGES;
-        const bool issued = runner && nq < KT;
+        const bool issued = kt + STAGES < KT;
         float scale = 0.0f;
-        if (issued) scale = nf4_issue_run<BWD>(sm.q[sa], w, nq, tile0);
+        if (issued) scale = runs.issue(sm.q[sa], w);
         cp_async_commit();
         if (kt + 1 < KT) nf4_decode_stage<BWD>(sm.w[(kt + 1) & 1], sm.q[sq], sm.s[sq], sm.lv);
         if (BWD) mma_tile_nt(acc, sm.a[sa], sm.w[kt & 1], wm0, wn0);
