@@ -1041,7 +1041,13 @@ struct Nf4Runs {
     uint64_t e, stride;
     uint32_t row;  /* backward: this step's row of W (bound-checked each step) */
     bool fixed_ok; /* forward: the row is in W; backward: the columns are */
-    __device__ __forceinline__ Nf4Runs(const Nf4W& w, uint32_t tile0) {
+    /* The last block's scale and the last nested absmax: the forward walks along a row, so a
+     * block of 64 codes serves two steps and a nested absmax (256 blocks) a whole row; each is
+     * loaded once instead of once a step. */
+    uint64_t last_block, last_group;
+    float last_scale, last_nested;
+    __device__ __forceinline__ Nf4Runs(const Nf4W& w, uint32_t tile0)
+        : last_block(~0ull), last_group(~0ull), last_scale(0.0f), last_nested(0.0f) {
         const uint32_t i = threadIdx.x;
         row = BWD ? i / 4 : tile0 + i;
         const uint32_t kc = BWD ? tile0 + (i % 4) * 32 : 0;
@@ -1049,13 +1055,28 @@ struct Nf4Runs {
         e = (uint64_t)row * w.k + kc;
         stride = BWD ? (uint64_t)BK * w.k : (uint64_t)BK;
     }
+    /* nf4_block_scale with the two caches (same values, same two roundings). */
+    __device__ __forceinline__ float scale_of(const Nf4W& w, uint64_t b) {
+        if (b == last_block) return last_scale;
+        last_block = b;
+        if (w.absmax_codes == nullptr) {
+            last_scale = __ldg(w.absmax + b);
+        } else {
+            if (b / 256 != last_group) {
+                last_group = b / 256;
+                last_nested = __ldg(w.nested + last_group);
+            }
+            last_scale = __fadd_rn(__fmul_rn(__ldg(w.map + __ldg(w.absmax_codes + b)), last_nested), w.offset);
+        }
+        return last_scale;
+    }
     __device__ __forceinline__ float issue(uint8_t* tq, const Nf4W& w) {
         const bool ok = fixed_ok && (!BWD || row < w.n);
         uint8_t* dst = tq + threadIdx.x * 16;
         float scale = 0.0f;
         if (ok) {
             cp_async16(dst, w.codes + e / 2);
-            scale = nf4_block_scale(w.absmax, w.absmax_codes, w.nested, w.map, w.offset, e >> w.block_shift);
+            scale = scale_of(w, e >> w.block_shift);
         } else {
             *reinterpret_cast<uint4*>(dst) = make_uint4(0x77777777u, 0x77777777u, 0x77777777u, 0x77777777u);
         }
