@@ -33,8 +33,8 @@
  * memory, edges of any shape filled element by element with zeros):
  *   lora_xa_bf16          gemv path: one warp per u[m, e] (grid-stride), 16-byte loads of x and
  *                         A, a warp reduction, zero for foreign adapters.
- *   lora_gemm_xa_bf16     GEMM path: u = x Acat^T on the tensor cores, masked and scaled at the
- *                         store.
+ *   (GEMM path: u, and the backward's g, dA and dB, are the rank-R products of lora_rank.cu:
+ *                         R-wide tiles, split along the reduction.)
  *   lora_gemv_*_bf16      M <= 4 rows (lora_gemv_wide_*_bf16: 5..16 rows, more accumulators and
  *                         registers). One warp per output feature n (grid-stride), the row of
  *                         W streamed once with 16-byte loads (8 bf16, or 32 NF4 codes dequantized
@@ -48,15 +48,10 @@
  *                         fragment straight from shared memory through a 256-entry (byte -> two
  *                         levels) table. After the K loop the same accumulators take the R-long
  *                         extension [u | Bcat], then bias, then one bf16 store of y.
- *   lora_gemm_bwd_dyb_bf16  g = dy Bcat: dy tiles [128][32], Bcat tiles [32 rows of n][128]
- *                         read with ldmatrix.trans; masked and scaled at the store.
  *   lora_gemm_bwd_dx_*_bf16 dx = dy W then + g Acat in the same accumulators: W tiles
  *                         [32 rows of n][128 columns of k] by ldmatrix.trans; NF4 W tiles as 64
  *                         bytes a row (80-byte stride: conflict-free) plus a scale per 32 columns,
  *                         decoded per fragment element. One bf16 store of dx.
- *   lora_gemm_bwd_da_bf16 / lora_gemm_bwd_db_bf16  reductions over the M rows: both operands
- *                         [32 rows of m][128] tiles read with ldmatrix.trans; each output element
- *                         is owned by one CTA, which adds its f32 sum to the stored gradient.
  * Outputs u, g, y and dx are overwritten; grad_a and grad_b are accumulated into.
  */
 #include "nf4_codec.cuh"
@@ -542,52 +537,6 @@ __device__ __forceinline__ void gemm_dense(const QadaptLoraFwdArgs& a) {
     gemm_finish(a, acc, sA[0], sB[0], m0, n0, wm0, wn0);
 }
 
-/* Stores the LoRA intermediate of a [BM x BN] tile of (rows m, columns e): the row's own adapter's
- * columns as bf16(s_a * acc), every other column 0 (the masked products are discarded). */
-template <typename Args>
-__device__ __forceinline__ void store_masked(const Args& a, const float (&acc)[MI][NI][4], bf16* __restrict__ out,
-                                             uint32_t m0, uint32_t e0, uint32_t wm0, uint32_t wn0) {
-    const float* __restrict__ scales = reinterpret_cast<const float*>(a.scales);
-    const uint32_t R = a.rank * a.n_adapters;
-    const unsigned lane = threadIdx.x & 31u;
-#pragma unroll
-    for (int mi = 0; mi < MI; ++mi) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const uint32_t row = m0 + wm0 + mi * 16 + (lane >> 2) + h * 8;
-            if (row >= a.m) continue;
-            const int ad = row_adapter(a, row);
-            const float s = ad >= 0 ? __ldg(scales + ad) : 0.0f;
-#pragma unroll
-            for (int ni = 0; ni < NI; ++ni) {
-#pragma unroll
-                for (int j = 0; j < 2; ++j) {
-                    const uint32_t e = e0 + wn0 + ni * 8 + (lane & 3u) * 2 + j;
-                    if (e >= R) continue;
-                    const bool own = ad >= 0 && (uint32_t)ad == e / a.rank;
-                    out[(uint64_t)row * R + e] = __float2bfloat16_rn(own ? __fmul_rn(s, acc[mi][ni][2 * h + j]) : 0.0f);
-                }
-            }
-        }
-    }
-}
-
-/* u = mask(s * x Acat^T) on the tensor cores: the dense main loop with W = the A stack [R, K]. */
-__device__ __forceinline__ void gemm_xa(const QadaptLoraFwdArgs& a) {
-    __shared__ __align__(128) bf16 sA[STAGES][BM * BK];
-    __shared__ __align__(128) bf16 sB[STAGES][BN * BK];
-    const uint32_t R = a.rank * a.n_adapters;
-    const uint32_t tiles_e = (R + BN - 1) / BN;
-    const uint32_t e0 = (blockIdx.x % tiles_e) * BN, m0 = (blockIdx.x / tiles_e) * BM;
-    const uint32_t warp = threadIdx.x / 32u;
-    const uint32_t wm0 = (warp / (BN / WN)) * WM, wn0 = (warp % (BN / WN)) * WN;
-    float acc[MI][NI][4];
-    zero_acc(acc);
-    mainloop_dense(acc, sA, sB, reinterpret_cast<const bf16*>(a.x), reinterpret_cast<const bf16*>(a.lora_a), a.m, R,
-                   a.k, m0, e0, wm0, wn0, (a.flags & QADAPT_LORA_VEC) != 0);
-    store_masked(a, acc, reinterpret_cast<bf16*>(a.u), m0, e0, wm0, wn0);
-}
-
 /* Packed NF4 W rows of one stage: 16 bytes (32 codes) per row by cp.async, and the row's block
  * scale decoded by the same thread. Needs K % 32 == 0 and 16-byte aligned packed codes. */
 __device__ __forceinline__ void load_nf4_tile(uint8_t* tq, float* tscale, const QadaptLoraFwdArgs& a, uint32_t n0,
@@ -690,18 +639,6 @@ __device__ __forceinline__ void load_tile_t(bf16* tile, const bf16* __restrict__
         } else {
             *reinterpret_cast<uint4*>(dst) = gather8(g, gr, rows, gc, cols, ld);
         }
-    }
-}
-
-/* A fragments from a [BK][BQ] tile holding the operand transposed (rows = reduction, columns =
- * output rows): matrices (red 0-7, p 0-7), (red 0-7, p 8-15), (red 8-15, p 0-7), (red 8-15, p 8-15)
- * are a0..a3 of m16n8k16. */
-__device__ __forceinline__ void load_a_frags_t(uint32_t (&af)[MI][4], const bf16* t, uint32_t wm0, int ks) {
-    const unsigned lane = threadIdx.x & 31u, q = lane >> 3;
-#pragma unroll
-    for (int mi = 0; mi < MI; ++mi) {
-        const uint32_t row = ks * 16 + (lane & 7u) + ((q >> 1) << 3);
-        ldmatrix_x4_t(af[mi], t + swz_t(row, (wm0 + mi * 16) / 8 + (q & 1u)));
     }
 }
 
@@ -870,21 +807,6 @@ __device__ __forceinline__ void bwd_dx_dense(const QadaptLoraBwdArgs& a) {
     bwd_dx_finish(a, acc, sA[0], sB[0], m0, n0, wm0, wn0, vec);
 }
 
-/* g = mask(s * dy Bcat) on the tensor cores: output tile [BM rows of m][BQ columns of e]. */
-__device__ __forceinline__ void bwd_dyb_gemm(const QadaptLoraBwdArgs& a) {
-    __shared__ __align__(128) bf16 sA[STAGES][BM * BK];
-    __shared__ __align__(128) bf16 sB[STAGES][BK * BQ];
-    const uint32_t R = a.rank * a.n_adapters;
-    const uint32_t tiles_e = (R + BQ - 1) / BQ;
-    const uint32_t e0 = (blockIdx.x % tiles_e) * BQ, m0 = (blockIdx.x / tiles_e) * BM;
-    const uint32_t warp = threadIdx.x / 32u;
-    const uint32_t wm0 = (warp / (BQ / WN)) * WM, wn0 = (warp % (BQ / WN)) * WN;
-    float acc[MI][NI][4];
-    zero_acc(acc);
-    mainloop_dy<true>(acc, sA, sB, a, m0, e0, wm0, wn0, (a.flags & QADAPT_LORA_VEC) != 0);
-    store_masked(a, acc, reinterpret_cast<bf16*>(a.g), m0, e0, wm0, wn0);
-}
-
 /* NF4 W tile for dx: BK rows of n, BQ = 128 columns of k = 64 bytes a row, stored with a row
  * stride of 80 bytes (the 4 rows a fragment read touches land in distinct banks), plus one scale
  * per (row, 32 columns). Thread t < 128 copies 16 bytes (row t/4, part t%4) and decodes their
@@ -979,84 +901,6 @@ __device__ __forceinline__ void bwd_dx_nf4(const QadaptLoraBwdArgs& a) {
     bwd_dx_finish(a, acc, sA[0], sA[1], m0, n0, wm0, wn0, vec);
 }
 
-/* Which adapter-gradient product a TN kernel forms. */
-enum class GradOut { A, B };
-
-/* out[p, q] += sum_m L[m, p] Rm[m, q] with both operands read along their rows (reduction over
- * m in BK slices, [BK][BQ]-shaped tiles for both, ldmatrix .trans for both):
- *   GradOut::A: L = g [m, R],  Rm = x [m, k], out = grad_a as [R, k]      (p = e, q = k)
- *   GradOut::B: L = dy [m, n], Rm = u [m, R], out = grad_b[e / r][p][e % r] (p = n, q = e)
- * Output tile [BM rows of p][BQ columns of q], 1-D grid with q tiles fastest. Each output element
- * belongs to exactly one CTA, which adds its f32 sum to what is there (accumulation). */
-template <GradOut OUT>
-__device__ __forceinline__ void bwd_grad(const QadaptLoraBwdArgs& a) {
-    __shared__ __align__(128) bf16 sL[STAGES][BK * BQ];
-    __shared__ __align__(128) bf16 sR[STAGES][BK * BQ];
-    const uint32_t R = a.rank * a.n_adapters;
-    const bool vec = (a.flags & QADAPT_LORA_VEC) != 0;
-    /* g and u are the launcher's own allocations: aligned, so only their width decides. */
-    const bool vec_r = (R % 8) == 0;
-    const bf16* L = reinterpret_cast<const bf16*>(OUT == GradOut::A ? a.g : a.dy);
-    const bf16* Rm = reinterpret_cast<const bf16*>(OUT == GradOut::A ? a.x : a.u);
-    const uint32_t P = OUT == GradOut::A ? R : a.n;
-    const uint32_t Q = OUT == GradOut::A ? a.k : R;
-    const bool vec_l = OUT == GradOut::A ? vec_r : vec;
-    const bool vec_q = OUT == GradOut::A ? vec : vec_r;
-    const uint32_t tiles_q = (Q + BQ - 1) / BQ;
-    const uint32_t q0 = (blockIdx.x % tiles_q) * BQ, p0 = (blockIdx.x / tiles_q) * BM;
-    const uint32_t warp = threadIdx.x / 32u;
-    const uint32_t wm0 = (warp / (BQ / WN)) * WM, wn0 = (warp % (BQ / WN)) * WN;
-    const uint32_t KT = (a.m + BK - 1) / BK;
-    float acc[MI][NI][4];
-    zero_acc(acc);
-#pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) {
-        if ((uint32_t)s < KT) {
-            load_tile_t(sL[s], L, s * BK, a.m, p0, P, P, vec_l);
-            load_tile_t(sR[s], Rm, s * BK, a.m, q0, Q, Q, vec_q);
-        }
-        cp_async_commit();
-    }
-    for (uint32_t kt = 0; kt < KT; ++kt) {
-        cp_async_wait<STAGES - 2>();
-        __syncthreads();
-        const uint32_t nk = kt + STAGES - 1;
-        if (nk < KT) {
-            load_tile_t(sL[nk % STAGES], L, nk * BK, a.m, p0, P, P, vec_l);
-            load_tile_t(sR[nk % STAGES], Rm, nk * BK, a.m, q0, Q, Q, vec_q);
-        }
-        cp_async_commit();
-        const uint32_t st = kt % STAGES;
-#pragma unroll
-        for (int ks = 0; ks < BK / 16; ++ks) {
-            uint32_t af[MI][4];
-            uint32_t bf[NI][2];
-            load_a_frags_t(af, sL[st], wm0, ks);
-            load_b_frags_t(bf, sR[st], wn0, ks);
-            mma_all(acc, af, bf);
-        }
-    }
-    cp_async_wait<0>();
-    float* __restrict__ out = reinterpret_cast<float*>(OUT == GradOut::A ? a.grad_a : a.grad_b);
-    const unsigned lane = threadIdx.x & 31u;
-#pragma unroll
-    for (int mi = 0; mi < MI; ++mi) {
-#pragma unroll
-        for (int ni = 0; ni < NI; ++ni) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const uint32_t p = p0 + wm0 + mi * 16 + (lane >> 2) + (e >> 1) * 8;
-                const uint32_t q = q0 + wn0 + ni * 8 + (lane & 3u) * 2 + (e & 1);
-                if (p >= P || q >= Q) continue;
-                const uint64_t o = OUT == GradOut::A
-                                       ? (uint64_t)p * Q + q
-                                       : ((uint64_t)(q / a.rank) * a.n + p) * a.rank + q % a.rank;
-                out[o] += acc[mi][ni][e];
-            }
-        }
-    }
-}
-
 }  // namespace
 
 QADAPT_KERNEL(lora_xa_bf16, QadaptLoraFwdArgs) { xa(args); }
@@ -1098,10 +942,6 @@ QADAPT_KERNEL(lora_gemv_wide_nf4_bf16, QadaptLoraFwdArgs) {
 
 QADAPT_KERNEL(lora_gemm_dense_bf16, QadaptLoraFwdArgs) { gemm_dense(args); }
 QADAPT_KERNEL(lora_gemm_nf4_bf16, QadaptLoraFwdArgs) { gemm_nf4(args); }
-QADAPT_KERNEL(lora_gemm_xa_bf16, QadaptLoraFwdArgs) { gemm_xa(args); }
 
-QADAPT_KERNEL(lora_gemm_bwd_dyb_bf16, QadaptLoraBwdArgs) { bwd_dyb_gemm(args); }
 QADAPT_KERNEL(lora_gemm_bwd_dx_dense_bf16, QadaptLoraBwdArgs) { bwd_dx_dense(args); }
 QADAPT_KERNEL(lora_gemm_bwd_dx_nf4_bf16, QadaptLoraBwdArgs) { bwd_dx_nf4(args); }
-QADAPT_KERNEL(lora_gemm_bwd_da_bf16, QadaptLoraBwdArgs) { bwd_grad<GradOut::A>(args); }
-QADAPT_KERNEL(lora_gemm_bwd_db_bf16, QadaptLoraBwdArgs) { bwd_grad<GradOut::B>(args); }
