@@ -837,3 +837,52 @@ fn cuda_backward_dense_and_nf4_match_cpu() {
         check_cuda_backward(206, 70, 50, 256, 40, 2, base, true);
     }
 }
+
+/// The base-only calls of `CudaLoraLinear` (frozen projections, adapters switched off) equal the
+/// full calls with every row's index -1, and launch no LoRA kernel at all (counted on the
+/// virtual device; a real GPU checks the values only).
+#[test]
+#[ignore = "needs a CUDA device"]
+fn cuda_base_only_calls_run_no_lora_kernel() {
+    let Device::Cuda(dev) = cuda() else {
+        unreachable!("Device::cuda returns a CUDA device")
+    };
+    for (m, base) in [
+        (3, Base::Dense),
+        (40, Base::Dense),
+        (40, Base::Nf4(Statistics::Plain)),
+    ] {
+        let (n, k) = (48, 64);
+        let c = make_case(130 + m as u64, m, n, k, 8, 2, base, true, false);
+        let layer = qadapt::lora::CudaLoraLinear::upload(&dev, &c.layer).unwrap();
+        let x = dev.upload(&c.x).unwrap();
+        let mut rng = SmallRng::seed_from_u64(131);
+        let dy = dev.upload(&rand_bf16(&mut rng, m * n, 1.0)).unwrap();
+        let none = dev.upload(&vec![-1i32; m]).unwrap();
+        let mut y_ref = dev.zeros::<bf16>(m * n).unwrap();
+        let mut dx_ref = dev.zeros::<bf16>(m * k).unwrap();
+        let mut ga = dev.zeros::<f32>(2 * 8 * k).unwrap();
+        let mut gb = dev.zeros::<f32>(2 * n * 8).unwrap();
+        layer.forward(&x, m, Some(&none), &mut y_ref).unwrap();
+        layer
+            .backward(&x, &dy, m, Some(&none), &mut dx_ref, &mut ga, &mut gb)
+            .unwrap();
+        dev.reset_emulator_counters();
+        let mut y = dev.zeros::<bf16>(m * n).unwrap();
+        let mut dx = dev.zeros::<bf16>(m * k).unwrap();
+        layer.forward_base(&x, m, &mut y).unwrap();
+        layer.backward_base(&x, &dy, m, &mut dx).unwrap();
+        assert_eq!(dev.download(&y).unwrap(), dev.download(&y_ref).unwrap());
+        assert_eq!(dev.download(&dx).unwrap(), dev.download(&dx_ref).unwrap());
+        for kernel in qadapt_kernels::KERNELS {
+            let is_lora_product = kernel.module == "lora_rank" || kernel.name == "lora_xa_bf16";
+            if let Some((launches, _)) = dev.emulator_counters(*kernel) {
+                assert!(
+                    !is_lora_product || launches == 0,
+                    "{} launched {launches} times by a base-only call",
+                    kernel.name
+                );
+            }
+        }
+    }
+}

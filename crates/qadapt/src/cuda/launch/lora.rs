@@ -456,7 +456,8 @@ fn rank_product(
 }
 
 /// The fused backward: overwrites `dx [m, k]`, ADDS into `grad_a [na, r, k]` and
-/// `grad_b [na, n, r]` (f32). NF4 weights are dequantized inside the dx matmul (or into a scratch
+/// `grad_b [na, n, r]` (f32; `grads`, required when the shape has a LoRA term and ignored
+/// without one). NF4 weights are dequantized inside the dx matmul (or into a scratch
 /// copy first, under the same conditions as the forward).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn lora_backward(
@@ -468,8 +469,7 @@ pub(crate) fn lora_backward(
     lora: CudaLoraRef<'_>,
     adapter_idx: Option<&CudaSlice<i32>>,
     dx: &mut CudaSlice<bf16>,
-    grad_a: &mut CudaSlice<f32>,
-    grad_b: &mut CudaSlice<f32>,
+    grads: Option<(&mut CudaSlice<f32>, &mut CudaSlice<f32>)>,
 ) -> Result<()> {
     const OP: &str = "lora backward (cuda)";
     let (m, n, k, r, na) = (shape.m, shape.n, shape.k, shape.rank, shape.n_adapters);
@@ -483,18 +483,31 @@ pub(crate) fn lora_backward(
             return Err(shape_err(OP, format!("{what} of {want}"), len));
         }
     }
-    if rt > 0 && (grad_a.len() != na * r * k || grad_b.len() != na * n * r) {
-        return Err(shape_err(
-            OP,
-            format!("grad_a of {} and grad_b of {}", na * r * k, na * n * r),
-            format!("{} and {}", grad_a.len(), grad_b.len()),
-        ));
+    // Without a LoRA term no kernel touches the gradients: they are neither needed nor read.
+    let grads = if rt > 0 { grads } else { None };
+    match &grads {
+        None if rt > 0 => {
+            return Err(invalid(
+                OP,
+                "the adapter gradients are required with a LoRA term",
+            ));
+        }
+        Some((grad_a, grad_b)) if grad_a.len() != na * r * k || grad_b.len() != na * n * r => {
+            return Err(shape_err(
+                OP,
+                format!("grad_a of {} and grad_b of {}", na * r * k, na * n * r),
+                format!("{} and {}", grad_a.len(), grad_b.len()),
+            ));
+        }
+        _ => {}
     }
     on_device(OP, dev, "x", x)?;
     on_device(OP, dev, "dy", dy)?;
     on_device(OP, dev, "dx", dx)?;
-    on_device(OP, dev, "grad_a", grad_a)?;
-    on_device(OP, dev, "grad_b", grad_b)?;
+    if let Some((grad_a, grad_b)) = &grads {
+        on_device(OP, dev, "grad_a", *grad_a)?;
+        on_device(OP, dev, "grad_b", *grad_b)?;
+    }
     check_lora(OP, dev, shape, lora, adapter_idx)?;
     let plan = plan::lora_backward(m as u64, n as u64, k as u64, rt as u64, &dev.props())?;
     let stream = dev.stream().clone();
@@ -526,8 +539,14 @@ pub(crate) fn lora_backward(
     let (g_ptr, _gg) = g.device_ptr_mut(&stream);
     let (p_ptr, _gp) = partial.device_ptr_mut(&stream);
     let (dx_ptr, _gdx) = dx.device_ptr_mut(&stream);
-    let (da_ptr, _gda) = grad_a.device_ptr_mut(&stream);
-    let (db_ptr, _gdb) = grad_b.device_ptr_mut(&stream);
+    let (mut grad_a, mut grad_b) = match grads {
+        Some((a, b)) => (Some(a), Some(b)),
+        None => (None, None),
+    };
+    let ga_guard = grad_a.as_mut().map(|g| g.device_ptr_mut(&stream));
+    let gb_guard = grad_b.as_mut().map(|g| g.device_ptr_mut(&stream));
+    let da_ptr = ga_guard.as_ref().map_or(0, |p| p.0);
+    let db_ptr = gb_guard.as_ref().map_or(0, |p| p.0);
     let idx_guard = adapter_idx.map(|i| i.device_ptr(&stream));
     let idx = idx_guard.as_ref().map_or(0, |p| p.0);
     let rank = if rt > 0 { r as u32 } else { 0 };
