@@ -20,8 +20,9 @@
  * of e, R_TILE in {16, 32, 64} picked by the launcher from R (R > 64: several column tiles); each
  * warp owns 16 rows and all R_TILE columns, R_TILE / 8 mma.sync.m16n8k16 (bf16 -> f32) per k16
  * step. Operands go through a 3-stage cp.async pipeline of BK = 32 reduction steps into shared
- * tiles whose rows are padded by 8 elements (a row stride of an odd number of 16-byte units: the 8
- * rows an ldmatrix phase reads hit 8 distinct bank groups, for every tile width). Tiles whose rows
+ * tiles of CW = 2, 4 or 8 chunks of 8 bf16 a row, chunk c of row r stored at chunk
+ * c ^ ((r / (8 / CW)) % CW): the 8 rows an ldmatrix phase reads at one logical chunk, and the
+ * 8 chunks of one 8-thread phase of 16-byte stores, hit 8 distinct 16-byte bank groups. Tiles whose rows
  * run along t ([64][32], [R_TILE][32]) are read by ldmatrix; tiles whose rows run along p or e
  * ([32][64], [32][R_TILE]) by ldmatrix .trans, which hands each thread its fragment of the
  * transposed matrix. Edges of any shape are filled element by element with zeros; 16-byte copies
@@ -55,14 +56,21 @@ constexpr int BK = QADAPT_LORA_RANK_BK;
 constexpr int THREADS = QADAPT_LORA_RANK_THREADS;
 constexpr int STAGES = 3;
 constexpr int RT_MAX = 64;
-constexpr int PAD = 8;
 static_assert(BM == 16 * (THREADS / 32), "each warp owns 16 rows of p");
 static_assert(BK % 16 == 0, "whole k16 steps per slice");
 
-/* Elements of one stage buffer: the larger of the two orientations of each operand. */
-constexpr int imax(int a, int b) { return a > b ? a : b; }
-constexpr int L_ELEMS = imax(BM * (BK + PAD), BK * (BM + PAD));
-constexpr int R_ELEMS = imax(RT_MAX * (BK + PAD), BK * (RT_MAX + PAD));
+/* Elements of one stage buffer (either orientation holds the same count). */
+constexpr int L_ELEMS = BM * BK;
+constexpr int R_ELEMS = RT_MAX * BK;
+
+/* Element offset of chunk `chunk` (8 bf16) of row `row` in a tile of COLS columns, swizzled as
+ * the header says. */
+template <int COLS>
+__device__ __forceinline__ uint32_t off(uint32_t row, uint32_t chunk) {
+    constexpr uint32_t CW = COLS / 8;
+    static_assert(CW == 2 || CW == 4 || CW == 8, "tiles of 16, 32 or 64 columns");
+    return row * COLS + ((chunk ^ ((row / (8 / CW)) % CW)) * 8u);
+}
 
 /* Which product a kernel forms (see the table in the header comment). */
 enum class Op { XA, DYB, DA, DB };
@@ -74,7 +82,7 @@ __device__ __forceinline__ int row_adapter(const QadaptLoraRankArgs& a, uint32_t
 }
 
 /* Rows r0..r0+ROWS x columns c0..c0+COLS of a row-major [rows, cols] bf16 matrix (leading
- * dimension ld) into a shared tile of row stride COLS + PAD, zeros outside the matrix. Under `vec`
+ * dimension ld) into a swizzled shared tile, zeros outside the matrix. Under `vec`
  * (ld % 8 == 0 and a 16-byte aligned base) every in-bounds run of 8 is one cp.async. */
 template <int ROWS, int COLS>
 __device__ __forceinline__ void load_rows(bf16* tile, const bf16* __restrict__ g, uint32_t r0, uint32_t rows,
@@ -83,7 +91,7 @@ __device__ __forceinline__ void load_rows(bf16* tile, const bf16* __restrict__ g
     for (int c = threadIdx.x; c < ROWS * CPR; c += THREADS) {
         const uint32_t row = c / CPR, ch = c % CPR;
         const uint32_t gr = r0 + row, gc = c0 + ch * 8;
-        bf16* dst = tile + row * (COLS + PAD) + ch * 8;
+        bf16* dst = tile + off<COLS>(row, ch);
         if (vec && gr < rows && gc + 8 <= cols) {
             cp_async16(dst, g + (uint64_t)gr * ld + gc);
         } else {
@@ -100,7 +108,7 @@ __device__ __forceinline__ void load_rows(bf16* tile, const bf16* __restrict__ g
     }
 }
 
-/* Bcat rows n0..n0+BK x columns e0..e0+RT into a [BK][RT + PAD] tile, Bcat[n, e] =
+/* Bcat rows n0..n0+BK x columns e0..e0+RT into a swizzled [BK][RT] tile, Bcat[n, e] =
  * B[e / rank][n][e % rank] with B [n_adapters, N, rank]. A run of 8 columns starting at a multiple
  * of 8 lies inside one adapter and is contiguous when rank % 8 == 0: one cp.async under `vec`
  * (rank % 8 == 0 and B 16-byte aligned). */
@@ -111,7 +119,7 @@ __device__ __forceinline__ void load_bcat(bf16* tile, const bf16* __restrict__ B
     for (int c = threadIdx.x; c < BK * CPR; c += THREADS) {
         const uint32_t row = c / CPR, ch = c % CPR;
         const uint32_t n = n0 + row, e = e0 + ch * 8;
-        bf16* dst = tile + row * (RT + PAD) + ch * 8;
+        bf16* dst = tile + off<RT>(row, ch);
         if (vec && n < N && e + 8 <= R) {
             cp_async16(dst, B + ((uint64_t)(e / rank) * N + n) * rank + e % rank);
         } else {
@@ -164,10 +172,10 @@ __device__ __forceinline__ void mma_stage(float (&acc)[RT / 8][4], const bf16* s
         uint32_t af[4];
         if (OP == Op::XA || OP == Op::DYB) {
             /* [p][t] tile: lanes 0-15 rows 0-15 at t 0-7, lanes 16-31 the same rows at t 8-15. */
-            ldmatrix_x4(af, sL + (wm0 + (lane & 15u)) * (BK + PAD) + ks * 16 + (lane >> 4) * 8);
+            ldmatrix_x4(af, sL + off<BK>(wm0 + (lane & 15u), ks * 2 + (lane >> 4)));
         } else {
             /* [t][p] tile, transposed: (t 0-7, p 0-7), (t 0-7, p 8-15), (t 8-15, p 0-7), (t 8-15, p 8-15). */
-            ldmatrix_x4_t(af, sL + (ks * 16 + (lane & 7u) + ((q >> 1) << 3)) * (BM + PAD) + wm0 + (q & 1u) * 8);
+            ldmatrix_x4_t(af, sL + off<BM>(ks * 16 + (lane & 7u) + ((q >> 1) << 3), wm0 / 8 + (q & 1u)));
         }
         uint32_t bf[RT / 8][2];
 #pragma unroll
@@ -175,11 +183,10 @@ __device__ __forceinline__ void mma_stage(float (&acc)[RT / 8][4], const bf16* s
             uint32_t r[4];
             if (OP == Op::XA) {
                 /* [e][t] tile: (e 0-7, t 0-7), (e 0-7, t 8-15), (e 8-15, t 0-7), (e 8-15, t 8-15). */
-                ldmatrix_x4(r, sR + (nj * 16 + (lane & 7u) + ((lane >> 4) << 3)) * (BK + PAD) + ks * 16 +
-                                   ((lane >> 3) & 1u) * 8);
+                ldmatrix_x4(r, sR + off<BK>(nj * 16 + (lane & 7u) + ((lane >> 4) << 3), ks * 2 + ((lane >> 3) & 1u)));
             } else {
                 /* [t][e] tile, transposed: (t 0-7, e 0-7), (t 8-15, e 0-7), (t 0-7, e 8-15), (t 8-15, e 8-15). */
-                ldmatrix_x4_t(r, sR + (ks * 16 + (lane & 7u) + ((q & 1u) << 3)) * (RT + PAD) + nj * 16 + (q >> 1) * 8);
+                ldmatrix_x4_t(r, sR + off<RT>(ks * 16 + (lane & 7u) + ((q & 1u) << 3), nj * 2 + (q >> 1)));
             }
             bf[2 * nj][0] = r[0];
             bf[2 * nj][1] = r[1];
