@@ -31,7 +31,7 @@
  * Split-K. The reduction is cut into `splits` ranges of `steps` BK slices (the last range may be
  * shorter; none is empty). The 1-D grid is splits x p tiles x e tiles (e tiles fastest, then p
  * tiles); each CTA stores its f32 partial sums, unscaled and unmasked, into its own slice of the
- * scratch partial[splits][p][R] (plain stores, every element written by exactly one CTA). Then
+ * scratch partial[splits][p][R] ([splits][R][p] for da) (plain stores, every element written by exactly one CTA). Then
  * lora_rank_reduce_bf16 adds the splits of each output element in split order 0, 1, ... (one thread
  * per element: the result does not depend on scheduling) and finishes it: mask, scale and bf16
  * rounding for u and g (overwritten), or the += into grad_a / grad_b. The summation order differs
@@ -199,7 +199,7 @@ __device__ __forceinline__ void mma_stage(float (&acc)[RT / 8][4], const bf16* s
 }
 
 /* The CTA's split of the reduction through the pipeline, then its f32 partials into
- * partial[split][p][R]. blockIdx.x = (split * p_tiles + p_tile) * e_tiles + e_tile. */
+ * partial[split][p][R] (for da: partial[split][R][p], the layout of grad_a). blockIdx.x = (split * p_tiles + p_tile) * e_tiles + e_tile. */
 template <Op OP, int RT>
 __device__ __forceinline__ void rank_product(const QadaptLoraRankArgs& a, bf16 (*sL)[L_ELEMS], bf16 (*sR)[R_ELEMS]) {
     const uint32_t R = a.rank * a.n_adapters;
@@ -240,6 +240,12 @@ __device__ __forceinline__ void rank_product(const QadaptLoraRankArgs& a, bf16 (
         for (int h = 0; h < 2; ++h) {
             const uint32_t row = p0 + wm0 + (lane >> 2) + h * 8;
             if (row >= a.p) continue;
+            if (OP == Op::DA) {
+                /* [e][p] (transposed): the reduction then reads and adds along k contiguously. */
+                if (col < R) part[(uint64_t)col * a.p + row] = acc[ni][2 * h];
+                if (col + 1 < R) part[(uint64_t)(col + 1) * a.p + row] = acc[ni][2 * h + 1];
+                continue;
+            }
             const uint64_t o = (uint64_t)row * R + col;
             if (col + 1 < R && (R % 2) == 0) {
                 *reinterpret_cast<float2*>(part + o) = make_float2(acc[ni][2 * h], acc[ni][2 * h + 1]);
@@ -267,28 +273,24 @@ __device__ __forceinline__ void rank_kernel(const QadaptLoraRankArgs& a) {
 
 /* Sums the splits of every output element in split order and finishes it (grid-stride, one thread
  * per element). MASKED: out = u or g [p, R] bf16, overwritten. GRAD_A: out = grad_a [R, p] f32,
- * element i taken p-fastest so the += is coalesced. GRAD_B: out = grad_b [n_adapters, p, rank]. */
+ * the partials in the same [R][p] layout. GRAD_B: out = grad_b [n_adapters, p, rank]. */
 __device__ __forceinline__ void reduce(const QadaptLoraRankArgs& a) {
     const float* __restrict__ part = reinterpret_cast<const float*>(a.partial);
     const uint32_t R = a.rank * a.n_adapters;
     const uint64_t total = (uint64_t)a.p * R;
     for (uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (uint64_t)gridDim.x * blockDim.x) {
-        uint32_t p, e;
-        if (a.mode == QADAPT_LORA_RANK_GRAD_A) {
-            e = (uint32_t)(i / a.p), p = (uint32_t)(i % a.p);
-        } else {
-            p = (uint32_t)(i / R), e = (uint32_t)(i % R);
-        }
-        const uint64_t o = (uint64_t)p * R + e;
         float sum = 0.0f;
-        for (uint32_t s = 0; s < a.splits; ++s) sum += part[(uint64_t)s * total + o];
+        for (uint32_t s = 0; s < a.splits; ++s) sum += part[(uint64_t)s * total + i];
+        if (a.mode == QADAPT_LORA_RANK_GRAD_A) { /* i = e * p + k */
+            reinterpret_cast<float*>(a.out)[i] += sum;
+            continue;
+        }
+        const uint32_t p = (uint32_t)(i / R), e = (uint32_t)(i % R); /* i = p * R + e */
         if (a.mode == QADAPT_LORA_RANK_MASKED) {
             const int ad = row_adapter(a, p);
             const bool own = ad >= 0 && (uint32_t)ad == e / a.rank;
             const float s = own ? __ldg(reinterpret_cast<const float*>(a.scales) + ad) : 0.0f;
-            reinterpret_cast<bf16*>(a.out)[o] = __float2bfloat16_rn(own ? __fmul_rn(s, sum) : 0.0f);
-        } else if (a.mode == QADAPT_LORA_RANK_GRAD_A) {
-            reinterpret_cast<float*>(a.out)[(uint64_t)e * a.p + p] += sum;
+            reinterpret_cast<bf16*>(a.out)[i] = __float2bfloat16_rn(own ? __fmul_rn(s, sum) : 0.0f);
         } else {
             reinterpret_cast<float*>(a.out)[((uint64_t)(e / a.rank) * a.p + p) * a.rank + e % a.rank] += sum;
         }

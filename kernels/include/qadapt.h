@@ -202,7 +202,8 @@ typedef struct QadaptLoraBwdArgs {
  *   lora_rank_dyb_bf16  p = m, t = n: lhs dy [m, n], rhs the B stack [n_adapters, n, rank]
  *   lora_rank_da_bf16   p = k, t = m: lhs x [m, k],  rhs g [m, R]
  *   lora_rank_db_bf16   p = n, t = m: lhs dy [m, n], rhs u [m, R]
- * The product kernels write f32 partial sums into partial [splits, p, R] (overwritten); grid =
+ * The product kernels write f32 partial sums into partial [splits, p, R] ([splits, R, p] for da,
+ * the layout of grad_a; overwritten); grid =
  * splits * ceil(p / BM) * ceil(R / r_tile) CTAs of THREADS, split s covering the BK slices
  * s*steps .. min((s+1)*steps, ceil(t / BK)). lora_rank_reduce_bf16 (grid-stride) sums the splits
  * in order and finishes per `mode`; adapter_idx [p] and scales [n_adapters] are read by MASKED
@@ -212,7 +213,7 @@ typedef struct QadaptLoraRankArgs {
     uint64_t rhs;          /* const bf16*: A stack, B stack, g [m, R] or u [m, R] */
     uint64_t scales;       /* const float* [n_adapters] (MASKED) */
     uint64_t adapter_idx;  /* const int32_t* [p] or 0 (MASKED) */
-    uint64_t partial;      /* float* [splits, p, R] */
+    uint64_t partial;      /* float* [splits, p, R] ([splits, R, p] for da) */
     uint64_t out;          /* bf16* u or g [p, R], or float* grad_a / grad_b (see mode) */
     uint32_t p;            /* output rows: m (xa, dyb), k (da), n (db) */
     uint32_t t;            /* reduction length: k (xa), n (dyb), m (da, db) */
