@@ -29,14 +29,14 @@
  *
  * Kernels and tiling (all GEMMs: CTA tile 128 x 128, BK = 32, 256 threads = 8 warps as 2 x 4,
  * warp tile 64 x 32 of mma.sync.m16n8k16 bf16 -> f32, a 1-D grid with one CTA per output tile
- * (the y and dx GEMMs in grouped order, grouped_tile; the others column tiles fastest), operands
+ * in grouped order (grouped_tile), operands
  * through a 3-stage cp.async pipeline into XOR-swizzled shared memory, copy plans set up once per
  * thread for the vector layout, edges of any shape filled with zeros):
  *   lora_xa_bf16          gemv path: one CTA per u[m, e] (grid-stride), its 8 warps splitting k,
  *                         16-byte loads of x and A, a fixed-order reduction, zero for foreign
  *                         adapters.
- *   lora_gemm_xa_bf16     GEMM path: u = x Acat^T on the tensor cores, masked and scaled at the
- *                         store.
+ *   (GEMM path: u, and the backward's g, dA and dB, are the rank-R products of lora_rank.cu:
+ *                         R-wide tiles, split along the reduction.)
  *   lora_gemv_*_bf16      M <= 4 rows (lora_gemv_wide_*_bf16: 5..16 rows, more accumulators and
  *                         registers). One warp per output feature n (grid-stride), the row of
  *                         W streamed once with 16-byte loads (8 bf16, 4 loads in flight per lane
@@ -51,14 +51,9 @@
  *                         into a swizzled bf16 tile that the dense path reads (the NF4 section
  *                         below). After the K loop the same accumulators take the R-long
  *                         extension [u | Bcat], then bias, then one bf16 store of y.
- *   lora_gemm_bwd_dyb_bf16  g = dy Bcat: dy tiles [128][32], Bcat tiles [32 rows of n][128]
- *                         read with ldmatrix.trans; masked and scaled at the store.
  *   lora_gemm_bwd_dx_*_bf16 dx = dy W then + g Acat in the same accumulators: W tiles
  *                         [32 rows of n][128 columns of k] by ldmatrix.trans; NF4 W decoded once
  *                         per stage into such a tile, as in the forward. One bf16 store of dx.
- *   lora_gemm_bwd_da_bf16 / lora_gemm_bwd_db_bf16  reductions over the M rows: both operands
- *                         [32 rows of m][128] tiles read with ldmatrix.trans; each output element
- *                         is owned by one CTA, which adds its f32 sum to the stored gradient.
  * Outputs u, g, y and dx are overwritten; grad_a and grad_b are accumulated into.
  */
 #include "nf4_codec.cuh"
@@ -637,52 +632,6 @@ __device__ __forceinline__ void gemm_dense(const QadaptLoraFwdArgs& a) {
     gemm_finish(a, acc, sA[0], sB[0], m0, n0, wm0, wn0);
 }
 
-/* Stores the LoRA intermediate of a [BM x BN] tile of (rows m, columns e): the row's own adapter's
- * columns as bf16(s_a * acc), every other column 0 (the masked products are discarded). */
-template <typename Args>
-__device__ __forceinline__ void store_masked(const Args& a, const float (&acc)[MI][NI][4], bf16* __restrict__ out,
-                                             uint32_t m0, uint32_t e0, uint32_t wm0, uint32_t wn0) {
-    const float* __restrict__ scales = reinterpret_cast<const float*>(a.scales);
-    const uint32_t R = a.rank * a.n_adapters;
-    const unsigned lane = threadIdx.x & 31u;
-#pragma unroll
-    for (int mi = 0; mi < MI; ++mi) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const uint32_t row = m0 + wm0 + mi * 16 + (lane >> 2) + h * 8;
-            if (row >= a.m) continue;
-            const int ad = row_adapter(a, row);
-            const float s = ad >= 0 ? __ldg(scales + ad) : 0.0f;
-#pragma unroll
-            for (int ni = 0; ni < NI; ++ni) {
-#pragma unroll
-                for (int j = 0; j < 2; ++j) {
-                    const uint32_t e = e0 + wn0 + ni * 8 + (lane & 3u) * 2 + j;
-                    if (e >= R) continue;
-                    const bool own = ad >= 0 && (uint32_t)ad == e / a.rank;
-                    out[(uint64_t)row * R + e] = __float2bfloat16_rn(own ? __fmul_rn(s, acc[mi][ni][2 * h + j]) : 0.0f);
-                }
-            }
-        }
-    }
-}
-
-/* u = mask(s * x Acat^T) on the tensor cores: the dense main loop with W = the A stack [R, K]. */
-__device__ __forceinline__ void gemm_xa(const QadaptLoraFwdArgs& a) {
-    __shared__ __align__(128) bf16 sA[STAGES][BM * BK];
-    __shared__ __align__(128) bf16 sB[STAGES][BN * BK];
-    const uint32_t R = a.rank * a.n_adapters;
-    const uint32_t tiles_e = (R + BN - 1) / BN;
-    const uint32_t e0 = (blockIdx.x % tiles_e) * BN, m0 = (blockIdx.x / tiles_e) * BM;
-    const uint32_t warp = threadIdx.x / 32u;
-    const uint32_t wm0 = (warp / (BN / WN)) * WM, wn0 = (warp % (BN / WN)) * WN;
-    float acc[MI][NI][4];
-    zero_acc(acc);
-    mainloop_dense(acc, sA, sB, reinterpret_cast<const bf16*>(a.x), reinterpret_cast<const bf16*>(a.lora_a), a.m, R,
-                   a.k, m0, e0, wm0, wn0, (a.flags & QADAPT_LORA_VEC) != 0);
-    store_masked(a, acc, reinterpret_cast<bf16*>(a.u), m0, e0, wm0, wn0);
-}
-
 /* ---- backward --------------------------------------------------------------------------------- */
 
 /* Tiles whose rows run along the reduction: [BK rows][BQ columns], 16 chunks of 8 per row,
@@ -765,18 +714,6 @@ struct RowCopy {
         }
     }
 };
-
-/* A fragments from a [BK][BQ] tile holding the operand transposed (rows = reduction, columns =
- * output rows): matrices (red 0-7, p 0-7), (red 0-7, p 8-15), (red 8-15, p 0-7), (red 8-15, p 8-15)
- * are a0..a3 of m16n8k16. */
-__device__ __forceinline__ void load_a_frags_t(uint32_t (&af)[MI][4], const bf16* t, uint32_t wm0, int ks) {
-    const unsigned lane = threadIdx.x & 31u, q = lane >> 3;
-#pragma unroll
-    for (int mi = 0; mi < MI; ++mi) {
-        const uint32_t row = ks * 16 + (lane & 7u) + ((q >> 1) << 3);
-        ldmatrix_x4_t(af[mi], t + swz_t(row, (wm0 + mi * 16) / 8 + (q & 1u)));
-    }
-}
 
 /* B fragments of NI n8 tiles from a [BK][BQ] tile (rows = reduction, columns = output columns):
  * per pair of n8 tiles the matrices (red 0-7), (red 8-15) of the first, then of the second. */
@@ -864,43 +801,7 @@ __device__ __forceinline__ void bwd_dx_finish(const QadaptLoraBwdArgs& a, float 
     store_bf16(acc, reinterpret_cast<bf16*>(a.dx), a.m, a.k, m0, n0, wm0, wn0);
 }
 
-/* Bcat as a [BK rows of n][BQ columns of e] tile: Bcat[n, e] = B_{e / r}[n, e % r]. A run of 8
- * columns is contiguous in B when r % 8 == 0 (then one cp.async if B is 16-byte aligned). */
-__device__ __forceinline__ void load_bcat_t(bf16* tile, const QadaptLoraBwdArgs& a, uint32_t r0, uint32_t c0) {
-    const bf16* __restrict__ B = reinterpret_cast<const bf16*>(a.lora_b);
-    const uint32_t R = a.rank * a.n_adapters;
-    const bool vec = (a.rank % 8) == 0 && (a.lora_b % 16) == 0;
-    constexpr int CHUNKS = BK * BQ / 8;
-#pragma unroll
-    for (int i = 0; i < CHUNKS / THREADS; ++i) {
-        const uint32_t c = threadIdx.x + i * THREADS;
-        const uint32_t row = c / (BQ / 8), cc = c % (BQ / 8);
-        const uint32_t n = r0 + row, e = c0 + cc * 8;
-        bf16* dst = tile + swz_t(row, cc);
-        if (vec && n < a.n && e + 8 <= R) {
-            cp_async16(dst, B + ((uint64_t)(e / a.rank) * a.n + n) * a.rank + e % a.rank);
-        } else {
-            uint32_t v[4];
-#pragma unroll
-            for (int q = 0; q < 4; ++q) {
-                uint32_t h[2];
-#pragma unroll
-                for (int t = 0; t < 2; ++t) {
-                    const uint32_t ee = e + 2 * q + t;
-                    h[t] = (n < a.n && ee < R)
-                               ? __bfloat16_as_ushort(B[((uint64_t)(ee / a.rank) * a.n + n) * a.rank + ee % a.rank])
-                               : 0u;
-                }
-                v[q] = h[0] | (h[1] << 16);
-            }
-            *reinterpret_cast<uint4*>(dst) = make_uint4(v[0], v[1], v[2], v[3]);
-        }
-    }
-}
-
-/* The pipelined reduction over n of dy [M, N] against a [N, cols] right operand read in
- * [BK][BQ] tiles: W [N, K] (BCAT = false, for dx) or Bcat [N, R] (BCAT = true, for g). */
-template <bool BCAT>
+/* The pipelined reduction over n of dy [M, N] against W [N, K] read in [BK][BQ] tiles (dx). */
 __device__ __forceinline__ void mainloop_dy(float (&acc)[MI][NI][4], bf16 (*sA)[BM * BK], bf16 (*sB)[BK * BQ],
                                             const QadaptLoraBwdArgs& a, uint32_t m0, uint32_t n0, uint32_t wm0,
                                             uint32_t wn0, bool vec) {
@@ -908,7 +809,7 @@ __device__ __forceinline__ void mainloop_dy(float (&acc)[MI][NI][4], bf16 (*sA)[
     const bf16* __restrict__ w = reinterpret_cast<const bf16*>(a.w);
     const uint32_t KT = (a.n + BK - 1) / BK;
     auto compute = [&](uint32_t s) { mma_tile_nt(acc, sA[s], sB[s], wm0, wn0); };
-    if (!BCAT && vec) {
+    if (vec) {
         ColCopy<BM> ca(dy, m0, a.m, a.n, a.n);
         RowCopy<> cb(w, n0, a.k, a.n, a.k);
         pipeline_planned(KT, ca, cb, sA, sB, compute);
@@ -916,9 +817,8 @@ __device__ __forceinline__ void mainloop_dy(float (&acc)[MI][NI][4], bf16 (*sA)[
         pipeline(
             KT,
             [&](uint32_t s, uint32_t step) {
-                load_tile<BM>(sA[s], dy, m0, a.m, step * BK, a.n, a.n, vec);
-                if (BCAT) load_bcat_t(sB[s], a, step * BK, n0);
-                else load_tile_t(sB[s], w, step * BK, a.n, n0, a.k, a.k, vec);
+                load_tile<BM>(sA[s], dy, m0, a.m, step * BK, a.n, a.n, false);
+                load_tile_t(sB[s], w, step * BK, a.n, n0, a.k, a.k, false);
             },
             compute);
     }
@@ -937,23 +837,8 @@ __device__ __forceinline__ void bwd_dx_dense(const QadaptLoraBwdArgs& a) {
     const bool vec = (a.flags & QADAPT_LORA_VEC) != 0;
     float acc[MI][NI][4];
     zero_acc(acc);
-    mainloop_dy<false>(acc, sA, sB, a, m0, n0, wm0, wn0, vec);
+    mainloop_dy(acc, sA, sB, a, m0, n0, wm0, wn0, vec);
     bwd_dx_finish(a, acc, sA[0], sB[0], m0, n0, wm0, wn0, vec);
-}
-
-/* g = mask(s * dy Bcat) on the tensor cores: output tile [BM rows of m][BQ columns of e]. */
-__device__ __forceinline__ void bwd_dyb_gemm(const QadaptLoraBwdArgs& a) {
-    __shared__ __align__(128) bf16 sA[STAGES][BM * BK];
-    __shared__ __align__(128) bf16 sB[STAGES][BK * BQ];
-    const uint32_t R = a.rank * a.n_adapters;
-    const uint32_t tiles_e = (R + BQ - 1) / BQ;
-    const uint32_t e0 = (blockIdx.x % tiles_e) * BQ, m0 = (blockIdx.x / tiles_e) * BM;
-    const uint32_t warp = threadIdx.x / 32u;
-    const uint32_t wm0 = (warp / (BQ / WN)) * WM, wn0 = (warp % (BQ / WN)) * WN;
-    float acc[MI][NI][4];
-    zero_acc(acc);
-    mainloop_dy<true>(acc, sA, sB, a, m0, e0, wm0, wn0, (a.flags & QADAPT_LORA_VEC) != 0);
-    store_masked(a, acc, reinterpret_cast<bf16*>(a.g), m0, e0, wm0, wn0);
 }
 
 /* ---- NF4 GEMMs: the weight decoded once per CTA ------------------------------------------------
@@ -1202,84 +1087,6 @@ __device__ __forceinline__ void bwd_dx_nf4(const QadaptLoraBwdArgs& a) {
     bwd_dx_finish<NF4_THREADS>(a, acc, sm.a[0], sm.a[1], m0, n0, wm0, wn0, vec);
 }
 
-/* Which adapter-gradient product a TN kernel forms. */
-enum class GradOut { A, B };
-
-/* out[p, q] += sum_m L[m, p] Rm[m, q] with both operands read along their rows (reduction over
- * m in BK slices, [BK][BQ]-shaped tiles for both, ldmatrix .trans for both):
- *   GradOut::A: L = g [m, R],  Rm = x [m, k], out = grad_a as [R, k]      (p = e, q = k)
- *   GradOut::B: L = dy [m, n], Rm = u [m, R], out = grad_b[e / r][p][e % r] (p = n, q = e)
- * Output tile [BM rows of p][BQ columns of q], 1-D grid with q tiles fastest. Each output element
- * belongs to exactly one CTA, which adds its f32 sum to what is there (accumulation). */
-template <GradOut OUT>
-__device__ __forceinline__ void bwd_grad(const QadaptLoraBwdArgs& a) {
-    __shared__ __align__(128) bf16 sL[STAGES][BK * BQ];
-    __shared__ __align__(128) bf16 sR[STAGES][BK * BQ];
-    const uint32_t R = a.rank * a.n_adapters;
-    const bool vec = (a.flags & QADAPT_LORA_VEC) != 0;
-    /* g and u are the launcher's own allocations: aligned, so only their width decides. */
-    const bool vec_r = (R % 8) == 0;
-    const bf16* L = reinterpret_cast<const bf16*>(OUT == GradOut::A ? a.g : a.dy);
-    const bf16* Rm = reinterpret_cast<const bf16*>(OUT == GradOut::A ? a.x : a.u);
-    const uint32_t P = OUT == GradOut::A ? R : a.n;
-    const uint32_t Q = OUT == GradOut::A ? a.k : R;
-    const bool vec_l = OUT == GradOut::A ? vec_r : vec;
-    const bool vec_q = OUT == GradOut::A ? vec : vec_r;
-    const uint32_t tiles_q = (Q + BQ - 1) / BQ;
-    const uint32_t q0 = (blockIdx.x % tiles_q) * BQ, p0 = (blockIdx.x / tiles_q) * BM;
-    const uint32_t warp = threadIdx.x / 32u;
-    const uint32_t wm0 = (warp / (BQ / WN)) * WM, wn0 = (warp % (BQ / WN)) * WN;
-    const uint32_t KT = (a.m + BK - 1) / BK;
-    float acc[MI][NI][4];
-    zero_acc(acc);
-#pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) {
-        if ((uint32_t)s < KT) {
-            load_tile_t(sL[s], L, s * BK, a.m, p0, P, P, vec_l);
-            load_tile_t(sR[s], Rm, s * BK, a.m, q0, Q, Q, vec_q);
-        }
-        cp_async_commit();
-    }
-    for (uint32_t kt = 0; kt < KT; ++kt) {
-        cp_async_wait<STAGES - 2>();
-        __syncthreads();
-        const uint32_t nk = kt + STAGES - 1;
-        if (nk < KT) {
-            load_tile_t(sL[nk % STAGES], L, nk * BK, a.m, p0, P, P, vec_l);
-            load_tile_t(sR[nk % STAGES], Rm, nk * BK, a.m, q0, Q, Q, vec_q);
-        }
-        cp_async_commit();
-        const uint32_t st = kt % STAGES;
-#pragma unroll
-        for (int ks = 0; ks < BK / 16; ++ks) {
-            uint32_t af[MI][4];
-            uint32_t bf[NI][2];
-            load_a_frags_t(af, sL[st], wm0, ks);
-            load_b_frags_t(bf, sR[st], wn0, ks);
-            mma_all(acc, af, bf);
-        }
-    }
-    cp_async_wait<0>();
-    float* __restrict__ out = reinterpret_cast<float*>(OUT == GradOut::A ? a.grad_a : a.grad_b);
-    const unsigned lane = threadIdx.x & 31u;
-#pragma unroll
-    for (int mi = 0; mi < MI; ++mi) {
-#pragma unroll
-        for (int ni = 0; ni < NI; ++ni) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const uint32_t p = p0 + wm0 + mi * 16 + (lane >> 2) + (e >> 1) * 8;
-                const uint32_t q = q0 + wn0 + ni * 8 + (lane & 3u) * 2 + (e & 1);
-                if (p >= P || q >= Q) continue;
-                const uint64_t o = OUT == GradOut::A
-                                       ? (uint64_t)p * Q + q
-                                       : ((uint64_t)(q / a.rank) * a.n + p) * a.rank + q % a.rank;
-                out[o] += acc[mi][ni][e];
-            }
-        }
-    }
-}
-
 }  // namespace
 
 QADAPT_KERNEL(lora_xa_bf16, QadaptLoraFwdArgs) { xa(args); }
@@ -1318,10 +1125,7 @@ QADAPT_KERNEL(lora_gemv_wide_nf4_bf16, QadaptLoraFwdArgs) {
  * 128 threads, at most 255). */
 QADAPT_KERNEL_BOUNDED(lora_gemm_dense_bf16, QadaptLoraFwdArgs, THREADS, 2) { gemm_dense(args); }
 QADAPT_KERNEL_BOUNDED(lora_gemm_nf4_bf16, QadaptLoraFwdArgs, NF4_THREADS, 2) { gemm_nf4(args); }
-QADAPT_KERNEL(lora_gemm_xa_bf16, QadaptLoraFwdArgs) { gemm_xa(args); }
 
-QADAPT_KERNEL(lora_gemm_bwd_dyb_bf16, QadaptLoraBwdArgs) { bwd_dyb_gemm(args); }
 QADAPT_KERNEL_BOUNDED(lora_gemm_bwd_dx_dense_bf16, QadaptLoraBwdArgs, THREADS, 2) { bwd_dx_dense(args); }
 QADAPT_KERNEL_BOUNDED(lora_gemm_bwd_dx_nf4_bf16, QadaptLoraBwdArgs, NF4_THREADS, 2) { bwd_dx_nf4(args); }
-QADAPT_KERNEL(lora_gemm_bwd_da_bf16, QadaptLoraBwdArgs) { bwd_grad<GradOut::A>(args); }
-QADAPT_KERNEL(lora_gemm_bwd_db_bf16, QadaptLoraBwdArgs) { bwd_grad<GradOut::B>(args); }
+

@@ -12,7 +12,7 @@ trap 'rm -rf "$T"' EXIT
 F="$(sed -n 's/^common: //p' kernels/emu/emu.flags) -Ikernels/emu -Ikernels/include"
 MC="$(sed -n 's/^memcheck: //p' kernels/emu/emu.flags)"
 CXX=${CXX:-c++}
-for f in nf4 optim model; do $CXX -x c++ $F $MC -c kernels/$f.cu -o "$T/$f.o"; done
+for f in nf4 optim model lora_rank; do $CXX -x c++ $F $MC -c kernels/$f.cu -o "$T/$f.o"; done
 $CXX $F -DQV_NO_KERNEL_ANCHORS -c kernels/emu/vgpu_runtime.cpp -o "$T/rt.o"
 $CXX $F $MC -c kernels/emu/vgpu_selftest.cpp -o "$T/st.o"
 missed=0
@@ -20,7 +20,7 @@ mutant() {
     perl -0pe "$2" kernels/lora.cu > "$T/lora.cu"
     if cmp -s kernels/lora.cu "$T/lora.cu"; then echo "$1: the pattern no longer matches lora.cu"; missed=1; return; fi
     $CXX -x c++ $F $MC -c "$T/lora.cu" -o "$T/lora.o"
-    $CXX -pthread "$T/st.o" "$T/nf4.o" "$T/optim.o" "$T/model.o" "$T/lora.o" "$T/rt.o" -o "$T/st"
+    $CXX -pthread "$T/st.o" "$T/nf4.o" "$T/optim.o" "$T/model.o" "$T/lora_rank.o" "$T/lora.o" "$T/rt.o" -o "$T/st"
     if "$T/st" > "$T/log" 2>&1; then echo "$1: NOT caught"; missed=1
     elif [ -n "${3:-}" ] && ! grep -q "$3" "$T/log"; then echo "$1: fails, but not as '$3'"; missed=1
     else echo "$1: caught, $(grep -c FAIL "$T/log") checks fail${3:+ ('$3')}"; fi

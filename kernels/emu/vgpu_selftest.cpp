@@ -19,8 +19,9 @@
  *     (poisoned at CTA start), cp.async (ca/cg, zero fill, poison until the wait), ldmatrix x1/x2/x4
  *     with and without .trans against the ISA's fragment formula, its wavefront counts, and mma
  *     m16n8k16 bf16/f16 against a scalar reference in the documented summation order (bit for bit);
- *   - the tensor-core kernels of kernels/lora.cu (forward, backward, NF4) against a float64
- *     reference, the NF4 kernels bit for bit against the dense ones on the dequantized weight;
+ *   - the tensor-core kernels of kernels/lora.cu and kernels/lora_rank.cu (forward, backward, NF4,
+ *     split rank products) against a float64 reference, the NF4 kernels bit for bit against the
+ *     dense ones on the dequantized weight;
  *   - teeth: planted bugs are caught (a swapped B fragment pair, a missing cp.async.wait_group, a
  *     wait_group one group too loose, a missing __syncthreads in both directions, barriers and warp
  *     collectives some threads never reach, an out-of-bounds store into a guard page, misaligned
@@ -439,7 +440,7 @@ void test_registry() {
         if (i) check(std::string(qv_kernel_name(i - 1)) < k, "kernel names sorted and unique at %zu", i);
     }
     printf("  %zu kernels registered (%zu lora_*, %zu selftest)\n", n, lora, st);
-    check(lora == 13 && st == 13, "13 lora kernels and 13 selftest kernels registered");
+    check(lora == 14 && st == 13, "14 lora kernels (lora.cu 9, lora_rank.cu 5) and 13 selftest kernels registered");
     check(qv_kernel_args_size("lora_gemm_dense_bf16") == sizeof(QadaptLoraFwdArgs), "args size of lora_gemm_dense_bf16");
     check(qv_kernel_args_size("adamw_f32") == sizeof(QadaptAdamwArgs), "args size of adamw_f32");
     check(qv_kernel_args_size("attention_fwd_bf16") == sizeof(QadaptAttentionArgs), "args size of attention_fwd_bf16");
@@ -820,6 +821,25 @@ struct Lora {
 
 uint32_t tiles(uint32_t a, uint32_t b) { return ((a + 127) / 128) * ((b + 127) / 128); }
 
+/* One rank product of lora_rank.cu and its reduction, the reduction split into about `splits`
+ * ranges (the Rust launcher plans this on a real device; here the test picks awkward splits), the
+ * partial sums in a buffer of exactly splits * p * R floats. */
+QvStatus rank_run(const char* kernel, QadaptLoraRankArgs ra, uint32_t splits, uint32_t mode, QvCounters* c) {
+    const uint32_t R = ra.rank * ra.n_adapters, slices = (ra.t + QADAPT_LORA_RANK_BK - 1) / QADAPT_LORA_RANK_BK;
+    ra.r_tile = R <= 16 ? 16 : R <= 32 ? 32 : 64;
+    ra.steps = (slices + splits - 1) / splits;
+    ra.splits = (slices + ra.steps - 1) / ra.steps;
+    ra.mode = mode;
+    std::vector<float> partial((size_t)ra.splits * ra.p * R);
+    Registered reg;
+    reg.add(partial);
+    ra.partial = P(partial.data());
+    const uint32_t ctas = ra.splits * ((ra.p + QADAPT_LORA_RANK_BM - 1) / QADAPT_LORA_RANK_BM) * ((R + ra.r_tile - 1) / ra.r_tile);
+    QvStatus st = run(kernel, ra, D1(ctas), D1(QADAPT_LORA_RANK_THREADS), 0, c);
+    if (st.code != QV_OK) return st;
+    return run("lora_rank_reduce_bf16", ra, D1(3), D1(QADAPT_LORA_RANK_REDUCE_THREADS), 0, c);
+}
+
 /* |got - want| <= 2^-7 |want| + atol, the bf16 output's rounding plus f32 accumulation. */
 size_t compare(const char* what, const std::vector<bf16>& got, const std::vector<double>& want, double atol) {
     size_t bad = 0;
@@ -833,7 +853,7 @@ size_t compare(const char* what, const std::vector<bf16>& got, const std::vector
 
 void test_lora(uint32_t M, uint32_t N, uint32_t K, uint32_t r, uint32_t na, bool vec) {
     char title[160];
-    snprintf(title, sizeof title, "lora.cu tensor-core kernels, M=%u N=%u K=%u r=%u x %u adapters%s", M, N, K, r, na,
+    snprintf(title, sizeof title, "lora.cu + lora_rank.cu tensor-core kernels, M=%u N=%u K=%u r=%u x %u adapters%s", M, N, K, r, na,
              vec ? ", 16-byte cp.async path" : ", element-load path");
     Timer tm(title);
     Lora L(M, N, K, r, na, vec);
@@ -860,8 +880,12 @@ void test_lora(uint32_t M, uint32_t N, uint32_t K, uint32_t r, uint32_t na, bool
     f.m = M, f.n = N, f.k = K, f.rank = L.r, f.n_adapters = L.na;
     f.flags = vec ? QADAPT_LORA_VEC : 0;
     QvCounters c{};
-    QvStatus st = run("lora_gemm_xa_bf16", f, D1(tiles(M, R)), D1(256), 0, &c);
-    check(st.code == QV_OK, "lora_gemm_xa_bf16: %s", st.message);
+    const uint32_t vl = vec ? QADAPT_LORA_RANK_VEC_LHS : 0u, vr = vec ? QADAPT_LORA_RANK_VEC_RHS : 0u;
+    QadaptLoraRankArgs ra{};
+    ra.lhs = P(L.x.data()), ra.rhs = P(L.A.data()), ra.scales = P(L.s.data()), ra.adapter_idx = P(L.idx.data());
+    ra.out = P(u.data()), ra.p = M, ra.t = K, ra.rank = L.r, ra.n_adapters = L.na, ra.flags = vl | vr;
+    QvStatus st = rank_run("lora_rank_xa_bf16", ra, 3, QADAPT_LORA_RANK_MASKED, &c);
+    check(st.code == QV_OK, "lora_rank_xa_bf16: %s", st.message);
     st = run("lora_gemm_dense_bf16", f, D1(tiles(M, N)), D1(256), 0, &c);
     check(st.code == QV_OK, "lora_gemm_dense_bf16: %s", st.message);
     /* float64 references */
@@ -908,14 +932,19 @@ void test_lora(uint32_t M, uint32_t N, uint32_t K, uint32_t r, uint32_t na, bool
     b.grad_b = P(gb.data());
     b.m = M, b.n = N, b.k = K, b.rank = L.r, b.n_adapters = L.na;
     b.flags = vec ? QADAPT_LORA_VEC : 0;
-    st = run("lora_gemm_bwd_dyb_bf16", b, D1(tiles(M, R)), D1(256), 0, &c);
-    check(st.code == QV_OK, "lora_gemm_bwd_dyb_bf16: %s", st.message);
+    ra.lhs = P(L.dy.data()), ra.rhs = P(L.B.data()), ra.out = P(g.data()), ra.p = M, ra.t = N;
+    ra.flags = (vec ? QADAPT_LORA_RANK_VEC_LHS : 0u) | (vec && L.r % 8 == 0 ? QADAPT_LORA_RANK_VEC_RHS : 0u);
+    st = rank_run("lora_rank_dyb_bf16", ra, 3, QADAPT_LORA_RANK_MASKED, &c);
+    check(st.code == QV_OK, "lora_rank_dyb_bf16: %s", st.message);
     st = run("lora_gemm_bwd_dx_dense_bf16", b, D1(tiles(M, K)), D1(256), 0, &c);
     check(st.code == QV_OK, "lora_gemm_bwd_dx_dense_bf16: %s", st.message);
-    st = run("lora_gemm_bwd_da_bf16", b, D1(tiles(R, K)), D1(256), 0, &c);
-    check(st.code == QV_OK, "lora_gemm_bwd_da_bf16: %s", st.message);
-    st = run("lora_gemm_bwd_db_bf16", b, D1(tiles(N, R)), D1(256), 0, &c);
-    check(st.code == QV_OK, "lora_gemm_bwd_db_bf16: %s", st.message);
+    const uint32_t vru = R % 8 == 0 ? QADAPT_LORA_RANK_VEC_RHS : 0u;
+    ra.lhs = P(L.x.data()), ra.rhs = P(g.data()), ra.out = P(ga.data()), ra.p = K, ra.t = M, ra.flags = vl | vru;
+    st = rank_run("lora_rank_da_bf16", ra, 3, QADAPT_LORA_RANK_GRAD_A, &c);
+    check(st.code == QV_OK, "lora_rank_da_bf16: %s", st.message);
+    ra.lhs = P(L.dy.data()), ra.rhs = P(u.data()), ra.out = P(gb.data()), ra.p = N, ra.t = M, ra.flags = vl | vru;
+    st = rank_run("lora_rank_db_bf16", ra, 3, QADAPT_LORA_RANK_GRAD_B, &c);
+    check(st.code == QV_OK, "lora_rank_db_bf16: %s", st.message);
     std::vector<double> g_ref((size_t)M * R), dx_ref((size_t)M * K);
     for (uint32_t m = 0; m < M; ++m)
         for (uint32_t e = 0; e < R; ++e) {
@@ -951,7 +980,7 @@ void test_lora(uint32_t M, uint32_t N, uint32_t K, uint32_t r, uint32_t na, bool
             }
     check(bad_a == 0, "grad_a += g^T x: %zu wrong", bad_a);
     check(bad_b == 0, "grad_b += dy^T u: %zu wrong", bad_b);
-    printf("  6 kernels against the float64 reference (failures above); counters: %llu mma, %llu ldmatrix (%.2f wavefronts per matrix), "
+    printf("  the forward, backward and rank-product kernels against the float64 reference (failures above); counters: %llu mma, %llu ldmatrix (%.2f wavefronts per matrix), "
            "%llu cp.async (%llu bytes), %llu CTAs, %llu barriers\n",
            (unsigned long long)c.mma, (unsigned long long)c.ldmatrix,
            (double)c.ldmatrix_wavefronts / (4.0 * (double)std::max<uint64_t>(c.ldmatrix, 1)), (unsigned long long)c.cp_async,
@@ -1150,7 +1179,15 @@ void test_concurrent() {
     f.adapter_idx = P(L.idx.data());
     f.u = P(u.data());
     f.m = L.M, f.n = L.N, f.k = L.K, f.rank = L.r, f.n_adapters = L.na, f.flags = QADAPT_LORA_VEC;
-    check(run("lora_gemm_xa_bf16", f, D1(tiles(L.M, L.R())), D1(256)).code == QV_OK, "xa");
+    QadaptLoraRankArgs ra{};
+    ra.lhs = P(L.x.data()), ra.rhs = P(L.A.data()), ra.scales = P(L.s.data()), ra.adapter_idx = P(L.idx.data());
+    ra.out = P(u.data()), ra.p = L.M, ra.t = L.K, ra.rank = L.r, ra.n_adapters = L.na;
+    ra.flags = QADAPT_LORA_RANK_VEC_LHS | QADAPT_LORA_RANK_VEC_RHS;
+    {
+        Registered reg; /* rank_run registers its partial sums: every buffer of the launch too */
+        reg.add(L.x), reg.add(L.A), reg.add(L.s), reg.add(L.idx), reg.add(u);
+        check(rank_run("lora_rank_xa_bf16", ra, 2, QADAPT_LORA_RANK_MASKED, nullptr).code == QV_OK, "xa");
+    }
     std::vector<std::thread> th;
     std::atomic<int> ok{0};
     for (int i = 0; i < 4; ++i)
@@ -1185,6 +1222,10 @@ int main(int argc, char** argv) {
     /* K / 32 = 4 k-slices: the last one in stage buffer 0, which the LoRA extension reuses; R = 48:
      * two extension slices (both make the barriers around the extension matter). */
     test_lora(130, 136, 128, 16, 3, true);
+    /* lora_rank.cu: R = 21 (a 32-wide tile), R = 80 (two 64-wide tiles), odd K and N (element
+     * loads), splits of uneven length. */
+    test_lora(100, 72, 264, 7, 3, true);
+    test_lora(67, 45, 99, 40, 2, false);
     test_concurrent();
     test_memcheck();
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

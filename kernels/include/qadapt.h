@@ -118,7 +118,7 @@ typedef struct QadaptNf4DequantizeArgs {
  * with `blocksize` and plain or double-quant scales), A stack [n_adapters, rank, k] bf16,
  * B stack [n_adapters, n, rank] bf16, scales [n_adapters] f32, adapter_idx [m] i32 (-1 = base
  * only; 0 pointer = every row uses adapter 0), bias [n] bf16 or 0, y [m, n] bf16.
- * u [m, n_adapters * rank] bf16 is the LoRA intermediate: lora_xa / lora_gemm_xa write
+ * u [m, n_adapters * rank] bf16 is the LoRA intermediate: lora_xa / lora_rank_xa write
  * u[m, a*rank + j] = bf16(s_a * sum_k x[m,k] A_a[j,k]) for a == idx(m) and 0 for the other
  * adapters; the gemv/gemm kernels read it. u and y are overwritten. */
 typedef struct QadaptLoraFwdArgs {
@@ -151,7 +151,7 @@ typedef struct QadaptLoraFwdArgs {
  *   grad_a[a,j,k] += sum_m g[m, a*r+j] x[m,k]        f32, ACCUMULATED (= s_a (dy B_a)^T x)
  *   grad_b[a,n,j] += sum_m dy[m,n] u[m, a*r+j]       f32, ACCUMULATED (= s_a dy^T (x A_a^T))
  * with Acat = the A stack as [n_adapters * r, k] and u = bf16(s x A^T) as lora_xa_bf16 writes it
- * (the launcher recomputes u with lora_gemm_xa_bf16 first). NF4 W is dequantized inside
+ * (the launcher forms u and g with kernels/lora_rank.cu first). NF4 W is dequantized inside
  * the dx matmul. Same index rule as the forward: idx outside [0, n_adapters) is -1. */
 typedef struct QadaptLoraBwdArgs {
     uint64_t x;             /* const bf16* [m, k] */
@@ -179,6 +179,56 @@ typedef struct QadaptLoraBwdArgs {
     float offset;           /* NF4 double-quant offset */
     uint32_t flags;         /* QADAPT_LORA_VEC: k % 8 == 0, n % 8 == 0, aligned x, dy, W, A */
 } QadaptLoraBwdArgs;
+
+/* ---- LoRA rank-R products (kernels/lora_rank.cu) ---------------------------------------------- */
+
+/* Output tile rows (of the long side p), reduction slice, threads per CTA of the product kernels;
+ * the output tile is BM x r_tile with r_tile 16, 32 or 64. Each split of the reduction keeps at
+ * least MIN_STEPS slices of BK (the launcher's rule). The reduction kernel runs REDUCE_THREADS. */
+#define QADAPT_LORA_RANK_BM 64
+#define QADAPT_LORA_RANK_BK 32
+#define QADAPT_LORA_RANK_THREADS 128
+#define QADAPT_LORA_RANK_MIN_STEPS 4
+#define QADAPT_LORA_RANK_REDUCE_THREADS 256
+/* flags of QadaptLoraRankArgs: lhs rows (ld % 8 == 0, 16-byte aligned base) may be copied 16 bytes
+ * at a time; likewise rhs (for the B stack: rank % 8 == 0 and an aligned base). */
+#define QADAPT_LORA_RANK_VEC_LHS 1u
+#define QADAPT_LORA_RANK_VEC_RHS 2u
+/* mode of lora_rank_reduce_bf16: what it does with the summed splits. */
+#define QADAPT_LORA_RANK_MASKED 0u /* out = bf16 [p, R]: bf16(s_a * sum) in the row's adapter's columns, else 0 */
+#define QADAPT_LORA_RANK_GRAD_A 1u /* out = f32 grad_a [R, p] (p = k): += sum */
+#define QADAPT_LORA_RANK_GRAD_B 2u /* out = f32 grad_b [n_adapters, p, rank] (p = n): += sum */
+
+/* One rank-R product out[p, e] = sum_t L(p, t) Rr(t, e) (R = n_adapters * rank columns e), split
+ * over t (kernels/lora_rank.cu has the table):
+ *   lora_rank_xa_bf16   p = m, t = k: lhs x [m, k],  rhs the A stack [R, k]
+ *   lora_rank_dyb_bf16  p = m, t = n: lhs dy [m, n], rhs the B stack [n_adapters, n, rank]
+ *   lora_rank_da_bf16   p = k, t = m: lhs x [m, k],  rhs g [m, R]
+ *   lora_rank_db_bf16   p = n, t = m: lhs dy [m, n], rhs u [m, R]
+ * The product kernels write f32 partial sums into partial [splits, p, R] ([splits, R, p] for da,
+ * the layout of grad_a; overwritten); grid =
+ * splits * ceil(p / BM) * ceil(R / r_tile) CTAs of THREADS, split s covering the BK slices
+ * s*steps .. min((s+1)*steps, ceil(t / BK)). lora_rank_reduce_bf16 (grid-stride) sums the splits
+ * in order and finishes per `mode`; adapter_idx [p] and scales [n_adapters] are read by MASKED
+ * only (same index rule as the forward). */
+typedef struct QadaptLoraRankArgs {
+    uint64_t lhs;          /* const bf16*: x [m, k] or dy [m, n] */
+    uint64_t rhs;          /* const bf16*: A stack, B stack, g [m, R] or u [m, R] */
+    uint64_t scales;       /* const float* [n_adapters] (MASKED) */
+    uint64_t adapter_idx;  /* const int32_t* [p] or 0 (MASKED) */
+    uint64_t partial;      /* float* [splits, p, R] ([splits, R, p] for da) */
+    uint64_t out;          /* bf16* u or g [p, R], or float* grad_a / grad_b (see mode) */
+    uint32_t p;            /* output rows: m (xa, dyb), k (da), n (db) */
+    uint32_t t;            /* reduction length: k (xa), n (dyb), m (da, db) */
+    uint32_t rank;
+    uint32_t n_adapters;
+    uint32_t r_tile;       /* 16, 32 or 64 */
+    uint32_t splits;
+    uint32_t steps;        /* BK slices per split */
+    uint32_t mode;         /* QADAPT_LORA_RANK_MASKED / _GRAD_A / _GRAD_B (reduce kernel) */
+    uint32_t flags;        /* QADAPT_LORA_RANK_VEC_LHS | QADAPT_LORA_RANK_VEC_RHS */
+    uint32_t unused;       /* 0: keeps the struct free of padding bytes */
+} QadaptLoraRankArgs;
 
 /* ---- Optimizer argument structs (kernels/optim.cu) ------------------------------------------- */
 
@@ -425,12 +475,15 @@ QADAPT_KERNEL(lora_gemv_wide_dense_bf16, QadaptLoraFwdArgs);
 QADAPT_KERNEL(lora_gemv_wide_nf4_bf16, QadaptLoraFwdArgs);
 QADAPT_KERNEL(lora_gemm_dense_bf16, QadaptLoraFwdArgs);
 QADAPT_KERNEL(lora_gemm_nf4_bf16, QadaptLoraFwdArgs);
-QADAPT_KERNEL(lora_gemm_xa_bf16, QadaptLoraFwdArgs);
-QADAPT_KERNEL(lora_gemm_bwd_dyb_bf16, QadaptLoraBwdArgs);
 QADAPT_KERNEL(lora_gemm_bwd_dx_dense_bf16, QadaptLoraBwdArgs);
 QADAPT_KERNEL(lora_gemm_bwd_dx_nf4_bf16, QadaptLoraBwdArgs);
-QADAPT_KERNEL(lora_gemm_bwd_da_bf16, QadaptLoraBwdArgs);
-QADAPT_KERNEL(lora_gemm_bwd_db_bf16, QadaptLoraBwdArgs);
+
+/* kernels/lora_rank.cu */
+QADAPT_KERNEL(lora_rank_xa_bf16, QadaptLoraRankArgs);
+QADAPT_KERNEL(lora_rank_dyb_bf16, QadaptLoraRankArgs);
+QADAPT_KERNEL(lora_rank_da_bf16, QadaptLoraRankArgs);
+QADAPT_KERNEL(lora_rank_db_bf16, QadaptLoraRankArgs);
+QADAPT_KERNEL(lora_rank_reduce_bf16, QadaptLoraRankArgs);
 
 /* kernels/optim.cu */
 QADAPT_KERNEL(adamw_f32, QadaptAdamwArgs);

@@ -345,17 +345,99 @@ pub fn lora_gemm_threads(nf4: bool) -> u32 {
     }
 }
 
-/// The launches of one fused LoRA forward: the LoRA intermediate `u` (`lora_xa_bf16` on the gemv
-/// path, `lora_gemm_xa_bf16` on the GEMM path; absent without a LoRA term), then the gemv or GEMM
-/// kernel.
+/// How a fused LoRA forward forms the LoRA intermediate `u = s * x A^T` (per row adapter).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XaPlan {
+    /// `lora_xa_bf16` (gemv path): one CTA per element of `u` (its warps split k), grid-stride.
+    Gemv(LaunchPlan),
+    /// `lora_rank_xa_bf16` + `lora_rank_reduce_bf16` (GEMM path): R-wide tiles split over k.
+    Rank(LoraRankPlan),
+}
+
+/// The launches of one fused LoRA forward: the LoRA intermediate `u` (absent without a LoRA
+/// term), then the gemv or GEMM kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LoraForwardPlan {
     /// The kernel family of the main launch.
     pub path: LoraPath,
     /// `u = s * x A^T` per row adapter; `None` when `rank * n_adapters == 0`.
-    pub xa: Option<LaunchPlan>,
+    pub xa: Option<XaPlan>,
     /// The gemv or GEMM launch.
     pub main: LaunchPlan,
+}
+
+/// One rank-R product of `kernels/lora_rank.cu`: `out[p, e] = sum_t L(p, t) Rr(t, e)` over
+/// `R` columns `e`, its reduction of length `t` split into `splits` ranges of `steps` slices of
+/// `QADAPT_LORA_RANK_BK`, then the fixed-order reduction of the splits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoraRankPlan {
+    /// The product kernel: `splits * ceil(p / BM) * ceil(R / r_tile)` CTAs.
+    pub main: LaunchPlan,
+    /// `lora_rank_reduce_bf16`: grid-stride over the `p * R` outputs.
+    pub reduce: LaunchPlan,
+    /// Output tile width: 16, 32 or 64 columns of `R`.
+    pub r_tile: u32,
+    /// Ranges the reduction is cut into (none empty).
+    pub splits: u32,
+    /// `QADAPT_LORA_RANK_BK` slices per range (the last range may have fewer).
+    pub steps: u32,
+}
+
+impl LoraRankPlan {
+    /// f32 elements of the partial-sum scratch `[splits, p, R]`.
+    pub fn partial_len(&self, p: u64, r_total: u64) -> u64 {
+        u64::from(self.splits) * p * r_total
+    }
+}
+
+/// Plans one rank-R product with `p` output rows, a reduction of length `t` and `r_total` columns.
+/// The tile is `QADAPT_LORA_RANK_BM x r_tile` with the narrowest `r_tile` of 16, 32, 64 that holds
+/// `r_total` (wider `R`: several column tiles of 64). The reduction is split so that the grid is
+/// about two waves of the device's SMs (`floor(2 * sm_count / tiles)` splits, at least one),
+/// while every split keeps at least `QADAPT_LORA_RANK_MIN_STEPS` slices; the steps are then spread
+/// evenly and the split count recomputed so that no split is empty.
+pub fn lora_rank(p: u64, t: u64, r_total: u64, props: &DeviceProps) -> Result<LoraRankPlan> {
+    const OP: &str = "lora rank-product plan";
+    if p == 0 || t == 0 || r_total == 0 {
+        return Err(invalid(
+            OP,
+            format!("empty product p={p} t={t} R={r_total}"),
+        ));
+    }
+    if p > u64::from(u32::MAX) || t > u64::from(u32::MAX) || r_total > u64::from(u32::MAX) {
+        return Err(invalid(OP, "p, t and R must each fit in 32 bits"));
+    }
+    let r_tile: u64 = match r_total {
+        0..=16 => 16,
+        17..=32 => 32,
+        _ => 64,
+    };
+    let tiles = p.div_ceil(u64::from(ffi::QADAPT_LORA_RANK_BM)) * r_total.div_ceil(r_tile);
+    let total_steps = t.div_ceil(u64::from(ffi::QADAPT_LORA_RANK_BK));
+    let max_splits = (total_steps / u64::from(ffi::QADAPT_LORA_RANK_MIN_STEPS)).max(1);
+    let want = (2 * u64::from(props.sm_count.max(1)) / tiles).max(1);
+    let steps = total_steps.div_ceil(want.min(max_splits));
+    let splits = total_steps.div_ceil(steps);
+    let ctas = tiles * splits;
+    if ctas > u64::from(props.max_grid_x) {
+        return Err(invalid(OP, format!("{ctas} CTAs exceed the grid limit")));
+    }
+    let reduce_threads = u64::from(ffi::QADAPT_LORA_RANK_REDUCE_THREADS);
+    Ok(LoraRankPlan {
+        main: LaunchPlan {
+            grid: ctas as u32,
+            block: ffi::QADAPT_LORA_RANK_THREADS,
+            shared_bytes: 0,
+        },
+        reduce: LaunchPlan {
+            grid: capped_grid((p * r_total).div_ceil(reduce_threads), props),
+            block: ffi::QADAPT_LORA_RANK_REDUCE_THREADS,
+            shared_bytes: 0,
+        },
+        r_tile: r_tile as u32,
+        splits: splits as u32,
+        steps: steps as u32,
+    })
 }
 
 /// Plans `y = x W^T + s B (A x)` for `m` rows, `n` outputs, `k` inputs and `r_total` =
@@ -379,10 +461,12 @@ pub fn lora_forward(
     let warps = u64::from(ffi::QADAPT_LORA_GEMV_WARPS);
     if m <= u64::from(ffi::QADAPT_LORA_GEMV_MAX_ROWS) {
         // lora_xa_bf16: one CTA per u element (its warps split k), grid-stride.
-        let xa = (r_total > 0).then(|| LaunchPlan {
-            grid: capped_grid(m * r_total, props),
-            block: 32 * ffi::QADAPT_LORA_GEMV_WARPS,
-            shared_bytes: 0,
+        let xa = (r_total > 0).then(|| {
+            XaPlan::Gemv(LaunchPlan {
+                grid: capped_grid(m * r_total, props),
+                block: 32 * ffi::QADAPT_LORA_GEMV_WARPS,
+                shared_bytes: 0,
+            })
         });
         return Ok(LoraForwardPlan {
             path: if m <= u64::from(ffi::QADAPT_LORA_GEMV_NARROW_ROWS) {
@@ -404,7 +488,7 @@ pub fn lora_forward(
             "the GEMM path needs compute capability 8.0 or newer (mma.sync bf16)",
         ));
     }
-    // lora_gemm_xa_bf16 and the main GEMM: one CTA per 128 x 128 output tile.
+    // The main GEMM: one CTA per 128 x 128 output tile; u: R-wide tiles split over k.
     let tiled = |cols: u64| -> Result<LaunchPlan> {
         let tiles = cols.div_ceil(u64::from(ffi::QADAPT_LORA_GEMM_BN))
             * m.div_ceil(u64::from(ffi::QADAPT_LORA_GEMM_BM));
@@ -423,7 +507,7 @@ pub fn lora_forward(
     Ok(LoraForwardPlan {
         path: LoraPath::Gemm,
         xa: if r_total > 0 {
-            Some(tiled(r_total)?)
+            Some(XaPlan::Rank(lora_rank(m, k, r_total, props)?))
         } else {
             None
         },
@@ -452,7 +536,14 @@ mod lora_tests {
             let p = lora_forward(m, 4096, 4096, 16, &DeviceProps::H200).unwrap();
             assert_eq!(p.path, path);
             assert_eq!((p.main.grid, p.main.block), (512, 256)); // 4096 features / 8 warps
-            assert_eq!(p.xa.unwrap().grid, m as u32 * 16); // a CTA per u element
+            assert_eq!(
+                p.xa,
+                Some(XaPlan::Gemv(LaunchPlan {
+                    grid: m as u32 * 16, // a CTA per u element
+                    block: 256,
+                    shared_bytes: 0
+                }))
+            );
         }
         // The gemv grid-strides: capped at 32 CTAs per SM.
         let p = lora_forward(1, 1 << 30, 64, 0, &DeviceProps::H200).unwrap();
@@ -467,15 +558,20 @@ mod lora_tests {
 
     #[test]
     fn lora_plan_gemm_has_one_cta_per_output_tile() {
+        let rank = |p: &LoraForwardPlan| match p.xa {
+            Some(XaPlan::Rank(r)) => r,
+            other => panic!("expected a rank-product u, got {other:?}"),
+        };
         let p = lora_forward(17, 4096, 4096, 64, &DeviceProps::H200).unwrap();
         assert_eq!(p.path, LoraPath::Gemm);
         assert_eq!((p.main.grid, p.main.block), (32, 256));
-        assert_eq!(p.xa.unwrap().grid, 1); // u is 17 x 64: one tile
+        // u is 17 x 64: one 64 x 64 tile, k split into 32 ranges of 4 slices.
+        assert_eq!((rank(&p).main.grid, rank(&p).splits), (32, 32));
         let p = lora_forward(4097, 129, 33, 3, &DeviceProps::H200).unwrap();
         assert_eq!(p.main.grid, 33 * 2);
-        assert_eq!(p.xa.unwrap().grid, 33);
+        assert_eq!((rank(&p).main.grid, rank(&p).r_tile), (65, 16)); // k = 33: one split
         let p = lora_forward(300, 64, 64, 8 * 64, &DeviceProps::H200).unwrap();
-        assert_eq!((p.main.grid, p.xa.unwrap().grid), (3, 3 * 4));
+        assert_eq!((p.main.grid, rank(&p).main.grid), (3, 5 * 8));
     }
 
     #[test]
@@ -490,25 +586,26 @@ mod lora_tests {
         };
         assert!(lora_forward(300, 300, 64, 8, &tiny).is_err());
         assert!(lora_forward(300, 256, 64, 8, &tiny).is_err()); // 3 x 2 tiles
-        assert!(lora_forward(128, 384, 64, 8, &tiny).is_ok()); // 3 x 1 tiles
+        assert!(lora_forward(128, 384, 64, 8, &tiny).is_ok()); // 3 x 1 tiles, u: 2 x 1
+        assert!(lora_forward(128, 384, 64, 200, &tiny).is_err()); // u: 2 x 4 tiles
     }
 }
 
-/// The launches of one fused LoRA backward: `lora_gemm_xa_bf16` (u), `lora_gemm_bwd_dyb_bf16` (g),
-/// the dx GEMM, and the two adapter-gradient GEMMs; the LoRA launches are `None` without a LoRA
-/// term. Every launch has one CTA per 128 x 128 output tile.
+/// The launches of one fused LoRA backward: the rank-R products `u` (recomputed), `g`, and after
+/// the dx GEMM the two adapter gradients (each a [`LoraRankPlan`], `None` without a LoRA term),
+/// and the dx GEMM with one CTA per 128 x 128 tile of dx.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LoraBackwardPlan {
-    /// `u = bf16(s x A^T)`, recomputed for dB.
-    pub xa: Option<LaunchPlan>,
-    /// `g = bf16(s dy B)`.
-    pub dyb: Option<LaunchPlan>,
+    /// `u = bf16(s x A^T)`, recomputed for dB: `p = m`, reduction over `k`.
+    pub xa: Option<LoraRankPlan>,
+    /// `g = bf16(s dy B)`: `p = m`, reduction over `n`.
+    pub dyb: Option<LoraRankPlan>,
     /// `dx = dy W + g Acat`: one CTA per 128 x 128 tile of dx.
     pub dx: LaunchPlan,
-    /// `dA += g^T x`: one CTA per 128 x 128 tile of the `[R, k]` stack.
-    pub da: Option<LaunchPlan>,
-    /// `dB += dy^T u`: one CTA per 128 x 128 tile of `[n, R]`.
-    pub db: Option<LaunchPlan>,
+    /// `dA += g^T x`: `p = k`, reduction over `m`.
+    pub da: Option<LoraRankPlan>,
+    /// `dB += dy^T u`: `p = n`, reduction over `m`.
+    pub db: Option<LoraRankPlan>,
 }
 
 /// Plans the fused backward for `m` rows, `n` outputs, `k` inputs, `r_total` LoRA columns. Every
@@ -534,25 +631,28 @@ pub fn lora_backward(
         ));
     }
     let t = u64::from(ffi::QADAPT_LORA_GEMM_BN);
-    let tiled = |rows: u64, cols: u64| -> Result<LaunchPlan> {
-        let tiles = rows.div_ceil(t) * cols.div_ceil(t);
-        if tiles > u64::from(props.max_grid_x) {
-            return Err(invalid(OP, format!("{tiles} tiles exceed the grid limit")));
-        }
-        Ok(LaunchPlan {
-            grid: tiles as u32,
-            block: ffi::QADAPT_LORA_GEMM_THREADS,
-            shared_bytes: 0,
-        })
+    let tiles = m.div_ceil(t) * k.div_ceil(t);
+    if tiles > u64::from(props.max_grid_x) {
+        return Err(invalid(OP, format!("{tiles} tiles exceed the grid limit")));
+    }
+    let dx = LaunchPlan {
+        grid: tiles as u32,
+        block: ffi::QADAPT_LORA_GEMM_THREADS,
+        shared_bytes: 0,
     };
-    let lora = r_total > 0;
-    let mr = if lora { Some(tiled(m, r_total)?) } else { None };
+    let rank = |p: u64, t: u64| -> Result<Option<LoraRankPlan>> {
+        if r_total == 0 {
+            Ok(None)
+        } else {
+            lora_rank(p, t, r_total, props).map(Some)
+        }
+    };
     Ok(LoraBackwardPlan {
-        xa: mr,
-        dyb: mr,
-        dx: tiled(m, k)?,
-        da: if lora { Some(tiled(r_total, k)?) } else { None },
-        db: if lora { Some(tiled(n, r_total)?) } else { None },
+        xa: rank(m, k)?,
+        dyb: rank(m, n)?,
+        dx,
+        da: rank(k, m)?,
+        db: rank(n, m)?,
     })
 }
 
@@ -561,15 +661,28 @@ mod lora_backward_tests {
     use super::*;
 
     #[test]
-    fn lora_backward_plan_tiles_each_output() {
+    fn lora_backward_plan_tiles_dx_and_splits_the_rank_products() {
         let p = lora_backward(4096, 4096, 11008, 64, &DeviceProps::H200).unwrap();
         assert_eq!(p.dx.grid, 32 * 86);
-        assert_eq!(p.da.unwrap().grid, 86);
-        assert_eq!(p.db.unwrap().grid, 32);
-        assert_eq!(p.xa.unwrap().grid, 32); // u and g: 4096 x 64
-        assert_eq!(p.dyb, p.xa);
+        // u: 64 row tiles of a 64-wide R, 344 slices of k: 4 splits of 86 (256 CTAs).
+        let xa = p.xa.unwrap();
+        assert_eq!(
+            (xa.r_tile, xa.splits, xa.steps, xa.main.grid),
+            (64, 4, 86, 256)
+        );
+        // g: 128 slices of n, 4 splits of 32.
+        let dyb = p.dyb.unwrap();
+        assert_eq!((dyb.splits, dyb.steps, dyb.main.grid), (4, 32, 256));
+        // dA: 172 tiles of k rows, already above 2 waves / 2: one split over all 128 slices of m.
+        let da = p.da.unwrap();
+        assert_eq!((da.splits, da.steps, da.main.grid), (1, 128, 172));
+        let db = p.db.unwrap();
+        assert_eq!((db.splits, db.steps, db.main.grid), (4, 32, 256));
         let p = lora_backward(1, 5, 3, 0, &DeviceProps::H200).unwrap();
-        assert_eq!((p.dx.grid, p.da, p.db, p.xa), (1, None, None, None));
+        assert_eq!(
+            (p.dx.grid, p.da, p.db, p.xa, p.dyb),
+            (1, None, None, None, None)
+        );
     }
 
     #[test]
@@ -585,9 +698,88 @@ mod lora_backward_tests {
             ..DeviceProps::H200
         };
         assert!(lora_backward(300, 4, 4, 1, &tiny).is_err()); // dx: 3 tiles
-        assert!(lora_backward(4, 300, 4, 1, &tiny).is_err()); // dB: 3 tiles
-        assert!(lora_backward(4, 4, 4, 300, &tiny).is_err()); // dA: 3 tiles
-        assert!(lora_backward(256, 256, 4, 128, &tiny).is_ok());
-        assert!(lora_backward(256, 4, 4, 129, &tiny).is_err()); // u, g: 2 x 2 tiles
+        assert!(lora_backward(4, 200, 4, 1, &tiny).is_err()); // dB: 4 row tiles of n
+        assert!(lora_backward(4, 4, 4, 130, &tiny).is_err()); // 3 column tiles of R
+        assert!(lora_backward(128, 128, 4, 64, &tiny).is_ok());
+    }
+}
+
+#[cfg(test)]
+mod lora_rank_tests {
+    use super::*;
+
+    #[test]
+    fn rank_tile_is_the_narrowest_that_holds_r() {
+        for (r, tile, tiles) in [
+            (1, 16, 1),
+            (16, 16, 1),
+            (17, 32, 1),
+            (32, 32, 1),
+            (33, 64, 1),
+            (64, 64, 1),
+            (65, 64, 2),
+            (200, 64, 4),
+        ] {
+            let p = lora_rank(64, 32, r, &DeviceProps::H200).unwrap();
+            assert_eq!((p.r_tile, p.main.grid), (tile, tiles), "R = {r}");
+        }
+    }
+
+    #[test]
+    fn rank_splits_fill_about_two_waves_with_whole_ranges() {
+        let h = DeviceProps::H200;
+        // DESIGN.md section 8's projection at 512 rows, r = 16: xa over k = 4096 (128 slices) on 8
+        // row tiles: 33 splits wanted, 32 allowed by the 4-slice minimum: 4 slices each.
+        let p = lora_rank(512, 4096, 16, &h).unwrap();
+        assert_eq!((p.splits, p.steps, p.main.grid), (32, 4, 256));
+        // dA / dB at 512 rows: 64 tiles of k (or n), 16 slices of m: 4 splits of 4.
+        let p = lora_rank(4096, 512, 16, &h).unwrap();
+        assert_eq!((p.splits, p.steps, p.main.grid), (4, 4, 256));
+        // 4096 rows: 64 row tiles, 4 splits of 32 slices.
+        let p = lora_rank(4096, 4096, 16, &h).unwrap();
+        assert_eq!((p.splits, p.steps, p.main.grid), (4, 32, 256));
+        // Splits that do not divide the slices: 10 slices, wanted 264 / 1, at most 2 by the
+        // minimum: 5 + 5. 13 slices: at most 3 splits of ceil(13 / 3) = 5: 5 + 5 + 3.
+        let p = lora_rank(10, 320, 16, &h).unwrap();
+        assert_eq!((p.splits, p.steps), (2, 5));
+        let p = lora_rank(10, 13 * 32 - 7, 16, &h).unwrap();
+        assert_eq!((p.splits, p.steps), (3, 5));
+        // A reduction shorter than one slice, and one shorter than the minimum: one split.
+        let p = lora_rank(100, 5, 3, &h).unwrap();
+        assert_eq!((p.splits, p.steps, p.main.grid), (1, 1, 2));
+        let p = lora_rank(100, 100, 3, &h).unwrap();
+        assert_eq!((p.splits, p.steps), (1, 4));
+        // Never an empty split: 9 slices at most 2 splits -> 5 + 4.
+        for t in 1..2000u64 {
+            let p = lora_rank(7, t, 40, &h).unwrap();
+            let slices = t.div_ceil(32);
+            assert!(
+                u64::from(p.splits - 1) * u64::from(p.steps) < slices,
+                "t = {t}"
+            );
+            assert!(
+                u64::from(p.splits) * u64::from(p.steps) >= slices,
+                "t = {t}"
+            );
+            assert!(p.splits == 1 || u64::from(p.steps) >= 4, "t = {t}");
+        }
+        // The reduce kernel covers p * R elements.
+        let p = lora_rank(1000, 64, 40, &h).unwrap();
+        assert_eq!(p.reduce.grid, (1000u32 * 40).div_ceil(256));
+        assert_eq!(p.partial_len(1000, 40), 1000 * 40);
+    }
+
+    #[test]
+    fn rank_plan_refuses_what_it_cannot_launch() {
+        assert!(lora_rank(0, 1, 1, &DeviceProps::H200).is_err());
+        assert!(lora_rank(1, 0, 1, &DeviceProps::H200).is_err());
+        assert!(lora_rank(1, 1, 0, &DeviceProps::H200).is_err());
+        assert!(lora_rank(1 << 33, 1, 1, &DeviceProps::H200).is_err());
+        let tiny = DeviceProps {
+            max_grid_x: 3,
+            ..DeviceProps::H200
+        };
+        assert!(lora_rank(64 * 4, 32, 16, &tiny).is_err());
+        assert!(lora_rank(64 * 3, 32, 16, &tiny).is_ok());
     }
 }

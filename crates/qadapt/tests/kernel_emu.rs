@@ -391,7 +391,7 @@ fn the_emulator_selftest_passes_and_catches_planted_defects() {
     std::fs::create_dir_all(&dir).unwrap();
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
     let mut objects = vec![rt.to_path_buf()];
-    let sources = ["nf4.cu", "optim.cu", "model.cu", "lora.cu"]
+    let sources = ["nf4.cu", "optim.cu", "model.cu", "lora.cu", "lora_rank.cu"]
         .map(|f| (r.join("kernels").join(f), true))
         .into_iter()
         .chain(std::iter::once((

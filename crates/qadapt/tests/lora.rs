@@ -668,6 +668,68 @@ fn cuda_gemm_dense_and_nf4_match_f64() {
     }
 }
 
+/// The rank products of `kernels/lora_rank.cu` (u on the GEMM path) at the shapes that stress
+/// their tiling and split-K: R not a multiple of 16 and spread over several adapters, R wider
+/// than one 64-column tile, rows not a multiple of the 64-row tile, k cut into uneven splits or
+/// shorter than one 32-wide slice.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn cuda_rank_products_at_awkward_shapes_match_f64() {
+    for base in [Base::Dense, Base::Nf4(Statistics::DoubleQuant)] {
+        // k = 409: 13 slices of 32 in 3 splits (5 + 5 + 3), R = 3 x 7 = 21 (a 32-wide tile).
+        check_cuda(110, 70, 96, 409, 7, 3, base, true, true);
+        // k = 20: shorter than one slice; R = 2 x 40 = 80: two 64-wide tiles.
+        check_cuda(111, 65, 33, 20, 40, 2, base, false, true);
+        // k = 2048: 64 slices, 16 splits of 4 over one row tile; R = 5 (a 16-wide tile).
+        check_cuda(112, 33, 40, 2048, 5, 1, base, true, false);
+    }
+}
+
+/// Scratch reuse: one device, shapes that grow, shrink and grow again (u, g and the partial sums
+/// are the device's, sized by the largest call so far), each result against the CPU, and the
+/// same backward twice from the same gradients: bit-identical (the split sums are reduced in a
+/// fixed order).
+#[test]
+#[ignore = "needs a CUDA device"]
+fn cuda_scratch_is_reused_and_results_are_deterministic() {
+    let dev = cuda();
+    for (seed, m, n, k, r, na) in [
+        (120, 200, 64, 512, 32, 2),
+        (121, 20, 30, 40, 3, 1),
+        (122, 150, 80, 1024, 24, 3),
+    ] {
+        let c = make_case(seed, m, n, k, r, na, Base::Dense, true, true);
+        let y = c.layer.forward(&dev, &c.x, m, c.idx.as_deref()).unwrap();
+        let (want, tol) = naive_forward(&c, true);
+        assert_close(&format!("reuse {:?}", (m, n, k, r, na)), &y, &want, &tol);
+        let mut rng = SmallRng::seed_from_u64(seed);
+        let dy = rand_bf16(&mut rng, m * n, 1.0);
+        let mut g1 = LoraGrads::zeros(&c.layer);
+        let mut g2 = LoraGrads::zeros(&c.layer);
+        let dx1 = c
+            .layer
+            .backward(&dev, &c.x, &dy, m, c.idx.as_deref(), &mut g1)
+            .unwrap();
+        let dx2 = c
+            .layer
+            .backward(&dev, &c.x, &dy, m, c.idx.as_deref(), &mut g2)
+            .unwrap();
+        assert_eq!(dx1, dx2, "dx differs between two identical backwards");
+        assert!(
+            g1.a.iter()
+                .zip(&g2.a)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "dA differs between two identical backwards"
+        );
+        assert!(
+            g1.b.iter()
+                .zip(&g2.b)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "dB differs between two identical backwards"
+        );
+    }
+}
+
 /// The layer with every value replaced by its absolute value (NF4 weights by their dequantized
 /// magnitudes): its CPU backward bounds the size of every sum the real backward forms.
 fn magnitude_layer(l: &LoraLinear) -> LoraLinear {
@@ -774,6 +836,60 @@ fn cuda_backward_dense_and_nf4_match_cpu() {
         check_cuda_backward(202, 77, 200, 160, 33, 3, base, true);
         check_cuda_backward(203, 45, 70, 88, 5, 2, base, true); // NF4: dequantize-first fallback
         check_cuda_backward(204, 19, 37, 45, 128, 1, base, false); // odd n and k: element loads
-        check_cuda_backward(205, 1300, 40, 160, 8, 1, base, false); // two raster groups
+        check_cuda_backward(207, 1300, 40, 160, 8, 1, base, false); // two raster groups
+        // Split rank products: m = 333 (11 slices of rows: dA and dB in 2 uneven splits), n = 421
+        // (g: 14 slices, 3 uneven splits), k = 20 (u: shorter than one slice), R = 3 x 7.
+        check_cuda_backward(205, 333, 421, 20, 7, 3, base, true);
+        // R = 80: two 64-wide tiles for every rank product, k = 8 x 32 in 2 splits.
+        check_cuda_backward(206, 70, 50, 256, 40, 2, base, true);
+    }
+}
+
+/// The base-only calls of `CudaLoraLinear` (frozen projections, adapters switched off) equal the
+/// full calls with every row's index -1, and launch no LoRA kernel at all (counted on the
+/// virtual device; a real GPU checks the values only).
+#[test]
+#[ignore = "needs a CUDA device"]
+fn cuda_base_only_calls_run_no_lora_kernel() {
+    let Device::Cuda(dev) = cuda() else {
+        unreachable!("Device::cuda returns a CUDA device")
+    };
+    for (m, base) in [
+        (3, Base::Dense),
+        (40, Base::Dense),
+        (40, Base::Nf4(Statistics::Plain)),
+    ] {
+        let (n, k) = (48, 64);
+        let c = make_case(130 + m as u64, m, n, k, 8, 2, base, true, false);
+        let layer = qadapt::lora::CudaLoraLinear::upload(&dev, &c.layer).unwrap();
+        let x = dev.upload(&c.x).unwrap();
+        let mut rng = SmallRng::seed_from_u64(131);
+        let dy = dev.upload(&rand_bf16(&mut rng, m * n, 1.0)).unwrap();
+        let none = dev.upload(&vec![-1i32; m]).unwrap();
+        let mut y_ref = dev.zeros::<bf16>(m * n).unwrap();
+        let mut dx_ref = dev.zeros::<bf16>(m * k).unwrap();
+        let mut ga = dev.zeros::<f32>(2 * 8 * k).unwrap();
+        let mut gb = dev.zeros::<f32>(2 * n * 8).unwrap();
+        layer.forward(&x, m, Some(&none), &mut y_ref).unwrap();
+        layer
+            .backward(&x, &dy, m, Some(&none), &mut dx_ref, &mut ga, &mut gb)
+            .unwrap();
+        dev.reset_emulator_counters();
+        let mut y = dev.zeros::<bf16>(m * n).unwrap();
+        let mut dx = dev.zeros::<bf16>(m * k).unwrap();
+        layer.forward_base(&x, m, &mut y).unwrap();
+        layer.backward_base(&x, &dy, m, &mut dx).unwrap();
+        assert_eq!(dev.download(&y).unwrap(), dev.download(&y_ref).unwrap());
+        assert_eq!(dev.download(&dx).unwrap(), dev.download(&dx_ref).unwrap());
+        for kernel in qadapt_kernels::KERNELS {
+            let is_lora_product = kernel.module == "lora_rank" || kernel.name == "lora_xa_bf16";
+            if let Some((launches, _)) = dev.emulator_counters(*kernel) {
+                assert!(
+                    !is_lora_product || launches == 0,
+                    "{} launched {launches} times by a base-only call",
+                    kernel.name
+                );
+            }
+        }
     }
 }

@@ -8,11 +8,9 @@
 //! Two compositions stand in for kernels that do not exist:
 //! - `dst += src` (residual adds, summed input gradients) is a cuBLAS GEMM with k = 1:
 //!   `dst [1, len] = 1 · ones [1, 1] · src [1, len] + 1 · dst`, f32 compute, one bf16 rounding.
-//! - a frozen NF4 projection is a [`CudaLoraLinear`] with a zero rank-1 adapter and every row's
-//!   adapter index -1 (base only), so the fused dequantizing GEMM runs without a LoRA term.
-
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+//! - a frozen NF4 projection is a [`CudaLoraLinear`] (with a zero rank-1 adapter it never uses)
+//!   run through its base-only calls, so the fused dequantizing GEMM runs without any LoRA
+//!   kernel; an adapted projection asked for no LoRA term takes the same calls.
 
 use half::bf16;
 use qadapt::Result;
@@ -30,26 +28,18 @@ use qadapt::optim::{
 use super::backend::{Backend, BaseRef, LoraMatrix, LoraRef, MomentPlacement};
 use crate::{invalid, shape_err};
 
-/// The CUDA backend: one device, a bf16 1 (the `ones` of the add), and the all -1 row indices
-/// (base only) of the fused layer by row count, uploaded once each: an upload from pageable host
-/// memory waits for the copy, so uploading them per call would stall every frozen NF4
-/// projection's forward and backward.
+/// The CUDA backend: one device and a bf16 1 (the `ones` of the add).
 #[derive(Debug)]
 pub struct CudaBackend {
     dev: CudaDevice,
     one: DeviceBuffer<bf16>,
-    base_only: Mutex<HashMap<usize, Arc<DeviceBuffer<i32>>>>,
 }
 
 impl CudaBackend {
     /// The backend on `dev`.
     pub fn new(dev: CudaDevice) -> Result<Self> {
         let one = dev.upload(&[bf16::ONE])?;
-        Ok(CudaBackend {
-            dev,
-            one,
-            base_only: Mutex::new(HashMap::new()),
-        })
+        Ok(CudaBackend { dev, one })
     }
 
     /// Opens device `ordinal`: [`qadapt::Error::CudaNotCompiled`] or [`qadapt::Error::NoDevice`]
@@ -61,31 +51,6 @@ impl CudaBackend {
     /// The device.
     pub fn device(&self) -> &CudaDevice {
         &self.dev
-    }
-
-    fn base_only(&self, rows: usize) -> Result<Arc<DeviceBuffer<i32>>> {
-        let mut cache = self.base_only.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(idx) = cache.get(&rows) {
-            return Ok(idx.clone());
-        }
-        let idx = Arc::new(self.dev.upload(&vec![-1i32; rows])?);
-        cache.insert(rows, idx.clone());
-        Ok(idx)
-    }
-
-    /// The rows' adapter indices for the fused layer: `None` (every row adapted) when the LoRA
-    /// term is wanted and the projection has one, all -1 (base only) otherwise.
-    fn rows_index(
-        &self,
-        adapted: bool,
-        lora: bool,
-        rows: usize,
-    ) -> Result<Option<Arc<DeviceBuffer<i32>>>> {
-        if adapted && lora {
-            Ok(None)
-        } else {
-            self.base_only(rows).map(Some)
-        }
     }
 
     /// `y (=|+=) x W^T`, plus the LoRA term when `lora` and the projection is adapted.
@@ -109,12 +74,19 @@ impl CudaBackend {
                 adapted,
                 ..
             } => {
-                let idx = self.rows_index(*adapted, lora, rows)?;
+                // Every row adapted (no index buffer) with the LoRA term, else the base only.
+                let run = |y: &mut DeviceBuffer<bf16>| {
+                    if *adapted && lora {
+                        layer.forward(x, rows, None, y)
+                    } else {
+                        layer.forward_base(x, rows, y)
+                    }
+                };
                 match acc {
-                    Accumulate::Overwrite => layer.forward(x, rows, idx.as_deref(), y),
+                    Accumulate::Overwrite => run(y),
                     Accumulate::Add => {
                         let mut t = self.dev.zeros(rows * out)?;
-                        layer.forward(x, rows, idx.as_deref(), &mut t)?;
+                        run(&mut t)?;
                         self.add_assign(y, &t)
                     }
                 }
@@ -155,24 +127,27 @@ impl CudaBackend {
                 if grads.is_some() && !(*adapted && lora) {
                     return Err(invalid(OP, "gradients asked without the LoRA term"));
                 }
-                let idx = self.rows_index(*adapted, lora, rows)?;
-                // Rows with index -1 add nothing to the adapter gradients: scratch buffers.
+                // With the LoRA term: the full backward (gradients into `grads`, or into
+                // scratch when the caller wants none); without: the dx GEMM only.
                 let (mut sa, mut sb);
-                let (ga, gb) = match grads {
-                    Some(g) => g,
-                    None => {
+                let grads = match grads {
+                    Some(g) => Some(g),
+                    None if *adapted && lora => {
                         sa = self.dev.zeros::<f32>(rank * inp)?;
                         sb = self.dev.zeros::<f32>(out * rank)?;
-                        (&mut sa, &mut sb)
+                        Some((&mut sa, &mut sb))
                     }
+                    None => None,
+                };
+                let run = |dx: &mut DeviceBuffer<bf16>| match grads {
+                    Some((ga, gb)) => layer.backward(x, dy, rows, None, dx, ga, gb),
+                    None => layer.backward_base(x, dy, rows, dx),
                 };
                 match acc {
-                    Accumulate::Overwrite => {
-                        layer.backward(x, dy, rows, idx.as_deref(), dx, ga, gb)
-                    }
+                    Accumulate::Overwrite => run(dx),
                     Accumulate::Add => {
                         let mut t = self.dev.zeros(rows * inp)?;
-                        layer.backward(x, dy, rows, idx.as_deref(), &mut t, ga, gb)?;
+                        run(&mut t)?;
                         self.add_assign(dx, &t)
                     }
                 }

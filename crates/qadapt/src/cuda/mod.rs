@@ -42,6 +42,9 @@ struct Inner {
     props: DeviceProps,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     blas: OnceLock<std::result::Result<Arc<cudarc::cublas::CudaBlas>, String>>,
+    /// The LoRA launches' scratch (u, g, split partial sums), grown on demand and reused by every
+    /// later call on this device (all on the one stream, so reuse is ordered).
+    lora_scratch: Mutex<launch::LoraScratch>,
 }
 
 impl std::fmt::Debug for CudaDevice {
@@ -110,6 +113,7 @@ impl CudaDevice {
                 props,
                 modules: Mutex::new(HashMap::new()),
                 blas: OnceLock::new(),
+                lora_scratch: Mutex::new(launch::LoraScratch::default()),
             }),
         })
     }
@@ -228,6 +232,13 @@ impl CudaDevice {
     }
 
     /// The kernel `k`, loading its module from the embedded fatbin on first use.
+    /// The device's LoRA scratch, locked for one forward or backward.
+    pub(crate) fn lora_scratch(&self) -> Result<std::sync::MutexGuard<'_, launch::LoraScratch>> {
+        self.inner.lora_scratch.lock().map_err(|_| {
+            crate::error::invalid("lora scratch", "a previous call panicked while holding it")
+        })
+    }
+
     pub(crate) fn function(&self, k: KernelName) -> Result<CudaFunction> {
         let module = {
             let mut modules = self.inner.modules.lock().unwrap_or_else(|p| p.into_inner());

@@ -608,8 +608,58 @@ impl CudaLoraLinear {
             self.lora(),
             adapter_idx,
             dx,
-            grad_a,
-            grad_b,
+            Some((grad_a, grad_b)),
+        )
+    }
+
+    /// The shape of a call without the LoRA term: no adapter columns.
+    fn base_shape(&self, rows: usize) -> LoraShape {
+        LoraShape {
+            rank: 0,
+            n_adapters: 0,
+            ..self.shape(rows)
+        }
+    }
+
+    /// `y = x W^T + bias` (overwritten) without the LoRA term: only the base gemv/GEMM kernel
+    /// runs, no LoRA kernel at all (a frozen projection, or the adapters switched off).
+    pub fn forward_base(
+        &self,
+        x: &CudaSlice<bf16>,
+        rows: usize,
+        y: &mut CudaSlice<bf16>,
+    ) -> Result<()> {
+        launch::lora_forward(
+            &self.dev,
+            &self.base_shape(rows),
+            x,
+            self.weight.as_ref(),
+            self.lora(),
+            None,
+            self.bias.as_ref(),
+            y,
+        )
+    }
+
+    /// `dx = dy W` (overwritten) without the LoRA term: only the dx GEMM runs, no adapter
+    /// gradient is formed.
+    pub fn backward_base(
+        &self,
+        x: &CudaSlice<bf16>,
+        dy: &CudaSlice<bf16>,
+        rows: usize,
+        dx: &mut CudaSlice<bf16>,
+    ) -> Result<()> {
+        launch::lora_backward(
+            &self.dev,
+            &self.base_shape(rows),
+            x,
+            dy,
+            self.weight.as_ref(),
+            self.lora(),
+            None,
+            dx,
+            None,
         )
     }
 }

@@ -1,12 +1,18 @@
-//! Fused LoRA launches (`kernels/lora.cu`). Forward: the LoRA intermediate `u` (`lora_xa_bf16` or
-//! `lora_gemm_xa_bf16`), then the gemv or GEMM kernel for a dense or NF4 base weight, as
-//! [`plan::lora_forward`] decides. Backward: `u` and `g` on the tensor cores, then dx, dA, dB.
+//! Fused LoRA launches (`kernels/lora.cu`, `kernels/lora_rank.cu`). Forward: the LoRA
+//! intermediate `u` (`lora_xa_bf16` on the gemv path, the split rank product `lora_rank_xa_bf16`
+//! and its `lora_rank_reduce_bf16` on the GEMM path), then the gemv or GEMM kernel for a dense or
+//! NF4 base weight, as [`plan::lora_forward`] decides. Backward: `u` and `g` as rank products,
+//! then dx, then dA and dB as rank products.
 //!
 //! The fused NF4 kernels read 32 codes of one row as 16 aligned bytes, so they need
 //! `k % 32 == 0`, 16-byte aligned packed codes and a 16-byte aligned x; otherwise the weight is
 //! dequantized to a bf16 scratch buffer first (`nf4_dequantize_bf16`) and the dense kernels run.
+//!
+//! Scratch (`u`, `g`, the split partial sums) is the device's [`LoraScratch`], grown on demand:
+//! no allocation per call once the largest shape has been seen. A projection without a LoRA term
+//! (`rank * n_adapters == 0`) runs the base gemv/GEMM (and the dx GEMM) only.
 
-use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, ValidAsZeroBits};
 use half::bf16;
 use qadapt_kernels::{KernelName, ffi, kernels};
 
@@ -15,7 +21,33 @@ use crate::cuda::CudaDevice;
 use crate::error::{Result, invalid, shape_err};
 use crate::lora::LoraShape;
 use crate::nf4::{check_blocksize, num_blocks, packed_len};
-use crate::plan::{self, LoraPath};
+use crate::plan::{self, LoraPath, LoraRankPlan, XaPlan};
+
+/// The LoRA launches' device scratch: `u` and `g` (`[m, R]` bf16) and the split partial sums
+/// (f32), each grown to the largest length asked so far and never shrunk. Every kernel that reads
+/// a part of it wrote that part earlier in the same call (same stream), so stale contents from an
+/// earlier call are never read.
+#[derive(Default)]
+pub(crate) struct LoraScratch {
+    u: Option<CudaSlice<bf16>>,
+    g: Option<CudaSlice<bf16>>,
+    partial: Option<CudaSlice<f32>>,
+}
+
+/// `slot`, reallocated (zeroed) when it holds fewer than `len` (at least 1) elements.
+fn grown<'a, T: DeviceRepr + ValidAsZeroBits>(
+    dev: &CudaDevice,
+    slot: &'a mut Option<CudaSlice<T>>,
+    len: usize,
+) -> Result<&'a mut CudaSlice<T>> {
+    let len = len.max(1);
+    if slot.as_ref().is_none_or(|s| s.len() < len) {
+        *slot = None; // free the smaller buffer before allocating the larger one
+        *slot = Some(dev.zeros::<T>(len)?);
+    }
+    slot.as_mut()
+        .ok_or_else(|| invalid("lora scratch", "internal: the buffer was just allocated"))
+}
 
 /// The base weight on the device, borrowed.
 #[derive(Debug, Clone, Copy)]
@@ -241,15 +273,23 @@ pub(crate) fn lora_forward(
     let (x_ptr, _gx) = x.device_ptr(&stream);
     let scratch = nf4_scratch(OP, dev, n, k, w, x_ptr)?;
     let w = scratch.as_ref().map_or(w, CudaWeightRef::Dense);
-    // u: the kernels' own scratch, so it is ours to size and align (a fresh allocation).
-    let mut u = dev.zeros::<bf16>((m * rt).max(1))?;
+    let mut ws = dev.lora_scratch()?;
+    let ws = &mut *ws;
+    let partial_len = match plan.xa {
+        Some(XaPlan::Rank(r)) => r.partial_len(m as u64, rt as u64) as usize,
+        _ => 0,
+    };
+    let u = grown(dev, &mut ws.u, m * rt)?;
+    let partial = grown(dev, &mut ws.partial, partial_len)?;
     let wp = weight_ptrs(&stream, w);
     let (a_ptr, _ga) = lora.a.device_ptr(&stream);
     let (b_ptr, _gb) = lora.b.device_ptr(&stream);
     let (s_ptr, _gs) = lora.scales.device_ptr(&stream);
     let (u_ptr, _gu) = u.device_ptr_mut(&stream);
+    let (p_ptr, _gp) = partial.device_ptr_mut(&stream);
     let (y_ptr, _gy) = y.device_ptr_mut(&stream);
     let idx = adapter_idx.map(|i| i.device_ptr(&stream));
+    let idx_ptr = idx.as_ref().map_or(0, |p| p.0);
     let bias_p = bias.map(|b| b.device_ptr(&stream));
     let vec =
         k.is_multiple_of(8) && is16(x_ptr) && (rt == 0 || is16(a_ptr)) && (wp.nf4 || is16(wp.w));
@@ -263,7 +303,7 @@ pub(crate) fn lora_forward(
         lora_a: a_ptr,
         lora_b: b_ptr,
         scales: s_ptr,
-        adapter_idx: idx.as_ref().map_or(0, |p| p.0),
+        adapter_idx: idx_ptr,
         bias: bias_p.as_ref().map_or(0, |p| p.0),
         u: u_ptr,
         y: y_ptr,
@@ -282,20 +322,32 @@ pub(crate) fn lora_forward(
             "internal: the fused NF4 path needs k % 32 == 0 and aligned rows",
         ));
     }
-    if let Some(xa) = plan.xa {
-        let xa_kernel = match plan.path {
-            LoraPath::Gemv | LoraPath::GemvWide => kernels::LORA_XA_BF16,
-            LoraPath::Gemm => kernels::LORA_GEMM_XA_BF16,
-        };
-        // SAFETY: QadaptLoraFwdArgs is what lora_xa_bf16 and lora_gemm_xa_bf16 take. They read
-        // x [m*k], A [na*r*k] and scales [na] (lengths checked by check_lora and above),
-        // adapter_idx [m] when non-zero (checked), and write u[0..m*na*r] (allocated here with
-        // that length); 16-byte loads and cp.async only under QADAPT_LORA_VEC, set only when
-        // k % 8 == 0 and x and A are 16-byte aligned, and only for in-bounds 8-element chunks.
-        // The grid is the CTA-per-element grid-stride (gemv path) or one CTA per 128 x 128 tile
-        // of u (GEMM path), as planned. Indices outside 0..na read as -1. All buffers are on
-        // this device.
-        unsafe { launch(dev, xa_kernel, xa, &args) }?;
+    match plan.xa {
+        None => {}
+        Some(XaPlan::Gemv(xa)) => {
+            // SAFETY: QadaptLoraFwdArgs is what lora_xa_bf16 takes. It reads x [m*k], A [na*r*k]
+            // and scales [na] (lengths checked by check_lora and above), adapter_idx [m] when
+            // non-zero (checked), and writes u[0..m*na*r] (the scratch holds at least that);
+            // 16-byte loads only under QADAPT_LORA_VEC, set only when k % 8 == 0 and x and A are
+            // 16-byte aligned. The grid is the CTA-per-element grid-stride (plan). Indices
+            // outside 0..na read as -1. All buffers are on this device.
+            unsafe { launch(dev, kernels::LORA_XA_BF16, xa, &args) }?;
+        }
+        Some(XaPlan::Rank(xa)) => {
+            let ra = RankPtrs {
+                lhs: x_ptr,
+                rhs: a_ptr,
+                scales: s_ptr,
+                adapter_idx: idx_ptr,
+                partial: p_ptr,
+                out: u_ptr,
+                vec_lhs: k.is_multiple_of(8) && is16(x_ptr),
+                vec_rhs: k.is_multiple_of(8) && is16(a_ptr),
+            };
+            // u = mask(s x Acat^T): p = m, t = k; partial holds the plan's [splits, m, R] (grown
+            // above), u [m*R].
+            rank_product(dev, RankOp::Xa, &xa, shape, m, k, &ra)?;
+        }
     }
     let main = match plan.path {
         LoraPath::Gemm => plan::LaunchPlan {
@@ -305,21 +357,115 @@ pub(crate) fn lora_forward(
         LoraPath::Gemv | LoraPath::GemvWide => plan.main,
     };
     // SAFETY: QadaptLoraFwdArgs is what every lora_gemv_*/lora_gemm_* kernel takes. Checked
-    // above: x [m*k], y [m*n], u [m*na*r] (ours), A [na*r*k], B [na*n*r], scales [na], bias [n],
-    // adapter_idx [m]; a dense W of n*k bf16, or NF4 codes of ceil(n*k/2) bytes with
-    // ceil(n*k/bs) block scales (and ceil(nb/256) nested absmax and a 256-entry map for double
-    // quant), bs a power of two >= 32 (nf4_scratch). The NF4 kernels run only when k % 32 == 0
-    // and the codes and x are 16-byte aligned (their unconditional 16-byte loads, checked just
-    // above); the dense kernels use 16-byte loads and cp.async only under QADAPT_LORA_VEC
-    // (k % 8 == 0, x/W/A aligned). The GEMM grid is exactly ceil(n/128)*ceil(m/128) CTAs of the
-    // kernel's thread count (plan; lora_gemm_threads, which its __launch_bounds__ match), the gemv
-    // grid-strides. Every buffer's guard is held past the launch.
+    // above: x [m*k], y [m*n], u (scratch of at least m*na*r, written by the xa launch above),
+    // A [na*r*k], B [na*n*r], scales [na], bias [n], adapter_idx [m]; a dense W of n*k bf16, or
+    // NF4 codes of ceil(n*k/2) bytes with ceil(n*k/bs) block scales (and ceil(nb/256) nested
+    // absmax and a 256-entry map for double quant), bs a power of two >= 32 (nf4_scratch). The
+    // NF4 kernels run only when k % 32 == 0 and the codes and x are 16-byte aligned (their
+    // unconditional 16-byte loads, checked just above); the dense kernels use 16-byte loads and
+    // cp.async only under QADAPT_LORA_VEC (k % 8 == 0, x/W/A aligned). The GEMM grid is exactly
+    // ceil(n/128)*ceil(m/128) CTAs of the kernel's thread count (plan; lora_gemm_threads, which its
+    // __launch_bounds__ match), the gemv grid-strides. Every buffer's guard is held past the
+    // launch.
     unsafe { launch(dev, main_kernel(plan.path, wp.nf4), main, &args) }?;
     Ok(())
 }
 
+/// Which rank product of `kernels/lora_rank.cu` a launch forms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RankOp {
+    /// `u = mask(s x Acat^T)`: p = m, t = k.
+    Xa,
+    /// `g = mask(s dy Bcat)`: p = m, t = n.
+    Dyb,
+    /// `grad_a += g^T x`: p = k, t = m.
+    Da,
+    /// `grad_b += dy^T u`: p = n, t = m.
+    Db,
+}
+
+/// The device addresses of one rank product (their guards held by the caller) and whether its
+/// operands' rows allow 16-byte copies.
+struct RankPtrs {
+    lhs: u64,
+    rhs: u64,
+    scales: u64,
+    adapter_idx: u64,
+    partial: u64,
+    out: u64,
+    vec_lhs: bool,
+    vec_rhs: bool,
+}
+
+/// Launches one rank product and its fixed-order reduction. The caller has checked every buffer
+/// against the shape (`p x t` as `RankOp` says, `R = rank * n_adapters > 0`) and sized the
+/// scratch: `partial` holds at least `plan.partial_len(p, R)` f32, u and g at least `m * R` bf16.
+fn rank_product(
+    dev: &CudaDevice,
+    op: RankOp,
+    plan: &LoraRankPlan,
+    shape: &LoraShape,
+    p: usize,
+    t: usize,
+    ptrs: &RankPtrs,
+) -> Result<()> {
+    let rt = shape.r_total();
+    if rt == 0 || !matches!(plan.r_tile, 16 | 32 | 64) || plan.splits == 0 {
+        return Err(invalid(
+            "lora rank product (cuda)",
+            "internal: a rank product needs R > 0 and a planned tile",
+        ));
+    }
+    let (kernel, mode) = match op {
+        RankOp::Xa => (kernels::LORA_RANK_XA_BF16, ffi::QADAPT_LORA_RANK_MASKED),
+        RankOp::Dyb => (kernels::LORA_RANK_DYB_BF16, ffi::QADAPT_LORA_RANK_MASKED),
+        RankOp::Da => (kernels::LORA_RANK_DA_BF16, ffi::QADAPT_LORA_RANK_GRAD_A),
+        RankOp::Db => (kernels::LORA_RANK_DB_BF16, ffi::QADAPT_LORA_RANK_GRAD_B),
+    };
+    let mut flags = 0;
+    if ptrs.vec_lhs {
+        flags |= ffi::QADAPT_LORA_RANK_VEC_LHS;
+    }
+    if ptrs.vec_rhs {
+        flags |= ffi::QADAPT_LORA_RANK_VEC_RHS;
+    }
+    let args = ffi::QadaptLoraRankArgs {
+        lhs: ptrs.lhs,
+        rhs: ptrs.rhs,
+        scales: ptrs.scales,
+        adapter_idx: ptrs.adapter_idx,
+        partial: ptrs.partial,
+        out: ptrs.out,
+        p: p as u32,
+        t: t as u32,
+        rank: shape.rank as u32,
+        n_adapters: shape.n_adapters as u32,
+        r_tile: plan.r_tile,
+        splits: plan.splits,
+        steps: plan.steps,
+        mode,
+        flags,
+        unused: 0,
+    };
+    // SAFETY: QadaptLoraRankArgs is what the lora_rank_* kernels take. The product kernel reads
+    // lhs and rhs only inside their shapes (x [m*k] or dy [m*n]; the A stack [R*k], the B stack
+    // [na*n*r], or g/u [m*R] in the scratch, all checked or sized by the caller) with zero fill
+    // outside, 16-byte cp.async only under the VEC flags (row length % 8 == 0 and a 16-byte
+    // aligned base; for the B stack rank % 8 == 0), and writes partial[splits*p*R] (the scratch
+    // holds at least plan.partial_len). The grid is splits * ceil(p/64) * ceil(R/r_tile) CTAs of
+    // 128 threads with r_tile in {16, 32, 64} (plan, checked above), as the kernel decodes it.
+    unsafe { launch(dev, kernel, plan.main, &args) }?;
+    // SAFETY: lora_rank_reduce_bf16 grid-strides over p*R elements: it reads partial[splits*p*R]
+    // (just written, same stream), scales [na] and adapter_idx [p] (MASKED only, p = m: checked by
+    // the caller; indices outside 0..na read as -1), and writes u or g [p*R] (scratch) or adds
+    // into grad_a [R*k] (p = k) / grad_b [na*n*r] (p = n), lengths checked by the caller.
+    unsafe { launch(dev, kernels::LORA_RANK_REDUCE_BF16, plan.reduce, &args) }?;
+    Ok(())
+}
+
 /// The fused backward: overwrites `dx [m, k]`, ADDS into `grad_a [na, r, k]` and
-/// `grad_b [na, n, r]` (f32). NF4 weights are dequantized inside the dx matmul (or into a scratch
+/// `grad_b [na, n, r]` (f32; `grads`, required when the shape has a LoRA term and ignored
+/// without one). NF4 weights are dequantized inside the dx matmul (or into a scratch
 /// copy first, under the same conditions as the forward).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn lora_backward(
@@ -331,8 +477,7 @@ pub(crate) fn lora_backward(
     lora: CudaLoraRef<'_>,
     adapter_idx: Option<&CudaSlice<i32>>,
     dx: &mut CudaSlice<bf16>,
-    grad_a: &mut CudaSlice<f32>,
-    grad_b: &mut CudaSlice<f32>,
+    grads: Option<(&mut CudaSlice<f32>, &mut CudaSlice<f32>)>,
 ) -> Result<()> {
     const OP: &str = "lora backward (cuda)";
     let (m, n, k, r, na) = (shape.m, shape.n, shape.k, shape.rank, shape.n_adapters);
@@ -346,26 +491,53 @@ pub(crate) fn lora_backward(
             return Err(shape_err(OP, format!("{what} of {want}"), len));
         }
     }
-    if rt > 0 && (grad_a.len() != na * r * k || grad_b.len() != na * n * r) {
-        return Err(shape_err(
-            OP,
-            format!("grad_a of {} and grad_b of {}", na * r * k, na * n * r),
-            format!("{} and {}", grad_a.len(), grad_b.len()),
-        ));
+    // Without a LoRA term no kernel touches the gradients: they are neither needed nor read.
+    let grads = if rt > 0 { grads } else { None };
+    match &grads {
+        None if rt > 0 => {
+            return Err(invalid(
+                OP,
+                "the adapter gradients are required with a LoRA term",
+            ));
+        }
+        Some((grad_a, grad_b)) if grad_a.len() != na * r * k || grad_b.len() != na * n * r => {
+            return Err(shape_err(
+                OP,
+                format!("grad_a of {} and grad_b of {}", na * r * k, na * n * r),
+                format!("{} and {}", grad_a.len(), grad_b.len()),
+            ));
+        }
+        _ => {}
     }
     on_device(OP, dev, "x", x)?;
     on_device(OP, dev, "dy", dy)?;
     on_device(OP, dev, "dx", dx)?;
-    on_device(OP, dev, "grad_a", grad_a)?;
-    on_device(OP, dev, "grad_b", grad_b)?;
+    if let Some((grad_a, grad_b)) = &grads {
+        on_device(OP, dev, "grad_a", *grad_a)?;
+        on_device(OP, dev, "grad_b", *grad_b)?;
+    }
     check_lora(OP, dev, shape, lora, adapter_idx)?;
     let plan = plan::lora_backward(m as u64, n as u64, k as u64, rt as u64, &dev.props())?;
     let stream = dev.stream().clone();
     let (x_ptr, _gx) = x.device_ptr(&stream);
     let scratch = nf4_scratch(OP, dev, n, k, w, x_ptr)?;
     let w = scratch.as_ref().map_or(w, CudaWeightRef::Dense);
-    let mut u = dev.zeros::<bf16>((m * rt).max(1))?;
-    let mut g = dev.zeros::<bf16>((m * rt).max(1))?;
+    let mut ws = dev.lora_scratch()?;
+    let ws = &mut *ws;
+    let (mu, nu, ku, ru) = (m as u64, n as u64, k as u64, rt as u64);
+    let partial_len = [
+        plan.xa.map(|p| p.partial_len(mu, ru)),
+        plan.dyb.map(|p| p.partial_len(mu, ru)),
+        plan.da.map(|p| p.partial_len(ku, ru)),
+        plan.db.map(|p| p.partial_len(nu, ru)),
+    ]
+    .into_iter()
+    .flatten()
+    .max()
+    .unwrap_or(0) as usize;
+    let u = grown(dev, &mut ws.u, m * rt)?;
+    let g = grown(dev, &mut ws.g, m * rt)?;
+    let partial = grown(dev, &mut ws.partial, partial_len)?;
     let wp = weight_ptrs(&stream, w);
     let (dy_ptr, _gdy) = dy.device_ptr(&stream);
     let (a_ptr, _ga) = lora.a.device_ptr(&stream);
@@ -373,30 +545,23 @@ pub(crate) fn lora_backward(
     let (s_ptr, _gs) = lora.scales.device_ptr(&stream);
     let (u_ptr, _gu) = u.device_ptr_mut(&stream);
     let (g_ptr, _gg) = g.device_ptr_mut(&stream);
+    let (p_ptr, _gp) = partial.device_ptr_mut(&stream);
     let (dx_ptr, _gdx) = dx.device_ptr_mut(&stream);
-    let (da_ptr, _gda) = grad_a.device_ptr_mut(&stream);
-    let (db_ptr, _gdb) = grad_b.device_ptr_mut(&stream);
-    let idx = adapter_idx
-        .map(|i| i.device_ptr(&stream))
-        .map_or(0, |p| p.0);
-    let rank = if rt > 0 { r as u32 } else { 0 };
-    let vec_fwd = k.is_multiple_of(8) && is16(x_ptr) && is16(a_ptr);
-    let vec = vec_fwd && n.is_multiple_of(8) && is16(dy_ptr) && (wp.nf4 || is16(wp.w));
-    let fwd = ffi::QadaptLoraFwdArgs {
-        x: x_ptr,
-        lora_a: a_ptr,
-        lora_b: b_ptr,
-        scales: s_ptr,
-        adapter_idx: idx,
-        u: u_ptr,
-        m: m as u32,
-        n: n as u32,
-        k: k as u32,
-        rank,
-        n_adapters: na as u32,
-        flags: if vec_fwd { ffi::QADAPT_LORA_VEC } else { 0 },
-        ..Default::default()
+    let (mut grad_a, mut grad_b) = match grads {
+        Some((a, b)) => (Some(a), Some(b)),
+        None => (None, None),
     };
+    let ga_guard = grad_a.as_mut().map(|g| g.device_ptr_mut(&stream));
+    let gb_guard = grad_b.as_mut().map(|g| g.device_ptr_mut(&stream));
+    let da_ptr = ga_guard.as_ref().map_or(0, |p| p.0);
+    let db_ptr = gb_guard.as_ref().map_or(0, |p| p.0);
+    let idx_guard = adapter_idx.map(|i| i.device_ptr(&stream));
+    let idx = idx_guard.as_ref().map_or(0, |p| p.0);
+    let rank = if rt > 0 { r as u32 } else { 0 };
+    let vec_x = k.is_multiple_of(8) && is16(x_ptr);
+    let vec_dy = n.is_multiple_of(8) && is16(dy_ptr);
+    let vec_ru = rt.is_multiple_of(8);
+    let vec = vec_x && is16(a_ptr) && vec_dy && (wp.nf4 || is16(wp.w));
     let args = ffi::QadaptLoraBwdArgs {
         x: x_ptr,
         dy: dy_ptr,
@@ -429,17 +594,38 @@ pub(crate) fn lora_backward(
             "internal: the fused NF4 path needs k % 32 == 0 and aligned codes",
         ));
     }
+    let ptrs = |lhs: u64, rhs: u64, out: u64, vec_lhs: bool, vec_rhs: bool| RankPtrs {
+        lhs,
+        rhs,
+        scales: s_ptr,
+        adapter_idx: idx,
+        partial: p_ptr,
+        out,
+        vec_lhs,
+        vec_rhs,
+    };
     if let (Some(xa), Some(dyb)) = (plan.xa, plan.dyb) {
-        // SAFETY: lora_gemm_xa_bf16 takes QadaptLoraFwdArgs and reads x [m*k], A [na*r*k],
-        // scales [na], adapter_idx [m] (all checked above), writing u [m*na*r] (allocated here);
-        // cp.async only with QADAPT_LORA_VEC (k % 8 == 0, x and A aligned) at in-bounds chunks.
-        // Its W/bias/y fields are 0 and unread. One CTA per 128 x 128 tile of u (plan).
-        unsafe { launch(dev, kernels::LORA_GEMM_XA_BF16, xa, &fwd) }?;
-        // SAFETY: lora_gemm_bwd_dyb_bf16 takes QadaptLoraBwdArgs and reads dy [m*n] (cp.async
-        // under QADAPT_LORA_VEC: n % 8 == 0, dy aligned), B [na*n*r] (16-byte copies only when
-        // r % 8 == 0 and B is aligned, checked in the kernel), scales [na] and adapter_idx [m]
-        // (lengths checked above), and writes g [m*na*r] (allocated here); one CTA per tile of g.
-        unsafe { launch(dev, kernels::LORA_GEMM_BWD_DYB_BF16, dyb, &args) }?;
+        // u = mask(s x Acat^T) (recomputed) and g = mask(s dy Bcat) into the scratch (m*R each).
+        let vec_a = k.is_multiple_of(8) && is16(a_ptr);
+        rank_product(
+            dev,
+            RankOp::Xa,
+            &xa,
+            shape,
+            m,
+            k,
+            &ptrs(x_ptr, a_ptr, u_ptr, vec_x, vec_a),
+        )?;
+        let vec_b = r.is_multiple_of(8) && is16(b_ptr);
+        rank_product(
+            dev,
+            RankOp::Dyb,
+            &dyb,
+            shape,
+            m,
+            n,
+            &ptrs(dy_ptr, b_ptr, g_ptr, vec_dy, vec_b),
+        )?;
     }
     let dx_kernel = if wp.nf4 {
         kernels::LORA_GEMM_BWD_DX_NF4_BF16
@@ -452,19 +638,34 @@ pub(crate) fn lora_backward(
     };
     // SAFETY: the dx kernels take QadaptLoraBwdArgs; they read dy [m*n], W (n*k bf16, or NF4
     // codes/scales validated by nf4_scratch with k % 32 == 0 and aligned codes for the NF4
-    // kernel's 16-byte cp.async), g [m*na*r] and A [na*r*k], and write dx [m*k] only inside
-    // those bounds; cp.async of dy/W/A rows only under QADAPT_LORA_VEC (k % 8, n % 8, aligned).
-    // The grid is exactly ceil(m/128)*ceil(k/128) CTAs (plan) of the kernel's thread count
-    // (lora_gemm_threads); every guard is held past it.
+    // kernel's 16-byte cp.async), g (scratch of at least m*na*r, written above) and A [na*r*k],
+    // and write dx [m*k] only inside those bounds; cp.async of dy/W/A rows only under
+    // QADAPT_LORA_VEC (k % 8, n % 8, aligned). The grid is exactly ceil(m/128)*ceil(k/128) CTAs
+    // (plan) of the kernel's thread count (lora_gemm_threads); every guard is held past it.
     unsafe { launch(dev, dx_kernel, dx, &args) }?;
     if let (Some(da), Some(db)) = (plan.da, plan.db) {
-        // SAFETY: lora_gemm_bwd_da_bf16 reads g [m*na*r] (ours, aligned; 16-byte copies only
-        // when na*r % 8 == 0) and x [m*k] (16-byte copies under QADAPT_LORA_VEC), and adds into
-        // grad_a [na*r*k] (checked), one CTA per 128 x 128 output tile, no two CTAs on one element.
-        unsafe { launch(dev, kernels::LORA_GEMM_BWD_DA_BF16, da, &args) }?;
-        // SAFETY: lora_gemm_bwd_db_bf16 reads dy [m*n] and u [m*na*r] under the same rules and
-        // adds into grad_b [na*n*r] (checked) at [e / r][n][e % r], each element by one CTA.
-        unsafe { launch(dev, kernels::LORA_GEMM_BWD_DB_BF16, db, &args) }?;
+        // grad_a [R, k] += g^T x (p = k, t = m) and grad_b [na, n, r] += dy^T u (p = n, t = m);
+        // g and u are the scratch's (aligned allocations: only R % 8 decides their copies).
+        let vec_g = vec_ru && is16(g_ptr);
+        rank_product(
+            dev,
+            RankOp::Da,
+            &da,
+            shape,
+            k,
+            m,
+            &ptrs(x_ptr, g_ptr, da_ptr, vec_x, vec_g),
+        )?;
+        let vec_u = vec_ru && is16(u_ptr);
+        rank_product(
+            dev,
+            RankOp::Db,
+            &db,
+            shape,
+            n,
+            m,
+            &ptrs(dy_ptr, u_ptr, db_ptr, vec_dy, vec_u),
+        )?;
     }
     Ok(())
 }

@@ -24,7 +24,7 @@ mod optim;
 pub(crate) use blas::gemm_bf16;
 pub use counters::EmulatorCounters;
 pub(crate) use counters::{emulator_counters, reset_emulator_counters};
-pub(crate) use lora::{CudaLoraRef, CudaWeightRef, lora_backward, lora_forward};
+pub(crate) use lora::{CudaLoraRef, CudaWeightRef, LoraScratch, lora_backward, lora_forward};
 pub(crate) use model::{
     SwigluOut, attention_backward, attention_forward, cross_entropy, embedding_backward,
     embedding_forward, mask_mix, rmsnorm_backward, rmsnorm_forward, rope, swiglu, targets_i32,
@@ -54,6 +54,9 @@ unsafe impl KernelArgs for ffi::QadaptLoraFwdArgs {}
 // SAFETY: #[repr(C)] struct of u64/u32/f32 fields generated from qadapt.h (16 device addresses,
 // then 8 four-byte fields, no padding); bindgen's layout test pins its 160-byte size.
 unsafe impl KernelArgs for ffi::QadaptLoraBwdArgs {}
+// SAFETY: #[repr(C)] struct of 6 u64 then 10 u32 fields generated from qadapt.h (the last, unused,
+// makes the size a multiple of 8), no padding; bindgen's layout test pins its 88-byte size.
+unsafe impl KernelArgs for ffi::QadaptLoraRankArgs {}
 // SAFETY: #[repr(C)] struct of 9 u64 then 6 four-byte (u32/f32) fields generated from qadapt.h,
 // no padding; bindgen's layout test pins its 96-byte size.
 unsafe impl KernelArgs for ffi::QadaptRmsNormArgs {}
