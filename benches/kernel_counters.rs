@@ -17,7 +17,8 @@
 //! H200.
 //!
 //! Options (`--name value`): `--n`, `--k` (4096 x 4096: a Llama-3-8B attention projection),
-//! `--m` (512 rows for the GEMM paths; the gemv paths run 1 and 16), `--rank` (16). Shapes are
+//! `--m` (512 rows for the GEMM paths; the gemv paths run 1 and 16, and 128 rows the GEMM path
+//! with k split across the SMs), `--rank` (16). Shapes are
 //! `m x n x k`: `y [m, n] = x [m, k] W^T [k, n]`.
 
 use half::bf16;
@@ -142,7 +143,7 @@ fn main() {
         let layer = LoraLinear::new(n, k, weight, None, adapters.clone()).unwrap();
         let fused = CudaLoraLinear::upload(&dev, &layer).unwrap();
         dev.reset_emulator_counters();
-        for rows in [1, 16, m] {
+        for rows in [1, 16, 128, m] {
             let x = dev.upload(&bf(&randn(rows * k, 1.0, 4))).unwrap();
             let mut y = dev.zeros::<bf16>(rows * n).unwrap();
             fused.forward(&x, rows, None, &mut y).unwrap();

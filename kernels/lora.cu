@@ -50,7 +50,11 @@
  *                         per 32 codes, and each stage is decoded once per CTA, by all threads,
  *                         into a swizzled bf16 tile that the dense path reads (the NF4 section
  *                         below). After the K loop the same accumulators take the R-long
- *                         extension [u | Bcat], then bias, then one bf16 store of y.
+ *                         extension [u | Bcat], then bias, then one bf16 store of y. With few
+ *                         output tiles (e.g. 17..256 rows) the launcher splits k: each CTA stores
+ *                         its range's f32 sums into `partial`, and lora_split_reduce_bf16 adds
+ *                         the ranges in order, the row adapter's r products of u and B, the bias,
+ *                         and stores y.
  *   lora_gemm_bwd_dx_*_bf16 dx = dy W then + g Acat in the same accumulators: W tiles
  *                         [32 rows of n][128 columns of k] by ldmatrix.trans; NF4 W decoded once
  *                         per stage into such a tile, as in the forward. One bf16 store of dx.
@@ -353,7 +357,7 @@ __device__ __forceinline__ void gemv_nf4(const QadaptLoraFwdArgs& a, float* tabs
 
 constexpr int BM = QADAPT_LORA_GEMM_BM;
 constexpr int BN = QADAPT_LORA_GEMM_BN;
-constexpr int BK = 32;
+constexpr int BK = QADAPT_LORA_GEMM_BK;
 constexpr int STAGES = 3;
 constexpr int THREADS = QADAPT_LORA_GEMM_THREADS;
 constexpr int WM = 64; /* warp tile */
@@ -401,12 +405,13 @@ __device__ __forceinline__ void load_tile(bf16* tile, const bf16* __restrict__ g
 /* Grouped rasterization of a 1-D grid over tiles_m x tiles_n output tiles: consecutive CTAs walk
  * down GROUP_M row tiles, then move to the next column tile, so the CTAs resident at once share
  * a few x/dy row tiles and a band of W tiles, which stay in L2 (the plain row-major order streams
- * all of W once per row of tiles). Returns the (row tile, column tile) of this CTA. */
+ * all of W once per row of tiles). Returns the (row tile, column tile) of tile `idx` (default: this
+ * CTA's). */
 constexpr uint32_t GROUP_M = 8;
 
-__device__ __forceinline__ uint2 grouped_tile(uint32_t tiles_m, uint32_t tiles_n) {
+__device__ __forceinline__ uint2 grouped_tile(uint32_t tiles_m, uint32_t tiles_n, uint32_t idx = blockIdx.x) {
     const uint32_t per_group = GROUP_M * tiles_n;
-    const uint32_t group = blockIdx.x / per_group, in_group = blockIdx.x % per_group;
+    const uint32_t group = idx / per_group, in_group = idx % per_group;
     const uint32_t first_m = group * GROUP_M;
     const uint32_t rows = min(tiles_m - first_m, GROUP_M);
     return make_uint2(first_m + in_group % rows, in_group / rows);
@@ -428,14 +433,16 @@ struct ColCopy {
     bool row_ok[N];
     const bf16* safe;
     uint32_t col, cols;
-    __device__ __forceinline__ ColCopy(const bf16* g, uint32_t r0, uint32_t rows, uint32_t cols_, uint64_t ld)
-        : safe(g), col((threadIdx.x % (BK / 8)) * 8), cols(cols_) {
+    /* Columns c0.. (a multiple of 8) up to the bound cols_. */
+    __device__ __forceinline__ ColCopy(const bf16* g, uint32_t r0, uint32_t rows, uint32_t cols_, uint64_t ld,
+                                       uint32_t c0 = 0)
+        : safe(g), col(c0 + (threadIdx.x % (BK / 8)) * 8), cols(cols_) {
 #pragma unroll
         for (int i = 0; i < N; ++i) {
             const uint32_t row = (threadIdx.x + i * NT) / (BK / 8);
             row_ok[i] = r0 + row < rows;
             src[i] = row_ok[i] ? g + (uint64_t)(r0 + row) * ld + col : g;
-            dst[i] = swz(row, col / 8);
+            dst[i] = swz(row, threadIdx.x % (BK / 8));
         }
     }
     __device__ __forceinline__ void issue(bf16* tile) {
@@ -593,43 +600,127 @@ __device__ __forceinline__ void zero_acc(float (&acc)[MI_][NI_][4]) {
             for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.0f;
 }
 
-/* The pipelined K loop of a dense tile x W^T: rows m0.. of x [M, K] and rows n0.. of W [N, K],
- * BK slices through the 3-stage pipeline (ColCopy under `vec`, element loads otherwise), into the
- * warp's accumulators. Leaves every copy complete. */
+/* The pipelined K loop of a dense tile x W^T over columns kb..ke of k (kb a multiple of BK):
+ * rows m0.. of x [M, K] and rows n0.. of W [N, K], BK slices through the 3-stage pipeline
+ * (ColCopy under `vec`, element loads otherwise), into the warp's accumulators. Leaves every copy
+ * complete. */
 __device__ __forceinline__ void mainloop_dense(float (&acc)[MI][NI][4], bf16 (*sA)[BM * BK], bf16 (*sB)[BN * BK],
                                                const bf16* __restrict__ x, const bf16* __restrict__ w, uint32_t M,
                                                uint32_t N, uint32_t K, uint32_t m0, uint32_t n0, uint32_t wm0,
-                                               uint32_t wn0, bool vec) {
-    const uint32_t KT = (K + BK - 1) / BK;
+                                               uint32_t wn0, bool vec, uint32_t kb, uint32_t ke) {
+    const uint32_t KT = (ke - kb + BK - 1) / BK;
     auto compute = [&](uint32_t s) { mma_tile_dense(acc, sA[s], sB[s], wm0, wn0); };
     if (vec) {
-        ColCopy<BM> ca(x, m0, M, K, K);
-        ColCopy<BN> cb(w, n0, N, K, K);
+        ColCopy<BM> ca(x, m0, M, ke, K, kb);
+        ColCopy<BN> cb(w, n0, N, ke, K, kb);
         pipeline_planned(KT, ca, cb, sA, sB, compute);
     } else {
         pipeline(
             KT,
             [&](uint32_t s, uint32_t step) {
-                load_tile<BM>(sA[s], x, m0, M, step * BK, K, K, false);
-                load_tile<BN>(sB[s], w, n0, N, step * BK, K, K, false);
+                load_tile<BM>(sA[s], x, m0, M, kb + step * BK, ke, K, false);
+                load_tile<BN>(sB[s], w, n0, N, kb + step * BK, ke, K, false);
             },
             compute);
     }
 }
 
-/* One CTA per output tile, in grouped order (grouped_tile). */
+/* Split k (QadaptLoraFwdArgs.splits > 1): the CTA's output tile and k range. CTA b takes tile
+ * b % tiles (grouped order) of split b / tiles, columns kb..ke: split_steps BK slices, the last
+ * split what remains. Without a split: this CTA's tile, all of k. */
+struct SplitTile {
+    uint32_t m0, n0, split, kb, ke;
+    bool split_k;
+};
+
+__device__ __forceinline__ SplitTile split_tile(const QadaptLoraFwdArgs& a, uint32_t bm, uint32_t bn) {
+    const uint32_t tiles_m = (a.m + bm - 1) / bm, tiles_n = (a.n + bn - 1) / bn;
+    SplitTile t;
+    t.split_k = a.splits > 1;
+    t.split = t.split_k ? blockIdx.x / (tiles_m * tiles_n) : 0;
+    const uint2 g = grouped_tile(tiles_m, tiles_n, t.split_k ? blockIdx.x % (tiles_m * tiles_n) : blockIdx.x);
+    t.m0 = g.x * bm;
+    t.n0 = g.y * bn;
+    t.kb = t.split_k ? t.split * a.split_steps * BK : 0;
+    t.ke = t.split_k ? min(a.k, t.kb + a.split_steps * BK) : a.k;
+    return t;
+}
+
+/* A split's f32 partial sums of its tile, into partial[split][m][n] (plain stores: every element
+ * of every split is written by exactly one CTA; rows and columns outside y are skipped). */
+template <int MI_, int NI_>
+__device__ __forceinline__ void store_partial(const QadaptLoraFwdArgs& a, const float (&acc)[MI_][NI_][4],
+                                              const SplitTile& t, uint32_t wm0, uint32_t wn0) {
+    float* __restrict__ out = reinterpret_cast<float*>(a.partial) + (uint64_t)t.split * a.m * a.n;
+    const unsigned lane = threadIdx.x & 31u;
+#pragma unroll
+    for (int mi = 0; mi < MI_; ++mi) {
+#pragma unroll
+        for (int ni = 0; ni < NI_; ++ni) {
+            const uint32_t col = t.n0 + wn0 + ni * 8 + (lane & 3u) * 2;
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const uint32_t row = t.m0 + wm0 + mi * 16 + (lane >> 2) + h * 8;
+                if (row >= a.m) continue;
+                const uint64_t o = (uint64_t)row * a.n + col;
+                if (col + 1 < a.n && (a.n % 2) == 0) {
+                    *reinterpret_cast<float2*>(out + o) = make_float2(acc[mi][ni][2 * h], acc[mi][ni][2 * h + 1]);
+                } else {
+                    if (col < a.n) out[o] = acc[mi][ni][2 * h];
+                    if (col + 1 < a.n) out[o + 1] = acc[mi][ni][2 * h + 1];
+                }
+            }
+        }
+    }
+}
+
+/* One CTA per output tile (and k range, split_tile), in grouped order. */
 __device__ __forceinline__ void gemm_dense(const QadaptLoraFwdArgs& a) {
     __shared__ __align__(128) bf16 sA[STAGES][BM * BK];
     __shared__ __align__(128) bf16 sB[STAGES][BN * BK];
-    const uint2 t = grouped_tile((a.m + BM - 1) / BM, (a.n + BN - 1) / BN);
-    const uint32_t m0 = t.x * BM, n0 = t.y * BN;
+    const SplitTile t = split_tile(a, BM, BN);
     const uint32_t warp = threadIdx.x / 32u;
     const uint32_t wm0 = (warp / (BN / WN)) * WM, wn0 = (warp % (BN / WN)) * WN;
     float acc[MI][NI][4];
     zero_acc(acc);
     mainloop_dense(acc, sA, sB, reinterpret_cast<const bf16*>(a.x), reinterpret_cast<const bf16*>(a.w), a.m, a.n,
-                   a.k, m0, n0, wm0, wn0, (a.flags & QADAPT_LORA_VEC) != 0);
-    gemm_finish(a, acc, sA[0], sB[0], m0, n0, wm0, wn0);
+                   a.k, t.m0, t.n0, wm0, wn0, (a.flags & QADAPT_LORA_VEC) != 0, t.kb, t.ke);
+    if (t.split_k) store_partial(a, acc, t, wm0, wn0);
+    else gemm_finish(a, acc, sA[0], sB[0], t.m0, t.n0, wm0, wn0);
+}
+
+/* y[m, n] = bf16( sum over splits s in order of partial[s][m][n] + sum_j u[m, a*r + j] B_a[n, j]
+ * (a = idx(m); the other adapters' columns of u are 0) + bias[n] ), one thread per element,
+ * grid-stride. */
+__device__ __forceinline__ void split_reduce(const QadaptLoraFwdArgs& a) {
+    const float* __restrict__ partial = reinterpret_cast<const float*>(a.partial);
+    const bf16* __restrict__ u = reinterpret_cast<const bf16*>(a.u);
+    const bf16* __restrict__ B = reinterpret_cast<const bf16*>(a.lora_b);
+    const bf16* __restrict__ bias = reinterpret_cast<const bf16*>(a.bias);
+    bf16* __restrict__ y = reinterpret_cast<bf16*>(a.y);
+    const uint64_t total = (uint64_t)a.m * a.n, R = (uint64_t)a.rank * a.n_adapters;
+    /* Rows of u and of each B_a start 16-byte aligned when r % 8 == 0 and both bases are. */
+    const bool vec = a.rank % 8 == 0 && a.u % 16 == 0 && a.lora_b % 16 == 0;
+    for (uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (uint64_t)gridDim.x * blockDim.x) {
+        const uint32_t m = (uint32_t)(i / a.n), n = (uint32_t)(i % a.n);
+        float acc = 0.0f;
+        for (uint32_t s = 0; s < a.splits; ++s) acc += __ldg(partial + s * total + i);
+        const int ad = a.rank ? row_adapter(a, m) : -1;
+        if (ad >= 0) {
+            const bf16* ur = u + m * R + (uint64_t)ad * a.rank;
+            const bf16* br = B + ((uint64_t)ad * a.n + n) * a.rank;
+            if (vec) {
+                /* 16-byte loads: a lane reads its output's whole B row, consecutive lanes
+                 * consecutive rows (the loads coalesce; element loads strided by r would not). */
+                for (uint32_t j = 0; j < a.rank; j += 8)
+                    acc = dot8(*reinterpret_cast<const uint4*>(ur + j), __ldg(reinterpret_cast<const uint4*>(br + j)), acc);
+            } else {
+                for (uint32_t j = 0; j < a.rank; ++j) acc = fmaf(bf_at(ur, j), bf_at(br, j), acc);
+            }
+        }
+        if (bias) acc += bf_at(bias, n);
+        y[i] = __float2bfloat16_rn(acc);
+    }
 }
 
 /* ---- backward --------------------------------------------------------------------------------- */
@@ -931,11 +1022,13 @@ struct Nf4Runs {
      * loaded once instead of once a step. */
     uint64_t last_block, last_group;
     float last_scale, last_nested;
-    __device__ __forceinline__ Nf4Runs(const Nf4W& w, uint32_t tile0)
+    /* tile0: the first W row (forward) or column (backward) of the tile; red0: the first
+     * reduction index, a multiple of BK (the column of k, or the row of n, of step 0). */
+    __device__ __forceinline__ Nf4Runs(const Nf4W& w, uint32_t tile0, uint32_t red0)
         : last_block(~0ull), last_group(~0ull), last_scale(0.0f), last_nested(0.0f) {
         const uint32_t i = threadIdx.x;
-        row = BWD ? i / 4 : tile0 + i;
-        const uint32_t kc = BWD ? tile0 + (i % 4) * 32 : 0;
+        row = BWD ? red0 + i / 4 : tile0 + i;
+        const uint32_t kc = BWD ? tile0 + (i % 4) * 32 : red0;
         fixed_ok = BWD ? kc < w.k : row < w.n;
         e = (uint64_t)row * w.k + kc;
         stride = BWD ? (uint64_t)BK * w.k : (uint64_t)BK;
@@ -996,13 +1089,14 @@ static_assert(sizeof(Nf4Smem) <= 48 * 1024, "static shared memory");
 
 /* The K loop of an NF4 GEMM over KT steps: issue_a(slot, step) copies the A operand tile [BM][BK]
  * of a step (x in the forward, dy in the backward; called in step order), against the decoded W.
- * Forward (BWD = false): W rows tile0.., reduction over k; backward: W columns tile0.., reduction
- * over n. Buffer slots rotate instead of taking step % STAGES. */
+ * Forward (BWD = false): W rows tile0.., reduction over k from red0; backward: W columns tile0..,
+ * reduction over n from red0. Buffer slots rotate instead of taking step % STAGES. */
 template <bool BWD, class IssueA>
 __device__ __forceinline__ void mainloop_nf4(float (&acc)[MI4][NI8][4], Nf4Smem& sm, const Nf4W& w, uint32_t KT,
-                                             IssueA&& issue_a, uint32_t tile0, uint32_t wm0, uint32_t wn0) {
+                                             IssueA&& issue_a, uint32_t tile0, uint32_t red0, uint32_t wm0,
+                                             uint32_t wn0) {
     if (threadIdx.x < 16) sm.lv[threadIdx.x] = nf4_level((int)threadIdx.x);
-    Nf4Runs<BWD> runs(w, tile0);
+    Nf4Runs<BWD> runs(w, tile0, red0);
     /* Prologue: group 0 = {A 0, codes 0, codes 1}, group 1 = {A 1, codes 2}; their scales are
      * stored at once. */
 #pragma unroll
@@ -1044,33 +1138,34 @@ __device__ __forceinline__ void mainloop_nf4(float (&acc)[MI4][NI8][4], Nf4Smem&
 template <bool BWD>
 __device__ __forceinline__ void mainloop_nf4_act(float (&acc)[MI4][NI8][4], Nf4Smem& sm, const Nf4W& w,
                                                  const bf16* __restrict__ act, uint32_t rows, uint32_t cols,
-                                                 uint32_t m0, uint32_t tile0, uint32_t wm0, uint32_t wn0, bool vec) {
-    const uint32_t KT = (cols + BK - 1) / BK;
+                                                 uint32_t m0, uint32_t tile0, uint32_t wm0, uint32_t wn0, bool vec,
+                                                 uint32_t kb, uint32_t ke) {
+    const uint32_t KT = (ke - kb + BK - 1) / BK;
     if (vec) {
-        ColCopy<BM, NF4_THREADS> ca(act, m0, rows, cols, cols);
-        mainloop_nf4<BWD>(acc, sm, w, KT, [&](uint32_t s, uint32_t) { ca.issue(sm.a[s]); }, tile0, wm0, wn0);
+        ColCopy<BM, NF4_THREADS> ca(act, m0, rows, ke, cols, kb);
+        mainloop_nf4<BWD>(acc, sm, w, KT, [&](uint32_t s, uint32_t) { ca.issue(sm.a[s]); }, tile0, kb, wm0, wn0);
     } else {
         mainloop_nf4<BWD>(
             acc, sm, w, KT,
             [&](uint32_t s, uint32_t step) {
-                load_tile<BM, NF4_THREADS>(sm.a[s], act, m0, rows, step * BK, cols, cols, false);
+                load_tile<BM, NF4_THREADS>(sm.a[s], act, m0, rows, kb + step * BK, ke, cols, false);
             },
-            tile0, wm0, wn0);
+            tile0, kb, wm0, wn0);
     }
 }
 
 /* y = x W^T (+ the LoRA extension, bias) with NF4 W; tiles as gemm_dense. */
 __device__ __forceinline__ void gemm_nf4(const QadaptLoraFwdArgs& a) {
     __shared__ __align__(128) Nf4Smem sm;
-    const uint2 t = grouped_tile((a.m + BM - 1) / BM, (a.n + BN - 1) / BN);
-    const uint32_t m0 = t.x * BM, n0 = t.y * BN;
+    const SplitTile t = split_tile(a, BM, BN);
     const uint32_t warp = threadIdx.x / 32u;
     const uint32_t wm0 = (warp / (BN / NF4_WN)) * NF4_WM, wn0 = (warp % (BN / NF4_WN)) * NF4_WN;
     float acc[MI4][NI8][4];
     zero_acc(acc);
-    mainloop_nf4_act<false>(acc, sm, Nf4W(a), reinterpret_cast<const bf16*>(a.x), a.m, a.k, m0, n0, wm0, wn0,
-                            (a.flags & QADAPT_LORA_VEC) != 0);
-    gemm_finish<NF4_THREADS>(a, acc, sm.a[0], sm.a[1], m0, n0, wm0, wn0);
+    mainloop_nf4_act<false>(acc, sm, Nf4W(a), reinterpret_cast<const bf16*>(a.x), a.m, a.k, t.m0, t.n0, wm0, wn0,
+                            (a.flags & QADAPT_LORA_VEC) != 0, t.kb, t.ke);
+    if (t.split_k) store_partial(a, acc, t, wm0, wn0);
+    else gemm_finish<NF4_THREADS>(a, acc, sm.a[0], sm.a[1], t.m0, t.n0, wm0, wn0);
 }
 
 /* dx = dy W (+ g Acat) with NF4 W; tiles as bwd_dx_dense. */
@@ -1083,7 +1178,8 @@ __device__ __forceinline__ void bwd_dx_nf4(const QadaptLoraBwdArgs& a) {
     const bool vec = (a.flags & QADAPT_LORA_VEC) != 0;
     float acc[MI4][NI8][4];
     zero_acc(acc);
-    mainloop_nf4_act<true>(acc, sm, Nf4W(a), reinterpret_cast<const bf16*>(a.dy), a.m, a.n, m0, n0, wm0, wn0, vec);
+    mainloop_nf4_act<true>(acc, sm, Nf4W(a), reinterpret_cast<const bf16*>(a.dy), a.m, a.n, m0, n0, wm0, wn0, vec, 0,
+                           a.n);
     bwd_dx_finish<NF4_THREADS>(a, acc, sm.a[0], sm.a[1], m0, n0, wm0, wn0, vec);
 }
 
@@ -1125,6 +1221,7 @@ QADAPT_KERNEL(lora_gemv_wide_nf4_bf16, QadaptLoraFwdArgs) {
  * 128 threads, at most 255). */
 QADAPT_KERNEL_BOUNDED(lora_gemm_dense_bf16, QadaptLoraFwdArgs, THREADS, 2) { gemm_dense(args); }
 QADAPT_KERNEL_BOUNDED(lora_gemm_nf4_bf16, QadaptLoraFwdArgs, NF4_THREADS, 2) { gemm_nf4(args); }
+QADAPT_KERNEL(lora_split_reduce_bf16, QadaptLoraFwdArgs) { split_reduce(args); }
 
 QADAPT_KERNEL_BOUNDED(lora_gemm_bwd_dx_dense_bf16, QadaptLoraBwdArgs, THREADS, 2) { bwd_dx_dense(args); }
 QADAPT_KERNEL_BOUNDED(lora_gemm_bwd_dx_nf4_bf16, QadaptLoraBwdArgs, NF4_THREADS, 2) { bwd_dx_nf4(args); }

@@ -106,7 +106,15 @@ typedef struct QadaptNf4DequantizeArgs {
 /* GEMM tiling (CTA tile BM x BN over a BK slice of K, 256 threads, 3-stage cp.async pipeline). */
 #define QADAPT_LORA_GEMM_BM 128
 #define QADAPT_LORA_GEMM_BN 128
+#define QADAPT_LORA_GEMM_BK 32
 #define QADAPT_LORA_GEMM_THREADS 256
+/* Split k on the GEMM path (few output tiles, e.g. 17..256 rows): grid = splits x tiles CTAs, each
+ * storing its f32 partial sums of x W^T over its k range into partial [splits, m, n] (no LoRA term,
+ * no bias); lora_split_reduce_bf16 (grid-stride, REDUCE_THREADS) then adds the splits in
+ * order, the row's adapter term sum_j u[m, a*r + j] B_a[n, j] and the bias, and stores y. Each
+ * range keeps at least MIN_STEPS BK slices. */
+#define QADAPT_LORA_SPLIT_MIN_STEPS 4
+#define QADAPT_LORA_SPLIT_REDUCE_THREADS 256
 /* The NF4 y and dx GEMMs (lora_gemm_nf4_bf16, lora_gemm_bwd_dx_nf4_bf16): same CTA tile, 4 warps of
  * 64 x 64. */
 #define QADAPT_LORA_GEMM_NF4_THREADS 128
@@ -135,6 +143,7 @@ typedef struct QadaptLoraFwdArgs {
     uint64_t bias;          /* const bf16* [n] or 0 */
     uint64_t u;             /* bf16* [m, n_adapters * rank] */
     uint64_t y;             /* bf16* [m, n] */
+    uint64_t partial;       /* float* [splits, m, n] when splits > 1 (the GEMM path's split k) */
     uint32_t m;
     uint32_t n;
     uint32_t k;
@@ -143,6 +152,8 @@ typedef struct QadaptLoraFwdArgs {
     uint32_t blocksize;     /* NF4 block size */
     float offset;           /* NF4 double-quant offset */
     uint32_t flags;         /* QADAPT_LORA_VEC */
+    uint32_t splits;        /* GEMM path: k cut into this many ranges (0 or 1: none) */
+    uint32_t split_steps;   /* GEMM path: BK slices of k per range (the last may be shorter) */
 } QadaptLoraFwdArgs;
 
 /* Fused LoRA linear backward, for the forward above with upstream gradient dy [m, n]:
@@ -475,6 +486,7 @@ QADAPT_KERNEL(lora_gemv_wide_dense_bf16, QadaptLoraFwdArgs);
 QADAPT_KERNEL(lora_gemv_wide_nf4_bf16, QadaptLoraFwdArgs);
 QADAPT_KERNEL(lora_gemm_dense_bf16, QadaptLoraFwdArgs);
 QADAPT_KERNEL(lora_gemm_nf4_bf16, QadaptLoraFwdArgs);
+QADAPT_KERNEL(lora_split_reduce_bf16, QadaptLoraFwdArgs);
 QADAPT_KERNEL(lora_gemm_bwd_dx_dense_bf16, QadaptLoraBwdArgs);
 QADAPT_KERNEL(lora_gemm_bwd_dx_nf4_bf16, QadaptLoraBwdArgs);
 

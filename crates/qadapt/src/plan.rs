@@ -362,8 +362,60 @@ pub struct LoraForwardPlan {
     pub path: LoraPath,
     /// `u = s * x A^T` per row adapter; `None` when `rank * n_adapters == 0`.
     pub xa: Option<XaPlan>,
-    /// The gemv or GEMM launch.
+    /// The gemv or GEMM launch (on the GEMM path with a split k: `splits` CTAs per output tile).
     pub main: LaunchPlan,
+    /// The GEMM path's split of k, when the output tiles alone would leave most SMs idle.
+    pub split: Option<GemmSplit>,
+}
+
+/// A split k of the y GEMM (`QadaptLoraFwdArgs.splits`, `.split_steps`): f32 partial sums
+/// `[splits, m, n]`, then `lora_split_reduce_bf16` adds them in order with the LoRA term and
+/// the bias.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GemmSplit {
+    /// Ranges of k (at least 2; none empty).
+    pub splits: u32,
+    /// `QADAPT_LORA_GEMM_BK` slices per range (the last range may be shorter).
+    pub steps: u32,
+    /// `lora_split_reduce_bf16`: grid-stride over the `m * n` outputs.
+    pub reduce: LaunchPlan,
+}
+
+impl GemmSplit {
+    /// f32 elements of the partial sums for `m x n` outputs.
+    pub fn partial_len(&self, m: u64, n: u64) -> u64 {
+        u64::from(self.splits) * m * n
+    }
+}
+
+/// The split of k for a y GEMM of `tiles` output tiles over `k` inputs, or `None`: only when the
+/// tiles fill less than half the SMs (e.g. 17..256 rows at n = 4096 on 132 SMs), about two
+/// CTAs per SM in all, each range at least `QADAPT_LORA_SPLIT_MIN_STEPS` slices of BK.
+pub fn gemm_split(tiles: u64, m: u64, n: u64, k: u64, props: &DeviceProps) -> Option<GemmSplit> {
+    let sms = u64::from(props.sm_count.max(1));
+    if 2 * tiles >= sms {
+        return None;
+    }
+    let total_steps = k.div_ceil(u64::from(ffi::QADAPT_LORA_GEMM_BK));
+    let max_splits = total_steps / u64::from(ffi::QADAPT_LORA_SPLIT_MIN_STEPS);
+    let want = (2 * sms).div_ceil(tiles).min(max_splits);
+    if want < 2 {
+        return None;
+    }
+    let steps = total_steps.div_ceil(want);
+    let splits = total_steps.div_ceil(steps);
+    (splits >= 2).then(|| GemmSplit {
+        splits: splits as u32,
+        steps: steps as u32,
+        reduce: LaunchPlan {
+            grid: capped_grid(
+                (m * n).div_ceil(u64::from(ffi::QADAPT_LORA_SPLIT_REDUCE_THREADS)),
+                props,
+            ),
+            block: ffi::QADAPT_LORA_SPLIT_REDUCE_THREADS,
+            shared_bytes: 0,
+        },
+    })
 }
 
 /// One rank-R product of `kernels/lora_rank.cu`: `out[p, e] = sum_t L(p, t) Rr(t, e)` over
@@ -442,8 +494,8 @@ pub fn lora_rank(p: u64, t: u64, r_total: u64, props: &DeviceProps) -> Result<Lo
 
 /// Plans `y = x W^T + s B (A x)` for `m` rows, `n` outputs, `k` inputs and `r_total` =
 /// rank * adapters LoRA columns. Rows <= 16 take a gemv path (grid-stride, capped grid), more
-/// take the GEMM path, which needs one CTA per 128 x 128 output tile and an sm_80+ device
-/// (mma.sync bf16).
+/// take the GEMM path, which needs one CTA per 128 x 128 output tile (times the splits of k when
+/// the tiles are few, [`gemm_split`]) and an sm_80+ device (mma.sync bf16).
 pub fn lora_forward(
     m: u64,
     n: u64,
@@ -480,6 +532,7 @@ pub fn lora_forward(
                 block: 32 * ffi::QADAPT_LORA_GEMV_WARPS,
                 shared_bytes: 0,
             },
+            split: None,
         });
     }
     if props.compute_capability.0 < 8 {
@@ -489,21 +542,16 @@ pub fn lora_forward(
         ));
     }
     // The main GEMM: one CTA per 128 x 128 output tile; u: R-wide tiles split over k.
-    let tiled = |cols: u64| -> Result<LaunchPlan> {
-        let tiles = cols.div_ceil(u64::from(ffi::QADAPT_LORA_GEMM_BN))
-            * m.div_ceil(u64::from(ffi::QADAPT_LORA_GEMM_BM));
-        if tiles > u64::from(props.max_grid_x) {
-            return Err(invalid(
-                OP,
-                format!("{tiles} output tiles exceed the grid limit"),
-            ));
-        }
-        Ok(LaunchPlan {
-            grid: tiles as u32,
-            block: ffi::QADAPT_LORA_GEMM_THREADS,
-            shared_bytes: 0,
-        })
-    };
+    let tiles = n.div_ceil(u64::from(ffi::QADAPT_LORA_GEMM_BN))
+        * m.div_ceil(u64::from(ffi::QADAPT_LORA_GEMM_BM));
+    let split = gemm_split(tiles, m, n, k, props);
+    let ctas = tiles * split.map_or(1, |s| u64::from(s.splits));
+    if ctas > u64::from(props.max_grid_x) {
+        return Err(invalid(
+            OP,
+            format!("{ctas} output tiles exceed the grid limit"),
+        ));
+    }
     Ok(LoraForwardPlan {
         path: LoraPath::Gemm,
         xa: if r_total > 0 {
@@ -511,7 +559,12 @@ pub fn lora_forward(
         } else {
             None
         },
-        main: tiled(n)?,
+        main: LaunchPlan {
+            grid: ctas as u32,
+            block: ffi::QADAPT_LORA_GEMM_THREADS,
+            shared_bytes: 0,
+        },
+        split,
     })
 }
 
@@ -564,7 +617,11 @@ mod lora_tests {
         };
         let p = lora_forward(17, 4096, 4096, 64, &DeviceProps::H200).unwrap();
         assert_eq!(p.path, LoraPath::Gemm);
-        assert_eq!((p.main.grid, p.main.block), (32, 256));
+        // 32 output tiles on 132 SMs: k split into 9 ranges of 15 slices (the last 8), 288 CTAs.
+        let split = p.split.unwrap();
+        assert_eq!((split.splits, split.steps), (9, 15));
+        assert_eq!((p.main.grid, p.main.block), (32 * 9, 256));
+        assert_eq!(split.partial_len(17, 4096), 9 * 17 * 4096);
         // u is 17 x 64: one 64 x 64 tile, k split into 32 ranges of 4 slices.
         assert_eq!((rank(&p).main.grid, rank(&p).splits), (32, 32));
         let p = lora_forward(4097, 129, 33, 3, &DeviceProps::H200).unwrap();
@@ -572,6 +629,35 @@ mod lora_tests {
         assert_eq!((rank(&p).main.grid, rank(&p).r_tile), (65, 16)); // k = 33: one split
         let p = lora_forward(300, 64, 64, 8 * 64, &DeviceProps::H200).unwrap();
         assert_eq!((p.main.grid, rank(&p).main.grid), (3, 5 * 8));
+    }
+
+    #[test]
+    fn lora_plan_splits_k_only_when_the_tiles_are_few() {
+        let h = DeviceProps::H200;
+        // 256 rows x 4096: 64 tiles, under half of 132 SMs: 5 ranges of 26 slices (the last 24).
+        let s = lora_forward(256, 4096, 4096, 16, &h)
+            .unwrap()
+            .split
+            .unwrap();
+        assert_eq!((s.splits, s.steps), (5, 26));
+        // 512 rows: 128 tiles, none.
+        assert_eq!(lora_forward(512, 4096, 4096, 16, &h).unwrap().split, None);
+        // 40 x 200 x 1056: 2 tiles, 33 slices, at most 8 ranges of >= 4: 7 of 5 (the last 3).
+        let p = lora_forward(40, 200, 1056, 8, &h).unwrap();
+        let s = p.split.unwrap();
+        assert_eq!((s.splits, s.steps, p.main.grid), (7, 5, 14));
+        assert_eq!(s.reduce.grid, (40 * 200u32).div_ceil(256));
+        // k = 96 (3 slices): too short to split.
+        assert_eq!(lora_forward(40, 200, 96, 8, &h).unwrap().split, None);
+        // Every split covers all slices of k, none empty, each but the last `steps` long.
+        for k in 1..3000u64 {
+            if let Some(s) = gemm_split(2, 40, 200, k, &h) {
+                let total = k.div_ceil(32);
+                let (n, st) = (u64::from(s.splits), u64::from(s.steps));
+                assert!(n >= 2 && st >= 4, "k = {k}: {s:?}");
+                assert!((n - 1) * st < total && total <= n * st, "k = {k}: {s:?}");
+            }
+        }
     }
 
     #[test]

@@ -665,6 +665,10 @@ fn cuda_gemm_dense_and_nf4_match_f64() {
         check_cuda(103, 45, 70, 88, 5, 2, base, true, true); // NF4 fallback (k % 32 != 0)
         check_cuda(104, 40, 31, 37, 128, 1, base, true, false); // k % 8 != 0: element loads
         check_cuda(105, 1300, 200, 64, 8, 1, base, false, false); // 11 row tiles: two raster groups
+        // Split k (plan::gemm_split): 2 tiles, 33 slices in 7 ranges (the last shorter), with
+        // bias, two adapters and mixed row indices; then 2 x 1 tiles, 32 slices in 8 ranges.
+        check_cuda(106, 40, 200, 1056, 8, 2, base, true, true);
+        check_cuda(107, 130, 72, 1024, 5, 1, base, false, false);
     }
 }
 

@@ -275,10 +275,16 @@ pub(crate) fn lora_forward(
     let w = scratch.as_ref().map_or(w, CudaWeightRef::Dense);
     let mut ws = dev.lora_scratch()?;
     let ws = &mut *ws;
+    // The u product's partial sums, then (after its reduction has read them, same stream) the
+    // split y GEMM's: one buffer for the larger.
     let partial_len = match plan.xa {
         Some(XaPlan::Rank(r)) => r.partial_len(m as u64, rt as u64) as usize,
         _ => 0,
-    };
+    }
+    .max(
+        plan.split
+            .map_or(0, |s| s.partial_len(m as u64, n as u64) as usize),
+    );
     let u = grown(dev, &mut ws.u, m * rt)?;
     let partial = grown(dev, &mut ws.partial, partial_len)?;
     let wp = weight_ptrs(&stream, w);
@@ -307,6 +313,7 @@ pub(crate) fn lora_forward(
         bias: bias_p.as_ref().map_or(0, |p| p.0),
         u: u_ptr,
         y: y_ptr,
+        partial: if plan.split.is_some() { p_ptr } else { 0 },
         m: m as u32,
         n: n as u32,
         k: k as u32,
@@ -315,6 +322,8 @@ pub(crate) fn lora_forward(
         blocksize: wp.blocksize,
         offset: wp.offset,
         flags: if vec { ffi::QADAPT_LORA_VEC } else { 0 },
+        splits: plan.split.map_or(0, |s| s.splits),
+        split_steps: plan.split.map_or(0, |s| s.steps),
     };
     if wp.nf4 && (!k.is_multiple_of(32) || !is16(wp.w) || !is16(x_ptr)) {
         return Err(invalid(
@@ -364,10 +373,20 @@ pub(crate) fn lora_forward(
     // NF4 kernels run only when k % 32 == 0 and the codes and x are 16-byte aligned (their
     // unconditional 16-byte loads, checked just above); the dense kernels use 16-byte loads and
     // cp.async only under QADAPT_LORA_VEC (k % 8 == 0, x/W/A aligned). The GEMM grid is exactly
-    // ceil(n/128)*ceil(m/128) CTAs of the kernel's thread count (plan; lora_gemm_threads, which its
-    // __launch_bounds__ match), the gemv grid-strides. Every buffer's guard is held past the
-    // launch.
+    // ceil(n/128)*ceil(m/128) CTAs (times `splits` with a split k, whose ranges of split_steps
+    // slices cover k, plan::gemm_split) of the kernel's thread count (plan; lora_gemm_threads,
+    // which its __launch_bounds__ match); a split GEMM writes only partial [splits*m*n] (the
+    // scratch holds at least that), not y. The gemv grid-strides. Every buffer's guard is held
+    // past the launch.
     unsafe { launch(dev, main_kernel(plan.path, wp.nf4), main, &args) }?;
+    if let Some(split) = plan.split {
+        // SAFETY: lora_split_reduce_bf16 takes the same QadaptLoraFwdArgs: it reads partial
+        // [splits*m*n] (written by the launch above, same stream), u [m*na*r] (this call's, only
+        // the row's own adapter's r columns), B [na*n*r], bias [n] when non-zero, adapter_idx [m]
+        // (indices outside 0..na read as -1), and writes y [m*n], grid-stride over the m*n
+        // elements (plan). All checked above; every guard is held past the launch.
+        unsafe { launch(dev, kernels::LORA_SPLIT_REDUCE_BF16, split.reduce, &args) }?;
+    }
     Ok(())
 }
 
