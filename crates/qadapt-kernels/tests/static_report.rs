@@ -3,10 +3,11 @@
 //! - SASS (cuobjdump): no local memory (`LDL`/`STL`) anywhere, 128-bit global loads (`LDG.E.128`)
 //!   in the memory-bound kernels (names with `dequantize` or `gemv`) and tensor-core instructions
 //!   (`HMMA`) in the GEMM kernels (names with `gemm`), on every arch;
-//! - per kernel and arch, the instruction mix of its hot loop: of the innermost loops (a backward
-//!   branch whose body holds no other backward branch), the one with the most `HMMA` (among
-//!   equals the fewest scalar global loads, then the shortest: the vector path, not the
-//!   element-load variant for ragged shapes or the short LoRA extension), else the longest. Columns: instructions, `HMMA`, `LDSM` (ldmatrix), other shared loads and stores,
+//! - per kernel and arch, the instruction mix of its hot loop: of the loops (a backward branch and
+//!   its target) that hold `HMMA` but no inner loop with `HMMA`, the one with the most `HMMA`
+//!   (among equals the fewest scalar global loads, then the shortest: the vector path, not the
+//!   element-load variant for ragged shapes or the short LoRA extension); without `HMMA`, the
+//!   longest innermost loop. Counts are static: cold edge code inside the loop counts too. Columns: instructions, `HMMA`, `LDSM` (ldmatrix), other shared loads and stores,
 //!   global loads (`LDG`, `LDGSTS` = cp.async), float and integer/other ALU, barriers, and
 //!   instructions per `HMMA`: what the main loop spends around each tensor-core instruction.
 //!
@@ -145,31 +146,35 @@ fn hot_loop(code: &str) -> Option<LoopMix> {
         .iter()
         .filter_map(|(a, _, t)| t.filter(|t| t <= a).map(|t| (t, *a)))
         .collect();
-    let innermost = loops.iter().filter(|(s, e)| {
-        !loops
+    let mix = |(s, e): (u64, u64)| {
+        let ops: Vec<&str> = ins
             .iter()
-            .any(|(s2, e2)| (s2, e2) != (s, e) && s <= s2 && e2 <= e)
-    });
-    innermost
-        .map(|(s, e)| {
-            let ops: Vec<&str> = ins
-                .iter()
-                .filter(|(a, _, _)| s <= a && a <= e)
-                .map(|(_, o, _)| o.as_str())
-                .collect();
-            classify(&ops)
-        })
-        // The most HMMA; among loops with as many, the fewest scalar global loads, then the
-        // shortest: a main loop is compiled twice, its vector path and an element-load path for
-        // ragged shapes, and the short LoRA extension loops load element by element too.
-        // Without HMMA, the longest.
-        .max_by_key(|m| {
-            if m.hmma > 0 {
-                (m.hmma, -i64::from(m.ldg_scalar), -i64::from(m.total))
-            } else {
-                (0, 0, i64::from(m.total))
-            }
-        })
+            .filter(|(a, _, _)| s <= *a && *a <= e)
+            .map(|(_, o, _)| o.as_str())
+            .collect();
+        classify(&ops)
+    };
+    let mixes: Vec<((u64, u64), LoopMix)> = loops.iter().map(|&l| (l, mix(l))).collect();
+    let inside =
+        |(s, e): (u64, u64), (s2, e2): (u64, u64)| (s2, e2) != (s, e) && s <= s2 && e2 <= e;
+    // With HMMA: the loops holding HMMA that hold no inner loop with HMMA (a main loop may hold
+    // element-load loops for ragged edges; a loop around it is not the hot one). The most HMMA;
+    // among loops with as many, the fewest scalar global loads, then the shortest: a main loop is
+    // compiled twice, its vector path and an element-load path for ragged shapes, and the short
+    // LoRA extension loops load element by element too.
+    let with_hmma = mixes
+        .iter()
+        .filter(|(l, m)| m.hmma > 0 && !mixes.iter().any(|(l2, m2)| m2.hmma > 0 && inside(*l, *l2)))
+        .max_by_key(|(_, m)| (m.hmma, -i64::from(m.ldg_scalar), -i64::from(m.total)));
+    if let Some((_, m)) = with_hmma {
+        return Some(m.clone());
+    }
+    // Without HMMA: the longest innermost loop.
+    mixes
+        .iter()
+        .filter(|(l, _)| !loops.iter().any(|l2| inside(*l, *l2)))
+        .max_by_key(|(_, m)| m.total)
+        .map(|(_, m)| m.clone())
 }
 
 fn sass(fatbin: &[u8]) -> BTreeMap<(String, String), String> {
