@@ -60,10 +60,12 @@
  *                         per stage into such a tile, as in the forward. One bf16 store of dx.
  * Outputs u, g, y and dx are overwritten; grad_a and grad_b are accumulated into.
  */
+#include "bf16_gather.cuh"
 #include "nf4_codec.cuh"
 #include "qadapt.h"
 #include "qadapt_mma.cuh"
 
+using qadapt::gather8;
 using qadapt::nf4_block_scale;
 using qadapt::nf4_level;
 using qadapt::round_to;
@@ -389,15 +391,7 @@ __device__ __forceinline__ void load_tile(bf16* tile, const bf16* __restrict__ g
         if (vec && gr < rows && gk + 8 <= cols) {
             cp_async16(dst, g + (uint64_t)gr * ld + gk);
         } else {
-            uint32_t v[4];
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const uint32_t k = gk + 2 * e;
-                const uint32_t lo = (gr < rows && k < cols) ? __bfloat16_as_ushort(g[(uint64_t)gr * ld + k]) : 0u;
-                const uint32_t hi = (gr < rows && k + 1 < cols) ? __bfloat16_as_ushort(g[(uint64_t)gr * ld + k + 1]) : 0u;
-                v[e] = lo | (hi << 16);
-            }
-            *reinterpret_cast<uint4*>(dst) = make_uint4(v[0], v[1], v[2], v[3]);
+            *reinterpret_cast<uint4*>(dst) = gather8(g, gr, rows, gk, cols, ld);
         }
     }
 }
@@ -733,20 +727,6 @@ constexpr int BQ = 128;
 
 __device__ __forceinline__ uint32_t swz_t(uint32_t row, uint32_t chunk) {
     return row * BQ + ((chunk ^ (row & 7u)) * 8u);
-}
-
-/* 8 values of row gr, columns gc.. of a row-major [rows, cols] matrix, zero outside. */
-__device__ __forceinline__ uint4 gather8(const bf16* __restrict__ g, uint32_t gr, uint32_t rows, uint32_t gc,
-                                         uint32_t cols, uint64_t ld) {
-    uint32_t v[4];
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-        const uint32_t c = gc + 2 * e;
-        const uint32_t lo = (gr < rows && c < cols) ? __bfloat16_as_ushort(g[(uint64_t)gr * ld + c]) : 0u;
-        const uint32_t hi = (gr < rows && c + 1 < cols) ? __bfloat16_as_ushort(g[(uint64_t)gr * ld + c + 1]) : 0u;
-        v[e] = lo | (hi << 16);
-    }
-    return make_uint4(v[0], v[1], v[2], v[3]);
 }
 
 /* Rows r0..r0+BK x columns c0..c0+BQ of a row-major [rows, cols] bf16 matrix (leading dimension

@@ -37,10 +37,12 @@
  * rounding for u and g (overwritten), or the += into grad_a / grad_b. The summation order differs
  * from a single f32 sum over the whole reduction only by the grouping of f32 additions.
  */
+#include "bf16_gather.cuh"
 #include "qadapt.h"
 #include "qadapt_mma.cuh"
 
 using qadapt::cp_async16;
+using qadapt::gather8;
 using qadapt::cp_async_commit;
 using qadapt::cp_async_wait;
 using qadapt::ldmatrix_x4;
@@ -95,15 +97,7 @@ __device__ __forceinline__ void load_rows(bf16* tile, const bf16* __restrict__ g
         if (vec && gr < rows && gc + 8 <= cols) {
             cp_async16(dst, g + (uint64_t)gr * ld + gc);
         } else {
-            uint32_t v[4];
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const uint32_t k = gc + 2 * e;
-                const uint32_t lo = (gr < rows && k < cols) ? __bfloat16_as_ushort(g[(uint64_t)gr * ld + k]) : 0u;
-                const uint32_t hi = (gr < rows && k + 1 < cols) ? __bfloat16_as_ushort(g[(uint64_t)gr * ld + k + 1]) : 0u;
-                v[e] = lo | (hi << 16);
-            }
-            *reinterpret_cast<uint4*>(dst) = make_uint4(v[0], v[1], v[2], v[3]);
+            *reinterpret_cast<uint4*>(dst) = gather8(g, gr, rows, gc, cols, ld);
         }
     }
 }

@@ -16,10 +16,16 @@ for f in nf4 optim model lora_rank; do $CXX -x c++ $F $MC -c kernels/$f.cu -o "$
 $CXX $F -DQV_NO_KERNEL_ANCHORS -c kernels/emu/vgpu_runtime.cpp -o "$T/rt.o"
 $CXX $F $MC -c kernels/emu/vgpu_selftest.cpp -o "$T/st.o"
 missed=0
+# mutant NAME PERL-SUBSTITUTION [REPORT [FILE]]: FILE (default lora.cu; or a header lora.cu includes,
+# whose mutated copy beside the copy of lora.cu is found before kernels/include) is mutated.
 mutant() {
-    perl -0pe "$2" kernels/lora.cu > "$T/lora.cu"
-    if cmp -s kernels/lora.cu "$T/lora.cu"; then echo "$1: the pattern no longer matches lora.cu"; missed=1; return; fi
+    src=${4:-lora.cu}
+    cp kernels/lora.cu "$T/lora.cu"
+    [ -f "kernels/$src" ] || src="include/$src"
+    perl -0pe "$2" "kernels/$src" > "$T/$(basename "$src")"
+    if cmp -s "kernels/$src" "$T/$(basename "$src")"; then echo "$1: the pattern no longer matches $src"; missed=1; return; fi
     $CXX -x c++ $F $MC -c "$T/lora.cu" -o "$T/lora.o"
+    [ "$src" = lora.cu ] || rm -f "$T/$(basename "$src")"
     $CXX -pthread "$T/st.o" "$T/nf4.o" "$T/optim.o" "$T/model.o" "$T/lora_rank.o" "$T/lora.o" "$T/rt.o" -o "$T/st"
     if "$T/st" > "$T/log" 2>&1; then echo "$1: NOT caught"; missed=1
     elif [ -n "${3:-}" ] && ! grep -q "$3" "$T/log"; then echo "$1: fails, but not as '$3'"; missed=1
@@ -32,6 +38,6 @@ mutant "__syncthreads removed before the LoRA extension reuses the stage buffers
 mutant "the NF4 decode overwrites the decoded tile the mma of the step reads" 's/nf4_decode_stage<BWD>\(sm\.w\[\(kt \+ 1\) & 1\]/nf4_decode_stage<BWD>(sm.w[kt & 1]/'
 mutant "NF4 high and low nibbles swapped in the decode" 's/__fmul_rn\(lv\[byte >> 4\], scale\), __fmul_rn\(lv\[byte & 15u\], scale\)/__fmul_rn(lv[byte & 15u], scale), __fmul_rn(lv[byte >> 4], scale)/'
 mutant "A fragment rows 8-15 taken from rows 0-7 (lane & 7 for lane & 15)" 's/const uint32_t row = wm0 \+ mi \* 16 \+ \(lane & 15u\);/const uint32_t row = wm0 + mi * 16 + (lane & 7u);/'
-mutant "tile loads read one element past the end of a row in the K tail (k <= cols)" 's/const uint32_t lo = \(gr < rows && k < cols\)/const uint32_t lo = (gr < rows && k <= cols)/' "outside every allocation"
+mutant "tile loads read one element past the end of a row in the K tail (c <= cols)" 's/const uint32_t lo = \(gr < rows && c < cols\)/const uint32_t lo = (gr < rows && c <= cols)/' "outside every allocation" bf16_gather.cuh
 mutant "the dense gemv takes 16-byte loads whatever the vec flag (rows not 16-byte aligned when K % 8 != 0)" 's/(const bf16\* wr = w \+ \(uint64_t\)n \* a\.k;\n\s*)if \(vec\) \{/$1if (true) {/' "misaligned address"
 exit $missed

@@ -14,6 +14,7 @@ use qadapt::nf4::{Nf4Tensor, Statistics};
 use qadapt::{DType, Device, Error, FloatVec};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
+use std::sync::{PoisonError, RwLock, RwLockReadGuard};
 
 fn rand_bf16(rng: &mut SmallRng, len: usize, scale: f32) -> Vec<bf16> {
     (0..len)
@@ -596,8 +597,34 @@ fn shapes_and_indices_are_checked() {
 
 // ---- CUDA against the f64 truth (and the CPU reference) ---------------------------------------
 
-fn cuda() -> Device {
+/// The GPU tests of this file run in parallel threads on one device, whose emulator counters
+/// (on the virtual device) are per process: a test that counts launches holds this lock for
+/// writing, every other GPU test holds it for reading while it uses the device.
+static COUNTING: RwLock<()> = RwLock::new(());
+
+/// The CUDA device, with a shared hold on [`COUNTING`] for as long as it lives.
+struct Gpu {
+    dev: Device,
+    _shared: RwLockReadGuard<'static, ()>,
+}
+
+impl std::ops::Deref for Gpu {
+    type Target = Device;
+    fn deref(&self) -> &Device {
+        &self.dev
+    }
+}
+
+fn cuda_device() -> Device {
     Device::cuda(0).expect("this test needs a CUDA device (run it with `just gpu-check`)")
+}
+
+fn cuda() -> Gpu {
+    let shared = COUNTING.read().unwrap_or_else(PoisonError::into_inner);
+    Gpu {
+        dev: cuda_device(),
+        _shared: shared,
+    }
 }
 
 fn check_cuda(
@@ -855,7 +882,8 @@ fn cuda_backward_dense_and_nf4_match_cpu() {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn cuda_base_only_calls_run_no_lora_kernel() {
-    let Device::Cuda(dev) = cuda() else {
+    let _exclusive = COUNTING.write().unwrap_or_else(PoisonError::into_inner);
+    let Device::Cuda(dev) = cuda_device() else {
         unreachable!("Device::cuda returns a CUDA device")
     };
     for (m, base) in [
