@@ -58,6 +58,8 @@
  *   lora_gemm_bwd_dx_*_bf16 dx = dy W then + g Acat in the same accumulators: W tiles
  *                         [32 rows of n][128 columns of k] by ldmatrix.trans; NF4 W decoded once
  *                         per stage into such a tile, as in the forward. One bf16 store of dx.
+ *                         With few output tiles n is split like the forward's k, and
+ *                         lora_split_reduce_dx_bf16 adds the ranges and g Acat.
  * Outputs u, g, y and dx are overwritten; grad_a and grad_b are accumulated into.
  */
 #include "bf16_gather.cuh"
@@ -627,8 +629,12 @@ struct SplitTile {
     bool split_k;
 };
 
-__device__ __forceinline__ SplitTile split_tile(const QadaptLoraFwdArgs& a, uint32_t bm, uint32_t bn) {
-    const uint32_t tiles_m = (a.m + bm - 1) / bm, tiles_n = (a.n + bn - 1) / bn;
+/* For an output of rows x cols tiled bm x bn, reduced over `red` in splits ranges of `steps`
+ * BK slices (the y GEMM: m x n over k; the dx GEMM: m x k over n). */
+template <typename Args>
+__device__ __forceinline__ SplitTile split_tile(const Args& a, uint32_t rows, uint32_t cols, uint32_t red,
+                                               uint32_t bm, uint32_t bn) {
+    const uint32_t tiles_m = (rows + bm - 1) / bm, tiles_n = (cols + bn - 1) / bn;
     SplitTile t;
     t.split_k = a.splits > 1;
     t.split = t.split_k ? blockIdx.x / (tiles_m * tiles_n) : 0;
@@ -636,16 +642,17 @@ __device__ __forceinline__ SplitTile split_tile(const QadaptLoraFwdArgs& a, uint
     t.m0 = g.x * bm;
     t.n0 = g.y * bn;
     t.kb = t.split_k ? t.split * a.split_steps * BK : 0;
-    t.ke = t.split_k ? min(a.k, t.kb + a.split_steps * BK) : a.k;
+    t.ke = t.split_k ? min(red, t.kb + a.split_steps * BK) : red;
     return t;
 }
 
-/* A split's f32 partial sums of its tile, into partial[split][m][n] (plain stores: every element
- * of every split is written by exactly one CTA; rows and columns outside y are skipped). */
+/* A split's f32 partial sums of its tile, into partial[split][rows][cols] (plain stores: every
+ * element of every split is written by exactly one CTA; rows and columns outside are skipped). */
 template <int MI_, int NI_>
-__device__ __forceinline__ void store_partial(const QadaptLoraFwdArgs& a, const float (&acc)[MI_][NI_][4],
-                                              const SplitTile& t, uint32_t wm0, uint32_t wn0) {
-    float* __restrict__ out = reinterpret_cast<float*>(a.partial) + (uint64_t)t.split * a.m * a.n;
+__device__ __forceinline__ void store_partial(uint64_t partial, uint32_t rows, uint32_t cols,
+                                              const float (&acc)[MI_][NI_][4], const SplitTile& t, uint32_t wm0,
+                                              uint32_t wn0) {
+    float* __restrict__ out = reinterpret_cast<float*>(partial) + (uint64_t)t.split * rows * cols;
     const unsigned lane = threadIdx.x & 31u;
 #pragma unroll
     for (int mi = 0; mi < MI_; ++mi) {
@@ -655,13 +662,13 @@ __device__ __forceinline__ void store_partial(const QadaptLoraFwdArgs& a, const 
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
                 const uint32_t row = t.m0 + wm0 + mi * 16 + (lane >> 2) + h * 8;
-                if (row >= a.m) continue;
-                const uint64_t o = (uint64_t)row * a.n + col;
-                if (col + 1 < a.n && (a.n % 2) == 0) {
+                if (row >= rows) continue;
+                const uint64_t o = (uint64_t)row * cols + col;
+                if (col + 1 < cols && (cols % 2) == 0) {
                     *reinterpret_cast<float2*>(out + o) = make_float2(acc[mi][ni][2 * h], acc[mi][ni][2 * h + 1]);
                 } else {
-                    if (col < a.n) out[o] = acc[mi][ni][2 * h];
-                    if (col + 1 < a.n) out[o + 1] = acc[mi][ni][2 * h + 1];
+                    if (col < cols) out[o] = acc[mi][ni][2 * h];
+                    if (col + 1 < cols) out[o + 1] = acc[mi][ni][2 * h + 1];
                 }
             }
         }
@@ -672,14 +679,14 @@ __device__ __forceinline__ void store_partial(const QadaptLoraFwdArgs& a, const 
 __device__ __forceinline__ void gemm_dense(const QadaptLoraFwdArgs& a) {
     __shared__ __align__(128) bf16 sA[STAGES][BM * BK];
     __shared__ __align__(128) bf16 sB[STAGES][BN * BK];
-    const SplitTile t = split_tile(a, BM, BN);
+    const SplitTile t = split_tile(a, a.m, a.n, a.k, BM, BN);
     const uint32_t warp = threadIdx.x / 32u;
     const uint32_t wm0 = (warp / (BN / WN)) * WM, wn0 = (warp % (BN / WN)) * WN;
     float acc[MI][NI][4];
     zero_acc(acc);
     mainloop_dense(acc, sA, sB, reinterpret_cast<const bf16*>(a.x), reinterpret_cast<const bf16*>(a.w), a.m, a.n,
                    a.k, t.m0, t.n0, wm0, wn0, (a.flags & QADAPT_LORA_VEC) != 0, t.kb, t.ke);
-    if (t.split_k) store_partial(a, acc, t, wm0, wn0);
+    if (t.split_k) store_partial(a.partial, a.m, a.n, acc, t, wm0, wn0);
     else gemm_finish(a, acc, sA[0], sB[0], t.m0, t.n0, wm0, wn0);
 }
 
@@ -714,6 +721,29 @@ __device__ __forceinline__ void split_reduce(const QadaptLoraFwdArgs& a) {
         }
         if (bias) acc += bf_at(bias, n);
         y[i] = __float2bfloat16_rn(acc);
+    }
+}
+
+/* dx[m, kk] = bf16( sum over splits s in order of partial[s][m][kk] + sum_j g[m, a*r + j] A_a[j, kk]
+ * (a = idx(m); g is 0 in the other adapters' columns) ), one thread per element, grid-stride:
+ * consecutive threads read consecutive kk of each A row. */
+__device__ __forceinline__ void split_reduce_dx(const QadaptLoraBwdArgs& a) {
+    const float* __restrict__ partial = reinterpret_cast<const float*>(a.partial);
+    const bf16* __restrict__ g = reinterpret_cast<const bf16*>(a.g);
+    const bf16* __restrict__ A = reinterpret_cast<const bf16*>(a.lora_a);
+    bf16* __restrict__ dx = reinterpret_cast<bf16*>(a.dx);
+    const uint64_t total = (uint64_t)a.m * a.k, R = (uint64_t)a.rank * a.n_adapters;
+    for (uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (uint64_t)gridDim.x * blockDim.x) {
+        const uint32_t m = (uint32_t)(i / a.k), kk = (uint32_t)(i % a.k);
+        float acc = 0.0f;
+        for (uint32_t s = 0; s < a.splits; ++s) acc += __ldg(partial + s * total + i);
+        const int ad = a.rank ? row_adapter(a, m) : -1;
+        if (ad >= 0) {
+            const bf16* gr = g + m * R + (uint64_t)ad * a.rank;
+            const bf16* ar = A + (uint64_t)ad * a.rank * a.k + kk;
+            for (uint32_t j = 0; j < a.rank; ++j) acc = fmaf(bf_at(gr, j), bf_at(ar, (uint64_t)j * a.k), acc);
+        }
+        dx[i] = __float2bfloat16_rn(acc);
     }
 }
 
@@ -764,15 +794,18 @@ struct RowCopy {
     uint64_t stride;
     uint32_t rows;
     bool col_ok;
-    __device__ __forceinline__ RowCopy(const bf16* g, uint32_t c0, uint32_t cols, uint32_t rows_, uint64_t ld)
+    /* Rows r0.. (step 0) up to the bound rows_. */
+    __device__ __forceinline__ RowCopy(const bf16* g, uint32_t c0, uint32_t cols, uint32_t rows_, uint64_t ld,
+                                       uint32_t r0 = 0)
         : safe(g), stride((uint64_t)BK * ld), rows(rows_) {
         const uint32_t cc = threadIdx.x % (BQ / 8);
         col_ok = c0 + cc * 8 < cols;
 #pragma unroll
         for (int i = 0; i < N; ++i) {
-            row[i] = (threadIdx.x + i * NT) / (BQ / 8);
+            const uint32_t tile_row = (threadIdx.x + i * NT) / (BQ / 8);
+            row[i] = r0 + tile_row;
             src[i] = col_ok ? g + (uint64_t)row[i] * ld + c0 + cc * 8 : g;
-            dst[i] = swz_t(row[i], cc);
+            dst[i] = swz_t(tile_row, cc);
         }
     }
     __device__ __forceinline__ void issue(bf16* tile) {
@@ -872,24 +905,25 @@ __device__ __forceinline__ void bwd_dx_finish(const QadaptLoraBwdArgs& a, float 
     store_bf16(acc, reinterpret_cast<bf16*>(a.dx), a.m, a.k, m0, n0, wm0, wn0);
 }
 
-/* The pipelined reduction over n of dy [M, N] against W [N, K] read in [BK][BQ] tiles (dx). */
+/* The pipelined reduction over n (rows nb..ne of W, nb a multiple of BK) of dy [M, N] against
+ * W [N, K] read in [BK][BQ] tiles (dx). */
 __device__ __forceinline__ void mainloop_dy(float (&acc)[MI][NI][4], bf16 (*sA)[BM * BK], bf16 (*sB)[BK * BQ],
                                             const QadaptLoraBwdArgs& a, uint32_t m0, uint32_t n0, uint32_t wm0,
-                                            uint32_t wn0, bool vec) {
+                                            uint32_t wn0, bool vec, uint32_t nb, uint32_t ne) {
     const bf16* __restrict__ dy = reinterpret_cast<const bf16*>(a.dy);
     const bf16* __restrict__ w = reinterpret_cast<const bf16*>(a.w);
-    const uint32_t KT = (a.n + BK - 1) / BK;
+    const uint32_t KT = (ne - nb + BK - 1) / BK;
     auto compute = [&](uint32_t s) { mma_tile_nt(acc, sA[s], sB[s], wm0, wn0); };
     if (vec) {
-        ColCopy<BM> ca(dy, m0, a.m, a.n, a.n);
-        RowCopy<> cb(w, n0, a.k, a.n, a.k);
+        ColCopy<BM> ca(dy, m0, a.m, ne, a.n, nb);
+        RowCopy<> cb(w, n0, a.k, ne, a.k, nb);
         pipeline_planned(KT, ca, cb, sA, sB, compute);
     } else {
         pipeline(
             KT,
             [&](uint32_t s, uint32_t step) {
-                load_tile<BM>(sA[s], dy, m0, a.m, step * BK, a.n, a.n, false);
-                load_tile_t(sB[s], w, step * BK, a.n, n0, a.k, a.k, false);
+                load_tile<BM>(sA[s], dy, m0, a.m, nb + step * BK, ne, a.n, false);
+                load_tile_t(sB[s], w, nb + step * BK, ne, n0, a.k, a.k, false);
             },
             compute);
     }
@@ -901,15 +935,15 @@ __device__ __forceinline__ void mainloop_dy(float (&acc)[MI][NI][4], bf16 (*sA)[
 __device__ __forceinline__ void bwd_dx_dense(const QadaptLoraBwdArgs& a) {
     __shared__ __align__(128) bf16 sA[STAGES][BM * BK];
     __shared__ __align__(128) bf16 sB[STAGES][BK * BQ];
-    const uint2 t = grouped_tile((a.m + BM - 1) / BM, (a.k + BQ - 1) / BQ);
-    const uint32_t m0 = t.x * BM, n0 = t.y * BQ;
+    const SplitTile t = split_tile(a, a.m, a.k, a.n, BM, BQ);
     const uint32_t warp = threadIdx.x / 32u;
     const uint32_t wm0 = (warp / (BQ / WN)) * WM, wn0 = (warp % (BQ / WN)) * WN;
     const bool vec = (a.flags & QADAPT_LORA_VEC) != 0;
     float acc[MI][NI][4];
     zero_acc(acc);
-    mainloop_dy(acc, sA, sB, a, m0, n0, wm0, wn0, vec);
-    bwd_dx_finish(a, acc, sA[0], sB[0], m0, n0, wm0, wn0, vec);
+    mainloop_dy(acc, sA, sB, a, t.m0, t.n0, wm0, wn0, vec, t.kb, t.ke);
+    if (t.split_k) store_partial(a.partial, a.m, a.k, acc, t, wm0, wn0);
+    else bwd_dx_finish(a, acc, sA[0], sB[0], t.m0, t.n0, wm0, wn0, vec);
 }
 
 /* ---- NF4 GEMMs: the weight decoded once per CTA ------------------------------------------------
@@ -1137,30 +1171,30 @@ __device__ __forceinline__ void mainloop_nf4_act(float (&acc)[MI4][NI8][4], Nf4S
 /* y = x W^T (+ the LoRA extension, bias) with NF4 W; tiles as gemm_dense. */
 __device__ __forceinline__ void gemm_nf4(const QadaptLoraFwdArgs& a) {
     __shared__ __align__(128) Nf4Smem sm;
-    const SplitTile t = split_tile(a, BM, BN);
+    const SplitTile t = split_tile(a, a.m, a.n, a.k, BM, BN);
     const uint32_t warp = threadIdx.x / 32u;
     const uint32_t wm0 = (warp / (BN / NF4_WN)) * NF4_WM, wn0 = (warp % (BN / NF4_WN)) * NF4_WN;
     float acc[MI4][NI8][4];
     zero_acc(acc);
     mainloop_nf4_act<false>(acc, sm, Nf4W(a), reinterpret_cast<const bf16*>(a.x), a.m, a.k, t.m0, t.n0, wm0, wn0,
                             (a.flags & QADAPT_LORA_VEC) != 0, t.kb, t.ke);
-    if (t.split_k) store_partial(a, acc, t, wm0, wn0);
+    if (t.split_k) store_partial(a.partial, a.m, a.n, acc, t, wm0, wn0);
     else gemm_finish<NF4_THREADS>(a, acc, sm.a[0], sm.a[1], t.m0, t.n0, wm0, wn0);
 }
 
 /* dx = dy W (+ g Acat) with NF4 W; tiles as bwd_dx_dense. */
 __device__ __forceinline__ void bwd_dx_nf4(const QadaptLoraBwdArgs& a) {
     __shared__ __align__(128) Nf4Smem sm;
-    const uint2 t = grouped_tile((a.m + BM - 1) / BM, (a.k + BQ - 1) / BQ);
-    const uint32_t m0 = t.x * BM, n0 = t.y * BQ;
+    const SplitTile t = split_tile(a, a.m, a.k, a.n, BM, BQ);
     const uint32_t warp = threadIdx.x / 32u;
     const uint32_t wm0 = (warp / (BQ / NF4_WN)) * NF4_WM, wn0 = (warp % (BQ / NF4_WN)) * NF4_WN;
     const bool vec = (a.flags & QADAPT_LORA_VEC) != 0;
     float acc[MI4][NI8][4];
     zero_acc(acc);
-    mainloop_nf4_act<true>(acc, sm, Nf4W(a), reinterpret_cast<const bf16*>(a.dy), a.m, a.n, m0, n0, wm0, wn0, vec, 0,
-                           a.n);
-    bwd_dx_finish<NF4_THREADS>(a, acc, sm.a[0], sm.a[1], m0, n0, wm0, wn0, vec);
+    mainloop_nf4_act<true>(acc, sm, Nf4W(a), reinterpret_cast<const bf16*>(a.dy), a.m, a.n, t.m0, t.n0, wm0, wn0,
+                           vec, t.kb, t.ke);
+    if (t.split_k) store_partial(a.partial, a.m, a.k, acc, t, wm0, wn0);
+    else bwd_dx_finish<NF4_THREADS>(a, acc, sm.a[0], sm.a[1], t.m0, t.n0, wm0, wn0, vec);
 }
 
 }  // namespace
@@ -1202,6 +1236,7 @@ QADAPT_KERNEL(lora_gemv_wide_nf4_bf16, QadaptLoraFwdArgs) {
 QADAPT_KERNEL_BOUNDED(lora_gemm_dense_bf16, QadaptLoraFwdArgs, THREADS, 2) { gemm_dense(args); }
 QADAPT_KERNEL_BOUNDED(lora_gemm_nf4_bf16, QadaptLoraFwdArgs, NF4_THREADS, 2) { gemm_nf4(args); }
 QADAPT_KERNEL(lora_split_reduce_bf16, QadaptLoraFwdArgs) { split_reduce(args); }
+QADAPT_KERNEL(lora_split_reduce_dx_bf16, QadaptLoraBwdArgs) { split_reduce_dx(args); }
 
 QADAPT_KERNEL_BOUNDED(lora_gemm_bwd_dx_dense_bf16, QadaptLoraBwdArgs, THREADS, 2) { bwd_dx_dense(args); }
 QADAPT_KERNEL_BOUNDED(lora_gemm_bwd_dx_nf4_bf16, QadaptLoraBwdArgs, NF4_THREADS, 2) { bwd_dx_nf4(args); }

@@ -440,7 +440,7 @@ void test_registry() {
         if (i) check(std::string(qv_kernel_name(i - 1)) < k, "kernel names sorted and unique at %zu", i);
     }
     printf("  %zu kernels registered (%zu lora_*, %zu selftest)\n", n, lora, st);
-    check(lora == 15 && st == 13, "15 lora kernels (lora.cu 10, lora_rank.cu 5) and 13 selftest kernels registered");
+    check(lora == 16 && st == 13, "16 lora kernels (lora.cu 11, lora_rank.cu 5) and 13 selftest kernels registered");
     check(qv_kernel_args_size("lora_gemm_dense_bf16") == sizeof(QadaptLoraFwdArgs), "args size of lora_gemm_dense_bf16");
     check(qv_kernel_args_size("adamw_f32") == sizeof(QadaptAdamwArgs), "args size of adamw_f32");
     check(qv_kernel_args_size("attention_fwd_bf16") == sizeof(QadaptAttentionArgs), "args size of attention_fwd_bf16");

@@ -114,6 +114,9 @@ typedef struct QadaptNf4DequantizeArgs {
  * order, the row's adapter term sum_j u[m, a*r + j] B_a[n, j] and the bias, and stores y. Each
  * range keeps at least MIN_STEPS BK slices. */
 #define QADAPT_LORA_SPLIT_MIN_STEPS 4
+/* The dx GEMM splits n the same way (QadaptLoraBwdArgs.partial [splits, m, k]); then
+ * lora_split_reduce_dx_bf16 adds the splits in order and sum_j g[m, a*r + j] A_a[j, k], and
+ * stores dx. */
 #define QADAPT_LORA_SPLIT_REDUCE_THREADS 256
 /* The NF4 y and dx GEMMs (lora_gemm_nf4_bf16, lora_gemm_bwd_dx_nf4_bf16): same CTA tile, 4 warps of
  * 64 x 64. */
@@ -189,6 +192,9 @@ typedef struct QadaptLoraBwdArgs {
     uint32_t blocksize;     /* NF4 block size */
     float offset;           /* NF4 double-quant offset */
     uint32_t flags;         /* QADAPT_LORA_VEC: k % 8 == 0, n % 8 == 0, aligned x, dy, W, A */
+    uint64_t partial;       /* float* [splits, m, k] when splits > 1 (the dx GEMM's split n) */
+    uint32_t splits;        /* dx GEMM: n cut into this many ranges (0 or 1: none) */
+    uint32_t split_steps;   /* dx GEMM: BK slices of n per range (the last may be shorter) */
 } QadaptLoraBwdArgs;
 
 /* ---- LoRA rank-R products (kernels/lora_rank.cu) ---------------------------------------------- */
@@ -487,6 +493,7 @@ QADAPT_KERNEL(lora_gemv_wide_nf4_bf16, QadaptLoraFwdArgs);
 QADAPT_KERNEL(lora_gemm_dense_bf16, QadaptLoraFwdArgs);
 QADAPT_KERNEL(lora_gemm_nf4_bf16, QadaptLoraFwdArgs);
 QADAPT_KERNEL(lora_split_reduce_bf16, QadaptLoraFwdArgs);
+QADAPT_KERNEL(lora_split_reduce_dx_bf16, QadaptLoraBwdArgs);
 QADAPT_KERNEL(lora_gemm_bwd_dx_dense_bf16, QadaptLoraBwdArgs);
 QADAPT_KERNEL(lora_gemm_bwd_dx_nf4_bf16, QadaptLoraBwdArgs);
 

@@ -686,8 +686,11 @@ pub struct LoraBackwardPlan {
     pub xa: Option<LoraRankPlan>,
     /// `g = bf16(s dy B)`: `p = m`, reduction over `n`.
     pub dyb: Option<LoraRankPlan>,
-    /// `dx = dy W + g Acat`: one CTA per 128 x 128 tile of dx.
+    /// `dx = dy W + g Acat`: one CTA per 128 x 128 tile of dx (times the splits of n).
     pub dx: LaunchPlan,
+    /// The dx GEMM's split of n when its tiles are few ([`gemm_split`]; then
+    /// `lora_split_reduce_dx_bf16` adds the ranges and `g Acat`).
+    pub dx_split: Option<GemmSplit>,
     /// `dA += g^T x`: `p = k`, reduction over `m`.
     pub da: Option<LoraRankPlan>,
     /// `dB += dy^T u`: `p = n`, reduction over `m`.
@@ -718,11 +721,14 @@ pub fn lora_backward(
     }
     let t = u64::from(ffi::QADAPT_LORA_GEMM_BN);
     let tiles = m.div_ceil(t) * k.div_ceil(t);
-    if tiles > u64::from(props.max_grid_x) {
-        return Err(invalid(OP, format!("{tiles} tiles exceed the grid limit")));
+    // dx is m x k reduced over n.
+    let dx_split = gemm_split(tiles, m, k, n, props);
+    let ctas = tiles * dx_split.map_or(1, |s| u64::from(s.splits));
+    if ctas > u64::from(props.max_grid_x) {
+        return Err(invalid(OP, format!("{ctas} tiles exceed the grid limit")));
     }
     let dx = LaunchPlan {
-        grid: tiles as u32,
+        grid: ctas as u32,
         block: ffi::QADAPT_LORA_GEMM_THREADS,
         shared_bytes: 0,
     };
@@ -737,6 +743,7 @@ pub fn lora_backward(
         xa: rank(m, k)?,
         dyb: rank(m, n)?,
         dx,
+        dx_split,
         da: rank(k, m)?,
         db: rank(n, m)?,
     })
@@ -749,7 +756,7 @@ mod lora_backward_tests {
     #[test]
     fn lora_backward_plan_tiles_dx_and_splits_the_rank_products() {
         let p = lora_backward(4096, 4096, 11008, 64, &DeviceProps::H200).unwrap();
-        assert_eq!(p.dx.grid, 32 * 86);
+        assert_eq!((p.dx.grid, p.dx_split), (32 * 86, None));
         // u: 64 row tiles of a 64-wide R, 344 slices of k: 4 splits of 86 (256 CTAs).
         let xa = p.xa.unwrap();
         assert_eq!(
@@ -766,9 +773,14 @@ mod lora_backward_tests {
         assert_eq!((db.splits, db.steps, db.main.grid), (4, 32, 256));
         let p = lora_backward(1, 5, 3, 0, &DeviceProps::H200).unwrap();
         assert_eq!(
-            (p.dx.grid, p.da, p.db, p.xa, p.dyb),
-            (1, None, None, None, None)
+            (p.dx.grid, p.da, p.db, p.xa, p.dyb, p.dx_split),
+            (1, None, None, None, None, None)
         );
+        // 128 rows x k = 4096: 32 dx tiles, n = 4096 split into 9 ranges (288 CTAs).
+        let p = lora_backward(128, 4096, 4096, 16, &DeviceProps::H200).unwrap();
+        let s = p.dx_split.unwrap();
+        assert_eq!((s.splits, s.steps, p.dx.grid), (9, 15, 288));
+        assert_eq!(s.partial_len(128, 4096), 9 * 128 * 4096);
     }
 
     #[test]

@@ -868,6 +868,10 @@ fn cuda_backward_dense_and_nf4_match_cpu() {
         check_cuda_backward(203, 45, 70, 88, 5, 2, base, true); // NF4: dequantize-first fallback
         check_cuda_backward(204, 19, 37, 45, 128, 1, base, false); // odd n and k: element loads
         check_cuda_backward(207, 1300, 40, 160, 8, 1, base, false); // two raster groups
+        // The dx GEMM's split n (plan::gemm_split): 2 dx tiles, 33 slices of n in 7 ranges (the
+        // last shorter), two adapters and mixed rows; then 2 x 1 tiles, 32 slices in 8 ranges.
+        check_cuda_backward(208, 40, 1056, 192, 8, 2, base, true);
+        check_cuda_backward(209, 130, 1024, 96, 5, 1, base, false);
         // Split rank products: m = 333 (11 slices of rows: dA and dB in 2 uneven splits), n = 421
         // (g: 14 slices, 3 uneven splits), k = 20 (u: shorter than one slice), R = 3 x 7.
         check_cuda_backward(205, 333, 421, 20, 7, 3, base, true);

@@ -547,6 +547,7 @@ pub(crate) fn lora_backward(
     let partial_len = [
         plan.xa.map(|p| p.partial_len(mu, ru)),
         plan.dyb.map(|p| p.partial_len(mu, ru)),
+        plan.dx_split.map(|s| s.partial_len(mu, ku)),
         plan.da.map(|p| p.partial_len(ku, ru)),
         plan.db.map(|p| p.partial_len(nu, ru)),
     ]
@@ -606,6 +607,9 @@ pub(crate) fn lora_backward(
         blocksize: wp.blocksize,
         offset: wp.offset,
         flags: if vec { ffi::QADAPT_LORA_VEC } else { 0 },
+        partial: if plan.dx_split.is_some() { p_ptr } else { 0 },
+        splits: plan.dx_split.map_or(0, |s| s.splits),
+        split_steps: plan.dx_split.map_or(0, |s| s.steps),
     };
     if wp.nf4 && (!k.is_multiple_of(32) || !is16(wp.w)) {
         return Err(invalid(
@@ -660,8 +664,18 @@ pub(crate) fn lora_backward(
     // kernel's 16-byte cp.async), g (scratch of at least m*na*r, written above) and A [na*r*k],
     // and write dx [m*k] only inside those bounds; cp.async of dy/W/A rows only under
     // QADAPT_LORA_VEC (k % 8, n % 8, aligned). The grid is exactly ceil(m/128)*ceil(k/128) CTAs
-    // (plan) of the kernel's thread count (lora_gemm_threads); every guard is held past it.
+    // (times `splits` with a split n, whose ranges cover n, plan::gemm_split) of the kernel's
+    // thread count (lora_gemm_threads); a split dx GEMM writes only partial [splits*m*k] (the
+    // scratch holds at least that; the rank products above are done with it, same stream), not
+    // dx. Every guard is held past the launch.
     unsafe { launch(dev, dx_kernel, dx, &args) }?;
+    if let Some(split) = plan.dx_split {
+        // SAFETY: lora_split_reduce_dx_bf16 takes the same QadaptLoraBwdArgs: it reads partial
+        // [splits*m*k] (written just above, same stream), g [m*na*r] (this call's, only the row's
+        // own adapter's r columns), A [na*r*k] and adapter_idx [m] (outside 0..na: -1), and writes
+        // dx [m*k], grid-stride over the m*k elements (plan). Every guard is held past it.
+        unsafe { launch(dev, kernels::LORA_SPLIT_REDUCE_DX_BF16, split.reduce, &args) }?;
+    }
     if let (Some(da), Some(db)) = (plan.da, plan.db) {
         // grad_a [R, k] += g^T x (p = k, t = m) and grad_b [na, n, r] += dy^T u (p = n, t = m);
         // g and u are the scratch's (aligned allocations: only R % 8 decides their copies).
