@@ -378,23 +378,17 @@ __device__ __forceinline__ uint32_t swz(uint32_t row, uint32_t chunk) {
 }
 
 /* Loads a `ROWS` x BK tile of a row-major bf16 matrix (rows r0.., columns k0.., leading dimension
- * ld, bounds rows x cols) into swizzled shared memory. With `vec` each in-bounds 8-chunk is one
- * cp.async; chunks crossing a bound are filled element by element with zeros outside. */
+ * ld, bounds rows x cols) into swizzled shared memory element by element, zeros outside: the path
+ * for ragged shapes and the short LoRA extension (the vector layout takes ColCopy). */
 template <int ROWS, int NT = THREADS>
 __device__ __forceinline__ void load_tile(bf16* tile, const bf16* __restrict__ g, uint32_t r0, uint32_t rows,
-                                          uint32_t k0, uint32_t cols, uint64_t ld, bool vec) {
+                                          uint32_t k0, uint32_t cols, uint64_t ld) {
     constexpr int CHUNKS = ROWS * BK / 8;
 #pragma unroll
     for (int i = 0; i < CHUNKS / NT; ++i) {
         const uint32_t c = threadIdx.x + i * NT;
         const uint32_t row = c / 4, kc = c % 4;
-        const uint32_t gr = r0 + row, gk = k0 + kc * 8;
-        bf16* dst = tile + swz(row, kc);
-        if (vec && gr < rows && gk + 8 <= cols) {
-            cp_async16(dst, g + (uint64_t)gr * ld + gk);
-        } else {
-            *reinterpret_cast<uint4*>(dst) = gather8(g, gr, rows, gk, cols, ld);
-        }
+        *reinterpret_cast<uint4*>(tile + swz(row, kc)) = gather8(g, r0 + row, rows, k0 + kc * 8, cols, ld);
     }
 }
 
@@ -553,7 +547,7 @@ __device__ __forceinline__ void gemm_finish(const QadaptLoraFwdArgs& a, float (&
     const uint32_t R = a.rank * a.n_adapters;
     for (uint32_t e0 = 0; e0 < R; e0 += BK) {
         __syncthreads();
-        load_tile<BM, NT>(tA, reinterpret_cast<const bf16*>(a.u), m0, a.m, e0, R, R, false);
+        load_tile<BM, NT>(tA, reinterpret_cast<const bf16*>(a.u), m0, a.m, e0, R, R);
         load_bcat_tile<NT>(tB, a, n0, e0);
         __syncthreads();
         mma_tile_dense(acc, tA, tB, wm0, wn0);
@@ -614,8 +608,8 @@ __device__ __forceinline__ void mainloop_dense(float (&acc)[MI][NI][4], bf16 (*s
         pipeline(
             KT,
             [&](uint32_t s, uint32_t step) {
-                load_tile<BM>(sA[s], x, m0, M, kb + step * BK, ke, K, false);
-                load_tile<BN>(sB[s], w, n0, N, kb + step * BK, ke, K, false);
+                load_tile<BM>(sA[s], x, m0, M, kb + step * BK, ke, K);
+                load_tile<BN>(sB[s], w, n0, N, kb + step * BK, ke, K);
             },
             compute);
     }
@@ -895,7 +889,7 @@ __device__ __forceinline__ void bwd_dx_finish(const QadaptLoraBwdArgs& a, float 
     const uint32_t R = a.rank * a.n_adapters;
     for (uint32_t e0 = 0; e0 < R; e0 += BK) {
         __syncthreads();
-        load_tile<BM, NT>(tA, reinterpret_cast<const bf16*>(a.g), m0, a.m, e0, R, R, false);
+        load_tile<BM, NT>(tA, reinterpret_cast<const bf16*>(a.g), m0, a.m, e0, R, R);
         load_tile_t<NT>(tB, reinterpret_cast<const bf16*>(a.lora_a), e0, R, n0, a.k, a.k, vec);
         cp_async_commit();
         cp_async_wait<0>();
@@ -922,7 +916,7 @@ __device__ __forceinline__ void mainloop_dy(float (&acc)[MI][NI][4], bf16 (*sA)[
         pipeline(
             KT,
             [&](uint32_t s, uint32_t step) {
-                load_tile<BM>(sA[s], dy, m0, a.m, nb + step * BK, ne, a.n, false);
+                load_tile<BM>(sA[s], dy, m0, a.m, nb + step * BK, ne, a.n);
                 load_tile_t(sB[s], w, nb + step * BK, ne, n0, a.k, a.k, false);
             },
             compute);
@@ -1162,7 +1156,7 @@ __device__ __forceinline__ void mainloop_nf4_act(float (&acc)[MI4][NI8][4], Nf4S
         mainloop_nf4<BWD>(
             acc, sm, w, KT,
             [&](uint32_t s, uint32_t step) {
-                load_tile<BM, NF4_THREADS>(sm.a[s], act, m0, rows, kb + step * BK, ke, cols, false);
+                load_tile<BM, NF4_THREADS>(sm.a[s], act, m0, rows, kb + step * BK, ke, cols);
             },
             tile0, kb, wm0, wn0);
     }
