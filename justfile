@@ -46,6 +46,13 @@ build: setup
 test: setup
     QADAPT_REQUIRE_CUDA=1 cargo test --workspace
 
+# Regenerate the committed ABI bindings (crates/qadapt-kernels/src/ffi.rs) from
+# kernels/include/qadapt.h with bindgen (needs libclang: `just setup`). `just test` fails while
+# they are stale.
+bindings: setup
+    QADAPT_BLESS_BINDINGS=1 cargo test -q -p qadapt-kernels --test bindings
+    git diff --stat -- crates/qadapt-kernels/src/ffi.rs
+
 # Fine-tune the embedded model on the embedded task (QLoRA, CPU, about a minute on two cores);
 # extra arguments go to `qadapt train` (e.g. `just train --method prompt`).
 train *args="":
