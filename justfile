@@ -53,6 +53,11 @@ bindings: setup
     QADAPT_BLESS_BINDINGS=1 cargo test -q -p qadapt-kernels --test bindings
     git diff --stat -- crates/qadapt-kernels/src/ffi.rs
 
+# `cargo package` the kernels crate with its CUDA sources (crates/qadapt-kernels/kernels links to
+# kernels/) and build the packaged copy with nvcc: the crate stands alone outside the workspace.
+package-kernels: setup
+    QADAPT_REQUIRE_CUDA=1 cargo package -q -p qadapt-kernels --allow-dirty
+
 # Fine-tune the embedded model on the embedded task (QLoRA, CPU, about a minute on two cores);
 # extra arguments go to `qadapt train` (e.g. `just train --method prompt`).
 train *args="":
@@ -99,6 +104,7 @@ ci: setup
     QADAPT_REQUIRE_CUDA=1 cargo clippy --workspace --all-targets -- -D warnings
     just test
     just kernel-report
+    just package-kernels
     just test-vgpu
     bash scripts/gpu-bundle.sh --rehearse
 

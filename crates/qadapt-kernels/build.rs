@@ -21,7 +21,9 @@ const PTX_ARCH: &str = "compute_90";
 fn main() {
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
     let root = manifest.parent().unwrap().parent().unwrap().to_path_buf();
-    let kernels_dir = root.join("kernels");
+    // `kernels` in this crate is a link to the workspace's top-level `kernels/`: the sources stay
+    // where a reader looks for them, and `cargo package` (which follows the link) ships them.
+    let kernels_dir = manifest.join("kernels");
     let header = kernels_dir.join("include").join("qadapt.h");
     let out = PathBuf::from(env::var("OUT_DIR").unwrap());
 
