@@ -12,7 +12,8 @@ default:
 # --- setup ---------------------------------------------------------------------------------------
 
 # Install what the build needs, idempotently: CUDA 13.0 nvcc + CCCL into .cuda/, cuobjdump/nvdisasm
-# for SASS checks, compute-sanitizer (for the GPU bundle), libclang for bindgen.
+# for SASS checks, compute-sanitizer (for the GPU bundle), libclang (the bindings' staleness test),
+# qemu-user (the test that the binary refuses an older CPU in one line).
 setup:
     #!/usr/bin/env bash
     set -euo pipefail
@@ -28,6 +29,11 @@ setup:
     if ! ls .cuda/wheels/nvidia_cuda_sanitizer_api-13.0.85-*.whl >/dev/null 2>&1; then
         echo "downloading compute-sanitizer 13.0 (for the GPU bundle) into .cuda/wheels/"
         python3 -m pip download -q --disable-pip-version-check --no-deps -d .cuda/wheels 'nvidia-cuda-sanitizer-api==13.0.85'
+    fi
+    if ! command -v qemu-x86_64 >/dev/null; then
+        echo "installing qemu-user (runs the binary on an emulated older CPU in a test)"
+        if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+        $SUDO apt-get update -qq && $SUDO apt-get install -y -qq qemu-user
     fi
     if ! ldconfig -p | grep -q 'libclang-14\|libclang.so'; then
         echo "installing libclang for bindgen"

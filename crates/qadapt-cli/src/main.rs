@@ -138,7 +138,12 @@ impl From<OutDType> for DType {
     }
 }
 
+/// On x86-64, `src/cpu_check.c` has already run (an ELF constructor): a CPU without the
+/// extensions this build uses never gets here.
 fn main() -> ExitCode {
+    if let Some(advice) = qadapt::cpu_features::build_advice() {
+        eprintln!("warning: {advice}");
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Quantize {

@@ -462,3 +462,55 @@ fn help_describes_every_option() {
         assert!(h.contains(opt), "{opt} missing from dequantize --help");
     }
 }
+
+/// The binary is built for x86-64-v3 (`.cargo/config.toml`). On a CPU without those extensions it
+/// must stop with one line naming what is missing (`src/cpu_check.c`, run before `main`), never
+/// die of SIGILL; on a CPU with them it runs. Both CPUs are emulated by qemu's user-mode
+/// `qemu-x86_64` (`just setup` installs it): Nehalem (SSE4.2, no AVX) and Haswell (v3).
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn an_older_cpu_gets_one_clear_line_not_sigill() {
+    let exe = env!("CARGO_BIN_EXE_qadapt");
+    let run = |cpu: &str| {
+        Command::new("qemu-x86_64")
+            .args(["-cpu", cpu, exe, "--help"])
+            .output()
+    };
+    let old = match run("Nehalem") {
+        Ok(o) => o,
+        Err(e) => {
+            let msg = format!("qemu-x86_64 could not run ({e}); the CPU check was not exercised");
+            assert!(
+                std::env::var("QADAPT_REQUIRE_CUDA").as_deref() != Ok("1"),
+                "QADAPT_REQUIRE_CUDA=1 (just test) needs qemu-user from `just setup`: {msg}"
+            );
+            eprintln!("NOT CHECKED: {msg}");
+            return;
+        }
+    };
+    let err = String::from_utf8_lossy(&old.stderr);
+    let lines: Vec<&str> = err
+        .lines()
+        .filter(|l| !l.starts_with("qemu-x86_64:"))
+        .collect();
+    assert_eq!(old.status.code(), Some(2), "stderr: {err}");
+    assert_eq!(lines.len(), 1, "one line: {err}");
+    if cfg!(target_feature = "avx2") {
+        assert!(lines[0].starts_with("error: this qadapt binary was built for x86-64-v3"));
+        assert!(
+            lines[0].contains("avx2") && lines[0].contains("fma"),
+            "{}",
+            lines[0]
+        );
+        assert!(lines[0].contains("target-cpu=native"), "{}", lines[0]);
+    }
+    assert!(old.stdout.is_empty());
+
+    let new = run("Haswell").expect("qemu-x86_64 ran once already");
+    assert!(
+        new.status.success(),
+        "{}",
+        String::from_utf8_lossy(&new.stderr)
+    );
+    assert!(String::from_utf8_lossy(&new.stdout).contains("Usage: qadapt <COMMAND>"));
+}

@@ -17,6 +17,7 @@
 //! ```
 
 pub mod adapter;
+pub mod cpu_features;
 pub mod cuda;
 pub mod device;
 pub mod dtype;
