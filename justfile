@@ -152,7 +152,7 @@ test-vgpu *args="":
     bash crates/qadapt-vgpu/vgpu.sh test "$@"
 
 # The virtual device's counters (mma, ldmatrix wavefronts, cp.async bytes, barriers, CTAs) per
-# kernel at DESIGN.md §8's shapes (benches/kernel_counters.rs; options such as `--m 128`).
+# kernel at the Llama-3-8B projection shapes (benches/kernel_counters.rs; options such as `--m 128`).
 kernel-counters *args="":
     bash crates/qadapt-vgpu/vgpu.sh run cargo bench -q --bench kernel_counters -- {{args}}
 

@@ -1,4 +1,4 @@
-//! The virtual device's counters per kernel and shape (DESIGN.md §7 and §8): what the emulator
+//! The virtual device's counters per kernel and shape (goals: BENCHMARKS.md): what the emulator
 //! counts while it runs our kernels, decided by the code and not by timing, so it is the
 //! performance instrument where no GPU is at hand. Run with `just kernel-counters` (on the virtual
 //! device); on a real GPU or without a device it says why it prints nothing.

@@ -117,7 +117,7 @@ fn uniform(n: usize, scale: f32, seed: u64) -> Vec<bf16> {
 /// 14336 x 4096, down 4096 x 14336), 1, 16, 128, 512 and 4096 rows, r = 16 and 64; and the
 /// backward (dx, dA, dB) at 128 rows and more against its unfused path. The `goal` column says
 /// whether the fused kernel is within 1.2x of dense cuBLAS and at least 1.5x faster than the
-/// unfused path (DESIGN.md §8). Weight GB/s (gemv rows) is read against the device-to-device
+/// unfused path (goals: BENCHMARKS.md). Weight GB/s (gemv rows) is read against the device-to-device
 /// copy bandwidth of the same run.
 fn cuda_table() {
     use qadapt::cuda::Op;

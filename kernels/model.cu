@@ -1,8 +1,7 @@
 /*
- * model.cu — the model ops of a Llama-family transformer, forward and backward (DESIGN.md §4
- * "model ops"): RMSNorm, SwiGLU, the dropout-mask blend, RoPE, token embedding, cross-entropy
- * fused with the softmax, and causal grouped-query attention (its own section at the end of the
- * file states its scheme).
+ * model.cu — the model ops of a Llama-family transformer, forward and backward: RMSNorm, SwiGLU,
+ * the dropout-mask blend, RoPE, token embedding, cross-entropy fused with the softmax, and causal
+ * grouped-query attention (its own section at the end of the file states its scheme).
  * Each kernel mirrors the CPU reference in crates/qadapt/src/ops/ (same math, same argument
  * order); the exact formulas are written next to each argument struct in qadapt.h.
  *

@@ -3,7 +3,7 @@
  * dequantization, bit-exact with bitsandbytes and with qadapt's CPU reference
  * (crates/qadapt/src/nf4/cpu.rs).
  *
- * Math (DESIGN.md §3). A tensor of n elements, flattened, is cut into blocks of `bs` (32..4096,
+ * Math. A tensor of n elements, flattened, is cut into blocks of `bs` (32..4096,
  * power of two). For block b: absmax[b] = max |x|, and each element is coded as the nearest of the
  * 16 NF4 levels to x * (1/absmax[b]), bounds exactly as bitsandbytes 0.50 (see nf4_codec.cuh). An
  * all-zero block codes to 7 (level 0.0). Element 2j goes to the HIGH nibble of packed[j], 2j+1 to the low one; an odd n

@@ -1,5 +1,6 @@
 /*
- * optim.cu — the optimizer step and the gradient norm, for the trainer (DESIGN.md §4 "optim").
+ * optim.cu — the optimizer step and the gradient norm, for the trainer (CPU
+ * reference: crates/qadapt/src/optim.rs).
  *
  * adamw_f32: one thread per parameter (grid-stride), the step of torch.optim.AdamW written out
  * in qadapt.h (QadaptAdamwArgs) with every operation rounded on its own (__fmul_rn, __fadd_rn,

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds gpu-bundle/ (DESIGN.md §7) on a machine without a GPU: stripped release test and bench
+# Builds gpu-bundle/ on a machine without a GPU: stripped release test and bench
 # binaries with the kernels embedded, packed into one bins.tar.xz (each binary carries the same
 # fatbins and std, so the solid archive is ~5x smaller than the binaries), compute-sanitizer's
 # wheel, and run.sh, which on an NVIDIA machine with a CUDA 13 driver (no Rust needed) extracts

@@ -2,7 +2,7 @@
  * nf4_codec.cuh — NF4 code table and the per-element encode/decode shared by every kernel that
  * reads or writes NF4 (kernels/nf4.cu, the fused LoRA matmuls).
  *
- * Encoding (bit-exact with bitsandbytes 0.50's CPU path, DESIGN.md §3): a full block is scaled by
+ * Encoding (bit-exact with bitsandbytes 0.50's CPU path): a full block is scaled by
  * the f32 reciprocal of its absmax, s = x * (1/absmax), a partial last block by a division, and the
  * code is the number of bounds (level[i] + level[i+1]) / 2 (f32) below s, as torch.bucketize
  * counts: a value exactly on a bound takes the lower code, NaN (compares false) lands on 15.

@@ -21,7 +21,7 @@
 
 #define QADAPT_ABI_VERSION 1
 
-/* ---- NF4 format constants (DESIGN.md §3) ------------------------------------------------------ */
+/* ---- NF4 format constants (crates/qadapt/src/nf4/) ------------------------------------------- */
 
 /* Code of 0.0 in the NF4 table: pads an odd element count (an all-zero block also codes to it). */
 #define QADAPT_NF4_CODE_ZERO 7

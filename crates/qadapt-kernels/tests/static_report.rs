@@ -1,4 +1,4 @@
-//! Static proof about the compiled kernels, no GPU needed (DESIGN.md §8 "Static"):
+//! Static proof about the compiled kernels, no GPU needed (BENCHMARKS.md, Goals):
 //! - ptxas: zero spill bytes and zero stack frame for every kernel on every SASS arch;
 //! - SASS (cuobjdump): no local memory (`LDL`/`STL`) anywhere, 128-bit global loads (`LDG.E.128`)
 //!   in the memory-bound kernels (names with `dequantize` or `gemv`) and tensor-core instructions

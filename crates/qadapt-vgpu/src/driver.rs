@@ -1947,7 +1947,7 @@ pub unsafe extern "C" fn cuProfilerStop() -> CUresult {
 
 /// Adds the counters of every launch of `kernel` (all kernels for NULL) since the last reset into
 /// `*out`; returns the number of launches counted. Not part of CUDA: tests and benchmarks find it
-/// with dlsym to read what the emulator counted (DESIGN.md §7).
+/// with dlsym to read what the emulator counted (docs/design-notes.md).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn qadapt_vgpu_counters(
     kernel: *const c_char,

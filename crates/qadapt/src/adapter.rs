@@ -1,4 +1,4 @@
-//! Houlsby bottleneck adapters (DESIGN.md §4 "adapter"): a small residual MLP inserted after a
+//! Houlsby bottleneck adapters: a small residual MLP inserted after a
 //! sublayer, CPU reference forward and backward, generic over [`Real`] like [`crate::ops`].
 //!
 //! ```text

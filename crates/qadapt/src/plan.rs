@@ -826,7 +826,7 @@ mod lora_rank_tests {
     #[test]
     fn rank_splits_fill_about_two_waves_with_whole_ranges() {
         let h = DeviceProps::H200;
-        // DESIGN.md section 8's projection at 512 rows, r = 16: xa over k = 4096 (128 slices) on 8
+        // A 4096 x 4096 projection at 512 rows, r = 16: xa over k = 4096 (128 slices) on 8
         // row tiles: 33 splits wanted, 32 allowed by the 4-slice minimum: 4 slices each.
         let p = lora_rank(512, 4096, 16, &h).unwrap();
         assert_eq!((p.splits, p.steps, p.main.grid), (32, 4, 256));

@@ -1,7 +1,7 @@
 //! The model's mixed-precision path for LoRA and QLoRA training: forward, hand-written backward
 //! and AdamW on a CUDA device over qadapt's kernels (bf16 activations, f32 accumulation, a bf16
 //! or NF4 double-quant base, f32 LoRA masters with bf16 working copies, moments on the device or
-//! paged), as DESIGN.md §5 describes QLoRA.
+//! paged), as the QLoRA paper describes it (Dettmers et al. 2023).
 //!
 //! The orchestration ([`LoraModel`]: layer order, saved activations, backward order, LoRA wiring,
 //! GQA, RoPE, tied or untied head, gradient accumulation, clipping, the optimizer step) is

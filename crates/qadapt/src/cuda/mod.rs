@@ -60,7 +60,7 @@ impl std::fmt::Debug for CudaDevice {
 impl CudaDevice {
     /// On the virtual device (`just vgpu`): the launches of `kernel` since the last
     /// [`reset_emulator_counters`](Self::reset_emulator_counters) and what the emulator counted
-    /// in them (instructions and shared-memory wavefronts; DESIGN.md §7). `None` on a real GPU.
+    /// in them (instructions and shared-memory wavefronts). `None` on a real GPU.
     pub fn emulator_counters(&self, kernel: KernelName) -> Option<(u64, EmulatorCounters)> {
         self.synchronize().ok()?;
         launch::emulator_counters(kernel.name)

@@ -1,5 +1,5 @@
 //! The on-disk layout of a bitsandbytes 4-bit weight, as transformers saves it in safetensors
-//! (DESIGN.md §3). For a quantized tensor `T` the file holds:
+//! (docs/design-notes.md). For a quantized tensor `T` the file holds:
 //!
 //! | key | dtype | shape |
 //! |---|---|---|

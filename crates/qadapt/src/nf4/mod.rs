@@ -1,4 +1,5 @@
-//! NF4: 4-bit NormalFloat blockwise quantization, bit-compatible with bitsandbytes (DESIGN.md §3).
+//! NF4: 4-bit NormalFloat blockwise quantization, bit-compatible with bitsandbytes
+//! (docs/design-notes.md).
 //!
 //! A tensor of `n` elements, flattened, is cut into blocks of `blocksize` (32..=4096, a power of
 //! two). Each block keeps its absmax (f32) and one 4-bit code per element: the nearest of the 16

@@ -1,4 +1,4 @@
-//! What the virtual device (`crates/qadapt-vgpu`, DESIGN.md §7) counted while it emulated our
+//! What the virtual device (`crates/qadapt-vgpu`) counted while it emulated our
 //! kernels: a stand-in for a profiler's counters where no GPU is at hand. The virtual driver
 //! exports two functions of its own beside the CUDA API, found here by name in the driver library
 //! cudarc loaded; NVIDIA's driver has neither, so every call says `None` there.
