@@ -19,7 +19,7 @@
  *     (poisoned at CTA start), cp.async (ca/cg, zero fill, poison until the wait), ldmatrix x1/x2/x4
  *     with and without .trans against the ISA's fragment formula, its wavefront counts, and mma
  *     m16n8k16 bf16/f16 against a scalar reference in the documented summation order (bit for bit);
- *   - the tensor-core kernels of kernels/lora.cu and kernels/lora_rank.cu (forward, backward, NF4,
+ *   - the tensor-core kernels of kernels/lora_{fwd,bwd,rank}.cu (forward, backward, NF4,
  *     split rank products) against a float64 reference, the NF4 kernels bit for bit against the
  *     dense ones on the dequantized weight;
  *   - teeth: planted bugs are caught (a swapped B fragment pair, a missing cp.async.wait_group, a
@@ -440,7 +440,7 @@ void test_registry() {
         if (i) check(std::string(qv_kernel_name(i - 1)) < k, "kernel names sorted and unique at %zu", i);
     }
     printf("  %zu kernels registered (%zu lora_*, %zu selftest)\n", n, lora, st);
-    check(lora == 16 && st == 13, "16 lora kernels (lora.cu 11, lora_rank.cu 5) and 13 selftest kernels registered");
+    check(lora == 16 && st == 13, "16 lora kernels (lora_fwd.cu 8, lora_bwd.cu 3, lora_rank.cu 5) and 13 selftest kernels registered");
     check(qv_kernel_args_size("lora_gemm_dense_bf16") == sizeof(QadaptLoraFwdArgs), "args size of lora_gemm_dense_bf16");
     check(qv_kernel_args_size("adamw_f32") == sizeof(QadaptAdamwArgs), "args size of adamw_f32");
     check(qv_kernel_args_size("attention_fwd_bf16") == sizeof(QadaptAttentionArgs), "args size of attention_fwd_bf16");
@@ -796,7 +796,7 @@ void test_dyn_smem() {
     check(bad == 0, "dynamic shared memory: %zu threads wrong", bad);
 }
 
-/* ---- the tensor-core kernels of lora.cu ----------------------------------------------------------- */
+/* ---- the tensor-core kernels of lora_fwd.cu and lora_bwd.cu --------------------------------------- */
 
 struct Lora {
     uint32_t M, N, K, r, na;
@@ -853,7 +853,7 @@ size_t compare(const char* what, const std::vector<bf16>& got, const std::vector
 
 void test_lora(uint32_t M, uint32_t N, uint32_t K, uint32_t r, uint32_t na, bool vec) {
     char title[160];
-    snprintf(title, sizeof title, "lora.cu + lora_rank.cu tensor-core kernels, M=%u N=%u K=%u r=%u x %u adapters%s", M, N, K, r, na,
+    snprintf(title, sizeof title, "lora_{fwd,bwd,rank}.cu tensor-core kernels, M=%u N=%u K=%u r=%u x %u adapters%s", M, N, K, r, na,
              vec ? ", 16-byte cp.async path" : ", element-load path");
     Timer tm(title);
     Lora L(M, N, K, r, na, vec);

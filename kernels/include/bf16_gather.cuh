@@ -1,5 +1,5 @@
 /*
- * bf16_gather.cuh — the element-by-element fallback of the tile loaders in kernels/lora.cu and
+ * bf16_gather.cuh — the element-by-element fallback of the tile loaders in gemm_sm80.cuh and
  * kernels/lora_rank.cu: 8 consecutive bf16 of one row, zeros outside the matrix, for chunks that
  * cross a bound or rows that 16-byte copies cannot take (an unaligned leading dimension).
  */

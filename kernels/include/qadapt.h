@@ -92,7 +92,7 @@ typedef struct QadaptNf4DequantizeArgs {
     uint32_t blocksize;
 } QadaptNf4DequantizeArgs;
 
-/* ---- LoRA argument structs (kernels/lora.cu) --------------------------------------------------- */
+/* ---- LoRA argument structs (kernels/lora_*.cu) ------------------------------------------------- */
 
 /* flags of QadaptLoraFwdArgs / QadaptLoraBwdArgs */
 /* Every row pointer the kernel reads with 16-byte loads is 16-byte aligned and the row lengths
@@ -484,7 +484,7 @@ QADAPT_KERNEL(nf4_dequantize_f32, QadaptNf4DequantizeArgs);
 QADAPT_KERNEL(nf4_dequantize_bf16, QadaptNf4DequantizeArgs);
 QADAPT_KERNEL(nf4_dequantize_f16, QadaptNf4DequantizeArgs);
 
-/* kernels/lora.cu */
+/* kernels/lora_fwd.cu */
 QADAPT_KERNEL(lora_xa_bf16, QadaptLoraFwdArgs);
 QADAPT_KERNEL(lora_gemv_dense_bf16, QadaptLoraFwdArgs);
 QADAPT_KERNEL(lora_gemv_nf4_bf16, QadaptLoraFwdArgs);
@@ -493,9 +493,11 @@ QADAPT_KERNEL(lora_gemv_wide_nf4_bf16, QadaptLoraFwdArgs);
 QADAPT_KERNEL(lora_gemm_dense_bf16, QadaptLoraFwdArgs);
 QADAPT_KERNEL(lora_gemm_nf4_bf16, QadaptLoraFwdArgs);
 QADAPT_KERNEL(lora_split_reduce_bf16, QadaptLoraFwdArgs);
-QADAPT_KERNEL(lora_split_reduce_dx_bf16, QadaptLoraBwdArgs);
+
+/* kernels/lora_bwd.cu */
 QADAPT_KERNEL(lora_gemm_bwd_dx_dense_bf16, QadaptLoraBwdArgs);
 QADAPT_KERNEL(lora_gemm_bwd_dx_nf4_bf16, QadaptLoraBwdArgs);
+QADAPT_KERNEL(lora_split_reduce_dx_bf16, QadaptLoraBwdArgs);
 
 /* kernels/lora_rank.cu */
 QADAPT_KERNEL(lora_rank_xa_bf16, QadaptLoraRankArgs);

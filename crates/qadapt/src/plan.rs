@@ -319,7 +319,7 @@ mod tests {
     }
 }
 
-// ---- LoRA (kernels/lora.cu) ---------------------------------------------------------------------
+// ---- LoRA (kernels/lora_*.cu) -------------------------------------------------------------------
 
 /// Which kernel family a fused LoRA forward takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

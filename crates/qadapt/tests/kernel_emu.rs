@@ -375,7 +375,7 @@ fn emulated_model_op_kernels_match_a_float64_reference() {
 /// shuffles, `ldmatrix` and `mma.sync` fragment layouts against scalar references, `cp.async`
 /// poison before the wait, exposed shared-memory races, deadlock, fault and trap reports, and the
 /// LoRA tensor-core kernels at awkward shapes against a float64 reference. Then
-/// `vgpu_mutants.sh` plants nine defects in copies of `kernels/lora.cu` (a loosened
+/// `vgpu_mutants.sh` plants nine defects in copies of the LoRA kernels (a loosened
 /// `cp.async.wait_group`, two removed `__syncthreads`, a swapped B-fragment pair, the NF4 decode
 /// writing the tile being read, swapped NF4 nibbles, wrong A-fragment rows, a one-element read
 /// past a row's end in the K tail, 16-byte loads of rows that are not 16-byte aligned) and the
@@ -391,9 +391,15 @@ fn the_emulator_selftest_passes_and_catches_planted_defects() {
     std::fs::create_dir_all(&dir).unwrap();
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
     let mut objects = vec![rt.to_path_buf()];
-    let sources = ["nf4.cu", "optim.cu", "model.cu", "lora.cu", "lora_rank.cu"]
-        .map(|f| (r.join("kernels").join(f), true))
+    let mut kernel_files: Vec<PathBuf> = std::fs::read_dir(r.join("kernels"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "cu"))
+        .collect();
+    kernel_files.sort();
+    let sources = kernel_files
         .into_iter()
+        .map(|p| (p, true))
         .chain(std::iter::once((
             r.join("kernels/emu/vgpu_selftest.cpp"),
             false,

@@ -1,4 +1,4 @@
-//! CPU reference of `kernels/lora.cu`, with the arguments of the kernels (shape, x, W, the adapter
+//! CPU reference of `kernels/lora_*.cu`, with the arguments of the kernels (shape, x, W, the adapter
 //! stack, the per-row adapter index, bias) and the same math: f32 products through a threaded GEMM
 //! (matrixmultiply, through ndarray's safe views), bf16 inputs and outputs.
 //!
@@ -51,7 +51,7 @@ fn view_mut(rows: usize, cols: usize, v: &mut [f32]) -> ArrayViewMut2<'_, f32> {
 }
 
 /// W as f32 `[n, k]`: the bf16 values the kernels multiply with. NF4 is dequantized to bf16 first,
-/// `bf16(level * scale)` with the f32 level and one rounding of the f32 product, as `lora.cu`
+/// `bf16(level * scale)` with the f32 level and one rounding of the f32 product, as `lora_fwd.cu`
 /// decodes (`decode_pair`, `nf4_b_frags_t`, `nf4_levels_to_shared`) and bitsandbytes 0.50 does.
 pub fn weight_f32(shape: &LoraShape, w: WeightRef<'_>) -> Result<Vec<f32>> {
     match w {

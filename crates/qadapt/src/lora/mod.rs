@@ -6,7 +6,7 @@
 //! per adapter, bias `[n]`, y `[m, n]`. bf16 in and out, f32 accumulation. The LoRA intermediate
 //! `u = bf16(s · x A^T)` is rounded to bf16 as a bf16 PEFT forward rounds `lora_A(x)`.
 //!
-//! [`cpu`] is the reference of every kernel in `kernels/lora.cu`; [`LoraLinear`] is the safe
+//! [`cpu`] is the reference of every kernel in `kernels/lora_*.cu`; [`LoraLinear`] is the safe
 //! layer that runs either on a [`Device`] (uploading per call on CUDA), and [`CudaLoraLinear`] keeps
 //! a layer resident on a GPU for repeated forward/backward calls on device buffers. Forward
 //! overwrites y; backward overwrites dx and ADDS into the adapter gradients.

@@ -1,4 +1,4 @@
-//! Fused LoRA launches (`kernels/lora.cu`, `kernels/lora_rank.cu`). Forward: the LoRA
+//! Fused LoRA launches (`kernels/lora_fwd.cu`, `lora_bwd.cu`, `lora_rank.cu`). Forward: the LoRA
 //! intermediate `u` (`lora_xa_bf16` on the gemv path, the split rank product `lora_rank_xa_bf16`
 //! and its `lora_rank_reduce_bf16` on the GEMM path), then the gemv or GEMM kernel for a dense or
 //! NF4 base weight, as [`plan::lora_forward`] decides. Backward: `u` and `g` as rank products,
