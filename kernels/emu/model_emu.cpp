@@ -1,8 +1,7 @@
 /*
- * model_emu.cpp — runs every kernel of kernels/model.cu (RMSNorm, SwiGLU, the dropout-mask blend,
- * RoPE, embedding, cross-entropy, causal GQA attention; forward and backward) on the CPU through
- * cuda_emu.h and
- * compares it with a float64 reference written here, at the tolerances of a bf16 output
+ * model_emu.cpp — runs every model-op kernel (kernels/rmsnorm.cu, swiglu.cu, dropout.cu, rope.cu,
+ * embedding.cu, cross_entropy.cu, attention.cu; forward and backward) on the CPU through
+ * cuda_emu.h and compares it with a float64 reference written here, at the tolerances of a bf16 output
  * (atol + 2^-6 |ref| unless stated). Grids are small (2-3 CTAs) so every grid-stride loop runs
  * more than once. Exit status 0 when every element matches; crates/qadapt/tests/kernel_emu.rs
  * builds and runs it. Build by hand:
@@ -15,7 +14,13 @@
 #include <random>
 
 #include "cuda_emu_runtime.h"
-#include "../model.cu"
+#include "../attention.cu"
+#include "../cross_entropy.cu"
+#include "../dropout.cu"
+#include "../embedding.cu"
+#include "../rmsnorm.cu"
+#include "../rope.cu"
+#include "../swiglu.cu"
 
 template <class A>
 void run_(void (*k)(const A), const A& a, unsigned grid) {

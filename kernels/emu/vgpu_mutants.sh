@@ -13,7 +13,13 @@ trap 'rm -rf "$T"' EXIT
 F="$(sed -n 's/^common: //p' kernels/emu/emu.flags) -Ikernels/emu -Ikernels/include"
 MC="$(sed -n 's/^memcheck: //p' kernels/emu/emu.flags)"
 CXX=${CXX:-c++}
-for f in nf4 optim model lora_rank; do $CXX -x c++ $F $MC -c kernels/$f.cu -o "$T/$f.o"; done
+others=""
+for f in kernels/*.cu; do
+    case $f in kernels/lora_fwd.cu | kernels/lora_bwd.cu) continue ;; esac
+    o="$T/$(basename "$f" .cu).o"
+    $CXX -x c++ $F $MC -c "$f" -o "$o"
+    others="$others $o"
+done
 $CXX $F -DQV_NO_KERNEL_ANCHORS -c kernels/emu/vgpu_runtime.cpp -o "$T/rt.o"
 $CXX $F $MC -c kernels/emu/vgpu_selftest.cpp -o "$T/st.o"
 missed=0
@@ -31,7 +37,7 @@ mutant() {
     for f in lora_fwd lora_bwd; do
         $CXX -x c++ $(echo "$F" | sed "s|-Ikernels/include|-I$T/k/include -Ikernels/include|") $MC -c "$T/k/$f.cu" -o "$T/$f.o"
     done
-    $CXX -pthread "$T/st.o" "$T/nf4.o" "$T/optim.o" "$T/model.o" "$T/lora_rank.o" "$T/lora_fwd.o" "$T/lora_bwd.o" "$T/rt.o" -o "$T/st"
+    $CXX -pthread "$T/st.o" $others "$T/lora_fwd.o" "$T/lora_bwd.o" "$T/rt.o" -o "$T/st"
     if "$T/st" > "$T/log" 2>&1; then echo "$1: NOT caught"; missed=1
     elif [ -n "${3:-}" ] && ! grep -q "$3" "$T/log"; then echo "$1: fails, but not as '$3'"; missed=1
     else echo "$1: caught, $(grep -c FAIL "$T/log") checks fail${3:+ ('$3')}"; fi

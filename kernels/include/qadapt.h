@@ -284,7 +284,7 @@ typedef struct QadaptSumSquaresArgs {
     uint64_t n;
 } QadaptSumSquaresArgs;
 
-/* ---- Model-op argument structs (kernels/model.cu) ---------------------------------------------- */
+/* ---- Model-op argument structs (kernels/rmsnorm.cu ... attention.cu) ------------------------- */
 
 /* flags of the model-op structs: every pointer the kernel reads or writes with 16-byte accesses is
  * 16-byte aligned and the row length is a multiple of 8 bf16 (the 16-byte path is allowed).
@@ -510,18 +510,30 @@ QADAPT_KERNEL(lora_rank_reduce_bf16, QadaptLoraRankArgs);
 QADAPT_KERNEL(adamw_f32, QadaptAdamwArgs);
 QADAPT_KERNEL(sum_squares_f32, QadaptSumSquaresArgs);
 
-/* kernels/model.cu */
+/* kernels/rmsnorm.cu */
 QADAPT_KERNEL(rmsnorm_fwd_bf16, QadaptRmsNormArgs);
 QADAPT_KERNEL(rmsnorm_bwd_dx_bf16, QadaptRmsNormArgs);
 QADAPT_KERNEL(rmsnorm_bwd_dw_bf16, QadaptRmsNormArgs);
 QADAPT_KERNEL(rmsnorm_bwd_dw_reduce, QadaptRmsNormArgs);
+
+/* kernels/swiglu.cu */
 QADAPT_KERNEL(swiglu_fwd_bf16, QadaptSwigluArgs);
 QADAPT_KERNEL(swiglu_bwd_bf16, QadaptSwigluArgs);
+
+/* kernels/dropout.cu */
 QADAPT_KERNEL(mask_mix_bf16, QadaptMaskMixArgs);
+
+/* kernels/rope.cu */
 QADAPT_KERNEL(rope_bf16, QadaptRopeArgs);
+
+/* kernels/embedding.cu */
 QADAPT_KERNEL(embedding_fwd_bf16, QadaptEmbeddingArgs);
 QADAPT_KERNEL(embedding_bwd_bf16, QadaptEmbeddingArgs);
+
+/* kernels/cross_entropy.cu */
 QADAPT_KERNEL(cross_entropy_bf16, QadaptCrossEntropyArgs);
+
+/* kernels/attention.cu */
 QADAPT_KERNEL(attention_fwd_bf16, QadaptAttentionArgs);
 QADAPT_KERNEL(attention_bwd_dq_bf16, QadaptAttentionArgs);
 QADAPT_KERNEL(attention_bwd_dkv_bf16, QadaptAttentionArgs);

@@ -126,7 +126,7 @@ pub fn reduction(n: u64, props: &DeviceProps) -> Result<LaunchPlan> {
     })
 }
 
-// ---- Model ops (kernels/model.cu) ----------------------------------------------------------------
+// ---- Model ops (kernels/rmsnorm.cu ... attention.cu) --------------------------------------------
 
 /// How a model-op kernel spreads its work: every one runs `QADAPT_MODEL_THREADS` threads per CTA
 /// and grid-strides, so the grid only has to fill the device.
@@ -143,7 +143,7 @@ pub enum ModelWork {
     ThreadPerItem,
 }
 
-/// The launch of a `kernels/model.cu` kernel over `items` work items of the kind `work` says.
+/// The launch of a model-op kernel over `items` work items of the kind `work` says.
 pub fn model_op(items: u64, work: ModelWork, props: &DeviceProps) -> Result<LaunchPlan> {
     if items == 0 {
         return Err(invalid("model op plan", "no work items"));

@@ -343,7 +343,8 @@ fn emulated_adamw_matches_the_cpu_reference_bit_for_bit() {
     }
 }
 
-/// kernels/model.cu under emulation against the float64 reference inside model_emu.cpp.
+/// The model-op kernels (kernels/rmsnorm.cu ... attention.cu) under emulation against the float64
+/// reference inside model_emu.cpp.
 #[test]
 fn emulated_model_op_kernels_match_a_float64_reference() {
     let Some(exe) = compile("model_emu") else {

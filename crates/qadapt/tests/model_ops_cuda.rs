@@ -1,4 +1,4 @@
-//! The model-op kernels (`kernels/model.cu`) against the CPU references in `qadapt::ops`, on
+//! The model-op kernels (`kernels/rmsnorm.cu` ... `attention.cu`) against the CPU references in `qadapt::ops`, on
 //! awkward sizes (rows not a multiple of the 8 rows a CTA takes, row lengths that are and are not
 //! multiples of 8 so both the 16-byte and the element-by-element paths run).
 //!

@@ -1,4 +1,4 @@
-//! The model ops on a CUDA device, on device-resident buffers: the kernels of `kernels/model.cu`
+//! The model ops on a CUDA device, on device-resident buffers: the model-op kernels (`kernels/rmsnorm.cu` ... `attention.cu`)
 //! behind the same signatures as the CPU references in [`crate::ops`] (same argument order, same
 //! overwrite/accumulate contracts), with bf16 activations and f32 math.
 //!
