@@ -1966,7 +1966,7 @@ pub unsafe extern "C" fn qadapt_vgpu_counters(
     let (launches, c) = crate::launch::counters(name.as_deref());
     if !out.is_null() {
         // SAFETY: the caller's QvCounters, non-NULL.
-        unsafe { (*out).add(&c) };
+        unsafe { crate::abi::add_counters(&mut *out, &c) };
     }
     launches
 }

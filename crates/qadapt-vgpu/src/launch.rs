@@ -45,7 +45,7 @@ pub(crate) fn counters(kernel: Option<&str>) -> (u64, QvCounters) {
     for (k, (n, c)) in map.iter() {
         if kernel.is_none_or(|want| want == k) {
             total.0 += n;
-            total.1.add(c);
+            abi::add_counters(&mut total.1, c);
         }
     }
     total
@@ -260,7 +260,7 @@ pub(crate) unsafe fn launch(
         );
     }
     let mut counts = QvCounters::default();
-    let mut status = QvStatus::default();
+    let mut status = abi::empty_status();
     let code = abi::launch(
         &name,
         &args,
@@ -282,7 +282,7 @@ pub(crate) unsafe fn launch(
         let mut map = COUNTERS.lock().unwrap_or_else(PoisonError::into_inner);
         let e = map.entry(kname.clone()).or_default();
         e.0 += 1;
-        e.1.add(&counts);
+        abi::add_counters(&mut e.1, &counts);
     }
     let canaries = memory::check_canaries();
     let where_ = format!(
@@ -306,20 +306,21 @@ pub(crate) unsafe fn launch(
         abi::QV_MEMORY_FAULT => {
             // A general protection fault (a misaligned vector access, a non-canonical address)
             // has no address to look up.
-            let place = if status.fault_addr == 0 && status.message().contains("protection") {
-                String::new()
-            } else {
-                format!(
-                    ": address {:#x} is {}",
-                    status.fault_addr,
-                    memory::describe(status.fault_addr)
-                )
-            };
+            let place =
+                if status.fault_addr == 0 && abi::status_message(&status).contains("protection") {
+                    String::new()
+                } else {
+                    format!(
+                        ": address {:#x} is {}",
+                        status.fault_addr,
+                        memory::describe(status.fault_addr)
+                    )
+                };
             eprintln!("qadapt-vgpu: {where_}: {}{place}", with_place(&status, &at));
             Err(CUresult::CUDA_ERROR_ILLEGAL_ADDRESS)
         }
         abi::QV_PTX_ERROR => {
-            let msg = status.message();
+            let msg = abi::status_message(&status);
             eprintln!("qadapt-vgpu: {where_}: {}", with_place(&status, &at));
             if msg.contains("aligned") || msg.contains("alignment") {
                 Err(CUresult::CUDA_ERROR_MISALIGNED_ADDRESS)
@@ -328,7 +329,7 @@ pub(crate) unsafe fn launch(
             }
         }
         abi::QV_TRAP => {
-            let msg = status.message();
+            let msg = abi::status_message(&status);
             eprintln!("qadapt-vgpu: {where_}: {}", with_place(&status, &at));
             if msg.contains("assert") {
                 Err(CUresult::CUDA_ERROR_ASSERT)
@@ -343,7 +344,7 @@ pub(crate) unsafe fn launch(
         other => {
             eprintln!(
                 "qadapt-vgpu: {where_}: emulator status {other}: {}",
-                status.message()
+                abi::status_message(&status)
             );
             Err(CUresult::CUDA_ERROR_LAUNCH_FAILED)
         }
@@ -372,7 +373,7 @@ pub(crate) unsafe fn launch(
 
 /// The emulator's message, with the CTA and thread added unless it names them itself.
 fn with_place(status: &QvStatus, at: &str) -> String {
-    let msg = status.message();
+    let msg = abi::status_message(status);
     if msg.contains("CTA") {
         msg
     } else {
