@@ -16,6 +16,8 @@ use qadapt::lora::{
 use qadapt::nf4::{Nf4Tensor, Statistics};
 use qadapt::{Device, FloatVec};
 use qadapt_suite::{bench_smoke, randn};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 
 fn bf(v: &[f32]) -> Vec<bf16> {
     v.iter().map(|x| bf16::from_f32(*x)).collect()
@@ -97,16 +99,11 @@ fn cpu_benches(c: &mut Criterion) {
 }
 
 /// The CUDA table; prints why it is skipped without a device.
-/// Fast uniform values in [-scale, scale) (xorshift): big weights are generated in seconds.
+/// Uniform values in [-scale, scale) from the ChaCha8 stream of `seed`, rounded to bf16.
 fn uniform(n: usize, scale: f32, seed: u64) -> Vec<bf16> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
     (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            bf16::from_f32(scale * (((s >> 40) as f32 / (1u64 << 23) as f32) - 1.0))
-        })
+        .map(|_| bf16::from_f32(scale * rng.random_range(-1.0f32..1.0)))
         .collect()
 }
 

@@ -43,7 +43,8 @@ use qadapt_train::{
     Adapter, Llama, LlamaConfig, LlamaWeights, LoraAdapter, LoraConfig, LoraInit, Trainable,
     Trainer, peft,
 };
-use rand::{Rng, SeedableRng, rngs::SmallRng};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 
 const ALL_TARGETS: &str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj";
@@ -183,7 +184,7 @@ fn main() {
             .map(|t| t.parse().unwrap_or_else(|_| panic!("{f}: bad id {t:?}")))
             .collect(),
         None => {
-            let mut rng = SmallRng::seed_from_u64(7);
+            let mut rng = ChaCha8Rng::seed_from_u64(7);
             (0..batch * seq)
                 .map(|_| rng.random_range(0..cfg.vocab_size as u32))
                 .collect()

@@ -2,7 +2,9 @@
 
 use std::path::PathBuf;
 
-use rand::{Rng, SeedableRng, rngs::SmallRng};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, Normal};
 
 /// `tests/data/<name>` in this checkout.
 pub fn data_path(name: &str) -> PathBuf {
@@ -11,16 +13,11 @@ pub fn data_path(name: &str) -> PathBuf {
         .join(name)
 }
 
-/// `n` normally distributed values (Box-Muller) times `scale`, from a fixed seed.
+/// `n` values from N(0, scale²), from the ChaCha8 stream of `seed`.
 pub fn randn(n: usize, scale: f32, seed: u64) -> Vec<f32> {
-    let mut rng = SmallRng::seed_from_u64(seed);
-    (0..n)
-        .map(|_| {
-            let u1: f32 = rng.random_range(f32::EPSILON..1.0);
-            let u2: f32 = rng.random();
-            scale * (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
-        })
-        .collect()
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let normal = Normal::new(0.0, scale).expect("a finite, non-negative scale");
+    (0..n).map(|_| normal.sample(&mut rng)).collect()
 }
 
 /// `QADAPT_BENCH_SMOKE=1`: the CUDA tables of the benches run once at tiny shapes, so every CUDA

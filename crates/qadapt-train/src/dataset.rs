@@ -13,6 +13,8 @@
 
 use std::path::{Path, PathBuf};
 
+use rand::seq::SliceRandom;
+
 /// One training example.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Example {
@@ -356,13 +358,7 @@ pub fn split_heldout<T: Clone>(items: &[T], heldout: usize, seed: u64) -> (Vec<T
     let n = items.len();
     let heldout = heldout.min(n);
     let mut order: Vec<usize> = (0..n).collect();
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    for i in (1..n).rev() {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        order.swap(i, (s % (i as u64 + 1)) as usize);
-    }
+    order.shuffle(&mut crate::rng::stream(seed));
     let mut is_held = vec![false; n];
     for &i in &order[..heldout] {
         is_held[i] = true;

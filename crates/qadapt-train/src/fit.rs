@@ -11,11 +11,13 @@ use qadapt::Result;
 
 use crate::config::LlamaConfig;
 use crate::dataset::Sequence;
+use crate::invalid;
 use crate::model::Llama;
 use crate::peft::{Adapter, Grads, evaluate_targets};
 use crate::train::Batch;
 use crate::weights::{LlamaWeights, layout};
-use crate::{invalid, lora::uniform};
+use rand::seq::SliceRandom;
+use rand_distr::{Distribution, StandardNormal};
 
 /// A right-padded micro-batch of `seqs` (see the module doc); `seq` is the longest length.
 pub fn pack(seqs: &[&Sequence], pad: u32) -> Result<Batch> {
@@ -73,13 +75,12 @@ impl Sampler {
         Ok(s)
     }
 
+    /// Epoch e's order: a Fisher-Yates shuffle from the stream of `seed ^ e * G`.
     fn shuffle(&mut self) {
-        let mut st = self.seed ^ self.epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let mut rng =
+            crate::rng::stream(self.seed ^ self.epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         self.order = (0..self.n).collect();
-        for i in (1..self.n).rev() {
-            let j = (unit(&mut st) * (i + 1) as f64) as usize;
-            self.order.swap(i, j.min(i));
-        }
+        self.order.shuffle(&mut rng);
     }
 
     /// The next `k` indices, wrapping into a new shuffled epoch when one ends.
@@ -194,30 +195,20 @@ pub fn argmax(row: &[f32]) -> usize {
     best
 }
 
-/// Uniform in [0, 1) from the crate's splitmix generator.
-fn unit(state: &mut u64) -> f64 {
-    0.5 * (uniform(state) + 1.0)
-}
-
-/// A standard normal draw (Box–Muller on two uniforms).
-fn normal(state: &mut u64) -> f64 {
-    let u1 = unit(state).max(1e-300);
-    let u2 = unit(state);
-    (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
-}
-
 /// Fresh weights for pretraining, as transformers initializes a Llama: every matrix
 /// N(0, std²) (`initializer_range`, 0.02 by default), every norm weight 1. Deterministic in
 /// `seed`.
 pub fn init_weights(cfg: &LlamaConfig, std: f64, seed: u64) -> LlamaWeights<f32> {
     let mut w = LlamaWeights::<f32>::zeros(cfg);
-    let mut st = seed;
+    let mut rng = crate::rng::stream(seed);
     for ((name, _), slot) in layout(cfg).iter().zip(w.slots_mut()) {
         if name.ends_with("norm.weight") {
             slot.iter_mut().for_each(|v| *v = 1.0);
         } else {
-            slot.iter_mut()
-                .for_each(|v| *v = (std * normal(&mut st)) as f32);
+            slot.iter_mut().for_each(|v| {
+                let z: f64 = StandardNormal.sample(&mut rng);
+                *v = (std * z) as f32;
+            });
         }
     }
     w

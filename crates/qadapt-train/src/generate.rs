@@ -43,7 +43,7 @@
 //! **Sampling** ([`Sampling`]): greedy takes the first maximal logit; otherwise
 //! `p = softmax(logits / T)` (f64), the tokens sorted by decreasing probability (ties by index)
 //! are kept up to the smallest prefix whose mass reaches `top_p` (at least one token), and one is
-//! drawn from the renormalized kept mass. Row b draws from its own splitmix64 stream seeded by
+//! drawn from the renormalized kept mass. Row b draws from its own ChaCha8 stream seeded by
 //! `seed + b`, so a seed fixes the whole output.
 
 use qadapt::Result;
@@ -51,9 +51,11 @@ use qadapt::adapter::{self as bottleneck, BottleneckShape};
 use qadapt::ops::linear::{self, LinearShape};
 use qadapt::ops::rope::{self, RopeTable};
 use qadapt::ops::{Accumulate, rmsnorm, swiglu};
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
 
 use crate::config::LlamaConfig;
-use crate::lora::{LoraAdapter, uniform};
+use crate::lora::LoraAdapter;
 use crate::model::Llama;
 use crate::peft::Adapter;
 use crate::prompt::PrefixTuning;
@@ -266,11 +268,11 @@ pub fn argmax(logits: &[f32]) -> u32 {
     best as u32
 }
 
-/// A token sampler: the settings, one splitmix64 state per row, and reusable sort buffers.
+/// A token sampler: the settings, one ChaCha8 stream per row, and reusable sort buffers.
 #[derive(Debug, Clone)]
 pub struct Sampler {
     sampling: Sampling,
-    states: Vec<u64>,
+    streams: Vec<ChaCha8Rng>,
     order: Vec<u32>,
     probs: Vec<f64>,
 }
@@ -280,7 +282,9 @@ impl Sampler {
     pub fn new(sampling: Sampling, rows: usize, seed: u64) -> Sampler {
         Sampler {
             sampling,
-            states: (0..rows as u64).map(|b| seed.wrapping_add(b)).collect(),
+            streams: (0..rows as u64)
+                .map(|b| crate::rng::stream(seed.wrapping_add(b)))
+                .collect(),
             order: Vec::new(),
             probs: Vec::new(),
         }
@@ -312,7 +316,7 @@ impl Sampler {
                 break;
             }
         }
-        let u = (uniform(&mut self.states[row]) + 1.0) / 2.0 * mass;
+        let u = self.streams[row].random::<f64>() * mass;
         let mut acc = 0.0;
         for &i in &self.order[..kept] {
             acc += probs[i as usize];

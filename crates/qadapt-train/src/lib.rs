@@ -52,6 +52,7 @@ mod peft_io;
 mod pool;
 pub mod prefix_attention;
 pub mod prompt;
+mod rng;
 pub mod select;
 pub mod surgical;
 pub mod train;

@@ -38,6 +38,7 @@ use safetensors::tensor::TensorView;
 use serde_json::{Value, json};
 
 use crate::config::LlamaConfig;
+use crate::rng::uniform;
 use crate::weights::{Proj, to_f32};
 use crate::{format_err, invalid};
 
@@ -171,12 +172,6 @@ pub fn dropout_mask<T: Real>(
         .collect())
 }
 
-/// Uniform values in [-1, 1) (splitmix64), for a reproducible init without a crate dependency.
-pub(crate) fn uniform(state: &mut u64) -> f64 {
-    *state = state.wrapping_add(GOLDEN);
-    (mix(*state) >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
-}
-
 impl<T: Real> LoraAdapter<T> {
     /// An adapter on `model`, checking that r > 0 and that every target selects some projection.
     pub fn new(model: &LlamaConfig, config: LoraConfig, init: LoraInit) -> Result<Self> {
@@ -204,10 +199,10 @@ impl<T: Real> LoraAdapter<T> {
             std::mem::size_of::<T>(),
         )
         .map_err(|e| invalid(OP, e))?;
-        let mut seed = match init {
+        let mut rng = crate::rng::stream(match init {
             LoraInit::Peft { seed } => seed,
             LoraInit::Zeros => 0,
-        };
+        });
         let r = config.r;
         let pairs = (0..model.num_hidden_layers)
             .map(|l| {
@@ -219,9 +214,7 @@ impl<T: Real> LoraAdapter<T> {
                             let bound = 1.0 / (inp as f64).sqrt();
                             let a = (0..r * inp)
                                 .map(|_| match init {
-                                    LoraInit::Peft { .. } => {
-                                        T::from_f64(bound * uniform(&mut seed))
-                                    }
+                                    LoraInit::Peft { .. } => T::from_f64(bound * uniform(&mut rng)),
                                     LoraInit::Zeros => T::ZERO,
                                 })
                                 .collect();

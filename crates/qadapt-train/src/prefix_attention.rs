@@ -242,15 +242,8 @@ mod tests {
     use qadapt::ops::attention::{self, AttentionShape};
 
     fn rand(seed: u64, n: usize) -> Vec<f64> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
-            })
-            .collect()
+        let mut s = crate::rng::stream(seed);
+        (0..n).map(|_| crate::rng::uniform(&mut s)).collect()
     }
 
     #[test]

@@ -23,11 +23,12 @@ use std::path::Path;
 use qadapt::Result;
 use qadapt::ops::linear::{self, LinearShape};
 use qadapt::ops::{Accumulate, Real};
+use rand::Rng;
 use serde_json::{Value, json};
 
 use crate::config::LlamaConfig;
-use crate::lora::uniform;
 use crate::peft_io::{read_json, read_tensors, usize_field, write_adapter};
+use crate::rng::{stream, uniform};
 use crate::{format_err, invalid};
 
 /// The key of the soft prompt in `adapter_model.safetensors`.
@@ -93,13 +94,10 @@ impl PromptInit {
 
     /// PEFT's "SAMPLE_VOCAB" init: `p` ids drawn uniformly from the vocabulary with `seed`.
     pub fn sample_vocab(model: &LlamaConfig, p: usize, seed: u64) -> PromptInit {
-        let mut s = seed;
+        let mut s = stream(seed);
         PromptInit::FromTokens(
             (0..p)
-                .map(|_| {
-                    let u = (uniform(&mut s) + 1.0) / 2.0;
-                    ((u * model.vocab_size as f64) as usize).min(model.vocab_size - 1) as u32
-                })
+                .map(|_| s.random_range(0..model.vocab_size) as u32)
                 .collect(),
         )
     }
@@ -123,7 +121,7 @@ impl<T: Real> PromptTuning<T> {
         .map_err(|e| invalid("prompt tuning", e))?;
         let embeddings = match init {
             PromptInit::Random { seed, scale } => {
-                let mut s = *seed;
+                let mut s = stream(*seed);
                 (0..p * c)
                     .map(|_| T::from_f64(scale * uniform(&mut s)))
                     .collect()
@@ -199,7 +197,7 @@ impl<T: Real> PrefixTuning<T> {
             std::mem::size_of::<T>(),
         )
         .map_err(|e| invalid("prefix tuning", e))?;
-        let mut s = seed;
+        let mut s = stream(seed);
         Ok(PrefixTuning {
             num_virtual_tokens: p,
             values: (0..p * Self::width(model))
@@ -361,7 +359,7 @@ impl<T: Real> PrefixMlp<T> {
             std::mem::size_of::<T>(),
         )
         .map_err(|e| invalid("prefix tuning", e))?;
-        let mut s = seed;
+        let mut s = stream(seed);
         let mut fill = |n: usize, b: f64| -> Vec<T> {
             (0..n).map(|_| T::from_f64(b * uniform(&mut s))).collect()
         };

@@ -15,6 +15,9 @@
 
 use std::path::{Path, PathBuf};
 
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
 use half::bf16;
 use qadapt::adapter::Activation;
 use qadapt_train::generate::{LoraScratch, argmax};
@@ -42,14 +45,11 @@ fn load(m: &Llama<f32>, name: &str) -> Adapter<f32> {
     peft::load(&data(name), &m.config).unwrap()
 }
 
-/// Uniform in ±scale from a splitmix-like LCG.
+/// Uniform in ±scale from the ChaCha8 stream of `seed`.
 fn fill(v: &mut [f32], seed: u64, scale: f32) {
-    let mut s = seed;
+    let mut s = ChaCha8Rng::seed_from_u64(seed);
     for x in v {
-        s = s
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        *x = ((s >> 11) as f32 / (1u64 << 53) as f32 * 2.0 - 1.0) * scale;
+        *x = s.random_range(-1.0f32..1.0) * scale;
     }
 }
 

@@ -84,7 +84,10 @@ fn check_model(m: &Llama<f64>) {
 
 #[test]
 fn untied_plain_rope_backward_matches_finite_differences() {
-    check_model(&random_model(config(false, RopeScaling::None), &mut 11));
+    check_model(&random_model(
+        config(false, RopeScaling::None),
+        &mut common::stream(11),
+    ));
 }
 
 #[test]
@@ -95,12 +98,15 @@ fn tied_llama3_rope_backward_matches_finite_differences() {
         high_freq_factor: 4.0,
         original_max_position_embeddings: 16.0,
     };
-    check_model(&random_model(config(true, scaling), &mut 12));
+    check_model(&random_model(
+        config(true, scaling),
+        &mut common::stream(12),
+    ));
 }
 
 #[test]
 fn checker_catches_a_wrong_gradient() {
-    let m = random_model(config(false, RopeScaling::None), &mut 13);
+    let m = random_model(config(false, RopeScaling::None), &mut common::stream(13));
     let (_, _, grads) = m.loss_and_grads(&IDS, B, T).unwrap();
     let mut g = grads.weights.unwrap().layers[1].k_proj.clone();
     let i = g

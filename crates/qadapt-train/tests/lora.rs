@@ -23,7 +23,7 @@ use qadapt_train::{
 use safetensors::SafeTensors;
 
 mod common;
-use common::{lcg, random_model, tiny_config};
+use common::{random_model, tiny_config, uniform};
 
 fn data(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -112,7 +112,7 @@ fn peft_adapter_matches_peft_logits_loss_and_gradients() {
 /// A random f64 model and an adapter on every projection kind, B random too.
 fn random_setup(targets: &[&str], rslora: bool) -> (Llama<f64>, LoraAdapter<f64>) {
     let cfg = tiny_config(false, qadapt::ops::rope::RopeScaling::None);
-    let mut seed = 99u64;
+    let mut seed = common::stream(99);
     let model = random_model(cfg.clone(), &mut seed);
     let lc = LoraConfig {
         r: 3,
@@ -123,7 +123,9 @@ fn random_setup(targets: &[&str], rslora: bool) -> (Llama<f64>, LoraAdapter<f64>
     };
     let mut a = LoraAdapter::<f64>::new(&cfg, lc, LoraInit::Peft { seed: 1 }).unwrap();
     for pair in a.pairs.iter_mut().flatten().flatten() {
-        pair.b.iter_mut().for_each(|v| *v = 0.5 * lcg(&mut seed));
+        pair.b
+            .iter_mut()
+            .for_each(|v| *v = 0.5 * uniform(&mut seed));
     }
     (model, a)
 }

@@ -15,7 +15,7 @@ use qadapt_train::{
 };
 
 mod common;
-use common::{lcg, random_model, tiny_config};
+use common::{random_model, tiny_config, uniform};
 
 const IDS: [u32; 10] = [3, 7, 1, 10, 0, 4, 4, 9, 2, 6];
 
@@ -28,7 +28,7 @@ const KEY: DropoutKey = DropoutKey {
 /// A random f64 model and a LoRA adapter on every projection with random A and B.
 fn setup(dropout: f64) -> (Llama<f64>, Adapter<f64>) {
     let cfg = tiny_config(false, RopeScaling::None);
-    let mut seed = 77u64;
+    let mut seed = common::stream(77);
     let model = random_model(cfg.clone(), &mut seed);
     let lc = LoraConfig {
         r: 2,
@@ -39,7 +39,9 @@ fn setup(dropout: f64) -> (Llama<f64>, Adapter<f64>) {
     };
     let mut a = LoraAdapter::<f64>::new(&cfg, lc, LoraInit::Peft { seed: 5 }).unwrap();
     for pair in a.pairs.iter_mut().flatten().flatten() {
-        pair.b.iter_mut().for_each(|v| *v = 0.5 * lcg(&mut seed));
+        pair.b
+            .iter_mut()
+            .for_each(|v| *v = 0.5 * uniform(&mut seed));
     }
     (model, Adapter::Lora(a))
 }

@@ -14,11 +14,11 @@ use qadapt_train::{
 };
 
 mod common;
-use common::lcg;
+use common::uniform;
 
 /// The shared tiny model, untied with plain RoPE, from `seed`.
 fn random_model(seed: u64) -> Llama<f64> {
-    common::random_model(config(), &mut { seed })
+    common::random_model(config(), &mut common::stream(seed))
 }
 
 fn config() -> qadapt_train::LlamaConfig {
@@ -26,9 +26,10 @@ fn config() -> qadapt_train::LlamaConfig {
 }
 
 fn randomize(a: &mut Adapter<f64>, seed: u64, center: f64, scale: f64) {
-    let mut s = seed;
+    let mut s = common::stream(seed);
     for t in a.tensors_mut() {
-        t.iter_mut().for_each(|v| *v = center + scale * lcg(&mut s));
+        t.iter_mut()
+            .for_each(|v| *v = center + scale * uniform(&mut s));
     }
 }
 

@@ -10,6 +10,9 @@
 
 use std::path::{Path, PathBuf};
 
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
 use qadapt_train::peft::{self, Adapter};
 use qadapt_train::{Grads, LlamaDir, evaluate};
 use safetensors::SafeTensors;
@@ -224,13 +227,10 @@ fn written_adapters_reload_and_export_for_peft() {
         ("prompt", Adapter::Prompt(prompt), 0.0),
         ("prefix", Adapter::Prefix(prefix), 0.0),
     ] {
-        let mut s = 7u64;
+        let mut s = ChaCha8Rng::seed_from_u64(7);
         for t in a.tensors_mut() {
             for v in t.iter_mut() {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                *v = center + 0.5 * (((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0) as f32;
+                *v = center + 0.5 * s.random_range(-1.0f32..1.0);
             }
         }
         let tmp = tempfile::tempdir().unwrap();

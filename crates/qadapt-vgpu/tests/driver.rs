@@ -13,6 +13,7 @@ use cudarc::driver::sys::{CUdevice_attribute as A, CUresult};
 use cudarc::driver::{DevicePtr, DevicePtrMut, DriverError, LaunchConfig, PushKernelArg, result};
 use half::bf16;
 use qadapt_kernels::ffi;
+use rand::{Rng, SeedableRng};
 
 #[test]
 #[ignore = "needs a CUDA device"]
@@ -296,16 +297,10 @@ fn managed_memory_is_shared_with_the_host() {
     assert_eq!(back.iter().filter(|&&v| v != 0.0).count(), 1);
 }
 
+/// `n` values uniform in [-0.5, 0.5) from the ChaCha8 stream of `seed`.
 fn vals(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-        })
-        .collect()
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    (0..n).map(|_| rng.random_range(-0.5..0.5)).collect()
 }
 
 /// Column-major `alpha * op(A) op(B) + beta * C` in f64.

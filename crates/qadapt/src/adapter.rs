@@ -17,6 +17,9 @@
 //! and bu = 0 (the near-identity initialisation of [`BottleneckParams::init`]) the adapter is the
 //! identity, so inserting it leaves a pretrained model's outputs unchanged before training.
 
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
 use crate::error::Result;
 use crate::ops::linear::{self, LinearShape};
 use crate::ops::{Accumulate, Real, check_len};
@@ -146,12 +149,9 @@ impl<T: Real> BottleneckParams<T> {
     /// so the adapter starts as the identity and Wd still receives gradient through Wu.
     pub fn init(hidden: usize, bottleneck: usize, scale: f64, seed: u64) -> Self {
         let mut p = Self::zeros(hidden, bottleneck);
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
         for w in &mut p.down {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            *w = T::from_f64(scale * ((s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0));
+            *w = T::from_f64(scale * rng.random_range(-1.0..1.0));
         }
         p
     }

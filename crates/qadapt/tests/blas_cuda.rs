@@ -6,16 +6,14 @@
 use half::bf16;
 use qadapt::Device;
 use qadapt::cuda::Op;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 
+/// `n` values uniform in [-0.5, 0.5) from the ChaCha8 stream of `seed`, rounded to bf16.
 fn vals(n: usize, seed: u64) -> Vec<bf16> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
     (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            bf16::from_f32(((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5)
-        })
+        .map(|_| bf16::from_f32(rng.random_range(-0.5..0.5)))
         .collect()
 }
 

@@ -13,6 +13,8 @@ use half::{bf16, f16};
 use qadapt::nf4::{Nf4Tensor, Scales, Statistics, dynamic_map::DQ_MAP};
 use qadapt::optim::{AdamW, adamw_cpu, sum_squares_cpu};
 use qadapt::{DType, Device, FloatVec};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -163,14 +165,14 @@ fn bits(v: &[f32]) -> Vec<u32> {
 }
 
 fn values(n: usize, seed: u32) -> Vec<f32> {
+    let mut rng = ChaCha8Rng::seed_from_u64(u64::from(seed));
     (0..n)
-        .map(|i| match i {
-            0..=63 if seed.is_multiple_of(2) => 0.0,
-            _ if i % 501 == 7 => 40.0,
-            _ => {
-                (((i as u32).wrapping_mul(2_654_435_761) ^ seed) >> 8) as f32 / (1u32 << 24) as f32
-                    * 2.0
-                    - 1.0
+        .map(|i| {
+            let u: f32 = rng.random_range(-1.0..1.0);
+            match i {
+                0..=63 if seed.is_multiple_of(2) => 0.0,
+                _ if i % 501 == 7 => 40.0,
+                _ => u,
             }
         })
         .collect()

@@ -12,11 +12,11 @@ use qadapt::lora::{
 };
 use qadapt::nf4::{Nf4Tensor, Statistics};
 use qadapt::{DType, Device, Error, FloatVec};
-use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 use std::sync::{PoisonError, RwLock, RwLockReadGuard};
 
-fn rand_bf16(rng: &mut SmallRng, len: usize, scale: f32) -> Vec<bf16> {
+fn rand_bf16(rng: &mut ChaCha8Rng, len: usize, scale: f32) -> Vec<bf16> {
     (0..len)
         .map(|_| bf16::from_f32(rng.random_range(-1.0f32..1.0) * scale))
         .collect()
@@ -50,7 +50,7 @@ fn make_case(
     bias: bool,
     multi: bool,
 ) -> Case {
-    let mut rng = SmallRng::seed_from_u64(seed);
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let w = rand_bf16(&mut rng, n * k, 0.5);
     let weight = match base {
         Base::Dense => BaseWeight::Dense(w),
@@ -306,7 +306,7 @@ fn backward_f64(
 #[test]
 fn naive_backward_matches_finite_differences_in_f64() {
     let (m, n, k, r, s) = (3, 5, 7, 2, 1.75);
-    let mut rng = SmallRng::seed_from_u64(5);
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
     let mut v =
         |len: usize| -> Vec<f64> { (0..len).map(|_| rng.random_range(-1.0..1.0)).collect() };
     let (x, w, a, b, g) = (v(m * k), v(n * k), v(r * k), v(n * r), v(m * n));
@@ -343,7 +343,7 @@ fn cpu_backward_matches_naive_f64_and_accumulates() {
         (3, (2, 64, 128, 128), Base::Dense),
     ] {
         let c = make_case(seed, m, n, k, r, 1, base, false, false);
-        let mut rng = SmallRng::seed_from_u64(seed + 100);
+        let mut rng = ChaCha8Rng::seed_from_u64(seed + 100);
         let dy = rand_bf16(&mut rng, m * n, 1.0);
         let l = &c.layer;
         let s = f64::from(l.adapters.scales[0]);
@@ -408,7 +408,7 @@ fn multi_adapter_backward_splits_gradients_by_adapter() {
     let (m, n, k, r, na) = (6, 9, 10, 3, 2);
     let c = make_case(21, m, n, k, r, na, Base::Dense, false, true);
     let idx = c.idx.clone().unwrap(); // -1, 0, 1, -1, 0, 1
-    let mut rng = SmallRng::seed_from_u64(77);
+    let mut rng = ChaCha8Rng::seed_from_u64(77);
     let dy = rand_bf16(&mut rng, m * n, 1.0);
     let mut grads = LoraGrads::zeros(&c.layer);
     c.layer
@@ -733,7 +733,7 @@ fn cuda_scratch_is_reused_and_results_are_deterministic() {
         let y = c.layer.forward(&dev, &c.x, m, c.idx.as_deref()).unwrap();
         let (want, tol) = naive_forward(&c, true);
         assert_close(&format!("reuse {:?}", (m, n, k, r, na)), &y, &want, &tol);
-        let mut rng = SmallRng::seed_from_u64(seed);
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let dy = rand_bf16(&mut rng, m * n, 1.0);
         let mut g1 = LoraGrads::zeros(&c.layer);
         let mut g2 = LoraGrads::zeros(&c.layer);
@@ -793,7 +793,7 @@ fn check_cuda_backward(
 ) {
     let dev = cuda();
     let c = make_case(seed, m, n, k, r, na, base, false, multi);
-    let mut rng = SmallRng::seed_from_u64(seed ^ 0x5eed);
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed);
     let dy = rand_bf16(&mut rng, m * n, 1.0);
     let idx = c.idx.as_deref();
     // Pre-filled gradients: the kernels must add to them.
@@ -899,7 +899,7 @@ fn cuda_base_only_calls_run_no_lora_kernel() {
         let c = make_case(130 + m as u64, m, n, k, 8, 2, base, true, false);
         let layer = qadapt::lora::CudaLoraLinear::upload(&dev, &c.layer).unwrap();
         let x = dev.upload(&c.x).unwrap();
-        let mut rng = SmallRng::seed_from_u64(131);
+        let mut rng = ChaCha8Rng::seed_from_u64(131);
         let dy = dev.upload(&rand_bf16(&mut rng, m * n, 1.0)).unwrap();
         let none = dev.upload(&vec![-1i32; m]).unwrap();
         let mut y_ref = dev.zeros::<bf16>(m * n).unwrap();

@@ -6,6 +6,8 @@
 use half::{bf16, f16};
 use qadapt::nf4::{CudaNf4, Nf4Tensor, Scales, Statistics};
 use qadapt::{DType, Device, FloatVec};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 
 fn cuda() -> Device {
     match Device::cuda(0) {
@@ -16,13 +18,10 @@ fn cuda() -> Device {
 
 /// Deterministic values with structure: a zero block, an outlier, exact midpoints, negatives.
 fn values(n: usize, seed: u32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+    let mut rng = ChaCha8Rng::seed_from_u64(u64::from(seed));
     (0..n)
         .map(|i| {
-            s ^= s << 13;
-            s ^= s >> 17;
-            s ^= s << 5;
-            let u = (s >> 8) as f32 / (1u32 << 24) as f32 - 0.5;
+            let u: f32 = rng.random_range(-0.5..0.5);
             match i % 997 {
                 0..=63 if i < 64 => 0.0,
                 500 => 1e4,

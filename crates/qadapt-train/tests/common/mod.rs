@@ -1,10 +1,12 @@
 //! Helpers shared by the f64 gradient-check tests: one tiny Llama configuration (grouped-query,
-//! 2 layers) and a random model drawn from a deterministic LCG.
+//! 2 layers) and a random model drawn from a seeded ChaCha8 stream.
 #![allow(dead_code)]
 
 use qadapt::ops::rope::RopeScaling;
 use qadapt_train::weights::Proj;
 use qadapt_train::{Llama, LlamaConfig, LlamaWeights};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 
 /// hidden 8, intermediate 12, 2 layers, 2 heads over 1 kv head of 4, vocab 11.
 pub(crate) fn tiny_config(tied: bool, scaling: RopeScaling) -> LlamaConfig {
@@ -24,17 +26,22 @@ pub(crate) fn tiny_config(tied: bool, scaling: RopeScaling) -> LlamaConfig {
     }
 }
 
-/// Values in [-1, 1) from an LCG.
-pub(crate) fn lcg(seed: &mut u64) -> f64 {
-    *seed = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    ((*seed >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+/// The tests' random stream.
+pub(crate) type Stream = ChaCha8Rng;
+
+/// The stream of `seed`.
+pub(crate) fn stream(seed: u64) -> Stream {
+    ChaCha8Rng::seed_from_u64(seed)
+}
+
+/// The next value of `s`, uniform in [-1, 1).
+pub(crate) fn uniform(s: &mut Stream) -> f64 {
+    s.random_range(-1.0..1.0)
 }
 
 /// A model whose norm weights are 1 ± 0.3 and every other parameter uniform in ±0.8 (large
 /// enough that attention is far from uniform), drawn in layout order from `seed`, which advances.
-pub(crate) fn random_model(cfg: LlamaConfig, seed: &mut u64) -> Llama<f64> {
+pub(crate) fn random_model(cfg: LlamaConfig, seed: &mut Stream) -> Llama<f64> {
     let mut w = LlamaWeights::<f64>::zeros(&cfg);
     let names: Vec<String> = qadapt_train::weights::layout(&cfg)
         .into_iter()
@@ -42,7 +49,7 @@ pub(crate) fn random_model(cfg: LlamaConfig, seed: &mut u64) -> Llama<f64> {
         .collect();
     for (name, slot) in names.iter().zip(w.slots_mut()) {
         for v in slot.iter_mut() {
-            let r = lcg(seed);
+            let r = uniform(seed);
             *v = if name.ends_with("norm.weight") {
                 1.0 + 0.3 * r
             } else {

@@ -25,6 +25,18 @@
 //! - the input gradient of `W x + L(x~)` from those of `W x~ + L(x~)` (`d1`) and of `W x` (`d0`):
 //!   `d0 + m (d1 - d0)`: a = d0, ca = (1 - k, 1), b = d1, cb = (k, 0).
 //!
+//! **Why a hand-written hash and not `rand`.** The mask is splitmix64 used as a counter-based
+//! hash: `mix` is splitmix64's output function (two xor-shift-multiply rounds and a final
+//! xor-shift, products mod 2^64) applied to the counter `base + j * G`, and the mask bit is the
+//! comparison of its top 53 bits with `threshold`. The CUDA kernel `mask_mix_bf16` in
+//! `kernels/model.cu` (`splitmix64_mix`, `mask_kept`) computes the same function on the device,
+//! and the emulator's reference in `kernels/emu/model_emu.cpp` (`ref_mix`, `ref_kept`) a third
+//! time; a run that trains on the GPU and a resumed or CPU run must drop the very same elements,
+//! so the three must agree bit for bit. A stream generator (`rand`'s ChaCha, used for every other
+//! random draw in the workspace) cannot serve: its values depend on the order of the draws, and
+//! the kernel needs element `j`'s bit alone. Change `mix`, `GOLDEN` or the comparison only
+//! together with both C++ copies.
+//!
 //! The arithmetic is `ca * a + cb * b` in `T` (f32 for the model, f64 for gradient checks); the
 //! bf16 kernel computes the same in f32 and rounds once.
 

@@ -6,19 +6,13 @@
 //! about 1e-8; we accept `|g - fd| <= 1e-6 * (1 + |fd|)`, far below what any real bug gives (a
 //! missing term or a wrong sign is O(|g|)). `wrong_gradient_is_caught` shows that the check fails.
 
-/// Deterministic values in [-1, 1) (an LCG: the tests need no random crate state to agree).
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// `n` values uniform in [-1, 1) from the ChaCha8 stream of `seed`.
 pub(crate) fn rand_vec(seed: u64, n: usize) -> Vec<f64> {
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
-        })
-        .collect()
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    (0..n).map(|_| rng.random_range(-1.0..1.0)).collect()
 }
 
 /// Compares `grad` with central differences of `loss` around `p`; the error names the first bad
