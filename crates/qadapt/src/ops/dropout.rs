@@ -29,7 +29,7 @@
 //! hash: `mix` is splitmix64's output function (two xor-shift-multiply rounds and a final
 //! xor-shift, products mod 2^64) applied to the counter `base + j * G`, and the mask bit is the
 //! comparison of its top 53 bits with `threshold`. The CUDA kernel `mask_mix_bf16` in
-//! `kernels/model.cu` (`splitmix64_mix`, `mask_kept`) computes the same function on the device,
+//! `kernels/dropout.cu` (`splitmix64_mix`, `mask_kept`) computes the same function on the device,
 //! and the emulator's reference in `kernels/emu/model_emu.cpp` (`ref_mix`, `ref_kept`) a third
 //! time; a run that trains on the GPU and a resumed or CPU run must drop the very same elements,
 //! so the three must agree bit for bit. A stream generator (`rand`'s ChaCha, used for every other
