@@ -16,7 +16,7 @@ use crate::train::{Method, Summary, read_losses};
 #[derive(Args, Debug)]
 pub(crate) struct CompareArgs {
     /// Methods to run, comma-separated (default: all ten).
-    #[arg(long, value_enum, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',')]
     methods: Option<Vec<Method>>,
     /// Optimizer steps per method (the same budget for all).
     #[arg(long, default_value_t = 300)]
