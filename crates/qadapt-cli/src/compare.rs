@@ -15,7 +15,7 @@ use crate::train::{Method, Summary, read_losses};
 
 #[derive(Args, Debug)]
 pub(crate) struct CompareArgs {
-    /// Methods to run, comma-separated (default: all ten).
+    /// Methods to run, comma-separated (default: all ten; see `qadapt train --method`).
     #[arg(long, value_delimiter = ',')]
     methods: Option<Vec<Method>>,
     /// Optimizer steps per method (the same budget for all).

@@ -25,7 +25,8 @@ use crate::io::write_file;
 
 #[derive(Args, Debug, Clone, Default)]
 pub(crate) struct TrainArgs {
-    /// PEFT method (default qlora).
+    /// PEFT method: full, top-k, prompt, prefix, adapter, lora, qlora, ia3, surgical or
+    /// surgical-auto (default qlora).
     #[arg(long)]
     method: Option<Method>,
     /// HF Llama-family model directory (config.json, safetensors, tokenizer.json); default: the

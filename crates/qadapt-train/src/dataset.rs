@@ -420,6 +420,33 @@ mod tests {
         Path::new("data.jsonl")
     }
 
+    /// A tokenizer that fails on any text holding a `!`.
+    struct Picky;
+    impl Tokenize for Picky {
+        fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizeError> {
+            if text.contains('!') {
+                return Err("no exclamations".into());
+            }
+            Bytes.encode(text)
+        }
+    }
+
+    #[test]
+    fn a_tokenizer_error_stops_tokenization_naming_the_example() {
+        let ex = [
+            Example::Text("fine".into()),
+            Example::PromptCompletion {
+                prompt: "a".into(),
+                completion: "b!".into(),
+            },
+        ];
+        let err = tokenize(&ex, &Picky, Framing::default(), 64, Overlong::Skip).unwrap_err();
+        assert!(
+            matches!(&err, DataError::Tokenizer { index: 1, reason } if reason == "no exclamations"),
+            "{err}"
+        );
+    }
+
     #[test]
     fn a_byte_order_mark_does_not_turn_jsonl_into_text() {
         let text = "\u{feff}{\"prompt\": \"a\", \"completion\": \"b\"}\n{\"text\": \"c\"}\n";

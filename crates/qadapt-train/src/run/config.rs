@@ -405,3 +405,60 @@ impl Config {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_then_flags_override_the_defaults_and_zero_or_empty_unset() {
+        let file = Overrides::from_toml(
+            "method = \"prefix\"\nlr = 0.5\nprefix_mlp = 64\nmodel = \"m\"\nsteps = 7\n",
+        )
+        .unwrap();
+        let flags = Overrides {
+            steps: Some(9),
+            lr: Some(0.0),
+            model: Some(PathBuf::new()),
+            max_grad_norm: Some(0.0),
+            ..Overrides::default()
+        };
+        let c = Config::default().merge(file).merge(flags);
+        assert_eq!(c.method, Method::Prefix);
+        assert_eq!(c.steps, 9);
+        assert_eq!(c.prefix_mlp, Some(64));
+        assert_eq!(c.lr, None);
+        assert_eq!(c.lr(), Method::Prefix.default_lr());
+        assert_eq!(c.model, None);
+        assert_eq!(c.max_grad_norm, None);
+        assert_eq!(c.batch, Config::default().batch);
+        assert!(Overrides::from_toml("no_such_key = 1\n").is_err());
+    }
+
+    #[test]
+    fn run_toml_reads_back_to_the_same_config() {
+        let c = Config {
+            method: Method::Lora,
+            data: Some("/data/train.jsonl".into()),
+            eval_every: Some(5),
+            ..Config::default()
+        };
+        let text = c.to_toml().unwrap();
+        let back = Config::default().merge(Overrides::from_toml(&text).unwrap());
+        assert_eq!(
+            back,
+            Config {
+                lr: Some(Method::Lora.default_lr()),
+                ..c
+            }
+        );
+    }
+
+    #[test]
+    fn method_names_parse_back() {
+        for m in Method::ALL {
+            assert_eq!(m.name().parse::<Method>(), Ok(m));
+        }
+        assert!("qlora2".parse::<Method>().is_err());
+    }
+}
