@@ -163,7 +163,7 @@ pub struct ManualSchedule {
     phase: usize,
     start: Vec<Vec<f32>>,
     /// The best group so far: its index, validation loss and last training loss.
-    best: Option<(usize, f64, f64)>,
+    best: Option<(usize, f64, f32)>,
     best_values: Vec<Vec<f32>>,
 }
 
@@ -230,7 +230,7 @@ impl ManualSchedule {
     }
 
     /// The best group so far: its index, validation loss and last training loss.
-    pub fn best(&self) -> Option<(usize, f64, f64)> {
+    pub fn best(&self) -> Option<(usize, f64, f32)> {
         self.best
     }
 
@@ -263,7 +263,7 @@ impl ManualSchedule {
         &mut self,
         model: &mut Llama<f32>,
         val_loss: f64,
-        train_loss: f64,
+        train_loss: f32,
     ) -> Result<GroupEnd> {
         let (group, mask) = match (self.groups.get(self.phase), self.masks.get(self.phase)) {
             (Some(g), Some(m)) => (*g, m),
@@ -346,7 +346,11 @@ impl ManualSchedule {
         }
         self.phase = p;
         self.best = extra.get("best").and_then(|b| {
-            let t = b.get(2).and_then(|t| t.as_f64()).unwrap_or(f64::NAN);
+            // f32 through JSON and back: exact (a parse off by an f64 ulp rounds back).
+            let t = b
+                .get(2)
+                .and_then(|t| t.as_f64())
+                .map_or(f32::NAN, |t| t as f32);
             Some((b.get(0)?.as_u64()? as usize, b.get(1)?.as_f64()?, t))
         });
         if self.best.is_some_and(|(i, _, _)| i >= self.groups.len()) {
@@ -391,7 +395,7 @@ pub fn manual(
                 return Err(e);
             }
         };
-        let end = schedule.end_group(model, f64::from(val_loss), f64::from(train_loss))?;
+        let end = schedule.end_group(model, f64::from(val_loss), train_loss)?;
         reports.push(GroupReport {
             group: end.group,
             params: end.params,

@@ -705,7 +705,7 @@ impl Run {
 
     /// Manual surgery at the end of a group's steps: its validation loss decides whether it is
     /// kept, the schedule moves on, and a fresh trainer starts the next group.
-    fn end_group(&mut self, loss: f64, obs: &mut dyn Observer) -> Result<(), Error> {
+    fn end_group(&mut self, loss: f32, obs: &mut dyn Observer) -> Result<(), Error> {
         let Surgery::Manual(m, val) = &mut self.surgery else {
             return Ok(());
         };
@@ -804,7 +804,7 @@ impl Run {
                 elapsed_s: self.ck.elapsed_s,
             })
             .map_err(observer)?;
-            self.end_group(last_loss, obs)?;
+            self.end_group(st.loss, obs)?;
             self.ck.trainer_steps = self
                 .gpu
                 .as_ref()
@@ -891,7 +891,7 @@ impl Run {
         let kept = match &self.surgery {
             Surgery::Manual(m, _) => m.best().map(|(b, v, t)| {
                 if t.is_finite() {
-                    last_loss = t;
+                    last_loss = f64::from(t);
                 }
                 (m.groups()[b], v)
             }),
