@@ -32,7 +32,10 @@ pub struct State {
     pub tokens: u64,
     /// The trainer's own step count (manual surgery restarts it for each layer group).
     pub trainer_steps: u64,
-    /// Manual surgery: the group being trained and the best so far.
+    /// Manual surgery's schedule ([`crate::surgical::ManualSchedule::state_json`]): `phase`,
+    /// the groups finished, and `best`, `[index, validation loss, last training loss]` of the
+    /// best group so far (checkpoints written before the training loss was kept hold two
+    /// entries; both read). Null for every other method.
     #[serde(default)]
     pub extra: serde_json::Value,
 }
