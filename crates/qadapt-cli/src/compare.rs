@@ -15,8 +15,8 @@ use crate::train::{Method, Summary, read_losses};
 
 #[derive(Args, Debug)]
 pub(crate) struct CompareArgs {
-    /// Methods to run, comma-separated (default: all ten).
-    #[arg(long, value_enum, value_delimiter = ',')]
+    /// Methods to run, comma-separated (default: all ten; see `qadapt train --method`).
+    #[arg(long, value_delimiter = ',')]
     methods: Option<Vec<Method>>,
     /// Optimizer steps per method (the same budget for all).
     #[arg(long, default_value_t = 300)]

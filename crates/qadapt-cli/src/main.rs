@@ -12,7 +12,6 @@ mod assets;
 mod compare;
 mod convert;
 mod generate;
-mod inputs;
 mod io;
 mod logits;
 mod merge;

@@ -17,20 +17,18 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use qadapt::DType;
-use qadapt::nf4::bnb::OnDiskTensor;
 use qadapt::ops::rope::RopeScaling;
 use qadapt::optim::{AdamW, CosineSchedule};
 use qadapt_train::dataset::Sequence;
 use qadapt_train::fit::{Sampler, heldout, init_weights, pack};
-use qadapt_train::merge::named_tensors;
-use qadapt_train::{Llama, LlamaConfig, LlamaWeights, Selection, Trainable, Trainer};
+use qadapt_train::{Llama, LlamaConfig, Selection, Trainable, Trainer};
 use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{AddedToken, Tokenizer, TokenizerBuilder};
 
 use crate::OutDType;
-use crate::io::{new_directory, write_safetensors};
+use crate::io::new_directory;
 
 #[derive(Args, Debug)]
 pub(crate) struct PretrainArgs {
@@ -125,93 +123,7 @@ fn train_tokenizer(corpus: &Path, vocab: usize) -> Result<Tokenizer> {
     Ok(tok)
 }
 
-/// transformers' name of an element type.
-pub(crate) fn torch_dtype(d: DType) -> &'static str {
-    match d {
-        DType::F32 => "float32",
-        DType::BF16 => "bfloat16",
-        DType::F16 => "float16",
-    }
-}
-
-/// HF `config.json` of a model we made (transformers 5 layout, as `tests/data/tiny_llama`).
-pub(crate) fn config_json(cfg: &LlamaConfig, dtype: DType) -> serde_json::Value {
-    serde_json::json!({
-        "architectures": ["LlamaForCausalLM"],
-        "attention_bias": false,
-        "attention_dropout": 0.0,
-        "bos_token_id": 1,
-        "dtype": torch_dtype(dtype),
-        "eos_token_id": 2,
-        "head_dim": cfg.head_dim,
-        "hidden_act": "silu",
-        "hidden_size": cfg.hidden_size,
-        "initializer_range": 0.02,
-        "intermediate_size": cfg.intermediate_size,
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "mlp_bias": false,
-        "model_type": "llama",
-        "num_attention_heads": cfg.num_attention_heads,
-        "num_hidden_layers": cfg.num_hidden_layers,
-        "num_key_value_heads": cfg.num_key_value_heads,
-        "pad_token_id": null,
-        "pretraining_tp": 1,
-        "rms_norm_eps": cfg.rms_norm_eps,
-        "rope_parameters": {"rope_theta": cfg.rope_theta, "rope_type": "default"},
-        "tie_word_embeddings": cfg.tie_word_embeddings,
-        "use_cache": true,
-        "vocab_size": cfg.vocab_size,
-    })
-}
-
-/// Writes `weights` as an HF `model.safetensors` (HF names, `dtype`, `format: pt` metadata).
-pub(crate) fn write_weights(
-    path: &Path,
-    cfg: &LlamaConfig,
-    weights: &LlamaWeights<f32>,
-    dtype: DType,
-) -> Result<()> {
-    let tensors: Vec<OnDiskTensor> = named_tensors(cfg, weights, dtype)
-        .into_iter()
-        .map(|(name, shape, v)| OnDiskTensor {
-            name,
-            dtype: crate::convert::safetensors_dtype(dtype),
-            shape,
-            data: v.as_bytes().to_vec(),
-        })
-        .collect();
-    let mut meta = std::collections::HashMap::new();
-    meta.insert("format".to_string(), "pt".to_string());
-    write_safetensors(path, &tensors, Some(meta))
-}
-
-/// Writes `config.json` + `model.safetensors` (+ the tokenizer files when given) into `tmp`.
-pub(crate) fn write_model_files(
-    tmp: &Path,
-    model: &Llama<f32>,
-    dtype: DType,
-    tokenizer_dir: Option<&Path>,
-) -> Result<()> {
-    let cfg = &model.config;
-    std::fs::write(
-        tmp.join("config.json"),
-        serde_json::to_string_pretty(&config_json(cfg, dtype))?,
-    )?;
-    write_weights(&tmp.join("model.safetensors"), cfg, &model.weights, dtype)?;
-    if let Some(src) = tokenizer_dir {
-        for f in [
-            "tokenizer.json",
-            "tokenizer_config.json",
-            "generation_config.json",
-        ] {
-            if src.join(f).exists() {
-                std::fs::copy(src.join(f), tmp.join(f))
-                    .with_context(|| format!("copying {f} from {}", src.display()))?;
-            }
-        }
-    }
-    Ok(())
-}
+pub(crate) use qadapt_train::run::save::{write_model_files, write_weights};
 
 fn write_tokenizer_files(tmp: &Path, tok: &Tokenizer) -> Result<()> {
     tok.save(tmp.join("tokenizer.json"), false)
@@ -388,7 +300,7 @@ pub(crate) fn run(a: &PretrainArgs) -> Result<()> {
     let dtype = DType::from(a.dtype);
     new_directory(&a.out, |tmp| {
         write_tokenizer_files(tmp, &tok)?;
-        write_model_files(tmp, &model, dtype, None)
+        Ok(write_model_files(tmp, &model, dtype, None)?)
     })?;
     eprintln!("wrote {}", a.out.display());
     Ok(())

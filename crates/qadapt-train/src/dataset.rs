@@ -80,6 +80,14 @@ pub enum DataError {
         /// Lines skipped as malformed.
         skipped: usize,
     },
+    /// The tokenizer failed on an example.
+    #[error("example {index}: the tokenizer failed: {reason}")]
+    Tokenizer {
+        /// 0-based example index.
+        index: usize,
+        /// The tokenizer's error.
+        reason: String,
+    },
     /// A sequence longer than the context under [`Overlong::Error`].
     #[error("example {index} has {len} tokens, more than the context of {max_len}")]
     TooLong {
@@ -252,10 +260,22 @@ fn parse_line(line: &str) -> Result<Example, String> {
     }
 }
 
+/// Why a tokenizer failed on a text.
+pub type TokenizeError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Text to token ids, implemented by the tokenizer the model was trained with.
 pub trait Tokenize {
     /// Ids of `text`, without special tokens.
-    fn encode(&self, text: &str) -> Vec<u32>;
+    fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizeError>;
+}
+
+impl Tokenize for tokenizers::Tokenizer {
+    fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizeError> {
+        Ok(std::ops::Deref::deref(self)
+            .encode(text, false)?
+            .get_ids()
+            .to_vec())
+    }
 }
 
 /// A tokenized example: ids and, per position, whether its token is a training target.
@@ -310,7 +330,10 @@ pub fn tokenize(
         };
         for (text, learn) in [(context, false), (target, true)] {
             if !text.is_empty() {
-                let t = tok.encode(text);
+                let t = tok.encode(text).map_err(|e| DataError::Tokenizer {
+                    index,
+                    reason: e.to_string(),
+                })?;
                 mask.extend(std::iter::repeat_n(learn, t.len()));
                 ids.extend(t);
             }
@@ -384,13 +407,40 @@ mod tests {
 
     struct Bytes;
     impl Tokenize for Bytes {
-        fn encode(&self, text: &str) -> Vec<u32> {
-            text.bytes().map(u32::from).collect()
+        fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizeError> {
+            Ok(text.bytes().map(u32::from).collect())
         }
     }
 
     fn p() -> &'static Path {
         Path::new("data.jsonl")
+    }
+
+    /// A tokenizer that fails on any text holding a `!`.
+    struct Picky;
+    impl Tokenize for Picky {
+        fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizeError> {
+            if text.contains('!') {
+                return Err("no exclamations".into());
+            }
+            Bytes.encode(text)
+        }
+    }
+
+    #[test]
+    fn a_tokenizer_error_stops_tokenization_naming_the_example() {
+        let ex = [
+            Example::Text("fine".into()),
+            Example::PromptCompletion {
+                prompt: "a".into(),
+                completion: "b!".into(),
+            },
+        ];
+        let err = tokenize(&ex, &Picky, Framing::default(), 64, Overlong::Skip).unwrap_err();
+        assert!(
+            matches!(&err, DataError::Tokenizer { index: 1, reason } if reason == "no exclamations"),
+            "{err}"
+        );
     }
 
     #[test]

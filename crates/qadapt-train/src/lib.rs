@@ -23,6 +23,9 @@
 //!   a small task. LoRA dropout applies in training mode only ([`evaluate_train`] with a
 //!   [`DropoutKey`]; `tests/lora_dropout.rs`). [`surgical`]: surgical fine-tuning, by layer group
 //!   chosen on validation loss or by Auto-RGN per-tensor rates (`tests/surgical.rs`).
+//! - [`run`]: a whole fine-tuning run from a [`run::Config`] (data, method, checkpoints, exact
+//!   resume, interruption, accumulation, evaluation, saving), reporting to a [`run::Observer`];
+//!   `qadapt train` is a shell over it.
 //!
 //! ```no_run
 //! let m = qadapt_train::LlamaDir::open(std::path::Path::new("tests/data/tiny_llama"))?;
@@ -53,6 +56,7 @@ mod pool;
 pub mod prefix_attention;
 pub mod prompt;
 mod rng;
+pub mod run;
 pub mod select;
 pub mod surgical;
 pub mod train;

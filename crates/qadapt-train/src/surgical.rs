@@ -2,6 +2,9 @@
 //! Distribution Shifts"): train one part of the network and freeze the rest, the part chosen
 //! either by hand among [`LayerGroup`]s or automatically per tensor.
 //!
+//! Both are schedules ([`ManualSchedule`], [`AutoSchedule`]) that the fine-tuning run
+//! ([`crate::run`]) and the functions here ([`manual`], [`auto`]) drive alike.
+//!
 //! **Manual** ([`manual`]): every candidate group trains from the same starting weights with a
 //! fresh [`Trainer`] for the same [`Budget`]; the group whose weights give the lowest validation
 //! loss (token-weighted mean cross-entropy over the validation batches, [`validation_loss`]) wins,
@@ -145,10 +148,226 @@ fn run(
     Ok(loss)
 }
 
+/// Manual surgery as a schedule, shared by [`manual`] and the fine-tuning run
+/// ([`crate::run`]): the groups train one after the other, each for `steps_per_group` steps
+/// from the same starting weights. At the end of a group ([`ManualSchedule::end_group`]) its
+/// validation loss is compared with the best so far (the lower finite one wins, the first on
+/// ties), the best group's trained tensors are kept, and the group's tensors go back to the start;
+/// after the last group the best one's tensors are installed. Memory: one copy of every base
+/// tensor (the start) and the best group's tensors.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ManualSchedule {
+    groups: Vec<LayerGroup>,
+    masks: Vec<Vec<bool>>,
+    steps_per_group: u64,
+    phase: usize,
+    start: Vec<Vec<f32>>,
+    /// The best group so far: its index, validation loss and last training loss.
+    best: Option<(usize, f64, f32)>,
+    best_values: Vec<Vec<f32>>,
+}
+
+/// A group's end in a [`ManualSchedule`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GroupEnd {
+    /// The group.
+    pub group: LayerGroup,
+    /// Its trainable parameters.
+    pub params: usize,
+    /// Its validation loss.
+    pub val_loss: f64,
+}
+
+impl ManualSchedule {
+    /// The schedule of `groups` from `model`'s current weights. Refuses no group and a group
+    /// the model does not have.
+    pub fn new(model: &Llama<f32>, groups: Vec<LayerGroup>, steps_per_group: u64) -> Result<Self> {
+        if groups.is_empty() {
+            return Err(invalid("surgical fine-tuning", "no layer group to try"));
+        }
+        let masks = groups
+            .iter()
+            .map(|g| Selection::Group(*g).mask(&model.config))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(ManualSchedule {
+            groups,
+            masks,
+            steps_per_group,
+            phase: 0,
+            start: model.weights.slots().into_iter().cloned().collect(),
+            best: None,
+            best_values: Vec::new(),
+        })
+    }
+
+    /// The groups, in training order.
+    pub fn groups(&self) -> &[LayerGroup] {
+        &self.groups
+    }
+
+    /// Steps each group trains.
+    pub fn steps_per_group(&self) -> u64 {
+        self.steps_per_group
+    }
+
+    /// Steps of the whole schedule.
+    pub fn total_steps(&self) -> u64 {
+        self.steps_per_group * self.groups.len() as u64
+    }
+
+    /// Groups finished.
+    pub fn phase(&self) -> usize {
+        self.phase
+    }
+
+    /// What trains now: the current group, or after the last one the kept group.
+    pub fn selection(&self) -> Selection {
+        let g = match self.best {
+            Some((b, _, _)) if self.phase >= self.groups.len() => b,
+            _ => self.phase.min(self.groups.len() - 1),
+        };
+        Selection::Group(self.groups[g])
+    }
+
+    /// The best group so far: its index, validation loss and last training loss.
+    pub fn best(&self) -> Option<(usize, f64, f32)> {
+        self.best
+    }
+
+    fn restore_start(&self, model: &mut Llama<f32>, mask: &[bool]) {
+        for ((dst, src), m) in model
+            .weights
+            .slots_mut()
+            .into_iter()
+            .zip(&self.start)
+            .zip(mask)
+        {
+            if *m {
+                dst.copy_from_slice(src);
+            }
+        }
+    }
+
+    /// Puts the current group's tensors back to the start (a group that failed).
+    pub fn abandon_group(&self, model: &mut Llama<f32>) {
+        if let Some(mask) = self.masks.get(self.phase) {
+            self.restore_start(model, mask);
+        }
+    }
+
+    /// Ends the current group, whose weights `model` holds: keeps it if `val_loss` is the best
+    /// so far, restores its tensors to the start, and moves to the next group; after the last
+    /// one installs the best group's tensors (and fails when no group had a finite validation
+    /// loss, the model then at its start).
+    pub fn end_group(
+        &mut self,
+        model: &mut Llama<f32>,
+        val_loss: f64,
+        train_loss: f32,
+    ) -> Result<GroupEnd> {
+        let (group, mask) = match (self.groups.get(self.phase), self.masks.get(self.phase)) {
+            (Some(g), Some(m)) => (*g, m),
+            _ => return Err(invalid("surgical fine-tuning", "every group has ended")),
+        };
+        if val_loss.is_finite() && self.best.is_none_or(|(_, b, _)| val_loss < b) {
+            self.best = Some((self.phase, val_loss, train_loss));
+            self.best_values = model
+                .weights
+                .slots()
+                .into_iter()
+                .zip(mask)
+                .filter(|(_, m)| **m)
+                .map(|(t, _)| t.clone())
+                .collect();
+        }
+        self.restore_start(model, mask);
+        let end = GroupEnd {
+            group,
+            params: Selection::Group(group).num_params(&model.config),
+            val_loss,
+        };
+        self.phase += 1;
+        if self.phase == self.groups.len() {
+            let (b, _, _) = self.best.ok_or_else(|| {
+                invalid(
+                    "surgical fine-tuning",
+                    "no layer group reached a finite validation loss",
+                )
+            })?;
+            let slots = model.weights.slots_mut().into_iter().zip(&self.masks[b]);
+            for (dst, src) in slots
+                .filter(|(_, m)| **m)
+                .map(|(d, _)| d)
+                .zip(&self.best_values)
+            {
+                dst.copy_from_slice(src);
+            }
+        }
+        Ok(end)
+    }
+
+    /// The checkpoint's JSON of the schedule: `{"phase": groups finished, "best": [index,
+    /// validation loss, training loss] or null}`.
+    pub fn state_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "phase": self.phase,
+            "best": self.best.map(|(i, v, t)| serde_json::json!([i, v, t])),
+        })
+    }
+
+    /// The checkpoint's tensors of the schedule: `best.<i>`, the best group's trained tensors.
+    pub fn tensors(&self) -> Vec<(String, &[f32])> {
+        self.best_values
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (format!("best.{i}"), v.as_slice()))
+            .collect()
+    }
+
+    /// Back to a checkpoint's [`Self::state_json`] and tensors (by name). The start stays the
+    /// one this schedule was made with: the model's weights as loaded. A checkpoint without a
+    /// best group's training loss (written before it was recorded) gives NaN for it.
+    pub fn restore(
+        &mut self,
+        extra: &serde_json::Value,
+        tensors: &std::collections::HashMap<String, Vec<f32>>,
+    ) -> Result<()> {
+        const OP: &str = "surgical checkpoint";
+        let p = extra
+            .get("phase")
+            .and_then(|p| p.as_u64())
+            .ok_or_else(|| invalid(OP, "the checkpoint has no surgical phase"))?
+            as usize;
+        if p > self.groups.len() {
+            return Err(invalid(
+                OP,
+                format!("the checkpoint's surgical phase {p} is out of range"),
+            ));
+        }
+        self.phase = p;
+        self.best = extra.get("best").and_then(|b| {
+            // f32 through JSON and back: exact (a parse off by an f64 ulp rounds back).
+            let t = b
+                .get(2)
+                .and_then(|t| t.as_f64())
+                .map_or(f32::NAN, |t| t as f32);
+            Some((b.get(0)?.as_u64()? as usize, b.get(1)?.as_f64()?, t))
+        });
+        if self.best.is_some_and(|(i, _, _)| i >= self.groups.len()) {
+            return Err(invalid(OP, "the checkpoint's best group is out of range"));
+        }
+        self.best_values = (0..)
+            .map_while(|i| tensors.get(&format!("best.{i}")).cloned())
+            .collect();
+        Ok(())
+    }
+}
+
 /// Manual surgical fine-tuning: trains each of `groups` from `model`'s current weights for
 /// `budget` on `train`, measures [`validation_loss`] on `val`, and leaves `model` with the
-/// winning group trained (every other tensor as it was). Refuses an empty group list and fails
-/// when no group reaches a finite validation loss (the model is then left at its start).
+/// winning group trained (every other tensor as it was), through a [`ManualSchedule`]. Refuses
+/// an empty group list and fails when no group reaches a finite validation loss (the model is
+/// then left at its start).
 pub fn manual(
     model: &mut Llama<f32>,
     groups: &[LayerGroup],
@@ -157,30 +376,13 @@ pub fn manual(
     budget: &Budget,
 ) -> Result<SurgicalReport> {
     budget.check(train)?;
-    if groups.is_empty() {
-        return Err(invalid("surgical fine-tuning", "no layer group to try"));
-    }
-    let masks = groups
-        .iter()
-        .map(|g| Selection::Group(*g).mask(&model.config))
-        .collect::<Result<Vec<_>>>()?;
+    let mut schedule = ManualSchedule::new(model, groups.to_vec(), budget.steps)?;
     let base_val_loss = validation_loss(model, val)?;
-    let start: Vec<Vec<f32>> = model.weights.slots().into_iter().cloned().collect();
-    let restore = |model: &mut Llama<f32>, mask: &[bool]| {
-        for ((dst, src), m) in model.weights.slots_mut().into_iter().zip(&start).zip(mask) {
-            if *m {
-                dst.copy_from_slice(src);
-            }
-        }
-    };
     let mut reports = Vec::with_capacity(groups.len());
-    // The winner so far: its index, validation loss and trained tensors (masked ones only).
-    let mut best: Option<(usize, f32, Vec<Vec<f32>>)> = None;
-    for (i, (&group, mask)) in groups.iter().zip(&masks).enumerate() {
-        let sel = Selection::Group(group);
+    while schedule.phase() < groups.len() {
         let result = run(
             model,
-            &mut Trainable::Base(sel),
+            &mut Trainable::Base(schedule.selection()),
             train,
             budget,
             |_, _, _, _| Ok(None),
@@ -189,39 +391,19 @@ pub fn manual(
         let (train_loss, val_loss) = match result {
             Ok(r) => r,
             Err(e) => {
-                restore(model, mask);
+                schedule.abandon_group(model);
                 return Err(e);
             }
         };
+        let end = schedule.end_group(model, f64::from(val_loss), train_loss)?;
         reports.push(GroupReport {
-            group,
-            params: sel.num_params(&model.config),
+            group: end.group,
+            params: end.params,
             train_loss,
             val_loss,
         });
-        if val_loss.is_finite() && best.as_ref().is_none_or(|b| val_loss < b.1) {
-            let kept = model
-                .weights
-                .slots()
-                .into_iter()
-                .zip(mask)
-                .filter(|(_, m)| **m)
-                .map(|(v, _)| v.clone())
-                .collect();
-            best = Some((i, val_loss, kept));
-        }
-        restore(model, mask);
     }
-    let (best, _, kept) = best.ok_or_else(|| {
-        invalid(
-            "surgical fine-tuning",
-            "no layer group reached a finite validation loss",
-        )
-    })?;
-    let slots = model.weights.slots_mut().into_iter().zip(&masks[best]);
-    for (dst, src) in slots.filter(|(_, m)| **m).map(|(d, _)| d).zip(kept) {
-        *dst = src;
-    }
+    let best = schedule.best().map_or(0, |(b, _, _)| b);
     Ok(SurgicalReport {
         base_val_loss,
         groups: reports,
@@ -329,6 +511,42 @@ impl AutoRgn {
     pub fn scales(&self) -> Option<&[f32]> {
         self.scales.as_deref()
     }
+
+    /// Sets the scales (a checkpoint's).
+    pub fn set_scales(&mut self, scales: Option<Vec<f32>>) {
+        self.scales = scales;
+    }
+}
+
+/// Auto-RGN's refresh schedule, shared by [`auto`] and the fine-tuning run: the scales are
+/// recomputed before the first step of every epoch of `steps_per_epoch` steps, and before the
+/// next step whenever there are none (a resumed run whose checkpoint has none).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AutoSchedule {
+    /// The scales and how many batches a refresh averages.
+    pub rgn: AutoRgn,
+    /// Optimizer steps per epoch (at least 1).
+    pub steps_per_epoch: u64,
+}
+
+impl AutoSchedule {
+    /// Refreshes averaging `rgn_batches` batches, every `steps_per_epoch` steps.
+    pub fn new(rgn_batches: usize, steps_per_epoch: u64) -> Self {
+        AutoSchedule {
+            rgn: AutoRgn::new(rgn_batches),
+            steps_per_epoch: steps_per_epoch.max(1),
+        }
+    }
+
+    /// Whether the scales must be refreshed before the step that follows `done` steps.
+    pub fn due(&self, done: u64) -> bool {
+        self.rgn.scales().is_none() || done.is_multiple_of(self.steps_per_epoch)
+    }
+
+    /// The epoch of the step that follows `done` steps.
+    pub fn epoch(&self, done: u64) -> u64 {
+        done / self.steps_per_epoch
+    }
 }
 
 /// What [`auto`] measured.
@@ -360,14 +578,14 @@ pub fn auto(
     let mut what = Trainable::Base(Selection::Full);
     let names = what.names(model)?;
     let base_val_loss = validation_loss(model, val)?;
-    let epoch = budget.steps_per_epoch(train.len());
-    let mut rgn = AutoRgn::new(rgn_batches);
+    let mut schedule = AutoSchedule::new(rgn_batches, budget.steps_per_epoch(train.len()));
     let mut refreshes = Vec::new();
     let train_loss = run(model, &mut what, train, budget, |m, w, step, next| {
-        if (step - 1) % epoch != 0 {
+        if !schedule.due(step - 1) {
             return Ok(None);
         }
         // The epoch's first batches, wrapping around the end.
+        let rgn = &mut schedule.rgn;
         let window: Vec<Batch> = (0..rgn.batches.min(train.len()))
             .map(|k| train[(next + k) % train.len()].clone())
             .collect();

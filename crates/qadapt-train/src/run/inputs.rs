@@ -1,4 +1,4 @@
-//! What a training run read, recorded in its output directory (`inputs.json`) so that `--resume`
+//! What a training run read, recorded in its output directory (`inputs.json`) so that a resume
 //! can refuse to continue on different files: every file of the model directory and the data
 //! files, each with its size and CRC-32. The CRC detects changed content (a re-downloaded model,
 //! an edited data file), not tampering.
@@ -6,8 +6,9 @@
 use std::io::Read;
 use std::path::Path;
 
-use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
+
+use super::Error;
 
 const FILE: &str = "inputs.json";
 
@@ -25,24 +26,27 @@ pub(crate) struct Inputs {
     files: Vec<InputFile>,
 }
 
+fn io(what: String) -> impl FnOnce(std::io::Error) -> Error {
+    move |source| Error::Io { what, source }
+}
+
 impl Inputs {
     /// Records the regular files (symlinks followed, as the Hugging Face cache needs) directly
-    /// inside the model directory `model` and the files `data`; empty paths (the embedded model
+    /// inside the model directory `model` and the files `data`; absent paths (the embedded model
     /// and task, which come with the binary) are skipped.
-    pub(crate) fn of(model: &str, data: &[&str]) -> Result<Inputs> {
+    pub(crate) fn of(model: Option<&Path>, data: &[Option<&Path>]) -> Result<Inputs, Error> {
         let mut paths = Vec::new();
-        if !model.is_empty() {
-            let entries =
-                std::fs::read_dir(model).with_context(|| format!("reading --model {model}"))?;
-            for e in entries {
-                let p = e?.path();
+        if let Some(model) = model {
+            let what = || format!("reading --model {}", model.display());
+            for e in std::fs::read_dir(model).map_err(io(what()))? {
+                let p = e.map_err(io(what()))?.path();
                 if std::fs::metadata(&p).is_ok_and(|m| m.is_file()) {
                     paths.push(p);
                 }
             }
             paths.sort();
         }
-        paths.extend(data.iter().filter(|d| !d.is_empty()).map(|d| d.into()));
+        paths.extend(data.iter().flatten().map(|d| d.to_path_buf()));
         let files = paths
             .iter()
             .map(|p| {
@@ -50,46 +54,50 @@ impl Inputs {
                 let path = p.to_string_lossy().into_owned();
                 Ok(InputFile { path, size, crc32 })
             })
-            .collect::<Result<_>>()?;
+            .collect::<Result<_, Error>>()?;
         Ok(Inputs { files })
     }
 
     /// Writes `inputs.json` into the run directory `dir`.
-    pub(crate) fn write(&self, dir: &Path) -> Result<()> {
-        std::fs::write(dir.join(FILE), serde_json::to_string_pretty(self)?)
-            .with_context(|| format!("writing {}", dir.join(FILE).display()))
+    pub(crate) fn write(&self, dir: &Path) -> Result<(), Error> {
+        let text = serde_json::to_string_pretty(self).map_err(|e| Error::Refused(e.to_string()))?;
+        std::fs::write(dir.join(FILE), text)
+            .map_err(io(format!("writing {}", dir.join(FILE).display())))
     }
 
     /// Reads the run directory's `inputs.json` (an empty record for a run made before it existed).
-    pub(crate) fn read(dir: &Path) -> Result<Inputs> {
+    pub(crate) fn read(dir: &Path) -> Result<Inputs, Error> {
         let path = dir.join(FILE);
         match std::fs::read_to_string(&path) {
-            Ok(text) => serde_json::from_str(&text).with_context(|| format!("{}", path.display())),
+            Ok(text) => serde_json::from_str(&text).map_err(|e| Error::Format {
+                file: path,
+                reason: e.to_string(),
+            }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Inputs::default()),
-            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+            Err(e) => Err(io(format!("reading {}", path.display()))(e)),
         }
     }
 
     /// Fails, naming the first file, if any recorded input is gone or differs now.
-    pub(crate) fn check_unchanged(&self) -> Result<()> {
+    pub(crate) fn check_unchanged(&self) -> Result<(), Error> {
         for f in &self.files {
             let path = Path::new(&f.path);
-            let (size, crc32) = digest(path)
-                .with_context(|| format!("--resume: the run's input {} is gone", f.path))?;
+            let (size, crc32) = digest(path).map_err(|e| {
+                Error::Refused(format!("--resume: the run's input {} is gone: {e}", f.path))
+            })?;
             if size != f.size {
-                bail!(
+                return Err(Error::Refused(format!(
                     "--resume: the run's input {} changed since the run started ({} bytes, now \
                      {size}); start a new run",
-                    f.path,
-                    f.size
-                );
+                    f.path, f.size
+                )));
             }
             if crc32 != f.crc32 {
-                bail!(
+                return Err(Error::Refused(format!(
                     "--resume: the run's input {} changed since the run started (same size, other \
                      content); start a new run",
                     f.path
-                );
+                )));
             }
         }
         Ok(())
@@ -97,16 +105,15 @@ impl Inputs {
 }
 
 /// Size and CRC-32 of a file, read in 1 MiB pieces.
-fn digest(path: &Path) -> Result<(u64, u32)> {
-    let mut f =
-        std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+fn digest(path: &Path) -> Result<(u64, u32), Error> {
+    let mut f = std::fs::File::open(path).map_err(io(format!("cannot read {}", path.display())))?;
     let mut h = crc32fast::Hasher::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut size = 0u64;
     loop {
         let n = f
             .read(&mut buf)
-            .with_context(|| format!("reading {}", path.display()))?;
+            .map_err(io(format!("reading {}", path.display())))?;
         if n == 0 {
             break;
         }
