@@ -5,14 +5,9 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::common::data;
 use qadapt_train::{HoulsbyAdapter, HoulsbyConfig, LlamaDir, dataset, lora, peft};
 use serde_json::Value;
-
-fn data(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/data")
-        .join(name)
-}
 
 /// A copy of the fixture directory `name` in `tmp`, with `key` of `file` set to `value`.
 fn edited(tmp: &Path, name: &str, file: &str, key: &str, value: Value) -> PathBuf {

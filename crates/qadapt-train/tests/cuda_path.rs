@@ -16,10 +16,9 @@
 //! vocab 100, bf16 weights) with PEFT's own LoRA fixture or adapters on all seven projections,
 //! and a random tied model with llama3 RoPE scaling (`common::tiny_config`).
 
-mod common;
+use crate::common;
 
-use std::path::{Path, PathBuf};
-
+use crate::common::data;
 use qadapt::ops::rope::RopeScaling;
 use qadapt::optim::AdamW;
 use qadapt_train::cuda::{
@@ -30,12 +29,6 @@ use qadapt_train::{
     Adapter, BaseGrads, Batch, Llama, LlamaDir, LoraAdapter, LoraConfig, LoraInit, Trainable,
     Trainer,
 };
-
-fn data(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/data")
-        .join(rel)
-}
 
 fn fixture() -> Llama<f32> {
     LlamaDir::open(&data("tiny_llama"))

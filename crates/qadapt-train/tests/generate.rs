@@ -13,11 +13,10 @@
 //! - The f32 LoRA stack agrees with `qadapt::lora`'s bf16 CPU reference on the same stack and
 //!   per-row indices (`max|err| <= 2e-2 max|want|`: bf16 inputs, u and y).
 
-use std::path::{Path, PathBuf};
-
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use crate::common::data;
 use half::bf16;
 use qadapt::adapter::Activation;
 use qadapt_train::generate::{LoraScratch, argmax};
@@ -27,12 +26,6 @@ use qadapt_train::{
     Finish, GenerateOptions, Generator, Grads, HoulsbyAdapter, HoulsbyConfig, Llama, LlamaDir,
     LoraAdapter, LoraConfig, LoraInit, LoraStack, Proj, Prompt, Sampling, evaluate,
 };
-
-fn data(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/data")
-        .join(rel)
-}
 
 fn model() -> Llama<f32> {
     LlamaDir::open(&data("tiny_llama"))

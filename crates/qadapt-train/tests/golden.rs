@@ -11,16 +11,9 @@
 //!   backward bug gives an O(1) relative error, so this separates bugs from rounding by orders of
 //!   magnitude.
 
-use std::path::{Path, PathBuf};
-
+use crate::common::data;
 use qadapt_train::{LlamaDir, causal_targets};
 use safetensors::SafeTensors;
-
-fn data(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/data")
-        .join(rel)
-}
 
 struct Golden {
     bytes: Vec<u8>,

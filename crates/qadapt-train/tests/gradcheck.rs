@@ -11,7 +11,7 @@ use qadapt::ops::cross_entropy;
 use qadapt::ops::rope::RopeScaling;
 use qadapt_train::{Llama, causal_targets};
 
-mod common;
+use crate::common;
 use common::{random_model, tiny_config as config};
 
 const IDS: [u32; 10] = [3, 7, 1, 10, 0, 4, 4, 9, 2, 6];

@@ -2,17 +2,12 @@
 //! tokenizer, and one clear error naming the file and the tensor for each kind of bad input.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
+use crate::common::data;
 use half::f16;
 use qadapt_train::{LlamaConfig, LlamaDir};
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
-
-fn data(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/data")
-        .join(rel)
-}
 
 /// A copy of `tiny_llama` whose weights pass through `edit(name, shape, f32 values)`, which may
 /// drop a tensor (None) or return it with a new dtype and shape.

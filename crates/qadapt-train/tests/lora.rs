@@ -10,8 +10,6 @@
 //! both sides), loss relative `1e-5`, each adapter gradient `max|err| <= 5e-5 max|want|`
 //! (measured 1.3e-5).
 
-use std::path::{Path, PathBuf};
-
 use half::bf16;
 use qadapt::Device;
 use qadapt::lora::{BaseWeight, LoraLinear};
@@ -22,14 +20,9 @@ use qadapt_train::{
 };
 use safetensors::SafeTensors;
 
-mod common;
+use crate::common;
+use crate::common::data;
 use common::{random_model, tiny_config, uniform};
-
-fn data(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/data")
-        .join(rel)
-}
 
 fn worst(got: &[f32], want: &[f32]) -> (f32, f32) {
     assert_eq!(got.len(), want.len());

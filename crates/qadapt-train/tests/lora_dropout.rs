@@ -14,7 +14,7 @@ use qadapt_train::{
     LoraInit, Proj, causal_targets, evaluate_targets, evaluate_train,
 };
 
-mod common;
+use crate::common;
 use common::{random_model, tiny_config, uniform};
 
 const IDS: [u32; 10] = [3, 7, 1, 10, 0, 4, 4, 9, 2, 6];

@@ -3,20 +3,13 @@
 //! adapters for another model are refused, merging computes base + adapter, and the active
 //! adapter trains in place.
 
-use std::path::{Path, PathBuf};
-
+use crate::common::data;
 use qadapt::Error;
 use qadapt::optim::AdamW;
 use qadapt_train::{
     Adapter, Evaluation, Grads, Llama, LlamaDir, LoraAdapter, LoraConfig, LoraInit, LoraSet,
     Trainable, Trainer, evaluate, lora,
 };
-
-fn data(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/data")
-        .join(rel)
-}
 
 fn model() -> Llama<f32> {
     LlamaDir::open(&data("tiny_llama"))

@@ -1,16 +1,9 @@
 //! LoRA and (IA)³ merge/unmerge on the model: the merged weights compute what base + adapter computes, and
 //! unmerging gives the base back.
 
-use std::path::{Path, PathBuf};
-
+use crate::common::data;
 use qadapt_train::merge::{Fold, fold, fold_ia3, named_tensors};
 use qadapt_train::{Llama, LlamaDir, lora};
-
-fn data(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/data")
-        .join(rel)
-}
 
 #[test]
 fn merged_model_equals_base_plus_adapter_and_unmerge_restores_the_base() {

@@ -13,7 +13,7 @@ use qadapt_train::{
     PromptInit, PromptTuning, evaluate,
 };
 
-mod common;
+use crate::common;
 use common::uniform;
 
 /// The shared tiny model, untied with plain RoPE, from `seed`.

@@ -8,20 +8,15 @@
 //! wrong label shift moves the logits or loss by orders of magnitude more (the test checks two of
 //! these alternatives and requires them to miss).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use crate::common::data;
 use qadapt_train::peft::{self, Adapter};
 use qadapt_train::{Grads, LlamaDir, evaluate};
 use safetensors::SafeTensors;
-
-fn data(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/data")
-        .join(rel)
-}
 
 fn worst(got: &[f32], want: &[f32]) -> (f32, f32) {
     assert_eq!(got.len(), want.len());

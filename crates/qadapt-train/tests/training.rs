@@ -7,8 +7,7 @@
 //! context, so even a soft prompt can cut the loss: we require the final loss to be below a stated
 //! fraction of the first (the measured values are printed with `--nocapture`).
 
-use std::path::{Path, PathBuf};
-
+use crate::common::data;
 use qadapt::adapter::Activation;
 use qadapt::optim::AdamW;
 use qadapt_train::{
@@ -16,12 +15,6 @@ use qadapt_train::{
     LoraAdapter, LoraConfig, LoraInit, PrefixTuning, Proj, PromptInit, PromptTuning, Selection,
     Trainable, Trainer,
 };
-
-fn data(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/data")
-        .join(rel)
-}
 
 const PATTERN: [u32; 4] = [5, 17, 42, 8];
 

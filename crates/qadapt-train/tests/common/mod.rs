@@ -1,12 +1,22 @@
-//! Helpers shared by the f64 gradient-check tests: one tiny Llama configuration (grouped-query,
-//! 2 layers) and a random model drawn from a seeded ChaCha8 stream.
+//! Helpers shared by the training crate's tests: the fixtures under `tests/data`, one tiny Llama
+//! configuration (grouped-query, 2 layers) and a random model drawn from a seeded ChaCha8 stream.
 #![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
 
 use qadapt::ops::rope::RopeScaling;
 use qadapt_train::weights::Proj;
 use qadapt_train::{Llama, LlamaConfig, LlamaWeights};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+
+/// `tests/data/<rel>` of this checkout (the fixtures written by `tests/data/make_golden.py` and
+/// its siblings).
+pub(crate) fn data(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/data")
+        .join(rel)
+}
 
 /// hidden 8, intermediate 12, 2 layers, 2 heads over 1 kv head of 4, vocab 11.
 pub(crate) fn tiny_config(tied: bool, scaling: RopeScaling) -> LlamaConfig {
