@@ -92,21 +92,8 @@ pub fn build(c: &Config, model: &Llama<f32>, tok: &tokenizers::Tokenizer) -> Res
                     seed: c.seed,
                     scale: 0.5,
                 },
-                "vocab" => {
-                    // Embeddings of random vocabulary tokens (PEFT's "SAMPLE_VOCAB"), drawn by
-                    // this 64-bit LCG (Knuth's MMIX constants) so that runs keep their ids.
-                    let mut st = c.seed ^ 0x5EED;
-                    PromptInit::FromTokens(
-                        (0..c.virtual_tokens)
-                            .map(|_| {
-                                st = st
-                                    .wrapping_mul(6364136223846793005)
-                                    .wrapping_add(1442695040888963407);
-                                ((st >> 33) % cfg.vocab_size as u64) as u32
-                            })
-                            .collect(),
-                    )
-                }
+                // Embeddings of random vocabulary tokens (PEFT's "SAMPLE_VOCAB").
+                "vocab" => PromptInit::sample_vocab(cfg, c.virtual_tokens, c.seed ^ 0x5EED),
                 t => match t.strip_prefix("text:") {
                     Some(text) => PromptInit::from_text(tok, text)?,
                     None => {
