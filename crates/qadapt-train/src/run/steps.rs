@@ -18,7 +18,7 @@ use super::{
 };
 use crate::cuda::{BaseFormat, CudaBackend, LoraModel, MomentPlacement};
 use crate::dataset::{self, Sequence};
-use crate::fit::{Sampler, heldout, pack};
+use crate::fit::{Heldout, Sampler, heldout, pack};
 use crate::surgical::{AutoSchedule, ManualSchedule};
 use crate::{Adapter, LayerGroup, Llama, LlamaDir, Selection, Trainable, Trainer};
 
@@ -543,25 +543,32 @@ impl Run {
                 self.download_adapter()?;
             }
             if evaluate {
-                let h = heldout(
-                    &self.model,
-                    self.state.adapter(),
-                    &self.data.heldout,
-                    32,
-                    self.pad,
-                )?;
-                obs.log(&LogRow::Eval {
-                    step,
-                    eval_loss: h.loss,
-                    eval_accuracy: h.accuracy(),
-                })
-                .map_err(observer)?;
+                self.evaluate(obs, step)?;
             }
             if save {
                 self.checkpoint()?;
             }
         }
         self.finish(obs, last_loss, &step_times)
+    }
+
+    /// The held-out metric of the current weights (the adapter downloaded first on the GPU
+    /// path), logged as the eval row of `step`.
+    fn evaluate(&self, obs: &mut dyn Observer, step: u64) -> Result<Heldout, Error> {
+        let h = heldout(
+            &self.model,
+            self.state.adapter(),
+            &self.data.heldout,
+            32,
+            self.pad,
+        )?;
+        obs.log(&LogRow::Eval {
+            step,
+            eval_loss: h.loss,
+            eval_accuracy: h.accuracy(),
+        })
+        .map_err(observer)?;
+        Ok(h)
     }
 
     /// The end: the held-out metric after, the adapter or model saved, the summary.
@@ -572,19 +579,7 @@ impl Run {
         step_times: &[f64],
     ) -> Result<Outcome, Error> {
         self.download_adapter()?;
-        let after = heldout(
-            &self.model,
-            self.state.adapter(),
-            &self.data.heldout,
-            32,
-            self.pad,
-        )?;
-        obs.log(&LogRow::Eval {
-            step: self.ck.step,
-            eval_loss: after.loss,
-            eval_accuracy: after.accuracy(),
-        })
-        .map_err(observer)?;
+        let after = self.evaluate(obs, self.ck.step)?;
         let saved = match &self.state {
             State::Adapter(ad) => {
                 let p = self.out.join("adapter");
