@@ -55,8 +55,23 @@ fn main() {
     let mut modules = Vec::new();
     match &nvcc {
         Some(nvcc) => {
-            for (src, stem) in sources.iter().zip(&stems) {
-                match compile(nvcc, src, stem, &kernels_dir, &out) {
+            // One nvcc per file, all at once (each is mostly single-threaded; cargo's jobserver
+            // is not consulted, as nvcc would not honour it either), results in file order.
+            let results: Vec<_> = std::thread::scope(|scope| {
+                let jobs: Vec<_> = sources
+                    .iter()
+                    .zip(&stems)
+                    .map(|(src, stem)| {
+                        let (kernels_dir, out) = (&kernels_dir, &out);
+                        scope.spawn(move || compile(nvcc, src, stem, kernels_dir, out))
+                    })
+                    .collect();
+                jobs.into_iter()
+                    .map(|j| j.join().expect("an nvcc thread panicked"))
+                    .collect()
+            });
+            for ((src, stem), result) in sources.iter().zip(&stems).zip(results) {
+                match result {
                     Ok((fatbin, report)) => modules.push((stem.clone(), fatbin, report)),
                     Err(e) => {
                         if require {
