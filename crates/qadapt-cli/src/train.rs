@@ -23,7 +23,7 @@ pub(crate) use qadapt_train::run::{Method, Summary};
 
 use crate::io::write_file;
 
-#[derive(Args, Debug, Clone, Default)]
+#[derive(Args, Debug, Clone, Default, PartialEq)]
 pub(crate) struct TrainArgs {
     /// PEFT method: full, top-k, prompt, prefix, adapter, lora, qlora, ia3, surgical or
     /// surgical-auto (default qlora).
@@ -195,6 +195,7 @@ impl TrainArgs {
         Ok(Config::default().merge(file).merge(self.overrides()))
     }
 
+    /// Whether nothing but `--resume` and the flags that may go with it was given.
     fn only_resume(&self) -> bool {
         let bare = TrainArgs {
             resume: self.resume.clone(),
@@ -202,17 +203,24 @@ impl TrainArgs {
             quiet: self.quiet,
             ..TrainArgs::default()
         };
-        format!("{bare:?}") == format!("{self:?}")
+        bare == *self
     }
 }
 
 /// Losses per step from `log.jsonl` (for the plots).
 pub(crate) fn read_losses(out: &Path) -> Vec<(f64, f64)> {
+    /// The two fields of a step row of `log.jsonl` ([`qadapt_train::run::LogRow::Step`]) the
+    /// plot needs; eval and group rows have no `loss` and are skipped.
+    #[derive(serde::Deserialize)]
+    struct StepLoss {
+        step: f64,
+        loss: f64,
+    }
     std::fs::read_to_string(out.join("log.jsonl"))
         .unwrap_or_default()
         .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter_map(|v| Some((v.get("step")?.as_f64()?, v.get("loss")?.as_f64()?)))
+        .filter_map(|l| serde_json::from_str::<StepLoss>(l).ok())
+        .map(|r| (r.step, r.loss))
         .collect()
 }
 
