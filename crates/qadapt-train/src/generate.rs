@@ -55,9 +55,11 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::config::LlamaConfig;
+use crate::layer::{self, LayerRun, Norm};
 use crate::lora::LoraAdapter;
 use crate::model::Llama;
 use crate::peft::Adapter;
+use crate::pool::Buf;
 use crate::prompt::PrefixTuning;
 use crate::weights::Proj;
 use crate::{invalid, shape_err};
@@ -411,14 +413,7 @@ struct Scratch {
     x: Vec<f32>,
     xn: Vec<f32>,
     rstd: Vec<f32>,
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
-    attn: Vec<f32>,
     tmp: Vec<f32>,
-    gate: Vec<f32>,
-    up: Vec<f32>,
-    h: Vec<f32>,
     xs: Vec<f32>,
     scores: Vec<f32>,
     lora: LoraScratch,
@@ -682,117 +677,21 @@ impl<'a> Generator<'a> {
                 ),
             ));
         }
-        let (cw, qd, kd, id) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
-        let (heads, kvh, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-        let (rep, half) = (heads / kvh, d / 2);
-        let scale = 1.0 / (d as f32).sqrt();
+        let cw = c.hidden_size;
         buf(&mut s.scores, *cap);
+        let pool = &self.model.pool;
+        let mut x = pool.overwritten(n * cw);
+        x.copy_from_slice(&s.x);
+        let mut run = CachedRun {
+            generator: self,
+            cap: *cap,
+            k: kc,
+            v: vc,
+            rope,
+            s,
+        };
         for l in 0..c.num_hidden_layers {
-            let lw = &self.model.weights.layers[l];
-            rmsnorm::forward(
-                &s.x,
-                &lw.input_layernorm,
-                c.rms_norm_eps,
-                buf(&mut s.xn, n * cw),
-                buf(&mut s.rstd, n),
-            )?;
-            for (p, dst, w) in [
-                (Proj::Q, &mut s.q, qd),
-                (Proj::K, &mut s.k, kd),
-                (Proj::V, &mut s.v, kd),
-            ] {
-                buf(dst, n * w);
-                self.project(
-                    l,
-                    p,
-                    &s.xn,
-                    dst,
-                    &s.adapter,
-                    &s.lora_idx,
-                    &mut s.xs,
-                    &mut s.lora,
-                )?;
-            }
-            // RoPE at each token's absolute position (rope.rs's rotate_half convention and the
-            // same cos/sin table), then the key and value into the row's cache slot.
-            for t in 0..n {
-                let (cos, sin) = (
-                    &rope.cos[s.pos[t] * half..][..half],
-                    &rope.sin[s.pos[t] * half..][..half],
-                );
-                for head in s.q[t * qd..(t + 1) * qd]
-                    .chunks_exact_mut(d)
-                    .chain(s.k[t * kd..(t + 1) * kd].chunks_exact_mut(d))
-                {
-                    let (lo, hi) = head.split_at_mut(half);
-                    for (((a, b), &cs), &sn) in lo.iter_mut().zip(hi.iter_mut()).zip(cos).zip(sin) {
-                        let (x1, x2) = (*a, *b);
-                        *a = x1 * cs - x2 * sn;
-                        *b = x2 * cs + x1 * sn;
-                    }
-                }
-                let at = (s.owner[t] * *cap + s.pos[t]) * kd;
-                kc[l][at..at + kd].copy_from_slice(&s.k[t * kd..(t + 1) * kd]);
-                vc[l][at..at + kd].copy_from_slice(&s.v[t * kd..(t + 1) * kd]);
-            }
-            // Attention of each token over its row's positions 0..=pos.
-            let attn = buf(&mut s.attn, n * qd);
-            for t in 0..n {
-                let live = s.pos[t] + 1;
-                let base = s.owner[t] * *cap * kd;
-                let (keys, vals) = (
-                    &kc[l][base..base + live * kd],
-                    &vc[l][base..base + live * kd],
-                );
-                for h in 0..heads {
-                    let g = h / rep;
-                    let qh = &s.q[t * qd + h * d..][..d];
-                    let sc = &mut s.scores[..live];
-                    let mut m = f32::NEG_INFINITY;
-                    for (j, sj) in sc.iter_mut().enumerate() {
-                        let kj = &keys[j * kd + g * d..][..d];
-                        *sj = qh.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * scale;
-                        m = m.max(*sj);
-                    }
-                    let mut sum = 0.0;
-                    for sj in sc.iter_mut() {
-                        *sj = (*sj - m).exp();
-                        sum += *sj;
-                    }
-                    let inv = 1.0 / sum;
-                    let o = &mut attn[t * qd + h * d..][..d];
-                    for (j, &pj) in sc.iter().enumerate() {
-                        let vj = &vals[j * kd + g * d..][..d];
-                        let pj = pj * inv;
-                        for (x, y) in o.iter_mut().zip(vj) {
-                            *x += pj * *y;
-                        }
-                    }
-                }
-            }
-            self.out_project(l, Proj::O, 0, n, s, true)?;
-            rmsnorm::forward(
-                &s.x,
-                &lw.post_attention_layernorm,
-                c.rms_norm_eps,
-                buf(&mut s.xn, n * cw),
-                buf(&mut s.rstd, n),
-            )?;
-            for (p, dst) in [(Proj::Gate, &mut s.gate), (Proj::Up, &mut s.up)] {
-                buf(dst, n * id);
-                self.project(
-                    l,
-                    p,
-                    &s.xn,
-                    dst,
-                    &s.adapter,
-                    &s.lora_idx,
-                    &mut s.xs,
-                    &mut s.lora,
-                )?;
-            }
-            swiglu::forward(&s.gate, &s.up, buf(&mut s.h, n * id))?;
-            self.out_project(l, Proj::Down, 1, n, s, false)?;
+            x = layer::forward(&mut run, l, x)?.1;
         }
         *len = next;
         let Some(logits) = logits else {
@@ -806,7 +705,7 @@ impl<'a> Generator<'a> {
         let m = last.len();
         let xl = buf(&mut s.tmp, m * cw);
         for (dst, &(_, t)) in xl.chunks_exact_mut(cw).zip(&last) {
-            dst.copy_from_slice(&s.x[t * cw..][..cw]);
+            dst.copy_from_slice(&x[t * cw..][..cw]);
         }
         rmsnorm::forward(
             xl,
@@ -898,31 +797,33 @@ impl<'a> Generator<'a> {
         Ok(())
     }
 
-    /// A sublayer's output projection (`o_proj` from `s.attn` when `attention`, else `down_proj`
-    /// from `s.h`) added into the residual stream `s.x`, through the Houlsby adapter of `site`
-    /// for the tokens whose row has one.
+    /// `resid + out(x Wp^T)` for a sublayer's output projection `p` on every token: `out` is the
+    /// Houlsby adapter of the projection's site for the tokens whose row has one, else the
+    /// identity.
     fn out_project(
         &self,
         l: usize,
         p: Proj,
-        site: usize,
-        n: usize,
+        x: &[f32],
+        resid: &[f32],
         s: &mut Scratch,
-        attention: bool,
-    ) -> Result<()> {
+    ) -> Result<Buf<f32>> {
         let cw = self.model.config.hidden_size;
-        let tmp = buf(&mut s.tmp, n * cw);
-        let src = if attention { &s.attn } else { &s.h };
+        let n = s.adapter.len();
+        let site = layer::site(p);
+        let mut tmp = self.model.pool.overwritten(n * cw);
         self.project(
             l,
             p,
-            src,
-            tmp,
+            x,
+            &mut tmp,
             &s.adapter,
             &s.lora_idx,
             &mut s.xs,
             &mut s.lora,
         )?;
+        let mut out = self.model.pool.overwritten(n * cw);
+        out.copy_from_slice(resid);
         for t in 0..n {
             if matches!(
                 s.adapter[t].map(|a| &self.adapters[a]),
@@ -930,7 +831,7 @@ impl<'a> Generator<'a> {
             ) {
                 continue;
             }
-            s.x[t * cw..(t + 1) * cw]
+            out[t * cw..(t + 1) * cw]
                 .iter_mut()
                 .zip(&tmp[t * cw..(t + 1) * cw])
                 .for_each(|(r, v)| *r += *v);
@@ -962,13 +863,13 @@ impl<'a> Generator<'a> {
                 buf(&mut ls.yg, g * cw),
             )?;
             for (src, &t) in ls.yg.chunks_exact(cw).zip(&ls.rows) {
-                s.x[t * cw..(t + 1) * cw]
+                out[t * cw..(t + 1) * cw]
                     .iter_mut()
                     .zip(src)
                     .for_each(|(r, v)| *r += *v);
             }
         }
-        Ok(())
+        Ok(out)
     }
 
     /// Completes every prompt: one prefill, then one token per unfinished row per step (a row
@@ -1025,6 +926,151 @@ impl<'a> Generator<'a> {
             self.feed(&mut cache, &step, &mut logits)?;
         }
         Ok(out)
+    }
+}
+
+/// [`Generator`]'s layer ops on one call's new tokens (`s.owner`, `s.pos`: each token's row and
+/// absolute position): every layer appends the tokens' keys and values to their rows' cache.
+struct CachedRun<'g, 'c> {
+    generator: &'g Generator<'g>,
+    cap: usize,
+    /// Per layer, `[batch, cap, kv_dim]`.
+    k: &'c mut [Vec<f32>],
+    v: &'c mut [Vec<f32>],
+    rope: &'c RopeTable<f32>,
+    s: &'c mut Scratch,
+}
+
+impl LayerRun for CachedRun<'_, '_> {
+    type Act = Buf<f32>;
+    type Stats = Buf<f32>;
+    /// Nothing: generation has no backward.
+    type Att = ();
+
+    fn rmsnorm(&mut self, l: usize, norm: Norm, x: &Buf<f32>) -> Result<(Buf<f32>, Buf<f32>)> {
+        let m = self.generator.model;
+        let lw = &m.weights.layers[l];
+        let w = match norm {
+            Norm::Input => &lw.input_layernorm,
+            Norm::Post => &lw.post_attention_layernorm,
+        };
+        let n = self.s.owner.len();
+        let (mut y, mut rstd) = (m.pool.overwritten(x.len()), m.pool.overwritten(n));
+        rmsnorm::forward(x, w, m.config.rms_norm_eps, &mut y, &mut rstd)?;
+        Ok((y, rstd))
+    }
+
+    fn project(&mut self, l: usize, p: Proj, x: &Buf<f32>) -> Result<Buf<f32>> {
+        let (g, s) = (self.generator, &mut *self.s);
+        let mut y = g
+            .model
+            .pool
+            .overwritten(s.owner.len() * p.dims(&g.model.config).1);
+        g.project(
+            l,
+            p,
+            x,
+            &mut y,
+            &s.adapter,
+            &s.lora_idx,
+            &mut s.xs,
+            &mut s.lora,
+        )?;
+        Ok(y)
+    }
+
+    /// RoPE at each token's absolute position (rope.rs's rotate_half convention and the same
+    /// cos/sin table).
+    fn rope(&mut self, _l: usize, q: &mut Buf<f32>, k: &mut Buf<f32>) -> Result<()> {
+        let c = &self.generator.model.config;
+        let (qd, kd, d) = (c.q_dim(), c.kv_dim(), c.head_dim);
+        let half = d / 2;
+        for (t, &pos) in self.s.pos.iter().enumerate() {
+            let (cos, sin) = (
+                &self.rope.cos[pos * half..][..half],
+                &self.rope.sin[pos * half..][..half],
+            );
+            for head in q[t * qd..(t + 1) * qd]
+                .chunks_exact_mut(d)
+                .chain(k[t * kd..(t + 1) * kd].chunks_exact_mut(d))
+            {
+                let (lo, hi) = head.split_at_mut(half);
+                for (((a, b), &cs), &sn) in lo.iter_mut().zip(hi.iter_mut()).zip(cos).zip(sin) {
+                    let (x1, x2) = (*a, *b);
+                    *a = x1 * cs - x2 * sn;
+                    *b = x2 * cs + x1 * sn;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes each token's key and value into its row's cache slot, then attends each token's
+    /// query over its row's positions `0..=pos` (grouped-query, `1/sqrt(D)` scaling).
+    fn attention(
+        &mut self,
+        l: usize,
+        q: &Buf<f32>,
+        k: &Buf<f32>,
+        v: &Buf<f32>,
+    ) -> Result<((), Buf<f32>)> {
+        let c = &self.generator.model.config;
+        let (qd, kd) = (c.q_dim(), c.kv_dim());
+        let (heads, kvh, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let rep = heads / kvh;
+        let scale = 1.0 / (d as f32).sqrt();
+        let (s, cap) = (&mut *self.s, self.cap);
+        let n = s.owner.len();
+        let (kc, vc) = (&mut self.k[l], &mut self.v[l]);
+        for t in 0..n {
+            let at = (s.owner[t] * cap + s.pos[t]) * kd;
+            kc[at..at + kd].copy_from_slice(&k[t * kd..(t + 1) * kd]);
+            vc[at..at + kd].copy_from_slice(&v[t * kd..(t + 1) * kd]);
+        }
+        // The output accumulates: zeroed first.
+        let mut attn = self.generator.model.pool.overwritten(n * qd);
+        attn.fill(0.0);
+        for t in 0..n {
+            let live = s.pos[t] + 1;
+            let base = s.owner[t] * cap * kd;
+            let (keys, vals) = (&kc[base..base + live * kd], &vc[base..base + live * kd]);
+            for h in 0..heads {
+                let g = h / rep;
+                let qh = &q[t * qd + h * d..][..d];
+                let sc = &mut s.scores[..live];
+                let mut m = f32::NEG_INFINITY;
+                for (j, sj) in sc.iter_mut().enumerate() {
+                    let kj = &keys[j * kd + g * d..][..d];
+                    *sj = qh.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * scale;
+                    m = m.max(*sj);
+                }
+                let mut sum = 0.0;
+                for sj in sc.iter_mut() {
+                    *sj = (*sj - m).exp();
+                    sum += *sj;
+                }
+                let inv = 1.0 / sum;
+                let o = &mut attn[t * qd + h * d..][..d];
+                for (j, &pj) in sc.iter().enumerate() {
+                    let vj = &vals[j * kd + g * d..][..d];
+                    let pj = pj * inv;
+                    for (x, y) in o.iter_mut().zip(vj) {
+                        *x += pj * *y;
+                    }
+                }
+            }
+        }
+        Ok(((), attn))
+    }
+
+    fn residual(&mut self, l: usize, p: Proj, x: &Buf<f32>, resid: &Buf<f32>) -> Result<Buf<f32>> {
+        self.generator.out_project(l, p, x, resid, self.s)
+    }
+
+    fn swiglu(&mut self, gate: &Buf<f32>, up: &Buf<f32>) -> Result<Buf<f32>> {
+        let mut h = self.generator.model.pool.overwritten(gate.len());
+        swiglu::forward(gate, up, &mut h)?;
+        Ok(h)
     }
 }
 

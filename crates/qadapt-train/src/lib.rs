@@ -48,6 +48,7 @@ pub mod fit;
 pub mod generate;
 pub mod houlsby;
 pub mod ia3;
+mod layer;
 pub mod lora;
 pub mod lora_set;
 pub mod merge;

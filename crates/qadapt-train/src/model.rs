@@ -40,6 +40,7 @@ use qadapt::adapter::{self as bottleneck, BottleneckShape};
 use crate::config::LlamaConfig;
 use crate::houlsby::HoulsbyAdapter;
 use crate::ia3::Ia3Adapter;
+use crate::layer::{self, BackBufs, LayerActs, LayerBackRun, LayerRun, Norm};
 use crate::lora::{DropoutKey, LoraAdapter, dropout_mask};
 use crate::pool::{Buf, Pool};
 use crate::prefix_attention::{self, PrefixShape};
@@ -125,27 +126,16 @@ pub struct Llama<T> {
     /// The parameters.
     pub weights: LlamaWeights<T>,
     inv_freq: Vec<f32>,
-    /// Activation buffers kept from one forward/backward for the next (see [`crate::pool`]).
-    pool: Arc<Pool<T>>,
+    /// Activation buffers kept from one forward/backward for the next (see [`crate::pool`]);
+    /// the generator's too.
+    pub(crate) pool: Arc<Pool<T>>,
 }
 
 /// Activations one layer's backward needs.
 #[derive(Debug, Clone)]
 struct LayerCache<T> {
-    x: Buf<T>,
-    rstd1: Buf<T>,
-    xn1: Buf<T>,
-    q: Buf<T>,
-    k: Buf<T>,
-    v: Buf<T>,
-    p: Buf<T>,
-    attn: Buf<T>,
-    x_mid: Buf<T>,
-    rstd2: Buf<T>,
-    xn2: Buf<T>,
-    gate: Buf<T>,
-    up: Buf<T>,
-    h: Buf<T>,
+    /// The layer's activations (`att`: attention's probabilities).
+    acts: LayerActs<Buf<T>, Buf<T>, Buf<T>>,
     /// Per projection (by [`Proj::index`]): LoRA's `u = s x A^T`, or (IA)³'s unscaled output
     /// `x W^T` for output scaling.
     saved: Vec<Option<Vec<T>>>,
@@ -387,9 +377,23 @@ impl<T: Real> Llama<T> {
         };
         let mut x = self.pool.adopt(embeds);
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        let mut run = CpuRun {
+            model: self,
+            batch,
+            seq,
+            rope: &rope,
+            att,
+            saved: vec![None; Proj::ALL.len()],
+            houlsby: [None, None],
+        };
         for l in 0..c.num_hidden_layers {
-            let (cache, out) = self.layer_forward(l, x, batch, seq, &rope, att)?;
-            layers.push(cache);
+            let (acts, out) = layer::forward(&mut run, l, x)?;
+            let [h0, h1] = std::mem::take(&mut run.houlsby);
+            layers.push(LayerCache {
+                acts,
+                saved: std::mem::replace(&mut run.saved, vec![None; Proj::ALL.len()]),
+                houlsby: h0.zip(h1).map(|(a, b)| [a, b]),
+            });
             x = out;
         }
         let mut rstd_final = self.pool.overwritten(n);
@@ -697,93 +701,6 @@ impl<T: Real> Llama<T> {
         Ok((None, Some((yin, z))))
     }
 
-    fn layer_forward(
-        &self,
-        l: usize,
-        x: Buf<T>,
-        batch: usize,
-        seq: usize,
-        rope: &RopeTable<T>,
-        att: Attached<'_, T>,
-    ) -> Result<(LayerCache<T>, Buf<T>)> {
-        let lw = &self.weights.layers[l];
-        let c = &self.config;
-        let n = batch * seq;
-        let (cw, qd, kd, id) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
-        // Every buffer here is overwritten whole by the op that fills it.
-        let z = |len: usize| self.pool.overwritten(len);
-        let ow = Accumulate::Overwrite;
-        let mut saved: Vec<Option<Vec<T>>> = vec![None; Proj::ALL.len()];
-
-        let (mut xn1, mut rstd1) = (z(n * cw), z(n));
-        rmsnorm::forward(
-            &x,
-            &lw.input_layernorm,
-            c.rms_norm_eps,
-            &mut xn1,
-            &mut rstd1,
-        )?;
-        let (mut q, mut k, mut v) = (z(n * qd), z(n * kd), z(n * kd));
-        saved[0] = self.proj_forward(l, Proj::Q, n, &xn1, &mut q, ow, att)?;
-        saved[1] = self.proj_forward(l, Proj::K, n, &xn1, &mut k, ow, att)?;
-        saved[2] = self.proj_forward(l, Proj::V, n, &xn1, &mut v, ow, att)?;
-        rope.apply(&mut q, c.num_attention_heads, RopeDirection::Forward)?;
-        rope.apply(&mut k, c.num_key_value_heads, RopeDirection::Forward)?;
-        let mut attn = z(n * qd);
-        let p = if let Attached::Prefix(pt) = att {
-            let sh = self.prefix_shape(batch, seq, pt.num_virtual_tokens);
-            let mut p = z(batch * sh.heads * seq * sh.cols());
-            let (pk, pv) = (pt.gather(c, l, 0), pt.gather(c, l, 1));
-            prefix_attention::forward(sh, &q, &k, &v, &pk, &pv, &mut p, &mut attn)?;
-            p
-        } else {
-            let ash = self.config.attention_shape(batch, seq);
-            let mut p = z(batch * ash.heads * seq * seq);
-            attention::forward(ash, &q, &k, &v, &mut p, &mut attn)?;
-            p
-        };
-        let mut x_mid = self.copy(&x);
-        let (s3, h0) = self.out_proj_forward(l, Proj::O, 0, n, &attn, &mut x_mid, att)?;
-        saved[3] = s3;
-
-        let (mut xn2, mut rstd2) = (z(n * cw), z(n));
-        rmsnorm::forward(
-            &x_mid,
-            &lw.post_attention_layernorm,
-            c.rms_norm_eps,
-            &mut xn2,
-            &mut rstd2,
-        )?;
-        let (mut gate, mut up, mut h) = (z(n * id), z(n * id), z(n * id));
-        saved[4] = self.proj_forward(l, Proj::Gate, n, &xn2, &mut gate, ow, att)?;
-        saved[5] = self.proj_forward(l, Proj::Up, n, &xn2, &mut up, ow, att)?;
-        swiglu::forward(&gate, &up, &mut h)?;
-        let mut out = self.copy(&x_mid);
-        let (s6, h1) = self.out_proj_forward(l, Proj::Down, 1, n, &h, &mut out, att)?;
-        saved[6] = s6;
-        Ok((
-            LayerCache {
-                x,
-                rstd1,
-                xn1,
-                q,
-                k,
-                v,
-                p,
-                attn,
-                x_mid,
-                rstd2,
-                xn2,
-                gate,
-                up,
-                h,
-                saved,
-                houlsby: h0.zip(h1).map(|(a, b)| [a, b]),
-            },
-            out,
-        ))
-    }
-
     /// The mean next-token cross-entropy of a forward that started from ids.
     pub fn loss(&self, f: &Forward<T>) -> Result<T> {
         let ids = f.ids.as_deref().ok_or_else(|| {
@@ -850,7 +767,6 @@ impl<T: Real> Llama<T> {
         // `Overwrite` store or an op that always overwrites) before anything adds to them.
         let o = |len: usize| self.pool.overwritten(len);
         let ow = Accumulate::Overwrite;
-        let add = Accumulate::Add;
         let mut g = match base {
             BaseGrads::Compute => Some(LlamaWeights::<T>::zeros(c)),
             BaseGrads::Frozen => None,
@@ -907,121 +823,26 @@ impl<T: Real> Llama<T> {
             dnorm,
         )?;
 
-        let ash = self.config.attention_shape(f.batch, f.seq);
-        let (mut dh, mut dgate, mut dup) = (o(n * id), o(n * id), o(n * id));
-        let mut dattn = o(n * qd);
-        let (mut dq, mut dk, mut dv) = (o(n * qd), o(n * kd), o(n * kd));
-        let mut dsub = o(n * cw);
+        let mut bufs = BackBufs {
+            dh: o(n * id),
+            dgate: o(n * id),
+            dup: o(n * id),
+            dattn: o(n * qd),
+            dq: o(n * qd),
+            dk: o(n * kd),
+            dv: o(n * kd),
+            dxn,
+        };
+        let mut run = CpuBackRun {
+            model: self,
+            f,
+            att,
+            g: g.as_mut(),
+            ga: &mut ga,
+            scratch: &mut scratch,
+        };
         for l in (0..c.num_hidden_layers).rev() {
-            let (lw, lc) = (&self.weights.layers[l], &f.layers[l]);
-            let mut lg = g.as_mut().map(|g| &mut g.layers[l]);
-            let saved = lc.saved.as_slice();
-            macro_rules! proj_back {
-                ($p:expr, $x:expr, $dy:expr, $dx:expr, $acc:expr) => {
-                    self.proj_backward(
-                        l,
-                        $p,
-                        n,
-                        $x,
-                        $dy,
-                        $dx,
-                        $acc,
-                        lg.as_deref_mut(),
-                        att,
-                        &mut ga,
-                        saved,
-                    )?
-                };
-            }
-            // The gradient of a sublayer's output projection: through the Houlsby adapter of
-            // `site` when attached, else the residual gradient itself.
-            macro_rules! through_adapter {
-                ($site:expr, $dres:expr) => {
-                    if let (Attached::Houlsby(ha), Some(hc), Some(gh)) =
-                        (att, lc.houlsby.as_ref(), ga.houlsby.as_mut())
-                    {
-                        let (yin, zb) = &hc[$site];
-                        let bs = BottleneckShape {
-                            rows: n,
-                            hidden: cw,
-                            bottleneck: ha.config.bottleneck,
-                        };
-                        bottleneck::backward(
-                            bs,
-                            ha.config.activation,
-                            yin,
-                            zb,
-                            &ha.layers[l][$site],
-                            $dres,
-                            &mut dsub,
-                            ow,
-                            &mut gh.layers[l][$site],
-                        )?;
-                        true
-                    } else {
-                        false
-                    }
-                };
-            }
-            // MLP branch: dx is the gradient of the layer output (= of x_mid through the residual).
-            if through_adapter!(1, &dx) {
-                proj_back!(Proj::Down, &lc.h, &dsub, &mut dh, ow);
-            } else {
-                proj_back!(Proj::Down, &lc.h, &dx, &mut dh, ow);
-            }
-            swiglu::backward(&lc.gate, &lc.up, &dh, &mut dgate, &mut dup)?;
-            proj_back!(Proj::Gate, &lc.xn2, &dgate, &mut dxn, ow);
-            proj_back!(Proj::Up, &lc.xn2, &dup, &mut dxn, add);
-            let dpost = lg
-                .as_deref_mut()
-                .map_or(&mut scratch, |g| &mut g.post_attention_layernorm);
-            rmsnorm::backward(
-                &lc.x_mid,
-                &lw.post_attention_layernorm,
-                &lc.rstd2,
-                &dxn,
-                &mut dx,
-                add,
-                dpost,
-            )?;
-            // Attention branch: dx is now the gradient of x_mid (= of x through the residual).
-            if through_adapter!(0, &dx) {
-                proj_back!(Proj::O, &lc.attn, &dsub, &mut dattn, ow);
-            } else {
-                proj_back!(Proj::O, &lc.attn, &dx, &mut dattn, ow);
-            }
-            if let (Attached::Prefix(pt), Some(gp)) = (att, ga.prefix.as_mut()) {
-                let sh = self.prefix_shape(f.batch, f.seq, pt.num_virtual_tokens);
-                let (pk, pv) = (pt.gather(c, l, 0), pt.gather(c, l, 1));
-                let (mut dpk, mut dpv) = (vec![T::ZERO; pk.len()], vec![T::ZERO; pv.len()]);
-                prefix_attention::backward(
-                    sh, &lc.q, &lc.k, &lc.v, &pk, &pv, &lc.p, &dattn, &mut dq, &mut dk, &mut dv,
-                    &mut dpk, &mut dpv,
-                )?;
-                gp.scatter_add(c, l, 0, &dpk);
-                gp.scatter_add(c, l, 1, &dpv);
-            } else {
-                attention::backward(
-                    ash, &lc.q, &lc.k, &lc.v, &lc.p, &dattn, &mut dq, &mut dk, &mut dv,
-                )?;
-            }
-            f.rope
-                .apply(&mut dq, c.num_attention_heads, RopeDirection::Backward)?;
-            f.rope
-                .apply(&mut dk, c.num_key_value_heads, RopeDirection::Backward)?;
-            proj_back!(Proj::Q, &lc.xn1, &dq, &mut dxn, ow);
-            proj_back!(Proj::K, &lc.xn1, &dk, &mut dxn, add);
-            proj_back!(Proj::V, &lc.xn1, &dv, &mut dxn, add);
-            let din = lg.map_or(&mut scratch, |g| &mut g.input_layernorm);
-            rmsnorm::backward(
-                &lc.x,
-                &lw.input_layernorm,
-                &lc.rstd1,
-                &dxn,
-                &mut dx,
-                add,
-                din,
-            )?;
+            layer::backward(&mut run, l, &f.layers[l].acts, &mut dx, &mut bufs)?;
         }
         if let (Some(ids), Some(g)) = (f.ids.as_deref(), g.as_mut()) {
             embedding::backward(ids, &dx, vocab, cw, &mut g.embed_tokens)?;
@@ -1062,6 +883,234 @@ impl<T: Real> Llama<T> {
         let loss = cross_entropy::forward(&f.logits, &targets, self.config.vocab_size)?;
         let g = self.backward_with(&f, &targets, lora, base)?;
         Ok((loss, f, g))
+    }
+}
+
+/// [`Llama`]'s forward ops on one batch with one adapter attached; the adapter's per-layer saved
+/// values collect in `saved` and `houlsby` (taken by the forward after each layer).
+struct CpuRun<'m, 'a, T> {
+    model: &'m Llama<T>,
+    batch: usize,
+    seq: usize,
+    rope: &'m RopeTable<T>,
+    att: Attached<'a, T>,
+    saved: Vec<Option<Vec<T>>>,
+    houlsby: [Option<HoulsbySaved<T>>; 2],
+}
+
+impl<T: Real> LayerRun for CpuRun<'_, '_, T> {
+    type Act = Buf<T>;
+    type Stats = Buf<T>;
+    type Att = Buf<T>;
+
+    fn rmsnorm(&mut self, l: usize, norm: Norm, x: &Buf<T>) -> Result<(Buf<T>, Buf<T>)> {
+        let m = self.model;
+        let lw = &m.weights.layers[l];
+        let w = match norm {
+            Norm::Input => &lw.input_layernorm,
+            Norm::Post => &lw.post_attention_layernorm,
+        };
+        // Both are overwritten whole by the op.
+        let (mut y, mut rstd) = (
+            m.pool.overwritten(x.len()),
+            m.pool.overwritten(x.len() / m.config.hidden_size),
+        );
+        rmsnorm::forward(x, w, m.config.rms_norm_eps, &mut y, &mut rstd)?;
+        Ok((y, rstd))
+    }
+
+    fn project(&mut self, l: usize, p: Proj, x: &Buf<T>) -> Result<Buf<T>> {
+        let m = self.model;
+        let n = self.batch * self.seq;
+        let mut y = m.pool.overwritten(n * p.dims(&m.config).1);
+        self.saved[p.index()] =
+            m.proj_forward(l, p, n, x, &mut y, Accumulate::Overwrite, self.att)?;
+        Ok(y)
+    }
+
+    fn rope(&mut self, _l: usize, q: &mut Buf<T>, k: &mut Buf<T>) -> Result<()> {
+        let c = &self.model.config;
+        self.rope
+            .apply(q, c.num_attention_heads, RopeDirection::Forward)?;
+        self.rope
+            .apply(k, c.num_key_value_heads, RopeDirection::Forward)
+    }
+
+    fn attention(
+        &mut self,
+        l: usize,
+        q: &Buf<T>,
+        k: &Buf<T>,
+        v: &Buf<T>,
+    ) -> Result<(Buf<T>, Buf<T>)> {
+        let m = self.model;
+        let (c, batch, seq) = (&m.config, self.batch, self.seq);
+        // The probabilities and the output are overwritten whole by the op.
+        let mut attn = m.pool.overwritten(batch * seq * c.q_dim());
+        if let Attached::Prefix(pt) = self.att {
+            let sh = m.prefix_shape(batch, seq, pt.num_virtual_tokens);
+            let mut p = m.pool.overwritten(batch * sh.heads * seq * sh.cols());
+            let (pk, pv) = (pt.gather(c, l, 0), pt.gather(c, l, 1));
+            prefix_attention::forward(sh, q, k, v, &pk, &pv, &mut p, &mut attn)?;
+            return Ok((p, attn));
+        }
+        let ash = c.attention_shape(batch, seq);
+        let mut p = m.pool.overwritten(batch * ash.heads * seq * seq);
+        attention::forward(ash, q, k, v, &mut p, &mut attn)?;
+        Ok((p, attn))
+    }
+
+    fn residual(&mut self, l: usize, p: Proj, x: &Buf<T>, resid: &Buf<T>) -> Result<Buf<T>> {
+        let m = self.model;
+        let mut out = m.copy(resid);
+        let site = layer::site(p);
+        let (saved, h) =
+            m.out_proj_forward(l, p, site, self.batch * self.seq, x, &mut out, self.att)?;
+        self.saved[p.index()] = saved;
+        self.houlsby[site] = h;
+        Ok(out)
+    }
+
+    fn swiglu(&mut self, gate: &Buf<T>, up: &Buf<T>) -> Result<Buf<T>> {
+        let mut h = self.model.pool.overwritten(gate.len());
+        swiglu::forward(gate, up, &mut h)?;
+        Ok(h)
+    }
+}
+
+/// [`Llama`]'s backward ops for the forward `f`: base weight gradients into `g` (none when the
+/// base is frozen; a frozen norm's lands in `scratch`), the adapter's into `ga`.
+struct CpuBackRun<'m, 'a, T> {
+    model: &'m Llama<T>,
+    f: &'m Forward<T>,
+    att: Attached<'a, T>,
+    g: Option<&'m mut LlamaWeights<T>>,
+    ga: &'m mut AdapterGrads<T>,
+    scratch: &'m mut Vec<T>,
+}
+
+impl<T: Real> LayerBackRun for CpuBackRun<'_, '_, T> {
+    type Act = Buf<T>;
+    type Stats = Buf<T>;
+    type Att = Buf<T>;
+
+    fn rmsnorm_backward(
+        &mut self,
+        l: usize,
+        norm: Norm,
+        x: &Buf<T>,
+        rstd: &Buf<T>,
+        dy: &Buf<T>,
+        dx: &mut Buf<T>,
+        acc: Accumulate,
+    ) -> Result<()> {
+        let lw = &self.model.weights.layers[l];
+        let lg = self.g.as_deref_mut().map(|g| &mut g.layers[l]);
+        let (w, dw) = match norm {
+            Norm::Input => (
+                &lw.input_layernorm,
+                lg.map_or(&mut *self.scratch, |g| &mut g.input_layernorm),
+            ),
+            Norm::Post => (
+                &lw.post_attention_layernorm,
+                lg.map_or(&mut *self.scratch, |g| &mut g.post_attention_layernorm),
+            ),
+        };
+        rmsnorm::backward(x, w, rstd, dy, dx, acc, dw)
+    }
+
+    fn project_backward(
+        &mut self,
+        l: usize,
+        p: Proj,
+        x: &Buf<T>,
+        dy: &Buf<T>,
+        dx: &mut Buf<T>,
+        acc: Accumulate,
+    ) -> Result<()> {
+        let n = self.f.batch * self.f.seq;
+        let lg = self.g.as_deref_mut().map(|g| &mut g.layers[l]);
+        let saved = self.f.layers[l].saved.as_slice();
+        self.model
+            .proj_backward(l, p, n, x, dy, dx, acc, lg, self.att, self.ga, saved)
+    }
+
+    fn out_backward(&mut self, l: usize, p: Proj, dres: &Buf<T>) -> Result<Option<Buf<T>>> {
+        let (Attached::Houlsby(ha), Some(hc), Some(gh)) = (
+            self.att,
+            self.f.layers[l].houlsby.as_ref(),
+            self.ga.houlsby.as_mut(),
+        ) else {
+            return Ok(None);
+        };
+        let site = layer::site(p);
+        let (yin, zb) = &hc[site];
+        let cw = self.model.config.hidden_size;
+        let bs = BottleneckShape {
+            rows: self.f.batch * self.f.seq,
+            hidden: cw,
+            bottleneck: ha.config.bottleneck,
+        };
+        let mut dsub = self.model.pool.overwritten(dres.len());
+        bottleneck::backward(
+            bs,
+            ha.config.activation,
+            yin,
+            zb,
+            &ha.layers[l][site],
+            dres,
+            &mut dsub,
+            Accumulate::Overwrite,
+            &mut gh.layers[l][site],
+        )?;
+        Ok(Some(dsub))
+    }
+
+    fn swiglu_backward(
+        &mut self,
+        gate: &Buf<T>,
+        up: &Buf<T>,
+        dh: &Buf<T>,
+        dgate: &mut Buf<T>,
+        dup: &mut Buf<T>,
+    ) -> Result<()> {
+        swiglu::backward(gate, up, dh, dgate, dup)
+    }
+
+    fn attention_backward(
+        &mut self,
+        l: usize,
+        a: &LayerActs<Buf<T>, Buf<T>, Buf<T>>,
+        dattn: &Buf<T>,
+        dq: &mut Buf<T>,
+        dk: &mut Buf<T>,
+        dv: &mut Buf<T>,
+    ) -> Result<()> {
+        let (m, f) = (self.model, self.f);
+        let c = &m.config;
+        if let (Attached::Prefix(pt), Some(gp)) = (self.att, self.ga.prefix.as_mut()) {
+            let sh = m.prefix_shape(f.batch, f.seq, pt.num_virtual_tokens);
+            let (pk, pv) = (pt.gather(c, l, 0), pt.gather(c, l, 1));
+            let (mut dpk, mut dpv) = (vec![T::ZERO; pk.len()], vec![T::ZERO; pv.len()]);
+            prefix_attention::backward(
+                sh, &a.q, &a.k, &a.v, &pk, &pv, &a.att, dattn, dq, dk, dv, &mut dpk, &mut dpv,
+            )?;
+            gp.scatter_add(c, l, 0, &dpk);
+            gp.scatter_add(c, l, 1, &dpv);
+            return Ok(());
+        }
+        let ash = c.attention_shape(f.batch, f.seq);
+        attention::backward(ash, &a.q, &a.k, &a.v, &a.att, dattn, dq, dk, dv)
+    }
+
+    fn rope_backward(&mut self, dq: &mut Buf<T>, dk: &mut Buf<T>) -> Result<()> {
+        let c = &self.model.config;
+        self.f
+            .rope
+            .apply(dq, c.num_attention_heads, RopeDirection::Backward)?;
+        self.f
+            .rope
+            .apply(dk, c.num_key_value_heads, RopeDirection::Backward)
     }
 }
 
