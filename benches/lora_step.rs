@@ -1,7 +1,7 @@
 //! Wall-clock time of one LoRA training step: forward, loss, backward (frozen base) and AdamW, on
 //! one fixed batch. On the CPU through [`qadapt_train::Trainer`], as `benches/lora_step_torch.py`
 //! times the same step with PyTorch + PEFT; with `--device cuda` through the mixed-precision
-//! [`qadapt_train::cuda::LoraModel`] (bf16 compute, f32 masters; the GPU bundle runs both on one
+//! [`qadapt_train::backend::LoraModel`] (bf16 compute, f32 masters; the GPU bundle runs both on one
 //! machine). Prints one JSON object on stdout.
 //!
 //! ```text
@@ -37,7 +37,8 @@ use std::time::Instant;
 use qadapt::ops::rope::RopeScaling;
 use qadapt::optim::AdamW;
 use qadapt_suite::randn;
-use qadapt_train::cuda::{BaseFormat, CudaBackend, LoraModel, MomentPlacement};
+use qadapt_train::backend::{BaseFormat, LoraModel, MomentPlacement};
+use qadapt_train::cuda::CudaBackend;
 use qadapt_train::nf4::{Nf4Projections, quantize_projections};
 use qadapt_train::{
     Adapter, Llama, LlamaConfig, LlamaWeights, LoraAdapter, LoraConfig, LoraInit, Trainable,

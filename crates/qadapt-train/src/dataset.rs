@@ -9,7 +9,7 @@
 //! - Plain text: documents separated by blank lines, each a `text` example.
 //!
 //! A sequence is `[bos] prompt completion [eos]`; the mask marks the positions whose token is a
-//! training target (the model predicts token t from tokens < t, so the loss at t uses mask[t]).
+//! training target (the model predicts token t from tokens < t, so the loss at t uses `mask[t]`).
 
 use std::path::{Path, PathBuf};
 

@@ -41,7 +41,7 @@ use crate::weights::Proj;
 
 /// A layer's two RMSNorms.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Norm {
+pub enum Norm {
     /// Before attention (`input_layernorm`).
     Input,
     /// Before the MLP (`post_attention_layernorm`).
@@ -50,12 +50,12 @@ pub(crate) enum Norm {
 
 /// The Houlsby site of a sublayer's output projection: 0 after attention (`o_proj`), 1 after
 /// the MLP (`down_proj`).
-pub(crate) fn site(p: Proj) -> usize {
+pub fn site(p: Proj) -> usize {
     usize::from(p == Proj::Down)
 }
 
 /// The ops of one decoder layer's forward, as one runner computes them.
-pub(crate) trait LayerRun {
+pub trait LayerRun {
     /// An activation, `[N, width]`.
     type Act;
     /// An RMSNorm's saved `1 / rms` per token.
@@ -90,9 +90,10 @@ pub(crate) trait LayerRun {
     fn swiglu(&mut self, gate: &Self::Act, up: &Self::Act) -> Result<Self::Act>;
 }
 
-/// Every activation of one layer's forward: what its backward reads.
+/// Every activation of one layer's forward (named as in the module's diagram): what its
+/// backward reads.
 #[derive(Debug, Clone)]
-pub(crate) struct LayerActs<A, S, P> {
+pub struct LayerActs<A, S, P> {
     pub x: A,
     pub rstd1: S,
     pub xn1: A,
@@ -112,11 +113,10 @@ pub(crate) struct LayerActs<A, S, P> {
 }
 
 /// The activations of a runner's forward.
-pub(crate) type Acts<R> =
-    LayerActs<<R as LayerRun>::Act, <R as LayerRun>::Stats, <R as LayerRun>::Att>;
+pub type Acts<R> = LayerActs<<R as LayerRun>::Act, <R as LayerRun>::Stats, <R as LayerRun>::Att>;
 
 /// Layer `l` on `x`: its activations and its output.
-pub(crate) fn forward<R: LayerRun>(run: &mut R, l: usize, x: R::Act) -> Result<(Acts<R>, R::Act)> {
+pub fn forward<R: LayerRun>(run: &mut R, l: usize, x: R::Act) -> Result<(Acts<R>, R::Act)> {
     let (xn1, rstd1) = run.rmsnorm(l, Norm::Input, &x)?;
     let mut q = run.project(l, Proj::Q, &xn1)?;
     let mut k = run.project(l, Proj::K, &xn1)?;
@@ -151,7 +151,7 @@ pub(crate) fn forward<R: LayerRun>(run: &mut R, l: usize, x: R::Act) -> Result<(
 }
 
 /// The ops of one decoder layer's backward, as one runner computes them.
-pub(crate) trait LayerBackRun {
+pub trait LayerBackRun {
     /// An activation or its gradient.
     type Act;
     /// An RMSNorm's saved statistics.
@@ -213,7 +213,8 @@ pub(crate) trait LayerBackRun {
 
 /// The gradient buffers of a backward, reused by every layer: `[N, I]` for the MLP's, `[N, Q]`
 /// and `[N, K]` for attention's, `[N, C]` for a norm's input.
-pub(crate) struct BackBufs<A> {
+#[derive(Debug)]
+pub struct BackBufs<A> {
     pub dh: A,
     pub dgate: A,
     pub dup: A,
@@ -226,7 +227,7 @@ pub(crate) struct BackBufs<A> {
 
 /// Layer `l`'s backward: `dy`, the gradient of its output on entry, is the gradient of its input
 /// on return.
-pub(crate) fn backward<R: LayerBackRun>(
+pub fn backward<R: LayerBackRun>(
     run: &mut R,
     l: usize,
     acts: &LayerActs<R::Act, R::Stats, R::Att>,

@@ -40,6 +40,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod backend;
 pub mod budget;
 pub mod config;
 pub mod cuda;
@@ -48,7 +49,7 @@ pub mod fit;
 pub mod generate;
 pub mod houlsby;
 pub mod ia3;
-mod layer;
+pub mod layer;
 pub mod lora;
 pub mod lora_set;
 pub mod merge;

@@ -7,8 +7,8 @@
 //! projection, `general_mat_mul(±s, B, A, 1, W)`.
 //!
 //! (IA)³ folds too ([`fold_ia3`]): its vector l scales a projection's output (`y = l ⊙ Wx`, so
-//! row o of W is multiplied by l[o]) or, for a feed-forward module, its input
-//! (`y = W(l ⊙ x)`, so column i of W is multiplied by l[i]), as PEFT's `merge`. Unmerging divides,
+//! row o of W is multiplied by `l[o]`) or, for a feed-forward module, its input
+//! (`y = W(l ⊙ x)`, so column i of W is multiplied by `l[i]`), as PEFT's `merge`. Unmerging divides,
 //! which PEFT also does (exact up to rounding unless some l is 0).
 
 use ndarray::linalg::general_mat_mul;

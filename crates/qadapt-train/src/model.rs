@@ -3,14 +3,9 @@
 //! autograd).
 //!
 //! Shapes: `N = batch * seq` tokens, width `C`, `Q = heads * D`, `K = kv_heads * D`, MLP width `I`,
-//! vocabulary `V`; activations are token-major `[N, *]`. One layer, as transformers computes it:
-//! ```text
-//! xn1 = rmsnorm(x, w_in)                 q = rope(xn1 Wq^T)  k = rope(xn1 Wk^T)  v = xn1 Wv^T
-//! a   = attention(q, k, v)               x_mid = x + a Wo^T
-//! xn2 = rmsnorm(x_mid, w_post)           h = silu(xn2 Wg^T) * (xn2 Wu^T)
-//! out = x_mid + h Wd^T
-//! ```
-//! then `logits = rmsnorm(x_L, w_final) W_head^T` (`W_head` = the embedding table when tied) and
+//! vocabulary `V`; activations are token-major `[N, *]`. The layers are [`crate::layer`]'s (one
+//! definition, shared with the generator and the backend model); this file supplies their CPU ops
+//! with every adapter method's hooks. Then `logits = rmsnorm(x_L, w_final) W_head^T` (`W_head` = the embedding table when tied) and
 //! the loss is the mean cross-entropy of each token's logits against the next token (labels =
 //! input ids, the last position of each sequence has no target), as `LlamaForCausalLM` computes it
 //! with `labels=input_ids`.

@@ -21,9 +21,8 @@ use crate::common;
 use crate::common::data;
 use qadapt::ops::rope::RopeScaling;
 use qadapt::optim::AdamW;
-use qadapt_train::cuda::{
-    Backend, BaseFormat, CpuBackend, CudaBackend, LoraModel, MomentPlacement,
-};
+use qadapt_train::backend::{Backend, BaseFormat, CpuBackend, LoraModel, MomentPlacement};
+use qadapt_train::cuda::CudaBackend;
 use qadapt_train::nf4::{Nf4Projections, quantize_projections};
 use qadapt_train::{
     Adapter, BaseGrads, Batch, Llama, LlamaDir, LoraAdapter, LoraConfig, LoraInit, Trainable,

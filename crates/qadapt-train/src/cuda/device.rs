@@ -25,7 +25,7 @@ use qadapt::optim::{
     AdamWStep, PagedAdamState, adamw_cuda, adamw_cuda_paged, sum_squares_cuda_all,
 };
 
-use super::backend::{Backend, BaseRef, LoraMatrix, LoraRef, MomentPlacement};
+use crate::backend::{Backend, BaseRef, LoraMatrix, LoraRef, MomentPlacement};
 use crate::{invalid, shape_err};
 
 /// The CUDA backend: one device and a bf16 1 (the `ones` of the add).

@@ -16,7 +16,8 @@ use super::{
     Config, Error, FineTune, Finished, LogRow, Method, Observer, Outcome, Start, Summary, absolute,
     data, dir_size, fs, observer, peak_rss, save,
 };
-use crate::cuda::{BaseFormat, CudaBackend, LoraModel, MomentPlacement};
+use crate::backend::{BaseFormat, LoraModel, MomentPlacement};
+use crate::cuda::CudaBackend;
 use crate::dataset::{self, Sequence};
 use crate::fit::{Heldout, Sampler, heldout, pack};
 use crate::surgical::{AutoSchedule, ManualSchedule};

@@ -22,7 +22,7 @@ use qadapt::ops::{Accumulate, cross_entropy, embedding, rmsnorm, swiglu};
 use qadapt::optim::{AdamWStep, adamw_cpu, sum_squares_cpu};
 use qadapt::{DType, Device, Result};
 
-use super::backend::{Backend, BaseRef, LoraMatrix, LoraRef, MomentPlacement, round_bf16};
+use crate::backend::{Backend, BaseRef, LoraMatrix, LoraRef, MomentPlacement, round_bf16};
 use crate::{invalid, shape_err};
 
 /// What the CPU backend rounds (see the module doc).

@@ -1,6 +1,7 @@
-//! The Llama decoder with a trainable LoRA adapter, written once over a [`Backend`]: the same
-//! layer order as the CPU [`crate::Llama`] (see `model.rs` for the math of one layer), with the
-//! base frozen.
+//! The Llama decoder with a trainable LoRA adapter over a [`Backend`], the base frozen: the
+//! decoder layer is [`crate::layer`]'s (the one sequence the CPU [`crate::Llama`] and the
+//! generator also run); this file supplies its ops on the backend and the rest of the model
+//! (embedding, final norm, head, loss, LoRA state, AdamW).
 //!
 //! Precision: base weights (embeddings, norms, head, projections) are bf16 or NF4 (block 64,
 //! double quant), activations and their gradients bf16, statistics and sums f32. The trainable
@@ -10,21 +11,12 @@
 //!
 //! Saved per layer for the backward: the layer input `x`, `rstd1`, `xn1`, `q` and `k` after RoPE,
 //! `v`, attention's saved statistics, the attention output, `x_mid`, `rstd2`, `xn2`, `gate`, `up`
-//! and `h`; plus the final norm's input and `rstd` (the frozen head needs no input). A LoRA projection's backward needs only
-//! its input (the fused kernel recomputes `u = s x A^T`). The logits are freed once the
+//! and `h`; plus the final norm's input and `rstd` (the frozen head needs no input). A LoRA
+//! projection's backward needs only its input (the fused kernel recomputes `u = s x A^T`). The logits are freed once the
 //! cross-entropy has written their gradient.
 //!
-//! Backward, per layer in reverse, with `dx` the gradient of the layer output:
-//! ```text
-//! dh = proj_bwd(down, h, dx)                 dgate, dup = swiglu_bwd(gate, up, dh)
-//! dxn = proj_bwd(gate, xn2, dgate) + proj_bwd(up, xn2, dup)
-//! dx += rmsnorm_bwd(x_mid, dxn)              (dx is now the gradient of x_mid)
-//! dattn = proj_bwd(o, attn, dx)              dq, dk, dv = attention_bwd(dattn)
-//! dq, dk = rope^T(dq), rope^T(dk)
-//! dxn = proj_bwd(q, xn1, dq) + proj_bwd(k, xn1, dk) + proj_bwd(v, xn1, dv)
-//! dx += rmsnorm_bwd(x, dxn)                  (dx is now the gradient of the layer input)
-//! ```
-//! each `proj_bwd` adding into its LoRA gradients when the projection is adapted.
+//! The backward runs [`crate::layer`]'s layer backward in reverse, each projection's adding
+//! into its LoRA gradients when the projection is adapted.
 //!
 //! LoRA dropout (training only) follows [`crate::Trainer`]'s keyed masks; each adapted projection
 //! then runs as [`proj_forward`] and [`proj_backward`] compose it (the fused layer on the
@@ -43,8 +35,9 @@ use qadapt::ops::dropout::{DropoutMask, MaskCoef};
 use qadapt::ops::rope::{self, RopeDirection, RopeTable};
 use qadapt::optim::{AdamW, clip_coefficient};
 
-use super::backend::{Backend, BaseRef, LoraMatrix, LoraRef, MomentPlacement};
+use crate::backend::{Backend, BaseRef, LoraMatrix, LoraRef, MomentPlacement};
 use crate::config::LlamaConfig;
+use crate::layer::{self, BackBufs, LayerActs, LayerBackRun, LayerRun, Norm};
 use crate::lora::{DropoutKey, LoraAdapter, LoraPair, dropout_base};
 use crate::model::Llama;
 use crate::nf4::Nf4Projections;
@@ -86,22 +79,8 @@ struct Trainable<B: Backend> {
     moments: Option<(B::Moments, B::Moments)>,
 }
 
-struct LayerCache<B: Backend> {
-    x: B::Act,
-    rstd1: B::F32,
-    xn1: B::Act,
-    q: B::Act,
-    k: B::Act,
-    v: B::Act,
-    att: B::F32,
-    attn: B::Act,
-    x_mid: B::Act,
-    rstd2: B::F32,
-    xn2: B::Act,
-    gate: B::Act,
-    up: B::Act,
-    h: B::Act,
-}
+/// One layer's saved activations (`att`: attention's saved statistics).
+type LayerCache<B> = LayerActs<<B as Backend>::Act, <B as Backend>::F32, <B as Backend>::F32>;
 
 /// What a forward keeps for the backward.
 struct Saved<B: Backend> {
@@ -323,8 +302,16 @@ impl<B: Backend> LoraModel<B> {
         let mut x = be.zeros(n * c.hidden_size)?;
         be.embedding(ids, &self.embed, c.vocab_size, c.hidden_size, &mut x)?;
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        let mut run = BackendRun {
+            model: self,
+            rows: n,
+            batch,
+            seq,
+            rope: &rope,
+            key,
+        };
         for l in 0..c.num_hidden_layers {
-            let (cache, out) = self.layer_forward(l, x, batch, seq, &rope, key)?;
+            let (cache, out) = layer::forward(&mut run, l, x)?;
             layers.push(cache);
             x = out;
         }
@@ -358,70 +345,6 @@ impl<B: Backend> LoraModel<B> {
         ))
     }
 
-    fn layer_forward(
-        &self,
-        l: usize,
-        x: B::Act,
-        batch: usize,
-        seq: usize,
-        rope: &B::Rope,
-        key: Option<DropoutKey>,
-    ) -> Result<(LayerCache<B>, B::Act)> {
-        let c = &self.config;
-        let be = &self.backend;
-        let lw = &self.layers[l];
-        let n = batch * seq;
-        let (cw, qd, kd, id) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
-        let ow = Accumulate::Overwrite;
-        let fwd = |p: Proj, x: &B::Act, y: &mut B::Act, acc: Accumulate| {
-            let mask = self.dropout(key, l, p)?;
-            proj_forward(be, &lw.projs[p.index()], mask, x, n, p.dims(c).0, y, acc)
-        };
-
-        let (mut xn1, mut rstd1) = (be.zeros(n * cw)?, be.zeros_f32(n)?);
-        be.rmsnorm_forward(&x, &lw.input_norm, c.rms_norm_eps, &mut xn1, &mut rstd1)?;
-        let (mut q, mut k, mut v) = (be.zeros(n * qd)?, be.zeros(n * kd)?, be.zeros(n * kd)?);
-        fwd(Proj::Q, &xn1, &mut q, ow)?;
-        fwd(Proj::K, &xn1, &mut k, ow)?;
-        fwd(Proj::V, &xn1, &mut v, ow)?;
-        be.rope_apply(rope, &mut q, c.num_attention_heads, RopeDirection::Forward)?;
-        be.rope_apply(rope, &mut k, c.num_key_value_heads, RopeDirection::Forward)?;
-        let sh = self.config.attention_shape(batch, seq);
-        let mut att = be.zeros_f32(be.attention_saved_len(sh))?;
-        let mut attn = be.zeros(n * qd)?;
-        be.attention_forward(sh, &q, &k, &v, &mut att, &mut attn)?;
-        let mut x_mid = be.duplicate(&x)?;
-        fwd(Proj::O, &attn, &mut x_mid, Accumulate::Add)?;
-
-        let (mut xn2, mut rstd2) = (be.zeros(n * cw)?, be.zeros_f32(n)?);
-        be.rmsnorm_forward(&x_mid, &lw.post_norm, c.rms_norm_eps, &mut xn2, &mut rstd2)?;
-        let (mut gate, mut up, mut h) = (be.zeros(n * id)?, be.zeros(n * id)?, be.zeros(n * id)?);
-        fwd(Proj::Gate, &xn2, &mut gate, ow)?;
-        fwd(Proj::Up, &xn2, &mut up, ow)?;
-        be.swiglu_forward(&gate, &up, &mut h)?;
-        let mut out = be.duplicate(&x_mid)?;
-        fwd(Proj::Down, &h, &mut out, Accumulate::Add)?;
-        Ok((
-            LayerCache {
-                x,
-                rstd1,
-                xn1,
-                q,
-                k,
-                v,
-                att,
-                attn,
-                x_mid,
-                rstd2,
-                xn2,
-                gate,
-                up,
-                h,
-            },
-            out,
-        ))
-    }
-
     /// Backward from `dlogits` (the gradient of the loss with respect to the logits): adds the
     /// LoRA gradients into the accumulators.
     fn backward(&mut self, f: &Saved<B>, dlogits: &B::Act) -> Result<()> {
@@ -439,7 +362,7 @@ impl<B: Backend> LoraModel<B> {
         } = self;
         let n = f.batch * f.seq;
         let (cw, qd, kd, id) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
-        let (ow, add) = (Accumulate::Overwrite, Accumulate::Add);
+        let ow = Accumulate::Overwrite;
         // Gradients of the frozen norm weights land here and are dropped.
         let mut scratch = be.zeros_f32(cw)?;
 
@@ -461,69 +384,28 @@ impl<B: Backend> LoraModel<B> {
             &mut scratch,
         )?;
 
-        let sh = c.attention_shape(f.batch, f.seq);
-        let (mut dh, mut dgate, mut dup) =
-            (be.zeros(n * id)?, be.zeros(n * id)?, be.zeros(n * id)?);
-        let mut dattn = be.zeros(n * qd)?;
-        let (mut dq, mut dk, mut dv) = (be.zeros(n * qd)?, be.zeros(n * kd)?, be.zeros(n * kd)?);
+        let mut bufs = BackBufs {
+            dh: be.zeros(n * id)?,
+            dgate: be.zeros(n * id)?,
+            dup: be.zeros(n * id)?,
+            dattn: be.zeros(n * qd)?,
+            dq: be.zeros(n * qd)?,
+            dk: be.zeros(n * kd)?,
+            dv: be.zeros(n * kd)?,
+            dxn,
+        };
+        let mut run = BackendBackRun {
+            be,
+            config: c,
+            layers,
+            trainable,
+            slot,
+            dropout: *dropout,
+            f,
+            scratch: &mut scratch,
+        };
         for l in (0..c.num_hidden_layers).rev() {
-            let (lw, lc) = (&layers[l], &f.layers[l]);
-            // One projection's backward, into its LoRA gradients when adapted, through the
-            // forward's dropout mask.
-            let mut proj_back =
-                |p: Proj, x: &B::Act, dy: &B::Act, dx: &mut B::Act, acc: Accumulate| {
-                    let adapted = slot[l][p.index()];
-                    let mask = dropout_mask(*dropout, f.key, adapted.is_some(), l, p)?;
-                    let grads = adapted.map(|i| {
-                        let t = &mut trainable[i];
-                        (&mut t.ga, &mut t.gb)
-                    });
-                    let pj = &lw.projs[p.index()];
-                    proj_backward(be, pj, mask, x, dy, n, p.dims(c).0, dx, acc, grads)
-                };
-            // MLP branch: dx is the gradient of the layer output (= of x_mid through the residual).
-            proj_back(Proj::Down, &lc.h, &dx, &mut dh, ow)?;
-            be.swiglu_backward(&lc.gate, &lc.up, &dh, &mut dgate, &mut dup)?;
-            proj_back(Proj::Gate, &lc.xn2, &dgate, &mut dxn, ow)?;
-            proj_back(Proj::Up, &lc.xn2, &dup, &mut dxn, add)?;
-            be.rmsnorm_backward(
-                &lc.x_mid,
-                &lw.post_norm,
-                &lc.rstd2,
-                &dxn,
-                &mut dx,
-                add,
-                &mut scratch,
-            )?;
-            // Attention branch: dx is now the gradient of x_mid (= of x through the residual).
-            proj_back(Proj::O, &lc.attn, &dx, &mut dattn, ow)?;
-            be.attention_backward(
-                sh, &lc.q, &lc.k, &lc.v, &lc.att, &dattn, &mut dq, &mut dk, &mut dv,
-            )?;
-            be.rope_apply(
-                &f.rope,
-                &mut dq,
-                c.num_attention_heads,
-                RopeDirection::Backward,
-            )?;
-            be.rope_apply(
-                &f.rope,
-                &mut dk,
-                c.num_key_value_heads,
-                RopeDirection::Backward,
-            )?;
-            proj_back(Proj::Q, &lc.xn1, &dq, &mut dxn, ow)?;
-            proj_back(Proj::K, &lc.xn1, &dk, &mut dxn, add)?;
-            proj_back(Proj::V, &lc.xn1, &dv, &mut dxn, add)?;
-            be.rmsnorm_backward(
-                &lc.x,
-                &lw.input_norm,
-                &lc.rstd1,
-                &dxn,
-                &mut dx,
-                add,
-                &mut scratch,
-            )?;
+            layer::backward(&mut run, l, &f.layers[l], &mut dx, &mut bufs)?;
         }
         Ok(())
     }
@@ -753,6 +635,198 @@ impl<B: Backend> LoraModel<B> {
     ) -> Result<f32> {
         self.accumulate(b)?;
         Ok(self.apply(opt, max_grad_norm, lr)?.loss)
+    }
+}
+
+/// [`LoraModel`]'s forward ops on a batch of `rows = batch * seq` tokens, LoRA dropout drawn
+/// under `key` (training) or none.
+struct BackendRun<'m, B: Backend> {
+    model: &'m LoraModel<B>,
+    rows: usize,
+    batch: usize,
+    seq: usize,
+    rope: &'m B::Rope,
+    key: Option<DropoutKey>,
+}
+
+impl<B: Backend> LayerRun for BackendRun<'_, B> {
+    type Act = B::Act;
+    type Stats = B::F32;
+    type Att = B::F32;
+
+    fn rmsnorm(&mut self, l: usize, norm: Norm, x: &B::Act) -> Result<(B::Act, B::F32)> {
+        let (m, n) = (self.model, self.rows);
+        let be = &m.backend;
+        let lw = &m.layers[l];
+        let w = match norm {
+            Norm::Input => &lw.input_norm,
+            Norm::Post => &lw.post_norm,
+        };
+        let (mut y, mut rstd) = (be.zeros(n * m.config.hidden_size)?, be.zeros_f32(n)?);
+        be.rmsnorm_forward(x, w, m.config.rms_norm_eps, &mut y, &mut rstd)?;
+        Ok((y, rstd))
+    }
+
+    fn project(&mut self, l: usize, p: Proj, x: &B::Act) -> Result<B::Act> {
+        let (m, n) = (self.model, self.rows);
+        let (inp, out) = p.dims(&m.config);
+        let mut y = m.backend.zeros(n * out)?;
+        let mask = m.dropout(self.key, l, p)?;
+        let pj = &m.layers[l].projs[p.index()];
+        proj_forward(
+            &m.backend,
+            pj,
+            mask,
+            x,
+            n,
+            inp,
+            &mut y,
+            Accumulate::Overwrite,
+        )?;
+        Ok(y)
+    }
+
+    fn rope(&mut self, _l: usize, q: &mut B::Act, k: &mut B::Act) -> Result<()> {
+        let (be, c) = (&self.model.backend, &self.model.config);
+        be.rope_apply(self.rope, q, c.num_attention_heads, RopeDirection::Forward)?;
+        be.rope_apply(self.rope, k, c.num_key_value_heads, RopeDirection::Forward)
+    }
+
+    fn attention(
+        &mut self,
+        _l: usize,
+        q: &B::Act,
+        k: &B::Act,
+        v: &B::Act,
+    ) -> Result<(B::F32, B::Act)> {
+        let (be, c) = (&self.model.backend, &self.model.config);
+        let sh = c.attention_shape(self.batch, self.seq);
+        let mut att = be.zeros_f32(be.attention_saved_len(sh))?;
+        let mut attn = be.zeros(self.rows * c.q_dim())?;
+        be.attention_forward(sh, q, k, v, &mut att, &mut attn)?;
+        Ok((att, attn))
+    }
+
+    fn residual(&mut self, l: usize, p: Proj, x: &B::Act, resid: &B::Act) -> Result<B::Act> {
+        let m = self.model;
+        let mut out = m.backend.duplicate(resid)?;
+        let mask = m.dropout(self.key, l, p)?;
+        let pj = &m.layers[l].projs[p.index()];
+        let inp = p.dims(&m.config).0;
+        proj_forward(
+            &m.backend,
+            pj,
+            mask,
+            x,
+            self.rows,
+            inp,
+            &mut out,
+            Accumulate::Add,
+        )?;
+        Ok(out)
+    }
+
+    fn swiglu(&mut self, gate: &B::Act, up: &B::Act) -> Result<B::Act> {
+        let be = &self.model.backend;
+        let mut h = be.zeros(self.rows * self.model.config.intermediate_size)?;
+        be.swiglu_forward(gate, up, &mut h)?;
+        Ok(h)
+    }
+}
+
+/// [`LoraModel`]'s backward ops for the forward `f`: the LoRA gradients add into `trainable`'s
+/// accumulators (the frozen norms' land in `scratch`), the dropout masks regenerated from the
+/// forward's key.
+struct BackendBackRun<'m, B: Backend> {
+    be: &'m B,
+    config: &'m LlamaConfig,
+    layers: &'m [Layer<B>],
+    trainable: &'m mut [Trainable<B>],
+    slot: &'m [Vec<Option<usize>>],
+    dropout: f64,
+    f: &'m Saved<B>,
+    scratch: &'m mut B::F32,
+}
+
+impl<B: Backend> LayerBackRun for BackendBackRun<'_, B> {
+    type Act = B::Act;
+    type Stats = B::F32;
+    type Att = B::F32;
+
+    fn rmsnorm_backward(
+        &mut self,
+        l: usize,
+        norm: Norm,
+        x: &B::Act,
+        rstd: &B::F32,
+        dy: &B::Act,
+        dx: &mut B::Act,
+        acc: Accumulate,
+    ) -> Result<()> {
+        let lw = &self.layers[l];
+        let w = match norm {
+            Norm::Input => &lw.input_norm,
+            Norm::Post => &lw.post_norm,
+        };
+        self.be
+            .rmsnorm_backward(x, w, rstd, dy, dx, acc, &mut *self.scratch)
+    }
+
+    fn project_backward(
+        &mut self,
+        l: usize,
+        p: Proj,
+        x: &B::Act,
+        dy: &B::Act,
+        dx: &mut B::Act,
+        acc: Accumulate,
+    ) -> Result<()> {
+        let adapted = self.slot[l][p.index()];
+        let mask = dropout_mask(self.dropout, self.f.key, adapted.is_some(), l, p)?;
+        let grads = adapted.map(|i| {
+            let t = &mut self.trainable[i];
+            (&mut t.ga, &mut t.gb)
+        });
+        let pj = &self.layers[l].projs[p.index()];
+        let rows = self.f.batch * self.f.seq;
+        let inp = p.dims(self.config).0;
+        proj_backward(self.be, pj, mask, x, dy, rows, inp, dx, acc, grads)
+    }
+
+    /// No Houlsby adapters on this path: `out` is the identity.
+    fn out_backward(&mut self, _l: usize, _p: Proj, _dres: &B::Act) -> Result<Option<B::Act>> {
+        Ok(None)
+    }
+
+    fn swiglu_backward(
+        &mut self,
+        gate: &B::Act,
+        up: &B::Act,
+        dh: &B::Act,
+        dgate: &mut B::Act,
+        dup: &mut B::Act,
+    ) -> Result<()> {
+        self.be.swiglu_backward(gate, up, dh, dgate, dup)
+    }
+
+    fn attention_backward(
+        &mut self,
+        _l: usize,
+        a: &LayerCache<B>,
+        dattn: &B::Act,
+        dq: &mut B::Act,
+        dk: &mut B::Act,
+        dv: &mut B::Act,
+    ) -> Result<()> {
+        let sh = self.config.attention_shape(self.f.batch, self.f.seq);
+        self.be
+            .attention_backward(sh, &a.q, &a.k, &a.v, &a.att, dattn, dq, dk, dv)
+    }
+
+    fn rope_backward(&mut self, dq: &mut B::Act, dk: &mut B::Act) -> Result<()> {
+        let (be, c, rope) = (self.be, self.config, &self.f.rope);
+        be.rope_apply(rope, dq, c.num_attention_heads, RopeDirection::Backward)?;
+        be.rope_apply(rope, dk, c.num_key_value_heads, RopeDirection::Backward)
     }
 }
 

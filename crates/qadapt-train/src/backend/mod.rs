@@ -1,12 +1,38 @@
-//! The ops the mixed-precision model is written against. Each method mirrors one safe CUDA op
-//! of `qadapt` (same argument order, same overwrite/accumulate contract, bf16 activations, f32
-//! statistics and gradients), so that [`super::LoraModel`] can run on the device
-//! ([`super::CudaBackend`]) or on host vectors ([`super::CpuBackend`]) with one orchestration.
+//! The model's mixed-precision path for LoRA and QLoRA training, written once over a
+//! [`Backend`]: forward, hand-written backward and AdamW with bf16 activations, f32
+//! accumulation, a bf16 or NF4 double-quant base, f32 LoRA masters with bf16 working copies and
+//! moments on the device or paged, as the QLoRA paper describes it (Dettmers et al. 2023).
+//!
+//! [`LoraModel`] holds the orchestration (the [`crate::layer`] sequence's ops, saved activations,
+//! LoRA wiring, GQA, RoPE, tied or untied head, gradient accumulation, clipping, the optimizer
+//! step). [`Backend`]'s methods mirror the signatures of `qadapt::cuda::ops`,
+//! `qadapt::lora::CudaLoraLinear`, `CudaDevice::gemm_bf16` and `qadapt::optim`. Two backends:
+//! - [`crate::cuda::CudaBackend`]: those ops on device buffers (needs a GPU at run time);
+//! - [`CpuBackend`]: the CPU references on host vectors, rounding to bf16 where the device stores
+//!   bf16 ([`Precision::Bf16`]) or nothing ([`Precision::F32`]).
+//!
+//! So the orchestration is checked on any machine against the CPU [`crate::Llama`]
+//! (`tests/cuda_path.rs`: to f32 rounding with [`Precision::F32`], to bf16 tolerances with
+//! [`Precision::Bf16`]), while each device op is checked against its CPU reference by qadapt's
+//! own GPU tests; `tests/cuda_path.rs` also runs the CUDA backend against the CPU model
+//! (ignored without a GPU).
+//!
+//! Adapters come from and go back to [`crate::LoraAdapter`] (f32), so loading, initialization and
+//! the PEFT writer are the CPU path's.
+//!
+//! Each [`Backend`] method mirrors one safe CUDA op of `qadapt` (same argument order, same
+//! overwrite/accumulate contract, bf16 activations, f32 statistics and gradients).
 //!
 //! Buffers: `Act` holds bf16 activations or bf16 weights (`[rows, cols]` row-major, token-major
 //! as in [`qadapt::ops`]); `F32` holds f32 values (RMSNorm's `rstd`, attention's saved
 //! statistics, LoRA master weights, gradients). A `Proj` is one resident projection: its frozen
 //! base weight (dense bf16 or NF4) and, when adapted, the bf16 working copy of its LoRA pair.
+
+mod cpu;
+mod model;
+
+pub use cpu::{CpuBackend, CpuProj, Precision};
+pub use model::{BaseFormat, LoraModel};
 
 use half::bf16;
 use qadapt::Result;
