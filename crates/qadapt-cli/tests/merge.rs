@@ -1,6 +1,7 @@
 //! `qadapt merge`: the written directory is the base with the LoRA folded in, loadable as a plain
 //! model; bad input is refused with one line and leaves nothing behind.
 
+use qadapt_train::{Input, Options};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -46,10 +47,15 @@ fn merged_directory_computes_base_plus_adapter() {
     let want = base
         .model()
         .unwrap()
-        .forward_with(&ids, 2, 11, Some(&adapter))
+        .forward(Input::ids(&ids, 2, 11), Options::adapter(&adapter))
         .unwrap()
         .logits;
-    let got = merged.model().unwrap().forward(&ids, 2, 11).unwrap().logits;
+    let got = merged
+        .model()
+        .unwrap()
+        .forward(Input::ids(&ids, 2, 11), Options::default())
+        .unwrap()
+        .logits;
     let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
     let err = got
         .iter()

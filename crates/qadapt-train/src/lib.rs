@@ -32,7 +32,8 @@
 //! ```
 //! let m = qadapt_train::LlamaDir::open(std::path::Path::new("../../tests/data/tiny_llama"))?;
 //! let model = m.model()?;
-//! let (loss, _fwd, grads) = model.loss_and_grads(&[1, 5, 9, 2], 1, 4)?;
+//! let batch = qadapt_train::Batch::causal(vec![1, 5, 9, 2], 1, 4)?;
+//! let (loss, _fwd, grads) = model.loss_and_grads(&batch, qadapt_train::Options::default())?;
 //! assert!(loss.is_finite() && loss > 0.0);
 //! assert_eq!(grads.inputs_embeds.len(), 4 * model.config.hidden_size);
 //! # Ok::<(), qadapt::Error>(())
@@ -77,11 +78,11 @@ pub use houlsby::{HoulsbyAdapter, HoulsbyConfig};
 pub use ia3::{Ia3Adapter, Ia3Config};
 pub use lora::{DropoutKey, LoraAdapter, LoraConfig, LoraInit};
 pub use lora_set::LoraSet;
-pub use model::{Attached, BaseGrads, Forward, Gradients, Llama, causal_targets};
+pub use model::{Attached, BaseGrads, Forward, Gradients, Input, Llama, Options, causal_targets};
 pub use peft::{Adapter, Evaluation, Grads, evaluate, evaluate_targets, evaluate_train};
 pub use prompt::{PrefixMlp, PrefixTuning, PromptInit, PromptTuning};
 pub use select::{LayerGroup, Selection};
-pub use train::{Batch, StepStats, Trainable, Trainer, loss_and_grads, loss_and_grads_with};
+pub use train::{Batch, StepStats, Trainable, Trainer, loss_and_grads};
 pub use weights::{LayerWeights, LlamaWeights, Proj};
 
 use qadapt::{Error, Result};

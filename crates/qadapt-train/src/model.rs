@@ -40,6 +40,7 @@ use crate::lora::{DropoutKey, LoraAdapter, dropout_mask};
 use crate::pool::{Buf, Pool};
 use crate::prefix_attention::{self, PrefixShape};
 use crate::prompt::PrefixTuning;
+use crate::train::Batch;
 use crate::weights::{LayerWeights, LlamaWeights, Proj};
 use crate::{invalid, shape_err};
 
@@ -88,6 +89,12 @@ impl<T> Attached<'_, T> {
             Attached::Prefix(p) => p.num_virtual_tokens,
             _ => 0,
         }
+    }
+}
+
+impl<'a, T> From<&'a LoraAdapter<T>> for Attached<'a, T> {
+    fn from(l: &'a LoraAdapter<T>) -> Self {
+        Attached::Lora(l)
     }
 }
 
@@ -166,6 +173,94 @@ pub enum BaseGrads {
     /// The base is frozen (adapter training): no weight gradients, only activations' and the
     /// adapter's.
     Frozen,
+}
+
+/// How a forward and its backward run.
+#[derive(Debug, Clone, Copy)]
+pub struct Options<'a, T> {
+    /// The adapter inside the layers (the backward must be given the same).
+    pub adapter: Attached<'a, T>,
+    /// Whether the backward computes the base weights' gradients.
+    pub base: BaseGrads,
+    /// Whether the forward keeps every activation for a backward; evaluation turns it off and
+    /// holds one layer's activations at a time.
+    pub keep_activations: bool,
+}
+
+impl<T> Default for Options<'_, T> {
+    /// The base model, every parameter trained.
+    fn default() -> Self {
+        Options {
+            adapter: Attached::None,
+            base: BaseGrads::Compute,
+            keep_activations: true,
+        }
+    }
+}
+
+impl<'a, T> Options<'a, T> {
+    /// Adapter training: `adapter` attached, the base frozen.
+    pub fn adapter(adapter: impl Into<Attached<'a, T>>) -> Self {
+        Options {
+            adapter: adapter.into(),
+            base: BaseGrads::Frozen,
+            keep_activations: true,
+        }
+    }
+
+    /// The same with the base's gradients computed or not.
+    pub fn with_base(self, base: BaseGrads) -> Self {
+        Options { base, ..self }
+    }
+
+    /// The same for evaluation: the forward keeps only the logits (no backward possible).
+    pub fn eval(self) -> Self {
+        Options {
+            keep_activations: false,
+            ..self
+        }
+    }
+}
+
+/// What a forward starts from.
+#[derive(Debug, Clone)]
+pub enum Input<'a, T> {
+    /// Token ids, row-major `[batch, seq]` (the embedding gradient and [`Llama::loss`] use them).
+    Ids {
+        /// The ids.
+        ids: &'a [u32],
+        /// Rows.
+        batch: usize,
+        /// Positions per row.
+        seq: usize,
+    },
+    /// Input embeddings `[batch * seq, C]` (prompt tuning's virtual tokens, gradient checks).
+    Embeds {
+        /// The embeddings.
+        embeds: Vec<T>,
+        /// Rows.
+        batch: usize,
+        /// Positions per row.
+        seq: usize,
+    },
+}
+
+impl<'a, T> Input<'a, T> {
+    /// Token ids `[batch, seq]`.
+    pub fn ids(ids: &'a [u32], batch: usize, seq: usize) -> Self {
+        Input::Ids { ids, batch, seq }
+    }
+
+    /// Input embeddings `[batch * seq, C]`.
+    pub fn embeds(embeds: Vec<T>, batch: usize, seq: usize) -> Self {
+        Input::Embeds { embeds, batch, seq }
+    }
+}
+
+impl<'a, T> From<&'a Batch> for Input<'a, T> {
+    fn from(b: &'a Batch) -> Self {
+        Input::ids(&b.ids, b.batch, b.seq)
+    }
 }
 
 /// Gradients of the loss.
@@ -255,42 +350,31 @@ impl<T: Real> Llama<T> {
             .unwrap_or(&self.weights.embed_tokens)
     }
 
-    /// Forward from token ids `[batch, seq]`.
-    pub fn forward(&self, ids: &[u32], batch: usize, seq: usize) -> Result<Forward<T>> {
-        self.forward_with(ids, batch, seq, None)
-    }
-
-    /// Forward from token ids with an optional LoRA adapter.
-    pub fn forward_with(
+    /// The forward pass: the logits and, unless `opts` asks for evaluation only, every activation
+    /// the backward needs.
+    pub fn forward<'i>(
         &self,
-        ids: &[u32],
-        batch: usize,
-        seq: usize,
-        lora: Option<&LoraAdapter<T>>,
-    ) -> Result<Forward<T>> {
-        self.forward_attached(ids, batch, seq, lora.into())
-    }
-
-    /// Forward from token ids with any layer adapter.
-    pub fn forward_attached(
-        &self,
-        ids: &[u32],
-        batch: usize,
-        seq: usize,
-        att: Attached<'_, T>,
-    ) -> Result<Forward<T>> {
-        let c = &self.config;
-        if ids.len() != batch * seq {
-            return Err(shape_err(
-                "llama forward",
-                format!("{batch} x {seq} ids"),
-                ids.len(),
-            ));
-        }
-        let x = self.embed(ids)?;
-        let mut f = self.forward_embeds_attached(x, batch, seq, att)?;
-        f.ids = Some(ids.to_vec());
-        debug_assert_eq!(f.logits.len(), ids.len() * c.vocab_size);
+        input: impl Into<Input<'i, T>>,
+        opts: Options<'_, T>,
+    ) -> Result<Forward<T>>
+    where
+        T: 'i,
+    {
+        let (embeds, ids, batch, seq) = match input.into() {
+            Input::Ids { ids, batch, seq } => {
+                if ids.len() != batch * seq {
+                    return Err(shape_err(
+                        "llama forward",
+                        format!("{batch} x {seq} ids"),
+                        ids.len(),
+                    ));
+                }
+                (self.embed(ids)?, Some(ids.to_vec()), batch, seq)
+            }
+            Input::Embeds { embeds, batch, seq } => (embeds, None, batch, seq),
+        };
+        let mut f = self.forward_embeds(embeds, batch, seq, opts)?;
+        f.ids = ids;
         Ok(f)
     }
 
@@ -308,30 +392,14 @@ impl<T: Real> Llama<T> {
         Ok(x)
     }
 
-    /// Forward from input embeddings `[batch * seq, C]`.
-    pub fn forward_embeds(&self, embeds: Vec<T>, batch: usize, seq: usize) -> Result<Forward<T>> {
-        self.forward_embeds_attached(embeds, batch, seq, Attached::None)
-    }
-
-    /// Forward from input embeddings with an optional LoRA adapter.
-    pub fn forward_embeds_with(
+    fn forward_embeds(
         &self,
         embeds: Vec<T>,
         batch: usize,
         seq: usize,
-        lora: Option<&LoraAdapter<T>>,
+        opts: Options<'_, T>,
     ) -> Result<Forward<T>> {
-        self.forward_embeds_attached(embeds, batch, seq, lora.into())
-    }
-
-    /// Forward from input embeddings `[batch * seq, C]` with any layer adapter.
-    pub fn forward_embeds_attached(
-        &self,
-        embeds: Vec<T>,
-        batch: usize,
-        seq: usize,
-        att: Attached<'_, T>,
-    ) -> Result<Forward<T>> {
+        let att = opts.adapter;
         let c = &self.config;
         self.check_attached(att)?;
         let n = batch * seq;
@@ -384,11 +452,15 @@ impl<T: Real> Llama<T> {
         for l in 0..c.num_hidden_layers {
             let (acts, out) = layer::forward(&mut run, l, x)?;
             let [h0, h1] = std::mem::take(&mut run.houlsby);
-            layers.push(LayerCache {
-                acts,
-                saved: std::mem::replace(&mut run.saved, vec![None; Proj::ALL.len()]),
-                houlsby: h0.zip(h1).map(|(a, b)| [a, b]),
-            });
+            let saved = std::mem::replace(&mut run.saved, vec![None; Proj::ALL.len()]);
+            // Evaluation drops each layer's activations as soon as the next layer has its input.
+            if opts.keep_activations {
+                layers.push(LayerCache {
+                    acts,
+                    saved,
+                    houlsby: h0.zip(h1).map(|(a, b)| [a, b]),
+                });
+            }
             x = out;
         }
         let mut rstd_final = self.pool.overwritten(n);
@@ -709,31 +781,16 @@ impl<T: Real> Llama<T> {
     }
 
     /// Gradients of `loss = mean cross-entropy(logits, targets)` (targets `[N]`, `None` ignored)
-    /// with respect to every base parameter and the input embeddings.
-    pub fn backward(&self, f: &Forward<T>, targets: &[Option<u32>]) -> Result<Gradients<T>> {
-        self.backward_with(f, targets, None, BaseGrads::Compute)
-    }
-
-    /// The backward with an optional LoRA adapter (the one the forward used).
-    pub fn backward_with(
+    /// with respect to the input embeddings, the attached adapter's tensors, and every base
+    /// parameter unless `opts.base` is [`BaseGrads::Frozen`]. `opts.adapter` must be what the
+    /// forward used (checked, dropout key included).
+    pub fn backward(
         &self,
         f: &Forward<T>,
         targets: &[Option<u32>],
-        lora: Option<&LoraAdapter<T>>,
-        base: BaseGrads,
+        opts: Options<'_, T>,
     ) -> Result<Gradients<T>> {
-        self.backward_attached(f, targets, lora.into(), base)
-    }
-
-    /// The general backward: `att` must be what the forward used; `base` says whether the base
-    /// parameters get gradients.
-    pub fn backward_attached(
-        &self,
-        f: &Forward<T>,
-        targets: &[Option<u32>],
-        att: Attached<'_, T>,
-        base: BaseGrads,
-    ) -> Result<Gradients<T>> {
+        let (att, base) = (opts.adapter, opts.base);
         const OP: &str = "llama backward";
         let c = &self.config;
         if f.kind != att.kind() {
@@ -748,6 +805,12 @@ impl<T: Real> Llama<T> {
         }
         if f.dropout != att.lora().and_then(|(_, k)| k) {
             return Err(invalid(OP, "the forward drew other LoRA dropout masks"));
+        }
+        if f.layers.len() != c.num_hidden_layers {
+            return Err(invalid(
+                OP,
+                "the forward kept no activations (Options::keep_activations was off)",
+            ));
         }
         self.check_attached(att)?;
         let n = f.batch * f.seq;
@@ -852,31 +915,15 @@ impl<T: Real> Llama<T> {
         })
     }
 
-    /// Forward, loss and backward on ids `[batch, seq]` with labels = ids (every base parameter
-    /// trained, no adapter).
+    /// Forward, loss (the mean cross-entropy of the batch's targets) and backward.
     pub fn loss_and_grads(
         &self,
-        ids: &[u32],
-        batch: usize,
-        seq: usize,
+        b: &Batch,
+        opts: Options<'_, T>,
     ) -> Result<(T, Forward<T>, Gradients<T>)> {
-        self.loss_and_grads_with(ids, batch, seq, None, BaseGrads::Compute)
-    }
-
-    /// Forward, loss and backward with labels = ids, an optional adapter and a frozen or trained
-    /// base.
-    pub fn loss_and_grads_with(
-        &self,
-        ids: &[u32],
-        batch: usize,
-        seq: usize,
-        lora: Option<&LoraAdapter<T>>,
-        base: BaseGrads,
-    ) -> Result<(T, Forward<T>, Gradients<T>)> {
-        let f = self.forward_with(ids, batch, seq, lora)?;
-        let targets = causal_targets(ids, batch, seq)?;
-        let loss = cross_entropy::forward(&f.logits, &targets, self.config.vocab_size)?;
-        let g = self.backward_with(&f, &targets, lora, base)?;
+        let f = self.forward(b, opts)?;
+        let loss = cross_entropy::forward(&f.logits, &b.targets, self.config.vocab_size)?;
+        let g = self.backward(&f, &b.targets, opts)?;
         Ok((loss, f, g))
     }
 }

@@ -23,7 +23,7 @@ use crate::config::LlamaConfig;
 use crate::houlsby::{self, HoulsbyAdapter};
 use crate::ia3::{self, Ia3Adapter};
 use crate::lora::{self, DropoutKey, LoraAdapter};
-use crate::model::{Attached, BaseGrads, Llama, causal_targets};
+use crate::model::{Attached, BaseGrads, Input, Llama, Options, causal_targets};
 use crate::peft_io::read_json;
 use crate::prompt::{self, PrefixMlp, PrefixTuning, PromptTuning, prompt_targets};
 use crate::{format_err, invalid};
@@ -277,7 +277,13 @@ fn evaluate_inner<T: Real>(
             x.extend_from_slice(&pt.embeddings);
             x.extend_from_slice(&tok[b * seq * c..(b + 1) * seq * c]);
         }
-        let f = model.forward_embeds_attached(x, batch, p + seq, Attached::None)?;
+        let opts = Options::default().with_base(base);
+        let opts = if grads == Grads::None {
+            opts.eval()
+        } else {
+            opts
+        };
+        let f = model.forward(Input::embeds(x, batch, p + seq), opts)?;
         let targets = match given {
             None => prompt_targets(ids, batch, seq, p),
             Some(t) => t
@@ -289,7 +295,7 @@ fn evaluate_inner<T: Real>(
         let (adapter_grads, base_grads) = if grads == Grads::None {
             (None, None)
         } else {
-            let g = model.backward_attached(&f, &targets, Attached::None, base)?;
+            let g = model.backward(&f, &targets, opts)?;
             let mut ge = vec![T::ZERO; p * c];
             for b in 0..batch {
                 let rows = &g.inputs_embeds[b * (p + seq) * c..][..p * c];
@@ -335,7 +341,12 @@ fn evaluate_inner<T: Real>(
         (Some((_, (prefix, _))), _) => Attached::Prefix(prefix),
         (None, a) => a.map_or(Attached::None, |a| a.attached(dropout)),
     };
-    let f = model.forward_attached(ids, batch, seq, att)?;
+    let opts = Options {
+        adapter: att,
+        base,
+        keep_activations: grads != Grads::None,
+    };
+    let f = model.forward(Input::ids(ids, batch, seq), opts)?;
     let targets = match given {
         None => causal_targets(ids, batch, seq)?,
         Some(t) => t.to_vec(),
@@ -344,7 +355,7 @@ fn evaluate_inner<T: Real>(
     let (adapter_grads, base_grads) = if grads == Grads::None {
         (None, None)
     } else {
-        let g = model.backward_attached(&f, &targets, att, base)?;
+        let g = model.backward(&f, &targets, opts)?;
         let ag = match adapter {
             None => None,
             Some(Adapter::Lora(_)) => g.lora.map(Adapter::Lora),

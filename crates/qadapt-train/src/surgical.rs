@@ -434,7 +434,7 @@ pub fn relative_grad_norms(
     let values = what.values(model)?;
     let mut sum = vec![0.0f64; values.len()];
     for b in batches {
-        let (_, grads) = loss_and_grads(model, what, b)?;
+        let (_, grads) = loss_and_grads(model, what, b, None)?;
         for ((s, g), v) in sum.iter_mut().zip(&grads).zip(&values) {
             *s += relative_grad_norm(g, v);
         }

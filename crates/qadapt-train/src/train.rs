@@ -133,17 +133,10 @@ impl Batch {
 }
 
 /// The loss and gradients of one micro-batch for the trainable tensors, in
-/// [`Trainable::names`] order; the base is frozen when an adapter trains.
+/// [`Trainable::names`] order; the base is frozen when an adapter trains. With a `dropout` key
+/// (training mode), LoRA's `lora_dropout` applies with that key's masks; `None` is PEFT's eval
+/// mode.
 pub fn loss_and_grads(
-    model: &Llama<f32>,
-    what: &Trainable<'_>,
-    b: &Batch,
-) -> Result<(f32, Vec<Vec<f32>>)> {
-    loss_and_grads_with(model, what, b, None)
-}
-
-/// [`loss_and_grads`] in training mode: LoRA's `lora_dropout` applies with the masks of `dropout`.
-pub fn loss_and_grads_with(
     model: &Llama<f32>,
     what: &Trainable<'_>,
     b: &Batch,
@@ -273,7 +266,7 @@ impl Trainer {
             step: self.t + 1,
             micro: self.micro,
         });
-        let (loss, grads) = loss_and_grads_with(model, what, b, key)?;
+        let (loss, grads) = loss_and_grads(model, what, b, key)?;
         self.micro += 1;
         let w = n as f32;
         if self.acc.is_empty() {

@@ -17,6 +17,7 @@
 //! and a random tied model with llama3 RoPE scaling (`common::tiny_config`).
 
 use crate::common;
+use qadapt_train::Options;
 
 use crate::common::data;
 use qadapt::ops::rope::RopeScaling;
@@ -99,7 +100,10 @@ fn reference(
     seq: usize,
 ) -> (f32, Vec<f32>, LoraAdapter<f32>) {
     let (loss, f, g) = m
-        .loss_and_grads_with(ids, 2, seq, Some(a), BaseGrads::Frozen)
+        .loss_and_grads(
+            &Batch::causal(ids.to_vec(), 2, seq).unwrap(),
+            Options::adapter(a).with_base(BaseGrads::Frozen),
+        )
         .unwrap();
     (loss, f.logits, g.lora.unwrap())
 }

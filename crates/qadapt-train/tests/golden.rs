@@ -12,6 +12,7 @@
 //!   magnitude.
 
 use crate::common::data;
+use qadapt_train::{Batch, Input, Options};
 use qadapt_train::{LlamaDir, causal_targets};
 use safetensors::SafeTensors;
 
@@ -69,7 +70,12 @@ fn check_against_transformers(model_dir: &str, golden: &str) {
     let model = dir.model().unwrap();
     let g = Golden::open(golden);
     let (batch, seq, ids) = g.ids();
-    let (loss, fwd, grads) = model.loss_and_grads(&ids, batch, seq).unwrap();
+    let (loss, fwd, grads) = model
+        .loss_and_grads(
+            &Batch::causal(ids.to_vec(), batch, seq).unwrap(),
+            Options::default(),
+        )
+        .unwrap();
 
     let (shape, want_logits) = g.get("logits");
     assert_eq!(shape, [batch, seq, dir.config.vocab_size]);
@@ -129,7 +135,9 @@ fn tied_sharded_llama3_rope_matches_transformers() {
     let plain = qadapt_train::Llama::new(config, dir.weights.clone()).unwrap();
     let g = Golden::open("tiny_llama_llama3_golden.safetensors");
     let (batch, seq, ids) = g.ids();
-    let f = plain.forward(&ids, batch, seq).unwrap();
+    let f = plain
+        .forward(Input::ids(&ids, batch, seq), Options::default())
+        .unwrap();
     let (err, scale) = worst(&f.logits, &g.get("logits").1);
     assert!(err > 1e-2 * scale, "unscaled rope gives {err}");
 }

@@ -9,6 +9,7 @@
 use qadapt::ops::Real;
 use qadapt::ops::cross_entropy;
 use qadapt::ops::rope::RopeScaling;
+use qadapt_train::{Batch, Input, Options};
 use qadapt_train::{Llama, causal_targets};
 
 use crate::common;
@@ -19,7 +20,11 @@ const B: usize = 2;
 const T: usize = 5;
 
 fn loss_of(m: &Llama<f64>) -> f64 {
-    m.loss(&m.forward(&IDS, B, T).unwrap()).unwrap()
+    m.loss(
+        &m.forward(Input::ids(&IDS, B, T), Options::default())
+            .unwrap(),
+    )
+    .unwrap()
 }
 
 fn check(
@@ -48,7 +53,12 @@ fn check(
 }
 
 fn check_model(m: &Llama<f64>) {
-    let (loss, _, grads) = m.loss_and_grads(&IDS, B, T).unwrap();
+    let (loss, _, grads) = m
+        .loss_and_grads(
+            &Batch::causal(IDS.to_vec(), B, T).unwrap(),
+            Options::default(),
+        )
+        .unwrap();
     assert!((loss - loss_of(m)).abs() < 1e-15);
     let cfg = m.config.clone();
     let names = qadapt_train::weights::layout(&cfg);
@@ -74,7 +84,9 @@ fn check_model(m: &Llama<f64>) {
     .unwrap();
     let targets = causal_targets(&IDS, B, T).unwrap();
     check("inputs_embeds", &e, &grads.inputs_embeds, |v| {
-        let f = m.forward_embeds(v.to_vec(), B, T).unwrap();
+        let f = m
+            .forward(Input::embeds(v.to_vec(), B, T), Options::default())
+            .unwrap();
         cross_entropy::forward(&f.logits, &targets, cfg.vocab_size).unwrap()
     })
     .unwrap();
@@ -107,7 +119,12 @@ fn tied_llama3_rope_backward_matches_finite_differences() {
 #[test]
 fn checker_catches_a_wrong_gradient() {
     let m = random_model(config(false, RopeScaling::None), &mut common::stream(13));
-    let (_, _, grads) = m.loss_and_grads(&IDS, B, T).unwrap();
+    let (_, _, grads) = m
+        .loss_and_grads(
+            &Batch::causal(IDS.to_vec(), B, T).unwrap(),
+            Options::default(),
+        )
+        .unwrap();
     let mut g = grads.weights.unwrap().layers[1].k_proj.clone();
     let i = g
         .iter()

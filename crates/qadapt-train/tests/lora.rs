@@ -18,6 +18,7 @@ use qadapt_train::lora::{self, LoraPair};
 use qadapt_train::{
     BaseGrads, Llama, LlamaDir, LoraAdapter, LoraConfig, LoraInit, Proj, causal_targets,
 };
+use qadapt_train::{Batch, Input, Options};
 use safetensors::SafeTensors;
 
 use crate::common;
@@ -55,14 +56,20 @@ fn peft_adapter_matches_peft_logits_loss_and_gradients() {
         .collect();
 
     let (loss, f, grads) = model
-        .loss_and_grads_with(&ids, batch, seq, Some(&adapter), BaseGrads::Frozen)
+        .loss_and_grads(
+            &Batch::causal(ids.to_vec(), batch, seq).unwrap(),
+            Options::adapter(&adapter).with_base(BaseGrads::Frozen),
+        )
         .unwrap();
     let (err, scale) = worst(&f.logits, &f32s("logits"));
     println!("lora: logits max err {err:.3e} (max |logit| {scale:.3})");
     assert!(err <= 3e-5 * scale);
     let exact: Vec<f32> = model
         .cast::<f64>()
-        .forward_with(&ids, batch, seq, Some(&adapter.cast::<f64>()))
+        .forward(
+            Input::ids(&ids, batch, seq),
+            Options::adapter(&adapter.cast::<f64>()),
+        )
         .unwrap()
         .logits
         .iter()
@@ -77,7 +84,10 @@ fn peft_adapter_matches_peft_logits_loss_and_gradients() {
     assert!(((loss - want) / want).abs() <= 1e-5);
     // The adapter changes the model: the base alone is far from these logits.
     let (base_err, _) = worst(
-        &model.forward(&ids, batch, seq).unwrap().logits,
+        &model
+            .forward(Input::ids(&ids, batch, seq), Options::default())
+            .unwrap()
+            .logits,
         &f32s("logits"),
     );
     assert!(base_err > 0.1);
@@ -139,11 +149,17 @@ fn lora_gradients_match_finite_differences() {
     for rslora in [false, true] {
         let (m, a) = random_setup(&all, rslora);
         let loss_of = |a: &LoraAdapter<f64>| {
-            m.loss(&m.forward_with(&IDS, 2, 5, Some(a)).unwrap())
-                .unwrap()
+            m.loss(
+                &m.forward(Input::ids(&IDS, 2, 5), Options::adapter(a))
+                    .unwrap(),
+            )
+            .unwrap()
         };
         let (loss, _, g) = m
-            .loss_and_grads_with(&IDS, 2, 5, Some(&a), BaseGrads::Compute)
+            .loss_and_grads(
+                &Batch::causal(IDS.to_vec(), 2, 5).unwrap(),
+                Options::adapter(&a).with_base(BaseGrads::Compute),
+            )
             .unwrap();
         assert_eq!(loss, loss_of(&a));
         let ga = g.lora.unwrap();
@@ -190,7 +206,9 @@ fn lora_gradients_match_finite_differences() {
             let at = |v: f64| {
                 let mut e2 = e.clone();
                 e2[i] = v;
-                let f = m.forward_embeds_with(e2, 2, 5, Some(&a)).unwrap();
+                let f = m
+                    .forward(Input::embeds(e2, 2, 5), Options::adapter(&a))
+                    .unwrap();
                 cross_entropy::forward(&f.logits, &targets, 11).unwrap()
             };
             let fd = (at(e[i] + 1e-5) - at(e[i] - 1e-5)) / 2e-5;
@@ -206,19 +224,27 @@ fn lora_gradients_match_finite_differences() {
 fn frozen_base_gives_the_same_activation_gradients() {
     let (m, a) = random_setup(&["q_proj", "down_proj"], false);
     let (_, _, full) = m
-        .loss_and_grads_with(&IDS, 2, 5, Some(&a), BaseGrads::Compute)
+        .loss_and_grads(
+            &Batch::causal(IDS.to_vec(), 2, 5).unwrap(),
+            Options::adapter(&a).with_base(BaseGrads::Compute),
+        )
         .unwrap();
     let (_, _, frozen) = m
-        .loss_and_grads_with(&IDS, 2, 5, Some(&a), BaseGrads::Frozen)
+        .loss_and_grads(
+            &Batch::causal(IDS.to_vec(), 2, 5).unwrap(),
+            Options::adapter(&a).with_base(BaseGrads::Frozen),
+        )
         .unwrap();
     assert!(frozen.weights.is_none() && full.weights.is_some());
     assert_eq!(full.lora, frozen.lora);
     assert_eq!(full.inputs_embeds, frozen.inputs_embeds);
     // A forward without the adapter cannot be differentiated with it, and vice versa.
-    let f = m.forward(&IDS, 2, 5).unwrap();
+    let f = m
+        .forward(Input::ids(&IDS, 2, 5), Options::default())
+        .unwrap();
     let t = causal_targets(&IDS, 2, 5).unwrap();
     assert!(
-        m.backward_with(&f, &t, Some(&a), BaseGrads::Frozen)
+        m.backward(&f, &t, Options::adapter(&a).with_base(BaseGrads::Frozen))
             .is_err()
     );
 }
@@ -239,8 +265,16 @@ fn peft_init_starts_at_the_base_model() {
     assert!(pa.a.iter().all(|v| v.abs() <= 1.0 / 8f64.sqrt()) && pa.a.iter().any(|v| *v != 0.0));
     assert!(pa.b.iter().all(|v| *v == 0.0));
     assert!(a.pair(0, Proj::Q).is_none() && a.pair(1, Proj::Up).is_some());
-    let base = m.forward(&IDS, 2, 5).unwrap().logits;
-    assert_eq!(m.forward_with(&IDS, 2, 5, Some(&a)).unwrap().logits, base);
+    let base = m
+        .forward(Input::ids(&IDS, 2, 5), Options::default())
+        .unwrap()
+        .logits;
+    assert_eq!(
+        m.forward(Input::ids(&IDS, 2, 5), Options::adapter(&a))
+            .unwrap()
+            .logits,
+        base
+    );
     let bad = LoraConfig {
         target_modules: vec!["lm_head".into()],
         ..lc

@@ -13,6 +13,7 @@ use qadapt_train::{
     Adapter, Attached, BaseGrads, DropoutKey, Evaluation, Grads, Llama, LoraAdapter, LoraConfig,
     LoraInit, Proj, causal_targets, evaluate_targets, evaluate_train,
 };
+use qadapt_train::{Input, Options};
 
 use crate::common;
 use common::{random_model, tiny_config, uniform};
@@ -149,23 +150,33 @@ fn training_gradients_depend_on_the_key_only() {
         unreachable!()
     };
     let f = m
-        .forward_attached(&IDS, 2, 5, Attached::LoraTrain(lora, KEY))
+        .forward(
+            Input::ids(&IDS, 2, 5),
+            Options::adapter(Attached::LoraTrain(lora, KEY)),
+        )
         .unwrap();
     let other = Attached::LoraTrain(lora, DropoutKey { step: 4, ..KEY });
     assert!(
-        m.backward_attached(&f, &targets(), other, BaseGrads::Frozen)
-            .is_err()
-    );
-    assert!(
-        m.backward_attached(&f, &targets(), Attached::Lora(lora), BaseGrads::Frozen)
-            .is_err()
-    );
-    assert!(
-        m.backward_attached(
+        m.backward(
             &f,
             &targets(),
-            Attached::LoraTrain(lora, KEY),
-            BaseGrads::Frozen
+            Options::adapter(other).with_base(BaseGrads::Frozen)
+        )
+        .is_err()
+    );
+    assert!(
+        m.backward(
+            &f,
+            &targets(),
+            Options::adapter(Attached::Lora(lora)).with_base(BaseGrads::Frozen)
+        )
+        .is_err()
+    );
+    assert!(
+        m.backward(
+            &f,
+            &targets(),
+            Options::adapter(Attached::LoraTrain(lora, KEY)).with_base(BaseGrads::Frozen)
         )
         .is_ok()
     );

@@ -3,6 +3,7 @@
 
 use crate::common::data;
 use qadapt_train::merge::{Fold, fold, fold_ia3, named_tensors};
+use qadapt_train::{Input, Options};
 use qadapt_train::{Llama, LlamaDir, lora};
 
 #[test]
@@ -18,7 +19,7 @@ fn merged_model_equals_base_plus_adapter_and_unmerge_restores_the_base() {
     let base = dir.model().unwrap().cast::<f64>();
     let adapter64 = adapter.cast::<f64>();
     let want = base
-        .forward_with(&ids, batch, seq, Some(&adapter64))
+        .forward(Input::ids(&ids, batch, seq), Options::adapter(&adapter64))
         .unwrap()
         .logits;
     let mut w = dir.weights.clone();
@@ -26,7 +27,10 @@ fn merged_model_equals_base_plus_adapter_and_unmerge_restores_the_base() {
     let merged = Llama::new(dir.config.clone(), w.clone())
         .unwrap()
         .cast::<f64>();
-    let got = merged.forward(&ids, batch, seq).unwrap().logits;
+    let got = merged
+        .forward(Input::ids(&ids, batch, seq), Options::default())
+        .unwrap()
+        .logits;
     let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
     let err = got
         .iter()
@@ -37,7 +41,10 @@ fn merged_model_equals_base_plus_adapter_and_unmerge_restores_the_base() {
         err <= 1e-5 * scale,
         "merged logits off by {err:e} (max |logit| {scale})"
     );
-    let plain = base.forward(&ids, batch, seq).unwrap().logits;
+    let plain = base
+        .forward(Input::ids(&ids, batch, seq), Options::default())
+        .unwrap()
+        .logits;
     let moved = plain
         .iter()
         .zip(&want)
@@ -98,7 +105,7 @@ fn merged_ia3_equals_base_plus_adapter_and_unmerge_restores_the_base() {
     fold_ia3(&adapter, &dir.config, &mut w, Fold::Merge).unwrap();
     let got = Llama::new(dir.config.clone(), w.clone())
         .unwrap()
-        .forward(&ids, 2, 11)
+        .forward(Input::ids(&ids, 2, 11), Options::default())
         .unwrap()
         .logits;
     let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -110,7 +117,10 @@ fn merged_ia3_equals_base_plus_adapter_and_unmerge_restores_the_base() {
         err <= 3e-5 * scale,
         "merged (IA)3 logits off by {err:e} of {scale}"
     );
-    let plain = base.forward(&ids, 2, 11).unwrap().logits;
+    let plain = base
+        .forward(Input::ids(&ids, 2, 11), Options::default())
+        .unwrap()
+        .logits;
     let moved = plain
         .iter()
         .zip(&want)

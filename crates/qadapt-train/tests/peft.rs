@@ -8,6 +8,7 @@
 //! wrong label shift moves the logits or loss by orders of magnitude more (the test checks two of
 //! these alternatives and requires them to miss).
 
+use qadapt_train::{Input, Options};
 use std::path::PathBuf;
 
 use rand::{Rng, SeedableRng};
@@ -166,7 +167,10 @@ fn prefix_tuning_matches_peft() {
     let (batch, seq, ids) = g.ids();
     let want = g.f32s("logits").1;
     let f = model
-        .forward_attached(&ids, batch, seq, qadapt_train::Attached::Prefix(&roped))
+        .forward(
+            Input::ids(&ids, batch, seq),
+            Options::adapter(qadapt_train::Attached::Prefix(&roped)),
+        )
         .unwrap();
     let (err, scale) = worst(&f.logits, &want);
     println!("prefix: with RoPE on the prefix keys, logits max err {err:.3e}");

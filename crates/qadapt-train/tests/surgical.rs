@@ -143,7 +143,7 @@ fn relative_grad_norms_average_each_batch_ratio() {
     let per_batch: Vec<Vec<f64>> = batches
         .iter()
         .map(|b| {
-            let (_, g) = loss_and_grads(&m, &what, b).unwrap();
+            let (_, g) = loss_and_grads(&m, &what, b, None).unwrap();
             g.iter()
                 .zip(&values)
                 .map(|(g, v)| norm(g) / norm(v))
