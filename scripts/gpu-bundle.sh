@@ -164,7 +164,7 @@ if [ "$vgpu" != 1 ]; then
         summary+=("| memcheck | $name | $r | | $(grep -E 'ERROR SUMMARY' "$logs/memcheck-$name.log" | tail -n 1) |")
         echo "${summary[-1]}"
     done
-    if timeout 300 "$cs" --tool racecheck --error-exitcode 1 tests/lora --ignored --test-threads=1 >"$logs/racecheck-lora.log" 2>&1; then
+    if timeout 300 "$cs" --tool racecheck --error-exitcode 1 tests/ops --ignored --test-threads=1 lora:: >"$logs/racecheck-lora.log" 2>&1; then
         r=PASS
     else
         r=FAIL; status=1; tail -n 40 "$logs/racecheck-lora.log"

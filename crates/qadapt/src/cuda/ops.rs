@@ -19,7 +19,7 @@
 //!
 //! Results agree with the CPU reference run in f32 on the same (bf16-valued) inputs within a few
 //! bf16 ulps (each output is rounded to bf16 once); the embedding and the mask blend are
-//! bit-exact. The tolerances are written in `crates/qadapt/tests/model_ops_cuda.rs`.
+//! bit-exact. The tolerances are written in `crates/qadapt/tests/ops/model_ops_cuda.rs`.
 
 use cudarc::driver::CudaSlice;
 use half::bf16;

@@ -9,12 +9,7 @@ use qadapt::{DType, Device, FloatVec};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-fn cuda() -> Device {
-    match Device::cuda(0) {
-        Ok(d) => d,
-        Err(e) => panic!("this test needs a CUDA device: {e}"),
-    }
-}
+use crate::common::{cuda, cuda_device};
 
 /// Deterministic values with structure: a zero block, an outlier, exact midpoints, negatives.
 fn values(n: usize, seed: u32) -> Vec<f32> {
@@ -106,9 +101,7 @@ fn cuda_dequantize_matches_cpu_bit_for_bit() {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn cuda_small_roundtrip_for_sanitizer() {
-    let Device::Cuda(dev) = cuda() else {
-        unreachable!()
-    };
+    let dev = cuda_device();
     for n in [1usize, 33, 1001] {
         let x: Vec<f32> = values(n, 3);
         let input = dev.upload(&x).unwrap();

@@ -4,7 +4,6 @@
 //! virtual device.
 
 use half::bf16;
-use qadapt::Device;
 use qadapt::cuda::Op;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -28,9 +27,7 @@ fn at(x: &[bf16], op: Op, rows: usize, cols: usize, i: usize, j: usize) -> f64 {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn cublas_gemm_matches_f64_reference_for_every_layout() {
-    let Device::Cuda(dev) = Device::cuda(0).expect("this test needs a CUDA device") else {
-        unreachable!()
-    };
+    let dev = crate::common::cuda_device();
     for (m, n, k) in [(1, 33, 17), (5, 7, 129), (67, 130, 61)] {
         for a_op in [Op::N, Op::T] {
             for b_op in [Op::N, Op::T] {
@@ -65,9 +62,7 @@ fn cublas_gemm_matches_f64_reference_for_every_layout() {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn running_out_of_device_memory_is_its_own_error_and_the_device_goes_on() {
-    let Device::Cuda(dev) = Device::cuda(0).expect("this test needs a CUDA device") else {
-        unreachable!()
-    };
+    let dev = crate::common::cuda_device();
     // 1 PiB: more than any GPU (and the virtual device's limit) has.
     match dev.zeros::<u8>(1 << 50) {
         Err(qadapt::Error::OutOfMemory(msg)) => assert!(msg.contains("OUT_OF_MEMORY"), "{msg}"),

@@ -3,7 +3,6 @@
 //! `cargo test`, run by the GPU bundle.
 
 use half::bf16;
-use qadapt::Device;
 use qadapt::optim::{AdamW, adamw_cpu, adamw_cuda, sum_squares_cpu, sum_squares_cuda};
 
 fn vals(n: usize, seed: u32) -> Vec<f32> {
@@ -15,9 +14,7 @@ fn vals(n: usize, seed: u32) -> Vec<f32> {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn cuda_adamw_matches_cpu_bit_for_bit() {
-    let Device::Cuda(dev) = Device::cuda(0).expect("this test needs a CUDA device") else {
-        unreachable!()
-    };
+    let dev = crate::common::cuda_device();
     let h = AdamW {
         lr: 3e-3,
         weight_decay: 0.05,
@@ -51,9 +48,7 @@ fn cuda_adamw_matches_cpu_bit_for_bit() {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn cuda_sum_squares_matches_cpu() {
-    let Device::Cuda(dev) = Device::cuda(0).expect("this test needs a CUDA device") else {
-        unreachable!()
-    };
+    let dev = crate::common::cuda_device();
     let mut all = Vec::new();
     for n in [1usize, 1000, 10_000_019] {
         let x = vals(n, 5);
@@ -75,9 +70,7 @@ fn cuda_sum_squares_matches_cpu() {
 #[ignore = "needs a CUDA device"]
 fn cuda_paged_adamw_matches_device_state_bit_for_bit() {
     use qadapt::optim::{PagedAdamState, adamw_cuda_paged};
-    let Device::Cuda(dev) = Device::cuda(0).expect("this test needs a CUDA device") else {
-        unreachable!()
-    };
+    let dev = crate::common::cuda_device();
     let h = AdamW::default();
     let n = 3 << 20;
     let p0 = vals(n, 2);

@@ -12,8 +12,6 @@
 //! Needs a CUDA device: ignored by `cargo test`, run by the GPU bundle; fails loudly without one.
 
 use half::bf16;
-use qadapt::Device;
-use qadapt::cuda::CudaDevice;
 use qadapt::cuda::ops;
 use qadapt::ops::Accumulate;
 use qadapt::ops::rope::{RopeDirection, RopeScaling, RopeTable, inv_freq};
@@ -23,13 +21,7 @@ use rand_chacha::ChaCha8Rng;
 /// bf16 ulps allowed, relative to |ref|.
 const RTOL_BF16: f32 = 1.0 / 64.0;
 
-fn device() -> CudaDevice {
-    match Device::cuda(0) {
-        Ok(Device::Cuda(dev)) => dev,
-        Ok(_) => panic!("Device::cuda returned a non-CUDA device"),
-        Err(e) => panic!("this test needs a CUDA device: {e}"),
-    }
-}
+use crate::common::cuda_device as device;
 
 /// `n` bf16 values uniform in `[-scale, scale)`, and the same values as f32.
 fn rand_bf16(seed: u64, n: usize, scale: f32) -> (Vec<bf16>, Vec<f32>) {

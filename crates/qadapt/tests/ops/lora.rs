@@ -14,7 +14,6 @@ use qadapt::nf4::{Nf4Tensor, Statistics};
 use qadapt::{DType, Device, Error, FloatVec};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use std::sync::{PoisonError, RwLock, RwLockReadGuard};
 
 fn rand_bf16(rng: &mut ChaCha8Rng, len: usize, scale: f32) -> Vec<bf16> {
     (0..len)
@@ -165,53 +164,52 @@ fn assert_close(what: &str, got: &[bf16], want: &[f64], tol: &[f64]) {
     }
 }
 
-#[test]
-fn cpu_forward_matches_naive_f64_on_awkward_sizes() {
-    let shapes = [
-        (1, 1, 1, 1, 1),
-        (3, 37, 45, 7, 1),
-        (17, 65, 130, 33, 2),
-        (5, 129, 96, 128, 1),
-        (33, 31, 200, 1, 3),
-    ];
-    for (si, &(m, n, k, r, na)) in shapes.iter().enumerate() {
-        for base in [
-            Base::Dense,
-            Base::Nf4(Statistics::Plain),
-            Base::Nf4(Statistics::DoubleQuant),
-        ] {
-            for (bias, multi) in [(false, false), (true, true)] {
-                let c = make_case(si as u64 * 7 + 1, m, n, k, r, na, base, bias, multi);
-                let y = c
-                    .layer
-                    .forward(&Device::Cpu, &c.x, m, c.idx.as_deref())
-                    .unwrap();
-                let (want, tol) = naive_forward(&c, true);
-                assert_close(
-                    &format!("shape {:?} bias {bias} multi {multi}", (m, n, k, r, na)),
-                    &y,
-                    &want,
-                    &tol,
-                );
+test_device!(
+    /// The forward (dense and NF4 bases, bias, one or several adapters per call) against a naive
+    /// f64 product on awkward sizes.
+    fn forward_matches_naive_f64_on_awkward_sizes(dev) {
+        let shapes = [
+            (1, 1, 1, 1, 1),
+            (3, 37, 45, 7, 1),
+            (17, 65, 130, 33, 2),
+            (5, 129, 96, 128, 1),
+            (33, 31, 200, 1, 3),
+        ];
+        for (si, &(m, n, k, r, na)) in shapes.iter().enumerate() {
+            for base in [
+                Base::Dense,
+                Base::Nf4(Statistics::Plain),
+                Base::Nf4(Statistics::DoubleQuant),
+            ] {
+                for (bias, multi) in [(false, false), (true, true)] {
+                    let c = make_case(si as u64 * 7 + 1, m, n, k, r, na, base, bias, multi);
+                    let y = c.layer.forward(dev, &c.x, m, c.idx.as_deref()).unwrap();
+                    let (want, tol) = naive_forward(&c, true);
+                    assert_close(
+                        &format!("shape {:?} bias {bias} multi {multi}", (m, n, k, r, na)),
+                        &y,
+                        &want,
+                        &tol,
+                    );
+                }
             }
         }
     }
-}
+);
 
-#[test]
-fn base_only_rows_ignore_the_adapters() {
-    let c = make_case(3, 9, 23, 41, 5, 2, Base::Dense, true, false);
-    let y_none = c
-        .layer
-        .forward(&Device::Cpu, &c.x, 9, Some(&[-1; 9]))
-        .unwrap();
-    let mut plain = c.layer.clone();
-    plain.adapters.b.iter_mut().for_each(|v| *v = bf16::ZERO);
-    let y_zero_b = plain.forward(&Device::Cpu, &c.x, 9, None).unwrap();
-    assert_eq!(y_none, y_zero_b);
-    let y_lora = c.layer.forward(&Device::Cpu, &c.x, 9, None).unwrap();
-    assert_ne!(y_none, y_lora);
-}
+test_device!(
+    /// Rows whose adapter index is -1 get the base alone: exactly a zero-B adapter's output.
+    fn base_only_rows_ignore_the_adapters(dev) {
+        let c = make_case(3, 9, 23, 41, 5, 2, Base::Dense, true, false);
+        let y_none = c.layer.forward(dev, &c.x, 9, Some(&[-1; 9])).unwrap();
+        let mut plain = c.layer.clone();
+        plain.adapters.b.iter_mut().for_each(|v| *v = bf16::ZERO);
+        let y_zero_b = plain.forward(dev, &c.x, 9, None).unwrap();
+        assert_eq!(y_none, y_zero_b);
+        let y_lora = c.layer.forward(dev, &c.x, 9, None).unwrap();
+        assert_ne!(y_none, y_lora);
+    }
+);
 
 #[test]
 fn multi_adapter_rows_equal_single_adapter_calls() {
@@ -597,35 +595,7 @@ fn shapes_and_indices_are_checked() {
 
 // ---- CUDA against the f64 truth (and the CPU reference) ---------------------------------------
 
-/// The GPU tests of this file run in parallel threads on one device, whose emulator counters
-/// (on the virtual device) are per process: a test that counts launches holds this lock for
-/// writing, every other GPU test holds it for reading while it uses the device.
-static COUNTING: RwLock<()> = RwLock::new(());
-
-/// The CUDA device, with a shared hold on [`COUNTING`] for as long as it lives.
-struct Gpu {
-    dev: Device,
-    _shared: RwLockReadGuard<'static, ()>,
-}
-
-impl std::ops::Deref for Gpu {
-    type Target = Device;
-    fn deref(&self) -> &Device {
-        &self.dev
-    }
-}
-
-fn cuda_device() -> Device {
-    Device::cuda(0).expect("this test needs a CUDA device (run it with `just gpu-check`)")
-}
-
-fn cuda() -> Gpu {
-    let shared = COUNTING.read().unwrap_or_else(PoisonError::into_inner);
-    Gpu {
-        dev: cuda_device(),
-        _shared: shared,
-    }
-}
+use crate::common::{cuda, test_device};
 
 fn check_cuda(
     seed: u64,
@@ -886,10 +856,7 @@ fn cuda_backward_dense_and_nf4_match_cpu() {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn cuda_base_only_calls_run_no_lora_kernel() {
-    let _exclusive = COUNTING.write().unwrap_or_else(PoisonError::into_inner);
-    let Device::Cuda(dev) = cuda_device() else {
-        unreachable!("Device::cuda returns a CUDA device")
-    };
+    let (_exclusive, dev) = crate::common::counting();
     for (m, base) in [
         (3, Base::Dense),
         (40, Base::Dense),
