@@ -83,13 +83,8 @@ fn full_last(m: &Llama<f32>, ids: &[u32], a: Option<&Adapter<f32>>) -> Vec<f32> 
 }
 
 fn rel_err(got: &[f32], want: &[f32]) -> f32 {
-    assert_eq!(got.len(), want.len());
-    let err = got
-        .iter()
-        .zip(want)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f32::max);
-    err / want.iter().map(|v| v.abs()).fold(0.0, f32::max)
+    let (err, scale) = crate::common::worst(got, want);
+    err / scale
 }
 
 fn all_methods(m: &Llama<f32>) -> Vec<(&'static str, Adapter<f32>)> {

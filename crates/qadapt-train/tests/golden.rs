@@ -11,7 +11,7 @@
 //!   backward bug gives an O(1) relative error, so this separates bugs from rounding by orders of
 //!   magnitude.
 
-use crate::common::data;
+use crate::common::{data, worst};
 use qadapt_train::{Batch, Input, Options};
 use qadapt_train::{LlamaDir, causal_targets};
 use safetensors::SafeTensors;
@@ -51,18 +51,6 @@ impl Golden {
             ids.into_iter().map(|v| v as u32).collect(),
         )
     }
-}
-
-/// `max|got - want|` and `max|want|`.
-fn worst(got: &[f32], want: &[f32]) -> (f32, f32) {
-    assert_eq!(got.len(), want.len());
-    let err = got
-        .iter()
-        .zip(want)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f32::max);
-    let scale = want.iter().map(|v| v.abs()).fold(0.0, f32::max);
-    (err, scale)
 }
 
 fn check_against_transformers(model_dir: &str, golden: &str) {

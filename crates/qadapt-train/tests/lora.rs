@@ -22,18 +22,8 @@ use qadapt_train::{Batch, Input, Options};
 use safetensors::SafeTensors;
 
 use crate::common;
-use crate::common::data;
+use crate::common::{data, worst};
 use common::{random_model, tiny_config, uniform};
-
-fn worst(got: &[f32], want: &[f32]) -> (f32, f32) {
-    assert_eq!(got.len(), want.len());
-    let err = got
-        .iter()
-        .zip(want)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f32::max);
-    (err, want.iter().map(|v| v.abs()).fold(0.0, f32::max))
-}
 
 #[test]
 fn peft_adapter_matches_peft_logits_loss_and_gradients() {

@@ -14,20 +14,10 @@ use std::path::PathBuf;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::common::data;
+use crate::common::{data, worst};
 use qadapt_train::peft::{self, Adapter};
 use qadapt_train::{Grads, LlamaDir, evaluate};
 use safetensors::SafeTensors;
-
-fn worst(got: &[f32], want: &[f32]) -> (f32, f32) {
-    assert_eq!(got.len(), want.len());
-    let err = got
-        .iter()
-        .zip(want)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f32::max);
-    (err, want.iter().map(|v| v.abs()).fold(0.0, f32::max))
-}
 
 struct Golden(Vec<u8>);
 

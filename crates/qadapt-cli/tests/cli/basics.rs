@@ -1,28 +1,12 @@
 //! The `qadapt` binary end to end: its output matches the file bitsandbytes wrote, byte for byte;
 //! it reads bitsandbytes' files; bad input gives one error line, a non-zero exit, and no output.
 
+use crate::support::{data, qadapt, s};
 use std::os::unix::fs::FileTypeExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
 use safetensors::{SafeTensors, tensor::TensorView};
-
-fn data(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/data")
-        .join(name)
-}
-
-fn qadapt(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_qadapt"))
-        .args(args)
-        .output()
-        .expect("run qadapt")
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 /// Writes `tensors` (name, view) of `src` under new names into a safetensors file.
 fn write_subset(src: &SafeTensors<'_>, pick: &[(&str, &str)], out: &Path) {

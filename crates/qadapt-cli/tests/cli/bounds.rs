@@ -2,18 +2,12 @@
 //! CLI's exit status (1 for input, 2 for clap's own), found before anything large is allocated.
 //! Every case finishes in seconds; none allocates more than the fixtures' size.
 
+use crate::support::{bin, data};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn data(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/data")
-        .join(name)
-}
+use std::process::Output;
 
 fn qadapt(args: &[&str], cwd: &Path, env: &[(&str, &str)]) -> Output {
-    let bin = std::env::var_os("QADAPT_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_qadapt").into());
-    Command::new(bin)
+    bin()
         .args(args)
         .envs(env.iter().copied())
         .current_dir(cwd)

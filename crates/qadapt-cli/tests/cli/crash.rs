@@ -5,12 +5,12 @@
 //! leave no temporary behind, and reach the uninterrupted run's adapter bit for bit.
 //! Also: `--resume` from another working directory, and its refusal of changed inputs.
 
+use crate::support::{bin, step_losses};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn qadapt_cmd(args: &[&str], cwd: &Path) -> Command {
-    let bin = std::env::var_os("QADAPT_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_qadapt").into());
-    let mut c = Command::new(bin);
+    let mut c = bin();
     c.args(args).arg("--quiet").current_dir(cwd);
     c
 }
@@ -67,15 +67,6 @@ fn args<'a>(model: &'a str, data: &'a str, out: &'a str) -> Vec<&'a str> {
 
 fn adapter(run: &Path) -> Vec<u8> {
     std::fs::read(run.join("adapter/adapter_model.safetensors")).unwrap()
-}
-
-fn step_losses(run: &Path) -> Vec<(u64, f64)> {
-    std::fs::read_to_string(run.join("log.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter_map(|v| Some((v.get("step")?.as_u64()?, v.get("loss")?.as_f64()?)))
-        .collect()
 }
 
 /// Names under `dir` (recursively) that a finished run must not have: temporaries and a

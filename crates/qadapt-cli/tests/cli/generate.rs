@@ -3,30 +3,14 @@
 //! the binary's tokens equal the library's greedy decoding, a batch with named adapters gives
 //! each prompt what it gets alone, JSONL prompts, `--nf4`, seeded sampling, and the error paths.
 
+use crate::support::{data, qadapt, s};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use qadapt_train::peft::{self, Adapter};
 use qadapt_train::{GenerateOptions, Generator, LlamaDir, LoraAdapter, LoraConfig, LoraInit};
 use qadapt_train::{Prompt, Sampling};
 use serde_json::Value;
-
-fn data(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/data")
-        .join(name)
-}
-
-fn qadapt(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_qadapt"))
-        .args(args)
-        .output()
-        .expect("run qadapt")
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 /// A WordLevel tokenizer over tiny_llama's 100 ids with a BOS template.
 fn tokenizer_json() -> String {

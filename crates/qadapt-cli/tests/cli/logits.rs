@@ -8,28 +8,11 @@
 //! orders): logits `max|err| <= 3e-5 max|want|`, loss relative `1e-5`, gradients
 //! `max|err| <= 5e-5 max|want|`.
 
+use crate::support::{data, qadapt, s};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use safetensors::SafeTensors;
 use safetensors::tensor::TensorView;
-
-fn data(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/data")
-        .join(name)
-}
-
-fn qadapt(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_qadapt"))
-        .args(args)
-        .output()
-        .expect("run qadapt")
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 fn f32s(st: &SafeTensors<'_>, k: &str) -> (Vec<usize>, Vec<f32>) {
     let t = st.tensor(k).unwrap_or_else(|_| panic!("missing {k}"));

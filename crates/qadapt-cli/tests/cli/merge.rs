@@ -1,20 +1,14 @@
 //! `qadapt merge`: the written directory is the base with the LoRA folded in, loadable as a plain
 //! model; bad input is refused with one line and leaves nothing behind.
 
+use crate::support::{bin, data};
 use qadapt_train::{Input, Options};
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
 use qadapt_train::{LlamaDir, lora};
 
-fn data(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/data")
-        .join(name)
-}
-
 fn merge(model: &Path, adapter: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_qadapt"))
+    bin()
         .arg("merge")
         .arg("--model")
         .arg(model)
@@ -179,7 +173,7 @@ fn a_symlinked_model_directory_gives_a_self_contained_output() {
     let r = merge(&snapshot, &data("tiny_llama_lora"), &out, &[]);
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     let quantized = tmp.path().join("nf4");
-    let r = Command::new(env!("CARGO_BIN_EXE_qadapt"))
+    let r = bin()
         .arg("quantize")
         .arg(&snapshot)
         .arg(&quantized)

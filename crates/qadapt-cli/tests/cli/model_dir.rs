@@ -3,24 +3,11 @@
 //! `tests/data/make_transformers_nf4.py`), config.json gets the quantization_config transformers
 //! reads, sharded checkpoints keep a consistent index, and nothing is overwritten or half-written.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use crate::support::{bin, data, qadapt};
+use std::path::Path;
 
 use safetensors::SafeTensors;
 use serde_json::Value;
-
-fn data(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/data")
-        .join(name)
-}
-
-fn qadapt(args: &[&Path]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_qadapt"))
-        .args(args)
-        .output()
-        .expect("run qadapt")
-}
 
 fn json(p: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
@@ -30,7 +17,7 @@ fn json(p: &Path) -> Value {
 fn quantized_directory_matches_what_transformers_writes() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("nf4");
-    let r = Command::new(env!("CARGO_BIN_EXE_qadapt"))
+    let r = bin()
         .args([
             "quantize",
             data("tiny_llama").to_str().unwrap(),

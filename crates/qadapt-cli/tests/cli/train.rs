@@ -1,18 +1,14 @@
 //! `qadapt train` and `qadapt compare` on the embedded model and task (short runs): what lands
 //! on disk, exact resume after an interruption, the NaN stop, and bad input.
 
+use crate::support::{bin, step_losses};
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
 /// The binary under test: `QADAPT_BIN` when set (the GPU bundle ships the binary beside the test
 /// binaries, away from the build tree), else the one cargo built.
 fn qadapt(args: &[&str], cwd: &Path) -> Output {
-    let bin = std::env::var_os("QADAPT_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_qadapt").into());
-    Command::new(bin)
-        .args(args)
-        .current_dir(cwd)
-        .output()
-        .unwrap()
+    bin().args(args).current_dir(cwd).output().unwrap()
 }
 
 fn ok(o: &Output) -> String {
@@ -32,15 +28,6 @@ fn fails(o: &Output) -> String {
     );
     assert!(!err.contains("panicked"), "{err}");
     err
-}
-
-fn step_losses(dir: &Path) -> Vec<(u64, f64)> {
-    std::fs::read_to_string(dir.join("log.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter_map(|v| Some((v.get("step")?.as_u64()?, v.get("loss")?.as_f64()?)))
-        .collect()
 }
 
 const SHORT: [&str; 6] = ["--steps", "6", "--batch", "4", "--checkpoint-every", "2"];

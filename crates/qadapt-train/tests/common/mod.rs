@@ -18,6 +18,17 @@ pub(crate) fn data(rel: &str) -> PathBuf {
         .join(rel)
 }
 
+/// `max|got - want|` and `max|want|`: a comparison's worst absolute error and its scale.
+pub(crate) fn worst(got: &[f32], want: &[f32]) -> (f32, f32) {
+    assert_eq!(got.len(), want.len());
+    let err = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max);
+    (err, want.iter().map(|v| v.abs()).fold(0.0, f32::max))
+}
+
 /// hidden 8, intermediate 12, 2 layers, 2 heads over 1 kv head of 4, vocab 11.
 pub(crate) fn tiny_config(tied: bool, scaling: RopeScaling) -> LlamaConfig {
     LlamaConfig {
