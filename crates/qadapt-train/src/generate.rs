@@ -47,7 +47,7 @@
 //! `seed + b`, so a seed fixes the whole output.
 
 use qadapt::Result;
-use qadapt::adapter::{self as bottleneck, BottleneckShape};
+use qadapt::bottleneck::{self, BottleneckShape};
 use qadapt::ops::linear::{self, LinearShape};
 use qadapt::ops::rope::{self, RopeTable};
 use qadapt::ops::{Accumulate, rmsnorm, swiglu};

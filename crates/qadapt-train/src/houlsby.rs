@@ -1,11 +1,11 @@
 //! Houlsby bottleneck adapters (Houlsby et al. 2019) in every decoder layer: one after the
 //! attention block and one after the MLP, each applied to the sublayer's output before the
-//! residual add, with [`qadapt::adapter`]'s op:
+//! residual add, with [`qadapt::bottleneck`]'s op:
 //! ```text
 //! x_mid = x + A_attn(attn Wo^T)          out = x_mid + A_mlp(h Wd^T)
 //! A(y)  = y + act(y Wd^T + bd) Wu^T + bu
 //! ```
-//! Near-identity start ([`qadapt::adapter::BottleneckParams::init`]): the down projection is
+//! Near-identity start ([`qadapt::bottleneck::BottleneckParams::init`]): the down projection is
 //! small and random, the up projection and its bias zero, so the adapted model starts equal to
 //! the base and every parameter still gets a gradient after one step.
 //!
@@ -23,7 +23,7 @@
 use std::path::Path;
 
 use qadapt::Result;
-use qadapt::adapter::{Activation, BottleneckParams};
+use qadapt::bottleneck::{Activation, BottleneckParams};
 use qadapt::ops::Real;
 use serde_json::{Value, json};
 

@@ -23,6 +23,11 @@
 //!   a small task. LoRA dropout applies in training mode only ([`evaluate_train`] with a
 //!   [`DropoutKey`]; `tests/lora_dropout.rs`). [`surgical`]: surgical fine-tuning, by layer group
 //!   chosen on validation loss or by Auto-RGN per-tensor rates (`tests/surgical.rs`).
+//! - [`layer`]: the decoder layer, defined once (forward and backward over the ops a runner
+//!   supplies): [`Llama`] (with [`Input`] and [`Options`]), the [`Generator`] and
+//!   [`backend::LoraModel`] run it.
+//! - [`backend`]: LoRA and QLoRA training in bf16 over a [`backend::Backend`]: on the GPU
+//!   ([`cuda::CudaBackend`]) or on the host ([`backend::CpuBackend`], which checks the wiring).
 //! - [`run`]: a whole fine-tuning run from a [`run::Config`] (data, method, checkpoints, exact
 //!   resume, interruption, accumulation, evaluation, saving), reporting to a [`run::Observer`];
 //!   `qadapt train` is a shell over it.

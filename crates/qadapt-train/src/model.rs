@@ -30,7 +30,7 @@ use qadapt::ops::linear::{self, LinearShape};
 use qadapt::ops::rope::{self, RopeDirection, RopeTable};
 use qadapt::ops::{Accumulate, Real, cross_entropy, embedding, rmsnorm, swiglu};
 
-use qadapt::adapter::{self as bottleneck, BottleneckShape};
+use qadapt::bottleneck::{self, BottleneckShape};
 
 use crate::config::LlamaConfig;
 use crate::houlsby::HoulsbyAdapter;

@@ -108,7 +108,7 @@ fn houlsby_bottleneck_must_be_that_of_the_tensors() {
     let model = LlamaDir::open(&data("tiny_llama")).unwrap();
     let cfg = HoulsbyConfig {
         bottleneck: 4,
-        activation: qadapt::adapter::Activation::Relu,
+        activation: qadapt::bottleneck::Activation::Relu,
     };
     let dir = tmp.path().join("houlsby");
     HoulsbyAdapter::<f32>::new(&model.config, cfg, 1e-3, 0)

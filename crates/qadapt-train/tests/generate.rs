@@ -18,7 +18,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::common::data;
 use half::bf16;
-use qadapt::adapter::Activation;
+use qadapt::bottleneck::Activation;
 use qadapt_train::generate::{LoraScratch, argmax};
 use qadapt_train::lora::LoraPair;
 use qadapt_train::peft::{self, Adapter};

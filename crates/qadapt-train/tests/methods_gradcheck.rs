@@ -6,7 +6,7 @@
 //! Central differences with `h = 1e-5` on a tiny random model (GQA, 2 layers); accepted:
 //! `|g - fd| <= 1e-6 (1 + |fd|)`, as in `gradcheck.rs`.
 
-use qadapt::adapter::Activation;
+use qadapt::bottleneck::Activation;
 use qadapt::ops::rope::RopeScaling;
 use qadapt_train::{
     Adapter, Grads, HoulsbyAdapter, HoulsbyConfig, Ia3Adapter, Ia3Config, Llama, PrefixTuning,

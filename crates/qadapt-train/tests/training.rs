@@ -8,7 +8,7 @@
 //! fraction of the first (the measured values are printed with `--nocapture`).
 
 use crate::common::data;
-use qadapt::adapter::Activation;
+use qadapt::bottleneck::Activation;
 use qadapt::optim::AdamW;
 use qadapt_train::{
     Adapter, Batch, HoulsbyAdapter, HoulsbyConfig, Ia3Adapter, Ia3Config, Llama, LlamaDir,

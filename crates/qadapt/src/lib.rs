@@ -16,7 +16,7 @@
 //! # Ok::<(), qadapt::Error>(())
 //! ```
 
-pub mod adapter;
+pub mod bottleneck;
 pub mod cpu_features;
 pub mod cuda;
 pub mod device;

@@ -3,7 +3,7 @@
 //! or a selection of the base's own tensors; and the memory the settings make the run allocate,
 //! checked against the budget before any of it is.
 
-use qadapt::adapter::Activation;
+use qadapt::bottleneck::Activation;
 
 use super::{Config, Error, Method};
 use crate::budget;

@@ -1,5 +1,5 @@
 //! The CUDA device: context, stream, properties and the kernels loaded from the embedded fatbins.
-//! Everything here is safe code; the `unsafe` calls live in [`launch`], the one door to the driver.
+//! Everything here is safe code; the `unsafe` calls live in `launch`, the one door to the driver.
 
 pub(crate) mod launch;
 pub mod ops;

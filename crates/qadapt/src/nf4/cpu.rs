@@ -124,7 +124,7 @@ pub fn dq_offset(absmax: &[f32]) -> f32 {
 /// torch's single-threaded f32 sum of a contiguous vector (at::native cascade_sum with 8-lane
 /// vectors, as it runs on AVX2 and AVX512 builds alike). For n >= 8 the data is viewed as
 /// `V = n/8` vectors; groups of 4 vectors form a row of 32 columns, and each column is summed over
-/// the `G = V/4` rows by [`multi_row_sum`]. The leftover vectors are added to column block 0, the
+/// the `G = V/4` rows by `multi_row_sum`. The leftover vectors are added to column block 0, the
 /// four column blocks folded into one vector, and the scalar tail plus the 8 lanes summed in order.
 pub fn torch_sum(x: &[f32]) -> f32 {
     let n = x.len();
