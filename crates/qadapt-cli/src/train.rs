@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use qadapt_train::backend::Checkpointing;
 use qadapt_train::fit::Heldout;
 use qadapt_train::run::{
     Config, FineTune, Finished, LogRow, Observer, ObserverError, Outcome, Overrides, Start,
@@ -48,6 +49,11 @@ pub(crate) struct TrainArgs {
     /// AdamW for qlora).
     #[arg(long)]
     device: Option<String>,
+    /// With --device cuda: none (keep every activation for the backward) or layers (keep each
+    /// decoder layer's input and recompute the layer in the backward: less memory, one more
+    /// forward per step, the same result bit for bit).
+    #[arg(long)]
+    checkpointing: Option<Checkpointing>,
     /// New output directory (default runs/<method>-<unix time>).
     #[arg(long)]
     output: Option<PathBuf>,
@@ -153,6 +159,7 @@ impl TrainArgs {
             heldout_data: self.heldout_data.clone(),
             heldout: self.heldout,
             device: self.device.clone(),
+            checkpointing: self.checkpointing,
             steps: self.steps,
             batch: self.batch,
             grad_accum: self.grad_accum,

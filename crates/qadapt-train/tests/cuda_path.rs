@@ -22,7 +22,9 @@ use qadapt_train::Options;
 use crate::common::data;
 use qadapt::ops::rope::RopeScaling;
 use qadapt::optim::AdamW;
-use qadapt_train::backend::{Backend, BaseFormat, CpuBackend, LoraModel, MomentPlacement};
+use qadapt_train::backend::{
+    Backend, BaseFormat, Checkpointing, CpuBackend, LoraModel, MomentPlacement,
+};
 use qadapt_train::cuda::CudaBackend;
 use qadapt_train::nf4::{Nf4Projections, quantize_projections};
 use qadapt_train::{
@@ -648,6 +650,56 @@ fn dropout_without_a_seed_and_foreign_adapters_are_refused() {
 
 // ---- On a CUDA device (ignored without one; `--ignored` fails without one). ----
 
+/// Two training steps (accumulate, AdamW, accumulate) with [`Checkpointing::Layers`] and without:
+/// the losses, the accumulated gradients and the updated adapter are equal bit for bit, since
+/// the backward recomputes each layer with the same ops on the same inputs and dropout masks.
+fn checkpointing_is_exact<B: Backend>(be: impl Fn() -> B, base: Base, dropout: f64, what: &str) {
+    let m = fixture();
+    let mut a = all_targets(&m, 7);
+    a.config.dropout = dropout;
+    let b = pattern_batch();
+    let opt = AdamW::default();
+    let run = |c: Checkpointing| {
+        let mut lm = lora_model(be(), &m, base, &a, MomentPlacement::Device);
+        lm.set_checkpointing(c);
+        assert_eq!(lm.checkpointing(), c);
+        if dropout > 0.0 {
+            lm.set_dropout_seed(42);
+        }
+        let first = lm.accumulate(&b).unwrap();
+        let grads = lm.grads().unwrap();
+        lm.apply(&opt, Some(1.0), 1e-2).unwrap();
+        let second = lm.accumulate(&b).unwrap();
+        (
+            first.to_bits(),
+            second.to_bits(),
+            grads,
+            lm.grads().unwrap(),
+        )
+    };
+    let (full, ckpt) = (run(Checkpointing::None), run(Checkpointing::Layers));
+    assert_eq!(full.0, ckpt.0, "{what}: first loss");
+    assert_eq!(full.1, ckpt.1, "{what}: loss after the step");
+    assert!(full.2 == ckpt.2, "{what}: first gradients differ");
+    assert!(full.3 == ckpt.3, "{what}: second gradients differ");
+    assert!(
+        full.2
+            .pairs
+            .iter()
+            .flatten()
+            .flatten()
+            .any(|p| p.a.iter().any(|v| *v != 0.0)),
+        "{what}: the gradients should not vanish"
+    );
+}
+
+#[test]
+fn layer_checkpointing_gives_the_same_step_bit_for_bit() {
+    checkpointing_is_exact(CpuBackend::f32, Base::Dense, 0.0, "f32, dense");
+    checkpointing_is_exact(CpuBackend::bf16, Base::Nf4, 0.0, "bf16, nf4");
+    checkpointing_is_exact(CpuBackend::bf16, Base::Dense, 0.1, "bf16, dense, dropout");
+}
+
 /// A backend on device 0; the device (context, stream, loaded kernels) is opened once per test
 /// binary and shared by every backend.
 fn cuda() -> CudaBackend {
@@ -682,6 +734,13 @@ fn cuda_matches_the_cpu_model_dense_and_nf4() {
     }
     check_bf16(cuda, &m, &a, Base::Dense, "cuda, q/v dense");
     check_bf16(cuda, &m, &a, Base::Nf4, "cuda, q/v nf4");
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn cuda_layer_checkpointing_gives_the_same_step_bit_for_bit() {
+    checkpointing_is_exact(cuda, Base::Dense, 0.0, "cuda, dense");
+    checkpointing_is_exact(cuda, Base::Nf4, 0.1, "cuda, nf4, dropout");
 }
 
 #[test]

@@ -205,8 +205,12 @@ fn bad_data_is_reported_with_file_and_line() {
 #[test]
 fn settings_that_would_train_wrongly_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
-    let cases: [(&[&str], &str); 4] = [
+    let cases: [(&[&str], &str); 5] = [
         (&["--min-lr-ratio=-1"], "--min-lr-ratio must be in [0, 1]"),
+        (
+            &["--checkpointing", "layers"],
+            "--checkpointing layers applies to --device cuda",
+        ),
         (
             &["--weight-decay=-0.1"],
             "--weight-decay must be 0 or positive",
@@ -340,6 +344,17 @@ fn cuda_training_follows_the_cpu_run_and_resumes() {
                 "{method} step {step}: cpu {c} vs cuda {g}"
             );
         }
+        // Layer checkpointing recomputes each layer in the backward: the same steps exactly.
+        run(
+            "cuda",
+            &format!("{method}-ckpt"),
+            &["--checkpointing", "layers"],
+        );
+        let ckpt = step_losses(&tmp.path().join(format!("{method}-ckpt")));
+        assert_eq!(
+            ckpt, gpu,
+            "{method}: --checkpointing layers changed the losses"
+        );
         let cut = format!("{method}-cut");
         let err = run("cuda", &cut, &["--interrupt-after", "3"]);
         assert!(err.contains("interrupted at step 3"), "{err}");

@@ -82,13 +82,56 @@ struct Trainable<B: Backend> {
 /// One layer's saved activations (`att`: attention's saved statistics).
 type LayerCache<B> = LayerActs<<B as Backend>::Act, <B as Backend>::F32, <B as Backend>::F32>;
 
+/// What the forward keeps of each decoder layer for the backward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Checkpointing {
+    /// Every activation of every layer: the backward reads them (the fastest step).
+    #[default]
+    None,
+    /// Only each layer's input: the backward first runs the layer's forward again from it (the
+    /// same ops on the same values and dropout masks, so the same activations bit for bit), then
+    /// its backward. One more forward per step; the saved activations shrink to `L` inputs plus
+    /// one layer's at a time.
+    Layers,
+}
+
+impl Checkpointing {
+    /// The spelling of `--checkpointing` and run.toml.
+    pub fn name(self) -> &'static str {
+        match self {
+            Checkpointing::None => "none",
+            Checkpointing::Layers => "layers",
+        }
+    }
+}
+
+impl std::str::FromStr for Checkpointing {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Checkpointing, String> {
+        match s {
+            "none" => Ok(Checkpointing::None),
+            "layers" => Ok(Checkpointing::Layers),
+            _ => Err(format!("unknown checkpointing {s:?} (none or layers)")),
+        }
+    }
+}
+
+/// One layer's part of [`Saved`].
+enum LayerSaved<B: Backend> {
+    All(LayerCache<B>),
+    /// The layer input `x` ([`Checkpointing::Layers`]).
+    Input(B::Act),
+}
+
 /// What a forward keeps for the backward.
 struct Saved<B: Backend> {
     batch: usize,
     seq: usize,
     /// The dropout key of a training forward (`None`: no dropout).
     key: Option<DropoutKey>,
-    layers: Vec<LayerCache<B>>,
+    layers: Vec<LayerSaved<B>>,
     x_final: B::Act,
     rstd_final: B::F32,
     rope: B::Rope,
@@ -112,6 +155,7 @@ pub struct LoraModel<B: Backend> {
     /// `slot[layer][proj.index()]`: index into `trainable`.
     slot: Vec<Vec<Option<usize>>>,
     placement: MomentPlacement,
+    checkpointing: Checkpointing,
     /// LoRA dropout's seed (see [`Self::set_dropout_seed`]) and the micro-batch counter of the
     /// step being accumulated: the [`DropoutKey`] of [`crate::Trainer`].
     dropout_seed: Option<u64>,
@@ -229,6 +273,7 @@ impl<B: Backend> LoraModel<B> {
             trainable,
             slot,
             placement,
+            checkpointing: Checkpointing::None,
             dropout_seed: None,
             micro: 0,
             acc_tokens: 0,
@@ -303,7 +348,11 @@ impl<B: Backend> LoraModel<B> {
         be.embedding(ids, &self.embed, c.vocab_size, c.hidden_size, &mut x)?;
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         let mut run = BackendRun {
-            model: self,
+            be,
+            config: c,
+            layers: &self.layers,
+            slot: &self.slot,
+            dropout: self.adapter.dropout,
             rows: n,
             batch,
             seq,
@@ -311,8 +360,12 @@ impl<B: Backend> LoraModel<B> {
             key,
         };
         for l in 0..c.num_hidden_layers {
-            let (cache, out) = layer::forward(&mut run, l, x)?;
-            layers.push(cache);
+            let (acts, out) = layer::forward(&mut run, l, x)?;
+            layers.push(match self.checkpointing {
+                Checkpointing::None => LayerSaved::All(acts),
+                // The rest of the layer's activations are freed here.
+                Checkpointing::Layers => LayerSaved::Input(acts.x),
+            });
             x = out;
         }
         let mut xn_final = be.zeros(n * c.hidden_size)?;
@@ -394,6 +447,7 @@ impl<B: Backend> LoraModel<B> {
             dv: be.zeros(n * kd)?,
             dxn,
         };
+        let (layers, slot): (&[Layer<B>], &[Vec<Option<usize>>]) = (layers, slot);
         let mut run = BackendBackRun {
             be,
             config: c,
@@ -405,7 +459,27 @@ impl<B: Backend> LoraModel<B> {
             scratch: &mut scratch,
         };
         for l in (0..c.num_hidden_layers).rev() {
-            layer::backward(&mut run, l, &f.layers[l], &mut dx, &mut bufs)?;
+            let recomputed;
+            let acts = match &f.layers[l] {
+                LayerSaved::All(acts) => acts,
+                LayerSaved::Input(x) => {
+                    let mut fwd = BackendRun {
+                        be,
+                        config: c,
+                        layers,
+                        slot,
+                        dropout: *dropout,
+                        rows: n,
+                        batch: f.batch,
+                        seq: f.seq,
+                        rope: &f.rope,
+                        key: f.key,
+                    };
+                    recomputed = layer::forward(&mut fwd, l, be.duplicate(x)?)?.0;
+                    &recomputed
+                }
+            };
+            layer::backward(&mut run, l, acts, &mut dx, &mut bufs)?;
         }
         Ok(())
     }
@@ -430,6 +504,16 @@ impl<B: Backend> LoraModel<B> {
         self.dropout_seed = Some(seed);
     }
 
+    /// What the training forward keeps for the backward (default: every activation).
+    pub fn set_checkpointing(&mut self, c: Checkpointing) {
+        self.checkpointing = c;
+    }
+
+    /// What the training forward keeps for the backward.
+    pub fn checkpointing(&self) -> Checkpointing {
+        self.checkpointing
+    }
+
     /// The dropout key of the next micro-batch (`None` without dropout).
     fn dropout_key(&self) -> Result<Option<DropoutKey>> {
         if self.adapter.dropout == 0.0 {
@@ -449,17 +533,6 @@ impl<B: Backend> LoraModel<B> {
             step: self.steps + 1,
             micro: self.micro,
         }))
-    }
-
-    /// The dropout mask of projection `p` of layer `l` under `key` (`None` where nothing drops).
-    fn dropout(
-        &self,
-        key: Option<DropoutKey>,
-        l: usize,
-        p: Proj,
-    ) -> Result<Option<(DropoutMask, f32)>> {
-        let adapted = self.slot[l][p.index()].is_some();
-        dropout_mask(self.adapter.dropout, key, adapted, l, p)
     }
 
     /// Forward and backward of one micro-batch, adding its gradient (weighted by its target
@@ -639,14 +712,26 @@ impl<B: Backend> LoraModel<B> {
 }
 
 /// [`LoraModel`]'s forward ops on a batch of `rows = batch * seq` tokens, LoRA dropout drawn
-/// under `key` (training) or none.
+/// under `key` (training) or none. It borrows the model's parts, not the model, so that the
+/// backward can run it (recomputing a checkpointed layer) while it adds into the gradients.
 struct BackendRun<'m, B: Backend> {
-    model: &'m LoraModel<B>,
+    be: &'m B,
+    config: &'m LlamaConfig,
+    layers: &'m [Layer<B>],
+    slot: &'m [Vec<Option<usize>>],
+    dropout: f64,
     rows: usize,
     batch: usize,
     seq: usize,
     rope: &'m B::Rope,
     key: Option<DropoutKey>,
+}
+
+impl<B: Backend> BackendRun<'_, B> {
+    fn mask(&self, l: usize, p: Proj) -> Result<Option<(DropoutMask, f32)>> {
+        let adapted = self.slot[l][p.index()].is_some();
+        dropout_mask(self.dropout, self.key, adapted, l, p)
+    }
 }
 
 impl<B: Backend> LayerRun for BackendRun<'_, B> {
@@ -655,39 +740,29 @@ impl<B: Backend> LayerRun for BackendRun<'_, B> {
     type Att = B::F32;
 
     fn rmsnorm(&mut self, l: usize, norm: Norm, x: &B::Act) -> Result<(B::Act, B::F32)> {
-        let (m, n) = (self.model, self.rows);
-        let be = &m.backend;
-        let lw = &m.layers[l];
+        let (be, c, n) = (self.be, self.config, self.rows);
+        let lw = &self.layers[l];
         let w = match norm {
             Norm::Input => &lw.input_norm,
             Norm::Post => &lw.post_norm,
         };
-        let (mut y, mut rstd) = (be.zeros(n * m.config.hidden_size)?, be.zeros_f32(n)?);
-        be.rmsnorm_forward(x, w, m.config.rms_norm_eps, &mut y, &mut rstd)?;
+        let (mut y, mut rstd) = (be.zeros(n * c.hidden_size)?, be.zeros_f32(n)?);
+        be.rmsnorm_forward(x, w, c.rms_norm_eps, &mut y, &mut rstd)?;
         Ok((y, rstd))
     }
 
     fn project(&mut self, l: usize, p: Proj, x: &B::Act) -> Result<B::Act> {
-        let (m, n) = (self.model, self.rows);
-        let (inp, out) = p.dims(&m.config);
-        let mut y = m.backend.zeros(n * out)?;
-        let mask = m.dropout(self.key, l, p)?;
-        let pj = &m.layers[l].projs[p.index()];
-        proj_forward(
-            &m.backend,
-            pj,
-            mask,
-            x,
-            n,
-            inp,
-            &mut y,
-            Accumulate::Overwrite,
-        )?;
+        let n = self.rows;
+        let (inp, out) = p.dims(self.config);
+        let mut y = self.be.zeros(n * out)?;
+        let mask = self.mask(l, p)?;
+        let pj = &self.layers[l].projs[p.index()];
+        proj_forward(self.be, pj, mask, x, n, inp, &mut y, Accumulate::Overwrite)?;
         Ok(y)
     }
 
     fn rope(&mut self, _l: usize, q: &mut B::Act, k: &mut B::Act) -> Result<()> {
-        let (be, c) = (&self.model.backend, &self.model.config);
+        let (be, c) = (self.be, self.config);
         be.rope_apply(self.rope, q, c.num_attention_heads, RopeDirection::Forward)?;
         be.rope_apply(self.rope, k, c.num_key_value_heads, RopeDirection::Forward)
     }
@@ -699,7 +774,7 @@ impl<B: Backend> LayerRun for BackendRun<'_, B> {
         k: &B::Act,
         v: &B::Act,
     ) -> Result<(B::F32, B::Act)> {
-        let (be, c) = (&self.model.backend, &self.model.config);
+        let (be, c) = (self.be, self.config);
         let sh = c.attention_shape(self.batch, self.seq);
         let mut att = be.zeros_f32(be.attention_saved_len(sh))?;
         let mut attn = be.zeros(self.rows * c.q_dim())?;
@@ -708,13 +783,12 @@ impl<B: Backend> LayerRun for BackendRun<'_, B> {
     }
 
     fn residual(&mut self, l: usize, p: Proj, x: &B::Act, resid: &B::Act) -> Result<B::Act> {
-        let m = self.model;
-        let mut out = m.backend.duplicate(resid)?;
-        let mask = m.dropout(self.key, l, p)?;
-        let pj = &m.layers[l].projs[p.index()];
-        let inp = p.dims(&m.config).0;
+        let mut out = self.be.duplicate(resid)?;
+        let mask = self.mask(l, p)?;
+        let pj = &self.layers[l].projs[p.index()];
+        let inp = p.dims(self.config).0;
         proj_forward(
-            &m.backend,
+            self.be,
             pj,
             mask,
             x,
@@ -727,9 +801,8 @@ impl<B: Backend> LayerRun for BackendRun<'_, B> {
     }
 
     fn swiglu(&mut self, gate: &B::Act, up: &B::Act) -> Result<B::Act> {
-        let be = &self.model.backend;
-        let mut h = be.zeros(self.rows * self.model.config.intermediate_size)?;
-        be.swiglu_forward(gate, up, &mut h)?;
+        let mut h = self.be.zeros(self.rows * self.config.intermediate_size)?;
+        self.be.swiglu_forward(gate, up, &mut h)?;
         Ok(h)
     }
 }

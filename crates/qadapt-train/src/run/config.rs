@@ -15,6 +15,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use super::Error;
+use crate::backend::Checkpointing;
 use crate::weights::Proj;
 
 /// The PEFT methods a run trains.
@@ -135,6 +136,9 @@ pub struct Config {
     pub heldout: usize,
     /// `cpu`, or `cuda[:N]` (LoRA and QLoRA only).
     pub device: String,
+    /// What the CUDA path's forward keeps for the backward (`layers`: each decoder layer's
+    /// input only, the layer recomputed in the backward; the same step bit for bit).
+    pub checkpointing: Checkpointing,
     /// Optimizer steps (manual surgery: in all, split evenly between the layer groups).
     pub steps: u64,
     /// Sequences per micro-batch.
@@ -199,6 +203,7 @@ impl Default for Config {
             heldout_data: None,
             heldout: 200,
             device: "cpu".into(),
+            checkpointing: Checkpointing::None,
             steps: 300,
             batch: 16,
             grad_accum: 1,
@@ -244,6 +249,7 @@ pub struct Overrides {
     pub heldout_data: Option<PathBuf>,
     pub heldout: Option<usize>,
     pub device: Option<String>,
+    pub checkpointing: Option<Checkpointing>,
     pub steps: Option<u64>,
     pub batch: Option<usize>,
     pub grad_accum: Option<usize>,
@@ -297,6 +303,7 @@ impl Config {
             method,
             heldout,
             device,
+            checkpointing,
             steps,
             batch,
             grad_accum,
@@ -360,6 +367,12 @@ impl Config {
             if v == 0 {
                 return bad(format!("--{name} must be positive"));
             }
+        }
+        if self.checkpointing != Checkpointing::None && self.device == "cpu" {
+            return bad(format!(
+                "--checkpointing {} applies to --device cuda (the CPU path keeps every activation)",
+                self.checkpointing.name()
+            ));
         }
         let lr = self.lr();
         if !(lr.is_finite() && lr > 0.0) {

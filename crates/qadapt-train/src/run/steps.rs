@@ -297,6 +297,7 @@ impl Run {
                 if let Some(seed) = trainer.dropout_seed {
                     g.set_dropout_seed(seed);
                 }
+                g.set_checkpointing(c.checkpointing);
                 Some(g)
             }
             (Some(_), _) => {
