@@ -161,6 +161,20 @@ pub fn model_op(items: u64, work: ModelWork, props: &DeviceProps) -> Result<Laun
     })
 }
 
+/// The tensor-core attention kernels (`kernels/flash_attention.cu`): `blocks` 64-row blocks
+/// (`QADAPT_FLASH_BLOCK` queries or keys of one head), one CTA each up to the grid cap (the
+/// kernels grid-stride over the rest), `QADAPT_FLASH_THREADS` threads, static shared memory only.
+pub fn flash_attention(blocks: u64, props: &DeviceProps) -> Result<LaunchPlan> {
+    if blocks == 0 {
+        return Err(invalid("flash attention plan", "no row blocks"));
+    }
+    Ok(LaunchPlan {
+        grid: capped_grid(blocks, props),
+        block: ffi::QADAPT_FLASH_THREADS,
+        shared_bytes: 0,
+    })
+}
+
 /// The two launches of the RMSNorm weight gradient: `rmsnorm_bwd_dw_bf16` sums `chunk_rows` rows
 /// of 32 columns per CTA into `partial [chunks, dim]`, then `rmsnorm_bwd_dw_reduce` adds the
 /// chunks in order into `dw`, one thread per column.
