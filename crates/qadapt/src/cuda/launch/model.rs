@@ -1,5 +1,6 @@
-//! Model-op launches (`kernels/{rmsnorm,swiglu,dropout,rope,embedding,cross_entropy,attention}.cu`):
-//! RMSNorm, SwiGLU, the dropout-mask blend, RoPE, embedding, cross-entropy, attention.
+//! Model-op launches (`kernels/{rmsnorm,swiglu,dropout,rope,embedding,cross_entropy,attention,
+//! flash_attention}.cu`): RMSNorm, SwiGLU, the dropout-mask blend, RoPE, embedding, cross-entropy,
+//! attention (scalar, and on tensor cores).
 //!
 //! Every function checks what its kernel's memory accesses depend on before it launches: each
 //! buffer's length against the shape (so every index the kernel forms is in bounds), that every
