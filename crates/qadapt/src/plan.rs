@@ -263,6 +263,18 @@ mod tests {
     }
 
     #[test]
+    fn flash_attention_plan_one_cta_per_block_capped() {
+        let p = flash_attention(3 * 8 * 17, &DeviceProps::H200).unwrap();
+        assert_eq!((p.grid, p.block, p.shared_bytes), (408, 128, 0));
+        assert_eq!(
+            flash_attention(1 << 40, &DeviceProps::H200).unwrap().grid,
+            132 * 32
+        );
+        assert_eq!(flash_attention(1000, &SMALL).unwrap().grid, 10);
+        assert!(flash_attention(0, &SMALL).is_err());
+    }
+
+    #[test]
     fn double_quant_plans_match_the_abi_constants() {
         let [off, enc] = nf4_double_quant(5000, &DeviceProps::H200).unwrap();
         assert_eq!((off.grid, off.block), (1, 32));
