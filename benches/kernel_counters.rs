@@ -20,6 +20,10 @@
 //! `--m` (512 rows for the GEMM paths; the gemv paths run 1 and 16, and 128 rows the GEMM path
 //! with k split across the SMs), `--rank` (16). Shapes are
 //! `m x n x k`: `y [m, n] = x [m, k] W^T [k, n]`.
+//!
+//! Attention, the scalar kernels (`attention.cu`) and the tensor-core ones (`flash_attention.cu`)
+//! forward and backward at `--seq` (1024) tokens of 8 query heads over 2 kv heads of 128 (the
+//! head layout of Llama-3-8B with a quarter of its heads); `--attention` runs only these.
 
 use half::bf16;
 use qadapt::Device;
@@ -106,6 +110,7 @@ fn main() {
         );
         return;
     }
+    let attention_only = std::env::args().any(|a| a == "--attention");
     let (n, k, m, r) = (
         arg("n", 4096),
         arg("k", 4096),
@@ -120,6 +125,10 @@ fn main() {
         "| path | shape | kernel | launches | CTAs | mma | ldmatrix | wavefronts / ldmatrix | wavefronts / mma | cp.async KiB | barriers / CTA | global ld MiB | sectors / ld request | ld bytes used | global st MiB | sectors / st request | shared wavefronts / ideal | shared wavefronts / mma |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    attention(&dev, arg("seq", 1024));
+    if attention_only {
+        return;
+    }
     let w = randn(n * k, 0.02, 1);
     let adapters = AdapterStack::new(
         r,
@@ -171,4 +180,58 @@ fn main() {
     let mut out = dev.zeros::<bf16>(n * k).unwrap();
     dq.dequantize_into(&dev, &mut out).unwrap();
     report(&dev, "dequantize bf16", &format!("{n} x {k}"));
+}
+
+/// The scalar and the tensor-core attention, forward then backward, on one sequence.
+fn attention(dev: &CudaDevice, seq: usize) {
+    use qadapt::cuda::ops;
+    use qadapt::ops::attention::AttentionShape;
+    let sh = AttentionShape {
+        batch: 1,
+        seq,
+        heads: 8,
+        kv_heads: 2,
+        head_dim: 128,
+    };
+    let (qn, kn) = (
+        seq * sh.heads * sh.head_dim,
+        seq * sh.kv_heads * sh.head_dim,
+    );
+    let q = dev.upload(&bf(&randn(qn, 1.0, 7))).unwrap();
+    let k = dev.upload(&bf(&randn(kn, 1.0, 8))).unwrap();
+    let v = dev.upload(&bf(&randn(kn, 1.0, 9))).unwrap();
+    let dout = dev.upload(&bf(&randn(qn, 1.0, 10))).unwrap();
+    let mut lse = dev.zeros::<f32>(seq * sh.heads).unwrap();
+    let mut out = dev.zeros::<bf16>(qn).unwrap();
+    let mut dq = dev.zeros::<bf16>(qn).unwrap();
+    let mut dk = dev.zeros::<bf16>(kn).unwrap();
+    let mut dv = dev.zeros::<bf16>(kn).unwrap();
+    let shape = format!("{seq} x 8/2 heads x 128");
+    dev.reset_emulator_counters();
+    ops::attention_forward(dev, sh, &q, &k, &v, &mut lse, &mut out).unwrap();
+    report(dev, "attention forward, scalar", &shape);
+    ops::attention_backward(dev, sh, &q, &k, &v, &lse, &dout, &mut dq, &mut dk, &mut dv).unwrap();
+    report(dev, "attention backward, scalar", &shape);
+    ops::flash_attention_forward(dev, sh, &q, &k, &v, &mut lse, &mut out).unwrap();
+    report(dev, "attention forward, flash", &shape);
+    ops::flash_attention_backward(
+        dev,
+        sh,
+        &q,
+        &k,
+        &v,
+        Some(&out),
+        &lse,
+        &dout,
+        &mut dq,
+        &mut dk,
+        &mut dv,
+    )
+    .unwrap();
+    report(dev, "attention backward, flash (delta from out)", &shape);
+    ops::flash_attention_backward(
+        dev, sh, &q, &k, &v, None, &lse, &dout, &mut dq, &mut dk, &mut dv,
+    )
+    .unwrap();
+    report(dev, "attention backward, flash (delta recomputed)", &shape);
 }

@@ -1,7 +1,7 @@
 /*
  * model_common.cuh — what the model-op kernels share (rmsnorm.cu, swiglu.cu, dropout.cu, rope.cu,
- * embedding.cu, cross_entropy.cu, attention.cu: the ops of a Llama-family transformer, forward and
- * backward). Each kernel mirrors the CPU reference of the same name in crates/qadapt/src/ops/
+ * embedding.cu, cross_entropy.cu, attention.cu, flash_attention.cu: the ops of a Llama-family
+ * transformer, forward and backward; flash_attention.cu runs 128 threads per CTA, see its header). Each kernel mirrors the CPU reference of the same name in crates/qadapt/src/ops/
  * (same math, same argument order); the exact formulas are written next to each argument struct
  * in qadapt.h.
  *

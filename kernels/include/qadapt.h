@@ -454,6 +454,22 @@ typedef struct QadaptAttentionArgs {
     float scale;        /* 1 / sqrt(head_dim) */
 } QadaptAttentionArgs;
 
+/* The tensor-core (FlashAttention-2 style) kernels of kernels/flash_attention.cu take the same
+ * struct, layout and math, for head_dim 16, 32, 64 or 128 with every bf16 base 16-byte aligned
+ * (the host falls back to the scalar kernels above otherwise):
+ *   flash_attention_fwd_bf16:       out, lse as attention_fwd_bf16 (overwritten)
+ *   flash_attention_bwd_delta_bf16: delta[i] = sum_d dout[i, d] * out[i, d]  (f32, overwritten;
+ *                                   reads out, the forward's output, and dout)
+ *   flash_attention_bwd_delta_recompute_bf16: delta[i] = sum_j P[i, j] dP[i, j] (f32,
+ *                                   overwritten; reads q, k, v, lse, dout: for callers without out)
+ *   flash_attention_bwd_dq_bf16:    dq as attention_bwd_dq_bf16 (overwritten; reads delta)
+ *   flash_attention_bwd_dkv_bf16:   dk, dv as attention_bwd_dkv_bf16 (overwritten; reads delta)
+ * The backward launches delta first, then dq and dkv. */
+/* Threads per CTA of the flash kernels (4 warps; the delta kernel takes any multiple of 32). */
+#define QADAPT_FLASH_THREADS 128
+/* Rows per CTA of the flash kernels: queries (fwd, dq) or keys (dkv), 16 per warp. */
+#define QADAPT_FLASH_BLOCK 64
+
 /* ---- Kernels ---------------------------------------------------------------------------------- */
 
 /* QADAPT_KERNEL_BOUNDED(name, Args, threads, min_ctas) defines a kernel declared here with
@@ -537,5 +553,12 @@ QADAPT_KERNEL(cross_entropy_bf16, QadaptCrossEntropyArgs);
 QADAPT_KERNEL(attention_fwd_bf16, QadaptAttentionArgs);
 QADAPT_KERNEL(attention_bwd_dq_bf16, QadaptAttentionArgs);
 QADAPT_KERNEL(attention_bwd_dkv_bf16, QadaptAttentionArgs);
+
+/* kernels/flash_attention.cu */
+QADAPT_KERNEL(flash_attention_fwd_bf16, QadaptAttentionArgs);
+QADAPT_KERNEL(flash_attention_bwd_delta_bf16, QadaptAttentionArgs);
+QADAPT_KERNEL(flash_attention_bwd_delta_recompute_bf16, QadaptAttentionArgs);
+QADAPT_KERNEL(flash_attention_bwd_dq_bf16, QadaptAttentionArgs);
+QADAPT_KERNEL(flash_attention_bwd_dkv_bf16, QadaptAttentionArgs);
 
 #endif /* QADAPT_H */

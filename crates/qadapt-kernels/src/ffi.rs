@@ -37,6 +37,8 @@ pub const QADAPT_ROPE_BACKWARD: u32 = 1;
 pub const QADAPT_ATTN_MAX_HEAD_DIM: u32 = 256;
 pub const QADAPT_ATTN_ROWS: u32 = 8;
 pub const QADAPT_ATTN_TILE: u32 = 32;
+pub const QADAPT_FLASH_THREADS: u32 = 128;
+pub const QADAPT_FLASH_BLOCK: u32 = 64;
 #[repr(u32)]
 #[derive(Debug, Copy, Clone, Hash, PartialEq, Eq)]
 pub enum QadaptDtype {

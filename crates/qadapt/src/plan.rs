@@ -161,6 +161,20 @@ pub fn model_op(items: u64, work: ModelWork, props: &DeviceProps) -> Result<Laun
     })
 }
 
+/// The tensor-core attention kernels (`kernels/flash_attention.cu`): `blocks` 64-row blocks
+/// (`QADAPT_FLASH_BLOCK` queries or keys of one head), one CTA each up to the grid cap (the
+/// kernels grid-stride over the rest), `QADAPT_FLASH_THREADS` threads, static shared memory only.
+pub fn flash_attention(blocks: u64, props: &DeviceProps) -> Result<LaunchPlan> {
+    if blocks == 0 {
+        return Err(invalid("flash attention plan", "no row blocks"));
+    }
+    Ok(LaunchPlan {
+        grid: capped_grid(blocks, props),
+        block: ffi::QADAPT_FLASH_THREADS,
+        shared_bytes: 0,
+    })
+}
+
 /// The two launches of the RMSNorm weight gradient: `rmsnorm_bwd_dw_bf16` sums `chunk_rows` rows
 /// of 32 columns per CTA into `partial [chunks, dim]`, then `rmsnorm_bwd_dw_reduce` adds the
 /// chunks in order into `dw`, one thread per column.
@@ -246,6 +260,18 @@ mod tests {
         assert_eq!(p.grid, 4);
         assert_eq!(nf4_dequantize(1, &DeviceProps::H200).unwrap().grid, 1);
         assert!(nf4_dequantize(0, &SMALL).is_err());
+    }
+
+    #[test]
+    fn flash_attention_plan_one_cta_per_block_capped() {
+        let p = flash_attention(3 * 8 * 17, &DeviceProps::H200).unwrap();
+        assert_eq!((p.grid, p.block, p.shared_bytes), (408, 128, 0));
+        assert_eq!(
+            flash_attention(1 << 40, &DeviceProps::H200).unwrap().grid,
+            132 * 32
+        );
+        assert_eq!(flash_attention(1000, &SMALL).unwrap().grid, 10);
+        assert!(flash_attention(0, &SMALL).is_err());
     }
 
     #[test]

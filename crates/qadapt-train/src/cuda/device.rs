@@ -330,6 +330,8 @@ impl Backend for CudaBackend {
         ops::swiglu_backward(&self.dev, gate, up, dh, dgate, dup)
     }
 
+    /// `lse [batch, heads, seq]`, whichever kernels run: the tensor-core ones
+    /// (`ops::flash_attention_*`) for the head sizes they support, the scalar ones otherwise.
     fn attention_saved_len(&self, sh: AttentionShape) -> usize {
         sh.batch * sh.heads * sh.seq
     }
@@ -343,7 +345,11 @@ impl Backend for CudaBackend {
         saved: &mut Self::F32,
         out: &mut Self::Act,
     ) -> Result<()> {
-        ops::attention_forward(&self.dev, sh, q, k, v, saved, out)
+        if ops::flash_attention_supports(&sh) {
+            ops::flash_attention_forward(&self.dev, sh, q, k, v, saved, out)
+        } else {
+            ops::attention_forward(&self.dev, sh, q, k, v, saved, out)
+        }
     }
 
     fn attention_backward(
@@ -358,7 +364,12 @@ impl Backend for CudaBackend {
         dk: &mut Self::Act,
         dv: &mut Self::Act,
     ) -> Result<()> {
-        ops::attention_backward(&self.dev, sh, q, k, v, saved, dout, dq, dk, dv)
+        if ops::flash_attention_supports(&sh) {
+            // The trait hands the backward no `out`: delta = rowsum(P dP) is recomputed from lse.
+            ops::flash_attention_backward(&self.dev, sh, q, k, v, None, saved, dout, dq, dk, dv)
+        } else {
+            ops::attention_backward(&self.dev, sh, q, k, v, saved, dout, dq, dk, dv)
+        }
     }
 
     fn matmul_wt(

@@ -11,6 +11,7 @@
 //! | embedding | [`crate::ops::embedding`] | [`embedding_forward`], [`embedding_backward`] (`dtable` f32) |
 //! | cross-entropy | [`crate::ops::cross_entropy`] | [`cross_entropy_forward`], [`cross_entropy_backward`], [`cross_entropy_fused`] |
 //! | attention | [`crate::ops::attention`] | [`attention_forward`], [`attention_backward`] (saves `lse`, not `p`) |
+//! | attention on tensor cores | [`crate::ops::attention`] | [`flash_attention_forward`], [`flash_attention_backward`] (`head_dim` in [`FLASH_HEAD_DIMS`]) |
 //!
 //! Token ids and targets are host slices, as in the CPU references: they are checked against the
 //! vocabulary on the host (an id out of range is [`crate::Error::Invalid`] before anything runs)
@@ -317,4 +318,61 @@ pub fn attention_backward(
     dv: &mut CudaSlice<bf16>,
 ) -> Result<()> {
     launch::attention_backward(dev, sh, q, k, v, lse, dout, dq, dk, dv)
+}
+
+/// Head sizes the tensor-core attention ([`flash_attention_forward`]) supports; any other
+/// `head_dim` (e.g. the 8 of the tiny test models) takes the scalar [`attention_forward`].
+pub const FLASH_HEAD_DIMS: [usize; 4] = launch::FLASH_HEAD_DIMS;
+
+/// Whether [`flash_attention_forward`] and [`flash_attention_backward`] take this shape's head
+/// size (other checks, such as the 16-byte alignment of the buffers, happen at the call).
+pub fn flash_attention_supports(sh: &AttentionShape) -> bool {
+    FLASH_HEAD_DIMS.contains(&sh.head_dim)
+}
+
+/// Causal grouped-query attention forward on tensor cores (`kernels/flash_attention.cu`,
+/// FlashAttention-2 style): the contract of [`attention_forward`] — `out [batch * seq, heads *
+/// head_dim]` and `lse [batch, heads, seq]` (f32) overwritten, layouts of
+/// [`crate::ops::attention`] — without any `[seq, seq]` buffer. P is rounded to bf16 before it
+/// multiplies V, so `out` is within a few bf16 ulps of the f32 reference (bounds in
+/// `crates/qadapt/tests/flash_attention.rs`).
+///
+/// `head_dim` must be one of [`FLASH_HEAD_DIMS`] and every bf16 buffer 16-byte aligned (cudarc's
+/// allocations are); otherwise [`crate::Error::Invalid`] before anything runs, and the caller
+/// uses [`attention_forward`] instead. No padding mask and no prefix keys/values.
+pub fn flash_attention_forward(
+    dev: &CudaDevice,
+    sh: AttentionShape,
+    q: &CudaSlice<bf16>,
+    k: &CudaSlice<bf16>,
+    v: &CudaSlice<bf16>,
+    lse: &mut CudaSlice<f32>,
+    out: &mut CudaSlice<bf16>,
+) -> Result<()> {
+    launch::flash_attention_forward(dev, sh, q, k, v, lse, out)
+}
+
+/// Backward of [`flash_attention_forward`]: `dq`, `dk`, `dv` overwritten (a kv head sums the
+/// gradients of its query heads, in registers: deterministic, no atomics); `lse` is what the
+/// forward saved. With the forward's `out`, `delta = rowsum(dout * out)` replaces the CPU's
+/// `rowsum(P * dP)` (equal up to the bf16 rounding of `out`) at the cost of one read of `out`;
+/// with `None` (a caller that kept only `lse`, like [`attention_backward`]'s) a kernel recomputes
+/// `rowsum(P * dP)` block by block, which costs about as much as the dq kernel's S and dP again.
+/// Allocates a `[batch, heads, seq]` f32 scratch for delta. The same shape and alignment rules
+/// as the forward.
+#[allow(clippy::too_many_arguments)]
+pub fn flash_attention_backward(
+    dev: &CudaDevice,
+    sh: AttentionShape,
+    q: &CudaSlice<bf16>,
+    k: &CudaSlice<bf16>,
+    v: &CudaSlice<bf16>,
+    out: Option<&CudaSlice<bf16>>,
+    lse: &CudaSlice<f32>,
+    dout: &CudaSlice<bf16>,
+    dq: &mut CudaSlice<bf16>,
+    dk: &mut CudaSlice<bf16>,
+    dv: &mut CudaSlice<bf16>,
+) -> Result<()> {
+    launch::flash_attention_backward(dev, sh, q, k, v, out, lse, dout, dq, dk, dv)
 }

@@ -26,8 +26,9 @@ pub use counters::EmulatorCounters;
 pub(crate) use counters::{emulator_counters, reset_emulator_counters};
 pub(crate) use lora::{CudaLoraRef, CudaWeightRef, LoraScratch, lora_backward, lora_forward};
 pub(crate) use model::{
-    SwigluOut, attention_backward, attention_forward, cross_entropy, embedding_backward,
-    embedding_forward, mask_mix, rmsnorm_backward, rmsnorm_forward, rope, swiglu, targets_i32,
+    FLASH_HEAD_DIMS, SwigluOut, attention_backward, attention_forward, cross_entropy,
+    embedding_backward, embedding_forward, flash_attention_backward, flash_attention_forward,
+    mask_mix, rmsnorm_backward, rmsnorm_forward, rope, swiglu, targets_i32,
 };
 pub(crate) use nf4::{CudaScalesRef, nf4_dequantize, nf4_double_quant, nf4_quantize};
 pub(crate) use optim::{Moments, adamw, alloc_managed_f32, sum_squares};

@@ -1,5 +1,6 @@
-//! Model-op launches (`kernels/{rmsnorm,swiglu,dropout,rope,embedding,cross_entropy,attention}.cu`):
-//! RMSNorm, SwiGLU, the dropout-mask blend, RoPE, embedding, cross-entropy, attention.
+//! Model-op launches (`kernels/{rmsnorm,swiglu,dropout,rope,embedding,cross_entropy,attention,
+//! flash_attention}.cu`): RMSNorm, SwiGLU, the dropout-mask blend, RoPE, embedding, cross-entropy,
+//! attention (scalar, and on tensor cores).
 //!
 //! Every function checks what its kernel's memory accesses depend on before it launches: each
 //! buffer's length against the shape (so every index the kernel forms is in bounds), that every
@@ -13,7 +14,7 @@ use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 use half::bf16;
 use qadapt_kernels::{ffi, kernels};
 
-use super::{launch, on_device};
+use super::{aligned16, launch, on_device};
 use crate::cuda::CudaDevice;
 use crate::error::{Result, invalid, shape_err};
 use crate::ops::Accumulate;
@@ -814,6 +815,228 @@ pub(crate) fn attention_backward(
     // (batch * seq * kv_heads * head_dim bf16 each, checked above) and reads q, dout, lse, delta
     // within the bounds above.
     unsafe { launch(dev, kernels::ATTENTION_BWD_DKV_BF16, plan_dkv, &args) }
+}
+
+/// Head sizes `kernels/flash_attention.cu` is instantiated for.
+pub(crate) const FLASH_HEAD_DIMS: [usize; 4] = [16, 32, 64, 128];
+
+/// Checks what the flash kernels add to [`attention_shape`]: a head size they are built for.
+fn flash_shape(op: &'static str, sh: &AttentionShape) -> Result<(u32, u32, u32, u32, u32)> {
+    let dims = attention_shape(op, sh)?;
+    if !FLASH_HEAD_DIMS.contains(&sh.head_dim) {
+        return Err(invalid(
+            op,
+            format!(
+                "head_dim {} is not one of the flash kernels' {FLASH_HEAD_DIMS:?} (use the scalar \
+                 attention kernels)",
+                sh.head_dim
+            ),
+        ));
+    }
+    Ok(dims)
+}
+
+/// `flash_attention_fwd_bf16`: `out` and `lse [batch, heads, seq]` overwritten.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn flash_attention_forward(
+    dev: &CudaDevice,
+    sh: AttentionShape,
+    q: &CudaSlice<bf16>,
+    k: &CudaSlice<bf16>,
+    v: &CudaSlice<bf16>,
+    lse: &mut CudaSlice<f32>,
+    out: &mut CudaSlice<bf16>,
+) -> Result<()> {
+    const OP: &str = "flash attention forward (cuda)";
+    let (batch, seq, heads, kv_heads, head_dim) = flash_shape(OP, &sh)?;
+    let n = sh.batch * sh.seq;
+    need(OP, "q", q, n * sh.heads * sh.head_dim)?;
+    need(OP, "k", k, n * sh.kv_heads * sh.head_dim)?;
+    need(OP, "v", v, n * sh.kv_heads * sh.head_dim)?;
+    need(OP, "out", out, n * sh.heads * sh.head_dim)?;
+    need(OP, "lse", lse, n * sh.heads)?;
+    on_device(OP, dev, "q", q)?;
+    on_device(OP, dev, "k", k)?;
+    on_device(OP, dev, "v", v)?;
+    on_device(OP, dev, "out", out)?;
+    on_device(OP, dev, "lse", lse)?;
+    let blocks = sh.seq.div_ceil(ffi::QADAPT_FLASH_BLOCK as usize);
+    let plan = plan::flash_attention((sh.batch * sh.heads * blocks) as u64, &dev.props())?;
+    let stream = dev.stream().clone();
+    let (qp, _g1) = q.device_ptr(&stream);
+    let (kp, _g2) = k.device_ptr(&stream);
+    let (vp, _g3) = v.device_ptr(&stream);
+    let (lp, _g4) = lse.device_ptr_mut(&stream);
+    let (op, _g5) = out.device_ptr_mut(&stream);
+    for (what, a) in [("q", qp), ("k", kp), ("v", vp), ("out", op)] {
+        aligned16(OP, what, a)?;
+    }
+    aligned4(OP, "lse", lp)?;
+    let args = ffi::QadaptAttentionArgs {
+        q: qp,
+        k: kp,
+        v: vp,
+        out: op,
+        lse: lp,
+        batch,
+        seq,
+        heads,
+        kv_heads,
+        head_dim,
+        scale: (1.0 / (sh.head_dim as f64).sqrt()) as f32,
+        ..Default::default()
+    };
+    // SAFETY: QadaptAttentionArgs is what flash_attention_fwd_bf16 takes; q, out hold
+    // batch * seq * heads * head_dim bf16, k, v batch * seq * kv_heads * head_dim bf16 and lse
+    // batch * heads * seq f32 (checked above, all on this device); heads is a multiple of kv_heads
+    // and head_dim one of FLASH_HEAD_DIMS (the kernel's instantiations; a multiple of 8, so with
+    // the 16-byte aligned bases checked above every row's 16-byte cp.async is aligned), so every
+    // row the kernel copies (rows < seq only) or stores is in bounds; the plan has the
+    // QADAPT_FLASH_THREADS threads the kernel's tiling assumes and no dynamic shared memory.
+    unsafe { launch(dev, kernels::FLASH_ATTENTION_FWD_BF16, plan, &args) }
+}
+
+/// `flash_attention_bwd_delta_bf16` (with `out`) or `flash_attention_bwd_delta_recompute_bf16`
+/// (without), then `flash_attention_bwd_dq_bf16` and `flash_attention_bwd_dkv_bf16`: `dq`, `dk`,
+/// `dv` overwritten; `out` and `lse` are what [`flash_attention_forward`] wrote.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn flash_attention_backward(
+    dev: &CudaDevice,
+    sh: AttentionShape,
+    q: &CudaSlice<bf16>,
+    k: &CudaSlice<bf16>,
+    v: &CudaSlice<bf16>,
+    out: Option<&CudaSlice<bf16>>,
+    lse: &CudaSlice<f32>,
+    dout: &CudaSlice<bf16>,
+    dq: &mut CudaSlice<bf16>,
+    dk: &mut CudaSlice<bf16>,
+    dv: &mut CudaSlice<bf16>,
+) -> Result<()> {
+    const OP: &str = "flash attention backward (cuda)";
+    let (batch, seq, heads, kv_heads, head_dim) = flash_shape(OP, &sh)?;
+    let n = sh.batch * sh.seq;
+    let (qlen, kvlen) = (n * sh.heads * sh.head_dim, n * sh.kv_heads * sh.head_dim);
+    need(OP, "q", q, qlen)?;
+    need(OP, "k", k, kvlen)?;
+    need(OP, "v", v, kvlen)?;
+    if let Some(out) = out {
+        need(OP, "out", out, qlen)?;
+        on_device(OP, dev, "out", out)?;
+    }
+    need(OP, "lse", lse, n * sh.heads)?;
+    need(OP, "dout", dout, qlen)?;
+    need(OP, "dq", dq, qlen)?;
+    need(OP, "dk", dk, kvlen)?;
+    need(OP, "dv", dv, kvlen)?;
+    on_device(OP, dev, "q", q)?;
+    on_device(OP, dev, "k", k)?;
+    on_device(OP, dev, "v", v)?;
+    on_device(OP, dev, "lse", lse)?;
+    on_device(OP, dev, "dout", dout)?;
+    on_device(OP, dev, "dq", dq)?;
+    on_device(OP, dev, "dk", dk)?;
+    on_device(OP, dev, "dv", dv)?;
+    let mut delta = dev.zeros::<f32>(n * sh.heads)?;
+    let blocks = sh.seq.div_ceil(ffi::QADAPT_FLASH_BLOCK as usize);
+    let props = dev.props();
+    let plan_delta = match out {
+        Some(_) => plan::model_op((n * sh.heads) as u64, ModelWork::WarpPerItem, &props)?,
+        None => plan::flash_attention((sh.batch * sh.heads * blocks) as u64, &props)?,
+    };
+    let plan_dq = plan::flash_attention((sh.batch * sh.heads * blocks) as u64, &props)?;
+    let plan_dkv = plan::flash_attention((sh.batch * sh.kv_heads * blocks) as u64, &props)?;
+    let stream = dev.stream().clone();
+    let (qp, _g1) = q.device_ptr(&stream);
+    let (kp, _g2) = k.device_ptr(&stream);
+    let (vp, _g3) = v.device_ptr(&stream);
+    let (op, _g4) = match out {
+        Some(o) => {
+            let (p, g) = o.device_ptr(&stream);
+            (p, Some(g))
+        }
+        None => (0, None),
+    };
+    let (lp, _g5) = lse.device_ptr(&stream);
+    let (dop, _g6) = dout.device_ptr(&stream);
+    let (dqp, _g7) = dq.device_ptr_mut(&stream);
+    let (dkp, _g8) = dk.device_ptr_mut(&stream);
+    let (dvp, _g9) = dv.device_ptr_mut(&stream);
+    let (dp, _g10) = delta.device_ptr_mut(&stream);
+    for (what, a) in [
+        ("q", qp),
+        ("k", kp),
+        ("v", vp),
+        ("dout", dop),
+        ("dq", dqp),
+        ("dk", dkp),
+        ("dv", dvp),
+    ] {
+        aligned16(OP, what, a)?;
+    }
+    aligned16(OP, "out", op)?; // 0 when absent: aligned
+    aligned4(OP, "lse", lp)?;
+    let args = ffi::QadaptAttentionArgs {
+        q: qp,
+        k: kp,
+        v: vp,
+        out: op,
+        lse: lp,
+        dout: dop,
+        dq: dqp,
+        dk: dkp,
+        dv: dvp,
+        delta: dp,
+        batch,
+        seq,
+        heads,
+        kv_heads,
+        head_dim,
+        scale: (1.0 / (sh.head_dim as f64).sqrt()) as f32,
+    };
+    if out.is_some() {
+        // SAFETY: QadaptAttentionArgs is what flash_attention_bwd_delta_bf16 takes; out (present:
+        // a non-zero address) and dout hold batch * seq * heads * head_dim bf16 and delta
+        // (allocated above) batch * heads * seq f32, all on this device (checked above); head_dim
+        // is even and the bases 16-byte aligned (checked), so the kernel's 32-bit reads of each
+        // (token, head) row are in bounds and aligned; any whole number of warps per CTA works
+        // (the plan's 256 threads).
+        unsafe {
+            launch(
+                dev,
+                kernels::FLASH_ATTENTION_BWD_DELTA_BF16,
+                plan_delta,
+                &args,
+            )
+        }?;
+    } else {
+        // SAFETY: the struct of flash_attention_bwd_delta_recompute_bf16, which reads q, dout
+        // (batch * seq * heads * head_dim bf16), k, v (batch * seq * kv_heads * head_dim), lse
+        // (batch * heads * seq f32) and writes delta (allocated above, the same length), never
+        // out (0 here); all on this device, lengths checked above; head_dim one of
+        // FLASH_HEAD_DIMS and every bf16 base 16-byte aligned, so each 16-byte row copy (rows <
+        // seq only) is in bounds and aligned; QADAPT_FLASH_THREADS threads, no dynamic shared
+        // memory.
+        unsafe {
+            launch(
+                dev,
+                kernels::FLASH_ATTENTION_BWD_DELTA_RECOMPUTE_BF16,
+                plan_delta,
+                &args,
+            )
+        }?;
+    }
+    // SAFETY: the same struct for flash_attention_bwd_dq_bf16, queued after the delta kernel on
+    // the same stream (so delta is written); q, dout, dq hold batch * seq * heads * head_dim
+    // bf16, k, v batch * seq * kv_heads * head_dim, lse and delta batch * heads * seq f32
+    // (checked above); head_dim is one of FLASH_HEAD_DIMS and every bf16 base 16-byte aligned, so
+    // each 16-byte row copy (rows < seq only) and each store is in bounds and aligned; the plan
+    // has QADAPT_FLASH_THREADS threads and no dynamic shared memory.
+    unsafe { launch(dev, kernels::FLASH_ATTENTION_BWD_DQ_BF16, plan_dq, &args) }?;
+    // SAFETY: the same struct and checks for flash_attention_bwd_dkv_bf16, also after the delta
+    // kernel; it writes dk, dv (batch * seq * kv_heads * head_dim bf16 each, checked) and reads
+    // q, dout, lse, delta within the bounds above.
+    unsafe { launch(dev, kernels::FLASH_ATTENTION_BWD_DKV_BF16, plan_dkv, &args) }
 }
 
 #[cfg(test)]
