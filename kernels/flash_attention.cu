@@ -51,7 +51,7 @@
  *
  * Rounding: S, dP, O, dQ, dK, dV accumulate in f32 in the tensor cores; P and dS are rounded to
  * bf16 before they enter an mma (as FlashAttention does), so results differ from the f32 CPU
- * reference by a few bf16 ulps of the largest term (tests/flash_attention.rs states the bounds).
+ * reference by a few bf16 ulps of the largest term (crates/qadapt/tests/ops/flash_attention.rs states the bounds).
  *
  * Not here: padding masks, prefix keys/values (crates/qadapt-train/src/prefix_attention.rs keeps
  * its own path), dropout on P, wgmma (sm_90a).

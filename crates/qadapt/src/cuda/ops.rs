@@ -335,7 +335,7 @@ pub fn flash_attention_supports(sh: &AttentionShape) -> bool {
 /// head_dim]` and `lse [batch, heads, seq]` (f32) overwritten, layouts of
 /// [`crate::ops::attention`] — without any `[seq, seq]` buffer. P is rounded to bf16 before it
 /// multiplies V, so `out` is within a few bf16 ulps of the f32 reference (bounds in
-/// `crates/qadapt/tests/flash_attention.rs`).
+/// `crates/qadapt/tests/ops/flash_attention.rs`).
 ///
 /// `head_dim` must be one of [`FLASH_HEAD_DIMS`] and every bf16 buffer 16-byte aligned (cudarc's
 /// allocations are); otherwise [`crate::Error::Invalid`] before anything runs, and the caller

@@ -6,6 +6,7 @@
 mod common;
 
 mod blas_cuda;
+mod flash_attention;
 mod kernel_emu;
 mod lora;
 mod model_ops_cuda;

@@ -15,7 +15,6 @@
 //! Needs a CUDA device (or the virtual one: `just test-vgpu`): ignored by `cargo test`.
 
 use half::bf16;
-use qadapt::Device;
 use qadapt::cuda::CudaDevice;
 use qadapt::cuda::ops;
 use qadapt::ops::attention::{AttentionShape, backward, forward};
@@ -28,13 +27,7 @@ const TOL: f32 = 1.0 / 128.0;
 /// arithmetic (dq at seq = 1, where dP = delta) comes out as the f32 rounding of dP - delta.
 const FLOOR: f32 = 1.0 / 1024.0;
 
-fn device() -> CudaDevice {
-    match Device::cuda(0) {
-        Ok(Device::Cuda(dev)) => dev,
-        Ok(_) => panic!("Device::cuda returned a non-CUDA device"),
-        Err(e) => panic!("this test needs a CUDA device: {e}"),
-    }
-}
+use crate::common::cuda_device as device;
 
 /// `n` bf16 values uniform in `[-scale, scale)`, and the same values as f32.
 fn rand_bf16(seed: u64, n: usize, scale: f32) -> (Vec<bf16>, Vec<f32>) {
