@@ -50,6 +50,7 @@ pub mod houlsby;
 pub mod ia3;
 pub mod lora;
 pub mod lora_set;
+pub mod memory_plan;
 pub mod merge;
 pub mod model;
 pub mod nf4;
