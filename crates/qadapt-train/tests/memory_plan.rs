@@ -17,25 +17,26 @@ use qadapt::cuda::MemoryScope;
 use qadapt::ops::rope::RopeScaling;
 use qadapt::optim::AdamW;
 use qadapt_train::cuda::{BaseFormat, CudaBackend, LoraModel};
-use qadapt_train::memory_plan::{PlanMethod, PlanOptions, plan};
+use qadapt_train::memory_plan::{Phase, PlanMethod, PlanOptions, plan};
 use qadapt_train::nf4::{Nf4Projections, quantize_projections};
 use qadapt_train::{Batch, Llama, LlamaConfig, LlamaDir, LoraAdapter, LoraConfig, LoraInit, Proj};
 
-/// A wider random model than `common::tiny_config`: tied head, MLP width 176 (not a multiple of
-/// 32, so the QLoRA down projection takes the dequantize-to-bf16 path).
-fn wider() -> Llama<f32> {
+/// A wider random model than `common::tiny_config`: MLP width 176 (not a multiple of 32, so the
+/// QLoRA down projection takes the dequantize-to-bf16 path), `layers` layers, vocabulary `vocab`,
+/// the head tied or not.
+fn wider(layers: usize, vocab: usize, tied: bool) -> Llama<f32> {
     let cfg = LlamaConfig {
         hidden_size: 64,
         intermediate_size: 176,
-        num_hidden_layers: 3,
+        num_hidden_layers: layers,
         num_attention_heads: 4,
         num_key_value_heads: 2,
         head_dim: 16,
         rms_norm_eps: 1e-5,
         rope_theta: 10000.0,
         rope_scaling: RopeScaling::None,
-        vocab_size: 256,
-        tie_word_embeddings: true,
+        vocab_size: vocab,
+        tie_word_embeddings: tied,
         max_position_embeddings: 64,
     };
     common::random_model(cfg, &mut common::stream(41)).cast()
@@ -50,6 +51,8 @@ struct Case {
     dropout: f64,
     batch: usize,
     seq: usize,
+    /// Where the plan puts the peak (so that the cases cover more than one phase).
+    peak_at: Phase,
 }
 
 /// Two steps of `case` on a fresh device; returns (predicted, measured) peak bytes.
@@ -90,6 +93,7 @@ fn run(case: &Case) -> (u64, u64) {
         ..PlanOptions::new(case.method, case.batch, case.seq, case.rank)
     };
     let predicted = plan(&m.config, &o).unwrap();
+    assert_eq!(predicted.peak_phase.phase, case.peak_at, "{}", case.what);
     {
         let be = CudaBackend::new(dev.clone()).unwrap();
         let mut lm = LoraModel::new(be, m, format, &a, o.placement).unwrap();
@@ -142,6 +146,7 @@ fn the_plan_is_within_5_percent_of_the_virtual_devices_peak() {
             dropout: 0.0,
             batch: 2,
             seq: 32,
+            peak_at: Phase::Backward,
         },
         Case {
             what: "tiny_llama, LoRA on q and v (the rest through cuBLAS), 4 x 64",
@@ -152,6 +157,7 @@ fn the_plan_is_within_5_percent_of_the_virtual_devices_peak() {
             dropout: 0.0,
             batch: 4,
             seq: 64,
+            peak_at: Phase::Backward,
         },
         Case {
             what: "tiny_llama, QLoRA on o and down with LoRA dropout, 3 x 16",
@@ -162,16 +168,29 @@ fn the_plan_is_within_5_percent_of_the_virtual_devices_peak() {
             dropout: 0.1,
             batch: 3,
             seq: 16,
+            peak_at: Phase::Backward,
         },
         Case {
             what: "wider tied model, QLoRA on all projections, 2 x 48",
-            model: wider(),
+            model: wider(3, 256, true),
             method: PlanMethod::Qlora,
             rank: 8,
             targets: Proj::ALL.to_vec(),
             dropout: 0.0,
             batch: 2,
             seq: 48,
+            peak_at: Phase::Backward,
+        },
+        Case {
+            what: "wider model, vocabulary 4096, LoRA on all projections, 2 x 32",
+            model: wider(2, 4096, false),
+            method: PlanMethod::Lora,
+            rank: 8,
+            targets: Proj::ALL.to_vec(),
+            dropout: 0.0,
+            batch: 2,
+            seq: 32,
+            peak_at: Phase::CrossEntropy,
         },
     ];
     for case in &cases {
