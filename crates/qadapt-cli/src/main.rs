@@ -3,7 +3,8 @@
 //! `quantize` and `dequantize` convert safetensors files and HF model directories to and from the
 //! bitsandbytes 4-bit layout that transformers reads (see `qadapt::nf4::bnb` and `convert`);
 //! `logits`, `merge` and `generate` run a model with PEFT adapters; `pretrain`, `train` and
-//! `compare` train (see `train` for the run directory). Errors print one line and exit with a
+//! `compare` train (see `train` for the run directory); `plan-memory` predicts a CUDA training
+//! step's peak device memory. Errors print one line and exit with a
 //! non-zero status; outputs are written beside their final name and renamed into place only when
 //! complete, so a failure never leaves a half-written file behind.
 #![forbid(unsafe_code)]
@@ -15,6 +16,7 @@ mod generate;
 mod io;
 mod logits;
 mod merge;
+mod plan_memory;
 mod plot;
 mod pretrain;
 mod progress;
@@ -113,6 +115,10 @@ enum Command {
     /// Run every PEFT method on the same model, data and budget and print the table to choose
     /// by (also written as Markdown, CSV and a plot of all loss curves).
     Compare(compare::CompareArgs),
+    /// Predict the peak device memory of a `train --device cuda` step (LoRA or QLoRA) before
+    /// anything is allocated: the breakdown, whether it fits --device-memory, and the largest
+    /// batch that does (without activation checkpointing, which the trainer does not have yet).
+    PlanMemory(plan_memory::PlanMemoryArgs),
 }
 
 /// clap's parser for a size flag that must be at least 1 (`--seq 0` is clap's one-line error).
@@ -175,6 +181,7 @@ fn main() -> ExitCode {
         Command::Pretrain(args) => pretrain::run(&args),
         Command::Train(args) => train::run(&args),
         Command::Compare(args) => compare::run(&args),
+        Command::PlanMemory(args) => plan_memory::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

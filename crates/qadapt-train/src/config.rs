@@ -222,6 +222,115 @@ impl LlamaConfig {
     pub fn kv_dim(&self) -> usize {
         self.num_key_value_heads * self.head_dim
     }
+
+    /// The names [`Self::named`] knows, as `qadapt plan-memory --random-shape` takes them.
+    pub const NAMED: [&'static str; 6] = [
+        "llama3-8b",
+        "llama3-70b",
+        "llama3.2-1b",
+        "llama3.2-3b",
+        "llama2-7b",
+        "mistral-7b",
+    ];
+
+    /// A published architecture by name (one of [`Self::NAMED`]): the shapes only, for planning
+    /// or for a randomly initialized model.
+    pub fn named(name: &str) -> Option<Self> {
+        Some(match name {
+            "llama3-8b" => Self::llama3_8b(),
+            "llama3-70b" => Self::llama3_70b(),
+            "llama3.2-1b" => Self::llama3_2_1b(),
+            "llama3.2-3b" => Self::llama3_2_3b(),
+            "llama2-7b" => Self::llama2_7b(),
+            "mistral-7b" => Self::mistral_7b(),
+            _ => return None,
+        })
+    }
+
+    /// The fields every named architecture below shares the form of.
+    #[allow(clippy::too_many_arguments)]
+    fn shape(
+        hidden: usize,
+        intermediate: usize,
+        layers: usize,
+        heads: usize,
+        kv_heads: usize,
+        vocab: usize,
+        rope_theta: f64,
+        max_positions: usize,
+    ) -> Self {
+        LlamaConfig {
+            hidden_size: hidden,
+            intermediate_size: intermediate,
+            num_hidden_layers: layers,
+            num_attention_heads: heads,
+            num_key_value_heads: kv_heads,
+            head_dim: hidden / heads,
+            rms_norm_eps: 1e-5,
+            rope_theta,
+            rope_scaling: RopeScaling::None,
+            vocab_size: vocab,
+            tie_word_embeddings: false,
+            max_position_embeddings: max_positions,
+        }
+    }
+
+    /// Llama 3's 128k-context RoPE rescaling (Llama 3.1 and 3.2 `config.json`).
+    fn llama3_rope() -> RopeScaling {
+        RopeScaling::Llama3 {
+            factor: 32.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192.0,
+        }
+    }
+
+    /// Meta-Llama-3-8B (`config.json`): 4096 wide, MLP 14336, 32 layers, 32 heads over 8 KV heads,
+    /// vocabulary 128256, RoPE base 500000, 8192 positions, untied head.
+    pub fn llama3_8b() -> Self {
+        Self::shape(4096, 14336, 32, 32, 8, 128_256, 500_000.0, 8192)
+    }
+
+    /// Meta-Llama-3-70B: 8192 wide, MLP 28672, 80 layers, 64 heads over 8 KV heads, vocabulary
+    /// 128256, RoPE base 500000, 8192 positions, untied head.
+    pub fn llama3_70b() -> Self {
+        Self::shape(8192, 28672, 80, 64, 8, 128_256, 500_000.0, 8192)
+    }
+
+    /// Llama-3.2-1B: 2048 wide, MLP 8192, 16 layers, 32 heads (of 64) over 8 KV heads,
+    /// vocabulary 128256, RoPE base 500000 with the llama3 rescaling (factor 32), 131072
+    /// positions, the head tied to the embeddings.
+    pub fn llama3_2_1b() -> Self {
+        LlamaConfig {
+            rope_scaling: Self::llama3_rope(),
+            tie_word_embeddings: true,
+            ..Self::shape(2048, 8192, 16, 32, 8, 128_256, 500_000.0, 131_072)
+        }
+    }
+
+    /// Llama-3.2-3B: 3072 wide, MLP 8192, 28 layers, 24 heads (of 128) over 8 KV heads,
+    /// vocabulary 128256, RoPE base 500000 with the llama3 rescaling (factor 32), 131072
+    /// positions, the head tied to the embeddings.
+    pub fn llama3_2_3b() -> Self {
+        LlamaConfig {
+            rope_scaling: Self::llama3_rope(),
+            tie_word_embeddings: true,
+            ..Self::shape(3072, 8192, 28, 24, 8, 128_256, 500_000.0, 131_072)
+        }
+    }
+
+    /// Llama-2-7b-hf: 4096 wide, MLP 11008, 32 layers, 32 heads (no grouping), vocabulary 32000,
+    /// RoPE base 10000, 4096 positions, untied head.
+    pub fn llama2_7b() -> Self {
+        Self::shape(4096, 11008, 32, 32, 32, 32_000, 10_000.0, 4096)
+    }
+
+    /// Mistral-7B-v0.1 as a Llama: 4096 wide, MLP 14336, 32 layers, 32 heads over 8 KV heads,
+    /// vocabulary 32000, RoPE base 10000, 32768 positions, untied head (its 4096-token sliding
+    /// window does not change what a step of at most 4096 tokens allocates).
+    pub fn mistral_7b() -> Self {
+        Self::shape(4096, 14336, 32, 32, 8, 32_000, 10_000.0, 32_768)
+    }
 }
 
 fn parse_rope(r: &Value, path: &Path) -> Result<RopeScaling> {
@@ -290,6 +399,26 @@ mod tests {
         assert!(b.tie_word_embeddings);
         let c = parse(r#", "model_type": "llama""#).unwrap();
         assert_eq!((c.rope_theta, c.rope_scaling), (10000.0, RopeScaling::None));
+    }
+
+    #[test]
+    fn named_shapes_have_their_published_parameter_counts() {
+        // Parameter counts as the model cards give them (billions, rounded).
+        for (name, billions) in [
+            ("llama3-8b", 8.03),
+            ("llama3-70b", 70.55),
+            ("llama3.2-1b", 1.24),
+            ("llama3.2-3b", 3.21),
+            ("llama2-7b", 6.74),
+            ("mistral-7b", 7.24),
+        ] {
+            let c = LlamaConfig::named(name).unwrap();
+            c.check_sizes().unwrap();
+            let p = crate::budget::llama_params(&c).unwrap() as f64 / 1e9;
+            assert!((p - billions).abs() < 0.01, "{name}: {p}");
+        }
+        assert_eq!(LlamaConfig::named("llama3.2-3b").unwrap().head_dim, 128);
+        assert!(LlamaConfig::named("gpt2").is_none());
     }
 
     #[test]

@@ -58,6 +58,7 @@ pub mod ia3;
 pub mod layer;
 pub mod lora;
 pub mod lora_set;
+pub mod memory_plan;
 pub mod merge;
 pub mod model;
 pub mod nf4;

@@ -14,6 +14,7 @@ mod loading;
 mod lora;
 mod lora_dropout;
 mod lora_set;
+mod memory_plan;
 mod merge;
 mod methods_gradcheck;
 mod peft;

@@ -1977,6 +1977,33 @@ pub extern "C" fn qadapt_vgpu_reset_counters() {
     crate::launch::reset_counters();
 }
 
+/// Device memory in bytes (the requested sizes of cuMemAlloc, cuMemAllocAsync and
+/// cuMemAllocManaged allocations, minus frees; pinned host memory not counted): the bytes live now
+/// into `*live` and their high-water mark since the library loaded or the last
+/// [`qadapt_vgpu_reset_memory_peak`] into `*peak`. Either may be NULL. With `thread_only` nonzero,
+/// only the allocations made by the calling host thread (freed by any), so that tests running in
+/// parallel in one process each see their own. Not part of CUDA (found with dlsym, like
+/// [`qadapt_vgpu_counters`]): memory-planner tests compare their prediction with it.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn qadapt_vgpu_memory(thread_only: i32, live: *mut u64, peak: *mut u64) {
+    let (l, p) = memory::device_usage(thread_only != 0);
+    if !live.is_null() {
+        // SAFETY: the caller's u64, non-NULL.
+        unsafe { live.write(l as u64) };
+    }
+    if !peak.is_null() {
+        // SAFETY: the caller's u64, non-NULL.
+        unsafe { peak.write(p as u64) };
+    }
+}
+
+/// Restarts the high-water marks of [`qadapt_vgpu_memory`] (the process's and the calling
+/// thread's) from the bytes live now.
+#[unsafe(no_mangle)]
+pub extern "C" fn qadapt_vgpu_reset_memory_peak() {
+    memory::reset_device_peak();
+}
+
 /// Live allocations right now (leak checks).
 #[unsafe(no_mangle)]
 pub extern "C" fn qadapt_vgpu_live_allocations() -> usize {

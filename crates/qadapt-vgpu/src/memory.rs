@@ -12,7 +12,7 @@
 //! and the host read the same bytes; copies and cuBLAS check their ranges against this table
 //! first, and a kernel's stray access lands in a guard page, which the emulator reports.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::sync::{LazyLock, Mutex, MutexGuard, PoisonError};
 
@@ -58,6 +58,8 @@ pub(crate) struct Alloc {
     rounded: usize,
     map_base: usize,
     map_len: usize,
+    /// [`thread_tag`] of the host thread that made it.
+    thread: u64,
 }
 
 impl fmt::Display for Alloc {
@@ -79,6 +81,25 @@ struct Table {
     next_id: u64,
     used: usize,
     limit: usize,
+    /// Bytes (requested sizes) of live device allocations: cuMemAlloc, cuMemAllocAsync and
+    /// cuMemAllocManaged, not cuMemHostAlloc's pinned host memory.
+    device_used: usize,
+    /// The most `device_used` has been since the table was made or [`reset_device_peak`].
+    device_peak: usize,
+    /// `(live, peak)` device bytes per host thread (by [`thread_tag`]): what each thread
+    /// allocated and has not freed (whichever thread frees it), and its high-water mark. Tests run
+    /// in parallel threads of one process, which share this device: a test reads its own.
+    per_thread: HashMap<u64, (usize, usize)>,
+}
+
+/// A number for the calling host thread, unique in the process (`ThreadId::as_u64` is unstable).
+fn thread_tag() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    thread_local! {
+        static TAG: u64 = NEXT.fetch_add(1, Ordering::Relaxed);
+    }
+    TAG.with(|t| *t)
 }
 
 static TABLE: LazyLock<Mutex<Table>> = LazyLock::new(|| {
@@ -88,6 +109,9 @@ static TABLE: LazyLock<Mutex<Table>> = LazyLock::new(|| {
         next_id: 1,
         used: 0,
         limit: memory_limit(),
+        device_used: 0,
+        device_peak: 0,
+        per_thread: HashMap::new(),
     })
 });
 
@@ -130,6 +154,29 @@ fn memory_limit() -> usize {
 pub(crate) fn usage() -> (usize, usize) {
     let t = table();
     (t.used, t.limit)
+}
+
+/// `(live, peak)` bytes of device allocations (cuMemAlloc, cuMemAllocAsync, cuMemAllocManaged;
+/// requested sizes, without the 16-byte rounding and guard pages): what a memory planner
+/// predicts. Of the whole process, or (`thread_only`) of the allocations the calling host thread
+/// made.
+pub(crate) fn device_usage(thread_only: bool) -> (usize, usize) {
+    let t = table();
+    if thread_only {
+        t.per_thread.get(&thread_tag()).copied().unwrap_or((0, 0))
+    } else {
+        (t.device_used, t.device_peak)
+    }
+}
+
+/// Restarts the high-water marks of [`device_usage`] (the process's and the calling thread's)
+/// from the bytes live now.
+pub(crate) fn reset_device_peak() {
+    let mut t = table();
+    t.device_peak = t.device_used;
+    if let Some((live, peak)) = t.per_thread.get_mut(&thread_tag()) {
+        *peak = *live;
+    }
 }
 
 /// A new allocation of `size` bytes (`size` > 0), filled with 0xFF.
@@ -196,6 +243,14 @@ pub(crate) fn allocate(size: usize, kind: Kind) -> Result<u64, CUresult> {
     let id = t.next_id;
     t.next_id += 1;
     t.used += size;
+    let thread = thread_tag();
+    if kind != Kind::Host {
+        t.device_used += size;
+        t.device_peak = t.device_peak.max(t.device_used);
+        let (live, peak) = t.per_thread.entry(thread).or_insert((0, 0));
+        *live += size;
+        *peak = (*peak).max(*live);
+    }
     let a = Alloc {
         id,
         base: base as u64,
@@ -204,6 +259,7 @@ pub(crate) fn allocate(size: usize, kind: Kind) -> Result<u64, CUresult> {
         rounded,
         map_base,
         map_len,
+        thread,
     };
     t.live.insert(base as u64, a);
     // The emulator checks kernels' global accesses against the requested size, not the rounded.
@@ -235,6 +291,12 @@ pub(crate) fn free(ptr: u64, kinds: &[Kind], api: &str) -> Result<(), CUresult> 
         let a = t.live.remove(&ptr).expect("checked above");
         crate::abi::mem_unregister(ptr);
         t.used -= a.size;
+        if a.kind != Kind::Host {
+            t.device_used -= a.size;
+            if let Some((live, _)) = t.per_thread.get_mut(&a.thread) {
+                *live -= a.size;
+            }
+        }
         if t.freed.len() == FREED_KEPT {
             t.freed.pop_front();
         }

@@ -498,3 +498,116 @@ fn an_older_cpu_gets_one_clear_line_not_sigill() {
     );
     assert!(String::from_utf8_lossy(&new.stdout).contains("Usage: qadapt <COMMAND>"));
 }
+
+#[test]
+fn plan_memory_prints_the_breakdown_whether_it_fits_and_the_largest_batch() {
+    let r = qadapt(&[
+        "plan-memory",
+        "--random-shape",
+        "llama3-8b",
+        "--method",
+        "qlora",
+        "--batch",
+        "2",
+        "--seq",
+        "1024",
+        "--rank",
+        "16",
+    ]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let out = String::from_utf8(r.stdout).unwrap();
+    for want in [
+        "memory plan: llama3-8b, qlora (NF4 base), rank 16 on q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj, batch 2 x 1024 tokens",
+        "  weights ",
+        "  adapter ",
+        "  optimizer ",
+        "  activations ",
+        "  logits/loss ",
+        "  workspace ",
+        "  peak ",
+        "fits in 141 GB",
+        "largest batch of 1024 tokens that fits: ",
+        "activation checkpointing: not implemented by the trainer yet",
+    ] {
+        assert!(out.contains(want), "{want:?} missing from:\n{out}");
+    }
+    // The lines add up to the peak (each printed to the MB).
+    let value = |label: &str| -> f64 {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(&format!("  {label} ")))
+            .unwrap();
+        line[14..]
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let parts: f64 = [
+        "weights",
+        "adapter",
+        "optimizer",
+        "activations",
+        "logits/loss",
+        "workspace",
+    ]
+    .iter()
+    .map(|l| value(l))
+    .sum();
+    assert!((parts - value("peak")).abs() < 0.004, "{out}");
+
+    // bf16 Llama 3 70B needs about 141 GB of weights alone; the plan says it cannot fit.
+    let r = qadapt(&[
+        "plan-memory",
+        "--random-shape",
+        "llama3-70b",
+        "--method",
+        "lora",
+    ]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let out = String::from_utf8(r.stdout).unwrap();
+    assert!(out.contains("does not fit in 141 GB"), "{out}");
+    assert!(out.contains("no batch of 512 tokens fits"), "{out}");
+
+    // A model directory's config.json, with a device size and a subset of targets.
+    let r = qadapt(&[
+        "plan-memory",
+        "--model",
+        s(&data("tiny_llama")),
+        "--method",
+        "lora",
+        "--seq",
+        "64",
+        "--targets",
+        "q_proj,v_proj",
+        "--device-memory",
+        "0.001",
+    ]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let out = String::from_utf8(r.stdout).unwrap();
+    assert!(
+        out.contains("rank 8 on q_proj,v_proj, batch 1 x 64 tokens"),
+        "{out}"
+    );
+    assert!(out.contains("fits in 0.001 GB"), "{out}");
+
+    for bad in [
+        &["plan-memory", "--random-shape", "gpt2"][..],
+        &[
+            "plan-memory",
+            "--random-shape",
+            "llama3-8b",
+            "--seq",
+            "9000",
+        ][..],
+        &["plan-memory"][..],
+    ] {
+        let r = qadapt(bad);
+        assert!(!r.status.success(), "{bad:?}");
+        assert!(
+            String::from_utf8_lossy(&r.stderr).contains("error"),
+            "{bad:?}"
+        );
+    }
+}

@@ -370,3 +370,40 @@ fn cuda_training_follows_the_cpu_run_and_resumes() {
         }
     }
 }
+
+/// `--device cuda` plans the step's peak device memory (`qadapt plan-memory`'s planner) and
+/// refuses, before the model goes to the device and before the run directory is made, a run that
+/// does not fit the device's free memory, with the numbers. The virtual device is given 1 MB
+/// (`QADAPT_VGPU_MEMORY`; the embedded model's bf16 weights alone are 3.5 MB); on a GPU, where
+/// that variable means nothing, the same short run must simply train.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn cuda_refuses_a_run_whose_plan_exceeds_the_free_device_memory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = bin()
+        .args([
+            "train", "--device", "cuda", "--method", "lora", "--steps", "1", "--batch", "2",
+            "--output", "small",
+        ])
+        .env("QADAPT_VGPU_MEMORY", "1M")
+        .current_dir(tmp.path())
+        .output()
+        .unwrap();
+    if std::env::var_os("QADAPT_VGPU").is_none() {
+        ok(&o);
+        return;
+    }
+    let err = fails(&o);
+    for want in [
+        "--device cuda: a step of --batch 2 sequences of up to ",
+        "MB of device memory at its peak (weights 3.",
+        "MB free of 150.755 GB: lower --batch or --max-len, or use --method qlora",
+        "qadapt plan-memory",
+    ] {
+        assert!(err.contains(want), "{want:?} missing: {err}");
+    }
+    assert!(
+        !tmp.path().join("small").exists(),
+        "a refused run leaves nothing"
+    );
+}

@@ -20,8 +20,73 @@ use crate::backend::{BaseFormat, LoraModel, MomentPlacement};
 use crate::cuda::CudaBackend;
 use crate::dataset::{self, Sequence};
 use crate::fit::{Heldout, Sampler, heldout, pack};
+use crate::memory_plan::{self, PlanMethod, PlanOptions};
 use crate::surgical::{AutoSchedule, ManualSchedule};
-use crate::{Adapter, LayerGroup, Llama, LlamaDir, Selection, Trainable, Trainer};
+use crate::{
+    Adapter, LayerGroup, Llama, LlamaConfig, LlamaDir, LoraAdapter, Proj, Selection, Trainable,
+    Trainer,
+};
+
+/// Refuses, before the model goes to the device, a CUDA run whose planned peak
+/// ([`crate::memory_plan`]: a micro-batch of `--batch` sequences as long as the longest training
+/// sequence, since a batch is padded to its longest) exceeds the device's free memory.
+fn check_device_memory(
+    be: &CudaBackend,
+    c: &Config,
+    config: &LlamaConfig,
+    a: &LoraAdapter<f32>,
+    placement: MomentPlacement,
+    longest: usize,
+) -> Result<(), Error> {
+    let method = if c.method == Method::Qlora {
+        PlanMethod::Qlora
+    } else {
+        PlanMethod::Lora
+    };
+    let o = PlanOptions {
+        targets: Proj::ALL
+            .into_iter()
+            .filter(|p| a.pairs.first().is_some_and(|l| l[p.index()].is_some()))
+            .collect(),
+        dropout: a.config.dropout > 0.0,
+        placement,
+        props: be.device().props(),
+        ..PlanOptions::new(method, c.batch, longest, a.config.r)
+    };
+    let p = memory_plan::plan(config, &o)?;
+    let (free, total) = be.device().memory_info()?;
+    if p.peak() > free as u64 {
+        let size = |b: u64| {
+            if b >= 1_000_000_000 {
+                format!("{:.3} GB", b as f64 / 1e9)
+            } else {
+                format!("{:.1} MB", b as f64 / 1e6)
+            }
+        };
+        let qlora = if method == PlanMethod::Lora {
+            ", or use --method qlora"
+        } else {
+            ""
+        };
+        return Err(Error::Config(format!(
+            "--device {}: a step of --batch {} sequences of up to {longest} tokens needs about {} \
+             of device memory at its peak (weights {}, adapter and optimizer {}, activations {}, \
+             logits {}, workspace {}), but the device has {} free of {}: lower --batch or \
+             --max-len{qlora} (`qadapt plan-memory` shows the plan)",
+            c.device,
+            c.batch,
+            size(p.peak()),
+            size(p.weights),
+            size(p.adapter + p.optimizer),
+            size(p.activations()),
+            size(p.logits_loss()),
+            size(p.workspace()),
+            size(free as u64),
+            size(total as u64),
+        )));
+    }
+    Ok(())
+}
 
 /// Surgical fine-tuning's state beyond the trainer's.
 enum Surgery {
@@ -292,6 +357,8 @@ impl Run {
                     Some(codes) => (BaseFormat::Nf4(codes), MomentPlacement::Paged),
                     None => (BaseFormat::Dense, MomentPlacement::Device),
                 };
+                let longest = data.train.iter().map(|s| s.ids.len()).max().unwrap_or(1);
+                check_device_memory(&be, &c, &model.config, a, placement, longest)?;
                 let mut g = LoraModel::new(be, &model, base, a, placement)?;
                 g.restore(trainer.steps(), trainer.moments())?;
                 if let Some(seed) = trainer.dropout_seed {

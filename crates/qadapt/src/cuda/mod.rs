@@ -16,7 +16,7 @@ use crate::plan::DeviceProps;
 /// The device buffer type of every CUDA signature here, re-exported so that crates above qadapt
 /// can name it without depending on cudarc themselves.
 pub use cudarc::driver::CudaSlice as DeviceBuffer;
-pub use launch::EmulatorCounters;
+pub use launch::{EmulatorCounters, EmulatorMemory, MemoryScope};
 
 /// Whether a GEMM operand is used as stored (`N`) or transposed (`T`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,6 +69,26 @@ impl CudaDevice {
     /// Clears the virtual device's counters; `false` on a real GPU.
     pub fn reset_emulator_counters(&self) -> bool {
         self.synchronize().is_ok() && launch::reset_emulator_counters()
+    }
+
+    /// On the virtual device: the device memory its allocations (of the process, or of the
+    /// calling thread) hold now and at their high-water mark (since the driver loaded or the last
+    /// [`reset_emulator_memory_peak`](Self::reset_emulator_memory_peak)), after the queued work.
+    /// `None` on a real GPU.
+    pub fn emulator_memory(&self, scope: MemoryScope) -> Option<EmulatorMemory> {
+        self.synchronize().ok()?;
+        launch::emulator_memory(scope)
+    }
+
+    /// Restarts the virtual device's memory high-water marks (the process's and the calling
+    /// thread's) from what is live now; `false` on a real GPU.
+    pub fn reset_emulator_memory_peak(&self) -> bool {
+        self.synchronize().is_ok() && launch::reset_emulator_memory_peak()
+    }
+
+    /// `(free, total)` bytes of device memory, as the driver reports them (`cuMemGetInfo`).
+    pub fn memory_info(&self) -> Result<(usize, usize)> {
+        Ok(self.inner.ctx.mem_get_info()?)
     }
 
     /// Opens device `ordinal`: checks that kernels were compiled, that the driver library loads,

@@ -44,3 +44,56 @@ pub(crate) fn reset_emulator_counters() -> bool {
     unsafe { f() };
     true
 }
+
+/// Device memory the virtual device holds: the requested bytes of its live cuMemAlloc,
+/// cuMemAllocAsync and cuMemAllocManaged allocations (pinned host memory not counted), now and at
+/// their high-water mark since the driver loaded or the last
+/// [`CudaDevice::reset_emulator_memory_peak`](crate::cuda::CudaDevice::reset_emulator_memory_peak).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EmulatorMemory {
+    /// Bytes live now.
+    pub live: u64,
+    /// The most bytes live at once.
+    pub peak: u64,
+}
+
+/// Whose allocations [`EmulatorMemory`] counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemoryScope {
+    /// Every allocation of the process.
+    Process,
+    /// Those made by the calling host thread (freed by any thread): a test's own, while other
+    /// tests run in parallel threads on the same device.
+    Thread,
+}
+
+type MemoryFn = unsafe extern "C" fn(i32, *mut u64, *mut u64);
+
+/// What the virtual device's allocation table says, or `None` when the driver is not the virtual
+/// device.
+pub(crate) fn emulator_memory(scope: MemoryScope) -> Option<EmulatorMemory> {
+    // SAFETY: as in emulator_counters, the library cudarc loaded.
+    let lib = unsafe { cudarc::driver::sys::culib() };
+    // SAFETY: when present, the virtual driver's
+    // `void qadapt_vgpu_memory(int32_t thread_only, uint64_t* live, uint64_t* peak)`.
+    let f = unsafe { lib.get::<MemoryFn>(b"qadapt_vgpu_memory\0") }.ok()?;
+    let (mut live, mut peak) = (0u64, 0u64);
+    let thread_only = i32::from(scope == MemoryScope::Thread);
+    // SAFETY: two valid, exclusively borrowed u64 out-parameters, which it only writes.
+    unsafe { f(thread_only, &mut live, &mut peak) };
+    Some(EmulatorMemory { live, peak })
+}
+
+/// Restarts the virtual device's high-water mark from the bytes live now; `false` when the
+/// driver is not the virtual device.
+pub(crate) fn reset_emulator_memory_peak() -> bool {
+    // SAFETY: as in emulator_counters, the library cudarc loaded.
+    let lib = unsafe { cudarc::driver::sys::culib() };
+    // SAFETY: when present, the virtual driver's `void qadapt_vgpu_reset_memory_peak(void)`.
+    let Ok(f) = (unsafe { lib.get::<ResetFn>(b"qadapt_vgpu_reset_memory_peak\0") }) else {
+        return false;
+    };
+    // SAFETY: takes no arguments and only resets the driver's own tally.
+    unsafe { f() };
+    true
+}

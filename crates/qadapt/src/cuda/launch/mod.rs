@@ -22,8 +22,10 @@ mod model;
 mod nf4;
 mod optim;
 pub(crate) use blas::gemm_bf16;
-pub use counters::EmulatorCounters;
-pub(crate) use counters::{emulator_counters, reset_emulator_counters};
+pub use counters::{EmulatorCounters, EmulatorMemory, MemoryScope};
+pub(crate) use counters::{
+    emulator_counters, emulator_memory, reset_emulator_counters, reset_emulator_memory_peak,
+};
 pub(crate) use lora::{CudaLoraRef, CudaWeightRef, LoraScratch, lora_backward, lora_forward};
 pub(crate) use model::{
     FLASH_HEAD_DIMS, SwigluOut, attention_backward, attention_forward, cross_entropy,

@@ -1,0 +1,589 @@
+//! Peak device memory of a CUDA LoRA/QLoRA training step ([`crate::backend::LoraModel`] on
+//! [`crate::cuda::CudaBackend`]), predicted from the architecture and the step's shape before
+//! anything is allocated.
+//!
+//! The plan follows what the code allocates, buffer by buffer (bytes: bf16 = 2, f32 = 4, u8 = 1;
+//! `n = batch * seq` token rows; `C` hidden, `I` intermediate, `Q = heads * head_dim`,
+//! `K = kv_heads * head_dim`, `V` vocabulary, `L` layers, `r` the LoRA rank):
+//!
+//! **Weights** (frozen, resident): the embedding `V C` bf16, the head `V C` bf16 unless tied,
+//! the final norm `C` and two norms per layer `2 C` bf16, and per projection `[out, in]`:
+//! - LoRA, not adapted: the bf16 weight `out in` (multiplied by cuBLAS);
+//! - LoRA, adapted: the same bf16 weight inside the fused layer;
+//! - QLoRA, every projection: NF4 codes `ceil(out in / 2)` bytes, block 64 with double
+//!   quantization: one u8 code per block (`nb = ceil(out in / 64)`), one f32 per 256 blocks
+//!   (`ceil(nb / 256)`) and the 256-entry f32 code map; a projection without a LoRA pair still
+//!   runs through the fused layer with a rank-1 zero placeholder (`in + out` bf16 and one f32
+//!   scale);
+//! - the bf16 `1` of the residual add (2 bytes).
+//!
+//! **Adapter** (per adapted projection): the bf16 working copies A `r in` and B `out r` and the f32
+//! scale inside the fused layer, the f32 masters `r (in + out)` and their f32 gradient
+//! accumulators `r (in + out)`.
+//!
+//! **Optimizer**: AdamW's f32 moments `m` and `v`, `2 r (in + out)` f32 per adapted projection,
+//! allocated by the first step and kept: in device memory (LoRA) or in managed memory that each
+//! step prefetches to the device (QLoRA's paged optimizer; counted here, since it is on the device
+//! while the step runs).
+//!
+//! **Saved activations** (what a forward keeps for the backward), per layer: `x`, `xn1`, `q`,
+//! `k`, `v`, the attention output, `x_mid`, `xn2`, `gate`, `up`, `h` in bf16, i.e.
+//! `n (4 C + 2 Q + 2 K + 3 I)` bf16, plus `rstd1`, `rstd2` (`2 n` f32) and attention's saved
+//! log-sum-exp `n heads` f32; then the final norm's input `n C` bf16 and `rstd` `n` f32, and the
+//! RoPE table (cos and sin, `seq head_dim / 2` f32 each).
+//!
+//! **Logits and loss**: the bf16 logits `n V`, their gradient `n V` (both live while the fused
+//! cross-entropy runs), with the per-row losses and the i32 targets (`n` each, f32 and i32).
+//!
+//! **Workspace**: the LoRA kernels' scratch (`u` and `g`, `n r` bf16 each, and the split partial
+//! sums, f32, grown to the largest call and kept: [`qadapt::plan::lora_forward`] and
+//! [`qadapt::plan::lora_backward`] give their lengths); the backward's gradient buffers
+//! (`dxn`, `dx` of `n C`, `dh`, `dgate`, `dup` of `n I`, `dattn`, `dq` of `n Q`, `dk`, `dv` of
+//! `n K`, bf16, and the `C` f32 sink of the norm weights' gradients); and the largest temporary of
+//! one op: a fused projection that adds into its output (`y += x W^T`, `dx += dy W`) writes a
+//! temporary first (`n out` or `n in` bf16); an NF4 weight whose `in` is not a multiple of 32 is
+//! dequantized to an `out in` bf16 copy for each call; LoRA dropout keeps the dropped-out input
+//! and two input gradients (`3 n in` bf16 in the backward, `n in` in the forward); the RMSNorm
+//! backward's `[chunks, C]` f32 partial sums ([`qadapt::plan::rmsnorm_dw`]); attention's backward
+//! `n heads` f32.
+//!
+//! The step's peak is the resident part (weights, adapter, optimizer, LoRA scratch) plus the
+//! largest of these moments of a step, each with what is live then:
+//! - forward, last layer, `o_proj` and `down_proj` (the layers before it saved, this layer's
+//!   buffers, the projection's temporary);
+//! - head: every saved activation, the final norm's output `n C` bf16 and the logits;
+//! - cross-entropy: saved activations, logits, their gradient, per-row losses and targets;
+//! - backward: saved activations, the logits' gradient, the gradient buffers and the largest
+//!   temporary of one layer's backward.
+//!
+//! The steady state is planned: from the second step on, the moments exist during the
+//! forward and backward. The sizes are the requested bytes of each allocation; a real driver
+//! rounds each up (to 512 bytes or more) and its stream-ordered pool may keep freed blocks, so a
+//! GPU needs somewhat more than the plan, plus the CUDA context itself (not in `cuMemGetInfo`'s
+//! free memory). Activation checkpointing does not exist in the trainer yet: [`Checkpointing`]
+//! has only `None`.
+
+use qadapt::plan::{self, DeviceProps};
+use qadapt::{Error, Result};
+
+use crate::backend::MomentPlacement;
+use crate::config::LlamaConfig;
+use crate::weights::Proj;
+
+const BF16: u64 = 2;
+const F32: u64 = 4;
+/// NF4 block of [`crate::nf4::quantize_projections`].
+const NF4_BLOCK: u64 = qadapt::nf4::DEFAULT_BLOCKSIZE as u64;
+/// Blocks per f32 of the double-quantized absmax.
+const DQ_BLOCK: u64 = qadapt::nf4::DQ_BLOCKSIZE as u64;
+/// The fused NF4 kernels stream 32 codes of a row at once: other widths are dequantized first.
+const NF4_STREAM: u64 = 32;
+
+/// How the frozen base is held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlanMethod {
+    /// bf16 base (`--method lora`).
+    Lora,
+    /// NF4 base, block 64, double quantization (`--method qlora`).
+    Qlora,
+}
+
+impl PlanMethod {
+    /// The CLI's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            PlanMethod::Lora => "lora",
+            PlanMethod::Qlora => "qlora",
+        }
+    }
+
+    /// Where the run keeps the AdamW moments for this method (`qadapt train --device cuda`):
+    /// paged for QLoRA, device memory for LoRA.
+    pub fn placement(self) -> MomentPlacement {
+        match self {
+            PlanMethod::Lora => MomentPlacement::Device,
+            PlanMethod::Qlora => MomentPlacement::Paged,
+        }
+    }
+}
+
+/// Activation checkpointing of the planned step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Checkpointing {
+    /// Every layer's activations are saved by the forward (the trainer's only mode today).
+    None,
+}
+
+/// What is planned: the model, the step's shape and the adapter.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlanOptions {
+    /// Sequences per micro-batch.
+    pub batch: usize,
+    /// Tokens per sequence.
+    pub seq: usize,
+    /// bf16 or NF4 base.
+    pub method: PlanMethod,
+    /// LoRA rank r.
+    pub rank: usize,
+    /// Adapted projections (the same in every layer).
+    pub targets: Vec<Proj>,
+    /// Whether LoRA dropout is on (adds its temporaries).
+    pub dropout: bool,
+    /// Where the moments live (both count: see the module documentation).
+    pub placement: MomentPlacement,
+    /// Activation checkpointing.
+    pub checkpointing: Checkpointing,
+    /// The device facts the kernels' launch plans (and so their scratch) depend on.
+    pub props: DeviceProps,
+}
+
+impl PlanOptions {
+    /// `method` at rank `rank` on all seven projections, no dropout, the run's moment placement,
+    /// on an H200-like device: the defaults of `qadapt train --device cuda`.
+    pub fn new(method: PlanMethod, batch: usize, seq: usize, rank: usize) -> Self {
+        PlanOptions {
+            batch,
+            seq,
+            method,
+            rank,
+            targets: Proj::ALL.to_vec(),
+            dropout: false,
+            placement: method.placement(),
+            checkpointing: Checkpointing::None,
+            props: DeviceProps::H200,
+        }
+    }
+}
+
+/// A moment of the step whose live bytes the plan compares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Forward of the last layer's `o_proj` (added into the residual through a temporary).
+    ForwardAttentionOut,
+    /// Forward of the last layer's `down_proj`.
+    ForwardMlpOut,
+    /// The head's GEMM: saved activations, the final norm's output, the logits.
+    Head,
+    /// The fused cross-entropy: logits and their gradient.
+    CrossEntropy,
+    /// The backward through the layers.
+    Backward,
+}
+
+impl Phase {
+    /// A short description.
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::ForwardAttentionOut => "forward (o_proj of the last layer)",
+            Phase::ForwardMlpOut => "forward (down_proj of the last layer)",
+            Phase::Head => "forward (head GEMM)",
+            Phase::CrossEntropy => "cross-entropy (logits and their gradient)",
+            Phase::Backward => "backward (through the layers)",
+        }
+    }
+}
+
+/// The bytes live at one [`Phase`] beyond the resident part.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PhaseBytes {
+    /// Which moment.
+    pub phase: Phase,
+    /// Saved activations live then.
+    pub activations: u64,
+    /// Logits, their gradient, per-row losses, targets.
+    pub logits_loss: u64,
+    /// Gradient buffers and temporaries (the LoRA scratch is resident, in [`MemoryPlan`]).
+    pub transient: u64,
+}
+
+impl PhaseBytes {
+    /// Everything this phase adds to the resident bytes.
+    pub fn total(&self) -> u64 {
+        self.activations + self.logits_loss + self.transient
+    }
+}
+
+/// Predicted device memory of a training step, in bytes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MemoryPlan {
+    /// What was planned.
+    pub options: PlanOptions,
+    /// Frozen base: embeddings, head, norms, projections (bf16 or NF4 codes and constants).
+    pub weights: u64,
+    /// LoRA masters, gradient accumulators and bf16 working copies.
+    pub adapter: u64,
+    /// AdamW moments (device or managed memory, as [`PlanOptions::placement`] says).
+    pub optimizer: u64,
+    /// The LoRA kernels' scratch (resident once grown).
+    pub lora_scratch: u64,
+    /// Every phase compared, in step order.
+    pub phases: Vec<PhaseBytes>,
+    /// The phase with the most bytes live.
+    pub peak_phase: PhaseBytes,
+}
+
+impl MemoryPlan {
+    /// Resident bytes: weights, adapter, optimizer, LoRA scratch.
+    pub fn resident(&self) -> u64 {
+        self.weights + self.adapter + self.optimizer + self.lora_scratch
+    }
+
+    /// Saved activations at the peak.
+    pub fn activations(&self) -> u64 {
+        self.peak_phase.activations
+    }
+
+    /// Logits and loss buffers at the peak.
+    pub fn logits_loss(&self) -> u64 {
+        self.peak_phase.logits_loss
+    }
+
+    /// Workspace at the peak: the LoRA scratch plus the phase's gradient buffers and temporaries.
+    pub fn workspace(&self) -> u64 {
+        self.lora_scratch + self.peak_phase.transient
+    }
+
+    /// The predicted peak: resident bytes plus the largest phase.
+    pub fn peak(&self) -> u64 {
+        self.resident() + self.peak_phase.total()
+    }
+}
+
+fn invalid(reason: impl ToString) -> Error {
+    crate::invalid("memory plan", reason)
+}
+
+/// `a * b * ...` in u64, or an error naming the overflow.
+fn prod(xs: &[u64]) -> Result<u64> {
+    xs.iter()
+        .try_fold(1u64, |acc, &x| acc.checked_mul(x))
+        .ok_or_else(|| invalid(format!("the product {xs:?} overflows 64 bits")))
+}
+
+/// One projection as the trainer builds it.
+struct ProjPlan {
+    inp: u64,
+    out: u64,
+    adapted: bool,
+    /// Runs through the fused LoRA layer (adapted, or any NF4 projection), not cuBLAS.
+    fused: bool,
+    /// Bytes of the bf16 copy an NF4 weight is dequantized to per call (0 when streamed).
+    nf4_copy: u64,
+}
+
+/// Plans the peak device memory of a training step of `config` with `o`.
+pub fn plan(config: &LlamaConfig, o: &PlanOptions) -> Result<MemoryPlan> {
+    let Checkpointing::None = o.checkpointing;
+    if o.batch == 0 || o.seq == 0 || o.rank == 0 {
+        return Err(invalid(format!(
+            "batch {}, seq {} and rank {} must be positive",
+            o.batch, o.seq, o.rank
+        )));
+    }
+    if o.targets.is_empty() {
+        return Err(invalid("no target projection: nothing to train"));
+    }
+    if config.num_hidden_layers == 0 {
+        return Err(invalid("a model without layers"));
+    }
+    if o.seq > config.max_position_embeddings {
+        return Err(invalid(format!(
+            "{} positions exceed max_position_embeddings {}",
+            o.seq, config.max_position_embeddings
+        )));
+    }
+    let c = config;
+    let u = |x: usize| x as u64;
+    let (cw, iw, qd, kd) = (
+        u(c.hidden_size),
+        u(c.intermediate_size),
+        u(c.q_dim()),
+        u(c.kv_dim()),
+    );
+    let (layers, vocab, heads, r) = (
+        u(c.num_hidden_layers),
+        u(c.vocab_size),
+        u(c.num_attention_heads),
+        u(o.rank),
+    );
+    let n = prod(&[u(o.batch), u(o.seq)])?;
+    let nf4 = o.method == PlanMethod::Qlora;
+    let projs: Vec<ProjPlan> = Proj::ALL
+        .iter()
+        .map(|&p| {
+            let (inp, out) = p.dims(c);
+            let (inp, out) = (u(inp), u(out));
+            let adapted = o.targets.contains(&p);
+            ProjPlan {
+                inp,
+                out,
+                adapted,
+                fused: adapted || nf4,
+                nf4_copy: if nf4 && !inp.is_multiple_of(NF4_STREAM) {
+                    out * inp * BF16
+                } else {
+                    0
+                },
+            }
+        })
+        .collect();
+    let proj = |p: Proj| &projs[p.index()];
+
+    // ---- resident ----
+    let head = if c.tie_word_embeddings { 0 } else { 1 };
+    let mut weights = prod(&[vocab, cw, BF16, 1 + head])? + cw * BF16 + BF16;
+    let mut per_layer_w = 2 * cw * BF16;
+    let mut per_layer_adapter = 0u64;
+    let mut per_layer_moments = 0u64;
+    for pp in &projs {
+        let numel = prod(&[pp.out, pp.inp])?;
+        per_layer_w += if nf4 {
+            let nb = numel.div_ceil(NF4_BLOCK);
+            numel.div_ceil(2) + nb + nb.div_ceil(DQ_BLOCK) * F32 + 256 * F32
+        } else {
+            numel * BF16
+        };
+        let lora = r * (pp.inp + pp.out);
+        if pp.adapted {
+            // Working copies + scale, masters, gradients.
+            per_layer_adapter += lora * BF16 + F32 + 2 * lora * F32;
+            per_layer_moments += 2 * lora * F32;
+        } else if pp.fused {
+            // The rank-1 zero placeholder of a frozen NF4 projection.
+            per_layer_w += (pp.inp + pp.out) * BF16 + F32;
+        }
+    }
+    weights += prod(&[layers, per_layer_w])?;
+    let adapter = prod(&[layers, per_layer_adapter])?;
+    let optimizer = prod(&[layers, per_layer_moments])?;
+    let lora_scratch = lora_scratch(&projs, n, r, o)?;
+
+    // ---- saved activations ----
+    let layer_bf16 = 4 * cw + 2 * qd + 2 * kd + 3 * iw;
+    let layer_saved = prod(&[n, layer_bf16 * BF16 + 2 * F32 + heads * F32])?;
+    let rope = prod(&[u(o.seq), u(c.head_dim), F32])?;
+    let x_final = n * cw * BF16;
+    let rstd_final = n * F32;
+    let saved = prod(&[layers, layer_saved])? + x_final + rstd_final + rope;
+    let logits = prod(&[n, vocab, BF16])?;
+
+    // ---- phases ----
+    let mut phases = Vec::new();
+    // Forward, last layer. Before o_proj: the earlier layers' caches, the rope table, and this
+    // layer's x, xn1, x_mid, rstd1, q, k, v, the attention statistics and output.
+    let earlier = (layers - 1) * layer_saved + rope;
+    let at_o = earlier + n * (3 * cw + 2 * qd + 2 * kd) * BF16 + n * F32 + n * heads * F32;
+    phases.push(PhaseBytes {
+        phase: Phase::ForwardAttentionOut,
+        activations: at_o,
+        logits_loss: 0,
+        transient: forward_temp(proj(Proj::O), n, true, o.dropout),
+    });
+    // down_proj: the whole layer saved, its output (the final norm's input) being written.
+    phases.push(PhaseBytes {
+        phase: Phase::ForwardMlpOut,
+        activations: saved - rstd_final,
+        logits_loss: 0,
+        transient: forward_temp(proj(Proj::Down), n, true, o.dropout),
+    });
+    phases.push(PhaseBytes {
+        phase: Phase::Head,
+        activations: saved,
+        logits_loss: logits,
+        transient: n * cw * BF16,
+    });
+    phases.push(PhaseBytes {
+        phase: Phase::CrossEntropy,
+        activations: saved,
+        logits_loss: 2 * logits + n * F32 + n * F32,
+        transient: 0,
+    });
+    // Backward: dlogits stays until the backward returns; the gradient buffers are allocated
+    // before the first layer; the largest temporary of one layer's ops on top.
+    let grads = n * (2 * cw + 3 * iw + 2 * qd + 2 * kd) * BF16 + cw * F32;
+    let norm_partial = u64::from(plan::rmsnorm_dw(n, cw, &o.props)?.chunks) * cw * F32;
+    let (ow, add) = (false, true);
+    let temp = [
+        backward_temp(proj(Proj::Down), n, ow, o.dropout),
+        backward_temp(proj(Proj::Gate), n, ow, o.dropout),
+        backward_temp(proj(Proj::Up), n, add, o.dropout),
+        norm_partial,
+        backward_temp(proj(Proj::O), n, ow, o.dropout),
+        n * heads * F32,
+        backward_temp(proj(Proj::Q), n, ow, o.dropout),
+        backward_temp(proj(Proj::K), n, add, o.dropout),
+        backward_temp(proj(Proj::V), n, add, o.dropout),
+    ]
+    .into_iter()
+    .max()
+    .unwrap_or(0);
+    phases.push(PhaseBytes {
+        phase: Phase::Backward,
+        activations: saved,
+        logits_loss: logits,
+        transient: grads + temp,
+    });
+    let peak_phase = *phases
+        .iter()
+        .max_by_key(|p| p.total())
+        .expect("five phases");
+    Ok(MemoryPlan {
+        options: o.clone(),
+        weights,
+        adapter,
+        optimizer,
+        lora_scratch,
+        phases,
+        peak_phase,
+    })
+}
+
+/// Temporaries of one projection's forward (`add`: accumulated into its output).
+fn forward_temp(pp: &ProjPlan, n: u64, add: bool, dropout: bool) -> u64 {
+    let acc = if add && pp.fused {
+        n * pp.out * BF16
+    } else {
+        0
+    };
+    if dropout && pp.adapted {
+        // x~ = m x, then the fused layer's own temporary.
+        n * pp.inp * BF16 + acc + pp.nf4_copy
+    } else {
+        acc + pp.nf4_copy
+    }
+}
+
+/// Temporaries of one projection's backward (`add`: accumulated into its input gradient).
+fn backward_temp(pp: &ProjPlan, n: u64, add: bool, dropout: bool) -> u64 {
+    if dropout && pp.adapted {
+        // x~, d1, d0; the mix then writes dx (or x~ before the add) in place.
+        3 * n * pp.inp * BF16 + pp.nf4_copy
+    } else if pp.fused {
+        let acc = if add { n * pp.inp * BF16 } else { 0 };
+        acc + pp.nf4_copy
+    } else {
+        0
+    }
+}
+
+/// The LoRA scratch once grown to the largest call of a step: `u` (every fused call, `n R`
+/// bf16), `g` (backward calls), the partial sums (f32); each at least one element.
+fn lora_scratch(projs: &[ProjPlan], n: u64, r: u64, o: &PlanOptions) -> Result<u64> {
+    let (mut u, mut g, mut partial) = (1u64, 1u64, 1u64);
+    for pp in projs.iter().filter(|pp| pp.fused) {
+        // The ranks each projection is called with: r with its LoRA term; 0 for a frozen NF4
+        // projection, and for the base-only calls of LoRA dropout.
+        let mut ranks = Vec::new();
+        if pp.adapted {
+            ranks.push(r);
+        }
+        if !pp.adapted || o.dropout {
+            ranks.push(0);
+        }
+        for rt in ranks {
+            let f = plan::lora_forward(n, pp.out, pp.inp, rt, &o.props)?;
+            let xa = match f.xa {
+                Some(plan::XaPlan::Rank(p)) => p.partial_len(n, rt),
+                _ => 0,
+            };
+            let split = f.split.map_or(0, |s| s.partial_len(n, pp.out));
+            partial = partial.max(xa.max(split));
+            let b = plan::lora_backward(n, pp.out, pp.inp, rt, &o.props)?;
+            let lens = [
+                b.xa.map(|p| p.partial_len(n, rt)),
+                b.dyb.map(|p| p.partial_len(n, rt)),
+                b.dx_split.map(|s| s.partial_len(n, pp.inp)),
+                b.da.map(|p| p.partial_len(pp.inp, rt)),
+                b.db.map(|p| p.partial_len(pp.out, rt)),
+            ];
+            partial = partial.max(lens.into_iter().flatten().max().unwrap_or(0));
+            u = u.max(n * rt);
+            g = g.max(n * rt);
+        }
+    }
+    Ok((u + g) * BF16 + partial * F32)
+}
+
+/// The largest batch of `seq` tokens whose plan fits in `budget` bytes (`None`: not even one
+/// sequence). The peak grows with the batch, so this bisects.
+pub fn largest_batch(config: &LlamaConfig, o: &PlanOptions, budget: u64) -> Result<Option<usize>> {
+    let fits = |batch: usize| -> Result<bool> {
+        let mut t = o.clone();
+        t.batch = batch;
+        Ok(plan(config, &t)?.peak() <= budget)
+    };
+    if !fits(1)? {
+        return Ok(None);
+    }
+    // Rows stay within the kernels' 32-bit shapes.
+    let cap = (u32::MAX as usize / o.seq.max(1)).max(1);
+    let mut hi = 1usize;
+    while hi < cap && fits((2 * hi).min(cap))? {
+        hi = (2 * hi).min(cap);
+    }
+    if hi == cap {
+        return Ok(Some(cap));
+    }
+    let (mut lo, mut hi) = (hi, (2 * hi).min(cap));
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if fits(mid)? {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    Ok(Some(lo))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qlora_is_smaller_than_lora_and_the_peak_grows_with_the_batch() {
+        let c = LlamaConfig::llama3_8b();
+        let lora = plan(&c, &PlanOptions::new(PlanMethod::Lora, 1, 512, 16)).unwrap();
+        let qlora = plan(&c, &PlanOptions::new(PlanMethod::Qlora, 1, 512, 16)).unwrap();
+        // 8.03e9 parameters: bf16 about 16 GB; NF4 about 0.53 bytes per projection weight.
+        assert!(
+            (15.5e9..16.5e9).contains(&(lora.weights as f64)),
+            "{lora:?}"
+        );
+        assert!(qlora.weights < lora.weights / 2, "{qlora:?}");
+        assert_eq!(lora.adapter, qlora.adapter);
+        let big = plan(&c, &PlanOptions::new(PlanMethod::Qlora, 8, 512, 16)).unwrap();
+        assert!(big.peak() > qlora.peak());
+        assert!(big.activations() > 7 * qlora.activations());
+    }
+
+    #[test]
+    fn largest_batch_is_the_last_that_fits() {
+        let c = LlamaConfig::llama3_8b();
+        let o = PlanOptions::new(PlanMethod::Qlora, 1, 1024, 16);
+        let budget = 40u64 << 30;
+        let b = largest_batch(&c, &o, budget).unwrap().unwrap();
+        let at = |batch| {
+            let mut t = o.clone();
+            t.batch = batch;
+            plan(&c, &t).unwrap().peak()
+        };
+        assert!(at(b) <= budget && at(b + 1) > budget, "{b}");
+        assert_eq!(largest_batch(&c, &o, 1 << 20).unwrap(), None);
+    }
+
+    #[test]
+    fn the_breakdown_adds_up_and_zero_sizes_are_refused() {
+        let c = LlamaConfig::llama3_2_1b();
+        let p = plan(&c, &PlanOptions::new(PlanMethod::Lora, 2, 256, 8)).unwrap();
+        assert_eq!(
+            p.peak(),
+            p.weights + p.adapter + p.optimizer + p.activations() + p.logits_loss() + p.workspace()
+        );
+        assert!(p.phases.iter().all(|ph| ph.total() <= p.peak_phase.total()));
+        assert!(plan(&c, &PlanOptions::new(PlanMethod::Lora, 0, 256, 8)).is_err());
+        let mut o = PlanOptions::new(PlanMethod::Lora, 1, 256, 8);
+        o.targets.clear();
+        assert!(plan(&c, &o).is_err());
+    }
+}
