@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
+use qadapt_train::backend::Checkpointing;
 use qadapt_train::memory_plan::{self, MemoryPlan, PlanMethod, PlanOptions};
 use qadapt_train::{LlamaConfig, LoraConfig, Proj};
 
@@ -50,6 +51,10 @@ pub(crate) struct PlanMemoryArgs {
     /// LoRA target modules, comma-separated (default: all seven projections, as `qadapt train`).
     #[arg(long, value_delimiter = ',')]
     targets: Option<Vec<String>>,
+    /// none (the forward keeps every activation) or layers (each decoder layer keeps its input
+    /// and is recomputed in the backward), as `qadapt train --checkpointing`.
+    #[arg(long, default_value = "none")]
+    checkpointing: Checkpointing,
     /// Device memory in GB (10^9 bytes) the plan must fit in (default: an H200's 141).
     #[arg(long, value_name = "GB", default_value_t = 141.0)]
     device_memory: f64,
@@ -87,6 +92,7 @@ pub(crate) fn run(args: &PlanMemoryArgs) -> Result<()> {
         MethodArg::Qlora => PlanMethod::Qlora,
     };
     let mut o = PlanOptions::new(method, args.batch, args.seq, args.rank);
+    o.checkpointing = args.checkpointing;
     if let Some(t) = &args.targets {
         let lc = LoraConfig {
             r: args.rank,
@@ -154,7 +160,12 @@ fn report(name: &str, p: &MemoryPlan, budget: u64, largest: Option<usize>) -> St
         (
             "activations",
             p.activations(),
-            "saved for the backward, every layer".into(),
+            match o.checkpointing {
+                Checkpointing::None => "saved for the backward, every layer".into(),
+                Checkpointing::Layers => {
+                    "each layer's input, and one layer's activations recomputed".into()
+                }
+            },
         ),
         (
             "logits/loss",
@@ -191,8 +202,14 @@ fn report(name: &str, p: &MemoryPlan, budget: u64, largest: Option<usize>) -> St
         Some(b) => format!("largest batch of {} tokens that fits: {b}\n", o.seq),
         None => format!("no batch of {} tokens fits\n", o.seq),
     };
-    s += "activation checkpointing: not implemented by the trainer yet; this plan saves every \
-          layer's activations (no checkpointing)\n";
+    s += &match o.checkpointing {
+        Checkpointing::None => "activation checkpointing: none (every layer's activations saved; \
+                                --checkpointing layers keeps only each layer's input)\n"
+            .to_string(),
+        Checkpointing::Layers => "activation checkpointing: layers (each layer's input saved, \
+                                  the layer recomputed in the backward)\n"
+            .to_string(),
+    };
     s += "the plan counts the bytes each allocation asks for; a real GPU adds the CUDA context \
           and its allocator's rounding\n";
     s

@@ -60,13 +60,20 @@
 //! forward and backward. The sizes are the requested bytes of each allocation; a real driver
 //! rounds each up (to 512 bytes or more) and its stream-ordered pool may keep freed blocks, so a
 //! GPU needs somewhat more than the plan, plus the CUDA context itself (not in `cuMemGetInfo`'s
-//! free memory). Activation checkpointing does not exist in the trainer yet: [`Checkpointing`]
-//! has only `None`.
+//! free memory).
+//!
+//! With [`Checkpointing::Layers`] a layer keeps only its input `x` (`n C` bf16) once its forward
+//! is done, so the forward phases hold `L - 1` inputs and the current layer's buffers, and the
+//! head and cross-entropy `L` inputs; the backward runs each layer's forward again before its
+//! backward, adding two more phases with the gradient buffers and the logits' gradient live:
+//! the recomputed layer at `o_proj`, and at `down_proj` (the whole layer, the recomputed output
+//! `n C` being written); the backward of a layer then holds the `L` inputs plus that layer's
+//! recomputed activations.
 
 use qadapt::plan::{self, DeviceProps};
 use qadapt::{Error, Result};
 
-use crate::backend::MomentPlacement;
+use crate::backend::{Checkpointing, MomentPlacement};
 use crate::config::LlamaConfig;
 use crate::weights::Proj;
 
@@ -105,13 +112,6 @@ impl PlanMethod {
             PlanMethod::Qlora => MomentPlacement::Paged,
         }
     }
-}
-
-/// Activation checkpointing of the planned step.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Checkpointing {
-    /// Every layer's activations are saved by the forward (the trainer's only mode today).
-    None,
 }
 
 /// What is planned: the model, the step's shape and the adapter.
@@ -166,6 +166,10 @@ pub enum Phase {
     Head,
     /// The fused cross-entropy: logits and their gradient.
     CrossEntropy,
+    /// With layer checkpointing: a layer's forward run again in the backward, at `o_proj`.
+    RecomputeAttentionOut,
+    /// The same at `down_proj`.
+    RecomputeMlpOut,
     /// The backward through the layers.
     Backward,
 }
@@ -178,6 +182,8 @@ impl Phase {
             Phase::ForwardMlpOut => "forward (down_proj of the last layer)",
             Phase::Head => "forward (head GEMM)",
             Phase::CrossEntropy => "cross-entropy (logits and their gradient)",
+            Phase::RecomputeAttentionOut => "backward (a checkpointed layer's o_proj again)",
+            Phase::RecomputeMlpOut => "backward (a checkpointed layer's down_proj again)",
             Phase::Backward => "backward (through the layers)",
         }
     }
@@ -273,7 +279,6 @@ struct ProjPlan {
 
 /// Plans the peak device memory of a training step of `config` with `o`.
 pub fn plan(config: &LlamaConfig, o: &PlanOptions) -> Result<MemoryPlan> {
-    let Checkpointing::None = o.checkpointing;
     if o.batch == 0 || o.seq == 0 || o.rank == 0 {
         return Err(invalid(format!(
             "batch {}, seq {} and rank {} must be positive",
@@ -364,25 +369,33 @@ pub fn plan(config: &LlamaConfig, o: &PlanOptions) -> Result<MemoryPlan> {
     let rope = prod(&[u(o.seq), u(c.head_dim), F32])?;
     let x_final = n * cw * BF16;
     let rstd_final = n * F32;
-    let saved = prod(&[layers, layer_saved])? + x_final + rstd_final + rope;
     let logits = prod(&[n, vocab, BF16])?;
+
+    // What a finished layer keeps: everything, or its input alone.
+    let (ckpt, kept) = match o.checkpointing {
+        Checkpointing::None => (false, layer_saved),
+        Checkpointing::Layers => (true, n * cw * BF16),
+    };
+    let saved = prod(&[layers, kept])? + x_final + rstd_final + rope;
+    // One layer's buffers before its o_proj: x, xn1, x_mid, rstd1, q, k, v, the attention
+    // statistics and output.
+    let layer_at_o = n * (3 * cw + 2 * qd + 2 * kd) * BF16 + n * F32 + n * heads * F32;
 
     // ---- phases ----
     let mut phases = Vec::new();
     // Forward, last layer. Before o_proj: the earlier layers' caches, the rope table, and this
-    // layer's x, xn1, x_mid, rstd1, q, k, v, the attention statistics and output.
-    let earlier = (layers - 1) * layer_saved + rope;
-    let at_o = earlier + n * (3 * cw + 2 * qd + 2 * kd) * BF16 + n * F32 + n * heads * F32;
+    // layer's buffers.
+    let earlier = (layers - 1) * kept + rope;
     phases.push(PhaseBytes {
         phase: Phase::ForwardAttentionOut,
-        activations: at_o,
+        activations: earlier + layer_at_o,
         logits_loss: 0,
         transient: forward_temp(proj(Proj::O), n, true, o.dropout),
     });
-    // down_proj: the whole layer saved, its output (the final norm's input) being written.
+    // down_proj: the whole layer live, its output (the final norm's input) being written.
     phases.push(PhaseBytes {
         phase: Phase::ForwardMlpOut,
-        activations: saved - rstd_final,
+        activations: earlier + layer_saved + x_final,
         logits_loss: 0,
         transient: forward_temp(proj(Proj::Down), n, true, o.dropout),
     });
@@ -417,16 +430,31 @@ pub fn plan(config: &LlamaConfig, o: &PlanOptions) -> Result<MemoryPlan> {
     .into_iter()
     .max()
     .unwrap_or(0);
+    if ckpt {
+        // The layer's forward again, with the backward's buffers and dlogits live.
+        phases.push(PhaseBytes {
+            phase: Phase::RecomputeAttentionOut,
+            activations: saved + layer_at_o,
+            logits_loss: logits,
+            transient: grads + forward_temp(proj(Proj::O), n, true, o.dropout),
+        });
+        phases.push(PhaseBytes {
+            phase: Phase::RecomputeMlpOut,
+            activations: saved + layer_saved + n * cw * BF16,
+            logits_loss: logits,
+            transient: grads + forward_temp(proj(Proj::Down), n, true, o.dropout),
+        });
+    }
     phases.push(PhaseBytes {
         phase: Phase::Backward,
-        activations: saved,
+        activations: saved + if ckpt { layer_saved } else { 0 },
         logits_loss: logits,
         transient: grads + temp,
     });
     let peak_phase = *phases
         .iter()
         .max_by_key(|p| p.total())
-        .expect("five phases");
+        .expect("at least five phases");
     Ok(MemoryPlan {
         options: o.clone(),
         weights,
@@ -539,6 +567,42 @@ pub fn largest_batch(config: &LlamaConfig, o: &PlanOptions, budget: u64) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn layer_checkpointing_keeps_one_input_per_layer() {
+        let c = LlamaConfig::llama3_8b();
+        let base = PlanOptions::new(PlanMethod::Qlora, 4, 2048, 16);
+        let none = plan(&c, &base).unwrap();
+        let o = PlanOptions {
+            checkpointing: Checkpointing::Layers,
+            ..base
+        };
+        let ckpt = plan(&c, &o).unwrap();
+        assert_eq!(none.resident(), ckpt.resident());
+        // At the head, each layer holds its input (n C bf16) instead of its whole cache.
+        let (n, cw, q, k, i, h) = (8192u64, 4096u64, 4096u64, 1024u64, 14336u64, 32u64);
+        let layer = n * ((4 * cw + 2 * q + 2 * k + 3 * i) * BF16 + 2 * F32 + h * F32);
+        let at = |p: &MemoryPlan, ph: Phase| {
+            p.phases.iter().find(|x| x.phase == ph).unwrap().activations
+        };
+        assert_eq!(
+            at(&none, Phase::Head) - at(&ckpt, Phase::Head),
+            32 * (layer - n * cw * BF16)
+        );
+        assert!(at(&none, Phase::Head) > 5 * at(&ckpt, Phase::Head));
+        assert!(ckpt.peak() < none.peak() / 2, "{ckpt:?} vs {none:?}");
+        assert!(
+            ckpt.phases
+                .iter()
+                .any(|p| p.phase == Phase::RecomputeMlpOut)
+        );
+        assert!(
+            !none
+                .phases
+                .iter()
+                .any(|p| p.phase == Phase::RecomputeMlpOut)
+        );
+    }
 
     #[test]
     fn qlora_is_smaller_than_lora_and_the_peak_grows_with_the_batch() {

@@ -16,7 +16,7 @@ use crate::common::data;
 use qadapt::cuda::MemoryScope;
 use qadapt::ops::rope::RopeScaling;
 use qadapt::optim::AdamW;
-use qadapt_train::backend::{BaseFormat, LoraModel};
+use qadapt_train::backend::{BaseFormat, Checkpointing, LoraModel};
 use qadapt_train::cuda::CudaBackend;
 use qadapt_train::memory_plan::{Phase, PlanMethod, PlanOptions, plan};
 use qadapt_train::nf4::{Nf4Projections, quantize_projections};
@@ -54,6 +54,7 @@ struct Case {
     seq: usize,
     /// Where the plan puts the peak (so that the cases cover more than one phase).
     peak_at: Phase,
+    checkpointing: Checkpointing,
 }
 
 /// Two steps of `case` on a fresh device; returns (predicted, measured) peak bytes.
@@ -91,6 +92,7 @@ fn run(case: &Case) -> (u64, u64) {
         targets: case.targets.clone(),
         dropout: case.dropout > 0.0,
         props: dev.props(),
+        checkpointing: case.checkpointing,
         ..PlanOptions::new(case.method, case.batch, case.seq, case.rank)
     };
     let predicted = plan(&m.config, &o).unwrap();
@@ -99,6 +101,7 @@ fn run(case: &Case) -> (u64, u64) {
         let be = CudaBackend::new(dev.clone()).unwrap();
         let mut lm = LoraModel::new(be, m, format, &a, o.placement).unwrap();
         lm.set_dropout_seed(11);
+        lm.set_checkpointing(case.checkpointing);
         let vocab = m.config.vocab_size as u32;
         let mut s = common::stream(7);
         for _ in 0..2 {
@@ -148,6 +151,7 @@ fn the_plan_is_within_5_percent_of_the_virtual_devices_peak() {
             batch: 2,
             seq: 32,
             peak_at: Phase::Backward,
+            checkpointing: Checkpointing::None,
         },
         Case {
             what: "tiny_llama, LoRA on q and v (the rest through cuBLAS), 4 x 64",
@@ -159,6 +163,7 @@ fn the_plan_is_within_5_percent_of_the_virtual_devices_peak() {
             batch: 4,
             seq: 64,
             peak_at: Phase::Backward,
+            checkpointing: Checkpointing::None,
         },
         Case {
             what: "tiny_llama, QLoRA on o and down with LoRA dropout, 3 x 16",
@@ -170,6 +175,7 @@ fn the_plan_is_within_5_percent_of_the_virtual_devices_peak() {
             batch: 3,
             seq: 16,
             peak_at: Phase::Backward,
+            checkpointing: Checkpointing::None,
         },
         Case {
             what: "wider tied model, QLoRA on all projections, 2 x 48",
@@ -181,6 +187,7 @@ fn the_plan_is_within_5_percent_of_the_virtual_devices_peak() {
             batch: 2,
             seq: 48,
             peak_at: Phase::Backward,
+            checkpointing: Checkpointing::None,
         },
         Case {
             what: "wider model, vocabulary 4096, LoRA on all projections, 2 x 32",
@@ -192,6 +199,31 @@ fn the_plan_is_within_5_percent_of_the_virtual_devices_peak() {
             batch: 2,
             seq: 32,
             peak_at: Phase::CrossEntropy,
+            checkpointing: Checkpointing::None,
+        },
+        Case {
+            what: "wider tied model, QLoRA on all projections, 2 x 48, layer checkpointing",
+            model: wider(3, 256, true),
+            method: PlanMethod::Qlora,
+            rank: 8,
+            targets: Proj::ALL.to_vec(),
+            dropout: 0.0,
+            batch: 2,
+            seq: 48,
+            peak_at: Phase::RecomputeMlpOut,
+            checkpointing: Checkpointing::Layers,
+        },
+        Case {
+            what: "tiny_llama, QLoRA on o and down with LoRA dropout, 3 x 16, layer checkpointing",
+            model: tiny(),
+            method: PlanMethod::Qlora,
+            rank: 4,
+            targets: vec![Proj::O, Proj::Down],
+            dropout: 0.1,
+            batch: 3,
+            seq: 16,
+            peak_at: Phase::Backward,
+            checkpointing: Checkpointing::Layers,
         },
     ];
     for case in &cases {

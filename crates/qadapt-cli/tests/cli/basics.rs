@@ -527,7 +527,7 @@ fn plan_memory_prints_the_breakdown_whether_it_fits_and_the_largest_batch() {
         "  peak ",
         "fits in 141 GB",
         "largest batch of 1024 tokens that fits: ",
-        "activation checkpointing: not implemented by the trainer yet",
+        "activation checkpointing: none",
     ] {
         assert!(out.contains(want), "{want:?} missing from:\n{out}");
     }
@@ -569,6 +569,39 @@ fn plan_memory_prints_the_breakdown_whether_it_fits_and_the_largest_batch() {
     let out = String::from_utf8(r.stdout).unwrap();
     assert!(out.contains("does not fit in 141 GB"), "{out}");
     assert!(out.contains("no batch of 512 tokens fits"), "{out}");
+
+    // QLoRA of Llama 3 70B at 2048 tokens fits one H200 with layer checkpointing, at a batch
+    // several times the one without.
+    let largest = |ckpt: &str| -> usize {
+        let r = qadapt(&[
+            "plan-memory",
+            "--random-shape",
+            "llama3-70b",
+            "--method",
+            "qlora",
+            "--seq",
+            "2048",
+            "--checkpointing",
+            ckpt,
+        ]);
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        let out = String::from_utf8(r.stdout).unwrap();
+        assert!(out.contains("fits in 141 GB"), "{out}");
+        assert!(
+            out.contains(&format!("activation checkpointing: {ckpt}")),
+            "{out}"
+        );
+        out.lines()
+            .find_map(|l| l.strip_prefix("largest batch of 2048 tokens that fits: "))
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let (none, layers) = (largest("none"), largest("layers"));
+    assert!(
+        none >= 1 && layers >= 4 * none,
+        "none {none}, layers {layers}"
+    );
 
     // A model directory's config.json, with a device size and a subset of targets.
     let r = qadapt(&[

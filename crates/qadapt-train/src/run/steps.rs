@@ -51,6 +51,7 @@ fn check_device_memory(
         dropout: a.config.dropout > 0.0,
         placement,
         props: be.device().props(),
+        checkpointing: c.checkpointing,
         ..PlanOptions::new(method, c.batch, longest, a.config.r)
     };
     let p = memory_plan::plan(config, &o)?;
