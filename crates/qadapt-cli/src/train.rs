@@ -68,9 +68,10 @@ pub(crate) struct TrainArgs {
     /// Optimizer steps.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     steps: Option<u64>,
-    /// Sequences per micro-batch.
-    #[arg(long, value_parser = crate::positive())]
-    batch: Option<usize>,
+    /// Sequences per micro-batch, or `auto` (--device cuda): the largest whose planned peak
+    /// memory (`qadapt plan-memory`) fits the device's free memory.
+    #[arg(long, value_parser = parse_batch)]
+    batch: Option<BatchArg>,
     /// Micro-batches per optimizer step.
     #[arg(long, value_parser = crate::positive())]
     grad_accum: Option<usize>,
@@ -149,6 +150,25 @@ pub(crate) struct TrainArgs {
     quiet: bool,
 }
 
+/// `--batch N` or `--batch auto`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BatchArg {
+    Sequences(usize),
+    Auto,
+}
+
+fn parse_batch(s: &str) -> std::result::Result<BatchArg, String> {
+    if s == "auto" {
+        return Ok(BatchArg::Auto);
+    }
+    match s.parse::<usize>() {
+        Ok(n) if n > 0 => Ok(BatchArg::Sequences(n)),
+        _ => Err(format!(
+            "{s:?} is not a positive number of sequences or `auto`"
+        )),
+    }
+}
+
 impl TrainArgs {
     /// What the flags set.
     fn overrides(&self) -> Overrides {
@@ -161,7 +181,11 @@ impl TrainArgs {
             device: self.device.clone(),
             checkpointing: self.checkpointing,
             steps: self.steps,
-            batch: self.batch,
+            batch: match self.batch {
+                Some(BatchArg::Sequences(n)) => Some(n),
+                _ => None,
+            },
+            batch_auto: self.batch.map(|b| b == BatchArg::Auto),
             grad_accum: self.grad_accum,
             lr: self.lr,
             min_lr_ratio: self.min_lr_ratio,

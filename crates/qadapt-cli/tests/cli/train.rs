@@ -407,3 +407,48 @@ fn cuda_refuses_a_run_whose_plan_exceeds_the_free_device_memory() {
         "a refused run leaves nothing"
     );
 }
+
+/// `--batch auto` sizes the micro-batch by the memory plan: on the virtual device, given 6 MB
+/// and then 12 MB (`QADAPT_VGPU_MEMORY`, which it enforces: an allocation beyond it fails), the
+/// run says which batch it chose, trains a step with it without running out of memory, and the
+/// larger device gets the larger batch; run.toml keeps the number. On a GPU the run must train.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn cuda_batch_auto_takes_the_largest_batch_the_plan_fits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let vgpu = std::env::var_os("QADAPT_VGPU").is_some();
+    let chosen = |mem: &str, out: &str| -> usize {
+        let o = bin()
+            .args([
+                "train", "--device", "cuda", "--method", "qlora", "--steps", "1", "--batch",
+                "auto", "--output", out,
+            ])
+            .env("QADAPT_VGPU_MEMORY", mem)
+            .current_dir(tmp.path())
+            .output()
+            .unwrap();
+        let err = ok(&o);
+        let n: usize = err
+            .split("--batch auto: ")
+            .nth(1)
+            .and_then(|t| t.split_whitespace().next())
+            .and_then(|t| t.parse().ok())
+            .unwrap_or_else(|| panic!("no --batch auto line: {err}"));
+        let toml = std::fs::read_to_string(tmp.path().join(out).join("run.toml")).unwrap();
+        assert!(toml.contains(&format!("batch = {n}\n")), "{toml}");
+        n
+    };
+    let small = chosen("6M", "small");
+    let large = chosen("12M", "large");
+    assert!(small >= 1, "{small}");
+    if vgpu {
+        assert!(large > small, "6 MB: {small}, 12 MB: {large}");
+    }
+    // On the CPU the flag is refused with one line.
+    let o = bin()
+        .args(["train", "--batch", "auto", "--output", "cpu"])
+        .current_dir(tmp.path())
+        .output()
+        .unwrap();
+    assert!(fails(&o).contains("--batch auto applies to --device cuda"));
+}

@@ -143,6 +143,11 @@ pub struct Config {
     pub steps: u64,
     /// Sequences per micro-batch.
     pub batch: usize,
+    /// `--batch auto` (CUDA): the run replaces `batch` by the largest micro-batch the memory
+    /// plan fits in the device's free memory before anything goes to the device. Not part of
+    /// run.toml, which holds the number chosen.
+    #[serde(skip)]
+    pub batch_auto: bool,
     /// Micro-batches per optimizer step.
     pub grad_accum: usize,
     /// Peak learning rate; `None`: [`Method::default_lr`].
@@ -206,6 +211,7 @@ impl Default for Config {
             checkpointing: Checkpointing::None,
             steps: 300,
             batch: 16,
+            batch_auto: false,
             grad_accum: 1,
             lr: None,
             min_lr_ratio: 0.1,
@@ -252,6 +258,9 @@ pub struct Overrides {
     pub checkpointing: Option<Checkpointing>,
     pub steps: Option<u64>,
     pub batch: Option<usize>,
+    /// `--batch auto` (command line only).
+    #[serde(skip)]
+    pub batch_auto: Option<bool>,
     pub grad_accum: Option<usize>,
     pub lr: Option<f32>,
     pub min_lr_ratio: Option<f32>,
@@ -304,6 +313,7 @@ impl Config {
             heldout,
             device,
             checkpointing,
+            batch_auto,
             steps,
             batch,
             grad_accum,
@@ -367,6 +377,13 @@ impl Config {
             if v == 0 {
                 return bad(format!("--{name} must be positive"));
             }
+        }
+        if self.batch_auto && self.device == "cpu" {
+            return bad(
+                "--batch auto applies to --device cuda (it sizes the micro-batch by the \
+                        device's free memory)"
+                    .into(),
+            );
         }
         if self.checkpointing != Checkpointing::None && self.device == "cpu" {
             return bad(format!(

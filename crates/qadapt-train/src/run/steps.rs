@@ -27,6 +27,53 @@ use crate::{
     Trainer,
 };
 
+/// The plan options of a CUDA step of `batch` sequences of up to `longest` tokens.
+fn plan_options(
+    be: &CudaBackend,
+    c: &Config,
+    a: &LoraAdapter<f32>,
+    placement: MomentPlacement,
+    batch: usize,
+    longest: usize,
+) -> PlanOptions {
+    let method = if c.method == Method::Qlora {
+        PlanMethod::Qlora
+    } else {
+        PlanMethod::Lora
+    };
+    PlanOptions {
+        targets: Proj::ALL
+            .into_iter()
+            .filter(|p| a.pairs.first().is_some_and(|l| l[p.index()].is_some()))
+            .collect(),
+        dropout: a.config.dropout > 0.0,
+        placement,
+        props: be.device().props(),
+        checkpointing: c.checkpointing,
+        ..PlanOptions::new(method, batch, longest, a.config.r)
+    }
+}
+
+/// `--batch auto`: the largest micro-batch whose planned peak fits the device's free memory, at
+/// most the number of training sequences; refuses when not even one sequence fits.
+fn auto_batch(
+    be: &CudaBackend,
+    c: &Config,
+    config: &LlamaConfig,
+    a: &LoraAdapter<f32>,
+    placement: MomentPlacement,
+    longest: usize,
+    examples: usize,
+) -> Result<usize, Error> {
+    let o = plan_options(be, c, a, placement, 1, longest);
+    let (free, _) = be.device().memory_info()?;
+    match memory_plan::largest_batch(config, &o, free as u64)? {
+        Some(b) => Ok(b.min(examples.max(1))),
+        // One sequence does not fit: the refusal below says by how much.
+        None => Ok(1),
+    }
+}
+
 /// Refuses, before the model goes to the device, a CUDA run whose planned peak
 /// ([`crate::memory_plan`]: a micro-batch of `--batch` sequences as long as the longest training
 /// sequence, since a batch is padded to its longest) exceeds the device's free memory.
@@ -38,22 +85,8 @@ fn check_device_memory(
     placement: MomentPlacement,
     longest: usize,
 ) -> Result<(), Error> {
-    let method = if c.method == Method::Qlora {
-        PlanMethod::Qlora
-    } else {
-        PlanMethod::Lora
-    };
-    let o = PlanOptions {
-        targets: Proj::ALL
-            .into_iter()
-            .filter(|p| a.pairs.first().is_some_and(|l| l[p.index()].is_some()))
-            .collect(),
-        dropout: a.config.dropout > 0.0,
-        placement,
-        props: be.device().props(),
-        checkpointing: c.checkpointing,
-        ..PlanOptions::new(method, c.batch, longest, a.config.r)
-    };
+    let o = plan_options(be, c, a, placement, c.batch, longest);
+    let method = o.method;
     let p = memory_plan::plan(config, &o)?;
     let (free, total) = be.device().memory_info()?;
     if p.peak() > free as u64 {
@@ -352,6 +385,7 @@ impl Run {
         // and the moments (none for a new run). The CPU model (NF4 round trip for QLoRA) still
         // evaluates the held-out set, with the adapter downloaded from the device before each
         // evaluation, checkpoint and the final save.
+        let mut batch_note = None;
         let gpu = match (gpu_backend, state.adapter()) {
             (Some(be), Some(Adapter::Lora(a))) => {
                 let (base, placement) = match &nf4 {
@@ -359,6 +393,18 @@ impl Run {
                     None => (BaseFormat::Dense, MomentPlacement::Device),
                 };
                 let longest = data.train.iter().map(|s| s.ids.len()).max().unwrap_or(1);
+                if c.batch_auto {
+                    let n = data.train.len();
+                    c.batch = auto_batch(&be, &c, &model.config, a, placement, longest, n)?;
+                    // run.toml and a resume keep the number chosen here.
+                    c.batch_auto = false;
+                    batch_note = Some(format!(
+                        "--batch auto: {} sequence{} per micro-batch (the largest the memory \
+                         plan fits in the device's free memory)",
+                        c.batch,
+                        if c.batch == 1 { "" } else { "s" }
+                    ));
+                }
                 check_device_memory(&be, &c, &model.config, a, placement, longest)?;
                 let mut g = LoraModel::new(be, &model, base, a, placement)?;
                 g.restore(trainer.steps(), trainer.moments())?;
@@ -375,13 +421,14 @@ impl Run {
         };
         let device = gpu.as_ref().map(|g| {
             format!(
-                "{} (bf16 compute, {} base, f32 LoRA masters)",
+                "{} (bf16 compute, {} base, f32 LoRA masters){}",
                 g.backend().device().describe(),
                 if c.method == Method::Qlora {
                     "NF4"
                 } else {
                     "bf16"
-                }
+                },
+                batch_note.map_or(String::new(), |n| format!("; {n}"))
             )
         });
         drop(nf4);
