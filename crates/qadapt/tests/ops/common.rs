@@ -9,8 +9,11 @@
 use std::ops::Deref;
 use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+use half::bf16;
 use qadapt::Device;
 use qadapt::cuda::CudaDevice;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 
 static COUNTING: RwLock<()> = RwLock::new(());
 
@@ -63,6 +66,16 @@ pub(crate) fn counting() -> (RwLockWriteGuard<'static, ()>, CudaDevice) {
         unreachable!("device() returns a CUDA device")
     };
     (exclusive, dev)
+}
+
+/// `n` bf16 values uniform in `[-scale, scale)`, and the same values as f32.
+pub(crate) fn rand_bf16(seed: u64, n: usize, scale: f32) -> (Vec<bf16>, Vec<f32>) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let b: Vec<bf16> = (0..n)
+        .map(|_| bf16::from_f32(rng.random_range(-scale..scale)))
+        .collect();
+    let f = b.iter().map(|v| v.to_f32()).collect();
+    (b, f)
 }
 
 /// One test body on every device: `NAME::cpu` on [`Device::Cpu`] (always run) and `NAME::cuda`

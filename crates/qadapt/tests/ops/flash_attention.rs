@@ -18,8 +18,6 @@ use half::bf16;
 use qadapt::cuda::CudaDevice;
 use qadapt::cuda::ops;
 use qadapt::ops::attention::{AttentionShape, backward, forward};
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 
 const RTOL: f32 = 1.0 / 64.0;
 const TOL: f32 = 1.0 / 128.0;
@@ -29,15 +27,7 @@ const FLOOR: f32 = 1.0 / 1024.0;
 
 use crate::common::cuda_device as device;
 
-/// `n` bf16 values uniform in `[-scale, scale)`, and the same values as f32.
-fn rand_bf16(seed: u64, n: usize, scale: f32) -> (Vec<bf16>, Vec<f32>) {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let b: Vec<bf16> = (0..n)
-        .map(|_| bf16::from_f32(rng.random_range(-scale..scale)))
-        .collect();
-    let f = b.iter().map(|v| v.to_f32()).collect();
-    (b, f)
-}
+use crate::common::rand_bf16;
 
 /// Panics with the worst element unless `|got - want| <= TOL max|want| + RTOL |want|`
 /// everywhere; returns the largest `|got - want| / max|want|` (for the record).

@@ -23,15 +23,7 @@ const RTOL_BF16: f32 = 1.0 / 64.0;
 
 use crate::common::cuda_device as device;
 
-/// `n` bf16 values uniform in `[-scale, scale)`, and the same values as f32.
-fn rand_bf16(seed: u64, n: usize, scale: f32) -> (Vec<bf16>, Vec<f32>) {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let b: Vec<bf16> = (0..n)
-        .map(|_| bf16::from_f32(rng.random_range(-scale..scale)))
-        .collect();
-    let f = b.iter().map(|v| v.to_f32()).collect();
-    (b, f)
-}
+use crate::common::rand_bf16;
 
 fn widen(v: &[bf16]) -> Vec<f32> {
     v.iter().map(|x| x.to_f32()).collect()

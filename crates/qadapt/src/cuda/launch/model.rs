@@ -659,6 +659,50 @@ fn aligned4(op: &'static str, what: &str, addr: u64) -> Result<()> {
     Ok(())
 }
 
+/// The element count of an attention operand: `Q` `[batch * seq, heads * D]` (q, out, dout,
+/// dq), `Kv` `[batch * seq, kv_heads * D]` (k, v, dk, dv), `Rows` `[batch, heads, seq]` (lse).
+#[derive(Clone, Copy)]
+enum AttnLen {
+    Q,
+    Kv,
+    Rows,
+}
+
+fn attention_len(sh: &AttentionShape, l: AttnLen) -> usize {
+    let n = sh.batch * sh.seq;
+    match l {
+        AttnLen::Q => n * sh.heads * sh.head_dim,
+        AttnLen::Kv => n * sh.kv_heads * sh.head_dim,
+        AttnLen::Rows => n * sh.heads,
+    }
+}
+
+/// Checks each named operand's length ([`AttnLen`]) and that it lives on `dev`.
+macro_rules! attention_operands {
+    ($op:expr, $dev:expr, $sh:expr; $($name:ident: $kind:ident),+ $(,)?) => {
+        $(
+            need($op, stringify!($name), $name, attention_len(&$sh, AttnLen::$kind))?;
+            on_device($op, $dev, stringify!($name), $name)?;
+        )+
+    };
+}
+
+/// The shape part of the attention kernels' arguments (the addresses are the caller's).
+fn attention_args(
+    sh: &AttentionShape,
+    (batch, seq, heads, kv_heads, head_dim): (u32, u32, u32, u32, u32),
+) -> ffi::QadaptAttentionArgs {
+    ffi::QadaptAttentionArgs {
+        batch,
+        seq,
+        heads,
+        kv_heads,
+        head_dim,
+        scale: (1.0 / (sh.head_dim as f64).sqrt()) as f32,
+        ..Default::default()
+    }
+}
+
 /// `attention_fwd_bf16`: `out` and `lse [batch, heads, seq]` overwritten.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attention_forward(
@@ -671,18 +715,8 @@ pub(crate) fn attention_forward(
     out: &mut CudaSlice<bf16>,
 ) -> Result<()> {
     const OP: &str = "attention forward (cuda)";
-    let (batch, seq, heads, kv_heads, head_dim) = attention_shape(OP, &sh)?;
-    let n = sh.batch * sh.seq;
-    need(OP, "q", q, n * sh.heads * sh.head_dim)?;
-    need(OP, "k", k, n * sh.kv_heads * sh.head_dim)?;
-    need(OP, "v", v, n * sh.kv_heads * sh.head_dim)?;
-    need(OP, "out", out, n * sh.heads * sh.head_dim)?;
-    need(OP, "lse", lse, n * sh.heads)?;
-    on_device(OP, dev, "q", q)?;
-    on_device(OP, dev, "k", k)?;
-    on_device(OP, dev, "v", v)?;
-    on_device(OP, dev, "out", out)?;
-    on_device(OP, dev, "lse", lse)?;
+    let dims = attention_shape(OP, &sh)?;
+    attention_operands!(OP, dev, sh; q: Q, k: Kv, v: Kv, out: Q, lse: Rows);
     let items = (sh.batch * sh.heads * sh.seq.div_ceil(ffi::QADAPT_ATTN_ROWS as usize)) as u64;
     let plan = plan::model_op(items, ModelWork::CtaPerItem, &dev.props())?;
     let stream = dev.stream().clone();
@@ -700,13 +734,7 @@ pub(crate) fn attention_forward(
         v: vp,
         out: op,
         lse: lp,
-        batch,
-        seq,
-        heads,
-        kv_heads,
-        head_dim,
-        scale: (1.0 / (sh.head_dim as f64).sqrt()) as f32,
-        ..Default::default()
+        ..attention_args(&sh, dims)
     };
     // SAFETY: QadaptAttentionArgs is what attention_fwd_bf16 takes; q, out hold
     // batch * seq * heads * head_dim bf16, k, v batch * seq * kv_heads * head_dim bf16 and lse
@@ -733,25 +761,10 @@ pub(crate) fn attention_backward(
     dv: &mut CudaSlice<bf16>,
 ) -> Result<()> {
     const OP: &str = "attention backward (cuda)";
-    let (batch, seq, heads, kv_heads, head_dim) = attention_shape(OP, &sh)?;
+    let dims = attention_shape(OP, &sh)?;
     let n = sh.batch * sh.seq;
-    let (qlen, kvlen) = (n * sh.heads * sh.head_dim, n * sh.kv_heads * sh.head_dim);
-    need(OP, "q", q, qlen)?;
-    need(OP, "k", k, kvlen)?;
-    need(OP, "v", v, kvlen)?;
-    need(OP, "lse", lse, n * sh.heads)?;
-    need(OP, "dout", dout, qlen)?;
-    need(OP, "dq", dq, qlen)?;
-    need(OP, "dk", dk, kvlen)?;
-    need(OP, "dv", dv, kvlen)?;
-    on_device(OP, dev, "q", q)?;
-    on_device(OP, dev, "k", k)?;
-    on_device(OP, dev, "v", v)?;
-    on_device(OP, dev, "lse", lse)?;
-    on_device(OP, dev, "dout", dout)?;
-    on_device(OP, dev, "dq", dq)?;
-    on_device(OP, dev, "dk", dk)?;
-    on_device(OP, dev, "dv", dv)?;
+    attention_operands!(OP, dev, sh;
+        q: Q, k: Kv, v: Kv, lse: Rows, dout: Q, dq: Q, dk: Kv, dv: Kv);
     let mut delta = dev.zeros::<f32>(n * sh.heads)?;
     let blocks = sh.seq.div_ceil(ffi::QADAPT_ATTN_ROWS as usize);
     let props = dev.props();
@@ -797,12 +810,7 @@ pub(crate) fn attention_backward(
         dk: dkp,
         dv: dvp,
         delta: dp,
-        batch,
-        seq,
-        heads,
-        kv_heads,
-        head_dim,
-        scale: (1.0 / (sh.head_dim as f64).sqrt()) as f32,
+        ..attention_args(&sh, dims)
     };
     // SAFETY: QadaptAttentionArgs is what attention_bwd_dq_bf16 takes; q, dout, dq hold
     // batch * seq * heads * head_dim bf16, k, v batch * seq * kv_heads * head_dim bf16, lse and
@@ -848,18 +856,8 @@ pub(crate) fn flash_attention_forward(
     out: &mut CudaSlice<bf16>,
 ) -> Result<()> {
     const OP: &str = "flash attention forward (cuda)";
-    let (batch, seq, heads, kv_heads, head_dim) = flash_shape(OP, &sh)?;
-    let n = sh.batch * sh.seq;
-    need(OP, "q", q, n * sh.heads * sh.head_dim)?;
-    need(OP, "k", k, n * sh.kv_heads * sh.head_dim)?;
-    need(OP, "v", v, n * sh.kv_heads * sh.head_dim)?;
-    need(OP, "out", out, n * sh.heads * sh.head_dim)?;
-    need(OP, "lse", lse, n * sh.heads)?;
-    on_device(OP, dev, "q", q)?;
-    on_device(OP, dev, "k", k)?;
-    on_device(OP, dev, "v", v)?;
-    on_device(OP, dev, "out", out)?;
-    on_device(OP, dev, "lse", lse)?;
+    let dims = flash_shape(OP, &sh)?;
+    attention_operands!(OP, dev, sh; q: Q, k: Kv, v: Kv, out: Q, lse: Rows);
     let blocks = sh.seq.div_ceil(ffi::QADAPT_FLASH_BLOCK as usize);
     let plan = plan::flash_attention((sh.batch * sh.heads * blocks) as u64, &dev.props())?;
     let stream = dev.stream().clone();
@@ -878,13 +876,7 @@ pub(crate) fn flash_attention_forward(
         v: vp,
         out: op,
         lse: lp,
-        batch,
-        seq,
-        heads,
-        kv_heads,
-        head_dim,
-        scale: (1.0 / (sh.head_dim as f64).sqrt()) as f32,
-        ..Default::default()
+        ..attention_args(&sh, dims)
     };
     // SAFETY: QadaptAttentionArgs is what flash_attention_fwd_bf16 takes; q, out hold
     // batch * seq * heads * head_dim bf16, k, v batch * seq * kv_heads * head_dim bf16 and lse
@@ -914,29 +906,13 @@ pub(crate) fn flash_attention_backward(
     dv: &mut CudaSlice<bf16>,
 ) -> Result<()> {
     const OP: &str = "flash attention backward (cuda)";
-    let (batch, seq, heads, kv_heads, head_dim) = flash_shape(OP, &sh)?;
+    let dims = flash_shape(OP, &sh)?;
     let n = sh.batch * sh.seq;
-    let (qlen, kvlen) = (n * sh.heads * sh.head_dim, n * sh.kv_heads * sh.head_dim);
-    need(OP, "q", q, qlen)?;
-    need(OP, "k", k, kvlen)?;
-    need(OP, "v", v, kvlen)?;
     if let Some(out) = out {
-        need(OP, "out", out, qlen)?;
-        on_device(OP, dev, "out", out)?;
+        attention_operands!(OP, dev, sh; out: Q);
     }
-    need(OP, "lse", lse, n * sh.heads)?;
-    need(OP, "dout", dout, qlen)?;
-    need(OP, "dq", dq, qlen)?;
-    need(OP, "dk", dk, kvlen)?;
-    need(OP, "dv", dv, kvlen)?;
-    on_device(OP, dev, "q", q)?;
-    on_device(OP, dev, "k", k)?;
-    on_device(OP, dev, "v", v)?;
-    on_device(OP, dev, "lse", lse)?;
-    on_device(OP, dev, "dout", dout)?;
-    on_device(OP, dev, "dq", dq)?;
-    on_device(OP, dev, "dk", dk)?;
-    on_device(OP, dev, "dv", dv)?;
+    attention_operands!(OP, dev, sh;
+        q: Q, k: Kv, v: Kv, lse: Rows, dout: Q, dq: Q, dk: Kv, dv: Kv);
     let mut delta = dev.zeros::<f32>(n * sh.heads)?;
     let blocks = sh.seq.div_ceil(ffi::QADAPT_FLASH_BLOCK as usize);
     let props = dev.props();
@@ -987,12 +963,7 @@ pub(crate) fn flash_attention_backward(
         dk: dkp,
         dv: dvp,
         delta: dp,
-        batch,
-        seq,
-        heads,
-        kv_heads,
-        head_dim,
-        scale: (1.0 / (sh.head_dim as f64).sqrt()) as f32,
+        ..attention_args(&sh, dims)
     };
     if out.is_some() {
         // SAFETY: QadaptAttentionArgs is what flash_attention_bwd_delta_bf16 takes; out (present:
