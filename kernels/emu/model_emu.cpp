@@ -3,7 +3,7 @@
  * embedding.cu, cross_entropy.cu, attention.cu; forward and backward) on the CPU through
  * cuda_emu.h and compares it with a float64 reference written here, at the tolerances of a bf16 output
  * (atol + 2^-6 |ref| unless stated). Grids are small (2-3 CTAs) so every grid-stride loop runs
- * more than once. Exit status 0 when every element matches; crates/qadapt/tests/kernel_emu.rs
+ * more than once. Exit status 0 when every element matches; crates/qadapt/tests/ops/kernel_emu.rs
  * builds and runs it. Build by hand:
  *   F="$(sed -n 's/^common: //p' kernels/emu/emu.flags) -Ikernels/emu -Ikernels/include"
  *   c++ $F -DQV_NO_KERNEL_ANCHORS -c kernels/emu/vgpu_runtime.cpp -o rt.o

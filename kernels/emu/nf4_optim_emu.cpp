@@ -1,6 +1,6 @@
 /*
  * nf4_optim_emu.cpp — runs the kernels of kernels/nf4.cu and kernels/optim.cu on the CPU through
- * cuda_emu.h, for crates/qadapt/tests/kernel_emu.rs, which compares what they write with the Rust
+ * cuda_emu.h, for crates/qadapt/tests/ops/kernel_emu.rs, which compares what they write with the Rust
  * CPU reference bit for bit. Build (the test does it):
  *   F="$(sed -n 's/^common: //p' kernels/emu/emu.flags) -Ikernels/emu -Ikernels/include"
  *   c++ $F -DQV_NO_KERNEL_ANCHORS -c kernels/emu/vgpu_runtime.cpp -o rt.o

@@ -10,7 +10,7 @@
  * loss, and the parameter gradients (dw of RMSNorm, dtable of the embedding) are f32. The f32 math
  * is left to the compiler (it may contract a*b+c into an FMA; expf/logf/sqrtf are the accurate
  * library versions, never the fast intrinsics), so results agree with the CPU reference within
- * the tolerances stated in crates/qadapt/tests/model_ops_cuda.rs — except where bit-equality is
+ * the tolerances stated in crates/qadapt/tests/ops/model_ops_cuda.rs — except where bit-equality is
  * claimed and the rounding is written out: the mask blend (__fmul_rn, __fadd_rn: the f32
  * reference's two products and one sum), the embedding forward (a copy) and the embedding
  * backward (one __fadd_rn per token, in the CPU's order).

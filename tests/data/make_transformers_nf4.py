@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Writes tests/data/tiny_llama_nf4/: tests/data/tiny_llama quantized by transformers +
 bitsandbytes itself (NF4, double quant, bf16 compute, on the CPU) and saved with
-save_pretrained. `crates/qadapt-cli/tests/model_dir.rs` checks that `qadapt quantize` on the same
+save_pretrained. `crates/qadapt-cli/tests/cli/model_dir.rs` checks that `qadapt quantize` on the same
 directory writes the same tensors and the quantization_config transformers needs.
 
 Pinned: torch==2.15.0 transformers==5.24.0 bitsandbytes==0.50.2 safetensors==0.8.0.
