@@ -49,11 +49,12 @@ pub(crate) struct TrainArgs {
     /// AdamW for qlora).
     #[arg(long)]
     device: Option<String>,
-    /// With --device cuda: none (keep every activation for the backward) or layers (keep each
+    /// With --device cuda: none (keep every activation for the backward), layers (keep each
     /// decoder layer's input and recompute the layer in the backward: less memory, one more
-    /// forward per step, the same result bit for bit).
-    #[arg(long)]
-    checkpointing: Option<Checkpointing>,
+    /// forward per step, the same result bit for bit) or auto (none when the step's memory plan
+    /// fits the device's free memory, else layers).
+    #[arg(long, value_parser = parse_checkpointing)]
+    checkpointing: Option<CheckpointingArg>,
     /// New output directory (default runs/<method>-<unix time>).
     #[arg(long)]
     output: Option<PathBuf>,
@@ -150,6 +151,22 @@ pub(crate) struct TrainArgs {
     quiet: bool,
 }
 
+/// `--checkpointing none|layers|auto`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CheckpointingArg {
+    Fixed(Checkpointing),
+    Auto,
+}
+
+fn parse_checkpointing(s: &str) -> std::result::Result<CheckpointingArg, String> {
+    if s == "auto" {
+        return Ok(CheckpointingArg::Auto);
+    }
+    s.parse()
+        .map(CheckpointingArg::Fixed)
+        .map_err(|_| format!("unknown checkpointing {s:?} (none, layers or auto)"))
+}
+
 /// `--batch N` or `--batch auto`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum BatchArg {
@@ -179,7 +196,11 @@ impl TrainArgs {
             heldout_data: self.heldout_data.clone(),
             heldout: self.heldout,
             device: self.device.clone(),
-            checkpointing: self.checkpointing,
+            checkpointing: match self.checkpointing {
+                Some(CheckpointingArg::Fixed(c)) => Some(c),
+                _ => None,
+            },
+            checkpointing_auto: self.checkpointing.map(|c| c == CheckpointingArg::Auto),
             steps: self.steps,
             batch: match self.batch {
                 Some(BatchArg::Sequences(n)) => Some(n),

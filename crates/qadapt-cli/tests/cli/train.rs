@@ -408,13 +408,14 @@ fn cuda_refuses_a_run_whose_plan_exceeds_the_free_device_memory() {
     );
 }
 
-/// `--batch auto` sizes the micro-batch by the memory plan: on the virtual device, given 6 MB
+/// `--batch auto` and `--checkpointing auto` follow the memory plan. `--batch auto` sizes the
+/// micro-batch: on the virtual device, given 6 MB
 /// and then 12 MB (`QADAPT_VGPU_MEMORY`, which it enforces: an allocation beyond it fails), the
 /// run says which batch it chose, trains a step with it without running out of memory, and the
 /// larger device gets the larger batch; run.toml keeps the number. On a GPU the run must train.
 #[test]
 #[ignore = "needs a CUDA device"]
-fn cuda_batch_auto_takes_the_largest_batch_the_plan_fits() {
+fn cuda_batch_and_checkpointing_auto_follow_the_memory_plan() {
     let tmp = tempfile::tempdir().unwrap();
     let vgpu = std::env::var_os("QADAPT_VGPU").is_some();
     let chosen = |mem: &str, out: &str| -> usize {
@@ -444,6 +445,42 @@ fn cuda_batch_auto_takes_the_largest_batch_the_plan_fits() {
     if vgpu {
         assert!(large > small, "6 MB: {small}, 12 MB: {large}");
     }
+    // --checkpointing auto: at --batch 4 the step needs 9.7 MB without checkpointing and 6.7 MB
+    // with it (the plan), so 8 MB takes layers and 12 MB none; both train the same first step.
+    let ckpt = |mem: &str, out: &str| -> (String, String) {
+        let o = bin()
+            .args([
+                "train",
+                "--device",
+                "cuda",
+                "--method",
+                "qlora",
+                "--steps",
+                "1",
+                "--batch",
+                "4",
+                "--checkpointing",
+                "auto",
+                "--output",
+                out,
+            ])
+            .env("QADAPT_VGPU_MEMORY", mem)
+            .current_dir(tmp.path())
+            .output()
+            .unwrap();
+        let err = ok(&o);
+        let toml = std::fs::read_to_string(tmp.path().join(out).join("run.toml")).unwrap();
+        let losses = step_losses(&tmp.path().join(out));
+        assert_eq!(losses.len(), 1, "{err}");
+        (toml, format!("{:?}", losses[0]))
+    };
+    let (tight, l0) = ckpt("8M", "ckpt-tight");
+    let (roomy, l1) = ckpt("12M", "ckpt-roomy");
+    if vgpu {
+        assert!(tight.contains("checkpointing = \"layers\""), "{tight}");
+        assert!(roomy.contains("checkpointing = \"none\""), "{roomy}");
+    }
+    assert_eq!(l0, l1, "checkpointing changed the first step");
     // On the CPU the flag is refused with one line.
     let o = bin()
         .args(["train", "--batch", "auto", "--output", "cpu"])
@@ -451,4 +488,10 @@ fn cuda_batch_auto_takes_the_largest_batch_the_plan_fits() {
         .output()
         .unwrap();
     assert!(fails(&o).contains("--batch auto applies to --device cuda"));
+    let o = bin()
+        .args(["train", "--checkpointing", "auto", "--output", "cpu"])
+        .current_dir(tmp.path())
+        .output()
+        .unwrap();
+    assert!(fails(&o).contains("--checkpointing auto applies to --device cuda"));
 }

@@ -139,6 +139,11 @@ pub struct Config {
     /// What the CUDA path's forward keeps for the backward (`layers`: each decoder layer's
     /// input only, the layer recomputed in the backward; the same step bit for bit).
     pub checkpointing: Checkpointing,
+    /// `--checkpointing auto` (CUDA): the run sets `checkpointing` to `none` when the step's
+    /// memory plan fits the device's free memory without it (at `batch`, or at one sequence
+    /// under `--batch auto`), else to `layers`. Not part of run.toml, which holds the choice.
+    #[serde(skip)]
+    pub checkpointing_auto: bool,
     /// Optimizer steps (manual surgery: in all, split evenly between the layer groups).
     pub steps: u64,
     /// Sequences per micro-batch.
@@ -209,6 +214,7 @@ impl Default for Config {
             heldout: 200,
             device: "cpu".into(),
             checkpointing: Checkpointing::None,
+            checkpointing_auto: false,
             steps: 300,
             batch: 16,
             batch_auto: false,
@@ -256,6 +262,9 @@ pub struct Overrides {
     pub heldout: Option<usize>,
     pub device: Option<String>,
     pub checkpointing: Option<Checkpointing>,
+    /// `--checkpointing auto` (command line only).
+    #[serde(skip)]
+    pub checkpointing_auto: Option<bool>,
     pub steps: Option<u64>,
     pub batch: Option<usize>,
     /// `--batch auto` (command line only).
@@ -313,6 +322,7 @@ impl Config {
             heldout,
             device,
             checkpointing,
+            checkpointing_auto,
             batch_auto,
             steps,
             batch,
@@ -385,10 +395,16 @@ impl Config {
                     .into(),
             );
         }
-        if self.checkpointing != Checkpointing::None && self.device == "cpu" {
+        if (self.checkpointing != Checkpointing::None || self.checkpointing_auto)
+            && self.device == "cpu"
+        {
             return bad(format!(
                 "--checkpointing {} applies to --device cuda (the CPU path keeps every activation)",
-                self.checkpointing.name()
+                if self.checkpointing_auto {
+                    "auto"
+                } else {
+                    self.checkpointing.name()
+                }
             ));
         }
         let lr = self.lr();

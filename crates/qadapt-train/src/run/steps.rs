@@ -16,7 +16,7 @@ use super::{
     Config, Error, FineTune, Finished, LogRow, Method, Observer, Outcome, Start, Summary, absolute,
     data, dir_size, fs, observer, peak_rss, save,
 };
-use crate::backend::{BaseFormat, LoraModel, MomentPlacement};
+use crate::backend::{BaseFormat, Checkpointing, LoraModel, MomentPlacement};
 use crate::cuda::CudaBackend;
 use crate::dataset::{self, Sequence};
 use crate::fit::{Heldout, Sampler, heldout, pack};
@@ -97,6 +97,11 @@ fn check_device_memory(
                 format!("{:.1} MB", b as f64 / 1e6)
             }
         };
+        let ckpt = if c.checkpointing == Checkpointing::None {
+            ", use --checkpointing layers"
+        } else {
+            ""
+        };
         let qlora = if method == PlanMethod::Lora {
             ", or use --method qlora"
         } else {
@@ -106,7 +111,7 @@ fn check_device_memory(
             "--device {}: a step of --batch {} sequences of up to {longest} tokens needs about {} \
              of device memory at its peak (weights {}, adapter and optimizer {}, activations {}, \
              logits {}, workspace {}), but the device has {} free of {}: lower --batch or \
-             --max-len{qlora} (`qadapt plan-memory` shows the plan)",
+             --max-len{ckpt}{qlora} (`qadapt plan-memory` shows the plan)",
             c.device,
             c.batch,
             size(p.peak()),
@@ -385,7 +390,7 @@ impl Run {
         // and the moments (none for a new run). The CPU model (NF4 round trip for QLoRA) still
         // evaluates the held-out set, with the adapter downloaded from the device before each
         // evaluation, checkpoint and the final save.
-        let mut batch_note = None;
+        let mut notes: Vec<String> = Vec::new();
         let gpu = match (gpu_backend, state.adapter()) {
             (Some(be), Some(Adapter::Lora(a))) => {
                 let (base, placement) = match &nf4 {
@@ -393,12 +398,29 @@ impl Run {
                     None => (BaseFormat::Dense, MomentPlacement::Device),
                 };
                 let longest = data.train.iter().map(|s| s.ids.len()).max().unwrap_or(1);
+                if c.checkpointing_auto {
+                    let b = if c.batch_auto { 1 } else { c.batch };
+                    c.checkpointing = Checkpointing::None;
+                    let o = plan_options(&be, &c, a, placement, b, longest);
+                    let (free, _) = be.device().memory_info()?;
+                    if memory_plan::plan(&model.config, &o)?.peak() > free as u64 {
+                        c.checkpointing = Checkpointing::Layers;
+                    }
+                    c.checkpointing_auto = false;
+                    notes.push(format!(
+                        "--checkpointing auto: {}",
+                        match c.checkpointing {
+                            Checkpointing::None => "none (the step fits without it)",
+                            Checkpointing::Layers => "layers (the step does not fit without it)",
+                        }
+                    ));
+                }
                 if c.batch_auto {
                     let n = data.train.len();
                     c.batch = auto_batch(&be, &c, &model.config, a, placement, longest, n)?;
                     // run.toml and a resume keep the number chosen here.
                     c.batch_auto = false;
-                    batch_note = Some(format!(
+                    notes.push(format!(
                         "--batch auto: {} sequence{} per micro-batch (the largest the memory \
                          plan fits in the device's free memory)",
                         c.batch,
@@ -428,7 +450,7 @@ impl Run {
                 } else {
                     "bf16"
                 },
-                batch_note.map_or(String::new(), |n| format!("; {n}"))
+                notes.iter().map(|n| format!("; {n}")).collect::<String>()
             )
         });
         drop(nf4);
