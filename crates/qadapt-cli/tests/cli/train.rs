@@ -397,7 +397,7 @@ fn cuda_refuses_a_run_whose_plan_exceeds_the_free_device_memory() {
     for want in [
         "--device cuda: a step of --batch 2 sequences of up to ",
         "MB of device memory at its peak (weights 3.",
-        "MB free of 150.755 GB: lower --batch or --max-len, or use --method qlora",
+        "MB free of 150.755 GB: lower --batch or --max-len, use --checkpointing layers, or use --method qlora",
         "qadapt plan-memory",
     ] {
         assert!(err.contains(want), "{want:?} missing: {err}");
