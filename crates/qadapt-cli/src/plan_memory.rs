@@ -170,7 +170,7 @@ fn report(name: &str, p: &MemoryPlan, budget: u64, largest: Option<usize>) -> St
         (
             "logits/loss",
             p.logits_loss(),
-            "bf16 logits and their gradient".into(),
+            "one chunk of bf16 logits and their gradient, per-row losses".into(),
         ),
         (
             "workspace",

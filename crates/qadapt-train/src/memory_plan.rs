@@ -32,8 +32,11 @@
 //! log-sum-exp `n heads` f32; then the final norm's input `n C` bf16 and `rstd` `n` f32, and the
 //! RoPE table (cos and sin, `seq head_dim / 2` f32 each).
 //!
-//! **Logits and loss**: the bf16 logits `n V`, their gradient `n V` (both live while the fused
-//! cross-entropy runs), with the per-row losses and the i32 targets (`n` each, f32 and i32).
+//! **Logits and loss**: the head and the cross-entropy run fused, `c` rows at a time
+//! ([`qadapt::plan::loss_chunk_rows`]: `c = min(n, 2^26 / V)`, or
+//! [`PlanOptions::loss_chunk_rows`]), so only one chunk's bf16 logits `c V` and their gradient
+//! `c V` exist, with the per-row losses and the i32 targets (`n` each, f32 and i32); the final
+//! norm's output `n C` and its gradient `n C` (bf16) are live meanwhile.
 //!
 //! **Workspace**: the LoRA kernels' scratch (`u` and `g`, `n r` bf16 each, and the split partial
 //! sums, f32, grown to the largest call and kept: [`qadapt::plan::lora_forward`] and
@@ -51,10 +54,10 @@
 //! largest of these moments of a step, each with what is live then:
 //! - forward, last layer, `o_proj` and `down_proj` (the layers before it saved, this layer's
 //!   buffers, the projection's temporary);
-//! - head: every saved activation, the final norm's output `n C` bf16 and the logits;
-//! - cross-entropy: saved activations, logits, their gradient, per-row losses and targets;
-//! - backward: saved activations, the logits' gradient, the gradient buffers and the largest
-//!   temporary of one layer's backward.
+//! - head and loss: every saved activation, the final norm's output and its gradient, one chunk's
+//!   logits and their gradient, per-row losses and targets;
+//! - backward: saved activations, the gradient buffers and the largest temporary of one layer's
+//!   backward.
 //!
 //! The steady state is planned: from the second step on, the moments exist during the
 //! forward and backward. The sizes are the requested bytes of each allocation; a real driver
@@ -64,8 +67,8 @@
 //!
 //! With [`Checkpointing::Layers`] a layer keeps only its input `x` (`n C` bf16) once its forward
 //! is done, so the forward phases hold `L - 1` inputs and the current layer's buffers, and the
-//! head and cross-entropy `L` inputs; the backward runs each layer's forward again before its
-//! backward, adding two more phases with the gradient buffers and the logits' gradient live:
+//! head and loss `L` inputs; the backward runs each layer's forward again before its
+//! backward, adding two more phases with the gradient buffers live:
 //! the recomputed layer at `o_proj`, and at `down_proj` (the whole layer, the recomputed output
 //! `n C` being written); the backward of a layer then holds the `L` inputs plus that layer's
 //! recomputed activations.
@@ -135,6 +138,10 @@ pub struct PlanOptions {
     pub checkpointing: Checkpointing,
     /// The device facts the kernels' launch plans (and so their scratch) depend on.
     pub props: DeviceProps,
+    /// Token rows per chunk of the fused head and loss
+    /// ([`crate::backend::LoraModel::set_loss_chunk_rows`]; `None`: the default,
+    /// [`qadapt::plan::loss_chunk_rows`]).
+    pub loss_chunk_rows: Option<usize>,
 }
 
 impl PlanOptions {
@@ -151,6 +158,7 @@ impl PlanOptions {
             placement: method.placement(),
             checkpointing: Checkpointing::None,
             props: DeviceProps::H200,
+            loss_chunk_rows: None,
         }
     }
 }
@@ -162,9 +170,8 @@ pub enum Phase {
     ForwardAttentionOut,
     /// Forward of the last layer's `down_proj`.
     ForwardMlpOut,
-    /// The head's GEMM: saved activations, the final norm's output, the logits.
-    Head,
-    /// The fused cross-entropy: logits and their gradient.
+    /// The head fused with the cross-entropy, in row chunks: one chunk's logits and their
+    /// gradient, the final norm's output and its gradient.
     CrossEntropy,
     /// With layer checkpointing: a layer's forward run again in the backward, at `o_proj`.
     RecomputeAttentionOut,
@@ -180,8 +187,7 @@ impl Phase {
         match self {
             Phase::ForwardAttentionOut => "forward (o_proj of the last layer)",
             Phase::ForwardMlpOut => "forward (down_proj of the last layer)",
-            Phase::Head => "forward (head GEMM)",
-            Phase::CrossEntropy => "cross-entropy (logits and their gradient)",
+            Phase::CrossEntropy => "head and cross-entropy (one chunk of logits)",
             Phase::RecomputeAttentionOut => "backward (a checkpointed layer's o_proj again)",
             Phase::RecomputeMlpOut => "backward (a checkpointed layer's down_proj again)",
             Phase::Backward => "backward (through the layers)",
@@ -196,7 +202,7 @@ pub struct PhaseBytes {
     pub phase: Phase,
     /// Saved activations live then.
     pub activations: u64,
-    /// Logits, their gradient, per-row losses, targets.
+    /// One chunk's logits and their gradient, per-row losses, targets.
     pub logits_loss: u64,
     /// Gradient buffers and temporaries (the LoRA scratch is resident, in [`MemoryPlan`]).
     pub transient: u64,
@@ -369,7 +375,11 @@ pub fn plan(config: &LlamaConfig, o: &PlanOptions) -> Result<MemoryPlan> {
     let rope = prod(&[u(o.seq), u(c.head_dim), F32])?;
     let x_final = n * cw * BF16;
     let rstd_final = n * F32;
-    let logits = prod(&[n, vocab, BF16])?;
+    let chunk = o
+        .loss_chunk_rows
+        .unwrap_or_else(|| plan::loss_chunk_rows(n as usize, c.vocab_size))
+        .clamp(1, n as usize) as u64;
+    let chunk_logits = prod(&[chunk, vocab, BF16])?;
 
     // What a finished layer keeps: everything, or its input alone.
     let (ckpt, kept) = match o.checkpointing {
@@ -399,20 +409,16 @@ pub fn plan(config: &LlamaConfig, o: &PlanOptions) -> Result<MemoryPlan> {
         logits_loss: 0,
         transient: forward_temp(proj(Proj::Down), n, true, o.dropout),
     });
-    phases.push(PhaseBytes {
-        phase: Phase::Head,
-        activations: saved,
-        logits_loss: logits,
-        transient: n * cw * BF16,
-    });
+    // The final norm's output and its gradient, while one chunk's logits and their gradient,
+    // the per-row losses and the targets exist.
     phases.push(PhaseBytes {
         phase: Phase::CrossEntropy,
         activations: saved,
-        logits_loss: 2 * logits + n * F32 + n * F32,
-        transient: 0,
+        logits_loss: 2 * chunk_logits + n * F32 + n * F32,
+        transient: 2 * n * cw * BF16,
     });
-    // Backward: dlogits stays until the backward returns; the gradient buffers are allocated
-    // before the first layer; the largest temporary of one layer's ops on top.
+    // Backward: the gradient buffers (dxn among them, from the loss) are live from the first
+    // layer on; the largest temporary of one layer's ops on top.
     let grads = n * (2 * cw + 3 * iw + 2 * qd + 2 * kd) * BF16 + cw * F32;
     let norm_partial = u64::from(plan::rmsnorm_dw(n, cw, &o.props)?.chunks) * cw * F32;
     let (ow, add) = (false, true);
@@ -431,30 +437,30 @@ pub fn plan(config: &LlamaConfig, o: &PlanOptions) -> Result<MemoryPlan> {
     .max()
     .unwrap_or(0);
     if ckpt {
-        // The layer's forward again, with the backward's buffers and dlogits live.
+        // The layer's forward again, with the backward's buffers live.
         phases.push(PhaseBytes {
             phase: Phase::RecomputeAttentionOut,
             activations: saved + layer_at_o,
-            logits_loss: logits,
+            logits_loss: 0,
             transient: grads + forward_temp(proj(Proj::O), n, true, o.dropout),
         });
         phases.push(PhaseBytes {
             phase: Phase::RecomputeMlpOut,
             activations: saved + layer_saved + n * cw * BF16,
-            logits_loss: logits,
+            logits_loss: 0,
             transient: grads + forward_temp(proj(Proj::Down), n, true, o.dropout),
         });
     }
     phases.push(PhaseBytes {
         phase: Phase::Backward,
         activations: saved + if ckpt { layer_saved } else { 0 },
-        logits_loss: logits,
+        logits_loss: 0,
         transient: grads + temp,
     });
     let peak_phase = *phases
         .iter()
         .max_by_key(|p| p.total())
-        .expect("at least five phases");
+        .expect("at least four phases");
     Ok(MemoryPlan {
         options: o.clone(),
         weights,
@@ -586,10 +592,10 @@ mod tests {
             p.phases.iter().find(|x| x.phase == ph).unwrap().activations
         };
         assert_eq!(
-            at(&none, Phase::Head) - at(&ckpt, Phase::Head),
+            at(&none, Phase::CrossEntropy) - at(&ckpt, Phase::CrossEntropy),
             32 * (layer - n * cw * BF16)
         );
-        assert!(at(&none, Phase::Head) > 5 * at(&ckpt, Phase::Head));
+        assert!(at(&none, Phase::CrossEntropy) > 5 * at(&ckpt, Phase::CrossEntropy));
         assert!(ckpt.peak() < none.peak() / 2, "{ckpt:?} vs {none:?}");
         assert!(
             ckpt.phases
@@ -602,6 +608,41 @@ mod tests {
                 .iter()
                 .any(|p| p.phase == Phase::RecomputeMlpOut)
         );
+    }
+
+    #[test]
+    fn the_loss_holds_one_chunk_of_logits_not_all_of_them() {
+        // Llama-3-8B, 4 x 2048 rows: whole logits would be 8192 x 128256 bf16 (2 GiB, twice).
+        let c = LlamaConfig::llama3_8b();
+        let o = PlanOptions::new(PlanMethod::Qlora, 4, 2048, 16);
+        let p = plan(&c, &o).unwrap();
+        let (n, v, cw) = (8192u64, 128_256u64, 4096u64);
+        let chunk = (1u64 << 26) / v;
+        assert_eq!(chunk, 523);
+        let loss = p
+            .phases
+            .iter()
+            .find(|x| x.phase == Phase::CrossEntropy)
+            .unwrap();
+        assert_eq!(loss.logits_loss, 2 * chunk * v * BF16 + n * (F32 + F32));
+        assert_eq!(loss.transient, 2 * n * cw * BF16);
+        assert!(p.phases.iter().all(|x| x.logits_loss < n * v * BF16 / 4));
+        // A chunk of 64 rows: 2 x 64 x V bf16 instead; one chunk bigger than the batch is the
+        // whole batch.
+        let small = PlanOptions {
+            loss_chunk_rows: Some(64),
+            ..o.clone()
+        };
+        let ps = plan(&c, &small).unwrap();
+        let loss_s = ps.phases.iter().find(|x| x.phase == Phase::CrossEntropy);
+        assert_eq!(loss_s.unwrap().logits_loss, 2 * 64 * v * BF16 + n * 8);
+        let whole = PlanOptions {
+            loss_chunk_rows: Some(1 << 20),
+            ..o
+        };
+        let pw = plan(&c, &whole).unwrap();
+        let loss_w = pw.phases.iter().find(|x| x.phase == Phase::CrossEntropy);
+        assert_eq!(loss_w.unwrap().logits_loss, 2 * n * v * BF16 + n * 8);
     }
 
     #[test]

@@ -700,6 +700,42 @@ fn layer_checkpointing_gives_the_same_step_bit_for_bit() {
     checkpointing_is_exact(CpuBackend::bf16, Base::Dense, 0.1, "bf16, dense, dropout");
 }
 
+/// Two micro-batches through the fused head and loss in chunks of 1, 5 and 24 rows (the batch has
+/// 24) against the default chunk: the same loss and gradients, within `tol` (max-relative):
+/// every row's logits, loss and gradient come from that row alone, so only a GEMM that picks its
+/// summation order by row count can move them.
+fn loss_chunks_agree<B: Backend>(be: impl Fn() -> B, base: Base, tol: f64, what: &str) {
+    let m = fixture();
+    let a = all_targets(&m, 7);
+    let b = pattern_batch();
+    let run = |chunk: Option<usize>| {
+        let mut lm = lora_model(be(), &m, base, &a, MomentPlacement::Device);
+        lm.set_loss_chunk_rows(chunk);
+        let loss = lm.accumulate(&b).unwrap();
+        let eval = lm.loss(&b).unwrap();
+        (loss, eval, lm.grads().unwrap())
+    };
+    let whole = run(None);
+    for chunk in [1, 5, 24] {
+        let (loss, eval, grads) = run(Some(chunk));
+        let tag = format!("{what}, chunks of {chunk} rows");
+        assert!(
+            f64::from((loss - whole.0).abs()) <= tol * f64::from(whole.0.abs()),
+            "{tag}: loss {loss} vs {}",
+            whole.0
+        );
+        assert_eq!(loss.to_bits(), eval.to_bits(), "{tag}: eval loss");
+        let (max, _) = grad_errs(&grads, &whole.2, &m.config);
+        assert!(max <= tol, "{tag}: gradients {max:e} apart");
+    }
+}
+
+#[test]
+fn the_loss_in_row_chunks_equals_the_whole_logits() {
+    loss_chunks_agree(CpuBackend::f32, Base::Dense, 1e-6, "f32, dense");
+    loss_chunks_agree(CpuBackend::bf16, Base::Nf4, 1e-6, "bf16, nf4");
+}
+
 /// A backend on device 0; the device (context, stream, loaded kernels) is opened once per test
 /// binary and shared by every backend.
 fn cuda() -> CudaBackend {
@@ -741,6 +777,15 @@ fn cuda_matches_the_cpu_model_dense_and_nf4() {
 fn cuda_layer_checkpointing_gives_the_same_step_bit_for_bit() {
     checkpointing_is_exact(cuda, Base::Dense, 0.0, "cuda, dense");
     checkpointing_is_exact(cuda, Base::Nf4, 0.1, "cuda, nf4, dropout");
+}
+
+/// On the device the chunks change only which rows each cuBLAS call gets: within bf16 tolerance
+/// (on the virtual device the values are the same).
+#[test]
+#[ignore = "needs a CUDA device"]
+fn cuda_loss_in_row_chunks_equals_the_whole_logits() {
+    loss_chunks_agree(cuda, Base::Dense, 1e-2, "cuda, dense");
+    loss_chunks_agree(cuda, Base::Nf4, 1e-2, "cuda, nf4");
 }
 
 #[test]

@@ -55,6 +55,8 @@ struct Case {
     /// Where the plan puts the peak (so that the cases cover more than one phase).
     peak_at: Phase,
     checkpointing: Checkpointing,
+    /// Rows per chunk of the fused head and loss (`None`: the default).
+    loss_chunk_rows: Option<usize>,
 }
 
 /// Two steps of `case` on a fresh device; returns (predicted, measured) peak bytes.
@@ -93,6 +95,7 @@ fn run(case: &Case) -> (u64, u64) {
         dropout: case.dropout > 0.0,
         props: dev.props(),
         checkpointing: case.checkpointing,
+        loss_chunk_rows: case.loss_chunk_rows,
         ..PlanOptions::new(case.method, case.batch, case.seq, case.rank)
     };
     let predicted = plan(&m.config, &o).unwrap();
@@ -102,6 +105,7 @@ fn run(case: &Case) -> (u64, u64) {
         let mut lm = LoraModel::new(be, m, format, &a, o.placement).unwrap();
         lm.set_dropout_seed(11);
         lm.set_checkpointing(case.checkpointing);
+        lm.set_loss_chunk_rows(case.loss_chunk_rows);
         let vocab = m.config.vocab_size as u32;
         let mut s = common::stream(7);
         for _ in 0..2 {
@@ -152,6 +156,7 @@ fn the_plan_is_within_5_percent_of_the_virtual_devices_peak() {
             seq: 32,
             peak_at: Phase::Backward,
             checkpointing: Checkpointing::None,
+            loss_chunk_rows: None,
         },
         Case {
             what: "tiny_llama, LoRA on q and v (the rest through cuBLAS), 4 x 64",
@@ -164,6 +169,7 @@ fn the_plan_is_within_5_percent_of_the_virtual_devices_peak() {
             seq: 64,
             peak_at: Phase::Backward,
             checkpointing: Checkpointing::None,
+            loss_chunk_rows: None,
         },
         Case {
             what: "tiny_llama, QLoRA on o and down with LoRA dropout, 3 x 16",
@@ -176,6 +182,7 @@ fn the_plan_is_within_5_percent_of_the_virtual_devices_peak() {
             seq: 16,
             peak_at: Phase::Backward,
             checkpointing: Checkpointing::None,
+            loss_chunk_rows: None,
         },
         Case {
             what: "wider tied model, QLoRA on all projections, 2 x 48",
@@ -188,6 +195,7 @@ fn the_plan_is_within_5_percent_of_the_virtual_devices_peak() {
             seq: 48,
             peak_at: Phase::Backward,
             checkpointing: Checkpointing::None,
+            loss_chunk_rows: None,
         },
         Case {
             what: "wider model, vocabulary 4096, LoRA on all projections, 2 x 32",
@@ -200,6 +208,7 @@ fn the_plan_is_within_5_percent_of_the_virtual_devices_peak() {
             seq: 32,
             peak_at: Phase::CrossEntropy,
             checkpointing: Checkpointing::None,
+            loss_chunk_rows: None,
         },
         Case {
             what: "wider tied model, QLoRA on all projections, 2 x 48, layer checkpointing",
@@ -212,6 +221,7 @@ fn the_plan_is_within_5_percent_of_the_virtual_devices_peak() {
             seq: 48,
             peak_at: Phase::RecomputeMlpOut,
             checkpointing: Checkpointing::Layers,
+            loss_chunk_rows: None,
         },
         Case {
             what: "tiny_llama, QLoRA on o and down with LoRA dropout, 3 x 16, layer checkpointing",
@@ -224,6 +234,20 @@ fn the_plan_is_within_5_percent_of_the_virtual_devices_peak() {
             seq: 16,
             peak_at: Phase::Backward,
             checkpointing: Checkpointing::Layers,
+            loss_chunk_rows: None,
+        },
+        Case {
+            what: "wider model, vocabulary 4096, LoRA on all projections, 2 x 32, loss in chunks of 10 rows",
+            model: wider(2, 4096, false),
+            method: PlanMethod::Lora,
+            rank: 8,
+            targets: Proj::ALL.to_vec(),
+            dropout: 0.0,
+            batch: 2,
+            seq: 32,
+            peak_at: Phase::CrossEntropy,
+            checkpointing: Checkpointing::None,
+            loss_chunk_rows: Some(10),
         },
     ];
     for case in &cases {

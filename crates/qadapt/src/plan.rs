@@ -161,6 +161,19 @@ pub fn model_op(items: u64, work: ModelWork, props: &DeviceProps) -> Result<Laun
     })
 }
 
+/// Logits per chunk of the fused LM head and cross-entropy
+/// ([`crate::cuda::ops::lm_head_cross_entropy`]): `2^26` (128 MiB of bf16, twice with the
+/// gradient). At a 128k vocabulary that is 523 rows per chunk: the head GEMM of a chunk
+/// (523 x 4096 x 128k) still does ~500 FLOP per byte of the head it re-reads, so chunking costs
+/// no throughput, while 16k rows of whole logits would take 8 GiB.
+pub const LOSS_CHUNK_LOGITS: usize = 1 << 26;
+
+/// Token rows per chunk of the fused LM head and cross-entropy for `rows` rows and a `vocab`
+/// vocabulary: as many as [`LOSS_CHUNK_LOGITS`] logits allow, at least one, at most `rows`.
+pub fn loss_chunk_rows(rows: usize, vocab: usize) -> usize {
+    (LOSS_CHUNK_LOGITS / vocab.max(1)).clamp(1, rows.max(1))
+}
+
 /// The tensor-core attention kernels (`kernels/flash_attention.cu`): `blocks` 64-row blocks
 /// (`QADAPT_FLASH_BLOCK` queries or keys of one head), one CTA each up to the grid cap (the
 /// kernels grid-stride over the rest), `QADAPT_FLASH_THREADS` threads, static shared memory only.

@@ -11,10 +11,9 @@
 //! rounded and the arithmetic is that of the CPU [`crate::Llama`], which checks the
 //! orchestration to f32 rounding.
 
-use ndarray::linalg::general_mat_mul;
-use ndarray::{ArrayView2, ArrayViewMut2};
 use qadapt::nf4::Nf4Tensor;
 use qadapt::ops::attention::{self, AttentionShape};
+use qadapt::ops::cross_entropy::LmHeadShape;
 use qadapt::ops::dropout::{self, DropoutMask, MaskCoef};
 use qadapt::ops::linear::{self, LinearShape};
 use qadapt::ops::rope::{RopeDirection, RopeTable};
@@ -197,11 +196,6 @@ impl CpuBackend {
         u.iter_mut().for_each(|v| *v *= l.scale);
         Ok(self.rounded(u))
     }
-}
-
-fn view(rows: usize, cols: usize, v: &[f32]) -> Result<ArrayView2<'_, f32>> {
-    ArrayView2::from_shape((rows, cols), v)
-        .map_err(|_| shape_err("cpu backend", format!("{rows} x {cols}"), v.len()))
 }
 
 fn store(acc: Accumulate, out: &mut [f32], v: &[f32]) {
@@ -398,28 +392,6 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn matmul_w(
-        &self,
-        dy: &Vec<f32>,
-        w: &Vec<f32>,
-        (rows, inp, out): (usize, usize, usize),
-        dx: &mut Vec<f32>,
-    ) -> Result<()> {
-        const OP: &str = "matmul dy W (cpu)";
-        check(OP, "dx", dx, rows * inp)?;
-        let mut dxv = ArrayViewMut2::from_shape((rows, inp), dx.as_mut_slice())
-            .map_err(|_| shape_err(OP, "dx", rows * inp))?;
-        general_mat_mul(
-            1.0,
-            &view(rows, out, dy)?,
-            &view(out, inp, w)?,
-            0.0,
-            &mut dxv,
-        );
-        self.round(dx);
-        Ok(())
-    }
-
     fn proj(
         &self,
         out: usize,
@@ -510,17 +482,29 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn cross_entropy(
+    fn lm_head_cross_entropy(
         &self,
-        logits: &Vec<f32>,
+        xn: &Vec<f32>,
+        head: &Vec<f32>,
+        shape: LmHeadShape,
         targets: &[Option<u32>],
-        vocab: usize,
+        chunk_rows: usize,
         dloss: f32,
-        dlogits: Option<&mut Vec<f32>>,
+        mut dxn: Option<&mut Vec<f32>>,
     ) -> Result<f32> {
-        let loss = cross_entropy::forward(logits, targets, vocab)?;
-        if let Some(d) = dlogits {
-            cross_entropy::backward(logits, targets, vocab, dloss, d)?;
+        // The logits and their gradient rounded as the device stores them (bf16), before the
+        // loss reads them and before the GEMM back to xn; dxn rounded once at the end.
+        let loss = cross_entropy::lm_head_stored(
+            xn,
+            head,
+            shape,
+            targets,
+            chunk_rows,
+            dloss,
+            dxn.as_deref_mut().map(Vec::as_mut_slice),
+            |v| self.round(v),
+        )?;
+        if let Some(d) = dxn {
             self.round(d);
         }
         Ok(loss)

@@ -39,6 +39,7 @@ use qadapt::Result;
 use qadapt::nf4::Nf4Tensor;
 use qadapt::ops::Accumulate;
 use qadapt::ops::attention::AttentionShape;
+use qadapt::ops::cross_entropy::LmHeadShape;
 use qadapt::ops::dropout::{DropoutMask, MaskCoef};
 use qadapt::ops::rope::{RopeDirection, RopeTable};
 use qadapt::optim::AdamWStep;
@@ -210,15 +211,6 @@ pub trait Backend {
         rows_inp_out: (usize, usize, usize),
         y: &mut Self::Act,
     ) -> Result<()>;
-    /// `dx [rows, inp] = dy [rows, out] W` (the LM head's input gradient).
-    fn matmul_w(
-        &self,
-        dy: &Self::Act,
-        w: &Self::Act,
-        rows_inp_out: (usize, usize, usize),
-        dx: &mut Self::Act,
-    ) -> Result<()>;
-
     /// A resident projection `[out, inp]`, adapted when `lora` is given.
     fn proj(
         &self,
@@ -282,15 +274,20 @@ pub trait Backend {
         out: &mut Self::Act,
     ) -> Result<()>;
 
-    /// The mean cross-entropy of `logits [targets.len(), vocab]` over the rows with a target and,
-    /// when `dlogits` is given, its gradient scaled by `dloss` (overwritten; 0 on ignored rows).
-    fn cross_entropy(
+    /// The mean cross-entropy of the logits `xn head^T` against `targets`, `chunk_rows` rows at a
+    /// time so the whole `[rows, vocab]` logits never exist, and, when `dxn` is given, the
+    /// gradient of `dloss * loss` with respect to `xn` (overwritten), as
+    /// [`qadapt::ops::cross_entropy::lm_head`].
+    #[allow(clippy::too_many_arguments)]
+    fn lm_head_cross_entropy(
         &self,
-        logits: &Self::Act,
+        xn: &Self::Act,
+        head: &Self::Act,
+        shape: LmHeadShape,
         targets: &[Option<u32>],
-        vocab: usize,
+        chunk_rows: usize,
         dloss: f32,
-        dlogits: Option<&mut Self::Act>,
+        dxn: Option<&mut Self::Act>,
     ) -> Result<f32>;
 
     /// `sum x^2` over every element of `xs` (f64 accumulation of the partials; a device

@@ -12,8 +12,13 @@
 //! Saved per layer for the backward: the layer input `x`, `rstd1`, `xn1`, `q` and `k` after RoPE,
 //! `v`, attention's saved statistics, the attention output, `x_mid`, `rstd2`, `xn2`, `gate`, `up`
 //! and `h`; plus the final norm's input and `rstd` (the frozen head needs no input). A LoRA
-//! projection's backward needs only its input (the fused kernel recomputes `u = s x A^T`). The logits are freed once the
-//! cross-entropy has written their gradient.
+//! projection's backward needs only its input (the fused kernel recomputes `u = s x A^T`).
+//!
+//! The head and the loss run fused and in row chunks ([`Backend::lm_head_cross_entropy`]): the
+//! final norm's output goes through the head, the cross-entropy and back to its own gradient
+//! `dxn` a chunk of rows at a time ([`qadapt::plan::loss_chunk_rows`], or
+//! [`LoraModel::set_loss_chunk_rows`]), so a step never holds the `[rows, vocab]` logits; the
+//! backward starts from `dxn`.
 //!
 //! The backward runs [`crate::layer`]'s layer backward in reverse, each projection's adding
 //! into its LoRA gradients when the projection is adapted.
@@ -31,6 +36,7 @@ use std::path::Path;
 
 use qadapt::Result;
 use qadapt::ops::Accumulate;
+use qadapt::ops::cross_entropy::LmHeadShape;
 use qadapt::ops::dropout::{DropoutMask, MaskCoef};
 use qadapt::ops::rope::{self, RopeDirection, RopeTable};
 use qadapt::optim::{AdamW, clip_coefficient};
@@ -156,6 +162,8 @@ pub struct LoraModel<B: Backend> {
     slot: Vec<Vec<Option<usize>>>,
     placement: MomentPlacement,
     checkpointing: Checkpointing,
+    /// Token rows per chunk of the fused head and loss (`None`: [`qadapt::plan::loss_chunk_rows`]).
+    loss_chunk_rows: Option<usize>,
     /// LoRA dropout's seed (see [`Self::set_dropout_seed`]) and the micro-batch counter of the
     /// step being accumulated: the [`DropoutKey`] of [`crate::Trainer`].
     dropout_seed: Option<u64>,
@@ -274,6 +282,7 @@ impl<B: Backend> LoraModel<B> {
             slot,
             placement,
             checkpointing: Checkpointing::None,
+            loss_chunk_rows: None,
             dropout_seed: None,
             micro: 0,
             acc_tokens: 0,
@@ -314,8 +323,8 @@ impl<B: Backend> LoraModel<B> {
         self.head.as_ref().unwrap_or(&self.embed)
     }
 
-    /// Forward on ids `[batch, seq]`: the saved activations and the bf16 logits `[N, V]`. With a
-    /// `key` (training), LoRA dropout applies to the adapters' inputs.
+    /// Forward on ids `[batch, seq]`: the saved activations and the final norm's output `[N, C]`
+    /// (the head's input). With a `key` (training), LoRA dropout applies to the adapters' inputs.
     fn forward(
         &self,
         ids: &[u32],
@@ -377,13 +386,6 @@ impl<B: Backend> LoraModel<B> {
             &mut xn_final,
             &mut rstd_final,
         )?;
-        let mut logits = be.zeros(n * c.vocab_size)?;
-        be.matmul_wt(
-            &xn_final,
-            self.head(),
-            (n, c.hidden_size, c.vocab_size),
-            &mut logits,
-        )?;
         Ok((
             Saved {
                 batch,
@@ -394,19 +396,17 @@ impl<B: Backend> LoraModel<B> {
                 rstd_final,
                 rope,
             },
-            logits,
+            xn_final,
         ))
     }
 
-    /// Backward from `dlogits` (the gradient of the loss with respect to the logits): adds the
-    /// LoRA gradients into the accumulators.
-    fn backward(&mut self, f: &Saved<B>, dlogits: &B::Act) -> Result<()> {
+    /// Backward from `dxn` (the gradient of the loss with respect to the final norm's output):
+    /// adds the LoRA gradients into the accumulators.
+    fn backward(&mut self, f: &Saved<B>, dxn: B::Act) -> Result<()> {
         let dropout = &self.adapter.dropout;
         let LoraModel {
             backend: be,
             config: c,
-            embed,
-            head,
             norm,
             layers,
             trainable,
@@ -418,14 +418,6 @@ impl<B: Backend> LoraModel<B> {
         let ow = Accumulate::Overwrite;
         // Gradients of the frozen norm weights land here and are dropped.
         let mut scratch = be.zeros_f32(cw)?;
-
-        let mut dxn = be.zeros(n * cw)?;
-        be.matmul_w(
-            dlogits,
-            head.as_ref().unwrap_or(embed),
-            (n, cw, c.vocab_size),
-            &mut dxn,
-        )?;
         let mut dx = be.zeros(n * cw)?;
         be.rmsnorm_backward(
             &f.x_final,
@@ -486,15 +478,52 @@ impl<B: Backend> LoraModel<B> {
 
     /// The logits `[batch * seq, vocab]` (bf16 values widened to f32) of ids `[batch, seq]`.
     pub fn logits(&self, ids: &[u32], batch: usize, seq: usize) -> Result<Vec<f32>> {
-        let (_, logits) = self.forward(ids, batch, seq, None)?;
+        let c = &self.config;
+        let (_, xn) = self.forward(ids, batch, seq, None)?;
+        let mut logits = self.backend.zeros(ids.len() * c.vocab_size)?;
+        self.backend.matmul_wt(
+            &xn,
+            self.head(),
+            (ids.len(), c.hidden_size, c.vocab_size),
+            &mut logits,
+        )?;
         self.backend.download(&logits)
     }
 
     /// The mean cross-entropy of a batch's targets (no gradient).
     pub fn loss(&self, b: &Batch) -> Result<f32> {
-        let (_, logits) = self.forward(&b.ids, b.batch, b.seq, None)?;
+        let (_, xn) = self.forward(&b.ids, b.batch, b.seq, None)?;
+        self.head_loss(&xn, &b.targets, 1.0, None)
+    }
+
+    /// The fused head and cross-entropy of the final norm's output `xn` (see the module doc).
+    fn head_loss(
+        &self,
+        xn: &B::Act,
+        targets: &[Option<u32>],
+        dloss: f32,
+        dxn: Option<&mut B::Act>,
+    ) -> Result<f32> {
+        let c = &self.config;
+        let rows = targets.len();
+        let shape = LmHeadShape {
+            rows,
+            hidden: c.hidden_size,
+            vocab: c.vocab_size,
+        };
+        let chunk = self
+            .loss_chunk_rows
+            .unwrap_or_else(|| qadapt::plan::loss_chunk_rows(rows, c.vocab_size));
         self.backend
-            .cross_entropy(&logits, &b.targets, self.config.vocab_size, 1.0, None)
+            .lm_head_cross_entropy(xn, self.head(), shape, targets, chunk, dloss, dxn)
+    }
+
+    /// Token rows per chunk of the fused head and loss: `None` (the default) takes
+    /// [`qadapt::plan::loss_chunk_rows`] (2^26 logits per chunk); a smaller chunk saves memory at
+    /// a large vocabulary, a larger one launches fewer GEMMs. Every row's loss and gradient are
+    /// the same whatever the chunk.
+    pub fn set_loss_chunk_rows(&mut self, rows: Option<usize>) {
+        self.loss_chunk_rows = rows;
     }
 
     /// LoRA dropout's seed: training steps draw the masks of [`crate::Trainer`] with the same
@@ -548,18 +577,11 @@ impl<B: Backend> LoraModel<B> {
             return Err(shape_err(OP, b.ids.len(), b.targets.len()));
         }
         let key = self.dropout_key()?;
-        let (saved, logits) = self.forward(&b.ids, b.batch, b.seq, key)?;
-        let v = self.config.vocab_size;
-        let mut dlogits = self.backend.zeros(b.ids.len() * v)?;
-        let loss = self.backend.cross_entropy(
-            &logits,
-            &b.targets,
-            v,
-            tokens as f32,
-            Some(&mut dlogits),
-        )?;
-        drop(logits);
-        self.backward(&saved, &dlogits)?;
+        let (saved, xn) = self.forward(&b.ids, b.batch, b.seq, key)?;
+        let mut dxn = self.backend.zeros(b.ids.len() * self.config.hidden_size)?;
+        let loss = self.head_loss(&xn, &b.targets, tokens as f32, Some(&mut dxn))?;
+        drop(xn);
+        self.backward(&saved, dxn)?;
         self.micro += 1;
         self.acc_tokens += tokens;
         self.acc_loss += f64::from(loss) * tokens as f64;

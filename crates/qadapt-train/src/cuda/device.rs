@@ -19,6 +19,7 @@ use qadapt::cuda::{CudaDevice, DeviceBuffer, Op};
 use qadapt::lora::{AdapterStack, BaseWeight, CudaLoraLinear, LoraLinear};
 use qadapt::ops::Accumulate;
 use qadapt::ops::attention::AttentionShape;
+use qadapt::ops::cross_entropy::LmHeadShape;
 use qadapt::ops::dropout::{DropoutMask, MaskCoef};
 use qadapt::ops::rope::{RopeDirection, RopeTable};
 use qadapt::optim::{
@@ -383,17 +384,6 @@ impl Backend for CudaBackend {
             .gemm_bf16(x, Op::N, w, Op::T, y, (rows, out, inp), 1.0, 0.0)
     }
 
-    fn matmul_w(
-        &self,
-        dy: &Self::Act,
-        w: &Self::Act,
-        (rows, inp, out): (usize, usize, usize),
-        dx: &mut Self::Act,
-    ) -> Result<()> {
-        self.dev
-            .gemm_bf16(dy, Op::N, w, Op::N, dx, (rows, inp, out), 1.0, 0.0)
-    }
-
     fn proj(
         &self,
         out: usize,
@@ -488,25 +478,17 @@ impl Backend for CudaBackend {
         self.backward_part(p, x, dy, rows, dx, acc, None, false)
     }
 
-    fn cross_entropy(
+    fn lm_head_cross_entropy(
         &self,
-        logits: &Self::Act,
+        xn: &Self::Act,
+        head: &Self::Act,
+        shape: LmHeadShape,
         targets: &[Option<u32>],
-        vocab: usize,
+        chunk_rows: usize,
         dloss: f32,
-        dlogits: Option<&mut Self::Act>,
+        dxn: Option<&mut Self::Act>,
     ) -> Result<f32> {
-        let mut row_loss = self.dev.zeros::<f32>(targets.len())?;
-        ops::cross_entropy_fused(
-            &self.dev,
-            logits,
-            targets,
-            vocab,
-            dloss,
-            &mut row_loss,
-            dlogits,
-        )?;
-        ops::cross_entropy_mean(&self.dev, &row_loss, targets)
+        ops::lm_head_cross_entropy(&self.dev, xn, head, shape, targets, chunk_rows, dloss, dxn)
     }
 
     fn sum_squares(&self, xs: &[&Self::F32]) -> Result<f64> {

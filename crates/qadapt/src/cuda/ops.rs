@@ -10,6 +10,7 @@
 //! | RoPE | [`crate::ops::rope::RopeTable::apply`] | [`CudaRopeTable::apply`] (the same f32 table, uploaded) |
 //! | embedding | [`crate::ops::embedding`] | [`embedding_forward`], [`embedding_backward`] (`dtable` f32) |
 //! | cross-entropy | [`crate::ops::cross_entropy`] | [`cross_entropy_forward`], [`cross_entropy_backward`], [`cross_entropy_fused`] |
+//! | LM head + cross-entropy, in row chunks | [`crate::ops::cross_entropy::lm_head`] | [`lm_head_cross_entropy`] (bf16 logits per chunk) |
 //! | attention | [`crate::ops::attention`] | [`attention_forward`], [`attention_backward`] (saves `lse`, not `p`) |
 //! | attention on tensor cores | [`crate::ops::attention`] | [`flash_attention_forward`], [`flash_attention_backward`] (`head_dim` in [`FLASH_HEAD_DIMS`]) |
 //!
@@ -30,6 +31,7 @@ use super::launch::{self, SwigluOut};
 use crate::error::{Result, shape_err};
 use crate::ops::Accumulate;
 use crate::ops::attention::AttentionShape;
+use crate::ops::cross_entropy::LmHeadShape;
 use crate::ops::dropout::{DropoutMask, MaskCoef};
 use crate::ops::rope::{RopeDirection, RopeTable};
 
@@ -281,6 +283,48 @@ pub fn cross_entropy_backward(
         &mut row_loss,
         Some(dlogits),
     )
+}
+
+/// The mean cross-entropy of `z = xn H^T` against `targets` without the full logits: the head
+/// GEMM, the fused cross-entropy and (with `dxn`) the input gradient `dxn = dz H` of
+/// `dloss * loss` run `chunk_rows` token rows at a time, so only `chunk_rows x vocab` bf16 logits
+/// and as many gradients exist at once ([`crate::plan::loss_chunk_rows`] picks a chunk). `xn`
+/// `[rows, hidden]`, the head `[vocab, hidden]` (frozen: no gradient), `dxn` overwritten. As
+/// [`crate::ops::cross_entropy::lm_head`]; reads the per-row losses back (synchronizes).
+#[allow(clippy::too_many_arguments)]
+pub fn lm_head_cross_entropy(
+    dev: &CudaDevice,
+    xn: &CudaSlice<bf16>,
+    head: &CudaSlice<bf16>,
+    shape: LmHeadShape,
+    targets: &[Option<u32>],
+    chunk_rows: usize,
+    dloss: f32,
+    dxn: Option<&mut CudaSlice<bf16>>,
+) -> Result<f32> {
+    const OP: &str = "lm_head cross_entropy (cuda)";
+    let LmHeadShape {
+        rows,
+        hidden,
+        vocab,
+    } = shape;
+    if targets.len() != rows {
+        return Err(shape_err(OP, format!("{rows} targets"), targets.len()));
+    }
+    let n = count_targets(OP, targets, vocab)?;
+    let mut row_loss = dev.zeros::<f32>(rows)?;
+    launch::lm_head_cross_entropy(
+        dev,
+        xn,
+        head,
+        (rows, hidden, vocab),
+        targets,
+        chunk_rows,
+        dloss / n as f32,
+        &mut row_loss,
+        dxn,
+    )?;
+    cross_entropy_mean(dev, &row_loss, targets)
 }
 
 /// Causal grouped-query attention forward (layouts of [`crate::ops::attention`]): `out`

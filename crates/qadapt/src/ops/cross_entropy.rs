@@ -7,10 +7,18 @@
 //! ```
 //! The log-sum-exp subtracts the row maximum first. A causal LM's loss is this over the shifted
 //! targets `t[b, i] = ids[b, i + 1]`, with the last position of each sequence ignored.
+//!
+//! [`lm_head`] fuses the loss with the LM head `z = xn H^T` (`H [vocab, hidden]`, frozen): it
+//! takes `chunk_rows` rows at a time through the head, the loss and, for training, the gradient
+//! `dxn = dz H`, so only `chunk_rows x vocab` logits and their gradient exist at once instead of
+//! `rows x vocab` (at a 128k vocabulary, 16k rows of logits are 4 GiB in bf16, twice). Every row's
+//! values are those of the unchunked computation: a row's logits, loss and gradient depend on
+//! that row alone.
 
 use rayon::prelude::*;
 
-use super::{Real, check_len};
+use super::linear::{self, LinearShape};
+use super::{Accumulate, Real, check_len};
 use crate::error::{Result, invalid, shape_err};
 
 fn check(
@@ -20,6 +28,141 @@ fn check(
     vocab: usize,
 ) -> Result<usize> {
     check_len(op, "logits", logits, targets.len() * vocab)?;
+    count_targets(op, targets, vocab)
+}
+
+fn logsumexp<T: Real>(row: &[T]) -> T {
+    let m = row.iter().fold(T::NEG_INFINITY, |a, &x| a.max(x));
+    let mut s = T::ZERO;
+    for &x in row {
+        s += (x - m).exp();
+    }
+    m + s.ln()
+}
+
+/// Each row's `logsumexp(z[n]) - z[n, t[n]]` (0 for an ignored row) into `loss [targets.len()]`.
+fn row_losses<T: Real>(logits: &[T], targets: &[Option<u32>], vocab: usize, loss: &mut [T]) {
+    logits
+        .par_chunks_exact(vocab)
+        .zip(targets.par_iter())
+        .zip(loss.par_iter_mut())
+        .for_each(|((row, t), l)| {
+            *l = match *t {
+                Some(t) => logsumexp(row) - row[t as usize],
+                None => T::ZERO,
+            }
+        });
+}
+
+/// The per-row losses summed in row order, over the `n` rows with a target: the result does not
+/// depend on the thread count.
+fn mean_of<T: Real>(loss: &[T], n: usize) -> T {
+    let mut total = T::ZERO;
+    for &v in loss {
+        total += v;
+    }
+    total / T::from_f64(n as f64)
+}
+
+/// The mean loss over the rows of `logits [targets.len(), vocab]` that have a target.
+pub fn forward<T: Real>(logits: &[T], targets: &[Option<u32>], vocab: usize) -> Result<T> {
+    let n = check("cross_entropy forward", logits, targets, vocab)?;
+    let mut loss = vec![T::ZERO; targets.len()];
+    row_losses(logits, targets, vocab, &mut loss);
+    Ok(mean_of(&loss, n))
+}
+
+/// The shape of [`lm_head`]: `rows` tokens, `hidden` features, `vocab` logits per token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LmHeadShape {
+    /// Token rows of `xn` (and targets).
+    pub rows: usize,
+    /// Features of `xn`, columns of the head.
+    pub hidden: usize,
+    /// Rows of the head: logits per token.
+    pub vocab: usize,
+}
+
+/// The mean cross-entropy of `z = xn H^T` (`xn [rows, hidden]`, the head `H [vocab, hidden]`)
+/// against `targets [rows]`, computed `chunk_rows` rows at a time (see the module doc); when
+/// `dxn` is given it is overwritten with the gradient of `dloss * loss` with respect to `xn`
+/// (the head is frozen: no gradient for it).
+#[allow(clippy::too_many_arguments)]
+pub fn lm_head<T: Real>(
+    xn: &[T],
+    head: &[T],
+    shape: LmHeadShape,
+    targets: &[Option<u32>],
+    chunk_rows: usize,
+    dloss: T,
+    dxn: Option<&mut [T]>,
+) -> Result<T> {
+    lm_head_stored(xn, head, shape, targets, chunk_rows, dloss, dxn, |_| {})
+}
+
+/// [`lm_head`] with the logits and their gradient passed through `store` after they are computed:
+/// a mixed-precision caller rounds them to the precision its device keeps them in (bf16), so
+/// the reference follows a device's arithmetic step for step.
+#[allow(clippy::too_many_arguments)]
+pub fn lm_head_stored<T: Real>(
+    xn: &[T],
+    head: &[T],
+    shape: LmHeadShape,
+    targets: &[Option<u32>],
+    chunk_rows: usize,
+    dloss: T,
+    mut dxn: Option<&mut [T]>,
+    store: impl Fn(&mut [T]),
+) -> Result<T> {
+    const OP: &str = "lm_head cross_entropy";
+    let LmHeadShape {
+        rows,
+        hidden,
+        vocab,
+    } = shape;
+    if rows == 0 || hidden == 0 || vocab == 0 || chunk_rows == 0 {
+        return Err(invalid(
+            OP,
+            format!("an empty shape ({rows} x {hidden} -> {vocab}) or chunk ({chunk_rows} rows)"),
+        ));
+    }
+    check_len(OP, "targets", targets, rows)?;
+    check_len(OP, "xn", xn, rows * hidden)?;
+    check_len(OP, "head", head, vocab * hidden)?;
+    if let Some(d) = dxn.as_deref() {
+        check_len(OP, "dxn", d, rows * hidden)?;
+    }
+    let chunk = chunk_rows.min(rows);
+    let mut z = vec![T::ZERO; chunk * vocab];
+    let n = count_targets(OP, targets, vocab)?;
+    let mut dz = dxn.as_ref().map(|_| vec![T::ZERO; chunk * vocab]);
+    let mut loss = vec![T::ZERO; rows];
+    let g = dloss / T::from_f64(n as f64);
+    for r0 in (0..rows).step_by(chunk) {
+        let m = chunk.min(rows - r0);
+        let s = LinearShape {
+            rows: m,
+            inp: hidden,
+            out: vocab,
+        };
+        let (x, t) = (&xn[r0 * hidden..][..m * hidden], &targets[r0..r0 + m]);
+        let z = &mut z[..m * vocab];
+        linear::forward(s, x, head, z, Accumulate::Overwrite)?;
+        store(z);
+        row_losses(z, t, vocab, &mut loss[r0..r0 + m]);
+        if let (Some(dz), Some(dxn)) = (dz.as_mut(), dxn.as_deref_mut()) {
+            let dz = &mut dz[..m * vocab];
+            softmax_grad(z, t, vocab, g, dz);
+            store(dz);
+            let dx = &mut dxn[r0 * hidden..][..m * hidden];
+            linear::backward(s, x, head, dz, Some((dx, Accumulate::Overwrite)), None)?;
+        }
+    }
+    Ok(mean_of(&loss, n))
+}
+
+/// The number of rows with a target, after checking every target against the vocabulary.
+fn count_targets(op: &'static str, targets: &[Option<u32>], vocab: usize) -> Result<usize> {
     if let Some(i) = targets
         .iter()
         .position(|t| t.is_some_and(|t| t as usize >= vocab))
@@ -39,34 +182,6 @@ fn check(
     Ok(n)
 }
 
-fn logsumexp<T: Real>(row: &[T]) -> T {
-    let m = row.iter().fold(T::NEG_INFINITY, |a, &x| a.max(x));
-    let mut s = T::ZERO;
-    for &x in row {
-        s += (x - m).exp();
-    }
-    m + s.ln()
-}
-
-/// The mean loss over the rows of `logits [targets.len(), vocab]` that have a target.
-pub fn forward<T: Real>(logits: &[T], targets: &[Option<u32>], vocab: usize) -> Result<T> {
-    let n = check("cross_entropy forward", logits, targets, vocab)?;
-    // Rows in parallel, then a sequential sum: the result does not depend on the thread count.
-    let per_row: Vec<T> = logits
-        .par_chunks_exact(vocab)
-        .zip(targets.par_iter())
-        .map(|(row, t)| match *t {
-            Some(t) => logsumexp(row) - row[t as usize],
-            None => T::ZERO,
-        })
-        .collect();
-    let mut total = T::ZERO;
-    for v in per_row {
-        total += v;
-    }
-    Ok(total / T::from_f64(n as f64))
-}
-
 /// `dlogits` (overwritten) of `dloss * loss` (see the module doc).
 pub fn backward<T: Real>(
     logits: &[T],
@@ -78,10 +193,22 @@ pub fn backward<T: Real>(
     const OP: &str = "cross_entropy backward";
     let n = check(OP, logits, targets, vocab)?;
     check_len(OP, "dlogits", dlogits, logits.len())?;
-    let g = dloss / T::from_f64(n as f64);
+    softmax_grad(
+        logits,
+        targets,
+        vocab,
+        dloss / T::from_f64(n as f64),
+        dlogits,
+    );
+    Ok(())
+}
+
+/// `dz[n] = g * (softmax(z[n]) - onehot(t[n]))` per row of `z [targets.len(), vocab]` (0 for an
+/// ignored row), `g = dloss / N`.
+fn softmax_grad<T: Real>(logits: &[T], targets: &[Option<u32>], vocab: usize, g: T, dz: &mut [T]) {
     logits
         .par_chunks_exact(vocab)
-        .zip(dlogits.par_chunks_exact_mut(vocab))
+        .zip(dz.par_chunks_exact_mut(vocab))
         .zip(targets.par_iter())
         .for_each(|((row, drow), t)| match *t {
             None => drow.iter_mut().for_each(|d| *d = T::ZERO),
@@ -98,7 +225,6 @@ pub fn backward<T: Real>(
                 drow[t as usize] -= g;
             }
         });
-    Ok(())
 }
 
 #[cfg(test)]
@@ -129,5 +255,65 @@ mod tests {
             0.7 * forward(v, &targets, vocab).unwrap()
         })
         .unwrap();
+    }
+
+    /// The chunked head equals logits, loss and gradient computed whole, for chunks that do and
+    /// do not divide the rows, and its `dxn` matches finite differences.
+    #[test]
+    fn lm_head_in_chunks_equals_the_whole_computation() {
+        let (rows, hidden, vocab) = (7, 5, 11);
+        let shape = LmHeadShape {
+            rows,
+            hidden,
+            vocab,
+        };
+        let xn = rand_vec(2, rows * hidden);
+        let head = rand_vec(3, vocab * hidden);
+        let targets = [Some(3), None, Some(0), Some(10), Some(4), None, Some(7)];
+        let s = LinearShape {
+            rows,
+            inp: hidden,
+            out: vocab,
+        };
+        let mut z = vec![0.0; rows * vocab];
+        linear::forward(s, &xn, &head, &mut z, Accumulate::Overwrite).unwrap();
+        let want = forward(&z, &targets, vocab).unwrap();
+        let mut dz = vec![0.0; rows * vocab];
+        backward(&z, &targets, vocab, 0.3, &mut dz).unwrap();
+        let mut want_dx = vec![0.0; rows * hidden];
+        linear::backward(
+            s,
+            &xn,
+            &head,
+            &dz,
+            Some((&mut want_dx, Accumulate::Overwrite)),
+            None,
+        )
+        .unwrap();
+        for chunk in [1, 3, 7, 100] {
+            let mut dx = vec![9.0; rows * hidden];
+            let l = lm_head(&xn, &head, shape, &targets, chunk, 0.3, Some(&mut dx)).unwrap();
+            assert!((l - want).abs() < 1e-14, "chunk {chunk}: {l} vs {want}");
+            for (a, b) in dx.iter().zip(&want_dx) {
+                assert!((a - b).abs() < 1e-14, "chunk {chunk}: {a} vs {b}");
+            }
+            assert_eq!(
+                lm_head(&xn, &head, shape, &targets, chunk, 0.3, None).unwrap(),
+                l
+            );
+        }
+        let mut dx = vec![0.0; rows * hidden];
+        lm_head(&xn, &head, shape, &targets, 3, 0.3, Some(&mut dx)).unwrap();
+        check_grad("lm_head cross_entropy", &xn, &dx, |x| {
+            0.3 * lm_head(x, &head, shape, &targets, 3, 0.0, None).unwrap()
+        })
+        .unwrap();
+        // Refusals: no chunk, a short head, a target outside the vocabulary, no target at all.
+        assert!(lm_head(&xn, &head, shape, &targets, 0, 1.0, None).is_err());
+        assert!(lm_head(&xn, &head[1..], shape, &targets, 2, 1.0, None).is_err());
+        let mut bad = targets;
+        bad[2] = Some(11);
+        assert!(lm_head(&xn, &head, shape, &bad, 2, 1.0, None).is_err());
+        assert!(lm_head(&xn, &head, shape, &[None; 7], 2, 1.0, None).is_err());
     }
 }

@@ -419,6 +419,145 @@ fn cuda_cross_entropy_matches_cpu() {
     assert!(ops::cross_entropy_forward(&dev, &zd, &[Some(3), None], 3).is_err());
 }
 
+/// The LM head fused with the cross-entropy in row chunks equals the unfused device path (the
+/// whole logits from cuBLAS, `cross_entropy_fused`, `dxn = dz H` from cuBLAS) within bf16
+/// tolerance, whatever the chunk (dividing the rows or not, one row, all rows), and the CPU
+/// reference in f32 within the bf16 rounding of the logits.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn cuda_lm_head_cross_entropy_in_chunks_matches_the_whole_logits() {
+    use qadapt::cuda::Op;
+    use qadapt::ops::cross_entropy::{LmHeadShape, lm_head};
+    let dev = device();
+    for (rows, hidden, vocab) in [(37usize, 64usize, 1000usize), (9, 72, 1001), (1, 8, 3)] {
+        let shape = LmHeadShape {
+            rows,
+            hidden,
+            vocab,
+        };
+        let (xb, x) = rand_bf16(21, rows * hidden, 1.0);
+        let (hb, h) = rand_bf16(22, vocab * hidden, 0.5);
+        let mut rng = ChaCha8Rng::seed_from_u64(23);
+        let mut targets: Vec<Option<u32>> = (0..rows)
+            .map(|i| (i % 5 != 2).then(|| rng.random_range(0..vocab as u32)))
+            .collect();
+        targets[0] = Some(vocab as u32 - 1);
+        let dloss = 0.7f32;
+        let (xd, hd) = (dev.upload(&xb).unwrap(), dev.upload(&hb).unwrap());
+
+        // Unfused: the whole [rows, vocab] logits.
+        let mut z = dev.zeros::<bf16>(rows * vocab).unwrap();
+        dev.gemm_bf16(
+            &xd,
+            Op::N,
+            &hd,
+            Op::T,
+            &mut z,
+            (rows, vocab, hidden),
+            1.0,
+            0.0,
+        )
+        .unwrap();
+        let mut dz = dev.zeros::<bf16>(rows * vocab).unwrap();
+        let mut row_loss = dev.zeros::<f32>(rows).unwrap();
+        ops::cross_entropy_fused(
+            &dev,
+            &z,
+            &targets,
+            vocab,
+            dloss,
+            &mut row_loss,
+            Some(&mut dz),
+        )
+        .unwrap();
+        let whole_loss = ops::cross_entropy_mean(&dev, &row_loss, &targets).unwrap();
+        let mut dx = dev.zeros::<bf16>(rows * hidden).unwrap();
+        dev.gemm_bf16(
+            &dz,
+            Op::N,
+            &hd,
+            Op::N,
+            &mut dx,
+            (rows, hidden, vocab),
+            1.0,
+            0.0,
+        )
+        .unwrap();
+        let whole_dx = widen(&dev.download(&dx).unwrap());
+        let scale = whole_dx.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let mut cpu_dx = vec![0f32; rows * hidden];
+        let cpu_loss = lm_head(&x, &h, shape, &targets, rows, dloss, Some(&mut cpu_dx)).unwrap();
+
+        for chunk in [1, 4, rows, rows + 3] {
+            let tag = format!("rows {rows} hidden {hidden} vocab {vocab} chunk {chunk}");
+            let mut dxd = dev
+                .upload(&vec![bf16::from_f32(9.0); rows * hidden])
+                .unwrap();
+            let loss = ops::lm_head_cross_entropy(
+                &dev,
+                &xd,
+                &hd,
+                shape,
+                &targets,
+                chunk,
+                dloss,
+                Some(&mut dxd),
+            )
+            .unwrap();
+            let got = widen(&dev.download(&dxd).unwrap());
+            // Against the unfused device path: the same bf16 logits up to cuBLAS' choice of
+            // algorithm per row count, so an f32 loss and a bf16 gradient apart at most.
+            assert!(
+                (loss - whole_loss).abs() <= 1e-3 * whole_loss.abs().max(1.0),
+                "loss, {tag}: {loss} vs {whole_loss}"
+            );
+            assert_close(
+                &format!("dxn, {tag}"),
+                &got,
+                &whole_dx,
+                1e-2 * scale,
+                RTOL_BF16,
+            );
+            // Against the f32 reference: the device rounds the logits and their gradient to bf16.
+            assert!(
+                (loss - cpu_loss).abs() <= 1e-2 * cpu_loss.abs().max(1.0),
+                "loss vs cpu, {tag}: {loss} vs {cpu_loss}"
+            );
+            assert_close(
+                &format!("dxn vs cpu, {tag}"),
+                &got,
+                &cpu_dx,
+                2e-2 * scale,
+                2.0 * RTOL_BF16,
+            );
+            let eval =
+                ops::lm_head_cross_entropy(&dev, &xd, &hd, shape, &targets, chunk, 0.0, None)
+                    .unwrap();
+            assert_eq!(
+                eval.to_bits(),
+                loss.to_bits(),
+                "loss without the gradient, {tag}"
+            );
+        }
+    }
+    // Refusals before anything runs: no chunk, a short head, a target outside the vocabulary.
+    let shape = LmHeadShape {
+        rows: 2,
+        hidden: 8,
+        vocab: 3,
+    };
+    let (xd, hd) = (
+        dev.zeros::<bf16>(16).unwrap(),
+        dev.zeros::<bf16>(24).unwrap(),
+    );
+    let t = [Some(0), Some(2)];
+    assert!(ops::lm_head_cross_entropy(&dev, &xd, &hd, shape, &t, 0, 1.0, None).is_err());
+    let short = dev.zeros::<bf16>(23).unwrap();
+    assert!(ops::lm_head_cross_entropy(&dev, &xd, &short, shape, &t, 1, 1.0, None).is_err());
+    let bad = [Some(0), Some(3)];
+    assert!(ops::lm_head_cross_entropy(&dev, &xd, &hd, shape, &bad, 1, 1.0, None).is_err());
+}
+
 #[test]
 #[ignore = "needs a CUDA device"]
 fn cuda_attention_matches_cpu() {

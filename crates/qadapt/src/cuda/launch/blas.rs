@@ -12,7 +12,7 @@
 
 use cudarc::cublas::sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
 use cudarc::cublas::{Gemm, GemmConfig};
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 use half::bf16;
 
 use super::on_device;
@@ -51,6 +51,27 @@ pub(crate) fn gemm_bf16(
     on_device(OP, dev, "a", a)?;
     on_device(OP, dev, "b", b)?;
     on_device(OP, dev, "c", c)?;
+    // SAFETY: a holds m*k, b k*n and c m*n bf16 elements (checked above), all on this device.
+    unsafe { gemm_unchecked(dev, a, a_op, b, b_op, c, (m, n, k), alpha, beta) }
+}
+
+/// [`gemm_bf16`] on buffers or views of buffers, without the checks.
+///
+/// # Safety
+/// `a`, `b` and `c` hold at least `m*k`, `k*n` and `m*n` bf16 elements on `dev`'s context, and
+/// `m`, `n`, `k` are non-zero and fit in an i32.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn gemm_unchecked(
+    dev: &CudaDevice,
+    a: &impl DevicePtr<bf16>,
+    a_op: Op,
+    b: &impl DevicePtr<bf16>,
+    b_op: Op,
+    c: &mut impl DevicePtrMut<bf16>,
+    (m, n, k): (usize, usize, usize),
+    alpha: f32,
+    beta: f32,
+) -> Result<()> {
     let blas = dev.blas()?;
     let (transa, lda) = match b_op {
         Op::N => (CUBLAS_OP_N, n),
@@ -72,8 +93,8 @@ pub(crate) fn gemm_bf16(
         beta: bf16::from_f32(beta),
         ldc: n as i32,
     };
-    // SAFETY: a holds m*k, b k*n and c m*n bf16 elements (checked above), all on this device and
-    // on the stream the handle is bound to; the leading dimensions are the row lengths of the
-    // stored matrices as the module docs derive, so cuBLAS reads and writes exactly those ranges.
+    // SAFETY: the caller guarantees the lengths and the device; the handle is bound to the
+    // device's stream; the leading dimensions are the row lengths of the stored matrices as the
+    // module docs derive, so cuBLAS reads and writes exactly a's m*k, b's k*n and c's m*n.
     Ok(unsafe { blas.gemm(cfg, b, a, c) }?)
 }

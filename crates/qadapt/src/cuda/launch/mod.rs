@@ -30,7 +30,7 @@ pub(crate) use lora::{CudaLoraRef, CudaWeightRef, LoraScratch, lora_backward, lo
 pub(crate) use model::{
     FLASH_HEAD_DIMS, SwigluOut, attention_backward, attention_forward, cross_entropy,
     embedding_backward, embedding_forward, flash_attention_backward, flash_attention_forward,
-    mask_mix, rmsnorm_backward, rmsnorm_forward, rope, swiglu, targets_i32,
+    lm_head_cross_entropy, mask_mix, rmsnorm_backward, rmsnorm_forward, rope, swiglu, targets_i32,
 };
 pub(crate) use nf4::{CudaScalesRef, nf4_dequantize, nf4_double_quant, nf4_quantize};
 pub(crate) use optim::{Moments, adamw, alloc_managed_f32, sum_squares};

@@ -14,8 +14,8 @@ use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 use half::bf16;
 use qadapt_kernels::{ffi, kernels};
 
-use super::{aligned16, launch, on_device};
-use crate::cuda::CudaDevice;
+use super::{aligned16, blas, launch, on_device};
+use crate::cuda::{CudaDevice, Op};
 use crate::error::{Result, invalid, shape_err};
 use crate::ops::Accumulate;
 use crate::ops::attention::AttentionShape;
@@ -572,48 +572,183 @@ pub(crate) fn cross_entropy(
     let total = prod(OP, &[rows, vocab])?;
     need(OP, "logits", logits, total)?;
     need(OP, "loss", loss, rows)?;
-    let vocab32 = u32_of(OP, "vocab", vocab)?;
-    // An i32 target must not wrap: vocab fits in 31 bits.
-    i32::try_from(vocab).map_err(|_| invalid(OP, "vocab must fit in 31 bits"))?;
     let (t, _) = targets_i32(OP, targets, vocab)?;
+    let vocab32 = vocab_i32(OP, vocab)?;
     on_device(OP, dev, "logits", logits)?;
     on_device(OP, dev, "loss", loss)?;
+    if let Some(d) = dlogits.as_deref() {
+        need(OP, "dlogits", d, total)?;
+        on_device(OP, dev, "dlogits", d)?;
+    }
     let t_dev = dev.upload(&t)?;
-    let plan = plan::model_op(rows as u64, ModelWork::CtaPerItem, &dev.props())?;
     let stream = dev.stream().clone();
     let (lp, _g1) = logits.device_ptr(&stream);
     let (tp, _g2) = t_dev.device_ptr(&stream);
     let (lossp, _g3) = loss.device_ptr_mut(&stream);
     let (dp, _g4) = match dlogits {
         Some(d) => {
-            need(OP, "dlogits", d, total)?;
-            on_device(OP, dev, "dlogits", d)?;
             let (p, g) = d.device_ptr_mut(&stream);
             (p, Some(g))
         }
         None => (0, None),
     };
-    let mut addrs = vec![lp];
-    if dp != 0 {
-        addrs.push(dp);
-    }
+    // SAFETY: logits (and dlogits when given) hold rows * vocab bf16, loss rows f32 (checked
+    // above), t_dev rows i32 built by targets_i32 (each -1 or < vocab), all on this device.
+    unsafe { cross_entropy_raw(dev, [lp, tp, lossp, dp], rows, vocab32, grad_scale) }
+}
+
+/// The vocabulary as the kernel's u32, refused unless an i32 target cannot wrap (31 bits).
+fn vocab_i32(op: &'static str, vocab: usize) -> Result<u32> {
+    i32::try_from(vocab).map_err(|_| invalid(op, "vocab must fit in 31 bits"))?;
+    u32_of(op, "vocab", vocab)
+}
+
+/// Launches `cross_entropy_bf16` on the addresses `[logits, targets, loss, dlogits]` (`dlogits`
+/// 0 for none) of `rows` rows.
+///
+/// # Safety
+/// `logits` (and `dlogits` when non-zero) hold `rows * vocab` bf16, `loss` `rows` f32 and
+/// `targets` `rows` i32, each -1 or `< vocab`, all on `dev`, with their buffers' guards held by
+/// the caller until this returns; `vocab < 2^31`, `rows > 0`.
+unsafe fn cross_entropy_raw(
+    dev: &CudaDevice,
+    [lp, tp, lossp, dp]: [u64; 4],
+    rows: usize,
+    vocab: u32,
+    grad_scale: f32,
+) -> Result<()> {
+    let plan = plan::model_op(rows as u64, ModelWork::CtaPerItem, &dev.props())?;
+    let addrs: &[u64] = if dp != 0 { &[lp, dp] } else { &[lp] };
     let args = ffi::QadaptCrossEntropyArgs {
         logits: lp,
         targets: tp,
         loss: lossp,
         dlogits: dp,
         rows: rows as u64,
-        vocab: vocab32,
+        vocab,
         grad_scale,
-        flags: vec_flag(vocab, &addrs),
+        flags: vec_flag(vocab as usize, addrs),
         reserved: 0,
     };
-    // SAFETY: QadaptCrossEntropyArgs is what cross_entropy_bf16 takes; logits (and dlogits when
-    // non-zero) hold rows * vocab bf16, loss rows f32, targets rows i32 (uploaded above, each -1
-    // or < vocab, checked), all on this device, so every z[row, c] and z[row, t] the kernel reads
-    // is in bounds; QADAPT_MODEL_VEC only with vocab % 8 == 0 and logits, dlogits 16-byte
-    // aligned; the kernel's shared arrays are sized for the plan's 256 threads.
+    // SAFETY: QadaptCrossEntropyArgs is what cross_entropy_bf16 takes; by this function's
+    // contract every z[row, c], z[row, t], loss[row] and dz[row, c] the kernel touches is in
+    // bounds; QADAPT_MODEL_VEC only with vocab % 8 == 0 and logits, dlogits 16-byte aligned; the
+    // kernel's shared arrays are sized for the plan's 256 threads.
     unsafe { launch(dev, kernels::CROSS_ENTROPY_BF16, plan, &args) }
+}
+
+/// The LM head fused with the cross-entropy, `chunk_rows` token rows at a time: per chunk, the
+/// logits `z = xn[chunk] H^T` (cuBLAS, into one `[chunk_rows, vocab]` buffer reused by every
+/// chunk), `cross_entropy_bf16` on them (the chunk's rows of `loss`, and `dz` into a second
+/// reused buffer when `dxn` is given), then `dxn[chunk] = dz H` (cuBLAS). `xn [rows, hidden]`,
+/// the head `H [vocab, hidden]`, `loss [rows]` f32, `dxn [rows, hidden]`, all overwritten. The
+/// full `[rows, vocab]` logits never exist.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn lm_head_cross_entropy(
+    dev: &CudaDevice,
+    xn: &CudaSlice<bf16>,
+    head: &CudaSlice<bf16>,
+    (rows, hidden, vocab): (usize, usize, usize),
+    targets: &[Option<u32>],
+    chunk_rows: usize,
+    grad_scale: f32,
+    loss: &mut CudaSlice<f32>,
+    mut dxn: Option<&mut CudaSlice<bf16>>,
+) -> Result<()> {
+    const OP: &str = "lm_head cross_entropy (cuda)";
+    if rows == 0 || hidden == 0 || vocab == 0 || chunk_rows == 0 {
+        return Err(invalid(
+            OP,
+            format!("an empty shape ({rows} x {hidden} -> {vocab}) or chunk ({chunk_rows} rows)"),
+        ));
+    }
+    if targets.len() != rows {
+        return Err(shape_err(OP, format!("{rows} targets"), targets.len()));
+    }
+    let chunk = chunk_rows.min(rows);
+    if chunk.max(hidden).max(vocab) > i32::MAX as usize {
+        return Err(invalid(OP, "a dimension exceeds cuBLAS' 32-bit range"));
+    }
+    need(OP, "xn", xn, prod(OP, &[rows, hidden])?)?;
+    need(OP, "head", head, prod(OP, &[vocab, hidden])?)?;
+    need(OP, "loss", loss, rows)?;
+    let vocab32 = vocab_i32(OP, vocab)?;
+    let (t, _) = targets_i32(OP, targets, vocab)?;
+    on_device(OP, dev, "xn", xn)?;
+    on_device(OP, dev, "head", head)?;
+    on_device(OP, dev, "loss", loss)?;
+    if let Some(d) = dxn.as_deref() {
+        need(OP, "dxn", d, rows * hidden)?;
+        on_device(OP, dev, "dxn", d)?;
+    }
+    let chunk_len = prod(OP, &[chunk, vocab])?;
+    let t_dev = dev.upload(&t)?;
+    let mut z = dev.zeros::<bf16>(chunk_len)?;
+    let mut dz = match dxn {
+        Some(_) => Some(dev.zeros::<bf16>(chunk_len)?),
+        None => None,
+    };
+    let stream = dev.stream().clone();
+    for r0 in (0..rows).step_by(chunk) {
+        let m = chunk.min(rows - r0);
+        let x = xn.slice(r0 * hidden..(r0 + m) * hidden);
+        // SAFETY: x is m * hidden bf16 of xn, the head vocab * hidden, z at least m * vocab
+        // (m <= chunk), all on this device (checked above); m, vocab, hidden are non-zero and
+        // fit in an i32.
+        unsafe {
+            blas::gemm_unchecked(
+                dev,
+                &x,
+                Op::N,
+                head,
+                Op::T,
+                &mut z,
+                (m, vocab, hidden),
+                1.0,
+                0.0,
+            )
+        }?;
+        {
+            let (zp, _g1) = z.device_ptr(&stream);
+            let (tp, _g2) = t_dev.device_ptr(&stream);
+            let (lp, _g3) = loss.device_ptr_mut(&stream);
+            let (dp, _g4) = match dz.as_mut() {
+                Some(d) => {
+                    let (p, g) = d.device_ptr_mut(&stream);
+                    (p, Some(g))
+                }
+                None => (0, None),
+            };
+            let row = 4 * r0 as u64;
+            // SAFETY: z and dz hold chunk * vocab >= m * vocab bf16; t_dev and loss hold rows
+            // i32 and f32, so their entries r0..r0 + m (r0 + m <= rows) are in bounds at byte
+            // offset 4 r0; the targets were checked by targets_i32; all on this device, the
+            // guards held until the launch is queued.
+            unsafe {
+                cross_entropy_raw(dev, [zp, tp + row, lp + row, dp], m, vocab32, grad_scale)
+            }?;
+        }
+        if let (Some(dz), Some(dxn)) = (dz.as_ref(), dxn.as_deref_mut()) {
+            let g = dz.slice(0..m * vocab);
+            let mut dx = dxn.slice_mut(r0 * hidden..(r0 + m) * hidden);
+            // SAFETY: g is m * vocab bf16 of dz, the head vocab * hidden, dx m * hidden of dxn
+            // (checked above), all on this device; the dimensions fit in an i32.
+            unsafe {
+                blas::gemm_unchecked(
+                    dev,
+                    &g,
+                    Op::N,
+                    head,
+                    Op::N,
+                    &mut dx,
+                    (m, hidden, vocab),
+                    1.0,
+                    0.0,
+                )
+            }?;
+        }
+    }
+    Ok(())
 }
 
 /// Checks an attention call's shape and buffers (lengths, 4-byte alignment of the bf16 rows the
