@@ -49,6 +49,32 @@ fn tied() -> Llama<f32> {
     common::random_model(common::tiny_config(true, scaling), &mut common::stream(21)).cast()
 }
 
+/// A random model whose head size (16) the device's tensor-core attention takes
+/// (`qadapt::cuda::ops::FLASH_HEAD_DIMS`; the fixture's 8 runs the scalar kernels): GQA 4:2,
+/// an MLP width (48) that is a multiple of the NF4 kernels' 32, sequences of 12.
+fn flash_sized() -> Llama<f32> {
+    let cfg = qadapt_train::LlamaConfig {
+        hidden_size: 64,
+        intermediate_size: 96,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        head_dim: 16,
+        vocab_size: 96,
+        ..common::tiny_config(false, RopeScaling::None)
+    };
+    let mut m = common::random_model(cfg, &mut common::stream(31));
+    // random_model's U(-0.8, 0.8) suits width 8; at width 64 it would grow the residual stream
+    // eightfold per projection. 0.16 keeps the activations of order one.
+    let names = qadapt_train::weights::layout(&m.config);
+    for ((name, _), slot) in names.iter().zip(m.weights.slots_mut()) {
+        if !name.ends_with("norm.weight") {
+            slot.iter_mut().for_each(|v| *v *= 0.2);
+        }
+    }
+    m.cast()
+}
+
 /// LoRA on every projection, r 4, alpha 8, A as PEFT initializes it and B random (so that A's
 /// gradient is not zero).
 fn all_targets(m: &Llama<f32>, seed: u64) -> LoraAdapter<f32> {
@@ -383,6 +409,14 @@ fn bf16_backend_is_within_bf16_tolerance_of_the_cpu_model() {
         &all_targets(&t, 9),
         Base::Dense,
         "cpu bf16, tied",
+    );
+    let f = flash_sized();
+    check_bf16(
+        CpuBackend::bf16,
+        &f,
+        &all_targets(&f, 11),
+        Base::Nf4,
+        "cpu bf16, head_dim 16, nf4",
     );
 }
 
@@ -760,6 +794,17 @@ fn cuda_matches_the_cpu_model_dense_and_nf4() {
     check_bf16(cuda, &m, &a, Base::Nf4, "cuda, nf4");
     let t = tied();
     check_bf16(cuda, &t, &all_targets(&t, 9), Base::Dense, "cuda, tied");
+    // Attention on tensor cores (head_dim 16), its backward reading delta from the output.
+    let f = flash_sized();
+    let af = all_targets(&f, 11);
+    check_bf16(
+        cuda,
+        &f,
+        &af,
+        Base::Dense,
+        "cuda, head_dim 16 (flash), dense",
+    );
+    check_bf16(cuda, &f, &af, Base::Nf4, "cuda, head_dim 16 (flash), nf4");
     // Frozen projections (q and v adapted only): dense through cuBLAS, NF4 through the fused
     // kernel with adapter index -1.
     let mut a = qv_adapter(&m);

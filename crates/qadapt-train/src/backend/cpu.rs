@@ -362,11 +362,13 @@ impl Backend for CpuBackend {
         k: &Vec<f32>,
         v: &Vec<f32>,
         saved: &Vec<f32>,
+        _out: &Vec<f32>,
         dout: &Vec<f32>,
         dq: &mut Vec<f32>,
         dk: &mut Vec<f32>,
         dv: &mut Vec<f32>,
     ) -> Result<()> {
+        // The saved probabilities give rowsum(P dP) directly: no use for the output.
         attention::backward(sh, q, k, v, saved, dout, dq, dk, dv)?;
         self.round(dq);
         self.round(dk);

@@ -188,7 +188,9 @@ pub trait Backend {
         saved: &mut Self::F32,
         out: &mut Self::Act,
     ) -> Result<()>;
-    /// Attention backward: `dq`, `dk`, `dv` overwritten.
+    /// Attention backward: `dq`, `dk`, `dv` overwritten. `saved` and `out` are what the forward
+    /// wrote (a device's tensor-core kernels read `delta = rowsum(dout * out)` from `out` instead
+    /// of recomputing it from the scores).
     #[allow(clippy::too_many_arguments)]
     fn attention_backward(
         &self,
@@ -197,6 +199,7 @@ pub trait Backend {
         k: &Self::Act,
         v: &Self::Act,
         saved: &Self::F32,
+        out: &Self::Act,
         dout: &Self::Act,
         dq: &mut Self::Act,
         dk: &mut Self::Act,

@@ -915,7 +915,7 @@ impl<B: Backend> LayerBackRun for BackendBackRun<'_, B> {
     ) -> Result<()> {
         let sh = self.config.attention_shape(self.f.batch, self.f.seq);
         self.be
-            .attention_backward(sh, &a.q, &a.k, &a.v, &a.att, dattn, dq, dk, dv)
+            .attention_backward(sh, &a.q, &a.k, &a.v, &a.att, &a.attn, dattn, dq, dk, dv)
     }
 
     fn rope_backward(&mut self, dq: &mut B::Act, dk: &mut B::Act) -> Result<()> {

@@ -360,14 +360,15 @@ impl Backend for CudaBackend {
         k: &Self::Act,
         v: &Self::Act,
         saved: &Self::F32,
+        out: &Self::Act,
         dout: &Self::Act,
         dq: &mut Self::Act,
         dk: &mut Self::Act,
         dv: &mut Self::Act,
     ) -> Result<()> {
         if ops::flash_attention_supports(&sh) {
-            // The trait hands the backward no `out`: delta = rowsum(P dP) is recomputed from lse.
-            ops::flash_attention_backward(&self.dev, sh, q, k, v, None, saved, dout, dq, dk, dv)
+            let out = Some(out);
+            ops::flash_attention_backward(&self.dev, sh, q, k, v, out, saved, dout, dq, dk, dv)
         } else {
             ops::attention_backward(&self.dev, sh, q, k, v, saved, dout, dq, dk, dv)
         }
