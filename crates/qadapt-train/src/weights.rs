@@ -156,26 +156,155 @@ pub struct LlamaWeights<T> {
     pub lm_head: Option<Vec<T>>,
 }
 
+/// One frozen tensor of a Llama model, named by its place (what a loader that streams the model
+/// tensor by tensor asks for: [`crate::backend::LoraModel::from_tensors`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BaseTensor {
+    /// `model.embed_tokens.weight [V, C]`.
+    Embed,
+    /// `lm_head.weight [V, C]` (untied models only).
+    Head,
+    /// `model.norm.weight [C]`.
+    FinalNorm,
+    /// `model.layers.{l}.input_layernorm.weight [C]`.
+    InputNorm(usize),
+    /// `model.layers.{l}.post_attention_layernorm.weight [C]`.
+    PostNorm(usize),
+    /// A projection's weight `[out, in]` in layer `l`.
+    Proj(usize, Proj),
+}
+
+impl BaseTensor {
+    /// Its HF name.
+    pub fn name(self) -> String {
+        match self {
+            BaseTensor::Embed => "model.embed_tokens.weight".to_owned(),
+            BaseTensor::Head => "lm_head.weight".to_owned(),
+            BaseTensor::FinalNorm => "model.norm.weight".to_owned(),
+            BaseTensor::InputNorm(l) => format!("model.layers.{l}.input_layernorm.weight"),
+            BaseTensor::PostNorm(l) => format!("model.layers.{l}.post_attention_layernorm.weight"),
+            BaseTensor::Proj(l, p) => format!("{}.weight", p.module(l)),
+        }
+    }
+
+    /// Every tensor of `cfg`'s model in the order of [`LlamaWeights::slots`] (embedding; per
+    /// layer its input norm, q, k, v, o, post-attention norm, gate, up, down; the final norm; the
+    /// head unless tied).
+    pub fn all(cfg: &LlamaConfig) -> Vec<BaseTensor> {
+        let mut out = vec![BaseTensor::Embed];
+        for l in 0..cfg.num_hidden_layers {
+            let proj = |p| BaseTensor::Proj(l, p);
+            out.push(BaseTensor::InputNorm(l));
+            out.extend([Proj::Q, Proj::K, Proj::V, Proj::O].map(proj));
+            out.push(BaseTensor::PostNorm(l));
+            out.extend([Proj::Gate, Proj::Up, Proj::Down].map(proj));
+        }
+        out.push(BaseTensor::FinalNorm);
+        if !cfg.tie_word_embeddings {
+            out.push(BaseTensor::Head);
+        }
+        out
+    }
+
+    /// Its shape under `cfg` (`[out, in]` for a projection).
+    pub fn shape(self, cfg: &LlamaConfig) -> Vec<usize> {
+        match self {
+            BaseTensor::Embed | BaseTensor::Head => vec![cfg.vocab_size, cfg.hidden_size],
+            BaseTensor::FinalNorm | BaseTensor::InputNorm(_) | BaseTensor::PostNorm(_) => {
+                vec![cfg.hidden_size]
+            }
+            BaseTensor::Proj(_, p) => {
+                let (inp, out) = p.dims(cfg);
+                vec![out, inp]
+            }
+        }
+    }
+
+    /// Its number of elements under `cfg`.
+    pub fn len(self, cfg: &LlamaConfig) -> usize {
+        match self {
+            BaseTensor::Embed | BaseTensor::Head => cfg.vocab_size * cfg.hidden_size,
+            BaseTensor::FinalNorm | BaseTensor::InputNorm(_) | BaseTensor::PostNorm(_) => {
+                cfg.hidden_size
+            }
+            BaseTensor::Proj(_, p) => {
+                let (inp, out) = p.dims(cfg);
+                inp * out
+            }
+        }
+    }
+
+    /// Whether it is an RMSNorm weight.
+    pub fn is_norm(self) -> bool {
+        matches!(
+            self,
+            BaseTensor::FinalNorm | BaseTensor::InputNorm(_) | BaseTensor::PostNorm(_)
+        )
+    }
+
+    /// A number unique to the tensor within a model (a random stream per tensor).
+    pub fn ordinal(self) -> u64 {
+        let per_layer = 2 + Proj::ALL.len() as u64;
+        match self {
+            BaseTensor::Embed => 0,
+            BaseTensor::Head => 1,
+            BaseTensor::FinalNorm => 2,
+            BaseTensor::InputNorm(l) => 3 + per_layer * l as u64,
+            BaseTensor::PostNorm(l) => 4 + per_layer * l as u64,
+            BaseTensor::Proj(l, p) => 5 + per_layer * l as u64 + p.index() as u64,
+        }
+    }
+}
+
+/// Random weights for benchmarks at real shapes (`--random-shape`), one tensor at a time and
+/// reproducible: RMSNorm weights are 1; every other element is uniform with the standard
+/// deviation 0.02 that transformers initializes Llama with, drawn from ChaCha8 seeded by `seed`
+/// on the tensor's own stream ([`BaseTensor::ordinal`]), element `i` from the stream's word `i`,
+/// so the values do not depend on the thread count that draws them in parallel.
+pub fn random_tensor(cfg: &LlamaConfig, seed: u64, t: BaseTensor) -> Vec<f32> {
+    use rand::{RngCore, SeedableRng};
+    use rayon::prelude::*;
+    let n = t.len(cfg);
+    if t.is_norm() {
+        return vec![1.0; n];
+    }
+    // U(-a, a) has standard deviation a / sqrt(3).
+    let a = 0.02 * 3f32.sqrt();
+    const CHUNK: usize = 1 << 16;
+    let mut out = vec![0f32; n];
+    out.par_chunks_mut(CHUNK)
+        .enumerate()
+        .for_each(|(c, chunk)| {
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+            rng.set_stream(t.ordinal());
+            rng.set_word_pos((c * CHUNK) as u128);
+            for v in chunk {
+                // 24 random bits: u in [0, 1) exactly representable in f32.
+                let u = (rng.next_u32() >> 8) as f32 * (1.0 / (1u32 << 24) as f32);
+                *v = (2.0 * u - 1.0) * a;
+            }
+        });
+    out
+}
+
 /// HF names and shapes of every parameter, in the order of [`LlamaWeights::slots`].
 pub fn layout(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
-    let (c, v) = (cfg.hidden_size, cfg.vocab_size);
-    let mut out = vec![("model.embed_tokens.weight".to_owned(), vec![v, c])];
-    for l in 0..cfg.num_hidden_layers {
-        let norm = |name: &str| (format!("model.layers.{l}.{name}.weight"), vec![c]);
-        let proj = |p: Proj| {
-            let (inp, o) = p.dims(cfg);
-            (format!("{}.weight", p.module(l)), vec![o, inp])
-        };
-        out.push(norm("input_layernorm"));
-        out.extend([Proj::Q, Proj::K, Proj::V, Proj::O].map(proj));
-        out.push(norm("post_attention_layernorm"));
-        out.extend([Proj::Gate, Proj::Up, Proj::Down].map(proj));
+    BaseTensor::all(cfg)
+        .into_iter()
+        .map(|t| (t.name(), t.shape(cfg)))
+        .collect()
+}
+
+impl LlamaWeights<f32> {
+    /// The random model of [`random_tensor`] in memory (what [`crate::backend::LoraModel::random`]
+    /// streams to a backend, for checking it on the CPU).
+    pub fn random(cfg: &LlamaConfig, seed: u64) -> Self {
+        let mut w = LlamaWeights::zeros(cfg);
+        for (t, slot) in BaseTensor::all(cfg).into_iter().zip(w.slots_mut()) {
+            *slot = random_tensor(cfg, seed, t);
+        }
+        w
     }
-    out.push(("model.norm.weight".to_owned(), vec![c]));
-    if !cfg.tie_word_embeddings {
-        out.push(("lm_head.weight".to_owned(), vec![v, c]));
-    }
-    out
 }
 
 impl<T: Real> LlamaWeights<T> {
@@ -590,4 +719,48 @@ pub fn load(dir: &Path, cfg: &LlamaConfig) -> Result<(LlamaWeights<f32>, Nf4Proj
         *slot = v;
     }
     Ok((w, codes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn random_tensors_are_reproducible_whatever_the_threads_and_sized_like_transformers_init() {
+        let cfg = LlamaConfig::llama3_2_1b();
+        let t = BaseTensor::Proj(3, Proj::Down);
+        let a = random_tensor(&cfg, 9, t);
+        let one = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        let b = one.install(|| random_tensor(&cfg, 9, t));
+        assert_eq!(a, b);
+        assert_eq!(a.len(), 2048 * 8192);
+        let n = a.len() as f64;
+        let mean = a.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
+        let std = (a.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>() / n - mean * mean).sqrt();
+        assert!(
+            mean.abs() < 1e-4 && (std - 0.02).abs() < 1e-4,
+            "{mean} {std}"
+        );
+        // Another tensor, another seed: other values; norms are ones.
+        assert_ne!(
+            random_tensor(&cfg, 9, BaseTensor::Proj(3, Proj::Up))[..64],
+            a[..64]
+        );
+        assert_ne!(random_tensor(&cfg, 10, t)[..64], a[..64]);
+        assert!(
+            random_tensor(&cfg, 9, BaseTensor::PostNorm(0))
+                .iter()
+                .all(|&v| v == 1.0)
+        );
+        // The layout is BaseTensor::all's, named and shaped the same.
+        let all = BaseTensor::all(&cfg);
+        assert_eq!(all.len(), 1 + 16 * 9 + 1);
+        for (t, (name, shape)) in all.iter().zip(layout(&cfg)) {
+            assert_eq!((t.name(), t.shape(&cfg)), (name, shape.clone()));
+            assert_eq!(t.len(&cfg), shape.iter().product::<usize>());
+        }
+    }
 }

@@ -27,6 +27,7 @@ use qadapt_train::backend::{
 };
 use qadapt_train::cuda::CudaBackend;
 use qadapt_train::nf4::{Nf4Projections, quantize_projections};
+use qadapt_train::weights::LlamaWeights;
 use qadapt_train::{
     Adapter, BaseGrads, Batch, Llama, LlamaDir, LoraAdapter, LoraConfig, LoraInit, Trainable,
     Trainer,
@@ -770,6 +771,72 @@ fn the_loss_in_row_chunks_equals_the_whole_logits() {
     loss_chunks_agree(CpuBackend::bf16, Base::Nf4, 1e-6, "bf16, nf4");
 }
 
+/// A random model streamed to the backend one tensor at a time ([`LoraModel::random`]; NF4
+/// quantized by the backend, on a GPU on the device) gives the same step as the same weights
+/// built in memory ([`LlamaWeights::random`]) and handed over whole (NF4 codes made on the host):
+/// losses and gradients equal bit for bit.
+fn streamed_random_model_is_the_one_in_memory<B: Backend>(be: impl Fn() -> B, what: &str) {
+    let cfg = flash_sized().config;
+    let mut m = Llama::new(cfg.clone(), LlamaWeights::random(&cfg, 5)).unwrap();
+    let a = all_targets(&m, 7);
+    let b = pattern_batch();
+    let run = |mut lm: LoraModel<B>| {
+        let loss = lm.accumulate(&b).unwrap();
+        (loss.to_bits(), lm.grads().unwrap())
+    };
+    let dense = run(LoraModel::random(
+        be(),
+        &cfg,
+        5,
+        BaseFormat::Dense,
+        &a,
+        MomentPlacement::Device,
+    )
+    .unwrap());
+    let whole =
+        run(LoraModel::new(be(), &m, BaseFormat::Dense, &a, MomentPlacement::Device).unwrap());
+    assert_eq!(dense.0, whole.0, "{what}: dense loss");
+    assert!(dense.1 == whole.1, "{what}: dense gradients differ");
+    let streamed = run(LoraModel::random(
+        be(),
+        &cfg,
+        5,
+        BaseFormat::QuantizeNf4,
+        &a,
+        MomentPlacement::Paged,
+    )
+    .unwrap());
+    let none = Nf4Projections::none(cfg.num_hidden_layers);
+    let codes = quantize_projections(&mut m.weights, &cfg, &none).unwrap();
+    let host = run(LoraModel::new(
+        be(),
+        &m,
+        BaseFormat::Nf4(&codes),
+        &a,
+        MomentPlacement::Paged,
+    )
+    .unwrap());
+    assert_eq!(streamed.0, host.0, "{what}: NF4 loss");
+    assert!(streamed.1 == host.1, "{what}: NF4 gradients differ");
+    assert_ne!(streamed.0, dense.0, "{what}: NF4 should differ from dense");
+    assert!(
+        LoraModel::random(
+            be(),
+            &cfg,
+            5,
+            BaseFormat::Nf4(&codes),
+            &a,
+            MomentPlacement::Device
+        )
+        .is_err()
+    );
+}
+
+#[test]
+fn a_streamed_random_model_is_the_one_in_memory() {
+    streamed_random_model_is_the_one_in_memory(CpuBackend::bf16, "cpu bf16");
+}
+
 /// A backend on device 0; the device (context, stream, loaded kernels) is opened once per test
 /// binary and shared by every backend.
 fn cuda() -> CudaBackend {
@@ -822,6 +889,14 @@ fn cuda_matches_the_cpu_model_dense_and_nf4() {
 fn cuda_layer_checkpointing_gives_the_same_step_bit_for_bit() {
     checkpointing_is_exact(cuda, Base::Dense, 0.0, "cuda, dense");
     checkpointing_is_exact(cuda, Base::Nf4, 0.1, "cuda, nf4, dropout");
+}
+
+/// Quantized on the device, the codes are the host's bit for bit (`nf4_cuda`'s tests), so the
+/// step is too.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn cuda_a_streamed_random_model_quantized_on_the_device_is_the_one_in_memory() {
+    streamed_random_model_is_the_one_in_memory(cuda, "cuda");
 }
 
 /// On the device the chunks change only which rows each cuBLAS call gets: within bf16 tolerance

@@ -408,6 +408,11 @@ impl Backend for CpuBackend {
                 self.rounded(w.to_vec())
             }
             BaseRef::Nf4(t) => nf4_weight(t, out, inp, self.precision)?,
+            BaseRef::QuantizeNf4(w) => {
+                check(OP, "W", w, out * inp)?;
+                let q = crate::nf4::quantize(w, [out, inp], qadapt::nf4::DEFAULT_BLOCKSIZE)?;
+                nf4_weight(&q, out, inp, self.precision)?
+            }
         };
         let lora = lora
             .map(|l| {

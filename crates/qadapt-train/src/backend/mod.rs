@@ -61,6 +61,11 @@ pub enum BaseRef<'a> {
     Dense(&'a [f32]),
     /// NF4 codes with their (double-quantized) block scales.
     Nf4(&'a Nf4Tensor),
+    /// f32 values the backend quantizes to NF4 (block 64, double quantization, as
+    /// [`crate::nf4::quantize_projections`]) where it keeps its weights: a GPU backend uploads
+    /// them and quantizes on the device, so a model can be loaded one tensor at a time without
+    /// its dense projections ever existing on the device together.
+    QuantizeNf4(&'a [f32]),
 }
 
 /// The LoRA pair of an adapted projection as handed to [`Backend::proj`]: A `[r, in]`,

@@ -32,6 +32,7 @@
 //! token losses; [`LoraModel::apply`] divides by the total token count (folded into AdamW's
 //! gradient scale together with the clipping coefficient).
 
+use std::borrow::Cow;
 use std::path::Path;
 
 use qadapt::Result;
@@ -48,7 +49,7 @@ use crate::lora::{DropoutKey, LoraAdapter, LoraPair, dropout_base};
 use crate::model::Llama;
 use crate::nf4::Nf4Projections;
 use crate::train::{Batch, StepStats};
-use crate::weights::Proj;
+use crate::weights::{BaseTensor, Proj, random_tensor};
 use crate::{invalid, shape_err};
 
 /// How the frozen projection weights are held.
@@ -60,6 +61,10 @@ pub enum BaseFormat<'a> {
     /// makes them, or a bitsandbytes checkpoint's own), one per projection (QLoRA); embeddings,
     /// norms and the head stay bf16 as transformers' `load_in_4bit` leaves them.
     Nf4(&'a Nf4Projections),
+    /// The projections' values quantized to NF4 (block 64, double quantization) by the backend,
+    /// where it keeps the weights (on a GPU, on the device): QLoRA of a model streamed tensor by
+    /// tensor ([`LoraModel::from_tensors`]).
+    QuantizeNf4,
 }
 
 struct Layer<B: Backend> {
@@ -195,8 +200,70 @@ impl<B: Backend> LoraModel<B> {
         adapter: &LoraAdapter<f32>,
         placement: MomentPlacement,
     ) -> Result<Self> {
+        let w = &model.weights;
+        let mut tensor = |t: BaseTensor| -> Result<Cow<'_, [f32]>> {
+            Ok(Cow::Borrowed(match t {
+                BaseTensor::Embed => &w.embed_tokens,
+                BaseTensor::Head => w
+                    .lm_head
+                    .as_deref()
+                    .ok_or_else(|| invalid("lora model", "the model has no lm_head"))?,
+                BaseTensor::FinalNorm => &w.norm,
+                BaseTensor::InputNorm(l) => &w.layers[l].input_layernorm,
+                BaseTensor::PostNorm(l) => &w.layers[l].post_attention_layernorm,
+                BaseTensor::Proj(l, p) => w.layers[l].proj(p),
+            }))
+        };
+        Self::from_tensors(
+            backend,
+            &model.config,
+            &mut tensor,
+            base,
+            adapter,
+            placement,
+        )
+    }
+
+    /// A model of `config`'s shape with random frozen weights ([`random_tensor`] of `seed`),
+    /// made one tensor at a time (with [`BaseFormat::QuantizeNf4`], quantized where the backend
+    /// keeps them): benchmarks at real shapes without a checkpoint. `base` must not be
+    /// [`BaseFormat::Nf4`] (there are no codes of a random model).
+    pub fn random(
+        backend: B,
+        config: &LlamaConfig,
+        seed: u64,
+        base: BaseFormat<'_>,
+        adapter: &LoraAdapter<f32>,
+        placement: MomentPlacement,
+    ) -> Result<Self> {
+        if let BaseFormat::Nf4(_) = base {
+            return Err(invalid(
+                "random lora model",
+                "a random model has no NF4 codes: use BaseFormat::QuantizeNf4",
+            ));
+        }
+        let mut tensor = |t| Ok(Cow::Owned(random_tensor(config, seed, t)));
+        Self::from_tensors(backend, config, &mut tensor, base, adapter, placement)
+    }
+
+    /// [`Self::new`] from a source of tensors rather than a model in memory: `tensor` is asked
+    /// for each frozen tensor once, in model order (embedding, then per layer its norms and
+    /// projections, then the final norm and an untied head), and what it returns is on the
+    /// backend before the next is asked for. With [`BaseFormat::QuantizeNf4`] a GPU backend
+    /// quantizes each projection on the device, so the dense model never exists whole, on the
+    /// host or on the device: a loader streams a checkpoint through this, and
+    /// [`crate::weights::random_tensor`] makes a random model of any shape
+    /// ([`Self::random`]). With [`BaseFormat::Nf4`] projections are not asked for.
+    pub fn from_tensors<'s>(
+        backend: B,
+        config: &LlamaConfig,
+        tensor: &mut dyn FnMut(BaseTensor) -> Result<Cow<'s, [f32]>>,
+        base: BaseFormat<'_>,
+        adapter: &LoraAdapter<f32>,
+        placement: MomentPlacement,
+    ) -> Result<Self> {
         const OP: &str = "lora model";
-        let c = &model.config;
+        let c = config;
         let r = adapter.config.r;
         if adapter.pairs.len() != c.num_hidden_layers
             || adapter.pairs.iter().any(|l| l.len() != Proj::ALL.len())
@@ -207,12 +274,25 @@ impl<B: Backend> LoraModel<B> {
                 "an adapter for another model",
             ));
         }
-        let w = &model.weights;
+        let mut fetch = |t: BaseTensor| -> Result<Cow<'s, [f32]>> {
+            let v = tensor(t)?;
+            if v.len() != t.len(c) {
+                return Err(shape_err(
+                    OP,
+                    format!("{} of {}", t.name(), t.len(c)),
+                    v.len(),
+                ));
+            }
+            Ok(v)
+        };
+        let embed = backend.upload(&fetch(BaseTensor::Embed)?)?;
         let scale = adapter.config.scaling() as f32;
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         let mut trainable = Vec::new();
         let mut slot = vec![vec![None; Proj::ALL.len()]; c.num_hidden_layers];
-        for (l, lw) in w.layers.iter().enumerate() {
+        for (l, slot_l) in slot.iter_mut().enumerate() {
+            let input_norm = backend.upload(&fetch(BaseTensor::InputNorm(l))?)?;
+            let post_norm = backend.upload(&fetch(BaseTensor::PostNorm(l))?)?;
             let mut projs = Vec::with_capacity(Proj::ALL.len());
             for p in Proj::ALL {
                 let (inp, out) = p.dims(c);
@@ -232,9 +312,14 @@ impl<B: Backend> LoraModel<B> {
                     b: &pr.b,
                     scale,
                 });
-                let base_ref = match base {
-                    BaseFormat::Dense => BaseRef::Dense(lw.proj(p)),
-                    BaseFormat::Nf4(codes) => match codes.get(l, p) {
+                let values = match base {
+                    BaseFormat::Nf4(_) => None,
+                    _ => Some(fetch(BaseTensor::Proj(l, p))?),
+                };
+                let base_ref = match (base, &values) {
+                    (BaseFormat::Dense, Some(w)) => BaseRef::Dense(w),
+                    (BaseFormat::QuantizeNf4, Some(w)) => BaseRef::QuantizeNf4(w),
+                    (BaseFormat::Nf4(codes), _) => match codes.get(l, p) {
                         Some(q) if q.shape == [out, inp] => BaseRef::Nf4(q),
                         q => {
                             return Err(shape_err(
@@ -244,10 +329,12 @@ impl<B: Backend> LoraModel<B> {
                             ));
                         }
                     },
+                    (_, None) => unreachable!("values are fetched for every other format"),
                 };
                 projs.push(backend.proj(out, inp, base_ref, lora)?);
+                drop(values);
                 if let Some(pr) = pair {
-                    slot[l][p.index()] = Some(trainable.len());
+                    slot_l[p.index()] = Some(trainable.len());
                     trainable.push(Trainable {
                         layer: l,
                         proj: p,
@@ -261,22 +348,28 @@ impl<B: Backend> LoraModel<B> {
                 }
             }
             layers.push(Layer {
-                input_norm: backend.upload(&lw.input_layernorm)?,
-                post_norm: backend.upload(&lw.post_attention_layernorm)?,
+                input_norm,
+                post_norm,
                 projs,
             });
         }
         if trainable.is_empty() {
             return Err(invalid(OP, "the adapter targets no projection"));
         }
+        let norm = backend.upload(&fetch(BaseTensor::FinalNorm)?)?;
+        let head = if c.tie_word_embeddings {
+            None
+        } else {
+            Some(backend.upload(&fetch(BaseTensor::Head)?)?)
+        };
         Ok(LoraModel {
-            embed: backend.upload(&w.embed_tokens)?,
-            head: w.lm_head.as_ref().map(|h| backend.upload(h)).transpose()?,
-            norm: backend.upload(&w.norm)?,
+            embed,
+            head,
+            norm,
             inv_freq: rope::inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)?,
             config: c.clone(),
             adapter: adapter.config.clone(),
-            nf4: matches!(base, BaseFormat::Nf4(_)),
+            nf4: !matches!(base, BaseFormat::Dense),
             layers,
             trainable,
             slot,

@@ -16,7 +16,8 @@ use half::bf16;
 use qadapt::Result;
 use qadapt::cuda::ops::{self, CudaRopeTable};
 use qadapt::cuda::{CudaDevice, DeviceBuffer, Op};
-use qadapt::lora::{AdapterStack, BaseWeight, CudaLoraLinear, LoraLinear};
+use qadapt::lora::{AdapterStack, BaseWeight, CudaBaseWeight, CudaLoraLinear, LoraLinear};
+use qadapt::nf4::{CudaNf4, Statistics};
 use qadapt::ops::Accumulate;
 use qadapt::ops::attention::AttentionShape;
 use qadapt::ops::cross_entropy::LmHeadShape;
@@ -199,6 +200,28 @@ pub enum CudaMoments {
     Device(DeviceBuffer<f32>, DeviceBuffer<f32>),
     /// In managed memory, prefetched to the device by each step.
     Paged(PagedAdamState),
+}
+
+/// The fused layer's adapter stack for `lora`: its bf16 pair, or a rank-1 zero placeholder for a
+/// frozen projection (the kernel runs it as adapter index -1); with its rank and whether it
+/// trains.
+fn adapter_stack(
+    inp: usize,
+    out: usize,
+    lora: Option<LoraRef<'_>>,
+) -> Result<(AdapterStack, usize, bool)> {
+    Ok(match lora {
+        Some(l) => (
+            AdapterStack::new(l.rank, to_bf16(l.a), to_bf16(l.b), vec![l.scale])?,
+            l.rank,
+            true,
+        ),
+        None => (
+            AdapterStack::new(1, vec![bf16::ZERO; inp], vec![bf16::ZERO; out], vec![0.0])?,
+            1,
+            false,
+        ),
+    })
 }
 
 fn to_bf16(v: &[f32]) -> Vec<bf16> {
@@ -409,19 +432,42 @@ impl Backend for CudaBackend {
             }
             (BaseRef::Dense(w), Some(_)) => BaseWeight::Dense(to_bf16(w)),
             (BaseRef::Nf4(t), _) => BaseWeight::Nf4(t.clone()),
+            (BaseRef::QuantizeNf4(w), _) => {
+                if w.len() != out * inp {
+                    return Err(shape_err(
+                        "projection (cuda)",
+                        format!("W of {out}x{inp}"),
+                        w.len(),
+                    ));
+                }
+                // The f32 values cross once; the codes are made on the device, and the f32 copy
+                // is freed when this returns.
+                let dense = self.dev.upload(w)?;
+                let q = CudaNf4::quantize(
+                    &self.dev,
+                    &dense,
+                    qadapt::nf4::DEFAULT_BLOCKSIZE,
+                    Statistics::DoubleQuant,
+                )?;
+                drop(dense);
+                let (adapters, rank, adapted) = adapter_stack(inp, out, lora)?;
+                let layer = CudaLoraLinear::from_device(
+                    &self.dev,
+                    out,
+                    inp,
+                    CudaBaseWeight::Nf4(q),
+                    &adapters,
+                )?;
+                return Ok(CudaProj::Fused {
+                    out,
+                    inp,
+                    layer: Box::new(layer),
+                    rank,
+                    adapted,
+                });
+            }
         };
-        let (adapters, rank, adapted) = match lora {
-            Some(l) => (
-                AdapterStack::new(l.rank, to_bf16(l.a), to_bf16(l.b), vec![l.scale])?,
-                l.rank,
-                true,
-            ),
-            None => (
-                AdapterStack::new(1, vec![bf16::ZERO; inp], vec![bf16::ZERO; out], vec![0.0])?,
-                1,
-                false,
-            ),
-        };
+        let (adapters, rank, adapted) = adapter_stack(inp, out, lora)?;
         let host = LoraLinear::new(out, inp, weight, None, adapters)?;
         Ok(CudaProj::Fused {
             out,

@@ -509,7 +509,7 @@ pub struct CudaLoraLinear {
     in_features: usize,
     rank: usize,
     n_adapters: usize,
-    weight: DeviceWeight,
+    weight: CudaBaseWeight,
     a: CudaSlice<bf16>,
     b: CudaSlice<bf16>,
     scales: CudaSlice<f32>,
@@ -520,8 +520,8 @@ impl CudaLoraLinear {
     /// Copies `layer` to `dev`.
     pub fn upload(dev: &CudaDevice, layer: &LoraLinear) -> Result<CudaLoraLinear> {
         let weight = match &layer.weight {
-            BaseWeight::Dense(w) => DeviceWeight::Dense(dev.upload(w)?),
-            BaseWeight::Nf4(t) => DeviceWeight::Nf4(crate::nf4::CudaNf4::upload(dev, t)?),
+            BaseWeight::Dense(w) => CudaBaseWeight::Dense(dev.upload(w)?),
+            BaseWeight::Nf4(t) => CudaBaseWeight::Nf4(crate::nf4::CudaNf4::upload(dev, t)?),
         };
         Ok(CudaLoraLinear {
             dev: dev.clone(),
@@ -534,6 +534,52 @@ impl CudaLoraLinear {
             b: dev.upload(&layer.adapters.b)?,
             scales: dev.upload(&layer.adapters.scales)?,
             bias: layer.bias.as_ref().map(|b| dev.upload(b)).transpose()?,
+        })
+    }
+
+    /// A layer whose weight is already on `dev` (nothing of it crosses the bus again: the way a
+    /// weight quantized on the device stays there), with `adapters` and no bias uploaded.
+    pub fn from_device(
+        dev: &CudaDevice,
+        out_features: usize,
+        in_features: usize,
+        weight: CudaBaseWeight,
+        adapters: &AdapterStack,
+    ) -> Result<CudaLoraLinear> {
+        const OP: &str = "cuda lora linear";
+        let numel = out_features
+            .checked_mul(in_features)
+            .ok_or_else(|| invalid(OP, "out_features x in_features overflows"))?;
+        let have = match &weight {
+            CudaBaseWeight::Dense(w) => w.len(),
+            CudaBaseWeight::Nf4(q) => q.n,
+        };
+        if numel == 0 || have != numel {
+            return Err(shape_err(
+                OP,
+                format!("a weight of {out_features}x{in_features}"),
+                have,
+            ));
+        }
+        let (n, r) = (adapters.len(), adapters.rank);
+        if adapters.a.len() != n * r * in_features || adapters.b.len() != n * out_features * r {
+            return Err(shape_err(
+                OP,
+                format!("{n} adapters of rank {r} for {out_features}x{in_features}"),
+                format!("A of {}, B of {}", adapters.a.len(), adapters.b.len()),
+            ));
+        }
+        Ok(CudaLoraLinear {
+            dev: dev.clone(),
+            out_features,
+            in_features,
+            rank: r,
+            n_adapters: n,
+            weight,
+            a: dev.upload(&adapters.a)?,
+            b: dev.upload(&adapters.b)?,
+            scales: dev.upload(&adapters.scales)?,
+            bias: None,
         })
     }
 
@@ -664,17 +710,21 @@ impl CudaLoraLinear {
     }
 }
 
+/// The frozen weight `[out_features, in_features]` of a [`CudaLoraLinear`], already on the device
+/// (made there, e.g. quantized by [`crate::nf4::CudaNf4::quantize`], or uploaded).
 #[derive(Debug)]
-enum DeviceWeight {
+pub enum CudaBaseWeight {
+    /// bf16, row-major.
     Dense(CudaSlice<bf16>),
+    /// NF4 codes of the flattened tensor.
     Nf4(crate::nf4::CudaNf4),
 }
 
-impl DeviceWeight {
+impl CudaBaseWeight {
     fn as_ref(&self) -> CudaWeightRef<'_> {
         match self {
-            DeviceWeight::Dense(w) => CudaWeightRef::Dense(w),
-            DeviceWeight::Nf4(q) => CudaWeightRef::Nf4 {
+            CudaBaseWeight::Dense(w) => CudaWeightRef::Dense(w),
+            CudaBaseWeight::Nf4(q) => CudaWeightRef::Nf4 {
                 packed: &q.packed,
                 scales: q.scales_ref(),
                 blocksize: q.blocksize,
