@@ -26,9 +26,11 @@ setup:
         echo "installing cuobjdump + nvdisasm into .cuda/sass/"
         python3 -m pip install -q --disable-pip-version-check --target .cuda/sass 'nvidia-cuda-cuobjdump==13.2.86' 'nvidia-cuda-nvdisasm==13.2.86'
     fi
-    if ! ls .cuda/wheels/nvidia_cuda_sanitizer_api-13.0.85-*.whl >/dev/null 2>&1; then
-        echo "downloading compute-sanitizer 13.0 (for the GPU bundle) into .cuda/wheels/"
-        python3 -m pip download -q --disable-pip-version-check --no-deps -d .cuda/wheels 'nvidia-cuda-sanitizer-api==13.0.85'
+    if ! ls .cuda/wheels/bitsandbytes-0.50.2-*.whl .cuda/wheels/peft-0.21.2-*.whl >/dev/null 2>&1; then
+        echo "downloading bitsandbytes and peft (the GPU bundle's PyTorch side) into .cuda/wheels/"
+        python3 -m pip download -q --disable-pip-version-check --no-deps -d .cuda/wheels \
+            --only-binary :all: --platform manylinux_2_24_x86_64 --python-version 3.11 \
+            'bitsandbytes==0.50.2' 'peft==0.21.2'
     fi
     if ! command -v qemu-x86_64 >/dev/null; then
         echo "installing qemu-user (runs the binary on an emulated older CPU in a test)"

@@ -21,11 +21,22 @@
 //!   the losses of every step can be compared with PEFT's; otherwise qadapt's own PEFT-like init.
 //! - `--warmup W` (1) untimed steps, then `--steps N` (3) timed ones.
 //! - `QADAPT_BENCH_SMOKE=1` replaces all of the above by a one-layer model of hidden 64 and one
-//!   step (the virtual device's smoke run; its times mean nothing).
+//!   step (the virtual device's smoke run; its times mean nothing); `--random-shape` then keeps
+//!   its path (made on the device) at that shape, and `--batch auto` stops at 2.
 //! - `--device cpu|cuda[:N]` (cpu); `--base dense|nf4` (dense): the frozen projections as they
 //!   are or NF4 (block 64, double quant; QLoRA, with paged AdamW moments on CUDA).
 //! - The random model's shape: `--hidden`, `--intermediate`, `--layers`, `--heads`,
 //!   `--kv-heads`, `--head-dim`, `--vocab` (defaults above; the context is at least `--seq`).
+//! - `--random-shape NAME` (CUDA): a published shape (`llama3-8b`, `llama3-70b`, ...,
+//!   `LlamaConfig::NAMED`) with random weights made tensor by tensor and put on the device as
+//!   they come (`LoraModel::random`; with `--base nf4` each projection is quantized on the
+//!   device), so an 8B or 70B model never exists on the host.
+//! - `--batch auto` (CUDA): the largest batch whose planned peak (`qadapt_train::memory_plan`)
+//!   fits 90 % of the free device memory, at most `--max-batch` (the JSON's `largest_batch` is
+//!   the plan's answer before that cap); `--checkpointing none|layers`.
+//! - On CUDA the JSON also has `planned_peak_bytes` (the plan of the step) and `peak_bytes`
+//!   (`CudaDevice::memory_peak` over the timed steps: the resident model plus the steps'
+//!   buffers; managed memory and cuBLAS' workspace not counted on a GPU).
 //!
 //! Labels are the ids (every next token a target), as `labels=input_ids` in transformers. Threads:
 //! rayon's pool (`RAYON_NUM_THREADS`) and matrixmultiply's (`MATMUL_NUM_THREADS`, at most 4) are
@@ -37,11 +48,12 @@ use std::time::Instant;
 use qadapt::ops::rope::RopeScaling;
 use qadapt::optim::AdamW;
 use qadapt_suite::randn;
-use qadapt_train::backend::{BaseFormat, LoraModel, MomentPlacement};
+use qadapt_train::backend::{BaseFormat, Checkpointing, LoraModel, MomentPlacement};
 use qadapt_train::cuda::CudaBackend;
+use qadapt_train::memory_plan::{self, PlanMethod, PlanOptions};
 use qadapt_train::nf4::{Nf4Projections, quantize_projections};
 use qadapt_train::{
-    Adapter, Llama, LlamaConfig, LlamaWeights, LoraAdapter, LoraConfig, LoraInit, Trainable,
+    Adapter, Llama, LlamaConfig, LlamaWeights, LoraAdapter, LoraConfig, LoraInit, Proj, Trainable,
     Trainer, peft,
 };
 use rand::{Rng, SeedableRng};
@@ -86,6 +98,7 @@ impl Opts {
                 ("batch", "2"),
                 ("seq", "24"),
                 ("rank", "4"),
+                ("max-batch", "2"),
                 ("warmup", "0"),
                 ("steps", "1"),
             ] {
@@ -162,36 +175,100 @@ fn median(v: &[f64]) -> f64 {
     }
 }
 
+/// `--batch`: a number, or `auto` (CUDA: the largest batch whose planned peak fits 90 % of the
+/// device's free memory, the rest left to the allocator's rounding, cuBLAS and the context).
+/// Returns the batch, its planned peak and, with `auto`, the largest batch the plan fits before
+/// `--max-batch` caps it.
+fn resolve_batch(
+    o: &Opts,
+    cfg: &LlamaConfig,
+    plan: Option<(&qadapt::CudaDevice, PlanOptions)>,
+) -> (usize, Option<u64>, Option<usize>) {
+    let arg = o.get("batch").unwrap_or_else(|| "16".to_owned());
+    let planned = |p: &PlanOptions| memory_plan::plan(cfg, p).expect("memory plan").peak();
+    match (arg.as_str(), plan) {
+        ("auto", Some((dev, p))) => {
+            let (free, _) = dev.memory_info().expect("device memory");
+            let budget = free as u64 / 10 * 9;
+            let largest = memory_plan::largest_batch(cfg, &p, budget)
+                .expect("memory plan")
+                .unwrap_or_else(|| panic!("not one sequence fits {budget} bytes"));
+            let b = largest.min(o.num("max-batch", usize::MAX));
+            let p = PlanOptions { batch: b, ..p };
+            (b, Some(planned(&p)), Some(largest))
+        }
+        ("auto", None) => panic!("--batch auto needs --device cuda"),
+        (n, plan) => {
+            let b: usize = n
+                .parse()
+                .unwrap_or_else(|_| panic!("--batch: a number or auto, not {n:?}"));
+            (
+                b,
+                plan.map(|(_, p)| planned(&PlanOptions { batch: b, ..p })),
+                None,
+            )
+        }
+    }
+}
+
 fn main() {
     let o = Opts::parse();
-    let (batch, seq) = (o.num("batch", 16usize), o.num("seq", 64usize));
+    let seq = o.num("seq", 64usize);
     let (warmup, steps) = (o.num("warmup", 1usize), o.num("steps", 3usize));
     let lr = o.num("lr", 1e-3f32);
     assert!(steps > 0, "--steps must be positive");
+    let device = o.get("device").unwrap_or_else(|| "cpu".to_owned());
+    let device = qadapt::Device::parse(&device).expect("--device");
+    let shape = o.get("random-shape");
+    let checkpointing: Checkpointing = o
+        .get("checkpointing")
+        .map_or(Ok(Checkpointing::None), |c| c.parse())
+        .unwrap_or_else(|e| panic!("--checkpointing: {e}"));
+    let nf4 = match o.get("base").as_deref() {
+        None | Some("dense") => false,
+        Some("nf4") => true,
+        Some(b) => panic!("--base {b}: dense or nf4"),
+    };
 
     let t0 = Instant::now();
-    let (mut model, source) = match o.get("model") {
-        Some(dir) => {
+    // With --random-shape the model is made on the device tensor by tensor (LoraModel::random):
+    // it never exists on the host.
+    let (mut model, cfg, source) = match (o.get("model"), &shape) {
+        (Some(dir), _) => {
             let d = qadapt_train::LlamaDir::open(&PathBuf::from(&dir)).expect("model directory");
-            (d.model().expect("model"), dir)
+            let m = d.model().expect("model");
+            let cfg = m.config.clone();
+            (Some(m), cfg, dir)
         }
-        None => (random_model(config(&o, seq)), "random".to_owned()),
-    };
-    let cfg = model.config.clone();
-    let ids: Vec<u32> = match o.get("ids") {
-        Some(f) => std::fs::read_to_string(&f)
-            .unwrap_or_else(|e| panic!("{f}: {e}"))
-            .split_whitespace()
-            .map(|t| t.parse().unwrap_or_else(|_| panic!("{f}: bad id {t:?}")))
-            .collect(),
-        None => {
-            let mut rng = ChaCha8Rng::seed_from_u64(7);
-            (0..batch * seq)
-                .map(|_| rng.random_range(0..cfg.vocab_size as u32))
-                .collect()
+        (None, Some(name)) => {
+            assert!(
+                !matches!(device, qadapt::Device::Cpu),
+                "--random-shape builds the model on the device: it needs --device cuda"
+            );
+            let mut cfg = LlamaConfig::named(name).unwrap_or_else(|| {
+                panic!(
+                    "--random-shape {name}: one of {}",
+                    LlamaConfig::NAMED.join(", ")
+                )
+            });
+            cfg.max_position_embeddings = cfg.max_position_embeddings.max(seq);
+            if qadapt_suite::bench_smoke() {
+                // The same path (made on the device, batch auto, checkpointing) at the smoke shape.
+                (
+                    None,
+                    config(&o, seq),
+                    format!("random {name} (smoke shape)"),
+                )
+            } else {
+                (None, cfg, format!("random {name}"))
+            }
+        }
+        (None, None) => {
+            let m = random_model(config(&o, seq));
+            let cfg = m.config.clone();
+            (Some(m), cfg, "random".to_owned())
         }
     };
-    assert_eq!(ids.len(), batch * seq, "--ids must hold batch * seq ids");
     let mut adapter = Adapter::Lora(match o.get("adapter") {
         Some(dir) => match peft::load(&PathBuf::from(&dir), &cfg).expect("adapter directory") {
             Adapter::Lora(l) => l,
@@ -214,20 +291,58 @@ fn main() {
             LoraAdapter::new(&cfg, lc, LoraInit::Peft { seed: 0 }).expect("lora config")
         }
     });
-    let (rank, targets) = match &adapter {
-        Adapter::Lora(l) => (l.config.r, l.config.target_modules.clone()),
-        _ => unreachable!("built as LoRA above"),
+    let Adapter::Lora(lora) = &adapter else {
+        unreachable!("built as LoRA above")
     };
-    let device = o.get("device").unwrap_or_else(|| "cpu".to_owned());
-    let nf4 = match o.get("base").as_deref() {
-        None | Some("dense") => None,
-        Some("nf4") => {
-            let none = Nf4Projections::none(cfg.num_hidden_layers);
-            Some(quantize_projections(&mut model.weights, &cfg, &none).expect("nf4 base"))
+    let (rank, targets) = (lora.config.r, lora.config.target_modules.clone());
+    let placement = if nf4 {
+        MomentPlacement::Paged
+    } else {
+        MomentPlacement::Device
+    };
+    let plan = match &device {
+        qadapt::Device::Cpu => None,
+        qadapt::Device::Cuda(dev) => {
+            let method = if nf4 {
+                PlanMethod::Qlora
+            } else {
+                PlanMethod::Lora
+            };
+            let p = PlanOptions {
+                targets: Proj::ALL
+                    .into_iter()
+                    .filter(|p| lora.pairs[0][p.index()].is_some())
+                    .collect(),
+                placement,
+                checkpointing,
+                props: dev.props(),
+                ..PlanOptions::new(method, 1, seq, rank)
+            };
+            Some((dev, p))
         }
-        Some(b) => panic!("--base {b}: dense or nf4"),
     };
-    let setup_s = t0.elapsed().as_secs_f64();
+    let (batch, planned_peak, largest_batch) = resolve_batch(&o, &cfg, plan);
+    let ids: Vec<u32> = match o.get("ids") {
+        Some(f) => std::fs::read_to_string(&f)
+            .unwrap_or_else(|e| panic!("{f}: {e}"))
+            .split_whitespace()
+            .map(|t| t.parse().unwrap_or_else(|_| panic!("{f}: bad id {t:?}")))
+            .collect(),
+        None => {
+            let mut rng = ChaCha8Rng::seed_from_u64(7);
+            (0..batch * seq)
+                .map(|_| rng.random_range(0..cfg.vocab_size as u32))
+                .collect()
+        }
+    };
+    assert_eq!(ids.len(), batch * seq, "--ids must hold batch * seq ids");
+    let codes = match (&mut model, nf4) {
+        (Some(m), true) => {
+            let none = Nf4Projections::none(cfg.num_hidden_layers);
+            Some(quantize_projections(&mut m.weights, &cfg, &none).expect("nf4 base"))
+        }
+        _ => None,
+    };
 
     let opt = AdamW {
         lr,
@@ -236,6 +351,7 @@ fn main() {
         eps: 1e-8,
         weight_decay: 0.01,
     };
+    let mut setup_s = t0.elapsed().as_secs_f64();
     let mut losses = Vec::with_capacity(warmup + steps);
     let mut times_ms = Vec::with_capacity(steps);
     let mut time = |i: usize, step: &mut dyn FnMut() -> f32| {
@@ -246,15 +362,17 @@ fn main() {
         }
     };
     let trainable;
-    let on = match qadapt::Device::parse(&device).expect("--device") {
+    let mut peak = None;
+    let on = match &device {
         qadapt::Device::Cpu => {
+            let model = model.as_mut().expect("a model in memory on the CPU");
             let mut trainer = Trainer::new(opt, None);
             let mut what = Trainable::Adapter(&mut adapter);
-            trainable = what.num_params(&model).expect("adapter fits the model");
+            trainable = what.num_params(model).expect("adapter fits the model");
             for i in 0..warmup + steps {
                 time(i, &mut || {
                     trainer
-                        .step(&mut model, &mut what, &ids, batch, seq, lr)
+                        .step(model, &mut what, &ids, batch, seq, lr)
                         .expect("train step")
                 });
             }
@@ -264,13 +382,26 @@ fn main() {
             let Adapter::Lora(a) = &adapter else {
                 unreachable!("built as LoRA above")
             };
-            let (base, placement) = match &nf4 {
-                Some(codes) => (BaseFormat::Nf4(codes), MomentPlacement::Paged),
-                None => (BaseFormat::Dense, MomentPlacement::Device),
-            };
             let be = CudaBackend::new(dev.clone()).expect("cuda backend");
-            let mut lm = LoraModel::new(be, &model, base, a, placement).expect("device model");
+            let mut lm = match (&model, &codes) {
+                (Some(m), Some(c)) => LoraModel::new(be, m, BaseFormat::Nf4(c), a, placement),
+                (Some(m), None) => LoraModel::new(be, m, BaseFormat::Dense, a, placement),
+                (None, _) => {
+                    let base = if nf4 {
+                        BaseFormat::QuantizeNf4
+                    } else {
+                        BaseFormat::Dense
+                    };
+                    LoraModel::random(be, &cfg, 100, base, a, placement)
+                }
+            }
+            .expect("device model");
+            lm.set_checkpointing(checkpointing);
             trainable = lm.num_params();
+            dev.synchronize().expect("synchronize");
+            setup_s = t0.elapsed().as_secs_f64();
+            // From here the high-water mark is the resident model plus the steps' own.
+            dev.reset_memory_peak().expect("memory peak");
             let b = qadapt_train::Batch::causal(ids.clone(), batch, seq).expect("batch");
             for i in 0..warmup + steps {
                 time(i, &mut || {
@@ -280,6 +411,7 @@ fn main() {
                     loss
                 });
             }
+            peak = dev.memory_peak().expect("memory peak");
             dev.describe()
         }
     };
@@ -289,7 +421,7 @@ fn main() {
         "framework": "qadapt",
         "smoke": qadapt_suite::bench_smoke(),
         "device": on,
-        "base": if nf4.is_some() { "nf4" } else { "dense" },
+        "base": if nf4 { "nf4" } else { "dense" },
         "model": source,
         "hidden": cfg.hidden_size,
         "layers": cfg.num_hidden_layers,
@@ -297,6 +429,7 @@ fn main() {
         "seq": seq,
         "rank": rank,
         "targets": targets,
+        "checkpointing": checkpointing.name(),
         "trainable_params": trainable,
         "warmup": warmup,
         "steps": steps,
@@ -308,6 +441,9 @@ fn main() {
         "median_ms": med,
         "min_ms": times_ms.iter().copied().fold(f64::INFINITY, f64::min),
         "tokens_per_s": (batch * seq) as f64 / (med / 1e3),
+        "planned_peak_bytes": planned_peak,
+        "largest_batch": largest_batch,
+        "peak_bytes": peak,
     });
     println!("{out}");
 }

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Builds gpu-bundle/ on a machine without a GPU: stripped release test and bench
 # binaries with the kernels embedded, packed into one bins.tar.xz (each binary carries the same
-# fatbins and std, so the solid archive is ~5x smaller than the binaries), compute-sanitizer's
-# wheel, and run.sh, which on an NVIDIA machine with a CUDA 13 driver (no Rust needed) extracts
-# the binaries, runs every ignored test, compute-sanitizer (memcheck on every test binary,
-# racecheck on the LoRA kernels) and the CUDA benchmarks, then prints one summary.
+# fatbins and std, so the solid archive is ~5x smaller than the binaries), the PyTorch side of the
+# QLoRA comparison (a script and the bitsandbytes and peft wheels), and run.sh, which on an
+# NVIDIA machine with a CUDA 13 driver (no Rust needed) extracts the binaries, runs every ignored
+# test, the machine's compute-sanitizer (memcheck on every test binary, racecheck on the LoRA
+# kernels), the CUDA benchmarks, LoRA steps and QLoRA at Llama-3-8B and -70B shapes against
+# PyTorch + PEFT + bitsandbytes, then prints one summary.
 #
 #   scripts/gpu-bundle.sh              build the folder
 #   scripts/gpu-bundle.sh --rehearse   build it, check its size, and run it here twice: without a
@@ -67,7 +69,11 @@ echo "packing $(du -sm "$stage" | cut -f1) MB of binaries into bins.tar.xz"
 tar -C "$stage" -cf - tests benches bin | xz -T0 -9 >"$out/bins.tar.xz"
 rm -rf "$stage"
 
-cp .cuda/wheels/nvidia_cuda_sanitizer_api-13.0.85-*.whl "$out/tools/"
+# The PyTorch side of the QLoRA comparison: its script, and the wheels the GPU image lacks
+# (bitsandbytes, peft; `just setup` downloads them; run.sh installs them only if the machine's
+# Python cannot import them).
+cp benches/qlora_step_torch.py "$out/tools/"
+cp .cuda/wheels/bitsandbytes-0.50.2-*.whl .cuda/wheels/peft-0.21.2-*.whl "$out/tools/"
 
 cat > "$out/run.sh" <<'RUN'
 #!/usr/bin/env bash
@@ -79,7 +85,14 @@ cat > "$out/run.sh" <<'RUN'
 # LD_LIBRARY_PATH) it runs the same steps on the virtual H200: the GPU checks of the machine
 # (nvidia-smi, cuBLAS lookup, compute-sanitizer) are skipped and the benches run once at tiny
 # shapes (QADAPT_BENCH_SMOKE=1): their times mean nothing.
+# QADAPT_BUNDLE_PARTS picks what runs (default: all, in this order): tests (every ignored test),
+# sanitizer (memcheck, racecheck), benches (the CUDA tables of the benches), steps (one LoRA
+# step at small shapes, CPU and CUDA), scale (QLoRA of Llama-3-8B and -70B shapes at seq 2048:
+# qadapt, and PyTorch + PEFT + bitsandbytes at the 8B shape where the machine has them), e.g.
+# `QADAPT_BUNDLE_PARTS=scale bash run.sh`.
 set -uo pipefail
+parts=" ${QADAPT_BUNDLE_PARTS:-tests sanitizer benches steps scale} "
+want() { [[ "$parts" == *" $1 "* ]]; }
 here=$(cd "$(dirname "$0")" && pwd)
 export RUST_BACKTRACE=1
 # The binaries travel as one bins.tar.xz; unpack them next to a scratch log folder first (xz, or
@@ -131,6 +144,7 @@ mkdir -p "$logs"
 status=0
 summary=()
 for t in tests/*; do
+    want tests || break
     name=$(basename "$t")
     start=$(date +%s)
     if "$t" --ignored --test-threads=1 >"$logs/$name.log" 2>&1; then r=PASS; else r=FAIL; status=1; fi
@@ -139,22 +153,21 @@ for t in tests/*; do
     echo "${summary[-1]}"
     [ "$r" = FAIL ] && tail -n 40 "$logs/$name.log"
 done
-# compute-sanitizer: the machine's own where it has one (the wheel's 13.0.85 build stopped with
-# "Target application terminated before first instrumented API call" on the H200 image of
-# 2026-12-04, whose /usr/local/cuda/bin/compute-sanitizer 2025.3.1 works), else the bundled wheel.
+# compute-sanitizer: the machine's own (the H200 image of 2026-12-04 has
+# /usr/local/cuda/bin/compute-sanitizer 2025.3.1; the PyPI wheel 13.0.85 that travelled before
+# stopped there with "Target application terminated before first instrumented API call", and its
+# 14 MB now go to bitsandbytes), else the step is skipped and says so.
 # memcheck runs every test binary (device out-of-bounds, misaligned and uninitialized-free
 # accesses), racecheck the LoRA kernels (shared-memory hazards of the cp.async pipeline).
 # (The virtual device checks memory itself; compute-sanitizer needs NVIDIA's driver.)
-if [ "$vgpu" != 1 ]; then
+if [ "$vgpu" != 1 ] && want sanitizer; then
     cs=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
     if [ -z "$cs" ]; then
-        san=/tmp/qadapt-sanitizer
-        rm -rf "$san"
-        python3 -m zipfile -e "$here"/tools/nvidia_cuda_sanitizer_api-*.whl "$san" >/dev/null 2>&1 || unzip -q "$here"/tools/nvidia_cuda_sanitizer_api-*.whl -d "$san"
-        chmod +x "$san"/nvidia/cu13/bin/compute-sanitizer 2>/dev/null
-        cs="$san"/nvidia/cu13/bin/compute-sanitizer
+        summary+=("| memcheck | all | SKIP | | no compute-sanitizer on this machine |")
+        echo "${summary[-1]}"
     fi
     for t in tests/*; do
+        [ -n "$cs" ] || break
         name=$(basename "$t")
         if timeout 300 "$cs" --tool memcheck --error-exitcode 1 "$t" --ignored --test-threads=1 >"$logs/memcheck-$name.log" 2>&1; then
             r=PASS
@@ -164,15 +177,20 @@ if [ "$vgpu" != 1 ]; then
         summary+=("| memcheck | $name | $r | | $(grep -E 'ERROR SUMMARY' "$logs/memcheck-$name.log" | tail -n 1) |")
         echo "${summary[-1]}"
     done
-    if timeout 300 "$cs" --tool racecheck --error-exitcode 1 tests/ops --ignored --test-threads=1 lora:: >"$logs/racecheck-lora.log" 2>&1; then
+    if [ -z "$cs" ]; then
+        :
+    elif timeout 300 "$cs" --tool racecheck --error-exitcode 1 tests/ops --ignored --test-threads=1 lora:: >"$logs/racecheck-lora.log" 2>&1; then
         r=PASS
     else
         r=FAIL; status=1; tail -n 40 "$logs/racecheck-lora.log"
     fi
-    summary+=("| racecheck | lora | $r | | $(grep -E 'RACECHECK SUMMARY' "$logs/racecheck-lora.log" | tail -n 1) |")
-    echo "${summary[-1]}"
+    if [ -n "$cs" ]; then
+        summary+=("| racecheck | lora | $r | | $(grep -E 'RACECHECK SUMMARY' "$logs/racecheck-lora.log" | tail -n 1) |")
+        echo "${summary[-1]}"
+    fi
 fi
 for b in benches/*; do
+    want benches || break
     name=$(basename "$b")
     # lora_step is no criterion bench: it is timed below with its own options.
     [ "$name" = lora_step ] && continue
@@ -184,9 +202,11 @@ done
 # default shape, dense and NF4 base, then a larger shape on CUDA alone (a CPU step there takes
 # too long for the device budget).
 steps=()
-for args in "--device cpu --base dense" "--device cuda --base dense" \
+step_args=("--device cpu --base dense" "--device cuda --base dense" \
     "--device cpu --base nf4" "--device cuda --base nf4" \
-    "--device cuda --base nf4 --hidden 2048 --intermediate 5632 --layers 4 --heads 16 --kv-heads 4 --head-dim 128 --vocab 32000 --batch 8 --seq 512 --rank 16 --alpha 32"; do
+    "--device cuda --base nf4 --hidden 2048 --intermediate 5632 --layers 4 --heads 16 --kv-heads 4 --head-dim 128 --vocab 32000 --batch 8 --seq 512 --rank 16 --alpha 32")
+want steps || step_args=()
+for args in "${step_args[@]}"; do
     # shellcheck disable=SC2086
     if line=$(timeout 240 benches/lora_step $args --warmup 2 --steps 5 2>"$logs/step.err"); then
         steps+=("$line")
@@ -195,24 +215,92 @@ for args in "--device cpu --base dense" "--device cuda --base dense" \
         status=1; echo "lora_step $args failed:"; tail -n 20 "$logs/step.err"
     fi
 done
+# QLoRA at real shapes: Llama-3-8B and -70B (random weights made on the device tensor by tensor,
+# each projection quantized there), seq 2048, the largest batch the memory plan fits into 90 % of
+# the free memory but at most 8 (16k tokens a step already fill the GPU; the table says what
+# would fit), layer checkpointing, r 16 on all seven projections; then PyTorch + PEFT +
+# bitsandbytes on the 8B shape at qadapt's batch (tools/qlora_step_torch.py, the standard QLoRA
+# recipe with gradient checkpointing and sdpa), where the machine's Python has them.
+scale=()
+scale_shapes=(llama3-8b llama3-70b)
+want scale || scale_shapes=()
+for shape in "${scale_shapes[@]}"; do
+    args="--device cuda --base nf4 --random-shape $shape --seq 2048 --batch auto --max-batch 8 --checkpointing layers --rank 16 --alpha 32 --warmup 1 --steps 2"
+    # shellcheck disable=SC2086
+    if line=$(timeout 420 benches/lora_step $args 2>"$logs/scale-$shape.err"); then
+        scale+=("$line")
+        echo "$line"
+    else
+        status=1; echo "lora_step $args failed:"; tail -n 20 "$logs/scale-$shape.err"
+        continue
+    fi
+    [ "$shape" = llama3-8b ] || continue
+    batch=$(python3 -c 'import json, sys; print(json.loads(sys.argv[1])["batch"])' "$line")
+    if [ "$vgpu" != 1 ] && ! python3 -c 'import bitsandbytes, peft' 2>/dev/null; then
+        pydeps=$(mktemp -d)
+        if python3 -m pip install -q --no-index --no-deps --target "$pydeps" "$here"/tools/*.whl >"$logs/pip.log" 2>&1; then
+            export PYTHONPATH="$pydeps${PYTHONPATH:+:$PYTHONPATH}"
+            echo "bitsandbytes and peft from the bundle's wheels"
+        else
+            tail -n 5 "$logs/pip.log"
+        fi
+    fi
+    if [ "$vgpu" = 1 ]; then
+        torch_line='{"framework": "pytorch+peft+bitsandbytes", "skipped": "the virtual device has no PyTorch"}'
+    elif ! torch_line=$(timeout 600 python3 "$here/tools/qlora_step_torch.py" --shape "$shape" --seq 2048 --batch "$batch" --rank 16 --alpha 32 --warmup 1 --steps 2 2>"$logs/torch-$shape.err"); then
+        tail -n 20 "$logs/torch-$shape.err"
+        torch_line=${torch_line:-'{"framework": "pytorch+peft+bitsandbytes", "failed": "see torch.err"}'}
+    fi
+    scale+=("$torch_line")
+    echo "$torch_line"
+done
 echo
 echo "== qadapt GPU bundle summary =="
 printf '%s\n' "| kind | what | result | time | detail |" "|---|---|---|---|---|" "${summary[@]}"
 for f in "$logs"/bench-*.log; do
+    [ -e "$f" ] || continue
     echo
     grep -E '^(\||NF4|LoRA|.*skipped)' "$f" || true
 done
-echo
-if [ "$vgpu" = 1 ]; then
-    echo "LoRA training step (benches/lora_step.rs) SMOKE RUN on the virtual device: one step of a tiny model, times mean nothing"
-else
-    echo "LoRA training step (benches/lora_step.rs, median of 5 after 2 warm-up steps)"
+if [ ${#steps[@]} -gt 0 ]; then
+    echo
+    if [ "$vgpu" = 1 ]; then
+        echo "LoRA training step (benches/lora_step.rs) SMOKE RUN on the virtual device: one step of a tiny model, times mean nothing"
+    else
+        echo "LoRA training step (benches/lora_step.rs, median of 5 after 2 warm-up steps)"
+    fi
+    echo "| device | base | hidden x layers | batch x seq | median ms | tokens/s | first loss |"
+    echo "|---|---|---|---|---|---|---|"
+    for line in "${steps[@]}"; do
+        python3 -c 'import json, sys; j = json.loads(sys.argv[1]); print("| {} | {} | {} x {} | {} x {} | {:.2f} | {:.0f} | {:.4f} |".format(j["device"], j["base"], j["hidden"], j["layers"], j["batch"], j["seq"], j["median_ms"], j["tokens_per_s"], j["losses"][0]))' "$line" 2>/dev/null || echo "$line"
+    done
 fi
-echo "| device | base | hidden x layers | batch x seq | median ms | tokens/s | first loss |"
-echo "|---|---|---|---|---|---|---|"
-for line in "${steps[@]}"; do
-    python3 -c 'import json, sys; j = json.loads(sys.argv[1]); print("| {} | {} | {} x {} | {} x {} | {:.2f} | {:.0f} | {:.4f} |".format(j["device"], j["base"], j["hidden"], j["layers"], j["batch"], j["seq"], j["median_ms"], j["tokens_per_s"], j["losses"][0]))' "$line" 2>/dev/null || echo "$line"
-done
+if [ ${#scale[@]} -gt 0 ]; then
+    echo
+    if [ "$vgpu" = 1 ]; then
+        echo "QLoRA at scale SMOKE RUN on the virtual device (the smoke shape, not the named one): times mean nothing"
+    else
+        echo "QLoRA step at real shapes, seq 2048, layer checkpointing, r 16 on all projections (median of 2 after 1 warm-up)"
+    fi
+    echo "| framework | shape | batch | median ms | tokens/s | peak GB (planned) | first loss |"
+    echo "|---|---|---|---|---|---|---|"
+    for line in "${scale[@]}"; do
+        python3 - "$line" <<'PY' 2>/dev/null || echo "$line"
+import json, sys
+j = json.loads(sys.argv[1])
+if "median_ms" not in j:
+    print("| {} | {} | | | | | {} |".format(j.get("framework"), j.get("shape", ""), j.get("skipped") or j.get("failed")))
+    sys.exit()
+gb = lambda b: ("{:.1f}".format(b / 1e9) if b >= 1e9 else "{:.4f}".format(b / 1e9)) if b else "?"
+planned = " ({})".format(gb(j["planned_peak_bytes"])) if j.get("planned_peak_bytes") else ""
+oom = " (OOM at {})".format(j["oom_batches"]) if j.get("oom_batches") else ""
+oom += " (plan fits {})".format(j["largest_batch"]) if j.get("largest_batch") else ""
+print("| {} | {} | {}{} | {:.0f} | {:.0f} | {}{} | {:.4f} |".format(
+    j["framework"], j.get("shape") or j.get("model"), j["batch"], oom, j["median_ms"],
+    j["tokens_per_s"], gb(j.get("peak_bytes")), planned, j["losses"][0]))
+PY
+    done
+fi
 exit $status
 RUN
 chmod +x "$out/run.sh"

@@ -86,6 +86,30 @@ impl CudaDevice {
         self.synchronize().is_ok() && launch::reset_emulator_memory_peak()
     }
 
+    /// The most device memory this process's allocations held at once since the device was
+    /// opened or the last [`reset_memory_peak`](Self::reset_memory_peak), after the queued work:
+    /// on a GPU, the high-water mark of the stream-ordered allocations (every buffer qadapt
+    /// allocates; not the managed memory of paged optimizer states, cuBLAS' workspace or the
+    /// context); on the virtual device, of all its allocations
+    /// ([`emulator_memory`](Self::emulator_memory)). `None` on a GPU without memory pools.
+    pub fn memory_peak(&self) -> Result<Option<u64>> {
+        self.synchronize()?;
+        if let Some(m) = launch::emulator_memory(MemoryScope::Process) {
+            return Ok(Some(m.peak));
+        }
+        launch::pool_peak(self)
+    }
+
+    /// Restarts [`memory_peak`](Self::memory_peak) from what is allocated now; `false` where
+    /// nothing records a peak.
+    pub fn reset_memory_peak(&self) -> Result<bool> {
+        self.synchronize()?;
+        if launch::reset_emulator_memory_peak() {
+            return Ok(true);
+        }
+        launch::reset_pool_peak(self)
+    }
+
     /// `(free, total)` bytes of device memory, as the driver reports them (`cuMemGetInfo`).
     pub fn memory_info(&self) -> Result<(usize, usize)> {
         Ok(self.inner.ctx.mem_get_info()?)

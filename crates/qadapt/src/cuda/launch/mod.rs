@@ -18,6 +18,7 @@ use crate::plan::LaunchPlan;
 mod blas;
 mod counters;
 mod lora;
+mod memory;
 mod model;
 mod nf4;
 mod optim;
@@ -27,6 +28,7 @@ pub(crate) use counters::{
     emulator_counters, emulator_memory, reset_emulator_counters, reset_emulator_memory_peak,
 };
 pub(crate) use lora::{CudaLoraRef, CudaWeightRef, LoraScratch, lora_backward, lora_forward};
+pub(crate) use memory::{pool_peak, reset_pool_peak};
 pub(crate) use model::{
     FLASH_HEAD_DIMS, SwigluOut, attention_backward, attention_forward, cross_entropy,
     embedding_backward, embedding_forward, flash_attention_backward, flash_attention_forward,
