@@ -10,7 +10,9 @@
 //! ```
 //! Options (each also read from `QADAPT_BENCH_<NAME>`, e.g. `QADAPT_BENCH_STEPS=20`; the
 //! argument wins):
-//! - `--model DIR`: an HF Llama directory (f32/bf16 safetensors). Without it, a random model of
+//! - `--model DIR`: an HF Llama directory (f32/bf16/f16 safetensors, sharded or not, or
+//!   bitsandbytes 4-bit; on CUDA streamed to the device tensor by tensor,
+//!   `LoraModel::from_checkpoint`). Without it, a random model of
 //!   the default shape (hidden 192, MLP 512, 4 layers, 6 heads over 2 kv heads of 32, vocab 512,
 //!   untied) is built here.
 //! - `--ids FILE`: `batch * seq` whitespace-separated token ids, row-major `[batch, seq]`;
@@ -52,6 +54,7 @@ use qadapt_train::backend::{BaseFormat, Checkpointing, LoraModel, MomentPlacemen
 use qadapt_train::cuda::CudaBackend;
 use qadapt_train::memory_plan::{self, PlanMethod, PlanOptions};
 use qadapt_train::nf4::{Nf4Projections, quantize_projections};
+use qadapt_train::weights::Checkpoint;
 use qadapt_train::{
     Adapter, Llama, LlamaConfig, LlamaWeights, LoraAdapter, LoraConfig, LoraInit, Proj, Trainable,
     Trainer, peft,
@@ -234,6 +237,11 @@ fn main() {
     // With --random-shape the model is made on the device tensor by tensor (LoraModel::random):
     // it never exists on the host.
     let (mut model, cfg, source) = match (o.get("model"), &shape) {
+        // On CUDA the checkpoint streams to the device (LoraModel::from_checkpoint).
+        (Some(dir), _) if !matches!(device, qadapt::Device::Cpu) => {
+            let ck = Checkpoint::open(&PathBuf::from(&dir)).expect("model directory");
+            (None, ck.config, dir)
+        }
         (Some(dir), _) => {
             let d = qadapt_train::LlamaDir::open(&PathBuf::from(&dir)).expect("model directory");
             let m = d.model().expect("model");
@@ -392,7 +400,12 @@ fn main() {
                     } else {
                         BaseFormat::Dense
                     };
-                    LoraModel::random(be, &cfg, 100, base, a, placement)
+                    match o.get("model") {
+                        Some(dir) => {
+                            LoraModel::from_checkpoint(be, &PathBuf::from(dir), base, a, placement)
+                        }
+                        None => LoraModel::random(be, &cfg, 100, base, a, placement),
+                    }
                 }
             }
             .expect("device model");

@@ -647,76 +647,143 @@ fn sizes_of(cfg: &LlamaConfig, name: &str) -> String {
     }
 }
 
-/// Loads every parameter [`layout`] lists from the HF directory `dir`, as f32, with the NF4 codes
-/// of the projections a bitsandbytes 4-bit checkpoint stores quantized (kept as they are: see
-/// [`crate::nf4`]).
-pub fn load(dir: &Path, cfg: &LlamaConfig) -> Result<(LlamaWeights<f32>, Nf4Projections)> {
-    let (source, map) = weight_files(dir)?;
-    check_config_against(dir, cfg, &source, &map)?;
-    let specs = layout(cfg);
-    // Group the tensors by the file that holds them, so each shard is read once.
-    let mut by_file: BTreeMap<PathBuf, Vec<usize>> = BTreeMap::new();
-    for (i, (name, _)) in specs.iter().enumerate() {
-        let file = if map.is_empty() {
-            source.clone()
-        } else {
-            map.get(name)
-                .cloned()
-                .ok_or_else(|| format_err(&source, format!("missing tensor {name}")))?
-        };
-        by_file.entry(file).or_default().push(i);
+/// One tensor as a checkpoint stores it.
+#[derive(Debug, Clone)]
+pub enum StoredTensor {
+    /// bf16, f16 or f32 values, widened to f32.
+    Values(Vec<f32>),
+    /// A bitsandbytes 4-bit weight: its NF4 codes and (double-quantized) scales, as stored.
+    Nf4(qadapt::nf4::Nf4Tensor),
+}
+
+impl StoredTensor {
+    /// The values (a 4-bit weight dequantized).
+    pub fn into_values(self) -> Result<Vec<f32>> {
+        match self {
+            StoredTensor::Values(v) => Ok(v),
+            StoredTensor::Nf4(q) => crate::nf4::dequantize(&q),
+        }
     }
-    let mut values: Vec<Vec<f32>> = vec![Vec::new(); specs.len()];
-    let mut codes = Nf4Projections::none(cfg.num_hidden_layers);
-    // Which projection each parameter name is, for the codes.
-    let projections: BTreeMap<String, (usize, Proj)> = (0..cfg.num_hidden_layers)
-        .flat_map(|l| Proj::ALL.map(|p| (format!("{}.weight", p.module(l)), (l, p))))
-        .collect();
-    for (file, idx) in by_file {
-        let bytes = read(&file)?;
-        let st = SafeTensors::deserialize(&bytes).map_err(|e| format_err(&file, e))?;
-        for i in idx {
-            let (name, shape) = &specs[i];
-            if st
-                .tensor(&format!("{name}{}", bnb::QUANT_STATE_SUFFIX))
-                .is_ok()
-            {
-                // A bitsandbytes 4-bit weight: decoded and dequantized to f32.
-                let q = bnb::decode(&st, &file, name)?;
-                if q.shape != *shape {
-                    return Err(format_err(
-                        &file,
-                        format!(
-                            "tensor {name} has shape {:?}, the config needs {shape:?}",
-                            q.shape
-                        ),
-                    ));
-                }
-                values[i] = crate::nf4::dequantize(&q)
-                    .map_err(|e| format_err(&file, format!("tensor {name}: {e}")))?;
-                if let Some(&(l, p)) = projections.get(name) {
-                    codes.set(l, p, q);
-                }
-                continue;
-            }
-            let t = st
-                .tensor(name)
-                .map_err(|_| format_err(&file, format!("missing tensor {name}")))?;
-            if t.shape() != shape.as_slice() {
+}
+
+/// An HF Llama checkpoint (`model.safetensors`, or the shards of `model.safetensors.index.json`)
+/// read one tensor at a time: only the shard holding the tensor asked for is in memory (the
+/// last one read stays, so tensors asked for in file order read each shard once), and only that
+/// tensor is widened to f32. What streams a large model to a device
+/// ([`crate::backend::LoraModel::from_checkpoint`]); [`load`] reads a whole model through it.
+#[derive(Debug)]
+pub struct Checkpoint {
+    /// The model's `config.json`.
+    pub config: LlamaConfig,
+    source: PathBuf,
+    map: BTreeMap<String, PathBuf>,
+    shard: Option<(PathBuf, Vec<u8>)>,
+    shard_reads: usize,
+}
+
+impl Checkpoint {
+    /// Reads `dir/config.json` and the index, and checks every tensor's shape in the headers
+    /// against the config (no tensor data is read).
+    pub fn open(dir: &Path) -> Result<Self> {
+        let config = LlamaConfig::from_file(&dir.join("config.json"))?;
+        let (source, map) = weight_files(dir)?;
+        check_config_against(dir, &config, &source, &map)?;
+        Ok(Checkpoint {
+            config,
+            source,
+            map,
+            shard: None,
+            shard_reads: 0,
+        })
+    }
+
+    /// How many times a shard was read from disk so far.
+    pub fn shard_reads(&self) -> usize {
+        self.shard_reads
+    }
+
+    /// Tensor `t`, read from its shard (which is read from disk unless it is the last one read).
+    pub fn tensor(&mut self, t: BaseTensor) -> Result<StoredTensor> {
+        let name = t.name();
+        let shape = t.shape(&self.config);
+        let file = if self.map.is_empty() {
+            self.source.clone()
+        } else {
+            self.map
+                .get(&name)
+                .cloned()
+                .ok_or_else(|| format_err(&self.source, format!("missing tensor {name}")))?
+        };
+        if self.shard.as_ref().is_none_or(|(f, _)| *f != file) {
+            // The previous shard is dropped before the next one is read.
+            self.shard = None;
+            self.shard = Some((file.clone(), read(&file)?));
+            self.shard_reads += 1;
+        }
+        let bytes = &self.shard.as_ref().expect("read above").1;
+        let st = SafeTensors::deserialize(bytes).map_err(|e| format_err(&file, e))?;
+        if st
+            .tensor(&format!("{name}{}", bnb::QUANT_STATE_SUFFIX))
+            .is_ok()
+        {
+            let q = bnb::decode(&st, &file, &name)?;
+            if q.shape != shape {
                 return Err(format_err(
                     &file,
                     format!(
                         "tensor {name} has shape {:?}, the config needs {shape:?}",
-                        t.shape()
+                        q.shape
                     ),
                 ));
             }
-            values[i] = to_f32(&file, name, t.dtype(), t.data())?;
+            return Ok(StoredTensor::Nf4(q));
         }
+        let v = st
+            .tensor(&name)
+            .map_err(|_| format_err(&file, format!("missing tensor {name}")))?;
+        if v.shape() != shape.as_slice() {
+            return Err(format_err(
+                &file,
+                format!(
+                    "tensor {name} has shape {:?}, the config needs {shape:?}",
+                    v.shape()
+                ),
+            ));
+        }
+        Ok(StoredTensor::Values(to_f32(
+            &file,
+            &name,
+            v.dtype(),
+            v.data(),
+        )?))
+    }
+}
+
+/// Loads every parameter [`layout`] lists from the HF directory `dir`, as f32, with the NF4 codes
+/// of the projections a bitsandbytes 4-bit checkpoint stores quantized (kept as they are: see
+/// [`crate::nf4`]).
+pub fn load(dir: &Path, cfg: &LlamaConfig) -> Result<(LlamaWeights<f32>, Nf4Projections)> {
+    let mut ck = Checkpoint::open(dir)?;
+    if ck.config != *cfg {
+        return Err(format_err(
+            dir,
+            "the config given is not the directory's config.json",
+        ));
     }
     let mut w = LlamaWeights::<f32>::zeros(cfg);
-    for (slot, v) in w.slots_mut().into_iter().zip(values) {
-        *slot = v;
+    let mut codes = Nf4Projections::none(cfg.num_hidden_layers);
+    for (t, slot) in BaseTensor::all(cfg).into_iter().zip(w.slots_mut()) {
+        *slot = match ck.tensor(t)? {
+            StoredTensor::Values(v) => v,
+            StoredTensor::Nf4(q) => {
+                let v = crate::nf4::dequantize(&q)
+                    .map_err(|e| format_err(dir, format!("tensor {}: {e}", t.name())))?;
+                if let BaseTensor::Proj(l, p) = t {
+                    codes.set(l, p, q);
+                }
+                v
+            }
+        };
     }
     Ok((w, codes))
 }

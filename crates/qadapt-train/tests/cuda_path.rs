@@ -837,6 +837,122 @@ fn a_streamed_random_model_is_the_one_in_memory() {
     streamed_random_model_is_the_one_in_memory(CpuBackend::bf16, "cpu bf16");
 }
 
+/// `tests/data/tiny_llama` rewritten as three shards with a `model.safetensors.index.json`, the
+/// tensors spread in model order as transformers shards them.
+fn sharded_tiny_llama() -> tempfile::TempDir {
+    use safetensors::tensor::{Dtype, TensorView};
+    let src = data("tiny_llama");
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let cfg = LlamaDir::open(&src).unwrap().config;
+    let names: Vec<String> = qadapt_train::weights::layout(&cfg)
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(src.join("config.json"), dir.path().join("config.json")).unwrap();
+    let per = names.len().div_ceil(3);
+    let mut map = serde_json::Map::new();
+    for (i, chunk) in names.chunks(per).enumerate() {
+        let file = format!("model-{:05}-of-00003.safetensors", i + 1);
+        let views: Vec<(String, TensorView<'_>)> = chunk
+            .iter()
+            .map(|n| {
+                let t = st.tensor(n).unwrap();
+                assert!(matches!(t.dtype(), Dtype::BF16 | Dtype::F32));
+                (
+                    n.clone(),
+                    TensorView::new(t.dtype(), t.shape().to_vec(), t.data()).unwrap(),
+                )
+            })
+            .collect();
+        safetensors::serialize_to_file(views, None, &dir.path().join(&file)).unwrap();
+        for n in chunk {
+            map.insert(n.clone(), serde_json::Value::String(file.clone()));
+        }
+    }
+    let index = serde_json::json!({ "metadata": {}, "weight_map": map });
+    std::fs::write(
+        dir.path().join("model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
+    dir
+}
+
+/// A checkpoint streamed to the backend tensor by tensor ([`LoraModel::from_checkpoint`], one
+/// shard in memory at a time, projections quantized by the backend) gives the step of the same
+/// checkpoint loaded whole ([`LlamaDir`]) and handed over with host-made codes, bit for bit:
+/// single-file and sharded (each shard read once), dense and NF4, and a bitsandbytes checkpoint
+/// on its own codes.
+fn streamed_checkpoint_is_the_loaded_one<B: Backend>(be: impl Fn() -> B, what: &str) {
+    let b = pattern_batch();
+    let run = |mut lm: LoraModel<B>| {
+        let loss = lm.accumulate(&b).unwrap();
+        (loss.to_bits(), lm.grads().unwrap())
+    };
+    let sharded = sharded_tiny_llama();
+    let mut ck = qadapt_train::weights::Checkpoint::open(sharded.path()).unwrap();
+    for t in qadapt_train::weights::BaseTensor::all(&ck.config) {
+        ck.tensor(t).unwrap();
+    }
+    assert_eq!(ck.shard_reads(), 3, "{what}: each shard once");
+    for (dir, fixture) in [
+        (data("tiny_llama"), "tiny_llama"),
+        (sharded.path().to_owned(), "sharded tiny_llama"),
+        (data("tiny_llama_nf4"), "bitsandbytes tiny_llama_nf4"),
+    ] {
+        let tag = format!("{what}, {fixture}");
+        let loaded = LlamaDir::open(&dir).unwrap();
+        let mut m = loaded.model().unwrap();
+        let a = all_targets(&m, 7);
+        let dense = run(LoraModel::from_checkpoint(
+            be(),
+            &dir,
+            BaseFormat::Dense,
+            &a,
+            MomentPlacement::Device,
+        )
+        .unwrap());
+        let whole =
+            run(LoraModel::new(be(), &m, BaseFormat::Dense, &a, MomentPlacement::Device).unwrap());
+        assert_eq!(dense.0, whole.0, "{tag}: dense loss");
+        assert!(dense.1 == whole.1, "{tag}: dense gradients differ");
+        let streamed = run(LoraModel::from_checkpoint(
+            be(),
+            &dir,
+            BaseFormat::QuantizeNf4,
+            &a,
+            MomentPlacement::Paged,
+        )
+        .unwrap());
+        let codes = quantize_projections(&mut m.weights, &loaded.config, &loaded.nf4).unwrap();
+        let host = run(LoraModel::new(
+            be(),
+            &m,
+            BaseFormat::Nf4(&codes),
+            &a,
+            MomentPlacement::Paged,
+        )
+        .unwrap());
+        assert_eq!(streamed.0, host.0, "{tag}: NF4 loss");
+        assert!(streamed.1 == host.1, "{tag}: NF4 gradients differ");
+    }
+    let e = LoraModel::from_checkpoint(
+        be(),
+        &data("tiny_llama_lora"),
+        BaseFormat::Dense,
+        &all_targets(&fixture(), 7),
+        MomentPlacement::Device,
+    );
+    assert!(e.is_err(), "{what}: an adapter directory is no checkpoint");
+}
+
+#[test]
+fn a_streamed_checkpoint_is_the_loaded_one() {
+    streamed_checkpoint_is_the_loaded_one(CpuBackend::bf16, "cpu bf16");
+}
+
 /// A backend on device 0; the device (context, stream, loaded kernels) is opened once per test
 /// binary and shared by every backend.
 fn cuda() -> CudaBackend {
@@ -897,6 +1013,12 @@ fn cuda_layer_checkpointing_gives_the_same_step_bit_for_bit() {
 #[ignore = "needs a CUDA device"]
 fn cuda_a_streamed_random_model_quantized_on_the_device_is_the_one_in_memory() {
     streamed_random_model_is_the_one_in_memory(cuda, "cuda");
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn cuda_a_streamed_checkpoint_quantized_on_the_device_is_the_loaded_one() {
+    streamed_checkpoint_is_the_loaded_one(cuda, "cuda");
 }
 
 /// On the device the chunks change only which rows each cuBLAS call gets: within bf16 tolerance

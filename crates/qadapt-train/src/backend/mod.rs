@@ -32,7 +32,7 @@ mod cpu;
 mod model;
 
 pub use cpu::{CpuBackend, CpuProj, Precision};
-pub use model::{BaseFormat, Checkpointing, LoraModel};
+pub use model::{BaseData, BaseFormat, Checkpointing, LoraModel};
 
 use half::bf16;
 use qadapt::Result;

@@ -49,8 +49,9 @@ use crate::lora::{DropoutKey, LoraAdapter, LoraPair, dropout_base};
 use crate::model::Llama;
 use crate::nf4::Nf4Projections;
 use crate::train::{Batch, StepStats};
-use crate::weights::{BaseTensor, Proj, random_tensor};
+use crate::weights::{BaseTensor, Checkpoint, Proj, StoredTensor, random_tensor};
 use crate::{invalid, shape_err};
+use qadapt::nf4::Nf4Tensor;
 
 /// How the frozen projection weights are held.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -65,6 +66,33 @@ pub enum BaseFormat<'a> {
     /// where it keeps the weights (on a GPU, on the device): QLoRA of a model streamed tensor by
     /// tensor ([`LoraModel::from_tensors`]).
     QuantizeNf4,
+}
+
+/// A frozen tensor as a source hands it to [`LoraModel::from_tensors`].
+#[derive(Debug)]
+pub enum BaseData<'s> {
+    /// Values (borrowed from a model in memory, or owned).
+    Values(Cow<'s, [f32]>),
+    /// NF4 codes as a bitsandbytes checkpoint stores a projection: kept as they are under
+    /// [`BaseFormat::QuantizeNf4`], dequantized under [`BaseFormat::Dense`].
+    Nf4(Nf4Tensor),
+}
+
+impl<'s> BaseData<'s> {
+    fn len(&self) -> usize {
+        match self {
+            BaseData::Values(v) => v.len(),
+            BaseData::Nf4(q) => q.numel(),
+        }
+    }
+
+    /// The values (4-bit codes dequantized).
+    fn into_values(self) -> Result<Cow<'s, [f32]>> {
+        match self {
+            BaseData::Values(v) => Ok(v),
+            BaseData::Nf4(q) => Ok(Cow::Owned(crate::nf4::dequantize(&q)?)),
+        }
+    }
 }
 
 struct Layer<B: Backend> {
@@ -201,8 +229,8 @@ impl<B: Backend> LoraModel<B> {
         placement: MomentPlacement,
     ) -> Result<Self> {
         let w = &model.weights;
-        let mut tensor = |t: BaseTensor| -> Result<Cow<'_, [f32]>> {
-            Ok(Cow::Borrowed(match t {
+        let mut tensor = |t: BaseTensor| -> Result<BaseData<'_>> {
+            Ok(BaseData::Values(Cow::Borrowed(match t {
                 BaseTensor::Embed => &w.embed_tokens,
                 BaseTensor::Head => w
                     .lm_head
@@ -212,7 +240,7 @@ impl<B: Backend> LoraModel<B> {
                 BaseTensor::InputNorm(l) => &w.layers[l].input_layernorm,
                 BaseTensor::PostNorm(l) => &w.layers[l].post_attention_layernorm,
                 BaseTensor::Proj(l, p) => w.layers[l].proj(p),
-            }))
+            })))
         };
         Self::from_tensors(
             backend,
@@ -242,8 +270,38 @@ impl<B: Backend> LoraModel<B> {
                 "a random model has no NF4 codes: use BaseFormat::QuantizeNf4",
             ));
         }
-        let mut tensor = |t| Ok(Cow::Owned(random_tensor(config, seed, t)));
+        let mut tensor = |t| Ok(BaseData::Values(Cow::Owned(random_tensor(config, seed, t))));
         Self::from_tensors(backend, config, &mut tensor, base, adapter, placement)
+    }
+
+    /// The model of the HF checkpoint `dir` streamed to `backend` one tensor at a time
+    /// ([`Checkpoint`]: one shard in host memory at a time, one tensor widened to f32): with
+    /// [`BaseFormat::QuantizeNf4`] each projection is quantized where the backend keeps it (a
+    /// bitsandbytes 4-bit checkpoint's codes are kept as stored), so a model larger than the
+    /// host's or the device's memory in f32 or bf16 can be trained with QLoRA. `base` must not be
+    /// [`BaseFormat::Nf4`].
+    pub fn from_checkpoint(
+        backend: B,
+        dir: &Path,
+        base: BaseFormat<'_>,
+        adapter: &LoraAdapter<f32>,
+        placement: MomentPlacement,
+    ) -> Result<Self> {
+        if let BaseFormat::Nf4(_) = base {
+            return Err(invalid(
+                "lora model from a checkpoint",
+                "codes come from the checkpoint: use BaseFormat::QuantizeNf4",
+            ));
+        }
+        let mut ck = Checkpoint::open(dir)?;
+        let config = ck.config.clone();
+        let mut tensor = |t| {
+            Ok(match ck.tensor(t)? {
+                StoredTensor::Values(v) => BaseData::Values(Cow::Owned(v)),
+                StoredTensor::Nf4(q) => BaseData::Nf4(q),
+            })
+        };
+        Self::from_tensors(backend, &config, &mut tensor, base, adapter, placement)
     }
 
     /// [`Self::new`] from a source of tensors rather than a model in memory: `tensor` is asked
@@ -257,7 +315,7 @@ impl<B: Backend> LoraModel<B> {
     pub fn from_tensors<'s>(
         backend: B,
         config: &LlamaConfig,
-        tensor: &mut dyn FnMut(BaseTensor) -> Result<Cow<'s, [f32]>>,
+        tensor: &mut dyn FnMut(BaseTensor) -> Result<BaseData<'s>>,
         base: BaseFormat<'_>,
         adapter: &LoraAdapter<f32>,
         placement: MomentPlacement,
@@ -274,7 +332,7 @@ impl<B: Backend> LoraModel<B> {
                 "an adapter for another model",
             ));
         }
-        let mut fetch = |t: BaseTensor| -> Result<Cow<'s, [f32]>> {
+        let mut fetch = |t: BaseTensor| -> Result<BaseData<'s>> {
             let v = tensor(t)?;
             if v.len() != t.len(c) {
                 return Err(shape_err(
@@ -285,14 +343,15 @@ impl<B: Backend> LoraModel<B> {
             }
             Ok(v)
         };
-        let embed = backend.upload(&fetch(BaseTensor::Embed)?)?;
+        // Norms, embedding and head go as values (a 4-bit one dequantized).
+        let embed = backend.upload(&fetch(BaseTensor::Embed)?.into_values()?)?;
         let scale = adapter.config.scaling() as f32;
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         let mut trainable = Vec::new();
         let mut slot = vec![vec![None; Proj::ALL.len()]; c.num_hidden_layers];
         for (l, slot_l) in slot.iter_mut().enumerate() {
-            let input_norm = backend.upload(&fetch(BaseTensor::InputNorm(l))?)?;
-            let post_norm = backend.upload(&fetch(BaseTensor::PostNorm(l))?)?;
+            let input_norm = backend.upload(&fetch(BaseTensor::InputNorm(l))?.into_values()?)?;
+            let post_norm = backend.upload(&fetch(BaseTensor::PostNorm(l))?.into_values()?)?;
             let mut projs = Vec::with_capacity(Proj::ALL.len());
             for p in Proj::ALL {
                 let (inp, out) = p.dims(c);
@@ -312,13 +371,18 @@ impl<B: Backend> LoraModel<B> {
                     b: &pr.b,
                     scale,
                 });
-                let values = match base {
+                let data = match base {
                     BaseFormat::Nf4(_) => None,
-                    _ => Some(fetch(BaseTensor::Proj(l, p))?),
+                    BaseFormat::Dense => Some(BaseData::Values(
+                        fetch(BaseTensor::Proj(l, p))?.into_values()?,
+                    )),
+                    BaseFormat::QuantizeNf4 => Some(fetch(BaseTensor::Proj(l, p))?),
                 };
-                let base_ref = match (base, &values) {
-                    (BaseFormat::Dense, Some(w)) => BaseRef::Dense(w),
-                    (BaseFormat::QuantizeNf4, Some(w)) => BaseRef::QuantizeNf4(w),
+                let base_ref = match (base, &data) {
+                    (BaseFormat::Dense, Some(BaseData::Values(w))) => BaseRef::Dense(w),
+                    (BaseFormat::QuantizeNf4, Some(BaseData::Values(w))) => BaseRef::QuantizeNf4(w),
+                    // A checkpoint's own codes stay as they are.
+                    (BaseFormat::QuantizeNf4, Some(BaseData::Nf4(q))) => BaseRef::Nf4(q),
                     (BaseFormat::Nf4(codes), _) => match codes.get(l, p) {
                         Some(q) if q.shape == [out, inp] => BaseRef::Nf4(q),
                         q => {
@@ -329,10 +393,10 @@ impl<B: Backend> LoraModel<B> {
                             ));
                         }
                     },
-                    (_, None) => unreachable!("values are fetched for every other format"),
+                    _ => unreachable!("values are fetched for every other format"),
                 };
                 projs.push(backend.proj(out, inp, base_ref, lora)?);
-                drop(values);
+                drop(data);
                 if let Some(pr) = pair {
                     slot_l[p.index()] = Some(trainable.len());
                     trainable.push(Trainable {
@@ -356,11 +420,11 @@ impl<B: Backend> LoraModel<B> {
         if trainable.is_empty() {
             return Err(invalid(OP, "the adapter targets no projection"));
         }
-        let norm = backend.upload(&fetch(BaseTensor::FinalNorm)?)?;
+        let norm = backend.upload(&fetch(BaseTensor::FinalNorm)?.into_values()?)?;
         let head = if c.tie_word_embeddings {
             None
         } else {
-            Some(backend.upload(&fetch(BaseTensor::Head)?)?)
+            Some(backend.upload(&fetch(BaseTensor::Head)?.into_values()?)?)
         };
         Ok(LoraModel {
             embed,
