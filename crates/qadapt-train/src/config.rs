@@ -2,8 +2,14 @@
 //!
 //! Both spellings of the RoPE settings are read: transformers 5 writes
 //! `rope_parameters: {rope_type, rope_theta, factor, ...}`, older files have a top-level
-//! `rope_theta` and `rope_scaling: {rope_type | type, factor, ...}`. Only the "default" and
-//! "llama3" rope types are supported; any other is refused rather than silently computed wrong.
+//! `rope_theta` and `rope_scaling: {rope_type | type, factor, ...}`. The "default", "linear" and
+//! "llama3" rope types are supported (Llama 2, its position-interpolated variants, Llama 3, 3.1,
+//! 3.2); any other is refused rather than silently computed wrong.
+//!
+//! Mistral configs (`MistralForCausalLM`, `model_type: "mistral"`) are Llama in all but name,
+//! except for `sliding_window`: each query attends to at most that many keys. Up to the window
+//! that is plain causal attention, so a finite window caps `max_position_embeddings` (longer
+//! sequences are refused, never computed with the wrong attention).
 
 use std::path::Path;
 
@@ -68,6 +74,9 @@ struct Raw {
     attention_bias: bool,
     #[serde(default)]
     mlp_bias: bool,
+    /// Mistral's attention window (`null` or absent: none).
+    #[serde(default)]
+    sliding_window: Option<usize>,
 }
 
 impl LlamaConfig {
@@ -83,16 +92,20 @@ impl LlamaConfig {
     /// Parses the text of a `config.json`; `path` only names the file in errors.
     pub fn from_json(text: &str, path: &Path) -> Result<Self> {
         let raw: Raw = serde_json::from_str(text).map_err(|e| format_err(path, e))?;
-        let is_llama = raw
-            .architectures
-            .as_ref()
-            .is_some_and(|a| a.iter().any(|s| s == "LlamaForCausalLM"))
-            || raw.model_type.as_deref() == Some("llama");
+        let arch = |name: &str| {
+            raw.architectures
+                .as_ref()
+                .is_some_and(|a| a.iter().any(|s| s == name))
+        };
+        let is_mistral = arch("MistralForCausalLM") || raw.model_type.as_deref() == Some("mistral");
+        let is_llama =
+            arch("LlamaForCausalLM") || raw.model_type.as_deref() == Some("llama") || is_mistral;
         if !is_llama {
             return Err(format_err(
                 path,
                 format!(
-                    "not a Llama model: architectures {:?}, model_type {:?} (need LlamaForCausalLM or llama)",
+                    "not a Llama model: architectures {:?}, model_type {:?} (need LlamaForCausalLM, \
+                     MistralForCausalLM, llama or mistral)",
                     raw.architectures, raw.model_type
                 ),
             ));
@@ -164,7 +177,10 @@ impl LlamaConfig {
             rope_scaling,
             vocab_size: raw.vocab_size,
             tie_word_embeddings: raw.tie_word_embeddings,
-            max_position_embeddings: raw.max_position_embeddings,
+            max_position_embeddings: match raw.sliding_window {
+                Some(w) if is_mistral && w > 0 => raw.max_position_embeddings.min(w),
+                _ => raw.max_position_embeddings,
+            },
         };
         cfg.check_sizes().map_err(|e| format_err(path, e))?;
         Ok(cfg)
@@ -341,6 +357,12 @@ fn parse_rope(r: &Value, path: &Path) -> Result<RopeScaling> {
         .unwrap_or("default");
     match kind {
         "default" => Ok(RopeScaling::None),
+        "linear" => {
+            let factor = r.get("factor").and_then(Value::as_f64).ok_or_else(|| {
+                format_err(path, "linear rope scaling lacks the number \"factor\"")
+            })?;
+            Ok(RopeScaling::Linear { factor })
+        }
         "llama3" => {
             let field = |name: &str| {
                 r.get(name).and_then(Value::as_f64).ok_or_else(|| {
@@ -359,7 +381,7 @@ fn parse_rope(r: &Value, path: &Path) -> Result<RopeScaling> {
         }
         other => Err(format_err(
             path,
-            format!("rope_type {other:?} is not supported (default or llama3)"),
+            format!("rope_type {other:?} is not supported (default, linear or llama3)"),
         )),
     }
 }
@@ -374,6 +396,34 @@ mod tests {
 
     fn parse(extra: &str) -> Result<LlamaConfig> {
         LlamaConfig::from_json(&format!("{{{BASE}{extra}}}"), Path::new("dir/config.json"))
+    }
+
+    #[test]
+    fn linear_rope_and_mistral_configs() {
+        let lin =
+            parse(r#", "model_type": "llama", "rope_scaling": {"type": "linear", "factor": 4.0}"#)
+                .unwrap();
+        assert_eq!(lin.rope_scaling, RopeScaling::Linear { factor: 4.0 });
+        let base = qadapt::ops::rope::inv_freq(16, 10000.0, RopeScaling::None).unwrap();
+        let scaled = qadapt::ops::rope::inv_freq(16, 10000.0, lin.rope_scaling).unwrap();
+        for (b, s) in base.iter().zip(&scaled) {
+            assert_eq!(*s, b / 4.0);
+        }
+        assert!(parse(r#", "model_type": "llama", "rope_scaling": {"type": "linear"}"#).is_err());
+        assert!(qadapt::ops::rope::inv_freq(16, 1e4, RopeScaling::Linear { factor: 0.0 }).is_err());
+        // Mistral: a Llama; a finite window caps the context, null or a wider one does not.
+        let m =
+            parse(r#", "architectures": ["MistralForCausalLM"], "sliding_window": 100"#).unwrap();
+        assert_eq!(m.max_position_embeddings, 100);
+        let wide = parse(r#", "model_type": "mistral", "sliding_window": 4096"#).unwrap();
+        assert_eq!(wide.max_position_embeddings, 256);
+        let none = parse(r#", "model_type": "mistral", "sliding_window": null"#).unwrap();
+        assert_eq!(none.max_position_embeddings, 256);
+        // A Llama's sliding_window field means nothing (transformers ignores it there).
+        let llama = parse(r#", "model_type": "llama", "sliding_window": 100"#).unwrap();
+        assert_eq!(llama.max_position_embeddings, 256);
+        let e = parse(r#", "model_type": "gpt2""#).unwrap_err().to_string();
+        assert!(e.contains("MistralForCausalLM"), "{e}");
     }
 
     #[test]
@@ -423,8 +473,8 @@ mod tests {
 
     #[test]
     fn refusals_name_the_file() {
-        let e = parse(r#", "architectures": ["MistralForCausalLM"], "model_type": "mistral""#)
-            .unwrap_err();
+        let e =
+            parse(r#", "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2""#).unwrap_err();
         assert!(
             e.to_string()
                 .starts_with("dir/config.json: not a Llama model"),

@@ -27,6 +27,12 @@ use crate::error::{Result, invalid, shape_err};
 pub enum RopeScaling {
     /// Plain RoPE (`rope_type: "default"`).
     None,
+    /// Position interpolation (`rope_type: "linear"`, long-context Llama 2 variants): every
+    /// frequency divided by `factor`.
+    Linear {
+        /// The divisor.
+        factor: f64,
+    },
     /// Llama 3.x (`rope_type: "llama3"`).
     Llama3 {
         /// Divisor of the low frequencies.
@@ -67,6 +73,16 @@ pub fn inv_freq(head_dim: usize, theta: f64, scaling: RopeScaling) -> Result<Vec
         .collect();
     match scaling {
         RopeScaling::None => Ok(base),
+        RopeScaling::Linear { factor } => {
+            if factor.is_nan() || factor <= 0.0 {
+                return Err(invalid(
+                    OP,
+                    format!("linear scaling needs factor > 0, got {factor}"),
+                ));
+            }
+            // transformers divides its f32 inv_freq by the factor.
+            Ok(base.into_iter().map(|f| f / factor as f32).collect())
+        }
         RopeScaling::Llama3 {
             factor,
             low_freq_factor,
