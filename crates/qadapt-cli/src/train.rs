@@ -405,11 +405,15 @@ impl Observer for Console {
             step,
             loss,
             tokens_per_s,
+            device_peak_bytes,
             ..
         } = row
         {
             if let Some(bar) = &mut self.bar {
-                bar.set_message(format!("loss {loss:.4} {tokens_per_s:.0} tok/s"));
+                let memory = device_peak_bytes.map_or(String::new(), |b| {
+                    format!(", device peak {:.2} GB", b as f64 / 1e9)
+                });
+                bar.set_message(format!("loss {loss:.4} {tokens_per_s:.0} tok/s{memory}"));
                 bar.inc();
             }
             self.steps_done(*step);

@@ -344,6 +344,24 @@ fn cuda_training_follows_the_cpu_run_and_resumes() {
                 "{method} step {step}: cpu {c} vs cuda {g}"
             );
         }
+        // Each device step logs its memory high-water mark (at least the 3.5 MB of bf16 weights,
+        // or the NF4 codes plus the bf16 embedding and head); a CPU step logs none.
+        let peaks = |run: &str| -> Vec<Option<u64>> {
+            std::fs::read_to_string(tmp.path().join(run).join("log.jsonl"))
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+                .filter(|v| v.get("loss").is_some())
+                .map(|v| v.get("device_peak_bytes").and_then(|b| b.as_u64()))
+                .collect()
+        };
+        assert!(peaks(&format!("{method}-cpu")).iter().all(Option::is_none));
+        let gpu_peaks = peaks(&format!("{method}-cuda"));
+        assert_eq!(gpu_peaks.len(), 6);
+        assert!(
+            gpu_peaks.iter().all(|p| p.is_some_and(|b| b > 1_000_000)),
+            "{method}: {gpu_peaks:?}"
+        );
         // Layer checkpointing recomputes each layer in the backward: the same steps exactly.
         run(
             "cuda",

@@ -36,6 +36,9 @@ pub enum LogRow {
         tokens_per_s: f64,
         /// Training time of the whole run so far (resumed runs included).
         elapsed_s: f64,
+        /// On a device: the most device memory the step held at once
+        /// ([`qadapt::CudaDevice::memory_peak`]); `None` on the CPU.
+        device_peak_bytes: Option<u64>,
     },
     /// A held-out evaluation.
     Eval {
@@ -81,16 +84,23 @@ impl LogRow {
                 target_tokens,
                 tokens_per_s,
                 elapsed_s,
-            } => serde_json::json!({
-                "step": step,
-                "loss": loss,
-                "lr": lr,
-                "grad_norm": grad_norm,
-                "tokens": tokens,
-                "target_tokens": target_tokens,
-                "tokens_per_s": tokens_per_s,
-                "elapsed_s": elapsed_s,
-            }),
+                device_peak_bytes,
+            } => {
+                let mut row = serde_json::json!({
+                    "step": step,
+                    "loss": loss,
+                    "lr": lr,
+                    "grad_norm": grad_norm,
+                    "tokens": tokens,
+                    "target_tokens": target_tokens,
+                    "tokens_per_s": tokens_per_s,
+                    "elapsed_s": elapsed_s,
+                });
+                if let Some(b) = device_peak_bytes {
+                    row["device_peak_bytes"] = b.into();
+                }
+                row
+            }
             LogRow::Eval {
                 step,
                 eval_loss,

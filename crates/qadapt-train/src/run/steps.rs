@@ -658,6 +658,16 @@ impl Run {
             step_times.push(dt);
             self.ck.elapsed_s = elapsed0 + t_run.elapsed().as_secs_f64();
             last_loss = f64::from(st.loss);
+            // The step's device high-water mark, then a fresh mark for the next step.
+            let device_peak_bytes = match &self.gpu {
+                Some(g) => {
+                    let dev = g.backend().device();
+                    let peak = dev.memory_peak()?;
+                    dev.reset_memory_peak()?;
+                    peak
+                }
+                None => None,
+            };
             obs.log(&LogRow::Step {
                 step: self.ck.step,
                 loss: st.loss,
@@ -667,6 +677,7 @@ impl Run {
                 target_tokens: st.tokens,
                 tokens_per_s: seen as f64 / dt,
                 elapsed_s: self.ck.elapsed_s,
+                device_peak_bytes,
             })
             .map_err(observer)?;
             self.end_group(st.loss, obs)?;
