@@ -771,65 +771,51 @@ fn the_loss_in_row_chunks_equals_the_whole_logits() {
     loss_chunks_agree(CpuBackend::bf16, Base::Nf4, 1e-6, "bf16, nf4");
 }
 
-/// A random model streamed to the backend one tensor at a time ([`LoraModel::random`]; NF4
-/// quantized by the backend, on a GPU on the device) gives the same step as the same weights
-/// built in memory ([`LlamaWeights::random`]) and handed over whole (NF4 codes made on the host):
-/// losses and gradients equal bit for bit.
-fn streamed_random_model_is_the_one_in_memory<B: Backend>(be: impl Fn() -> B, what: &str) {
-    let cfg = flash_sized().config;
-    let mut m = Llama::new(cfg.clone(), LlamaWeights::random(&cfg, 5)).unwrap();
-    let a = all_targets(&m, 7);
+/// The step (loss and gradients, bit for bit) of a model streamed to the backend by `streamed`
+/// equals that of `m` handed over whole: dense, and NF4 against `stored` codes (those of a
+/// bitsandbytes checkpoint; none: quantized on the host). Returns the two losses' bits.
+fn streamed_equals_whole<B: Backend>(
+    be: &impl Fn() -> B,
+    streamed: impl Fn(B, BaseFormat<'_>, MomentPlacement) -> qadapt::Result<LoraModel<B>>,
+    m: &Llama<f32>,
+    stored: &Nf4Projections,
+    a: &LoraAdapter<f32>,
+    what: &str,
+) -> (u32, u32) {
     let b = pattern_batch();
     let run = |mut lm: LoraModel<B>| {
         let loss = lm.accumulate(&b).unwrap();
         (loss.to_bits(), lm.grads().unwrap())
     };
-    let dense = run(LoraModel::random(
-        be(),
-        &cfg,
-        5,
-        BaseFormat::Dense,
-        &a,
-        MomentPlacement::Device,
-    )
-    .unwrap());
-    let whole =
-        run(LoraModel::new(be(), &m, BaseFormat::Dense, &a, MomentPlacement::Device).unwrap());
+    let (device, paged) = (MomentPlacement::Device, MomentPlacement::Paged);
+    let dense = run(streamed(be(), BaseFormat::Dense, device).unwrap());
+    let whole = run(LoraModel::new(be(), m, BaseFormat::Dense, a, device).unwrap());
     assert_eq!(dense.0, whole.0, "{what}: dense loss");
     assert!(dense.1 == whole.1, "{what}: dense gradients differ");
-    let streamed = run(LoraModel::random(
-        be(),
-        &cfg,
-        5,
-        BaseFormat::QuantizeNf4,
-        &a,
-        MomentPlacement::Paged,
-    )
-    .unwrap());
+    let nf4 = run(streamed(be(), BaseFormat::QuantizeNf4, paged).unwrap());
+    let mut w = m.weights.clone();
+    let codes = quantize_projections(&mut w, &m.config, stored).unwrap();
+    let host = run(LoraModel::new(be(), m, BaseFormat::Nf4(&codes), a, paged).unwrap());
+    assert_eq!(nf4.0, host.0, "{what}: NF4 loss");
+    assert!(nf4.1 == host.1, "{what}: NF4 gradients differ");
+    // Codes come from the source: a caller's own are refused.
+    assert!(streamed(be(), BaseFormat::Nf4(&codes), device).is_err());
+    (dense.0, nf4.0)
+}
+
+/// A random model streamed to the backend one tensor at a time ([`LoraModel::random`]; NF4
+/// quantized by the backend, on a GPU on the device) gives the same step as the same weights
+/// built in memory ([`LlamaWeights::random`]) and handed over whole.
+fn streamed_random_model_is_the_one_in_memory<B: Backend>(be: impl Fn() -> B, what: &str) {
+    let cfg = flash_sized().config;
+    let m = Llama::new(cfg.clone(), LlamaWeights::random(&cfg, 5)).unwrap();
+    let a = all_targets(&m, 7);
     let none = Nf4Projections::none(cfg.num_hidden_layers);
-    let codes = quantize_projections(&mut m.weights, &cfg, &none).unwrap();
-    let host = run(LoraModel::new(
-        be(),
-        &m,
-        BaseFormat::Nf4(&codes),
-        &a,
-        MomentPlacement::Paged,
-    )
-    .unwrap());
-    assert_eq!(streamed.0, host.0, "{what}: NF4 loss");
-    assert!(streamed.1 == host.1, "{what}: NF4 gradients differ");
-    assert_ne!(streamed.0, dense.0, "{what}: NF4 should differ from dense");
-    assert!(
-        LoraModel::random(
-            be(),
-            &cfg,
-            5,
-            BaseFormat::Nf4(&codes),
-            &a,
-            MomentPlacement::Device
-        )
-        .is_err()
-    );
+    let make = |be: B, base: BaseFormat<'_>, placement: MomentPlacement| {
+        LoraModel::random(be, &cfg, 5, base, &a, placement)
+    };
+    let (dense, nf4) = streamed_equals_whole(&be, make, &m, &none, &a, what);
+    assert_ne!(dense, nf4, "{what}: NF4 should differ from dense");
 }
 
 #[test]
@@ -886,11 +872,6 @@ fn sharded_tiny_llama() -> tempfile::TempDir {
 /// single-file and sharded (each shard read once), dense and NF4, and a bitsandbytes checkpoint
 /// on its own codes.
 fn streamed_checkpoint_is_the_loaded_one<B: Backend>(be: impl Fn() -> B, what: &str) {
-    let b = pattern_batch();
-    let run = |mut lm: LoraModel<B>| {
-        let loss = lm.accumulate(&b).unwrap();
-        (loss.to_bits(), lm.grads().unwrap())
-    };
     let sharded = sharded_tiny_llama();
     let mut ck = qadapt_train::weights::Checkpoint::open(sharded.path()).unwrap();
     for t in qadapt_train::weights::BaseTensor::all(&ck.config) {
@@ -902,41 +883,20 @@ fn streamed_checkpoint_is_the_loaded_one<B: Backend>(be: impl Fn() -> B, what: &
         (sharded.path().to_owned(), "sharded tiny_llama"),
         (data("tiny_llama_nf4"), "bitsandbytes tiny_llama_nf4"),
     ] {
-        let tag = format!("{what}, {fixture}");
         let loaded = LlamaDir::open(&dir).unwrap();
-        let mut m = loaded.model().unwrap();
+        let m = loaded.model().unwrap();
         let a = all_targets(&m, 7);
-        let dense = run(LoraModel::from_checkpoint(
-            be(),
-            &dir,
-            BaseFormat::Dense,
-            &a,
-            MomentPlacement::Device,
-        )
-        .unwrap());
-        let whole =
-            run(LoraModel::new(be(), &m, BaseFormat::Dense, &a, MomentPlacement::Device).unwrap());
-        assert_eq!(dense.0, whole.0, "{tag}: dense loss");
-        assert!(dense.1 == whole.1, "{tag}: dense gradients differ");
-        let streamed = run(LoraModel::from_checkpoint(
-            be(),
-            &dir,
-            BaseFormat::QuantizeNf4,
-            &a,
-            MomentPlacement::Paged,
-        )
-        .unwrap());
-        let codes = quantize_projections(&mut m.weights, &loaded.config, &loaded.nf4).unwrap();
-        let host = run(LoraModel::new(
-            be(),
+        let make = |be: B, base: BaseFormat<'_>, placement: MomentPlacement| {
+            LoraModel::from_checkpoint(be, &dir, base, &a, placement)
+        };
+        streamed_equals_whole(
+            &be,
+            make,
             &m,
-            BaseFormat::Nf4(&codes),
+            &loaded.nf4,
             &a,
-            MomentPlacement::Paged,
-        )
-        .unwrap());
-        assert_eq!(streamed.0, host.0, "{tag}: NF4 loss");
-        assert!(streamed.1 == host.1, "{tag}: NF4 gradients differ");
+            &format!("{what}, {fixture}"),
+        );
     }
     let e = LoraModel::from_checkpoint(
         be(),

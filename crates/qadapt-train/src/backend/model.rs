@@ -264,12 +264,7 @@ impl<B: Backend> LoraModel<B> {
         adapter: &LoraAdapter<f32>,
         placement: MomentPlacement,
     ) -> Result<Self> {
-        if let BaseFormat::Nf4(_) = base {
-            return Err(invalid(
-                "random lora model",
-                "a random model has no NF4 codes: use BaseFormat::QuantizeNf4",
-            ));
-        }
+        no_given_codes(base, "a random lora model")?;
         let mut tensor = |t| Ok(BaseData::Values(Cow::Owned(random_tensor(config, seed, t))));
         Self::from_tensors(backend, config, &mut tensor, base, adapter, placement)
     }
@@ -287,12 +282,7 @@ impl<B: Backend> LoraModel<B> {
         adapter: &LoraAdapter<f32>,
         placement: MomentPlacement,
     ) -> Result<Self> {
-        if let BaseFormat::Nf4(_) = base {
-            return Err(invalid(
-                "lora model from a checkpoint",
-                "codes come from the checkpoint: use BaseFormat::QuantizeNf4",
-            ));
-        }
+        no_given_codes(base, "a lora model from a checkpoint")?;
         let mut ck = Checkpoint::open(dir)?;
         let config = ck.config.clone();
         let mut tensor = |t| {
@@ -1079,6 +1069,18 @@ impl<B: Backend> LayerBackRun for BackendBackRun<'_, B> {
         let (be, c, rope) = (self.be, self.config, &self.f.rope);
         be.rope_apply(rope, dq, c.num_attention_heads, RopeDirection::Backward)?;
         be.rope_apply(rope, dk, c.num_key_value_heads, RopeDirection::Backward)
+    }
+}
+
+/// Refuses [`BaseFormat::Nf4`] where the source makes its own codes (a random model, a
+/// checkpoint: [`BaseFormat::QuantizeNf4`] is the NF4 base there).
+fn no_given_codes(base: BaseFormat<'_>, op: &'static str) -> Result<()> {
+    match base {
+        BaseFormat::Nf4(_) => Err(invalid(
+            op,
+            "the codes come from the source: use BaseFormat::QuantizeNf4",
+        )),
+        _ => Ok(()),
     }
 }
 
