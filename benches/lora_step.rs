@@ -374,13 +374,14 @@ fn main() {
     let on = match &device {
         qadapt::Device::Cpu => {
             let model = model.as_mut().expect("a model in memory on the CPU");
+            let cpu_batch = qadapt_train::Batch::causal(ids.clone(), batch, seq).expect("batch");
             let mut trainer = Trainer::new(opt, None);
             let mut what = Trainable::Adapter(&mut adapter);
             trainable = what.num_params(model).expect("adapter fits the model");
             for i in 0..warmup + steps {
                 time(i, &mut || {
                     trainer
-                        .step(model, &mut what, &ids, batch, seq, lr)
+                        .step(model, &mut what, &cpu_batch, lr)
                         .expect("train step")
                 });
             }

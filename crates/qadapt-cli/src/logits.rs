@@ -116,7 +116,13 @@ pub(crate) fn run(a: &LogitsArgs) -> Result<()> {
         bail!("--grads needs --adapter (it writes the adapter's gradients)");
     }
     let grads = if a.grads { Grads::Adapter } else { Grads::None };
-    let ev = evaluate(&model, &ids, batch, seq, adapter.as_ref(), grads)?;
+    let ev = evaluate(
+        &model,
+        &qadapt_train::Batch::causal(ids.to_vec(), batch, seq)?,
+        adapter.as_ref(),
+        grads,
+        None,
+    )?;
     let mut tensors = vec![
         f32_tensor(
             "logits".into(),

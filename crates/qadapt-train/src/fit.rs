@@ -13,7 +13,7 @@ use crate::config::LlamaConfig;
 use crate::dataset::Sequence;
 use crate::invalid;
 use crate::model::Llama;
-use crate::peft::{Adapter, Grads, evaluate_targets};
+use crate::peft::{Adapter, Grads, evaluate};
 use crate::train::Batch;
 use crate::weights::{LlamaWeights, layout};
 use rand::seq::SliceRandom;
@@ -39,12 +39,7 @@ pub fn pack(seqs: &[&Sequence], pad: u32) -> Result<Batch> {
         ids.extend(std::iter::repeat_n(pad, seq - n));
         targets.extend((0..seq).map(|i| (i + 1 < n && s.mask[i + 1]).then(|| s.ids[i + 1])));
     }
-    Ok(Batch {
-        ids,
-        batch: seqs.len(),
-        seq,
-        targets,
-    })
+    Batch::new(ids, seqs.len(), seq, targets)
 }
 
 /// Epochs of seeded shuffles over `n` items, drawn `k` at a time; its position is two numbers,
@@ -152,15 +147,7 @@ pub fn heldout(
     for chunk in seqs.chunks(batch.max(1)) {
         let refs: Vec<&Sequence> = chunk.iter().collect();
         let b = pack(&refs, pad)?;
-        let ev = evaluate_targets(
-            model,
-            &b.ids,
-            b.batch,
-            b.seq,
-            &b.targets,
-            adapter,
-            Grads::None,
-        )?;
+        let ev = evaluate(model, &b, adapter, Grads::None, None)?;
         let n = b.num_targets();
         loss_sum += f64::from(ev.loss) * n as f64;
         tokens += n;

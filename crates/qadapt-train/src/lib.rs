@@ -20,7 +20,7 @@
 //!   a per-row-indexed [`LoraStack`]; `tests/generate.rs` checks every step against [`evaluate`]).
 //! - Training: [`Selection`] (full fine-tuning, top-k layers, one [`LayerGroup`]) and [`Trainer`]
 //!   (AdamW on the CPU, clipping) on any [`Trainable`]; `tests/training.rs` trains every method on
-//!   a small task. LoRA dropout applies in training mode only ([`evaluate_train`] with a
+//!   a small task. LoRA dropout applies in training mode only ([`evaluate`] with a
 //!   [`DropoutKey`]; `tests/lora_dropout.rs`). [`surgical`]: surgical fine-tuning, by layer group
 //!   chosen on validation loss or by Auto-RGN per-tensor rates (`tests/surgical.rs`).
 //! - [`layer`]: the decoder layer, defined once (forward and backward over the ops a runner
@@ -85,7 +85,7 @@ pub use ia3::{Ia3Adapter, Ia3Config};
 pub use lora::{DropoutKey, LoraAdapter, LoraConfig, LoraInit};
 pub use lora_set::LoraSet;
 pub use model::{Attached, BaseGrads, Forward, Gradients, Input, Llama, Options, causal_targets};
-pub use peft::{Adapter, Evaluation, Grads, evaluate, evaluate_targets, evaluate_train};
+pub use peft::{Adapter, Evaluation, Grads, evaluate};
 pub use prompt::{PrefixMlp, PrefixTuning, PromptInit, PromptTuning};
 pub use select::{LayerGroup, Selection};
 pub use train::{Batch, StepStats, Trainable, Trainer, loss_and_grads};

@@ -20,7 +20,8 @@ use qadapt::Result;
 use crate::lora::{self, LoraAdapter};
 use crate::merge::{Fold, fold};
 use crate::model::Llama;
-use crate::peft::{Adapter, Evaluation, Grads, evaluate, evaluate_targets};
+use crate::peft::{Adapter, Evaluation, Grads, evaluate};
+use crate::train::Batch;
 use crate::weights::Proj;
 use crate::{invalid, shape_err};
 
@@ -163,28 +164,9 @@ impl LoraSet {
         Ok(self.active_adapter())
     }
 
-    /// [`crate::peft::evaluate`] of the base with the active adapter (labels = ids).
-    pub fn evaluate(
-        &self,
-        ids: &[u32],
-        batch: usize,
-        seq: usize,
-        grads: Grads,
-    ) -> Result<Evaluation<f32>> {
-        evaluate(&self.model, ids, batch, seq, self.attached(grads)?, grads)
-    }
-
-    /// [`crate::peft::evaluate_targets`] of the base with the active adapter.
-    pub fn evaluate_targets(
-        &self,
-        ids: &[u32],
-        batch: usize,
-        seq: usize,
-        targets: &[Option<u32>],
-        grads: Grads,
-    ) -> Result<Evaluation<f32>> {
-        let a = self.attached(grads)?;
-        evaluate_targets(&self.model, ids, batch, seq, targets, a, grads)
+    /// [`crate::peft::evaluate`] of the base with the active adapter (evaluation mode).
+    pub fn evaluate(&self, b: &Batch, grads: Grads) -> Result<Evaluation<f32>> {
+        evaluate(&self.model, b, self.attached(grads)?, grads, None)
     }
 
     /// Folds the active adapter into the base weights (a no-op when it already is).

@@ -8,10 +8,9 @@
 //! `P + T` positions per sequence. Gradients come back as an [`Adapter`] of the same shapes, so
 //! [`Adapter::named`] gives them under the adapter's PEFT keys.
 //!
-//! [`evaluate`] and [`evaluate_targets`] run PEFT's eval mode. [`evaluate_train`] runs a training
-//! step's forward: the same, except that LoRA applies its `lora_dropout` with the masks of a
-//! [`DropoutKey`] (the other methods have no dropout in PEFT's forward; (IA)³ and prompt/prefix
-//! tuning have none at all).
+//! [`evaluate`] runs PEFT's eval mode, or with a [`DropoutKey`] a training step's forward: the
+//! same, except that LoRA applies its `lora_dropout` with that key's masks (the other methods have
+//! no dropout in PEFT's forward; (IA)³ and prompt/prefix tuning have none at all).
 
 use std::path::Path;
 
@@ -23,9 +22,10 @@ use crate::config::LlamaConfig;
 use crate::houlsby::{self, HoulsbyAdapter};
 use crate::ia3::{self, Ia3Adapter};
 use crate::lora::{self, DropoutKey, LoraAdapter};
-use crate::model::{Attached, BaseGrads, Input, Llama, Options, causal_targets};
+use crate::model::{Attached, BaseGrads, Input, Llama, Options};
 use crate::peft_io::read_json;
 use crate::prompt::{self, PrefixMlp, PrefixTuning, PromptTuning, prompt_targets};
+use crate::train::Batch;
 use crate::{format_err, invalid};
 
 /// One adapter of any supported method.
@@ -186,78 +186,29 @@ pub struct Evaluation<T> {
     pub base_grads: Option<crate::LlamaWeights<T>>,
 }
 
-/// Forward (and backward) of `model` with `adapter` on ids `[batch, seq]`, labels = ids (the
-/// loss PEFT and transformers compute for `labels=input_ids`).
+/// Forward (and, as `grads` asks, backward) of `model` with `adapter` on the micro-batch `b`:
+/// the logits, the mean cross-entropy over `b.targets` and the gradients. With a `dropout` key
+/// (training mode) a LoRA adapter applies its dropout with that key's masks; `None` is PEFT's
+/// evaluation mode.
+///
+/// Prompt tuning runs its virtual tokens before each row, which get no target, except that with
+/// labels = input ids ([`Batch::causal`], [`Batch::labels_are_ids`]) the last virtual position
+/// predicts the first token, as PEFT computes `labels=input_ids`.
 pub fn evaluate<T: Real>(
     model: &Llama<T>,
-    ids: &[u32],
-    batch: usize,
-    seq: usize,
-    adapter: Option<&Adapter<T>>,
-    grads: Grads,
-) -> Result<Evaluation<T>> {
-    evaluate_inner(model, ids, batch, seq, None, adapter, grads, None)
-}
-
-/// [`evaluate`] with explicit next-token targets `[batch, seq]` for the real tokens
-/// (`targets[b, i]` is what position i must predict; `None` is not trained, e.g. prompt tokens
-/// and padding). Prompt tuning's virtual positions get no target.
-pub fn evaluate_targets<T: Real>(
-    model: &Llama<T>,
-    ids: &[u32],
-    batch: usize,
-    seq: usize,
-    targets: &[Option<u32>],
-    adapter: Option<&Adapter<T>>,
-    grads: Grads,
-) -> Result<Evaluation<T>> {
-    evaluate_train(model, ids, batch, seq, targets, adapter, grads, None)
-}
-
-/// [`evaluate_targets`] in training mode: with `Some(key)`, a LoRA adapter applies its dropout
-/// with the masks of `key` (give each micro-batch of each step its own key); with `None` this is
-/// [`evaluate_targets`]. Everything else is as in evaluation.
-#[allow(clippy::too_many_arguments)]
-pub fn evaluate_train<T: Real>(
-    model: &Llama<T>,
-    ids: &[u32],
-    batch: usize,
-    seq: usize,
-    targets: &[Option<u32>],
+    b: &Batch,
     adapter: Option<&Adapter<T>>,
     grads: Grads,
     dropout: Option<DropoutKey>,
 ) -> Result<Evaluation<T>> {
-    if targets.len() != batch * seq {
+    let (ids, batch, seq) = (&b.ids[..], b.batch, b.seq);
+    if b.targets.len() != batch * seq || ids.len() != batch * seq {
         return Err(crate::shape_err(
             "evaluate",
-            format!("{batch} x {seq} targets"),
-            targets.len(),
+            format!("{batch} x {seq} ids and targets"),
+            format!("{} ids, {} targets", ids.len(), b.targets.len()),
         ));
     }
-    evaluate_inner(
-        model,
-        ids,
-        batch,
-        seq,
-        Some(targets),
-        adapter,
-        grads,
-        dropout,
-    )
-}
-
-#[allow(clippy::too_many_arguments)]
-fn evaluate_inner<T: Real>(
-    model: &Llama<T>,
-    ids: &[u32],
-    batch: usize,
-    seq: usize,
-    given: Option<&[Option<u32>]>,
-    adapter: Option<&Adapter<T>>,
-    grads: Grads,
-    dropout: Option<DropoutKey>,
-) -> Result<Evaluation<T>> {
     let cfg = &model.config;
     let base = match grads {
         Grads::All => BaseGrads::Compute,
@@ -284,12 +235,13 @@ fn evaluate_inner<T: Real>(
             opts
         };
         let f = model.forward(Input::embeds(x, batch, p + seq), opts)?;
-        let targets = match given {
-            None => prompt_targets(ids, batch, seq, p),
-            Some(t) => t
+        let targets = if b.labels_are_ids {
+            prompt_targets(ids, batch, seq, p)
+        } else {
+            b.targets
                 .chunks_exact(seq)
                 .flat_map(|row| std::iter::repeat_n(None, p).chain(row.iter().copied()))
-                .collect(),
+                .collect()
         };
         let loss = cross_entropy::forward(&f.logits, &targets, cfg.vocab_size)?;
         let (adapter_grads, base_grads) = if grads == Grads::None {
@@ -347,15 +299,12 @@ fn evaluate_inner<T: Real>(
         keep_activations: grads != Grads::None,
     };
     let f = model.forward(Input::ids(ids, batch, seq), opts)?;
-    let targets = match given {
-        None => causal_targets(ids, batch, seq)?,
-        Some(t) => t.to_vec(),
-    };
-    let loss = cross_entropy::forward(&f.logits, &targets, cfg.vocab_size)?;
+    let targets = &b.targets;
+    let loss = cross_entropy::forward(&f.logits, targets, cfg.vocab_size)?;
     let (adapter_grads, base_grads) = if grads == Grads::None {
         (None, None)
     } else {
-        let g = model.backward(&f, &targets, opts)?;
+        let g = model.backward(&f, targets, opts)?;
         let ag = match adapter {
             None => None,
             Some(Adapter::Lora(_)) => g.lora.map(Adapter::Lora),

@@ -28,7 +28,7 @@ use qadapt::optim::{AdamW, CosineSchedule, sum_squares_cpu};
 
 use crate::invalid;
 use crate::model::Llama;
-use crate::peft::{Grads, evaluate_targets};
+use crate::peft::{Grads, evaluate};
 use crate::select::{LayerGroup, Selection};
 use crate::train::{Batch, Trainable, Trainer, loss_and_grads};
 
@@ -110,7 +110,7 @@ pub fn validation_loss(model: &Llama<f32>, batches: &[Batch]) -> Result<f32> {
         if n == 0 {
             continue;
         }
-        let ev = evaluate_targets(model, &b.ids, b.batch, b.seq, &b.targets, None, Grads::None)?;
+        let ev = evaluate(model, b, None, Grads::None, None)?;
         sum += f64::from(ev.loss) * n as f64;
         tokens += n;
     }

@@ -1,5 +1,5 @@
 //! Optimizer steps of any method on the CPU: the loss and gradients from
-//! [`crate::peft::evaluate_targets`], gradient accumulation over micro-batches, optional clipping
+//! [`crate::peft::evaluate`], gradient accumulation over micro-batches, optional clipping
 //! by global norm (torch's `clip_grad_norm_`), and [`qadapt::optim::adamw_cpu`] on exactly the
 //! trainable tensors, with AdamW moments kept per tensor. What trains:
 //! - [`Trainable::Adapter`]: every tensor of the adapter; the base is frozen (its gradients are
@@ -21,7 +21,7 @@ use qadapt::optim::{AdamW, adamw_cpu, clip_coefficient, sum_squares_cpu};
 
 use crate::lora::DropoutKey;
 use crate::model::{Llama, causal_targets};
-use crate::peft::{Adapter, Grads, evaluate_targets, evaluate_train};
+use crate::peft::{Adapter, Grads, evaluate};
 use crate::select::Selection;
 use crate::{invalid, shape_err};
 
@@ -112,6 +112,10 @@ pub struct Batch {
     /// `targets[b, i]`: the token position i must predict, `None` where no loss is taken
     /// (prompt tokens, padding, the last position).
     pub targets: Vec<Option<u32>>,
+    /// Whether the labels are the ids themselves ([`Batch::causal`]): then the first token is a
+    /// label too, which only prompt tuning's last virtual position can predict
+    /// ([`crate::peft::evaluate`]).
+    pub labels_are_ids: bool,
 }
 
 impl Batch {
@@ -123,6 +127,31 @@ impl Batch {
             batch,
             seq,
             targets,
+            labels_are_ids: true,
+        })
+    }
+
+    /// Ids `[batch, seq]` with explicit next-token targets (`targets[b, i]` is what position i
+    /// must predict; `None`: no loss there, e.g. prompt tokens and padding).
+    pub fn new(
+        ids: Vec<u32>,
+        batch: usize,
+        seq: usize,
+        targets: Vec<Option<u32>>,
+    ) -> Result<Batch> {
+        if ids.len() != batch * seq || targets.len() != ids.len() {
+            return Err(crate::shape_err(
+                "batch",
+                format!("{batch} x {seq} ids and targets"),
+                format!("{} ids, {} targets", ids.len(), targets.len()),
+            ));
+        }
+        Ok(Batch {
+            ids,
+            batch,
+            seq,
+            targets,
+            labels_are_ids: false,
         })
     }
 
@@ -144,16 +173,7 @@ pub fn loss_and_grads(
 ) -> Result<(f32, Vec<Vec<f32>>)> {
     match what {
         Trainable::Adapter(a) => {
-            let ev = evaluate_train(
-                model,
-                &b.ids,
-                b.batch,
-                b.seq,
-                &b.targets,
-                Some(&**a),
-                Grads::Adapter,
-                dropout,
-            )?;
+            let ev = evaluate(model, b, Some(&**a), Grads::Adapter, dropout)?;
             let g = ev
                 .adapter_grads
                 .ok_or_else(|| invalid("train step", "no adapter gradients"))?;
@@ -166,7 +186,7 @@ pub fn loss_and_grads(
         }
         Trainable::Base(sel) => {
             let mask = sel.mask(&model.config)?;
-            let ev = evaluate_targets(model, &b.ids, b.batch, b.seq, &b.targets, None, Grads::All)?;
+            let ev = evaluate(model, b, None, Grads::All, None)?;
             let g = ev
                 .base_grads
                 .ok_or_else(|| invalid("train step", "no base gradients"))?;
@@ -374,20 +394,16 @@ impl Trainer {
         Ok(stats)
     }
 
-    /// One step on ids `[batch, seq]` at learning rate `lr`, every next real token a target
-    /// ([`Batch::causal`]; prompt tuning's virtual positions carry none); returns the loss before
-    /// the update.
+    /// One step on the micro-batch `b` at learning rate `lr` (one [`Self::accumulate`], one
+    /// [`Self::apply`]); returns the loss before the update.
     pub fn step(
         &mut self,
         model: &mut Llama<f32>,
         what: &mut Trainable<'_>,
-        ids: &[u32],
-        batch: usize,
-        seq: usize,
+        b: &Batch,
         lr: f32,
     ) -> Result<f32> {
-        let b = Batch::causal(ids.to_vec(), batch, seq)?;
-        self.accumulate(model, what, &b)?;
+        self.accumulate(model, what, b)?;
         Ok(self.apply(model, what, lr, None)?.loss)
     }
 }

@@ -77,7 +77,14 @@ fn houlsby(m: &Llama<f32>) -> Adapter<f32> {
 
 /// The last position's logits of a full forward on `ids`.
 fn full_last(m: &Llama<f32>, ids: &[u32], a: Option<&Adapter<f32>>) -> Vec<f32> {
-    let ev = evaluate(m, ids, 1, ids.len(), a, Grads::None).unwrap();
+    let ev = evaluate(
+        m,
+        &qadapt_train::Batch::causal(ids.to_vec(), 1, ids.len()).unwrap(),
+        a,
+        Grads::None,
+        None,
+    )
+    .unwrap();
     let v = m.config.vocab_size;
     ev.logits[(ev.positions - 1) * v..ev.positions * v].to_vec()
 }

@@ -10,8 +10,8 @@
 use qadapt::ops::rope::RopeScaling;
 use qadapt_train::lora::dropout_mask;
 use qadapt_train::{
-    Adapter, Attached, BaseGrads, DropoutKey, Evaluation, Grads, Llama, LoraAdapter, LoraConfig,
-    LoraInit, Proj, causal_targets, evaluate_targets, evaluate_train,
+    Adapter, Attached, BaseGrads, Batch, DropoutKey, Evaluation, Grads, Llama, LoraAdapter,
+    LoraConfig, LoraInit, Proj, causal_targets, evaluate,
 };
 use qadapt_train::{Input, Options};
 
@@ -52,11 +52,13 @@ fn targets() -> Vec<Option<u32>> {
 }
 
 fn train(m: &Llama<f64>, a: &Adapter<f64>, key: DropoutKey, grads: Grads) -> Evaluation<f64> {
-    evaluate_train(m, &IDS, 2, 5, &targets(), Some(a), grads, Some(key)).unwrap()
+    let b = Batch::new(IDS.to_vec(), 2, 5, targets()).unwrap();
+    evaluate(m, &b, Some(a), grads, Some(key)).unwrap()
 }
 
 fn eval(m: &Llama<f64>, a: &Adapter<f64>, grads: Grads) -> Evaluation<f64> {
-    evaluate_targets(m, &IDS, 2, 5, &targets(), Some(a), grads).unwrap()
+    let b = Batch::new(IDS.to_vec(), 2, 5, targets()).unwrap();
+    evaluate(m, &b, Some(a), grads, None).unwrap()
 }
 
 /// The adapter gradients' values (the gradient adapter also carries the config).

@@ -7,7 +7,7 @@ use crate::common::data;
 use qadapt::Error;
 use qadapt::optim::AdamW;
 use qadapt_train::{
-    Adapter, Evaluation, Grads, Llama, LlamaDir, LoraAdapter, LoraConfig, LoraInit, LoraSet,
+    Adapter, Batch, Evaluation, Grads, Llama, LlamaDir, LoraAdapter, LoraConfig, LoraInit, LoraSet,
     Trainable, Trainer, evaluate, lora,
 };
 
@@ -46,11 +46,19 @@ fn other_adapter(m: &Llama<f32>) -> LoraAdapter<f32> {
 }
 
 fn alone(m: &Llama<f32>, a: Option<LoraAdapter<f32>>, grads: Grads) -> Evaluation<f32> {
-    evaluate(m, &ids(), BATCH, SEQ, a.map(Adapter::Lora).as_ref(), grads).unwrap()
+    evaluate(
+        m,
+        &qadapt_train::Batch::causal(ids().to_vec(), BATCH, SEQ).unwrap(),
+        a.map(Adapter::Lora).as_ref(),
+        grads,
+        None,
+    )
+    .unwrap()
 }
 
 fn in_set(s: &LoraSet, grads: Grads) -> Evaluation<f32> {
-    s.evaluate(&ids(), BATCH, SEQ, grads).unwrap()
+    s.evaluate(&Batch::causal(ids(), BATCH, SEQ).unwrap(), grads)
+        .unwrap()
 }
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
@@ -164,7 +172,8 @@ fn merging_computes_base_plus_adapter_and_switching_unmerges() {
     // Merged weights round once to f32 (tests/merge.rs measures the same bound in f64).
     let got = in_set(&s, Grads::None).logits;
     assert!(max_diff(&got, &want) <= 1e-4 * scale);
-    assert!(s.evaluate(&ids(), BATCH, SEQ, Grads::Adapter).is_err());
+    let b = Batch::causal(ids(), BATCH, SEQ).unwrap();
+    assert!(s.evaluate(&b, Grads::Adapter).is_err());
     assert!(s.train_parts().is_err());
     // Switching unmerges: the base is back up to rounding.
     s.set_active(Some("other")).unwrap();
@@ -211,15 +220,9 @@ fn the_active_adapter_trains_in_place() {
     );
     for _ in 0..10 {
         let (model, adapter) = s.train_parts().unwrap();
-        t.step(
-            model,
-            &mut Trainable::Adapter(adapter),
-            &ids(),
-            BATCH,
-            SEQ,
-            1e-2,
-        )
-        .unwrap();
+        let b = Batch::causal(ids(), BATCH, SEQ).unwrap();
+        t.step(model, &mut Trainable::Adapter(adapter), &b, 1e-2)
+            .unwrap();
     }
     let after = in_set(&s, Grads::None).loss;
     assert!(after < before, "{before} -> {after}");

@@ -98,9 +98,15 @@ fn merged_ia3_equals_base_plus_adapter_and_unmerge_restores_the_base() {
         .collect();
     let base = dir.model().unwrap();
     let with = qadapt_train::Adapter::Ia3(adapter.clone());
-    let want = qadapt_train::evaluate(&base, &ids, 2, 11, Some(&with), qadapt_train::Grads::None)
-        .unwrap()
-        .logits;
+    let want = qadapt_train::evaluate(
+        &base,
+        &qadapt_train::Batch::causal(ids.to_vec(), 2, 11).unwrap(),
+        Some(&with),
+        qadapt_train::Grads::None,
+        None,
+    )
+    .unwrap()
+    .logits;
     let mut w = dir.weights.clone();
     fold_ia3(&adapter, &dir.config, &mut w, Fold::Merge).unwrap();
     let got = Llama::new(dir.config.clone(), w.clone())

@@ -44,7 +44,14 @@ fn check_all(name: &str, m: &Llama<f64>, a: &Adapter<f64>) {
             "{name}: {what}[{i}]: {g} vs {fd}"
         );
     };
-    let ev = evaluate(m, &IDS, 2, 5, Some(a), Grads::All).unwrap();
+    let ev = evaluate(
+        m,
+        &qadapt_train::Batch::causal(IDS.to_vec(), 2, 5).unwrap(),
+        Some(a),
+        Grads::All,
+        None,
+    )
+    .unwrap();
     let ga = ev.adapter_grads.unwrap();
     let gw = ev.base_grads.unwrap();
     // Adapter tensors.
@@ -59,9 +66,15 @@ fn check_all(name: &str, m: &Llama<f64>, a: &Adapter<f64>) {
             let orig = probe.tensors_mut()[ti][i];
             let mut at = |v: f64| {
                 probe.tensors_mut()[ti][i] = v;
-                evaluate(m, &IDS, 2, 5, Some(&probe), Grads::None)
-                    .unwrap()
-                    .loss
+                evaluate(
+                    m,
+                    &qadapt_train::Batch::causal(IDS.to_vec(), 2, 5).unwrap(),
+                    Some(&probe),
+                    Grads::None,
+                    None,
+                )
+                .unwrap()
+                .loss
             };
             let fd = (at(orig + H) - at(orig - H)) / (2.0 * H);
             at(orig);
@@ -80,9 +93,15 @@ fn check_all(name: &str, m: &Llama<f64>, a: &Adapter<f64>) {
             let orig = mp.weights.slots()[ti][i];
             let mut at = |v: f64| {
                 mp.weights.slots_mut()[ti][i] = v;
-                evaluate(&mp, &IDS, 2, 5, Some(a), Grads::None)
-                    .unwrap()
-                    .loss
+                evaluate(
+                    &mp,
+                    &qadapt_train::Batch::causal(IDS.to_vec(), 2, 5).unwrap(),
+                    Some(a),
+                    Grads::None,
+                    None,
+                )
+                .unwrap()
+                .loss
             };
             let fd = (at(orig + H) - at(orig - H)) / (2.0 * H);
             at(orig);
@@ -102,9 +121,23 @@ fn ia3_gradients_match_finite_differences() {
     };
     let a = Ia3Adapter::<f64>::new(&m.config, ic, true).unwrap();
     // PEFT's init (all ones) is the base model.
-    let base = evaluate(&m, &IDS, 2, 5, None, Grads::None).unwrap();
+    let base = evaluate(
+        &m,
+        &qadapt_train::Batch::causal(IDS.to_vec(), 2, 5).unwrap(),
+        None,
+        Grads::None,
+        None,
+    )
+    .unwrap();
     let mut a = Adapter::Ia3(a);
-    let same = evaluate(&m, &IDS, 2, 5, Some(&a), Grads::None).unwrap();
+    let same = evaluate(
+        &m,
+        &qadapt_train::Batch::causal(IDS.to_vec(), 2, 5).unwrap(),
+        Some(&a),
+        Grads::None,
+        None,
+    )
+    .unwrap();
     assert_eq!(base.logits, same.logits);
     randomize(&mut a, 3, 1.0, 0.4);
     check_all("ia3", &m, &a);
@@ -125,7 +158,14 @@ fn prompt_tuning_gradients_match_finite_differences() {
     assert_eq!(&p.embeddings[16..24], &m.weights.embed_tokens[32..40]);
     let mut a = Adapter::Prompt(p);
     randomize(&mut a, 4, 0.0, 0.8);
-    let ev = evaluate(&m, &IDS, 2, 5, Some(&a), Grads::None).unwrap();
+    let ev = evaluate(
+        &m,
+        &qadapt_train::Batch::causal(IDS.to_vec(), 2, 5).unwrap(),
+        Some(&a),
+        Grads::None,
+        None,
+    )
+    .unwrap();
     assert_eq!(ev.positions, 8);
     check_all("prompt", &m, &a);
 }
@@ -152,8 +192,22 @@ fn houlsby_gradients_match_finite_differences() {
         let h = HoulsbyAdapter::<f64>::new(&m.config, hc, 0.01, 1).unwrap();
         let mut a = Adapter::Houlsby(h);
         // Near-identity init: the adapted model is the base model.
-        let base = evaluate(&m, &IDS, 2, 5, None, Grads::None).unwrap();
-        let same = evaluate(&m, &IDS, 2, 5, Some(&a), Grads::None).unwrap();
+        let base = evaluate(
+            &m,
+            &qadapt_train::Batch::causal(IDS.to_vec(), 2, 5).unwrap(),
+            None,
+            Grads::None,
+            None,
+        )
+        .unwrap();
+        let same = evaluate(
+            &m,
+            &qadapt_train::Batch::causal(IDS.to_vec(), 2, 5).unwrap(),
+            Some(&a),
+            Grads::None,
+            None,
+        )
+        .unwrap();
         assert_eq!(base.logits, same.logits);
         // 2 layers x 2 sites x (2 C b + b + C).
         assert_eq!(a.num_params(&m.config), 4 * (2 * 8 * 3 + 3 + 8));
@@ -169,8 +223,22 @@ fn reparameterized_prefix_gradients_match_finite_differences() {
     // Saved as the prefix it projects to: the same outputs as that plain prefix.
     let (plain, _) = pm.project(&m.config).unwrap();
     let a = Adapter::PrefixMlp(pm);
-    let via_mlp = evaluate(&m, &IDS, 2, 5, Some(&a), Grads::None).unwrap();
-    let direct = evaluate(&m, &IDS, 2, 5, Some(&Adapter::Prefix(plain)), Grads::None).unwrap();
+    let via_mlp = evaluate(
+        &m,
+        &qadapt_train::Batch::causal(IDS.to_vec(), 2, 5).unwrap(),
+        Some(&a),
+        Grads::None,
+        None,
+    )
+    .unwrap();
+    let direct = evaluate(
+        &m,
+        &qadapt_train::Batch::causal(IDS.to_vec(), 2, 5).unwrap(),
+        Some(&Adapter::Prefix(plain)),
+        Grads::None,
+        None,
+    )
+    .unwrap();
     assert_eq!(via_mlp.logits, direct.logits);
     // E [P, K] + W1 [H, K] + b1 + W2 [L 2 K, H] + b2.
     assert_eq!(a.num_params(&m.config), 2 * 4 + 5 * 4 + 5 + 16 * 5 + 16);

@@ -56,7 +56,14 @@ fn check(method: &str, positions_extra: usize) -> Adapter<f32> {
     let adapter = peft::load(&data(&format!("tiny_llama_{method}")), &dir.config).unwrap();
     let g = Golden::open(&format!("tiny_llama_{method}_golden.safetensors"));
     let (batch, seq, ids) = g.ids();
-    let ev = evaluate(&model, &ids, batch, seq, Some(&adapter), Grads::Adapter).unwrap();
+    let ev = evaluate(
+        &model,
+        &qadapt_train::Batch::causal(ids.to_vec(), batch, seq).unwrap(),
+        Some(&adapter),
+        Grads::Adapter,
+        None,
+    )
+    .unwrap();
     assert_eq!(ev.positions, seq + positions_extra);
     let (shape, want) = g.f32s("logits");
     assert_eq!(shape, [batch, ev.positions, dir.config.vocab_size]);
@@ -71,7 +78,14 @@ fn check(method: &str, positions_extra: usize) -> Adapter<f32> {
     );
     assert!(rel <= 1e-5);
     // The adapter matters: the base model alone is far from PEFT's logits or loss.
-    let base = evaluate(&model, &ids, batch, seq, None, Grads::None).unwrap();
+    let base = evaluate(
+        &model,
+        &qadapt_train::Batch::causal(ids.to_vec(), batch, seq).unwrap(),
+        None,
+        Grads::None,
+        None,
+    )
+    .unwrap();
     assert!(
         (base.loss - want_loss).abs() > 1e-2,
         "{method}: adapter has no effect"
@@ -226,7 +240,14 @@ fn written_adapters_reload_and_export_for_peft() {
         let out = export.clone().unwrap_or_else(|| tmp.path().to_owned());
         a.save(&out.join(name), cfg).unwrap();
         assert_eq!(peft::load(&out.join(name), cfg).unwrap(), a, "{name}");
-        let ev = evaluate(&model, &ids, 2, 5, Some(&a), Grads::None).unwrap();
+        let ev = evaluate(
+            &model,
+            &qadapt_train::Batch::causal(ids.to_vec(), 2, 5).unwrap(),
+            Some(&a),
+            Grads::None,
+            None,
+        )
+        .unwrap();
         let ids64: Vec<i64> = ids.iter().map(|&v| v as i64).collect();
         let shape = vec![2, ev.positions, cfg.vocab_size];
         let views = vec![
@@ -295,14 +316,28 @@ fn reparameterized_prefix_matches_peft() {
 
     let (batch, seq, ids) = g.ids();
     let a = Adapter::PrefixMlp(pm);
-    let ev = evaluate(&model, &ids, batch, seq, Some(&a), Grads::Adapter).unwrap();
+    let ev = evaluate(
+        &model,
+        &qadapt_train::Batch::causal(ids.to_vec(), batch, seq).unwrap(),
+        Some(&a),
+        Grads::Adapter,
+        None,
+    )
+    .unwrap();
     let want = g.f32s("logits").1;
     let (err, scale) = worst(&ev.logits, &want);
     println!("prefix mlp: logits max err {err:.3e} (max |logit| {scale:.3})");
     assert!(err <= 3e-5 * scale);
     let want_loss = g.f32s("loss").1[0];
     assert!(((ev.loss - want_loss) / want_loss).abs() <= 1e-5);
-    let file = evaluate(&model, &ids, batch, seq, Some(&saved), Grads::None).unwrap();
+    let file = evaluate(
+        &model,
+        &qadapt_train::Batch::causal(ids.to_vec(), batch, seq).unwrap(),
+        Some(&saved),
+        Grads::None,
+        None,
+    )
+    .unwrap();
     assert!(worst(&file.logits, &want).0 <= 3e-5 * scale);
     let grads = ev.adapter_grads.unwrap();
     let mut n = 0;

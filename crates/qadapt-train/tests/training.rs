@@ -38,24 +38,21 @@ fn train(m: &mut Llama<f32>, what: &mut Trainable<'_>, steps: usize, lr: f32) ->
     let mut first = None;
     let mut last = 0.0;
     for _ in 0..steps {
-        last = t.step(m, what, &ids, 2, 12, lr).unwrap();
+        let b = qadapt_train::Batch::causal(ids.clone(), 2, 12).unwrap();
+        last = t.step(m, what, &b, lr).unwrap();
         first.get_or_insert(last);
     }
     // The loss after the last update, on the same targets as the steps.
-    let targets = qadapt_train::Batch::causal(ids.clone(), 2, 12)
-        .unwrap()
-        .targets;
-    let after = qadapt_train::evaluate_targets(
+    let b = qadapt_train::Batch::causal(ids.clone(), 2, 12).unwrap();
+    let after = qadapt_train::evaluate(
         m,
-        &ids,
-        2,
-        12,
-        &targets,
+        &b,
         match what {
             Trainable::Adapter(a) => Some(&**a),
             Trainable::Base(_) => None,
         },
         qadapt_train::Grads::None,
+        None,
     )
     .unwrap()
     .loss;
@@ -239,9 +236,22 @@ fn reparameterized_prefix_trains_and_saves_the_projection() {
     let back = qadapt_train::peft::load(tmp.path(), &mm.config).unwrap();
     assert!(matches!(back, Adapter::Prefix(_)));
     let ids = batch();
-    let e1 = qadapt_train::evaluate(&mm, &ids, 2, 12, Some(&a), qadapt_train::Grads::None).unwrap();
-    let e2 =
-        qadapt_train::evaluate(&mm, &ids, 2, 12, Some(&back), qadapt_train::Grads::None).unwrap();
+    let e1 = qadapt_train::evaluate(
+        &mm,
+        &qadapt_train::Batch::causal(ids.to_vec(), 2, 12).unwrap(),
+        Some(&a),
+        qadapt_train::Grads::None,
+        None,
+    )
+    .unwrap();
+    let e2 = qadapt_train::evaluate(
+        &mm,
+        &qadapt_train::Batch::causal(ids.to_vec(), 2, 12).unwrap(),
+        Some(&back),
+        qadapt_train::Grads::None,
+        None,
+    )
+    .unwrap();
     assert_eq!(e1.logits, e2.logits);
 }
 
@@ -273,7 +283,8 @@ fn lora_run(dropout: f64, seed: Option<u64>, steps: usize) -> (Adapter<f32>, Vec
     let ids = batch();
     let losses = (0..steps)
         .map(|_| {
-            t.step(&mut m, &mut Trainable::Adapter(&mut a), &ids, 2, 12, 1e-2)
+            let b = qadapt_train::Batch::causal(ids.clone(), 2, 12).unwrap();
+            t.step(&mut m, &mut Trainable::Adapter(&mut a), &b, 1e-2)
                 .unwrap()
         })
         .collect();
