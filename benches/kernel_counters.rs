@@ -155,7 +155,9 @@ fn main() {
         for rows in [1, 16, 128, m] {
             let x = dev.upload(&bf(&randn(rows * k, 1.0, 4))).unwrap();
             let mut y = dev.zeros::<bf16>(rows * n).unwrap();
-            fused.forward(&x, rows, None, &mut y).unwrap();
+            fused
+                .forward(&x, rows, None, &mut y, qadapt::ops::Accumulate::Overwrite)
+                .unwrap();
             report(
                 &dev,
                 &format!("forward {base}"),

@@ -14,6 +14,7 @@ use qadapt::lora::{
     AdapterStack, BaseWeight, CudaLoraLinear, LoraGrads, LoraLinear, LoraRef, WeightRef, cpu,
 };
 use qadapt::nf4::{Nf4Tensor, Statistics};
+use qadapt::ops::Accumulate;
 use qadapt::{Device, FloatVec};
 use qadapt_suite::{bench_smoke, randn};
 use rand::{Rng, SeedableRng};
@@ -212,7 +213,9 @@ fn cuda_table() {
                 let mut t = dev.zeros::<bf16>(m * r).unwrap();
                 let iters = iters(if m <= 16 { 200 } else { 20 });
                 let f_ms = dev
-                    .time_ms(iters, || fused.forward(&x, m, None, &mut y))
+                    .time_ms(iters, || {
+                        fused.forward(&x, m, None, &mut y, Accumulate::Overwrite)
+                    })
                     .unwrap();
                 let d_ms = dev
                     .time_ms(iters, || {

@@ -4,7 +4,7 @@
  * Math (forward). x [M, K] bf16 row-major, W [N, K], A_a [r, K], B_a [N, r] for adapter a of a
  * stack of n_adapters, s_a its scale, idx(m) the adapter of row m (-1: base only):
  *     u[m, a*r + j] = bf16( s_a * sum_k x[m,k] A_a[j,k] )   if a == idx(m), else 0
- *     y[m, n]       = bf16( sum_k x[m,k] W[n,k]  +  sum_e u[m,e] Bcat[n,e]  +  bias[n] )
+ *     y[m, n]       = bf16( sum_k x[m,k] W[n,k]  +  sum_e u[m,e] Bcat[n,e]  +  bias[n]  (+ y[m, n]) )
  * with Bcat[n, a*r + j] = B_a[n, j]: the LoRA term is one more GEMM over an extension of K by
  * R = n_adapters * r, summed into the same f32 accumulators as the base product, and y is stored
  * once. Rounding u to bf16 matches a bf16 PEFT forward (lora_A(x) is a bf16 tensor). NF4 weights
@@ -41,7 +41,10 @@
  *                         its range's f32 sums into `partial`, and lora_split_reduce_bf16 adds
  *                         the ranges in order, the row adapter's r products of u and B, the bias,
  *                         and stores y.
- * Outputs u and y are overwritten. The backward is lora_bwd.cu.
+ * Outputs u and y are overwritten; with QADAPT_LORA_ACCUMULATE every store of y first reads the old
+ * value and adds it to the f32 sum (a residual add fused into the epilogue: y += x W^T + ...).
+ * Each y element is read and written by the one thread that stores it. The backward is
+ * lora_bwd.cu.
  */
 #include "nf4_tile.cuh"
 
@@ -125,9 +128,13 @@ __device__ __forceinline__ void gemv_finish(const QadaptLoraFwdArgs& a, uint32_t
     for (int m = 0; m < MT; ++m) acc[m] = warp_sum(acc[m]);
     const float b = a.bias ? bf_at(reinterpret_cast<const bf16*>(a.bias), n) : 0.0f;
     bf16* __restrict__ y = reinterpret_cast<bf16*>(a.y);
+    const bool add = (a.flags & QADAPT_LORA_ACCUMULATE) != 0;
 #pragma unroll
     for (int m = 0; m < MT; ++m) {
-        if (lane == (unsigned)m && (uint32_t)m < a.m) y[(uint64_t)m * a.n + n] = __float2bfloat16_rn(acc[m] + b);
+        if (lane == (unsigned)m && (uint32_t)m < a.m) {
+            const uint64_t o = (uint64_t)m * a.n + n;
+            y[o] = __float2bfloat16_rn(acc[m] + b + (add ? bf_at(y, o) : 0.0f));
+        }
     }
 }
 
@@ -305,6 +312,7 @@ __device__ __forceinline__ void gemm_finish(const QadaptLoraFwdArgs& a, float (&
     const unsigned lane = threadIdx.x & 31u;
     const bf16* __restrict__ bias = reinterpret_cast<const bf16*>(a.bias);
     bf16* __restrict__ y = reinterpret_cast<bf16*>(a.y);
+    const bool add = (a.flags & QADAPT_LORA_ACCUMULATE) != 0;
 #pragma unroll
     for (int ni = 0; ni < NI_; ++ni) {
         const uint32_t col = n0 + wn0 + ni * 8 + (lane & 3u) * 2;
@@ -318,12 +326,15 @@ __device__ __forceinline__ void gemm_finish(const QadaptLoraFwdArgs& a, float (&
                 if (row >= a.m) continue;
                 const uint64_t o = (uint64_t)row * a.n + col;
                 if (col + 1 < a.n && (a.n % 2) == 0) {
+                    const float y0 = add ? bf_at(y, o) : 0.0f;
+                    const float y1 = add ? bf_at(y, o + 1) : 0.0f;
                     const __nv_bfloat162 v =
-                        __floats2bfloat162_rn(acc[mi][ni][2 * h] + b0, acc[mi][ni][2 * h + 1] + b1);
+                        __floats2bfloat162_rn(acc[mi][ni][2 * h] + b0 + y0, acc[mi][ni][2 * h + 1] + b1 + y1);
                     *reinterpret_cast<__nv_bfloat162*>(y + o) = v;
                 } else {
-                    if (col < a.n) y[o] = __float2bfloat16_rn(acc[mi][ni][2 * h] + b0);
-                    if (col + 1 < a.n) y[o + 1] = __float2bfloat16_rn(acc[mi][ni][2 * h + 1] + b1);
+                    if (col < a.n) y[o] = __float2bfloat16_rn(acc[mi][ni][2 * h] + b0 + (add ? bf_at(y, o) : 0.0f));
+                    if (col + 1 < a.n)
+                        y[o + 1] = __float2bfloat16_rn(acc[mi][ni][2 * h + 1] + b1 + (add ? bf_at(y, o + 1) : 0.0f));
                 }
             }
         }
@@ -400,6 +411,7 @@ __device__ __forceinline__ void split_reduce(const QadaptLoraFwdArgs& a) {
             }
         }
         if (bias) acc += bf_at(bias, n);
+        if (a.flags & QADAPT_LORA_ACCUMULATE) acc += bf_at(y, i);
         y[i] = __float2bfloat16_rn(acc);
     }
 }

@@ -99,6 +99,9 @@ typedef struct QadaptNf4DequantizeArgs {
  * allow it (K % 8 == 0 for bf16 rows, K % 32 == 0 for NF4 rows): the kernels may use the
  * vectorized path. Without it they take the element-by-element path (any shape). */
 #define QADAPT_LORA_VEC 1u
+/* Forward only: y is added into, not overwritten: y = bf16(y + sum), the old bf16 value added in
+ * f32 before the single rounding (a residual add in the epilogue: no temporary, no add kernel). */
+#define QADAPT_LORA_ACCUMULATE 2u
 /* Largest row count of the gemv path; larger batches take the tensor-core GEMM path. Up to
  * NARROW_ROWS rows take lora_gemv_*, more take lora_gemv_wide_* (more accumulators, fewer warps). */
 #define QADAPT_LORA_GEMV_MAX_ROWS 16
@@ -131,7 +134,8 @@ typedef struct QadaptNf4DequantizeArgs {
  * only; 0 pointer = every row uses adapter 0), bias [n] bf16 or 0, y [m, n] bf16.
  * u [m, n_adapters * rank] bf16 is the LoRA intermediate: lora_xa / lora_rank_xa write
  * u[m, a*rank + j] = bf16(s_a * sum_k x[m,k] A_a[j,k]) for a == idx(m) and 0 for the other
- * adapters; the gemv/gemm kernels read it. u and y are overwritten. */
+ * adapters; the gemv/gemm kernels read it. u is overwritten; y too, or with QADAPT_LORA_ACCUMULATE
+ * added into (y = bf16(y + ...), one rounding). */
 typedef struct QadaptLoraFwdArgs {
     uint64_t x;             /* const bf16* [m, k] */
     uint64_t w;             /* const bf16* [n, k], or const uint8_t* [ceil(n*k/2)] for NF4 */
@@ -154,7 +158,7 @@ typedef struct QadaptLoraFwdArgs {
     uint32_t n_adapters;
     uint32_t blocksize;     /* NF4 block size */
     float offset;           /* NF4 double-quant offset */
-    uint32_t flags;         /* QADAPT_LORA_VEC */
+    uint32_t flags;         /* QADAPT_LORA_VEC | QADAPT_LORA_ACCUMULATE */
     uint32_t splits;        /* GEMM path: k cut into this many ranges (0 or 1: none) */
     uint32_t split_steps;   /* GEMM path: BK slices of k per range (the last may be shorter) */
 } QadaptLoraFwdArgs;

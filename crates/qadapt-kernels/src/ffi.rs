@@ -8,6 +8,7 @@ pub const QADAPT_DQ_BLOCK: u32 = 256;
 pub const QADAPT_DQ_CODE_ZERO: u32 = 0;
 pub const QADAPT_DQ_SUM_COLUMNS: u32 = 32;
 pub const QADAPT_LORA_VEC: u32 = 1;
+pub const QADAPT_LORA_ACCUMULATE: u32 = 2;
 pub const QADAPT_LORA_GEMV_MAX_ROWS: u32 = 16;
 pub const QADAPT_LORA_GEMV_NARROW_ROWS: u32 = 4;
 pub const QADAPT_LORA_GEMM_BM: u32 = 128;

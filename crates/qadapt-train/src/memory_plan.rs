@@ -43,8 +43,8 @@
 //! [`qadapt::plan::lora_backward`] give their lengths); the backward's gradient buffers
 //! (`dxn`, `dx` of `n C`, `dh`, `dgate`, `dup` of `n I`, `dattn`, `dq` of `n Q`, `dk`, `dv` of
 //! `n K`, bf16, and the `C` f32 sink of the norm weights' gradients); and the largest temporary of
-//! one op: a fused projection that adds into its output (`y += x W^T`, `dx += dy W`) writes a
-//! temporary first (`n out` or `n in` bf16); an NF4 weight whose `in` is not a multiple of 32 is
+//! one op: a fused projection that adds into its input gradient (`dx += dy W`) writes a
+//! temporary first (`n in` bf16; the forward's `y += x W^T` adds in the kernels' epilogue); an NF4 weight whose `in` is not a multiple of 32 is
 //! dequantized to an `out in` bf16 copy for each call; LoRA dropout keeps the dropped-out input
 //! and two input gradients (`3 n in` bf16 in the backward, `n in` in the forward); the RMSNorm
 //! backward's `[chunks, C]` f32 partial sums ([`qadapt::plan::rmsnorm_dw`]); attention's backward
@@ -400,14 +400,14 @@ pub fn plan(config: &LlamaConfig, o: &PlanOptions) -> Result<MemoryPlan> {
         phase: Phase::ForwardAttentionOut,
         activations: earlier + layer_at_o,
         logits_loss: 0,
-        transient: forward_temp(proj(Proj::O), n, true, o.dropout),
+        transient: forward_temp(proj(Proj::O), n, o.dropout),
     });
     // down_proj: the whole layer live, its output (the final norm's input) being written.
     phases.push(PhaseBytes {
         phase: Phase::ForwardMlpOut,
         activations: earlier + layer_saved + x_final,
         logits_loss: 0,
-        transient: forward_temp(proj(Proj::Down), n, true, o.dropout),
+        transient: forward_temp(proj(Proj::Down), n, o.dropout),
     });
     // The final norm's output and its gradient, while one chunk's logits and their gradient,
     // the per-row losses and the targets exist.
@@ -442,13 +442,13 @@ pub fn plan(config: &LlamaConfig, o: &PlanOptions) -> Result<MemoryPlan> {
             phase: Phase::RecomputeAttentionOut,
             activations: saved + layer_at_o,
             logits_loss: 0,
-            transient: grads + forward_temp(proj(Proj::O), n, true, o.dropout),
+            transient: grads + forward_temp(proj(Proj::O), n, o.dropout),
         });
         phases.push(PhaseBytes {
             phase: Phase::RecomputeMlpOut,
             activations: saved + layer_saved + n * cw * BF16,
             logits_loss: 0,
-            transient: grads + forward_temp(proj(Proj::Down), n, true, o.dropout),
+            transient: grads + forward_temp(proj(Proj::Down), n, o.dropout),
         });
     }
     phases.push(PhaseBytes {
@@ -472,18 +472,14 @@ pub fn plan(config: &LlamaConfig, o: &PlanOptions) -> Result<MemoryPlan> {
     })
 }
 
-/// Temporaries of one projection's forward (`add`: accumulated into its output).
-fn forward_temp(pp: &ProjPlan, n: u64, add: bool, dropout: bool) -> u64 {
-    let acc = if add && pp.fused {
-        n * pp.out * BF16
-    } else {
-        0
-    };
+/// Temporaries of one projection's forward that adds into its output (`o_proj`, `down_proj`).
+fn forward_temp(pp: &ProjPlan, n: u64, dropout: bool) -> u64 {
+    // A residual add (`y += x W^T`) happens in the fused kernels' epilogue: no temporary.
     if dropout && pp.adapted {
-        // x~ = m x, then the fused layer's own temporary.
-        n * pp.inp * BF16 + acc + pp.nf4_copy
+        // x~ = m x.
+        n * pp.inp * BF16 + pp.nf4_copy
     } else {
-        acc + pp.nf4_copy
+        pp.nf4_copy
     }
 }
 

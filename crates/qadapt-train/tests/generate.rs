@@ -378,6 +378,7 @@ fn the_f32_lora_stack_matches_qadapts_bf16_multi_adapter_reference() {
         None,
         &mut u,
         &mut yb,
+        qadapt::ops::Accumulate::Overwrite,
     )
     .unwrap();
     let yb: Vec<f32> = yb.iter().map(|v| v.to_f32()).collect();

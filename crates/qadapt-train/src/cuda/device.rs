@@ -70,27 +70,13 @@ impl CudaBackend {
                 self.dev
                     .gemm_bf16(x, Op::N, w, Op::T, y, (rows, *out, *inp), 1.0, beta(acc))
             }
-            CudaProj::Fused {
-                out,
-                layer,
-                adapted,
-                ..
-            } => {
-                // Every row adapted (no index buffer) with the LoRA term, else the base only.
-                let run = |y: &mut DeviceBuffer<bf16>| {
-                    if *adapted && lora {
-                        layer.forward(x, rows, None, y)
-                    } else {
-                        layer.forward_base(x, rows, y)
-                    }
-                };
-                match acc {
-                    Accumulate::Overwrite => run(y),
-                    Accumulate::Add => {
-                        let mut t = self.dev.zeros(rows * out)?;
-                        run(&mut t)?;
-                        self.add_assign(y, &t)
-                    }
+            // Every row adapted (no index buffer) with the LoRA term, else the base only; a
+            // residual add (`acc`) happens in the kernels' epilogue.
+            CudaProj::Fused { layer, adapted, .. } => {
+                if *adapted && lora {
+                    layer.forward(x, rows, None, y, acc)
+                } else {
+                    layer.forward_base(x, rows, y, acc)
                 }
             }
         }

@@ -26,6 +26,7 @@ use rayon::prelude::*;
 
 use super::{LoraRef, LoraShape, WeightRef};
 use crate::error::{Result, shape_err};
+use crate::ops::Accumulate;
 use crate::ops::linear::gemm;
 
 fn widen(v: &[bf16]) -> Vec<f32> {
@@ -98,8 +99,9 @@ fn gather(v: &ArrayView2<'_, f32>, rows: &[usize]) -> Array2<f32> {
     out
 }
 
-/// The fused forward (see the module doc). `u` is `[m, n_adapters * rank]`, `y` is `[m, n]`; both
-/// are overwritten.
+/// The fused forward (see the module doc). `u` is `[m, n_adapters * rank]` (overwritten), `y` is
+/// `[m, n]`: overwritten, or with [`Accumulate::Add`] added into (`y = bf16(y + ...)`, the old
+/// value added in f32 before the one rounding: a residual add fused into the product).
 #[allow(clippy::too_many_arguments)]
 pub fn forward(
     shape: &LoraShape,
@@ -110,6 +112,7 @@ pub fn forward(
     bias: Option<&[bf16]>,
     u: &mut [bf16],
     y: &mut [bf16],
+    acc: Accumulate,
 ) -> Result<()> {
     const OP: &str = "lora forward (cpu)";
     shape.check(OP, x, w, lora, adapter_idx, bias)?;
@@ -178,6 +181,12 @@ pub fn forward(
             1.0,
             &mut view_mut(m, n, &mut yf),
         );
+    }
+    if acc == Accumulate::Add {
+        // The old y added in f32 before the one rounding, as the kernels' epilogue does.
+        yf.par_iter_mut()
+            .zip(y.par_iter())
+            .for_each(|(f, old)| *f += old.to_f32());
     }
     narrow(&yf, y);
     Ok(())

@@ -48,6 +48,7 @@ use crate::dtype::FloatVec;
 use crate::error::{Result, invalid, shape_err};
 use crate::nf4::cpu::ScalesRef;
 use crate::nf4::{Nf4Tensor, num_blocks, packed_len};
+use crate::ops::Accumulate;
 
 /// The sizes of one fused LoRA call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -343,6 +344,7 @@ impl LoraLinear {
                     self.bias.as_deref(),
                     &mut u,
                     &mut y,
+                    Accumulate::Overwrite,
                 )?;
             }
             Device::Cuda(dev) => {
@@ -371,7 +373,7 @@ impl LoraLinear {
         let xd = dev.upload(x)?;
         let idx = adapter_idx.map(|i| dev.upload(i)).transpose()?;
         let mut y = dev.zeros::<bf16>(shape.m * shape.n)?;
-        d.forward(&xd, shape.m, idx.as_ref(), &mut y)?;
+        d.forward(&xd, shape.m, idx.as_ref(), &mut y, Accumulate::Overwrite)?;
         dev.download(&y)
     }
 
@@ -601,14 +603,17 @@ impl CudaLoraLinear {
         }
     }
 
-    /// `y [rows, out_features]` (overwritten) for `x [rows, in_features]`, queued on the device's
-    /// stream. Row indices outside `0..adapters` count as -1 (base only).
+    /// `y [rows, out_features]` for `x [rows, in_features]`, queued on the device's stream:
+    /// overwritten, or with [`Accumulate::Add`] added into in the kernels' epilogue (a residual
+    /// `y += x W^T + ...` without a temporary; one bf16 rounding of the sum). Row indices outside
+    /// `0..adapters` count as -1 (base only).
     pub fn forward(
         &self,
         x: &CudaSlice<bf16>,
         rows: usize,
         adapter_idx: Option<&CudaSlice<i32>>,
         y: &mut CudaSlice<bf16>,
+        acc: Accumulate,
     ) -> Result<()> {
         launch::lora_forward(
             &self.dev,
@@ -619,6 +624,7 @@ impl CudaLoraLinear {
             adapter_idx,
             self.bias.as_ref(),
             y,
+            acc,
         )
     }
 
@@ -667,13 +673,15 @@ impl CudaLoraLinear {
         }
     }
 
-    /// `y = x W^T + bias` (overwritten) without the LoRA term: only the base gemv/GEMM kernel
-    /// runs, no LoRA kernel at all (a frozen projection, or the adapters switched off).
+    /// `y = x W^T + bias` without the LoRA term (overwritten, or added into as in
+    /// [`forward`](Self::forward)): only the base gemv/GEMM kernel runs, no LoRA kernel at all (a
+    /// frozen projection, or the adapters switched off).
     pub fn forward_base(
         &self,
         x: &CudaSlice<bf16>,
         rows: usize,
         y: &mut CudaSlice<bf16>,
+        acc: Accumulate,
     ) -> Result<()> {
         launch::lora_forward(
             &self.dev,
@@ -684,6 +692,7 @@ impl CudaLoraLinear {
             None,
             self.bias.as_ref(),
             y,
+            acc,
         )
     }
 

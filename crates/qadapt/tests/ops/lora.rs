@@ -11,6 +11,7 @@ use qadapt::lora::{
     AdapterStack, BaseWeight, LoraGrads, LoraLinear, LoraRef, LoraShape, WeightRef, cpu,
 };
 use qadapt::nf4::{Nf4Tensor, Statistics};
+use qadapt::ops::Accumulate;
 use qadapt::{DType, Device, Error, FloatVec};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -25,7 +26,7 @@ fn f64s(v: &[bf16]) -> Vec<f64> {
     v.iter().map(|x| f64::from(x.to_f32())).collect()
 }
 
-#[derive(Clone, Copy, PartialEq)]
+#[derive(Clone, Copy, PartialEq, Debug)]
 enum Base {
     Dense,
     Nf4(Statistics),
@@ -587,7 +588,8 @@ fn shapes_and_indices_are_checked() {
             None,
             None,
             &mut u,
-            &mut y
+            &mut y,
+            Accumulate::Overwrite
         ),
         Err(Error::Shape { .. })
     ));
@@ -873,14 +875,18 @@ fn cuda_base_only_calls_run_no_lora_kernel() {
         let mut dx_ref = dev.zeros::<bf16>(m * k).unwrap();
         let mut ga = dev.zeros::<f32>(2 * 8 * k).unwrap();
         let mut gb = dev.zeros::<f32>(2 * n * 8).unwrap();
-        layer.forward(&x, m, Some(&none), &mut y_ref).unwrap();
+        layer
+            .forward(&x, m, Some(&none), &mut y_ref, Accumulate::Overwrite)
+            .unwrap();
         layer
             .backward(&x, &dy, m, Some(&none), &mut dx_ref, &mut ga, &mut gb)
             .unwrap();
         dev.reset_emulator_counters();
         let mut y = dev.zeros::<bf16>(m * n).unwrap();
         let mut dx = dev.zeros::<bf16>(m * k).unwrap();
-        layer.forward_base(&x, m, &mut y).unwrap();
+        layer
+            .forward_base(&x, m, &mut y, Accumulate::Overwrite)
+            .unwrap();
         layer.backward_base(&x, &dy, m, &mut dx).unwrap();
         assert_eq!(dev.download(&y).unwrap(), dev.download(&y_ref).unwrap());
         assert_eq!(dev.download(&dx).unwrap(), dev.download(&dx_ref).unwrap());
@@ -894,5 +900,85 @@ fn cuda_base_only_calls_run_no_lora_kernel() {
                 );
             }
         }
+    }
+}
+
+/// `Accumulate::Add` adds the forward into `y` in the kernels' epilogue (the residual add of a
+/// sublayer, no temporary): on every path (gemv, wide gemv, GEMM with and without split k, NF4
+/// streamed and dequantized first) the device and the CPU reference give `y0 + x W^T + LoRA`
+/// within the forward's tolerance plus the old value's share of the one rounding, and
+/// `Overwrite` ignores what `y` held.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn cuda_forward_accumulates_into_y_in_the_epilogue() {
+    let dev = crate::common::cuda_device();
+    let cases = [
+        (3, 96, 64, Base::Dense),
+        (12, 96, 64, Base::Nf4(Statistics::DoubleQuant)),
+        (40, 200, 1056, Base::Dense),
+        (300, 64, 96, Base::Nf4(Statistics::Plain)),
+        (40, 48, 40, Base::Nf4(Statistics::DoubleQuant)),
+    ];
+    for (i, &(m, n, k, base)) in cases.iter().enumerate() {
+        let tag = format!("m {m} n {n} k {k} {base:?}");
+        let c = make_case(170 + i as u64, m, n, k, 8, 2, base, true, true);
+        let mut rng = ChaCha8Rng::seed_from_u64(171 + i as u64);
+        let y0 = rand_bf16(&mut rng, m * n, 2.0);
+        let (want, tol) = naive_forward(&c, true);
+        let want: Vec<f64> = want
+            .iter()
+            .zip(&y0)
+            .map(|(w, o)| w + f64::from(o.to_f32()))
+            .collect();
+        let tol: Vec<f64> = tol
+            .iter()
+            .zip(&want)
+            .map(|(t, w)| t + w.abs() / 256.0)
+            .collect();
+        let layer = qadapt::lora::CudaLoraLinear::upload(&dev, &c.layer).unwrap();
+        let x = dev.upload(&c.x).unwrap();
+        let idx = c.idx.as_ref().map(|i| dev.upload(i).unwrap());
+        let mut y = dev.upload(&y0).unwrap();
+        layer
+            .forward(&x, m, idx.as_ref(), &mut y, Accumulate::Add)
+            .unwrap();
+        assert_close(
+            &format!("cuda add, {tag}"),
+            &dev.download(&y).unwrap(),
+            &want,
+            &tol,
+        );
+        let mut y_cpu = y0.clone();
+        let mut u = vec![bf16::ZERO; m * c.layer.shape(m).r_total()];
+        cpu::forward(
+            &c.layer.shape(m),
+            &c.x,
+            weight_ref(&c.layer),
+            lora_ref(&c.layer),
+            c.idx.as_deref(),
+            c.layer.bias.as_deref(),
+            &mut u,
+            &mut y_cpu,
+            Accumulate::Add,
+        )
+        .unwrap();
+        assert_close(&format!("cpu add, {tag}"), &y_cpu, &want, &tol);
+        // Overwrite: what y held does not matter.
+        let mut y = dev.upload(&y0).unwrap();
+        layer
+            .forward(&x, m, idx.as_ref(), &mut y, Accumulate::Overwrite)
+            .unwrap();
+        let fresh = c
+            .layer
+            .forward(&Device::Cpu, &c.x, m, c.idx.as_deref())
+            .unwrap();
+        let (plain, ptol) = naive_forward(&c, true);
+        assert_close(
+            &format!("cuda overwrite, {tag}"),
+            &dev.download(&y).unwrap(),
+            &plain,
+            &ptol,
+        );
+        assert_close(&format!("cpu overwrite, {tag}"), &fresh, &plain, &ptol);
     }
 }

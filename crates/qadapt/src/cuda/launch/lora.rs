@@ -21,6 +21,7 @@ use crate::cuda::CudaDevice;
 use crate::error::{Result, invalid, shape_err};
 use crate::lora::LoraShape;
 use crate::nf4::{check_blocksize, num_blocks, packed_len};
+use crate::ops::Accumulate;
 use crate::plan::{self, LoraPath, LoraRankPlan, XaPlan};
 
 /// The LoRA launches' device scratch: `u` and `g` (`[m, R]` bf16) and the split partial sums
@@ -236,7 +237,8 @@ fn check_lora(
     Ok(())
 }
 
-/// The fused forward: overwrites `y [m, n]` (and its scratch `u [m, n_adapters*rank]`).
+/// The fused forward: `y [m, n]` overwritten, or added into with [`Accumulate::Add`] (in the
+/// kernels' epilogue, `QADAPT_LORA_ACCUMULATE`), and its scratch `u [m, n_adapters*rank]`.
 /// Adapter indices are not read back to the host: the kernels treat any index outside
 /// `0..n_adapters` as -1 (base only).
 #[allow(clippy::too_many_arguments)]
@@ -249,6 +251,7 @@ pub(crate) fn lora_forward(
     adapter_idx: Option<&CudaSlice<i32>>,
     bias: Option<&CudaSlice<bf16>>,
     y: &mut CudaSlice<bf16>,
+    acc: Accumulate,
 ) -> Result<()> {
     const OP: &str = "lora forward (cuda)";
     let (m, n, k) = (shape.m, shape.n, shape.k);
@@ -321,7 +324,12 @@ pub(crate) fn lora_forward(
         n_adapters: shape.n_adapters as u32,
         blocksize: wp.blocksize,
         offset: wp.offset,
-        flags: if vec { ffi::QADAPT_LORA_VEC } else { 0 },
+        flags: if vec { ffi::QADAPT_LORA_VEC } else { 0 }
+            | if acc == Accumulate::Add {
+                ffi::QADAPT_LORA_ACCUMULATE
+            } else {
+                0
+            },
         splits: plan.split.map_or(0, |s| s.splits),
         split_steps: plan.split.map_or(0, |s| s.steps),
     };
