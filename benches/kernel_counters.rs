@@ -170,7 +170,15 @@ fn main() {
         let mut ga = dev.zeros::<f32>(r * k).unwrap();
         let mut gb = dev.zeros::<f32>(n * r).unwrap();
         fused
-            .backward(&x, &dy, m, None, &mut dx, &mut ga, &mut gb)
+            .backward(
+                &x,
+                &dy,
+                m,
+                None,
+                &mut dx,
+                (&mut ga, &mut gb),
+                qadapt::ops::Accumulate::Overwrite,
+            )
             .unwrap();
         report(
             &dev,

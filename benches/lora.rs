@@ -261,7 +261,8 @@ fn cuda_table() {
                 let mut gb16 = dev.zeros::<bf16>(n * r).unwrap();
                 let f_ms = dev
                     .time_ms(iters(10), || {
-                        fused.backward(&x, &dy, m, None, &mut dx, &mut ga, &mut gb)
+                        let g = (&mut ga, &mut gb);
+                        fused.backward(&x, &dy, m, None, &mut dx, g, Accumulate::Overwrite)
                     })
                     .unwrap();
                 let d_ms = dev

@@ -18,7 +18,8 @@
  *                         per stage into such a tile, as in the forward. One bf16 store of dx.
  *                         With few output tiles n is split like the forward's k, and
  *                         lora_split_reduce_dx_bf16 adds the ranges and g Acat.
- * dx is overwritten; grad_a and grad_b are accumulated into (by lora_rank.cu).
+ * dx is overwritten, or with QADAPT_LORA_ACCUMULATE added into (the old value joins the f32 sum
+ * before the one rounding); grad_a and grad_b are accumulated into (by lora_rank.cu).
  */
 #include "nf4_tile.cuh"
 
@@ -43,6 +44,7 @@ __device__ __forceinline__ void split_reduce_dx(const QadaptLoraBwdArgs& a) {
             const bf16* ar = A + (uint64_t)ad * a.rank * a.k + kk;
             for (uint32_t j = 0; j < a.rank; ++j) acc = fmaf(bf_at(gr, j), bf_at(ar, (uint64_t)j * a.k), acc);
         }
+        if (a.flags & QADAPT_LORA_ACCUMULATE) acc += bf_at(dx, i);
         dx[i] = __float2bfloat16_rn(acc);
     }
 }
@@ -62,7 +64,8 @@ __device__ __forceinline__ void bwd_dx_finish(const QadaptLoraBwdArgs& a, float 
         __syncthreads();
         mma_tile_nt(acc, tA, tB, wm0, wn0);
     }
-    store_bf16(acc, reinterpret_cast<bf16*>(a.dx), a.m, a.k, m0, n0, wm0, wn0);
+    store_bf16(acc, reinterpret_cast<bf16*>(a.dx), a.m, a.k, m0, n0, wm0, wn0,
+               (a.flags & QADAPT_LORA_ACCUMULATE) != 0);
 }
 
 /* The pipelined reduction over n (rows nb..ne of W, nb a multiple of BK) of dy [M, N] against

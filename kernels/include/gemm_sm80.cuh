@@ -430,7 +430,8 @@ __device__ __forceinline__ void mma_tile_nt(float (&acc)[MI_][NI_][4], const bf1
 /* Stores the CTA's accumulators as bf16 into out[rows, cols] (row-major), overwriting. */
 template <int MI_, int NI_>
 __device__ __forceinline__ void store_bf16(const float (&acc)[MI_][NI_][4], bf16* __restrict__ out, uint32_t rows,
-                                           uint32_t cols, uint32_t m0, uint32_t n0, uint32_t wm0, uint32_t wn0) {
+                                           uint32_t cols, uint32_t m0, uint32_t n0, uint32_t wm0, uint32_t wn0,
+                                           bool add = false) {
     const unsigned lane = threadIdx.x & 31u;
 #pragma unroll
     for (int mi = 0; mi < MI_; ++mi) {
@@ -442,12 +443,15 @@ __device__ __forceinline__ void store_bf16(const float (&acc)[MI_][NI_][4], bf16
                 const uint32_t row = m0 + wm0 + mi * 16 + (lane >> 2) + h * 8;
                 if (row >= rows) continue;
                 const uint64_t o = (uint64_t)row * cols + col;
+                /* `add`: the old value joins the f32 sum before the one rounding. */
                 if (col + 1 < cols && (cols % 2) == 0) {
+                    const float o0 = add ? bf_at(out, o) : 0.0f, o1 = add ? bf_at(out, o + 1) : 0.0f;
                     *reinterpret_cast<__nv_bfloat162*>(out + o) =
-                        __floats2bfloat162_rn(acc[mi][ni][2 * h], acc[mi][ni][2 * h + 1]);
+                        __floats2bfloat162_rn(acc[mi][ni][2 * h] + o0, acc[mi][ni][2 * h + 1] + o1);
                 } else {
-                    if (col < cols) out[o] = __float2bfloat16_rn(acc[mi][ni][2 * h]);
-                    if (col + 1 < cols) out[o + 1] = __float2bfloat16_rn(acc[mi][ni][2 * h + 1]);
+                    if (col < cols) out[o] = __float2bfloat16_rn(acc[mi][ni][2 * h] + (add ? bf_at(out, o) : 0.0f));
+                    if (col + 1 < cols)
+                        out[o + 1] = __float2bfloat16_rn(acc[mi][ni][2 * h + 1] + (add ? bf_at(out, o + 1) : 0.0f));
                 }
             }
         }

@@ -99,8 +99,9 @@ typedef struct QadaptNf4DequantizeArgs {
  * allow it (K % 8 == 0 for bf16 rows, K % 32 == 0 for NF4 rows): the kernels may use the
  * vectorized path. Without it they take the element-by-element path (any shape). */
 #define QADAPT_LORA_VEC 1u
-/* Forward only: y is added into, not overwritten: y = bf16(y + sum), the old bf16 value added in
- * f32 before the single rounding (a residual add in the epilogue: no temporary, no add kernel). */
+/* The output (the forward's y, the backward's dx) is added into, not overwritten:
+ * y = bf16(y + sum), the old bf16 value added in f32 before the single rounding (a residual add, or
+ * the sum of several projections' input gradients, in the epilogue: no temporary, no add kernel). */
 #define QADAPT_LORA_ACCUMULATE 2u
 /* Largest row count of the gemv path; larger batches take the tensor-core GEMM path. Up to
  * NARROW_ROWS rows take lora_gemv_*, more take lora_gemv_wide_* (more accumulators, fewer warps). */
@@ -165,7 +166,8 @@ typedef struct QadaptLoraFwdArgs {
 
 /* Fused LoRA linear backward, for the forward above with upstream gradient dy [m, n]:
  *   g[m, a*r + j]  = bf16(s_a * sum_n dy[m,n] B_a[n,j])  for a == idx(m), else 0   (overwritten)
- *   dx             = dy W + g Acat                  [m, k] bf16, OVERWRITTEN
+ *   dx             = dy W + g Acat                  [m, k] bf16, OVERWRITTEN (added into with
+ *                                                    QADAPT_LORA_ACCUMULATE)
  *   grad_a[a,j,k] += sum_m g[m, a*r+j] x[m,k]        f32, ACCUMULATED (= s_a (dy B_a)^T x)
  *   grad_b[a,n,j] += sum_m dy[m,n] u[m, a*r+j]       f32, ACCUMULATED (= s_a dy^T (x A_a^T))
  * with Acat = the A stack as [n_adapters * r, k] and u = bf16(s x A^T) as lora_xa_bf16 writes it
@@ -195,7 +197,8 @@ typedef struct QadaptLoraBwdArgs {
     uint32_t n_adapters;
     uint32_t blocksize;     /* NF4 block size */
     float offset;           /* NF4 double-quant offset */
-    uint32_t flags;         /* QADAPT_LORA_VEC: k % 8 == 0, n % 8 == 0, aligned x, dy, W, A */
+    uint32_t flags;         /* QADAPT_LORA_VEC: k % 8 == 0, n % 8 == 0, aligned x, dy, W, A;
+                             * QADAPT_LORA_ACCUMULATE: dx += instead of dx = */
     uint64_t partial;       /* float* [splits, m, k] when splits > 1 (the dx GEMM's split n) */
     uint32_t splits;        /* dx GEMM: n cut into this many ranges (0 or 1: none) */
     uint32_t split_steps;   /* dx GEMM: BK slices of n per range (the last may be shorter) */

@@ -43,8 +43,8 @@
 //! [`qadapt::plan::lora_backward`] give their lengths); the backward's gradient buffers
 //! (`dxn`, `dx` of `n C`, `dh`, `dgate`, `dup` of `n I`, `dattn`, `dq` of `n Q`, `dk`, `dv` of
 //! `n K`, bf16, and the `C` f32 sink of the norm weights' gradients); and the largest temporary of
-//! one op: a fused projection that adds into its input gradient (`dx += dy W`) writes a
-//! temporary first (`n in` bf16; the forward's `y += x W^T` adds in the kernels' epilogue); an NF4 weight whose `in` is not a multiple of 32 is
+//! one op (a fused projection adds into its output, `y += x W^T` or `dx += dy W`, in the kernels'
+//! epilogue, without a temporary): an NF4 weight whose `in` is not a multiple of 32 is
 //! dequantized to an `out in` bf16 copy for each call; LoRA dropout keeps the dropped-out input
 //! and two input gradients (`3 n in` bf16 in the backward, `n in` in the forward); the RMSNorm
 //! backward's `[chunks, C]` f32 partial sums ([`qadapt::plan::rmsnorm_dw`]); attention's backward
@@ -421,17 +421,16 @@ pub fn plan(config: &LlamaConfig, o: &PlanOptions) -> Result<MemoryPlan> {
     // layer on; the largest temporary of one layer's ops on top.
     let grads = n * (2 * cw + 3 * iw + 2 * qd + 2 * kd) * BF16 + cw * F32;
     let norm_partial = u64::from(plan::rmsnorm_dw(n, cw, &o.props)?.chunks) * cw * F32;
-    let (ow, add) = (false, true);
     let temp = [
-        backward_temp(proj(Proj::Down), n, ow, o.dropout),
-        backward_temp(proj(Proj::Gate), n, ow, o.dropout),
-        backward_temp(proj(Proj::Up), n, add, o.dropout),
+        backward_temp(proj(Proj::Down), n, o.dropout),
+        backward_temp(proj(Proj::Gate), n, o.dropout),
+        backward_temp(proj(Proj::Up), n, o.dropout),
         norm_partial,
-        backward_temp(proj(Proj::O), n, ow, o.dropout),
+        backward_temp(proj(Proj::O), n, o.dropout),
         n * heads * F32,
-        backward_temp(proj(Proj::Q), n, ow, o.dropout),
-        backward_temp(proj(Proj::K), n, add, o.dropout),
-        backward_temp(proj(Proj::V), n, add, o.dropout),
+        backward_temp(proj(Proj::Q), n, o.dropout),
+        backward_temp(proj(Proj::K), n, o.dropout),
+        backward_temp(proj(Proj::V), n, o.dropout),
     ]
     .into_iter()
     .max()
@@ -483,16 +482,15 @@ fn forward_temp(pp: &ProjPlan, n: u64, dropout: bool) -> u64 {
     }
 }
 
-/// Temporaries of one projection's backward (`add`: accumulated into its input gradient).
-fn backward_temp(pp: &ProjPlan, n: u64, add: bool, dropout: bool) -> u64 {
+/// Temporaries of one projection's backward.
+fn backward_temp(pp: &ProjPlan, n: u64, dropout: bool) -> u64 {
     if dropout && pp.adapted {
         // x~, d1, d0; the mix then writes dx (or x~ before the add) in place.
         3 * n * pp.inp * BF16 + pp.nf4_copy
-    } else if pp.fused {
-        let acc = if add { n * pp.inp * BF16 } else { 0 };
-        acc + pp.nf4_copy
     } else {
-        0
+        // A sum of input gradients (`dx += dy W`) happens in the fused kernels' epilogue or in
+        // cuBLAS' beta: no temporary.
+        pp.nf4_copy
     }
 }
 

@@ -127,17 +127,10 @@ impl CudaBackend {
                     }
                     None => None,
                 };
-                let run = |dx: &mut DeviceBuffer<bf16>| match grads {
-                    Some((ga, gb)) => layer.backward(x, dy, rows, None, dx, ga, gb),
-                    None => layer.backward_base(x, dy, rows, dx),
-                };
-                match acc {
-                    Accumulate::Overwrite => run(dx),
-                    Accumulate::Add => {
-                        let mut t = self.dev.zeros(rows * inp)?;
-                        run(&mut t)?;
-                        self.add_assign(dx, &t)
-                    }
+                // A sum of input gradients (`acc`) happens in the kernels' epilogue.
+                match grads {
+                    Some(g) => layer.backward(x, dy, rows, None, dx, g, acc),
+                    None => layer.backward_base(x, dy, rows, dx, acc),
                 }
             }
         }

@@ -207,7 +207,8 @@ fn bcat_f32(shape: &LoraShape, b: &[bf16]) -> Vec<f32> {
     out
 }
 
-/// The backward (see the module doc): `dx [m, k]` is overwritten, `grad_a [n_adapters, rank, k]`
+/// The backward (see the module doc): `dx [m, k]` is overwritten (or added into with
+/// [`Accumulate::Add`], one rounding of the sum), `grad_a [n_adapters, rank, k]`
 /// and `grad_b [n_adapters, n, rank]` are accumulated into (so gradient accumulation over several
 /// micro-batches is a sum of calls).
 #[allow(clippy::too_many_arguments)]
@@ -221,6 +222,7 @@ pub fn backward(
     dx: &mut [bf16],
     grad_a: &mut [f32],
     grad_b: &mut [f32],
+    acc: Accumulate,
 ) -> Result<()> {
     const OP: &str = "lora backward (cpu)";
     shape.check(OP, x, w, lora, adapter_idx, None)?;
@@ -305,6 +307,12 @@ pub fn backward(
             let mut gb = view_mut(n, r, &mut grad_b[a * n * r..(a + 1) * n * r]);
             gb += &db;
         }
+    }
+    if acc == Accumulate::Add {
+        // The old dx added in f32 before the one rounding, as the kernels' epilogue does.
+        dxf.par_iter_mut()
+            .zip(dx.par_iter())
+            .for_each(|(f, old)| *f += old.to_f32());
     }
     narrow(&dxf, dx);
     Ok(())

@@ -402,6 +402,7 @@ impl LoraLinear {
                 &mut dx,
                 &mut grads.a,
                 &mut grads.b,
+                Accumulate::Overwrite,
             )?,
             Device::Cuda(dev) => {
                 shape.check(
@@ -435,7 +436,16 @@ impl LoraLinear {
                 let mut dxd = dev.zeros::<bf16>(rows * k)?;
                 let mut ga = dev.upload(&grads.a)?;
                 let mut gb = dev.upload(&grads.b)?;
-                d.backward(&xd, &dyd, rows, idx.as_ref(), &mut dxd, &mut ga, &mut gb)?;
+                let grads_d = (&mut ga, &mut gb);
+                d.backward(
+                    &xd,
+                    &dyd,
+                    rows,
+                    idx.as_ref(),
+                    &mut dxd,
+                    grads_d,
+                    Accumulate::Overwrite,
+                )?;
                 dx = dev.download(&dxd)?;
                 grads.a = dev.download(&ga)?;
                 grads.b = dev.download(&gb)?;
@@ -638,7 +648,8 @@ impl CudaLoraLinear {
         (&mut self.a, &mut self.b)
     }
 
-    /// Overwrites `dx [rows, in_features]` and ADDS the adapter gradients into
+    /// Overwrites `dx [rows, in_features]` (or adds into it with [`Accumulate::Add`], in the
+    /// kernels' epilogue) and ADDS the adapter gradients into
     /// `grad_a [adapters, rank, in_features]` and `grad_b [adapters, out_features, rank]`.
     #[allow(clippy::too_many_arguments)]
     pub fn backward(
@@ -648,8 +659,8 @@ impl CudaLoraLinear {
         rows: usize,
         adapter_idx: Option<&CudaSlice<i32>>,
         dx: &mut CudaSlice<bf16>,
-        grad_a: &mut CudaSlice<f32>,
-        grad_b: &mut CudaSlice<f32>,
+        (grad_a, grad_b): (&mut CudaSlice<f32>, &mut CudaSlice<f32>),
+        acc: Accumulate,
     ) -> Result<()> {
         launch::lora_backward(
             &self.dev,
@@ -661,6 +672,7 @@ impl CudaLoraLinear {
             adapter_idx,
             dx,
             Some((grad_a, grad_b)),
+            acc,
         )
     }
 
@@ -696,14 +708,15 @@ impl CudaLoraLinear {
         )
     }
 
-    /// `dx = dy W` (overwritten) without the LoRA term: only the dx GEMM runs, no adapter
-    /// gradient is formed.
+    /// `dx = dy W` (overwritten, or added into as in [`backward`](Self::backward)) without the
+    /// LoRA term: only the dx GEMM runs, no adapter gradient is formed.
     pub fn backward_base(
         &self,
         x: &CudaSlice<bf16>,
         dy: &CudaSlice<bf16>,
         rows: usize,
         dx: &mut CudaSlice<bf16>,
+        acc: Accumulate,
     ) -> Result<()> {
         launch::lora_backward(
             &self.dev,
@@ -715,6 +728,7 @@ impl CudaLoraLinear {
             None,
             dx,
             None,
+            acc,
         )
     }
 }

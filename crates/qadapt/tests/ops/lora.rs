@@ -879,7 +879,15 @@ fn cuda_base_only_calls_run_no_lora_kernel() {
             .forward(&x, m, Some(&none), &mut y_ref, Accumulate::Overwrite)
             .unwrap();
         layer
-            .backward(&x, &dy, m, Some(&none), &mut dx_ref, &mut ga, &mut gb)
+            .backward(
+                &x,
+                &dy,
+                m,
+                Some(&none),
+                &mut dx_ref,
+                (&mut ga, &mut gb),
+                Accumulate::Overwrite,
+            )
             .unwrap();
         dev.reset_emulator_counters();
         let mut y = dev.zeros::<bf16>(m * n).unwrap();
@@ -887,7 +895,9 @@ fn cuda_base_only_calls_run_no_lora_kernel() {
         layer
             .forward_base(&x, m, &mut y, Accumulate::Overwrite)
             .unwrap();
-        layer.backward_base(&x, &dy, m, &mut dx).unwrap();
+        layer
+            .backward_base(&x, &dy, m, &mut dx, Accumulate::Overwrite)
+            .unwrap();
         assert_eq!(dev.download(&y).unwrap(), dev.download(&y_ref).unwrap());
         assert_eq!(dev.download(&dx).unwrap(), dev.download(&dx_ref).unwrap());
         for kernel in qadapt_kernels::KERNELS {
@@ -980,5 +990,65 @@ fn cuda_forward_accumulates_into_y_in_the_epilogue() {
             &ptol,
         );
         assert_close(&format!("cpu overwrite, {tag}"), &fresh, &plain, &ptol);
+        // The backward adds into dx the same way: the device and the CPU reference each give
+        // their own overwriting result plus the old dx, to one rounding of the sum.
+        let dy = rand_bf16(&mut rng, m * n, 1.0);
+        let dx0 = rand_bf16(&mut rng, m * k, 2.0);
+        let (na, r) = (c.layer.adapters.len(), c.layer.adapters.rank);
+        let dyd = dev.upload(&dy).unwrap();
+        let mut ga = dev.zeros::<f32>(na * r * k).unwrap();
+        let mut gb = dev.zeros::<f32>(na * n * r).unwrap();
+        let mut dx_ow = dev.zeros::<bf16>(m * k).unwrap();
+        let idx_d = idx.as_ref();
+        let g = (&mut ga, &mut gb);
+        layer
+            .backward(&x, &dyd, m, idx_d, &mut dx_ow, g, Accumulate::Overwrite)
+            .unwrap();
+        let mut dx_add = dev.upload(&dx0).unwrap();
+        let g = (&mut ga, &mut gb);
+        layer
+            .backward(&x, &dyd, m, idx_d, &mut dx_add, g, Accumulate::Add)
+            .unwrap();
+        let (ow, add) = (
+            dev.download(&dx_ow).unwrap(),
+            dev.download(&dx_add).unwrap(),
+        );
+        let cpu_dx = |acc: Accumulate| {
+            let mut dx = if acc == Accumulate::Add {
+                dx0.clone()
+            } else {
+                vec![bf16::ZERO; m * k]
+            };
+            let (mut ga, mut gb) = (vec![0f32; na * r * k], vec![0f32; na * n * r]);
+            cpu::backward(
+                &c.layer.shape(m),
+                &c.x,
+                weight_ref(&c.layer),
+                lora_ref(&c.layer),
+                c.idx.as_deref(),
+                &dy,
+                &mut dx,
+                &mut ga,
+                &mut gb,
+                acc,
+            )
+            .unwrap();
+            dx
+        };
+        let (cpu_ow, cpu_add) = (cpu_dx(Accumulate::Overwrite), cpu_dx(Accumulate::Add));
+        for (what, o, a) in [("cuda", &ow, &add), ("cpu", &cpu_ow, &cpu_add)] {
+            let want: Vec<f64> = o
+                .iter()
+                .zip(&dx0)
+                .map(|(o, d)| f64::from(o.to_f32()) + f64::from(d.to_f32()))
+                .collect();
+            // The overwriting result was rounded once already: two bf16 roundings apart.
+            let tol: Vec<f64> = o
+                .iter()
+                .zip(&want)
+                .map(|(o, w)| (f64::from(o.to_f32()).abs() + w.abs()) / 128.0 + 1e-6)
+                .collect();
+            assert_close(&format!("{what} dx add, {tag}"), a, &want, &tol);
+        }
     }
 }

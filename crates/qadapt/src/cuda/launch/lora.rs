@@ -490,7 +490,8 @@ fn rank_product(
     Ok(())
 }
 
-/// The fused backward: overwrites `dx [m, k]`, ADDS into `grad_a [na, r, k]` and
+/// The fused backward: overwrites `dx [m, k]` (adds into it with [`Accumulate::Add`]), ADDS into
+/// `grad_a [na, r, k]` and
 /// `grad_b [na, n, r]` (f32; `grads`, required when the shape has a LoRA term and ignored
 /// without one). NF4 weights are dequantized inside the dx matmul (or into a scratch
 /// copy first, under the same conditions as the forward).
@@ -505,6 +506,7 @@ pub(crate) fn lora_backward(
     adapter_idx: Option<&CudaSlice<i32>>,
     dx: &mut CudaSlice<bf16>,
     grads: Option<(&mut CudaSlice<f32>, &mut CudaSlice<f32>)>,
+    acc: Accumulate,
 ) -> Result<()> {
     const OP: &str = "lora backward (cuda)";
     let (m, n, k, r, na) = (shape.m, shape.n, shape.k, shape.rank, shape.n_adapters);
@@ -614,7 +616,12 @@ pub(crate) fn lora_backward(
         n_adapters: na as u32,
         blocksize: wp.blocksize,
         offset: wp.offset,
-        flags: if vec { ffi::QADAPT_LORA_VEC } else { 0 },
+        flags: if vec { ffi::QADAPT_LORA_VEC } else { 0 }
+            | if acc == Accumulate::Add {
+                ffi::QADAPT_LORA_ACCUMULATE
+            } else {
+                0
+            },
         partial: if plan.dx_split.is_some() { p_ptr } else { 0 },
         splits: plan.dx_split.map_or(0, |s| s.splits),
         split_steps: plan.dx_split.map_or(0, |s| s.steps),
