@@ -9,8 +9,8 @@
 use qadapt::bottleneck::Activation;
 use qadapt::ops::rope::RopeScaling;
 use qadapt_train::{
-    Adapter, Grads, HoulsbyAdapter, HoulsbyConfig, Ia3Adapter, Ia3Config, Llama, PrefixTuning,
-    PromptInit, PromptTuning, evaluate,
+    Adapter, Batch, Evaluation, Grads, HoulsbyAdapter, HoulsbyConfig, Ia3Adapter, Ia3Config, Llama,
+    PrefixTuning, PromptInit, PromptTuning, evaluate,
 };
 
 use crate::common;
@@ -35,6 +35,11 @@ fn randomize(a: &mut Adapter<f64>, seed: u64, center: f64, scale: f64) {
 
 const IDS: [u32; 10] = [3, 7, 1, 10, 0, 4, 4, 9, 2, 6];
 
+/// [`evaluate`] on the fixed ids, labels = ids, evaluation mode.
+fn run(m: &Llama<f64>, a: Option<&Adapter<f64>>, grads: Grads) -> qadapt::Result<Evaluation<f64>> {
+    evaluate(m, &Batch::causal(IDS.to_vec(), 2, 5)?, a, grads, None)
+}
+
 fn check_all(name: &str, m: &Llama<f64>, a: &Adapter<f64>) {
     let cfg = &m.config;
     const H: f64 = 1e-5;
@@ -44,14 +49,7 @@ fn check_all(name: &str, m: &Llama<f64>, a: &Adapter<f64>) {
             "{name}: {what}[{i}]: {g} vs {fd}"
         );
     };
-    let ev = evaluate(
-        m,
-        &qadapt_train::Batch::causal(IDS.to_vec(), 2, 5).unwrap(),
-        Some(a),
-        Grads::All,
-        None,
-    )
-    .unwrap();
+    let ev = run(m, Some(a), Grads::All).unwrap();
     let ga = ev.adapter_grads.unwrap();
     let gw = ev.base_grads.unwrap();
     // Adapter tensors.
@@ -66,15 +64,7 @@ fn check_all(name: &str, m: &Llama<f64>, a: &Adapter<f64>) {
             let orig = probe.tensors_mut()[ti][i];
             let mut at = |v: f64| {
                 probe.tensors_mut()[ti][i] = v;
-                evaluate(
-                    m,
-                    &qadapt_train::Batch::causal(IDS.to_vec(), 2, 5).unwrap(),
-                    Some(&probe),
-                    Grads::None,
-                    None,
-                )
-                .unwrap()
-                .loss
+                run(m, Some(&probe), Grads::None).unwrap().loss
             };
             let fd = (at(orig + H) - at(orig - H)) / (2.0 * H);
             at(orig);
@@ -93,15 +83,7 @@ fn check_all(name: &str, m: &Llama<f64>, a: &Adapter<f64>) {
             let orig = mp.weights.slots()[ti][i];
             let mut at = |v: f64| {
                 mp.weights.slots_mut()[ti][i] = v;
-                evaluate(
-                    &mp,
-                    &qadapt_train::Batch::causal(IDS.to_vec(), 2, 5).unwrap(),
-                    Some(a),
-                    Grads::None,
-                    None,
-                )
-                .unwrap()
-                .loss
+                run(&mp, Some(a), Grads::None).unwrap().loss
             };
             let fd = (at(orig + H) - at(orig - H)) / (2.0 * H);
             at(orig);
@@ -121,23 +103,9 @@ fn ia3_gradients_match_finite_differences() {
     };
     let a = Ia3Adapter::<f64>::new(&m.config, ic, true).unwrap();
     // PEFT's init (all ones) is the base model.
-    let base = evaluate(
-        &m,
-        &qadapt_train::Batch::causal(IDS.to_vec(), 2, 5).unwrap(),
-        None,
-        Grads::None,
-        None,
-    )
-    .unwrap();
+    let base = run(&m, None, Grads::None).unwrap();
     let mut a = Adapter::Ia3(a);
-    let same = evaluate(
-        &m,
-        &qadapt_train::Batch::causal(IDS.to_vec(), 2, 5).unwrap(),
-        Some(&a),
-        Grads::None,
-        None,
-    )
-    .unwrap();
+    let same = run(&m, Some(&a), Grads::None).unwrap();
     assert_eq!(base.logits, same.logits);
     randomize(&mut a, 3, 1.0, 0.4);
     check_all("ia3", &m, &a);
@@ -158,14 +126,7 @@ fn prompt_tuning_gradients_match_finite_differences() {
     assert_eq!(&p.embeddings[16..24], &m.weights.embed_tokens[32..40]);
     let mut a = Adapter::Prompt(p);
     randomize(&mut a, 4, 0.0, 0.8);
-    let ev = evaluate(
-        &m,
-        &qadapt_train::Batch::causal(IDS.to_vec(), 2, 5).unwrap(),
-        Some(&a),
-        Grads::None,
-        None,
-    )
-    .unwrap();
+    let ev = run(&m, Some(&a), Grads::None).unwrap();
     assert_eq!(ev.positions, 8);
     check_all("prompt", &m, &a);
 }
@@ -192,22 +153,8 @@ fn houlsby_gradients_match_finite_differences() {
         let h = HoulsbyAdapter::<f64>::new(&m.config, hc, 0.01, 1).unwrap();
         let mut a = Adapter::Houlsby(h);
         // Near-identity init: the adapted model is the base model.
-        let base = evaluate(
-            &m,
-            &qadapt_train::Batch::causal(IDS.to_vec(), 2, 5).unwrap(),
-            None,
-            Grads::None,
-            None,
-        )
-        .unwrap();
-        let same = evaluate(
-            &m,
-            &qadapt_train::Batch::causal(IDS.to_vec(), 2, 5).unwrap(),
-            Some(&a),
-            Grads::None,
-            None,
-        )
-        .unwrap();
+        let base = run(&m, None, Grads::None).unwrap();
+        let same = run(&m, Some(&a), Grads::None).unwrap();
         assert_eq!(base.logits, same.logits);
         // 2 layers x 2 sites x (2 C b + b + C).
         assert_eq!(a.num_params(&m.config), 4 * (2 * 8 * 3 + 3 + 8));
@@ -223,22 +170,8 @@ fn reparameterized_prefix_gradients_match_finite_differences() {
     // Saved as the prefix it projects to: the same outputs as that plain prefix.
     let (plain, _) = pm.project(&m.config).unwrap();
     let a = Adapter::PrefixMlp(pm);
-    let via_mlp = evaluate(
-        &m,
-        &qadapt_train::Batch::causal(IDS.to_vec(), 2, 5).unwrap(),
-        Some(&a),
-        Grads::None,
-        None,
-    )
-    .unwrap();
-    let direct = evaluate(
-        &m,
-        &qadapt_train::Batch::causal(IDS.to_vec(), 2, 5).unwrap(),
-        Some(&Adapter::Prefix(plain)),
-        Grads::None,
-        None,
-    )
-    .unwrap();
+    let via_mlp = run(&m, Some(&a), Grads::None).unwrap();
+    let direct = run(&m, Some(&Adapter::Prefix(plain)), Grads::None).unwrap();
     assert_eq!(via_mlp.logits, direct.logits);
     // E [P, K] + W1 [H, K] + b1 + W2 [L 2 K, H] + b2.
     assert_eq!(a.num_params(&m.config), 2 * 4 + 5 * 4 + 5 + 16 * 5 + 16);
