@@ -170,7 +170,10 @@ fn report(name: &str, p: &MemoryPlan, budget: u64, largest: Option<usize>) -> St
         (
             "logits/loss",
             p.logits_loss(),
-            "one chunk of bf16 logits and their gradient, per-row losses".into(),
+            format!(
+                "bf16 logits and their gradient for {} token rows at a time, per-row losses",
+                p.loss_chunk_rows
+            ),
         ),
         (
             "workspace",

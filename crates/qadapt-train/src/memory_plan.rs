@@ -228,6 +228,8 @@ pub struct MemoryPlan {
     pub optimizer: u64,
     /// The LoRA kernels' scratch (resident once grown).
     pub lora_scratch: u64,
+    /// Token rows per chunk of the fused head and loss.
+    pub loss_chunk_rows: u64,
     /// Every phase compared, in step order.
     pub phases: Vec<PhaseBytes>,
     /// The phase with the most bytes live.
@@ -466,6 +468,7 @@ pub fn plan(config: &LlamaConfig, o: &PlanOptions) -> Result<MemoryPlan> {
         adapter,
         optimizer,
         lora_scratch,
+        loss_chunk_rows: chunk,
         phases,
         peak_phase,
     })
@@ -613,6 +616,7 @@ mod tests {
         let (n, v, cw) = (8192u64, 128_256u64, 4096u64);
         let chunk = (1u64 << 26) / v;
         assert_eq!(chunk, 523);
+        assert_eq!(p.loss_chunk_rows, chunk);
         let loss = p
             .phases
             .iter()
