@@ -16,7 +16,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::common::{data, worst};
 use qadapt_train::peft::{self, Adapter};
-use qadapt_train::{Grads, LlamaDir, evaluate};
+use qadapt_train::{Batch, Grads, LlamaDir, evaluate};
 use safetensors::SafeTensors;
 
 struct Golden(Vec<u8>);
@@ -33,15 +33,13 @@ impl Golden {
             bytemuck::pod_collect_to_vec::<u8, f32>(t.data()),
         )
     }
-    fn ids(&self) -> (usize, usize, Vec<u32>) {
+    /// The golden's `input_ids` as a batch with labels = ids (what the goldens were made with).
+    fn batch(&self) -> Batch {
         let st = SafeTensors::deserialize(&self.0).unwrap();
         let t = st.tensor("input_ids").unwrap();
         let ids = bytemuck::pod_collect_to_vec::<u8, i64>(t.data());
-        (
-            t.shape()[0],
-            t.shape()[1],
-            ids.into_iter().map(|v| v as u32).collect(),
-        )
+        let ids = ids.into_iter().map(|v| v as u32).collect();
+        Batch::causal(ids, t.shape()[0], t.shape()[1]).unwrap()
     }
     fn grad_count(&self) -> usize {
         let st = SafeTensors::deserialize(&self.0).unwrap();
@@ -55,15 +53,9 @@ fn check(method: &str, positions_extra: usize) -> Adapter<f32> {
     let model = dir.model().unwrap();
     let adapter = peft::load(&data(&format!("tiny_llama_{method}")), &dir.config).unwrap();
     let g = Golden::open(&format!("tiny_llama_{method}_golden.safetensors"));
-    let (batch, seq, ids) = g.ids();
-    let ev = evaluate(
-        &model,
-        &qadapt_train::Batch::causal(ids.to_vec(), batch, seq).unwrap(),
-        Some(&adapter),
-        Grads::Adapter,
-        None,
-    )
-    .unwrap();
+    let b = g.batch();
+    let (batch, seq) = (b.batch, b.seq);
+    let ev = evaluate(&model, &b, Some(&adapter), Grads::Adapter, None).unwrap();
     assert_eq!(ev.positions, seq + positions_extra);
     let (shape, want) = g.f32s("logits");
     assert_eq!(shape, [batch, ev.positions, dir.config.vocab_size]);
@@ -78,14 +70,7 @@ fn check(method: &str, positions_extra: usize) -> Adapter<f32> {
     );
     assert!(rel <= 1e-5);
     // The adapter matters: the base model alone is far from PEFT's logits or loss.
-    let base = evaluate(
-        &model,
-        &qadapt_train::Batch::causal(ids.to_vec(), batch, seq).unwrap(),
-        None,
-        Grads::None,
-        None,
-    )
-    .unwrap();
+    let base = evaluate(&model, &b, None, Grads::None, None).unwrap();
     assert!(
         (base.loss - want_loss).abs() > 1e-2,
         "{method}: adapter has no effect"
@@ -168,11 +153,11 @@ fn prefix_tuning_matches_peft() {
     }
     let model = dir.model().unwrap();
     let g = Golden::open("tiny_llama_prefix_golden.safetensors");
-    let (batch, seq, ids) = g.ids();
+    let b = g.batch();
     let want = g.f32s("logits").1;
     let f = model
         .forward(
-            Input::ids(&ids, batch, seq),
+            Input::from(&b),
             Options::adapter(qadapt_train::Attached::Prefix(&roped)),
         )
         .unwrap();
@@ -242,7 +227,7 @@ fn written_adapters_reload_and_export_for_peft() {
         assert_eq!(peft::load(&out.join(name), cfg).unwrap(), a, "{name}");
         let ev = evaluate(
             &model,
-            &qadapt_train::Batch::causal(ids.to_vec(), 2, 5).unwrap(),
+            &Batch::causal(ids.to_vec(), 2, 5).unwrap(),
             Some(&a),
             Grads::None,
             None,
@@ -314,30 +299,16 @@ fn reparameterized_prefix_matches_peft() {
     println!("prefix mlp: projection max err {err:.3e} (max {scale:.3})");
     assert!(err <= 1e-5 * scale);
 
-    let (batch, seq, ids) = g.ids();
+    let b = g.batch();
     let a = Adapter::PrefixMlp(pm);
-    let ev = evaluate(
-        &model,
-        &qadapt_train::Batch::causal(ids.to_vec(), batch, seq).unwrap(),
-        Some(&a),
-        Grads::Adapter,
-        None,
-    )
-    .unwrap();
+    let ev = evaluate(&model, &b, Some(&a), Grads::Adapter, None).unwrap();
     let want = g.f32s("logits").1;
     let (err, scale) = worst(&ev.logits, &want);
     println!("prefix mlp: logits max err {err:.3e} (max |logit| {scale:.3})");
     assert!(err <= 3e-5 * scale);
     let want_loss = g.f32s("loss").1[0];
     assert!(((ev.loss - want_loss) / want_loss).abs() <= 1e-5);
-    let file = evaluate(
-        &model,
-        &qadapt_train::Batch::causal(ids.to_vec(), batch, seq).unwrap(),
-        Some(&saved),
-        Grads::None,
-        None,
-    )
-    .unwrap();
+    let file = evaluate(&model, &b, Some(&saved), Grads::None, None).unwrap();
     assert!(worst(&file.logits, &want).0 <= 3e-5 * scale);
     let grads = ev.adapter_grads.unwrap();
     let mut n = 0;
