@@ -206,10 +206,13 @@ train-check python="python3": setup
     tmp=$(mktemp -d)
     model=crates/qadapt-cli/assets/default-model
     {{python}} -c "import torch; from safetensors.torch import save_file; g = torch.Generator().manual_seed(0); save_file({'input_ids': torch.randint(3, 512, (2, 24), generator=g)}, '$tmp/ids.safetensors')"
-    for m in lora qlora; do
-        echo "== qadapt train --method $m --steps 40"
-        target/release/qadapt train --method $m --steps 40 --output "$tmp/$m" --quiet
+    # lora, qlora, and lora saved in bf16 (--adapter-dtype bf16).
+    for spec in lora qlora lora:bf16; do
+        m=${spec%%:*}; dtype=f32; [ "$spec" != "$m" ] && dtype=${spec#*:}
+        run="$tmp/$m-$dtype"
+        echo "== qadapt train --method $m --steps 40 --adapter-dtype $dtype"
+        target/release/qadapt train --method $m --steps 40 --adapter-dtype $dtype --output "$run" --quiet
         nf4=""; [ $m = qlora ] && nf4="--nf4"
-        target/release/qadapt logits --model $model --adapter "$tmp/$m/adapter" $nf4 --tokens "$tmp/ids.safetensors" --out "$tmp/$m.safetensors"
-        {{python}} tests/data/check_peft_reads_train.py $model "$tmp/$m/adapter" "$tmp/ids.safetensors" "$tmp/$m.safetensors" $nf4 2>/dev/null | tail -n 1
+        target/release/qadapt logits --model $model --adapter "$run/adapter" $nf4 --tokens "$tmp/ids.safetensors" --out "$run.safetensors"
+        {{python}} tests/data/check_peft_reads_train.py $model "$run/adapter" "$tmp/ids.safetensors" "$run.safetensors" $nf4 2>/dev/null | tail -n 1
     done

@@ -18,7 +18,8 @@ use clap::Args;
 use qadapt_train::backend::Checkpointing;
 use qadapt_train::fit::Heldout;
 use qadapt_train::run::{
-    Config, FineTune, Finished, LogRow, Observer, ObserverError, Outcome, Overrides, Start,
+    AdapterDtype, Config, FineTune, Finished, LogRow, Observer, ObserverError, Outcome, Overrides,
+    Start,
 };
 pub(crate) use qadapt_train::run::{Method, Summary};
 
@@ -55,6 +56,10 @@ pub(crate) struct TrainArgs {
     /// fits the device's free memory, else layers).
     #[arg(long, value_parser = parse_checkpointing)]
     checkpointing: Option<CheckpointingArg>,
+    /// dtype of the saved adapter's tensors: f32 (default) or bf16 (half the file; PEFT loads
+    /// either). Checkpoints stay f32, so a resume is exact.
+    #[arg(long)]
+    adapter_dtype: Option<AdapterDtype>,
     /// New output directory (default runs/<method>-<unix time>).
     #[arg(long)]
     output: Option<PathBuf>,
@@ -201,6 +206,7 @@ impl TrainArgs {
                 _ => None,
             },
             checkpointing_auto: self.checkpointing.map(|c| c == CheckpointingArg::Auto),
+            adapter_dtype: self.adapter_dtype,
             steps: self.steps,
             batch: match self.batch {
                 Some(BatchArg::Sequences(n)) => Some(n),

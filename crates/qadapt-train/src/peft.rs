@@ -23,6 +23,7 @@ use crate::houlsby::{self, HoulsbyAdapter};
 use crate::ia3::{self, Ia3Adapter};
 use crate::lora::{self, DropoutKey, LoraAdapter};
 use crate::model::{Attached, BaseGrads, Input, Llama, Options};
+pub use crate::peft_io::adapter_to_bf16;
 use crate::peft_io::read_json;
 use crate::prompt::{self, PrefixMlp, PrefixTuning, PromptTuning, prompt_targets};
 use crate::train::Batch;

@@ -93,6 +93,40 @@ pub(crate) fn read_tensors(
         .collect()
 }
 
+/// Rewrites `dir/adapter_model.safetensors` with every f32 tensor rounded to bf16 (to nearest
+/// even), the names and shapes kept; other dtypes stay as they are. The new file replaces the old
+/// one in one rename.
+pub fn adapter_to_bf16(dir: &Path) -> Result<()> {
+    let path = dir.join("adapter_model.safetensors");
+    let bytes = std::fs::read(&path).map_err(io_err(&path))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| format_err(&path, e))?;
+    let mut names = st.names();
+    names.sort();
+    let mut data: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    for name in names {
+        let t = st.tensor(name).map_err(|e| format_err(&path, e))?;
+        let (dtype, raw) = match t.dtype() {
+            safetensors::Dtype::F32 => (
+                safetensors::Dtype::BF16,
+                bytemuck::pod_collect_to_vec::<u8, f32>(t.data())
+                    .into_iter()
+                    .flat_map(|v| half::bf16::from_f32(v).to_le_bytes())
+                    .collect(),
+            ),
+            other => (other, t.data().to_vec()),
+        };
+        data.push((name.to_owned(), dtype, t.shape().to_vec(), raw));
+    }
+    let mut views = Vec::with_capacity(data.len());
+    for (name, dtype, shape, raw) in &data {
+        let v = TensorView::new(*dtype, shape.clone(), raw).map_err(|e| format_err(&path, e))?;
+        views.push((name.clone(), v));
+    }
+    let tmp = dir.join(".adapter_model.safetensors.tmp");
+    safetensors::serialize_to_file(views, None, &tmp).map_err(|e| format_err(&tmp, e))?;
+    std::fs::rename(&tmp, &path).map_err(io_err(&path))
+}
+
 /// Writes `adapter_config.json` (pretty, newline-terminated) and `adapter_model.safetensors`
 /// (f32) into `dir`, creating it.
 pub(crate) fn write_adapter<T: Real>(

@@ -90,6 +90,60 @@ fn a_run_writes_a_peft_adapter_a_log_a_plot_and_a_summary() {
     assert!(fails(&again).contains("already exists"));
 }
 
+/// `--adapter-dtype bf16` saves the same adapter as an f32 run (same seed), each tensor rounded
+/// to bf16, under the same names and shapes; run.toml keeps the choice.
+#[test]
+fn a_bf16_adapter_is_the_f32_one_rounded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |out: &str, extra: &[&str]| {
+        let args = [
+            &["train", "--method", "lora", "--output", out][..],
+            &SHORT,
+            extra,
+        ]
+        .concat();
+        ok(&qadapt(&args, tmp.path()));
+        std::fs::read(
+            tmp.path()
+                .join(out)
+                .join("adapter/adapter_model.safetensors"),
+        )
+        .unwrap()
+    };
+    let f32_bytes = run("f32", &[]);
+    let bf16_bytes = run("bf16", &["--adapter-dtype", "bf16"]);
+    let (a, b) = (
+        safetensors::SafeTensors::deserialize(&f32_bytes).unwrap(),
+        safetensors::SafeTensors::deserialize(&bf16_bytes).unwrap(),
+    );
+    let mut names = a.names();
+    names.sort();
+    let mut names_b = b.names();
+    names_b.sort();
+    assert_eq!(names, names_b);
+    assert!(!names.is_empty());
+    for n in names {
+        let (ta, tb) = (a.tensor(n).unwrap(), b.tensor(n).unwrap());
+        assert_eq!(ta.dtype(), safetensors::Dtype::F32, "{n}");
+        assert_eq!(tb.dtype(), safetensors::Dtype::BF16, "{n}");
+        assert_eq!(ta.shape(), tb.shape(), "{n}");
+        let want: Vec<half::bf16> = bytemuck::pod_collect_to_vec::<u8, f32>(ta.data())
+            .into_iter()
+            .map(half::bf16::from_f32)
+            .collect();
+        let got = bytemuck::pod_collect_to_vec::<u8, half::bf16>(tb.data());
+        assert_eq!(got, want, "{n}");
+    }
+    let toml = std::fs::read_to_string(tmp.path().join("bf16/run.toml")).unwrap();
+    assert!(toml.contains("adapter_dtype = \"bf16\""), "{toml}");
+    let o = qadapt(
+        &["train", "--adapter-dtype", "f16", "--output", "x"],
+        tmp.path(),
+    );
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("f32 or bf16"));
+}
+
 #[test]
 fn an_interrupted_run_resumes_to_the_same_weights() {
     let tmp = tempfile::tempdir().unwrap();

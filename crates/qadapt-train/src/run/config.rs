@@ -120,6 +120,28 @@ impl std::str::FromStr for Method {
     }
 }
 
+/// The dtype of a saved adapter's tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AdapterDtype {
+    /// f32, the trainer's own precision.
+    #[default]
+    F32,
+    /// bf16 (rounded to nearest even): half the file, as a bf16 QLoRA run of PEFT saves it.
+    Bf16,
+}
+
+impl std::str::FromStr for AdapterDtype {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" => Ok(AdapterDtype::F32),
+            "bf16" => Ok(AdapterDtype::Bf16),
+            _ => Err(format!("unknown adapter dtype {s:?} (f32 or bf16)")),
+        }
+    }
+}
+
 /// Every setting of a run.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Config {
@@ -144,6 +166,9 @@ pub struct Config {
     /// under `--batch auto`), else to `layers`. Not part of run.toml, which holds the choice.
     #[serde(skip)]
     pub checkpointing_auto: bool,
+    /// The dtype of the saved adapter's tensors (`adapter_model.safetensors`; PEFT loads
+    /// either). Checkpoints keep f32, so a resume is exact whatever this says.
+    pub adapter_dtype: AdapterDtype,
     /// Optimizer steps (manual surgery: in all, split evenly between the layer groups).
     pub steps: u64,
     /// Sequences per micro-batch.
@@ -215,6 +240,7 @@ impl Default for Config {
             device: "cpu".into(),
             checkpointing: Checkpointing::None,
             checkpointing_auto: false,
+            adapter_dtype: AdapterDtype::F32,
             steps: 300,
             batch: 16,
             batch_auto: false,
@@ -265,6 +291,7 @@ pub struct Overrides {
     /// `--checkpointing auto` (command line only).
     #[serde(skip)]
     pub checkpointing_auto: Option<bool>,
+    pub adapter_dtype: Option<AdapterDtype>,
     pub steps: Option<u64>,
     pub batch: Option<usize>,
     /// `--batch auto` (command line only).
@@ -323,6 +350,7 @@ impl Config {
             device,
             checkpointing,
             checkpointing_auto,
+            adapter_dtype,
             batch_auto,
             steps,
             batch,

@@ -95,7 +95,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
-pub use config::{Config, Method, Overrides};
+pub use config::{AdapterDtype, Config, Method, Overrides};
 pub use observer::{Finished, LogRow, Observer, ObserverError, Outcome, Silent, Start, Summary};
 
 use crate::dataset::DataError;

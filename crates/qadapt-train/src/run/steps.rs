@@ -13,8 +13,8 @@ use super::checkpoint::{self, Checkpoint};
 use super::inputs::Inputs;
 use super::method::{self, State};
 use super::{
-    Config, Error, FineTune, Finished, LogRow, Method, Observer, Outcome, Start, Summary, absolute,
-    data, dir_size, fs, observer, peak_rss, save,
+    AdapterDtype, Config, Error, FineTune, Finished, LogRow, Method, Observer, Outcome, Start,
+    Summary, absolute, data, dir_size, fs, observer, peak_rss, save,
 };
 use crate::backend::{BaseFormat, Checkpointing, LoraModel, MomentPlacement};
 use crate::cuda::CudaBackend;
@@ -733,8 +733,13 @@ impl Run {
         let saved = match &self.state {
             State::Adapter(ad) => {
                 let p = self.out.join("adapter");
+                let bf16 = self.c.adapter_dtype == AdapterDtype::Bf16;
                 fs::replace_directory(&p, |tmp| {
-                    ad.save(tmp, &self.model.config).map_err(Error::from)
+                    ad.save(tmp, &self.model.config)?;
+                    if bf16 {
+                        crate::peft::adapter_to_bf16(tmp)?;
+                    }
+                    Ok::<(), Error>(())
                 })?;
                 p
             }
