@@ -3,8 +3,9 @@
  * CPU reference: crates/qadapt/src/ops/cross_entropy.rs; the conventions of every model-op kernel:
  * include/model_common.cuh.
  *
- *   cross_entropy_bf16                      one CTA per row: an online max/sum-of-exp pass, a CTA
- *                                           reduction in a fixed order, then the dlogits pass.
+ *   cross_entropy_bf16                      one CTA per row: an online max/sum-of-exp pass (with,
+ *                                           when asked, the test that no logit beats the target's),
+ *                                           a CTA reduction in a fixed order, then the dlogits pass.
  */
 #include "model_common.cuh"
 
@@ -24,10 +25,12 @@ __device__ __forceinline__ void lse_merge(float& m, float& s, float m2, float s2
 QADAPT_KERNEL(cross_entropy_bf16, QadaptCrossEntropyArgs) {
     __shared__ float red_m[kWarps];
     __shared__ float red_s[kWarps];
+    __shared__ int red_beaten[kWarps];
     const bf16* __restrict__ logits = reinterpret_cast<const bf16*>(args.logits);
     const int32_t* __restrict__ targets = reinterpret_cast<const int32_t*>(args.targets);
     float* __restrict__ loss = reinterpret_cast<float*>(args.loss);
     bf16* __restrict__ dlogits = reinterpret_cast<bf16*>(args.dlogits);
+    uint32_t* __restrict__ top = reinterpret_cast<uint32_t*>(args.top);
     const uint32_t v = args.vocab;
     const unsigned lane = threadIdx.x & 31u;
     const unsigned warp = threadIdx.x / 32u;
@@ -37,6 +40,12 @@ QADAPT_KERNEL(cross_entropy_bf16, QadaptCrossEntropyArgs) {
         const bf16* z = logits + row * v;
         const int32_t t = targets[row];
         float m = -INFINITY, s = 0.0f;
+        /* The argmax test: z[c] beats the target's logit zt when greater, or equal at c < t. An
+         * ignored row has nothing to beat (its top is 0 regardless). */
+        const bool test = top != nullptr && t >= 0;
+        const float zt = test ? to_f(z[t]) : 0.0f;
+        const uint32_t tu0 = test ? (uint32_t)t : 0u;
+        bool beaten = false;
         if (vec) {
             for (uint32_t c = threadIdx.x * 8; c < v; c += QADAPT_MODEL_THREADS * 8) {
                 float f[8];
@@ -44,6 +53,10 @@ QADAPT_KERNEL(cross_entropy_bf16, QadaptCrossEntropyArgs) {
                 float mm = m;
 #pragma unroll
                 for (int j = 0; j < 8; ++j) mm = fmaxf(mm, f[j]);
+                if (test) {
+#pragma unroll
+                    for (int j = 0; j < 8; ++j) beaten |= f[j] > zt || (f[j] == zt && c + j < tu0);
+                }
                 if (mm == -INFINITY) continue;
                 s = (m == -INFINITY) ? 0.0f : s * expf(m - mm);
 #pragma unroll
@@ -52,9 +65,12 @@ QADAPT_KERNEL(cross_entropy_bf16, QadaptCrossEntropyArgs) {
             }
         } else {
             for (uint32_t c = threadIdx.x; c < v; c += QADAPT_MODEL_THREADS) {
-                lse_merge(m, s, to_f(z[c]), 1.0f);
+                const float f = to_f(z[c]);
+                lse_merge(m, s, f, 1.0f);
+                if (test) beaten |= f > zt || (f == zt && c < tu0);
             }
         }
+        beaten = __any_sync(kFull, beaten);
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) {
             const float m2 = __shfl_xor_sync(kFull, m, o);
@@ -64,6 +80,7 @@ QADAPT_KERNEL(cross_entropy_bf16, QadaptCrossEntropyArgs) {
         if (lane == 0) {
             red_m[warp] = m;
             red_s[warp] = s;
+            red_beaten[warp] = beaten;
         }
         __syncthreads();
         /* Every thread folds the warps' pairs in the same order: the same lse everywhere. */
@@ -73,6 +90,12 @@ QADAPT_KERNEL(cross_entropy_bf16, QadaptCrossEntropyArgs) {
         for (int k = 1; k < kWarps; ++k) lse_merge(m, s, red_m[k], red_s[k]);
         const float lse = m + logf(s);
         if (threadIdx.x == 0) loss[row] = t >= 0 ? lse - to_f(z[t]) : 0.0f;
+        if (top != nullptr && threadIdx.x == 0) {
+            int any = 0;
+#pragma unroll
+            for (int k = 0; k < kWarps; ++k) any |= red_beaten[k];
+            top[row] = (t >= 0 && !any) ? 1u : 0u;
+        }
         if (dlogits != nullptr) {
             bf16* dz = dlogits + row * v;
             const uint32_t tu = t >= 0 ? (uint32_t)t : 0xffffffffu;

@@ -412,6 +412,9 @@ typedef struct QadaptEmbeddingArgs {
  *   loss[n]       = lse - z[n, t[n]] for t[n] >= 0, else 0             (f32, overwritten)
  *   dlogits[n, v] = bf16(exp(z - lse) g - [v == t[n]] g), g = grad_scale (= dloss / #targets),
  *                   0 for rows with t[n] < 0 (ignored)                   (overwritten; skipped if 0)
+ *   top[n]        = 1 when t[n] >= 0 and z[n, t[n]] is the row's first maximum (no logit is
+ *                   greater, none equal at a lower index: the target is the first argmax, what
+ *                   greedy decoding picks), else 0                       (u32, overwritten; skipped if 0)
  * The host checks every target < vocab and takes the mean of loss over the rows with a target. */
 typedef struct QadaptCrossEntropyArgs {
     uint64_t logits;  /* const bf16* [rows, vocab] */
@@ -423,6 +426,7 @@ typedef struct QadaptCrossEntropyArgs {
     float grad_scale;
     uint32_t flags;   /* QADAPT_MODEL_VEC: vocab % 8 == 0, logits and dlogits 16-byte aligned */
     uint32_t reserved;
+    uint64_t top;     /* uint32_t* [rows] or 0 (no argmax test) */
 } QadaptCrossEntropyArgs;
 
 /* Causal grouped-query attention, one (batch, head) at a time, query head h reading kv head

@@ -656,10 +656,11 @@ pub struct QadaptCrossEntropyArgs {
     pub grad_scale: f32,
     pub flags: u32,
     pub reserved: u32,
+    pub top: u64,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of QadaptCrossEntropyArgs"][::std::mem::size_of::<QadaptCrossEntropyArgs>() - 56usize];
+    ["Size of QadaptCrossEntropyArgs"][::std::mem::size_of::<QadaptCrossEntropyArgs>() - 64usize];
     ["Alignment of QadaptCrossEntropyArgs"]
         [::std::mem::align_of::<QadaptCrossEntropyArgs>() - 8usize];
     ["Offset of field: QadaptCrossEntropyArgs::logits"]
@@ -680,6 +681,8 @@ const _: () = {
         [::std::mem::offset_of!(QadaptCrossEntropyArgs, flags) - 48usize];
     ["Offset of field: QadaptCrossEntropyArgs::reserved"]
         [::std::mem::offset_of!(QadaptCrossEntropyArgs, reserved) - 52usize];
+    ["Offset of field: QadaptCrossEntropyArgs::top"]
+        [::std::mem::offset_of!(QadaptCrossEntropyArgs, top) - 56usize];
 };
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]

@@ -11,6 +11,7 @@
 //! | embedding | [`crate::ops::embedding`] | [`embedding_forward`], [`embedding_backward`] (`dtable` f32) |
 //! | cross-entropy | [`crate::ops::cross_entropy`] | [`cross_entropy_forward`], [`cross_entropy_backward`], [`cross_entropy_fused`] |
 //! | LM head + cross-entropy, in row chunks | [`crate::ops::cross_entropy::lm_head`] | [`lm_head_cross_entropy`] (bf16 logits per chunk) |
+//! | LM head scores (loss, argmax test per row) | [`crate::ops::cross_entropy::lm_head_scores`] | [`lm_head_scores`] |
 //! | attention | [`crate::ops::attention`] | [`attention_forward`], [`attention_backward`] (saves `lse`, not `p`) |
 //! | attention on tensor cores | [`crate::ops::attention`] | [`flash_attention_forward`], [`flash_attention_backward`] (`head_dim` in [`FLASH_HEAD_DIMS`]) |
 //!
@@ -31,7 +32,7 @@ use super::launch::{self, SwigluOut};
 use crate::error::{Result, shape_err};
 use crate::ops::Accumulate;
 use crate::ops::attention::AttentionShape;
-use crate::ops::cross_entropy::LmHeadShape;
+use crate::ops::cross_entropy::{LmHeadShape, RowScore};
 use crate::ops::dropout::{DropoutMask, MaskCoef};
 use crate::ops::rope::{RopeDirection, RopeTable};
 
@@ -323,8 +324,52 @@ pub fn lm_head_cross_entropy(
         dloss / n as f32,
         &mut row_loss,
         dxn,
+        None,
     )?;
     cross_entropy_mean(dev, &row_loss, targets)
+}
+
+/// Each row's loss and argmax test under `z = xn H^T`, `chunk_rows` rows at a time, as
+/// [`crate::ops::cross_entropy::lm_head_scores`]: the kernel tests the target against every
+/// bf16 logit in the pass that finds the row's maximum. Reads the scores back (synchronizes).
+pub fn lm_head_scores(
+    dev: &CudaDevice,
+    xn: &CudaSlice<bf16>,
+    head: &CudaSlice<bf16>,
+    shape: LmHeadShape,
+    targets: &[Option<u32>],
+    chunk_rows: usize,
+) -> Result<Vec<RowScore<f32>>> {
+    const OP: &str = "lm_head scores (cuda)";
+    let rows = shape.rows;
+    if targets.len() != rows {
+        return Err(shape_err(OP, format!("{rows} targets"), targets.len()));
+    }
+    count_targets(OP, targets, shape.vocab)?;
+    let mut row_loss = dev.zeros::<f32>(rows)?;
+    let mut top = dev.zeros::<u32>(rows)?;
+    launch::lm_head_cross_entropy(
+        dev,
+        xn,
+        head,
+        (rows, shape.hidden, shape.vocab),
+        targets,
+        chunk_rows,
+        0.0,
+        &mut row_loss,
+        None,
+        Some(&mut top),
+    )?;
+    let loss = dev.download(&row_loss)?;
+    let top = dev.download(&top)?;
+    Ok(loss
+        .into_iter()
+        .zip(top)
+        .map(|(loss, top)| RowScore {
+            loss,
+            top: top != 0,
+        })
+        .collect())
 }
 
 /// Causal grouped-query attention forward (layouts of [`crate::ops::attention`]): `out`

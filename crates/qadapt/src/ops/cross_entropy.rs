@@ -111,10 +111,97 @@ pub fn lm_head_stored<T: Real>(
     targets: &[Option<u32>],
     chunk_rows: usize,
     dloss: T,
-    mut dxn: Option<&mut [T]>,
+    dxn: Option<&mut [T]>,
     store: impl Fn(&mut [T]),
 ) -> Result<T> {
     const OP: &str = "lm_head cross_entropy";
+    let mut loss = vec![T::ZERO; shape.rows];
+    let n = lm_head_rows(
+        OP, xn, head, shape, targets, chunk_rows, dloss, dxn, &mut loss, None, store,
+    )?;
+    Ok(mean_of(&loss, n))
+}
+
+/// One token row's score under the LM head ([`lm_head_scores`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RowScore<T> {
+    /// `logsumexp(z) - z[t]`; 0 for a row without a target.
+    pub loss: T,
+    /// Whether the row has a target and it is the first argmax of the row's logits (no logit
+    /// greater, none equal at a lower index): the token greedy decoding would pick.
+    pub top: bool,
+}
+
+/// Each row's loss and argmax test under `z = xn H^T` (`xn [rows, hidden]`, the head
+/// `H [vocab, hidden]`), `chunk_rows` rows at a time: what an evaluation needs (mean loss,
+/// exact-match accuracy) without the logits. No gradient.
+pub fn lm_head_scores<T: Real>(
+    xn: &[T],
+    head: &[T],
+    shape: LmHeadShape,
+    targets: &[Option<u32>],
+    chunk_rows: usize,
+) -> Result<Vec<RowScore<T>>> {
+    lm_head_scores_stored(xn, head, shape, targets, chunk_rows, |_| {})
+}
+
+/// [`lm_head_scores`] with the logits passed through `store` (see [`lm_head_stored`]).
+pub fn lm_head_scores_stored<T: Real>(
+    xn: &[T],
+    head: &[T],
+    shape: LmHeadShape,
+    targets: &[Option<u32>],
+    chunk_rows: usize,
+    store: impl Fn(&mut [T]),
+) -> Result<Vec<RowScore<T>>> {
+    const OP: &str = "lm_head scores";
+    let mut loss = vec![T::ZERO; shape.rows];
+    let mut top = vec![false; shape.rows];
+    lm_head_rows(
+        OP,
+        xn,
+        head,
+        shape,
+        targets,
+        chunk_rows,
+        T::ZERO,
+        None,
+        &mut loss,
+        Some(&mut top),
+        store,
+    )?;
+    Ok(loss
+        .into_iter()
+        .zip(top)
+        .map(|(loss, top)| RowScore { loss, top })
+        .collect())
+}
+
+/// Whether `t` is the first argmax of `row`.
+fn is_top<T: Real>(row: &[T], t: usize) -> bool {
+    let zt = row[t];
+    row.iter()
+        .enumerate()
+        .all(|(c, &x)| !(x > zt || (x == zt && c < t)))
+}
+
+/// The chunked head of [`lm_head_stored`] and [`lm_head_scores_stored`]: each row's loss into
+/// `loss [rows]`, its argmax test into `top` when given, `dxn` when given; returns the number of
+/// rows with a target.
+#[allow(clippy::too_many_arguments)]
+fn lm_head_rows<T: Real>(
+    op: &'static str,
+    xn: &[T],
+    head: &[T],
+    shape: LmHeadShape,
+    targets: &[Option<u32>],
+    chunk_rows: usize,
+    dloss: T,
+    mut dxn: Option<&mut [T]>,
+    loss: &mut [T],
+    mut top: Option<&mut [bool]>,
+    store: impl Fn(&mut [T]),
+) -> Result<usize> {
     let LmHeadShape {
         rows,
         hidden,
@@ -122,21 +209,24 @@ pub fn lm_head_stored<T: Real>(
     } = shape;
     if rows == 0 || hidden == 0 || vocab == 0 || chunk_rows == 0 {
         return Err(invalid(
-            OP,
+            op,
             format!("an empty shape ({rows} x {hidden} -> {vocab}) or chunk ({chunk_rows} rows)"),
         ));
     }
-    check_len(OP, "targets", targets, rows)?;
-    check_len(OP, "xn", xn, rows * hidden)?;
-    check_len(OP, "head", head, vocab * hidden)?;
+    check_len(op, "targets", targets, rows)?;
+    check_len(op, "xn", xn, rows * hidden)?;
+    check_len(op, "head", head, vocab * hidden)?;
     if let Some(d) = dxn.as_deref() {
-        check_len(OP, "dxn", d, rows * hidden)?;
+        check_len(op, "dxn", d, rows * hidden)?;
+    }
+    check_len(op, "loss", loss, rows)?;
+    if let Some(d) = top.as_deref() {
+        check_len(op, "top", d, rows)?;
     }
     let chunk = chunk_rows.min(rows);
     let mut z = vec![T::ZERO; chunk * vocab];
-    let n = count_targets(OP, targets, vocab)?;
+    let n = count_targets(op, targets, vocab)?;
     let mut dz = dxn.as_ref().map(|_| vec![T::ZERO; chunk * vocab]);
-    let mut loss = vec![T::ZERO; rows];
     let g = dloss / T::from_f64(n as f64);
     for r0 in (0..rows).step_by(chunk) {
         let m = chunk.min(rows - r0);
@@ -150,6 +240,11 @@ pub fn lm_head_stored<T: Real>(
         linear::forward(s, x, head, z, Accumulate::Overwrite)?;
         store(z);
         row_losses(z, t, vocab, &mut loss[r0..r0 + m]);
+        if let Some(top) = top.as_deref_mut() {
+            for ((row, t), hit) in z.chunks_exact(vocab).zip(t).zip(&mut top[r0..r0 + m]) {
+                *hit = t.is_some_and(|t| is_top(row, t as usize));
+            }
+        }
         if let (Some(dz), Some(dxn)) = (dz.as_mut(), dxn.as_deref_mut()) {
             let dz = &mut dz[..m * vocab];
             softmax_grad(z, t, vocab, g, dz);
@@ -158,7 +253,7 @@ pub fn lm_head_stored<T: Real>(
             linear::backward(s, x, head, dz, Some((dx, Accumulate::Overwrite)), None)?;
         }
     }
-    Ok(mean_of(&loss, n))
+    Ok(n)
 }
 
 /// The number of rows with a target, after checking every target against the vocabulary.
@@ -315,5 +410,55 @@ mod tests {
         bad[2] = Some(11);
         assert!(lm_head(&xn, &head, shape, &bad, 2, 1.0, None).is_err());
         assert!(lm_head(&xn, &head, shape, &[None; 7], 2, 1.0, None).is_err());
+    }
+
+    /// Scores: each row's loss is the whole computation's, and `top` is the first-argmax rule,
+    /// ties included (two equal head rows give equal logits: the lower index wins).
+    #[test]
+    fn lm_head_scores_give_row_losses_and_the_first_argmax() {
+        let (rows, hidden, vocab) = (6, 4, 9);
+        let shape = LmHeadShape {
+            rows,
+            hidden,
+            vocab,
+        };
+        let xn = rand_vec(4, rows * hidden);
+        let mut head = rand_vec(5, vocab * hidden);
+        // Head rows 2 and 7 equal and long: they are every row's maximum, tied.
+        for k in 0..hidden {
+            let v = 10.0 * xn[k].signum();
+            head[2 * hidden + k] = v;
+            head[7 * hidden + k] = v;
+        }
+        // Every row with the signs of row 0: aligned with the long rows.
+        let xn: Vec<f64> = (0..rows * hidden)
+            .map(|i| xn[i % hidden].signum() * (0.5 + xn[i].abs()))
+            .collect();
+        let targets = [Some(2), Some(7), None, Some(0), Some(2), Some(8)];
+        let s = LinearShape {
+            rows,
+            inp: hidden,
+            out: vocab,
+        };
+        let mut z = vec![0.0; rows * vocab];
+        linear::forward(s, &xn, &head, &mut z, Accumulate::Overwrite).unwrap();
+        let mut want_loss = vec![0.0; rows];
+        row_losses(&z, &targets, vocab, &mut want_loss);
+        for chunk in [1, 4, 6] {
+            let got = lm_head_scores(&xn, &head, shape, &targets, chunk).unwrap();
+            let top: Vec<bool> = got.iter().map(|r| r.top).collect();
+            // Row 0 predicts 2 (the first of the tied maxima), row 1 predicts 7 (tied with 2,
+            // which comes first), row 2 has no target, rows 3 and 5 predict small logits.
+            assert_eq!(
+                top,
+                [true, false, false, false, true, false],
+                "chunk {chunk}"
+            );
+            for (r, (g, w)) in got.iter().zip(&want_loss).enumerate() {
+                assert!((g.loss - w).abs() < 1e-14, "chunk {chunk} row {r}");
+            }
+        }
+        assert!(lm_head_scores(&xn, &head, shape, &[None; 6], 2).is_err());
+        assert!(lm_head_scores(&xn, &head[1..], shape, &targets, 2).is_err());
     }
 }

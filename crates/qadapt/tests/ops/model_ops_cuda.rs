@@ -640,3 +640,106 @@ fn cuda_attention_matches_cpu() {
     let mut o = dev.zeros::<bf16>(2 * 2 * 258).unwrap();
     assert!(ops::attention_forward(&dev, bad, &x, &x, &x, &mut lse, &mut o).is_err());
 }
+
+/// `lm_head_scores` on the device: each row's argmax test equals the first-argmax rule applied to
+/// the whole bf16 logits the device computes (ties included: two equal head rows give equal
+/// logits, and the lower index wins), and each row's loss equals the fused kernel's on those
+/// logits, for chunks of 1, 4 and all rows, on the vectorized (vocab 1000) and scalar (1001)
+/// paths.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn cuda_lm_head_scores_test_the_first_argmax() {
+    use qadapt::cuda::Op;
+    use qadapt::ops::cross_entropy::LmHeadShape;
+    let dev = device();
+    for (rows, hidden, vocab) in [(37usize, 64usize, 1000usize), (9, 72, 1001)] {
+        let shape = LmHeadShape {
+            rows,
+            hidden,
+            vocab,
+        };
+        let (_, x) = rand_bf16(31, rows * hidden, 1.0);
+        let (_, mut h) = rand_bf16(32, vocab * hidden, 0.5);
+        // Head rows 2 and vocab - 1 equal and long; the rows r % 4 == 3 of x point along them,
+        // so their two logits tie as the row's maximum.
+        for k in 0..hidden {
+            let v = if k % 3 == 0 { -2.0 } else { 2.0 };
+            h[2 * hidden + k] = v;
+            h[(vocab - 1) * hidden + k] = v;
+        }
+        let x: Vec<f32> = x
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| {
+                let (r, k) = (i / hidden, i % hidden);
+                if r % 4 == 3 {
+                    if k % 3 == 0 { -1.0 } else { 1.0 }
+                } else {
+                    v
+                }
+            })
+            .collect();
+        let to_bf16 = |v: &[f32]| v.iter().map(|&f| bf16::from_f32(f)).collect::<Vec<_>>();
+        let (xd, hd) = (
+            dev.upload(&to_bf16(&x)).unwrap(),
+            dev.upload(&to_bf16(&h)).unwrap(),
+        );
+        let mut z = dev.zeros::<bf16>(rows * vocab).unwrap();
+        dev.gemm_bf16(
+            &xd,
+            Op::N,
+            &hd,
+            Op::T,
+            &mut z,
+            (rows, vocab, hidden),
+            1.0,
+            0.0,
+        )
+        .unwrap();
+        let z = widen(&dev.download(&z).unwrap());
+        let first_argmax = |row: &[f32]| {
+            (0..row.len()).fold(0, |best, c| if row[c] > row[best] { c } else { best })
+        };
+        // Targets: the first argmax, the tied later maximum, a random token, none.
+        let mut rng = ChaCha8Rng::seed_from_u64(33);
+        let targets: Vec<Option<u32>> = (0..rows)
+            .map(|r| {
+                let row = &z[r * vocab..][..vocab];
+                match r % 4 {
+                    0 => Some(first_argmax(row) as u32),
+                    1 => Some(rng.random_range(0..vocab as u32)),
+                    2 => None,
+                    _ if r % 8 == 3 => Some(vocab as u32 - 1),
+                    _ => Some(2),
+                }
+            })
+            .collect();
+        let mut row_loss = dev.zeros::<f32>(rows).unwrap();
+        let zd = dev.upload(&to_bf16(&z)).unwrap();
+        ops::cross_entropy_fused(&dev, &zd, &targets, vocab, 0.0, &mut row_loss, None).unwrap();
+        let want_loss = dev.download(&row_loss).unwrap();
+        let want_top: Vec<bool> = (0..rows)
+            .map(|r| {
+                targets[r].is_some_and(|t| first_argmax(&z[r * vocab..][..vocab]) == t as usize)
+            })
+            .collect();
+        // The tie rows: vocab - 1 loses to 2, and 2 wins.
+        for r in (3..rows).step_by(4) {
+            assert_eq!(want_top[r], r % 8 == 7, "row {r}: the tie is not one");
+        }
+        assert!(want_top.iter().filter(|&&t| t).count() >= rows / 4);
+        for chunk in [1, 4, rows] {
+            let tag = format!("rows {rows} vocab {vocab} chunk {chunk}");
+            let got = ops::lm_head_scores(&dev, &xd, &hd, shape, &targets, chunk).unwrap();
+            let top: Vec<bool> = got.iter().map(|s| s.top).collect();
+            assert_eq!(top, want_top, "{tag}");
+            for (r, (g, w)) in got.iter().zip(&want_loss).enumerate() {
+                assert!(
+                    (g.loss - w).abs() <= 1e-3 * w.abs().max(1.0),
+                    "{tag} row {r}: {} vs {w}",
+                    g.loss
+                );
+            }
+        }
+    }
+}

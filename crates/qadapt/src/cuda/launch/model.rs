@@ -594,7 +594,7 @@ pub(crate) fn cross_entropy(
     };
     // SAFETY: logits (and dlogits when given) hold rows * vocab bf16, loss rows f32 (checked
     // above), t_dev rows i32 built by targets_i32 (each -1 or < vocab), all on this device.
-    unsafe { cross_entropy_raw(dev, [lp, tp, lossp, dp], rows, vocab32, grad_scale) }
+    unsafe { cross_entropy_raw(dev, [lp, tp, lossp, dp, 0], rows, vocab32, grad_scale) }
 }
 
 /// The vocabulary as the kernel's u32, refused unless an i32 target cannot wrap (31 bits).
@@ -603,16 +603,16 @@ fn vocab_i32(op: &'static str, vocab: usize) -> Result<u32> {
     u32_of(op, "vocab", vocab)
 }
 
-/// Launches `cross_entropy_bf16` on the addresses `[logits, targets, loss, dlogits]` (`dlogits`
-/// 0 for none) of `rows` rows.
+/// Launches `cross_entropy_bf16` on the addresses `[logits, targets, loss, dlogits, top]`
+/// (`dlogits` and `top` 0 for none) of `rows` rows.
 ///
 /// # Safety
-/// `logits` (and `dlogits` when non-zero) hold `rows * vocab` bf16, `loss` `rows` f32 and
-/// `targets` `rows` i32, each -1 or `< vocab`, all on `dev`, with their buffers' guards held by
-/// the caller until this returns; `vocab < 2^31`, `rows > 0`.
+/// `logits` (and `dlogits` when non-zero) hold `rows * vocab` bf16, `loss` `rows` f32, `top`
+/// (when non-zero) `rows` u32 and `targets` `rows` i32, each -1 or `< vocab`, all on `dev`, with
+/// their buffers' guards held by the caller until this returns; `vocab < 2^31`, `rows > 0`.
 unsafe fn cross_entropy_raw(
     dev: &CudaDevice,
-    [lp, tp, lossp, dp]: [u64; 4],
+    [lp, tp, lossp, dp, topp]: [u64; 5],
     rows: usize,
     vocab: u32,
     grad_scale: f32,
@@ -629,6 +629,7 @@ unsafe fn cross_entropy_raw(
         grad_scale,
         flags: vec_flag(vocab as usize, addrs),
         reserved: 0,
+        top: topp,
     };
     // SAFETY: QadaptCrossEntropyArgs is what cross_entropy_bf16 takes; by this function's
     // contract every z[row, c], z[row, t], loss[row] and dz[row, c] the kernel touches is in
@@ -641,8 +642,9 @@ unsafe fn cross_entropy_raw(
 /// logits `z = xn[chunk] H^T` (cuBLAS, into one `[chunk_rows, vocab]` buffer reused by every
 /// chunk), `cross_entropy_bf16` on them (the chunk's rows of `loss`, and `dz` into a second
 /// reused buffer when `dxn` is given), then `dxn[chunk] = dz H` (cuBLAS). `xn [rows, hidden]`,
-/// the head `H [vocab, hidden]`, `loss [rows]` f32, `dxn [rows, hidden]`, all overwritten. The
-/// full `[rows, vocab]` logits never exist.
+/// the head `H [vocab, hidden]`, `loss [rows]` f32, `dxn [rows, hidden]`, all overwritten; `top
+/// [rows]` u32, when given, overwritten with whether each row's target is its logits' first
+/// argmax (the kernel's argmax test). The full `[rows, vocab]` logits never exist.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn lm_head_cross_entropy(
     dev: &CudaDevice,
@@ -654,6 +656,7 @@ pub(crate) fn lm_head_cross_entropy(
     grad_scale: f32,
     loss: &mut CudaSlice<f32>,
     mut dxn: Option<&mut CudaSlice<bf16>>,
+    mut top: Option<&mut CudaSlice<u32>>,
 ) -> Result<()> {
     const OP: &str = "lm_head cross_entropy (cuda)";
     if rows == 0 || hidden == 0 || vocab == 0 || chunk_rows == 0 {
@@ -680,6 +683,10 @@ pub(crate) fn lm_head_cross_entropy(
     if let Some(d) = dxn.as_deref() {
         need(OP, "dxn", d, rows * hidden)?;
         on_device(OP, dev, "dxn", d)?;
+    }
+    if let Some(d) = top.as_deref() {
+        need(OP, "top", d, rows)?;
+        on_device(OP, dev, "top", d)?;
     }
     let chunk_len = prod(OP, &[chunk, vocab])?;
     let t_dev = dev.upload(&t)?;
@@ -719,13 +726,27 @@ pub(crate) fn lm_head_cross_entropy(
                 }
                 None => (0, None),
             };
+            let (topp, _g5) = match top.as_deref_mut() {
+                Some(d) => {
+                    let (p, g) = d.device_ptr_mut(&stream);
+                    (p, Some(g))
+                }
+                None => (0, None),
+            };
             let row = 4 * r0 as u64;
-            // SAFETY: z and dz hold chunk * vocab >= m * vocab bf16; t_dev and loss hold rows
-            // i32 and f32, so their entries r0..r0 + m (r0 + m <= rows) are in bounds at byte
-            // offset 4 r0; the targets were checked by targets_i32; all on this device, the
-            // guards held until the launch is queued.
+            let top_row = if topp == 0 { 0 } else { topp + row };
+            // SAFETY: z and dz hold chunk * vocab >= m * vocab bf16; t_dev, loss and top (when
+            // given) hold rows i32, f32 and u32, so their entries r0..r0 + m (r0 + m <= rows)
+            // are in bounds at byte offset 4 r0; the targets were checked by targets_i32; all on
+            // this device, the guards held until the launch is queued.
             unsafe {
-                cross_entropy_raw(dev, [zp, tp + row, lp + row, dp], m, vocab32, grad_scale)
+                cross_entropy_raw(
+                    dev,
+                    [zp, tp + row, lp + row, dp, top_row],
+                    m,
+                    vocab32,
+                    grad_scale,
+                )
             }?;
         }
         if let (Some(dz), Some(dxn)) = (dz.as_ref(), dxn.as_deref_mut()) {
