@@ -8,6 +8,7 @@
 //! is `ids[i + 1]` when `mask[i + 1]` (the loss trains "predict token i+1 from tokens ≤ i").
 
 use qadapt::Result;
+use qadapt::ops::cross_entropy::RowScore;
 
 use crate::config::LlamaConfig;
 use crate::dataset::Sequence;
@@ -163,6 +164,46 @@ pub fn heldout(
             });
             exact += usize::from(ok);
         }
+    }
+    Ok(Heldout {
+        loss: loss_sum / tokens.max(1) as f64,
+        exact,
+        total: seqs.len(),
+    })
+}
+
+/// [`heldout`] on a model that scores batches itself: `score` returns each row's loss and argmax
+/// test ([`qadapt::ops::cross_entropy::RowScore`]) for the micro-batch it is given, as
+/// [`crate::LoraModel::scores`] does on its backend (bf16 logits on a GPU, so a near tie can
+/// break the other way than in f32). `batch` sequences at a time.
+pub fn heldout_scored(
+    seqs: &[Sequence],
+    batch: usize,
+    pad: u32,
+    mut score: impl FnMut(&Batch) -> Result<Vec<RowScore<f32>>>,
+) -> Result<Heldout> {
+    let (mut loss_sum, mut tokens, mut exact) = (0.0f64, 0usize, 0usize);
+    for chunk in seqs.chunks(batch.max(1)) {
+        let refs: Vec<&Sequence> = chunk.iter().collect();
+        let b = pack(&refs, pad)?;
+        let rows = score(&b)?;
+        if rows.len() != b.targets.len() {
+            return Err(invalid(
+                "held-out scores",
+                format!("{} row scores for {} rows", rows.len(), b.targets.len()),
+            ));
+        }
+        for (r, t) in rows.iter().zip(&b.targets) {
+            if t.is_some() {
+                loss_sum += f64::from(r.loss);
+                tokens += 1;
+            }
+        }
+        exact += rows
+            .chunks(b.seq)
+            .zip(b.targets.chunks(b.seq))
+            .filter(|(r, t)| r.iter().zip(*t).all(|(r, t)| t.is_none() || r.top))
+            .count();
     }
     Ok(Heldout {
         loss: loss_sum / tokens.max(1) as f64,

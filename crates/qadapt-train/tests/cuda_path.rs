@@ -29,8 +29,8 @@ use qadapt_train::cuda::CudaBackend;
 use qadapt_train::nf4::{Nf4Projections, quantize_projections};
 use qadapt_train::weights::LlamaWeights;
 use qadapt_train::{
-    Adapter, BaseGrads, Batch, Llama, LlamaDir, LoraAdapter, LoraConfig, LoraInit, Trainable,
-    Trainer,
+    Adapter, BaseGrads, Batch, Grads, Llama, LlamaDir, LoraAdapter, LoraConfig, LoraInit,
+    Trainable, Trainer,
 };
 
 fn fixture() -> Llama<f32> {
@@ -771,6 +771,68 @@ fn the_loss_in_row_chunks_equals_the_whole_logits() {
     loss_chunks_agree(CpuBackend::bf16, Base::Nf4, 1e-6, "bf16, nf4");
 }
 
+/// The held-out metrics of [`LoraModel::scores`] ([`qadapt_train::fit::heldout_scored`]) against
+/// the CPU model's [`qadapt_train::fit::heldout`]: eight sequences of 5 to 11 tokens (padded
+/// batches of 3), each with its last token as the only target; the even ones end in the CPU
+/// model's own greedy prediction, so 4 of 8 are exact matches there. `tol` bounds the relative
+/// loss difference, `slack` the difference in exact matches (a near tie can break the other way
+/// in bf16).
+fn heldout_agrees<B: Backend>(be: B, base: Base, tol: f64, slack: usize, what: &str) {
+    use qadapt_train::dataset::Sequence;
+    use qadapt_train::fit::{heldout, heldout_scored};
+    let m = fixture();
+    let a = all_targets(&m, 7);
+    let (cpu, _) = base_of(&m, base);
+    let ad = Adapter::Lora(a.clone());
+    let v = m.config.vocab_size;
+    let seqs: Vec<Sequence> = (0..8u64)
+        .map(|i| {
+            let len = 5 + (i as usize % 4) * 2;
+            let mut ids = ids(v, len, 100 + i)[..len].to_vec();
+            if i % 2 == 0 {
+                let prefix = Batch::causal(ids[..len - 1].to_vec(), 1, len - 1).unwrap();
+                let ev =
+                    qadapt_train::evaluate(&cpu, &prefix, Some(&ad), Grads::None, None).unwrap();
+                ids[len - 1] = qadapt_train::fit::argmax(&ev.logits[(len - 2) * v..]) as u32;
+            }
+            let mut mask = vec![false; len];
+            mask[len - 1] = true;
+            Sequence { ids, mask }
+        })
+        .collect();
+    let want = heldout(&cpu, Some(&ad), &seqs, 3, 0).unwrap();
+    assert_eq!(
+        (want.exact, want.total),
+        (4, 8),
+        "the reference's exact matches"
+    );
+    let lm = lora_model(be, &m, base, &a, MomentPlacement::Device);
+    let got = heldout_scored(&seqs, 3, 0, |b| lm.scores(b)).unwrap();
+    println!(
+        "{what}: loss {} vs {}, exact {} vs {}",
+        got.loss, want.loss, got.exact, want.exact
+    );
+    assert!(
+        (got.loss - want.loss).abs() <= tol * want.loss,
+        "{what}: loss {} vs {}",
+        got.loss,
+        want.loss
+    );
+    assert!(
+        got.exact.abs_diff(want.exact) <= slack && got.total == 8,
+        "{what}: exact {} vs {}",
+        got.exact,
+        want.exact
+    );
+}
+
+#[test]
+fn heldout_scores_match_the_cpu_models_evaluation() {
+    heldout_agrees(CpuBackend::f32(), Base::Dense, 1e-5, 0, "f32, dense");
+    heldout_agrees(CpuBackend::f32(), Base::Nf4, 1e-5, 0, "f32, nf4");
+    heldout_agrees(CpuBackend::bf16(), Base::Nf4, 1e-2, 1, "bf16, nf4");
+}
+
 /// The step (loss and gradients, bit for bit) of a model streamed to the backend by `streamed`
 /// equals that of `m` handed over whole: dense, and NF4 against `stored` codes (those of a
 /// bitsandbytes checkpoint; none: quantized on the host). Returns the two losses' bits.
@@ -979,6 +1041,14 @@ fn cuda_a_streamed_random_model_quantized_on_the_device_is_the_one_in_memory() {
 #[ignore = "needs a CUDA device"]
 fn cuda_a_streamed_checkpoint_quantized_on_the_device_is_the_loaded_one() {
     streamed_checkpoint_is_the_loaded_one(cuda, "cuda");
+}
+
+/// Held-out loss and exact matches on the device, within bf16 tolerance of the CPU model's.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn cuda_heldout_scores_match_the_cpu_models_evaluation() {
+    heldout_agrees(cuda(), Base::Dense, 1e-2, 1, "cuda, dense");
+    heldout_agrees(cuda(), Base::Nf4, 1e-2, 1, "cuda, nf4");
 }
 
 /// On the device the chunks change only which rows each cuBLAS call gets: within bf16 tolerance

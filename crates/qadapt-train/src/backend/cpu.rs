@@ -13,7 +13,7 @@
 
 use qadapt::nf4::Nf4Tensor;
 use qadapt::ops::attention::{self, AttentionShape};
-use qadapt::ops::cross_entropy::LmHeadShape;
+use qadapt::ops::cross_entropy::{LmHeadShape, RowScore};
 use qadapt::ops::dropout::{self, DropoutMask, MaskCoef};
 use qadapt::ops::linear::{self, LinearShape};
 use qadapt::ops::rope::{RopeDirection, RopeTable};
@@ -515,6 +515,19 @@ impl Backend for CpuBackend {
             self.round(d);
         }
         Ok(loss)
+    }
+
+    fn lm_head_scores(
+        &self,
+        xn: &Vec<f32>,
+        head: &Vec<f32>,
+        shape: LmHeadShape,
+        targets: &[Option<u32>],
+        chunk_rows: usize,
+    ) -> Result<Vec<RowScore<f32>>> {
+        cross_entropy::lm_head_scores_stored(xn, head, shape, targets, chunk_rows, |v| {
+            self.round(v)
+        })
     }
 
     fn sum_squares(&self, xs: &[&Vec<f32>]) -> Result<f64> {

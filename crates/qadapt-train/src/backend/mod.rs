@@ -39,7 +39,7 @@ use qadapt::Result;
 use qadapt::nf4::Nf4Tensor;
 use qadapt::ops::Accumulate;
 use qadapt::ops::attention::AttentionShape;
-use qadapt::ops::cross_entropy::LmHeadShape;
+use qadapt::ops::cross_entropy::{LmHeadShape, RowScore};
 use qadapt::ops::dropout::{DropoutMask, MaskCoef};
 use qadapt::ops::rope::{RopeDirection, RopeTable};
 use qadapt::optim::AdamWStep;
@@ -297,6 +297,18 @@ pub trait Backend {
         dloss: f32,
         dxn: Option<&mut Self::Act>,
     ) -> Result<f32>;
+
+    /// Each row's loss and first-argmax test under the logits `xn head^T`, `chunk_rows` rows at
+    /// a time (no gradient), as [`qadapt::ops::cross_entropy::lm_head_scores`]: an evaluation's
+    /// loss and exact-match accuracy without the logits.
+    fn lm_head_scores(
+        &self,
+        xn: &Self::Act,
+        head: &Self::Act,
+        shape: LmHeadShape,
+        targets: &[Option<u32>],
+        chunk_rows: usize,
+    ) -> Result<Vec<RowScore<f32>>>;
 
     /// `sum x^2` over every element of `xs` (f64 accumulation of the partials; a device
     /// synchronizes once).

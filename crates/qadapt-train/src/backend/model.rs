@@ -37,7 +37,7 @@ use std::path::Path;
 
 use qadapt::Result;
 use qadapt::ops::Accumulate;
-use qadapt::ops::cross_entropy::LmHeadShape;
+use qadapt::ops::cross_entropy::{LmHeadShape, RowScore};
 use qadapt::ops::dropout::{DropoutMask, MaskCoef};
 use qadapt::ops::rope::{self, RopeDirection, RopeTable};
 use qadapt::optim::{AdamW, clip_coefficient};
@@ -155,6 +155,14 @@ impl std::str::FromStr for Checkpointing {
             _ => Err(format!("unknown checkpointing {s:?} (none or layers)")),
         }
     }
+}
+
+/// What a forward keeps of each layer: what the model's [`Checkpointing`] says, for a training
+/// step's backward, or nothing (an evaluation: the peak is one layer's activations).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Keep {
+    ForBackward,
+    Nothing,
 }
 
 /// One layer's part of [`Saved`].
@@ -478,6 +486,7 @@ impl<B: Backend> LoraModel<B> {
         batch: usize,
         seq: usize,
         key: Option<DropoutKey>,
+        keep: Keep,
     ) -> Result<(Saved<B>, B::Act)> {
         const OP: &str = "lora model forward";
         let c = &self.config;
@@ -517,11 +526,14 @@ impl<B: Backend> LoraModel<B> {
         };
         for l in 0..c.num_hidden_layers {
             let (acts, out) = layer::forward(&mut run, l, x)?;
-            layers.push(match self.checkpointing {
-                Checkpointing::None => LayerSaved::All(acts),
-                // The rest of the layer's activations are freed here.
-                Checkpointing::Layers => LayerSaved::Input(acts.x),
-            });
+            // What is not kept is freed here, before the next layer runs.
+            match (keep, self.checkpointing) {
+                (Keep::Nothing, _) => {}
+                (Keep::ForBackward, Checkpointing::None) => layers.push(LayerSaved::All(acts)),
+                (Keep::ForBackward, Checkpointing::Layers) => {
+                    layers.push(LayerSaved::Input(acts.x))
+                }
+            }
             x = out;
         }
         let mut xn_final = be.zeros(n * c.hidden_size)?;
@@ -626,7 +638,7 @@ impl<B: Backend> LoraModel<B> {
     /// The logits `[batch * seq, vocab]` (bf16 values widened to f32) of ids `[batch, seq]`.
     pub fn logits(&self, ids: &[u32], batch: usize, seq: usize) -> Result<Vec<f32>> {
         let c = &self.config;
-        let (_, xn) = self.forward(ids, batch, seq, None)?;
+        let (_, xn) = self.forward(ids, batch, seq, None, Keep::Nothing)?;
         let mut logits = self.backend.zeros(ids.len() * c.vocab_size)?;
         self.backend.matmul_wt(
             &xn,
@@ -639,8 +651,27 @@ impl<B: Backend> LoraModel<B> {
 
     /// The mean cross-entropy of a batch's targets (no gradient).
     pub fn loss(&self, b: &Batch) -> Result<f32> {
-        let (_, xn) = self.forward(&b.ids, b.batch, b.seq, None)?;
+        let (_, xn) = self.forward(&b.ids, b.batch, b.seq, None, Keep::Nothing)?;
         self.head_loss(&xn, &b.targets, 1.0, None)
+    }
+
+    /// Each target row's loss and whether its target is the first argmax of its logits
+    /// ([`Backend::lm_head_scores`]), for a batch (no gradient, no dropout, no activation kept
+    /// past its layer): an evaluation without the logits ([`crate::fit::heldout_scored`]).
+    pub fn scores(&self, b: &Batch) -> Result<Vec<RowScore<f32>>> {
+        let c = &self.config;
+        let (_, xn) = self.forward(&b.ids, b.batch, b.seq, None, Keep::Nothing)?;
+        let rows = b.targets.len();
+        let shape = LmHeadShape {
+            rows,
+            hidden: c.hidden_size,
+            vocab: c.vocab_size,
+        };
+        let chunk = self
+            .loss_chunk_rows
+            .unwrap_or_else(|| qadapt::plan::loss_chunk_rows(rows, c.vocab_size));
+        self.backend
+            .lm_head_scores(&xn, self.head(), shape, &b.targets, chunk)
     }
 
     /// The fused head and cross-entropy of the final norm's output `xn` (see the module doc).
@@ -724,7 +755,7 @@ impl<B: Backend> LoraModel<B> {
             return Err(shape_err(OP, b.ids.len(), b.targets.len()));
         }
         let key = self.dropout_key()?;
-        let (saved, xn) = self.forward(&b.ids, b.batch, b.seq, key)?;
+        let (saved, xn) = self.forward(&b.ids, b.batch, b.seq, key, Keep::ForBackward)?;
         let mut dxn = self.backend.zeros(b.ids.len() * self.config.hidden_size)?;
         let loss = self.head_loss(&xn, &b.targets, tokens as f32, Some(&mut dxn))?;
         drop(xn);

@@ -20,7 +20,7 @@ use qadapt::lora::{AdapterStack, BaseWeight, CudaBaseWeight, CudaLoraLinear, Lor
 use qadapt::nf4::{CudaNf4, Statistics};
 use qadapt::ops::Accumulate;
 use qadapt::ops::attention::AttentionShape;
-use qadapt::ops::cross_entropy::LmHeadShape;
+use qadapt::ops::cross_entropy::{LmHeadShape, RowScore};
 use qadapt::ops::dropout::{DropoutMask, MaskCoef};
 use qadapt::ops::rope::{RopeDirection, RopeTable};
 use qadapt::optim::{
@@ -515,6 +515,17 @@ impl Backend for CudaBackend {
         dxn: Option<&mut Self::Act>,
     ) -> Result<f32> {
         ops::lm_head_cross_entropy(&self.dev, xn, head, shape, targets, chunk_rows, dloss, dxn)
+    }
+
+    fn lm_head_scores(
+        &self,
+        xn: &Self::Act,
+        head: &Self::Act,
+        shape: LmHeadShape,
+        targets: &[Option<u32>],
+        chunk_rows: usize,
+    ) -> Result<Vec<RowScore<f32>>> {
+        ops::lm_head_scores(&self.dev, xn, head, shape, targets, chunk_rows)
     }
 
     fn sum_squares(&self, xs: &[&Self::F32]) -> Result<f64> {
