@@ -807,23 +807,27 @@ fn heldout_agrees<B: Backend>(be: B, base: Base, tol: f64, slack: usize, what: &
         "the reference's exact matches"
     );
     let lm = lora_model(be, &m, base, &a, MomentPlacement::Device);
-    let got = heldout_scored(&seqs, 3, 0, |b| lm.scores(b)).unwrap();
-    println!(
-        "{what}: loss {} vs {}, exact {} vs {}",
-        got.loss, want.loss, got.exact, want.exact
-    );
-    assert!(
-        (got.loss - want.loss).abs() <= tol * want.loss,
-        "{what}: loss {} vs {}",
-        got.loss,
-        want.loss
-    );
-    assert!(
-        got.exact.abs_diff(want.exact) <= slack && got.total == 8,
-        "{what}: exact {} vs {}",
-        got.exact,
-        want.exact
-    );
+    // With the adapter, and without it (the frozen base alone: the CPU model with no adapter).
+    for (adapter, reference) in [(true, Some(&ad)), (false, None)] {
+        let want = heldout(&cpu, reference, &seqs, 3, 0).unwrap();
+        let got = heldout_scored(&seqs, 3, 0, |b| lm.scores(b, adapter)).unwrap();
+        println!(
+            "{what}, adapter {adapter}: loss {} vs {}, exact {} vs {}",
+            got.loss, want.loss, got.exact, want.exact
+        );
+        assert!(
+            (got.loss - want.loss).abs() <= tol * want.loss,
+            "{what}, adapter {adapter}: loss {} vs {}",
+            got.loss,
+            want.loss
+        );
+        assert!(
+            got.exact.abs_diff(want.exact) <= slack && got.total == 8,
+            "{what}, adapter {adapter}: exact {} vs {}",
+            got.exact,
+            want.exact
+        );
+    }
 }
 
 #[test]

@@ -165,6 +165,33 @@ enum Keep {
     Nothing,
 }
 
+/// How a forward runs: a training step's (its dropout key, activations kept for the backward)
+/// or an evaluation's (nothing kept, with or without the LoRA terms).
+#[derive(Debug, Clone, Copy)]
+struct Pass {
+    key: Option<DropoutKey>,
+    keep: Keep,
+    adapter: bool,
+}
+
+impl Pass {
+    fn train(key: Option<DropoutKey>) -> Pass {
+        Pass {
+            key,
+            keep: Keep::ForBackward,
+            adapter: true,
+        }
+    }
+
+    fn eval(adapter: bool) -> Pass {
+        Pass {
+            key: None,
+            keep: Keep::Nothing,
+            adapter,
+        }
+    }
+}
+
 /// One layer's part of [`Saved`].
 enum LayerSaved<B: Backend> {
     All(LayerCache<B>),
@@ -485,8 +512,7 @@ impl<B: Backend> LoraModel<B> {
         ids: &[u32],
         batch: usize,
         seq: usize,
-        key: Option<DropoutKey>,
-        keep: Keep,
+        pass: Pass,
     ) -> Result<(Saved<B>, B::Act)> {
         const OP: &str = "lora model forward";
         let c = &self.config;
@@ -522,12 +548,13 @@ impl<B: Backend> LoraModel<B> {
             batch,
             seq,
             rope: &rope,
-            key,
+            key: pass.key,
+            base_only: !pass.adapter,
         };
         for l in 0..c.num_hidden_layers {
             let (acts, out) = layer::forward(&mut run, l, x)?;
             // What is not kept is freed here, before the next layer runs.
-            match (keep, self.checkpointing) {
+            match (pass.keep, self.checkpointing) {
                 (Keep::Nothing, _) => {}
                 (Keep::ForBackward, Checkpointing::None) => layers.push(LayerSaved::All(acts)),
                 (Keep::ForBackward, Checkpointing::Layers) => {
@@ -549,7 +576,7 @@ impl<B: Backend> LoraModel<B> {
             Saved {
                 batch,
                 seq,
-                key,
+                key: pass.key,
                 layers,
                 x_final: x,
                 rstd_final,
@@ -625,6 +652,7 @@ impl<B: Backend> LoraModel<B> {
                         seq: f.seq,
                         rope: &f.rope,
                         key: f.key,
+                        base_only: false,
                     };
                     recomputed = layer::forward(&mut fwd, l, be.duplicate(x)?)?.0;
                     &recomputed
@@ -638,7 +666,7 @@ impl<B: Backend> LoraModel<B> {
     /// The logits `[batch * seq, vocab]` (bf16 values widened to f32) of ids `[batch, seq]`.
     pub fn logits(&self, ids: &[u32], batch: usize, seq: usize) -> Result<Vec<f32>> {
         let c = &self.config;
-        let (_, xn) = self.forward(ids, batch, seq, None, Keep::Nothing)?;
+        let (_, xn) = self.forward(ids, batch, seq, Pass::eval(true))?;
         let mut logits = self.backend.zeros(ids.len() * c.vocab_size)?;
         self.backend.matmul_wt(
             &xn,
@@ -651,16 +679,18 @@ impl<B: Backend> LoraModel<B> {
 
     /// The mean cross-entropy of a batch's targets (no gradient).
     pub fn loss(&self, b: &Batch) -> Result<f32> {
-        let (_, xn) = self.forward(&b.ids, b.batch, b.seq, None, Keep::Nothing)?;
+        let (_, xn) = self.forward(&b.ids, b.batch, b.seq, Pass::eval(true))?;
         self.head_loss(&xn, &b.targets, 1.0, None)
     }
 
     /// Each target row's loss and whether its target is the first argmax of its logits
     /// ([`Backend::lm_head_scores`]), for a batch (no gradient, no dropout, no activation kept
     /// past its layer): an evaluation without the logits ([`crate::fit::heldout_scored`]).
-    pub fn scores(&self, b: &Batch) -> Result<Vec<RowScore<f32>>> {
+    /// With `adapter` false every projection runs as its frozen base alone: the model before
+    /// fine-tuning, whatever the adapter holds now.
+    pub fn scores(&self, b: &Batch, adapter: bool) -> Result<Vec<RowScore<f32>>> {
         let c = &self.config;
-        let (_, xn) = self.forward(&b.ids, b.batch, b.seq, None, Keep::Nothing)?;
+        let (_, xn) = self.forward(&b.ids, b.batch, b.seq, Pass::eval(adapter))?;
         let rows = b.targets.len();
         let shape = LmHeadShape {
             rows,
@@ -755,7 +785,7 @@ impl<B: Backend> LoraModel<B> {
             return Err(shape_err(OP, b.ids.len(), b.targets.len()));
         }
         let key = self.dropout_key()?;
-        let (saved, xn) = self.forward(&b.ids, b.batch, b.seq, key, Keep::ForBackward)?;
+        let (saved, xn) = self.forward(&b.ids, b.batch, b.seq, Pass::train(key))?;
         let mut dxn = self.backend.zeros(b.ids.len() * self.config.hidden_size)?;
         let loss = self.head_loss(&xn, &b.targets, tokens as f32, Some(&mut dxn))?;
         drop(xn);
@@ -925,6 +955,8 @@ struct BackendRun<'m, B: Backend> {
     seq: usize,
     rope: &'m B::Rope,
     key: Option<DropoutKey>,
+    /// Every projection as its frozen base alone (no LoRA term): the model before fine-tuning.
+    base_only: bool,
 }
 
 impl<B: Backend> BackendRun<'_, B> {
@@ -957,7 +989,12 @@ impl<B: Backend> LayerRun for BackendRun<'_, B> {
         let mut y = self.be.zeros(n * out)?;
         let mask = self.mask(l, p)?;
         let pj = &self.layers[l].projs[p.index()];
-        proj_forward(self.be, pj, mask, x, n, inp, &mut y, Accumulate::Overwrite)?;
+        if self.base_only {
+            self.be
+                .proj_forward_base(pj, x, n, &mut y, Accumulate::Overwrite)?;
+        } else {
+            proj_forward(self.be, pj, mask, x, n, inp, &mut y, Accumulate::Overwrite)?;
+        }
         Ok(y)
     }
 
@@ -987,16 +1024,21 @@ impl<B: Backend> LayerRun for BackendRun<'_, B> {
         let mask = self.mask(l, p)?;
         let pj = &self.layers[l].projs[p.index()];
         let inp = p.dims(self.config).0;
-        proj_forward(
-            self.be,
-            pj,
-            mask,
-            x,
-            self.rows,
-            inp,
-            &mut out,
-            Accumulate::Add,
-        )?;
+        if self.base_only {
+            self.be
+                .proj_forward_base(pj, x, self.rows, &mut out, Accumulate::Add)?;
+        } else {
+            proj_forward(
+                self.be,
+                pj,
+                mask,
+                x,
+                self.rows,
+                inp,
+                &mut out,
+                Accumulate::Add,
+            )?;
+        }
         Ok(out)
     }
 
