@@ -135,8 +135,22 @@ pub struct LlamaDir {
 impl LlamaDir {
     /// Reads the config, every weight and the tokenizer (if any).
     pub fn open(dir: &Path) -> Result<Self> {
-        let config = LlamaConfig::from_file(&dir.join("config.json"))?;
+        let (config, tokenizer) = Self::open_config(dir)?;
         let (weights, nf4) = weights::load(dir, &config)?;
+        Ok(LlamaDir {
+            dir: dir.to_owned(),
+            config,
+            weights,
+            nf4,
+            tokenizer,
+        })
+    }
+
+    /// The config and the tokenizer (if any) of the model directory `dir`, without reading a
+    /// weight: what a run that streams the weights elsewhere
+    /// ([`backend::LoraModel::from_checkpoint`]) needs on the host.
+    pub fn open_config(dir: &Path) -> Result<(LlamaConfig, Option<tokenizers::Tokenizer>)> {
+        let config = LlamaConfig::from_file(&dir.join("config.json"))?;
         let tok_path = dir.join("tokenizer.json");
         let tokenizer = if tok_path.exists() {
             Some(
@@ -146,13 +160,7 @@ impl LlamaDir {
         } else {
             None
         };
-        Ok(LlamaDir {
-            dir: dir.to_owned(),
-            config,
-            weights,
-            nf4,
-            tokenizer,
-        })
+        Ok((config, tokenizer))
     }
 
     /// The f32 model (the weights are cloned; the directory keeps its copy).

@@ -398,6 +398,27 @@ fn cuda_training_follows_the_cpu_run_and_resumes() {
                 "{method} step {step}: cpu {c} vs cuda {g}"
             );
         }
+        // The held-out loss before and after, evaluated on the device (the base alone, then with
+        // the adapter): within bf16 tolerance of the CPU run's, and lowered by the training.
+        let summary = |run: &str| -> serde_json::Value {
+            let text = std::fs::read_to_string(tmp.path().join(run).join("summary.json")).unwrap();
+            serde_json::from_str(&text).unwrap()
+        };
+        let (sc, sg) = (
+            summary(&format!("{method}-cpu")),
+            summary(&format!("{method}-cuda")),
+        );
+        for key in ["before_loss", "after_loss"] {
+            let (c, g) = (sc[key].as_f64().unwrap(), sg[key].as_f64().unwrap());
+            assert!(
+                (c - g).abs() <= 0.01 * c.abs(),
+                "{method} {key}: cpu {c} vs cuda {g}"
+            );
+        }
+        assert!(
+            sg["after_loss"].as_f64() < sg["before_loss"].as_f64(),
+            "{sg}"
+        );
         // Each device step logs its memory high-water mark (at least the 3.5 MB of bf16 weights,
         // or the NF4 codes plus the bf16 embedding and head); a CPU step logs none.
         let peaks = |run: &str| -> Vec<Option<u64>> {

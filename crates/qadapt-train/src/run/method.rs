@@ -33,6 +33,14 @@ impl State {
     }
 
     /// The adapter, if the method trains one.
+    /// Trainable parameters of a model of `cfg`.
+    pub fn num_params(&self, cfg: &LlamaConfig) -> usize {
+        match self {
+            State::Adapter(a) => a.num_params(cfg),
+            State::Base(sel) => sel.num_params(cfg),
+        }
+    }
+
     pub fn adapter(&self) -> Option<&Adapter<f32>> {
         match self {
             State::Adapter(a) => Some(a),
@@ -67,9 +75,14 @@ pub fn virtual_tokens(c: &Config) -> usize {
     }
 }
 
-/// The method's fresh trainable state for `model` (seeded by `c.seed`).
-pub fn build(c: &Config, model: &Llama<f32>, tok: &tokenizers::Tokenizer) -> Result<State, Error> {
-    let cfg = &model.config;
+/// The method's fresh trainable state for a model of `cfg` (seeded by `c.seed`); prompt tuning
+/// needs the model itself (`model`, its embedding) for its vocabulary initializations.
+pub fn build(
+    c: &Config,
+    cfg: &LlamaConfig,
+    model: Option<&Llama<f32>>,
+    tok: &tokenizers::Tokenizer,
+) -> Result<State, Error> {
     Ok(match c.method {
         Method::Full | Method::SurgicalAuto | Method::Surgical => State::Base(Selection::Full),
         Method::TopK => State::Base(Selection::TopK(c.top_k)),
@@ -103,6 +116,9 @@ pub fn build(c: &Config, model: &Llama<f32>, tok: &tokenizers::Tokenizer) -> Res
                     }
                 },
             };
+            let model = model.ok_or_else(|| {
+                Error::Config("prompt tuning initializes from the model's embedding".into())
+            })?;
             State::Adapter(Adapter::Prompt(PromptTuning::new(
                 cfg,
                 &model.weights.embed_tokens,
@@ -137,8 +153,14 @@ pub fn build(c: &Config, model: &Llama<f32>, tok: &tokenizers::Tokenizer) -> Res
 /// What the settings make the run allocate, checked against the memory budget before any of it
 /// is: the trainable tensors with their gradients and AdamW moments (4 f32 each, sized by the
 /// method's setting), then one micro-batch of `batch` sequences of the longest training example
-/// (plus the virtual tokens). The error names the flag and its value.
-pub fn check_sizes(c: &Config, cfg: &LlamaConfig, train: &[Sequence]) -> Result<(), Error> {
+/// (plus the virtual tokens), unless `host_activations` is false (a device run: its activations
+/// are the device memory plan's). The error names the flag and its value.
+pub fn check_sizes(
+    c: &Config,
+    cfg: &LlamaConfig,
+    train: &[Sequence],
+    host_activations: bool,
+) -> Result<(), Error> {
     let lora = lora_config(c);
     // A size past what the model can use adds parameters and nothing else: refused before the
     // budget is even asked.
@@ -208,6 +230,9 @@ pub fn check_sizes(c: &Config, cfg: &LlamaConfig, train: &[Sequence]) -> Result<
         state,
     )
     .map_err(|e| Error::Config(e.to_string()))?;
+    if !host_activations {
+        return Ok(());
+    }
     let longest = train.iter().map(|q| q.ids.len()).max().unwrap_or(0);
     let seq = longest.saturating_add(virtual_tokens(c));
     budget::check(

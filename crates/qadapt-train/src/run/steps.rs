@@ -19,7 +19,7 @@ use super::{
 use crate::backend::{BaseFormat, Checkpointing, LoraModel, MomentPlacement};
 use crate::cuda::CudaBackend;
 use crate::dataset::{self, Sequence};
-use crate::fit::{Heldout, Sampler, heldout, pack};
+use crate::fit::{Heldout, Sampler, heldout, heldout_scored, pack};
 use crate::memory_plan::{self, PlanMethod, PlanOptions};
 use crate::surgical::{AutoSchedule, ManualSchedule};
 use crate::{
@@ -176,17 +176,34 @@ impl Surgery {
     }
 }
 
+/// Where a run's model lives and steps.
+enum Engine {
+    /// The f32 model on the CPU (every method).
+    Cpu(Box<Llama<f32>>),
+    /// LoRA and QLoRA on a CUDA device, streamed there from the checkpoint: no copy of the
+    /// model on the host.
+    Cuda(Box<LoraModel<CudaBackend>>),
+}
+
+/// The CPU model of a run that has one: every method but LoRA and QLoRA on CUDA, so the error
+/// only names a method the device refuses earlier.
+fn cpu(model: &Option<Llama<f32>>) -> Result<&Llama<f32>, Error> {
+    model.as_ref().ok_or_else(|| {
+        Error::Config("this method runs on --device cpu (it needs the model on the host)".into())
+    })
+}
+
 /// A run with its model, data and state loaded, ready to step.
 pub(super) struct Run {
     c: Config,
     out: PathBuf,
     model_dir: PathBuf,
-    model: Llama<f32>,
+    config: LlamaConfig,
+    engine: Engine,
     data: data::Data,
     state: State,
     surgery: Surgery,
     trainer: Trainer,
-    gpu: Option<LoraModel<CudaBackend>>,
     sampler: Sampler,
     ck: checkpoint::State,
     sched: CosineSchedule,
@@ -278,26 +295,36 @@ impl Run {
         let model_dir = c.model.clone().or(default_model).ok_or_else(|| {
             Error::Config("no model: set `model` (or give the run a default model)".into())
         })?;
-        let dir = LlamaDir::open(&model_dir)?;
-        let tok = dir.tokenizer.as_ref().ok_or_else(|| {
+        // A CUDA run streams the weights from the checkpoint to the device
+        // (`LoraModel::from_checkpoint`, quantized there for QLoRA) once its settings are known:
+        // here it reads only the config and the tokenizer, and no f32 copy of the model ever
+        // exists on the host. A CPU run loads the f32 model.
+        let (config, tokenizer, mut cpu_model) = if gpu_backend.is_some() {
+            let (config, tokenizer) = LlamaDir::open_config(&model_dir)?;
+            (config, tokenizer, None)
+        } else {
+            let LlamaDir {
+                config,
+                weights,
+                nf4,
+                tokenizer,
+                ..
+            } = LlamaDir::open(&model_dir)?;
+            let mut model = Llama::new(config.clone(), weights)?;
+            // QLoRA: the CPU model runs on the dequantized codes (a bitsandbytes checkpoint's
+            // own where it stores them).
+            if c.method == Method::Qlora {
+                crate::nf4::quantize_projections(&mut model.weights, &config, &nf4)?;
+            }
+            (config, tokenizer, Some(model))
+        };
+        let tok = tokenizer.as_ref().ok_or_else(|| {
             Error::Config(format!(
                 "{}: no tokenizer.json (fine-tuning needs the model's tokenizer)",
                 model_dir.display()
             ))
         })?;
-        let mut model = dir.model()?;
-        // QLoRA: the CPU model runs on the dequantized codes, the device on the codes
-        // themselves (a bitsandbytes checkpoint's own where it stores them).
-        let nf4 = if c.method == Method::Qlora {
-            Some(crate::nf4::quantize_projections(
-                &mut model.weights,
-                &dir.config,
-                &dir.nf4,
-            )?)
-        } else {
-            None
-        };
-        let ctx = dir.config.max_position_embeddings;
+        let ctx = config.max_position_embeddings;
         let virt = method::virtual_tokens(&c);
         let max_len = c.max_len.map_or(ctx, |m| m.min(ctx));
         if max_len <= virt.saturating_add(1) {
@@ -314,17 +341,23 @@ impl Run {
             max_len - virt,
             obs,
         )?;
-        method::check_sizes(&c, &dir.config, &data.train)?;
+        method::check_sizes(&c, &config, &data.train, cpu_model.is_some())?;
         let pad = 0;
-        let mut state = method::build(&c, &model, tok)?;
+        let mut state = method::build(&c, &config, cpu_model.as_ref(), tok)?;
         // Surgical fine-tuning changes the trainable group as it goes; its count is the model's.
-        let total_params = Selection::Full.num_params(&dir.config);
-        let trainable_params = state.trainable().num_params(&model)?;
-        let before = heldout(&model, None, &data.heldout, 32, pad)?;
+        let total_params = Selection::Full.num_params(&config);
+        let trainable_params = state.num_params(&config);
+        // The held-out metric of the base model: here on the CPU (before a resumed run's
+        // values are restored), on the device once the model is there.
+        let mut before = match &cpu_model {
+            Some(m) => Some(heldout(m, None, &data.heldout, 32, pad)?),
+            None => None,
+        };
         let mut trainer = new_trainer(&c);
         let surgery = match c.method {
             Method::Surgical => {
-                let groups = LayerGroup::partition(&model.config, c.group_size.max(1))?;
+                let model = cpu(&cpu_model)?;
+                let groups = LayerGroup::partition(&config, c.group_size.max(1))?;
                 let per = c.steps / groups.len() as u64;
                 if per == 0 {
                     return Err(Error::Config(format!(
@@ -341,7 +374,7 @@ impl Run {
                 }
                 let (t, v) = dataset::split_heldout(&data.train, n_val, c.seed ^ 0x5A5A);
                 data.train = t;
-                let m = ManualSchedule::new(&model, groups, per)?;
+                let m = ManualSchedule::new(model, groups, per)?;
                 state = State::Base(m.selection());
                 Surgery::Manual(m, v)
             }
@@ -381,29 +414,37 @@ impl Run {
                 Surgery::Auto(a) => a.rgn.set_scales(all.get("rgn_scales").cloned()),
                 Surgery::Off => {}
             }
-            restore_values(&mut state, &surgery, &mut model, &params)?;
+            restore_values(&mut state, &surgery, cpu_model.as_mut(), &params)?;
             trainer.restore(st.trainer_steps, moments);
             sampler.seek(st.epoch, st.cursor)?;
             ck = st;
         }
         // CUDA: the model goes to the device with the adapter (a resumed run's), the step count
-        // and the moments (none for a new run). The CPU model (NF4 round trip for QLoRA) still
-        // evaluates the held-out set, with the adapter downloaded from the device before each
-        // evaluation, checkpoint and the final save.
+        // and the moments (none for a new run); it evaluates the held-out set there too. The
+        // adapter is downloaded from the device before each checkpoint and the final save.
         let mut notes: Vec<String> = Vec::new();
-        let gpu = match (gpu_backend, state.adapter()) {
-            (Some(be), Some(Adapter::Lora(a))) => {
-                let (base, placement) = match &nf4 {
-                    Some(codes) => (BaseFormat::Nf4(codes), MomentPlacement::Paged),
-                    None => (BaseFormat::Dense, MomentPlacement::Device),
+        let engine = match (gpu_backend, state.adapter(), cpu_model) {
+            (Some(be), Some(Adapter::Lora(a)), _) => {
+                let qlora = c.method == Method::Qlora;
+                let (base, placement) = if qlora {
+                    (BaseFormat::QuantizeNf4, MomentPlacement::Paged)
+                } else {
+                    (BaseFormat::Dense, MomentPlacement::Device)
                 };
-                let longest = data.train.iter().map(|s| s.ids.len()).max().unwrap_or(1);
+                // The plan's sequence length: the longest a training or held-out batch pads to.
+                let longest = data
+                    .train
+                    .iter()
+                    .chain(&data.heldout)
+                    .map(|s| s.ids.len())
+                    .max()
+                    .unwrap_or(1);
                 if c.checkpointing_auto {
                     let b = if c.batch_auto { 1 } else { c.batch };
                     c.checkpointing = Checkpointing::None;
                     let o = plan_options(&be, &c, a, placement, b, longest);
                     let (free, _) = be.device().memory_info()?;
-                    if memory_plan::plan(&model.config, &o)?.peak() > free as u64 {
+                    if memory_plan::plan(&config, &o)?.peak() > free as u64 {
                         c.checkpointing = Checkpointing::Layers;
                     }
                     c.checkpointing_auto = false;
@@ -417,7 +458,7 @@ impl Run {
                 }
                 if c.batch_auto {
                     let n = data.train.len();
-                    c.batch = auto_batch(&be, &c, &model.config, a, placement, longest, n)?;
+                    c.batch = auto_batch(&be, &c, &config, a, placement, longest, n)?;
                     // run.toml and a resume keep the number chosen here.
                     c.batch_auto = false;
                     notes.push(format!(
@@ -427,22 +468,29 @@ impl Run {
                         if c.batch == 1 { "" } else { "s" }
                     ));
                 }
-                check_device_memory(&be, &c, &model.config, a, placement, longest)?;
-                let mut g = LoraModel::new(be, &model, base, a, placement)?;
+                check_device_memory(&be, &c, &config, a, placement, longest)?;
+                let mut g = LoraModel::from_checkpoint(be, &model_dir, base, a, placement)?;
+                if before.is_none() {
+                    before = Some(heldout_scored(&data.heldout, c.batch, pad, |b| {
+                        g.scores(b, false)
+                    })?);
+                }
                 g.restore(trainer.steps(), trainer.moments())?;
                 if let Some(seed) = trainer.dropout_seed {
                     g.set_dropout_seed(seed);
                 }
                 g.set_checkpointing(c.checkpointing);
-                Some(g)
+                Engine::Cuda(Box::new(g))
             }
-            (Some(_), _) => {
+            (Some(_), _, _) => {
                 return Err(Error::Config("--device cuda needs a LoRA adapter".into()));
             }
-            (None, _) => None,
+            (None, _, Some(m)) => Engine::Cpu(Box::new(m)),
+            (None, _, None) => unreachable!("a CPU run loads its model above"),
         };
-        let device = gpu.as_ref().map(|g| {
-            format!(
+        let before = before.expect("evaluated on the CPU or on the device above");
+        let device = match &engine {
+            Engine::Cuda(g) => Some(format!(
                 "{} (bf16 compute, {} base, f32 LoRA masters){}",
                 g.backend().device().describe(),
                 if c.method == Method::Qlora {
@@ -451,9 +499,9 @@ impl Run {
                     "bf16"
                 },
                 notes.iter().map(|n| format!("; {n}")).collect::<String>()
-            )
-        });
-        drop(nf4);
+            )),
+            Engine::Cpu(_) => None,
+        };
         if let Some(inputs) = new_run {
             fs::remove_temporaries(&out)?;
             let toml = c.to_toml()?;
@@ -488,12 +536,12 @@ impl Run {
             c,
             out,
             model_dir,
-            model,
+            config,
+            engine,
             data,
             state,
             surgery,
             trainer,
-            gpu,
             sampler,
             ck,
             sched,
@@ -508,7 +556,7 @@ impl Run {
     /// Copies the adapter trained on the device (its f32 masters) into the state, where the CPU
     /// evaluation, the checkpoint and the PEFT writer read it.
     fn download_adapter(&mut self) -> Result<(), Error> {
-        if let (Some(g), State::Adapter(a)) = (&self.gpu, &mut self.state) {
+        if let (Engine::Cuda(g), State::Adapter(a)) = (&self.engine, &mut self.state) {
             *a = Adapter::Lora(g.adapter()?);
         }
         Ok(())
@@ -519,26 +567,37 @@ impl Run {
     /// trainer's otherwise.
     fn checkpoint(&mut self) -> Result<(), Error> {
         let device_moments;
-        let moments = match &self.gpu {
-            Some(g) => {
+        let moments = match &self.engine {
+            Engine::Cuda(g) => {
                 self.ck.trainer_steps = g.steps();
                 device_moments = g.moments()?;
                 &device_moments[..]
             }
-            None => {
+            Engine::Cpu(_) => {
                 self.ck.trainer_steps = self.trainer.steps();
                 self.trainer.moments()
             }
         };
         self.ck.extra = self.surgery.state_json();
-        let what = match &mut self.state {
-            State::Base(sel) => Trainable::Base(self.surgery.checkpointed(*sel)),
-            State::Adapter(a) => Trainable::Adapter(a),
+        let base;
+        let values: Vec<&[f32]> = match (&self.state, &self.engine) {
+            (State::Adapter(a), _) => a
+                .named(&self.config)
+                .into_iter()
+                .map(|(_, _, v)| v)
+                .collect(),
+            (State::Base(sel), Engine::Cpu(m)) => {
+                base = Trainable::Base(self.surgery.checkpointed(*sel));
+                base.values(m)?
+            }
+            (State::Base(_), Engine::Cuda(_)) => {
+                unreachable!("the device trains adapters only")
+            }
         };
         checkpoint::save(
             &self.out,
             &self.ck,
-            &what.values(&self.model)?,
+            &values,
             moments,
             &self.surgery.tensors(),
         )
@@ -547,7 +606,7 @@ impl Run {
     /// Auto-RGN: fresh scales at the start of each epoch (and of a resumed run without them),
     /// from `rgn_batches` batches of a sampler seeded by the epoch.
     fn refresh_rgn(&mut self) -> Result<(), Error> {
-        let Surgery::Auto(a) = &mut self.surgery else {
+        let (Surgery::Auto(a), Engine::Cpu(model)) = (&mut self.surgery, &self.engine) else {
             return Ok(());
         };
         if !a.due(self.ck.step) {
@@ -564,21 +623,22 @@ impl Run {
             })
             .collect::<qadapt::Result<Vec<_>>>()?;
         a.rgn
-            .refresh(&self.model, &Trainable::Base(Selection::Full), &batches)?;
+            .refresh(model, &Trainable::Base(Selection::Full), &batches)?;
         Ok(())
     }
 
     /// Manual surgery at the end of a group's steps: its validation loss decides whether it is
     /// kept, the schedule moves on, and a fresh trainer starts the next group.
     fn end_group(&mut self, loss: f32, obs: &mut dyn Observer) -> Result<(), Error> {
-        let Surgery::Manual(m, val) = &mut self.surgery else {
+        let (Surgery::Manual(m, val), Engine::Cpu(model)) = (&mut self.surgery, &mut self.engine)
+        else {
             return Ok(());
         };
         if !self.ck.step.is_multiple_of(m.steps_per_group()) {
             return Ok(());
         }
-        let v = heldout(&self.model, None, val, 32, self.pad)?.loss;
-        let end = m.end_group(&mut self.model, v, loss)?;
+        let v = heldout(model, None, val, 32, self.pad)?.loss;
+        let end = m.end_group(model, v, loss)?;
         self.state = State::Base(m.selection());
         self.trainer = new_trainer(&self.c);
         obs.log(&LogRow::Group {
@@ -615,9 +675,9 @@ impl Run {
                 let refs: Vec<&Sequence> = idx.iter().map(|&i| &self.data.train[i]).collect();
                 seen += refs.iter().map(|r| r.ids.len()).sum::<usize>();
                 let b = pack(&refs, self.pad)?;
-                let l = match self.gpu.as_mut() {
-                    Some(g) => g.accumulate(&b)?,
-                    None => self.trainer.accumulate(&self.model, &what, &b)?,
+                let l = match &mut self.engine {
+                    Engine::Cuda(g) => g.accumulate(&b)?,
+                    Engine::Cpu(m) => self.trainer.accumulate(m, &what, &b)?,
                 };
                 if !l.is_finite() {
                     bad = Some(l);
@@ -637,18 +697,15 @@ impl Run {
                 Surgery::Auto(a) => a.rgn.scales(),
                 _ => None,
             };
-            let (st, lr) = match self.gpu.as_mut() {
-                Some(g) => {
+            let (st, lr) = match &mut self.engine {
+                Engine::Cuda(g) => {
                     let lr = self.sched.lr(g.steps() + 1);
                     let opt = self.trainer.opt;
                     (g.apply(&opt, self.trainer.max_grad_norm, lr)?, lr)
                 }
-                None => {
+                Engine::Cpu(m) => {
                     let lr = self.sched.lr(self.trainer.steps() + 1);
-                    (
-                        self.trainer.apply(&mut self.model, &mut what, lr, scales)?,
-                        lr,
-                    )
+                    (self.trainer.apply(m, &mut what, lr, scales)?, lr)
                 }
             };
             self.ck.step += 1;
@@ -659,14 +716,14 @@ impl Run {
             self.ck.elapsed_s = elapsed0 + t_run.elapsed().as_secs_f64();
             last_loss = f64::from(st.loss);
             // The step's device high-water mark, then a fresh mark for the next step.
-            let device_peak_bytes = match &self.gpu {
-                Some(g) => {
+            let device_peak_bytes = match &self.engine {
+                Engine::Cuda(g) => {
                     let dev = g.backend().device();
                     let peak = dev.memory_peak()?;
                     dev.reset_memory_peak()?;
                     peak
                 }
-                None => None,
+                Engine::Cpu(_) => None,
             };
             obs.log(&LogRow::Step {
                 step: self.ck.step,
@@ -681,15 +738,15 @@ impl Run {
             })
             .map_err(observer)?;
             self.end_group(st.loss, obs)?;
-            self.ck.trainer_steps = self
-                .gpu
-                .as_ref()
-                .map_or(self.trainer.steps(), |g| g.steps());
+            self.ck.trainer_steps = match &self.engine {
+                Engine::Cuda(g) => g.steps(),
+                Engine::Cpu(_) => self.trainer.steps(),
+            };
             let step = self.ck.step;
             let evaluate = self.c.eval_every.is_some_and(|n| step.is_multiple_of(n))
                 && step < self.total_steps;
             let save = step.is_multiple_of(self.c.checkpoint_every) || step == self.total_steps;
-            if evaluate || save {
+            if save {
                 self.download_adapter()?;
             }
             if evaluate {
@@ -702,16 +759,15 @@ impl Run {
         self.finish(obs, last_loss, &step_times)
     }
 
-    /// The held-out metric of the current weights (the adapter downloaded first on the GPU
-    /// path), logged as the eval row of `step`.
+    /// The held-out metric of the current weights (on the device for a CUDA run, a micro-batch
+    /// at a time), logged as the eval row of `step`.
     fn evaluate(&self, obs: &mut dyn Observer, step: u64) -> Result<Heldout, Error> {
-        let h = heldout(
-            &self.model,
-            self.state.adapter(),
-            &self.data.heldout,
-            32,
-            self.pad,
-        )?;
+        let h = match &self.engine {
+            Engine::Cpu(m) => heldout(m, self.state.adapter(), &self.data.heldout, 32, self.pad)?,
+            Engine::Cuda(g) => heldout_scored(&self.data.heldout, self.c.batch, self.pad, |b| {
+                g.scores(b, true)
+            })?,
+        };
         obs.log(&LogRow::Eval {
             step,
             eval_loss: h.loss,
@@ -735,7 +791,7 @@ impl Run {
                 let p = self.out.join("adapter");
                 let bf16 = self.c.adapter_dtype == AdapterDtype::Bf16;
                 fs::replace_directory(&p, |tmp| {
-                    ad.save(tmp, &self.model.config)?;
+                    ad.save(tmp, &self.config)?;
                     if bf16 {
                         crate::peft::adapter_to_bf16(tmp)?;
                     }
@@ -744,14 +800,12 @@ impl Run {
                 p
             }
             State::Base(_) => {
+                let Engine::Cpu(model) = &self.engine else {
+                    unreachable!("the device trains adapters only")
+                };
                 let p = self.out.join("model");
                 fs::replace_directory(&p, |tmp| {
-                    save::write_model_files(
-                        tmp,
-                        &self.model,
-                        qadapt::DType::F32,
-                        Some(&self.model_dir),
-                    )
+                    save::write_model_files(tmp, model, qadapt::DType::F32, Some(&self.model_dir))
                 })?;
                 p
             }
@@ -763,7 +817,7 @@ impl Run {
         };
         // Manual surgery ends with its kept group as the state, and reports that group's last
         // training loss, not the last group's.
-        let trainable_params = self.state.trainable().num_params(&self.model)?;
+        let trainable_params = self.state.num_params(&self.config);
         let kept = match &self.surgery {
             Surgery::Manual(m, _) => m.best().map(|(b, v, t)| {
                 if t.is_finite() {
@@ -815,14 +869,22 @@ impl Run {
 fn restore_values(
     state: &mut State,
     surgery: &Surgery,
-    model: &mut Llama<f32>,
+    model: Option<&mut Llama<f32>>,
     params: &[Vec<f32>],
 ) -> Result<(), Error> {
-    let mut what = match state {
-        State::Adapter(a) => Trainable::Adapter(a),
-        State::Base(sel) => Trainable::Base(surgery.checkpointed(*sel)),
+    let mut base;
+    let slots = match (state, model) {
+        (State::Adapter(a), _) => a.tensors_mut(),
+        (State::Base(sel), Some(m)) => {
+            base = Trainable::Base(surgery.checkpointed(*sel));
+            base.params_mut(m)?
+        }
+        (State::Base(_), None) => {
+            return Err(Error::Config(
+                "a base-model checkpoint resumes on --device cpu".into(),
+            ));
+        }
     };
-    let slots = what.params_mut(model)?;
     if slots.len() != params.len() || slots.iter().zip(params).any(|(s, p)| s.len() != p.len()) {
         return Err(Error::Refused(
             "the checkpoint's tensors do not match this run's method and model".into(),
