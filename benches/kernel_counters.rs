@@ -218,11 +218,14 @@ fn attention(dev: &CudaDevice, seq: usize) {
     let mut dv = dev.zeros::<bf16>(kn).unwrap();
     let shape = format!("{seq} x 8/2 heads x 128");
     dev.reset_emulator_counters();
-    ops::attention_forward(dev, sh, &q, &k, &v, &mut lse, &mut out).unwrap();
+    ops::attention_forward(dev, sh, &q, &k, &v, None, &mut lse, &mut out).unwrap();
     report(dev, "attention forward, scalar", &shape);
-    ops::attention_backward(dev, sh, &q, &k, &v, &lse, &dout, &mut dq, &mut dk, &mut dv).unwrap();
+    ops::attention_backward(
+        dev, sh, &q, &k, &v, None, &lse, &dout, &mut dq, &mut dk, &mut dv,
+    )
+    .unwrap();
     report(dev, "attention backward, scalar", &shape);
-    ops::flash_attention_forward(dev, sh, &q, &k, &v, &mut lse, &mut out).unwrap();
+    ops::flash_attention_forward(dev, sh, &q, &k, &v, None, &mut lse, &mut out).unwrap();
     report(dev, "attention forward, flash", &shape);
     ops::flash_attention_backward(
         dev,
@@ -230,6 +233,7 @@ fn attention(dev: &CudaDevice, seq: usize) {
         &q,
         &k,
         &v,
+        None,
         Some(&out),
         &lse,
         &dout,
@@ -240,7 +244,7 @@ fn attention(dev: &CudaDevice, seq: usize) {
     .unwrap();
     report(dev, "attention backward, flash (delta from out)", &shape);
     ops::flash_attention_backward(
-        dev, sh, &q, &k, &v, None, &lse, &dout, &mut dq, &mut dk, &mut dv,
+        dev, sh, &q, &k, &v, None, None, &lse, &dout, &mut dq, &mut dk, &mut dv,
     )
     .unwrap();
     report(dev, "attention backward, flash (delta recomputed)", &shape);

@@ -21,6 +21,9 @@
  *                          the group's query heads and query tiles of 32 (Q and dO in shared
  *                          memory); lane i handles query i, the warp adds P dO_i into dv and
  *                          dS q_i into dk. Launched after attention_bwd_dq_bf16 (reads delta).
+ * Packed rows (seg_start): query i's live keys are s_i <= j <= i; the forward and dq skip the
+ * key tiles wholly before s_i (so the first tile a row processes has a live key and its running
+ * max is finite), dkv masks queries of other sequences.
  * Every output is overwritten. head_dim is even and at most QADAPT_ATTN_MAX_HEAD_DIM.
  */
 
@@ -119,6 +122,7 @@ QADAPT_KERNEL(attention_fwd_bf16, QadaptAttentionArgs) {
     const bf16* __restrict__ v = reinterpret_cast<const bf16*>(args.v);
     bf16* __restrict__ out = reinterpret_cast<bf16*>(args.out);
     float* __restrict__ lse = reinterpret_cast<float*>(args.lse);
+    const uint32_t* __restrict__ seg = reinterpret_cast<const uint32_t*>(args.seg_start);
     const uint32_t T = args.seq, H = args.heads, D = args.head_dim;
     const uint32_t half = D / 2, stride = half + 1, rep = H / args.kv_heads;
     const unsigned lane = threadIdx.x & 31u, warp = threadIdx.x / 32u;
@@ -133,6 +137,7 @@ QADAPT_KERNEL(attention_fwd_bf16, QadaptAttentionArgs) {
         const uint32_t i = ib * kWarps + warp;
         const bool active = i < T;
         const uint32_t i_last = min(ib * kWarps + kWarps - 1, T - 1);
+        const uint32_t s_i = (seg != nullptr && active) ? seg[b * T + i] : 0u;
         if (active) load_row(qs[warp], head_row(q, b, i, T, H, h, D), half, lane);
         float m = -INFINITY, l = 0.0f;
         float acc[kPerLane];
@@ -143,13 +148,15 @@ QADAPT_KERNEL(attention_fwd_bf16, QadaptAttentionArgs) {
             load_tile(ks, k, b, j0, T, args.kv_heads, g, D);
             load_tile(vs, v, b, j0, T, args.kv_heads, g, D);
             __syncthreads();
-            if (active && j0 <= i) {
+            if (active && j0 <= i && j0 + kTile > s_i) {
                 const uint32_t j = j0 + lane;
+                const bool live = j <= i && j >= s_i;
                 float s = -INFINITY;
-                if (j <= i) s = dot_words(qs[warp], ks + lane * stride, half) * args.scale;
-                const float mn = fmaxf(m, warp_max(s)); /* finite: key j0 <= i is live */
-                const float corr = expf(m - mn);       /* 0 on the first tile (m = -inf) */
-                const float p = j <= i ? expf(s - mn) : 0.0f;
+                if (live) s = dot_words(qs[warp], ks + lane * stride, half) * args.scale;
+                /* finite: key max(j0, s_i) <= i is live */
+                const float mn = fmaxf(m, warp_max(s));
+                const float corr = expf(m - mn); /* 0 on the first tile (m = -inf) */
+                const float p = live ? expf(s - mn) : 0.0f;
                 l = l * corr + warp_sum(p);
 #pragma unroll
                 for (int c = 0; c < kPerLane; ++c) acc[c] *= corr;
@@ -180,6 +187,7 @@ QADAPT_KERNEL(attention_bwd_dq_bf16, QadaptAttentionArgs) {
     const bf16* __restrict__ dout = reinterpret_cast<const bf16*>(args.dout);
     bf16* __restrict__ dq = reinterpret_cast<bf16*>(args.dq);
     float* __restrict__ delta = reinterpret_cast<float*>(args.delta);
+    const uint32_t* __restrict__ seg = reinterpret_cast<const uint32_t*>(args.seg_start);
     const uint32_t T = args.seq, H = args.heads, D = args.head_dim;
     const uint32_t half = D / 2, stride = half + 1, rep = H / args.kv_heads;
     const unsigned lane = threadIdx.x & 31u, warp = threadIdx.x / 32u;
@@ -195,6 +203,7 @@ QADAPT_KERNEL(attention_bwd_dq_bf16, QadaptAttentionArgs) {
         const bool active = i < T;
         const uint32_t i_last = min(ib * kWarps + kWarps - 1, T - 1);
         const uint64_t stat = (b * H + h) * T + i;
+        const uint32_t s_i = (seg != nullptr && active) ? seg[b * T + i] : 0u;
         float lse_i = 0.0f;
         if (active) {
             load_row(qs[warp], head_row(q, b, i, T, H, h, D), half, lane);
@@ -212,10 +221,10 @@ QADAPT_KERNEL(attention_bwd_dq_bf16, QadaptAttentionArgs) {
                 load_tile(ks, k, b, j0, T, args.kv_heads, g, D);
                 load_tile(vs, v, b, j0, T, args.kv_heads, g, D);
                 __syncthreads();
-                if (!active || j0 > i) continue;
+                if (!active || j0 > i || j0 + kTile <= s_i) continue;
                 const uint32_t j = j0 + lane;
                 float p = 0.0f, dp = 0.0f;
-                if (j <= i) {
+                if (j <= i && j >= s_i) {
                     const float s = dot_words(qs[warp], ks + lane * stride, half) * args.scale;
                     p = expf(s - lse_i);
                     dp = dot_words(dos[warp], vs + lane * stride, half);
@@ -252,6 +261,7 @@ QADAPT_KERNEL(attention_bwd_dkv_bf16, QadaptAttentionArgs) {
     const float* __restrict__ delta = reinterpret_cast<const float*>(args.delta);
     bf16* __restrict__ dk = reinterpret_cast<bf16*>(args.dk);
     bf16* __restrict__ dv = reinterpret_cast<bf16*>(args.dv);
+    const uint32_t* __restrict__ seg = reinterpret_cast<const uint32_t*>(args.seg_start);
     const uint32_t T = args.seq, H = args.heads, KV = args.kv_heads, D = args.head_dim;
     const uint32_t half = D / 2, stride = half + 1, rep = H / KV;
     const unsigned lane = threadIdx.x & 31u, warp = threadIdx.x / 32u;
@@ -281,7 +291,8 @@ QADAPT_KERNEL(attention_bwd_dkv_bf16, QadaptAttentionArgs) {
                 if (!active) continue;
                 const uint32_t i = i0 + lane;
                 float p = 0.0f, ds = 0.0f;
-                if (i < T && i >= j) {
+                /* Query i sees key j when j <= i in i's own sequence (s_i <= j). */
+                if (i < T && i >= j && (seg == nullptr || seg[b * T + i] <= j)) {
                     const uint64_t stat = (b * H + h) * T + i;
                     const float s = dot_words(kr[warp], qt + lane * stride, half) * args.scale;
                     p = expf(s - lse[stat]);

@@ -53,7 +53,14 @@
  * bf16 before they enter an mma (as FlashAttention does), so results differ from the f32 CPU
  * reference by a few bf16 ulps of the largest term (crates/qadapt/tests/ops/flash_attention.rs states the bounds).
  *
- * Not here: padding masks, prefix keys/values (crates/qadapt-train/src/prefix_attention.rs keeps
+ * Packed rows (seg_start, qadapt.h): query i's live keys are s_i <= j <= i. Since s is
+ * non-decreasing along a row, a query block's smallest start is its first query's: the forward
+ * and dq begin at the key block holding it. A row whose live keys all lie in later blocks sees
+ * only -inf in the blocks before (its running max stays -inf and its terms are taken as 0); dkv
+ * masks the queries of other sequences (it still visits every query block i0 >= k0).
+ *
+ * Not here: padding masks (right padding needs none: padded keys come after every real query),
+ * prefix keys/values (crates/qadapt-train/src/prefix_attention.rs keeps
  * its own path), dropout on P, wgmma (sm_90a).
  */
 #include "model_common.cuh"
@@ -194,6 +201,7 @@ __device__ __forceinline__ void fwd(const QadaptAttentionArgs& args, bf16* smem)
     const bf16* v = reinterpret_cast<const bf16*>(args.v);
     bf16* out = reinterpret_cast<bf16*>(args.out);
     float* lse = reinterpret_cast<float*>(args.lse);
+    const uint32_t* seg = reinterpret_cast<const uint32_t*>(args.seg_start);
     const uint32_t T = args.seq, H = args.heads, KV = args.kv_heads, rep = H / KV;
     const unsigned lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
     const unsigned t = lane & 3u;
@@ -208,6 +216,12 @@ __device__ __forceinline__ void fwd(const QadaptAttentionArgs& args, bf16* smem)
         const uint32_t g = h / rep;
         const uint32_t q0 = qb * kBlock;
         const uint32_t row[2] = {q0 + wr + (lane >> 2), q0 + wr + (lane >> 2) + 8};
+        uint32_t sst[2] = {0u, 0u}; /* each row's sequence start (0: not packed, or past seq) */
+        if (seg != nullptr) {
+#pragma unroll
+            for (int r = 0; r < 2; ++r) sst[r] = row[r] < T ? seg[b * T + row[r]] : 0u;
+        }
+        const uint32_t kb0 = seg != nullptr ? seg[b * T + q0] / kBlock : 0u;
 
         __syncthreads(); /* the previous item's tiles are consumed */
         load_rows<D, kBlock>(sk, q, b, q0, T, H, h);
@@ -221,7 +235,7 @@ __device__ __forceinline__ void fwd(const QadaptAttentionArgs& args, bf16* smem)
 #pragma unroll
         for (int nd = 0; nd < ND; ++nd) o[nd][0] = o[nd][1] = o[nd][2] = o[nd][3] = 0.0f;
         float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
-        for (uint32_t kb = 0; kb <= qb; ++kb) {
+        for (uint32_t kb = kb0; kb <= qb; ++kb) {
             const uint32_t k0 = kb * kBlock;
             __syncthreads(); /* Q's fragments (first block) or the previous K, V are read */
             load_rows<D, kBlock>(sk, k, b, k0, T, KV, g);
@@ -242,24 +256,29 @@ __device__ __forceinline__ void fwd(const QadaptAttentionArgs& args, bf16* smem)
                     mma_bf16(s[2 * n2 + 1], qa[kc], bb[2], bb[3]);
                 }
             }
-            /* Scale and mask (key j > query i: -inf), then the new row maxima. Key k0 <= q0 <= i
-             * is live for every row, so the maxima are finite from the first block on. */
+            /* Scale and mask (key j > query i, or before i's sequence: -inf), then the new row
+             * maxima. Unpacked, key k0 <= q0 <= i is live for every row, so the maxima are finite
+             * from the first block on; a packed row's stay -inf until its sequence's first block. */
             float mx[2] = {m[0], m[1]};
 #pragma unroll
             for (int nb = 0; nb < NB; ++nb) {
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const uint32_t j = k0 + nb * 8 + 2 * t + (e & 1);
-                    const float x = j <= row[e >> 1] ? s[nb][e] * args.scale : -INFINITY;
+                    const bool live = j <= row[e >> 1] && j >= sst[e >> 1];
+                    const float x = live ? s[nb][e] * args.scale : -INFINITY;
                     s[nb][e] = x;
                     mx[e >> 1] = fmaxf(mx[e >> 1], x);
                 }
             }
-            float corr[2];
+            float corr[2], mref[2];
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
                 mx[r] = quad_max(mx[r]);
-                corr[r] = expf(m[r] - mx[r]); /* 0 on the first block (m = -inf) */
+                /* A row with nothing live yet (mx = -inf) subtracts 0: its terms are exp(-inf) = 0
+                 * instead of exp(-inf - -inf) = NaN. */
+                mref[r] = mx[r] == -INFINITY ? 0.0f : mx[r];
+                corr[r] = expf(m[r] - mref[r]); /* 0 on the first live block (m = -inf) */
                 m[r] = mx[r];
                 l[r] *= corr[r];
             }
@@ -267,7 +286,7 @@ __device__ __forceinline__ void fwd(const QadaptAttentionArgs& args, bf16* smem)
             for (int nb = 0; nb < NB; ++nb) {
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
-                    const float p = expf(s[nb][e] - m[e >> 1]); /* masked: exp(-inf) = 0 */
+                    const float p = expf(s[nb][e] - mref[e >> 1]); /* masked: exp(-inf) = 0 */
                     s[nb][e] = p;
                     l[e >> 1] += p; /* this lane's partial sum; the quad adds them at the end */
                 }
@@ -320,6 +339,7 @@ __device__ __forceinline__ void bwd_dq(const QadaptAttentionArgs& args, bf16* sm
     const float* lse = reinterpret_cast<const float*>(args.lse);
     float* delta = reinterpret_cast<float*>(args.delta);
     bf16* dq = reinterpret_cast<bf16*>(args.dq);
+    const uint32_t* seg = reinterpret_cast<const uint32_t*>(args.seg_start);
     const uint32_t T = args.seq, H = args.heads, KV = args.kv_heads, rep = H / KV;
     const float c = args.scale;
     const unsigned lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
@@ -336,12 +356,16 @@ __device__ __forceinline__ void bwd_dq(const QadaptAttentionArgs& args, bf16* sm
         const uint32_t q0 = qb * kBlock;
         const uint32_t row[2] = {q0 + wr + (lane >> 2), q0 + wr + (lane >> 2) + 8};
         float lse_r[2], delta_r[2];
+        uint32_t sst[2];
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             const bool live = row[r] < T;
             lse_r[r] = live ? lse[(b * H + h) * T + row[r]] : 0.0f;
             delta_r[r] = live && !kDeltaOnly ? delta[(b * H + h) * T + row[r]] : 0.0f;
+            sst[r] = live && seg != nullptr ? seg[b * T + row[r]] : 0u;
         }
+        /* The block's smallest sequence start, rounded down to a key tile. */
+        const uint32_t kfirst = seg != nullptr ? seg[b * T + q0] / kDqKeys * kDqKeys : 0u;
 
         __syncthreads();
         load_rows<D, kBlock>(sq, q, b, q0, T, H, h);
@@ -359,7 +383,7 @@ __device__ __forceinline__ void bwd_dq(const QadaptAttentionArgs& args, bf16* sm
         for (int nd = 0; nd < ND; ++nd) acc[nd][0] = acc[nd][1] = acc[nd][2] = acc[nd][3] = 0.0f;
         float dsum[2] = {0.0f, 0.0f};
         const uint32_t last = min(q0 + kBlock - 1, T - 1); /* the block's last live query */
-        for (uint32_t k0 = 0; k0 <= last; k0 += kDqKeys) {
+        for (uint32_t k0 = kfirst; k0 <= last; k0 += kDqKeys) {
             __syncthreads(); /* dO's fragments (first tile) or the previous K, V are read */
             load_rows<D, kDqKeys>(sk, k, b, k0, T, KV, g);
             load_rows<D, kDqKeys>(sv, v, b, k0, T, KV, g);
@@ -384,14 +408,15 @@ __device__ __forceinline__ void bwd_dq(const QadaptAttentionArgs& args, bf16* sm
                     mma_bf16(dp[2 * n2 + 1], da[kc], bb[2], bb[3]);
                 }
             }
-            /* dS = P (dP - delta), P = exp(c S - lse) on live (j <= i < seq) entries, else 0. */
+            /* dS = P (dP - delta), P = exp(c S - lse) on live (s_i <= j <= i < seq) entries,
+             * else 0. */
 #pragma unroll
             for (int nb = 0; nb < NB; ++nb) {
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int r = e >> 1;
                     const uint32_t j = k0 + nb * 8 + 2 * t + (e & 1);
-                    const bool live = j <= row[r] && row[r] < T;
+                    const bool live = j <= row[r] && j >= sst[r] && row[r] < T;
                     const float p = live ? expf(s[nb][e] * c - lse_r[r]) : 0.0f;
                     if (kDeltaOnly) {
                         dsum[r] += p * dp[nb][e];
@@ -424,7 +449,7 @@ __device__ __forceinline__ void bwd_dq(const QadaptAttentionArgs& args, bf16* sm
 
 template <int D>
 __device__ __forceinline__ void bwd_dkv(const QadaptAttentionArgs& args, bf16* smem,
-                                        float* sstat) {
+                                        float* sstat, uint32_t* sseg) {
     constexpr int S = D + kPad;
     constexpr int KC = D / 16;
     constexpr int ND = D / 8;
@@ -444,6 +469,7 @@ __device__ __forceinline__ void bwd_dkv(const QadaptAttentionArgs& args, bf16* s
     const float* delta = reinterpret_cast<const float*>(args.delta);
     bf16* dk = reinterpret_cast<bf16*>(args.dk);
     bf16* dv = reinterpret_cast<bf16*>(args.dv);
+    const uint32_t* seg = reinterpret_cast<const uint32_t*>(args.seg_start);
     const uint32_t T = args.seq, H = args.heads, KV = args.kv_heads, rep = H / KV;
     const float c = args.scale;
     const unsigned lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
@@ -480,6 +506,7 @@ __device__ __forceinline__ void bwd_dkv(const QadaptAttentionArgs& args, bf16* s
                     const uint32_t i = i0 + (uint32_t)x;
                     slse[x] = i < T ? lse[stat + i] : 0.0f;
                     sdelta[x] = i < T ? delta[stat + i] : 0.0f;
+                    sseg[x] = i < T && seg != nullptr ? seg[b * T + i] : 0u;
                 }
                 cp_async_wait<0>(); /* also K and V, on the first pass */
                 __syncthreads();
@@ -506,14 +533,15 @@ __device__ __forceinline__ void bwd_dkv(const QadaptAttentionArgs& args, bf16* s
                         mma_bf16(dpt[2 * n2 + 1], va, bb[2], bb[3]);
                     }
                 }
-                /* P^T = exp(c S^T - lse_i), dS^T = P^T (dP^T - delta_i) on live j <= i < seq. */
+                /* P^T = exp(c S^T - lse_i), dS^T = P^T (dP^T - delta_i) on live
+                 * s_i <= j <= i < seq. */
 #pragma unroll
                 for (int nb = 0; nb < NB; ++nb) {
 #pragma unroll
                     for (int e = 0; e < 4; ++e) {
                         const int x = nb * 8 + 2 * (int)t + (e & 1);
                         const uint32_t i = i0 + (uint32_t)x;
-                        const bool live = key[e >> 1] <= i && i < T;
+                        const bool live = key[e >> 1] <= i && i < T && sseg[x] <= key[e >> 1];
                         const float p = live ? expf(st[nb][e] * c - slse[x]) : 0.0f;
                         st[nb][e] = p;
                         dpt[nb][e] = live ? p * (dpt[nb][e] - sdelta[x]) : 0.0f;
@@ -601,11 +629,12 @@ QADAPT_KERNEL_BOUNDED(flash_attention_bwd_delta_recompute_bf16, QadaptAttentionA
 QADAPT_KERNEL_BOUNDED(flash_attention_bwd_dkv_bf16, QadaptAttentionArgs, QADAPT_FLASH_THREADS, 1) {
     __shared__ __align__(128) bf16 smem[kDkvSmem];
     __shared__ float sstat[2 * 32];
+    __shared__ uint32_t sseg[32];
     switch (args.head_dim) {
-        case 16: bwd_dkv<16>(args, smem, sstat); break;
-        case 32: bwd_dkv<32>(args, smem, sstat); break;
-        case 64: bwd_dkv<64>(args, smem, sstat); break;
-        case 128: bwd_dkv<128>(args, smem, sstat); break;
+        case 16: bwd_dkv<16>(args, smem, sstat, sseg); break;
+        case 32: bwd_dkv<32>(args, smem, sstat, sseg); break;
+        case 64: bwd_dkv<64>(args, smem, sstat, sseg); break;
+        case 128: bwd_dkv<128>(args, smem, sstat, sseg); break;
         default: __trap();
     }
 }

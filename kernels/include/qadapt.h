@@ -463,6 +463,12 @@ typedef struct QadaptAttentionArgs {
     uint32_t kv_heads;  /* divides heads */
     uint32_t head_dim;  /* even, <= QADAPT_ATTN_MAX_HEAD_DIM */
     float scale;        /* 1 / sqrt(head_dim) */
+    /* const uint32_t* [batch * seq] or 0. Packed rows (several sequences one after another):
+     * seg_start[b * seq + i] = s_i, where token i's sequence starts in row b; query i sees the
+     * keys s_i <= j <= i only (S = -inf elsewhere, P = 0). The host checks s_0 = 0 and
+     * s_i in {s_(i-1), i}, so s is non-decreasing along a row and a block's first query has its
+     * smallest start. 0: every row is one sequence (s_i = 0). */
+    uint64_t seg_start;
 } QadaptAttentionArgs;
 
 /* The tensor-core (FlashAttention-2 style) kernels of kernels/flash_attention.cu take the same

@@ -703,10 +703,11 @@ pub struct QadaptAttentionArgs {
     pub kv_heads: u32,
     pub head_dim: u32,
     pub scale: f32,
+    pub seg_start: u64,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of QadaptAttentionArgs"][::std::mem::size_of::<QadaptAttentionArgs>() - 104usize];
+    ["Size of QadaptAttentionArgs"][::std::mem::size_of::<QadaptAttentionArgs>() - 112usize];
     ["Alignment of QadaptAttentionArgs"][::std::mem::align_of::<QadaptAttentionArgs>() - 8usize];
     ["Offset of field: QadaptAttentionArgs::q"]
         [::std::mem::offset_of!(QadaptAttentionArgs, q) - 0usize];
@@ -740,4 +741,6 @@ const _: () = {
         [::std::mem::offset_of!(QadaptAttentionArgs, head_dim) - 96usize];
     ["Offset of field: QadaptAttentionArgs::scale"]
         [::std::mem::offset_of!(QadaptAttentionArgs, scale) - 100usize];
+    ["Offset of field: QadaptAttentionArgs::seg_start"]
+        [::std::mem::offset_of!(QadaptAttentionArgs, seg_start) - 104usize];
 };

@@ -20,27 +20,53 @@ use crate::weights::{LlamaWeights, layout};
 use rand::seq::SliceRandom;
 use rand_distr::{Distribution, StandardNormal};
 
-/// A right-padded micro-batch of `seqs` (see the module doc); `seq` is the longest length.
+/// A right-padded micro-batch of `seqs` (see the module doc), one per row; `seq` is the longest
+/// length.
 pub fn pack(seqs: &[&Sequence], pad: u32) -> Result<Batch> {
-    let seq = seqs.iter().map(|s| s.ids.len()).max().unwrap_or(0);
-    if seqs.is_empty() || seq == 0 {
+    let rows: Vec<Vec<&Sequence>> = seqs.iter().map(|&s| vec![s]).collect();
+    pack_rows(&rows, pad)
+}
+
+/// A right-padded micro-batch whose row b holds the sequences `rows[b]` one after another
+/// (packing): each sequence keeps its own targets (the last token of one never predicts the
+/// first of the next), and the batch's `segments` hold where each starts, so attention and RoPE
+/// positions stay within it ([`Batch::segments`]). The padding after a row's last sequence
+/// counts as one more (target-free) sequence. `seq` is the longest row; with one sequence per
+/// row the batch has no segments.
+pub fn pack_rows(rows: &[Vec<&Sequence>], pad: u32) -> Result<Batch> {
+    let fill = |r: &Vec<&Sequence>| r.iter().map(|s| s.ids.len()).sum::<usize>();
+    let seq = rows.iter().map(fill).max().unwrap_or(0);
+    if rows.is_empty() || seq == 0 {
         return Err(invalid("batch", "no tokens"));
     }
-    let mut ids = Vec::with_capacity(seqs.len() * seq);
-    let mut targets = Vec::with_capacity(seqs.len() * seq);
-    for s in seqs {
-        if s.mask.len() != s.ids.len() {
-            return Err(invalid(
-                "batch",
-                "a sequence whose mask and ids differ in length",
-            ));
+    let packed = rows.iter().any(|r| r.len() > 1);
+    let mut ids = Vec::with_capacity(rows.len() * seq);
+    let mut targets = Vec::with_capacity(rows.len() * seq);
+    let mut segments = Vec::with_capacity(rows.len() * seq);
+    for row in rows {
+        let mut start = 0;
+        for s in row {
+            if s.mask.len() != s.ids.len() {
+                return Err(invalid(
+                    "batch",
+                    "a sequence whose mask and ids differ in length",
+                ));
+            }
+            let n = s.ids.len();
+            ids.extend_from_slice(&s.ids);
+            targets.extend((0..n).map(|i| (i + 1 < n && s.mask[i + 1]).then(|| s.ids[i + 1])));
+            segments.extend(std::iter::repeat_n(start as u32, n));
+            start += n;
         }
-        let n = s.ids.len();
-        ids.extend_from_slice(&s.ids);
-        ids.extend(std::iter::repeat_n(pad, seq - n));
-        targets.extend((0..seq).map(|i| (i + 1 < n && s.mask[i + 1]).then(|| s.ids[i + 1])));
+        ids.extend(std::iter::repeat_n(pad, seq - start));
+        targets.extend(std::iter::repeat_n(None, seq - start));
+        segments.extend(std::iter::repeat_n(start as u32, seq - start));
     }
-    Batch::new(ids, seqs.len(), seq, targets)
+    let mut b = Batch::new(ids, rows.len(), seq, targets)?;
+    if packed {
+        b.segments = Some(segments);
+    }
+    Ok(b)
 }
 
 /// Epochs of seeded shuffles over `n` items, drawn `k` at a time; its position is two numbers,
@@ -92,6 +118,50 @@ impl Sampler {
             self.cursor += 1;
         }
         out
+    }
+
+    /// The index [`Self::take`] would return next (starting the next epoch when one ends).
+    pub fn peek(&mut self) -> usize {
+        if self.cursor == self.n {
+            self.epoch += 1;
+            self.cursor = 0;
+            self.shuffle();
+        }
+        self.order[self.cursor]
+    }
+
+    /// Up to `rows` rows of items for [`pack_rows`], each holding items whose `len`s add up to
+    /// at most `row_len`, filled in draw order: the next item goes into the current row when it
+    /// fits, else into a new row; the draw stops before the first item that fits no row left.
+    /// Every item must be at most `row_len` long.
+    pub fn take_packed(
+        &mut self,
+        len: impl Fn(usize) -> usize,
+        rows: usize,
+        row_len: usize,
+    ) -> Result<Vec<Vec<usize>>> {
+        let mut out: Vec<Vec<usize>> = vec![Vec::new()];
+        let mut fill = 0;
+        loop {
+            let i = self.peek();
+            let n = len(i);
+            if n > row_len {
+                return Err(invalid(
+                    "packing",
+                    format!("a sequence of {n} tokens is longer than a row ({row_len})"),
+                ));
+            }
+            if fill + n > row_len {
+                if out.len() == rows.max(1) {
+                    return Ok(out);
+                }
+                out.push(Vec::new());
+                fill = 0;
+            }
+            self.take(1);
+            out.last_mut().expect("one row at least").push(i);
+            fill += n;
+        }
     }
 
     /// `(epoch, cursor)`: completed epochs and the position in the current one.

@@ -998,7 +998,7 @@ impl<T: Real> LayerRun for CpuRun<'_, '_, T> {
         }
         let ash = c.attention_shape(batch, seq);
         let mut p = m.pool.overwritten(batch * ash.heads * seq * seq);
-        attention::forward(ash, q, k, v, &mut p, &mut attn)?;
+        attention::forward(ash, q, k, v, None, &mut p, &mut attn)?;
         Ok((p, attn))
     }
 

@@ -210,6 +210,13 @@ pub fn evaluate<T: Real>(
             format!("{} ids, {} targets", ids.len(), b.targets.len()),
         ));
     }
+    if b.segments.is_some() {
+        return Err(invalid(
+            "evaluate",
+            "packed rows (segments) run on the LoRA model (crate::backend::LoraModel), not the \
+             CPU model",
+        ));
+    }
     let cfg = &model.config;
     let base = match grads {
         Grads::All => BaseGrads::Compute,

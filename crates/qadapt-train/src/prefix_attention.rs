@@ -267,7 +267,7 @@ mod tests {
         let (mut p1, mut o1) = (vec![0.0; 200], vec![0.0; 120]);
         let (mut p2, mut o2) = (vec![0.0; 200], vec![0.0; 120]);
         forward(sh, &q, &k, &v, &[], &[], &mut p1, &mut o1).unwrap();
-        attention::forward(ash, &q, &k, &v, &mut p2, &mut o2).unwrap();
+        attention::forward(ash, &q, &k, &v, None, &mut p2, &mut o2).unwrap();
         let close = |a: &[f64], b: &[f64]| a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-12);
         assert!(close(&p1, &p2) && close(&o1, &o2));
         let (mut dq1, mut dk1, mut dv1) = (vec![0.0; 120], vec![0.0; 60], vec![0.0; 60]);

@@ -116,6 +116,11 @@ pub struct Batch {
     /// label too, which only prompt tuning's last virtual position can predict
     /// ([`crate::peft::evaluate`]).
     pub labels_are_ids: bool,
+    /// Packed rows ([`crate::fit::pack_rows`]): `segments[b * seq + i]` is the position in row b
+    /// where token i's sequence starts (the `segments` of [`qadapt::ops::attention`]): attention
+    /// stays within each sequence and RoPE positions restart at each start. `None`: every row is
+    /// one sequence. Only [`crate::backend::LoraModel`] runs packed batches.
+    pub segments: Option<Vec<u32>>,
 }
 
 impl Batch {
@@ -128,6 +133,7 @@ impl Batch {
             seq,
             targets,
             labels_are_ids: true,
+            segments: None,
         })
     }
 
@@ -152,7 +158,23 @@ impl Batch {
             seq,
             targets,
             labels_are_ids: false,
+            segments: None,
         })
+    }
+
+    /// Each token's RoPE position: its distance from its sequence's start (packed rows) or its
+    /// place in the row.
+    pub fn positions(&self) -> Vec<u32> {
+        match &self.segments {
+            Some(s) => s
+                .iter()
+                .enumerate()
+                .map(|(n, &start)| (n % self.seq) as u32 - start)
+                .collect(),
+            None => (0..self.batch * self.seq)
+                .map(|n| (n % self.seq) as u32)
+                .collect(),
+        }
     }
 
     /// Positions that carry a loss.

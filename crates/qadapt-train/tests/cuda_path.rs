@@ -837,6 +837,56 @@ fn heldout_scores_match_the_cpu_models_evaluation() {
     heldout_agrees(CpuBackend::bf16(), Base::Nf4, 1e-2, 1, "bf16, nf4");
 }
 
+/// A packed batch (rows holding 2 and 3 sequences, [`qadapt_train::fit::pack_rows`]) gives the
+/// loss and LoRA gradients of the same five sequences one per row: attention and RoPE positions
+/// stay within each sequence. `tol` bounds the loss's relative difference and each gradient
+/// tensor's norm-relative one; run on the fixture (head size 8) and on `flash_sized` (16, the
+/// tensor-core kernels on a device).
+fn packed_equals_padded<B: Backend>(be: impl Fn() -> B, m: &Llama<f32>, tol: f64, what: &str) {
+    use qadapt_train::dataset::Sequence;
+    use qadapt_train::fit::{pack, pack_rows};
+    let a = all_targets(m, 7);
+    let v = m.config.vocab_size;
+    let seqs: Vec<Sequence> = [3usize, 5, 4, 6, 2]
+        .iter()
+        .enumerate()
+        .map(|(i, &len)| {
+            let ids = ids(v, len, 200 + i as u64)[..len].to_vec();
+            // The first token of the third sequence is a prompt (no loss).
+            let mask = (0..len).map(|t| t > 0 && !(i == 2 && t == 1)).collect();
+            Sequence { ids, mask }
+        })
+        .collect();
+    let refs: Vec<&Sequence> = seqs.iter().collect();
+    let padded = pack(&refs, 0).unwrap();
+    let packed = pack_rows(&[refs[..2].to_vec(), refs[2..].to_vec()], 0).unwrap();
+    assert_eq!((packed.batch, packed.seq), (2, 12));
+    assert_eq!(packed.num_targets(), padded.num_targets());
+    let run = |b: &Batch| {
+        let mut lm = lora_model(be(), m, Base::Dense, &a, MomentPlacement::Device);
+        let loss = lm.accumulate(b).unwrap();
+        (loss, lm.grads().unwrap())
+    };
+    let (l0, g0) = run(&padded);
+    let (l1, g1) = run(&packed);
+    let (gmax, gnorm) = grad_errs(&g1, &g0, &m.config);
+    println!("{what}: loss {l1} vs {l0}, grads {gmax:.2e} {gnorm:.2e}");
+    assert!(
+        f64::from((l1 - l0).abs()) <= tol * f64::from(l0),
+        "{what}: {l1} vs {l0}"
+    );
+    assert!(gnorm <= tol.max(1e-6) * 10.0, "{what}: gradients {gnorm}");
+    // The CPU model refuses a packed batch (it has no segments).
+    let err = qadapt_train::evaluate(m, &packed, None, Grads::None, None).unwrap_err();
+    assert!(err.to_string().contains("packed"), "{err}");
+}
+
+#[test]
+fn a_packed_batch_equals_its_sequences_one_per_row() {
+    packed_equals_padded(CpuBackend::f32, &fixture(), 1e-6, "f32, fixture");
+    packed_equals_padded(CpuBackend::f32, &flash_sized(), 1e-6, "f32, flash-sized");
+}
+
 /// The step (loss and gradients, bit for bit) of a model streamed to the backend by `streamed`
 /// equals that of `m` handed over whole: dense, and NF4 against `stored` codes (those of a
 /// bitsandbytes checkpoint; none: quantized on the host). Returns the two losses' bits.
@@ -1053,6 +1103,15 @@ fn cuda_a_streamed_checkpoint_quantized_on_the_device_is_the_loaded_one() {
 fn cuda_heldout_scores_match_the_cpu_models_evaluation() {
     heldout_agrees(cuda(), Base::Dense, 1e-2, 1, "cuda, dense");
     heldout_agrees(cuda(), Base::Nf4, 1e-2, 1, "cuda, nf4");
+}
+
+/// Packing on the device: the scalar attention kernels (the fixture's head size 8) and the
+/// tensor-core ones (16), within bf16 tolerance of the padded batch.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn cuda_a_packed_batch_equals_its_sequences_one_per_row() {
+    packed_equals_padded(cuda, &fixture(), 1e-2, "cuda, fixture");
+    packed_equals_padded(cuda, &flash_sized(), 1e-2, "cuda, flash-sized");
 }
 
 /// On the device the chunks change only which rows each cuBLAS call gets: within bf16 tolerance

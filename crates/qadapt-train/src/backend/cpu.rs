@@ -217,6 +217,7 @@ impl Backend for CpuBackend {
     type Act = Vec<f32>;
     type F32 = Vec<f32>;
     type Rope = RopeTable<f32>;
+    type Segments = Vec<u32>;
     type Proj = CpuProj;
     type Moments = (Vec<f32>, Vec<f32>);
 
@@ -264,6 +265,11 @@ impl Backend for CpuBackend {
 
     fn rope(&self, table: &RopeTable<f32>) -> Result<RopeTable<f32>> {
         Ok(table.clone())
+    }
+
+    fn segments(&self, batch: usize, seq: usize, starts: &[u32]) -> Result<Vec<u32>> {
+        attention::check_segments("attention segments", batch, seq, starts)?;
+        Ok(starts.to_vec())
     }
 
     fn rope_apply(
@@ -347,10 +353,11 @@ impl Backend for CpuBackend {
         q: &Vec<f32>,
         k: &Vec<f32>,
         v: &Vec<f32>,
+        segments: Option<&Vec<u32>>,
         saved: &mut Vec<f32>,
         out: &mut Vec<f32>,
     ) -> Result<()> {
-        attention::forward(sh, q, k, v, saved, out)?;
+        attention::forward(sh, q, k, v, segments.map(Vec::as_slice), saved, out)?;
         self.round(out);
         Ok(())
     }
@@ -361,6 +368,7 @@ impl Backend for CpuBackend {
         q: &Vec<f32>,
         k: &Vec<f32>,
         v: &Vec<f32>,
+        _segments: Option<&Vec<u32>>,
         saved: &Vec<f32>,
         _out: &Vec<f32>,
         dout: &Vec<f32>,
@@ -368,7 +376,8 @@ impl Backend for CpuBackend {
         dk: &mut Vec<f32>,
         dv: &mut Vec<f32>,
     ) -> Result<()> {
-        // The saved probabilities give rowsum(P dP) directly: no use for the output.
+        // The saved probabilities give rowsum(P dP) directly: no use for the output; they are 0
+        // outside each query's sequence, so the segments need no second look.
         attention::backward(sh, q, k, v, saved, dout, dq, dk, dv)?;
         self.round(dq);
         self.round(dk);

@@ -99,6 +99,8 @@ pub trait Backend {
     type F32;
     /// A RoPE table resident on the backend.
     type Rope;
+    /// Packed rows' sequence starts resident on the backend (checked when made).
+    type Segments;
     /// A resident projection (base weight and optional LoRA working copy).
     type Proj;
     /// The AdamW moments `(m, v)` of one tensor.
@@ -126,6 +128,9 @@ pub trait Backend {
 
     /// Uploads an f32 RoPE table (cos and sin stay f32).
     fn rope(&self, table: &RopeTable<f32>) -> Result<Self::Rope>;
+    /// Packed rows' sequence starts `[batch * seq]` ([`qadapt::ops::attention`]'s `segments`),
+    /// checked, for every attention call of a batch.
+    fn segments(&self, batch: usize, seq: usize, starts: &[u32]) -> Result<Self::Segments>;
     /// Rotates every head of `x [batch * seq, heads * head_dim]` in place.
     fn rope_apply(
         &self,
@@ -183,13 +188,16 @@ pub trait Backend {
     /// row log-sum-exps `[batch, heads, seq]`, the CPU reference the probabilities
     /// `[batch, heads, seq, seq]`).
     fn attention_saved_len(&self, sh: AttentionShape) -> usize;
-    /// Causal GQA attention: `out` and `saved` overwritten.
+    /// Causal GQA attention: `out` and `saved` overwritten; with `segments`, each query sees
+    /// only its own sequence's keys (packed rows).
+    #[allow(clippy::too_many_arguments)]
     fn attention_forward(
         &self,
         sh: AttentionShape,
         q: &Self::Act,
         k: &Self::Act,
         v: &Self::Act,
+        segments: Option<&Self::Segments>,
         saved: &mut Self::F32,
         out: &mut Self::Act,
     ) -> Result<()>;
@@ -203,6 +211,7 @@ pub trait Backend {
         q: &Self::Act,
         k: &Self::Act,
         v: &Self::Act,
+        segments: Option<&Self::Segments>,
         saved: &Self::F32,
         out: &Self::Act,
         dout: &Self::Act,

@@ -209,6 +209,8 @@ struct Saved<B: Backend> {
     x_final: B::Act,
     rstd_final: B::F32,
     rope: B::Rope,
+    /// Packed rows' sequence starts (`None`: one sequence per row).
+    segments: Option<B::Segments>,
 }
 
 /// A frozen Llama base with one trainable LoRA adapter on a [`Backend`], with its AdamW state.
@@ -507,13 +509,8 @@ impl<B: Backend> LoraModel<B> {
 
     /// Forward on ids `[batch, seq]`: the saved activations and the final norm's output `[N, C]`
     /// (the head's input). With a `key` (training), LoRA dropout applies to the adapters' inputs.
-    fn forward(
-        &self,
-        ids: &[u32],
-        batch: usize,
-        seq: usize,
-        pass: Pass,
-    ) -> Result<(Saved<B>, B::Act)> {
+    fn forward(&self, b: &Batch, pass: Pass) -> Result<(Saved<B>, B::Act)> {
+        let (ids, batch, seq) = (&b.ids[..], b.batch, b.seq);
         const OP: &str = "lora model forward";
         let c = &self.config;
         let be = &self.backend;
@@ -534,7 +531,17 @@ impl<B: Backend> LoraModel<B> {
                 ),
             ));
         }
-        let rope = be.rope(&RopeTable::new(seq, c.head_dim, &self.inv_freq)?)?;
+        // Packed rows: attention within each sequence, RoPE positions from each sequence's start
+        // (a table row per token).
+        let segments = match &b.segments {
+            Some(s) => Some(be.segments(batch, seq, s)?),
+            None => None,
+        };
+        let table = match &b.segments {
+            Some(_) => RopeTable::at_positions(&b.positions(), c.head_dim, &self.inv_freq)?,
+            None => RopeTable::new(seq, c.head_dim, &self.inv_freq)?,
+        };
+        let rope = be.rope(&table)?;
         let mut x = be.zeros(n * c.hidden_size)?;
         be.embedding(ids, &self.embed, c.vocab_size, c.hidden_size, &mut x)?;
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
@@ -548,6 +555,7 @@ impl<B: Backend> LoraModel<B> {
             batch,
             seq,
             rope: &rope,
+            segments: segments.as_ref(),
             key: pass.key,
             base_only: !pass.adapter,
         };
@@ -581,6 +589,7 @@ impl<B: Backend> LoraModel<B> {
                 x_final: x,
                 rstd_final,
                 rope,
+                segments,
             },
             xn_final,
         ))
@@ -651,6 +660,7 @@ impl<B: Backend> LoraModel<B> {
                         batch: f.batch,
                         seq: f.seq,
                         rope: &f.rope,
+                        segments: f.segments.as_ref(),
                         key: f.key,
                         base_only: false,
                     };
@@ -666,7 +676,8 @@ impl<B: Backend> LoraModel<B> {
     /// The logits `[batch * seq, vocab]` (bf16 values widened to f32) of ids `[batch, seq]`.
     pub fn logits(&self, ids: &[u32], batch: usize, seq: usize) -> Result<Vec<f32>> {
         let c = &self.config;
-        let (_, xn) = self.forward(ids, batch, seq, Pass::eval(true))?;
+        let b = Batch::new(ids.to_vec(), batch, seq, vec![None; ids.len()])?;
+        let (_, xn) = self.forward(&b, Pass::eval(true))?;
         let mut logits = self.backend.zeros(ids.len() * c.vocab_size)?;
         self.backend.matmul_wt(
             &xn,
@@ -679,7 +690,7 @@ impl<B: Backend> LoraModel<B> {
 
     /// The mean cross-entropy of a batch's targets (no gradient).
     pub fn loss(&self, b: &Batch) -> Result<f32> {
-        let (_, xn) = self.forward(&b.ids, b.batch, b.seq, Pass::eval(true))?;
+        let (_, xn) = self.forward(b, Pass::eval(true))?;
         self.head_loss(&xn, &b.targets, 1.0, None)
     }
 
@@ -690,7 +701,7 @@ impl<B: Backend> LoraModel<B> {
     /// fine-tuning, whatever the adapter holds now.
     pub fn scores(&self, b: &Batch, adapter: bool) -> Result<Vec<RowScore<f32>>> {
         let c = &self.config;
-        let (_, xn) = self.forward(&b.ids, b.batch, b.seq, Pass::eval(adapter))?;
+        let (_, xn) = self.forward(b, Pass::eval(adapter))?;
         let rows = b.targets.len();
         let shape = LmHeadShape {
             rows,
@@ -785,7 +796,7 @@ impl<B: Backend> LoraModel<B> {
             return Err(shape_err(OP, b.ids.len(), b.targets.len()));
         }
         let key = self.dropout_key()?;
-        let (saved, xn) = self.forward(&b.ids, b.batch, b.seq, Pass::train(key))?;
+        let (saved, xn) = self.forward(b, Pass::train(key))?;
         let mut dxn = self.backend.zeros(b.ids.len() * self.config.hidden_size)?;
         let loss = self.head_loss(&xn, &b.targets, tokens as f32, Some(&mut dxn))?;
         drop(xn);
@@ -954,6 +965,7 @@ struct BackendRun<'m, B: Backend> {
     batch: usize,
     seq: usize,
     rope: &'m B::Rope,
+    segments: Option<&'m B::Segments>,
     key: Option<DropoutKey>,
     /// Every projection as its frozen base alone (no LoRA term): the model before fine-tuning.
     base_only: bool,
@@ -1015,7 +1027,7 @@ impl<B: Backend> LayerRun for BackendRun<'_, B> {
         let sh = c.attention_shape(self.batch, self.seq);
         let mut att = be.zeros_f32(be.attention_saved_len(sh))?;
         let mut attn = be.zeros(self.rows * c.q_dim())?;
-        be.attention_forward(sh, q, k, v, &mut att, &mut attn)?;
+        be.attention_forward(sh, q, k, v, self.segments, &mut att, &mut attn)?;
         Ok((att, attn))
     }
 
@@ -1134,8 +1146,19 @@ impl<B: Backend> LayerBackRun for BackendBackRun<'_, B> {
         dv: &mut B::Act,
     ) -> Result<()> {
         let sh = self.config.attention_shape(self.f.batch, self.f.seq);
-        self.be
-            .attention_backward(sh, &a.q, &a.k, &a.v, &a.att, &a.attn, dattn, dq, dk, dv)
+        self.be.attention_backward(
+            sh,
+            &a.q,
+            &a.k,
+            &a.v,
+            self.f.segments.as_ref(),
+            &a.att,
+            &a.attn,
+            dattn,
+            dq,
+            dk,
+            dv,
+        )
     }
 
     fn rope_backward(&mut self, dq: &mut B::Act, dk: &mut B::Act) -> Result<()> {

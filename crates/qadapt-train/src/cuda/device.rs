@@ -14,7 +14,7 @@
 
 use half::bf16;
 use qadapt::Result;
-use qadapt::cuda::ops::{self, CudaRopeTable};
+use qadapt::cuda::ops::{self, CudaRopeTable, CudaSegments};
 use qadapt::cuda::{CudaDevice, DeviceBuffer, Op};
 use qadapt::lora::{AdapterStack, BaseWeight, CudaBaseWeight, CudaLoraLinear, LoraLinear};
 use qadapt::nf4::{CudaNf4, Statistics};
@@ -211,6 +211,7 @@ impl Backend for CudaBackend {
     type Act = DeviceBuffer<bf16>;
     type F32 = DeviceBuffer<f32>;
     type Rope = CudaRopeTable;
+    type Segments = CudaSegments;
     type Proj = CudaProj;
     type Moments = CudaMoments;
 
@@ -271,6 +272,10 @@ impl Backend for CudaBackend {
 
     fn rope(&self, table: &RopeTable<f32>) -> Result<Self::Rope> {
         CudaRopeTable::new(&self.dev, table)
+    }
+
+    fn segments(&self, batch: usize, seq: usize, starts: &[u32]) -> Result<CudaSegments> {
+        CudaSegments::new(&self.dev, batch, seq, starts)
     }
 
     fn rope_apply(
@@ -345,13 +350,14 @@ impl Backend for CudaBackend {
         q: &Self::Act,
         k: &Self::Act,
         v: &Self::Act,
+        segments: Option<&CudaSegments>,
         saved: &mut Self::F32,
         out: &mut Self::Act,
     ) -> Result<()> {
         if ops::flash_attention_supports(&sh) {
-            ops::flash_attention_forward(&self.dev, sh, q, k, v, saved, out)
+            ops::flash_attention_forward(&self.dev, sh, q, k, v, segments, saved, out)
         } else {
-            ops::attention_forward(&self.dev, sh, q, k, v, saved, out)
+            ops::attention_forward(&self.dev, sh, q, k, v, segments, saved, out)
         }
     }
 
@@ -361,6 +367,7 @@ impl Backend for CudaBackend {
         q: &Self::Act,
         k: &Self::Act,
         v: &Self::Act,
+        segments: Option<&CudaSegments>,
         saved: &Self::F32,
         out: &Self::Act,
         dout: &Self::Act,
@@ -368,11 +375,12 @@ impl Backend for CudaBackend {
         dk: &mut Self::Act,
         dv: &mut Self::Act,
     ) -> Result<()> {
+        let dev = &self.dev;
         if ops::flash_attention_supports(&sh) {
             let out = Some(out);
-            ops::flash_attention_backward(&self.dev, sh, q, k, v, out, saved, dout, dq, dk, dv)
+            ops::flash_attention_backward(dev, sh, q, k, v, segments, out, saved, dout, dq, dk, dv)
         } else {
-            ops::attention_backward(&self.dev, sh, q, k, v, saved, dout, dq, dk, dv)
+            ops::attention_backward(dev, sh, q, k, v, segments, saved, dout, dq, dk, dv)
         }
     }
 

@@ -372,22 +372,47 @@ pub fn lm_head_scores(
         .collect())
 }
 
+/// Packed rows' sequence starts on the device: the `segments` of [`crate::ops::attention`]
+/// (query i of a row sees only the keys of its own sequence), checked once when made
+/// ([`crate::ops::attention::check_segments`]) and then read by every attention launch of the
+/// batch.
+#[derive(Debug)]
+pub struct CudaSegments {
+    pub(crate) starts: CudaSlice<u32>,
+    pub(crate) batch: usize,
+    pub(crate) seq: usize,
+}
+
+impl CudaSegments {
+    /// Uploads `starts [batch * seq]` after checking them.
+    pub fn new(dev: &CudaDevice, batch: usize, seq: usize, starts: &[u32]) -> Result<Self> {
+        crate::ops::attention::check_segments("attention segments (cuda)", batch, seq, starts)?;
+        Ok(CudaSegments {
+            starts: dev.upload(starts)?,
+            batch,
+            seq,
+        })
+    }
+}
+
 /// Causal grouped-query attention forward (layouts of [`crate::ops::attention`]): `out`
 /// `[batch * seq, heads * head_dim]` overwritten, and `lse [batch, heads, seq]` (f32) overwritten
 /// with each query row's log-sum-exp of its scaled scores. The CPU reference saves the
 /// probabilities `p [batch, heads, seq, seq]`; the kernels save `lse` instead (seq times smaller)
 /// and recompute the probabilities in the backward. `head_dim` must be even and at most
 /// `QADAPT_ATTN_MAX_HEAD_DIM` (256).
+#[allow(clippy::too_many_arguments)]
 pub fn attention_forward(
     dev: &CudaDevice,
     sh: AttentionShape,
     q: &CudaSlice<bf16>,
     k: &CudaSlice<bf16>,
     v: &CudaSlice<bf16>,
+    segments: Option<&CudaSegments>,
     lse: &mut CudaSlice<f32>,
     out: &mut CudaSlice<bf16>,
 ) -> Result<()> {
-    launch::attention_forward(dev, sh, q, k, v, lse, out)
+    launch::attention_forward(dev, sh, q, k, v, segments, lse, out)
 }
 
 /// Backward of [`attention_forward`]: `dq`, `dk`, `dv` overwritten (a kv head sums the gradients
@@ -400,13 +425,14 @@ pub fn attention_backward(
     q: &CudaSlice<bf16>,
     k: &CudaSlice<bf16>,
     v: &CudaSlice<bf16>,
+    segments: Option<&CudaSegments>,
     lse: &CudaSlice<f32>,
     dout: &CudaSlice<bf16>,
     dq: &mut CudaSlice<bf16>,
     dk: &mut CudaSlice<bf16>,
     dv: &mut CudaSlice<bf16>,
 ) -> Result<()> {
-    launch::attention_backward(dev, sh, q, k, v, lse, dout, dq, dk, dv)
+    launch::attention_backward(dev, sh, q, k, v, segments, lse, dout, dq, dk, dv)
 }
 
 /// Head sizes the tensor-core attention ([`flash_attention_forward`]) supports; any other
@@ -429,16 +455,18 @@ pub fn flash_attention_supports(sh: &AttentionShape) -> bool {
 /// `head_dim` must be one of [`FLASH_HEAD_DIMS`] and every bf16 buffer 16-byte aligned (cudarc's
 /// allocations are); otherwise [`crate::Error::Invalid`] before anything runs, and the caller
 /// uses [`attention_forward`] instead. No padding mask and no prefix keys/values.
+#[allow(clippy::too_many_arguments)]
 pub fn flash_attention_forward(
     dev: &CudaDevice,
     sh: AttentionShape,
     q: &CudaSlice<bf16>,
     k: &CudaSlice<bf16>,
     v: &CudaSlice<bf16>,
+    segments: Option<&CudaSegments>,
     lse: &mut CudaSlice<f32>,
     out: &mut CudaSlice<bf16>,
 ) -> Result<()> {
-    launch::flash_attention_forward(dev, sh, q, k, v, lse, out)
+    launch::flash_attention_forward(dev, sh, q, k, v, segments, lse, out)
 }
 
 /// Backward of [`flash_attention_forward`]: `dq`, `dk`, `dv` overwritten (a kv head sums the
@@ -456,6 +484,7 @@ pub fn flash_attention_backward(
     q: &CudaSlice<bf16>,
     k: &CudaSlice<bf16>,
     v: &CudaSlice<bf16>,
+    segments: Option<&CudaSegments>,
     out: Option<&CudaSlice<bf16>>,
     lse: &CudaSlice<f32>,
     dout: &CudaSlice<bf16>,
@@ -463,5 +492,5 @@ pub fn flash_attention_backward(
     dk: &mut CudaSlice<bf16>,
     dv: &mut CudaSlice<bf16>,
 ) -> Result<()> {
-    launch::flash_attention_backward(dev, sh, q, k, v, out, lse, dout, dq, dk, dv)
+    launch::flash_attention_backward(dev, sh, q, k, v, segments, out, lse, dout, dq, dk, dv)
 }

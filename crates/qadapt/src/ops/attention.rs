@@ -5,7 +5,7 @@
 //! `p [batch, heads, seq, seq]`. Query head `h` reads kv head `h / (heads / kv_heads)` (transformers'
 //! `repeat_kv` repeats each kv head for consecutive query heads). For one (batch, head):
 //! ```text
-//! S = Q K^T / sqrt(D),  S[i, j] = -inf for j > i (causal)
+//! S = Q K^T / sqrt(D),  S[i, j] = -inf for j > i (causal) or j < s_i (packed rows)
 //! P = softmax_rows(S)                              (saved; masked entries are exactly 0)
 //! O = P V                                          (overwritten)
 //! ```
@@ -17,6 +17,11 @@
 //! dQ   = dS K
 //! dK  += dS^T Q
 //! ```
+//! Packed rows hold several sequences one after another: `segments[b * seq + i] = s_i` is the
+//! position in row b where token i's sequence starts, and query i attends to the keys
+//! `s_i <= j <= i` only, so each sequence sees nothing of the others (without segments, s_i = 0).
+//! The backward needs no segments: P is exactly 0 wherever S was masked.
+//!
 //! Each product is one GEMM reading strided views of the token-major inputs (`[seq, D]` with row
 //! stride `heads * D`), so no input head is copied; outputs are written head-major (one contiguous
 //! block per parallel task) and then copied to the token-major layout once. The softmax works row
@@ -91,19 +96,46 @@ fn heads_to_tokens<T: Real>(src: &[T], dst: &mut [T], seq: usize, heads: usize, 
         });
 }
 
+/// Checks packed rows' segment starts (see the module doc) for `batch` rows of `seq` tokens: one
+/// per token, each row's first 0 and every next one either the same start or its own position
+/// (a new sequence), so the starts never decrease along a row.
+pub fn check_segments(op: &'static str, batch: usize, seq: usize, segments: &[u32]) -> Result<()> {
+    check_len(op, "segments", segments, batch * seq)?;
+    for (n, &s) in segments.iter().enumerate() {
+        let i = n % seq;
+        let prev = if i == 0 { 0 } else { segments[n - 1] };
+        if s != prev && s as usize != i {
+            return Err(invalid(
+                op,
+                format!(
+                    "token {i} of row {} starts its sequence at {s}: a start is the previous \
+                     token's ({prev}) or the token's own position",
+                    n / seq
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Forward (see the module doc): overwrites `p` and `out`. The (batch, head) pairs run in
 /// parallel, each on its own `[seq, seq]` block of `p` and a head-major copy of its output.
+/// `segments` (packed rows) restricts each query to its own sequence's keys.
 pub fn forward<T: Real>(
     sh: AttentionShape,
     q: &[T],
     k: &[T],
     v: &[T],
+    segments: Option<&[u32]>,
     p: &mut [T],
     out: &mut [T],
 ) -> Result<()> {
     const OP: &str = "attention forward";
     sh.check(OP, q, k, v, p)?;
     check_len(OP, "out", out, q.len())?;
+    if let Some(s) = segments {
+        check_segments(OP, sh.batch, sh.seq, s)?;
+    }
     let (qv, kv, vv) = (
         view4(sh.dims(sh.heads), q),
         view4(sh.dims(sh.kv_heads), k),
@@ -127,7 +159,10 @@ pub fn forward<T: Real>(
             );
             for (i, mut row) in pbh.rows_mut().into_iter().enumerate() {
                 let row = row.as_slice_mut().expect("p rows are contiguous");
-                let (live, masked) = row.split_at_mut(i + 1);
+                let s0 = segments.map_or(0, |s| s[b * t + i] as usize);
+                let (before, row) = row.split_at_mut(s0);
+                before.iter_mut().for_each(|x| *x = T::ZERO);
+                let (live, masked) = row.split_at_mut(i + 1 - s0);
                 let m = live.iter().fold(T::NEG_INFINITY, |a, &x| a.max(x));
                 let mut sum = T::ZERO;
                 for x in live.iter_mut() {
@@ -244,7 +279,7 @@ mod tests {
     fn run(q: &[f64], k: &[f64], v: &[f64]) -> (Vec<f64>, Vec<f64>) {
         let mut p = vec![0.0; SH.batch * SH.heads * SH.seq * SH.seq];
         let mut o = vec![0.0; q.len()];
-        forward(SH, q, k, v, &mut p, &mut o).unwrap();
+        forward(SH, q, k, v, None, &mut p, &mut o).unwrap();
         (p, o)
     }
 
@@ -298,7 +333,57 @@ mod tests {
         let bad = AttentionShape { kv_heads: 3, ..SH };
         let mut pp = p.clone();
         let mut oo = o.clone();
-        assert!(forward(bad, &q, &k, &v, &mut pp, &mut oo).is_err());
+        assert!(forward(bad, &q, &k, &v, None, &mut pp, &mut oo).is_err());
+    }
+
+    /// Packed rows: each sequence's outputs and gradients are those of the sequence run alone
+    /// (rows of 5 holding sequences of 2 + 3 and 1 + 4), and a start after its token is refused.
+    #[test]
+    fn packed_rows_attend_within_their_sequences() {
+        let (q, k, v) = inputs();
+        let segments = [0u32, 0, 2, 2, 2, 0, 1, 1, 1, 1];
+        let mut p = vec![0.0; SH.batch * SH.heads * SH.seq * SH.seq];
+        let mut o = vec![0.0; q.len()];
+        forward(SH, &q, &k, &v, Some(&segments), &mut p, &mut o).unwrap();
+        let r = rand_vec(5, q.len());
+        let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
+        backward(SH, &q, &k, &v, &p, &r, &mut dq, &mut dk, &mut dv).unwrap();
+        let (hd, kd) = (SH.heads * SH.head_dim, SH.kv_heads * SH.head_dim);
+        // (row, start, length) of each packed sequence.
+        for (b, s0, len) in [(0, 0, 2), (0, 2, 3), (1, 0, 1), (1, 1, 4)] {
+            let one = AttentionShape {
+                batch: 1,
+                seq: len,
+                ..SH
+            };
+            let rows = |x: &[f64], w: usize| x[(b * SH.seq + s0) * w..][..len * w].to_vec();
+            let (qs, ks, vs, rs) = (rows(&q, hd), rows(&k, kd), rows(&v, kd), rows(&r, hd));
+            let mut ps = vec![0.0; SH.heads * len * len];
+            let mut os = vec![0.0; qs.len()];
+            forward(one, &qs, &ks, &vs, None, &mut ps, &mut os).unwrap();
+            let (mut dqs, mut dks, mut dvs) = (
+                vec![0.0; qs.len()],
+                vec![0.0; ks.len()],
+                vec![0.0; vs.len()],
+            );
+            backward(one, &qs, &ks, &vs, &ps, &rs, &mut dqs, &mut dks, &mut dvs).unwrap();
+            for (what, got, want) in [
+                ("out", rows(&o, hd), os),
+                ("dq", rows(&dq, hd), dqs),
+                ("dk", rows(&dk, kd), dks),
+                ("dv", rows(&dv, kd), dvs),
+            ] {
+                for (x, y) in got.iter().zip(&want) {
+                    assert!(
+                        (x - y).abs() < 1e-12,
+                        "{what} of ({b}, {s0}, {len}): {x} vs {y}"
+                    );
+                }
+            }
+        }
+        let mut bad = segments;
+        bad[6] = 2;
+        assert!(forward(SH, &q, &k, &v, Some(&bad), &mut p, &mut o).is_err());
     }
 
     #[test]

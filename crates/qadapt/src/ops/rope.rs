@@ -144,6 +144,14 @@ impl<T: Real> RopeTable<T> {
     /// The table for positions `0..seq`. The angle is the f32 product `p * inv_freq` (as
     /// transformers computes it); cos and sin are then taken in `T`.
     pub fn new(seq: usize, head_dim: usize, inv_freq: &[f32]) -> Result<Self> {
+        let positions: Vec<u32> = (0..seq as u32).collect();
+        Self::at_positions(&positions, head_dim, inv_freq)
+    }
+
+    /// The table whose row n is position `positions[n]`: with one row per token of a batch
+    /// (`seq = positions.len()`, so token n reads row n), tokens of packed sequences get their
+    /// distance from their own sequence's start. Angles as [`Self::new`].
+    pub fn at_positions(positions: &[u32], head_dim: usize, inv_freq: &[f32]) -> Result<Self> {
         if inv_freq.len() * 2 != head_dim {
             return Err(shape_err(
                 "rope table",
@@ -152,9 +160,9 @@ impl<T: Real> RopeTable<T> {
             ));
         }
         let half = head_dim / 2;
-        let mut cos = Vec::with_capacity(seq * half);
-        let mut sin = Vec::with_capacity(seq * half);
-        for p in 0..seq {
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
+        for &p in positions {
             for &f in inv_freq {
                 let a = T::from_f64((p as f32 * f) as f64);
                 cos.push(a.cos());
@@ -162,7 +170,7 @@ impl<T: Real> RopeTable<T> {
             }
         }
         Ok(RopeTable {
-            seq,
+            seq: positions.len(),
             head_dim,
             cos,
             sin,

@@ -50,6 +50,11 @@ fn assert_close(what: &str, got: &[bf16], want: &[f32]) -> f32 {
 
 /// Runs the flash forward (and backward, if `bwd`) on `sh` and compares with the CPU reference.
 fn check(dev: &CudaDevice, sh: AttentionShape, bwd: bool) {
+    check_packed(dev, sh, None, bwd);
+}
+
+/// [`check`] with packed rows' `segments` (the CPU reference's and the device's).
+fn check_packed(dev: &CudaDevice, sh: AttentionShape, segments: Option<&[u32]>, bwd: bool) {
     let (batch, seq, heads, kv_heads, d) = (sh.batch, sh.seq, sh.heads, sh.kv_heads, sh.head_dim);
     let n = batch * seq;
     let (qb, q) = rand_bf16(30, n * heads * d, 2.0);
@@ -58,7 +63,8 @@ fn check(dev: &CudaDevice, sh: AttentionShape, bwd: bool) {
     let (dob, dout) = rand_bf16(33, n * heads * d, 1.0);
     let mut p = vec![0f32; batch * heads * seq * seq];
     let mut out = vec![0f32; q.len()];
-    forward(sh, &q, &k, &v, &mut p, &mut out).unwrap();
+    forward(sh, &q, &k, &v, segments, &mut p, &mut out).unwrap();
+    let segd = segments.map(|s| ops::CudaSegments::new(dev, batch, seq, s).unwrap());
 
     let (qd, kd, vd) = (
         dev.upload(&qb).unwrap(),
@@ -67,8 +73,8 @@ fn check(dev: &CudaDevice, sh: AttentionShape, bwd: bool) {
     );
     let mut lse = dev.upload(&vec![f32::NAN; n * heads]).unwrap();
     let mut od = dev.upload(&vec![bf16::from_f32(7.0); q.len()]).unwrap();
-    ops::flash_attention_forward(dev, sh, &qd, &kd, &vd, &mut lse, &mut od).unwrap();
-    let tag = format!("{sh:?}");
+    ops::flash_attention_forward(dev, sh, &qd, &kd, &vd, segd.as_ref(), &mut lse, &mut od).unwrap();
+    let tag = format!("{sh:?}, packed {}", segments.is_some());
     let e_out = assert_close(&format!("out, {tag}"), &dev.download(&od).unwrap(), &out);
 
     // lse against the reference's: P[i, i] = exp(S[i, i] - lse_i), so lse_i = S[i, i] - log P[i, i].
@@ -112,7 +118,18 @@ fn check(dev: &CudaDevice, sh: AttentionShape, bwd: bool) {
         let mut dkd = dev.upload(&vec![bf16::from_f32(7.0); k.len()]).unwrap();
         let mut dvd = dev.upload(&vec![bf16::from_f32(7.0); v.len()]).unwrap();
         ops::flash_attention_backward(
-            dev, sh, &qd, &kd, &vd, o, &lse, &dod, &mut dqd, &mut dkd, &mut dvd,
+            dev,
+            sh,
+            &qd,
+            &kd,
+            &vd,
+            segd.as_ref(),
+            o,
+            &lse,
+            &dod,
+            &mut dqd,
+            &mut dkd,
+            &mut dvd,
         )
         .unwrap();
         let tag = format!("{tag}, delta {delta_from}");
@@ -172,6 +189,85 @@ fn cuda_flash_attention_long_sequence() {
     check(&dev, shape(1, 4165, 1, 1, 64), true);
 }
 
+/// Packed rows (`segments`): sequences that start inside a 64-row block and across blocks, a
+/// one-token sequence, a block whose first query's sequence began two blocks earlier, and
+/// queries whose keys all lie in a later block than the block's first key block (their running
+/// max stays -inf there), against the CPU reference with the same segments. Also the scalar
+/// kernels (head size 8) on the same rows.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn cuda_flash_attention_packed_rows_match_cpu() {
+    let dev = device();
+    let seq = 200;
+    // Row 0: sequences starting at 0, 37, 38 (one token), 64, 70 and 150; row 1: one sequence
+    // of 130, then one of 70 starting inside the third block.
+    let starts = [[0usize, 37, 38, 39, 64, 70, 150].as_slice(), &[0, 130]];
+    let mut segments = Vec::new();
+    for row in starts {
+        for i in 0..seq {
+            segments.push(*row.iter().filter(|&&s| s <= i).max().unwrap() as u32);
+        }
+    }
+    for sh in [shape(2, seq, 4, 2, 64), shape(2, seq, 2, 1, 16)] {
+        check_packed(&dev, sh, Some(&segments), true);
+    }
+    // The scalar kernels: forward and backward against the CPU reference.
+    let sh = shape(2, seq, 2, 1, 8);
+    let n = 2 * seq;
+    let (qb, q) = rand_bf16(40, n * 2 * 8, 2.0);
+    let (kb, k) = rand_bf16(41, n * 8, 2.0);
+    let (vb, v) = rand_bf16(42, n * 8, 1.0);
+    let (dob, dout) = rand_bf16(43, n * 2 * 8, 1.0);
+    let mut p = vec![0f32; 2 * 2 * seq * seq];
+    let mut out = vec![0f32; q.len()];
+    forward(sh, &q, &k, &v, Some(&segments), &mut p, &mut out).unwrap();
+    let (mut dq, mut dk, mut dv) = (
+        vec![0f32; q.len()],
+        vec![0f32; k.len()],
+        vec![0f32; v.len()],
+    );
+    backward(sh, &q, &k, &v, &p, &dout, &mut dq, &mut dk, &mut dv).unwrap();
+    let segd = ops::CudaSegments::new(&dev, 2, seq, &segments).unwrap();
+    let (qd, kd, vd, dod) = (
+        dev.upload(&qb).unwrap(),
+        dev.upload(&kb).unwrap(),
+        dev.upload(&vb).unwrap(),
+        dev.upload(&dob).unwrap(),
+    );
+    let mut lse = dev.zeros::<f32>(n * 2).unwrap();
+    let mut od = dev.zeros::<bf16>(q.len()).unwrap();
+    ops::attention_forward(&dev, sh, &qd, &kd, &vd, Some(&segd), &mut lse, &mut od).unwrap();
+    assert_close("scalar out, packed", &dev.download(&od).unwrap(), &out);
+    let mut dqd = dev.zeros::<bf16>(q.len()).unwrap();
+    let mut dkd = dev.zeros::<bf16>(k.len()).unwrap();
+    let mut dvd = dev.zeros::<bf16>(v.len()).unwrap();
+    ops::attention_backward(
+        &dev,
+        sh,
+        &qd,
+        &kd,
+        &vd,
+        Some(&segd),
+        &lse,
+        &dod,
+        &mut dqd,
+        &mut dkd,
+        &mut dvd,
+    )
+    .unwrap();
+    assert_close("scalar dq, packed", &dev.download(&dqd).unwrap(), &dq);
+    assert_close("scalar dk, packed", &dev.download(&dkd).unwrap(), &dk);
+    assert_close("scalar dv, packed", &dev.download(&dvd).unwrap(), &dv);
+    // Refusals: a start after its token, and segments of another shape.
+    let mut bad = segments.clone();
+    bad[5] = 6;
+    assert!(ops::CudaSegments::new(&dev, 2, seq, &bad).is_err());
+    let other = ops::CudaSegments::new(&dev, 1, seq, &segments[..seq]).unwrap();
+    assert!(
+        ops::attention_forward(&dev, sh, &qd, &kd, &vd, Some(&other), &mut lse, &mut od).is_err()
+    );
+}
+
 #[test]
 #[ignore = "needs a CUDA device"]
 fn cuda_flash_attention_refuses_bad_shapes() {
@@ -183,15 +279,15 @@ fn cuda_flash_attention_refuses_bad_shapes() {
     let kv = dev.zeros::<bf16>(4 * 8).unwrap();
     let mut lse = dev.zeros::<f32>(8).unwrap();
     let mut o = dev.zeros::<bf16>(4 * 2 * 8).unwrap();
-    assert!(ops::flash_attention_forward(&dev, sh, &x, &kv, &kv, &mut lse, &mut o).is_err());
+    assert!(ops::flash_attention_forward(&dev, sh, &x, &kv, &kv, None, &mut lse, &mut o).is_err());
     // A buffer of the wrong length.
     let sh = shape(1, 4, 2, 1, 16);
     assert!(ops::flash_attention_supports(&sh));
     let x = dev.zeros::<bf16>(4 * 2 * 16).unwrap();
     let kv = dev.zeros::<bf16>(4 * 16 + 1).unwrap();
     let mut o = dev.zeros::<bf16>(4 * 2 * 16).unwrap();
-    assert!(ops::flash_attention_forward(&dev, sh, &x, &kv, &kv, &mut lse, &mut o).is_err());
+    assert!(ops::flash_attention_forward(&dev, sh, &x, &kv, &kv, None, &mut lse, &mut o).is_err());
     // heads not a multiple of kv_heads.
     let sh = shape(1, 4, 3, 2, 16);
-    assert!(ops::flash_attention_forward(&dev, sh, &x, &kv, &kv, &mut lse, &mut o).is_err());
+    assert!(ops::flash_attention_forward(&dev, sh, &x, &kv, &kv, None, &mut lse, &mut o).is_err());
 }

@@ -584,7 +584,7 @@ fn cuda_attention_matches_cpu() {
         let (dob, dout) = rand_bf16(23, n * heads * head_dim, 1.0);
         let mut p = vec![0f32; batch * heads * seq * seq];
         let mut out = vec![0f32; q.len()];
-        forward(sh, &q, &k, &v, &mut p, &mut out).unwrap();
+        forward(sh, &q, &k, &v, None, &mut p, &mut out).unwrap();
         let (mut dq, mut dk, mut dv) = (
             vec![0f32; q.len()],
             vec![0f32; k.len()],
@@ -600,12 +600,12 @@ fn cuda_attention_matches_cpu() {
         );
         let mut lse = dev.zeros::<f32>(n * heads).unwrap();
         let mut od = dev.zeros::<bf16>(q.len()).unwrap();
-        ops::attention_forward(&dev, sh, &qd, &kd, &vd, &mut lse, &mut od).unwrap();
+        ops::attention_forward(&dev, sh, &qd, &kd, &vd, None, &mut lse, &mut od).unwrap();
         let mut dqd = dev.upload(&vec![bf16::from_f32(7.0); q.len()]).unwrap();
         let mut dkd = dev.upload(&vec![bf16::from_f32(7.0); k.len()]).unwrap();
         let mut dvd = dev.upload(&vec![bf16::from_f32(7.0); v.len()]).unwrap();
         ops::attention_backward(
-            &dev, sh, &qd, &kd, &vd, &lse, &dod, &mut dqd, &mut dkd, &mut dvd,
+            &dev, sh, &qd, &kd, &vd, None, &lse, &dod, &mut dqd, &mut dkd, &mut dvd,
         )
         .unwrap();
         let tag = format!("{sh:?}");
@@ -638,7 +638,7 @@ fn cuda_attention_matches_cpu() {
     let x = dev.zeros::<bf16>(2 * 2 * 258).unwrap();
     let mut lse = dev.zeros::<f32>(4).unwrap();
     let mut o = dev.zeros::<bf16>(2 * 2 * 258).unwrap();
-    assert!(ops::attention_forward(&dev, bad, &x, &x, &x, &mut lse, &mut o).is_err());
+    assert!(ops::attention_forward(&dev, bad, &x, &x, &x, None, &mut lse, &mut o).is_err());
 }
 
 /// `lm_head_scores` on the device: each row's argmax test equals the first-argmax rule applied to

@@ -15,6 +15,7 @@ use half::bf16;
 use qadapt_kernels::{ffi, kernels};
 
 use super::{aligned16, blas, launch, on_device};
+use crate::cuda::ops::CudaSegments;
 use crate::cuda::{CudaDevice, Op};
 use crate::error::{Result, invalid, shape_err};
 use crate::ops::Accumulate;
@@ -843,6 +844,39 @@ macro_rules! attention_operands {
     };
 }
 
+/// Checks packed rows' segments against the call: the same rows and length, this device.
+fn check_segments(
+    op: &'static str,
+    dev: &CudaDevice,
+    sh: &AttentionShape,
+    segments: Option<&CudaSegments>,
+) -> Result<()> {
+    if let Some(s) = segments {
+        if (s.batch, s.seq) != (sh.batch, sh.seq) {
+            return Err(shape_err(
+                op,
+                format!("segments of {} rows of {}", sh.batch, sh.seq),
+                format!("{} rows of {}", s.batch, s.seq),
+            ));
+        }
+        on_device(op, dev, "segments", &s.starts)?;
+    }
+    Ok(())
+}
+
+/// The device address of `segments`' starts (0 for none) and its guard.
+macro_rules! segments_ptr {
+    ($segments:expr, $stream:expr) => {
+        match $segments {
+            Some(s) => {
+                let (p, g) = s.starts.device_ptr($stream);
+                (p, Some(g))
+            }
+            None => (0, None),
+        }
+    };
+}
+
 /// The shape part of the attention kernels' arguments (the addresses are the caller's).
 fn attention_args(
     sh: &AttentionShape,
@@ -867,12 +901,14 @@ pub(crate) fn attention_forward(
     q: &CudaSlice<bf16>,
     k: &CudaSlice<bf16>,
     v: &CudaSlice<bf16>,
+    segments: Option<&CudaSegments>,
     lse: &mut CudaSlice<f32>,
     out: &mut CudaSlice<bf16>,
 ) -> Result<()> {
     const OP: &str = "attention forward (cuda)";
     let dims = attention_shape(OP, &sh)?;
     attention_operands!(OP, dev, sh; q: Q, k: Kv, v: Kv, out: Q, lse: Rows);
+    check_segments(OP, dev, &sh, segments)?;
     let items = (sh.batch * sh.heads * sh.seq.div_ceil(ffi::QADAPT_ATTN_ROWS as usize)) as u64;
     let plan = plan::model_op(items, ModelWork::CtaPerItem, &dev.props())?;
     let stream = dev.stream().clone();
@@ -881,6 +917,7 @@ pub(crate) fn attention_forward(
     let (vp, _g3) = v.device_ptr(&stream);
     let (lp, _g4) = lse.device_ptr_mut(&stream);
     let (op, _g5) = out.device_ptr_mut(&stream);
+    let (sp, _g6) = segments_ptr!(segments, &stream);
     for (what, a) in [("q", qp), ("k", kp), ("v", vp), ("out", op)] {
         aligned4(OP, what, a)?;
     }
@@ -890,11 +927,13 @@ pub(crate) fn attention_forward(
         v: vp,
         out: op,
         lse: lp,
+        seg_start: sp,
         ..attention_args(&sh, dims)
     };
     // SAFETY: QadaptAttentionArgs is what attention_fwd_bf16 takes; q, out hold
     // batch * seq * heads * head_dim bf16, k, v batch * seq * kv_heads * head_dim bf16 and lse
-    // batch * heads * seq f32 (checked above, all on this device); heads is a multiple of
+    // batch * heads * seq f32, segments (when given) batch * seq u32 starts each <= its token's
+    // position (checked when made; checked above, all on this device); heads is a multiple of
     // kv_heads and head_dim is even and <= QADAPT_ATTN_MAX_HEAD_DIM (the shared tiles' size), so
     // every row the kernel reads as 32-bit words (4-byte aligned, checked) or writes is in
     // bounds; the plan has the 256 threads (8 warps) the kernel assumes.
@@ -910,6 +949,7 @@ pub(crate) fn attention_backward(
     q: &CudaSlice<bf16>,
     k: &CudaSlice<bf16>,
     v: &CudaSlice<bf16>,
+    segments: Option<&CudaSegments>,
     lse: &CudaSlice<f32>,
     dout: &CudaSlice<bf16>,
     dq: &mut CudaSlice<bf16>,
@@ -921,6 +961,7 @@ pub(crate) fn attention_backward(
     let n = sh.batch * sh.seq;
     attention_operands!(OP, dev, sh;
         q: Q, k: Kv, v: Kv, lse: Rows, dout: Q, dq: Q, dk: Kv, dv: Kv);
+    check_segments(OP, dev, &sh, segments)?;
     let mut delta = dev.zeros::<f32>(n * sh.heads)?;
     let blocks = sh.seq.div_ceil(ffi::QADAPT_ATTN_ROWS as usize);
     let props = dev.props();
@@ -944,6 +985,7 @@ pub(crate) fn attention_backward(
     let (dkp, _g7) = dk.device_ptr_mut(&stream);
     let (dvp, _g8) = dv.device_ptr_mut(&stream);
     let (dp, _g9) = delta.device_ptr_mut(&stream);
+    let (sp, _g10) = segments_ptr!(segments, &stream);
     for (what, a) in [
         ("q", qp),
         ("k", kp),
@@ -966,11 +1008,13 @@ pub(crate) fn attention_backward(
         dk: dkp,
         dv: dvp,
         delta: dp,
+        seg_start: sp,
         ..attention_args(&sh, dims)
     };
     // SAFETY: QadaptAttentionArgs is what attention_bwd_dq_bf16 takes; q, dout, dq hold
     // batch * seq * heads * head_dim bf16, k, v batch * seq * kv_heads * head_dim bf16, lse and
-    // delta (allocated above) batch * heads * seq f32 (checked above, all on this device); heads
+    // delta (allocated above) batch * heads * seq f32, segments (when given) batch * seq u32
+    // starts each <= its token's position (checked above, all on this device); heads
     // is a multiple of kv_heads, head_dim even and <= QADAPT_ATTN_MAX_HEAD_DIM, every address
     // 4-byte aligned (checked), so each row read or written is in bounds; 256 threads a CTA.
     unsafe { launch(dev, kernels::ATTENTION_BWD_DQ_BF16, plan_dq, &args) }?;
@@ -1008,12 +1052,14 @@ pub(crate) fn flash_attention_forward(
     q: &CudaSlice<bf16>,
     k: &CudaSlice<bf16>,
     v: &CudaSlice<bf16>,
+    segments: Option<&CudaSegments>,
     lse: &mut CudaSlice<f32>,
     out: &mut CudaSlice<bf16>,
 ) -> Result<()> {
     const OP: &str = "flash attention forward (cuda)";
     let dims = flash_shape(OP, &sh)?;
     attention_operands!(OP, dev, sh; q: Q, k: Kv, v: Kv, out: Q, lse: Rows);
+    check_segments(OP, dev, &sh, segments)?;
     let blocks = sh.seq.div_ceil(ffi::QADAPT_FLASH_BLOCK as usize);
     let plan = plan::flash_attention((sh.batch * sh.heads * blocks) as u64, &dev.props())?;
     let stream = dev.stream().clone();
@@ -1022,6 +1068,7 @@ pub(crate) fn flash_attention_forward(
     let (vp, _g3) = v.device_ptr(&stream);
     let (lp, _g4) = lse.device_ptr_mut(&stream);
     let (op, _g5) = out.device_ptr_mut(&stream);
+    let (sp, _g6) = segments_ptr!(segments, &stream);
     for (what, a) in [("q", qp), ("k", kp), ("v", vp), ("out", op)] {
         aligned16(OP, what, a)?;
     }
@@ -1032,11 +1079,14 @@ pub(crate) fn flash_attention_forward(
         v: vp,
         out: op,
         lse: lp,
+        seg_start: sp,
         ..attention_args(&sh, dims)
     };
     // SAFETY: QadaptAttentionArgs is what flash_attention_fwd_bf16 takes; q, out hold
     // batch * seq * heads * head_dim bf16, k, v batch * seq * kv_heads * head_dim bf16 and lse
-    // batch * heads * seq f32 (checked above, all on this device); heads is a multiple of kv_heads
+    // batch * heads * seq f32, segments (when given) batch * seq u32 starts, each <= its token's
+    // position and non-decreasing along a row (checked when made; checked above, all on this
+    // device), so the first key block read is at most the block's own; heads is a multiple of kv_heads
     // and head_dim one of FLASH_HEAD_DIMS (the kernel's instantiations; a multiple of 8, so with
     // the 16-byte aligned bases checked above every row's 16-byte cp.async is aligned), so every
     // row the kernel copies (rows < seq only) or stores is in bounds; the plan has the
@@ -1054,6 +1104,7 @@ pub(crate) fn flash_attention_backward(
     q: &CudaSlice<bf16>,
     k: &CudaSlice<bf16>,
     v: &CudaSlice<bf16>,
+    segments: Option<&CudaSegments>,
     out: Option<&CudaSlice<bf16>>,
     lse: &CudaSlice<f32>,
     dout: &CudaSlice<bf16>,
@@ -1063,6 +1114,7 @@ pub(crate) fn flash_attention_backward(
 ) -> Result<()> {
     const OP: &str = "flash attention backward (cuda)";
     let dims = flash_shape(OP, &sh)?;
+    check_segments(OP, dev, &sh, segments)?;
     let n = sh.batch * sh.seq;
     if let Some(out) = out {
         attention_operands!(OP, dev, sh; out: Q);
@@ -1095,6 +1147,7 @@ pub(crate) fn flash_attention_backward(
     let (dkp, _g8) = dk.device_ptr_mut(&stream);
     let (dvp, _g9) = dv.device_ptr_mut(&stream);
     let (dp, _g10) = delta.device_ptr_mut(&stream);
+    let (sp, _g11) = segments_ptr!(segments, &stream);
     for (what, a) in [
         ("q", qp),
         ("k", kp),
@@ -1119,6 +1172,7 @@ pub(crate) fn flash_attention_backward(
         dk: dkp,
         dv: dvp,
         delta: dp,
+        seg_start: sp,
         ..attention_args(&sh, dims)
     };
     if out.is_some() {
