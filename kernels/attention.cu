@@ -23,7 +23,8 @@
  *                          dS q_i into dk. Launched after attention_bwd_dq_bf16 (reads delta).
  * Packed rows (seg_start): query i's live keys are s_i <= j <= i; the forward and dq skip the
  * key tiles wholly before s_i (so the first tile a row processes has a live key and its running
- * max is finite), dkv masks queries of other sequences.
+ * max is finite), dkv masks queries of other sequences and stops at the first query tile that
+ * starts after its keys' sequences.
  * Every output is overwritten. head_dim is even and at most QADAPT_ATTN_MAX_HEAD_DIM.
  */
 
@@ -284,6 +285,9 @@ QADAPT_KERNEL(attention_bwd_dkv_bf16, QadaptAttentionArgs) {
         for (uint32_t r = 0; r < rep; ++r) {
             const uint32_t h = g * rep + r;
             for (uint32_t i0 = jb * kWarps; i0 < T; i0 += kTile) {
+                /* Packed: queries from i0 on all start their sequences after the CTA's last key
+                 * (starts never decrease): none sees these keys. Uniform over the CTA. */
+                if (seg != nullptr && seg[b * T + i0] > jb * kWarps + kWarps - 1) break;
                 __syncthreads();
                 load_tile(qt, q, b, i0, T, H, h, D);
                 load_tile(dot, dout, b, i0, T, H, h, D);

@@ -57,7 +57,8 @@
  * non-decreasing along a row, a query block's smallest start is its first query's: the forward
  * and dq begin at the key block holding it. A row whose live keys all lie in later blocks sees
  * only -inf in the blocks before (its running max stays -inf and its terms are taken as 0); dkv
- * masks the queries of other sequences (it still visits every query block i0 >= k0).
+ * masks the queries of other sequences and stops at the first query block whose first
+ * sequence starts after its keys.
  *
  * Not here: padding masks (right padding needs none: padded keys come after every real query),
  * prefix keys/values (crates/qadapt-train/src/prefix_attention.rs keeps
@@ -499,6 +500,9 @@ __device__ __forceinline__ void bwd_dkv(const QadaptAttentionArgs& args, bf16* s
             const uint64_t stat = (b * H + h) * T;
             /* Queries i >= k0 only (causal); k0 is a multiple of BQ. */
             for (uint32_t i0 = k0; i0 < T; i0 += BQ) {
+                /* Packed: once a query block's first sequence starts after the block's last key,
+                 * no later query sees these keys (starts never decrease). Uniform over the CTA. */
+                if (seg != nullptr && seg[b * T + i0] > k0 + kBlock - 1) break;
                 __syncthreads(); /* the previous Q, dO, lse, delta are read */
                 load_rows<D, BQ>(sq, q, b, i0, T, H, h);
                 load_rows<D, BQ>(sdo, dout, b, i0, T, H, h);

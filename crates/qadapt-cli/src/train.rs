@@ -60,6 +60,11 @@ pub(crate) struct TrainArgs {
     /// either). Checkpoints stay f32, so a resume is exact.
     #[arg(long)]
     adapter_dtype: Option<AdapterDtype>,
+    /// With --device cuda: pack several whole training sequences into each row of --max-len
+    /// tokens (the model's context without it; --batch counts rows), each attending only to
+    /// itself with its own positions, instead of padding every sequence to the longest.
+    #[arg(long)]
+    pack: bool,
     /// New output directory (default runs/<method>-<unix time>).
     #[arg(long)]
     output: Option<PathBuf>,
@@ -207,6 +212,7 @@ impl TrainArgs {
             },
             checkpointing_auto: self.checkpointing.map(|c| c == CheckpointingArg::Auto),
             adapter_dtype: self.adapter_dtype,
+            pack: self.pack.then_some(true),
             steps: self.steps,
             batch: match self.batch {
                 Some(BatchArg::Sequences(n)) => Some(n),

@@ -171,8 +171,12 @@ pub struct Config {
     pub adapter_dtype: AdapterDtype,
     /// Optimizer steps (manual surgery: in all, split evenly between the layer groups).
     pub steps: u64,
-    /// Sequences per micro-batch.
+    /// Sequences per micro-batch; with `pack`, rows per micro-batch.
     pub batch: usize,
+    /// Sequence packing (CUDA): each micro-batch row holds as many whole training sequences as
+    /// fit in `max_len` tokens (the model's context without it), each attending only to itself
+    /// with its own RoPE positions, instead of one sequence padded to the longest.
+    pub pack: bool,
     /// `--batch auto` (CUDA): the run replaces `batch` by the largest micro-batch the memory
     /// plan fits in the device's free memory before anything goes to the device. Not part of
     /// run.toml, which holds the number chosen.
@@ -241,6 +245,7 @@ impl Default for Config {
             checkpointing: Checkpointing::None,
             checkpointing_auto: false,
             adapter_dtype: AdapterDtype::F32,
+            pack: false,
             steps: 300,
             batch: 16,
             batch_auto: false,
@@ -292,6 +297,7 @@ pub struct Overrides {
     #[serde(skip)]
     pub checkpointing_auto: Option<bool>,
     pub adapter_dtype: Option<AdapterDtype>,
+    pub pack: Option<bool>,
     pub steps: Option<u64>,
     pub batch: Option<usize>,
     /// `--batch auto` (command line only).
@@ -351,6 +357,7 @@ impl Config {
             checkpointing,
             checkpointing_auto,
             adapter_dtype,
+            pack,
             batch_auto,
             steps,
             batch,
@@ -434,6 +441,13 @@ impl Config {
                     self.checkpointing.name()
                 }
             ));
+        }
+        if self.pack && self.device == "cpu" {
+            return bad(
+                "--pack applies to --device cuda (lora, qlora): the CPU model trains one sequence \
+                 per row"
+                    .into(),
+            );
         }
         let lr = self.lr();
         if !(lr.is_finite() && lr > 0.0) {

@@ -19,7 +19,7 @@ use super::{
 use crate::backend::{BaseFormat, Checkpointing, LoraModel, MomentPlacement};
 use crate::cuda::CudaBackend;
 use crate::dataset::{self, Sequence};
-use crate::fit::{Heldout, Sampler, heldout, heldout_scored, pack};
+use crate::fit::{Heldout, Sampler, heldout, heldout_scored, pack, pack_rows};
 use crate::memory_plan::{self, PlanMethod, PlanOptions};
 use crate::surgical::{AutoSchedule, ManualSchedule};
 use crate::{
@@ -212,6 +212,8 @@ pub(super) struct Run {
     before: crate::fit::Heldout,
     stop: Arc<AtomicBool>,
     pad: u32,
+    /// Tokens per packed row (`--pack`).
+    row_len: usize,
 }
 
 fn new_trainer(c: &Config) -> Trainer {
@@ -332,6 +334,8 @@ impl Run {
                 "the context ({max_len} tokens) leaves no room after {virt} virtual tokens"
             )));
         }
+        // Every sequence fits in this many tokens: a packed row's length.
+        let row_len = max_len - virt;
         let framing = data::framing(&model_dir, tok);
         let mut data = data::load(
             &c,
@@ -431,7 +435,8 @@ impl Run {
                 } else {
                     (BaseFormat::Dense, MomentPlacement::Device)
                 };
-                // The plan's sequence length: the longest a training or held-out batch pads to.
+                // The plan's sequence length: the longest a training or held-out batch pads to
+                // (a packed row's length when packing).
                 let longest = data
                     .train
                     .iter()
@@ -439,6 +444,7 @@ impl Run {
                     .map(|s| s.ids.len())
                     .max()
                     .unwrap_or(1);
+                let longest = if c.pack { row_len } else { longest };
                 if c.checkpointing_auto {
                     let b = if c.batch_auto { 1 } else { c.batch };
                     c.checkpointing = Checkpointing::None;
@@ -466,6 +472,11 @@ impl Run {
                          plan fits in the device's free memory)",
                         c.batch,
                         if c.batch == 1 { "" } else { "s" }
+                    ));
+                }
+                if c.pack {
+                    notes.push(format!(
+                        "--pack: rows of {row_len} tokens, each holding whole sequences"
                     ));
                 }
                 check_device_memory(&be, &c, &config, a, placement, longest)?;
@@ -550,6 +561,7 @@ impl Run {
             before,
             stop,
             pad,
+            row_len,
         })
     }
 
@@ -671,10 +683,25 @@ impl Run {
             let mut bad = None;
             let mut seen = 0usize;
             for _ in 0..self.c.grad_accum {
-                let idx = self.sampler.take(self.c.batch);
-                let refs: Vec<&Sequence> = idx.iter().map(|&i| &self.data.train[i]).collect();
-                seen += refs.iter().map(|r| r.ids.len()).sum::<usize>();
-                let b = pack(&refs, self.pad)?;
+                let train = &self.data.train;
+                let b = if self.c.pack {
+                    let rows = self.sampler.take_packed(
+                        |i| train[i].ids.len(),
+                        self.c.batch,
+                        self.row_len,
+                    )?;
+                    let rows: Vec<Vec<&Sequence>> = rows
+                        .iter()
+                        .map(|r| r.iter().map(|&i| &train[i]).collect())
+                        .collect();
+                    seen += rows.iter().flatten().map(|s| s.ids.len()).sum::<usize>();
+                    pack_rows(&rows, self.pad)?
+                } else {
+                    let idx = self.sampler.take(self.c.batch);
+                    let refs: Vec<&Sequence> = idx.iter().map(|&i| &train[i]).collect();
+                    seen += refs.iter().map(|r| r.ids.len()).sum::<usize>();
+                    pack(&refs, self.pad)?
+                };
                 let l = match &mut self.engine {
                     Engine::Cuda(g) => g.accumulate(&b)?,
                     Engine::Cpu(m) => self.trainer.accumulate(m, &what, &b)?,
