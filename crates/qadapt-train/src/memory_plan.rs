@@ -30,7 +30,8 @@
 //! `k`, `v`, the attention output, `x_mid`, `xn2`, `gate`, `up`, `h` in bf16, i.e.
 //! `n (4 C + 2 Q + 2 K + 3 I)` bf16, plus `rstd1`, `rstd2` (`2 n` f32) and attention's saved
 //! log-sum-exp `n heads` f32; then the final norm's input `n C` bf16 and `rstd` `n` f32, and the
-//! RoPE table (cos and sin, `seq head_dim / 2` f32 each).
+//! RoPE table (cos and sin, `seq head_dim / 2` f32 each; packed rows take a row per token,
+//! `n head_dim / 2` each, and their sequence starts, `n` u32).
 //!
 //! **Logits and loss**: the head and the cross-entropy run fused, `c` rows at a time
 //! ([`qadapt::plan::loss_chunk_rows`]: `c = min(n, 2^26 / V)`, or
@@ -142,6 +143,8 @@ pub struct PlanOptions {
     /// ([`crate::backend::LoraModel::set_loss_chunk_rows`]; `None`: the default,
     /// [`qadapt::plan::loss_chunk_rows`]).
     pub loss_chunk_rows: Option<usize>,
+    /// Packed rows (`qadapt train --pack`): a RoPE table row per token and the sequence starts.
+    pub packed: bool,
 }
 
 impl PlanOptions {
@@ -159,6 +162,7 @@ impl PlanOptions {
             checkpointing: Checkpointing::None,
             props: DeviceProps::H200,
             loss_chunk_rows: None,
+            packed: false,
         }
     }
 }
@@ -374,7 +378,11 @@ pub fn plan(config: &LlamaConfig, o: &PlanOptions) -> Result<MemoryPlan> {
     // ---- saved activations ----
     let layer_bf16 = 4 * cw + 2 * qd + 2 * kd + 3 * iw;
     let layer_saved = prod(&[n, layer_bf16 * BF16 + 2 * F32 + heads * F32])?;
-    let rope = prod(&[u(o.seq), u(c.head_dim), F32])?;
+    let rope = if o.packed {
+        prod(&[n, u(c.head_dim), F32])? + n * 4
+    } else {
+        prod(&[u(o.seq), u(c.head_dim), F32])?
+    };
     let x_final = n * cw * BF16;
     let rstd_final = n * F32;
     let chunk = o

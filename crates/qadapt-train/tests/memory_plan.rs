@@ -18,6 +18,8 @@ use qadapt::ops::rope::RopeScaling;
 use qadapt::optim::AdamW;
 use qadapt_train::backend::{BaseFormat, Checkpointing, LoraModel};
 use qadapt_train::cuda::CudaBackend;
+use qadapt_train::dataset::Sequence;
+use qadapt_train::fit::pack_rows;
 use qadapt_train::memory_plan::{Phase, PlanMethod, PlanOptions, plan};
 use qadapt_train::nf4::{Nf4Projections, quantize_projections};
 use qadapt_train::{Batch, Llama, LlamaConfig, LlamaDir, LoraAdapter, LoraConfig, LoraInit, Proj};
@@ -57,6 +59,8 @@ struct Case {
     checkpointing: Checkpointing,
     /// Rows per chunk of the fused head and loss (`None`: the default).
     loss_chunk_rows: Option<usize>,
+    /// Each row holds two sequences (packing: segments and a RoPE row per token).
+    packed: bool,
 }
 
 /// Two steps of `case` on a fresh device; returns (predicted, measured) peak bytes.
@@ -96,6 +100,7 @@ fn run(case: &Case) -> (u64, u64) {
         props: dev.props(),
         checkpointing: case.checkpointing,
         loss_chunk_rows: case.loss_chunk_rows,
+        packed: case.packed,
         ..PlanOptions::new(case.method, case.batch, case.seq, case.rank)
     };
     let predicted = plan(&m.config, &o).unwrap();
@@ -109,10 +114,28 @@ fn run(case: &Case) -> (u64, u64) {
         let vocab = m.config.vocab_size as u32;
         let mut s = common::stream(7);
         for _ in 0..2 {
-            let ids = (0..case.batch * case.seq)
+            let ids: Vec<u32> = (0..case.batch * case.seq)
                 .map(|_| ((common::uniform(&mut s) + 1.0) * 0.5 * f64::from(vocab)) as u32 % vocab)
                 .collect();
-            let b = Batch::causal(ids, case.batch, case.seq).unwrap();
+            let b = if case.packed {
+                // Each row: a sequence of a third of it, then one of the rest.
+                let cut = case.seq / 3;
+                let seqs: Vec<Sequence> = ids
+                    .chunks(case.seq)
+                    .flat_map(|row| [&row[..cut], &row[cut..]])
+                    .map(|ids| Sequence {
+                        ids: ids.to_vec(),
+                        mask: (0..ids.len()).map(|i| i > 0).collect(),
+                    })
+                    .collect();
+                let rows: Vec<Vec<&Sequence>> =
+                    seqs.chunks(2).map(|p| p.iter().collect()).collect();
+                let b = pack_rows(&rows, 0).unwrap();
+                assert_eq!((b.batch, b.seq), (case.batch, case.seq));
+                b
+            } else {
+                Batch::causal(ids, case.batch, case.seq).unwrap()
+            };
             lm.step(&b, &AdamW::default(), Some(1.0), 1e-3).unwrap();
         }
     }
@@ -157,6 +180,7 @@ fn the_plan_is_within_5_percent_of_the_virtual_devices_peak() {
             peak_at: Phase::Backward,
             checkpointing: Checkpointing::None,
             loss_chunk_rows: None,
+            packed: false,
         },
         Case {
             what: "tiny_llama, LoRA on q and v (the rest through cuBLAS), 4 x 64",
@@ -170,6 +194,7 @@ fn the_plan_is_within_5_percent_of_the_virtual_devices_peak() {
             peak_at: Phase::Backward,
             checkpointing: Checkpointing::None,
             loss_chunk_rows: None,
+            packed: false,
         },
         Case {
             what: "tiny_llama, QLoRA on o and down with LoRA dropout, 3 x 16",
@@ -183,6 +208,7 @@ fn the_plan_is_within_5_percent_of_the_virtual_devices_peak() {
             peak_at: Phase::Backward,
             checkpointing: Checkpointing::None,
             loss_chunk_rows: None,
+            packed: false,
         },
         Case {
             what: "wider tied model, QLoRA on all projections, 2 x 48",
@@ -196,6 +222,7 @@ fn the_plan_is_within_5_percent_of_the_virtual_devices_peak() {
             peak_at: Phase::Backward,
             checkpointing: Checkpointing::None,
             loss_chunk_rows: None,
+            packed: false,
         },
         Case {
             what: "wider model, vocabulary 4096, LoRA on all projections, 2 x 32",
@@ -209,6 +236,7 @@ fn the_plan_is_within_5_percent_of_the_virtual_devices_peak() {
             peak_at: Phase::CrossEntropy,
             checkpointing: Checkpointing::None,
             loss_chunk_rows: None,
+            packed: false,
         },
         Case {
             what: "wider tied model, QLoRA on all projections, 2 x 48, layer checkpointing",
@@ -222,6 +250,7 @@ fn the_plan_is_within_5_percent_of_the_virtual_devices_peak() {
             peak_at: Phase::RecomputeMlpOut,
             checkpointing: Checkpointing::Layers,
             loss_chunk_rows: None,
+            packed: false,
         },
         Case {
             what: "tiny_llama, QLoRA on o and down with LoRA dropout, 3 x 16, layer checkpointing",
@@ -235,6 +264,7 @@ fn the_plan_is_within_5_percent_of_the_virtual_devices_peak() {
             peak_at: Phase::Backward,
             checkpointing: Checkpointing::Layers,
             loss_chunk_rows: None,
+            packed: false,
         },
         Case {
             what: "wider model, vocabulary 4096, LoRA on all projections, 2 x 32, loss in chunks of 10 rows",
@@ -248,6 +278,21 @@ fn the_plan_is_within_5_percent_of_the_virtual_devices_peak() {
             peak_at: Phase::CrossEntropy,
             checkpointing: Checkpointing::None,
             loss_chunk_rows: Some(10),
+            packed: false,
+        },
+        Case {
+            what: "wider model, QLoRA on all projections, 3 packed rows of 48, two sequences each",
+            model: wider(2, 512, false),
+            method: PlanMethod::Qlora,
+            rank: 8,
+            targets: Proj::ALL.to_vec(),
+            dropout: 0.0,
+            batch: 3,
+            seq: 48,
+            peak_at: Phase::CrossEntropy,
+            checkpointing: Checkpointing::None,
+            loss_chunk_rows: None,
+            packed: true,
         },
     ];
     for case in &cases {

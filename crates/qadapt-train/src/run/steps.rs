@@ -50,6 +50,7 @@ fn plan_options(
         placement,
         props: be.device().props(),
         checkpointing: c.checkpointing,
+        packed: c.pack,
         ..PlanOptions::new(method, batch, longest, a.config.r)
     }
 }
