@@ -487,6 +487,34 @@ typedef struct QadaptAttentionArgs {
 /* Rows per CTA of the flash kernels: queries (fwd, dq) or keys (dkv), 16 per warp. */
 #define QADAPT_FLASH_BLOCK 64
 
+/* A KV cache for incremental decoding (crates/qadapt/src/ops/attention.rs, `cached`): per layer,
+ * kc and vc [batch, cap, kv_heads * head_dim] bf16 hold the RoPE'd keys and the values of every
+ * position seen so far. One call carries N new tokens of any rows (a ragged block, token-major):
+ * token t belongs to row row[t] at absolute position pos[t] (< cap; a row's tokens in order).
+ *   kv_cache_write_bf16:    kc[row[t], pos[t]] = k[t], vc[row[t], pos[t]] = v[t]   (copies)
+ *   attention_cached_bf16:  out[t, head h] = softmax_j(scale q[t,h] . kc[row[t], j, g]) vc[...],
+ *                           j = 0 .. pos[t] (causal: the row's cache up to the token itself,
+ *                           written by kv_cache_write_bf16 first), g = h / (heads / kv_heads);
+ *                           f32 math, one warp per (token, head), keys in order with an online
+ *                           softmax (bf16 out, overwritten). */
+typedef struct QadaptKvCacheArgs {
+    uint64_t q;        /* const bf16* [tokens, heads * head_dim] (attention) */
+    uint64_t k;        /* const bf16* [tokens, kv_heads * head_dim] (write) */
+    uint64_t v;        /* const bf16* [tokens, kv_heads * head_dim] (write) */
+    uint64_t kc;       /* bf16* [batch, cap, kv_heads * head_dim] */
+    uint64_t vc;       /* bf16* [batch, cap, kv_heads * head_dim] */
+    uint64_t out;      /* bf16* [tokens, heads * head_dim] (attention) */
+    uint64_t row;      /* const uint32_t* [tokens], < batch */
+    uint64_t pos;      /* const uint32_t* [tokens], < cap */
+    uint64_t tokens;
+    uint32_t cap;
+    uint32_t heads;
+    uint32_t kv_heads; /* divides heads */
+    uint32_t head_dim; /* <= QADAPT_ATTN_MAX_HEAD_DIM */
+    float scale;       /* 1 / sqrt(head_dim) */
+    uint32_t reserved;
+} QadaptKvCacheArgs;
+
 /* ---- Kernels ---------------------------------------------------------------------------------- */
 
 /* QADAPT_KERNEL_BOUNDED(name, Args, threads, min_ctas) defines a kernel declared here with
@@ -577,5 +605,9 @@ QADAPT_KERNEL(flash_attention_bwd_delta_bf16, QadaptAttentionArgs);
 QADAPT_KERNEL(flash_attention_bwd_delta_recompute_bf16, QadaptAttentionArgs);
 QADAPT_KERNEL(flash_attention_bwd_dq_bf16, QadaptAttentionArgs);
 QADAPT_KERNEL(flash_attention_bwd_dkv_bf16, QadaptAttentionArgs);
+
+/* kernels/kv_cache.cu */
+QADAPT_KERNEL(kv_cache_write_bf16, QadaptKvCacheArgs);
+QADAPT_KERNEL(attention_cached_bf16, QadaptKvCacheArgs);
 
 #endif /* QADAPT_H */

@@ -744,3 +744,57 @@ const _: () = {
     ["Offset of field: QadaptAttentionArgs::seg_start"]
         [::std::mem::offset_of!(QadaptAttentionArgs, seg_start) - 104usize];
 };
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct QadaptKvCacheArgs {
+    pub q: u64,
+    pub k: u64,
+    pub v: u64,
+    pub kc: u64,
+    pub vc: u64,
+    pub out: u64,
+    pub row: u64,
+    pub pos: u64,
+    pub tokens: u64,
+    pub cap: u32,
+    pub heads: u32,
+    pub kv_heads: u32,
+    pub head_dim: u32,
+    pub scale: f32,
+    pub reserved: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of QadaptKvCacheArgs"][::std::mem::size_of::<QadaptKvCacheArgs>() - 96usize];
+    ["Alignment of QadaptKvCacheArgs"][::std::mem::align_of::<QadaptKvCacheArgs>() - 8usize];
+    ["Offset of field: QadaptKvCacheArgs::q"]
+        [::std::mem::offset_of!(QadaptKvCacheArgs, q) - 0usize];
+    ["Offset of field: QadaptKvCacheArgs::k"]
+        [::std::mem::offset_of!(QadaptKvCacheArgs, k) - 8usize];
+    ["Offset of field: QadaptKvCacheArgs::v"]
+        [::std::mem::offset_of!(QadaptKvCacheArgs, v) - 16usize];
+    ["Offset of field: QadaptKvCacheArgs::kc"]
+        [::std::mem::offset_of!(QadaptKvCacheArgs, kc) - 24usize];
+    ["Offset of field: QadaptKvCacheArgs::vc"]
+        [::std::mem::offset_of!(QadaptKvCacheArgs, vc) - 32usize];
+    ["Offset of field: QadaptKvCacheArgs::out"]
+        [::std::mem::offset_of!(QadaptKvCacheArgs, out) - 40usize];
+    ["Offset of field: QadaptKvCacheArgs::row"]
+        [::std::mem::offset_of!(QadaptKvCacheArgs, row) - 48usize];
+    ["Offset of field: QadaptKvCacheArgs::pos"]
+        [::std::mem::offset_of!(QadaptKvCacheArgs, pos) - 56usize];
+    ["Offset of field: QadaptKvCacheArgs::tokens"]
+        [::std::mem::offset_of!(QadaptKvCacheArgs, tokens) - 64usize];
+    ["Offset of field: QadaptKvCacheArgs::cap"]
+        [::std::mem::offset_of!(QadaptKvCacheArgs, cap) - 72usize];
+    ["Offset of field: QadaptKvCacheArgs::heads"]
+        [::std::mem::offset_of!(QadaptKvCacheArgs, heads) - 76usize];
+    ["Offset of field: QadaptKvCacheArgs::kv_heads"]
+        [::std::mem::offset_of!(QadaptKvCacheArgs, kv_heads) - 80usize];
+    ["Offset of field: QadaptKvCacheArgs::head_dim"]
+        [::std::mem::offset_of!(QadaptKvCacheArgs, head_dim) - 84usize];
+    ["Offset of field: QadaptKvCacheArgs::scale"]
+        [::std::mem::offset_of!(QadaptKvCacheArgs, scale) - 88usize];
+    ["Offset of field: QadaptKvCacheArgs::reserved"]
+        [::std::mem::offset_of!(QadaptKvCacheArgs, reserved) - 92usize];
+};

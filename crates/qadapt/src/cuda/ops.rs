@@ -13,6 +13,7 @@
 //! | LM head + cross-entropy, in row chunks | [`crate::ops::cross_entropy::lm_head`] | [`lm_head_cross_entropy`] (bf16 logits per chunk) |
 //! | LM head scores (loss, argmax test per row) | [`crate::ops::cross_entropy::lm_head_scores`] | [`lm_head_scores`] |
 //! | attention | [`crate::ops::attention`] | [`attention_forward`], [`attention_backward`] (saves `lse`, not `p`) |
+//! | KV cache (decoding) | [`crate::ops::attention::kv_cache_write`], [`crate::ops::attention::attention_cached`] | [`kv_cache_write`], [`attention_cached`] ([`CudaCacheTokens`]) |
 //! | attention on tensor cores | [`crate::ops::attention`] | [`flash_attention_forward`], [`flash_attention_backward`] (`head_dim` in [`FLASH_HEAD_DIMS`]) |
 //!
 //! Token ids and targets are host slices, as in the CPU references: they are checked against the
@@ -31,7 +32,7 @@ use super::CudaDevice;
 use super::launch::{self, SwigluOut};
 use crate::error::{Result, shape_err};
 use crate::ops::Accumulate;
-use crate::ops::attention::AttentionShape;
+use crate::ops::attention::{AttentionShape, CacheShape};
 use crate::ops::cross_entropy::{LmHeadShape, RowScore};
 use crate::ops::dropout::{DropoutMask, MaskCoef};
 use crate::ops::rope::{RopeDirection, RopeTable};
@@ -393,6 +394,69 @@ impl CudaSegments {
             seq,
         })
     }
+}
+
+/// One call's new tokens of a KV cache on the device: each token's row and absolute position
+/// ([`crate::ops::attention::CacheShape`]), checked against the shape when made and then read
+/// by every layer's [`kv_cache_write`] and [`attention_cached`].
+#[derive(Debug)]
+pub struct CudaCacheTokens {
+    pub(crate) row: CudaSlice<u32>,
+    pub(crate) pos: CudaSlice<u32>,
+    pub(crate) shape: CacheShape,
+}
+
+impl CudaCacheTokens {
+    /// Uploads `row` and `pos` after checking them against `shape`.
+    pub fn new(dev: &CudaDevice, shape: CacheShape, row: &[u32], pos: &[u32]) -> Result<Self> {
+        let n = shape.check_tokens("kv cache tokens (cuda)", row, pos)?;
+        if n == 0 {
+            return Err(shape_err("kv cache tokens (cuda)", "at least one token", 0));
+        }
+        Ok(CudaCacheTokens {
+            row: dev.upload(row)?,
+            pos: dev.upload(pos)?,
+            shape,
+        })
+    }
+
+    /// New tokens of the call.
+    pub fn len(&self) -> usize {
+        self.row.len()
+    }
+
+    /// Whether the call has no token (never: [`Self::new`] refuses it).
+    pub fn is_empty(&self) -> bool {
+        self.row.is_empty()
+    }
+}
+
+/// `kc[row[t], pos[t]] = k[t]`, `vc[row[t], pos[t]] = v[t]` for the tokens of `tokens`
+/// (`k`, `v [tokens, kv_heads * head_dim]`, the caches `[batch, cap, kv_heads * head_dim]`), as
+/// [`crate::ops::attention::kv_cache_write`].
+pub fn kv_cache_write(
+    dev: &CudaDevice,
+    tokens: &CudaCacheTokens,
+    k: &CudaSlice<bf16>,
+    v: &CudaSlice<bf16>,
+    kc: &mut CudaSlice<bf16>,
+    vc: &mut CudaSlice<bf16>,
+) -> Result<()> {
+    launch::kv_cache_write(dev, tokens, k, v, kc, vc)
+}
+
+/// Each token's attention over its row's cache up to its own position (`out [tokens, heads *
+/// head_dim]` overwritten), as [`crate::ops::attention::attention_cached`]; the tokens' keys and
+/// values must have been written ([`kv_cache_write`]) first.
+pub fn attention_cached(
+    dev: &CudaDevice,
+    tokens: &CudaCacheTokens,
+    q: &CudaSlice<bf16>,
+    kc: &CudaSlice<bf16>,
+    vc: &CudaSlice<bf16>,
+    out: &mut CudaSlice<bf16>,
+) -> Result<()> {
+    launch::attention_cached(dev, tokens, q, kc, vc, out)
 }
 
 /// Causal grouped-query attention forward (layouts of [`crate::ops::attention`]): `out`

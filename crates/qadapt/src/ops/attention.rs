@@ -263,6 +263,150 @@ pub fn backward<T: Real>(
     Ok(())
 }
 
+/// A KV cache for incremental decoding: `kc` and `vc [batch, cap, kv_heads * head_dim]` hold the
+/// (RoPE'd) keys and the values of every position each row has seen. A call carries `tokens`
+/// new tokens of any rows, token-major: token t is row `row[t]` at absolute position `pos[t]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheShape {
+    /// Rows of the cache.
+    pub batch: usize,
+    /// Positions per row.
+    pub cap: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads (divides `heads`).
+    pub kv_heads: usize,
+    /// Size D of one head.
+    pub head_dim: usize,
+}
+
+impl CacheShape {
+    /// Checks the shape and one call's `row` and `pos` (equal lengths, each row `< batch`, each
+    /// position `< cap`); returns the number of tokens.
+    pub fn check_tokens(&self, op: &'static str, row: &[u32], pos: &[u32]) -> Result<usize> {
+        if self.kv_heads == 0 || !self.heads.is_multiple_of(self.kv_heads) || self.head_dim == 0 {
+            return Err(invalid(
+                op,
+                format!(
+                    "heads {} must be a multiple of kv_heads {}, head_dim {} positive",
+                    self.heads, self.kv_heads, self.head_dim
+                ),
+            ));
+        }
+        check_len(op, "pos", pos, row.len())?;
+        if let Some(t) = row.iter().position(|&r| r as usize >= self.batch) {
+            return Err(invalid(
+                op,
+                format!("token {t} is in row {}, of {}", row[t], self.batch),
+            ));
+        }
+        if let Some(t) = pos.iter().position(|&p| p as usize >= self.cap) {
+            return Err(invalid(
+                op,
+                format!("token {t} is at position {}, of {}", pos[t], self.cap),
+            ));
+        }
+        Ok(row.len())
+    }
+
+    /// Elements of `kc` (and `vc`).
+    pub fn cache_len(&self) -> usize {
+        self.batch * self.cap * self.kv_heads * self.head_dim
+    }
+}
+
+/// Writes each new token's key and value into its row's slot: `kc[row[t], pos[t]] = k[t]`,
+/// `vc[row[t], pos[t]] = v[t]` (`k`, `v [tokens, kv_heads * D]`).
+#[allow(clippy::too_many_arguments)]
+pub fn kv_cache_write<T: Real>(
+    sh: CacheShape,
+    k: &[T],
+    v: &[T],
+    row: &[u32],
+    pos: &[u32],
+    kc: &mut [T],
+    vc: &mut [T],
+) -> Result<()> {
+    const OP: &str = "kv cache write";
+    let n = sh.check_tokens(OP, row, pos)?;
+    let kd = sh.kv_heads * sh.head_dim;
+    check_len(OP, "k", k, n * kd)?;
+    check_len(OP, "v", v, n * kd)?;
+    check_len(OP, "kc", kc, sh.cache_len())?;
+    check_len(OP, "vc", vc, sh.cache_len())?;
+    for t in 0..n {
+        let at = (row[t] as usize * sh.cap + pos[t] as usize) * kd;
+        kc[at..at + kd].copy_from_slice(&k[t * kd..(t + 1) * kd]);
+        vc[at..at + kd].copy_from_slice(&v[t * kd..(t + 1) * kd]);
+    }
+    Ok(())
+}
+
+/// Each new token's attention over its row's cache: query t (`q [tokens, heads * D]`) attends
+/// to the keys `0..=pos[t]` of row `row[t]` (causal: the cache up to the token itself, written
+/// by [`kv_cache_write`] first; grouped-query, `1/sqrt(D)` scaling); `out [tokens, heads * D]`
+/// overwritten. Tokens run in parallel.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_cached<T: Real>(
+    sh: CacheShape,
+    q: &[T],
+    kc: &[T],
+    vc: &[T],
+    row: &[u32],
+    pos: &[u32],
+    out: &mut [T],
+) -> Result<()> {
+    const OP: &str = "cached attention";
+    let n = sh.check_tokens(OP, row, pos)?;
+    let (d, kd) = (sh.head_dim, sh.kv_heads * sh.head_dim);
+    let qd = sh.heads * d;
+    check_len(OP, "q", q, n * qd)?;
+    check_len(OP, "out", out, n * qd)?;
+    check_len(OP, "kc", kc, sh.cache_len())?;
+    check_len(OP, "vc", vc, sh.cache_len())?;
+    let rep = sh.heads / sh.kv_heads;
+    let scale = T::from_f64(1.0 / (d as f64).sqrt());
+    out.par_chunks_exact_mut(qd).enumerate().for_each_init(
+        Vec::new,
+        |scores: &mut Vec<T>, (t, ot)| {
+            let live = pos[t] as usize + 1;
+            let base = row[t] as usize * sh.cap * kd;
+            let (keys, vals) = (&kc[base..base + live * kd], &vc[base..base + live * kd]);
+            for (h, o) in ot.chunks_exact_mut(d).enumerate() {
+                let g = h / rep;
+                let qh = &q[t * qd + h * d..][..d];
+                scores.clear();
+                let mut m = T::NEG_INFINITY;
+                for j in 0..live {
+                    let kj = &keys[j * kd + g * d..][..d];
+                    let mut sj = T::ZERO;
+                    for (a, b) in qh.iter().zip(kj) {
+                        sj += *a * *b;
+                    }
+                    sj *= scale;
+                    m = m.max(sj);
+                    scores.push(sj);
+                }
+                let mut sum = T::ZERO;
+                for sj in scores.iter_mut() {
+                    *sj = (*sj - m).exp();
+                    sum += *sj;
+                }
+                let inv = T::ONE / sum;
+                o.iter_mut().for_each(|x| *x = T::ZERO);
+                for (j, &pj) in scores.iter().enumerate() {
+                    let vj = &vals[j * kd + g * d..][..d];
+                    let pj = pj * inv;
+                    for (x, y) in o.iter_mut().zip(vj) {
+                        *x += pj * *y;
+                    }
+                }
+            }
+        },
+    );
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -334,6 +478,53 @@ mod tests {
         let mut pp = p.clone();
         let mut oo = o.clone();
         assert!(forward(bad, &q, &k, &v, None, &mut pp, &mut oo).is_err());
+    }
+
+    /// The cache: rows fed in two calls (a prefill of different lengths, then one token each)
+    /// give each token the output of the causal forward over its row, and bad tokens are refused.
+    #[test]
+    fn cached_attention_equals_the_causal_forward() {
+        let (q, k, v) = inputs();
+        let cs = CacheShape {
+            batch: SH.batch,
+            cap: SH.seq + 2,
+            heads: SH.heads,
+            kv_heads: SH.kv_heads,
+            head_dim: SH.head_dim,
+        };
+        let (_, want) = run(&q, &k, &v);
+        let (qd, kd) = (SH.heads * SH.head_dim, SH.kv_heads * SH.head_dim);
+        let mut kc = vec![0.0; cs.cache_len()];
+        let mut vc = vec![0.0; cs.cache_len()];
+        // Call 1: row 0's first 3 tokens and row 1's first 4; call 2: the rest (2 and 1).
+        for rows in [
+            [(0usize, 0usize, 3usize), (1, 0, 4)],
+            [(0, 3, 2), (1, 4, 1)],
+        ] {
+            let (mut row, mut pos) = (Vec::new(), Vec::new());
+            for &(b, p0, len) in &rows {
+                for p in p0..p0 + len {
+                    row.push(b as u32);
+                    pos.push(p as u32);
+                }
+            }
+            let pick = |x: &[f64], w: usize| -> Vec<f64> {
+                row.iter()
+                    .zip(&pos)
+                    .flat_map(|(&b, &p)| x[(b as usize * SH.seq + p as usize) * w..][..w].to_vec())
+                    .collect()
+            };
+            let (qt, kt, vt) = (pick(&q, qd), pick(&k, kd), pick(&v, kd));
+            kv_cache_write(cs, &kt, &vt, &row, &pos, &mut kc, &mut vc).unwrap();
+            let mut out = vec![0.0; qt.len()];
+            attention_cached(cs, &qt, &kc, &vc, &row, &pos, &mut out).unwrap();
+            for (x, y) in out.iter().zip(pick(&want, qd)) {
+                assert!((x - y).abs() < 1e-12, "{x} vs {y}");
+            }
+        }
+        let mut out = vec![0.0; qd];
+        assert!(attention_cached(cs, &q[..qd], &kc, &vc, &[2], &[0], &mut out).is_err());
+        assert!(attention_cached(cs, &q[..qd], &kc, &vc, &[0], &[7], &mut out).is_err());
     }
 
     /// Packed rows: each sequence's outputs and gradients are those of the sequence run alone

@@ -30,9 +30,10 @@ pub(crate) use counters::{
 pub(crate) use lora::{CudaLoraRef, CudaWeightRef, LoraScratch, lora_backward, lora_forward};
 pub(crate) use memory::{pool_peak, reset_pool_peak};
 pub(crate) use model::{
-    FLASH_HEAD_DIMS, SwigluOut, attention_backward, attention_forward, cross_entropy,
-    embedding_backward, embedding_forward, flash_attention_backward, flash_attention_forward,
-    lm_head_cross_entropy, mask_mix, rmsnorm_backward, rmsnorm_forward, rope, swiglu, targets_i32,
+    FLASH_HEAD_DIMS, SwigluOut, attention_backward, attention_cached, attention_forward,
+    cross_entropy, embedding_backward, embedding_forward, flash_attention_backward,
+    flash_attention_forward, kv_cache_write, lm_head_cross_entropy, mask_mix, rmsnorm_backward,
+    rmsnorm_forward, rope, swiglu, targets_i32,
 };
 pub(crate) use nf4::{CudaScalesRef, nf4_dequantize, nf4_double_quant, nf4_quantize};
 pub(crate) use optim::{Moments, adamw, alloc_managed_f32, sum_squares};
@@ -77,12 +78,15 @@ unsafe impl KernelArgs for ffi::QadaptRopeArgs {}
 // SAFETY: #[repr(C)] struct of 9 u64 then 4 u32 fields generated from qadapt.h, no padding
 // (88 bytes, pinned by bindgen's layout test).
 unsafe impl KernelArgs for ffi::QadaptEmbeddingArgs {}
-// SAFETY: #[repr(C)] struct of 5 u64 then 4 four-byte (u32/f32) fields generated from qadapt.h,
-// no padding (56 bytes, pinned by bindgen's layout test).
+// SAFETY: #[repr(C)] struct of 5 u64, 4 four-byte (u32/f32) fields and 1 u64 generated from
+// qadapt.h, no padding (64 bytes, pinned by bindgen's layout test).
 unsafe impl KernelArgs for ffi::QadaptCrossEntropyArgs {}
-// SAFETY: #[repr(C)] struct of 10 u64 then 6 four-byte (u32/f32) fields generated from
-// qadapt.h, no padding (104 bytes, pinned by bindgen's layout test).
+// SAFETY: #[repr(C)] struct of 10 u64, 6 four-byte (u32/f32) fields and 1 u64 generated from
+// qadapt.h, no padding (112 bytes, pinned by bindgen's layout test).
 unsafe impl KernelArgs for ffi::QadaptAttentionArgs {}
+// SAFETY: #[repr(C)] struct of 9 u64 then 6 four-byte (u32/f32) fields generated from qadapt.h,
+// no padding (96 bytes, pinned by bindgen's layout test).
+unsafe impl KernelArgs for ffi::QadaptKvCacheArgs {}
 
 /// The by-value kernel parameter: the C struct's bytes, unchanged.
 #[derive(Clone, Copy)]

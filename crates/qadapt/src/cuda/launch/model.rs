@@ -15,7 +15,7 @@ use half::bf16;
 use qadapt_kernels::{ffi, kernels};
 
 use super::{aligned16, blas, launch, on_device};
-use crate::cuda::ops::CudaSegments;
+use crate::cuda::ops::{CudaCacheTokens, CudaSegments};
 use crate::cuda::{CudaDevice, Op};
 use crate::error::{Result, invalid, shape_err};
 use crate::ops::Accumulate;
@@ -1252,4 +1252,132 @@ mod tests {
         assert_eq!(vec_flag(60, &[0, 16]), 0);
         assert_eq!(vec_flag(64, &[0, 8]), 0);
     }
+}
+
+/// The checks of both KV-cache kernels: the cache's shape (head size even and at most
+/// `QADAPT_ATTN_MAX_HEAD_DIM`, the kernels' per-lane registers), the caches' and the tokens'
+/// lengths, this device; returns the argument struct's shape part.
+fn kv_cache_args(
+    op: &'static str,
+    dev: &CudaDevice,
+    tokens: &CudaCacheTokens,
+    kc: &CudaSlice<bf16>,
+    vc: &CudaSlice<bf16>,
+) -> Result<ffi::QadaptKvCacheArgs> {
+    let sh = tokens.shape;
+    let max_d = ffi::QADAPT_ATTN_MAX_HEAD_DIM as usize;
+    if sh.head_dim == 0 || !sh.head_dim.is_multiple_of(2) || sh.head_dim > max_d {
+        return Err(invalid(
+            op,
+            format!(
+                "head_dim {} must be even, positive and at most {max_d}",
+                sh.head_dim
+            ),
+        ));
+    }
+    let cache = prod(op, &[sh.batch, sh.cap, sh.kv_heads, sh.head_dim])?;
+    need(op, "kc", kc, cache)?;
+    need(op, "vc", vc, cache)?;
+    on_device(op, dev, "kc", kc)?;
+    on_device(op, dev, "vc", vc)?;
+    on_device(op, dev, "row", &tokens.row)?;
+    on_device(op, dev, "pos", &tokens.pos)?;
+    Ok(ffi::QadaptKvCacheArgs {
+        tokens: tokens.len() as u64,
+        cap: u32_of(op, "cap", sh.cap)?,
+        heads: u32_of(op, "heads", sh.heads)?,
+        kv_heads: u32_of(op, "kv_heads", sh.kv_heads)?,
+        head_dim: u32_of(op, "head_dim", sh.head_dim)?,
+        scale: (1.0 / (sh.head_dim as f64).sqrt()) as f32,
+        ..Default::default()
+    })
+}
+
+/// `kv_cache_write_bf16`: the tokens' keys and values into their cache slots.
+pub(crate) fn kv_cache_write(
+    dev: &CudaDevice,
+    tokens: &CudaCacheTokens,
+    k: &CudaSlice<bf16>,
+    v: &CudaSlice<bf16>,
+    kc: &mut CudaSlice<bf16>,
+    vc: &mut CudaSlice<bf16>,
+) -> Result<()> {
+    const OP: &str = "kv cache write (cuda)";
+    let shape = kv_cache_args(OP, dev, tokens, kc, vc)?;
+    let sh = tokens.shape;
+    let kd = prod(OP, &[tokens.len(), sh.kv_heads, sh.head_dim])?;
+    need(OP, "k", k, kd)?;
+    need(OP, "v", v, kd)?;
+    on_device(OP, dev, "k", k)?;
+    on_device(OP, dev, "v", v)?;
+    let plan = plan::model_op((kd / 2) as u64, ModelWork::ThreadPerItem, &dev.props())?;
+    let stream = dev.stream().clone();
+    let (kp, _g1) = k.device_ptr(&stream);
+    let (vp, _g2) = v.device_ptr(&stream);
+    let (kcp, _g3) = kc.device_ptr_mut(&stream);
+    let (vcp, _g4) = vc.device_ptr_mut(&stream);
+    let (rp, _g5) = tokens.row.device_ptr(&stream);
+    let (pp, _g6) = tokens.pos.device_ptr(&stream);
+    for (what, a) in [("k", kp), ("v", vp), ("kc", kcp), ("vc", vcp)] {
+        aligned4(OP, what, a)?;
+    }
+    let args = ffi::QadaptKvCacheArgs {
+        k: kp,
+        v: vp,
+        kc: kcp,
+        vc: vcp,
+        row: rp,
+        pos: pp,
+        ..shape
+    };
+    // SAFETY: QadaptKvCacheArgs is what kv_cache_write_bf16 takes; k and v hold tokens *
+    // kv_heads * head_dim bf16, kc and vc batch * cap * kv_heads * head_dim, row and pos tokens
+    // u32 each < batch and < cap (checked when the tokens were made for this shape), all on this
+    // device and 4-byte aligned (checked above), head_dim even: every 32-bit word the kernel
+    // copies, at (row * cap + pos) * kv_heads * head_dim / 2 + w, is in bounds.
+    unsafe { launch(dev, kernels::KV_CACHE_WRITE_BF16, plan, &args) }
+}
+
+/// `attention_cached_bf16`: each token's attention over its row's cache, `out` overwritten.
+pub(crate) fn attention_cached(
+    dev: &CudaDevice,
+    tokens: &CudaCacheTokens,
+    q: &CudaSlice<bf16>,
+    kc: &CudaSlice<bf16>,
+    vc: &CudaSlice<bf16>,
+    out: &mut CudaSlice<bf16>,
+) -> Result<()> {
+    const OP: &str = "cached attention (cuda)";
+    let shape = kv_cache_args(OP, dev, tokens, kc, vc)?;
+    let sh = tokens.shape;
+    let qd = prod(OP, &[tokens.len(), sh.heads, sh.head_dim])?;
+    need(OP, "q", q, qd)?;
+    need(OP, "out", out, qd)?;
+    on_device(OP, dev, "q", q)?;
+    on_device(OP, dev, "out", out)?;
+    let items = (tokens.len() * sh.heads) as u64;
+    let plan = plan::model_op(items, ModelWork::WarpPerItem, &dev.props())?;
+    let stream = dev.stream().clone();
+    let (qp, _g1) = q.device_ptr(&stream);
+    let (kcp, _g2) = kc.device_ptr(&stream);
+    let (vcp, _g3) = vc.device_ptr(&stream);
+    let (op, _g4) = out.device_ptr_mut(&stream);
+    let (rp, _g5) = tokens.row.device_ptr(&stream);
+    let (pp, _g6) = tokens.pos.device_ptr(&stream);
+    let args = ffi::QadaptKvCacheArgs {
+        q: qp,
+        kc: kcp,
+        vc: vcp,
+        out: op,
+        row: rp,
+        pos: pp,
+        ..shape
+    };
+    // SAFETY: QadaptKvCacheArgs is what attention_cached_bf16 takes; q and out hold tokens *
+    // heads * head_dim bf16, kc and vc batch * cap * kv_heads * head_dim, row and pos tokens u32
+    // each < batch and < cap (checked when the tokens were made for this shape), heads a multiple
+    // of kv_heads and head_dim even and <= QADAPT_ATTN_MAX_HEAD_DIM (the lanes' registers), all on
+    // this device: every key and value the kernel reads, (row * cap + j) * kv_heads * head_dim +
+    // g * head_dim + e for j <= pos < cap, is in bounds.
+    unsafe { launch(dev, kernels::ATTENTION_CACHED_BF16, plan, &args) }
 }
