@@ -1220,40 +1220,6 @@ pub(crate) fn flash_attention_backward(
     unsafe { launch(dev, kernels::FLASH_ATTENTION_BWD_DKV_BF16, plan_dkv, &args) }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn group_by_id_is_a_stable_counting_sort() {
-        let ids = [4u32, 1, 4, 0, 4, 1];
-        let (uniq, offsets, order) = group_by_id(&ids, 6);
-        assert_eq!(uniq, [0, 1, 4]);
-        assert_eq!(offsets, [0, 1, 3, 6]);
-        assert_eq!(order, [3, 1, 5, 0, 2, 4]);
-        let (u, o, r) = group_by_id(&[2], 3);
-        assert_eq!((u, o, r), (vec![2], vec![0, 1], vec![0]));
-    }
-
-    #[test]
-    fn targets_and_ids_are_checked_against_the_vocabulary() {
-        let (t, n) = targets_i32("t", &[Some(2), None, Some(0)], 3).unwrap();
-        assert_eq!((t, n), (vec![2, -1, 0], 2));
-        let err = targets_i32("t", &[None, Some(3)], 3).unwrap_err();
-        assert!(err.to_string().contains("at 1"), "{err}");
-        assert!(check_ids("e", &[0, 2], 3).is_ok());
-        let err = check_ids("e", &[2, 3, 0], 3).unwrap_err();
-        assert!(err.to_string().contains("token id 3 at 1"), "{err}");
-    }
-
-    #[test]
-    fn the_16_byte_path_needs_aligned_rows_of_8() {
-        assert_eq!(vec_flag(64, &[0, 16, 4096]), ffi::QADAPT_MODEL_VEC);
-        assert_eq!(vec_flag(60, &[0, 16]), 0);
-        assert_eq!(vec_flag(64, &[0, 8]), 0);
-    }
-}
-
 /// The checks of both KV-cache kernels: the cache's shape (head size even and at most
 /// `QADAPT_ATTN_MAX_HEAD_DIM`, the kernels' per-lane registers), the caches' and the tokens'
 /// lengths, this device; returns the argument struct's shape part.
@@ -1380,4 +1346,38 @@ pub(crate) fn attention_cached(
     // this device: every key and value the kernel reads, (row * cap + j) * kv_heads * head_dim +
     // g * head_dim + e for j <= pos < cap, is in bounds.
     unsafe { launch(dev, kernels::ATTENTION_CACHED_BF16, plan, &args) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn group_by_id_is_a_stable_counting_sort() {
+        let ids = [4u32, 1, 4, 0, 4, 1];
+        let (uniq, offsets, order) = group_by_id(&ids, 6);
+        assert_eq!(uniq, [0, 1, 4]);
+        assert_eq!(offsets, [0, 1, 3, 6]);
+        assert_eq!(order, [3, 1, 5, 0, 2, 4]);
+        let (u, o, r) = group_by_id(&[2], 3);
+        assert_eq!((u, o, r), (vec![2], vec![0, 1], vec![0]));
+    }
+
+    #[test]
+    fn targets_and_ids_are_checked_against_the_vocabulary() {
+        let (t, n) = targets_i32("t", &[Some(2), None, Some(0)], 3).unwrap();
+        assert_eq!((t, n), (vec![2, -1, 0], 2));
+        let err = targets_i32("t", &[None, Some(3)], 3).unwrap_err();
+        assert!(err.to_string().contains("at 1"), "{err}");
+        assert!(check_ids("e", &[0, 2], 3).is_ok());
+        let err = check_ids("e", &[2, 3, 0], 3).unwrap_err();
+        assert!(err.to_string().contains("token id 3 at 1"), "{err}");
+    }
+
+    #[test]
+    fn the_16_byte_path_needs_aligned_rows_of_8() {
+        assert_eq!(vec_flag(64, &[0, 16, 4096]), ffi::QADAPT_MODEL_VEC);
+        assert_eq!(vec_flag(60, &[0, 16]), 0);
+        assert_eq!(vec_flag(64, &[0, 8]), 0);
+    }
 }
