@@ -875,58 +875,78 @@ impl<'a> Generator<'a> {
     /// Completes every prompt: one prefill, then one token per unfinished row per step (a row
     /// stops at an eos token or after `max_new_tokens`).
     pub fn generate(&self, prompts: &[Prompt], opts: &GenerateOptions) -> Result<Vec<Completion>> {
-        const OP: &str = "generate";
-        if let Some(i) = prompts.iter().position(|p| p.ids.is_empty()) {
-            return Err(invalid(OP, format!("prompt {i} has no tokens")));
-        }
+        check_prompts(prompts)?;
         let longest = prompts.iter().map(|p| p.ids.len()).max().unwrap_or(0);
         let rows: Vec<Option<usize>> = prompts.iter().map(|p| p.adapter).collect();
         let mut cache = self.start(&rows, longest.saturating_add(opts.max_new_tokens))?;
         let vocab = self.model.config.vocab_size;
-        let batch = prompts.len();
-        let mut logits = vec![0.0; batch * vocab];
-        let ids: Vec<&[u32]> = prompts.iter().map(|p| p.ids.as_slice()).collect();
-        self.feed(&mut cache, &ids, &mut logits)?;
-        let mut sampler = Sampler::new(opts.sampling, batch, opts.seed);
-        let mut out: Vec<Completion> = (0..batch)
-            .map(|_| Completion {
-                tokens: Vec::with_capacity(opts.max_new_tokens.min(cache.cap)),
-                finish: Finish::Length,
+        decode(prompts, opts, vocab, |tokens, logits| {
+            self.feed(&mut cache, tokens, logits)
+        })
+    }
+}
+
+/// Refuses an empty prompt.
+pub(crate) fn check_prompts(prompts: &[Prompt]) -> Result<()> {
+    match prompts.iter().position(|p| p.ids.is_empty()) {
+        Some(i) => Err(invalid("generate", format!("prompt {i} has no tokens"))),
+        None => Ok(()),
+    }
+}
+
+/// The decoding loop of a generator whose `feed` appends `tokens[b]` to row b (none: the row is
+/// left as it is) and overwrites `logits [batch, vocab]` with each fed row's next-token logits:
+/// the prompts as one prefill, then one sampled token per unfinished row per step, until each
+/// row meets an eos token or `max_new_tokens`.
+pub(crate) fn decode(
+    prompts: &[Prompt],
+    opts: &GenerateOptions,
+    vocab: usize,
+    mut feed: impl FnMut(&[&[u32]], &mut [f32]) -> Result<()>,
+) -> Result<Vec<Completion>> {
+    let batch = prompts.len();
+    let mut logits = vec![0.0; batch * vocab];
+    let ids: Vec<&[u32]> = prompts.iter().map(|p| p.ids.as_slice()).collect();
+    feed(&ids, &mut logits)?;
+    let mut sampler = Sampler::new(opts.sampling, batch, opts.seed);
+    let mut out: Vec<Completion> = (0..batch)
+        .map(|_| Completion {
+            tokens: Vec::with_capacity(opts.max_new_tokens.min(1 << 16)),
+            finish: Finish::Length,
+        })
+        .collect();
+    let mut active = vec![opts.max_new_tokens > 0; batch];
+    let mut next = vec![0u32; batch];
+    while active.iter().any(|&a| a) {
+        for b in 0..batch {
+            if !active[b] {
+                continue;
+            }
+            let t = sampler.sample(b, &logits[b * vocab..(b + 1) * vocab]);
+            out[b].tokens.push(t);
+            next[b] = t;
+            if opts.eos.contains(&t) {
+                out[b].finish = Finish::Eos;
+                active[b] = false;
+            } else if out[b].tokens.len() == opts.max_new_tokens {
+                active[b] = false;
+            }
+        }
+        if !active.iter().any(|&a| a) {
+            break;
+        }
+        let step: Vec<&[u32]> = (0..batch)
+            .map(|b| {
+                if active[b] {
+                    std::slice::from_ref(&next[b])
+                } else {
+                    &[][..]
+                }
             })
             .collect();
-        let mut active = vec![opts.max_new_tokens > 0; batch];
-        let mut next = vec![0u32; batch];
-        while active.iter().any(|&a| a) {
-            for b in 0..batch {
-                if !active[b] {
-                    continue;
-                }
-                let t = sampler.sample(b, &logits[b * vocab..(b + 1) * vocab]);
-                out[b].tokens.push(t);
-                next[b] = t;
-                if opts.eos.contains(&t) {
-                    out[b].finish = Finish::Eos;
-                    active[b] = false;
-                } else if out[b].tokens.len() == opts.max_new_tokens {
-                    active[b] = false;
-                }
-            }
-            if !active.iter().any(|&a| a) {
-                break;
-            }
-            let step: Vec<&[u32]> = (0..batch)
-                .map(|b| {
-                    if active[b] {
-                        std::slice::from_ref(&next[b])
-                    } else {
-                        &[][..]
-                    }
-                })
-                .collect();
-            self.feed(&mut cache, &step, &mut logits)?;
-        }
-        Ok(out)
+        feed(&step, &mut logits)?;
     }
+    Ok(out)
 }
 
 /// [`Generator`]'s layer ops on one call's new tokens (`s.owner`, `s.pos`: each token's row and
