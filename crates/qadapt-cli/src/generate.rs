@@ -1,6 +1,8 @@
-//! `qadapt generate`: text from a Llama model directory and optional adapters, on the CPU in f32,
-//! through `qadapt_train::generate` (KV cache, greedy / temperature / top-p sampling, one batch
-//! in which every prompt may use a different adapter).
+//! `qadapt generate`: text from a Llama model directory and optional adapters, on the CPU in f32
+//! through `qadapt_train::generate`, or with `--device cuda` on a GPU through
+//! `qadapt_train::cuda::CudaGenerator` (bf16 or NF4 weights, the KV cache on the device, LoRA
+//! adapters only) (KV cache, greedy / temperature / top-p sampling, one batch in which every
+//! prompt may use a different adapter).
 //!
 //! Adapters: `--adapter DIR` (named "default") and any number of `--adapter NAME=DIR` (a value
 //! that is an existing directory is always a path). "base" is reserved for "no adapter". Which
@@ -58,9 +60,13 @@ pub(crate) struct GenerateArgs {
     #[arg(long = "adapter", value_name = "[NAME=]DIR")]
     adapters: Vec<String>,
     /// Quantize the base projection weights to NF4 (block 64, double quant) and run on their
-    /// dequantized values (as `qadapt logits --nf4`).
+    /// dequantized values (as `qadapt logits --nf4`); with --device cuda, on the codes.
     #[arg(long)]
     nf4: bool,
+    /// cpu (f32, every adapter method) or cuda[:N] (bf16 weights or NF4 codes, bf16
+    /// activations, the KV cache on the GPU; LoRA adapters only).
+    #[arg(long, default_value = "cpu")]
+    device: String,
     /// A prompt; repeat for a batch. With named adapters, NAME:TEXT (NAME an adapter, "default"
     /// or "base").
     #[arg(long = "prompt", value_name = "[NAME:]TEXT")]
@@ -205,10 +211,15 @@ pub(crate) fn run(a: &GenerateArgs) -> Result<()> {
             model_path.display()
         )
     })?;
-    if a.nf4 {
-        qadapt_train::nf4::quantize_projections(&mut dir.weights, &dir.config, &dir.nf4)
-            .context("quantizing the base to NF4")?;
-    }
+    let device = qadapt::Device::parse(&a.device)?;
+    let codes = if a.nf4 {
+        Some(
+            qadapt_train::nf4::quantize_projections(&mut dir.weights, &dir.config, &dir.nf4)
+                .context("quantizing the base to NF4")?,
+        )
+    } else {
+        None
+    };
     let model = dir.model()?;
     let adapters = specs
         .iter()
@@ -282,9 +293,22 @@ pub(crate) fn run(a: &GenerateArgs) -> Result<()> {
         eos: eos_ids(&model_path)?,
         seed: a.seed,
     };
-    let start = Instant::now();
-    let out = generator.generate(&prompts, &opts)?;
-    let secs = start.elapsed().as_secs_f64();
+    let (out, secs, on) = match device {
+        qadapt::Device::Cpu => {
+            let start = Instant::now();
+            let out = generator.generate(&prompts, &opts)?;
+            (out, start.elapsed().as_secs_f64(), "cpu".to_string())
+        }
+        qadapt::Device::Cuda(dev) => {
+            let on = dev.describe();
+            let gpu =
+                qadapt_train::cuda::CudaGenerator::new(dev, &model, codes.as_ref(), &adapters)
+                    .context("--device cuda")?;
+            let start = Instant::now();
+            let out = gpu.generate(&prompts, &opts)?;
+            (out, start.elapsed().as_secs_f64(), on)
+        }
+    };
     let stdout = std::io::stdout();
     let mut w = stdout.lock();
     for ((c, raw), p) in out.iter().zip(&raw).zip(&prompts) {
@@ -316,7 +340,7 @@ pub(crate) fn run(a: &GenerateArgs) -> Result<()> {
     w.flush()?;
     let n: usize = out.iter().map(|c| c.tokens.len()).sum();
     eprintln!(
-        "{n} tokens for {} prompt(s) in {secs:.2} s ({:.1} tokens/s)",
+        "{n} tokens for {} prompt(s) in {secs:.2} s ({:.1} tokens/s) on {on}",
         out.len(),
         n as f64 / secs.max(1e-9)
     );

@@ -364,3 +364,64 @@ fn without_a_model_it_uses_the_embedded_one() {
     let n = tokens(&out[0]).len();
     assert!((1..=3).contains(&n), "{out:?}");
 }
+
+/// `--device cuda`: a batch of a LoRA prompt and a base prompt on the device (bf16 weights, then
+/// NF4 codes) prints a completion per prompt, each of `--max-new-tokens` tokens or ending at
+/// eos, whose first token is the CPU generator's (the device's logits are within bf16 noise of
+/// the CPU's: `cuda_generator_follows_the_cpu_generator`), and names the device; a non-LoRA
+/// adapter is refused in one line.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn cuda_generates_with_lora_adapters_on_the_device() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = model_dir(tmp.path());
+    let lora = data("tiny_llama_lora");
+    for nf4 in [false, true] {
+        let mut args = vec![
+            "generate",
+            "--device",
+            "cuda",
+            "--model",
+            s(&model),
+            "--adapter",
+            s(&lora),
+            "--prompt",
+            "w5 w9 w23",
+            "--max-new-tokens",
+            "6",
+            "--format",
+            "jsonl",
+        ];
+        if nf4 {
+            args.push("--nf4");
+        }
+        let r = qadapt(&args);
+        let out = lines(&ok(&r));
+        assert_eq!(out.len(), 1);
+        let got = tokens(&out[0]);
+        assert!(
+            got.len() == 6 || got.last() == Some(&2),
+            "nf4 {nf4}: {got:?}"
+        );
+        if !nf4 {
+            let want = library_greedy(&model, Some(&lora), &[1, 5, 9, 23], 6);
+            assert_eq!(got[0], want[0], "the first token: {got:?} vs {want:?}");
+        }
+        let stderr = String::from_utf8_lossy(&r.stderr);
+        assert!(stderr.contains("on cuda:0"), "{stderr}");
+    }
+    fails(
+        &qadapt(&[
+            "generate",
+            "--device",
+            "cuda",
+            "--model",
+            s(&model),
+            "--adapter",
+            s(&data("tiny_llama_ia3")),
+            "--prompt",
+            "w5",
+        ]),
+        "the device generates with LoRA adapters",
+    );
+}

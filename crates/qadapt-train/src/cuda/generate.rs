@@ -100,8 +100,8 @@ impl CudaGenerator {
                 other => Err(invalid(
                     OP,
                     format!(
-                        "a {} adapter: the device generates with LoRA adapters (the CPU \
-                         generator takes every method)",
+                        "an adapter of type {}: the device generates with LoRA adapters (the \
+                         CPU generator takes every method)",
                         other.peft_type()
                     ),
                 )),
