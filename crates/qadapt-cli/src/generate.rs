@@ -27,6 +27,8 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::{ArgGroup, Args, ValueEnum};
+use qadapt_train::backend::BaseFormat;
+use qadapt_train::cuda::CudaGenerator;
 use qadapt_train::peft::Adapter;
 use qadapt_train::{Finish, GenerateOptions, Generator, LlamaDir, Prompt, Sampling};
 use serde_json::{Value, json};
@@ -204,27 +206,34 @@ pub(crate) fn run(a: &GenerateArgs) -> Result<()> {
         Some(p) => p.clone(),
         None => crate::assets::model_dir()?,
     };
-    let mut dir = LlamaDir::open(&model_path)?;
-    let tok = dir.tokenizer.take().with_context(|| {
+    // On the CPU the f32 model is loaded here; the device streams the checkpoint to itself
+    // (`CudaGenerator::from_checkpoint`) and the host reads only the config and tokenizer.
+    let device = qadapt::Device::parse(&a.device)?;
+    let (config, tokenizer, model) = match device {
+        qadapt::Device::Cpu => {
+            let mut dir = LlamaDir::open(&model_path)?;
+            if a.nf4 {
+                qadapt_train::nf4::quantize_projections(&mut dir.weights, &dir.config, &dir.nf4)
+                    .context("quantizing the base to NF4")?;
+            }
+            let model = dir.model()?;
+            (dir.config, dir.tokenizer, Some(model))
+        }
+        qadapt::Device::Cuda(_) => {
+            let (config, tokenizer) = LlamaDir::open_config(&model_path)?;
+            (config, tokenizer, None)
+        }
+    };
+    let tok = tokenizer.with_context(|| {
         format!(
             "{} has no tokenizer.json (generate needs it to encode prompts and decode tokens)",
             model_path.display()
         )
     })?;
-    let device = qadapt::Device::parse(&a.device)?;
-    let codes = if a.nf4 {
-        Some(
-            qadapt_train::nf4::quantize_projections(&mut dir.weights, &dir.config, &dir.nf4)
-                .context("quantizing the base to NF4")?,
-        )
-    } else {
-        None
-    };
-    let model = dir.model()?;
     let adapters = specs
         .iter()
         .map(|(name, d)| {
-            qadapt_train::peft::load(d, &dir.config).with_context(|| {
+            qadapt_train::peft::load(d, &config).with_context(|| {
                 format!(
                     "adapter {name:?} ({}) does not load for the model {}",
                     d.display(),
@@ -268,13 +277,22 @@ pub(crate) fn run(a: &GenerateArgs) -> Result<()> {
         }
         prompts.push(Prompt { ids, adapter });
     }
-    let generator = Generator::new(&model, &adapters)?;
+    let generator = model
+        .as_ref()
+        .map(|m| Generator::new(m, &adapters))
+        .transpose()?;
+    // Prefix and prompt tuning put positions before the prompt (the device takes LoRA only).
     let positions = prompts
         .iter()
-        .map(|p| generator.leading_positions(p.adapter) + p.ids.len())
+        .map(|p| {
+            generator
+                .as_ref()
+                .map_or(0, |g| g.leading_positions(p.adapter))
+                + p.ids.len()
+        })
         .max()
         .unwrap_or(0);
-    let max_pos = dir.config.max_position_embeddings;
+    let max_pos = config.max_position_embeddings;
     if positions >= max_pos {
         bail!(
             "a prompt needs {positions} positions; the model has max_position_embeddings {max_pos}"
@@ -293,17 +311,22 @@ pub(crate) fn run(a: &GenerateArgs) -> Result<()> {
         eos: eos_ids(&model_path)?,
         seed: a.seed,
     };
-    let (out, secs, on) = match device {
-        qadapt::Device::Cpu => {
+    let (out, secs, on) = match (device, &generator) {
+        (qadapt::Device::Cpu, Some(g)) => {
             let start = Instant::now();
-            let out = generator.generate(&prompts, &opts)?;
+            let out = g.generate(&prompts, &opts)?;
             (out, start.elapsed().as_secs_f64(), "cpu".to_string())
         }
-        qadapt::Device::Cuda(dev) => {
+        (qadapt::Device::Cpu, None) => unreachable!("the CPU model is loaded above"),
+        (qadapt::Device::Cuda(dev), _) => {
             let on = dev.describe();
-            let gpu =
-                qadapt_train::cuda::CudaGenerator::new(dev, &model, codes.as_ref(), &adapters)
-                    .context("--device cuda")?;
+            let base = if a.nf4 {
+                BaseFormat::QuantizeNf4
+            } else {
+                BaseFormat::Dense
+            };
+            let gpu = CudaGenerator::from_checkpoint(dev, &model_path, base, &adapters)
+                .context("--device cuda")?;
             let start = Instant::now();
             let out = gpu.generate(&prompts, &opts)?;
             (out, start.elapsed().as_secs_f64(), on)

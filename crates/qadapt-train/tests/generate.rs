@@ -450,11 +450,13 @@ fn norm_rel(got: &[f32], want: &[f32]) -> f64 {
 /// single-token steps, one row left out of the second. Every call's logits are within bf16
 /// noise of the f32 generator's (the device runs bf16 weights and activations; the trainer's
 /// tests measure 2-3 % by norm on this model), on a bf16 base and on NF4 codes (against the CPU
-/// model on their dequantized values). Greedy generation on the device is deterministic and
+/// model on their dequantized values); the model streamed from its checkpoint (NF4: quantized on
+/// the device) gives the same logits bit for bit. Greedy generation on the device is deterministic and
 /// starts from the argmax of its prefill logits; a non-LoRA adapter is refused.
 #[test]
 #[ignore = "needs a CUDA device"]
 fn cuda_generator_follows_the_cpu_generator() {
+    use qadapt_train::backend::BaseFormat;
     use qadapt_train::cuda::CudaGenerator;
     use qadapt_train::nf4::{Nf4Projections, quantize_projections};
     let dev = qadapt::CudaDevice::new(0).unwrap();
@@ -464,9 +466,16 @@ fn cuda_generator_follows_the_cpu_generator() {
     let mut q = m.clone();
     let none = Nf4Projections::none(m.config.num_hidden_layers);
     let codes = quantize_projections(&mut q.weights, &m.config, &none).unwrap();
-    for (what, cpu_model, device_codes) in [("bf16", &m, None), ("nf4", &q, Some(&codes))] {
+    for (what, cpu_model, base, streamed) in [
+        ("bf16", &m, BaseFormat::Dense, BaseFormat::Dense),
+        ("nf4", &q, BaseFormat::Nf4(&codes), BaseFormat::QuantizeNf4),
+    ] {
         let cpu = Generator::new(cpu_model, &adapters).unwrap();
-        let gpu = CudaGenerator::new(dev.clone(), &m, device_codes, &adapters).unwrap();
+        let gpu = CudaGenerator::new(dev.clone(), &m, base, &adapters).unwrap();
+        // Streamed from the checkpoint (quantized on the device for NF4): the same model.
+        let dir = data("tiny_llama");
+        let gs = CudaGenerator::from_checkpoint(dev.clone(), &dir, streamed, &adapters).unwrap();
+        let mut sc = gs.start(&[None, Some(0), Some(1)], 16).unwrap();
         let rows = [None, Some(0), Some(1)];
         let mut cc = cpu.start(&rows, 16).unwrap();
         let mut gc = gpu.start(&rows, 16).unwrap();
@@ -480,6 +489,15 @@ fn cuda_generator_follows_the_cpu_generator() {
             let (mut lc, mut lg) = (vec![0f32; 3 * v], vec![0f32; 3 * v]);
             cpu.feed(&mut cc, call, &mut lc).unwrap();
             gpu.feed(&mut gc, call, &mut lg).unwrap();
+            let mut ls = vec![0f32; 3 * v];
+            gs.feed(&mut sc, call, &mut ls).unwrap();
+            for b in (0..3).filter(|&b| !call[b].is_empty()) {
+                assert_eq!(
+                    ls[b * v..][..v],
+                    lg[b * v..][..v],
+                    "{what}, call {i}, row {b}: streamed"
+                );
+            }
             for b in 0..3 {
                 if call[b].is_empty() {
                     continue;
@@ -519,6 +537,6 @@ fn cuda_generator_follows_the_cpu_generator() {
             assert_eq!(c.tokens[0], argmax(&l0[b * v..][..v]), "{what}, row {b}");
         }
     }
-    let err = CudaGenerator::new(dev, &m, None, &[houlsby(&m)]).unwrap_err();
+    let err = CudaGenerator::new(dev, &m, BaseFormat::Dense, &[houlsby(&m)]).unwrap_err();
     assert!(err.to_string().contains("LoRA adapters"), "{err}");
 }

@@ -79,7 +79,7 @@ pub enum BaseData<'s> {
 }
 
 impl<'s> BaseData<'s> {
-    fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         match self {
             BaseData::Values(v) => v.len(),
             BaseData::Nf4(q) => q.numel(),
@@ -87,11 +87,46 @@ impl<'s> BaseData<'s> {
     }
 
     /// The values (4-bit codes dequantized).
-    fn into_values(self) -> Result<Cow<'s, [f32]>> {
+    pub(crate) fn into_values(self) -> Result<Cow<'s, [f32]>> {
         match self {
             BaseData::Values(v) => Ok(v),
             BaseData::Nf4(q) => Ok(Cow::Owned(crate::nf4::dequantize(&q)?)),
         }
+    }
+}
+
+/// The frozen tensors of `model` in memory, borrowed, as a tensor source of
+/// [`LoraModel::from_tensors`] (and of the device generator's).
+pub(crate) fn model_tensors<'m>(
+    model: &'m Llama<f32>,
+    op: &'static str,
+) -> impl FnMut(BaseTensor) -> Result<BaseData<'m>> + 'm {
+    let w = &model.weights;
+    move |t| {
+        Ok(BaseData::Values(Cow::Borrowed(match t {
+            BaseTensor::Embed => &w.embed_tokens,
+            BaseTensor::Head => w
+                .lm_head
+                .as_deref()
+                .ok_or_else(|| invalid(op, "the model has no lm_head"))?,
+            BaseTensor::FinalNorm => &w.norm,
+            BaseTensor::InputNorm(l) => &w.layers[l].input_layernorm,
+            BaseTensor::PostNorm(l) => &w.layers[l].post_attention_layernorm,
+            BaseTensor::Proj(l, p) => w.layers[l].proj(p),
+        })))
+    }
+}
+
+/// The frozen tensors of a checkpoint, read one at a time ([`Checkpoint::tensor`]), as a tensor
+/// source: values widened to f32, a bitsandbytes 4-bit projection as its codes.
+pub(crate) fn checkpoint_tensors(
+    ck: &mut Checkpoint,
+) -> impl FnMut(BaseTensor) -> Result<BaseData<'static>> + '_ {
+    move |t| {
+        Ok(match ck.tensor(t)? {
+            StoredTensor::Values(v) => BaseData::Values(Cow::Owned(v)),
+            StoredTensor::Nf4(q) => BaseData::Nf4(q),
+        })
     }
 }
 
@@ -265,20 +300,7 @@ impl<B: Backend> LoraModel<B> {
         adapter: &LoraAdapter<f32>,
         placement: MomentPlacement,
     ) -> Result<Self> {
-        let w = &model.weights;
-        let mut tensor = |t: BaseTensor| -> Result<BaseData<'_>> {
-            Ok(BaseData::Values(Cow::Borrowed(match t {
-                BaseTensor::Embed => &w.embed_tokens,
-                BaseTensor::Head => w
-                    .lm_head
-                    .as_deref()
-                    .ok_or_else(|| invalid("lora model", "the model has no lm_head"))?,
-                BaseTensor::FinalNorm => &w.norm,
-                BaseTensor::InputNorm(l) => &w.layers[l].input_layernorm,
-                BaseTensor::PostNorm(l) => &w.layers[l].post_attention_layernorm,
-                BaseTensor::Proj(l, p) => w.layers[l].proj(p),
-            })))
-        };
+        let mut tensor = model_tensors(model, "lora model");
         Self::from_tensors(
             backend,
             &model.config,
@@ -322,12 +344,7 @@ impl<B: Backend> LoraModel<B> {
         no_given_codes(base, "a lora model from a checkpoint")?;
         let mut ck = Checkpoint::open(dir)?;
         let config = ck.config.clone();
-        let mut tensor = |t| {
-            Ok(match ck.tensor(t)? {
-                StoredTensor::Values(v) => BaseData::Values(Cow::Owned(v)),
-                StoredTensor::Nf4(q) => BaseData::Nf4(q),
-            })
-        };
+        let mut tensor = checkpoint_tensors(&mut ck);
         Self::from_tensors(backend, &config, &mut tensor, base, adapter, placement)
     }
 

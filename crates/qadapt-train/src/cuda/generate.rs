@@ -30,14 +30,19 @@ use qadapt::ops::Accumulate;
 use qadapt::ops::attention::CacheShape;
 use qadapt::ops::rope::{self, RopeDirection, RopeTable};
 
+use std::path::Path;
+
+use qadapt::lora::CudaBaseWeight;
+use qadapt::nf4::{CudaNf4, Statistics};
+
+use crate::backend::{BaseData, BaseFormat, checkpoint_tensors, model_tensors};
 use crate::config::LlamaConfig;
 use crate::generate::{Completion, GenerateOptions, LoraStack, Prompt, check_prompts, decode};
 use crate::layer::{self, LayerRun, Norm};
 use crate::lora::LoraAdapter;
 use crate::model::Llama;
-use crate::nf4::Nf4Projections;
 use crate::peft::Adapter;
-use crate::weights::Proj;
+use crate::weights::{BaseTensor, Checkpoint, Proj};
 use crate::{invalid, shape_err};
 
 /// One projection on the device: the base and, when some adapter targets it, the stack.
@@ -81,18 +86,53 @@ fn to_bf16(v: &[f32]) -> Vec<bf16> {
 }
 
 impl CudaGenerator {
-    /// Puts `model` on `dev` (its projections in bf16, or as the NF4 `codes` given: the model's
-    /// projection values then unused) with `adapters`, which must all be LoRA adapters of the
+    /// Puts `model` on `dev`, its projections as `base` says (bf16, the NF4 codes given, or
+    /// quantized to NF4 on the device), with `adapters`, which must all be LoRA adapters of the
     /// model; rows refer to them by index.
     pub fn new(
         dev: CudaDevice,
         model: &Llama<f32>,
-        codes: Option<&Nf4Projections>,
+        base: BaseFormat<'_>,
+        adapters: &[Adapter<f32>],
+    ) -> Result<Self> {
+        let mut tensor = model_tensors(model, "cuda generator");
+        Self::from_tensors(dev, &model.config, &mut tensor, base, adapters)
+    }
+
+    /// The model of the HF checkpoint `dir` streamed to `dev` one tensor at a time
+    /// ([`Checkpoint`]: one shard in host memory; with [`BaseFormat::QuantizeNf4`] each
+    /// projection quantized on the device, a bitsandbytes checkpoint's codes kept): no copy of
+    /// the model on the host. `base` must not be [`BaseFormat::Nf4`].
+    pub fn from_checkpoint(
+        dev: CudaDevice,
+        dir: &Path,
+        base: BaseFormat<'_>,
+        adapters: &[Adapter<f32>],
+    ) -> Result<Self> {
+        if matches!(base, BaseFormat::Nf4(_)) {
+            return Err(invalid(
+                "cuda generator from a checkpoint",
+                "a checkpoint has no codes to pass: use BaseFormat::QuantizeNf4",
+            ));
+        }
+        let mut ck = Checkpoint::open(dir)?;
+        let config = ck.config.clone();
+        let mut tensor = checkpoint_tensors(&mut ck);
+        Self::from_tensors(dev, &config, &mut tensor, base, adapters)
+    }
+
+    /// [`Self::new`] from a source of tensors, asked for each frozen tensor once in model order
+    /// (as [`crate::backend::LoraModel::from_tensors`] asks; with [`BaseFormat::Nf4`]
+    /// projections are not asked for), each on the device before the next is asked for.
+    pub fn from_tensors<'s>(
+        dev: CudaDevice,
+        config: &LlamaConfig,
+        tensor: &mut dyn FnMut(BaseTensor) -> Result<BaseData<'s>>,
+        base: BaseFormat<'_>,
         adapters: &[Adapter<f32>],
     ) -> Result<Self> {
         const OP: &str = "cuda generator";
-        let c = &model.config;
-        let w = &model.weights;
+        let c = config;
         let loras = adapters
             .iter()
             .map(|a| match a {
@@ -116,26 +156,28 @@ impl CudaGenerator {
                 ));
             }
         }
-        let up = |v: &[f32]| dev.upload(&to_bf16(v));
+        let mut fetch = |t: BaseTensor| -> Result<BaseData<'s>> {
+            let v = tensor(t)?;
+            if v.len() != t.len(c) {
+                return Err(shape_err(
+                    OP,
+                    format!("{} of {}", t.name(), t.len(c)),
+                    v.len(),
+                ));
+            }
+            Ok(v)
+        };
+        let up = |d: BaseData<'s>| -> Result<CudaSlice<bf16>> {
+            dev.upload(&to_bf16(&d.into_values()?))
+        };
+        let embed = up(fetch(BaseTensor::Embed)?)?;
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
-        for (l, lw) in w.layers.iter().enumerate() {
+        for l in 0..c.num_hidden_layers {
+            let input_norm = up(fetch(BaseTensor::InputNorm(l))?)?;
+            let post_norm = up(fetch(BaseTensor::PostNorm(l))?)?;
             let mut projs = Vec::with_capacity(Proj::ALL.len());
             for p in Proj::ALL {
                 let (inp, out) = p.dims(c);
-                let weight = match codes.and_then(|q| q.get(l, p)) {
-                    Some(q) if q.shape == [out, inp] => BaseWeight::Nf4(q.clone()),
-                    Some(q) => {
-                        return Err(shape_err(
-                            OP,
-                            format!("NF4 codes of {} [{out}, {inp}]", p.module(l)),
-                            format!("{:?}", q.shape),
-                        ));
-                    }
-                    None if codes.is_some() => {
-                        return Err(invalid(OP, format!("no NF4 codes for {}", p.module(l))));
-                    }
-                    None => BaseWeight::Dense(to_bf16(lw.proj(p))),
-                };
                 let adapted = loras.iter().any(|a| a.pair(l, p).is_some());
                 // A projection no adapter targets keeps a rank-1 zero stack it never runs.
                 let stack = if adapted {
@@ -143,22 +185,68 @@ impl CudaGenerator {
                 } else {
                     AdapterStack::new(1, vec![bf16::ZERO; inp], vec![bf16::ZERO; out], vec![0.0])?
                 };
-                let host = LoraLinear::new(out, inp, weight, None, stack)?;
-                projs.push(GenProj {
-                    layer: CudaLoraLinear::upload(&dev, &host)?,
-                    adapted,
-                });
+                let host = |weight| -> Result<CudaLoraLinear> {
+                    CudaLoraLinear::upload(
+                        &dev,
+                        &LoraLinear::new(out, inp, weight, None, stack.clone())?,
+                    )
+                };
+                let layer = match base {
+                    BaseFormat::Nf4(codes) => match codes.get(l, p) {
+                        Some(q) if q.shape == [out, inp] => host(BaseWeight::Nf4(q.clone()))?,
+                        q => {
+                            return Err(shape_err(
+                                OP,
+                                format!("NF4 codes of {} [{out}, {inp}]", p.module(l)),
+                                q.map_or("none".to_string(), |q| format!("{:?}", q.shape)),
+                            ));
+                        }
+                    },
+                    BaseFormat::Dense => {
+                        let w = fetch(BaseTensor::Proj(l, p))?.into_values()?;
+                        host(BaseWeight::Dense(to_bf16(&w)))?
+                    }
+                    BaseFormat::QuantizeNf4 => match fetch(BaseTensor::Proj(l, p))? {
+                        // A checkpoint's own codes stay as they are.
+                        BaseData::Nf4(q) => host(BaseWeight::Nf4(q))?,
+                        // The f32 values cross once; the codes are made on the device.
+                        BaseData::Values(w) => {
+                            let dense = dev.upload(&w[..])?;
+                            let q = CudaNf4::quantize(
+                                &dev,
+                                &dense,
+                                qadapt::nf4::DEFAULT_BLOCKSIZE,
+                                Statistics::DoubleQuant,
+                            )?;
+                            drop(dense);
+                            CudaLoraLinear::from_device(
+                                &dev,
+                                out,
+                                inp,
+                                CudaBaseWeight::Nf4(q),
+                                &stack,
+                            )?
+                        }
+                    },
+                };
+                projs.push(GenProj { layer, adapted });
             }
             layers.push(GenLayer {
-                input_norm: up(&lw.input_layernorm)?,
-                post_norm: up(&lw.post_attention_layernorm)?,
+                input_norm,
+                post_norm,
                 projs,
             });
         }
+        let norm = up(fetch(BaseTensor::FinalNorm)?)?;
+        let head = if c.tie_word_embeddings {
+            None
+        } else {
+            Some(up(fetch(BaseTensor::Head)?)?)
+        };
         Ok(CudaGenerator {
-            embed: up(&w.embed_tokens)?,
-            head: w.lm_head.as_deref().map(up).transpose()?,
-            norm: up(&w.norm)?,
+            embed,
+            head,
+            norm,
             layers,
             inv_freq: rope::inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)?,
             adapters: loras.len(),
