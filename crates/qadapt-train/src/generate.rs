@@ -48,6 +48,7 @@
 
 use qadapt::Result;
 use qadapt::bottleneck::{self, BottleneckShape};
+use qadapt::ops::attention::{CacheShape, attention_cached, kv_cache_write};
 use qadapt::ops::linear::{self, LinearShape};
 use qadapt::ops::rope::{self, RopeTable};
 use qadapt::ops::{Accumulate, rmsnorm, swiglu};
@@ -415,7 +416,9 @@ struct Scratch {
     rstd: Vec<f32>,
     tmp: Vec<f32>,
     xs: Vec<f32>,
-    scores: Vec<f32>,
+    /// `owner` and `pos` as the cache ops take them.
+    row32: Vec<u32>,
+    pos32: Vec<u32>,
     lora: LoraScratch,
 }
 
@@ -661,8 +664,12 @@ impl<'a> Generator<'a> {
         s.adapter.clear();
         s.lora_idx.clear();
         let mut next = len.clone();
+        s.row32.clear();
+        s.pos32.clear();
         for &b in &s.owner {
             s.pos.push(next[b]);
+            s.row32.push(b as u32);
+            s.pos32.push(next[b] as u32);
             next[b] += 1;
             s.adapter.push(adapter[b]);
             s.lora_idx
@@ -678,7 +685,6 @@ impl<'a> Generator<'a> {
             ));
         }
         let cw = c.hidden_size;
-        buf(&mut s.scores, *cap);
         let pool = &self.model.pool;
         let mut x = pool.overwritten(n * cw);
         x.copy_from_slice(&s.x);
@@ -1035,51 +1041,17 @@ impl LayerRun for CachedRun<'_, '_> {
         v: &Buf<f32>,
     ) -> Result<((), Buf<f32>)> {
         let c = &self.generator.model.config;
-        let (qd, kd) = (c.q_dim(), c.kv_dim());
-        let (heads, kvh, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-        let rep = heads / kvh;
-        let scale = 1.0 / (d as f32).sqrt();
-        let (s, cap) = (&mut *self.s, self.cap);
-        let n = s.owner.len();
-        let (kc, vc) = (&mut self.k[l], &mut self.v[l]);
-        for t in 0..n {
-            let at = (s.owner[t] * cap + s.pos[t]) * kd;
-            kc[at..at + kd].copy_from_slice(&k[t * kd..(t + 1) * kd]);
-            vc[at..at + kd].copy_from_slice(&v[t * kd..(t + 1) * kd]);
-        }
-        // The output accumulates: zeroed first.
-        let mut attn = self.generator.model.pool.overwritten(n * qd);
-        attn.fill(0.0);
-        for t in 0..n {
-            let live = s.pos[t] + 1;
-            let base = s.owner[t] * cap * kd;
-            let (keys, vals) = (&kc[base..base + live * kd], &vc[base..base + live * kd]);
-            for h in 0..heads {
-                let g = h / rep;
-                let qh = &q[t * qd + h * d..][..d];
-                let sc = &mut s.scores[..live];
-                let mut m = f32::NEG_INFINITY;
-                for (j, sj) in sc.iter_mut().enumerate() {
-                    let kj = &keys[j * kd + g * d..][..d];
-                    *sj = qh.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() * scale;
-                    m = m.max(*sj);
-                }
-                let mut sum = 0.0;
-                for sj in sc.iter_mut() {
-                    *sj = (*sj - m).exp();
-                    sum += *sj;
-                }
-                let inv = 1.0 / sum;
-                let o = &mut attn[t * qd + h * d..][..d];
-                for (j, &pj) in sc.iter().enumerate() {
-                    let vj = &vals[j * kd + g * d..][..d];
-                    let pj = pj * inv;
-                    for (x, y) in o.iter_mut().zip(vj) {
-                        *x += pj * *y;
-                    }
-                }
-            }
-        }
+        let sh = CacheShape {
+            batch: self.k[l].len() / (self.cap * c.kv_dim()).max(1),
+            cap: self.cap,
+            heads: c.num_attention_heads,
+            kv_heads: c.num_key_value_heads,
+            head_dim: c.head_dim,
+        };
+        let s = &*self.s;
+        kv_cache_write(sh, k, v, &s.row32, &s.pos32, &mut self.k[l], &mut self.v[l])?;
+        let mut attn = self.generator.model.pool.overwritten(q.len());
+        attention_cached(sh, q, &self.k[l], &self.v[l], &s.row32, &s.pos32, &mut attn)?;
         Ok(((), attn))
     }
 

@@ -33,7 +33,7 @@ mod model;
 
 pub use cpu::{CpuBackend, CpuProj, Precision};
 pub use model::{BaseData, BaseFormat, Checkpointing, LoraModel};
-pub(crate) use model::{checkpoint_tensors, model_tensors};
+pub(crate) use model::{checked_source, checkpoint_tensors, model_tensors};
 
 use half::bf16;
 use qadapt::Result;

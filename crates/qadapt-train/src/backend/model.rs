@@ -117,6 +117,25 @@ pub(crate) fn model_tensors<'m>(
     }
 }
 
+/// `tensor` with each tensor's length checked against `config`'s shape for it.
+pub(crate) fn checked_source<'s, 'f>(
+    op: &'static str,
+    config: &'f LlamaConfig,
+    tensor: &'f mut dyn FnMut(BaseTensor) -> Result<BaseData<'s>>,
+) -> impl FnMut(BaseTensor) -> Result<BaseData<'s>> + 'f {
+    move |t| {
+        let v = tensor(t)?;
+        if v.len() != t.len(config) {
+            return Err(shape_err(
+                op,
+                format!("{} of {}", t.name(), t.len(config)),
+                v.len(),
+            ));
+        }
+        Ok(v)
+    }
+}
+
 /// The frozen tensors of a checkpoint, read one at a time ([`Checkpoint::tensor`]), as a tensor
 /// source: values widened to f32, a bitsandbytes 4-bit projection as its codes.
 pub(crate) fn checkpoint_tensors(
@@ -376,17 +395,7 @@ impl<B: Backend> LoraModel<B> {
                 "an adapter for another model",
             ));
         }
-        let mut fetch = |t: BaseTensor| -> Result<BaseData<'s>> {
-            let v = tensor(t)?;
-            if v.len() != t.len(c) {
-                return Err(shape_err(
-                    OP,
-                    format!("{} of {}", t.name(), t.len(c)),
-                    v.len(),
-                ));
-            }
-            Ok(v)
-        };
+        let mut fetch = checked_source(OP, c, tensor);
         // Norms, embedding and head go as values (a 4-bit one dequantized).
         let embed = backend.upload(&fetch(BaseTensor::Embed)?.into_values()?)?;
         let scale = adapter.config.scaling() as f32;
@@ -717,9 +726,16 @@ impl<B: Backend> LoraModel<B> {
     /// With `adapter` false every projection runs as its frozen base alone: the model before
     /// fine-tuning, whatever the adapter holds now.
     pub fn scores(&self, b: &Batch, adapter: bool) -> Result<Vec<RowScore<f32>>> {
-        let c = &self.config;
         let (_, xn) = self.forward(b, Pass::eval(adapter))?;
-        let rows = b.targets.len();
+        let (shape, chunk) = self.head_shape(b.targets.len());
+        self.backend
+            .lm_head_scores(&xn, self.head(), shape, &b.targets, chunk)
+    }
+
+    /// The head's shape on `rows` token rows and its chunk of rows (see
+    /// [`Self::set_loss_chunk_rows`]).
+    fn head_shape(&self, rows: usize) -> (LmHeadShape, usize) {
+        let c = &self.config;
         let shape = LmHeadShape {
             rows,
             hidden: c.hidden_size,
@@ -728,8 +744,7 @@ impl<B: Backend> LoraModel<B> {
         let chunk = self
             .loss_chunk_rows
             .unwrap_or_else(|| qadapt::plan::loss_chunk_rows(rows, c.vocab_size));
-        self.backend
-            .lm_head_scores(&xn, self.head(), shape, &b.targets, chunk)
+        (shape, chunk)
     }
 
     /// The fused head and cross-entropy of the final norm's output `xn` (see the module doc).
@@ -740,16 +755,7 @@ impl<B: Backend> LoraModel<B> {
         dloss: f32,
         dxn: Option<&mut B::Act>,
     ) -> Result<f32> {
-        let c = &self.config;
-        let rows = targets.len();
-        let shape = LmHeadShape {
-            rows,
-            hidden: c.hidden_size,
-            vocab: c.vocab_size,
-        };
-        let chunk = self
-            .loss_chunk_rows
-            .unwrap_or_else(|| qadapt::plan::loss_chunk_rows(rows, c.vocab_size));
+        let (shape, chunk) = self.head_shape(targets.len());
         self.backend
             .lm_head_cross_entropy(xn, self.head(), shape, targets, chunk, dloss, dxn)
     }

@@ -35,7 +35,7 @@ use std::path::Path;
 use qadapt::lora::CudaBaseWeight;
 use qadapt::nf4::{CudaNf4, Statistics};
 
-use crate::backend::{BaseData, BaseFormat, checkpoint_tensors, model_tensors};
+use crate::backend::{BaseData, BaseFormat, checked_source, checkpoint_tensors, model_tensors};
 use crate::config::LlamaConfig;
 use crate::generate::{Completion, GenerateOptions, LoraStack, Prompt, check_prompts, decode};
 use crate::layer::{self, LayerRun, Norm};
@@ -156,17 +156,7 @@ impl CudaGenerator {
                 ));
             }
         }
-        let mut fetch = |t: BaseTensor| -> Result<BaseData<'s>> {
-            let v = tensor(t)?;
-            if v.len() != t.len(c) {
-                return Err(shape_err(
-                    OP,
-                    format!("{} of {}", t.name(), t.len(c)),
-                    v.len(),
-                ));
-            }
-            Ok(v)
-        };
+        let mut fetch = checked_source(OP, c, tensor);
         let up = |d: BaseData<'s>| -> Result<CudaSlice<bf16>> {
             dev.upload(&to_bf16(&d.into_values()?))
         };
