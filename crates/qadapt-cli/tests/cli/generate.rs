@@ -13,7 +13,7 @@ use qadapt_train::{Prompt, Sampling};
 use serde_json::Value;
 
 /// A WordLevel tokenizer over tiny_llama's 100 ids with a BOS template.
-fn tokenizer_json() -> String {
+pub(crate) fn tokenizer_json() -> String {
     let mut vocab = serde_json::Map::new();
     for (i, t) in ["<unk>", "<s>", "</s>"].iter().enumerate() {
         vocab.insert(t.to_string(), i.into());

@@ -1,7 +1,7 @@
 //! `qadapt train` and `qadapt compare` on the embedded model and task (short runs): what lands
 //! on disk, exact resume after an interruption, the NaN stop, and bad input.
 
-use crate::support::{bin, step_losses};
+use crate::support::{bin, data, s, step_losses};
 use std::path::Path;
 use std::process::Output;
 
@@ -671,4 +671,82 @@ fn cuda_packed_training_fills_rows_and_resumes() {
             "step {step}: uninterrupted {a} vs resumed {b}"
         );
     }
+}
+
+/// `--device cuda --model DIR` on a bitsandbytes 4-bit checkpoint (`tests/data/tiny_llama_nf4`
+/// with a word-level tokenizer) and prompt/completion JSONL: the device streams the checkpoint
+/// and trains QLoRA on its own codes, the CPU on their dequantized values; their step losses and
+/// held-out losses agree to bf16 tolerance (1 %).
+#[test]
+#[ignore = "needs a CUDA device"]
+fn cuda_trains_a_bitsandbytes_checkpoint_from_its_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(data("tiny_llama_nf4").join(f), model.join(f)).unwrap();
+    }
+    std::fs::write(
+        model.join("tokenizer.json"),
+        crate::generate::tokenizer_json(),
+    )
+    .unwrap();
+    // 40 examples: three prompt words, their "answer" two words derived from them.
+    let lines: Vec<String> = (0..40u32)
+        .map(|i| {
+            let w = |k: u32| format!("w{}", 3 + (i * 7 + k * 13) % 97);
+            serde_json::json!({
+                "prompt": format!("{} {} {}", w(0), w(1), w(2)),
+                "completion": format!(" {} {}", w(3), w(0)),
+            })
+            .to_string()
+        })
+        .collect();
+    let data_file = tmp.path().join("train.jsonl");
+    std::fs::write(&data_file, lines.join("\n")).unwrap();
+    let run = |device: &str| {
+        let out = format!("run-{device}");
+        let args = [
+            "train",
+            "--device",
+            device,
+            "--method",
+            "qlora",
+            "--model",
+            s(&model),
+            "--data",
+            s(&data_file),
+            "--steps",
+            "4",
+            "--batch",
+            "4",
+            "--lr",
+            "1e-3",
+            "--output",
+            &out,
+        ];
+        ok(&qadapt(&args, tmp.path()));
+        tmp.path().join(out)
+    };
+    let (cpu, gpu) = (run("cpu"), run("cuda"));
+    let (lc, lg) = (step_losses(&cpu), step_losses(&gpu));
+    assert_eq!(lc.len(), 4);
+    for ((step, c), (_, g)) in lc.iter().zip(&lg) {
+        assert!(
+            (c - g).abs() <= 0.01 * c.abs(),
+            "step {step}: cpu {c} vs cuda {g}"
+        );
+    }
+    let summary = |dir: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap()
+    };
+    let (sc, sg) = (summary(&cpu), summary(&gpu));
+    for key in ["before_loss", "after_loss"] {
+        let (c, g) = (sc[key].as_f64().unwrap(), sg[key].as_f64().unwrap());
+        assert!(
+            (c - g).abs() <= 0.01 * c.abs(),
+            "{key}: cpu {c} vs cuda {g}"
+        );
+    }
+    assert!(gpu.join("adapter/adapter_model.safetensors").is_file());
 }
