@@ -32,6 +32,43 @@ fn fails(o: &Output) -> String {
 
 const SHORT: [&str; 6] = ["--steps", "6", "--batch", "4", "--checkpoint-every", "2"];
 
+/// The first 24 of the embedded task's 300 held-out examples, in `dir`: the device tests
+/// evaluate on these (`--heldout-data`), since the virtual device runs every kernel on the CPU.
+fn small_heldout(dir: &Path) -> String {
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/task/heldout.jsonl"),
+    )
+    .unwrap();
+    let path = dir.join("heldout-24.jsonl");
+    let lines: Vec<&str> = text.lines().take(24).collect();
+    std::fs::write(&path, lines.join("\n")).unwrap();
+    path.to_str().unwrap().to_owned()
+}
+
+/// `--heldout-data` replaces the embedded task's held-out examples.
+#[test]
+fn heldout_data_replaces_the_default_tasks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let h = small_heldout(tmp.path());
+    let err = ok(&qadapt(
+        &[
+            "train",
+            "--steps",
+            "1",
+            "--heldout-data",
+            &h,
+            "--output",
+            "r",
+        ],
+        tmp.path(),
+    ));
+    assert!(
+        err.contains("(2000 training / 24 held-out examples)"),
+        "{err}"
+    );
+    assert!(err.contains("(0/24)"), "{err}");
+}
+
 #[test]
 fn a_run_writes_a_peft_adapter_a_log_a_plot_and_a_summary() {
     let tmp = tempfile::tempdir().unwrap();
@@ -373,7 +410,20 @@ fn cuda_training_follows_the_cpu_run_and_resumes() {
         // A learning rate of 1e-3 (not the default 3e-3): at the default, bf16 rounding noise
         // grows along the diverging trajectories of six steps to a few percent (measured on the
         // virtual device: up to 6 % at step 5); at 1e-3 both runs stay within 0.25 %.
-        let common = [&["train", "--method", method, "--lr", "1e-3"][..], &SHORT].concat();
+        let h = small_heldout(tmp.path());
+        let common = [
+            &[
+                "train",
+                "--method",
+                method,
+                "--lr",
+                "1e-3",
+                "--heldout-data",
+                &h,
+            ][..],
+            &SHORT,
+        ]
+        .concat();
         let run = |device: &str, out: &str, extra: &[&str]| {
             let args = [&common[..], &["--device", device, "--output", out], extra].concat();
             ok(&qadapt(&args, tmp.path()))
@@ -511,11 +561,23 @@ fn cuda_refuses_a_run_whose_plan_exceeds_the_free_device_memory() {
 fn cuda_batch_and_checkpointing_auto_follow_the_memory_plan() {
     let tmp = tempfile::tempdir().unwrap();
     let vgpu = std::env::var_os("QADAPT_VGPU").is_some();
+    let h = small_heldout(tmp.path());
     let chosen = |mem: &str, out: &str| -> usize {
         let o = bin()
             .args([
-                "train", "--device", "cuda", "--method", "qlora", "--steps", "1", "--batch",
-                "auto", "--output", out,
+                "train",
+                "--device",
+                "cuda",
+                "--method",
+                "qlora",
+                "--heldout-data",
+                &h,
+                "--steps",
+                "1",
+                "--batch",
+                "auto",
+                "--output",
+                out,
             ])
             .env("QADAPT_VGPU_MEMORY", mem)
             .current_dir(tmp.path())
@@ -548,6 +610,8 @@ fn cuda_batch_and_checkpointing_auto_follow_the_memory_plan() {
                 "cuda",
                 "--method",
                 "qlora",
+                "--heldout-data",
+                &h,
                 "--steps",
                 "1",
                 "--batch",
@@ -613,12 +677,15 @@ fn pack_is_refused_on_the_cpu() {
 #[ignore = "needs a CUDA device"]
 fn cuda_packed_training_fills_rows_and_resumes() {
     let tmp = tempfile::tempdir().unwrap();
+    let h = small_heldout(tmp.path());
     let common = [
         "train",
         "--device",
         "cuda",
         "--method",
         "qlora",
+        "--heldout-data",
+        &h,
         "--max-len",
         "120",
         "--steps",

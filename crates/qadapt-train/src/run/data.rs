@@ -101,9 +101,16 @@ pub fn load(
     obs: &mut dyn Observer,
 ) -> Result<Data, Error> {
     let (train_ex, held_ex) = match (&c.data, task) {
+        // The default task's own held-out file unless `heldout_data` replaces it.
         (None, Some(dir)) => (
             read_examples(&dir.join("train.jsonl"), c.strict, obs)?,
-            read_examples(&dir.join("heldout.jsonl"), c.strict, obs)?,
+            read_examples(
+                c.heldout_data
+                    .as_deref()
+                    .unwrap_or(&dir.join("heldout.jsonl")),
+                c.strict,
+                obs,
+            )?,
         ),
         (None, None) => {
             return Err(Error::Config(
