@@ -17,6 +17,11 @@ use std::process::Command;
 /// file name, so a change of target can never reuse a stale fatbin.
 const SASS_ARCHS: &[&str] = &["sm_80", "sm_90"];
 const PTX_ARCH: &str = "compute_90";
+/// Files named `*_sm90.cu` hold sm_90a kernels (wgmma, TMA, setmaxnreg: `qadapt_sm90.cuh`) and
+/// are built for that target only, without PTX (arch-specific features have no forward-compatible
+/// PTX). The host loads such a module only on a compute capability 9.0 device.
+const SM90A_SUFFIX: &str = "_sm90";
+const SM90A_ARCH: &str = "sm_90a";
 
 fn main() {
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
@@ -163,7 +168,12 @@ fn compile(
     kernels_dir: &Path,
     out: &Path,
 ) -> Result<(PathBuf, PathBuf), String> {
-    let tag = format!("{}_{}", SASS_ARCHS.join("_"), PTX_ARCH);
+    let sm90a = stem.ends_with(SM90A_SUFFIX);
+    let tag = if sm90a {
+        SM90A_ARCH.to_string()
+    } else {
+        format!("{}_{}", SASS_ARCHS.join("_"), PTX_ARCH)
+    };
     let fatbin = out.join(format!("{stem}.{tag}.fatbin"));
     let report = out.join(format!("{stem}.{tag}.ptxas.txt"));
     let mut cmd = Command::new(nvcc);
@@ -182,11 +192,15 @@ fn compile(
     if env::var("QADAPT_KERNEL_LINEINFO").is_ok_and(|v| v == "1") {
         cmd.arg("-lineinfo");
     }
-    for a in SASS_ARCHS {
-        let num = a.trim_start_matches("sm_");
-        cmd.arg(format!("-gencode=arch=compute_{num},code={a}"));
+    if sm90a {
+        cmd.arg(format!("-gencode=arch=compute_90a,code={SM90A_ARCH}"));
+    } else {
+        for a in SASS_ARCHS {
+            let num = a.trim_start_matches("sm_");
+            cmd.arg(format!("-gencode=arch=compute_{num},code={a}"));
+        }
+        cmd.arg(format!("-gencode=arch={PTX_ARCH},code={PTX_ARCH}"));
     }
-    cmd.arg(format!("-gencode=arch={PTX_ARCH},code={PTX_ARCH}"));
     cmd.arg("-o").arg(&fatbin).arg(src);
     let output = cmd
         .output()
@@ -213,7 +227,10 @@ fn kernel_decls(header: &str) -> Vec<(String, String, String)> {
         {
             module = stem.to_string();
         }
-        if let Some(rest) = l.strip_prefix("QADAPT_KERNEL(") {
+        if let Some(rest) = l
+            .strip_prefix("QADAPT_KERNEL(")
+            .or_else(|| l.strip_prefix("QADAPT_KERNEL_SM90A("))
+        {
             let Some(inner) = rest.strip_suffix(");") else {
                 continue;
             };
@@ -242,7 +259,8 @@ fn check_decls_against_sources(
             let l = line.trim_start();
             let def = l
                 .strip_prefix("QADAPT_KERNEL(")
-                .or_else(|| l.strip_prefix("QADAPT_KERNEL_BOUNDED("));
+                .or_else(|| l.strip_prefix("QADAPT_KERNEL_BOUNDED("))
+                .or_else(|| l.strip_prefix("QADAPT_KERNEL_SM90A("));
             if let Some(rest) = def {
                 let name = rest.split(',').next().unwrap().trim();
                 let found = decls.iter().find(|(n, _, _)| n == name);
@@ -276,6 +294,18 @@ fn write_kernels_rs(
     )
     .unwrap();
     writeln!(s, "pub const ARCHS: &[&str] = &[{}];", archs.join(", ")).unwrap();
+    writeln!(
+        s,
+        "/// The SASS architecture of the modules named `*{SM90A_SUFFIX}` (sm_90a kernels, no PTX)."
+    )
+    .unwrap();
+    writeln!(s, "pub const SM90A_ARCHS: &[&str] = &[{SM90A_ARCH:?}];").unwrap();
+    writeln!(
+        s,
+        "/// The suffix of the module names built for [`SM90A_ARCHS`] only."
+    )
+    .unwrap();
+    writeln!(s, "pub const SM90A_SUFFIX: &str = {SM90A_SUFFIX:?};").unwrap();
     writeln!(s, "/// The stems of `kernels/*.cu`.").unwrap();
     let files: Vec<String> = stems.iter().map(|f| format!("{f:?}")).collect();
     writeln!(

@@ -7,7 +7,8 @@
  * Execution model. A launch runs its CTAs on a pool of host threads; one CTA runs on one host
  * thread as blockDim.x*y*z fibers (one per CUDA thread, each with its own stack) that switch
  * cooperatively: a fiber runs until it reaches a barrier (__syncthreads), a warp collective
- * (shuffles, __syncwarp, ballot, ldmatrix, mma) or its end. So:
+ * (shuffles, __syncwarp, ballot, ldmatrix, mma), a warpgroup collective (wgmma), an mbarrier wait
+ * or its end. So:
  *   - threadIdx / blockIdx / blockDim / gridDim are read from a header at the top of the running
  *     fiber's stack (found from the stack pointer: stacks are aligned to their size);
  *   - __shared__ variables are `static thread_local`: a CTA never leaves its host thread and a host
@@ -90,6 +91,16 @@ void ldmatrix(uint32_t* r, int n, bool trans, const void* p);
 /* mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}: d = a * b + c (c may alias d). */
 enum class MmaType { BF16 = 0, F16 = 1 };
 void mma_16816(float* d, const uint32_t* a, uint32_t b0, uint32_t b1, const float* c, MmaType t);
+/* sm_90a (qadapt_sm90.cuh in this directory): mbarrier, TMA, wgmma. */
+void mbar_init(uint64_t* bar, uint32_t count);
+void mbar_arrive(uint64_t* bar, uint32_t tx, bool expect_tx);
+void mbar_wait(uint64_t* bar, uint32_t parity);
+void tma_load_2d(void* dst, const void* map, uint64_t* bar, int32_t c0, int32_t c1);
+uint64_t wgmma_desc_sw128(const void* tile);
+/* wgmma.mma_async.m64nNk16.f32.bf16.bf16 with A from registers: n = 64, 128 or 256. */
+void wgmma_bf16(float* d, const uint32_t* a, uint64_t desc, bool accumulate, int n);
+void wgmma_commit();
+void wgmma_wait(int n);
 
 template <class T> inline uint64_t to_bits(T v) {
     static_assert(sizeof(T) <= 8, "shuffles move at most 8 bytes");

@@ -47,10 +47,17 @@
  * Memory model. Shared memory is per host thread (cuda_emu.h); dynamic shared memory is a per
  * executor buffer poisoned with 0xff at each CTA start. cp.async copies land at the wait that
  * retires their group (qadapt_mma.cuh in this directory).
+ *
+ * sm_90a (qadapt_sm90.cuh in this directory, kernels/emu/README.md). A thread also blocks in an
+ * mbarrier wait (St::AtMbar, made runnable when the phase completes) and at a wgmma, a warpgroup
+ * collective: its warp arrives as at a warp collective, then waits for the other three warps of
+ * the group. TMA data lands when its mbarrier phase has all arrivals and is observed; wgmma results
+ * when a wgmma.wait_group retires their group.
  */
 #undef _FORTIFY_SOURCE
 #include "cuda_emu.h"
 #include "vgpu_abi.h"
+#include "vgpu_tmap.h"
 
 #include <atomic>
 #include <condition_variable>
@@ -89,8 +96,10 @@ constexpr uint32_t kMaxThreads = 1024;
 constexpr uint32_t kGuard = 4096;
 constexpr uint8_t kPoison = 0xff;
 
-enum class St : uint8_t { Runnable, AtBarrier, AtWarp, Done };
-enum class Op : uint8_t { None, Shfl, SyncWarp, Ballot, Ldmatrix, Mma };
+/* AtWarp: at a warp collective (or at a wgmma, the warpgroup collective, waiting for the other
+ * warps of its group); AtMbar: in mbarrier.try_wait, blocked until the phase completes. */
+enum class St : uint8_t { Runnable, AtBarrier, AtWarp, AtMbar, Done };
+enum class Op : uint8_t { None, Shfl, SyncWarp, Ballot, Ldmatrix, Mma, Wgmma };
 
 const char* op_name(Op op, uint32_t variant) {
     switch (op) {
@@ -107,6 +116,12 @@ const char* op_name(Op op, uint32_t variant) {
                 default: return "ldmatrix.x4.trans";
             }
         case Op::Mma: return variant ? "mma.sync.m16n8k16.f16" : "mma.sync.m16n8k16.bf16";
+        case Op::Wgmma:
+            switch (variant) {
+                case 64: return "wgmma.mma_async.m64n64k16.bf16";
+                case 128: return "wgmma.mma_async.m64n128k16.bf16";
+                default: return "wgmma.mma_async.m64n256k16.bf16";
+            }
         default: return "nothing";
     }
 }
@@ -155,6 +170,46 @@ struct Fiber {
     St state;
     uint64_t committed; /* cp.async groups committed so far = the id of the open group */
     std::vector<Pending> pend;
+    /* sm_90a */
+    uint32_t wait_bar = 0;   /* St::AtMbar: the index of the mbarrier waited on */
+    uint64_t wg_committed;   /* wgmma groups committed so far = the id of the open group */
+    struct WgPend {
+        uint32_t op;
+        uint64_t group;
+    };
+    std::vector<WgPend> wg_pend; /* issued wgmma not yet retired, in issue order */
+};
+
+/* An mbarrier's state (the uint64_t in shared memory holds only a reference to it, see
+ * mbar_encode). Phase `phase` is in progress; it completes when `pending` arrivals and the tx-count
+ * are both 0. TMA copies counted on it wait in `copies` until the phase would otherwise complete
+ * (all arrivals made) and a thread observes it (mbar_resolve). */
+struct TmaCopy {
+    uint8_t* dst;
+    uint32_t bytes;
+    std::vector<uint8_t> data;
+};
+struct Mbar {
+    uint64_t* addr;
+    uint32_t count, pending, waiters;
+    int64_t tx;
+    uint64_t phase;
+    std::vector<TmaCopy> copies;
+};
+
+/* One warpgroup MMA (issued by 128 threads at once): the A fragments and d pointers captured at
+ * issue, each thread's accumulator input (a snapshot of d, or the output of the earlier wgmma of
+ * the same thread on the same d: `chain`), and after `computed` each thread's result, in `buf`. */
+struct WgOp {
+    uint32_t n = 0;
+    uint64_t desc = 0;
+    bool acc = false, computed = false;
+    uint32_t refs = 0; /* threads that have not retired it, plus later ops chained on it */
+    uint32_t a[128][4];
+    float* dptr[128];
+    int32_t chain[128];
+    std::vector<uint32_t> deps; /* ops this one chains on (refs held) */
+    std::vector<float> buf;     /* [128][n / 2] */
 };
 
 struct Launch {
@@ -202,6 +257,15 @@ struct Executor {
     uint8_t* dyn = nullptr;
     size_t dyn_cap = 0;
     uint32_t dyn_size = 0;
+    /* sm_90a: mbarriers of this CTA, warpgroup collectives, wgmma operations */
+    uint64_t cta_gen = 0;
+    std::vector<Mbar> mbars;
+    struct WgState {
+        uint32_t warps; /* warps of the group waiting at a wgmma (bits 0-3) */
+        uint32_t n;
+    } wgs[kMaxThreads / 128];
+    std::vector<WgOp*> wg_ops, wg_free;
+    std::vector<uintptr_t> smem_windows; /* 256 KiB windows named by wgmma descriptors */
     /* the CTA's outcome */
     int err = QV_OK;
     bool err_thread_known = false;
@@ -232,6 +296,13 @@ struct Executor {
     bool warp_arrive(Fiber* f, Op op, uint32_t variant, uint32_t mask);
     void warp_done(Warp& w, Fiber* self);
     void describe_deadlock();
+    Mbar& mbar_of(Fiber* f, uint64_t* bar, const char* what);
+    void mbar_resolve(Fiber* f, uint32_t idx);
+    void mbar_arrive(Fiber* f, uint64_t* bar, uint32_t tx, bool expect_tx);
+    void wg_issue(Fiber* f, uint32_t wg);
+    void wg_compute(Fiber* f, uint32_t idx);
+    void wg_retire(Fiber* f, uint64_t below);
+    void wg_release(uint32_t idx);
     void fault_to_error();
 };
 
@@ -484,6 +555,8 @@ Executor::~Executor() {
         munmap(altstack, 64 * 1024);
     }
     for (Fiber* f : fibers) delete f;
+    for (WgOp* o : wg_ops) delete o;
+    for (WgOp* o : wg_free) delete o;
     for (auto& m : maps) munmap(m.first, m.second);
     delete[] warps;
     delete mc;
@@ -603,10 +676,31 @@ void Executor::describe_deadlock() {
         if (!warps[w].arrived) continue;
         n += snprintf(buf + n, sizeof buf - n, "; warp %u: %d of %d lanes wait at %s", w, __builtin_popcount(warps[w].arrived),
                       __builtin_popcount(warps[w].mask), op_name(warps[w].op, warps[w].variant));
+        if (warps[w].op == Op::Wgmma && warps[w].arrived == warps[w].mask && n > 0 && (size_t)n < sizeof buf)
+            n += snprintf(buf + n, sizeof buf - n, " (a warpgroup collective: %d of the 4 warps of warpgroup %u arrived)",
+                          __builtin_popcount(wgs[w / 4].warps), w / 4);
         if (!who) {
             const uint32_t missing = warps[w].mask & ~warps[w].arrived;
             if (missing) who = fibers[w * 32 + __builtin_ctz(missing)];
         }
+    }
+    uint32_t at_mbar = 0;
+    const Fiber* mwho = nullptr;
+    for (uint32_t t = 0; t < T; ++t)
+        if (fibers[t]->state == St::AtMbar) {
+            ++at_mbar;
+            /* Name a barrier whose arrivals are done (waiting for bytes) if there is one. */
+            const Mbar& b = mbars[fibers[t]->wait_bar];
+            if (!mwho || (b.pending == 0 && mbars[mwho->wait_bar].pending != 0)) mwho = fibers[t];
+        }
+    if (mwho && n > 0 && (size_t)n < sizeof buf) {
+        const Mbar& b = mbars[mwho->wait_bar];
+        n += snprintf(buf + n, sizeof buf - n,
+                      "; %u threads wait on mbarriers (mbarrier.try_wait), e.g. thread %u on the mbarrier at %p: phase %llu "
+                      "never completes (%u of %u arrivals pending, tx-count %lld, %zu TMA copies not landed)",
+                      at_mbar, mwho->linear, (void*)b.addr, (unsigned long long)b.phase, b.pending, b.count, (long long)b.tx,
+                      b.copies.size());
+        if (!who) who = mwho;
     }
     if (!who)
         for (uint32_t t = 0; t < T && !who; ++t)
@@ -659,6 +753,8 @@ void Executor::run_cta(uint64_t linear) {
         f->state = St::Runnable;
         f->committed = 0;
         f->pend.clear();
+        f->wg_committed = 0;
+        f->wg_pend.clear();
         FiberHdr* h = f->hdr;
         h->thread_idx = dim3{t % bdim.x, (t / bdim.x) % bdim.y, t / (bdim.x * bdim.y)};
         h->block_idx = cta;
@@ -674,6 +770,12 @@ void Executor::run_cta(uint64_t linear) {
     }
     bar_arrived = exited = done = 0;
     epoch = 0;
+    ++cta_gen;
+    mbars.clear();
+    for (WgOp* o : wg_ops)
+        if (o) wg_free.push_back(o);
+    wg_ops.clear();
+    for (auto& g : wgs) g.warps = g.n = 0;
     err = QV_OK;
     err_addr = 0;
     if (dyn_size) memset(dyn, kPoison, dyn_size);
@@ -915,6 +1017,12 @@ extern "C" void qv_fiber_main(qv::Fiber* f) {
         ex->fail(QV_BARRIER_DEADLOCK, f,
                  "__syncthreads reached by %u of %u threads; the other %u exited (every thread of the CTA must reach it)",
                  ex->bar_arrived, ex->T, ex->exited);
+    if (f->warp / 4 < kMaxThreads / 128 && ex->wgs[f->warp / 4].warps)
+        ex->fail(QV_BARRIER_DEADLOCK, f, "exited while warps 0x%x of warpgroup %u wait for it at %s", ex->wgs[f->warp / 4].warps,
+                 f->warp / 4, op_name(Op::Wgmma, ex->wgs[f->warp / 4].n));
+    /* wgmma still in flight: their results would land in registers of a thread that has ended. */
+    for (const Fiber::WgPend& p : f->wg_pend) ex->wg_release(p.op);
+    f->wg_pend.clear();
     ex->suspend(f);
     __builtin_unreachable();
 }
@@ -1214,6 +1322,478 @@ void mma_16816(float* d, const uint32_t* a, uint32_t b0, uint32_t b1, const floa
     ex->warp_done(w, f);
 }
 
+/* ---- sm_90a: mbarrier, TMA, wgmma (qadapt_sm90.cuh in this directory) ---------------------------------
+ *
+ * mbarrier. The uint64_t in shared memory holds a reference into the executor's table of this CTA:
+ * bits 48-63 0x4d42 ("MB"), 24-47 the CTA's generation, 0-23 the index; the table entry also
+ * records the address, so a word that mbarrier.init did not write in this CTA (poison, a stale
+ * barrier of an earlier CTA in static shared memory, a copy) is refused. try_wait blocks the
+ * fiber (St::AtMbar) until the phase completes; the completion makes the waiters runnable again
+ * (in the scheduler's next pass if their warp's turn has gone: the pass that ran the completing
+ * thread made progress, so another pass follows).
+ *
+ * TMA. At issue the box is read from global memory (checked and counted by the memory checker),
+ * zero-filled outside the tensor, swizzled, and kept with the barrier; the destination is filled
+ * with 0xff bytes. The copies land (and decrement the tx-count by the box's bytes) at the latest
+ * moment the ISA allows: when the phase they count on has received all its arrivals and a thread
+ * observes the barrier (try_wait, or is already waiting, or arrives again). So a read of the
+ * destination that no completed phase orders sees NaN. */
+
+constexpr uint64_t kMbarTag = 0x4d42;
+constexpr uint32_t kMbarMaxCount = (1u << 20) - 1;
+constexpr int64_t kTxMax = (1 << 20) - 1;
+
+inline uint64_t mbar_encode(uint64_t gen, uint32_t idx) {
+    return (kMbarTag << 48) | ((gen & 0xffffff) << 24) | (idx & 0xffffff);
+}
+
+Mbar& Executor::mbar_of(Fiber* f, uint64_t* bar, const char* what) {
+    if ((uintptr_t)bar & 7) fail(QV_PTX_ERROR, f, "%s: mbarrier address %p is not 8-byte aligned", what, (void*)bar);
+    if (mc_space_of(this, bar) != McSpace::Shared) fail(QV_PTX_ERROR, f, "%s: mbarrier %p is not shared memory", what, (void*)bar);
+    const uint64_t v = *bar;
+    const uint32_t idx = (uint32_t)(v & 0xffffff);
+    if ((v >> 48) != kMbarTag || ((v >> 24) & 0xffffff) != (cta_gen & 0xffffff) || idx >= mbars.size() || mbars[idx].addr != bar)
+        fail(QV_PTX_ERROR, f, "%s on the mbarrier at %p, which mbarrier.init did not initialize in this CTA (it holds 0x%016llx)",
+             what, (void*)bar, (unsigned long long)v);
+    return mbars[idx];
+}
+
+/* Phase idx has all its arrivals (pending == 0) and a thread observes it: the TMA copies counted on
+ * it land, then it completes if the tx-count is 0. */
+void Executor::mbar_resolve(Fiber* f, uint32_t idx) {
+    Mbar& b = mbars[idx];
+    if (b.pending != 0) return;
+    for (TmaCopy& c : b.copies) {
+        memcpy(c.dst, c.data.data(), c.bytes);
+        b.tx -= c.bytes;
+    }
+    b.copies.clear();
+    if (b.tx < 0)
+        fail(QV_PTX_ERROR, f,
+             "mbarrier at %p, phase %llu: the TMA copies counted on it wrote %lld bytes more than arrive.expect_tx announced "
+             "(tx-count underflow)",
+             (void*)b.addr, (unsigned long long)b.phase, (long long)-b.tx);
+    if (b.tx != 0) return;
+    ++b.phase;
+    b.pending = b.count;
+    if (b.waiters) {
+        for (uint32_t t = 0; t < T; ++t) {
+            Fiber* g = fibers[t];
+            if (g->state == St::AtMbar && g->wait_bar == idx) g->state = St::Runnable;
+        }
+        b.waiters = 0;
+    }
+}
+
+void Executor::mbar_arrive(Fiber* f, uint64_t* bar, uint32_t tx, bool expect_tx) {
+    const char* what = expect_tx ? "mbarrier.arrive.expect_tx" : "mbarrier.arrive";
+    Mbar& b = mbar_of(f, bar, what);
+    const uint32_t idx = (uint32_t)(&b - mbars.data());
+    if (b.pending == 0) {
+        /* The current phase has all its arrivals: this one belongs to the next phase, if the
+         * current one can complete now. */
+        mbar_resolve(f, idx);
+        if (b.pending == 0)
+            fail(QV_PTX_ERROR, f,
+                 "%s on the mbarrier at %p: phase %llu already has its %u arrivals and waits for tx-count %lld (an arrival "
+                 "beyond the expected count)",
+                 what, (void*)bar, (unsigned long long)b.phase, b.count, (long long)b.tx);
+    }
+    if (expect_tx) {
+        b.tx += tx;
+        if (b.tx > kTxMax)
+            fail(QV_PTX_ERROR, f, "%s on the mbarrier at %p: tx-count %lld exceeds 2^20 - 1", what, (void*)bar, (long long)b.tx);
+    }
+    --b.pending;
+    if (b.pending == 0 && (b.copies.empty() || b.waiters)) mbar_resolve(f, idx);
+}
+
+void mbar_init(uint64_t* bar, uint32_t count) {
+    Fiber* f = self();
+    Executor* ex = f->ex;
+    if ((uintptr_t)bar & 7) ex->fail(QV_PTX_ERROR, f, "mbarrier.init: address %p is not 8-byte aligned", (void*)bar);
+    if (mc_space_of(ex, bar) != McSpace::Shared) ex->fail(QV_PTX_ERROR, f, "mbarrier.init: %p is not shared memory", (void*)bar);
+    if (count < 1 || count > kMbarMaxCount)
+        ex->fail(QV_PTX_ERROR, f, "mbarrier.init with count %u (1 .. 2^20 - 1)", count);
+    const uint64_t v = *bar;
+    uint32_t idx = (uint32_t)(v & 0xffffff);
+    if ((v >> 48) == kMbarTag && ((v >> 24) & 0xffffff) == (ex->cta_gen & 0xffffff) && idx < ex->mbars.size() &&
+        ex->mbars[idx].addr == bar) {
+        Mbar& b = ex->mbars[idx];
+        if (b.waiters || !b.copies.empty())
+            ex->fail(QV_PTX_ERROR, f, "mbarrier.init on the mbarrier at %p while %u threads wait on it and %zu TMA copies count on it",
+                     (void*)bar, b.waiters, b.copies.size());
+    } else {
+        if (ex->mbars.size() >= 0xffffff) ex->fail(QV_PTX_ERROR, f, "too many mbarrier.init in one CTA");
+        idx = (uint32_t)ex->mbars.size();
+        ex->mbars.emplace_back();
+    }
+    Mbar& b = ex->mbars[idx];
+    b.addr = bar;
+    b.count = b.pending = count;
+    b.waiters = 0;
+    b.tx = 0;
+    b.phase = 0;
+    b.copies.clear();
+    *bar = mbar_encode(ex->cta_gen, idx);
+}
+
+void mbar_arrive(uint64_t* bar, uint32_t tx, bool expect_tx) {
+    Fiber* f = self();
+    f->ex->mbar_arrive(f, bar, tx, expect_tx);
+}
+
+void mbar_wait(uint64_t* bar, uint32_t parity) {
+    Fiber* f = self();
+    Executor* ex = f->ex;
+    Mbar& b0 = ex->mbar_of(f, bar, "mbarrier.try_wait.parity");
+    const uint32_t idx = (uint32_t)(&b0 - ex->mbars.data());
+    for (;;) {
+        Mbar& b = ex->mbars[idx];
+        /* The phase of parity `parity` has completed iff the phase in progress has the other parity. */
+        if ((b.phase & 1) != (parity & 1)) return;
+        if (b.pending == 0) {
+            ex->mbar_resolve(f, idx);
+            if ((ex->mbars[idx].phase & 1) != (parity & 1)) return;
+        }
+        ++ex->mbars[idx].waiters;
+        f->wait_bar = idx;
+        f->state = St::AtMbar;
+        ex->suspend(f);
+    }
+}
+
+int32_t tmap_check(const QvTensorMap& m, const char** why);
+
+void tma_load_2d(void* dst, const void* map, uint64_t* bar, int32_t c0, int32_t c1) {
+    Fiber* f = self();
+    Executor* ex = f->ex;
+    const char* what = "cp.async.bulk.tensor.2d";
+    if ((uintptr_t)map & 63) ex->fail(QV_PTX_ERROR, f, "%s: tensor map address %p is not 64-byte aligned", what, map);
+    if (mc_space_of(ex, map) == McSpace::Shared)
+        ex->fail(QV_PTX_ERROR, f, "%s: the tensor map at %p is in shared memory (param, const or global only)", what, map);
+    QvTensorMap m;
+    memcpy(&m, map, sizeof m);
+    if (m.magic != QV_TMAP_MAGIC)
+        ex->fail(QV_PTX_ERROR, f, "%s: the tensor map at %p was not encoded by cuTensorMapEncodeTiled (no valid map there)", what,
+                 map);
+    const char* why = nullptr;
+    if (tmap_check(m, &why) != 0) ex->fail(QV_PTX_ERROR, f, "%s: corrupt tensor map at %p: %s", what, map, why);
+    if (m.rank != 2) ex->fail(QV_PTX_ERROR, f, "%s with a tensor map of rank %u", what, m.rank);
+    if (m.swizzle != 0 && m.swizzle != 3)
+        ex->fail(QV_PTX_ERROR, f, "%s: swizzle mode %u is not emulated (none or 128B only)", what, m.swizzle);
+    const uint32_t es = m.elem_size, row = m.box[0] * es, rows = m.box[1], bytes = row * rows;
+    const bool sw = m.swizzle == 3;
+    if (sw && row != 128)
+        ex->fail(QV_PTX_ERROR, f, "%s: 128-byte swizzle with %u-byte box rows (the emulator needs exactly 128)", what, row);
+    const uintptr_t align = sw ? 1024 : 128;
+    if ((uintptr_t)dst & (align - 1))
+        ex->fail(QV_PTX_ERROR, f, "%s: destination %p is not %u-byte aligned%s", what, dst, (unsigned)align,
+                 sw ? " (128-byte swizzle)" : "");
+    if (mc_space_of(ex, dst) != McSpace::Shared || mc_space_of(ex, (uint8_t*)dst + bytes - 1) != McSpace::Shared)
+        ex->fail(QV_PTX_ERROR, f, "%s: destination [%p, +%u) is not inside shared memory", what, dst, bytes);
+    Mbar& b = ex->mbar_of(f, bar, what);
+    const uint32_t idx = (uint32_t)(&b - ex->mbars.data());
+    TmaCopy c;
+    c.dst = (uint8_t*)dst;
+    c.bytes = bytes;
+    c.data.assign(bytes, m.oob_fill ? 0xff : 0);
+    std::vector<uint8_t> line(row);
+    const uint8_t* g = (const uint8_t*)(uintptr_t)m.global_addr;
+    if (mc_space_of(ex, g) != McSpace::Global)
+        ex->fail(QV_PTX_ERROR, f, "%s: the tensor's address %p is not global memory", what, (const void*)g);
+    const int64_t x0 = std::max<int64_t>(c0, 0), x1 = std::min<int64_t>((int64_t)c0 + m.box[0], (int64_t)m.dims[0]);
+    for (uint32_t r = 0; r < rows; ++r) {
+        const int64_t y = (int64_t)c1 + r;
+        memset(line.data(), m.oob_fill ? 0xff : 0, row);
+        if (y >= 0 && (uint64_t)y < m.dims[1] && x1 > x0) {
+            const uint8_t* src = g + (uint64_t)y * m.stride1 + (uint64_t)x0 * es;
+            const uint32_t n = (uint32_t)(x1 - x0) * es;
+            mc_bulk_read(src, n);
+            memcpy(line.data() + (x0 - c0) * es, src, n);
+        }
+        uint8_t* out = c.data.data() + (size_t)r * row;
+        if (sw)
+            for (uint32_t j = 0; j < 8; ++j) memcpy(out + 16 * (j ^ (r % 8)), line.data() + 16 * j, 16);
+        else
+            memcpy(out, line.data(), row);
+    }
+    mc_bulk_request(bytes);
+    memset(dst, kPoison, bytes); /* undefined until the phase that counts it completes */
+    b.copies.push_back(std::move(c));
+    if (b.pending == 0 && b.waiters) ex->mbar_resolve(f, idx);
+}
+
+/* wgmma descriptors. The real one holds the shared-window address >> 4 in bits 0-13; here bits 0-13
+ * hold the host address's bits 4-17 the same way (so descriptor arithmetic on the start address
+ * works as on hardware) and bits 52-61 (reserved in the ISA) name the 256 KiB-aligned window
+ * holding the rest of the address (the executor's table). The other fields are the real ones. */
+uint64_t wgmma_desc_sw128(const void* tile) {
+    Fiber* f = self();
+    Executor* ex = f->ex;
+    if (mc_space_of(ex, tile) != McSpace::Shared)
+        ex->fail(QV_PTX_ERROR, f, "wgmma descriptor for %p, which is not shared memory", tile);
+    const uintptr_t a = (uintptr_t)tile, base = a & ~(uintptr_t)0x3ffff;
+    size_t w = 0;
+    while (w < ex->smem_windows.size() && ex->smem_windows[w] != base) ++w;
+    if (w == ex->smem_windows.size()) {
+        if (w >= 1024) ex->fail(QV_PTX_ERROR, f, "too many shared-memory windows in wgmma descriptors");
+        ex->smem_windows.push_back(base);
+    }
+    return ((a & 0x3ffff) >> 4) | (1ull << 16) | ((uint64_t)(1024 >> 4) << 32) | (1ull << 62) | ((uint64_t)w << 52);
+}
+
+void wgmma_bf16(float* d, const uint32_t* a, uint64_t desc, bool accumulate, int n) {
+    Fiber* f = self();
+    Executor* ex = f->ex;
+    if (ex->T % 128)
+        ex->fail(QV_PTX_ERROR, f, "%s in a CTA of %u threads (warpgroups need a multiple of 128)", op_name(Op::Wgmma, (uint32_t)n),
+                 ex->T);
+    Warp& w = ex->warps[f->warp];
+    LaneSlot& s = w.slot[f->lane];
+    memcpy(s.a, a, sizeof s.a);
+    s.d = d;
+    s.in = desc;
+    s.src = accumulate ? 1 : 0;
+    if (!ex->warp_arrive(f, Op::Wgmma, (uint32_t)n, 0xffffffffu)) {
+        f->state = St::AtWarp;
+        ex->suspend(f);
+        return;
+    }
+    /* The warp is complete: now the warpgroup. */
+    const uint32_t g = f->warp / 4;
+    Executor::WgState& st = ex->wgs[g];
+    if (st.warps == 0) st.n = (uint32_t)n;
+    else if (st.n != (uint32_t)n)
+        ex->fail(QV_PTX_ERROR, f, "warps of warpgroup %u disagree: warp %u executes %s while warps 0x%x wait at %s", g, f->warp,
+                 op_name(Op::Wgmma, (uint32_t)n), st.warps, op_name(Op::Wgmma, st.n));
+    st.warps |= 1u << (f->warp % 4);
+    if (st.warps != 0xf) {
+        f->state = St::AtWarp;
+        ex->suspend(f);
+        return;
+    }
+    ex->wg_issue(f, g);
+}
+
+/* All 128 threads of warpgroup g are at the wgmma: capture the operation, release them. */
+void Executor::wg_issue(Fiber* f, uint32_t g) {
+    const uint32_t n = wgs[g].n, per = n / 2;
+    WgOp* op;
+    if (!wg_free.empty()) {
+        op = wg_free.back();
+        wg_free.pop_back();
+    } else {
+        op = new WgOp();
+    }
+    const uint32_t idx = (uint32_t)wg_ops.size();
+    wg_ops.push_back(op);
+    op->n = n;
+    op->computed = false;
+    op->refs = 128;
+    op->deps.clear();
+    op->buf.assign((size_t)128 * per, 0.0f);
+    const LaneSlot& s0 = warps[4 * g].slot[0];
+    op->desc = s0.in;
+    op->acc = s0.src != 0;
+    for (uint32_t tid = 0; tid < 128; ++tid) {
+        const LaneSlot& s = warps[4 * g + tid / 32].slot[tid % 32];
+        Fiber* t = fibers[128 * g + tid];
+        if (s.in != op->desc || (s.src != 0) != op->acc)
+            fail(QV_PTX_ERROR, f,
+                 "threads of warpgroup %u disagree on %s: thread %u has descriptor 0x%016llx, scale-d %d; thread %u 0x%016llx, %d",
+                 g, op_name(Op::Wgmma, n), 128 * g, (unsigned long long)op->desc, (int)op->acc, 128 * g + tid,
+                 (unsigned long long)s.in, (int)(s.src != 0));
+        memcpy(op->a[tid], s.a, sizeof op->a[tid]);
+        op->dptr[tid] = s.d;
+        op->chain[tid] = -1;
+        if (op->acc) {
+            for (size_t k = t->wg_pend.size(); k-- > 0;) {
+                const WgOp* p = wg_ops[t->wg_pend[k].op];
+                if (p->dptr[tid] == s.d && p->n == n) {
+                    op->chain[tid] = (int32_t)t->wg_pend[k].op;
+                    break;
+                }
+            }
+            if (op->chain[tid] < 0) memcpy(&op->buf[(size_t)tid * per], s.d, per * sizeof(float));
+            else if (std::find(op->deps.begin(), op->deps.end(), (uint32_t)op->chain[tid]) == op->deps.end()) {
+                op->deps.push_back((uint32_t)op->chain[tid]);
+                ++wg_ops[op->chain[tid]]->refs;
+            }
+        }
+        memset(s.d, kPoison, per * sizeof(float)); /* NaN until a wgmma.wait_group retires it */
+        t->wg_pend.push_back(Fiber::WgPend{idx, t->wg_committed});
+    }
+    ctr.mma += n / 2; /* 4 warps x n/8 m16n8k16 */
+    for (uint32_t k = 0; k < 4; ++k) {
+        Warp& w = warps[4 * g + k];
+        for (uint32_t l = 0; l < 32; ++l) {
+            Fiber* t = fibers[32 * (4 * g + k) + l];
+            if (t != f) t->state = St::Runnable;
+        }
+        w.arrived = 0;
+        w.op = Op::None;
+    }
+    wgs[g].warps = 0;
+}
+
+void Executor::wg_release(uint32_t idx) {
+    WgOp* op = wg_ops[idx];
+    if (--op->refs) return;
+    wg_ops[idx] = nullptr;
+    wg_free.push_back(op);
+}
+
+/* D = A B + (scale-d ? C : 0) for the whole warpgroup, B read now through the descriptor. */
+void Executor::wg_compute(Fiber* f, uint32_t idx) {
+    WgOp* op = wg_ops[idx];
+    const uint32_t n = op->n, per = n / 2;
+    const uint64_t desc = op->desc;
+    const uint32_t win = (uint32_t)((desc >> 52) & 0x3ff);
+    if ((desc >> 62) != 1 || ((desc >> 49) & 7) != 0 || win >= smem_windows.size())
+        fail(QV_PTX_ERROR, f,
+             "%s: matrix descriptor 0x%016llx is not one of wgmma_desc_sw128 (128-byte swizzle, base offset 0) in this emulator",
+             op_name(Op::Wgmma, n), (unsigned long long)desc);
+    const uintptr_t start = smem_windows[win] | ((desc & 0x3fff) << 4);
+    const uintptr_t sbo = ((desc >> 32) & 0x3fff) << 4;
+    /* B[k][c]: K-major rows of 128 bytes, row groups of 8 sbo apart, swizzled on the address. */
+    typedef float v8 __attribute__((vector_size(32)));
+    static thread_local std::vector<float> Bk, D;
+    Bk.assign((size_t)16 * n, 0.0f);
+    D.assign((size_t)64 * n, 0.0f);
+    for (uint32_t c = 0; c < n; ++c) {
+        const uintptr_t rowaddr = start + (c / 8) * sbo + (c % 8) * 128;
+        for (uint32_t k = 0; k < 16; k += 8) {
+            uintptr_t a = rowaddr + 2 * k; /* 8 bf16 = one 16-byte chunk, 16-byte aligned if start is */
+            a ^= ((a >> 7) & 7) << 4;
+            if (mc_space_of(this, (void*)a) != McSpace::Shared || mc_space_of(this, (void*)(a + 15)) != McSpace::Shared)
+                fail(QV_PTX_ERROR, f, "%s: B element address %p (column %u, k %u) is outside shared memory", op_name(Op::Wgmma, n),
+                     (void*)a, c, k);
+            for (uint32_t e = 0; e < 8; ++e) {
+                uintptr_t ae = rowaddr + 2 * (k + e);
+                ae ^= ((ae >> 7) & 7) << 4;
+                uint16_t bits;
+                memcpy(&bits, (const void*)ae, 2);
+                Bk[(size_t)(k + e) * n + c] = __uint_as_float((uint32_t)bits << 16);
+            }
+        }
+    }
+    if (g_mc) {
+        g_mc->c.shared_ld_bytes += 32ull * n;
+        ++g_mc->c.shared_requests;
+    }
+    float A[64][16];
+    for (uint32_t tid = 0; tid < 128; ++tid) {
+        const uint32_t w = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+        const uint32_t* r = op->a[tid];
+        const uint32_t r0 = 16 * w + g, r1 = r0 + 8;
+        const uint32_t pos[4][2] = {{r0, 2 * t}, {r1, 2 * t}, {r0, 2 * t + 8}, {r1, 2 * t + 8}};
+        for (int i = 0; i < 4; ++i) {
+            A[pos[i][0]][pos[i][1]] = __uint_as_float(r[i] << 16);
+            A[pos[i][0]][pos[i][1] + 1] = __uint_as_float(r[i] & 0xffff0000u);
+        }
+        if (!op->acc) continue;
+        const float* in = op->chain[tid] >= 0 ? &wg_ops[op->chain[tid]]->buf[(size_t)tid * per] : &op->buf[(size_t)tid * per];
+        for (uint32_t i = 0; i < n / 8; ++i) {
+            const uint32_t c = 8 * i + 2 * t;
+            D[(size_t)r0 * n + c] = in[4 * i + 0];
+            D[(size_t)r0 * n + c + 1] = in[4 * i + 1];
+            D[(size_t)r1 * n + c] = in[4 * i + 2];
+            D[(size_t)r1 * n + c + 1] = in[4 * i + 3];
+        }
+    }
+    /* ((c + p0) + p1) + ... + p15, k ascending: exact products, every add rounded (8 columns per
+     * vector operation, each element still one multiply and one add). */
+    for (uint32_t r = 0; r < 64; ++r) {
+        float* drow = &D[(size_t)r * n];
+        for (uint32_t k = 0; k < 16; ++k) {
+            const float av = A[r][k];
+            const v8 a8 = {av, av, av, av, av, av, av, av};
+            const float* brow = &Bk[(size_t)k * n];
+            for (uint32_t c = 0; c < n; c += 8) {
+                v8 dv, bv;
+                memcpy(&dv, drow + c, 32);
+                memcpy(&bv, brow + c, 32);
+                dv = dv + a8 * bv;
+                memcpy(drow + c, &dv, 32);
+            }
+        }
+    }
+    for (uint32_t tid = 0; tid < 128; ++tid) {
+        const uint32_t w = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+        const uint32_t r0 = 16 * w + g, r1 = r0 + 8;
+        float* out = &op->buf[(size_t)tid * per];
+        for (uint32_t i = 0; i < n / 8; ++i) {
+            const uint32_t c = 8 * i + 2 * t;
+            out[4 * i + 0] = D[(size_t)r0 * n + c];
+            out[4 * i + 1] = D[(size_t)r0 * n + c + 1];
+            out[4 * i + 2] = D[(size_t)r1 * n + c];
+            out[4 * i + 3] = D[(size_t)r1 * n + c + 1];
+        }
+    }
+    op->computed = true;
+    for (uint32_t dep : op->deps) wg_release(dep);
+    op->deps.clear();
+}
+
+/* Retires the thread's wgmma of groups < below, in issue order: the first thread to retire an
+ * operation computes it for the whole warpgroup (reading B now); each thread gets its own d. */
+void Executor::wg_retire(Fiber* f, uint64_t below) {
+    const uint32_t tid = f->linear % 128;
+    size_t k = 0;
+    for (size_t i = 0; i < f->wg_pend.size(); ++i) {
+        const Fiber::WgPend p = f->wg_pend[i];
+        if (p.group >= below) {
+            f->wg_pend[k++] = p;
+            continue;
+        }
+        WgOp* op = wg_ops[p.op];
+        if (!op->computed) wg_compute(f, p.op);
+        /* A later wgmma still in flight on the same d owns those registers: they stay undefined (NaN). */
+        bool owned = false;
+        for (size_t j = i + 1; j < f->wg_pend.size() && !owned; ++j)
+            owned = f->wg_pend[j].group >= below && wg_ops[f->wg_pend[j].op]->dptr[tid] == op->dptr[tid];
+        if (!owned) memcpy(op->dptr[tid], &op->buf[(size_t)tid * (op->n / 2)], (op->n / 2) * sizeof(float));
+        wg_release(p.op);
+    }
+    f->wg_pend.resize(k);
+}
+
+void wgmma_commit() { ++self()->wg_committed; }
+
+void wgmma_wait(int n) {
+    Fiber* f = self();
+    if (f->wg_committed > (uint64_t)n) f->ex->wg_retire(f, f->wg_committed - (uint64_t)n);
+}
+
+/* cuTensorMapEncodeTiled's rules for a map (shared by qv_tensor_map_encode and the TMA's own check
+ * of a map it reads). */
+uint32_t tmap_elem_size(uint32_t dtype) {
+    static const uint8_t sz[] = {1, 2, 4, 4, 8, 8, 2, 4, 8, 2, 4, 4, 4};
+    return dtype < sizeof sz ? sz[dtype] : 0;
+}
+
+int32_t tmap_check(const QvTensorMap& m, const char** why) {
+    *why = nullptr;
+    const uint32_t es = tmap_elem_size(m.dtype);
+    if (!es || es != m.elem_size) *why = "unsupported data type";
+    else if (m.rank < 1 || m.rank > 5) *why = "rank outside 1..5";
+    else if (m.rank != 2) *why = "rank other than 2 (not emulated)";
+    else if (!m.global_addr || (m.global_addr & 15)) *why = "global address not 16-byte aligned";
+    else if (m.dims[0] < 1 || m.dims[1] < 1 || m.dims[0] > (1ull << 32) || m.dims[1] > (1ull << 32)) *why = "a dimension outside 1..2^32";
+    else if ((m.stride1 & 15) || m.stride1 >= (1ull << 40)) *why = "global stride not a multiple of 16 below 2^40";
+    else if (m.stride1 < m.dims[0] * es) *why = "global stride smaller than a row";
+    else if (m.box[0] < 1 || m.box[0] > 256 || m.box[1] < 1 || m.box[1] > 256) *why = "box dimension outside 1..256";
+    else if ((m.box[0] * es) % 16) *why = "box row not a multiple of 16 bytes";
+    else if (m.interleave != 0) *why = "interleaved layouts are not emulated";
+    else if (m.swizzle > 3) *why = "unknown swizzle";
+    else if (m.swizzle && m.box[0] * es > (16u << m.swizzle)) *why = "box row wider than the swizzle span";
+    else if (m.l2_promotion > 3) *why = "unknown L2 promotion";
+    else if (m.oob_fill > 1) *why = "unknown OOB fill";
+    else if (m.oob_fill == 1 && m.dtype < 6) *why = "NaN OOB fill needs a float type";
+    return *why ? 1 : 0;
+}
+
 /* ---- launching ---------------------------------------------------------------------------------- */
 
 int launch_fn(const char* name, Invoke invoke, void* fn, const void* args, size_t args_size, QvDim3 grid, QvDim3 block,
@@ -1312,6 +1892,34 @@ int32_t qv_launch(const char* name, const void* args, size_t args_size, QvDim3 g
         return QV_BAD_ARGS;
     }
     return qv::launch_fn(r->name, r->invoke, r->fn, args, args_size, grid, block, dyn_smem, counters, status);
+}
+
+int32_t qv_tensor_map_encode(void* out, uint32_t dtype, uint32_t rank, const void* global_addr, const uint64_t* dims,
+                             const uint64_t* strides, const uint32_t* box, const uint32_t* elem_strides, uint32_t interleave,
+                             uint32_t swizzle, uint32_t l2_promotion, uint32_t oob_fill) {
+    if (!out || !dims || !box || !elem_strides || (rank > 1 && !strides) || rank < 1 || rank > 5) return 1;
+    for (uint32_t i = 0; i < rank; ++i)
+        if (elem_strides[i] != 1) return 1; /* 1..8 on a GPU; only 1 is emulated */
+    QvTensorMap m{};
+    m.magic = QV_TMAP_MAGIC;
+    m.global_addr = (uint64_t)(uintptr_t)global_addr;
+    m.rank = rank;
+    m.elem_size = qv::tmap_elem_size(dtype);
+    m.dtype = dtype;
+    m.swizzle = swizzle;
+    m.dims[0] = dims[0];
+    m.dims[1] = rank > 1 ? dims[1] : 1;
+    m.stride1 = rank > 1 ? strides[0] : 0;
+    m.box[0] = box[0];
+    m.box[1] = rank > 1 ? box[1] : 1;
+    m.oob_fill = oob_fill;
+    m.interleave = interleave;
+    m.l2_promotion = l2_promotion;
+    const char* why;
+    if (qv::tmap_check(m, &why) != 0) return 1;
+    memset(out, 0, 128);
+    memcpy(out, &m, sizeof m);
+    return 0;
 }
 
 void qv_set_workers(uint32_t n) {

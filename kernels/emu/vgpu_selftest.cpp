@@ -6,10 +6,11 @@
  *
  *   F="$(sed -n 's/^common: //p' kernels/emu/emu.flags) -Ikernels/emu -Ikernels/include"
  *   MC="$(sed -n 's/^memcheck: //p' kernels/emu/emu.flags)"   # kernel code only, never the runtime
- *   for f in nf4 optim model lora; do c++ -x c++ $F $MC -c kernels/$f.cu -o /tmp/$f.o; done
+ *   for f in kernels/*.cu; do c++ -x c++ $F $MC -c $f -o /tmp/$(basename $f .cu).o; done
  *   c++ $F -DQV_NO_KERNEL_ANCHORS -c kernels/emu/vgpu_runtime.cpp -o /tmp/vgpu_runtime.o
  *   c++ $F $MC -c kernels/emu/vgpu_selftest.cpp -o /tmp/vgpu_selftest.o
- *   c++ -pthread /tmp/{vgpu_selftest,nf4,optim,model,lora,vgpu_runtime}.o -o /tmp/vgpu_selftest
+ *   c++ -pthread /tmp/vgpu_selftest.o $(for f in kernels/*.cu; do echo /tmp/$(basename $f .cu).o; done) \
+ *       /tmp/vgpu_runtime.o -o /tmp/vgpu_selftest
  *   /tmp/vgpu_selftest            # exit status 0 when every check passes
  *
  * What it checks:
@@ -27,6 +28,11 @@
  *     collectives some threads never reach, an out-of-bounds store into a guard page, misaligned
  *     ldmatrix/cp.async, __trap, assert, a fiber stack overflow), each reported with its code and
  *     message, and the next launch still works;
+ *   - sm_90a (qadapt_sm90.cuh): TMA boxes (zero fill at negative and ragged coordinates, the
+ *     128-byte swizzle) byte for byte, a TMA + mbarrier ring feeding wgmma m64nNk16 at N = 64, 128,
+ *     256 bit for bit against a scalar reference, and its teeth (a stage read without waiting, d
+ *     read before wgmma.wait_group, mbarrier phases that never complete, a warp skipping the
+ *     wgmma, tx-count overflow, uninitialized barriers and maps);
  *   - concurrent launches from several host threads;
  *   - the memory checker (vgpu_memcheck.inc): exact counters (global bytes, requests, 32-byte
  *     sectors; shared requests, wavefronts with bank conflicts) on kernels of known traffic,
@@ -36,7 +42,9 @@
  */
 #include "qadapt.h"
 #include "qadapt_mma.cuh"
+#include "qadapt_sm90.cuh"
 #include "vgpu_abi.h"
+#include "vgpu_tmap.h"
 
 #include <atomic>
 #include <chrono>
@@ -354,6 +362,133 @@ QADAPT_KERNEL(st_mem_shared, StOut) {
     reinterpret_cast<float*>(args.out)[t] = v;
 }
 
+
+/* ---- sm_90a: mbarrier, TMA, wgmma (the emulated qadapt_sm90.cuh) ------------------------------- */
+
+struct StSm90 {
+    QadaptTensorMap b_map;   /* B as [rows n][k] bf16, box 64 (k) x N (n), 128-byte swizzle */
+    QadaptTensorMap bad_map; /* never encoded (zeros) */
+    uint64_t a;              /* A [64][k] bf16, row-major */
+    uint64_t out;            /* D [64][N] f32 */
+    uint32_t n, k, mode, pad;
+};
+constexpr uint32_t kSmStages = 3;
+enum {
+    SM_OK = 0,
+    SM_NO_WAIT = 1,      /* consumers read the stage without waiting on its full barrier */
+    SM_COUNT2 = 2,       /* full barriers initialized with count 2, one arrival a phase: never complete */
+    SM_TX_SHORT = 3,     /* expect_tx 16 bytes more than the box: tx-count never reaches 0 */
+    SM_NO_FINAL_WAIT = 4, /* wgmma_wait<1> in the loop and none before reading d */
+    SM_WARP_SKIPS = 5,   /* warp 1 of the consumer warpgroup skips the wgmma */
+    SM_TX_OVER = 6,      /* expect_tx 16 bytes less than the box */
+    SM_UNINIT = 7,       /* an arrive on a barrier nobody initialized */
+    SM_BAD_MAP = 8,      /* a TMA with a map cuTensorMapEncodeTiled did not write */
+};
+
+/* One producer thread (warpgroup 0) streams B through kSmStages stages of dynamic shared memory
+ * (full / empty mbarrier ring); warpgroup 1 computes D = A B^T with wgmma m64nNk16, four k-slices
+ * of 16 per 64-wide stage through descriptors of stage + 32 s, accumulating over every k step. */
+template <int N>
+__device__ void st_sm90_body(const StSm90& args) {
+    __shared__ uint64_t full[kSmStages], empty[kSmStages];
+    uint8_t* smem = qadapt::dynamic_smem<uint8_t>();
+    const uint32_t tid = threadIdx.x, steps = (args.k + 63) / 64, mode = args.mode;
+    constexpr uint32_t STAGE = N * 128;
+    if (tid == 0) {
+        for (uint32_t s = 0; s < kSmStages; ++s) {
+            qadapt::sm90::mbar_init(&full[s], mode == SM_COUNT2 ? 2 : 1);
+            qadapt::sm90::mbar_init(&empty[s], 4);
+        }
+        qadapt::sm90::fence_mbar_init();
+    }
+    __syncthreads();
+    if (tid < 128) {
+        qadapt::sm90::reg_dealloc<40>();
+        if (tid != 0) return;
+        for (uint32_t i = 0; i < steps; ++i) {
+            const uint32_t s = i % kSmStages;
+            if (i >= kSmStages) qadapt::sm90::mbar_wait(&empty[s], ((i / kSmStages) - 1) & 1u);
+            const uint32_t tx = STAGE + (mode == SM_TX_SHORT ? 16 : 0) - (mode == SM_TX_OVER ? 16 : 0);
+            qadapt::sm90::mbar_arrive_expect_tx(&full[s], tx);
+            qadapt::sm90::tma_load_2d(smem + s * STAGE, mode == SM_BAD_MAP ? &args.bad_map : &args.b_map, &full[s],
+                                      (int32_t)(i * 64), 0);
+        }
+        return;
+    }
+    qadapt::sm90::reg_alloc<232>();
+    const uint32_t w = (tid - 128) / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+    const bf16* A = reinterpret_cast<const bf16*>(args.a);
+    auto pair = [&](uint32_t r, uint32_t k) -> uint32_t {
+        const uint32_t lo = k < args.k ? A[(size_t)r * args.k + k].bits : 0;
+        const uint32_t hi = k + 1 < args.k ? A[(size_t)r * args.k + k + 1].bits : 0;
+        return lo | (hi << 16);
+    };
+    if (mode == SM_UNINIT && tid == 128) qadapt::sm90::mbar_arrive(reinterpret_cast<uint64_t*>(smem + kSmStages * STAGE));
+    float acc[N / 2];
+    for (int j = 0; j < N / 2; ++j) acc[j] = 0.0f;
+    for (uint32_t i = 0; i < steps; ++i) {
+        const uint32_t s = i % kSmStages;
+        const uint8_t* stage = smem + s * STAGE;
+        uint32_t frag[4][4];
+        for (uint32_t q = 0; q < 4; ++q) {
+            const uint32_t k = i * 64 + 16 * q + 2 * t, r0 = 16 * w + g;
+            frag[q][0] = pair(r0, k), frag[q][1] = pair(r0 + 8, k);
+            frag[q][2] = pair(r0, k + 8), frag[q][3] = pair(r0 + 8, k + 8);
+        }
+        if (mode != SM_NO_WAIT) qadapt::sm90::mbar_wait(&full[s], (i / kSmStages) & 1u);
+        qadapt::sm90::wgmma_fence();
+        if (!(mode == SM_WARP_SKIPS && w == 1))
+            for (uint32_t q = 0; q < 4; ++q)
+                qadapt::sm90::wgmma_bf16_rs<N>(acc, frag[q], qadapt::sm90::wgmma_desc_sw128(stage + 32 * q), true);
+        qadapt::sm90::wgmma_commit();
+        if (mode == SM_NO_FINAL_WAIT) qadapt::sm90::wgmma_wait<1>();
+        else qadapt::sm90::wgmma_wait<0>();
+        qadapt::sm90::fence_regs(acc);
+        __syncwarp();
+        if (lane == 0) qadapt::sm90::mbar_arrive(&empty[s]);
+    }
+    float* out = reinterpret_cast<float*>(args.out);
+    for (uint32_t i = 0; i < N / 8; ++i)
+        for (uint32_t h = 0; h < 2; ++h) {
+            const uint32_t c = 8 * i + 2 * t + h, r0 = 16 * w + g;
+            out[(size_t)r0 * N + c] = acc[4 * i + h];
+            out[(size_t)(r0 + 8) * N + c] = acc[4 * i + 2 + h];
+        }
+}
+
+QADAPT_KERNEL(st_sm90, StSm90) {
+    switch (args.n) {
+        case 64: st_sm90_body<64>(args); break;
+        case 128: st_sm90_body<128>(args); break;
+        default: st_sm90_body<256>(args); break;
+    }
+}
+
+/* One TMA box at (c0, c1) into dynamic shared memory, then the raw bytes out (every thread of one
+ * warp waits on the barrier, then copies a share). */
+struct StTma {
+    QadaptTensorMap map;
+    uint64_t out;
+    int32_t c0, c1;
+    uint32_t bytes, pad;
+};
+QADAPT_KERNEL(st_tma, StTma) {
+    __shared__ uint64_t bar;
+    uint8_t* smem = qadapt::dynamic_smem<uint8_t>();
+    if (threadIdx.x == 0) {
+        qadapt::sm90::mbar_init(&bar, 1);
+        qadapt::sm90::fence_mbar_init();
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        qadapt::sm90::mbar_arrive_expect_tx(&bar, args.bytes);
+        qadapt::sm90::tma_load_2d(smem, &args.map, &bar, args.c0, args.c1);
+    }
+    qadapt::sm90::mbar_wait(&bar, 0);
+    uint8_t* out = reinterpret_cast<uint8_t*>(args.out);
+    for (uint32_t i = threadIdx.x; i < args.bytes; i += blockDim.x) out[i] = smem[i];
+}
+
 /* ---- harness ----------------------------------------------------------------------------------- */
 
 namespace {
@@ -440,7 +575,8 @@ void test_registry() {
         if (i) check(std::string(qv_kernel_name(i - 1)) < k, "kernel names sorted and unique at %zu", i);
     }
     printf("  %zu kernels registered (%zu lora_*, %zu selftest)\n", n, lora, st);
-    check(lora == 16 && st == 13, "16 lora kernels (lora_fwd.cu 8, lora_bwd.cu 3, lora_rank.cu 5) and 13 selftest kernels registered");
+    check(lora == 18 && st == 15,
+          "18 lora kernels (lora_fwd.cu 8, lora_bwd.cu 3, lora_rank.cu 5, lora_sm90.cu 2) and 15 selftest kernels registered");
     check(qv_kernel_args_size("lora_gemm_dense_bf16") == sizeof(QadaptLoraFwdArgs), "args size of lora_gemm_dense_bf16");
     check(qv_kernel_args_size("adamw_f32") == sizeof(QadaptAdamwArgs), "args size of adamw_f32");
     check(qv_kernel_args_size("attention_fwd_bf16") == sizeof(QadaptAttentionArgs), "args size of attention_fwd_bf16");
@@ -1201,6 +1337,139 @@ void test_concurrent() {
     for (int i = 1; i < 4; ++i) check(memcmp(ys[0].data(), ys[i].data(), ys[0].size() * 2) == 0, "concurrent result %d", i);
 }
 
+
+/* ---- sm_90a ------------------------------------------------------------------------------------- */
+
+void test_tma() {
+    Timer tm("TMA: boxes at negative and ragged coordinates (zero fill), no swizzle and 128-byte swizzle");
+    /* uint16 tensor 100 x 37 (row pitch 208 bytes), boxes of 64 x 12 (128-byte rows). */
+    const uint32_t W = 100, H = 37, pitch = 208;
+    std::vector<uint8_t> g(pitch * H);
+    for (size_t i = 0; i < g.size(); ++i) g[i] = (uint8_t)(i * 7 + 3);
+    Registered reg;
+    reg.add(g);
+    std::vector<uint8_t> out(64 * 2 * 12);
+    reg.add(out);
+    const int32_t coords[4][2] = {{0, 0}, {-5, -3}, {60, 30}, {-64, 0}};
+    size_t bad = 0;
+    for (int sw = 0; sw < 2; ++sw)
+        for (auto& c : coords) {
+            StTma a{};
+            const uint64_t dims[2] = {W, H}, strides[1] = {pitch};
+            const uint32_t box[2] = {64, 12}, es[2] = {1, 1};
+            check(qv_tensor_map_encode(&a.map, 1, 2, g.data(), dims, strides, box, es, 0, sw ? 3 : 0, 0, 0) == 0, "encode");
+            a.out = P(out.data()), a.c0 = c[0], a.c1 = c[1], a.bytes = 64 * 2 * 12;
+            QvCounters ctr{};
+            const QvStatus st = run("st_tma", a, D1(1), D1(32), 2048, &ctr);
+            check(st.code == QV_OK, "st_tma: %s", st.message);
+            size_t inb = 0;
+            for (uint32_t r = 0; r < 12; ++r)
+                for (uint32_t b = 0; b < 128; ++b) {
+                    const int64_t y = c[1] + (int64_t)r, x = c[0] + (int64_t)(b / 2);
+                    const bool in = y >= 0 && y < H && x >= 0 && x < W;
+                    inb += in;
+                    const uint8_t want = in ? g[(size_t)y * pitch + x * 2 + b % 2] : 0;
+                    const uint32_t at = sw ? r * 128 + 16 * ((b / 16) ^ (r % 8)) + b % 16 : r * 128 + b;
+                    bad += out[at] != want;
+                }
+            check(ctr.global_ld_bytes == inb, "TMA global load bytes %llu, want %zu", (unsigned long long)ctr.global_ld_bytes, inb);
+        }
+    check(bad == 0, "TMA boxes: %zu bytes differ from the box formula", bad);
+    /* The driver's rules. */
+    StTma a{};
+    const uint64_t dims[2] = {W, H}, strides[1] = {pitch}, bad_strides[1] = {200};
+    const uint32_t box[2] = {64, 12}, wide[2] = {128, 12}, es[2] = {1, 1};
+    check(qv_tensor_map_encode(&a.map, 1, 2, g.data(), dims, bad_strides, box, es, 0, 0, 0, 0) != 0, "stride not a multiple of 16 refused");
+    check(qv_tensor_map_encode(&a.map, 1, 2, g.data(), dims, strides, wide, es, 0, 3, 0, 0) != 0, "256-byte rows with the 128B swizzle refused");
+    check(qv_tensor_map_encode(&a.map, 1, 2, g.data() + 8, dims, strides, box, es, 0, 0, 0, 0) != 0, "unaligned address refused");
+    /* A box reaching past the allocation: the tensor claims more rows than the buffer holds. */
+    const uint64_t tall[2] = {W, H + 4};
+    check(qv_tensor_map_encode(&a.map, 1, 2, g.data(), tall, strides, box, es, 0, 0, 0, 0) == 0, "encode");
+    a.out = P(out.data()), a.c0 = 0, a.c1 = 30, a.bytes = 64 * 2 * 12;
+    expect("TMA box reading past its buffer", run("st_tma", a, D1(1), D1(32), 2048), QV_MEMORY_FAULT);
+}
+
+void test_sm90() {
+    Timer tm("sm_90a: TMA + mbarrier pipeline feeding wgmma m64nNk16 (N = 64, 128, 256), and its teeth");
+    const uint32_t Ns[3] = {64, 128, 256}, Ks[3] = {200, 128, 320}, rows[3] = {50, 128, 251};
+    for (int v = 0; v < 3; ++v) {
+        const uint32_t N = Ns[v], K = Ks[v], R = rows[v]; /* B has R <= N rows: the rest zero-filled */
+        std::vector<bf16> A = rnd_bf16((size_t)64 * K, 1.0f), B = rnd_bf16((size_t)R * K, 1.0f);
+        std::vector<float> out((size_t)64 * N), want((size_t)64 * N);
+        for (uint32_t r = 0; r < 64; ++r)
+            for (uint32_t c = 0; c < N; ++c) {
+                float s = 0.0f;
+                const uint32_t kp = (K + 63) / 64 * 64;
+                for (uint32_t k = 0; k < kp; ++k) {
+                    const float x = k < K ? F(A[(size_t)r * K + k]) : 0.0f;
+                    const float y = k < K && c < R ? F(B[(size_t)c * K + k]) : 0.0f;
+                    s = s + x * y;
+                }
+                want[(size_t)r * N + c] = s;
+            }
+        Registered reg;
+        reg.add(A), reg.add(B), reg.add(out);
+        StSm90 a{};
+        const uint64_t dims[2] = {K, R}, strides[1] = {(uint64_t)K * 2};
+        const uint32_t box[2] = {64, N}, es[2] = {1, 1};
+        check(qv_tensor_map_encode(&a.b_map, 9, 2, B.data(), dims, strides, box, es, 0, 3, 0, 0) == 0, "encode B");
+        a.a = P(A.data()), a.out = P(out.data()), a.n = N, a.k = K;
+        const uint32_t dyn = kSmStages * N * 128 + 64;
+        const uint32_t steps = (K + 63) / 64;
+        for (uint32_t mode = 0; mode <= SM_BAD_MAP; ++mode) {
+            if (v > 0 && mode != SM_OK && mode != SM_NO_WAIT && mode != SM_NO_FINAL_WAIT) continue;
+            a.mode = mode;
+            std::fill(out.begin(), out.end(), -1.0f);
+            QvCounters ctr{};
+            const QvStatus st = run("st_sm90", a, D1(2), D1(256), dyn, &ctr);
+            size_t diff = 0, nan = 0;
+            for (size_t i = 0; i < out.size(); ++i) {
+                diff += memcmp(&out[i], &want[i], 4) != 0;
+                nan += std::isnan(out[i]);
+            }
+            char what[96];
+            snprintf(what, sizeof what, "N=%u mode %u", N, mode);
+            switch (mode) {
+                case SM_OK:
+                    check(st.code == QV_OK, "%s: %s", what, st.message);
+                    check(diff == 0, "wgmma N=%u K=%u: %zu of %zu elements differ from the scalar reference", N, K, diff, out.size());
+                    check(ctr.mma == 2ull * steps * 4 * (N / 2), "wgmma N=%u: mma counter %llu", N, (unsigned long long)ctr.mma);
+                    check(ctr.global_ld_bytes >= 2ull * R * K * 2, "TMA bytes counted as global loads (%llu)",
+                          (unsigned long long)ctr.global_ld_bytes);
+                    break;
+                case SM_NO_WAIT:
+                    check(st.code == QV_OK && nan == out.size(), "N=%u: reading TMA data without waiting went unnoticed (%zu of %zu NaN; %s)",
+                          N, nan, out.size(), st.message);
+                    break;
+                case SM_NO_FINAL_WAIT:
+                    check(st.code == QV_OK && nan == out.size(), "N=%u: d read before wgmma.wait_group retired it went unnoticed (%zu NaN)",
+                          N, nan);
+                    break;
+                case SM_COUNT2: expect("mbarrier phase short of arrivals", st, QV_BARRIER_DEADLOCK); break;
+                case SM_TX_SHORT: expect("mbarrier tx-count never reaching 0", st, QV_BARRIER_DEADLOCK); break;
+                case SM_WARP_SKIPS: expect("a warp of the warpgroup skipping the wgmma", st, QV_BARRIER_DEADLOCK); break;
+                case SM_TX_OVER: expect("TMA box larger than expect_tx", st, QV_PTX_ERROR); break;
+                case SM_UNINIT: expect("arrive on an uninitialized mbarrier", st, QV_PTX_ERROR); break;
+                case SM_BAD_MAP: expect("TMA with a map never encoded", st, QV_PTX_ERROR); break;
+            }
+            if (mode == SM_TX_SHORT || mode == SM_COUNT2)
+                check(strstr(st.message, "mbarrier") != nullptr, "the deadlock names the mbarrier waits: %s", st.message);
+        }
+        a.mode = SM_OK;
+        check(run("st_sm90", a, D1(1), D1(256), dyn).code == QV_OK, "sm90 launch after the planted bugs");
+    }
+    /* A CTA whose size is not a multiple of 128 cannot form warpgroups. */
+    StSm90 a{};
+    a.n = 64, a.k = 64, a.mode = SM_OK;
+    std::vector<bf16> B = rnd_bf16(64 * 64, 1.0f);
+    const uint64_t dims[2] = {64, 64}, strides[1] = {128};
+    const uint32_t box[2] = {64, 64}, es[2] = {1, 1};
+    qv_tensor_map_encode(&a.b_map, 9, 2, B.data(), dims, strides, box, es, 0, 3, 0, 0);
+    std::vector<bf16> A = rnd_bf16(64 * 64, 1.0f);
+    std::vector<float> out(64 * 64);
+    a.a = P(A.data()), a.out = P(out.data());
+    expect("wgmma in a CTA of 224 threads", run("st_sm90", a, D1(1), D1(224), kSmStages * 64 * 128), QV_PTX_ERROR);
+}
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -1216,6 +1485,8 @@ int main(int argc, char** argv) {
     test_deadlocks();
     test_faults();
     test_dyn_smem();
+    test_tma();
+    test_sm90();
     test_lora(150, 200, 96, 8, 2, true);
     test_lora(70, 130, 90, 8, 2, false);
     test_lora(300, 264, 256, 8, 2, true);

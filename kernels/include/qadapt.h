@@ -164,6 +164,34 @@ typedef struct QadaptLoraFwdArgs {
     uint32_t split_steps;   /* GEMM path: BK slices of k per range (the last may be shorter) */
 } QadaptLoraFwdArgs;
 
+/* A TMA tensor map (CUtensorMap of the driver API: 128 opaque bytes, 64-byte aligned), encoded on
+ * the host by cuTensorMapEncodeTiled and read by cp.async.bulk.tensor from the kernel's
+ * `__grid_constant__` argument struct (kernels/include/qadapt_sm90.cuh). */
+typedef struct __attribute__((aligned(64))) QadaptTensorMap {
+    uint64_t opaque[16];
+} QadaptTensorMap;
+
+/* The sm_90a NF4 GEMM (kernels/lora_sm90.cu, chosen on compute capability 9.0 devices): y^T = W x^T
+ * with W decoded from NF4 in registers as wgmma's A operand and x (then u, for the LoRA term)
+ * loaded by TMA as its B operand: CTA tile QADAPT_SM90_BM features x bn tokens (bn = 128 or 256,
+ * the kernel's name says which), QADAPT_SM90_BK of k a stage, QADAPT_SM90_STAGES stages in
+ * dynamic shared memory, one producer warpgroup and two consumer warpgroups. Computes what
+ * lora_gemm_nf4_bf16 computes for splits <= 1, with the LoRA term as extra k steps:
+ * y^T = [W | Bcat] [x | u]^T, Bcat [n, n_adapters * rank] the B stack side by side.
+ * Needs k % QADAPT_SM90_BK == 0, a power-of-two blocksize >= QADAPT_SM90_BK, n_adapters * rank
+ * a multiple of 8 (u's rows 16-byte aligned for TMA) and x, u 16-byte aligned. */
+#define QADAPT_SM90_BM 128
+#define QADAPT_SM90_BK 64
+#define QADAPT_SM90_STAGES 4
+#define QADAPT_SM90_THREADS 384
+typedef struct QadaptLoraSm90Args {
+    QadaptTensorMap x_map;     /* x [m, k] bf16: box 64 (k) x bn (rows), 128-byte swizzle */
+    QadaptTensorMap codes_map; /* W's codes as uint8 [n, k / 2]: box 32 x 128, no swizzle */
+    QadaptTensorMap u_map;     /* u [m, n_adapters * rank] bf16: box 64 x bn, 128-byte swizzle */
+    QadaptLoraFwdArgs fwd;     /* as for lora_gemm_nf4_bf16 (splits and partial unused) */
+    uint8_t reserved[104];     /* explicit tail: the struct is 640 bytes, 64-byte aligned */
+} QadaptLoraSm90Args;
+
 /* Fused LoRA linear backward, for the forward above with upstream gradient dy [m, n]:
  *   g[m, a*r + j]  = bf16(s_a * sum_n dy[m,n] B_a[n,j])  for a == idx(m), else 0   (overwritten)
  *   dx             = dy W + g Acat                  [m, k] bf16, OVERWRITTEN (added into with
@@ -524,15 +552,21 @@ typedef struct QadaptKvCacheArgs {
 #define QADAPT_KERNEL(name, Args) extern "C" __global__ void name(const Args args)
 #define QADAPT_KERNEL_BOUNDED(name, Args, threads, min_ctas) \
     extern "C" __global__ void __launch_bounds__(threads, min_ctas) name(const Args args)
+/* An sm_90a kernel whose argument struct holds TMA tensor maps: they must stay in param space
+ * (__grid_constant__: the kernel takes their address without a local copy). One CTA per SM. */
+#define QADAPT_KERNEL_SM90A(name, Args) \
+    extern "C" __global__ void __launch_bounds__(QADAPT_SM90_THREADS, 1) name(const __grid_constant__ Args args)
 #elif defined(QADAPT_EMU) && defined(__cplusplus)
 /* Host C++ for the kernel emulator (kernels/emu/cuda_emu.h): an extern "C" function that is also
  * registered under its name for the virtual device (kernels/emu/vgpu_abi.h). */
 #include "cuda_emu.h"
 #define QADAPT_KERNEL(name, Args) QV_KERNEL(name, Args)
 #define QADAPT_KERNEL_BOUNDED(name, Args, threads, min_ctas) QV_KERNEL(name, Args)
+#define QADAPT_KERNEL_SM90A(name, Args) QV_KERNEL(name, Args)
 #else
 /* Seen by bindgen only as documentation; the Rust side never calls these symbols directly. */
 #define QADAPT_KERNEL(name, Args) void name(const Args args)
+#define QADAPT_KERNEL_SM90A(name, Args) void name(const Args args)
 #endif
 
 /* kernels/nf4.cu */
@@ -554,6 +588,10 @@ QADAPT_KERNEL(lora_gemv_wide_nf4_bf16, QadaptLoraFwdArgs);
 QADAPT_KERNEL(lora_gemm_dense_bf16, QadaptLoraFwdArgs);
 QADAPT_KERNEL(lora_gemm_nf4_bf16, QadaptLoraFwdArgs);
 QADAPT_KERNEL(lora_split_reduce_bf16, QadaptLoraFwdArgs);
+
+/* kernels/lora_sm90.cu */
+QADAPT_KERNEL_SM90A(lora_gemm_nf4_sm90_bn128_bf16, QadaptLoraSm90Args);
+QADAPT_KERNEL_SM90A(lora_gemm_nf4_sm90_bn256_bf16, QadaptLoraSm90Args);
 
 /* kernels/lora_bwd.cu */
 QADAPT_KERNEL(lora_gemm_bwd_dx_dense_bf16, QadaptLoraBwdArgs);

@@ -19,6 +19,10 @@ pub const QADAPT_LORA_SPLIT_MIN_STEPS: u32 = 4;
 pub const QADAPT_LORA_SPLIT_REDUCE_THREADS: u32 = 256;
 pub const QADAPT_LORA_GEMM_NF4_THREADS: u32 = 128;
 pub const QADAPT_LORA_GEMV_WARPS: u32 = 8;
+pub const QADAPT_SM90_BM: u32 = 128;
+pub const QADAPT_SM90_BK: u32 = 64;
+pub const QADAPT_SM90_STAGES: u32 = 4;
+pub const QADAPT_SM90_THREADS: u32 = 384;
 pub const QADAPT_LORA_RANK_BM: u32 = 64;
 pub const QADAPT_LORA_RANK_BK: u32 = 32;
 pub const QADAPT_LORA_RANK_THREADS: u32 = 128;
@@ -221,6 +225,44 @@ const _: () = {
         [::std::mem::offset_of!(QadaptLoraFwdArgs, splits) - 144usize];
     ["Offset of field: QadaptLoraFwdArgs::split_steps"]
         [::std::mem::offset_of!(QadaptLoraFwdArgs, split_steps) - 148usize];
+};
+#[repr(C)]
+#[repr(align(64))]
+#[derive(Debug, Copy, Clone)]
+pub struct QadaptTensorMap {
+    pub opaque: [u64; 16usize],
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of QadaptTensorMap"][::std::mem::size_of::<QadaptTensorMap>() - 128usize];
+    ["Alignment of QadaptTensorMap"][::std::mem::align_of::<QadaptTensorMap>() - 64usize];
+    ["Offset of field: QadaptTensorMap::opaque"]
+        [::std::mem::offset_of!(QadaptTensorMap, opaque) - 0usize];
+};
+#[repr(C)]
+#[repr(align(64))]
+#[derive(Debug, Copy, Clone)]
+pub struct QadaptLoraSm90Args {
+    pub x_map: QadaptTensorMap,
+    pub codes_map: QadaptTensorMap,
+    pub u_map: QadaptTensorMap,
+    pub fwd: QadaptLoraFwdArgs,
+    pub reserved: [u8; 104usize],
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of QadaptLoraSm90Args"][::std::mem::size_of::<QadaptLoraSm90Args>() - 640usize];
+    ["Alignment of QadaptLoraSm90Args"][::std::mem::align_of::<QadaptLoraSm90Args>() - 64usize];
+    ["Offset of field: QadaptLoraSm90Args::x_map"]
+        [::std::mem::offset_of!(QadaptLoraSm90Args, x_map) - 0usize];
+    ["Offset of field: QadaptLoraSm90Args::codes_map"]
+        [::std::mem::offset_of!(QadaptLoraSm90Args, codes_map) - 128usize];
+    ["Offset of field: QadaptLoraSm90Args::u_map"]
+        [::std::mem::offset_of!(QadaptLoraSm90Args, u_map) - 256usize];
+    ["Offset of field: QadaptLoraSm90Args::fwd"]
+        [::std::mem::offset_of!(QadaptLoraSm90Args, fwd) - 384usize];
+    ["Offset of field: QadaptLoraSm90Args::reserved"]
+        [::std::mem::offset_of!(QadaptLoraSm90Args, reserved) - 536usize];
 };
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]

@@ -56,7 +56,8 @@ pub struct KernelName {
 pub struct Module {
     /// The file stem, e.g. `nf4`.
     pub name: &'static str,
-    /// The fatbin image (SASS for every arch in [`ARCHS`] plus PTX), ready for `cuModuleLoadData`.
+    /// The fatbin image (SASS for every arch in [`ARCHS`] plus PTX; for an sm_90a module SASS for
+    /// [`SM90A_ARCHS`] only), ready for `cuModuleLoadData`.
     pub fatbin: &'static [u8],
     /// What ptxas printed with `-v` (registers, spills, shared memory per kernel and arch).
     pub ptxas_report: &'static str,
@@ -68,6 +69,16 @@ impl Module {
     /// The compiled module that defines `kernel`, if the kernels were compiled.
     pub fn containing(kernel: KernelName) -> Option<&'static Module> {
         MODULES.iter().find(|m| m.name == kernel.module)
+    }
+
+    /// The SASS architectures in its fatbin: [`SM90A_ARCHS`] for the sm_90a modules
+    /// (`kernels/*_sm90.cu`), [`ARCHS`] otherwise.
+    pub fn archs(&self) -> &'static [&'static str] {
+        if self.name.ends_with(SM90A_SUFFIX) {
+            SM90A_ARCHS
+        } else {
+            ARCHS
+        }
     }
 }
 

@@ -31,7 +31,10 @@ fn bindings() -> Vec<(&'static str, &'static str, bindgen::Builder)> {
             common()
                 .allowlist_type("Qadapt.*")
                 .allowlist_var("QADAPT_.*")
-                .rustified_enum("QadaptDtype"),
+                .rustified_enum("QadaptDtype")
+                // 64-byte aligned: bindgen's Default for them would be an unsafe zeroing.
+                .no_default("QadaptTensorMap")
+                .no_default("QadaptLoraSm90Args"),
         ),
         (
             "vgpu_ffi.rs",

@@ -2,7 +2,8 @@
 //! - ptxas: zero spill bytes and zero stack frame for every kernel on every SASS arch;
 //! - SASS (cuobjdump): no local memory (`LDL`/`STL`) anywhere, 128-bit global loads (`LDG.E.128`)
 //!   in the memory-bound kernels (names with `dequantize` or `gemv`) and tensor-core instructions
-//!   (`HMMA`) in the GEMM kernels (names with `gemm`), on every arch;
+//!   (`HMMA`) in the GEMM kernels (names with `gemm`), on every arch, and the warpgroup MMA
+//!   (`HGMMA`) in the sm_90a GEMM kernels;
 //! - per kernel and arch, the instruction mix of its hot loop: of the loops (a backward branch and
 //!   its target) that hold `HMMA` but no inner loop with `HMMA`, the one with the most `HMMA`
 //!   (among equals the fewest scalar global loads, then the shortest: the vector path, not the
@@ -10,6 +11,8 @@
 //!   longest innermost loop. Counts are static: cold edge code inside the loop counts too. Columns: instructions, `HMMA`, `LDSM` (ldmatrix), other shared loads and stores,
 //!   global loads (`LDG`, `LDGSTS` = cp.async), float and integer/other ALU, barriers, and
 //!   instructions per `HMMA`: what the main loop spends around each tensor-core instruction.
+//!   `HMMA` counts m16n8k16 products: a warpgroup's `HGMMA.64xNx16` counts as N / 2 of them, so
+//!   the sm_90a kernels' rows compare with the mma.sync kernels' (per warpgroup, not per warp).
 //!
 //! Prints the report as a table (`cargo test -p qadapt-kernels --test static_report -- --nocapture`).
 //! Without nvcc the kernels are not compiled and there is nothing to inspect: the test then fails
@@ -18,7 +21,7 @@
 use std::collections::BTreeMap;
 use std::process::Command;
 
-use qadapt_kernels::{ARCHS, COMPILED, KERNELS, MODULES};
+use qadapt_kernels::{COMPILED, KERNELS, MODULES};
 
 #[derive(Debug, Default, Clone)]
 struct Ptxas {
@@ -115,7 +118,17 @@ fn classify(ops: &[&str]) -> LoopMix {
         let base = op.split('.').next().unwrap_or(op);
         m.total += 1;
         match base {
-            "HMMA" | "HGMMA" => m.hmma += 1,
+            "HMMA" => m.hmma += 1,
+            // HGMMA.64xNx16: as many m16n8k16 products as (64 / 16) x (N / 8) = N / 2.
+            "HGMMA" => {
+                m.hmma += op
+                    .split('.')
+                    .nth(1)
+                    .and_then(|shape| shape.strip_prefix("64x"))
+                    .and_then(|rest| rest.split('x').next())
+                    .and_then(|n| n.parse::<u32>().ok())
+                    .map_or(1, |n| n / 2)
+            }
             "LDSM" => m.ldsm += 1,
             "LDS" => m.lds += 1,
             "STS" => m.sts += 1,
@@ -231,7 +244,7 @@ fn kernels_do_not_spill_and_use_the_instructions_we_claim() {
         let ptxas = parse_ptxas(m.ptxas_report);
         let sass = sass(m.fatbin);
         for k in KERNELS.iter().filter(|k| k.module == m.name) {
-            for arch in ARCHS {
+            for arch in m.archs() {
                 let p = ptxas.get(&(k.name.to_string(), arch.to_string()));
                 let Some(p) = p else {
                     failures.push(format!("{} {arch}: no ptxas entry", k.name));
@@ -272,6 +285,11 @@ fn kernels_do_not_spill_and_use_the_instructions_we_claim() {
                         "{} {arch}: no tensor-core instruction (HMMA)",
                         k.name
                     ));
+                }
+                // The sm_90a kernels exist for the warpgroup MMA: mma.sync there would be a
+                // regression to the sm_80 path.
+                if *arch == "sm_90a" && k.name.contains("gemm") && !code.contains("HGMMA") {
+                    failures.push(format!("{} {arch}: no warpgroup MMA (HGMMA)", k.name));
                 }
                 rows.push(format!(
                     "| {:<28} | {:<5} | {:>4} | {:>5} | {:>6} | {:<8} | {:<4} | {:>5} | {:>4} | {:>4} | {:>4} | {:>4} | {:>4} | {:>4} | {:>4} | {:>3} | {:>9} |",

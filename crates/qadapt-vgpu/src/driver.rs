@@ -2009,3 +2009,305 @@ pub extern "C" fn qadapt_vgpu_reset_memory_peak() {
 pub extern "C" fn qadapt_vgpu_live_allocations() -> usize {
     memory::live_count()
 }
+
+// ---- tensor maps (TMA) ----------------------------------------------------------------------------
+
+/// The virtual device's encoding of a `CUtensorMap`: `kernels/emu/vgpu_tmap.h`'s `QvTensorMap`,
+/// field for field (that header documents it; the emulated `cp.async.bulk.tensor` reads it). It
+/// fills the first 80 of the map's 128 opaque bytes, the rest zero.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct QvTensorMap {
+    pub(crate) magic: u64,
+    pub(crate) global_addr: u64,
+    pub(crate) rank: u32,
+    pub(crate) elem_size: u32,
+    pub(crate) dtype: u32,
+    pub(crate) swizzle: u32,
+    pub(crate) dims: [u64; 2],
+    pub(crate) stride1: u64,
+    pub(crate) boxdim: [u32; 2],
+    pub(crate) oob_fill: u32,
+    pub(crate) interleave: u32,
+    pub(crate) l2_promotion: u32,
+    pub(crate) reserved: u32,
+}
+const _: () = assert!(std::mem::size_of::<QvTensorMap>() == 80);
+
+/// `QV_TMAP_MAGIC` of vgpu_tmap.h (the bytes "@QVTAM01").
+pub(crate) const QV_TMAP_MAGIC: u64 = 0x3130_4d41_5456_5140;
+
+/// Bytes per element of a `CUtensorMapDataType` (UINT8 .. TFLOAT32_FTZ), or None.
+fn tmap_elem_size(dtype: c_uint) -> Option<u32> {
+    const SIZES: [u32; 13] = [1, 2, 4, 4, 8, 8, 2, 4, 8, 2, 4, 4, 4];
+    SIZES.get(dtype as usize).copied()
+}
+
+/// cuTensorMapEncodeTiled's checks, as the real driver makes them (plus what the emulator does not
+/// model: rank other than 2, element strides other than 1, interleaved layouts), then the
+/// encoding. `Err(why)` for CUDA_ERROR_INVALID_VALUE.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn encode_tensor_map(
+    dtype: c_uint,
+    rank: c_uint,
+    addr: u64,
+    dims: &[u64],
+    strides: &[u64],
+    boxdim: &[u32],
+    elem_strides: &[u32],
+    interleave: c_uint,
+    swizzle: c_uint,
+    l2: c_uint,
+    oob: c_uint,
+) -> Result<QvTensorMap, String> {
+    let es = tmap_elem_size(dtype).ok_or_else(|| format!("unknown data type {dtype}"))?;
+    if !(1..=5).contains(&rank) {
+        return Err(format!("rank {rank} outside 1..5"));
+    }
+    if rank != 2 {
+        return Err(format!(
+            "rank {rank}: the virtual device emulates 2-D tensor maps only"
+        ));
+    }
+    if addr == 0 || !addr.is_multiple_of(16) {
+        return Err(format!("global address {addr:#x} is not 16-byte aligned"));
+    }
+    if dims.iter().any(|&d| d == 0 || d > 1 << 32) {
+        return Err(format!("globalDim {dims:?}: each must be in 1..=2^32"));
+    }
+    if strides
+        .iter()
+        .any(|&s| !s.is_multiple_of(16) || s >= 1 << 40)
+    {
+        return Err(format!(
+            "globalStrides {strides:?}: each must be a multiple of 16 below 2^40"
+        ));
+    }
+    if strides[0] < dims[0] * u64::from(es) {
+        return Err(format!(
+            "globalStrides[0] = {} is smaller than a row of {} elements of {es} bytes",
+            strides[0], dims[0]
+        ));
+    }
+    if boxdim.iter().any(|&b| b == 0 || b > 256) {
+        return Err(format!("boxDim {boxdim:?}: each must be in 1..=256"));
+    }
+    if !(boxdim[0] * es).is_multiple_of(16) {
+        return Err(format!(
+            "boxDim[0] * elementSize = {} bytes is not a multiple of 16",
+            boxdim[0] * es
+        ));
+    }
+    if elem_strides.iter().any(|&e| e == 0 || e > 8) {
+        return Err(format!(
+            "elementStrides {elem_strides:?}: each must be in 1..=8"
+        ));
+    }
+    if elem_strides.iter().any(|&e| e != 1) {
+        return Err(format!(
+            "elementStrides {elem_strides:?}: the virtual device emulates 1 only"
+        ));
+    }
+    if interleave > 2 {
+        return Err(format!("unknown interleave {interleave}"));
+    }
+    if interleave != 0 {
+        return Err("interleaved layouts are not emulated".into());
+    }
+    if swizzle > 3 {
+        return Err(format!("unknown swizzle {swizzle}"));
+    }
+    if swizzle != 0 && boxdim[0] * es > 16 << swizzle {
+        return Err(format!(
+            "boxDim[0] * elementSize = {} bytes exceeds the {}-byte swizzle span",
+            boxdim[0] * es,
+            16 << swizzle
+        ));
+    }
+    if l2 > 3 {
+        return Err(format!("unknown L2 promotion {l2}"));
+    }
+    if oob > 1 || (oob == 1 && dtype < 6) {
+        return Err(format!(
+            "oobFill {oob} (NaN fill needs a floating-point type)"
+        ));
+    }
+    Ok(QvTensorMap {
+        magic: QV_TMAP_MAGIC,
+        global_addr: addr,
+        rank,
+        elem_size: es,
+        dtype,
+        swizzle,
+        dims: [dims[0], dims[1]],
+        stride1: strides[0],
+        boxdim: [boxdim[0], boxdim[1]],
+        oob_fill: oob,
+        interleave,
+        l2_promotion: l2,
+        reserved: 0,
+    })
+}
+
+/// `cuTensorMapEncodeTiled` (CUDA 12.0+): validates like the real driver and writes the virtual
+/// device's encoding ([`QvTensorMap`]) into the 128 opaque bytes. Enum parameters as integers.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuTensorMapEncodeTiled(
+    tensorMap: *mut c_void,
+    tensorDataType: c_uint,
+    tensorRank: c_uint,
+    globalAddress: *mut c_void,
+    globalDim: *const u64,
+    globalStrides: *const u64,
+    boxDim: *const u32,
+    elementStrides: *const u32,
+    interleave: c_uint,
+    swizzle: c_uint,
+    l2Promotion: c_uint,
+    oobFill: c_uint,
+) -> CUresult {
+    entry("cuTensorMapEncodeTiled", || {
+        if tensorMap.is_null()
+            || globalDim.is_null()
+            || boxDim.is_null()
+            || elementStrides.is_null()
+            || (tensorRank > 1 && globalStrides.is_null())
+            || !(1..=5).contains(&tensorRank)
+        {
+            return Err(INVALID_VALUE);
+        }
+        let r = tensorRank as usize;
+        // SAFETY: the caller passes arrays of tensorRank entries (globalStrides: tensorRank - 1),
+        // checked non-NULL above; likewise for the three below.
+        let dims = unsafe { std::slice::from_raw_parts(globalDim, r) };
+        let strides = if r > 1 {
+            // SAFETY: as above.
+            unsafe { std::slice::from_raw_parts(globalStrides, r - 1) }
+        } else {
+            &[][..]
+        };
+        // SAFETY: as above.
+        let boxdim = unsafe { std::slice::from_raw_parts(boxDim, r) };
+        // SAFETY: as above.
+        let es = unsafe { std::slice::from_raw_parts(elementStrides, r) };
+        match encode_tensor_map(
+            tensorDataType,
+            tensorRank,
+            globalAddress as u64,
+            dims,
+            strides,
+            boxdim,
+            es,
+            interleave,
+            swizzle,
+            l2Promotion,
+            oobFill,
+        ) {
+            Ok(m) => {
+                let mut bytes = [0u8; 128];
+                // SAFETY: QvTensorMap is 80 bytes of plain integers (repr(C), no padding).
+                let src = unsafe {
+                    std::slice::from_raw_parts((&m as *const QvTensorMap).cast::<u8>(), 80)
+                };
+                bytes[..80].copy_from_slice(src);
+                // SAFETY: a CUtensorMap is 128 writable bytes.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(bytes.as_ptr(), tensorMap.cast::<u8>(), 128)
+                };
+                Ok(())
+            }
+            Err(why) => {
+                eprintln!("qadapt-vgpu: cuTensorMapEncodeTiled: {why}: CUDA_ERROR_INVALID_VALUE");
+                Err(INVALID_VALUE)
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tensor_map_layout_matches_vgpu_tmap_h() {
+        assert_eq!(std::mem::offset_of!(QvTensorMap, dims), 32);
+        assert_eq!(std::mem::offset_of!(QvTensorMap, stride1), 48);
+        assert_eq!(std::mem::offset_of!(QvTensorMap, boxdim), 56);
+        assert_eq!(std::mem::offset_of!(QvTensorMap, reserved), 76);
+        assert_eq!(&QV_TMAP_MAGIC.to_le_bytes(), b"@QVTAM01");
+        let h = include_str!("../../../kernels/emu/vgpu_tmap.h");
+        assert!(h.contains("#define QV_TMAP_MAGIC 0x31304d4154565140ull"));
+    }
+
+    #[test]
+    fn tensor_maps_are_validated_like_the_driver() {
+        let enc = |dtype, addr, dims: [u64; 2], stride, boxd: [u32; 2], es: [u32; 2], swz| {
+            encode_tensor_map(dtype, 2, addr, &dims, &[stride], &boxd, &es, 0, swz, 0, 0)
+        };
+        let m = enc(9, 0x1000, [200, 50], 400, [64, 64], [1, 1], 3).unwrap();
+        assert_eq!(
+            (m.elem_size, m.dims, m.stride1, m.boxdim, m.swizzle),
+            (2, [200, 50], 400, [64, 64], 3)
+        );
+        assert!(
+            enc(9, 0x1008, [200, 50], 400, [64, 64], [1, 1], 3).is_err(),
+            "unaligned address"
+        );
+        assert!(
+            enc(9, 0x1000, [200, 50], 408, [64, 64], [1, 1], 3).is_err(),
+            "stride % 16"
+        );
+        assert!(
+            enc(9, 0x1000, [200, 50], 384, [64, 64], [1, 1], 3).is_err(),
+            "stride below a row"
+        );
+        assert!(
+            enc(9, 0x1000, [200, 50], 400, [128, 64], [1, 1], 3).is_err(),
+            "256-byte rows, 128B swizzle"
+        );
+        assert!(
+            enc(9, 0x1000, [200, 50], 400, [128, 64], [1, 1], 0).is_ok(),
+            "no swizzle"
+        );
+        assert!(
+            enc(9, 0x1000, [200, 50], 400, [4, 64], [1, 1], 0).is_err(),
+            "8-byte box rows"
+        );
+        assert!(
+            enc(9, 0x1000, [200, 50], 400, [64, 257], [1, 1], 0).is_err(),
+            "box above 256"
+        );
+        assert!(
+            enc(9, 0x1000, [0, 50], 400, [64, 64], [1, 1], 0).is_err(),
+            "empty dimension"
+        );
+        assert!(
+            enc(9, 0x1000, [200, 50], 400, [64, 64], [2, 1], 0).is_err(),
+            "element stride 2 not emulated"
+        );
+        assert!(
+            enc(42, 0x1000, [200, 50], 400, [64, 64], [1, 1], 0).is_err(),
+            "unknown type"
+        );
+        assert!(
+            enc(0, 0x1000, [200, 50], 208, [128, 64], [1, 1], 3).is_ok(),
+            "uint8, 128-byte rows"
+        );
+        assert!(
+            encode_tensor_map(
+                9,
+                3,
+                0x1000,
+                &[1, 1, 1],
+                &[16, 16],
+                &[1, 1, 1],
+                &[1, 1, 1],
+                0,
+                0,
+                0,
+                0
+            )
+            .is_err()
+        );
+    }
+}

@@ -8,6 +8,15 @@
 //! the emulated kernels whose name occurs in the image as a symbol (a NUL-terminated string, not
 //! the tail of a longer identifier).
 //!
+//! SASS for sm_90a (`-gencode arch=compute_90a,code=sm_90a`: wgmma, setmaxnreg; the `lora_sm90`
+//! module holds nothing else) runs on compute capability 9.0 devices, so it is sm_90 code here.
+//! What marks the `a` variant (nvcc 13.0, checked on a build of a one-kernel file): the fatbin
+//! entry's flags word (offset 0x28) has bit 20 set ([`FATBIN_FLAG_ARCH_SPECIFIC`]); the cubin's
+//! ELF header is the same as sm_90's (e_flags 0x6005a04: ABI version 8, sm 0x5a in bits 8-15), only
+//! its `.nv.compat` attributes and the `-arch sm_90a` in `.note.nv.tkinfo` differ. The arch field
+//! of both is 90, so the architecture check accepts sm_90a and still refuses every other SASS
+//! (sm_80, sm_100a, ...). ptxas reports such kernels as `for 'sm_90a'`; their resources count.
+//!
 //! A kernel's static shared memory, registers and stack come from ptxas' `-v` report of the real
 //! build (`qadapt_kernels::MODULES[..].ptxas_report`, the sm_90 entries), so launch limits are
 //! checked against what the compiled kernel really uses. `.maxntid` (`__launch_bounds__`) comes
@@ -19,6 +28,9 @@ use std::sync::LazyLock;
 use crate::CUresult;
 
 const FATBIN_MAGIC: u32 = 0xBA55_ED50;
+/// Bit of a fatbin entry's flags (the u64 at offset 0x28 of its header) that nvcc sets on
+/// arch-specific SASS (`sm_90a`).
+pub(crate) const FATBIN_FLAG_ARCH_SPECIFIC: u64 = 1 << 20;
 /// The device's architecture.
 const SM: u32 = 90;
 
@@ -73,9 +85,16 @@ fn number_before(line: &str, marker: &str) -> Option<u32> {
     line[..at].split_whitespace().last()?.parse().ok()
 }
 
-/// Every kernel of the real build with its sm_90 resources.
+/// Every kernel of the real build with its sm_90 resources: the `sm_90` entries of ptxas' reports,
+/// and the `sm_90a` ones (arch-specific SASS, which also runs on sm_90) for kernels that have no
+/// plain sm_90 entry.
 pub(crate) static RESOURCES: LazyLock<HashMap<String, Resources>> = LazyLock::new(|| {
     let mut all = HashMap::new();
+    for m in qadapt_kernels::MODULES {
+        for (k, r) in parse_ptxas_report(m.ptxas_report, "sm_90a") {
+            all.entry(k).or_insert(r);
+        }
+    }
     for m in qadapt_kernels::MODULES {
         all.extend(parse_ptxas_report(m.ptxas_report, "sm_90"));
     }
@@ -212,6 +231,15 @@ fn fatbin_entries(mut rest: &[u8]) -> Result<(bool, Vec<String>), CUresult> {
             return Err(CUresult::CUDA_ERROR_INVALID_IMAGE);
         }
         let payload = &rest[header..header + size];
+        // sm_90a SASS has arch 90 and FATBIN_FLAG_ARCH_SPECIFIC in its flags: it runs on sm_90.
+        if kind == 2 && arch == SM && header >= 0x30 && crate::trace() {
+            let flags = u64::from_le_bytes(rest[0x28..0x30].try_into().unwrap());
+            if flags & FATBIN_FLAG_ARCH_SPECIFIC != 0 {
+                eprintln!(
+                    "qadapt-vgpu: cuModuleLoadData: sm_90a (arch-specific) SASS, runs on sm_90"
+                );
+            }
+        }
         match kind {
             2 if arch == SM => has_sass = true,
             1 if arch <= SM => {
@@ -307,6 +335,60 @@ mod tests {
                 cmem0: 392
             }
         );
+    }
+
+    #[test]
+    fn sm_90a_report_lines_are_read() {
+        let r = "ptxas info    : Compiling entry function 'k' for 'sm_90a'\n\
+                 ptxas info    : Function properties for k\n    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n\
+                 ptxas info    : Used 168 registers, used 1 barriers, 57 bytes smem\n";
+        assert_eq!(parse_ptxas_report(r, "sm_90a")["k"].regs, 168);
+        assert!(parse_ptxas_report(r, "sm_90").is_empty());
+    }
+
+    /// A fatbin of one SASS entry for `arch` with `flags`, laid out as nvcc 13.0 writes it.
+    fn fatbin(arch: u32, flags: u64) -> Vec<u8> {
+        let elf = {
+            let mut e = vec![0u8; 64];
+            e[..4].copy_from_slice(b"\x7fELF");
+            e[8] = 8;
+            e[0x30..0x34].copy_from_slice(&(0x0600_0004 | (arch << 8)).to_le_bytes());
+            e
+        };
+        let mut entry = vec![0u8; 64];
+        entry[0..2].copy_from_slice(&2u16.to_le_bytes());
+        entry[2..4].copy_from_slice(&0x0101u16.to_le_bytes());
+        entry[4..8].copy_from_slice(&64u32.to_le_bytes());
+        entry[8..16].copy_from_slice(&(elf.len() as u64).to_le_bytes());
+        entry[0x1c..0x20].copy_from_slice(&arch.to_le_bytes());
+        entry[0x28..0x30].copy_from_slice(&flags.to_le_bytes());
+        entry.extend_from_slice(&elf);
+        let mut out = vec![0u8; 16];
+        out[0..4].copy_from_slice(&FATBIN_MAGIC.to_le_bytes());
+        out[4..6].copy_from_slice(&1u16.to_le_bytes());
+        out[6..8].copy_from_slice(&16u16.to_le_bytes());
+        out[8..16].copy_from_slice(&(entry.len() as u64).to_le_bytes());
+        out.extend_from_slice(&entry);
+        out
+    }
+
+    #[test]
+    fn sm_90a_sass_loads_and_other_arch_specific_sass_does_not() {
+        let a90 = fatbin(90, 0x11 | FATBIN_FLAG_ARCH_SPECIFIC);
+        // SAFETY: a complete fatbin image.
+        let img = unsafe { read(a90.as_ptr()) }.expect("sm_90a SASS runs on sm_90");
+        assert!(img.ptx.is_empty());
+        let plain = fatbin(90, 0x11);
+        // SAFETY: as above.
+        assert!(unsafe { read(plain.as_ptr()) }.is_ok());
+        for other in [
+            fatbin(100, 0x11 | FATBIN_FLAG_ARCH_SPECIFIC),
+            fatbin(80, 0x11),
+        ] {
+            // SAFETY: as above.
+            let r = unsafe { read(other.as_ptr()) };
+            assert!(matches!(r, Err(CUresult::CUDA_ERROR_NO_BINARY_FOR_GPU)));
+        }
     }
 
     #[test]

@@ -607,6 +607,108 @@ pub fn lora_forward(
     })
 }
 
+/// The sm_90a NF4 GEMM of `kernels/lora_sm90.cu` (`lora_gemm_nf4_sm90_bn{bn}_bf16`): TMA, mbarriers
+/// and wgmma with the weight decoded in registers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sm90Plan {
+    /// Tokens per CTA tile: 128 or 256 (features: `QADAPT_SM90_BM`).
+    pub bn: u32,
+    /// One CTA per output tile, `QADAPT_SM90_THREADS` threads, the kernel's dynamic shared memory.
+    pub launch: LaunchPlan,
+}
+
+/// The dynamic shared memory of the sm_90a GEMM at `bn` tokens a tile: `QADAPT_SM90_STAGES`
+/// stages of an x/u tile (`bn` rows of 128 bytes) and a codes tile (128 rows of 32 bytes), eight
+/// warps' epilogue staging (`bn` x 16 bf16 each) and two mbarriers a stage (`Sm90Layout` in the
+/// kernel, which traps when given less).
+pub fn sm90_shared_bytes(bn: u32) -> u32 {
+    let stages = ffi::QADAPT_SM90_STAGES;
+    let codes = ffi::QADAPT_SM90_BM * ffi::QADAPT_SM90_BK / 2;
+    stages * (bn * ffi::QADAPT_SM90_BK * 2 + codes) + 8 * bn * 16 * 2 + 2 * stages * 8
+}
+
+/// Whether the y GEMM of an NF4 weight takes the sm_90a kernel instead of `lora_gemm_nf4_bf16`,
+/// and with which tile. Only on compute capability 9.0, past the gemv rows, for the kernel's
+/// preconditions (k % 64 == 0, a power-of-two block size of at least 64, rank and n multiples of
+/// 8), and when its 128 x 128 tiles alone give every SM at least half a CTA (fewer would want the
+/// split k of the sm_80 path). 256-token tiles when those still give every SM a CTA.
+pub fn lora_sm90(
+    m: u64,
+    n: u64,
+    k: u64,
+    rank: u64,
+    blocksize: u32,
+    props: &DeviceProps,
+) -> Option<Sm90Plan> {
+    let fits = props.compute_capability == (9, 0)
+        && m > u64::from(ffi::QADAPT_LORA_GEMV_MAX_ROWS)
+        && k.is_multiple_of(u64::from(ffi::QADAPT_SM90_BK))
+        && blocksize.is_power_of_two()
+        && blocksize >= ffi::QADAPT_SM90_BK
+        && rank.is_multiple_of(8)
+        && n.is_multiple_of(8)
+        && m <= u64::from(i32::MAX as u32)
+        && k <= u64::from(i32::MAX as u32);
+    if !fits {
+        return None;
+    }
+    let sms = u64::from(props.sm_count.max(1));
+    let tiles_n = n.div_ceil(u64::from(ffi::QADAPT_SM90_BM));
+    if 2 * tiles_n * m.div_ceil(128) < sms {
+        return None;
+    }
+    let bn: u32 = if tiles_n * m.div_ceil(256) >= sms {
+        256
+    } else {
+        128
+    };
+    let ctas = tiles_n * m.div_ceil(u64::from(bn));
+    (ctas <= u64::from(props.max_grid_x)).then(|| Sm90Plan {
+        bn,
+        launch: LaunchPlan {
+            grid: ctas as u32,
+            block: ffi::QADAPT_SM90_THREADS,
+            shared_bytes: sm90_shared_bytes(bn),
+        },
+    })
+}
+
+#[cfg(test)]
+mod sm90_tests {
+    use super::*;
+
+    #[test]
+    fn sm90_path_needs_hopper_and_the_kernel_preconditions() {
+        let h = DeviceProps::H200;
+        let p = lora_sm90(4096, 4096, 4096, 16, 64, &h).unwrap();
+        // 32 x 16 tiles of 128 features x 256 tokens.
+        assert_eq!(p.bn, 256);
+        assert_eq!((p.launch.grid, p.launch.block), (512, 384));
+        // 4 stages x (32 KiB + 4 KiB) + 8 x 8 KiB staging + 8 mbarriers.
+        assert_eq!(p.launch.shared_bytes, 4 * (32768 + 4096) + 8 * 8192 + 64);
+        assert!(p.launch.shared_bytes <= 227 * 1024);
+        // 512 tokens: 32 x 2 tiles of 256 would leave SMs idle, 32 x 4 of 128 do not.
+        let p = lora_sm90(512, 4096, 4096, 16, 64, &h).unwrap();
+        assert_eq!((p.bn, p.launch.grid), (128, 128));
+        assert_eq!(p.launch.shared_bytes, 4 * (16384 + 4096) + 8 * 4096 + 64);
+        // Few tiles: the sm_80 path and its split k.
+        assert_eq!(lora_sm90(128, 4096, 4096, 16, 64, &h), None);
+        // Not Hopper, or the kernel's preconditions unmet.
+        let a100 = DeviceProps {
+            compute_capability: (8, 0),
+            ..h
+        };
+        assert_eq!(lora_sm90(4096, 4096, 4096, 16, 64, &a100), None);
+        assert_eq!(lora_sm90(4096, 4096, 4096 + 32, 16, 64, &h), None);
+        assert_eq!(lora_sm90(4096, 4096, 4096, 16, 32, &h), None);
+        assert_eq!(lora_sm90(4096, 4096, 4096, 12, 64, &h), None);
+        assert_eq!(lora_sm90(4096, 4100, 4096, 16, 64, &h), None);
+        assert_eq!(lora_sm90(16, 4096, 4096, 16, 64, &h), None);
+        // No adapter at all is fine (rank 0).
+        assert!(lora_sm90(4096, 4096, 4096, 0, 64, &h).is_some());
+    }
+}
+
 #[cfg(test)]
 mod lora_tests {
     use super::*;

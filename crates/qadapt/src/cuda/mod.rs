@@ -5,6 +5,7 @@ pub(crate) mod launch;
 pub mod ops;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr};
@@ -45,6 +46,10 @@ struct Inner {
     /// The LoRA launches' scratch (u, g, split partial sums), grown on demand and reused by every
     /// later call on this device (all on the one stream, so reuse is ordered).
     lora_scratch: Mutex<launch::LoraScratch>,
+    /// [`CudaDevice::hopper_kernels`].
+    hopper: AtomicBool,
+    /// The dynamic shared memory each kernel was opted in to (`function_with_smem`).
+    smem_opt_in: Mutex<HashMap<&'static str, u32>>,
 }
 
 impl std::fmt::Debug for CudaDevice {
@@ -158,6 +163,11 @@ impl CudaDevice {
                 modules: Mutex::new(HashMap::new()),
                 blas: OnceLock::new(),
                 lora_scratch: Mutex::new(launch::LoraScratch::default()),
+                hopper: AtomicBool::new(
+                    props.compute_capability == (9, 0)
+                        && std::env::var("QADAPT_SM90A").map_or(true, |v| v != "0"),
+                ),
+                smem_opt_in: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -275,7 +285,6 @@ impl CudaDevice {
             .map_err(Error::Library)
     }
 
-    /// The kernel `k`, loading its module from the embedded fatbin on first use.
     /// The device's LoRA scratch, locked for one forward or backward.
     pub(crate) fn lora_scratch(&self) -> Result<std::sync::MutexGuard<'_, launch::LoraScratch>> {
         self.inner.lora_scratch.lock().map_err(|_| {
@@ -283,6 +292,28 @@ impl CudaDevice {
         })
     }
 
+    /// Whether NF4 GEMMs may take the sm_90a kernels (`kernels/lora_sm90.cu`: TMA, mbarriers,
+    /// wgmma) where their plan allows: on by default on a compute capability 9.0 device unless
+    /// the environment sets `QADAPT_SM90A=0`.
+    pub fn hopper_kernels(&self) -> bool {
+        self.inner.hopper.load(Ordering::Relaxed)
+    }
+
+    /// Turns the sm_90a kernels on or off for this device (to compare them with the sm_80 path
+    /// on one GPU). Turning them on is an error on a device that is not compute capability 9.0.
+    pub fn set_hopper_kernels(&self, on: bool) -> Result<()> {
+        if on && self.inner.props.compute_capability != (9, 0) {
+            let (major, minor) = self.inner.props.compute_capability;
+            return Err(crate::error::invalid(
+                "sm_90a kernels",
+                format!("the device has compute capability {major}.{minor}, they need 9.0"),
+            ));
+        }
+        self.inner.hopper.store(on, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The kernel `k`, loading its module from the embedded fatbin on first use.
     pub(crate) fn function(&self, k: KernelName) -> Result<CudaFunction> {
         let module = {
             let mut modules = self.inner.modules.lock().unwrap_or_else(|p| p.into_inner());
@@ -300,5 +331,24 @@ impl CudaDevice {
             }
         };
         Ok(module.load_function(k.name)?)
+    }
+
+    /// The kernel `k`, allowed `bytes` of dynamic shared memory (past the 48 KiB every kernel
+    /// gets, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, set once per kernel and size).
+    pub(crate) fn function_with_smem(&self, k: KernelName, bytes: u32) -> Result<CudaFunction> {
+        let f = self.function(k)?;
+        let mut set = self
+            .inner
+            .smem_opt_in
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if set.get(k.name).is_none_or(|&b| b < bytes) {
+            f.set_attribute(
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                bytes as i32,
+            )?;
+            set.insert(k.name, bytes);
+        }
+        Ok(f)
     }
 }

@@ -1052,3 +1052,118 @@ fn cuda_forward_accumulates_into_y_in_the_epilogue() {
         }
     }
 }
+
+/// The sm_90a NF4 GEMM (`kernels/lora_sm90.cu`: TMA boxes on mbarriers, wgmma with W decoded in
+/// registers, the LoRA term as extra k steps over u): on a compute capability 9.0 device it is
+/// the NF4 y GEMM wherever `plan::lora_sm90` allows. At shapes with ragged row and feature tiles,
+/// block sizes 64 and 128, plain and double-quant scales, one to three adapters (R = 8, 32 and
+/// 72: one LoRA step, a partial one, two), mixed row indices, bias, and both tile widths, it
+/// matches the f64 truth, and so does the sm_80 kernel on the same cases with the Hopper kernels
+/// turned off. On the virtual device the launch counts show which kernel ran.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn cuda_sm90_nf4_gemm_matches_f64_and_the_sm80_kernel() {
+    use qadapt_kernels::kernels;
+    let (_exclusive, dev) = crate::common::counting();
+    assert_eq!(
+        dev.props().compute_capability,
+        (9, 0),
+        "the sm_90a kernels need a compute capability 9.0 device"
+    );
+    assert!(dev.hopper_kernels(), "QADAPT_SM90A=0 turned them off");
+    // (seed: block size 32 << (seed % 3), m, n, k, r, adapters, statistics, bias, mixed rows,
+    // the tile width plan::lora_sm90 picks on 132 SMs)
+    let cases = [
+        (
+            301,
+            1000,
+            1160,
+            192,
+            16,
+            2,
+            Statistics::DoubleQuant,
+            true,
+            true,
+            128,
+        ),
+        (
+            302,
+            600,
+            2048,
+            128,
+            24,
+            3,
+            Statistics::Plain,
+            true,
+            true,
+            128,
+        ),
+        (
+            304,
+            2300,
+            1928,
+            64,
+            8,
+            1,
+            Statistics::DoubleQuant,
+            false,
+            false,
+            256,
+        ),
+    ];
+    for (seed, m, n, k, r, na, stats, bias, multi, bn) in cases {
+        let tag = format!("m {m} n {n} k {k} r {r} x {na} {stats:?}");
+        let c = make_case(seed, m, n, k, r, na, Base::Nf4(stats), bias, multi);
+        let (want, tol) = naive_forward(&c, true);
+        let layer = qadapt::lora::CudaLoraLinear::upload(&dev, &c.layer).unwrap();
+        let x = dev.upload(&c.x).unwrap();
+        let idx = c.idx.as_ref().map(|i| dev.upload(i).unwrap());
+        let sm90 = if bn == 256 {
+            kernels::LORA_GEMM_NF4_SM90_BN256_BF16
+        } else {
+            kernels::LORA_GEMM_NF4_SM90_BN128_BF16
+        };
+        for hopper in [true, false] {
+            dev.set_hopper_kernels(hopper).unwrap();
+            dev.reset_emulator_counters();
+            let mut y = dev.zeros::<bf16>(m * n).unwrap();
+            layer
+                .forward(&x, m, idx.as_ref(), &mut y, Accumulate::Overwrite)
+                .unwrap();
+            let got = dev.download(&y).unwrap();
+            assert_close(&format!("hopper {hopper}, {tag}"), &got, &want, &tol);
+            if let Some((launches, _)) = dev.emulator_counters(sm90) {
+                assert_eq!(launches, u64::from(hopper), "{} launches, {tag}", sm90.name);
+                let sm80 = dev
+                    .emulator_counters(kernels::LORA_GEMM_NF4_BF16)
+                    .unwrap()
+                    .0;
+                assert_eq!(sm80, u64::from(!hopper), "sm_80 GEMM launches, {tag}");
+            }
+        }
+        dev.set_hopper_kernels(true).unwrap();
+        // Accumulate::Add: the old y joins bias and the product before the one rounding.
+        let mut rng = ChaCha8Rng::seed_from_u64(seed + 1);
+        let y0 = rand_bf16(&mut rng, m * n, 2.0);
+        let mut y = dev.upload(&y0).unwrap();
+        layer
+            .forward(&x, m, idx.as_ref(), &mut y, Accumulate::Add)
+            .unwrap();
+        let want_add: Vec<f64> = want
+            .iter()
+            .zip(&y0)
+            .map(|(w, o)| w + f64::from(o.to_f32()))
+            .collect();
+        let tol_add: Vec<f64> = tol
+            .iter()
+            .zip(&want_add)
+            .map(|(t, w)| t + w.abs() / 256.0)
+            .collect();
+        assert_close(
+            &format!("hopper add, {tag}"),
+            &dev.download(&y).unwrap(),
+            &want_add,
+            &tol_add,
+        );
+    }
+}

@@ -16,7 +16,7 @@ use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, ValidAsZero
 use half::bf16;
 use qadapt_kernels::{KernelName, ffi, kernels};
 
-use super::{CudaScalesRef, launch, nf4_dequantize, on_device};
+use super::{CudaScalesRef, Swizzle, launch, nf4_dequantize, on_device, tensor_map_2d};
 use crate::cuda::CudaDevice;
 use crate::error::{Result, invalid, shape_err};
 use crate::lora::LoraShape;
@@ -366,6 +366,21 @@ pub(crate) fn lora_forward(
             rank_product(dev, RankOp::Xa, &xa, shape, m, k, &ra)?;
         }
     }
+    if wp.nf4 && dev.hopper_kernels() {
+        let rank = if rt > 0 { shape.rank as u64 } else { 0 };
+        let sm90 = plan::lora_sm90(
+            m as u64,
+            n as u64,
+            k as u64,
+            rank,
+            wp.blocksize,
+            &dev.props(),
+        );
+        let aligned = is16(x_ptr) && is16(y_ptr) && (rt == 0 || (is16(u_ptr) && is16(b_ptr)));
+        if let (Some(sp), true) = (sm90, aligned) {
+            return launch_sm90(dev, sp, &args, rt);
+        }
+    }
     let main = match plan.path {
         LoraPath::Gemm => plan::LaunchPlan {
             block: plan::lora_gemm_threads(wp.nf4),
@@ -396,6 +411,57 @@ pub(crate) fn lora_forward(
         unsafe { launch(dev, kernels::LORA_SPLIT_REDUCE_BF16, split.reduce, &args) }?;
     }
     Ok(())
+}
+
+/// The y GEMM of an NF4 weight on the sm_90a kernel (`kernels/lora_sm90.cu`), `args` as for
+/// `lora_gemm_nf4_bf16` (u already written when `rt > 0`): the tensor maps of x, of the codes
+/// (as bytes, `n x k/2`) and of u, then one launch.
+fn launch_sm90(
+    dev: &CudaDevice,
+    sp: plan::Sm90Plan,
+    args: &ffi::QadaptLoraFwdArgs,
+    rt: usize,
+) -> Result<()> {
+    use cudarc::driver::sys::CUtensorMapDataType as D;
+    let (m, n, k) = (u64::from(args.m), u64::from(args.n), u64::from(args.k));
+    let (bm, bk) = (ffi::QADAPT_SM90_BM, ffi::QADAPT_SM90_BK);
+    let bf = D::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+    let x_map = tensor_map_2d(args.x, bf, 2, (m, k), (sp.bn, bk), Swizzle::B128)?;
+    let u8 = D::CU_TENSOR_MAP_DATA_TYPE_UINT8;
+    let codes_map = tensor_map_2d(args.w, u8, 1, (n, k / 2), (bm, bk / 2), Swizzle::None)?;
+    let u_map = if rt > 0 {
+        tensor_map_2d(args.u, bf, 2, (m, rt as u64), (sp.bn, bk), Swizzle::B128)?
+    } else {
+        ffi::QadaptTensorMap { opaque: [0; 16] }
+    };
+    let sm90 = ffi::QadaptLoraSm90Args {
+        x_map,
+        codes_map,
+        u_map,
+        fwd: ffi::QadaptLoraFwdArgs {
+            partial: 0,
+            splits: 0,
+            split_steps: 0,
+            ..*args
+        },
+        reserved: [0; 104],
+    };
+    let kernel = if sp.bn == 256 {
+        kernels::LORA_GEMM_NF4_SM90_BN256_BF16
+    } else {
+        kernels::LORA_GEMM_NF4_SM90_BN128_BF16
+    };
+    // SAFETY: QadaptLoraSm90Args is what lora_gemm_nf4_sm90_* take. Its `fwd` is the argument
+    // struct lora_forward checked (x [m*k], y [m*n], u [m*R] written by the xa launch, B
+    // [na*n*r], bias [n], adapter_idx [m], NF4 codes of n*k/2 bytes with their block scales). The
+    // kernel reads x, the codes and u only through the three tensor maps, which describe exactly
+    // those tensors (so TMA stays inside them, zero-filling outside), and the rest under the
+    // preconditions plan::lora_sm90 checked (k % 64 == 0, a power-of-two block size >= 64, rank
+    // and n multiples of 8) and the 16-byte alignment of x, y, u and B checked by the caller
+    // (its 16-byte stores of y). The grid is one CTA per 128 x bn output tile with the dynamic
+    // shared memory of sm90_shared_bytes(bn) (the kernel traps on less). The device is compute
+    // capability 9.0 (hopper_kernels), whose driver loads the sm_90a-only module.
+    unsafe { launch(dev, kernel, sp.launch, &sm90) }
 }
 
 /// Which rank product of `kernels/lora_rank.cu` a launch forms.

@@ -54,8 +54,8 @@ unsafe impl KernelArgs for ffi::QadaptNf4DequantizeArgs {}
 unsafe impl KernelArgs for ffi::QadaptAdamwArgs {}
 // SAFETY: #[repr(C)] struct of u64 fields generated from qadapt.h.
 unsafe impl KernelArgs for ffi::QadaptSumSquaresArgs {}
-// SAFETY: #[repr(C)] struct of u64/u32/f32 fields generated from qadapt.h (13 device addresses,
-// then 8 four-byte fields, no padding); bindgen's layout test pins its 136-byte size.
+// SAFETY: #[repr(C)] struct of u64/u32/f32 fields generated from qadapt.h (14 device addresses,
+// then 10 four-byte fields, no padding); bindgen's layout test pins its 152-byte size.
 unsafe impl KernelArgs for ffi::QadaptLoraFwdArgs {}
 // SAFETY: #[repr(C)] struct of u64/u32/f32 fields generated from qadapt.h (16 device addresses,
 // then 8 four-byte fields, no padding); bindgen's layout test pins its 160-byte size.
@@ -87,6 +87,65 @@ unsafe impl KernelArgs for ffi::QadaptAttentionArgs {}
 // SAFETY: #[repr(C)] struct of 9 u64 then 6 four-byte (u32/f32) fields generated from qadapt.h,
 // no padding (96 bytes, pinned by bindgen's layout test).
 unsafe impl KernelArgs for ffi::QadaptKvCacheArgs {}
+
+// SAFETY: #[repr(C, align(64))] struct of three 128-byte tensor maps (u64 arrays), the
+// QadaptLoraFwdArgs above (152 bytes) and an explicit 104-byte tail, no implicit padding (640
+// bytes, pinned by bindgen's layout test).
+unsafe impl KernelArgs for ffi::QadaptLoraSm90Args {}
+
+/// How a TMA box is laid out in shared memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Swizzle {
+    /// Row after row, as in global memory.
+    None,
+    /// 128-byte rows whose 16-byte chunk j of row r sits at j ^ (r % 8): what wgmma's
+    /// 128-byte-swizzle descriptors read (`kernels/include/qadapt_sm90.cuh`).
+    B128,
+}
+
+/// The TMA tensor map of a row-major `rows x cols` tensor of `elem_bytes`-byte elements
+/// (`dtype`) at device address `base`, read in boxes of `box_rows x box_cols` elements; elements outside
+/// the tensor read as zeros. The driver checks what TMA needs (16-byte aligned base and row
+/// pitch, box sizes) and fails with CUDA_ERROR_INVALID_VALUE otherwise.
+pub(super) fn tensor_map_2d(
+    base: u64,
+    dtype: cudarc::driver::sys::CUtensorMapDataType,
+    elem_bytes: u64,
+    (rows, cols): (u64, u64),
+    (box_rows, box_cols): (u32, u32),
+    swizzle: Swizzle,
+) -> Result<ffi::QadaptTensorMap> {
+    use cudarc::driver::sys;
+    let mut map = sys::CUtensorMap { opaque: [0; 16] };
+    let dims: [u64; 2] = [cols, rows];
+    let strides: [u64; 1] = [cols * elem_bytes];
+    let boxes: [u32; 2] = [box_cols, box_rows];
+    let element_strides: [u32; 2] = [1, 1];
+    // SAFETY: cuTensorMapEncodeTiled writes only the 128-byte map it is given (a live local) and
+    // reads rank-sized arrays (dims, boxes, element strides: 2 entries; strides: rank - 1 = 1),
+    // all live locals of those lengths. It records `base` without touching device memory.
+    unsafe {
+        sys::cuTensorMapEncodeTiled(
+            &mut map,
+            dtype,
+            2,
+            base as *mut std::ffi::c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            element_strides.as_ptr(),
+            sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            match swizzle {
+                Swizzle::None => sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_NONE,
+                Swizzle::B128 => sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            },
+            sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    }
+    .result()?;
+    Ok(ffi::QadaptTensorMap { opaque: map.opaque })
+}
 
 /// The by-value kernel parameter: the C struct's bytes, unchanged.
 #[derive(Clone, Copy)]
@@ -140,7 +199,12 @@ pub(super) unsafe fn launch<A: KernelArgs>(
     plan: LaunchPlan,
     args: &A,
 ) -> Result<()> {
-    let f = dev.function(k)?;
+    // Past the 48 KiB every kernel may use, dynamic shared memory needs the kernel's opt-in.
+    let f = if plan.shared_bytes > 48 * 1024 {
+        dev.function_with_smem(k, plan.shared_bytes)?
+    } else {
+        dev.function(k)?
+    };
     let stream = dev.stream();
     let param = ByValue(*args);
     let mut b = stream.launch_builder(&f);
