@@ -16,6 +16,12 @@
 //! the dense GEMM's), coalescing, bank conflicts, and CTAs against the 132 SMs of the
 //! H200.
 //!
+//! On the virtual H200 (sm_90) the NF4 forward at a GEMM shape the sm_90a kernel takes
+//! (`kernels/lora_sm90.cu`) runs twice: the sm_80 kernels (`forward nf4`), then the sm_90a one
+//! (`forward nf4, sm_90a`); there one `mma` is an m16n8k16 product and a wgmma m64nNk16 counts as
+//! N / 2 of them, and its operands come through TMA (global loads) and descriptors (not counted as
+//! `ldmatrix`).
+//!
 //! Options (`--name value`): `--n`, `--k` (4096 x 4096: a Llama-3-8B attention projection),
 //! `--m` (512 rows for the GEMM paths; the gemv paths run 1 and 16, and 128 rows the GEMM path
 //! with k split across the SMs), `--rank` (16). Shapes are
@@ -155,14 +161,30 @@ fn main() {
         for rows in [1, 16, 128, m] {
             let x = dev.upload(&bf(&randn(rows * k, 1.0, 4))).unwrap();
             let mut y = dev.zeros::<bf16>(rows * n).unwrap();
-            fused
-                .forward(&x, rows, None, &mut y, qadapt::ops::Accumulate::Overwrite)
-                .unwrap();
-            report(
-                &dev,
-                &format!("forward {base}"),
-                &format!("{rows} x {n} x {k}"),
-            );
+            // The virtual H200 is sm_90: an NF4 GEMM the sm_90a kernel takes (plan::lora_sm90)
+            // is counted twice, on the sm_80 kernel and on the sm_90a one.
+            let sm90 = base == "nf4"
+                && qadapt::plan::lora_sm90(
+                    rows as u64,
+                    n as u64,
+                    k as u64,
+                    r as u64,
+                    64,
+                    &dev.props(),
+                )
+                .is_some();
+            for hopper in [false, true].into_iter().filter(|&h| !h || sm90) {
+                dev.set_hopper_kernels(hopper).unwrap();
+                fused
+                    .forward(&x, rows, None, &mut y, qadapt::ops::Accumulate::Overwrite)
+                    .unwrap();
+                let path = if hopper {
+                    "forward nf4, sm_90a"
+                } else {
+                    &format!("forward {base}")
+                };
+                report(&dev, path, &format!("{rows} x {n} x {k}"));
+            }
         }
         let x = dev.upload(&bf(&randn(m * k, 1.0, 5))).unwrap();
         let dy = dev.upload(&bf(&randn(m * n, 1.0, 6))).unwrap();

@@ -144,6 +144,7 @@ fn cuda_table() {
     // Smoke (QADAPT_BENCH_SMOKE=1): one small awkward shape, one timed call each, so every CUDA
     // branch runs on the virtual device; the numbers mean nothing.
     let smoke = bench_smoke();
+    let hopper = dev.hopper_kernels();
     let iters = |n: usize| if smoke { 1 } else { n };
     if smoke {
         println!("\nSMOKE RUN (QADAPT_BENCH_SMOKE=1): tiny shapes, times mean nothing");
@@ -212,11 +213,35 @@ fn cuda_table() {
                 let mut y = dev.zeros::<bf16>(m * n).unwrap();
                 let mut t = dev.zeros::<bf16>(m * r).unwrap();
                 let iters = iters(if m <= 16 { 200 } else { 20 });
-                let f_ms = dev
-                    .time_ms(iters, || {
-                        fused.forward(&x, m, None, &mut y, Accumulate::Overwrite)
+                // On a compute capability 9.0 device the NF4 GEMM rows are timed twice: with the
+                // sm_90a kernel (where plan::lora_sm90 picks it) and with the sm_80 kernel.
+                let sm90 = qadapt::plan::lora_sm90(
+                    m as u64,
+                    n as u64,
+                    k as u64,
+                    r as u64,
+                    64,
+                    &dev.props(),
+                )
+                .filter(|_| hopper);
+                let paths: &[bool] = if sm90.is_some() {
+                    &[true, false]
+                } else {
+                    &[hopper]
+                };
+                let f_ms: Vec<(bool, f64)> = paths
+                    .iter()
+                    .map(|&on| {
+                        dev.set_hopper_kernels(on).unwrap();
+                        let ms = dev
+                            .time_ms(iters, || {
+                                fused.forward(&x, m, None, &mut y, Accumulate::Overwrite)
+                            })
+                            .unwrap();
+                        (on, ms)
                     })
-                    .unwrap();
+                    .collect();
+                dev.set_hopper_kernels(hopper).unwrap();
                 let d_ms = dev
                     .time_ms(iters, || {
                         dev.gemm_bf16(&x, Op::N, &w, Op::T, &mut y, (m, n, k), 1.0, 0.0)
@@ -230,24 +255,32 @@ fn cuda_table() {
                         dev.gemm_bf16(&t, Op::N, &db, Op::T, &mut y, (m, n, r), s, 1.0)
                     })
                     .unwrap();
-                let rate = if m <= 16 {
-                    let gbs = (n * k / 2 + scale_bytes) as f64 / f_ms / 1e6;
-                    format!(
-                        "{gbs:.0} GB/s weights ({:.0}% of copy)",
-                        100.0 * gbs / copy_gbs
-                    )
-                } else {
-                    format!(
-                        "{:.0} TFLOP/s",
-                        2.0 * (m * n * k + m * r * (n + k)) as f64 / f_ms / 1e9
-                    )
-                };
-                println!(
-                    "| lora_*_nf4_bf16 | {m} | {n} x {k} | {r} | {f_ms:.4} | {d_ms:.4} | {u_ms:.4} | {rate} | {:.2}x | {:.2}x | {} |",
-                    d_ms / f_ms,
-                    u_ms / f_ms,
-                    goal(f_ms, d_ms, u_ms)
-                );
+                for &(on, f_ms) in &f_ms {
+                    let rate = if m <= 16 {
+                        let gbs = (n * k / 2 + scale_bytes) as f64 / f_ms / 1e6;
+                        format!(
+                            "{gbs:.0} GB/s weights ({:.0}% of copy)",
+                            100.0 * gbs / copy_gbs
+                        )
+                    } else {
+                        format!(
+                            "{:.0} TFLOP/s",
+                            2.0 * (m * n * k + m * r * (n + k)) as f64 / f_ms / 1e9
+                        )
+                    };
+                    // Which y kernel ran: the sm_90a one only past the gemv rows and where its
+                    // plan allows (it falls back to the sm_80 kernels otherwise).
+                    let kernel = match sm90 {
+                        Some(p) if on => format!("lora_gemm_nf4_sm90_bn{}_bf16", p.bn),
+                        _ => "lora_*_nf4_bf16".to_owned(),
+                    };
+                    println!(
+                        "| {kernel} | {m} | {n} x {k} | {r} | {f_ms:.4} | {d_ms:.4} | {u_ms:.4} | {rate} | {:.2}x | {:.2}x | {} |",
+                        d_ms / f_ms,
+                        u_ms / f_ms,
+                        goal(f_ms, d_ms, u_ms)
+                    );
+                }
             }
             for &m in rows.iter().filter(|&&m| m >= bwd_min_rows) {
                 let x = dev.upload(&uniform(m * k, 1.0, 5)).unwrap();
