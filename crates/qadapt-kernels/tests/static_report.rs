@@ -11,8 +11,9 @@
 //!   longest innermost loop. Counts are static: cold edge code inside the loop counts too. Columns: instructions, `HMMA`, `LDSM` (ldmatrix), other shared loads and stores,
 //!   global loads (`LDG`, `LDGSTS` = cp.async), float and integer/other ALU, barriers, and
 //!   instructions per `HMMA`: what the main loop spends around each tensor-core instruction.
-//!   `HMMA` counts m16n8k16 products: a warpgroup's `HGMMA.64xNx16` counts as N / 2 of them, so
-//!   the sm_90a kernels' rows compare with the mma.sync kernels' (per warpgroup, not per warp).
+//!   `HMMA` counts a warp's m16n8k16 products: an `HGMMA.64xNx16` (issued by the 4 warps of a
+//!   warpgroup, each owning 16 of its 64 rows) counts as N / 8, so the sm_90a kernels' instructions
+//!   per `HMMA` compare with the mma.sync kernels' (issue slots per unit of tensor work).
 //!
 //! Prints the report as a table (`cargo test -p qadapt-kernels --test static_report -- --nocapture`).
 //! Without nvcc the kernels are not compiled and there is nothing to inspect: the test then fails
@@ -119,7 +120,8 @@ fn classify(ops: &[&str]) -> LoopMix {
         m.total += 1;
         match base {
             "HMMA" => m.hmma += 1,
-            // HGMMA.64xNx16: as many m16n8k16 products as (64 / 16) x (N / 8) = N / 2.
+            // HGMMA.64xNx16 of a warpgroup: each of its 4 warps issues it and owns 16 of the 64
+            // rows, a share of N / 8 m16n8k16 products.
             "HGMMA" => {
                 m.hmma += op
                     .split('.')
@@ -127,7 +129,7 @@ fn classify(ops: &[&str]) -> LoopMix {
                     .and_then(|shape| shape.strip_prefix("64x"))
                     .and_then(|rest| rest.split('x').next())
                     .and_then(|n| n.parse::<u32>().ok())
-                    .map_or(1, |n| n / 2)
+                    .map_or(1, |n| n / 8)
             }
             "LDSM" => m.ldsm += 1,
             "LDS" => m.lds += 1,
