@@ -171,7 +171,7 @@ typedef struct __attribute__((aligned(64))) QadaptTensorMap {
     uint64_t opaque[16];
 } QadaptTensorMap;
 
-/* The sm_90a NF4 GEMM (kernels/lora_sm90.cu, chosen on compute capability 9.0 devices): y^T = W x^T
+/* The sm_90a NF4 y GEMM (kernels/lora_sm90.cu, chosen on compute capability 9.0 devices): y^T = W x^T
  * with W decoded from NF4 in registers as wgmma's A operand and x (then u, for the LoRA term)
  * loaded by TMA as its B operand: CTA tile QADAPT_SM90_BM features x bn tokens (bn = 128 or 256,
  * the kernel's name says which), QADAPT_SM90_BK of k a stage, QADAPT_SM90_STAGES stages in
@@ -231,6 +231,18 @@ typedef struct QadaptLoraBwdArgs {
     uint32_t splits;        /* dx GEMM: n cut into this many ranges (0 or 1: none) */
     uint32_t split_steps;   /* dx GEMM: BK slices of n per range (the last may be shorter) */
 } QadaptLoraBwdArgs;
+
+/* The sm_90a NF4 dx GEMM (kernels/lora_sm90.cu): dx^T = [W^T | Acat^T] [dy | g]^T, the tiling of
+ * QadaptLoraSm90Args over features of k and steps of n. Computes what lora_gemm_bwd_dx_nf4_bf16
+ * computes for splits <= 1. Needs n % QADAPT_SM90_BK == 0, k % QADAPT_SM90_BK == 0, a power-of-two
+ * blocksize >= QADAPT_SM90_BK, rank a multiple of 8 and dy, g, dx 16-byte aligned. */
+typedef struct QadaptLoraBwdSm90Args {
+    QadaptTensorMap dy_map;    /* dy [m, n] bf16: box 64 (n) x bn (rows), 128-byte swizzle */
+    QadaptTensorMap codes_map; /* W's codes as uint8 [n, k / 2]: box 64 x 64, no swizzle */
+    QadaptTensorMap g_map;     /* g [m, n_adapters * rank] bf16: box 64 x bn, 128-byte swizzle */
+    QadaptLoraBwdArgs bwd;     /* as for lora_gemm_bwd_dx_nf4_bf16 (splits and partial unused) */
+    uint8_t reserved[16];      /* explicit tail: the struct is 576 bytes, 64-byte aligned */
+} QadaptLoraBwdSm90Args;
 
 /* ---- LoRA rank-R products (kernels/lora_rank.cu) ---------------------------------------------- */
 
@@ -592,6 +604,8 @@ QADAPT_KERNEL(lora_split_reduce_bf16, QadaptLoraFwdArgs);
 /* kernels/lora_sm90.cu */
 QADAPT_KERNEL_SM90A(lora_gemm_nf4_sm90_bn128_bf16, QadaptLoraSm90Args);
 QADAPT_KERNEL_SM90A(lora_gemm_nf4_sm90_bn256_bf16, QadaptLoraSm90Args);
+QADAPT_KERNEL_SM90A(lora_gemm_bwd_dx_nf4_sm90_bn128_bf16, QadaptLoraBwdSm90Args);
+QADAPT_KERNEL_SM90A(lora_gemm_bwd_dx_nf4_sm90_bn256_bf16, QadaptLoraBwdSm90Args);
 
 /* kernels/lora_bwd.cu */
 QADAPT_KERNEL(lora_gemm_bwd_dx_dense_bf16, QadaptLoraBwdArgs);

@@ -355,6 +355,32 @@ const _: () = {
         [::std::mem::offset_of!(QadaptLoraBwdArgs, split_steps) - 172usize];
 };
 #[repr(C)]
+#[repr(align(64))]
+#[derive(Debug, Copy, Clone)]
+pub struct QadaptLoraBwdSm90Args {
+    pub dy_map: QadaptTensorMap,
+    pub codes_map: QadaptTensorMap,
+    pub g_map: QadaptTensorMap,
+    pub bwd: QadaptLoraBwdArgs,
+    pub reserved: [u8; 16usize],
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of QadaptLoraBwdSm90Args"][::std::mem::size_of::<QadaptLoraBwdSm90Args>() - 576usize];
+    ["Alignment of QadaptLoraBwdSm90Args"]
+        [::std::mem::align_of::<QadaptLoraBwdSm90Args>() - 64usize];
+    ["Offset of field: QadaptLoraBwdSm90Args::dy_map"]
+        [::std::mem::offset_of!(QadaptLoraBwdSm90Args, dy_map) - 0usize];
+    ["Offset of field: QadaptLoraBwdSm90Args::codes_map"]
+        [::std::mem::offset_of!(QadaptLoraBwdSm90Args, codes_map) - 128usize];
+    ["Offset of field: QadaptLoraBwdSm90Args::g_map"]
+        [::std::mem::offset_of!(QadaptLoraBwdSm90Args, g_map) - 256usize];
+    ["Offset of field: QadaptLoraBwdSm90Args::bwd"]
+        [::std::mem::offset_of!(QadaptLoraBwdSm90Args, bwd) - 384usize];
+    ["Offset of field: QadaptLoraBwdSm90Args::reserved"]
+        [::std::mem::offset_of!(QadaptLoraBwdSm90Args, reserved) - 560usize];
+};
+#[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
 pub struct QadaptLoraRankArgs {
     pub lhs: u64,

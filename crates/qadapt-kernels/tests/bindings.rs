@@ -34,7 +34,8 @@ fn bindings() -> Vec<(&'static str, &'static str, bindgen::Builder)> {
                 .rustified_enum("QadaptDtype")
                 // 64-byte aligned: bindgen's Default for them would be an unsafe zeroing.
                 .no_default("QadaptTensorMap")
-                .no_default("QadaptLoraSm90Args"),
+                .no_default("QadaptLoraSm90Args")
+                .no_default("QadaptLoraBwdSm90Args"),
         ),
         (
             "vgpu_ffi.rs",

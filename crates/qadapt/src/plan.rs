@@ -607,8 +607,9 @@ pub fn lora_forward(
     })
 }
 
-/// The sm_90a NF4 GEMM of `kernels/lora_sm90.cu` (`lora_gemm_nf4_sm90_bn{bn}_bf16`): TMA, mbarriers
-/// and wgmma with the weight decoded in registers.
+/// An sm_90a NF4 GEMM of `kernels/lora_sm90.cu` (`lora_gemm_nf4_sm90_bn{bn}_bf16`,
+/// `lora_gemm_bwd_dx_nf4_sm90_bn{bn}_bf16`): TMA, mbarriers and wgmma with the weight decoded in
+/// registers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Sm90Plan {
     /// Tokens per CTA tile: 128 or 256 (features: `QADAPT_SM90_BM`).
@@ -617,14 +618,17 @@ pub struct Sm90Plan {
     pub launch: LaunchPlan,
 }
 
-/// The dynamic shared memory of the sm_90a GEMM at `bn` tokens a tile: `QADAPT_SM90_STAGES`
-/// stages of an x/u tile (`bn` rows of 128 bytes) and a codes tile (128 rows of 32 bytes), eight
-/// warps' epilogue staging (`bn` x 16 bf16 each) and two mbarriers a stage (`Sm90Layout` in the
-/// kernel, which traps when given less).
+/// The dynamic shared memory of the sm_90a GEMMs at `bn` tokens a tile: `QADAPT_SM90_STAGES`
+/// stages of an activation tile (`bn` rows of 128 bytes) and a 4 KiB codes tile, eight warps'
+/// epilogue staging (`bn` x 16 bf16 each), a table of 128 f32 block scales a stage and two
+/// mbarriers a stage (`Sm90Layout` in the kernel, which traps when given less).
 pub fn sm90_shared_bytes(bn: u32) -> u32 {
     let stages = ffi::QADAPT_SM90_STAGES;
     let codes = ffi::QADAPT_SM90_BM * ffi::QADAPT_SM90_BK / 2;
-    stages * (bn * ffi::QADAPT_SM90_BK * 2 + codes) + 8 * bn * 16 * 2 + 2 * stages * 8
+    stages * (bn * ffi::QADAPT_SM90_BK * 2 + codes)
+        + 8 * bn * 16 * 2
+        + stages * 128 * 4
+        + 2 * stages * 8
 }
 
 /// Whether the y GEMM of an NF4 weight takes the sm_90a kernel instead of `lora_gemm_nf4_bf16`,
@@ -640,29 +644,60 @@ pub fn lora_sm90(
     blocksize: u32,
     props: &DeviceProps,
 ) -> Option<Sm90Plan> {
+    sm90_plan(m, n, k, rank, blocksize, props)
+}
+
+/// The same for the dx GEMM of an NF4 weight (`lora_gemm_bwd_dx_nf4_sm90_*` instead of
+/// `lora_gemm_bwd_dx_nf4_bf16`): its output features are k and its reduction is n, so it needs
+/// n % 64 == 0 and k % 64 == 0 (whole blocks along each W row), rank % 8 == 0, and k's tiles to
+/// fill the GPU.
+pub fn lora_sm90_dx(
+    m: u64,
+    n: u64,
+    k: u64,
+    rank: u64,
+    blocksize: u32,
+    props: &DeviceProps,
+) -> Option<Sm90Plan> {
+    if !k.is_multiple_of(u64::from(ffi::QADAPT_SM90_BK)) {
+        return None;
+    }
+    sm90_plan(m, k, n, rank, blocksize, props)
+}
+
+/// An sm_90a GEMM of `m` tokens, `features` outputs and a `reduction` (see [`lora_sm90`]).
+fn sm90_plan(
+    m: u64,
+    features: u64,
+    reduction: u64,
+    rank: u64,
+    blocksize: u32,
+    props: &DeviceProps,
+) -> Option<Sm90Plan> {
     let fits = props.compute_capability == (9, 0)
         && m > u64::from(ffi::QADAPT_LORA_GEMV_MAX_ROWS)
-        && k.is_multiple_of(u64::from(ffi::QADAPT_SM90_BK))
+        && reduction.is_multiple_of(u64::from(ffi::QADAPT_SM90_BK))
         && blocksize.is_power_of_two()
         && blocksize >= ffi::QADAPT_SM90_BK
         && rank.is_multiple_of(8)
-        && n.is_multiple_of(8)
+        && features.is_multiple_of(8)
         && m <= u64::from(i32::MAX as u32)
-        && k <= u64::from(i32::MAX as u32);
+        && features <= u64::from(i32::MAX as u32)
+        && reduction <= u64::from(i32::MAX as u32);
     if !fits {
         return None;
     }
     let sms = u64::from(props.sm_count.max(1));
-    let tiles_n = n.div_ceil(u64::from(ffi::QADAPT_SM90_BM));
-    if 2 * tiles_n * m.div_ceil(128) < sms {
+    let tiles_f = features.div_ceil(u64::from(ffi::QADAPT_SM90_BM));
+    if 2 * tiles_f * m.div_ceil(128) < sms {
         return None;
     }
-    let bn: u32 = if tiles_n * m.div_ceil(256) >= sms {
+    let bn: u32 = if tiles_f * m.div_ceil(256) >= sms {
         256
     } else {
         128
     };
-    let ctas = tiles_n * m.div_ceil(u64::from(bn));
+    let ctas = tiles_f * m.div_ceil(u64::from(bn));
     (ctas <= u64::from(props.max_grid_x)).then(|| Sm90Plan {
         bn,
         launch: LaunchPlan {
@@ -684,13 +719,19 @@ mod sm90_tests {
         // 32 x 16 tiles of 128 features x 256 tokens.
         assert_eq!(p.bn, 256);
         assert_eq!((p.launch.grid, p.launch.block), (512, 384));
-        // 4 stages x (32 KiB + 4 KiB) + 8 x 8 KiB staging + 8 mbarriers.
-        assert_eq!(p.launch.shared_bytes, 4 * (32768 + 4096) + 8 * 8192 + 64);
+        // 4 stages x (32 KiB + 4 KiB) + 8 x 8 KiB staging + 4 scale tables + 8 mbarriers.
+        assert_eq!(
+            p.launch.shared_bytes,
+            4 * (32768 + 4096) + 8 * 8192 + 4 * 512 + 64
+        );
         assert!(p.launch.shared_bytes <= 227 * 1024);
         // 512 tokens: 32 x 2 tiles of 256 would leave SMs idle, 32 x 4 of 128 do not.
         let p = lora_sm90(512, 4096, 4096, 16, 64, &h).unwrap();
         assert_eq!((p.bn, p.launch.grid), (128, 128));
-        assert_eq!(p.launch.shared_bytes, 4 * (16384 + 4096) + 8 * 4096 + 64);
+        assert_eq!(
+            p.launch.shared_bytes,
+            4 * (16384 + 4096) + 8 * 4096 + 4 * 512 + 64
+        );
         // Few tiles: the sm_80 path and its split k.
         assert_eq!(lora_sm90(128, 4096, 4096, 16, 64, &h), None);
         // Not Hopper, or the kernel's preconditions unmet.
@@ -706,6 +747,21 @@ mod sm90_tests {
         assert_eq!(lora_sm90(16, 4096, 4096, 16, 64, &h), None);
         // No adapter at all is fine (rank 0).
         assert!(lora_sm90(4096, 4096, 4096, 0, 64, &h).is_some());
+    }
+
+    #[test]
+    fn sm90_dx_path_tiles_k_and_steps_over_n() {
+        let h = DeviceProps::H200;
+        // dx of a 14336 x 4096 projection: 32 tiles of k x 16 of 256 tokens.
+        let p = lora_sm90_dx(4096, 14336, 4096, 16, 64, &h).unwrap();
+        assert_eq!((p.bn, p.launch.grid), (256, 512));
+        // The down projection's dx: k = 14336 features (112 tiles), n = 4096 steps.
+        let p = lora_sm90_dx(512, 4096, 14336, 16, 64, &h).unwrap();
+        assert_eq!((p.bn, p.launch.grid), (256, 112 * 2));
+        // n is the reduction: a multiple of 64; k too (whole blocks along W's rows).
+        assert_eq!(lora_sm90_dx(4096, 4096 + 8, 4096, 16, 64, &h), None);
+        assert_eq!(lora_sm90_dx(4096, 4096, 4096 + 8, 16, 64, &h), None);
+        assert!(lora_sm90(4096, 4096 + 8, 4096, 16, 64, &h).is_some());
     }
 }
 

@@ -763,7 +763,22 @@ fn check_cuda_backward(
     base: Base,
     multi: bool,
 ) {
-    let dev = cuda();
+    check_cuda_backward_on(&cuda(), seed, m, n, k, r, na, base, multi);
+}
+
+/// The CUDA backward on `dev` against the CPU reference: dx within 2^-7 of the magnitude sum,
+/// dA and dB (added to pre-filled gradients) likewise.
+fn check_cuda_backward_on(
+    dev: &Device,
+    seed: u64,
+    m: usize,
+    n: usize,
+    k: usize,
+    r: usize,
+    na: usize,
+    base: Base,
+    multi: bool,
+) {
     let c = make_case(seed, m, n, k, r, na, base, false, multi);
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed);
     let dy = rand_bf16(&mut rng, m * n, 1.0);
@@ -785,7 +800,7 @@ fn check_cuda_backward(
     };
     let dx_gpu = c
         .layer
-        .backward(&dev, &c.x, &dy, m, idx, &mut g_gpu)
+        .backward(dev, &c.x, &dy, m, idx, &mut g_gpu)
         .unwrap();
     let dx_cpu = c
         .layer
@@ -1166,4 +1181,81 @@ fn cuda_sm90_nf4_gemm_matches_f64_and_the_sm80_kernel() {
             &tol_add,
         );
     }
+}
+
+/// The sm_90a NF4 dx GEMM (`kernels/lora_sm90.cu`: dx^T = [W^T | Acat^T] [dy | g]^T, W^T decoded
+/// in registers from 64-row code boxes, block scales staged by the producer warp): on a compute
+/// capability 9.0 device it is the dx GEMM wherever `plan::lora_sm90_dx` allows. At ragged row
+/// and feature tiles, block sizes 64 and 128, both scale kinds, R = 8, 32 and 72 (two LoRA steps)
+/// with mixed adapter rows, and both tile widths, dx, dA and dB match the CPU reference, and so
+/// do the sm_80 kernel's on the same cases; on the virtual device the launch counts show which
+/// kernel ran.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn cuda_sm90_nf4_dx_matches_the_cpu_and_the_sm80_kernel() {
+    use qadapt_kernels::kernels;
+    let (_exclusive, cd) = crate::common::counting();
+    assert_eq!(
+        cd.props().compute_capability,
+        (9, 0),
+        "the sm_90a kernels need a compute capability 9.0 device"
+    );
+    let dev = Device::Cuda(cd.clone());
+    // (seed: block size 32 << (seed % 3), m, n, k, r, adapters, statistics, mixed rows, the tile
+    // width plan::lora_sm90_dx picks on 132 SMs)
+    let cases = [
+        (
+            401,
+            1000,
+            192,
+            1152,
+            16,
+            2,
+            Statistics::DoubleQuant,
+            true,
+            128,
+        ),
+        (403, 2300, 128, 2048, 8, 1, Statistics::Plain, false, 256),
+        (
+            404,
+            600,
+            64,
+            2048,
+            24,
+            3,
+            Statistics::DoubleQuant,
+            true,
+            128,
+        ),
+    ];
+    for (seed, m, n, k, r, na, stats, multi, bn) in cases {
+        let sm90 = if bn == 256 {
+            kernels::LORA_GEMM_BWD_DX_NF4_SM90_BN256_BF16
+        } else {
+            kernels::LORA_GEMM_BWD_DX_NF4_SM90_BN128_BF16
+        };
+        for hopper in [true, false] {
+            cd.set_hopper_kernels(hopper).unwrap();
+            cd.reset_emulator_counters();
+            check_cuda_backward_on(&dev, seed, m, n, k, r, na, Base::Nf4(stats), multi);
+            if let Some((launches, _)) = cd.emulator_counters(sm90) {
+                assert_eq!(
+                    launches,
+                    u64::from(hopper),
+                    "{}, m {m} n {n} k {k}",
+                    sm90.name
+                );
+                let sm80 = cd
+                    .emulator_counters(kernels::LORA_GEMM_BWD_DX_NF4_BF16)
+                    .unwrap()
+                    .0;
+                assert_eq!(
+                    sm80,
+                    u64::from(!hopper),
+                    "sm_80 dx launches, m {m} n {n} k {k}"
+                );
+            }
+        }
+    }
+    cd.set_hopper_kernels(true).unwrap();
 }

@@ -464,6 +464,94 @@ fn launch_sm90(
     unsafe { launch(dev, kernel, sp.launch, &sm90) }
 }
 
+/// The dx GEMM on the sm_80 kernels (`lora_gemm_bwd_dx_*_bf16`, then the split reduction when
+/// `plan` splits n), `args` as `lora_backward` built and checked them (g already written).
+fn launch_dx(
+    dev: &CudaDevice,
+    plan: &plan::LoraBackwardPlan,
+    args: &ffi::QadaptLoraBwdArgs,
+    nf4: bool,
+) -> Result<()> {
+    let dx_kernel = if nf4 {
+        kernels::LORA_GEMM_BWD_DX_NF4_BF16
+    } else {
+        kernels::LORA_GEMM_BWD_DX_DENSE_BF16
+    };
+    let dx = plan::LaunchPlan {
+        block: plan::lora_gemm_threads(nf4),
+        ..plan.dx
+    };
+    // SAFETY: the dx kernels take QadaptLoraBwdArgs; they read dy [m*n], W (n*k bf16, or NF4
+    // codes/scales validated by nf4_scratch with k % 32 == 0 and aligned codes for the NF4
+    // kernel's 16-byte cp.async), g (scratch of at least m*na*r, written above) and A [na*r*k],
+    // and write dx [m*k] only inside those bounds; cp.async of dy/W/A rows only under
+    // QADAPT_LORA_VEC (k % 8, n % 8, aligned). The grid is exactly ceil(m/128)*ceil(k/128) CTAs
+    // (times `splits` with a split n, whose ranges cover n, plan::gemm_split) of the kernel's
+    // thread count (lora_gemm_threads); a split dx GEMM writes only partial [splits*m*k] (the
+    // scratch holds at least that; the rank products above are done with it, same stream), not
+    // dx. Every guard is held past the launch.
+    unsafe { launch(dev, dx_kernel, dx, args) }?;
+    if let Some(split) = plan.dx_split {
+        // SAFETY: lora_split_reduce_dx_bf16 takes the same QadaptLoraBwdArgs: it reads partial
+        // [splits*m*k] (written just above, same stream), g [m*na*r] (this call's, only the row's
+        // own adapter's r columns), A [na*r*k] and adapter_idx [m] (outside 0..na: -1), and writes
+        // dx [m*k], grid-stride over the m*k elements (plan). Every guard is held past it.
+        unsafe { launch(dev, kernels::LORA_SPLIT_REDUCE_DX_BF16, split.reduce, args) }?;
+    }
+    Ok(())
+}
+
+/// The dx GEMM of an NF4 weight on the sm_90a kernel (`kernels/lora_sm90.cu`), `args` as for
+/// `lora_gemm_bwd_dx_nf4_bf16` (g already written when `rt > 0`): the tensor maps of dy, of the
+/// codes (as bytes, `n x k/2`, boxes of 64 W rows x 128 features) and of g, then one launch.
+fn launch_sm90_dx(
+    dev: &CudaDevice,
+    sp: plan::Sm90Plan,
+    args: &ffi::QadaptLoraBwdArgs,
+    rt: usize,
+) -> Result<()> {
+    use cudarc::driver::sys::CUtensorMapDataType as D;
+    let (m, n, k) = (u64::from(args.m), u64::from(args.n), u64::from(args.k));
+    let (bm, bk) = (ffi::QADAPT_SM90_BM, ffi::QADAPT_SM90_BK);
+    let bf = D::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+    let dy_map = tensor_map_2d(args.dy, bf, 2, (m, n), (sp.bn, bk), Swizzle::B128)?;
+    let u8 = D::CU_TENSOR_MAP_DATA_TYPE_UINT8;
+    let codes_map = tensor_map_2d(args.w, u8, 1, (n, k / 2), (bk, bm / 2), Swizzle::None)?;
+    let g_map = if rt > 0 {
+        tensor_map_2d(args.g, bf, 2, (m, rt as u64), (sp.bn, bk), Swizzle::B128)?
+    } else {
+        ffi::QadaptTensorMap { opaque: [0; 16] }
+    };
+    let sm90 = ffi::QadaptLoraBwdSm90Args {
+        dy_map,
+        codes_map,
+        g_map,
+        bwd: ffi::QadaptLoraBwdArgs {
+            partial: 0,
+            splits: 0,
+            split_steps: 0,
+            ..*args
+        },
+        reserved: [0; 16],
+    };
+    let kernel = if sp.bn == 256 {
+        kernels::LORA_GEMM_BWD_DX_NF4_SM90_BN256_BF16
+    } else {
+        kernels::LORA_GEMM_BWD_DX_NF4_SM90_BN128_BF16
+    };
+    // SAFETY: QadaptLoraBwdSm90Args is what lora_gemm_bwd_dx_nf4_sm90_* take. Its `bwd` is the
+    // argument struct lora_backward checked (dy [m*n], g [m*R] written by the dyb product, A
+    // [R*k], dx [m*k], NF4 codes of n*k/2 bytes with their block scales). The kernel reads dy, the
+    // codes and g only through the three tensor maps, which describe exactly those tensors (TMA
+    // stays inside them, zero-filling outside), A and the block scales under the preconditions
+    // plan::lora_sm90_dx checked (n % 64 == 0, k % 64 == 0, a power-of-two block size >= 64, rank
+    // % 8 == 0: no scale index past the last block), and writes dx with 16-byte stores (dx 16-byte
+    // aligned, checked by the caller, k % 8 == 0). The grid is one CTA per 128 x bn tile of dx
+    // with the dynamic shared memory of sm90_shared_bytes(bn) (the kernel traps on less), on a
+    // compute capability 9.0 device (hopper_kernels).
+    unsafe { launch(dev, kernel, sp.launch, &sm90) }
+}
+
 /// Which rank product of `kernels/lora_rank.cu` a launch forms.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum RankOp {
@@ -731,31 +819,15 @@ pub(crate) fn lora_backward(
             &ptrs(dy_ptr, b_ptr, g_ptr, vec_dy, vec_b),
         )?;
     }
-    let dx_kernel = if wp.nf4 {
-        kernels::LORA_GEMM_BWD_DX_NF4_BF16
+    let sm90 = if wp.nf4 && dev.hopper_kernels() {
+        plan::lora_sm90_dx(mu, nu, ku, u64::from(rank), wp.blocksize, &dev.props())
+            .filter(|_| is16(dy_ptr) && is16(dx_ptr) && (rt == 0 || is16(g_ptr)))
     } else {
-        kernels::LORA_GEMM_BWD_DX_DENSE_BF16
+        None
     };
-    let dx = plan::LaunchPlan {
-        block: plan::lora_gemm_threads(wp.nf4),
-        ..plan.dx
-    };
-    // SAFETY: the dx kernels take QadaptLoraBwdArgs; they read dy [m*n], W (n*k bf16, or NF4
-    // codes/scales validated by nf4_scratch with k % 32 == 0 and aligned codes for the NF4
-    // kernel's 16-byte cp.async), g (scratch of at least m*na*r, written above) and A [na*r*k],
-    // and write dx [m*k] only inside those bounds; cp.async of dy/W/A rows only under
-    // QADAPT_LORA_VEC (k % 8, n % 8, aligned). The grid is exactly ceil(m/128)*ceil(k/128) CTAs
-    // (times `splits` with a split n, whose ranges cover n, plan::gemm_split) of the kernel's
-    // thread count (lora_gemm_threads); a split dx GEMM writes only partial [splits*m*k] (the
-    // scratch holds at least that; the rank products above are done with it, same stream), not
-    // dx. Every guard is held past the launch.
-    unsafe { launch(dev, dx_kernel, dx, &args) }?;
-    if let Some(split) = plan.dx_split {
-        // SAFETY: lora_split_reduce_dx_bf16 takes the same QadaptLoraBwdArgs: it reads partial
-        // [splits*m*k] (written just above, same stream), g [m*na*r] (this call's, only the row's
-        // own adapter's r columns), A [na*r*k] and adapter_idx [m] (outside 0..na: -1), and writes
-        // dx [m*k], grid-stride over the m*k elements (plan). Every guard is held past it.
-        unsafe { launch(dev, kernels::LORA_SPLIT_REDUCE_DX_BF16, split.reduce, &args) }?;
+    match sm90 {
+        Some(sp) => launch_sm90_dx(dev, sp, &args, rt)?,
+        None => launch_dx(dev, &plan, &args, wp.nf4)?,
     }
     if let (Some(da), Some(db)) = (plan.da, plan.db) {
         // grad_a [R, k] += g^T x (p = k, t = m) and grad_b [na, n, r] += dy^T u (p = n, t = m);

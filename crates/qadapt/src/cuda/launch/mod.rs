@@ -92,6 +92,10 @@ unsafe impl KernelArgs for ffi::QadaptKvCacheArgs {}
 // QadaptLoraFwdArgs above (152 bytes) and an explicit 104-byte tail, no implicit padding (640
 // bytes, pinned by bindgen's layout test).
 unsafe impl KernelArgs for ffi::QadaptLoraSm90Args {}
+// SAFETY: #[repr(C, align(64))] struct of three 128-byte tensor maps, QadaptLoraBwdArgs (176
+// bytes: 16 u64, 8 four-byte fields, a u64, 2 u32) and an explicit 16-byte tail, no implicit
+// padding (576 bytes, pinned by bindgen's layout test).
+unsafe impl KernelArgs for ffi::QadaptLoraBwdSm90Args {}
 
 /// How a TMA box is laid out in shared memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
