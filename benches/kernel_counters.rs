@@ -16,9 +16,9 @@
 //! the dense GEMM's), coalescing, bank conflicts, and CTAs against the 132 SMs of the
 //! H200.
 //!
-//! On the virtual H200 (sm_90) the NF4 forward at a GEMM shape the sm_90a kernel takes
-//! (`kernels/lora_sm90.cu`) runs twice: the sm_80 kernels (`forward nf4`), then the sm_90a one
-//! (`forward nf4, sm_90a`); there one `mma` is an m16n8k16 product and a wgmma m64nNk16 counts as
+//! On the virtual H200 (sm_90) the NF4 forward and backward at a GEMM shape the sm_90a kernels
+//! take (`kernels/lora_sm90.cu`) run twice: on the sm_80 kernels (`forward nf4`), then the sm_90a
+//! ones (`forward nf4, sm_90a`, `backward nf4, sm_90a`); there one `mma` is an m16n8k16 product and a wgmma m64nNk16 counts as
 //! N / 2 of them, and its operands come through TMA (global loads) and descriptors (not counted as
 //! `ldmatrix`).
 //!
@@ -191,22 +191,29 @@ fn main() {
         let mut dx = dev.zeros::<bf16>(m * k).unwrap();
         let mut ga = dev.zeros::<f32>(r * k).unwrap();
         let mut gb = dev.zeros::<f32>(n * r).unwrap();
-        fused
-            .backward(
-                &x,
-                &dy,
-                m,
-                None,
-                &mut dx,
-                (&mut ga, &mut gb),
-                qadapt::ops::Accumulate::Overwrite,
-            )
-            .unwrap();
-        report(
-            &dev,
-            &format!("backward {base}"),
-            &format!("{m} x {n} x {k}"),
-        );
+        let sm90 = base == "nf4"
+            && qadapt::plan::lora_sm90_dx(m as u64, n as u64, k as u64, r as u64, 64, &dev.props())
+                .is_some();
+        for hopper in [false, true].into_iter().filter(|&h| !h || sm90) {
+            dev.set_hopper_kernels(hopper).unwrap();
+            fused
+                .backward(
+                    &x,
+                    &dy,
+                    m,
+                    None,
+                    &mut dx,
+                    (&mut ga, &mut gb),
+                    qadapt::ops::Accumulate::Overwrite,
+                )
+                .unwrap();
+            let path = if hopper {
+                "backward nf4, sm_90a"
+            } else {
+                &format!("backward {base}")
+            };
+            report(&dev, path, &format!("{m} x {n} x {k}"));
+        }
     }
     let dq = CudaNf4::upload(&dev, &q).unwrap();
     let mut out = dev.zeros::<bf16>(n * k).unwrap();

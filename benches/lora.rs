@@ -101,6 +101,27 @@ fn cpu_benches(c: &mut Criterion) {
 
 /// The CUDA table; prints why it is skipped without a device.
 /// Uniform values in [-scale, scale) from the ChaCha8 stream of `seed`, rounded to bf16.
+/// Times `f` with the sm_90a kernels on, then off, when `sm90` (their plan takes this shape);
+/// else once, as the device is set. Leaves the device as it found it.
+fn time_paths(
+    dev: &qadapt::cuda::CudaDevice,
+    sm90: bool,
+    iters: usize,
+    mut f: impl FnMut() -> qadapt::Result<()>,
+) -> Vec<(bool, f64)> {
+    let was = dev.hopper_kernels();
+    let paths: &[bool] = if sm90 { &[true, false] } else { &[was] };
+    let times = paths
+        .iter()
+        .map(|&on| {
+            dev.set_hopper_kernels(on).unwrap();
+            (on, dev.time_ms(iters, &mut f).unwrap())
+        })
+        .collect();
+    dev.set_hopper_kernels(was).unwrap();
+    times
+}
+
 fn uniform(n: usize, scale: f32, seed: u64) -> Vec<bf16> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     (0..n)
@@ -224,24 +245,9 @@ fn cuda_table() {
                     &dev.props(),
                 )
                 .filter(|_| hopper);
-                let paths: &[bool] = if sm90.is_some() {
-                    &[true, false]
-                } else {
-                    &[hopper]
-                };
-                let f_ms: Vec<(bool, f64)> = paths
-                    .iter()
-                    .map(|&on| {
-                        dev.set_hopper_kernels(on).unwrap();
-                        let ms = dev
-                            .time_ms(iters, || {
-                                fused.forward(&x, m, None, &mut y, Accumulate::Overwrite)
-                            })
-                            .unwrap();
-                        (on, ms)
-                    })
-                    .collect();
-                dev.set_hopper_kernels(hopper).unwrap();
+                let f_ms = time_paths(&dev, sm90.is_some(), iters, || {
+                    fused.forward(&x, m, None, &mut y, Accumulate::Overwrite)
+                });
                 let d_ms = dev
                     .time_ms(iters, || {
                         dev.gemm_bf16(&x, Op::N, &w, Op::T, &mut y, (m, n, k), 1.0, 0.0)
@@ -292,12 +298,21 @@ fn cuda_table() {
                 let mut u = dev.zeros::<bf16>(m * r).unwrap();
                 let mut ga16 = dev.zeros::<bf16>(r * k).unwrap();
                 let mut gb16 = dev.zeros::<bf16>(n * r).unwrap();
-                let f_ms = dev
-                    .time_ms(iters(10), || {
-                        let g = (&mut ga, &mut gb);
-                        fused.backward(&x, &dy, m, None, &mut dx, g, Accumulate::Overwrite)
-                    })
-                    .unwrap();
+                // The dx GEMM on the sm_90a kernel where plan::lora_sm90_dx takes it, then on
+                // the sm_80 one (the rank products are the same kernels either way).
+                let sm90 = qadapt::plan::lora_sm90_dx(
+                    m as u64,
+                    n as u64,
+                    k as u64,
+                    r as u64,
+                    64,
+                    &dev.props(),
+                )
+                .filter(|_| hopper);
+                let f_ms = time_paths(&dev, sm90.is_some(), iters(10), || {
+                    let g = (&mut ga, &mut gb);
+                    fused.backward(&x, &dy, m, None, &mut dx, g, Accumulate::Overwrite)
+                });
                 let d_ms = dev
                     .time_ms(iters(10), || {
                         dev.gemm_bf16(&dy, Op::N, &w, Op::N, &mut dx, (m, k, n), 1.0, 0.0)
@@ -314,13 +329,21 @@ fn cuda_table() {
                         dev.gemm_bf16(&dy, Op::T, &u, Op::N, &mut gb16, (n, r, m), 1.0, 1.0)
                     })
                     .unwrap();
-                println!(
-                    "| lora_gemm_bwd_*_nf4_bf16 | {m} | {n} x {k} | {r} | {f_ms:.4} | {d_ms:.4} | {u_ms:.4} | {:.0} TFLOP/s | {:.2}x | {:.2}x | {} |",
-                    2.0 * (m * n * k + 4 * m * r * (n + k)) as f64 / f_ms / 1e9,
-                    d_ms / f_ms,
-                    u_ms / f_ms,
-                    goal(f_ms, d_ms, u_ms)
-                );
+                for &(on, f_ms) in &f_ms {
+                    let kernel = match sm90 {
+                        Some(p) if on => {
+                            format!("lora_gemm_bwd_dx_nf4_sm90_bn{}_bf16 + rank", p.bn)
+                        }
+                        _ => "lora_gemm_bwd_*_nf4_bf16".to_owned(),
+                    };
+                    println!(
+                        "| {kernel} | {m} | {n} x {k} | {r} | {f_ms:.4} | {d_ms:.4} | {u_ms:.4} | {:.0} TFLOP/s | {:.2}x | {:.2}x | {} |",
+                        2.0 * (m * n * k + 4 * m * r * (n + k)) as f64 / f_ms / 1e9,
+                        d_ms / f_ms,
+                        u_ms / f_ms,
+                        goal(f_ms, d_ms, u_ms)
+                    );
+                }
             }
         }
     }

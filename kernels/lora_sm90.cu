@@ -30,11 +30,14 @@
  * Codes tiles (4 KiB a stage, TMA, no swizzle):
  *   y:  W rows n0..n0+127, columns k0..k0+63 = 32 bytes a row; row r holds, for slice q, columns
  *       16q + 2t, +1 in byte 8q + t and 16q + 2t + 8, +9 in byte 8q + t + 4 (t = lane % 4).
- *   dx: W rows nn0..nn0+63 (the reduction), columns (features) f0..f0+127 = 64 bytes a row.
+ *   dx: W rows nn0..nn0+63 (the reduction), columns (features) f0..f0+127 = 64 bytes a row,
+ *       64-byte swizzled (chunk j of row nn at j ^ ((nn / 2) % 4): the decode reads four rows at
+ *       once, which would otherwise share banks).
  * Scale tables (128 floats a stage): y: row r's block scale at this step (one block: block size
  * >= 64 and k % 64 == 0); dx: [nn][c], the block of W row nn0 + nn over features f0 + 64c ..+63.
  *
- * Shared memory (dynamic, 1024-byte aligned): STAGES x (activation tile BN x 128 B, codes 4 KiB),
+ * Shared memory (dynamic, 1024-byte aligned): STAGES x (activation tile BN x 128 B, codes 4 KiB; both
+ * start 1024-byte aligned, as the swizzles need),
  * 8 consumer warps' staging tiles (BN x 32 B), STAGES scale tables, 2 x STAGES mbarriers.
  *
  * Preconditions (plan::lora_sm90 / lora_sm90_dx check them): the reduction a multiple of 64 (y: k,
@@ -170,11 +173,14 @@ struct Dx {
     }
     /* A = W^T: rows = features r_lo, r_lo + 8 (one byte column, r_lo's parity picks the nibble),
      * columns = W rows 16q + 2t, +1, +8, +9 of the step. An 8-byte load of W row nn at byte
-     * 32c + 8w holds the codes of features r_lo (byte g/2) and r_lo + 8 (byte g/2 + 4). */
+     * 32c + 8w holds the codes of features r_lo (byte g/2) and r_lo + 8 (byte g/2 + 4). The box
+     * lands with the 64-byte swizzle (16-byte chunk j of row nn at j ^ ((nn / 2) % 4)): the four
+     * rows 2t + .. that a warp's lanes read at once fall in four different chunks, not one bank. */
     __device__ __forceinline__ void decode(uint32_t (&frag)[4][4], const uint8_t* codes, const float* scales,
                                            const float* lv, uint32_t r_lo, uint32_t t, uint32_t g,
                                            uint32_t c) const {
         const uint32_t col = r_lo / 2 - g / 2; /* 32c + 8w: 8-byte aligned */
+        const uint32_t chunk = col / 16, half = col % 16;
         const uint32_t sh = 8 * (g / 2) + ((g & 1u) ? 0u : 4u);
 #pragma unroll
         for (uint32_t q = 0; q < 4; ++q) {
@@ -182,7 +188,8 @@ struct Dx {
 #pragma unroll
             for (uint32_t j = 0; j < 4; ++j) {
                 const uint32_t nn = 16 * q + 2 * t + (j & 1u) + 8 * (j >> 1);
-                const uint2 v = *reinterpret_cast<const uint2*>(codes + nn * 64 + col);
+                const uint32_t at = nn * 64 + 16 * (chunk ^ ((nn / 2) % 4)) + half;
+                const uint2 v = *reinterpret_cast<const uint2*>(codes + at);
                 const float sc = scales[2 * nn + c];
                 lo[j] = __fmul_rn(lv[(v.x >> sh) & 15u], sc);
                 hi[j] = __fmul_rn(lv[(v.y >> sh) & 15u], sc);

@@ -1480,16 +1480,17 @@ void tma_load_2d(void* dst, const void* map, uint64_t* bar, int32_t c0, int32_t 
     const char* why = nullptr;
     if (tmap_check(m, &why) != 0) ex->fail(QV_PTX_ERROR, f, "%s: corrupt tensor map at %p: %s", what, map, why);
     if (m.rank != 2) ex->fail(QV_PTX_ERROR, f, "%s with a tensor map of rank %u", what, m.rank);
-    if (m.swizzle != 0 && m.swizzle != 3)
-        ex->fail(QV_PTX_ERROR, f, "%s: swizzle mode %u is not emulated (none or 128B only)", what, m.swizzle);
+    /* Swizzle mode B (1, 2, 3: 32, 64, 128 bytes) XORs address bits 4..4+B (the 16-byte chunk)
+     * with bits 7..7+B, over a pattern of 128 << B bytes that starts at an aligned destination. */
     const uint32_t es = m.elem_size, row = m.box[0] * es, rows = m.box[1], bytes = row * rows;
-    const bool sw = m.swizzle == 3;
-    if (sw && row != 128)
-        ex->fail(QV_PTX_ERROR, f, "%s: 128-byte swizzle with %u-byte box rows (the emulator needs exactly 128)", what, row);
-    const uintptr_t align = sw ? 1024 : 128;
+    const uint32_t sw = m.swizzle, span = sw ? 16u << sw : 0;
+    if (sw && row != span)
+        ex->fail(QV_PTX_ERROR, f, "%s: %u-byte swizzle with %u-byte box rows (the emulator needs exactly %u)", what, span,
+                 row, span);
+    const uintptr_t align = sw ? (uintptr_t)128 << sw : 128;
     if ((uintptr_t)dst & (align - 1))
         ex->fail(QV_PTX_ERROR, f, "%s: destination %p is not %u-byte aligned%s", what, dst, (unsigned)align,
-                 sw ? " (128-byte swizzle)" : "");
+                 sw ? " (the swizzle pattern's start)" : "");
     if (mc_space_of(ex, dst) != McSpace::Shared || mc_space_of(ex, (uint8_t*)dst + bytes - 1) != McSpace::Shared)
         ex->fail(QV_PTX_ERROR, f, "%s: destination [%p, +%u) is not inside shared memory", what, dst, bytes);
     Mbar& b = ex->mbar_of(f, bar, what);
@@ -1513,9 +1514,10 @@ void tma_load_2d(void* dst, const void* map, uint64_t* bar, int32_t c0, int32_t 
             memcpy(line.data() + (x0 - c0) * es, src, n);
         }
         uint8_t* out = c.data.data() + (size_t)r * row;
-        if (sw)
-            for (uint32_t j = 0; j < 8; ++j) memcpy(out + 16 * (j ^ (r % 8)), line.data() + 16 * j, 16);
-        else
+        if (sw) {
+            const uint32_t x = ((r * span) >> 7) & ((1u << sw) - 1);
+            for (uint32_t j = 0; j < span / 16; ++j) memcpy(out + 16 * (j ^ x), line.data() + 16 * j, 16);
+        } else
             memcpy(out, line.data(), row);
     }
     mc_bulk_request(bytes);

@@ -575,8 +575,8 @@ void test_registry() {
         if (i) check(std::string(qv_kernel_name(i - 1)) < k, "kernel names sorted and unique at %zu", i);
     }
     printf("  %zu kernels registered (%zu lora_*, %zu selftest)\n", n, lora, st);
-    check(lora == 18 && st == 15,
-          "18 lora kernels (lora_fwd.cu 8, lora_bwd.cu 3, lora_rank.cu 5, lora_sm90.cu 2) and 15 selftest kernels registered");
+    check(lora == 20 && st == 15,
+          "20 lora kernels (lora_fwd.cu 8, lora_bwd.cu 3, lora_rank.cu 5, lora_sm90.cu 4) and 15 selftest kernels registered");
     check(qv_kernel_args_size("lora_gemm_dense_bf16") == sizeof(QadaptLoraFwdArgs), "args size of lora_gemm_dense_bf16");
     check(qv_kernel_args_size("adamw_f32") == sizeof(QadaptAdamwArgs), "args size of adamw_f32");
     check(qv_kernel_args_size("attention_fwd_bf16") == sizeof(QadaptAttentionArgs), "args size of attention_fwd_bf16");
@@ -1341,7 +1341,7 @@ void test_concurrent() {
 /* ---- sm_90a ------------------------------------------------------------------------------------- */
 
 void test_tma() {
-    Timer tm("TMA: boxes at negative and ragged coordinates (zero fill), no swizzle and 128-byte swizzle");
+    Timer tm("TMA: boxes at negative and ragged coordinates (zero fill), no swizzle, 128- and 64-byte swizzle");
     /* uint16 tensor 100 x 37 (row pitch 208 bytes), boxes of 64 x 12 (128-byte rows). */
     const uint32_t W = 100, H = 37, pitch = 208;
     std::vector<uint8_t> g(pitch * H);
@@ -1352,25 +1352,29 @@ void test_tma() {
     reg.add(out);
     const int32_t coords[4][2] = {{0, 0}, {-5, -3}, {60, 30}, {-64, 0}};
     size_t bad = 0;
-    for (int sw = 0; sw < 2; ++sw)
+    /* Swizzle modes 0 (none), 3 (128B: 128-byte rows, chunk j ^ (r % 8)) and 2 (64B: boxes of
+     * 32 x 12, 64-byte rows, chunk j ^ ((r / 2) % 4)). */
+    for (uint32_t sw : {0u, 3u, 2u})
         for (auto& c : coords) {
             StTma a{};
+            const uint32_t cols = sw == 2 ? 32 : 64, rowb = cols * 2;
             const uint64_t dims[2] = {W, H}, strides[1] = {pitch};
-            const uint32_t box[2] = {64, 12}, es[2] = {1, 1};
-            check(qv_tensor_map_encode(&a.map, 1, 2, g.data(), dims, strides, box, es, 0, sw ? 3 : 0, 0, 0) == 0, "encode");
-            a.out = P(out.data()), a.c0 = c[0], a.c1 = c[1], a.bytes = 64 * 2 * 12;
+            const uint32_t box[2] = {cols, 12}, es[2] = {1, 1};
+            check(qv_tensor_map_encode(&a.map, 1, 2, g.data(), dims, strides, box, es, 0, sw, 0, 0) == 0, "encode");
+            std::fill(out.begin(), out.end(), 0xee);
+            a.out = P(out.data()), a.c0 = c[0], a.c1 = c[1], a.bytes = rowb * 12;
             QvCounters ctr{};
             const QvStatus st = run("st_tma", a, D1(1), D1(32), 2048, &ctr);
             check(st.code == QV_OK, "st_tma: %s", st.message);
             size_t inb = 0;
             for (uint32_t r = 0; r < 12; ++r)
-                for (uint32_t b = 0; b < 128; ++b) {
+                for (uint32_t b = 0; b < rowb; ++b) {
                     const int64_t y = c[1] + (int64_t)r, x = c[0] + (int64_t)(b / 2);
                     const bool in = y >= 0 && y < H && x >= 0 && x < W;
                     inb += in;
                     const uint8_t want = in ? g[(size_t)y * pitch + x * 2 + b % 2] : 0;
-                    const uint32_t at = sw ? r * 128 + 16 * ((b / 16) ^ (r % 8)) + b % 16 : r * 128 + b;
-                    bad += out[at] != want;
+                    const uint32_t x16 = sw == 3 ? r % 8 : sw == 2 ? (r / 2) % 4 : 0;
+                    bad += out[r * rowb + 16 * ((b / 16) ^ x16) + b % 16] != want;
                 }
             check(ctr.global_ld_bytes == inb, "TMA global load bytes %llu, want %zu", (unsigned long long)ctr.global_ld_bytes, inb);
         }

@@ -13,7 +13,7 @@
  *   16 rank         number of dimensions (the emulated TMA supports 2)
  *   20 elem_size    bytes per element (1, 2, 4 or 8)
  *   24 dtype        CUtensorMapDataType
- *   28 swizzle      CUtensorMapSwizzle: 0 none, 1 32B, 2 64B, 3 128B (the emulated TMA: 0 and 3)
+ *   28 swizzle      CUtensorMapSwizzle: 0 none, 1 32B, 2 64B, 3 128B (the emulated TMA: rows of exactly the span)
  *   32 dims[2]      elements per dimension, innermost first
  *   48 stride1      bytes between consecutive indices of dimension 1 (globalStrides[0])
  *   56 box[2]       box size per dimension, elements

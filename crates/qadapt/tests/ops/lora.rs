@@ -928,6 +928,22 @@ fn cuda_base_only_calls_run_no_lora_kernel() {
     }
 }
 
+/// The truth and tolerance of a forward added into `y0` (`Accumulate::Add`): y0 + want, within
+/// the forward's tolerance plus the old value's share of the one bf16 rounding.
+fn added_to(want: &[f64], tol: &[f64], y0: &[bf16]) -> (Vec<f64>, Vec<f64>) {
+    let want: Vec<f64> = want
+        .iter()
+        .zip(y0)
+        .map(|(w, o)| w + f64::from(o.to_f32()))
+        .collect();
+    let tol = tol
+        .iter()
+        .zip(&want)
+        .map(|(t, w)| t + w.abs() / 256.0)
+        .collect();
+    (want, tol)
+}
+
 /// `Accumulate::Add` adds the forward into `y` in the kernels' epilogue (the residual add of a
 /// sublayer, no temporary): on every path (gemv, wide gemv, GEMM with and without split k, NF4
 /// streamed and dequantized first) the device and the CPU reference give `y0 + x W^T + LoRA`
@@ -950,16 +966,7 @@ fn cuda_forward_accumulates_into_y_in_the_epilogue() {
         let mut rng = ChaCha8Rng::seed_from_u64(171 + i as u64);
         let y0 = rand_bf16(&mut rng, m * n, 2.0);
         let (want, tol) = naive_forward(&c, true);
-        let want: Vec<f64> = want
-            .iter()
-            .zip(&y0)
-            .map(|(w, o)| w + f64::from(o.to_f32()))
-            .collect();
-        let tol: Vec<f64> = tol
-            .iter()
-            .zip(&want)
-            .map(|(t, w)| t + w.abs() / 256.0)
-            .collect();
+        let (want, tol) = added_to(&want, &tol, &y0);
         let layer = qadapt::lora::CudaLoraLinear::upload(&dev, &c.layer).unwrap();
         let x = dev.upload(&c.x).unwrap();
         let idx = c.idx.as_ref().map(|i| dev.upload(i).unwrap());
@@ -1164,16 +1171,7 @@ fn cuda_sm90_nf4_gemm_matches_f64_and_the_sm80_kernel() {
         layer
             .forward(&x, m, idx.as_ref(), &mut y, Accumulate::Add)
             .unwrap();
-        let want_add: Vec<f64> = want
-            .iter()
-            .zip(&y0)
-            .map(|(w, o)| w + f64::from(o.to_f32()))
-            .collect();
-        let tol_add: Vec<f64> = tol
-            .iter()
-            .zip(&want_add)
-            .map(|(t, w)| t + w.abs() / 256.0)
-            .collect();
+        let (want_add, tol_add) = added_to(&want, &tol, &y0);
         assert_close(
             &format!("hopper add, {tag}"),
             &dev.download(&y).unwrap(),

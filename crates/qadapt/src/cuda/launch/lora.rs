@@ -422,18 +422,16 @@ fn launch_sm90(
     args: &ffi::QadaptLoraFwdArgs,
     rt: usize,
 ) -> Result<()> {
-    use cudarc::driver::sys::CUtensorMapDataType as D;
     let (m, n, k) = (u64::from(args.m), u64::from(args.n), u64::from(args.k));
     let (bm, bk) = (ffi::QADAPT_SM90_BM, ffi::QADAPT_SM90_BK);
-    let bf = D::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
-    let x_map = tensor_map_2d(args.x, bf, 2, (m, k), (sp.bn, bk), Swizzle::B128)?;
-    let u8 = D::CU_TENSOR_MAP_DATA_TYPE_UINT8;
-    let codes_map = tensor_map_2d(args.w, u8, 1, (n, k / 2), (bm, bk / 2), Swizzle::None)?;
-    let u_map = if rt > 0 {
-        tensor_map_2d(args.u, bf, 2, (m, rt as u64), (sp.bn, bk), Swizzle::B128)?
-    } else {
-        ffi::QadaptTensorMap { opaque: [0; 16] }
-    };
+    // W's codes in boxes of 128 rows x 32 bytes (64 columns of k).
+    let [x_map, codes_map, u_map] = sm90_maps(
+        &sp,
+        (args.x, k),
+        (args.w, n, k / 2, bm, bk / 2, Swizzle::None),
+        (args.u, rt),
+        m,
+    )?;
     let sm90 = ffi::QadaptLoraSm90Args {
         x_map,
         codes_map,
@@ -462,6 +460,31 @@ fn launch_sm90(
     // shared memory of sm90_shared_bytes(bn) (the kernel traps on less). The device is compute
     // capability 9.0 (hopper_kernels), whose driver loads the sm_90a-only module.
     unsafe { launch(dev, kernel, sp.launch, &sm90) }
+}
+
+/// The three tensor maps of an sm_90a GEMM over `m` tokens: the activation `act [m, reduction]`
+/// and the LoRA operand `lora [m, rt]` (bf16, boxes of bn rows x 64 columns, 128-byte swizzle; no
+/// map when rt == 0: the kernel then runs no LoRA step), and the NF4 codes as bytes
+/// `[rows, cols]` in boxes of `box_rows x box_cols` with `swizzle`.
+fn sm90_maps(
+    sp: &plan::Sm90Plan,
+    (act, reduction): (u64, u64),
+    (codes, rows, cols, box_rows, box_cols, swizzle): (u64, u64, u64, u32, u32, Swizzle),
+    (lora, rt): (u64, usize),
+    m: u64,
+) -> Result<[ffi::QadaptTensorMap; 3]> {
+    use cudarc::driver::sys::CUtensorMapDataType as D;
+    let bf = D::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+    let bk = ffi::QADAPT_SM90_BK;
+    let act_map = tensor_map_2d(act, bf, 2, (m, reduction), (sp.bn, bk), Swizzle::B128)?;
+    let u8 = D::CU_TENSOR_MAP_DATA_TYPE_UINT8;
+    let codes_map = tensor_map_2d(codes, u8, 1, (rows, cols), (box_rows, box_cols), swizzle)?;
+    let lora_map = if rt > 0 {
+        tensor_map_2d(lora, bf, 2, (m, rt as u64), (sp.bn, bk), Swizzle::B128)?
+    } else {
+        ffi::QadaptTensorMap { opaque: [0; 16] }
+    };
+    Ok([act_map, codes_map, lora_map])
 }
 
 /// The dx GEMM on the sm_80 kernels (`lora_gemm_bwd_dx_*_bf16`, then the split reduction when
@@ -510,18 +533,17 @@ fn launch_sm90_dx(
     args: &ffi::QadaptLoraBwdArgs,
     rt: usize,
 ) -> Result<()> {
-    use cudarc::driver::sys::CUtensorMapDataType as D;
     let (m, n, k) = (u64::from(args.m), u64::from(args.n), u64::from(args.k));
     let (bm, bk) = (ffi::QADAPT_SM90_BM, ffi::QADAPT_SM90_BK);
-    let bf = D::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
-    let dy_map = tensor_map_2d(args.dy, bf, 2, (m, n), (sp.bn, bk), Swizzle::B128)?;
-    let u8 = D::CU_TENSOR_MAP_DATA_TYPE_UINT8;
-    let codes_map = tensor_map_2d(args.w, u8, 1, (n, k / 2), (bk, bm / 2), Swizzle::None)?;
-    let g_map = if rt > 0 {
-        tensor_map_2d(args.g, bf, 2, (m, rt as u64), (sp.bn, bk), Swizzle::B128)?
-    } else {
-        ffi::QadaptTensorMap { opaque: [0; 16] }
-    };
+    // W's codes in boxes of 64 rows (steps of n) x 64 bytes (128 features of k), 64-byte
+    // swizzled (the kernel's decode reads four rows at once).
+    let [dy_map, codes_map, g_map] = sm90_maps(
+        &sp,
+        (args.dy, n),
+        (args.w, n, k / 2, bk, bm / 2, Swizzle::B64),
+        (args.g, rt),
+        m,
+    )?;
     let sm90 = ffi::QadaptLoraBwdSm90Args {
         dy_map,
         codes_map,

@@ -102,6 +102,9 @@ unsafe impl KernelArgs for ffi::QadaptLoraBwdSm90Args {}
 pub(super) enum Swizzle {
     /// Row after row, as in global memory.
     None,
+    /// 64-byte rows whose 16-byte chunk j of row r sits at j ^ ((r / 2) % 4) (the sm_90a dx
+    /// GEMM's codes, against bank conflicts).
+    B64,
     /// 128-byte rows whose 16-byte chunk j of row r sits at j ^ (r % 8): what wgmma's
     /// 128-byte-swizzle descriptors read (`kernels/include/qadapt_sm90.cuh`).
     B128,
@@ -141,6 +144,7 @@ pub(super) fn tensor_map_2d(
             sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
             match swizzle {
                 Swizzle::None => sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_NONE,
+                Swizzle::B64 => sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_64B,
                 Swizzle::B128 => sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
             },
             sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
