@@ -635,6 +635,7 @@ impl CudaLoraLinear {
             self.bias.as_ref(),
             y,
             acc,
+            None,
         )
     }
 
@@ -673,6 +674,70 @@ impl CudaLoraLinear {
             dx,
             Some((grad_a, grad_b)),
             acc,
+            None,
+        )
+    }
+
+    /// The length of the LoRA intermediate `u = s x A^T` of `rows` rows, `[rows, adapters *
+    /// rank]` bf16: what [`forward_keep`](Self::forward_keep) leaves for
+    /// [`backward_kept`](Self::backward_kept).
+    pub fn kept_len(&self, rows: usize) -> usize {
+        rows * self.rank * self.n_adapters
+    }
+
+    /// [`forward`](Self::forward), leaving its LoRA intermediate `u = s x A^T`
+    /// ([`kept_len`](Self::kept_len) bf16; a row's other adapters' columns 0) in `u` for
+    /// [`backward_kept`](Self::backward_kept), which then does not form it again.
+    pub fn forward_keep(
+        &self,
+        x: &CudaSlice<bf16>,
+        rows: usize,
+        adapter_idx: Option<&CudaSlice<i32>>,
+        y: &mut CudaSlice<bf16>,
+        acc: Accumulate,
+        u: &mut CudaSlice<bf16>,
+    ) -> Result<()> {
+        launch::lora_forward(
+            &self.dev,
+            &self.shape(rows),
+            x,
+            self.weight.as_ref(),
+            self.lora(),
+            adapter_idx,
+            self.bias.as_ref(),
+            y,
+            acc,
+            Some(u),
+        )
+    }
+
+    /// [`backward`](Self::backward) with the `u` that [`forward_keep`](Self::forward_keep) left
+    /// for the same `x`, rows and adapter indices (and adapters not updated since): one rank
+    /// product fewer.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_kept(
+        &self,
+        x: &CudaSlice<bf16>,
+        u: &CudaSlice<bf16>,
+        dy: &CudaSlice<bf16>,
+        rows: usize,
+        adapter_idx: Option<&CudaSlice<i32>>,
+        dx: &mut CudaSlice<bf16>,
+        (grad_a, grad_b): (&mut CudaSlice<f32>, &mut CudaSlice<f32>),
+        acc: Accumulate,
+    ) -> Result<()> {
+        launch::lora_backward(
+            &self.dev,
+            &self.shape(rows),
+            x,
+            dy,
+            self.weight.as_ref(),
+            self.lora(),
+            adapter_idx,
+            dx,
+            Some((grad_a, grad_b)),
+            acc,
+            Some(u),
         )
     }
 
@@ -705,6 +770,7 @@ impl CudaLoraLinear {
             self.bias.as_ref(),
             y,
             acc,
+            None,
         )
     }
 
@@ -729,6 +795,7 @@ impl CudaLoraLinear {
             dx,
             None,
             acc,
+            None,
         )
     }
 }

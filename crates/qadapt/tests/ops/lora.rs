@@ -1257,3 +1257,104 @@ fn cuda_sm90_nf4_dx_matches_the_cpu_and_the_sm80_kernel() {
     }
     cd.set_hopper_kernels(true).unwrap();
 }
+
+/// `forward_keep` leaves u = s x A^T for `backward_kept`, which then forms no u of its own: on
+/// the gemv path (u from `lora_xa_bf16`) and the GEMM path (from the rank product), dense and
+/// NF4, several adapters with mixed rows, the kept backward's dx, dA and dB equal the
+/// recomputing backward's (the same u either way, up to the order of its f32 sums: within the
+/// backward's tolerance), and on the virtual device it launches no `lora_rank_xa_bf16`. A kept u
+/// of the wrong length is a shape error.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn cuda_backward_from_the_kept_u_skips_the_xa_product() {
+    use qadapt_kernels::kernels;
+    let (_exclusive, dev) = crate::common::counting();
+    for (seed, m, n, k, base) in [
+        (501, 5, 96, 128, Base::Dense),
+        (502, 40, 200, 256, Base::Nf4(Statistics::DoubleQuant)),
+        (503, 300, 136, 192, Base::Nf4(Statistics::Plain)),
+    ] {
+        let tag = format!("m {m} n {n} k {k} {base:?}");
+        let c = make_case(seed, m, n, k, 8, 2, base, false, true);
+        let layer = qadapt::lora::CudaLoraLinear::upload(&dev, &c.layer).unwrap();
+        let x = dev.upload(&c.x).unwrap();
+        let idx = c.idx.as_ref().map(|i| dev.upload(i).unwrap());
+        let mut rng = ChaCha8Rng::seed_from_u64(seed + 1);
+        let dy = dev.upload(&rand_bf16(&mut rng, m * n, 1.0)).unwrap();
+        let (y_plain, y_kept) = (
+            &mut dev.zeros::<bf16>(m * n).unwrap(),
+            &mut dev.zeros::<bf16>(m * n).unwrap(),
+        );
+        let mut u = dev.zeros::<bf16>(layer.kept_len(m)).unwrap();
+        // The kept path first: the device's own u scratch then holds nothing of this case (zeros,
+        // or the previous case's), so a backward that read it instead of the kept u would fail.
+        layer
+            .forward_keep(&x, m, idx.as_ref(), y_kept, Accumulate::Overwrite, &mut u)
+            .unwrap();
+        let run = |kept: bool| {
+            let mut dx = dev.zeros::<bf16>(m * k).unwrap();
+            let mut ga = dev.zeros::<f32>(2 * 8 * k).unwrap();
+            let mut gb = dev.zeros::<f32>(2 * n * 8).unwrap();
+            dev.reset_emulator_counters();
+            let g = (&mut ga, &mut gb);
+            if kept {
+                let ow = Accumulate::Overwrite;
+                layer.backward_kept(&x, &u, &dy, m, idx.as_ref(), &mut dx, g, ow)
+            } else {
+                layer.backward(&x, &dy, m, idx.as_ref(), &mut dx, g, Accumulate::Overwrite)
+            }
+            .unwrap();
+            let xa = dev
+                .emulator_counters(kernels::LORA_RANK_XA_BF16)
+                .map(|c| c.0);
+            let out = (
+                dev.download(&dx).unwrap(),
+                dev.download(&ga).unwrap(),
+                dev.download(&gb).unwrap(),
+            );
+            (out, xa)
+        };
+        let ((dx1, ga1, gb1), xa1) = run(true);
+        layer
+            .forward(&x, m, idx.as_ref(), y_plain, Accumulate::Overwrite)
+            .unwrap();
+        assert_eq!(
+            dev.download(y_kept).unwrap(),
+            dev.download(y_plain).unwrap(),
+            "{tag}: forward_keep's y"
+        );
+        let ((dx0, ga0, gb0), xa0) = run(false);
+        if let (Some(xa0), Some(xa1)) = (xa0, xa1) {
+            assert_eq!((xa0, xa1), (1, 0), "{tag}: u products (recomputed, kept)");
+        }
+        let close = |a: f32, b: f32| (a - b).abs() <= 1e-2 * a.abs().max(b.abs()) + 1e-3;
+        for (i, (a, b)) in dx0.iter().zip(&dx1).enumerate() {
+            assert!(close(a.to_f32(), b.to_f32()), "{tag}: dx[{i}] {a} vs {b}");
+        }
+        for (what, g0, g1) in [("dA", &ga0, &ga1), ("dB", &gb0, &gb1)] {
+            for (i, (a, b)) in g0.iter().zip(g1).enumerate() {
+                assert!(close(*a, *b), "{tag}: {what}[{i}] {a} vs {b}");
+            }
+        }
+        // A kept u of another length.
+        let short = dev.zeros::<bf16>(layer.kept_len(m) - 1).unwrap();
+        let mut dx = dev.zeros::<bf16>(m * k).unwrap();
+        let (mut ga, mut gb) = (
+            dev.zeros::<f32>(2 * 8 * k).unwrap(),
+            dev.zeros::<f32>(2 * n * 8).unwrap(),
+        );
+        let e = layer
+            .backward_kept(
+                &x,
+                &short,
+                &dy,
+                m,
+                idx.as_ref(),
+                &mut dx,
+                (&mut ga, &mut gb),
+                Accumulate::Overwrite,
+            )
+            .unwrap_err();
+        assert!(matches!(e, Error::Shape { .. }), "{tag}: {e}");
+    }
+}

@@ -252,6 +252,7 @@ pub(crate) fn lora_forward(
     bias: Option<&CudaSlice<bf16>>,
     y: &mut CudaSlice<bf16>,
     acc: Accumulate,
+    u_out: Option<&mut CudaSlice<bf16>>,
 ) -> Result<()> {
     const OP: &str = "lora forward (cuda)";
     let (m, n, k) = (shape.m, shape.n, shape.k);
@@ -264,6 +265,9 @@ pub(crate) fn lora_forward(
     }
     on_device(OP, dev, "x", x)?;
     on_device(OP, dev, "y", y)?;
+    if let Some(u) = &u_out {
+        check_kept_u(OP, dev, u, m, rt)?;
+    }
     check_lora(OP, dev, shape, lora, adapter_idx)?;
     if let Some(b) = bias {
         if b.len() != n {
@@ -288,7 +292,11 @@ pub(crate) fn lora_forward(
         plan.split
             .map_or(0, |s| s.partial_len(m as u64, n as u64) as usize),
     );
-    let u = grown(dev, &mut ws.u, m * rt)?;
+    // u in the caller's buffer (kept for the backward) or in the scratch.
+    let u = match u_out {
+        Some(u) => u,
+        None => grown(dev, &mut ws.u, m * rt)?,
+    };
     let partial = grown(dev, &mut ws.partial, partial_len)?;
     let wp = weight_ptrs(&stream, w);
     let (a_ptr, _ga) = lora.a.device_ptr(&stream);
@@ -574,6 +582,24 @@ fn launch_sm90_dx(
     unsafe { launch(dev, kernel, sp.launch, &sm90) }
 }
 
+/// A caller's buffer for the LoRA intermediate `u [m, R]` (kept from the forward for the
+/// backward): its length and device.
+fn check_kept_u(
+    op: &'static str,
+    dev: &CudaDevice,
+    u: &CudaSlice<bf16>,
+    m: usize,
+    rt: usize,
+) -> Result<()> {
+    if rt == 0 {
+        return Err(invalid(op, "a kept u without a LoRA term (rank 0)"));
+    }
+    if u.len() != m * rt {
+        return Err(shape_err(op, format!("u of {m}x{rt}"), u.len()));
+    }
+    on_device(op, dev, "u", u)
+}
+
 /// Which rank product of `kernels/lora_rank.cu` a launch forms.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum RankOp {
@@ -683,6 +709,7 @@ pub(crate) fn lora_backward(
     dx: &mut CudaSlice<bf16>,
     grads: Option<(&mut CudaSlice<f32>, &mut CudaSlice<f32>)>,
     acc: Accumulate,
+    u_in: Option<&CudaSlice<bf16>>,
 ) -> Result<()> {
     const OP: &str = "lora backward (cuda)";
     let (m, n, k, r, na) = (shape.m, shape.n, shape.k, shape.rank, shape.n_adapters);
@@ -695,6 +722,9 @@ pub(crate) fn lora_backward(
         if len != want {
             return Err(shape_err(OP, format!("{what} of {want}"), len));
         }
+    }
+    if let Some(u) = u_in {
+        check_kept_u(OP, dev, u, m, rt)?;
     }
     // Without a LoRA term no kernel touches the gradients: they are neither needed nor read.
     let grads = if rt > 0 { grads } else { None };
@@ -741,7 +771,11 @@ pub(crate) fn lora_backward(
     .flatten()
     .max()
     .unwrap_or(0) as usize;
-    let u = grown(dev, &mut ws.u, m * rt)?;
+    // u as the forward kept it, or recomputed into the scratch.
+    let (u_ptr, _gu) = match u_in {
+        Some(u) => u.device_ptr(&stream),
+        None => grown(dev, &mut ws.u, m * rt)?.device_ptr_mut(&stream),
+    };
     let g = grown(dev, &mut ws.g, m * rt)?;
     let partial = grown(dev, &mut ws.partial, partial_len)?;
     let wp = weight_ptrs(&stream, w);
@@ -749,7 +783,6 @@ pub(crate) fn lora_backward(
     let (a_ptr, _ga) = lora.a.device_ptr(&stream);
     let (b_ptr, _gb) = lora.b.device_ptr(&stream);
     let (s_ptr, _gs) = lora.scales.device_ptr(&stream);
-    let (u_ptr, _gu) = u.device_ptr_mut(&stream);
     let (g_ptr, _gg) = g.device_ptr_mut(&stream);
     let (p_ptr, _gp) = partial.device_ptr_mut(&stream);
     let (dx_ptr, _gdx) = dx.device_ptr_mut(&stream);
@@ -819,17 +852,20 @@ pub(crate) fn lora_backward(
         vec_rhs,
     };
     if let (Some(xa), Some(dyb)) = (plan.xa, plan.dyb) {
-        // u = mask(s x Acat^T) (recomputed) and g = mask(s dy Bcat) into the scratch (m*R each).
+        // u = mask(s x Acat^T) (recomputed unless the forward kept it) and g = mask(s dy Bcat)
+        // into the scratch (m*R each).
         let vec_a = k.is_multiple_of(8) && is16(a_ptr);
-        rank_product(
-            dev,
-            RankOp::Xa,
-            &xa,
-            shape,
-            m,
-            k,
-            &ptrs(x_ptr, a_ptr, u_ptr, vec_x, vec_a),
-        )?;
+        if u_in.is_none() {
+            rank_product(
+                dev,
+                RankOp::Xa,
+                &xa,
+                shape,
+                m,
+                k,
+                &ptrs(x_ptr, a_ptr, u_ptr, vec_x, vec_a),
+            )?;
+        }
         let vec_b = r.is_multiple_of(8) && is16(b_ptr);
         rank_product(
             dev,
