@@ -29,7 +29,9 @@
 //! **Saved activations** (what a forward keeps for the backward), per layer: `x`, `xn1`, `q`,
 //! `k`, `v`, the attention output, `x_mid`, `xn2`, `gate`, `up`, `h` in bf16, i.e.
 //! `n (4 C + 2 Q + 2 K + 3 I)` bf16, plus `rstd1`, `rstd2` (`2 n` f32) and attention's saved
-//! log-sum-exp `n heads` f32; then the final norm's input `n C` bf16 and `rstd` `n` f32, and the
+//! log-sum-exp `n heads` f32, and each adapted projection's LoRA intermediate `u = s x A^T`
+//! (`n r` bf16, kept so the backward does not form it again); then the final norm's input `n C`
+//! bf16 and `rstd` `n` f32, and the
 //! RoPE table (cos and sin, `seq head_dim / 2` f32 each; packed rows take a row per token,
 //! `n head_dim / 2` each, and their sequence starts, `n` u32).
 //!
@@ -39,8 +41,9 @@
 //! `c V` exist, with the per-row losses and the i32 targets (`n` each, f32 and i32); the final
 //! norm's output `n C` and its gradient `n C` (bf16) are live meanwhile.
 //!
-//! **Workspace**: the LoRA kernels' scratch (`u` and `g`, `n r` bf16 each, and the split partial
-//! sums, f32, grown to the largest call and kept: [`qadapt::plan::lora_forward`] and
+//! **Workspace**: the LoRA kernels' scratch (`g`, `n r` bf16; `u`, `n r` bf16 only where a forward
+//! keeps nothing, i.e. with checkpointing; and the split partial sums, f32; grown to the largest
+//! call and kept: [`qadapt::plan::lora_forward`] and
 //! [`qadapt::plan::lora_backward`] give their lengths); the backward's gradient buffers
 //! (`dxn`, `dx` of `n C`, `dh`, `dgate`, `dup` of `n I`, `dattn`, `dq` of `n Q`, `dk`, `dv` of
 //! `n K`, bf16, and the `C` f32 sink of the norm weights' gradients); and the largest temporary of
@@ -72,7 +75,7 @@
 //! backward, adding two more phases with the gradient buffers live:
 //! the recomputed layer at `o_proj`, and at `down_proj` (the whole layer, the recomputed output
 //! `n C` being written); the backward of a layer then holds the `L` inputs plus that layer's
-//! recomputed activations.
+//! recomputed activations (with its kept `u`; the first forward keeps none).
 
 use qadapt::plan::{self, DeviceProps};
 use qadapt::{Error, Result};
@@ -373,7 +376,8 @@ pub fn plan(config: &LlamaConfig, o: &PlanOptions) -> Result<MemoryPlan> {
     weights += prod(&[layers, per_layer_w])?;
     let adapter = prod(&[layers, per_layer_adapter])?;
     let optimizer = prod(&[layers, per_layer_moments])?;
-    let lora_scratch = lora_scratch(&projs, n, r, o)?;
+    let ckpt = o.checkpointing == Checkpointing::Layers;
+    let lora_scratch = lora_scratch(&projs, n, r, o, ckpt)?;
 
     // ---- saved activations ----
     let layer_bf16 = 4 * cw + 2 * qd + 2 * kd + 3 * iw;
@@ -391,10 +395,24 @@ pub fn plan(config: &LlamaConfig, o: &PlanOptions) -> Result<MemoryPlan> {
         .clamp(1, n as usize) as u64;
     let chunk_logits = prod(&[chunk, vocab, BF16])?;
 
+    // What a forward that keeps for the backward keeps of its projections
+    // (`Backend::proj_forward_keep`): u = s x A^T, `n r` bf16 per adapted projection. Without
+    // checkpointing every layer's; with it, the forward keeps nothing and the layer recomputed for
+    // its backward keeps its own.
+    let kept_u = |ps: &[Proj]| -> u64 {
+        ps.iter()
+            .filter(|&&p| proj(p).adapted)
+            .map(|_| n * r * BF16)
+            .sum()
+    };
+    let layer_u = kept_u(&Proj::ALL);
+    let u_at_o = kept_u(&[Proj::Q, Proj::K, Proj::V, Proj::O]);
+    let (fwd_u, fwd_u_at_o) = if ckpt { (0, 0) } else { (layer_u, u_at_o) };
     // What a finished layer keeps: everything, or its input alone.
-    let (ckpt, kept) = match o.checkpointing {
-        Checkpointing::None => (false, layer_saved),
-        Checkpointing::Layers => (true, n * cw * BF16),
+    let kept = if ckpt {
+        n * cw * BF16
+    } else {
+        layer_saved + layer_u
     };
     let saved = prod(&[layers, kept])? + x_final + rstd_final + rope;
     // One layer's buffers before its o_proj: x, xn1, x_mid, rstd1, q, k, v, the attention
@@ -408,14 +426,14 @@ pub fn plan(config: &LlamaConfig, o: &PlanOptions) -> Result<MemoryPlan> {
     let earlier = (layers - 1) * kept + rope;
     phases.push(PhaseBytes {
         phase: Phase::ForwardAttentionOut,
-        activations: earlier + layer_at_o,
+        activations: earlier + layer_at_o + fwd_u_at_o,
         logits_loss: 0,
         transient: forward_temp(proj(Proj::O), n, o.dropout),
     });
     // down_proj: the whole layer live, its output (the final norm's input) being written.
     phases.push(PhaseBytes {
         phase: Phase::ForwardMlpOut,
-        activations: earlier + layer_saved + x_final,
+        activations: earlier + layer_saved + fwd_u + x_final,
         logits_loss: 0,
         transient: forward_temp(proj(Proj::Down), n, o.dropout),
     });
@@ -449,20 +467,20 @@ pub fn plan(config: &LlamaConfig, o: &PlanOptions) -> Result<MemoryPlan> {
         // The layer's forward again, with the backward's buffers live.
         phases.push(PhaseBytes {
             phase: Phase::RecomputeAttentionOut,
-            activations: saved + layer_at_o,
+            activations: saved + layer_at_o + u_at_o,
             logits_loss: 0,
             transient: grads + forward_temp(proj(Proj::O), n, o.dropout),
         });
         phases.push(PhaseBytes {
             phase: Phase::RecomputeMlpOut,
-            activations: saved + layer_saved + n * cw * BF16,
+            activations: saved + layer_saved + layer_u + n * cw * BF16,
             logits_loss: 0,
             transient: grads + forward_temp(proj(Proj::Down), n, o.dropout),
         });
     }
     phases.push(PhaseBytes {
         phase: Phase::Backward,
-        activations: saved + if ckpt { layer_saved } else { 0 },
+        activations: saved + if ckpt { layer_saved + layer_u } else { 0 },
         logits_loss: 0,
         transient: grads + temp,
     });
@@ -505,10 +523,18 @@ fn backward_temp(pp: &ProjPlan, n: u64, dropout: bool) -> u64 {
     }
 }
 
-/// The LoRA scratch once grown to the largest call of a step: `u` (every fused call, `n R`
-/// bf16), `g` (backward calls), the partial sums (f32); each at least one element.
-fn lora_scratch(projs: &[ProjPlan], n: u64, r: u64, o: &PlanOptions) -> Result<u64> {
-    let (mut u, mut g, mut partial) = (1u64, 1u64, 1u64);
+/// The LoRA scratch once grown to the largest call of a step: `u` (`n R` bf16 where a call forms
+/// it there: a forward that keeps nothing, i.e. with checkpointing, and one element for a
+/// base-only call; the step's other calls keep theirs with the saved activations), `g` (backward
+/// calls), the partial sums (f32); `g` and the partial sums at least one element.
+fn lora_scratch(
+    projs: &[ProjPlan],
+    n: u64,
+    r: u64,
+    o: &PlanOptions,
+    forward_forms_u: bool,
+) -> Result<u64> {
+    let (mut u, mut g, mut partial) = (0u64, 1u64, 1u64);
     for pp in projs.iter().filter(|pp| pp.fused) {
         // The ranks each projection is called with: r with its LoRA term; 0 for a frozen NF4
         // projection, and for the base-only calls of LoRA dropout.
@@ -536,7 +562,13 @@ fn lora_scratch(projs: &[ProjPlan], n: u64, r: u64, o: &PlanOptions) -> Result<u
                 b.db.map(|p| p.partial_len(pp.out, rt)),
             ];
             partial = partial.max(lens.into_iter().flatten().max().unwrap_or(0));
-            u = u.max(n * rt);
+            u = u.max(if rt == 0 {
+                1
+            } else if forward_forms_u {
+                n * rt
+            } else {
+                0
+            });
             g = g.max(n * rt);
         }
     }
@@ -589,10 +621,13 @@ mod tests {
             ..base
         };
         let ckpt = plan(&c, &o).unwrap();
-        assert_eq!(none.resident(), ckpt.resident());
-        // At the head, each layer holds its input (n C bf16) instead of its whole cache.
-        let (n, cw, q, k, i, h) = (8192u64, 4096u64, 4096u64, 1024u64, 14336u64, 32u64);
-        let layer = n * ((4 * cw + 2 * q + 2 * k + 3 * i) * BF16 + 2 * F32 + h * F32);
+        let (n, cw, q, k, i, h, r) = (8192u64, 4096u64, 4096u64, 1024u64, 14336u64, 32u64, 16u64);
+        // A checkpointed forward keeps no u: it forms it in the LoRA scratch (n r bf16 more).
+        assert_eq!(ckpt.resident() - none.resident(), n * r * BF16);
+        // At the head, each layer holds its input (n C bf16) instead of its whole cache, the
+        // seven projections' kept u among it.
+        let layer =
+            n * ((4 * cw + 2 * q + 2 * k + 3 * i) * BF16 + 2 * F32 + h * F32) + 7 * n * r * BF16;
         let at = |p: &MemoryPlan, ph: Phase| {
             p.phases.iter().find(|x| x.phase == ph).unwrap().activations
         };

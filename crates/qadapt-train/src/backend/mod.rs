@@ -260,6 +260,42 @@ pub trait Backend {
         grads: Option<(&mut Self::F32, &mut Self::F32)>,
     ) -> Result<()>;
 
+    /// How many values [`Self::proj_forward_keep`] keeps of `p`'s forward over `rows` rows for
+    /// its backward: the CUDA backend keeps the LoRA intermediate `u = s x A^T` (`rows x rank`) of
+    /// an adapted projection; 0 (the default) where the backend keeps nothing and its backward
+    /// forms what it needs again.
+    fn proj_keep_len(&self, _p: &Self::Proj, _rows: usize) -> usize {
+        0
+    }
+    /// [`Self::proj_forward`], writing what its backward reuses into `keep`
+    /// ([`Self::proj_keep_len`] values).
+    fn proj_forward_keep(
+        &self,
+        p: &Self::Proj,
+        x: &Self::Act,
+        rows: usize,
+        y: &mut Self::Act,
+        acc: Accumulate,
+        _keep: &mut Self::Act,
+    ) -> Result<()> {
+        self.proj_forward(p, x, rows, y, acc)
+    }
+    /// [`Self::proj_backward`] from what [`Self::proj_forward_keep`] kept for the same `x`.
+    #[allow(clippy::too_many_arguments)]
+    fn proj_backward_kept(
+        &self,
+        p: &Self::Proj,
+        x: &Self::Act,
+        _kept: &Self::Act,
+        dy: &Self::Act,
+        rows: usize,
+        dx: &mut Self::Act,
+        acc: Accumulate,
+        grads: Option<(&mut Self::F32, &mut Self::F32)>,
+    ) -> Result<()> {
+        self.proj_backward(p, x, dy, rows, dx, acc, grads)
+    }
+
     /// [`Self::proj_forward`] without the LoRA term: `y (=|+=) x W^T`.
     fn proj_forward_base(
         &self,

@@ -265,7 +265,14 @@ struct Saved<B: Backend> {
     rope: B::Rope,
     /// Packed rows' sequence starts (`None`: one sequence per row).
     segments: Option<B::Segments>,
+    /// What the backend kept of each layer's projections for their backward
+    /// ([`Backend::proj_forward_keep`]; `[layer][Proj::index]`, empty when nothing is kept).
+    kept: Vec<Kept<B>>,
 }
+
+/// What the backend kept of one layer's projections ([`Backend::proj_forward_keep`]), by
+/// [`Proj::index`].
+type Kept<B> = [Option<<B as Backend>::Act>; 7];
 
 /// A frozen Llama base with one trainable LoRA adapter on a [`Backend`], with its AdamW state.
 pub struct LoraModel<B: Backend> {
@@ -584,6 +591,10 @@ impl<B: Backend> LoraModel<B> {
             segments: segments.as_ref(),
             key: pass.key,
             base_only: !pass.adapter,
+            // Kept only for a backward that will not run the layer again (checkpointing keeps
+            // its inputs alone and recomputes).
+            keep: pass.keep == Keep::ForBackward && self.checkpointing == Checkpointing::None,
+            kept: Vec::new(),
         };
         for l in 0..c.num_hidden_layers {
             let (acts, out) = layer::forward(&mut run, l, x)?;
@@ -606,6 +617,7 @@ impl<B: Backend> LoraModel<B> {
             &mut xn_final,
             &mut rstd_final,
         )?;
+        let kept = std::mem::take(&mut run.kept);
         Ok((
             Saved {
                 batch,
@@ -616,6 +628,7 @@ impl<B: Backend> LoraModel<B> {
                 rstd_final,
                 rope,
                 segments,
+                kept,
             },
             xn_final,
         ))
@@ -623,7 +636,7 @@ impl<B: Backend> LoraModel<B> {
 
     /// Backward from `dxn` (the gradient of the loss with respect to the final norm's output):
     /// adds the LoRA gradients into the accumulators.
-    fn backward(&mut self, f: &Saved<B>, dxn: B::Act) -> Result<()> {
+    fn backward(&mut self, f: &mut Saved<B>, dxn: B::Act) -> Result<()> {
         let dropout = &self.adapter.dropout;
         let LoraModel {
             backend: be,
@@ -661,6 +674,8 @@ impl<B: Backend> LoraModel<B> {
             dxn,
         };
         let (layers, slot): (&[Layer<B>], &[Vec<Option<usize>>]) = (layers, slot);
+        let mut kept = std::mem::take(&mut f.kept);
+        let f: &Saved<B> = f;
         let mut run = BackendBackRun {
             be,
             config: c,
@@ -670,6 +685,7 @@ impl<B: Backend> LoraModel<B> {
             dropout: *dropout,
             f,
             scratch: &mut scratch,
+            kept: Default::default(),
         };
         for l in (0..c.num_hidden_layers).rev() {
             let recomputed;
@@ -689,11 +705,17 @@ impl<B: Backend> LoraModel<B> {
                         segments: f.segments.as_ref(),
                         key: f.key,
                         base_only: false,
+                        keep: true,
+                        kept: Vec::new(),
                     };
                     recomputed = layer::forward(&mut fwd, l, be.duplicate(x)?)?.0;
+                    run.kept = fwd.kept.pop().unwrap_or_default();
                     &recomputed
                 }
             };
+            if let LayerSaved::All(_) = &f.layers[l] {
+                run.kept = kept.get_mut(l).map(std::mem::take).unwrap_or_default();
+            }
             layer::backward(&mut run, l, acts, &mut dx, &mut bufs)?;
         }
         Ok(())
@@ -819,11 +841,11 @@ impl<B: Backend> LoraModel<B> {
             return Err(shape_err(OP, b.ids.len(), b.targets.len()));
         }
         let key = self.dropout_key()?;
-        let (saved, xn) = self.forward(b, Pass::train(key))?;
+        let (mut saved, xn) = self.forward(b, Pass::train(key))?;
         let mut dxn = self.backend.zeros(b.ids.len() * self.config.hidden_size)?;
         let loss = self.head_loss(&xn, &b.targets, tokens as f32, Some(&mut dxn))?;
         drop(xn);
-        self.backward(&saved, dxn)?;
+        self.backward(&mut saved, dxn)?;
         self.micro += 1;
         self.acc_tokens += tokens;
         self.acc_loss += f64::from(loss) * tokens as f64;
@@ -992,12 +1014,50 @@ struct BackendRun<'m, B: Backend> {
     key: Option<DropoutKey>,
     /// Every projection as its frozen base alone (no LoRA term): the model before fine-tuning.
     base_only: bool,
+    /// Whether the projections keep what their backward reuses (in `kept`).
+    keep: bool,
+    /// What they kept, a layer at a time as the layers run.
+    kept: Vec<Kept<B>>,
 }
 
 impl<B: Backend> BackendRun<'_, B> {
     fn mask(&self, l: usize, p: Proj) -> Result<Option<(DropoutMask, f32)>> {
         let adapted = self.slot[l][p.index()].is_some();
         dropout_mask(self.dropout, self.key, adapted, l, p)
+    }
+
+    /// `out (=|+=) x W^T (+ the LoRA term)` of projection `p` in layer `l`: the base alone for a
+    /// base-only pass, and where the run keeps what the backward reuses, kept in `kept[l]`.
+    fn apply(
+        &mut self,
+        l: usize,
+        p: Proj,
+        x: &B::Act,
+        out: &mut B::Act,
+        acc: Accumulate,
+    ) -> Result<()> {
+        let (be, n) = (self.be, self.rows);
+        let pj = &self.layers[l].projs[p.index()];
+        if self.base_only {
+            return be.proj_forward_base(pj, x, n, out, acc);
+        }
+        let mask = self.mask(l, p)?;
+        let inp = p.dims(self.config).0;
+        let len = if self.keep {
+            be.proj_keep_len(pj, n)
+        } else {
+            0
+        };
+        if len == 0 {
+            return proj_forward(be, pj, mask, x, n, inp, out, acc, None);
+        }
+        let mut keep = be.zeros(len)?;
+        proj_forward(be, pj, mask, x, n, inp, out, acc, Some(&mut keep))?;
+        if self.kept.len() <= l {
+            self.kept.resize_with(l + 1, Default::default);
+        }
+        self.kept[l][p.index()] = Some(keep);
+        Ok(())
     }
 }
 
@@ -1019,17 +1079,8 @@ impl<B: Backend> LayerRun for BackendRun<'_, B> {
     }
 
     fn project(&mut self, l: usize, p: Proj, x: &B::Act) -> Result<B::Act> {
-        let n = self.rows;
-        let (inp, out) = p.dims(self.config);
-        let mut y = self.be.zeros(n * out)?;
-        let mask = self.mask(l, p)?;
-        let pj = &self.layers[l].projs[p.index()];
-        if self.base_only {
-            self.be
-                .proj_forward_base(pj, x, n, &mut y, Accumulate::Overwrite)?;
-        } else {
-            proj_forward(self.be, pj, mask, x, n, inp, &mut y, Accumulate::Overwrite)?;
-        }
+        let mut y = self.be.zeros(self.rows * p.dims(self.config).1)?;
+        self.apply(l, p, x, &mut y, Accumulate::Overwrite)?;
         Ok(y)
     }
 
@@ -1056,24 +1107,7 @@ impl<B: Backend> LayerRun for BackendRun<'_, B> {
 
     fn residual(&mut self, l: usize, p: Proj, x: &B::Act, resid: &B::Act) -> Result<B::Act> {
         let mut out = self.be.duplicate(resid)?;
-        let mask = self.mask(l, p)?;
-        let pj = &self.layers[l].projs[p.index()];
-        let inp = p.dims(self.config).0;
-        if self.base_only {
-            self.be
-                .proj_forward_base(pj, x, self.rows, &mut out, Accumulate::Add)?;
-        } else {
-            proj_forward(
-                self.be,
-                pj,
-                mask,
-                x,
-                self.rows,
-                inp,
-                &mut out,
-                Accumulate::Add,
-            )?;
-        }
+        self.apply(l, p, x, &mut out, Accumulate::Add)?;
         Ok(out)
     }
 
@@ -1096,6 +1130,8 @@ struct BackendBackRun<'m, B: Backend> {
     dropout: f64,
     f: &'m Saved<B>,
     scratch: &'m mut B::F32,
+    /// What the current layer's forward kept ([`Saved::kept`], or the recomputed layer's).
+    kept: Kept<B>,
 }
 
 impl<B: Backend> LayerBackRun for BackendBackRun<'_, B> {
@@ -1140,7 +1176,8 @@ impl<B: Backend> LayerBackRun for BackendBackRun<'_, B> {
         let pj = &self.layers[l].projs[p.index()];
         let rows = self.f.batch * self.f.seq;
         let inp = p.dims(self.config).0;
-        proj_backward(self.be, pj, mask, x, dy, rows, inp, dx, acc, grads)
+        let kept = self.kept[p.index()].as_ref();
+        proj_backward(self.be, pj, mask, x, dy, rows, inp, dx, acc, grads, kept)
     }
 
     /// No Houlsby adapters on this path: `out` is the identity.
@@ -1235,13 +1272,19 @@ fn proj_forward<B: Backend>(
     inp: usize,
     y: &mut B::Act,
     acc: Accumulate,
+    keep: Option<&mut B::Act>,
 ) -> Result<()> {
+    // The fused call on x (or x~), keeping what its backward reuses where asked.
+    let fused = |x: &B::Act, y: &mut B::Act| match keep {
+        Some(k) => be.proj_forward_keep(pj, x, rows, y, acc, k),
+        None => be.proj_forward(pj, x, rows, y, acc),
+    };
     let Some((mask, k)) = mask else {
-        return be.proj_forward(pj, x, rows, y, acc);
+        return fused(x, y);
     };
     let mut xd = be.zeros(rows * inp)?;
     be.mask_mix(mask, x, MaskCoef::new(k, 0.0), None, &mut xd)?;
-    be.proj_forward(pj, &xd, rows, y, acc)?;
+    fused(&xd, y)?;
     be.mask_mix(mask, x, MaskCoef::new(1.0 - k, 1.0), None, &mut xd)?;
     be.proj_forward_base(pj, &xd, rows, y, Accumulate::Add)
 }
@@ -1262,14 +1305,20 @@ fn proj_backward<B: Backend>(
     dx: &mut B::Act,
     acc: Accumulate,
     grads: Option<(&mut B::F32, &mut B::F32)>,
+    kept: Option<&B::Act>,
 ) -> Result<()> {
+    // The fused backward on x (or x~), from what its forward kept where it did.
+    let fused = |x: &B::Act, dx: &mut B::Act, acc, grads| match kept {
+        Some(u) => be.proj_backward_kept(pj, x, u, dy, rows, dx, acc, grads),
+        None => be.proj_backward(pj, x, dy, rows, dx, acc, grads),
+    };
     let Some((mask, k)) = mask else {
-        return be.proj_backward(pj, x, dy, rows, dx, acc, grads);
+        return fused(x, dx, acc, grads);
     };
     let mut xd = be.zeros(rows * inp)?;
     be.mask_mix(mask, x, MaskCoef::new(k, 0.0), None, &mut xd)?;
     let (mut d1, mut d0) = (be.zeros(rows * inp)?, be.zeros(rows * inp)?);
-    be.proj_backward(pj, &xd, dy, rows, &mut d1, Accumulate::Overwrite, grads)?;
+    fused(&xd, &mut d1, Accumulate::Overwrite, grads)?;
     be.proj_backward_base(pj, &xd, dy, rows, &mut d0, Accumulate::Overwrite)?;
     let (ca, cb) = (MaskCoef::new(1.0 - k, 1.0), MaskCoef::new(k, 0.0));
     match acc {

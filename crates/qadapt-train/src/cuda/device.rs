@@ -55,7 +55,9 @@ impl CudaBackend {
         &self.dev
     }
 
-    /// `y (=|+=) x W^T`, plus the LoRA term when `lora` and the projection is adapted.
+    /// `y (=|+=) x W^T`, plus the LoRA term when `lora` and the projection is adapted (its u
+    /// left in `keep` when given).
+    #[allow(clippy::too_many_arguments)]
     fn forward_part(
         &self,
         p: &CudaProj,
@@ -64,6 +66,7 @@ impl CudaBackend {
         y: &mut DeviceBuffer<bf16>,
         acc: Accumulate,
         lora: bool,
+        keep: Option<&mut DeviceBuffer<bf16>>,
     ) -> Result<()> {
         match p {
             CudaProj::Dense { out, inp, w } => {
@@ -74,7 +77,10 @@ impl CudaBackend {
             // residual add (`acc`) happens in the kernels' epilogue.
             CudaProj::Fused { layer, adapted, .. } => {
                 if *adapted && lora {
-                    layer.forward(x, rows, None, y, acc)
+                    match keep {
+                        Some(u) => layer.forward_keep(x, rows, None, y, acc, u),
+                        None => layer.forward(x, rows, None, y, acc),
+                    }
                 } else {
                     layer.forward_base(x, rows, y, acc)
                 }
@@ -83,7 +89,7 @@ impl CudaBackend {
     }
 
     /// `dx (=|+=) dy W`, plus the LoRA term (and its gradients into `grads`) when `lora` and the
-    /// projection is adapted.
+    /// projection is adapted (from the forward's `kept` u when given).
     #[allow(clippy::too_many_arguments)]
     fn backward_part(
         &self,
@@ -95,6 +101,7 @@ impl CudaBackend {
         acc: Accumulate,
         grads: Option<(&mut DeviceBuffer<f32>, &mut DeviceBuffer<f32>)>,
         lora: bool,
+        kept: Option<&DeviceBuffer<bf16>>,
     ) -> Result<()> {
         const OP: &str = "projection backward (cuda)";
         match p {
@@ -128,9 +135,10 @@ impl CudaBackend {
                     None => None,
                 };
                 // A sum of input gradients (`acc`) happens in the kernels' epilogue.
-                match grads {
-                    Some(g) => layer.backward(x, dy, rows, None, dx, g, acc),
-                    None => layer.backward_base(x, dy, rows, dx, acc),
+                match (grads, kept) {
+                    (Some(g), Some(u)) => layer.backward_kept(x, u, dy, rows, None, dx, g, acc),
+                    (Some(g), None) => layer.backward(x, dy, rows, None, dx, g, acc),
+                    (None, _) => layer.backward_base(x, dy, rows, dx, acc),
                 }
             }
         }
@@ -473,7 +481,44 @@ impl Backend for CudaBackend {
         y: &mut Self::Act,
         acc: Accumulate,
     ) -> Result<()> {
-        self.forward_part(p, x, rows, y, acc, true)
+        self.forward_part(p, x, rows, y, acc, true, None)
+    }
+
+    fn proj_keep_len(&self, p: &Self::Proj, rows: usize) -> usize {
+        match p {
+            CudaProj::Fused {
+                layer,
+                adapted: true,
+                ..
+            } => layer.kept_len(rows),
+            _ => 0,
+        }
+    }
+
+    fn proj_forward_keep(
+        &self,
+        p: &Self::Proj,
+        x: &Self::Act,
+        rows: usize,
+        y: &mut Self::Act,
+        acc: Accumulate,
+        keep: &mut Self::Act,
+    ) -> Result<()> {
+        self.forward_part(p, x, rows, y, acc, true, Some(keep))
+    }
+
+    fn proj_backward_kept(
+        &self,
+        p: &Self::Proj,
+        x: &Self::Act,
+        kept: &Self::Act,
+        dy: &Self::Act,
+        rows: usize,
+        dx: &mut Self::Act,
+        acc: Accumulate,
+        grads: Option<(&mut Self::F32, &mut Self::F32)>,
+    ) -> Result<()> {
+        self.backward_part(p, x, dy, rows, dx, acc, grads, true, Some(kept))
     }
 
     fn proj_forward_base(
@@ -484,7 +529,7 @@ impl Backend for CudaBackend {
         y: &mut Self::Act,
         acc: Accumulate,
     ) -> Result<()> {
-        self.forward_part(p, x, rows, y, acc, false)
+        self.forward_part(p, x, rows, y, acc, false, None)
     }
 
     fn proj_backward(
@@ -497,7 +542,7 @@ impl Backend for CudaBackend {
         acc: Accumulate,
         grads: Option<(&mut Self::F32, &mut Self::F32)>,
     ) -> Result<()> {
-        self.backward_part(p, x, dy, rows, dx, acc, grads, true)
+        self.backward_part(p, x, dy, rows, dx, acc, grads, true, None)
     }
 
     fn proj_backward_base(
@@ -509,7 +554,7 @@ impl Backend for CudaBackend {
         dx: &mut Self::Act,
         acc: Accumulate,
     ) -> Result<()> {
-        self.backward_part(p, x, dy, rows, dx, acc, None, false)
+        self.backward_part(p, x, dy, rows, dx, acc, None, false, None)
     }
 
     fn lm_head_cross_entropy(
