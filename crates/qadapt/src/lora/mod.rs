@@ -625,9 +625,22 @@ impl CudaLoraLinear {
         y: &mut CudaSlice<bf16>,
         acc: Accumulate,
     ) -> Result<()> {
+        self.launch_forward(&self.shape(rows), x, adapter_idx, y, acc, None)
+    }
+
+    /// The forward kernels for `shape` (the LoRA term or not), u in `u` when given.
+    fn launch_forward(
+        &self,
+        shape: &LoraShape,
+        x: &CudaSlice<bf16>,
+        adapter_idx: Option<&CudaSlice<i32>>,
+        y: &mut CudaSlice<bf16>,
+        acc: Accumulate,
+        u: Option<&mut CudaSlice<bf16>>,
+    ) -> Result<()> {
         launch::lora_forward(
             &self.dev,
-            &self.shape(rows),
+            shape,
             x,
             self.weight.as_ref(),
             self.lora(),
@@ -635,7 +648,36 @@ impl CudaLoraLinear {
             self.bias.as_ref(),
             y,
             acc,
-            None,
+            u,
+        )
+    }
+
+    /// The backward kernels for `shape`, the adapter gradients added into `grads` when given,
+    /// from the forward's `u` when given.
+    #[allow(clippy::too_many_arguments)]
+    fn launch_backward(
+        &self,
+        shape: &LoraShape,
+        x: &CudaSlice<bf16>,
+        dy: &CudaSlice<bf16>,
+        adapter_idx: Option<&CudaSlice<i32>>,
+        dx: &mut CudaSlice<bf16>,
+        grads: Option<(&mut CudaSlice<f32>, &mut CudaSlice<f32>)>,
+        acc: Accumulate,
+        u: Option<&CudaSlice<bf16>>,
+    ) -> Result<()> {
+        launch::lora_backward(
+            &self.dev,
+            shape,
+            x,
+            dy,
+            self.weight.as_ref(),
+            self.lora(),
+            adapter_idx,
+            dx,
+            grads,
+            acc,
+            u,
         )
     }
 
@@ -660,22 +702,11 @@ impl CudaLoraLinear {
         rows: usize,
         adapter_idx: Option<&CudaSlice<i32>>,
         dx: &mut CudaSlice<bf16>,
-        (grad_a, grad_b): (&mut CudaSlice<f32>, &mut CudaSlice<f32>),
+        grads: (&mut CudaSlice<f32>, &mut CudaSlice<f32>),
         acc: Accumulate,
     ) -> Result<()> {
-        launch::lora_backward(
-            &self.dev,
-            &self.shape(rows),
-            x,
-            dy,
-            self.weight.as_ref(),
-            self.lora(),
-            adapter_idx,
-            dx,
-            Some((grad_a, grad_b)),
-            acc,
-            None,
-        )
+        let shape = self.shape(rows);
+        self.launch_backward(&shape, x, dy, adapter_idx, dx, Some(grads), acc, None)
     }
 
     /// The length of the LoRA intermediate `u = s x A^T` of `rows` rows, `[rows, adapters *
@@ -697,18 +728,7 @@ impl CudaLoraLinear {
         acc: Accumulate,
         u: &mut CudaSlice<bf16>,
     ) -> Result<()> {
-        launch::lora_forward(
-            &self.dev,
-            &self.shape(rows),
-            x,
-            self.weight.as_ref(),
-            self.lora(),
-            adapter_idx,
-            self.bias.as_ref(),
-            y,
-            acc,
-            Some(u),
-        )
+        self.launch_forward(&self.shape(rows), x, adapter_idx, y, acc, Some(u))
     }
 
     /// [`backward`](Self::backward) with the `u` that [`forward_keep`](Self::forward_keep) left
@@ -723,22 +743,11 @@ impl CudaLoraLinear {
         rows: usize,
         adapter_idx: Option<&CudaSlice<i32>>,
         dx: &mut CudaSlice<bf16>,
-        (grad_a, grad_b): (&mut CudaSlice<f32>, &mut CudaSlice<f32>),
+        grads: (&mut CudaSlice<f32>, &mut CudaSlice<f32>),
         acc: Accumulate,
     ) -> Result<()> {
-        launch::lora_backward(
-            &self.dev,
-            &self.shape(rows),
-            x,
-            dy,
-            self.weight.as_ref(),
-            self.lora(),
-            adapter_idx,
-            dx,
-            Some((grad_a, grad_b)),
-            acc,
-            Some(u),
-        )
+        let shape = self.shape(rows);
+        self.launch_backward(&shape, x, dy, adapter_idx, dx, Some(grads), acc, Some(u))
     }
 
     /// The shape of a call without the LoRA term: no adapter columns.
@@ -760,18 +769,7 @@ impl CudaLoraLinear {
         y: &mut CudaSlice<bf16>,
         acc: Accumulate,
     ) -> Result<()> {
-        launch::lora_forward(
-            &self.dev,
-            &self.base_shape(rows),
-            x,
-            self.weight.as_ref(),
-            self.lora(),
-            None,
-            self.bias.as_ref(),
-            y,
-            acc,
-            None,
-        )
+        self.launch_forward(&self.base_shape(rows), x, None, y, acc, None)
     }
 
     /// `dx = dy W` (overwritten, or added into as in [`backward`](Self::backward)) without the
@@ -784,19 +782,8 @@ impl CudaLoraLinear {
         dx: &mut CudaSlice<bf16>,
         acc: Accumulate,
     ) -> Result<()> {
-        launch::lora_backward(
-            &self.dev,
-            &self.base_shape(rows),
-            x,
-            dy,
-            self.weight.as_ref(),
-            self.lora(),
-            None,
-            dx,
-            None,
-            acc,
-            None,
-        )
+        let shape = self.base_shape(rows);
+        self.launch_backward(&shape, x, dy, None, dx, None, acc, None)
     }
 }
 

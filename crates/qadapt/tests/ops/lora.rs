@@ -1075,6 +1075,38 @@ fn cuda_forward_accumulates_into_y_in_the_epilogue() {
     }
 }
 
+/// The device alone (its launches are counted), which must be compute capability 9.0 with the
+/// sm_90a kernels on.
+fn hopper_device() -> (
+    std::sync::RwLockWriteGuard<'static, ()>,
+    qadapt::cuda::CudaDevice,
+) {
+    let (exclusive, dev) = crate::common::counting();
+    assert_eq!(
+        dev.props().compute_capability,
+        (9, 0),
+        "the sm_90a kernels need a compute capability 9.0 device"
+    );
+    assert!(dev.hopper_kernels(), "QADAPT_SM90A=0 turned them off");
+    (exclusive, dev)
+}
+
+/// On the virtual device, of the launches since the counters were reset: one of `sm90` and
+/// none of `sm80` when `hopper`, the other way round otherwise (a real GPU counts nothing).
+fn assert_which_ran(
+    dev: &qadapt::cuda::CudaDevice,
+    hopper: bool,
+    sm90: qadapt_kernels::KernelName,
+    sm80: qadapt_kernels::KernelName,
+    tag: &str,
+) {
+    if let Some((launches, _)) = dev.emulator_counters(sm90) {
+        assert_eq!(launches, u64::from(hopper), "{} launches, {tag}", sm90.name);
+        let other = dev.emulator_counters(sm80).map_or(0, |c| c.0);
+        assert_eq!(other, u64::from(!hopper), "{} launches, {tag}", sm80.name);
+    }
+}
+
 /// The sm_90a NF4 GEMM (`kernels/lora_sm90.cu`: TMA boxes on mbarriers, wgmma with W decoded in
 /// registers, the LoRA term as extra k steps over u): on a compute capability 9.0 device it is
 /// the NF4 y GEMM wherever `plan::lora_sm90` allows. At shapes with ragged row and feature tiles,
@@ -1086,13 +1118,7 @@ fn cuda_forward_accumulates_into_y_in_the_epilogue() {
 #[ignore = "needs a CUDA device"]
 fn cuda_sm90_nf4_gemm_matches_f64_and_the_sm80_kernel() {
     use qadapt_kernels::kernels;
-    let (_exclusive, dev) = crate::common::counting();
-    assert_eq!(
-        dev.props().compute_capability,
-        (9, 0),
-        "the sm_90a kernels need a compute capability 9.0 device"
-    );
-    assert!(dev.hopper_kernels(), "QADAPT_SM90A=0 turned them off");
+    let (_exclusive, dev) = hopper_device();
     // (seed: block size 32 << (seed % 3), m, n, k, r, adapters, statistics, bias, mixed rows,
     // the tile width plan::lora_sm90 picks on 132 SMs)
     let cases = [
@@ -1154,14 +1180,7 @@ fn cuda_sm90_nf4_gemm_matches_f64_and_the_sm80_kernel() {
                 .unwrap();
             let got = dev.download(&y).unwrap();
             assert_close(&format!("hopper {hopper}, {tag}"), &got, &want, &tol);
-            if let Some((launches, _)) = dev.emulator_counters(sm90) {
-                assert_eq!(launches, u64::from(hopper), "{} launches, {tag}", sm90.name);
-                let sm80 = dev
-                    .emulator_counters(kernels::LORA_GEMM_NF4_BF16)
-                    .unwrap()
-                    .0;
-                assert_eq!(sm80, u64::from(!hopper), "sm_80 GEMM launches, {tag}");
-            }
+            assert_which_ran(&dev, hopper, sm90, kernels::LORA_GEMM_NF4_BF16, &tag);
         }
         dev.set_hopper_kernels(true).unwrap();
         // Accumulate::Add: the old y joins bias and the product before the one rounding.
@@ -1192,12 +1211,7 @@ fn cuda_sm90_nf4_gemm_matches_f64_and_the_sm80_kernel() {
 #[ignore = "needs a CUDA device"]
 fn cuda_sm90_nf4_dx_matches_the_cpu_and_the_sm80_kernel() {
     use qadapt_kernels::kernels;
-    let (_exclusive, cd) = crate::common::counting();
-    assert_eq!(
-        cd.props().compute_capability,
-        (9, 0),
-        "the sm_90a kernels need a compute capability 9.0 device"
-    );
+    let (_exclusive, cd) = hopper_device();
     let dev = Device::Cuda(cd.clone());
     // (seed: block size 32 << (seed % 3), m, n, k, r, adapters, statistics, mixed rows, the tile
     // width plan::lora_sm90_dx picks on 132 SMs)
@@ -1236,23 +1250,8 @@ fn cuda_sm90_nf4_dx_matches_the_cpu_and_the_sm80_kernel() {
             cd.set_hopper_kernels(hopper).unwrap();
             cd.reset_emulator_counters();
             check_cuda_backward_on(&dev, seed, m, n, k, r, na, Base::Nf4(stats), multi);
-            if let Some((launches, _)) = cd.emulator_counters(sm90) {
-                assert_eq!(
-                    launches,
-                    u64::from(hopper),
-                    "{}, m {m} n {n} k {k}",
-                    sm90.name
-                );
-                let sm80 = cd
-                    .emulator_counters(kernels::LORA_GEMM_BWD_DX_NF4_BF16)
-                    .unwrap()
-                    .0;
-                assert_eq!(
-                    sm80,
-                    u64::from(!hopper),
-                    "sm_80 dx launches, m {m} n {n} k {k}"
-                );
-            }
+            let tag = format!("dx, m {m} n {n} k {k}");
+            assert_which_ran(&cd, hopper, sm90, kernels::LORA_GEMM_BWD_DX_NF4_BF16, &tag);
         }
     }
     cd.set_hopper_kernels(true).unwrap();
