@@ -11,7 +11,8 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 
-use crate::train::{Method, Summary, read_losses};
+use crate::console::read_losses;
+use crate::train::{Method, Summary};
 
 #[derive(Args, Debug)]
 pub(crate) struct CompareArgs {

@@ -11,6 +11,7 @@
 
 mod assets;
 mod compare;
+mod console;
 mod convert;
 mod generate;
 mod io;

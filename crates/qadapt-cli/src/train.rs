@@ -2,28 +2,21 @@
 //! method, checkpoints, resume, accumulation, evaluation, saving; its documentation describes
 //! the run directory). This file turns the flags into [`Overrides`] over `--config FILE.toml`
 //! over the defaults, gives the run the embedded model and task (see [`crate::assets`]) as its
-//! defaults, wires Ctrl-C to the run's stop flag, and observes it: a progress bar and messages
-//! on stderr, `log.jsonl` (one [`LogRow::to_json`] per line, cut back to the checkpoint's step on
-//! resume) and `loss.png`.
+//! defaults, wires Ctrl-C to the run's stop flag, and observes it through
+//! [`crate::console::Console`].
 //!
 //! With no arguments it fine-tunes the embedded default with QLoRA.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use qadapt_train::backend::Checkpointing;
-use qadapt_train::fit::Heldout;
-use qadapt_train::run::{
-    AdapterDtype, Config, FineTune, Finished, LogRow, Observer, ObserverError, Outcome, Overrides,
-    Start,
-};
+use qadapt_train::run::{AdapterDtype, Config, FineTune, Outcome, Overrides};
 pub(crate) use qadapt_train::run::{Method, Summary};
 
-use crate::io::write_file;
+use crate::console::{Console, metric_line};
 
 #[derive(Args, Debug, Clone, Default, PartialEq)]
 pub(crate) struct TrainArgs {
@@ -271,196 +264,6 @@ impl TrainArgs {
     }
 }
 
-/// Losses per step from `log.jsonl` (for the plots).
-pub(crate) fn read_losses(out: &Path) -> Vec<(f64, f64)> {
-    /// The two fields of a step row of `log.jsonl` ([`qadapt_train::run::LogRow::Step`]) the
-    /// plot needs; eval and group rows have no `loss` and are skipped.
-    #[derive(serde::Deserialize)]
-    struct StepLoss {
-        step: f64,
-        loss: f64,
-    }
-    std::fs::read_to_string(out.join("log.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<StepLoss>(l).ok())
-        .map(|r| (r.step, r.loss))
-        .collect()
-}
-
-fn metric_line(h: &Heldout, completions: bool) -> String {
-    if completions {
-        format!(
-            "exact match {:.1}% ({}/{}), held-out loss {:.4}",
-            100.0 * h.accuracy(),
-            h.exact,
-            h.total,
-            h.loss
-        )
-    } else {
-        format!(
-            "held-out loss {:.4}, perplexity {:.2}",
-            h.loss,
-            h.perplexity()
-        )
-    }
-}
-
-/// The command line's observer: messages and the progress bar on stderr, `log.jsonl`, the loss
-/// plot, and `--interrupt-after` (it raises the stop flag once that many steps are done).
-struct Console {
-    quiet: bool,
-    interrupt_after: Option<u64>,
-    stop: Arc<AtomicBool>,
-    bar: Option<crate::progress::Progress>,
-    log: Option<std::fs::File>,
-    out: PathBuf,
-    method: Method,
-}
-
-impl Console {
-    fn say(&self, msg: String) {
-        if !self.quiet {
-            eprintln!("{msg}");
-        }
-    }
-
-    fn steps_done(&self, step: u64) {
-        if self.interrupt_after.is_some_and(|n| step >= n) {
-            self.stop.store(true, Ordering::SeqCst);
-        }
-    }
-
-    /// Opens `log.jsonl` for appending; a resumed run replays from its checkpoint, so the rows
-    /// after `keep_until` are dropped first.
-    fn open_log(out: &Path, keep_until: Option<u64>) -> Result<std::fs::File> {
-        let path = out.join("log.jsonl");
-        if let Some(step) = keep_until {
-            let text = std::fs::read_to_string(&path).unwrap_or_default();
-            let kept: String = text
-                .lines()
-                .filter(|l| {
-                    serde_json::from_str::<serde_json::Value>(l)
-                        .ok()
-                        .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
-                        .is_some_and(|s| s <= step)
-                })
-                .map(|l| format!("{l}\n"))
-                .collect();
-            write_file(&path, |f| Ok(f.write_all(kept.as_bytes())?))?;
-        }
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .with_context(|| format!("opening {}", path.display()))
-    }
-}
-
-impl Observer for Console {
-    fn started(&mut self, s: &Start) -> Result<(), ObserverError> {
-        self.out = s.output.clone();
-        self.method = s.method;
-        self.say(format!(
-            "{}: {} on {} ({} training / {} held-out examples), {} trainable parameters ({:.3}% \
-             of {})",
-            s.output.display(),
-            s.method.name(),
-            s.model
-                .as_ref()
-                .map_or("the embedded model".to_string(), |m| m
-                    .display()
-                    .to_string()),
-            s.train_examples,
-            s.heldout_examples,
-            s.trainable_params,
-            100.0 * s.trainable_params as f64 / s.total_params as f64,
-            s.total_params
-        ));
-        if let Some(d) = &s.device {
-            self.say(format!("training on {d}"));
-        }
-        self.say(format!("before: {}", metric_line(&s.before, s.completions)));
-        if let Some((groups, per, val)) = &s.surgical {
-            self.say(format!(
-                "surgical: {} layer groups ({}), {per} steps each, validation on {val} training \
-                 examples held back",
-                groups.len(),
-                groups
-                    .iter()
-                    .map(|g| g.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            ));
-        }
-        if let Some(step) = s.resumed_at.filter(|&n| n > 0) {
-            self.say(format!("resuming at step {step} of {}", s.total_steps));
-        }
-        self.log = Some(Console::open_log(&s.output, s.resumed_at)?);
-        let mut bar = crate::progress::Progress::new(s.total_steps, s.method.name(), self.quiet);
-        let done = s.resumed_at.unwrap_or(0);
-        bar.set_position(done);
-        self.bar = Some(bar);
-        self.steps_done(done);
-        Ok(())
-    }
-
-    fn warning(&mut self, message: &str) {
-        eprintln!("warning: {message}");
-    }
-
-    fn log(&mut self, row: &LogRow) -> Result<(), ObserverError> {
-        if let Some(f) = &mut self.log {
-            writeln!(f, "{}", row.to_json())?;
-        }
-        if let LogRow::Step {
-            step,
-            loss,
-            tokens_per_s,
-            device_peak_bytes,
-            ..
-        } = row
-        {
-            if let Some(bar) = &mut self.bar {
-                let memory = device_peak_bytes.map_or(String::new(), |b| {
-                    format!(", device peak {:.2} GB", b as f64 / 1e9)
-                });
-                bar.set_message(format!("loss {loss:.4} {tokens_per_s:.0} tok/s{memory}"));
-                bar.inc();
-            }
-            self.steps_done(*step);
-        }
-        Ok(())
-    }
-
-    fn finished(&mut self, end: &Finished) -> Result<(), ObserverError> {
-        if let Some(bar) = &self.bar {
-            bar.finish();
-        }
-        let name = self.method.name();
-        crate::plot::write_png(
-            &self.out.join("loss.png"),
-            &crate::plot::Plot {
-                title: &format!("qadapt train --method {name}"),
-                x_label: "step",
-                y_label: "training loss",
-                log_y: true,
-            },
-            &[crate::plot::Series {
-                name: name.to_string(),
-                points: read_losses(&self.out),
-            }],
-        )?;
-        if let Some((group, v)) = end.kept {
-            self.say(format!(
-                "surgical: kept {group} ({} parameters, validation loss {v:.4})",
-                end.summary.trainable_params
-            ));
-        }
-        Ok(())
-    }
-}
-
 pub(crate) fn run(a: &TrainArgs) -> Result<()> {
     let run = match &a.resume {
         Some(dir) => {
@@ -490,20 +293,16 @@ pub(crate) fn run(a: &TrainArgs) -> Result<()> {
             }
         });
     }
-    let mut console = Console {
-        quiet: a.quiet,
-        interrupt_after: a.interrupt_after,
+    let mut console = Console::new(
+        a.quiet,
+        a.interrupt_after,
         stop,
-        bar: None,
-        log: None,
-        out: run.output().to_path_buf(),
-        method: run.config().method,
-    };
+        run.output().to_path_buf(),
+        run.config().method,
+    );
     let outcome = run.fit(&mut console);
-    if outcome.is_err()
-        && let Some(bar) = &console.bar
-    {
-        bar.abandon();
+    if outcome.is_err() {
+        console.abandon();
     }
     match outcome? {
         Outcome::Interrupted {
@@ -511,9 +310,7 @@ pub(crate) fn run(a: &TrainArgs) -> Result<()> {
             total_steps,
             output,
         } => {
-            if let Some(bar) = &console.bar {
-                bar.abandon();
-            }
+            console.abandon();
             eprintln!(
                 "interrupted at step {step} of {total_steps}: checkpoint saved; continue with \
                  `qadapt train --resume {}`",
@@ -536,91 +333,4 @@ pub(crate) fn run(a: &TrainArgs) -> Result<()> {
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use rand::{Rng, SeedableRng};
-    use rand_chacha::ChaCha8Rng;
-
-    /// What `--config FILE` goes through before any other file is read: the TOML, the default
-    /// learning rate, the checks.
-    fn config_text(text: &str) -> Result<Config> {
-        let c = Config::default().merge(Overrides::from_toml(text)?);
-        c.check()?;
-        Ok(c)
-    }
-
-    /// The TOML settings are not a libFuzzer target (they live in this binary): the committed
-    /// corpus (`tests/fuzz/corpus/toml_config`) and 20 000 seeded mutations of it, with edits
-    /// aimed at the values (huge, negative, non-finite numbers, wrong types), must give settings
-    /// or an error, never a panic.
-    #[test]
-    fn toml_settings_survive_the_corpus_and_its_mutations() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fuzz/corpus/toml_config");
-        let corpus: Vec<String> = std::fs::read_dir(&dir)
-            .unwrap()
-            .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
-            .collect();
-        assert!(corpus.len() >= 3);
-        let run_toml = corpus.iter().filter(|t| config_text(t).is_ok()).count();
-        assert!(run_toml >= 3, "the seeds are valid settings");
-        const VALUES: [&str; 12] = [
-            "18446744073709551616",
-            "18446744073709551615",
-            "-1",
-            "0",
-            "nan",
-            "inf",
-            "-inf",
-            "1e400",
-            "\"\"",
-            "[]",
-            "{}",
-            "true",
-        ];
-        let mut rng = ChaCha8Rng::seed_from_u64(12);
-        let (mut ok, mut refused) = (0, 0);
-        for _ in 0..20_000 {
-            let mut text = corpus[rng.random_range(0..corpus.len())]
-                .clone()
-                .into_bytes();
-            for _ in 0..rng.random_range(1..4) {
-                let at = rng.random_range(0..=text.len());
-                match rng.random_range(0..4) {
-                    // A value replaced after some `=`.
-                    0 => {
-                        if let Some(eq) = text[..at].iter().rposition(|&b| b == b'=') {
-                            let end = text[eq..]
-                                .iter()
-                                .position(|&b| b == b'\n')
-                                .map_or(text.len(), |n| eq + n);
-                            let v = format!(" {}", VALUES[rng.random_range(0..VALUES.len())]);
-                            text.splice(eq + 1..end, v.into_bytes());
-                        }
-                    }
-                    1 => text.insert(at, rng.random()),
-                    2 => {
-                        let end = (at + rng.random_range(0..8)).min(text.len());
-                        text.drain(at..end);
-                    }
-                    _ => {
-                        if at < text.len() {
-                            text[at] = b"0123456789.-e=[]\"\n "[rng.random_range(0..18)];
-                        }
-                    }
-                }
-            }
-            match config_text(&String::from_utf8_lossy(&text)) {
-                Ok(_) => ok += 1,
-                Err(_) => refused += 1,
-            }
-        }
-        // The mutations reach both outcomes.
-        assert!(
-            ok > 100 && refused > 100,
-            "{ok} accepted, {refused} refused"
-        );
-    }
 }

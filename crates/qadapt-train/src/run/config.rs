@@ -497,6 +497,8 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
 
     #[test]
     fn toml_then_flags_override_the_defaults_and_zero_or_empty_unset() {
@@ -548,5 +550,85 @@ mod tests {
             assert_eq!(m.name().parse::<Method>(), Ok(m));
         }
         assert!("qlora2".parse::<Method>().is_err());
+    }
+
+    /// What `--config FILE` goes through before any other file is read: the TOML, the default
+    /// learning rate, the checks.
+    fn config_text(text: &str) -> Result<Config, Error> {
+        let c = Config::default().merge(Overrides::from_toml(text)?);
+        c.check()?;
+        Ok(c)
+    }
+
+    /// The TOML settings are not a libFuzzer target: the committed corpus (`tests/fuzz/corpus/toml_config`) and 20 000 seeded mutations of it, with edits
+    /// aimed at the values (huge, negative, non-finite numbers, wrong types), must give settings
+    /// or an error, never a panic.
+    #[test]
+    fn toml_settings_survive_the_corpus_and_its_mutations() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fuzz/corpus/toml_config");
+        let corpus: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+            .collect();
+        assert!(corpus.len() >= 3);
+        let run_toml = corpus.iter().filter(|t| config_text(t).is_ok()).count();
+        assert!(run_toml >= 3, "the seeds are valid settings");
+        const VALUES: [&str; 12] = [
+            "18446744073709551616",
+            "18446744073709551615",
+            "-1",
+            "0",
+            "nan",
+            "inf",
+            "-inf",
+            "1e400",
+            "\"\"",
+            "[]",
+            "{}",
+            "true",
+        ];
+        let mut rng = ChaCha8Rng::seed_from_u64(12);
+        let (mut ok, mut refused) = (0, 0);
+        for _ in 0..20_000 {
+            let mut text = corpus[rng.random_range(0..corpus.len())]
+                .clone()
+                .into_bytes();
+            for _ in 0..rng.random_range(1..4) {
+                let at = rng.random_range(0..=text.len());
+                match rng.random_range(0..4) {
+                    // A value replaced after some `=`.
+                    0 => {
+                        if let Some(eq) = text[..at].iter().rposition(|&b| b == b'=') {
+                            let end = text[eq..]
+                                .iter()
+                                .position(|&b| b == b'\n')
+                                .map_or(text.len(), |n| eq + n);
+                            let v = format!(" {}", VALUES[rng.random_range(0..VALUES.len())]);
+                            text.splice(eq + 1..end, v.into_bytes());
+                        }
+                    }
+                    1 => text.insert(at, rng.random()),
+                    2 => {
+                        let end = (at + rng.random_range(0..8)).min(text.len());
+                        text.drain(at..end);
+                    }
+                    _ => {
+                        if at < text.len() {
+                            text[at] = b"0123456789.-e=[]\"\n "[rng.random_range(0..18)];
+                        }
+                    }
+                }
+            }
+            match config_text(&String::from_utf8_lossy(&text)) {
+                Ok(_) => ok += 1,
+                Err(_) => refused += 1,
+            }
+        }
+        // The mutations reach both outcomes.
+        assert!(
+            ok > 100 && refused > 100,
+            "{ok} accepted, {refused} refused"
+        );
     }
 }
