@@ -223,7 +223,7 @@ fn main() {
 
 /// The scalar and the tensor-core attention, forward then backward, on one sequence.
 fn attention(dev: &CudaDevice, seq: usize) {
-    use qadapt::cuda::ops;
+    use qadapt::cuda::ops::{self, AttentionKernels::*};
     use qadapt::ops::attention::AttentionShape;
     let sh = AttentionShape {
         batch: 1,
@@ -247,17 +247,18 @@ fn attention(dev: &CudaDevice, seq: usize) {
     let mut dv = dev.zeros::<bf16>(kn).unwrap();
     let shape = format!("{seq} x 8/2 heads x 128");
     dev.reset_emulator_counters();
-    ops::attention_forward(dev, sh, &q, &k, &v, None, &mut lse, &mut out).unwrap();
+    ops::attention_forward(dev, Scalar, sh, &q, &k, &v, None, &mut lse, &mut out).unwrap();
     report(dev, "attention forward, scalar", &shape);
     ops::attention_backward(
-        dev, sh, &q, &k, &v, None, &lse, &dout, &mut dq, &mut dk, &mut dv,
+        dev, Scalar, sh, &q, &k, &v, None, None, &lse, &dout, &mut dq, &mut dk, &mut dv,
     )
     .unwrap();
     report(dev, "attention backward, scalar", &shape);
-    ops::flash_attention_forward(dev, sh, &q, &k, &v, None, &mut lse, &mut out).unwrap();
+    ops::attention_forward(dev, Flash, sh, &q, &k, &v, None, &mut lse, &mut out).unwrap();
     report(dev, "attention forward, flash", &shape);
-    ops::flash_attention_backward(
+    ops::attention_backward(
         dev,
+        Flash,
         sh,
         &q,
         &k,
@@ -272,8 +273,8 @@ fn attention(dev: &CudaDevice, seq: usize) {
     )
     .unwrap();
     report(dev, "attention backward, flash (delta from out)", &shape);
-    ops::flash_attention_backward(
-        dev, sh, &q, &k, &v, None, None, &lse, &dout, &mut dq, &mut dk, &mut dv,
+    ops::attention_backward(
+        dev, Flash, sh, &q, &k, &v, None, None, &lse, &dout, &mut dq, &mut dk, &mut dv,
     )
     .unwrap();
     report(dev, "attention backward, flash (delta recomputed)", &shape);

@@ -396,7 +396,7 @@ pub fn plan(config: &LlamaConfig, o: &PlanOptions) -> Result<MemoryPlan> {
     let chunk_logits = prod(&[chunk, vocab, BF16])?;
 
     // What a forward that keeps for the backward keeps of its projections
-    // (`Backend::proj_forward_keep`): u = s x A^T, `n r` bf16 per adapted projection. Without
+    // (`Backend::proj_forward`'s `keep`): u = s x A^T, `n r` bf16 per adapted projection. Without
     // checkpointing every layer's; with it, the forward keeps nothing and the layer recomputed for
     // its backward keeps its own.
     let kept_u = |ps: &[Proj]| -> u64 {

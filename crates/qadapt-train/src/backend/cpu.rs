@@ -21,7 +21,9 @@ use qadapt::ops::{Accumulate, cross_entropy, embedding, rmsnorm, swiglu};
 use qadapt::optim::{AdamWStep, adamw_cpu, sum_squares_cpu};
 use qadapt::{DType, Device, Result};
 
-use crate::backend::{Backend, BaseRef, LoraMatrix, LoraRef, MomentPlacement, round_bf16};
+use crate::backend::{
+    BackTerms, Backend, BaseRef, LoraMatrix, LoraRef, MomentPlacement, Terms, round_bf16,
+};
 use crate::{invalid, shape_err};
 
 /// What the CPU backend rounds (see the module doc).
@@ -438,6 +440,7 @@ impl Backend for CpuBackend {
         Ok(CpuProj { out, inp, w, lora })
     }
 
+    /// Keeps nothing ([`Backend::proj_keep_len`] is 0): the backward forms `u` again.
     fn proj_forward(
         &self,
         p: &CpuProj,
@@ -445,19 +448,10 @@ impl Backend for CpuBackend {
         rows: usize,
         y: &mut Vec<f32>,
         acc: Accumulate,
+        terms: Terms<'_, Vec<f32>>,
     ) -> Result<()> {
-        self.forward_part(p, x, rows, y, acc, true)
-    }
-
-    fn proj_forward_base(
-        &self,
-        p: &CpuProj,
-        x: &Vec<f32>,
-        rows: usize,
-        y: &mut Vec<f32>,
-        acc: Accumulate,
-    ) -> Result<()> {
-        self.forward_part(p, x, rows, y, acc, false)
+        let lora = matches!(terms, Terms::Adapted { .. });
+        self.forward_part(p, x, rows, y, acc, lora)
     }
 
     fn proj_backward(
@@ -468,21 +462,14 @@ impl Backend for CpuBackend {
         rows: usize,
         dx: &mut Vec<f32>,
         acc: Accumulate,
-        grads: Option<(&mut Vec<f32>, &mut Vec<f32>)>,
+        terms: BackTerms<'_, Vec<f32>, Vec<f32>>,
     ) -> Result<()> {
-        self.backward_part(p, x, dy, rows, dx, acc, grads, true)
-    }
-
-    fn proj_backward_base(
-        &self,
-        p: &CpuProj,
-        x: &Vec<f32>,
-        dy: &Vec<f32>,
-        rows: usize,
-        dx: &mut Vec<f32>,
-        acc: Accumulate,
-    ) -> Result<()> {
-        self.backward_part(p, x, dy, rows, dx, acc, None, false)
+        match terms {
+            BackTerms::Base => self.backward_part(p, x, dy, rows, dx, acc, None, false),
+            BackTerms::Adapted { grads, .. } => {
+                self.backward_part(p, x, dy, rows, dx, acc, grads, true)
+            }
+        }
     }
 
     fn mask_mix(

@@ -92,6 +92,30 @@ pub enum LoraMatrix {
     B,
 }
 
+/// The terms of a projection's forward ([`Backend::proj_forward`]).
+#[derive(Debug)]
+pub enum Terms<'a, A> {
+    /// `x W^T` alone, even on an adapted projection (the base part of LoRA dropout's split, or
+    /// a run that evaluates the base model).
+    Base,
+    /// `x W^T` plus the LoRA term where the projection is adapted; with `keep`
+    /// ([`Backend::proj_keep_len`] values), what the backward reuses is written there.
+    Adapted { keep: Option<&'a mut A> },
+}
+
+/// The terms of a projection's backward ([`Backend::proj_backward`]).
+#[derive(Debug)]
+pub enum BackTerms<'a, A, F> {
+    /// `dy W` alone.
+    Base,
+    /// `dy W` plus the LoRA term where adapted: from what the forward kept (`kept`) where it
+    /// kept anything, and adding into the adapter's `(dA, dB)` where `grads` is given.
+    Adapted {
+        kept: Option<&'a A>,
+        grads: Option<(&'a mut F, &'a mut F)>,
+    },
+}
+
 /// The ops of one device, on its own buffers (see the module doc).
 pub trait Backend {
     /// bf16 values.
@@ -237,7 +261,9 @@ pub trait Backend {
         base: BaseRef<'_>,
         lora: Option<LoraRef<'_>>,
     ) -> Result<Self::Proj>;
-    /// `y (=|+=) x W^T + s (x A^T) B^T` for `x [rows, inp]` (the LoRA term where adapted).
+    /// `y (=|+=) x W^T + s (x A^T) B^T` for `x [rows, inp]`: the LoRA term where `p` is adapted
+    /// and `terms` asks for it, and what the backward reuses written into [`Terms::Adapted`]'s
+    /// `keep`.
     fn proj_forward(
         &self,
         p: &Self::Proj,
@@ -245,9 +271,12 @@ pub trait Backend {
         rows: usize,
         y: &mut Self::Act,
         acc: Accumulate,
+        terms: Terms<'_, Self::Act>,
     ) -> Result<()>;
-    /// Backward of [`Self::proj_forward`]: `dx (=|+=) dy W + s (dy B) A`, and where adapted and
-    /// `grads` is given, `dA += s (dy B)^T x` and `dB += s dy^T (x A^T)` (f32).
+    /// Backward of [`Self::proj_forward`]: `dx (=|+=) dy W + s (dy B) A` (the LoRA term where
+    /// adapted and `terms` asks for it), and with [`BackTerms::Adapted`]'s `grads`,
+    /// `dA += s (dy B)^T x` and `dB += s dy^T (x A^T)` (f32). `x [rows, inp]` is the forward's
+    /// input; the fused kernel takes it even when no adapter gradient is formed.
     #[allow(clippy::too_many_arguments)]
     fn proj_backward(
         &self,
@@ -257,66 +286,15 @@ pub trait Backend {
         rows: usize,
         dx: &mut Self::Act,
         acc: Accumulate,
-        grads: Option<(&mut Self::F32, &mut Self::F32)>,
+        terms: BackTerms<'_, Self::Act, Self::F32>,
     ) -> Result<()>;
-
-    /// How many values [`Self::proj_forward_keep`] keeps of `p`'s forward over `rows` rows for
-    /// its backward: the CUDA backend keeps the LoRA intermediate `u = s x A^T` (`rows x rank`) of
-    /// an adapted projection; 0 (the default) where the backend keeps nothing and its backward
-    /// forms what it needs again.
+    /// How many values [`Self::proj_forward`] keeps of `p`'s forward over `rows` rows for its
+    /// backward ([`Terms::Adapted`]'s `keep`): the CUDA backend keeps the LoRA intermediate
+    /// `u = s x A^T` (`rows x rank`) of an adapted projection; 0 (the default) where the backend
+    /// keeps nothing and its backward forms what it needs again.
     fn proj_keep_len(&self, _p: &Self::Proj, _rows: usize) -> usize {
         0
     }
-    /// [`Self::proj_forward`], writing what its backward reuses into `keep`
-    /// ([`Self::proj_keep_len`] values).
-    fn proj_forward_keep(
-        &self,
-        p: &Self::Proj,
-        x: &Self::Act,
-        rows: usize,
-        y: &mut Self::Act,
-        acc: Accumulate,
-        _keep: &mut Self::Act,
-    ) -> Result<()> {
-        self.proj_forward(p, x, rows, y, acc)
-    }
-    /// [`Self::proj_backward`] from what [`Self::proj_forward_keep`] kept for the same `x`.
-    #[allow(clippy::too_many_arguments)]
-    fn proj_backward_kept(
-        &self,
-        p: &Self::Proj,
-        x: &Self::Act,
-        _kept: &Self::Act,
-        dy: &Self::Act,
-        rows: usize,
-        dx: &mut Self::Act,
-        acc: Accumulate,
-        grads: Option<(&mut Self::F32, &mut Self::F32)>,
-    ) -> Result<()> {
-        self.proj_backward(p, x, dy, rows, dx, acc, grads)
-    }
-
-    /// [`Self::proj_forward`] without the LoRA term: `y (=|+=) x W^T`.
-    fn proj_forward_base(
-        &self,
-        p: &Self::Proj,
-        x: &Self::Act,
-        rows: usize,
-        y: &mut Self::Act,
-        acc: Accumulate,
-    ) -> Result<()>;
-    /// [`Self::proj_backward`] without the LoRA term: `dx (=|+=) dy W` (`x [rows, inp]` is the
-    /// forward's input; the fused kernel takes it even when no adapter gradient is formed).
-    #[allow(clippy::too_many_arguments)]
-    fn proj_backward_base(
-        &self,
-        p: &Self::Proj,
-        x: &Self::Act,
-        dy: &Self::Act,
-        rows: usize,
-        dx: &mut Self::Act,
-        acc: Accumulate,
-    ) -> Result<()>;
     /// `out = ca a + cb b`, each coefficient chosen per element by `mask`
     /// ([`qadapt::ops::dropout::mask_mix`]; bf16 out), overwritten.
     fn mask_mix(

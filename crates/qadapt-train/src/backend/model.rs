@@ -42,7 +42,7 @@ use qadapt::ops::dropout::{DropoutMask, MaskCoef};
 use qadapt::ops::rope::{self, RopeDirection, RopeTable};
 use qadapt::optim::{AdamW, clip_coefficient};
 
-use crate::backend::{Backend, BaseRef, LoraMatrix, LoraRef, MomentPlacement};
+use crate::backend::{BackTerms, Backend, BaseRef, LoraMatrix, LoraRef, MomentPlacement, Terms};
 use crate::config::LlamaConfig;
 use crate::layer::{self, BackBufs, LayerActs, LayerBackRun, LayerRun, Norm};
 use crate::lora::{DropoutKey, LoraAdapter, LoraPair, dropout_base};
@@ -266,11 +266,11 @@ struct Saved<B: Backend> {
     /// Packed rows' sequence starts (`None`: one sequence per row).
     segments: Option<B::Segments>,
     /// What the backend kept of each layer's projections for their backward
-    /// ([`Backend::proj_forward_keep`]; `[layer][Proj::index]`, empty when nothing is kept).
+    /// ([`Backend::proj_forward`] with [`Terms::Adapted`]; `[layer][Proj::index]`, empty when nothing is kept).
     kept: Vec<Kept<B>>,
 }
 
-/// What the backend kept of one layer's projections ([`Backend::proj_forward_keep`]), by
+/// What the backend kept of one layer's projections ([`Backend::proj_forward`] with [`Terms::Adapted`]), by
 /// [`Proj::index`].
 type Kept<B> = [Option<<B as Backend>::Act>; 7];
 
@@ -1039,7 +1039,7 @@ impl<B: Backend> BackendRun<'_, B> {
         let (be, n) = (self.be, self.rows);
         let pj = &self.layers[l].projs[p.index()];
         if self.base_only {
-            return be.proj_forward_base(pj, x, n, out, acc);
+            return be.proj_forward(pj, x, n, out, acc, Terms::Base);
         }
         let mask = self.mask(l, p)?;
         let inp = p.dims(self.config).0;
@@ -1275,10 +1275,8 @@ fn proj_forward<B: Backend>(
     keep: Option<&mut B::Act>,
 ) -> Result<()> {
     // The fused call on x (or x~), keeping what its backward reuses where asked.
-    let fused = |x: &B::Act, y: &mut B::Act| match keep {
-        Some(k) => be.proj_forward_keep(pj, x, rows, y, acc, k),
-        None => be.proj_forward(pj, x, rows, y, acc),
-    };
+    let fused =
+        |x: &B::Act, y: &mut B::Act| be.proj_forward(pj, x, rows, y, acc, Terms::Adapted { keep });
     let Some((mask, k)) = mask else {
         return fused(x, y);
     };
@@ -1286,7 +1284,7 @@ fn proj_forward<B: Backend>(
     be.mask_mix(mask, x, MaskCoef::new(k, 0.0), None, &mut xd)?;
     fused(&xd, y)?;
     be.mask_mix(mask, x, MaskCoef::new(1.0 - k, 1.0), None, &mut xd)?;
-    be.proj_forward_base(pj, &xd, rows, y, Accumulate::Add)
+    be.proj_forward(pj, &xd, rows, y, Accumulate::Add, Terms::Base)
 }
 
 /// Backward of [`proj_forward`]. With a dropout mask, the fused backward on `x~` forms the
@@ -1308,9 +1306,8 @@ fn proj_backward<B: Backend>(
     kept: Option<&B::Act>,
 ) -> Result<()> {
     // The fused backward on x (or x~), from what its forward kept where it did.
-    let fused = |x: &B::Act, dx: &mut B::Act, acc, grads| match kept {
-        Some(u) => be.proj_backward_kept(pj, x, u, dy, rows, dx, acc, grads),
-        None => be.proj_backward(pj, x, dy, rows, dx, acc, grads),
+    let fused = |x: &B::Act, dx: &mut B::Act, acc, grads| {
+        be.proj_backward(pj, x, dy, rows, dx, acc, BackTerms::Adapted { kept, grads })
     };
     let Some((mask, k)) = mask else {
         return fused(x, dx, acc, grads);
@@ -1319,7 +1316,15 @@ fn proj_backward<B: Backend>(
     be.mask_mix(mask, x, MaskCoef::new(k, 0.0), None, &mut xd)?;
     let (mut d1, mut d0) = (be.zeros(rows * inp)?, be.zeros(rows * inp)?);
     fused(&xd, &mut d1, Accumulate::Overwrite, grads)?;
-    be.proj_backward_base(pj, &xd, dy, rows, &mut d0, Accumulate::Overwrite)?;
+    be.proj_backward(
+        pj,
+        &xd,
+        dy,
+        rows,
+        &mut d0,
+        Accumulate::Overwrite,
+        BackTerms::Base,
+    )?;
     let (ca, cb) = (MaskCoef::new(1.0 - k, 1.0), MaskCoef::new(k, 0.0));
     match acc {
         Accumulate::Overwrite => be.mask_mix(mask, &d0, ca, Some((&d1, cb)), dx),

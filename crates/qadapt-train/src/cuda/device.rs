@@ -14,7 +14,7 @@
 
 use half::bf16;
 use qadapt::Result;
-use qadapt::cuda::ops::{self, CudaRopeTable, CudaSegments};
+use qadapt::cuda::ops::{self, AttentionKernels, CudaRopeTable, CudaSegments};
 use qadapt::cuda::{CudaDevice, DeviceBuffer, Op};
 use qadapt::lora::{AdapterStack, BaseWeight, CudaBaseWeight, CudaLoraLinear, LoraLinear};
 use qadapt::nf4::{CudaNf4, Statistics};
@@ -27,7 +27,7 @@ use qadapt::optim::{
     AdamWStep, PagedAdamState, adamw_cuda, adamw_cuda_paged, sum_squares_cuda_all,
 };
 
-use crate::backend::{Backend, BaseRef, LoraMatrix, LoraRef, MomentPlacement};
+use crate::backend::{BackTerms, Backend, BaseRef, LoraMatrix, LoraRef, MomentPlacement, Terms};
 use crate::{invalid, shape_err};
 
 /// The CUDA backend: one device and a bf16 1 (the `ones` of the add).
@@ -347,7 +347,7 @@ impl Backend for CudaBackend {
     }
 
     /// `lse [batch, heads, seq]`, whichever kernels run: the tensor-core ones
-    /// (`ops::flash_attention_*`) for the head sizes they support, the scalar ones otherwise.
+    /// (`AttentionKernels::for_shape`) for the head sizes they support, the scalar ones otherwise.
     fn attention_saved_len(&self, sh: AttentionShape) -> usize {
         sh.batch * sh.heads * sh.seq
     }
@@ -362,11 +362,8 @@ impl Backend for CudaBackend {
         saved: &mut Self::F32,
         out: &mut Self::Act,
     ) -> Result<()> {
-        if ops::flash_attention_supports(&sh) {
-            ops::flash_attention_forward(&self.dev, sh, q, k, v, segments, saved, out)
-        } else {
-            ops::attention_forward(&self.dev, sh, q, k, v, segments, saved, out)
-        }
+        let kernels = AttentionKernels::for_shape(&sh);
+        ops::attention_forward(&self.dev, kernels, sh, q, k, v, segments, saved, out)
     }
 
     fn attention_backward(
@@ -383,13 +380,10 @@ impl Backend for CudaBackend {
         dk: &mut Self::Act,
         dv: &mut Self::Act,
     ) -> Result<()> {
-        let dev = &self.dev;
-        if ops::flash_attention_supports(&sh) {
-            let out = Some(out);
-            ops::flash_attention_backward(dev, sh, q, k, v, segments, out, saved, dout, dq, dk, dv)
-        } else {
-            ops::attention_backward(dev, sh, q, k, v, segments, saved, dout, dq, dk, dv)
-        }
+        let (dev, kernels, out) = (&self.dev, AttentionKernels::for_shape(&sh), Some(out));
+        ops::attention_backward(
+            dev, kernels, sh, q, k, v, segments, out, saved, dout, dq, dk, dv,
+        )
     }
 
     fn matmul_wt(
@@ -480,8 +474,30 @@ impl Backend for CudaBackend {
         rows: usize,
         y: &mut Self::Act,
         acc: Accumulate,
+        terms: Terms<'_, Self::Act>,
     ) -> Result<()> {
-        self.forward_part(p, x, rows, y, acc, true, None)
+        match terms {
+            Terms::Base => self.forward_part(p, x, rows, y, acc, false, None),
+            Terms::Adapted { keep } => self.forward_part(p, x, rows, y, acc, true, keep),
+        }
+    }
+
+    fn proj_backward(
+        &self,
+        p: &Self::Proj,
+        x: &Self::Act,
+        dy: &Self::Act,
+        rows: usize,
+        dx: &mut Self::Act,
+        acc: Accumulate,
+        terms: BackTerms<'_, Self::Act, Self::F32>,
+    ) -> Result<()> {
+        match terms {
+            BackTerms::Base => self.backward_part(p, x, dy, rows, dx, acc, None, false, None),
+            BackTerms::Adapted { kept, grads } => {
+                self.backward_part(p, x, dy, rows, dx, acc, grads, true, kept)
+            }
+        }
     }
 
     fn proj_keep_len(&self, p: &Self::Proj, rows: usize) -> usize {
@@ -493,68 +509,6 @@ impl Backend for CudaBackend {
             } => layer.kept_len(rows),
             _ => 0,
         }
-    }
-
-    fn proj_forward_keep(
-        &self,
-        p: &Self::Proj,
-        x: &Self::Act,
-        rows: usize,
-        y: &mut Self::Act,
-        acc: Accumulate,
-        keep: &mut Self::Act,
-    ) -> Result<()> {
-        self.forward_part(p, x, rows, y, acc, true, Some(keep))
-    }
-
-    fn proj_backward_kept(
-        &self,
-        p: &Self::Proj,
-        x: &Self::Act,
-        kept: &Self::Act,
-        dy: &Self::Act,
-        rows: usize,
-        dx: &mut Self::Act,
-        acc: Accumulate,
-        grads: Option<(&mut Self::F32, &mut Self::F32)>,
-    ) -> Result<()> {
-        self.backward_part(p, x, dy, rows, dx, acc, grads, true, Some(kept))
-    }
-
-    fn proj_forward_base(
-        &self,
-        p: &Self::Proj,
-        x: &Self::Act,
-        rows: usize,
-        y: &mut Self::Act,
-        acc: Accumulate,
-    ) -> Result<()> {
-        self.forward_part(p, x, rows, y, acc, false, None)
-    }
-
-    fn proj_backward(
-        &self,
-        p: &Self::Proj,
-        x: &Self::Act,
-        dy: &Self::Act,
-        rows: usize,
-        dx: &mut Self::Act,
-        acc: Accumulate,
-        grads: Option<(&mut Self::F32, &mut Self::F32)>,
-    ) -> Result<()> {
-        self.backward_part(p, x, dy, rows, dx, acc, grads, true, None)
-    }
-
-    fn proj_backward_base(
-        &self,
-        p: &Self::Proj,
-        x: &Self::Act,
-        dy: &Self::Act,
-        rows: usize,
-        dx: &mut Self::Act,
-        acc: Accumulate,
-    ) -> Result<()> {
-        self.backward_part(p, x, dy, rows, dx, acc, None, false, None)
     }
 
     fn lm_head_cross_entropy(

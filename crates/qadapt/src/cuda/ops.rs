@@ -12,9 +12,8 @@
 //! | cross-entropy | [`crate::ops::cross_entropy`] | [`cross_entropy_forward`], [`cross_entropy_backward`], [`cross_entropy_fused`] |
 //! | LM head + cross-entropy, in row chunks | [`crate::ops::cross_entropy::lm_head`] | [`lm_head_cross_entropy`] (bf16 logits per chunk) |
 //! | LM head scores (loss, argmax test per row) | [`crate::ops::cross_entropy::lm_head_scores`] | [`lm_head_scores`] |
-//! | attention | [`crate::ops::attention`] | [`attention_forward`], [`attention_backward`] (saves `lse`, not `p`) |
+//! | attention, scalar or on tensor cores ([`AttentionKernels`]) | [`crate::ops::attention`] | [`attention_forward`], [`attention_backward`] (saves `lse`, not `p`) |
 //! | KV cache (decoding) | [`crate::ops::attention::kv_cache_write`], [`crate::ops::attention::attention_cached`] | [`kv_cache_write`], [`attention_cached`] ([`CudaCacheTokens`]) |
-//! | attention on tensor cores | [`crate::ops::attention`] | [`flash_attention_forward`], [`flash_attention_backward`] (`head_dim` in [`FLASH_HEAD_DIMS`]) |
 //!
 //! Token ids and targets are host slices, as in the CPU references: they are checked against the
 //! vocabulary on the host (an id out of range is [`crate::Error::Invalid`] before anything runs)
@@ -459,15 +458,19 @@ pub fn attention_cached(
     launch::attention_cached(dev, tokens, q, kc, vc, out)
 }
 
-/// Causal grouped-query attention forward (layouts of [`crate::ops::attention`]): `out`
-/// `[batch * seq, heads * head_dim]` overwritten, and `lse [batch, heads, seq]` (f32) overwritten
-/// with each query row's log-sum-exp of its scaled scores. The CPU reference saves the
-/// probabilities `p [batch, heads, seq, seq]`; the kernels save `lse` instead (seq times smaller)
-/// and recompute the probabilities in the backward. `head_dim` must be even and at most
-/// `QADAPT_ATTN_MAX_HEAD_DIM` (256).
+pub use launch::{AttentionKernels, FLASH_HEAD_DIMS};
+
+/// Causal grouped-query attention forward (layouts of [`crate::ops::attention`]) on `kernels`:
+/// `out [batch * seq, heads * head_dim]` overwritten, and `lse [batch, heads, seq]` (f32)
+/// overwritten with each query row's log-sum-exp of its scaled scores. The CPU reference saves
+/// the probabilities `p [batch, heads, seq, seq]`; the kernels save `lse` instead (seq times
+/// smaller) and recompute the probabilities in the backward; neither family allocates a
+/// `[seq, seq]` buffer. Packed rows attend within their `segments`. No padding mask and no
+/// prefix keys/values.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_forward(
     dev: &CudaDevice,
+    kernels: AttentionKernels,
     sh: AttentionShape,
     q: &CudaSlice<bf16>,
     k: &CudaSlice<bf16>,
@@ -476,74 +479,21 @@ pub fn attention_forward(
     lse: &mut CudaSlice<f32>,
     out: &mut CudaSlice<bf16>,
 ) -> Result<()> {
-    launch::attention_forward(dev, sh, q, k, v, segments, lse, out)
+    launch::attention_forward(kernels, dev, sh, q, k, v, segments, lse, out)
 }
 
-/// Backward of [`attention_forward`]: `dq`, `dk`, `dv` overwritten (a kv head sums the gradients
-/// of all its query heads); `lse` is what the forward saved. Allocates a `[batch, heads, seq]`
-/// f32 scratch for the row sums `delta = rowsum(P * dP)`.
+/// Backward of [`attention_forward`] on `kernels`: `dq`, `dk`, `dv` overwritten (a kv head sums
+/// the gradients of all its query heads; the flash kernels do it in registers: deterministic,
+/// no atomics); `lse` is what the forward saved. Both need `delta = rowsum(P * dP)` per query
+/// row and allocate a `[batch, heads, seq]` f32 scratch for it. The scalar kernels recompute it
+/// and ignore `out`. The flash kernels, given the forward's `out`, take
+/// `delta = rowsum(dout * out)` (equal up to the bf16 rounding of `out`) at the cost of one
+/// read of `out`; with `None` (a caller that kept only `lse`) a kernel recomputes
+/// `rowsum(P * dP)` block by block, about as costly as the dq kernel's S and dP again.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
     dev: &CudaDevice,
-    sh: AttentionShape,
-    q: &CudaSlice<bf16>,
-    k: &CudaSlice<bf16>,
-    v: &CudaSlice<bf16>,
-    segments: Option<&CudaSegments>,
-    lse: &CudaSlice<f32>,
-    dout: &CudaSlice<bf16>,
-    dq: &mut CudaSlice<bf16>,
-    dk: &mut CudaSlice<bf16>,
-    dv: &mut CudaSlice<bf16>,
-) -> Result<()> {
-    launch::attention_backward(dev, sh, q, k, v, segments, lse, dout, dq, dk, dv)
-}
-
-/// Head sizes the tensor-core attention ([`flash_attention_forward`]) supports; any other
-/// `head_dim` (e.g. the 8 of the tiny test models) takes the scalar [`attention_forward`].
-pub const FLASH_HEAD_DIMS: [usize; 4] = launch::FLASH_HEAD_DIMS;
-
-/// Whether [`flash_attention_forward`] and [`flash_attention_backward`] take this shape's head
-/// size (other checks, such as the 16-byte alignment of the buffers, happen at the call).
-pub fn flash_attention_supports(sh: &AttentionShape) -> bool {
-    FLASH_HEAD_DIMS.contains(&sh.head_dim)
-}
-
-/// Causal grouped-query attention forward on tensor cores (`kernels/flash_attention.cu`,
-/// FlashAttention-2 style): the contract of [`attention_forward`] — `out [batch * seq, heads *
-/// head_dim]` and `lse [batch, heads, seq]` (f32) overwritten, layouts of
-/// [`crate::ops::attention`] — without any `[seq, seq]` buffer. P is rounded to bf16 before it
-/// multiplies V, so `out` is within a few bf16 ulps of the f32 reference (bounds in
-/// `crates/qadapt/tests/ops/flash_attention.rs`).
-///
-/// `head_dim` must be one of [`FLASH_HEAD_DIMS`] and every bf16 buffer 16-byte aligned (cudarc's
-/// allocations are); otherwise [`crate::Error::Invalid`] before anything runs, and the caller
-/// uses [`attention_forward`] instead. No padding mask and no prefix keys/values.
-#[allow(clippy::too_many_arguments)]
-pub fn flash_attention_forward(
-    dev: &CudaDevice,
-    sh: AttentionShape,
-    q: &CudaSlice<bf16>,
-    k: &CudaSlice<bf16>,
-    v: &CudaSlice<bf16>,
-    segments: Option<&CudaSegments>,
-    lse: &mut CudaSlice<f32>,
-    out: &mut CudaSlice<bf16>,
-) -> Result<()> {
-    launch::flash_attention_forward(dev, sh, q, k, v, segments, lse, out)
-}
-
-/// Backward of [`flash_attention_forward`]: `dq`, `dk`, `dv` overwritten (a kv head sums the
-/// gradients of its query heads, in registers: deterministic, no atomics); `lse` is what the
-/// forward saved. With the forward's `out`, `delta = rowsum(dout * out)` replaces the CPU's
-/// `rowsum(P * dP)` (equal up to the bf16 rounding of `out`) at the cost of one read of `out`;
-/// with `None` (a caller that kept only `lse`, like [`attention_backward`]'s) a kernel recomputes
-/// `rowsum(P * dP)` block by block, which costs about as much as the dq kernel's S and dP again.
-/// Allocates a `[batch, heads, seq]` f32 scratch for delta. The same shape and alignment rules
-/// as the forward.
-#[allow(clippy::too_many_arguments)]
-pub fn flash_attention_backward(
-    dev: &CudaDevice,
+    kernels: AttentionKernels,
     sh: AttentionShape,
     q: &CudaSlice<bf16>,
     k: &CudaSlice<bf16>,
@@ -556,5 +506,7 @@ pub fn flash_attention_backward(
     dk: &mut CudaSlice<bf16>,
     dv: &mut CudaSlice<bf16>,
 ) -> Result<()> {
-    launch::flash_attention_backward(dev, sh, q, k, v, segments, out, lse, dout, dq, dk, dv)
+    launch::attention_backward(
+        kernels, dev, sh, q, k, v, segments, out, lse, dout, dq, dk, dv,
+    )
 }

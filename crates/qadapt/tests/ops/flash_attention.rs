@@ -1,4 +1,4 @@
-//! The tensor-core attention (`kernels/flash_attention.cu`, `qadapt::cuda::ops::flash_attention_*`)
+//! The tensor-core attention (`kernels/flash_attention.cu`, `ops::AttentionKernels::Flash`)
 //! against the CPU reference `qadapt::ops::attention` (run in f32 on the same bf16-valued inputs),
 //! at awkward shapes: seq not a multiple of the 64-row block, seq = 1, batch > 1, GQA and MQA
 //! (heads != kv_heads), every supported head size, and one sequence longer than 4096.
@@ -16,7 +16,7 @@
 
 use half::bf16;
 use qadapt::cuda::CudaDevice;
-use qadapt::cuda::ops;
+use qadapt::cuda::ops::{self, AttentionKernels, AttentionKernels::*};
 use qadapt::ops::attention::{AttentionShape, backward, forward};
 
 const RTOL: f32 = 1.0 / 64.0;
@@ -73,7 +73,18 @@ fn check_packed(dev: &CudaDevice, sh: AttentionShape, segments: Option<&[u32]>, 
     );
     let mut lse = dev.upload(&vec![f32::NAN; n * heads]).unwrap();
     let mut od = dev.upload(&vec![bf16::from_f32(7.0); q.len()]).unwrap();
-    ops::flash_attention_forward(dev, sh, &qd, &kd, &vd, segd.as_ref(), &mut lse, &mut od).unwrap();
+    ops::attention_forward(
+        dev,
+        Flash,
+        sh,
+        &qd,
+        &kd,
+        &vd,
+        segd.as_ref(),
+        &mut lse,
+        &mut od,
+    )
+    .unwrap();
     let tag = format!("{sh:?}, packed {}", segments.is_some());
     let e_out = assert_close(&format!("out, {tag}"), &dev.download(&od).unwrap(), &out);
 
@@ -117,8 +128,9 @@ fn check_packed(dev: &CudaDevice, sh: AttentionShape, segments: Option<&[u32]>, 
         let mut dqd = dev.upload(&vec![bf16::from_f32(7.0); q.len()]).unwrap();
         let mut dkd = dev.upload(&vec![bf16::from_f32(7.0); k.len()]).unwrap();
         let mut dvd = dev.upload(&vec![bf16::from_f32(7.0); v.len()]).unwrap();
-        ops::flash_attention_backward(
+        ops::attention_backward(
             dev,
+            Flash,
             sh,
             &qd,
             &kd,
@@ -236,18 +248,31 @@ fn cuda_flash_attention_packed_rows_match_cpu() {
     );
     let mut lse = dev.zeros::<f32>(n * 2).unwrap();
     let mut od = dev.zeros::<bf16>(q.len()).unwrap();
-    ops::attention_forward(&dev, sh, &qd, &kd, &vd, Some(&segd), &mut lse, &mut od).unwrap();
+    ops::attention_forward(
+        &dev,
+        Scalar,
+        sh,
+        &qd,
+        &kd,
+        &vd,
+        Some(&segd),
+        &mut lse,
+        &mut od,
+    )
+    .unwrap();
     assert_close("scalar out, packed", &dev.download(&od).unwrap(), &out);
     let mut dqd = dev.zeros::<bf16>(q.len()).unwrap();
     let mut dkd = dev.zeros::<bf16>(k.len()).unwrap();
     let mut dvd = dev.zeros::<bf16>(v.len()).unwrap();
     ops::attention_backward(
         &dev,
+        Scalar,
         sh,
         &qd,
         &kd,
         &vd,
         Some(&segd),
+        None,
         &lse,
         &dod,
         &mut dqd,
@@ -264,7 +289,18 @@ fn cuda_flash_attention_packed_rows_match_cpu() {
     assert!(ops::CudaSegments::new(&dev, 2, seq, &bad).is_err());
     let other = ops::CudaSegments::new(&dev, 1, seq, &segments[..seq]).unwrap();
     assert!(
-        ops::attention_forward(&dev, sh, &qd, &kd, &vd, Some(&other), &mut lse, &mut od).is_err()
+        ops::attention_forward(
+            &dev,
+            Scalar,
+            sh,
+            &qd,
+            &kd,
+            &vd,
+            Some(&other),
+            &mut lse,
+            &mut od
+        )
+        .is_err()
     );
 }
 
@@ -274,20 +310,20 @@ fn cuda_flash_attention_refuses_bad_shapes() {
     let dev = device();
     // head_dim 8 (the tiny test models) has no tensor-core instantiation: the scalar kernels take it.
     let sh = shape(1, 4, 2, 1, 8);
-    assert!(!ops::flash_attention_supports(&sh));
+    assert_eq!(AttentionKernels::for_shape(&sh), Scalar);
     let x = dev.zeros::<bf16>(4 * 2 * 8).unwrap();
     let kv = dev.zeros::<bf16>(4 * 8).unwrap();
     let mut lse = dev.zeros::<f32>(8).unwrap();
     let mut o = dev.zeros::<bf16>(4 * 2 * 8).unwrap();
-    assert!(ops::flash_attention_forward(&dev, sh, &x, &kv, &kv, None, &mut lse, &mut o).is_err());
+    assert!(ops::attention_forward(&dev, Flash, sh, &x, &kv, &kv, None, &mut lse, &mut o).is_err());
     // A buffer of the wrong length.
     let sh = shape(1, 4, 2, 1, 16);
-    assert!(ops::flash_attention_supports(&sh));
+    assert_eq!(AttentionKernels::for_shape(&sh), Flash);
     let x = dev.zeros::<bf16>(4 * 2 * 16).unwrap();
     let kv = dev.zeros::<bf16>(4 * 16 + 1).unwrap();
     let mut o = dev.zeros::<bf16>(4 * 2 * 16).unwrap();
-    assert!(ops::flash_attention_forward(&dev, sh, &x, &kv, &kv, None, &mut lse, &mut o).is_err());
+    assert!(ops::attention_forward(&dev, Flash, sh, &x, &kv, &kv, None, &mut lse, &mut o).is_err());
     // heads not a multiple of kv_heads.
     let sh = shape(1, 4, 3, 2, 16);
-    assert!(ops::flash_attention_forward(&dev, sh, &x, &kv, &kv, None, &mut lse, &mut o).is_err());
+    assert!(ops::attention_forward(&dev, Flash, sh, &x, &kv, &kv, None, &mut lse, &mut o).is_err());
 }

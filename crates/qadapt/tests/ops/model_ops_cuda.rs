@@ -12,7 +12,7 @@
 //! Needs a CUDA device: ignored by `cargo test`, run by the GPU bundle; fails loudly without one.
 
 use half::bf16;
-use qadapt::cuda::ops;
+use qadapt::cuda::ops::{self, AttentionKernels::Scalar};
 use qadapt::ops::Accumulate;
 use qadapt::ops::rope::{RopeDirection, RopeScaling, RopeTable, inv_freq};
 use rand::{Rng, SeedableRng};
@@ -600,12 +600,12 @@ fn cuda_attention_matches_cpu() {
         );
         let mut lse = dev.zeros::<f32>(n * heads).unwrap();
         let mut od = dev.zeros::<bf16>(q.len()).unwrap();
-        ops::attention_forward(&dev, sh, &qd, &kd, &vd, None, &mut lse, &mut od).unwrap();
+        ops::attention_forward(&dev, Scalar, sh, &qd, &kd, &vd, None, &mut lse, &mut od).unwrap();
         let mut dqd = dev.upload(&vec![bf16::from_f32(7.0); q.len()]).unwrap();
         let mut dkd = dev.upload(&vec![bf16::from_f32(7.0); k.len()]).unwrap();
         let mut dvd = dev.upload(&vec![bf16::from_f32(7.0); v.len()]).unwrap();
         ops::attention_backward(
-            &dev, sh, &qd, &kd, &vd, None, &lse, &dod, &mut dqd, &mut dkd, &mut dvd,
+            &dev, Scalar, sh, &qd, &kd, &vd, None, None, &lse, &dod, &mut dqd, &mut dkd, &mut dvd,
         )
         .unwrap();
         let tag = format!("{sh:?}");
@@ -638,7 +638,7 @@ fn cuda_attention_matches_cpu() {
     let x = dev.zeros::<bf16>(2 * 2 * 258).unwrap();
     let mut lse = dev.zeros::<f32>(4).unwrap();
     let mut o = dev.zeros::<bf16>(2 * 2 * 258).unwrap();
-    assert!(ops::attention_forward(&dev, bad, &x, &x, &x, None, &mut lse, &mut o).is_err());
+    assert!(ops::attention_forward(&dev, Scalar, bad, &x, &x, &x, None, &mut lse, &mut o).is_err());
 }
 
 /// `lm_head_scores` on the device: each row's argmax test equals the first-argmax rule applied to

@@ -29,11 +29,11 @@ pub(crate) use counters::{
 };
 pub(crate) use lora::{CudaLoraRef, CudaWeightRef, LoraScratch, lora_backward, lora_forward};
 pub(crate) use memory::{pool_peak, reset_pool_peak};
+pub use model::{AttentionKernels, FLASH_HEAD_DIMS};
 pub(crate) use model::{
-    FLASH_HEAD_DIMS, SwigluOut, attention_backward, attention_cached, attention_forward,
-    cross_entropy, embedding_backward, embedding_forward, flash_attention_backward,
-    flash_attention_forward, kv_cache_write, lm_head_cross_entropy, mask_mix, rmsnorm_backward,
-    rmsnorm_forward, rope, swiglu, targets_i32,
+    SwigluOut, attention_backward, attention_cached, attention_forward, cross_entropy,
+    embedding_backward, embedding_forward, kv_cache_write, lm_head_cross_entropy, mask_mix,
+    rmsnorm_backward, rmsnorm_forward, rope, swiglu, targets_i32,
 };
 pub(crate) use nf4::{CudaScalesRef, nf4_dequantize, nf4_double_quant, nf4_quantize};
 pub(crate) use optim::{Moments, adamw, alloc_managed_f32, sum_squares};

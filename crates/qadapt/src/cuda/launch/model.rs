@@ -22,7 +22,7 @@ use crate::ops::Accumulate;
 use crate::ops::attention::AttentionShape;
 use crate::ops::dropout::{DropoutMask, MaskCoef};
 use crate::ops::rope::RopeDirection;
-use crate::plan::{self, ModelWork};
+use crate::plan::{self, DeviceProps, LaunchPlan, ModelWork};
 
 fn need<T>(op: &'static str, what: &str, s: &CudaSlice<T>, len: usize) -> Result<()> {
     if s.len() != len {
@@ -893,140 +893,9 @@ fn attention_args(
     }
 }
 
-/// `attention_fwd_bf16`: `out` and `lse [batch, heads, seq]` overwritten.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn attention_forward(
-    dev: &CudaDevice,
-    sh: AttentionShape,
-    q: &CudaSlice<bf16>,
-    k: &CudaSlice<bf16>,
-    v: &CudaSlice<bf16>,
-    segments: Option<&CudaSegments>,
-    lse: &mut CudaSlice<f32>,
-    out: &mut CudaSlice<bf16>,
-) -> Result<()> {
-    const OP: &str = "attention forward (cuda)";
-    let dims = attention_shape(OP, &sh)?;
-    attention_operands!(OP, dev, sh; q: Q, k: Kv, v: Kv, out: Q, lse: Rows);
-    check_segments(OP, dev, &sh, segments)?;
-    let items = (sh.batch * sh.heads * sh.seq.div_ceil(ffi::QADAPT_ATTN_ROWS as usize)) as u64;
-    let plan = plan::model_op(items, ModelWork::CtaPerItem, &dev.props())?;
-    let stream = dev.stream().clone();
-    let (qp, _g1) = q.device_ptr(&stream);
-    let (kp, _g2) = k.device_ptr(&stream);
-    let (vp, _g3) = v.device_ptr(&stream);
-    let (lp, _g4) = lse.device_ptr_mut(&stream);
-    let (op, _g5) = out.device_ptr_mut(&stream);
-    let (sp, _g6) = segments_ptr!(segments, &stream);
-    for (what, a) in [("q", qp), ("k", kp), ("v", vp), ("out", op)] {
-        aligned4(OP, what, a)?;
-    }
-    let args = ffi::QadaptAttentionArgs {
-        q: qp,
-        k: kp,
-        v: vp,
-        out: op,
-        lse: lp,
-        seg_start: sp,
-        ..attention_args(&sh, dims)
-    };
-    // SAFETY: QadaptAttentionArgs is what attention_fwd_bf16 takes; q, out hold
-    // batch * seq * heads * head_dim bf16, k, v batch * seq * kv_heads * head_dim bf16 and lse
-    // batch * heads * seq f32, segments (when given) batch * seq u32 starts each <= its token's
-    // position (checked when made; checked above, all on this device); heads is a multiple of
-    // kv_heads and head_dim is even and <= QADAPT_ATTN_MAX_HEAD_DIM (the shared tiles' size), so
-    // every row the kernel reads as 32-bit words (4-byte aligned, checked) or writes is in
-    // bounds; the plan has the 256 threads (8 warps) the kernel assumes.
-    unsafe { launch(dev, kernels::ATTENTION_FWD_BF16, plan, &args) }
-}
-
-/// `attention_bwd_dq_bf16` then `attention_bwd_dkv_bf16`: `dq`, `dk`, `dv` overwritten; `lse`
-/// is what [`attention_forward`] saved.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn attention_backward(
-    dev: &CudaDevice,
-    sh: AttentionShape,
-    q: &CudaSlice<bf16>,
-    k: &CudaSlice<bf16>,
-    v: &CudaSlice<bf16>,
-    segments: Option<&CudaSegments>,
-    lse: &CudaSlice<f32>,
-    dout: &CudaSlice<bf16>,
-    dq: &mut CudaSlice<bf16>,
-    dk: &mut CudaSlice<bf16>,
-    dv: &mut CudaSlice<bf16>,
-) -> Result<()> {
-    const OP: &str = "attention backward (cuda)";
-    let dims = attention_shape(OP, &sh)?;
-    let n = sh.batch * sh.seq;
-    attention_operands!(OP, dev, sh;
-        q: Q, k: Kv, v: Kv, lse: Rows, dout: Q, dq: Q, dk: Kv, dv: Kv);
-    check_segments(OP, dev, &sh, segments)?;
-    let mut delta = dev.zeros::<f32>(n * sh.heads)?;
-    let blocks = sh.seq.div_ceil(ffi::QADAPT_ATTN_ROWS as usize);
-    let props = dev.props();
-    let plan_dq = plan::model_op(
-        (sh.batch * sh.heads * blocks) as u64,
-        ModelWork::CtaPerItem,
-        &props,
-    )?;
-    let plan_dkv = plan::model_op(
-        (sh.batch * sh.kv_heads * blocks) as u64,
-        ModelWork::CtaPerItem,
-        &props,
-    )?;
-    let stream = dev.stream().clone();
-    let (qp, _g1) = q.device_ptr(&stream);
-    let (kp, _g2) = k.device_ptr(&stream);
-    let (vp, _g3) = v.device_ptr(&stream);
-    let (lp, _g4) = lse.device_ptr(&stream);
-    let (dop, _g5) = dout.device_ptr(&stream);
-    let (dqp, _g6) = dq.device_ptr_mut(&stream);
-    let (dkp, _g7) = dk.device_ptr_mut(&stream);
-    let (dvp, _g8) = dv.device_ptr_mut(&stream);
-    let (dp, _g9) = delta.device_ptr_mut(&stream);
-    let (sp, _g10) = segments_ptr!(segments, &stream);
-    for (what, a) in [
-        ("q", qp),
-        ("k", kp),
-        ("v", vp),
-        ("dout", dop),
-        ("dq", dqp),
-        ("dk", dkp),
-        ("dv", dvp),
-    ] {
-        aligned4(OP, what, a)?;
-    }
-    let args = ffi::QadaptAttentionArgs {
-        q: qp,
-        k: kp,
-        v: vp,
-        out: 0,
-        lse: lp,
-        dout: dop,
-        dq: dqp,
-        dk: dkp,
-        dv: dvp,
-        delta: dp,
-        seg_start: sp,
-        ..attention_args(&sh, dims)
-    };
-    // SAFETY: QadaptAttentionArgs is what attention_bwd_dq_bf16 takes; q, dout, dq hold
-    // batch * seq * heads * head_dim bf16, k, v batch * seq * kv_heads * head_dim bf16, lse and
-    // delta (allocated above) batch * heads * seq f32, segments (when given) batch * seq u32
-    // starts each <= its token's position (checked above, all on this device); heads
-    // is a multiple of kv_heads, head_dim even and <= QADAPT_ATTN_MAX_HEAD_DIM, every address
-    // 4-byte aligned (checked), so each row read or written is in bounds; 256 threads a CTA.
-    unsafe { launch(dev, kernels::ATTENTION_BWD_DQ_BF16, plan_dq, &args) }?;
-    // SAFETY: the same struct and buffers for attention_bwd_dkv_bf16, queued after the dq kernel
-    // on the same stream so the delta it reads is written; it writes dk, dv rows
-    // (batch * seq * kv_heads * head_dim bf16 each, checked above) and reads q, dout, lse, delta
-    // within the bounds above.
-    unsafe { launch(dev, kernels::ATTENTION_BWD_DKV_BF16, plan_dkv, &args) }
-}
-
-/// Head sizes `kernels/flash_attention.cu` is instantiated for.
-pub(crate) const FLASH_HEAD_DIMS: [usize; 4] = [16, 32, 64, 128];
+/// Head sizes `kernels/flash_attention.cu` is instantiated for ([`AttentionKernels::Flash`]);
+/// any other `head_dim` (e.g. the 8 of the tiny test models) takes [`AttentionKernels::Scalar`].
+pub const FLASH_HEAD_DIMS: [usize; 4] = [16, 32, 64, 128];
 
 /// Checks what the flash kernels add to [`attention_shape`]: a head size they are built for.
 fn flash_shape(op: &'static str, sh: &AttentionShape) -> Result<(u32, u32, u32, u32, u32)> {
@@ -1044,9 +913,69 @@ fn flash_shape(op: &'static str, sh: &AttentionShape) -> Result<(u32, u32, u32, 
     Ok(dims)
 }
 
-/// `flash_attention_fwd_bf16`: `out` and `lse [batch, heads, seq]` overwritten.
+/// Which kernels `ops::attention_forward` and `ops::attention_backward` run; both families take
+/// one argument struct (`QadaptAttentionArgs`) and the layouts of [`crate::ops::attention`].
+/// [`AttentionKernels::for_shape`] picks `Flash` where it takes the head size. A shape or buffer
+/// the chosen kernels do not take is [`crate::Error::Invalid`] before anything runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttentionKernels {
+    /// `kernels/attention.cu`: any even `head_dim` up to `QADAPT_ATTN_MAX_HEAD_DIM` (256),
+    /// 4-byte aligned buffers; a CTA per `QADAPT_ATTN_ROWS` query rows of a head, 32-bit reads
+    /// of each row.
+    Scalar,
+    /// `kernels/flash_attention.cu` (FlashAttention-2 style, on tensor cores): `head_dim` one of
+    /// [`FLASH_HEAD_DIMS`] and every bf16 buffer 16-byte aligned (cudarc's allocations are); a
+    /// CTA per `QADAPT_FLASH_BLOCK` query rows, 16-byte `cp.async` row copies. P is rounded to
+    /// bf16 before it multiplies V, so `out` is within a few bf16 ulps of the f32 reference
+    /// (bounds in `crates/qadapt/tests/ops/flash_attention.rs`).
+    Flash,
+}
+
+impl AttentionKernels {
+    /// The flash kernels where they take the shape's head size, else the scalar ones.
+    pub fn for_shape(sh: &AttentionShape) -> AttentionKernels {
+        if FLASH_HEAD_DIMS.contains(&sh.head_dim) {
+            AttentionKernels::Flash
+        } else {
+            AttentionKernels::Scalar
+        }
+    }
+
+    /// The shape's checks for these kernels, and the shape part of their arguments.
+    fn dims(self, op: &'static str, sh: &AttentionShape) -> Result<(u32, u32, u32, u32, u32)> {
+        match self {
+            AttentionKernels::Scalar => attention_shape(op, sh),
+            AttentionKernels::Flash => flash_shape(op, sh),
+        }
+    }
+
+    /// The launch of one CTA per (row, head, query block) for `heads` heads.
+    fn plan(self, sh: &AttentionShape, heads: usize, props: &DeviceProps) -> Result<LaunchPlan> {
+        let rows = match self {
+            AttentionKernels::Scalar => ffi::QADAPT_ATTN_ROWS,
+            AttentionKernels::Flash => ffi::QADAPT_FLASH_BLOCK,
+        };
+        let ctas = (sh.batch * heads * sh.seq.div_ceil(rows as usize)) as u64;
+        match self {
+            AttentionKernels::Scalar => plan::model_op(ctas, ModelWork::CtaPerItem, props),
+            AttentionKernels::Flash => plan::flash_attention(ctas, props),
+        }
+    }
+
+    /// The alignment the kernels' row reads need of a bf16 operand's base (0, absent, passes).
+    fn aligned(self, op: &'static str, what: &str, addr: u64) -> Result<()> {
+        match self {
+            AttentionKernels::Scalar => aligned4(op, what, addr),
+            AttentionKernels::Flash => aligned16(op, what, addr),
+        }
+    }
+}
+
+/// `attention_fwd_bf16` or `flash_attention_fwd_bf16`: `out` and `lse [batch, heads, seq]`
+/// overwritten.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn flash_attention_forward(
+pub(crate) fn attention_forward(
+    kind: AttentionKernels,
     dev: &CudaDevice,
     sh: AttentionShape,
     q: &CudaSlice<bf16>,
@@ -1056,49 +985,62 @@ pub(crate) fn flash_attention_forward(
     lse: &mut CudaSlice<f32>,
     out: &mut CudaSlice<bf16>,
 ) -> Result<()> {
-    const OP: &str = "flash attention forward (cuda)";
-    let dims = flash_shape(OP, &sh)?;
-    attention_operands!(OP, dev, sh; q: Q, k: Kv, v: Kv, out: Q, lse: Rows);
-    check_segments(OP, dev, &sh, segments)?;
-    let blocks = sh.seq.div_ceil(ffi::QADAPT_FLASH_BLOCK as usize);
-    let plan = plan::flash_attention((sh.batch * sh.heads * blocks) as u64, &dev.props())?;
+    let (op, kernel) = match kind {
+        AttentionKernels::Scalar => ("attention forward (cuda)", kernels::ATTENTION_FWD_BF16),
+        AttentionKernels::Flash => (
+            "flash attention forward (cuda)",
+            kernels::FLASH_ATTENTION_FWD_BF16,
+        ),
+    };
+    let dims = kind.dims(op, &sh)?;
+    attention_operands!(op, dev, sh; q: Q, k: Kv, v: Kv, out: Q, lse: Rows);
+    check_segments(op, dev, &sh, segments)?;
+    let plan = kind.plan(&sh, sh.heads, &dev.props())?;
     let stream = dev.stream().clone();
     let (qp, _g1) = q.device_ptr(&stream);
     let (kp, _g2) = k.device_ptr(&stream);
     let (vp, _g3) = v.device_ptr(&stream);
     let (lp, _g4) = lse.device_ptr_mut(&stream);
-    let (op, _g5) = out.device_ptr_mut(&stream);
+    let (op_, _g5) = out.device_ptr_mut(&stream);
     let (sp, _g6) = segments_ptr!(segments, &stream);
-    for (what, a) in [("q", qp), ("k", kp), ("v", vp), ("out", op)] {
-        aligned16(OP, what, a)?;
+    for (what, a) in [("q", qp), ("k", kp), ("v", vp), ("out", op_)] {
+        kind.aligned(op, what, a)?;
     }
-    aligned4(OP, "lse", lp)?;
+    aligned4(op, "lse", lp)?;
     let args = ffi::QadaptAttentionArgs {
         q: qp,
         k: kp,
         v: vp,
-        out: op,
+        out: op_,
         lse: lp,
         seg_start: sp,
         ..attention_args(&sh, dims)
     };
-    // SAFETY: QadaptAttentionArgs is what flash_attention_fwd_bf16 takes; q, out hold
+    // SAFETY: QadaptAttentionArgs is what both forward kernels take; q, out hold
     // batch * seq * heads * head_dim bf16, k, v batch * seq * kv_heads * head_dim bf16 and lse
     // batch * heads * seq f32, segments (when given) batch * seq u32 starts, each <= its token's
-    // position and non-decreasing along a row (checked when made; checked above, all on this
-    // device), so the first key block read is at most the block's own; heads is a multiple of kv_heads
-    // and head_dim one of FLASH_HEAD_DIMS (the kernel's instantiations; a multiple of 8, so with
-    // the 16-byte aligned bases checked above every row's 16-byte cp.async is aligned), so every
-    // row the kernel copies (rows < seq only) or stores is in bounds; the plan has the
-    // QADAPT_FLASH_THREADS threads the kernel's tiling assumes and no dynamic shared memory.
-    unsafe { launch(dev, kernels::FLASH_ATTENTION_FWD_BF16, plan, &args) }
+    // position and non-decreasing along a row (checked when made; lengths and device checked
+    // above), so the first key block either kernel reads is at most the block's own; heads is a
+    // multiple of kv_heads. Scalar: head_dim even and <= QADAPT_ATTN_MAX_HEAD_DIM (the shared
+    // tiles' size) and every base 4-byte aligned, so its 32-bit row reads and writes are in
+    // bounds and aligned; the plan has the 256 threads (8 warps) it assumes. Flash: head_dim one
+    // of FLASH_HEAD_DIMS (its instantiations, multiples of 8) and every bf16 base 16-byte
+    // aligned, so each 16-byte cp.async row copy (rows < seq only) and each store is in bounds
+    // and aligned; the plan has QADAPT_FLASH_THREADS threads and no dynamic shared memory.
+    unsafe { launch(dev, kernel, plan, &args) }
 }
 
-/// `flash_attention_bwd_delta_bf16` (with `out`) or `flash_attention_bwd_delta_recompute_bf16`
-/// (without), then `flash_attention_bwd_dq_bf16` and `flash_attention_bwd_dkv_bf16`: `dq`, `dk`,
-/// `dv` overwritten; `out` and `lse` are what [`flash_attention_forward`] wrote.
+/// The backward of either family: `dq`, `dk`, `dv` overwritten from the forward's `lse` (and,
+/// for the flash kernels, its `out` where kept). Each family runs a kernel for `dq` (a CTA per
+/// query block of a head) and one for `dk`, `dv` (a CTA per key block of a KV head), both
+/// reading `delta = rowsum(dout * out)` per (token, head):
+/// - scalar: `attention_bwd_dq_bf16` computes delta from the probabilities it recomputes and
+///   writes it for `attention_bwd_dkv_bf16`;
+/// - flash: `flash_attention_bwd_delta_bf16` computes it from `out` (a warp per (token, head)),
+///   or `flash_attention_bwd_delta_recompute_bf16` without `out` (recomputing P per tile).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn flash_attention_backward(
+pub(crate) fn attention_backward(
+    kind: AttentionKernels,
     dev: &CudaDevice,
     sh: AttentionShape,
     q: &CudaSlice<bf16>,
@@ -1112,29 +1054,35 @@ pub(crate) fn flash_attention_backward(
     dk: &mut CudaSlice<bf16>,
     dv: &mut CudaSlice<bf16>,
 ) -> Result<()> {
-    const OP: &str = "flash attention backward (cuda)";
-    let dims = flash_shape(OP, &sh)?;
-    check_segments(OP, dev, &sh, segments)?;
+    let (op, kernel_dq, kernel_dkv) = match kind {
+        AttentionKernels::Scalar => (
+            "attention backward (cuda)",
+            kernels::ATTENTION_BWD_DQ_BF16,
+            kernels::ATTENTION_BWD_DKV_BF16,
+        ),
+        AttentionKernels::Flash => (
+            "flash attention backward (cuda)",
+            kernels::FLASH_ATTENTION_BWD_DQ_BF16,
+            kernels::FLASH_ATTENTION_BWD_DKV_BF16,
+        ),
+    };
+    let dims = kind.dims(op, &sh)?;
     let n = sh.batch * sh.seq;
     if let Some(out) = out {
-        attention_operands!(OP, dev, sh; out: Q);
+        attention_operands!(op, dev, sh; out: Q);
     }
-    attention_operands!(OP, dev, sh;
+    attention_operands!(op, dev, sh;
         q: Q, k: Kv, v: Kv, lse: Rows, dout: Q, dq: Q, dk: Kv, dv: Kv);
+    check_segments(op, dev, &sh, segments)?;
     let mut delta = dev.zeros::<f32>(n * sh.heads)?;
-    let blocks = sh.seq.div_ceil(ffi::QADAPT_FLASH_BLOCK as usize);
     let props = dev.props();
-    let plan_delta = match out {
-        Some(_) => plan::model_op((n * sh.heads) as u64, ModelWork::WarpPerItem, &props)?,
-        None => plan::flash_attention((sh.batch * sh.heads * blocks) as u64, &props)?,
-    };
-    let plan_dq = plan::flash_attention((sh.batch * sh.heads * blocks) as u64, &props)?;
-    let plan_dkv = plan::flash_attention((sh.batch * sh.kv_heads * blocks) as u64, &props)?;
+    let plan_dq = kind.plan(&sh, sh.heads, &props)?;
+    let plan_dkv = kind.plan(&sh, sh.kv_heads, &props)?;
     let stream = dev.stream().clone();
     let (qp, _g1) = q.device_ptr(&stream);
     let (kp, _g2) = k.device_ptr(&stream);
     let (vp, _g3) = v.device_ptr(&stream);
-    let (op, _g4) = match out {
+    let (op_, _g4) = match out {
         Some(o) => {
             let (p, g) = o.device_ptr(&stream);
             (p, Some(g))
@@ -1152,20 +1100,20 @@ pub(crate) fn flash_attention_backward(
         ("q", qp),
         ("k", kp),
         ("v", vp),
+        ("out", op_), // 0 when absent: aligned
         ("dout", dop),
         ("dq", dqp),
         ("dk", dkp),
         ("dv", dvp),
     ] {
-        aligned16(OP, what, a)?;
+        kind.aligned(op, what, a)?;
     }
-    aligned16(OP, "out", op)?; // 0 when absent: aligned
-    aligned4(OP, "lse", lp)?;
+    aligned4(op, "lse", lp)?;
     let args = ffi::QadaptAttentionArgs {
         q: qp,
         k: kp,
         v: vp,
-        out: op,
+        out: op_,
         lse: lp,
         dout: dop,
         dq: dqp,
@@ -1175,49 +1123,51 @@ pub(crate) fn flash_attention_backward(
         seg_start: sp,
         ..attention_args(&sh, dims)
     };
-    if out.is_some() {
-        // SAFETY: QadaptAttentionArgs is what flash_attention_bwd_delta_bf16 takes; out (present:
-        // a non-zero address) and dout hold batch * seq * heads * head_dim bf16 and delta
-        // (allocated above) batch * heads * seq f32, all on this device (checked above); head_dim
-        // is even and the bases 16-byte aligned (checked), so the kernel's 32-bit reads of each
-        // (token, head) row are in bounds and aligned; any whole number of warps per CTA works
-        // (the plan's 256 threads).
-        unsafe {
-            launch(
-                dev,
-                kernels::FLASH_ATTENTION_BWD_DELTA_BF16,
-                plan_delta,
-                &args,
-            )
-        }?;
-    } else {
-        // SAFETY: the struct of flash_attention_bwd_delta_recompute_bf16, which reads q, dout
-        // (batch * seq * heads * head_dim bf16), k, v (batch * seq * kv_heads * head_dim), lse
-        // (batch * heads * seq f32) and writes delta (allocated above, the same length), never
-        // out (0 here); all on this device, lengths checked above; head_dim one of
-        // FLASH_HEAD_DIMS and every bf16 base 16-byte aligned, so each 16-byte row copy (rows <
-        // seq only) is in bounds and aligned; QADAPT_FLASH_THREADS threads, no dynamic shared
-        // memory.
-        unsafe {
-            launch(
-                dev,
-                kernels::FLASH_ATTENTION_BWD_DELTA_RECOMPUTE_BF16,
-                plan_delta,
-                &args,
-            )
-        }?;
+    match (kind, out.is_some()) {
+        (AttentionKernels::Scalar, _) => {}
+        (AttentionKernels::Flash, true) => {
+            let plan = plan::model_op((n * sh.heads) as u64, ModelWork::WarpPerItem, &props)?;
+            // SAFETY: QadaptAttentionArgs is what flash_attention_bwd_delta_bf16 takes; out
+            // (present: a non-zero address) and dout hold batch * seq * heads * head_dim bf16 and
+            // delta (allocated above) batch * heads * seq f32, all on this device (checked
+            // above); head_dim is even and the bases 16-byte aligned (checked), so the kernel's
+            // 32-bit reads of each (token, head) row are in bounds and aligned; any whole number
+            // of warps per CTA works (the plan's 256 threads).
+            unsafe { launch(dev, kernels::FLASH_ATTENTION_BWD_DELTA_BF16, plan, &args) }?;
+        }
+        (AttentionKernels::Flash, false) => {
+            // SAFETY: the struct of flash_attention_bwd_delta_recompute_bf16, which reads q, dout
+            // (batch * seq * heads * head_dim bf16), k, v (batch * seq * kv_heads * head_dim),
+            // lse (batch * heads * seq f32) and writes delta (allocated above, the same length),
+            // never out (0 here); all on this device, lengths checked above; head_dim one of
+            // FLASH_HEAD_DIMS and every bf16 base 16-byte aligned, so each 16-byte row copy
+            // (rows < seq only) is in bounds and aligned; plan_dq is a CTA per (row, head, query
+            // block) of QADAPT_FLASH_THREADS threads, no dynamic shared memory.
+            unsafe {
+                launch(
+                    dev,
+                    kernels::FLASH_ATTENTION_BWD_DELTA_RECOMPUTE_BF16,
+                    plan_dq,
+                    &args,
+                )
+            }?;
+        }
     }
-    // SAFETY: the same struct for flash_attention_bwd_dq_bf16, queued after the delta kernel on
-    // the same stream (so delta is written); q, dout, dq hold batch * seq * heads * head_dim
-    // bf16, k, v batch * seq * kv_heads * head_dim, lse and delta batch * heads * seq f32
-    // (checked above); head_dim is one of FLASH_HEAD_DIMS and every bf16 base 16-byte aligned, so
-    // each 16-byte row copy (rows < seq only) and each store is in bounds and aligned; the plan
-    // has QADAPT_FLASH_THREADS threads and no dynamic shared memory.
-    unsafe { launch(dev, kernels::FLASH_ATTENTION_BWD_DQ_BF16, plan_dq, &args) }?;
-    // SAFETY: the same struct and checks for flash_attention_bwd_dkv_bf16, also after the delta
-    // kernel; it writes dk, dv (batch * seq * kv_heads * head_dim bf16 each, checked) and reads
-    // q, dout, lse, delta within the bounds above.
-    unsafe { launch(dev, kernels::FLASH_ATTENTION_BWD_DKV_BF16, plan_dkv, &args) }
+    // SAFETY: QadaptAttentionArgs is what both dq kernels take, queued after any delta kernel
+    // on the same stream (so the flash kernel's delta is written; the scalar one writes delta
+    // itself); q, dout, dq hold batch * seq * heads * head_dim bf16, k, v
+    // batch * seq * kv_heads * head_dim, lse and delta batch * heads * seq f32, segments (when
+    // given) batch * seq starts <= their positions (all checked above, on this device); heads is
+    // a multiple of kv_heads. Scalar: head_dim even and <= QADAPT_ATTN_MAX_HEAD_DIM, bases 4-byte
+    // aligned, 256 threads a CTA. Flash: head_dim one of FLASH_HEAD_DIMS, bf16 bases 16-byte
+    // aligned, QADAPT_FLASH_THREADS threads, no dynamic shared memory. So each row read or
+    // written is in bounds and aligned.
+    unsafe { launch(dev, kernel_dq, plan_dq, &args) }?;
+    // SAFETY: the same struct and checks for the dkv kernel, queued after the dq kernel (so
+    // delta is written in both families); it writes dk, dv (batch * seq * kv_heads * head_dim
+    // bf16 each, checked) and reads q, k, v, dout, lse, delta within the bounds above; plan_dkv
+    // is a CTA per (row, KV head, key block) of the family's thread count.
+    unsafe { launch(dev, kernel_dkv, plan_dkv, &args) }
 }
 
 /// The checks of both KV-cache kernels: the cache's shape (head size even and at most
