@@ -403,6 +403,30 @@ fn check_ids(op: &'static str, ids: &[u32], vocab: usize) -> Result<()> {
     }
 }
 
+/// The checks of both embedding launches: at least one token and a non-empty row, every id
+/// `< vocab` ([`check_ids`]), the (gradient) table `[vocab, dim]`
+/// and the token rows `[ids.len(), dim]` on this device, and the sizes the kernels take in 32
+/// bits; returns `(vocab, dim)` as the kernels take them.
+fn embedding_checks<T, U>(
+    op: &'static str,
+    dev: &CudaDevice,
+    ids: &[u32],
+    (vocab, dim): (usize, usize),
+    (table_name, table): (&str, &CudaSlice<T>),
+    (rows_name, rows): (&str, &CudaSlice<U>),
+) -> Result<(u32, u32)> {
+    if ids.is_empty() || dim == 0 {
+        return Err(invalid(op, "no tokens or an empty embedding"));
+    }
+    need(op, table_name, table, prod(op, &[vocab, dim])?)?;
+    need(op, rows_name, rows, prod(op, &[ids.len(), dim])?)?;
+    check_ids(op, ids, vocab)?;
+    u32_of(op, "tokens", ids.len())?;
+    on_device(op, dev, table_name, table)?;
+    on_device(op, dev, rows_name, rows)?;
+    Ok((u32_of(op, "vocab", vocab)?, u32_of(op, "dim", dim)?))
+}
+
 /// `embedding_fwd_bf16`: `out [ids.len(), dim] = table[ids]`, overwritten.
 pub(crate) fn embedding_forward(
     dev: &CudaDevice,
@@ -413,16 +437,8 @@ pub(crate) fn embedding_forward(
     out: &mut CudaSlice<bf16>,
 ) -> Result<()> {
     const OP: &str = "embedding forward (cuda)";
-    if ids.is_empty() || dim == 0 {
-        return Err(invalid(OP, "no tokens or an empty embedding"));
-    }
-    need(OP, "table", table, prod(OP, &[vocab, dim])?)?;
-    need(OP, "out", out, prod(OP, &[ids.len(), dim])?)?;
-    check_ids(OP, ids, vocab)?;
-    let vocab32 = u32_of(OP, "vocab", vocab)?;
-    let dim32 = u32_of(OP, "dim", dim)?;
-    on_device(OP, dev, "table", table)?;
-    on_device(OP, dev, "out", out)?;
+    let (vocab32, dim32) =
+        embedding_checks(OP, dev, ids, (vocab, dim), ("table", table), ("out", out))?;
     let ids_dev = dev.upload(ids)?;
     let plan = plan::model_op(ids.len() as u64, ModelWork::WarpPerItem, &dev.props())?;
     let stream = dev.stream().clone();
@@ -486,17 +502,14 @@ pub(crate) fn embedding_backward(
     dtable: &mut CudaSlice<f32>,
 ) -> Result<()> {
     const OP: &str = "embedding backward (cuda)";
-    if ids.is_empty() || dim == 0 {
-        return Err(invalid(OP, "no tokens or an empty embedding"));
-    }
-    need(OP, "dtable", dtable, prod(OP, &[vocab, dim])?)?;
-    need(OP, "dout", dout, prod(OP, &[ids.len(), dim])?)?;
-    check_ids(OP, ids, vocab)?;
-    let vocab32 = u32_of(OP, "vocab", vocab)?;
-    let dim32 = u32_of(OP, "dim", dim)?;
-    u32_of(OP, "tokens", ids.len())?;
-    on_device(OP, dev, "dout", dout)?;
-    on_device(OP, dev, "dtable", dtable)?;
+    let (vocab32, dim32) = embedding_checks(
+        OP,
+        dev,
+        ids,
+        (vocab, dim),
+        ("dtable", dtable),
+        ("dout", dout),
+    )?;
     let (uniq, offsets, order) = group_by_id(ids, vocab);
     let (uniq_d, off_d, order_d) = (
         dev.upload(&uniq)?,
