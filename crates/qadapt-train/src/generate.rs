@@ -47,7 +47,6 @@
 //! `seed + b`, so a seed fixes the whole output.
 
 use qadapt::Result;
-use qadapt::bottleneck::{self, BottleneckShape};
 use qadapt::ops::attention::{CacheShape, attention_cached, kv_cache_write};
 use qadapt::ops::linear::{self, LinearShape};
 use qadapt::ops::rope::{self, RopeTable};
@@ -56,6 +55,7 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::config::LlamaConfig;
+use crate::ia3::{Ia3Side, scale_rows};
 use crate::layer::{self, LayerRun, Norm};
 use crate::lora::LoraAdapter;
 use crate::model::Llama;
@@ -763,19 +763,16 @@ impl<'a> Generator<'a> {
         let n = adapter.len();
         let w = self.model.weights.layers[l].proj(p);
         let ia3 = |t: usize| match adapter[t].map(|a| &self.adapters[a]) {
-            Some(Adapter::Ia3(a)) => a.scale(l, p).map(|s| (a.config.is_feedforward(l, p), s)),
+            Some(Adapter::Ia3(a)) => a.hook(l, p),
             _ => None,
         };
-        let scales_input = (0..n).any(|t| matches!(ia3(t), Some((true, _))));
+        let scales_input = (0..n).any(|t| matches!(ia3(t), Some((Ia3Side::Input, _))));
         let xin: &[f32] = if scales_input {
             xs.clear();
             xs.extend_from_slice(x);
             for t in 0..n {
-                if let Some((true, s)) = ia3(t) {
-                    xs[t * inp..(t + 1) * inp]
-                        .iter_mut()
-                        .zip(s)
-                        .for_each(|(v, g)| *v *= *g);
+                if let Some((Ia3Side::Input, s)) = ia3(t) {
+                    scale_rows(&mut xs[t * inp..(t + 1) * inp], s);
                 }
             }
             xs
@@ -790,11 +787,8 @@ impl<'a> Generator<'a> {
             Accumulate::Overwrite,
         )?;
         for t in 0..n {
-            if let Some((false, s)) = ia3(t) {
-                y[t * out..(t + 1) * out]
-                    .iter_mut()
-                    .zip(s)
-                    .for_each(|(v, g)| *v *= *g);
+            if let Some((Ia3Side::Output, s)) = ia3(t) {
+                scale_rows(&mut y[t * out..(t + 1) * out], s);
             }
         }
         if let Some(st) = &self.lora[l][p.index()] {
@@ -816,7 +810,6 @@ impl<'a> Generator<'a> {
     ) -> Result<Buf<f32>> {
         let cw = self.model.config.hidden_size;
         let n = s.adapter.len();
-        let site = layer::site(p);
         let mut tmp = self.model.pool.overwritten(n * cw);
         self.project(
             l,
@@ -851,21 +844,15 @@ impl<'a> Generator<'a> {
             if g == 0 {
                 continue;
             }
-            let bs = BottleneckShape {
-                rows: g,
-                hidden: cw,
-                bottleneck: ha.config.bottleneck,
-            };
             let yin = buf(&mut ls.xg, g * cw);
             for (dst, &t) in yin.chunks_exact_mut(cw).zip(&ls.rows) {
                 dst.copy_from_slice(&tmp[t * cw..(t + 1) * cw]);
             }
-            bottleneck::forward(
-                bs,
-                ha.config.activation,
+            ha.forward(
+                l,
+                p,
                 yin,
-                &ha.layers[l][site],
-                buf(&mut ls.u, g * bs.bottleneck),
+                buf(&mut ls.u, g * ha.config.bottleneck),
                 buf(&mut ls.yg, g * cw),
             )?;
             for (src, &t) in ls.yg.chunks_exact(cw).zip(&ls.rows) {

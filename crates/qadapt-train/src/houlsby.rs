@@ -23,12 +23,14 @@
 use std::path::Path;
 
 use qadapt::Result;
-use qadapt::bottleneck::{Activation, BottleneckParams};
+use qadapt::bottleneck::{self, Activation, BottleneckParams, BottleneckShape};
 use qadapt::ops::Real;
 use serde_json::{Value, json};
 
 use crate::config::LlamaConfig;
+use crate::layer;
 use crate::peft_io::{read_json, read_tensors, usize_field, write_adapter};
+use crate::weights::Proj;
 use crate::{format_err, invalid};
 
 /// The hyper-parameters of a Houlsby adapter.
@@ -94,6 +96,21 @@ impl<T: Real> HoulsbyAdapter<T> {
                     && p.down_bias.len() == b
                     && p.up_bias.len() == c
             })
+    }
+
+    /// The hook after sublayer output projection `p` (`o_proj` or `down_proj`) of layer `l`,
+    /// on `yin [rows, C]` (the projection's output, before the residual add):
+    /// `y = A(yin)` overwritten, and `z [rows, b]` (the pre-activation its backward reads).
+    /// Every runner of the decoder layer applies Houlsby through this.
+    pub fn forward(&self, l: usize, p: Proj, yin: &[T], z: &mut [T], y: &mut [T]) -> Result<()> {
+        let hidden = self.layers[l][layer::site(p)].up_bias.len();
+        let sh = BottleneckShape {
+            rows: yin.len() / hidden.max(1),
+            hidden,
+            bottleneck: self.config.bottleneck,
+        };
+        let w = &self.layers[l][layer::site(p)];
+        bottleneck::forward(sh, self.config.activation, yin, w, z, y)
     }
 
     /// Near-identity adapters (down projection uniform in `±init_scale` from `seed`).

@@ -52,6 +52,23 @@ impl Ia3Config {
     }
 }
 
+/// The side of a projection (IA)³ scales.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ia3Side {
+    /// `y = (x * l) W^T`: the feed-forward modules (PEFT's `feedforward_modules`).
+    Input,
+    /// `y = (x W^T) * l`: every other targeted projection.
+    Output,
+}
+
+/// `x * s` in place for every row of `x [rows, s.len()]`: (IA)³'s scaling of an input or an
+/// output, and of the output gradient in its backward.
+pub fn scale_rows<T: Real>(x: &mut [T], s: &[T]) {
+    for row in x.chunks_exact_mut(s.len()) {
+        row.iter_mut().zip(s).for_each(|(v, g)| *v *= *g);
+    }
+}
+
 /// Scaling vectors for every targeted projection.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Ia3Adapter<T> {
@@ -142,6 +159,17 @@ impl<T: Real> Ia3Adapter<T> {
     /// The vector of one projection, if targeted.
     pub fn scale(&self, layer: usize, p: Proj) -> Option<&[T]> {
         self.scales.get(layer)?.get(p.index())?.as_deref()
+    }
+
+    /// The hook on one projection, if targeted: the side it scales and its vector. Every runner
+    /// of the decoder layer (training, evaluation, generation) applies (IA)³ through this.
+    pub fn hook(&self, layer: usize, p: Proj) -> Option<(Ia3Side, &[T])> {
+        let side = if self.config.is_feedforward(layer, p) {
+            Ia3Side::Input
+        } else {
+            Ia3Side::Output
+        };
+        self.scale(layer, p).map(|s| (side, s))
     }
 
     /// The same adapter with every vector zero (gradient accumulators).

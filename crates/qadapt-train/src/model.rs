@@ -35,6 +35,7 @@ use qadapt::bottleneck::{self, BottleneckShape};
 use crate::config::LlamaConfig;
 use crate::houlsby::HoulsbyAdapter;
 use crate::ia3::Ia3Adapter;
+use crate::ia3::{Ia3Side, scale_rows};
 use crate::layer::{self, BackBufs, LayerActs, LayerBackRun, LayerRun, Norm};
 use crate::lora::{DropoutKey, LoraAdapter, dropout_mask};
 use crate::pool::{Buf, Pool};
@@ -551,10 +552,11 @@ impl<T: Real> Llama<T> {
         let sh = LinearShape { rows: n, inp, out };
         let w = self.weights.layers[l].proj(p);
         if let Attached::Ia3(a) = att
-            && let Some(s) = a.scale(l, p)
+            && let Some((side, s)) = a.hook(l, p)
         {
-            if a.config.is_feedforward(l, p) {
-                let xs = scale_cols(x, s);
+            if side == Ia3Side::Input {
+                let mut xs = x.to_vec();
+                scale_rows(&mut xs, s);
                 linear::forward(sh, &xs, w, y, acc)?;
                 return Ok(None);
             }
@@ -627,13 +629,14 @@ impl<T: Real> Llama<T> {
         let w = self.weights.layers[l].proj(p);
         let dw = dw.map(|g| g.proj_mut(p));
         if let (Attached::Ia3(a), Some(gi)) = (att, ga.ia3.as_mut())
-            && let Some(s) = a.scale(l, p)
+            && let Some((side, s)) = a.hook(l, p)
         {
             let gs = gi.scales[l][p.index()]
                 .as_mut()
                 .ok_or_else(|| invalid(OP, "gradient buffers do not match the adapter"))?;
-            if a.config.is_feedforward(l, p) {
-                let xs = scale_cols(x, s);
+            if side == Ia3Side::Input {
+                let mut xs = x.to_vec();
+                scale_rows(&mut xs, s);
                 let mut dxs = vec![T::ZERO; n * inp];
                 linear::backward(sh, &xs, w, dy, Some((&mut dxs, Accumulate::Overwrite)), dw)?;
                 for ((xr, dr), dxr) in x
@@ -730,13 +733,12 @@ impl<T: Real> Llama<T> {
     }
 
     /// A sublayer's output projection into the residual stream `resid`, through the Houlsby
-    /// adapter of `site` when attached; returns the adapter's saved (input, pre-activation).
+    /// adapter of its site when attached; returns the adapter's saved (input, pre-activation).
     #[allow(clippy::too_many_arguments)]
     fn out_proj_forward(
         &self,
         l: usize,
         p: Proj,
-        site: usize,
         n: usize,
         x: &[T],
         resid: &mut [T],
@@ -749,21 +751,9 @@ impl<T: Real> Llama<T> {
         let cw = self.config.hidden_size;
         let mut yin = vec![T::ZERO; n * cw];
         self.proj_forward(l, p, n, x, &mut yin, Accumulate::Overwrite, att)?;
-        let bs = BottleneckShape {
-            rows: n,
-            hidden: cw,
-            bottleneck: h.config.bottleneck,
-        };
-        let mut z = vec![T::ZERO; n * bs.bottleneck];
+        let mut z = vec![T::ZERO; n * h.config.bottleneck];
         let mut y = vec![T::ZERO; n * cw];
-        bottleneck::forward(
-            bs,
-            h.config.activation,
-            &yin,
-            &h.layers[l][site],
-            &mut z,
-            &mut y,
-        )?;
+        h.forward(l, p, &yin, &mut z, &mut y)?;
         resid.iter_mut().zip(&y).for_each(|(r, v)| *r += *v);
         Ok((None, Some((yin, z))))
     }
@@ -1006,8 +996,7 @@ impl<T: Real> LayerRun for CpuRun<'_, '_, T> {
         let m = self.model;
         let mut out = m.copy(resid);
         let site = layer::site(p);
-        let (saved, h) =
-            m.out_proj_forward(l, p, site, self.batch * self.seq, x, &mut out, self.att)?;
+        let (saved, h) = m.out_proj_forward(l, p, self.batch * self.seq, x, &mut out, self.att)?;
         self.saved[p.index()] = saved;
         self.houlsby[site] = h;
         Ok(out)
@@ -1172,13 +1161,6 @@ fn lora_dropout<T: Real>(
     let m = dropout_mask::<T>(key, prob, l, p, x.len())?;
     let xd = x.iter().zip(&m).map(|(v, k)| *v * *k).collect();
     Ok(Some((xd, m)))
-}
-
-/// `x * s` column-wise (`x [rows, s.len()]`).
-fn scale_cols<T: Real>(x: &[T], s: &[T]) -> Vec<T> {
-    x.chunks_exact(s.len())
-        .flat_map(|r| r.iter().zip(s).map(|(a, b)| *a * *b))
-        .collect()
 }
 
 trait StoreValue<T> {
