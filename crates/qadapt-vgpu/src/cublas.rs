@@ -142,86 +142,56 @@ pub unsafe extern "C" fn cublasGetStream_v2(
     })
 }
 
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn cublasSetPointerMode_v2(
-    handle: cublasHandle_t,
-    mode: c_int,
-) -> cublasStatus_t {
-    run("cublasSetPointerMode", || {
-        if !(0..=1).contains(&mode) {
-            return Err(INVALID);
+/// A mode of a handle: `cublasSet<Mode>` (INVALID_VALUE for a value outside `$valid`) and
+/// `cublasGet<Mode>` (the last value set, 0 at creation), over the handle's field `$field`.
+macro_rules! handle_mode {
+    ($set:ident, $get:ident, $field:ident, $valid:expr) => {
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn $set(handle: cublasHandle_t, mode: c_int) -> cublasStatus_t {
+            run(stringify!($set), || {
+                if !$valid(mode) {
+                    return Err(INVALID);
+                }
+                with(handle, |b| {
+                    b.$field = mode;
+                    Ok(())
+                })
+            })
         }
-        with(handle, |b| {
-            b.pointer_mode = mode;
-            Ok(())
-        })
-    })
-}
 
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn cublasGetPointerMode_v2(
-    handle: cublasHandle_t,
-    mode: *mut c_int,
-) -> cublasStatus_t {
-    run("cublasGetPointerMode", || {
-        let m = with(handle, |b| Ok(b.pointer_mode))?;
-        // SAFETY: out-parameter of the caller (NULL refused).
-        unsafe { out(mode, m) }
-    })
-}
-
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn cublasSetMathMode(handle: cublasHandle_t, mode: c_int) -> cublasStatus_t {
-    run("cublasSetMathMode", || {
-        if !matches!(mode & !16, 0..=4 | 8) {
-            return Err(INVALID);
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn $get(handle: cublasHandle_t, mode: *mut c_int) -> cublasStatus_t {
+            run(stringify!($get), || {
+                let m = with(handle, |b| Ok(b.$field))?;
+                // SAFETY: out-parameter of the caller (NULL refused).
+                unsafe { out(mode, m) }
+            })
         }
-        with(handle, |b| {
-            b.math_mode = mode;
-            Ok(())
-        })
-    })
+    };
 }
 
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn cublasGetMathMode(
-    handle: cublasHandle_t,
-    mode: *mut c_int,
-) -> cublasStatus_t {
-    run("cublasGetMathMode", || {
-        let m = with(handle, |b| Ok(b.math_mode))?;
-        // SAFETY: out-parameter of the caller (NULL refused).
-        unsafe { out(mode, m) }
-    })
-}
-
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn cublasSetAtomicsMode(
-    handle: cublasHandle_t,
-    mode: c_int,
-) -> cublasStatus_t {
-    run("cublasSetAtomicsMode", || {
-        if !(0..=1).contains(&mode) {
-            return Err(INVALID);
-        }
-        with(handle, |b| {
-            b.atomics_mode = mode;
-            Ok(())
-        })
-    })
-}
-
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn cublasGetAtomicsMode(
-    handle: cublasHandle_t,
-    mode: *mut c_int,
-) -> cublasStatus_t {
-    run("cublasGetAtomicsMode", || {
-        let m = with(handle, |b| Ok(b.atomics_mode))?;
-        // SAFETY: out-parameter of the caller (NULL refused).
-        unsafe { out(mode, m) }
-    })
-}
+// CUBLAS_POINTER_MODE_HOST (0) or _DEVICE (1).
+handle_mode!(
+    cublasSetPointerMode_v2,
+    cublasGetPointerMode_v2,
+    pointer_mode,
+    |m: c_int| (0..=1).contains(&m)
+);
+// A math mode (0 to 4, or 8), optionally or-ed with
+// CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION (16).
+handle_mode!(
+    cublasSetMathMode,
+    cublasGetMathMode,
+    math_mode,
+    |m: c_int| matches!(m & !16, 0..=4 | 8)
+);
+// CUBLAS_ATOMICS_NOT_ALLOWED (0) or _ALLOWED (1).
+handle_mode!(
+    cublasSetAtomicsMode,
+    cublasGetAtomicsMode,
+    atomics_mode,
+    |m: c_int| (0..=1).contains(&m)
+);
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn cublasSetWorkspace_v2(

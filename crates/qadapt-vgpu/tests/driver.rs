@@ -495,3 +495,42 @@ fn cublas_refuses_a_leading_dimension_below_the_rows() {
     }
     stream.synchronize().unwrap();
 }
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn cublas_handle_modes_read_back_what_was_set() {
+    use cudarc::cublas::sys::{
+        self, cublasAtomicsMode_t as Atomics, cublasMath_t as Math, cublasPointerMode_t as Ptr,
+    };
+    let ctx = ctx();
+    let blas = CudaBlas::new(ctx.new_stream().unwrap()).unwrap();
+    let h = *blas.handle();
+    let ok = cublasStatus_t::CUBLAS_STATUS_SUCCESS;
+    // SAFETY: h is a live handle (blas outlives the block); every out-parameter is a local.
+    unsafe {
+        for mode in [
+            Ptr::CUBLAS_POINTER_MODE_DEVICE,
+            Ptr::CUBLAS_POINTER_MODE_HOST,
+        ] {
+            assert_eq!(sys::cublasSetPointerMode_v2(h, mode), ok);
+            let mut got = Ptr::CUBLAS_POINTER_MODE_DEVICE;
+            assert_eq!(sys::cublasGetPointerMode_v2(h, &mut got), ok);
+            assert_eq!(got, mode);
+        }
+        for mode in [Math::CUBLAS_TF32_TENSOR_OP_MATH, Math::CUBLAS_DEFAULT_MATH] {
+            assert_eq!(sys::cublasSetMathMode(h, mode), ok);
+            let mut got = Math::CUBLAS_PEDANTIC_MATH;
+            assert_eq!(sys::cublasGetMathMode(h, &mut got), ok);
+            assert_eq!(got, mode);
+        }
+        for mode in [
+            Atomics::CUBLAS_ATOMICS_ALLOWED,
+            Atomics::CUBLAS_ATOMICS_NOT_ALLOWED,
+        ] {
+            assert_eq!(sys::cublasSetAtomicsMode(h, mode), ok);
+            let mut got = Atomics::CUBLAS_ATOMICS_ALLOWED;
+            assert_eq!(sys::cublasGetAtomicsMode(h, &mut got), ok);
+            assert_eq!(got, mode);
+        }
+    }
+}
