@@ -1057,16 +1057,11 @@ impl LayerRun for CachedRun<'_, '_> {
 /// built in code for another model).
 fn check_adapter(c: &LlamaConfig, a: &Adapter<f32>) -> Result<()> {
     let ok = match a {
-        Adapter::Lora(l) => {
-            l.pairs.len() == c.num_hidden_layers
-                && l.pairs.iter().all(|p| p.len() == Proj::ALL.len())
-        }
+        Adapter::Lora(l) => l.fits(c),
         Adapter::Ia3(a) => a.fits(c),
-        Adapter::Prompt(p) => p.embeddings.len() == p.num_virtual_tokens * c.hidden_size,
-        Adapter::Prefix(p) => {
-            p.values.len() == p.num_virtual_tokens * PrefixTuning::<f32>::width(c)
-        }
-        Adapter::PrefixMlp(p) => p.embedding.len() == p.num_virtual_tokens * c.kv_dim(),
+        Adapter::Prompt(p) => p.fits(c),
+        Adapter::Prefix(p) => p.fits(c),
+        Adapter::PrefixMlp(p) => p.fits(c),
         Adapter::Houlsby(h) => h.fits(c),
     };
     if ok {

@@ -173,6 +173,22 @@ pub fn dropout_mask<T: Real>(
 }
 
 impl<T: Real> LoraAdapter<T> {
+    /// Whether the adapter has a pair exactly where its config targets one, each `A [r, in]`
+    /// and `B [out, r]` for `model`'s projection.
+    pub fn fits(&self, model: &LlamaConfig) -> bool {
+        let r = self.config.r;
+        self.pairs.len() == model.num_hidden_layers
+            && self.pairs.iter().enumerate().all(|(l, layer)| {
+                layer.len() == Proj::ALL.len()
+                    && Proj::ALL.iter().zip(layer).all(|(&p, pair)| {
+                        let (inp, out) = p.dims(model);
+                        pair.as_ref()
+                            .is_none_or(|pr| pr.a.len() == r * inp && pr.b.len() == out * r)
+                            && (pair.is_some() == self.config.targets(l, p))
+                    })
+            })
+    }
+
     /// An adapter on `model`, checking that r > 0 and that every target selects some projection.
     pub fn new(model: &LlamaConfig, config: LoraConfig, init: LoraInit) -> Result<Self> {
         const OP: &str = "lora adapter";

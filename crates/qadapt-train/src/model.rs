@@ -504,23 +504,9 @@ impl<T: Real> Llama<T> {
         let c = &self.config;
         let ok = match att {
             Attached::None => true,
-            Attached::Lora(a) | Attached::LoraTrain(a, _) => {
-                a.pairs.len() == c.num_hidden_layers
-                    && a.pairs.iter().enumerate().all(|(l, layer)| {
-                        layer.len() == Proj::ALL.len()
-                            && Proj::ALL.iter().zip(layer).all(|(&p, pair)| {
-                                let (inp, out) = p.dims(c);
-                                pair.as_ref().is_none_or(|pr| {
-                                    pr.a.len() == a.config.r * inp && pr.b.len() == out * a.config.r
-                                }) && (pair.is_some() == a.config.targets(l, p))
-                            })
-                    })
-            }
+            Attached::Lora(a) | Attached::LoraTrain(a, _) => a.fits(c),
             Attached::Ia3(a) => a.fits(c),
-            Attached::Prefix(p) => {
-                p.num_virtual_tokens > 0
-                    && p.values.len() == p.num_virtual_tokens * PrefixTuning::<T>::width(c)
-            }
+            Attached::Prefix(p) => p.fits(c),
             Attached::Houlsby(h) => h.fits(c),
         };
         if ok {

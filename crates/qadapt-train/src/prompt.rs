@@ -104,6 +104,12 @@ impl PromptInit {
 }
 
 impl<T: Real> PromptTuning<T> {
+    /// Whether the soft prompt has tokens and `[P, hidden]` embeddings for `model`.
+    pub fn fits(&self, model: &LlamaConfig) -> bool {
+        self.num_virtual_tokens > 0
+            && self.embeddings.len() == self.num_virtual_tokens * model.hidden_size
+    }
+
     /// A new soft prompt of `p` tokens for `model`; `embed` is the model's embedding table.
     pub fn new(model: &LlamaConfig, embed: &[T], p: usize, init: &PromptInit) -> Result<Self> {
         let c = model.hidden_size;
@@ -178,6 +184,12 @@ impl<T: Real> PromptTuning<T> {
 }
 
 impl<T: Real> PrefixTuning<T> {
+    /// Whether the prefix has tokens and `[P, width]` values for `model` ([`Self::width`]).
+    pub fn fits(&self, model: &LlamaConfig) -> bool {
+        self.num_virtual_tokens > 0
+            && self.values.len() == self.num_virtual_tokens * Self::width(model)
+    }
+
     /// Width of one virtual token's row: `layers * 2 * kv_dim`.
     pub fn width(model: &LlamaConfig) -> usize {
         model.num_hidden_layers * 2 * model.kv_dim()
@@ -337,6 +349,18 @@ pub struct PrefixMlp<T> {
 }
 
 impl<T: Real> PrefixMlp<T> {
+    /// Whether every tensor has the shape `model` needs (the field docs' shapes).
+    pub fn fits(&self, model: &LlamaConfig) -> bool {
+        let (p, h, kv) = (self.num_virtual_tokens, self.hidden, model.kv_dim());
+        let width = PrefixTuning::<T>::width(model);
+        p > 0
+            && self.embedding.len() == p * kv
+            && self.w1.len() == h * kv
+            && self.b1.len() == h
+            && self.w2.len() == width * h
+            && self.b2.len() == width
+    }
+
     /// Uniform in `±scale` for E and `±1/sqrt(fan_in)` for the layers (PyTorch's Linear bound),
     /// from `seed`.
     pub fn new(
