@@ -105,11 +105,18 @@ fuzz secs="60":
 kernel-report: setup
     QADAPT_REQUIRE_CUDA=1 cargo test -p qadapt-kernels --test static_report -- --nocapture
 
-# Formatting, lints, tests with kernels required, kernel report, every GPU test on the virtual
-# device, the GPU bundle rehearsed (without a driver, then on the virtual device): what CI runs.
+# Broken links and private links in public docs fail the build.
+# The API documentation of every crate into target/doc, rustdoc's warnings as errors.
+doc: setup
+    QADAPT_REQUIRE_CUDA=1 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps -q
+
+# Formatting, lints, docs, tests with kernels required, kernel report, every GPU test on the
+# virtual device, the GPU bundle rehearsed (without a driver, then on the virtual device): what CI
+# runs.
 ci: setup
     cargo fmt --all -- --check
     QADAPT_REQUIRE_CUDA=1 cargo clippy --workspace --all-targets -- -D warnings
+    just doc
     just test
     just kernel-report
     just package-kernels

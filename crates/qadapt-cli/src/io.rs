@@ -11,7 +11,7 @@
 //!   with `--force`;
 //! - a directory is filled as a temporary directory and renamed into place; replacing one
 //!   (the training checkpoint) moves the old one aside first, so a crash at any point leaves the
-//!   old or the new one, which [`recover_directory`] sorts out on the next start.
+//!   old or the new one, which [`qadapt_train::run::fs::recover_directory`] sorts out on the next start.
 //!
 //! The writers themselves (atomic files and directories, the checkpoint swap, recovery and the
 //! `QADAPT_FAULT_AT` crash points) live in [`qadapt_train::run::fs`], shared with the training

@@ -244,7 +244,7 @@ pub fn heldout(
 
 /// [`heldout`] on a model that scores batches itself: `score` returns each row's loss and argmax
 /// test ([`qadapt::ops::cross_entropy::RowScore`]) for the micro-batch it is given, as
-/// [`crate::LoraModel::scores`] does on its backend (bf16 logits on a GPU, so a near tie can
+/// [`crate::backend::LoraModel::scores`] does on its backend (bf16 logits on a GPU, so a near tie can
 /// break the other way than in f32). `batch` sequences at a time.
 pub fn heldout_scored(
     seqs: &[Sequence],

@@ -21,6 +21,20 @@
 //! KV cache in [`LayerRun::attention`], the RoPE positions (a prefix's shift, a cached row's own
 //! position) in [`LayerRun::rope`], Houlsby in [`LayerRun::residual`].
 //!
+//! Each hook's math is written once, in its method's module, and every runner applies it
+//! through that one definition:
+//!
+//! | hook | written once in | applied by |
+//! | --- | --- | --- |
+//! | LoRA term `s (x A^T) B^T`, dropout on its input | [`qadapt::lora`] (CPU reference and fused kernels), [`crate::lora::dropout_mask`] | `project` (one adapter, or a per-row [`qadapt::lora::AdapterStack`] when generating) |
+//! | (IA)³ scaling of a projection's input or output | [`crate::Ia3Adapter::hook`], [`crate::ia3::scale_rows`] | `project` |
+//! | Houlsby bottleneck on a sublayer's output | [`crate::HoulsbyAdapter::forward`] | `residual` |
+//! | prefix keys and values | [`crate::prefix_attention`] (training), the KV cache's first positions (generation) | `attention`, `rope` |
+//! | soft prompt | [`crate::PromptTuning`]'s embeddings before the first layer | the runner's input, not a layer op |
+//!
+//! What differs between runners is which rows a hook covers (the whole batch in training, each
+//! row's own adapter in generation) and what is saved for a backward (training only).
+//!
 //! The backward, with `dy` the gradient of the layer output (it becomes the gradient of the
 //! layer input in place):
 //! ```text

@@ -10,7 +10,7 @@
 //! large for the buffer) would read or write a neighbour's memory or fault on a GPU; here it is
 //! reported on stderr and the call fails with EXECUTION_FAILED, leaving the context in the sticky
 //! CUDA_ERROR_ILLEGAL_ADDRESS state a faulting kernel would. The work runs before the call returns
-//! ([`crate::gemm`] has the arithmetic). alpha and beta are read from host memory, or from device
+//! (`gemm.rs` has the arithmetic). alpha and beta are read from host memory, or from device
 //! memory in CUBLAS_POINTER_MODE_DEVICE (cudarc uses the host mode).
 #![allow(non_snake_case)]
 // The contract of each function is the cuBLAS documentation of the same name.

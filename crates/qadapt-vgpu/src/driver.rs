@@ -5,7 +5,7 @@
 //!
 //! Every call does its work before returning: streams run in order at enqueue time, so the async
 //! variants are the sync ones plus a stream check, and synchronization only reports errors.
-//! Launches are in [`crate::launch`].
+//! Launches are in `launch.rs`.
 #![allow(non_snake_case)]
 // The contract of each function is the CUDA driver API documentation of the same name; the
 // pointers it dereferences are its out-parameters and host buffers, checked for NULL.
@@ -2150,7 +2150,7 @@ pub(crate) fn encode_tensor_map(
 }
 
 /// `cuTensorMapEncodeTiled` (CUDA 12.0+): validates like the real driver and writes the virtual
-/// device's encoding ([`QvTensorMap`]) into the 128 opaque bytes. Enum parameters as integers.
+/// device's encoding (`QvTensorMap`) into the 128 opaque bytes. Enum parameters as integers.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn cuTensorMapEncodeTiled(
     tensorMap: *mut c_void,

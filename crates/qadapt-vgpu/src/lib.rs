@@ -4,12 +4,12 @@
 //! qadapt's code paths, with the C signatures of `cuda.h` and `cublas_api.h` (cudarc's sys
 //! bindings load them by these names; see [`driver`] and [`cublas`]). Behind them:
 //!
-//! - device memory is host memory fenced by guard pages and tracked in a table ([`memory`]):
+//! - device memory is host memory fenced by guard pages and tracked in a table (`memory.rs`):
 //!   copies, memsets and cuBLAS operands are range-checked against it, a kernel's stray access
 //!   faults in a guard page and is reported with the allocation it missed;
 //! - kernels are `kernels/*.cu` compiled as host C++ and run by the emulator of `kernels/emu`
 //!   (`vgpu_abi.h`), after the launch checks of the real driver against the H200's limits and the
-//!   registers and shared memory ptxas reported for the real build ([`launch`]);
+//!   registers and shared memory ptxas reported for the real build (`launch.rs`);
 //! - streams run their work in order at enqueue time, so every call is synchronous; events record
 //!   host time.
 //!
