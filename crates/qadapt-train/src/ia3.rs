@@ -172,39 +172,24 @@ impl<T: Real> Ia3Adapter<T> {
         self.scale(layer, p).map(|s| (side, s))
     }
 
-    /// The same adapter with every vector zero (gradient accumulators).
-    pub fn zeros_like(&self) -> Self {
+    /// The same adapter with every vector mapped through `f` (same config, same targets).
+    pub fn map<U>(&self, f: impl Fn(&[T]) -> Vec<U>) -> Ia3Adapter<U> {
         Ia3Adapter {
             config: self.config.clone(),
-            scales: self
-                .scales
-                .iter()
-                .map(|l| {
-                    l.iter()
-                        .map(|o| o.as_ref().map(|v| vec![T::ZERO; v.len()]))
-                        .collect()
-                })
+            scales: (self.scales.iter())
+                .map(|l| l.iter().map(|o| o.as_deref().map(&f)).collect())
                 .collect(),
         }
     }
 
+    /// The same adapter with every vector zero (gradient accumulators).
+    pub fn zeros_like(&self) -> Self {
+        self.map(|v| vec![T::ZERO; v.len()])
+    }
+
     /// The same adapter in another [`Real`] type.
     pub fn cast<U: Real>(&self) -> Ia3Adapter<U> {
-        Ia3Adapter {
-            config: self.config.clone(),
-            scales: self
-                .scales
-                .iter()
-                .map(|l| {
-                    l.iter()
-                        .map(|o| {
-                            o.as_ref()
-                                .map(|v| v.iter().map(|x| U::from_f64(x.to_f64())).collect())
-                        })
-                        .collect()
-                })
-                .collect(),
-        }
+        self.map(|v| v.iter().map(|x| U::from_f64(x.to_f64())).collect())
     }
 
     /// `(PEFT key, shape, values)` of every vector, layer by layer.

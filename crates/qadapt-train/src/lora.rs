@@ -29,12 +29,12 @@
 use std::collections::HashSet;
 use std::path::Path;
 
+use crate::peft_io::write_adapter;
 use half::bf16;
 use qadapt::ops::Real;
 use qadapt::ops::dropout::{DropoutMask, GOLDEN, mix};
 use qadapt::{Error, Result};
 use safetensors::SafeTensors;
-use safetensors::tensor::TensorView;
 use serde_json::{Value, json};
 
 use crate::config::LlamaConfig;
@@ -251,26 +251,28 @@ impl<T: Real> LoraAdapter<T> {
         self.pairs.get(layer)?.get(p.index())?.as_ref()
     }
 
-    /// The same adapter with every matrix zero (gradient accumulators).
-    pub fn zeros_like(&self) -> Self {
-        let z = |v: &Vec<T>| vec![T::ZERO; v.len()];
+    /// The same adapter with every matrix mapped through `f` (same config, same pairs).
+    pub fn map<U>(&self, f: impl Fn(&[T]) -> Vec<U>) -> LoraAdapter<U> {
         LoraAdapter {
             config: self.config.clone(),
-            pairs: self
-                .pairs
-                .iter()
+            pairs: (self.pairs.iter())
                 .map(|l| {
                     l.iter()
                         .map(|o| {
                             o.as_ref().map(|p| LoraPair {
-                                a: z(&p.a),
-                                b: z(&p.b),
+                                a: f(&p.a),
+                                b: f(&p.b),
                             })
                         })
                         .collect()
                 })
                 .collect(),
         }
+    }
+
+    /// The same adapter with every matrix zero (gradient accumulators).
+    pub fn zeros_like(&self) -> Self {
+        self.map(|v| vec![T::ZERO; v.len()])
     }
 
     /// `(PEFT key, shape, values)` of every matrix, layer by layer, A before B.
@@ -291,24 +293,7 @@ impl<T: Real> LoraAdapter<T> {
 
     /// The same adapter in another [`Real`] type.
     pub fn cast<U: Real>(&self) -> LoraAdapter<U> {
-        let c = |v: &Vec<T>| v.iter().map(|x| U::from_f64(x.to_f64())).collect();
-        LoraAdapter {
-            config: self.config.clone(),
-            pairs: self
-                .pairs
-                .iter()
-                .map(|l| {
-                    l.iter()
-                        .map(|o| {
-                            o.as_ref().map(|p| LoraPair {
-                                a: c(&p.a),
-                                b: c(&p.b),
-                            })
-                        })
-                        .collect()
-                })
-                .collect(),
-        }
+        self.map(|v| v.iter().map(|x| U::from_f64(x.to_f64())).collect())
     }
 
     /// One projection's adapter as a [`qadapt::lora::AdapterStack`] (bf16, one adapter), the input
@@ -331,11 +316,6 @@ impl<T: Real> LoraAdapter<T> {
 
     /// Writes `adapter_config.json` and `adapter_model.safetensors` (f32) into `dir`.
     pub fn save(&self, dir: &Path, model: &LlamaConfig) -> Result<()> {
-        let io = |file: &Path| {
-            let file = file.to_owned();
-            move |source| Error::Io { file, source }
-        };
-        std::fs::create_dir_all(dir).map_err(io(dir))?;
         let mut targets = self.config.target_modules.clone();
         targets.sort();
         let cfg = json!({
@@ -357,26 +337,7 @@ impl<T: Real> LoraAdapter<T> {
             "rank_pattern": {},
             "alpha_pattern": {},
         });
-        let cfg_path = dir.join("adapter_config.json");
-        let text = serde_json::to_string_pretty(&cfg).map_err(|e| format_err(&cfg_path, e))?;
-        std::fs::write(&cfg_path, text + "\n").map_err(io(&cfg_path))?;
-        let named = self.named(model);
-        let bytes: Vec<Vec<u8>> = named
-            .iter()
-            .map(|(_, _, v)| {
-                v.iter()
-                    .flat_map(|x| (x.to_f64() as f32).to_le_bytes())
-                    .collect()
-            })
-            .collect();
-        let path = dir.join("adapter_model.safetensors");
-        let mut views = Vec::with_capacity(named.len());
-        for ((name, shape, _), b) in named.iter().zip(&bytes) {
-            let view = TensorView::new(safetensors::Dtype::F32, shape.clone(), b)
-                .map_err(|e| format_err(&path, e))?;
-            views.push((name.clone(), view));
-        }
-        safetensors::serialize_to_file(views, None, &path).map_err(|e| format_err(&path, e))
+        write_adapter(dir, &cfg, &self.named(model))
     }
 }
 
