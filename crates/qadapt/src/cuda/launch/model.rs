@@ -52,6 +52,15 @@ fn vec_flag(row: usize, addrs: &[u64]) -> u32 {
     }
 }
 
+/// The rows of an RMSNorm over `x` of `len` values with a weight of `dim`: `len` a positive
+/// multiple of `dim`; returns `(rows, dim)`.
+fn rmsnorm_rows(op: &'static str, len: usize, dim: usize) -> Result<(usize, usize)> {
+    if dim == 0 || len == 0 || !len.is_multiple_of(dim) {
+        return Err(shape_err(op, format!("x of rows * {dim} elements"), len));
+    }
+    Ok((len / dim, dim))
+}
+
 /// `rmsnorm_fwd_bf16`: `y` and `rstd` overwritten. `x`, `y` are `[rows, dim]`, `w` is `[dim]`.
 pub(crate) fn rmsnorm_forward(
     dev: &CudaDevice,
@@ -62,15 +71,7 @@ pub(crate) fn rmsnorm_forward(
     rstd: &mut CudaSlice<f32>,
 ) -> Result<()> {
     const OP: &str = "rmsnorm forward (cuda)";
-    let dim = w.len();
-    if dim == 0 || !x.len().is_multiple_of(dim) || x.is_empty() {
-        return Err(shape_err(
-            OP,
-            format!("x of rows * {dim} elements"),
-            x.len(),
-        ));
-    }
-    let rows = x.len() / dim;
+    let (rows, dim) = rmsnorm_rows(OP, x.len(), w.len())?;
     need(OP, "y", y, x.len())?;
     need(OP, "rstd", rstd, rows)?;
     let dim32 = u32_of(OP, "dim", dim)?;
@@ -117,15 +118,7 @@ pub(crate) fn rmsnorm_backward(
     dw: &mut CudaSlice<f32>,
 ) -> Result<()> {
     const OP: &str = "rmsnorm backward (cuda)";
-    let dim = w.len();
-    if dim == 0 || !x.len().is_multiple_of(dim) || x.is_empty() {
-        return Err(shape_err(
-            OP,
-            format!("x of rows * {dim} elements"),
-            x.len(),
-        ));
-    }
-    let rows = x.len() / dim;
+    let (rows, dim) = rmsnorm_rows(OP, x.len(), w.len())?;
     need(OP, "rstd", rstd, rows)?;
     need(OP, "dy", dy, x.len())?;
     need(OP, "dx", dx, x.len())?;

@@ -26,6 +26,23 @@ fn dequantize_kernel(d: DType) -> KernelName {
     }
 }
 
+/// The checks both directions share: a supported block size, a non-empty tensor of `n` values
+/// and `ceil(n/2)` bytes of codes.
+fn check_codes(op: &'static str, n: usize, blocksize: usize, packed: &CudaSlice<u8>) -> Result<()> {
+    check_blocksize(op, blocksize)?;
+    if n == 0 {
+        return Err(invalid(op, "empty tensor"));
+    }
+    if packed.len() != packed_len(n) {
+        return Err(shape_err(
+            op,
+            format!("packed of {} bytes", packed_len(n)),
+            packed.len(),
+        ));
+    }
+    Ok(())
+}
+
 /// `nf4_quantize_T`: overwrites `packed[ceil(n/2)]` and `absmax[ceil(n/bs)]` from `input[n]`.
 pub(crate) fn nf4_quantize<T: Float>(
     dev: &CudaDevice,
@@ -35,18 +52,8 @@ pub(crate) fn nf4_quantize<T: Float>(
     absmax: &mut CudaSlice<f32>,
 ) -> Result<()> {
     const OP: &str = "nf4 quantize (cuda)";
-    check_blocksize(OP, blocksize)?;
     let n = input.len();
-    if n == 0 {
-        return Err(invalid(OP, "empty tensor"));
-    }
-    if packed.len() != packed_len(n) {
-        return Err(shape_err(
-            OP,
-            format!("packed of {} bytes", packed_len(n)),
-            packed.len(),
-        ));
-    }
+    check_codes(OP, n, blocksize, packed)?;
     if absmax.len() != num_blocks(n, blocksize) {
         return Err(shape_err(
             OP,
@@ -191,18 +198,8 @@ pub(crate) fn nf4_dequantize<T: Float>(
     out: &mut CudaSlice<T>,
 ) -> Result<()> {
     const OP: &str = "nf4 dequantize (cuda)";
-    check_blocksize(OP, blocksize)?;
     let n = out.len();
-    if n == 0 {
-        return Err(invalid(OP, "empty tensor"));
-    }
-    if packed.len() != packed_len(n) {
-        return Err(shape_err(
-            OP,
-            format!("packed of {} bytes", packed_len(n)),
-            packed.len(),
-        ));
-    }
+    check_codes(OP, n, blocksize, packed)?;
     let nblocks = num_blocks(n, blocksize);
     on_device(OP, dev, "packed", packed)?;
     on_device(OP, dev, "out", out)?;
