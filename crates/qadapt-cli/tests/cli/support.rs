@@ -37,3 +37,21 @@ pub(crate) fn step_losses(run: &Path) -> Vec<(u64, f64)> {
         .filter_map(|v| Some((v.get("step")?.as_u64()?, v.get("loss")?.as_f64()?)))
         .collect()
 }
+
+/// A resumed run's step losses against the uninterrupted run's: `steps` rows, each within 1e-5
+/// (relative; the checkpoint restores every state exactly, so only the order of a reduction may
+/// differ).
+pub(crate) fn assert_resumed_like(
+    tag: &str,
+    whole: &[(u64, f64)],
+    resumed: &[(u64, f64)],
+    steps: usize,
+) {
+    assert_eq!(resumed.len(), steps, "{tag}: resumed steps");
+    for ((step, a), (_, b)) in whole.iter().zip(resumed) {
+        assert!(
+            (a - b).abs() <= 1e-5 * a.abs(),
+            "{tag} step {step}: uninterrupted {a} vs resumed {b}"
+        );
+    }
+}

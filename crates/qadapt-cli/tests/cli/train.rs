@@ -1,7 +1,7 @@
 //! `qadapt train` and `qadapt compare` on the embedded model and task (short runs): what lands
 //! on disk, exact resume after an interruption, the NaN stop, and bad input.
 
-use crate::support::{bin, data, s, step_losses};
+use crate::support::{assert_resumed_like, bin, data, s, step_losses};
 use std::path::Path;
 use std::process::Output;
 
@@ -504,13 +504,7 @@ fn cuda_training_follows_the_cpu_run_and_resumes() {
         let err = ok(&qadapt(&["train", "--resume", &cut], tmp.path()));
         assert!(err.contains("resuming at step 3 of 6"), "{err}");
         let resumed = step_losses(&tmp.path().join(&cut));
-        assert_eq!(resumed.len(), 6);
-        for ((step, a), (_, b)) in gpu.iter().zip(&resumed) {
-            assert!(
-                (a - b).abs() <= 1e-5 * a.abs(),
-                "{method} step {step}: uninterrupted {a} vs resumed {b}"
-            );
-        }
+        assert_resumed_like(method, &gpu, &resumed, 6);
     }
 }
 
@@ -731,13 +725,7 @@ fn cuda_packed_training_fills_rows_and_resumes() {
         step_losses(&tmp.path().join("packed")),
         step_losses(&tmp.path().join("cut")),
     );
-    assert_eq!(resumed.len(), 4);
-    for ((step, a), (_, b)) in whole.iter().zip(&resumed) {
-        assert!(
-            (a - b).abs() <= 1e-5 * a.abs(),
-            "step {step}: uninterrupted {a} vs resumed {b}"
-        );
-    }
+    assert_resumed_like("packed", &whole, &resumed, 4);
 }
 
 /// `--device cuda --model DIR` on a bitsandbytes 4-bit checkpoint (`tests/data/tiny_llama_nf4`
