@@ -147,8 +147,8 @@ fn mixed<B: Backend>(
     seq: usize,
 ) -> (f32, Vec<f32>, LoraAdapter<f32>) {
     let mut lm = lora_model(be, m, base, a, MomentPlacement::Device);
-    let logits = lm.logits(ids, 2, seq).unwrap();
     let b = Batch::causal(ids.to_vec(), 2, seq).unwrap();
+    let logits = lm.logits(&b).unwrap();
     let loss = lm.accumulate(&b).unwrap();
     let eval = lm.loss(&b).unwrap();
     assert_eq!(loss, eval, "the training forward and the evaluation differ");
@@ -297,8 +297,9 @@ fn a_bitsandbytes_checkpoint_runs_on_its_own_codes() {
         MomentPlacement::Paged,
     )
     .unwrap();
-    let logits = lm.logits(&ids, 2, seq).unwrap();
-    let loss = lm.accumulate(&Batch::causal(ids, 2, seq).unwrap()).unwrap();
+    let b = Batch::causal(ids, 2, seq).unwrap();
+    let logits = lm.logits(&b).unwrap();
+    let loss = lm.accumulate(&b).unwrap();
     let (gmax, _) = grad_errs(&lm.grads().unwrap(), &g0, c);
     println!("bnb checkpoint: loss {loss} vs {loss0}, grads {gmax:.2e}");
     assert!(
@@ -1246,8 +1247,8 @@ fn cuda_runs_a_bitsandbytes_checkpoint_on_its_own_codes() {
         MomentPlacement::Paged,
     )
     .unwrap();
-    let (l0, z0) = (cpu.loss(&b).unwrap(), cpu.logits(&b.ids, 2, 12).unwrap());
-    let (l1, z1) = (gpu.loss(&b).unwrap(), gpu.logits(&b.ids, 2, 12).unwrap());
+    let (l0, z0) = (cpu.loss(&b).unwrap(), cpu.logits(&b).unwrap());
+    let (l1, z1) = (gpu.loss(&b).unwrap(), gpu.logits(&b).unwrap());
     println!(
         "bnb codes: loss {l1} vs {l0}, logits {:.2e}",
         norm_err(&z1, &z0)

@@ -721,16 +721,17 @@ impl<B: Backend> LoraModel<B> {
         Ok(())
     }
 
-    /// The logits `[batch * seq, vocab]` (bf16 values widened to f32) of ids `[batch, seq]`.
-    pub fn logits(&self, ids: &[u32], batch: usize, seq: usize) -> Result<Vec<f32>> {
+    /// The logits `[batch * seq, vocab]` (bf16 values widened to f32) of a batch's ids (its
+    /// targets unused).
+    pub fn logits(&self, b: &Batch) -> Result<Vec<f32>> {
         let c = &self.config;
-        let b = Batch::new(ids.to_vec(), batch, seq, vec![None; ids.len()])?;
-        let (_, xn) = self.forward(&b, Pass::eval(true))?;
-        let mut logits = self.backend.zeros(ids.len() * c.vocab_size)?;
+        let n = b.ids.len();
+        let (_, xn) = self.forward(b, Pass::eval(true))?;
+        let mut logits = self.backend.zeros(n * c.vocab_size)?;
         self.backend.matmul_wt(
             &xn,
             self.head(),
-            (ids.len(), c.hidden_size, c.vocab_size),
+            (n, c.hidden_size, c.vocab_size),
             &mut logits,
         )?;
         self.backend.download(&logits)
