@@ -50,7 +50,7 @@ use qadapt::Result;
 use qadapt::ops::attention::{CacheShape, attention_cached, kv_cache_write};
 use qadapt::ops::linear::{self, LinearShape};
 use qadapt::ops::rope::{self, RopeTable};
-use qadapt::ops::{Accumulate, rmsnorm, swiglu};
+use qadapt::ops::{Accumulate, rmsnorm};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
@@ -961,16 +961,7 @@ impl LayerRun for CachedRun<'_, '_> {
     type Att = ();
 
     fn rmsnorm(&mut self, l: usize, norm: Norm, x: &Buf<f32>) -> Result<(Buf<f32>, Buf<f32>)> {
-        let m = self.generator.model;
-        let lw = &m.weights.layers[l];
-        let w = match norm {
-            Norm::Input => &lw.input_layernorm,
-            Norm::Post => &lw.post_attention_layernorm,
-        };
-        let n = self.s.owner.len();
-        let (mut y, mut rstd) = (m.pool.overwritten(x.len()), m.pool.overwritten(n));
-        rmsnorm::forward(x, w, m.config.rms_norm_eps, &mut y, &mut rstd)?;
-        Ok((y, rstd))
+        self.generator.model.layer_rmsnorm(l, norm, x)
     }
 
     fn project(&mut self, l: usize, p: Proj, x: &Buf<f32>) -> Result<Buf<f32>> {
@@ -1047,9 +1038,7 @@ impl LayerRun for CachedRun<'_, '_> {
     }
 
     fn swiglu(&mut self, gate: &Buf<f32>, up: &Buf<f32>) -> Result<Buf<f32>> {
-        let mut h = self.generator.model.pool.overwritten(gate.len());
-        swiglu::forward(gate, up, &mut h)?;
-        Ok(h)
+        self.generator.model.layer_swiglu(gate, up)
     }
 }
 

@@ -500,6 +500,35 @@ impl<T: Real> Llama<T> {
         })
     }
 
+    /// `rmsnorm(x)` with layer `l`'s weight of `norm`, and its `1 / rms` per token, in buffers
+    /// of the model's pool: the op of every CPU runner of [`layer::forward`].
+    pub(crate) fn layer_rmsnorm(
+        &self,
+        l: usize,
+        norm: Norm,
+        x: &Buf<T>,
+    ) -> Result<(Buf<T>, Buf<T>)> {
+        let lw = &self.weights.layers[l];
+        let w = match norm {
+            Norm::Input => &lw.input_layernorm,
+            Norm::Post => &lw.post_attention_layernorm,
+        };
+        // Both are overwritten whole by the op.
+        let (mut y, mut rstd) = (
+            self.pool.overwritten(x.len()),
+            self.pool.overwritten(x.len() / self.config.hidden_size),
+        );
+        rmsnorm::forward(x, w, self.config.rms_norm_eps, &mut y, &mut rstd)?;
+        Ok((y, rstd))
+    }
+
+    /// `silu(gate) * up` in a buffer of the model's pool (every CPU runner's SwiGLU).
+    pub(crate) fn layer_swiglu(&self, gate: &Buf<T>, up: &Buf<T>) -> Result<Buf<T>> {
+        let mut h = self.pool.overwritten(gate.len());
+        swiglu::forward(gate, up, &mut h)?;
+        Ok(h)
+    }
+
     fn check_attached(&self, att: Attached<'_, T>) -> Result<()> {
         let c = &self.config;
         let ok = match att {
@@ -922,19 +951,7 @@ impl<T: Real> LayerRun for CpuRun<'_, '_, T> {
     type Att = Buf<T>;
 
     fn rmsnorm(&mut self, l: usize, norm: Norm, x: &Buf<T>) -> Result<(Buf<T>, Buf<T>)> {
-        let m = self.model;
-        let lw = &m.weights.layers[l];
-        let w = match norm {
-            Norm::Input => &lw.input_layernorm,
-            Norm::Post => &lw.post_attention_layernorm,
-        };
-        // Both are overwritten whole by the op.
-        let (mut y, mut rstd) = (
-            m.pool.overwritten(x.len()),
-            m.pool.overwritten(x.len() / m.config.hidden_size),
-        );
-        rmsnorm::forward(x, w, m.config.rms_norm_eps, &mut y, &mut rstd)?;
-        Ok((y, rstd))
+        self.model.layer_rmsnorm(l, norm, x)
     }
 
     fn project(&mut self, l: usize, p: Proj, x: &Buf<T>) -> Result<Buf<T>> {
@@ -989,9 +1006,7 @@ impl<T: Real> LayerRun for CpuRun<'_, '_, T> {
     }
 
     fn swiglu(&mut self, gate: &Buf<T>, up: &Buf<T>) -> Result<Buf<T>> {
-        let mut h = self.model.pool.overwritten(gate.len());
-        swiglu::forward(gate, up, &mut h)?;
-        Ok(h)
+        self.model.layer_swiglu(gate, up)
     }
 }
 
