@@ -49,7 +49,7 @@
 use qadapt::Result;
 use qadapt::ops::attention::{CacheShape, attention_cached, kv_cache_write};
 use qadapt::ops::linear::{self, LinearShape};
-use qadapt::ops::rope::{self, RopeTable};
+use qadapt::ops::rope::{self, RopeDirection, RopeTable};
 use qadapt::ops::{Accumulate, rmsnorm};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
@@ -983,30 +983,12 @@ impl LayerRun for CachedRun<'_, '_> {
         Ok(y)
     }
 
-    /// RoPE at each token's absolute position (rope.rs's rotate_half convention and the same
-    /// cos/sin table).
+    /// RoPE at each token's absolute position in its row.
     fn rope(&mut self, _l: usize, q: &mut Buf<f32>, k: &mut Buf<f32>) -> Result<()> {
         let c = &self.generator.model.config;
-        let (qd, kd, d) = (c.q_dim(), c.kv_dim(), c.head_dim);
-        let half = d / 2;
-        for (t, &pos) in self.s.pos.iter().enumerate() {
-            let (cos, sin) = (
-                &self.rope.cos[pos * half..][..half],
-                &self.rope.sin[pos * half..][..half],
-            );
-            for head in q[t * qd..(t + 1) * qd]
-                .chunks_exact_mut(d)
-                .chain(k[t * kd..(t + 1) * kd].chunks_exact_mut(d))
-            {
-                let (lo, hi) = head.split_at_mut(half);
-                for (((a, b), &cs), &sn) in lo.iter_mut().zip(hi.iter_mut()).zip(cos).zip(sin) {
-                    let (x1, x2) = (*a, *b);
-                    *a = x1 * cs - x2 * sn;
-                    *b = x2 * cs + x1 * sn;
-                }
-            }
-        }
-        Ok(())
+        let (pos, fwd) = (&self.s.pos, RopeDirection::Forward);
+        self.rope.apply_at(q, c.num_attention_heads, fwd, pos)?;
+        self.rope.apply_at(k, c.num_key_value_heads, fwd, pos)
     }
 
     /// Writes each token's key and value into its row's cache slot, then attends each token's

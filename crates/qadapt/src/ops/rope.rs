@@ -189,6 +189,43 @@ impl<T: Real> RopeTable<T> {
             ));
         }
         check_len(OP, "cos", &self.cos, self.seq * self.head_dim / 2)?;
+        self.rotate(x, row, dir, |n| n % self.seq);
+        Ok(())
+    }
+
+    /// [`Self::apply`] to a ragged set of tokens, token n (row n of `x [tokens, heads *
+    /// head_dim]`) at table row `positions[n]`: the new tokens of cached decoding, each at its
+    /// own position in its sequence.
+    pub fn apply_at(
+        &self,
+        x: &mut [T],
+        heads: usize,
+        dir: RopeDirection,
+        positions: &[usize],
+    ) -> Result<()> {
+        const OP: &str = "rope apply at positions";
+        let row = heads * self.head_dim;
+        check_len(OP, "x", x, positions.len() * row)?;
+        check_len(OP, "cos", &self.cos, self.seq * self.head_dim / 2)?;
+        if let Some(&p) = positions.iter().find(|&&p| p >= self.seq) {
+            return Err(shape_err(
+                OP,
+                format!("positions below the table's {}", self.seq),
+                p,
+            ));
+        }
+        self.rotate(x, row, dir, |n| positions[n]);
+        Ok(())
+    }
+
+    /// Rotates each `row`-wide token n of `x` by table row `pos(n)` (checked by the callers).
+    fn rotate(
+        &self,
+        x: &mut [T],
+        row: usize,
+        dir: RopeDirection,
+        pos: impl Fn(usize) -> usize + Sync,
+    ) {
         let half = self.head_dim / 2;
         let sign = match dir {
             RopeDirection::Forward => T::ONE,
@@ -198,7 +235,7 @@ impl<T: Real> RopeTable<T> {
             .enumerate()
             .with_min_len(16)
             .for_each(|(n, xr)| {
-                let p = n % self.seq;
+                let p = pos(n);
                 let cos = &self.cos[p * half..(p + 1) * half];
                 let sin = &self.sin[p * half..(p + 1) * half];
                 for head in xr.chunks_exact_mut(self.head_dim) {
@@ -211,7 +248,6 @@ impl<T: Real> RopeTable<T> {
                     }
                 }
             });
-        Ok(())
     }
 }
 
@@ -279,5 +315,37 @@ mod tests {
             y.iter().zip(&r).map(|(a, b)| a * b).sum()
         })
         .unwrap();
+    }
+
+    #[test]
+    fn a_token_at_its_own_position_rotates_as_in_a_full_batch() {
+        let (seq, heads, d) = (6, 2, 4);
+        let f = inv_freq(d, 100.0, RopeScaling::None).unwrap();
+        let t = RopeTable::<f64>::new(seq, d, &f).unwrap();
+        let full = rand_vec(3, seq * heads * d);
+        let mut rotated = full.clone();
+        t.apply(&mut rotated, heads, RopeDirection::Forward)
+            .unwrap();
+        // Positions 4, 0 and 5 of the sequence, as three new tokens of a cache.
+        let positions = [4usize, 0, 5];
+        let row = heads * d;
+        let mut tokens: Vec<f64> = positions
+            .iter()
+            .flat_map(|&p| full[p * row..(p + 1) * row].to_vec())
+            .collect();
+        t.apply_at(&mut tokens, heads, RopeDirection::Forward, &positions)
+            .unwrap();
+        for (n, &p) in positions.iter().enumerate() {
+            assert_eq!(
+                tokens[n * row..(n + 1) * row],
+                rotated[p * row..(p + 1) * row]
+            );
+        }
+        let fwd = RopeDirection::Forward;
+        assert!(t.apply_at(&mut tokens, heads, fwd, &[4, 0, 6]).is_err());
+        assert!(
+            t.apply_at(&mut tokens[..row], heads, fwd, &positions)
+                .is_err()
+        );
     }
 }
