@@ -12,7 +12,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 
 use crate::console::read_losses;
-use crate::train::{Method, Summary};
+use crate::train::{Inputs, Method, Summary};
 
 #[derive(Args, Debug)]
 pub(crate) struct CompareArgs {
@@ -25,15 +25,8 @@ pub(crate) struct CompareArgs {
     /// Sequences per step.
     #[arg(long, default_value_t = 16)]
     batch: usize,
-    /// HF model directory (default: the embedded model).
-    #[arg(long)]
-    model: Option<PathBuf>,
-    /// Training data (default: the embedded task).
-    #[arg(long)]
-    data: Option<PathBuf>,
-    /// Held-out data.
-    #[arg(long)]
-    heldout_data: Option<PathBuf>,
+    #[command(flatten)]
+    inputs: Inputs,
     /// Seed shared by every run.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -153,9 +146,9 @@ fn run_one(a: &CompareArgs, m: Method, out: &Path) -> Result<Summary> {
         .args(["--seed", &a.seed.to_string()])
         .arg("--quiet");
     for (flag, v) in [
-        ("--model", &a.model),
-        ("--data", &a.data),
-        ("--heldout-data", &a.heldout_data),
+        ("--model", &a.inputs.model),
+        ("--data", &a.inputs.data),
+        ("--heldout-data", &a.inputs.heldout_data),
     ] {
         if let Some(p) = v {
             cmd.arg(flag).arg(p);

@@ -113,8 +113,9 @@ enum Command {
     /// Train a small Llama from scratch on a text corpus (tokenizer included) and write an HF
     /// model directory; makes the embedded default model.
     Pretrain(pretrain::PretrainArgs),
-    /// Fine-tune a model with one PEFT method on the CPU (no arguments: QLoRA on the embedded
-    /// model and task); writes the adapter, a JSONL log, a loss plot and checkpoints.
+    /// Fine-tune a model with one PEFT method, on the CPU or (LoRA, QLoRA) a CUDA device (no
+    /// arguments: QLoRA on the CPU, on the embedded model and task); writes the adapter, a JSONL
+    /// log, a loss plot and checkpoints.
     Train(Box<train::TrainArgs>),
     /// Run every PEFT method on the same model, data and budget and print the table to choose
     /// by (also written as Markdown, CSV and a plot of all loss curves).

@@ -18,24 +18,31 @@ pub(crate) use qadapt_train::run::{Method, Summary};
 
 use crate::console::{Console, metric_line};
 
+/// The model and data of a run, shared by `train` and `compare`.
+#[derive(Args, Debug, Clone, Default, PartialEq)]
+pub(crate) struct Inputs {
+    /// HF Llama-family model directory (config.json, safetensors, tokenizer.json); default: the
+    /// embedded pretrained model.
+    #[arg(long)]
+    pub(crate) model: Option<PathBuf>,
+    /// Training data: JSONL with "prompt"/"completion" or "text" fields, or plain text
+    /// (documents separated by blank lines); default: the embedded sentiment task.
+    #[arg(long)]
+    pub(crate) data: Option<PathBuf>,
+    /// Held-out data in the same formats (default: the embedded task's, or examples split off
+    /// --data: `qadapt train --heldout`).
+    #[arg(long)]
+    pub(crate) heldout_data: Option<PathBuf>,
+}
+
 #[derive(Args, Debug, Clone, Default, PartialEq)]
 pub(crate) struct TrainArgs {
     /// PEFT method: full, top-k, prompt, prefix, adapter, lora, qlora, ia3, surgical or
     /// surgical-auto (default qlora).
     #[arg(long)]
     method: Option<Method>,
-    /// HF Llama-family model directory (config.json, safetensors, tokenizer.json); default: the
-    /// embedded pretrained model.
-    #[arg(long)]
-    model: Option<PathBuf>,
-    /// Training data: JSONL with "prompt"/"completion" or "text" fields, or plain text
-    /// (documents separated by blank lines); default: the embedded sentiment task.
-    #[arg(long)]
-    data: Option<PathBuf>,
-    /// Held-out data in the same formats (default: the embedded task's, or --heldout examples
-    /// split off --data).
-    #[arg(long)]
-    heldout_data: Option<PathBuf>,
+    #[command(flatten)]
+    inputs: Inputs,
     /// Examples split off --data for held-out evaluation when --heldout-data is not given.
     #[arg(long)]
     heldout: Option<usize>,
@@ -194,9 +201,9 @@ impl TrainArgs {
     fn overrides(&self) -> Overrides {
         Overrides {
             method: self.method,
-            model: self.model.clone(),
-            data: self.data.clone(),
-            heldout_data: self.heldout_data.clone(),
+            model: self.inputs.model.clone(),
+            data: self.inputs.data.clone(),
+            heldout_data: self.inputs.heldout_data.clone(),
             heldout: self.heldout,
             device: self.device.clone(),
             checkpointing: match self.checkpointing {
