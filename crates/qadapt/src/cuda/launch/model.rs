@@ -397,9 +397,9 @@ fn check_ids(op: &'static str, ids: &[u32], vocab: usize) -> Result<()> {
 }
 
 /// The checks of both embedding launches: at least one token and a non-empty row, every id
-/// `< vocab` ([`check_ids`]), the (gradient) table `[vocab, dim]`
-/// and the token rows `[ids.len(), dim]` on this device, and the sizes the kernels take in 32
-/// bits; returns `(vocab, dim)` as the kernels take them.
+/// `< vocab` ([`check_ids`]), the (gradient) table `[vocab, dim]` and the token rows
+/// `[ids.len(), dim]` on this device, and the sizes the kernels take in 32 bits; returns
+/// `(vocab, dim)` as the kernels take them.
 fn embedding_checks<T, U>(
     op: &'static str,
     dev: &CudaDevice,
