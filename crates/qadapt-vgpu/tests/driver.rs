@@ -506,31 +506,36 @@ fn cublas_handle_modes_read_back_what_was_set() {
     let blas = CudaBlas::new(ctx.new_stream().unwrap()).unwrap();
     let h = *blas.handle();
     let ok = cublasStatus_t::CUBLAS_STATUS_SUCCESS;
-    // SAFETY: h is a live handle (blas outlives the block); every out-parameter is a local.
-    unsafe {
-        for mode in [
-            Ptr::CUBLAS_POINTER_MODE_DEVICE,
-            Ptr::CUBLAS_POINTER_MODE_HOST,
-        ] {
-            assert_eq!(sys::cublasSetPointerMode_v2(h, mode), ok);
-            let mut got = Ptr::CUBLAS_POINTER_MODE_DEVICE;
-            assert_eq!(sys::cublasGetPointerMode_v2(h, &mut got), ok);
-            assert_eq!(got, mode);
-        }
-        for mode in [Math::CUBLAS_TF32_TENSOR_OP_MATH, Math::CUBLAS_DEFAULT_MATH] {
-            assert_eq!(sys::cublasSetMathMode(h, mode), ok);
-            let mut got = Math::CUBLAS_PEDANTIC_MATH;
-            assert_eq!(sys::cublasGetMathMode(h, &mut got), ok);
-            assert_eq!(got, mode);
-        }
-        for mode in [
-            Atomics::CUBLAS_ATOMICS_ALLOWED,
-            Atomics::CUBLAS_ATOMICS_NOT_ALLOWED,
-        ] {
-            assert_eq!(sys::cublasSetAtomicsMode(h, mode), ok);
-            let mut got = Atomics::CUBLAS_ATOMICS_ALLOWED;
-            assert_eq!(sys::cublasGetAtomicsMode(h, &mut got), ok);
-            assert_eq!(got, mode);
-        }
+    // Sets each of two values of a mode and reads it back (starting from the other one).
+    macro_rules! round_trip {
+        ($set:ident, $get:ident, $a:expr, $b:expr) => {
+            for (mode, other) in [($a, $b), ($b, $a)] {
+                // SAFETY: h is a live handle (blas outlives the test); mode is a value of the
+                // mode's enum.
+                assert_eq!(unsafe { sys::$set(h, mode) }, ok);
+                let mut got = other;
+                // SAFETY: h is live; got is a local of the mode's type for the call to write.
+                assert_eq!(unsafe { sys::$get(h, &mut got) }, ok);
+                assert_eq!(got, mode);
+            }
+        };
     }
+    round_trip!(
+        cublasSetPointerMode_v2,
+        cublasGetPointerMode_v2,
+        Ptr::CUBLAS_POINTER_MODE_DEVICE,
+        Ptr::CUBLAS_POINTER_MODE_HOST
+    );
+    round_trip!(
+        cublasSetMathMode,
+        cublasGetMathMode,
+        Math::CUBLAS_TF32_TENSOR_OP_MATH,
+        Math::CUBLAS_DEFAULT_MATH
+    );
+    round_trip!(
+        cublasSetAtomicsMode,
+        cublasGetAtomicsMode,
+        Atomics::CUBLAS_ATOMICS_ALLOWED,
+        Atomics::CUBLAS_ATOMICS_NOT_ALLOWED
+    );
 }
