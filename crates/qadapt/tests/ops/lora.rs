@@ -234,72 +234,72 @@ fn multi_adapter_rows_equal_single_adapter_calls() {
     }
 }
 
-/// Naive f64 forward without rounding, reduced to the loss sum(y * g), for finite differences.
-fn loss_f64(
-    m: usize,
+/// One adapter's layer in f64 without rounding, `y = x W^T + s (x A^T) B^T` for `x [m, k]`,
+/// `W [n, k]`, `A [r, k]`, `B [n, r]`: the reference of the loss `sum(y * g)` and its gradients.
+struct Naive<'a> {
     n: usize,
     k: usize,
     r: usize,
     s: f64,
-    x: &[f64],
-    w: &[f64],
-    a: &[f64],
-    b: &[f64],
-    g: &[f64],
-) -> f64 {
-    let mut loss = 0.0;
-    for i in 0..m {
-        let t: Vec<f64> = (0..r)
-            .map(|j| (0..k).map(|kk| x[i * k + kk] * a[j * k + kk]).sum())
-            .collect();
-        for o in 0..n {
-            let base: f64 = (0..k).map(|kk| x[i * k + kk] * w[o * k + kk]).sum();
-            let lora: f64 = (0..r).map(|j| t[j] * b[o * r + j]).sum();
-            loss += (base + s * lora) * g[i * n + o];
-        }
-    }
-    loss
+    w: &'a [f64],
+    a: &'a [f64],
+    b: &'a [f64],
 }
 
-/// Naive f64 backward: (dx, dA, dB) of loss = sum(y * g).
-#[allow(clippy::type_complexity)]
-fn backward_f64(
-    m: usize,
-    n: usize,
-    k: usize,
-    r: usize,
-    s: f64,
-    x: &[f64],
-    w: &[f64],
-    a: &[f64],
-    b: &[f64],
-    g: &[f64],
-) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
-    let mut dx = vec![0f64; m * k];
-    let mut da = vec![0f64; r * k];
-    let mut db = vec![0f64; n * r];
-    for i in 0..m {
-        let t: Vec<f64> = (0..r)
-            .map(|j| (0..k).map(|kk| x[i * k + kk] * a[j * k + kk]).sum())
-            .collect();
-        let gb: Vec<f64> = (0..r)
-            .map(|j| s * (0..n).map(|o| g[i * n + o] * b[o * r + j]).sum::<f64>())
-            .collect();
-        for kk in 0..k {
-            let mut v: f64 = (0..n).map(|o| g[i * n + o] * w[o * k + kk]).sum();
-            v += (0..r).map(|j| gb[j] * a[j * k + kk]).sum::<f64>();
-            dx[i * k + kk] = v;
-            for j in 0..r {
-                da[j * k + kk] += gb[j] * x[i * k + kk];
-            }
-        }
-        for o in 0..n {
-            for j in 0..r {
-                db[o * r + j] += s * g[i * n + o] * t[j];
-            }
-        }
+impl Naive<'_> {
+    /// `t = x_i A^T` of one row.
+    fn t(&self, xi: &[f64]) -> Vec<f64> {
+        (0..self.r)
+            .map(|j| (0..self.k).map(|kk| xi[kk] * self.a[j * self.k + kk]).sum())
+            .collect()
     }
-    (dx, da, db)
+
+    /// `sum(y * g)`, for finite differences.
+    fn loss(&self, x: &[f64], g: &[f64]) -> f64 {
+        let (n, k, r) = (self.n, self.k, self.r);
+        let mut loss = 0.0;
+        for (xi, gi) in x.chunks_exact(k).zip(g.chunks_exact(n)) {
+            let t = self.t(xi);
+            for (o, go) in gi.iter().enumerate() {
+                let base: f64 = (0..k).map(|kk| xi[kk] * self.w[o * k + kk]).sum();
+                let lora: f64 = (0..r).map(|j| t[j] * self.b[o * r + j]).sum();
+                loss += (base + self.s * lora) * go;
+            }
+        }
+        loss
+    }
+
+    /// `(dx, dA, dB)` of [`Self::loss`].
+    fn backward(&self, x: &[f64], g: &[f64]) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+        let (n, k, r, s) = (self.n, self.k, self.r, self.s);
+        let mut dx = vec![0f64; x.len()];
+        let mut da = vec![0f64; r * k];
+        let mut db = vec![0f64; n * r];
+        for ((xi, gi), dxi) in x
+            .chunks_exact(k)
+            .zip(g.chunks_exact(n))
+            .zip(dx.chunks_exact_mut(k))
+        {
+            let t = self.t(xi);
+            let gb: Vec<f64> = (0..r)
+                .map(|j| s * (0..n).map(|o| gi[o] * self.b[o * r + j]).sum::<f64>())
+                .collect();
+            for kk in 0..k {
+                let mut v: f64 = (0..n).map(|o| gi[o] * self.w[o * k + kk]).sum();
+                v += (0..r).map(|j| gb[j] * self.a[j * k + kk]).sum::<f64>();
+                dxi[kk] = v;
+                for j in 0..r {
+                    da[j * k + kk] += gb[j] * xi[kk];
+                }
+            }
+            for o in 0..n {
+                for j in 0..r {
+                    db[o * r + j] += s * gi[o] * t[j];
+                }
+            }
+        }
+        (dx, da, db)
+    }
 }
 
 #[test]
@@ -309,7 +309,29 @@ fn naive_backward_matches_finite_differences_in_f64() {
     let mut v =
         |len: usize| -> Vec<f64> { (0..len).map(|_| rng.random_range(-1.0..1.0)).collect() };
     let (x, w, a, b, g) = (v(m * k), v(n * k), v(r * k), v(n * r), v(m * n));
-    let (dx, da, db) = backward_f64(m, n, k, r, s, &x, &w, &a, &b, &g);
+    let loss = |x: &[f64], a: &[f64], b: &[f64]| {
+        let w = &w;
+        Naive {
+            n,
+            k,
+            r,
+            s,
+            w,
+            a,
+            b,
+        }
+        .loss(x, &g)
+    };
+    let (dx, da, db) = Naive {
+        n,
+        k,
+        r,
+        s,
+        w: &w,
+        a: &a,
+        b: &b,
+    }
+    .backward(&x, &g);
     let h = 1e-6;
     let fd = |which: usize, idx: usize| {
         let (mut xp, mut ap, mut bp) = (x.clone(), a.clone(), b.clone());
@@ -319,9 +341,7 @@ fn naive_backward_matches_finite_differences_in_f64() {
             1 => (ap[idx] += h, am[idx] -= h),
             _ => (bp[idx] += h, bm[idx] -= h),
         };
-        (loss_f64(m, n, k, r, s, &xp, &w, &ap, &bp, &g)
-            - loss_f64(m, n, k, r, s, &xm, &w, &am, &bm, &g))
-            / (2.0 * h)
+        (loss(&xp, &ap, &bp) - loss(&xm, &am, &bm)) / (2.0 * h)
     };
     for (which, grad) in [(0, &dx), (1, &da), (2, &db)] {
         for (i, want) in grad.iter().enumerate() {
@@ -346,18 +366,17 @@ fn cpu_backward_matches_naive_f64_and_accumulates() {
         let dy = rand_bf16(&mut rng, m * n, 1.0);
         let l = &c.layer;
         let s = f64::from(l.adapters.scales[0]);
-        let (dx64, da64, db64) = backward_f64(
-            m,
+        let (w, a, b) = (weight_f64(l), f64s(&l.adapters.a), f64s(&l.adapters.b));
+        let (dx64, da64, db64) = Naive {
             n,
             k,
             r,
             s,
-            &f64s(&c.x),
-            &weight_f64(l),
-            &f64s(&l.adapters.a),
-            &f64s(&l.adapters.b),
-            &f64s(&dy),
-        );
+            w: &w,
+            a: &a,
+            b: &b,
+        }
+        .backward(&f64s(&c.x), &f64s(&dy));
         let mut grads = LoraGrads::zeros(l);
         let dx = l
             .backward(&Device::Cpu, &c.x, &dy, m, None, &mut grads)
@@ -428,7 +447,17 @@ fn multi_adapter_backward_splits_gradients_by_adapter() {
         let a = f64s(&l.adapters.a[ad * r * k..(ad + 1) * r * k]);
         let b = f64s(&l.adapters.b[ad * n * r..(ad + 1) * n * r]);
         let s = f64::from(l.adapters.scales[ad]);
-        let (_, da, db) = backward_f64(rows.len(), n, k, r, s, &xs, &w, &a, &b, &gs);
+        let (w, a, b) = (&w, &a, &b);
+        let (_, da, db) = Naive {
+            n,
+            k,
+            r,
+            s,
+            w,
+            a,
+            b,
+        }
+        .backward(&xs, &gs);
         for (g, want) in grads.a[ad * r * k..(ad + 1) * r * k].iter().zip(&da) {
             assert!(
                 (f64::from(*g) - want).abs() <= 1e-4 * (1.0 + want.abs()),
