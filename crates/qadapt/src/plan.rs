@@ -52,17 +52,23 @@ fn capped_grid(work_ctas: u64, props: &DeviceProps) -> u32 {
     work_ctas.clamp(1, cap.min(u64::from(props.max_grid_x))) as u32
 }
 
+/// `ctas` CTAs of 256 threads (capped as [`capped_grid`] says, the kernel striding over the
+/// rest), no dynamic shared memory.
+fn ctas_of_256(ctas: u64, props: &DeviceProps) -> LaunchPlan {
+    LaunchPlan {
+        grid: capped_grid(ctas, props),
+        block: 256,
+        shared_bytes: 0,
+    }
+}
+
 /// `nf4_quantize_*`: one warp per NF4 block, 8 warps per CTA.
 pub fn nf4_quantize(n: u64, blocksize: u32, props: &DeviceProps) -> Result<LaunchPlan> {
     if n == 0 {
         return Err(invalid("nf4 quantize plan", "empty tensor"));
     }
     let nblocks = n.div_ceil(u64::from(blocksize));
-    Ok(LaunchPlan {
-        grid: capped_grid(nblocks.div_ceil(8), props),
-        block: 256,
-        shared_bytes: 0,
-    })
+    Ok(ctas_of_256(nblocks.div_ceil(8), props))
 }
 
 /// `nf4_dequantize_*`: one thread per 32 elements (a 16-byte load of codes), 256 threads a CTA.
@@ -71,11 +77,7 @@ pub fn nf4_dequantize(n: u64, props: &DeviceProps) -> Result<LaunchPlan> {
         return Err(invalid("nf4 dequantize plan", "empty tensor"));
     }
     let groups = n.div_ceil(32);
-    Ok(LaunchPlan {
-        grid: capped_grid(groups.div_ceil(256), props),
-        block: 256,
-        shared_bytes: 0,
-    })
+    Ok(ctas_of_256(groups.div_ceil(256), props))
 }
 
 /// The two double-quant launches: offset (one warp), encode (one CTA per 256 blocks).
@@ -103,11 +105,7 @@ pub fn elementwise(n: u64, props: &DeviceProps) -> Result<LaunchPlan> {
     if n == 0 {
         return Err(invalid("elementwise plan", "no elements"));
     }
-    Ok(LaunchPlan {
-        grid: capped_grid(n.div_ceil(256), props),
-        block: 256,
-        shared_bytes: 0,
-    })
+    Ok(ctas_of_256(n.div_ceil(256), props))
 }
 
 /// Grid-stride reductions (`sum_squares_f32`): 256 threads a CTA, at most 4 CTAs per SM so the
