@@ -98,18 +98,18 @@ pub(crate) struct TrainArgs {
     /// Decoupled AdamW weight decay.
     #[arg(long)]
     weight_decay: Option<f32>,
-    /// Clip the global gradient norm to this (0: off).
-    #[arg(long)]
-    max_grad_norm: Option<f64>,
+    /// Clip the global gradient norm to this, or `none` (no clipping) [default: 1].
+    #[arg(long, value_parser = parse_clip)]
+    max_grad_norm: Option<Clip>,
     /// Seed of initialization, shuffling and dropout.
     #[arg(long)]
     seed: Option<u64>,
     /// Longest sequence in tokens (longer examples are skipped and counted; default: the
     /// model's context).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::positive())]
     max_len: Option<usize>,
-    /// Held-out evaluation every N steps (0: only before and after).
-    #[arg(long)]
+    /// Held-out evaluation every N steps (default: only before and after training).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     eval_every: Option<u64>,
     /// Checkpoint every N steps.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
@@ -138,8 +138,9 @@ pub(crate) struct TrainArgs {
     /// Prompt tuning init: random, vocab (embeddings of random vocabulary tokens) or text:WORDS.
     #[arg(long)]
     prompt_init: Option<String>,
-    /// Prefix tuning through an MLP of this hidden width (folded into plain prefixes on save).
-    #[arg(long)]
+    /// Prefix tuning through an MLP of this hidden width (folded into plain prefixes on save;
+    /// default: plain prefixes).
+    #[arg(long, value_parser = crate::positive())]
     prefix_mlp: Option<usize>,
     /// Houlsby adapter bottleneck width.
     #[arg(long, value_parser = crate::positive())]
@@ -177,6 +178,19 @@ fn parse_checkpointing(s: &str) -> std::result::Result<CheckpointingArg, String>
         .map_err(|_| format!("unknown checkpointing {s:?} (none, layers or auto)"))
 }
 
+/// `--max-grad-norm N` or `--max-grad-norm none`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Clip(Option<f64>);
+
+fn parse_clip(s: &str) -> std::result::Result<Clip, String> {
+    if s == "none" {
+        return Ok(Clip(None));
+    }
+    s.parse::<f64>()
+        .map(|n| Clip(Some(n)))
+        .map_err(|_| format!("{s:?} is neither a number nor `none`"))
+}
+
 /// `--batch N` or `--batch auto`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum BatchArg {
@@ -201,9 +215,9 @@ impl TrainArgs {
     fn overrides(&self) -> Overrides {
         Overrides {
             method: self.method,
-            model: self.inputs.model.clone(),
-            data: self.inputs.data.clone(),
-            heldout_data: self.inputs.heldout_data.clone(),
+            model: self.inputs.model.clone().map(Some),
+            data: self.inputs.data.clone().map(Some),
+            heldout_data: self.inputs.heldout_data.clone().map(Some),
             heldout: self.heldout,
             device: self.device.clone(),
             checkpointing: match self.checkpointing {
@@ -220,14 +234,14 @@ impl TrainArgs {
             },
             batch_auto: self.batch.map(|b| b == BatchArg::Auto),
             grad_accum: self.grad_accum,
-            lr: self.lr,
+            lr: self.lr.map(Some),
             min_lr_ratio: self.min_lr_ratio,
             warmup: self.warmup,
             weight_decay: self.weight_decay,
-            max_grad_norm: self.max_grad_norm,
+            max_grad_norm: self.max_grad_norm.map(|c| c.0),
             seed: self.seed,
-            max_len: self.max_len,
-            eval_every: self.eval_every,
+            max_len: self.max_len.map(Some),
+            eval_every: self.eval_every.map(Some),
             checkpoint_every: self.checkpoint_every,
             strict: self.strict.then_some(true),
             rank: self.rank,
@@ -237,12 +251,12 @@ impl TrainArgs {
             targets: self.targets.clone(),
             virtual_tokens: self.virtual_tokens,
             prompt_init: self.prompt_init.clone(),
-            prefix_mlp: self.prefix_mlp,
+            prefix_mlp: self.prefix_mlp.map(Some),
             bottleneck: self.bottleneck,
             top_k: self.top_k,
             group_size: self.group_size,
             rgn_batches: self.rgn_batches,
-            output: self.output.clone(),
+            output: self.output.clone().map(Some),
         }
     }
 

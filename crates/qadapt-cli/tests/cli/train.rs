@@ -235,7 +235,7 @@ fn a_diverging_run_stops_with_a_clear_message_and_keeps_its_checkpoint() {
             "--lr",
             "1e30",
             "--max-grad-norm",
-            "0",
+            "none",
         ],
         tmp.path(),
     );
@@ -306,7 +306,7 @@ fn settings_that_would_train_wrongly_are_refused() {
             &["--weight-decay=-0.1"],
             "--weight-decay must be 0 or positive",
         ),
-        (&["--max-grad-norm=-1"], "--max-grad-norm must be 0"),
+        (&["--max-grad-norm=-1"], "--max-grad-norm must be positive"),
         (&["--config", "empty_targets.toml"], "--targets is empty"),
     ];
     std::fs::write(tmp.path().join("empty_targets.toml"), "targets = []\n").unwrap();

@@ -137,19 +137,19 @@ pub enum Error {
     Refused(String),
     /// The loss became NaN or infinite.
     #[error(
-        "the loss is {loss} at step {step}: stopping (lower --lr?); the last good checkpoint is \
-         {} (step {checkpoint_step})",
-        checkpoint.display()
+        "the loss is {loss} at step {step}: stopping (lower --lr?); {}",
+        match last_good {
+            Some((dir, n)) => format!("the last good checkpoint is {} (step {n})", dir.display()),
+            None => "no checkpoint was saved before it".to_string(),
+        }
     )]
     Diverged {
         /// The loss.
         loss: f32,
         /// The step (1-based) that produced it.
         step: u64,
-        /// The checkpoint directory.
-        checkpoint: PathBuf,
-        /// Its step (0: none).
-        checkpoint_step: u64,
+        /// The checkpoint directory and its step, if one was saved.
+        last_good: Option<(PathBuf, u64)>,
     },
     /// The observer failed.
     #[error("{0}")]

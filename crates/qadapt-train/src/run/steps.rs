@@ -712,13 +712,13 @@ impl Run {
                 }
             }
             if let Some(loss) = bad {
-                let checkpoint = self.out.join("checkpoint");
-                let checkpoint_step = checkpoint::load_state(&self.out).map_or(0, |s| s.step);
+                let last_good = checkpoint::load_state(&self.out)
+                    .ok()
+                    .map(|s| (self.out.join("checkpoint"), s.step));
                 return Err(Error::Diverged {
                     loss,
                     step: self.ck.step + 1,
-                    checkpoint,
-                    checkpoint_step,
+                    last_good,
                 });
             }
             let scales = match &self.surgery {
