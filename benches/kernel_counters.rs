@@ -35,8 +35,9 @@ use half::bf16;
 use qadapt::Device;
 use qadapt::FloatVec;
 use qadapt::cuda::CudaDevice;
-use qadapt::lora::{AdapterStack, BaseWeight, CudaLoraLinear, LoraLinear};
+use qadapt::lora::{AdapterStack, BaseWeight, CudaLoraLinear, LoraBackTerm, LoraLinear, LoraTerm};
 use qadapt::nf4::{CudaNf4, Nf4Tensor, Statistics};
+use qadapt::ops::Accumulate;
 use qadapt_suite::randn;
 
 fn bf(v: &[f32]) -> Vec<bf16> {
@@ -176,7 +177,13 @@ fn main() {
             for hopper in [false, true].into_iter().filter(|&h| !h || sm90) {
                 dev.set_hopper_kernels(hopper).unwrap();
                 fused
-                    .forward(&x, rows, None, &mut y, qadapt::ops::Accumulate::Overwrite)
+                    .forward(
+                        &x,
+                        rows,
+                        &mut y,
+                        Accumulate::Overwrite,
+                        LoraTerm::adapted(None),
+                    )
                     .unwrap();
                 let path = if hopper {
                     "forward nf4, sm_90a"
@@ -201,10 +208,9 @@ fn main() {
                     &x,
                     &dy,
                     m,
-                    None,
                     &mut dx,
-                    (&mut ga, &mut gb),
-                    qadapt::ops::Accumulate::Overwrite,
+                    Accumulate::Overwrite,
+                    LoraBackTerm::adapted(None, (&mut ga, &mut gb)),
                 )
                 .unwrap();
             let path = if hopper {

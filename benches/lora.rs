@@ -11,7 +11,8 @@ use std::hint::black_box;
 use criterion::{BenchmarkId, Criterion, criterion_group};
 use half::bf16;
 use qadapt::lora::{
-    AdapterStack, BaseWeight, CudaLoraLinear, LoraGrads, LoraLinear, LoraRef, WeightRef, cpu,
+    AdapterStack, BaseWeight, CudaLoraLinear, LoraBackTerm, LoraGrads, LoraLinear, LoraRef,
+    LoraTerm, WeightRef, cpu,
 };
 use qadapt::nf4::{Nf4Tensor, Statistics};
 use qadapt::ops::Accumulate;
@@ -246,7 +247,13 @@ fn cuda_table() {
                 )
                 .filter(|_| hopper);
                 let f_ms = time_paths(&dev, sm90.is_some(), iters, || {
-                    fused.forward(&x, m, None, &mut y, Accumulate::Overwrite)
+                    fused.forward(
+                        &x,
+                        m,
+                        &mut y,
+                        Accumulate::Overwrite,
+                        LoraTerm::adapted(None),
+                    )
                 });
                 let d_ms = dev
                     .time_ms(iters, || {
@@ -310,8 +317,8 @@ fn cuda_table() {
                 )
                 .filter(|_| hopper);
                 let f_ms = time_paths(&dev, sm90.is_some(), iters(10), || {
-                    let g = (&mut ga, &mut gb);
-                    fused.backward(&x, &dy, m, None, &mut dx, g, Accumulate::Overwrite)
+                    let term = LoraBackTerm::adapted(None, (&mut ga, &mut gb));
+                    fused.backward(&x, &dy, m, &mut dx, Accumulate::Overwrite, term)
                 });
                 let d_ms = dev
                     .time_ms(iters(10), || {

@@ -16,7 +16,9 @@ use half::bf16;
 use qadapt::Result;
 use qadapt::cuda::ops::{self, AttentionKernels, CudaRopeTable, CudaSegments};
 use qadapt::cuda::{CudaDevice, DeviceBuffer, Op};
-use qadapt::lora::{AdapterStack, BaseWeight, CudaBaseWeight, CudaLoraLinear, LoraLinear};
+use qadapt::lora::{
+    AdapterStack, BaseWeight, CudaBaseWeight, CudaLoraLinear, LoraBackTerm, LoraLinear, LoraTerm,
+};
 use qadapt::nf4::{CudaNf4, Statistics};
 use qadapt::ops::Accumulate;
 use qadapt::ops::attention::AttentionShape;
@@ -76,14 +78,15 @@ impl CudaBackend {
             // Every row adapted (no index buffer) with the LoRA term, else the base only; a
             // residual add (`acc`) happens in the kernels' epilogue.
             CudaProj::Fused { layer, adapted, .. } => {
-                if *adapted && lora {
-                    match keep {
-                        Some(u) => layer.forward_keep(x, rows, None, y, acc, u),
-                        None => layer.forward(x, rows, None, y, acc),
+                let term = if *adapted && lora {
+                    LoraTerm::Adapted {
+                        adapter_idx: None,
+                        keep,
                     }
                 } else {
-                    layer.forward_base(x, rows, y, acc)
-                }
+                    LoraTerm::Base
+                };
+                layer.forward(x, rows, y, acc, term)
             }
         }
     }
@@ -135,11 +138,15 @@ impl CudaBackend {
                     None => None,
                 };
                 // A sum of input gradients (`acc`) happens in the kernels' epilogue.
-                match (grads, kept) {
-                    (Some(g), Some(u)) => layer.backward_kept(x, u, dy, rows, None, dx, g, acc),
-                    (Some(g), None) => layer.backward(x, dy, rows, None, dx, g, acc),
-                    (None, _) => layer.backward_base(x, dy, rows, dx, acc),
-                }
+                let term = match grads {
+                    Some(grads) => LoraBackTerm::Adapted {
+                        adapter_idx: None,
+                        kept,
+                        grads,
+                    },
+                    None => LoraBackTerm::Base,
+                };
+                layer.backward(x, dy, rows, dx, acc, term)
             }
         }
     }

@@ -25,7 +25,7 @@ use qadapt::Result;
 use qadapt::cuda::DeviceBuffer as CudaSlice;
 use qadapt::cuda::ops::{self, CudaCacheTokens, CudaRopeTable};
 use qadapt::cuda::{CudaDevice, Op};
-use qadapt::lora::{AdapterStack, BaseWeight, CudaLoraLinear, LoraLinear};
+use qadapt::lora::{AdapterStack, BaseWeight, CudaLoraLinear, LoraLinear, LoraTerm};
 use qadapt::ops::Accumulate;
 use qadapt::ops::attention::CacheShape;
 use qadapt::ops::rope::{self, RopeDirection, RopeTable};
@@ -450,11 +450,12 @@ impl DeviceCachedRun<'_, '_> {
         acc: Accumulate,
     ) -> Result<()> {
         let pj = &self.g.layers[l].projs[p.index()];
-        if pj.adapted {
-            pj.layer.forward(x, self.n, Some(&self.idx), y, acc)
+        let term = if pj.adapted {
+            LoraTerm::adapted(Some(&self.idx))
         } else {
-            pj.layer.forward_base(x, self.n, y, acc)
-        }
+            LoraTerm::Base
+        };
+        pj.layer.forward(x, self.n, y, acc, term)
     }
 }
 

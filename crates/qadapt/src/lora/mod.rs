@@ -373,7 +373,8 @@ impl LoraLinear {
         let xd = dev.upload(x)?;
         let idx = adapter_idx.map(|i| dev.upload(i)).transpose()?;
         let mut y = dev.zeros::<bf16>(shape.m * shape.n)?;
-        d.forward(&xd, shape.m, idx.as_ref(), &mut y, Accumulate::Overwrite)?;
+        let term = LoraTerm::adapted(idx.as_ref());
+        d.forward(&xd, shape.m, &mut y, Accumulate::Overwrite, term)?;
         dev.download(&y)
     }
 
@@ -436,16 +437,8 @@ impl LoraLinear {
                 let mut dxd = dev.zeros::<bf16>(rows * k)?;
                 let mut ga = dev.upload(&grads.a)?;
                 let mut gb = dev.upload(&grads.b)?;
-                let grads_d = (&mut ga, &mut gb);
-                d.backward(
-                    &xd,
-                    &dyd,
-                    rows,
-                    idx.as_ref(),
-                    &mut dxd,
-                    grads_d,
-                    Accumulate::Overwrite,
-                )?;
+                let term = LoraBackTerm::adapted(idx.as_ref(), (&mut ga, &mut gb));
+                d.backward(&xd, &dyd, rows, &mut dxd, Accumulate::Overwrite, term)?;
                 dx = dev.download(&dxd)?;
                 grads.a = dev.download(&ga)?;
                 grads.b = dev.download(&gb)?;
@@ -613,34 +606,27 @@ impl CudaLoraLinear {
         }
     }
 
-    /// `y [rows, out_features]` for `x [rows, in_features]`, queued on the device's stream:
-    /// overwritten, or with [`Accumulate::Add`] added into in the kernels' epilogue (a residual
-    /// `y += x W^T + ...` without a temporary; one bf16 rounding of the sum). Row indices outside
-    /// `0..adapters` count as -1 (base only).
+    /// `y [rows, out_features] = x W^T + bias` for `x [rows, in_features]`, plus the LoRA term
+    /// when `term` is [`LoraTerm::Adapted`], queued on the device's stream: overwritten, or with
+    /// [`Accumulate::Add`] added into in the kernels' epilogue (a residual `y += x W^T + ...`
+    /// without a temporary; one bf16 rounding of the sum). [`LoraTerm::Base`] runs the base
+    /// gemv/GEMM kernel alone, no LoRA kernel at all (a frozen projection, or the adapters
+    /// switched off).
     pub fn forward(
         &self,
         x: &CudaSlice<bf16>,
         rows: usize,
-        adapter_idx: Option<&CudaSlice<i32>>,
         y: &mut CudaSlice<bf16>,
         acc: Accumulate,
+        term: LoraTerm<'_>,
     ) -> Result<()> {
-        self.launch_forward(&self.shape(rows), x, adapter_idx, y, acc, None)
-    }
-
-    /// The forward kernels for `shape` (the LoRA term or not), u in `u` when given.
-    fn launch_forward(
-        &self,
-        shape: &LoraShape,
-        x: &CudaSlice<bf16>,
-        adapter_idx: Option<&CudaSlice<i32>>,
-        y: &mut CudaSlice<bf16>,
-        acc: Accumulate,
-        u: Option<&mut CudaSlice<bf16>>,
-    ) -> Result<()> {
+        let (shape, adapter_idx, keep) = match term {
+            LoraTerm::Base => (self.base_shape(rows), None, None),
+            LoraTerm::Adapted { adapter_idx, keep } => (self.shape(rows), adapter_idx, keep),
+        };
         launch::lora_forward(
             &self.dev,
-            shape,
+            &shape,
             x,
             self.weight.as_ref(),
             self.lora(),
@@ -648,27 +634,34 @@ impl CudaLoraLinear {
             self.bias.as_ref(),
             y,
             acc,
-            u,
+            keep,
         )
     }
 
-    /// The backward kernels for `shape`, the adapter gradients added into `grads` when given,
-    /// from the forward's `u` when given.
-    #[allow(clippy::too_many_arguments)]
-    fn launch_backward(
+    /// `dx [rows, in_features] = dy W` (overwritten, or added into with [`Accumulate::Add`], in
+    /// the kernels' epilogue) for the forward's `x` and `dy [rows, out_features]`, plus the LoRA
+    /// term when `term` is [`LoraBackTerm::Adapted`], which also ADDS the adapter gradients
+    /// into its `grads`. [`LoraBackTerm::Base`] runs the dx GEMM alone.
+    pub fn backward(
         &self,
-        shape: &LoraShape,
         x: &CudaSlice<bf16>,
         dy: &CudaSlice<bf16>,
-        adapter_idx: Option<&CudaSlice<i32>>,
+        rows: usize,
         dx: &mut CudaSlice<bf16>,
-        grads: Option<(&mut CudaSlice<f32>, &mut CudaSlice<f32>)>,
         acc: Accumulate,
-        u: Option<&CudaSlice<bf16>>,
+        term: LoraBackTerm<'_>,
     ) -> Result<()> {
+        let (shape, adapter_idx, grads, kept) = match term {
+            LoraBackTerm::Base => (self.base_shape(rows), None, None, None),
+            LoraBackTerm::Adapted {
+                adapter_idx,
+                kept,
+                grads,
+            } => (self.shape(rows), adapter_idx, Some(grads), kept),
+        };
         launch::lora_backward(
             &self.dev,
-            shape,
+            &shape,
             x,
             dy,
             self.weight.as_ref(),
@@ -677,7 +670,7 @@ impl CudaLoraLinear {
             dx,
             grads,
             acc,
-            u,
+            kept,
         )
     }
 
@@ -691,63 +684,11 @@ impl CudaLoraLinear {
         (&mut self.a, &mut self.b)
     }
 
-    /// Overwrites `dx [rows, in_features]` (or adds into it with [`Accumulate::Add`], in the
-    /// kernels' epilogue) and ADDS the adapter gradients into
-    /// `grad_a [adapters, rank, in_features]` and `grad_b [adapters, out_features, rank]`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn backward(
-        &self,
-        x: &CudaSlice<bf16>,
-        dy: &CudaSlice<bf16>,
-        rows: usize,
-        adapter_idx: Option<&CudaSlice<i32>>,
-        dx: &mut CudaSlice<bf16>,
-        grads: (&mut CudaSlice<f32>, &mut CudaSlice<f32>),
-        acc: Accumulate,
-    ) -> Result<()> {
-        let shape = self.shape(rows);
-        self.launch_backward(&shape, x, dy, adapter_idx, dx, Some(grads), acc, None)
-    }
-
     /// The length of the LoRA intermediate `u = s x A^T` of `rows` rows, `[rows, adapters *
-    /// rank]` bf16: what [`forward_keep`](Self::forward_keep) leaves for
-    /// [`backward_kept`](Self::backward_kept).
+    /// rank]` bf16: what [`LoraTerm::Adapted`]'s `keep` receives and
+    /// [`LoraBackTerm::Adapted`]'s `kept` gives back.
     pub fn kept_len(&self, rows: usize) -> usize {
         rows * self.rank * self.n_adapters
-    }
-
-    /// [`forward`](Self::forward), leaving its LoRA intermediate `u = s x A^T`
-    /// ([`kept_len`](Self::kept_len) bf16; a row's other adapters' columns 0) in `u` for
-    /// [`backward_kept`](Self::backward_kept), which then does not form it again.
-    pub fn forward_keep(
-        &self,
-        x: &CudaSlice<bf16>,
-        rows: usize,
-        adapter_idx: Option<&CudaSlice<i32>>,
-        y: &mut CudaSlice<bf16>,
-        acc: Accumulate,
-        u: &mut CudaSlice<bf16>,
-    ) -> Result<()> {
-        self.launch_forward(&self.shape(rows), x, adapter_idx, y, acc, Some(u))
-    }
-
-    /// [`backward`](Self::backward) with the `u` that [`forward_keep`](Self::forward_keep) left
-    /// for the same `x`, rows and adapter indices (and adapters not updated since): one rank
-    /// product fewer.
-    #[allow(clippy::too_many_arguments)]
-    pub fn backward_kept(
-        &self,
-        x: &CudaSlice<bf16>,
-        u: &CudaSlice<bf16>,
-        dy: &CudaSlice<bf16>,
-        rows: usize,
-        adapter_idx: Option<&CudaSlice<i32>>,
-        dx: &mut CudaSlice<bf16>,
-        grads: (&mut CudaSlice<f32>, &mut CudaSlice<f32>),
-        acc: Accumulate,
-    ) -> Result<()> {
-        let shape = self.shape(rows);
-        self.launch_backward(&shape, x, dy, adapter_idx, dx, Some(grads), acc, Some(u))
     }
 
     /// The shape of a call without the LoRA term: no adapter columns.
@@ -758,32 +699,63 @@ impl CudaLoraLinear {
             ..self.shape(rows)
         }
     }
+}
 
-    /// `y = x W^T + bias` without the LoRA term (overwritten, or added into as in
-    /// [`forward`](Self::forward)): only the base gemv/GEMM kernel runs, no LoRA kernel at all (a
-    /// frozen projection, or the adapters switched off).
-    pub fn forward_base(
-        &self,
-        x: &CudaSlice<bf16>,
-        rows: usize,
-        y: &mut CudaSlice<bf16>,
-        acc: Accumulate,
-    ) -> Result<()> {
-        self.launch_forward(&self.base_shape(rows), x, None, y, acc, None)
+/// What a [`CudaLoraLinear::forward`] adds to `x W^T + bias`.
+#[derive(Debug)]
+pub enum LoraTerm<'a> {
+    /// Nothing: the base projection alone.
+    Base,
+    /// The LoRA term `s (x A^T) B^T` of each row's adapter.
+    Adapted {
+        /// One adapter index per row (outside `0..adapters`: base only for that row); `None`:
+        /// adapter 0 for every row.
+        adapter_idx: Option<&'a CudaSlice<i32>>,
+        /// Where to leave the intermediate `u = s x A^T` ([`CudaLoraLinear::kept_len`] bf16; a
+        /// row's other adapters' columns 0) for the backward, which then does not form it again.
+        keep: Option<&'a mut CudaSlice<bf16>>,
+    },
+}
+
+impl<'a> LoraTerm<'a> {
+    /// The LoRA term of the adapters `adapter_idx` picks, nothing kept.
+    pub fn adapted(adapter_idx: Option<&'a CudaSlice<i32>>) -> Self {
+        LoraTerm::Adapted {
+            adapter_idx,
+            keep: None,
+        }
     }
+}
 
-    /// `dx = dy W` (overwritten, or added into as in [`backward`](Self::backward)) without the
-    /// LoRA term: only the dx GEMM runs, no adapter gradient is formed.
-    pub fn backward_base(
-        &self,
-        x: &CudaSlice<bf16>,
-        dy: &CudaSlice<bf16>,
-        rows: usize,
-        dx: &mut CudaSlice<bf16>,
-        acc: Accumulate,
-    ) -> Result<()> {
-        let shape = self.base_shape(rows);
-        self.launch_backward(&shape, x, dy, None, dx, None, acc, None)
+/// What a [`CudaLoraLinear::backward`] adds to `dy W`.
+#[derive(Debug)]
+pub enum LoraBackTerm<'a> {
+    /// Nothing: `dy W` alone, no adapter gradient formed.
+    Base,
+    /// The LoRA term's input gradient, and its adapter gradients added into `grads`.
+    Adapted {
+        /// The forward's adapter indices (see [`LoraTerm::Adapted`]).
+        adapter_idx: Option<&'a CudaSlice<i32>>,
+        /// What the forward left in `keep`, for the same `x`, rows and indices (and adapters
+        /// not updated since): one rank product fewer.
+        kept: Option<&'a CudaSlice<bf16>>,
+        /// `grad_a [adapters, rank, in_features]` and `grad_b [adapters, out_features, rank]`.
+        grads: (&'a mut CudaSlice<f32>, &'a mut CudaSlice<f32>),
+    },
+}
+
+impl<'a> LoraBackTerm<'a> {
+    /// The LoRA term of the adapters `adapter_idx` picks, formed anew, its gradients added into
+    /// `grads`.
+    pub fn adapted(
+        adapter_idx: Option<&'a CudaSlice<i32>>,
+        grads: (&'a mut CudaSlice<f32>, &'a mut CudaSlice<f32>),
+    ) -> Self {
+        LoraBackTerm::Adapted {
+            adapter_idx,
+            kept: None,
+            grads,
+        }
     }
 }
 

@@ -8,7 +8,8 @@
 
 use half::bf16;
 use qadapt::lora::{
-    AdapterStack, BaseWeight, LoraGrads, LoraLinear, LoraRef, LoraShape, WeightRef, cpu,
+    AdapterStack, BaseWeight, LoraBackTerm, LoraGrads, LoraLinear, LoraRef, LoraShape, LoraTerm,
+    WeightRef, cpu,
 };
 use qadapt::nf4::{Nf4Tensor, Statistics};
 use qadapt::ops::Accumulate;
@@ -920,27 +921,39 @@ fn cuda_base_only_calls_run_no_lora_kernel() {
         let mut ga = dev.zeros::<f32>(2 * 8 * k).unwrap();
         let mut gb = dev.zeros::<f32>(2 * n * 8).unwrap();
         layer
-            .forward(&x, m, Some(&none), &mut y_ref, Accumulate::Overwrite)
+            .forward(
+                &x,
+                m,
+                &mut y_ref,
+                Accumulate::Overwrite,
+                LoraTerm::adapted(Some(&none)),
+            )
             .unwrap();
         layer
             .backward(
                 &x,
                 &dy,
                 m,
-                Some(&none),
                 &mut dx_ref,
-                (&mut ga, &mut gb),
                 Accumulate::Overwrite,
+                LoraBackTerm::adapted(Some(&none), (&mut ga, &mut gb)),
             )
             .unwrap();
         dev.reset_emulator_counters();
         let mut y = dev.zeros::<bf16>(m * n).unwrap();
         let mut dx = dev.zeros::<bf16>(m * k).unwrap();
         layer
-            .forward_base(&x, m, &mut y, Accumulate::Overwrite)
+            .forward(&x, m, &mut y, Accumulate::Overwrite, LoraTerm::Base)
             .unwrap();
         layer
-            .backward_base(&x, &dy, m, &mut dx, Accumulate::Overwrite)
+            .backward(
+                &x,
+                &dy,
+                m,
+                &mut dx,
+                Accumulate::Overwrite,
+                LoraBackTerm::Base,
+            )
             .unwrap();
         assert_eq!(dev.download(&y).unwrap(), dev.download(&y_ref).unwrap());
         assert_eq!(dev.download(&dx).unwrap(), dev.download(&dx_ref).unwrap());
@@ -1001,7 +1014,13 @@ fn cuda_forward_accumulates_into_y_in_the_epilogue() {
         let idx = c.idx.as_ref().map(|i| dev.upload(i).unwrap());
         let mut y = dev.upload(&y0).unwrap();
         layer
-            .forward(&x, m, idx.as_ref(), &mut y, Accumulate::Add)
+            .forward(
+                &x,
+                m,
+                &mut y,
+                Accumulate::Add,
+                LoraTerm::adapted(idx.as_ref()),
+            )
             .unwrap();
         assert_close(
             &format!("cuda add, {tag}"),
@@ -1027,7 +1046,13 @@ fn cuda_forward_accumulates_into_y_in_the_epilogue() {
         // Overwrite: what y held does not matter.
         let mut y = dev.upload(&y0).unwrap();
         layer
-            .forward(&x, m, idx.as_ref(), &mut y, Accumulate::Overwrite)
+            .forward(
+                &x,
+                m,
+                &mut y,
+                Accumulate::Overwrite,
+                LoraTerm::adapted(idx.as_ref()),
+            )
             .unwrap();
         let fresh = c
             .layer
@@ -1053,12 +1078,26 @@ fn cuda_forward_accumulates_into_y_in_the_epilogue() {
         let idx_d = idx.as_ref();
         let g = (&mut ga, &mut gb);
         layer
-            .backward(&x, &dyd, m, idx_d, &mut dx_ow, g, Accumulate::Overwrite)
+            .backward(
+                &x,
+                &dyd,
+                m,
+                &mut dx_ow,
+                Accumulate::Overwrite,
+                LoraBackTerm::adapted(idx_d, g),
+            )
             .unwrap();
         let mut dx_add = dev.upload(&dx0).unwrap();
         let g = (&mut ga, &mut gb);
         layer
-            .backward(&x, &dyd, m, idx_d, &mut dx_add, g, Accumulate::Add)
+            .backward(
+                &x,
+                &dyd,
+                m,
+                &mut dx_add,
+                Accumulate::Add,
+                LoraBackTerm::adapted(idx_d, g),
+            )
             .unwrap();
         let (ow, add) = (
             dev.download(&dx_ow).unwrap(),
@@ -1205,7 +1244,13 @@ fn cuda_sm90_nf4_gemm_matches_f64_and_the_sm80_kernel() {
             dev.reset_emulator_counters();
             let mut y = dev.zeros::<bf16>(m * n).unwrap();
             layer
-                .forward(&x, m, idx.as_ref(), &mut y, Accumulate::Overwrite)
+                .forward(
+                    &x,
+                    m,
+                    &mut y,
+                    Accumulate::Overwrite,
+                    LoraTerm::adapted(idx.as_ref()),
+                )
                 .unwrap();
             let got = dev.download(&y).unwrap();
             assert_close(&format!("hopper {hopper}, {tag}"), &got, &want, &tol);
@@ -1217,7 +1262,13 @@ fn cuda_sm90_nf4_gemm_matches_f64_and_the_sm80_kernel() {
         let y0 = rand_bf16(&mut rng, m * n, 2.0);
         let mut y = dev.upload(&y0).unwrap();
         layer
-            .forward(&x, m, idx.as_ref(), &mut y, Accumulate::Add)
+            .forward(
+                &x,
+                m,
+                &mut y,
+                Accumulate::Add,
+                LoraTerm::adapted(idx.as_ref()),
+            )
             .unwrap();
         let (want_add, tol_add) = added_to(&want, &tol, &y0);
         assert_close(
@@ -1286,7 +1337,7 @@ fn cuda_sm90_nf4_dx_matches_the_cpu_and_the_sm80_kernel() {
     cd.set_hopper_kernels(true).unwrap();
 }
 
-/// `forward_keep` leaves u = s x A^T for `backward_kept`, which then forms no u of its own: on
+/// A forward that keeps u = s x A^T leaves it for a backward that then forms no u of its own: on
 /// the gemv path (u from `lora_xa_bf16`) and the GEMM path (from the rank product), dense and
 /// NF4, several adapters with mixed rows, the kept backward's dx, dA and dB equal the
 /// recomputing backward's (the same u either way, up to the order of its f32 sums: within the
@@ -1317,21 +1368,30 @@ fn cuda_backward_from_the_kept_u_skips_the_xa_product() {
         // The kept path first: the device's own u scratch then holds nothing of this case (zeros,
         // or the previous case's), so a backward that read it instead of the kept u would fail.
         layer
-            .forward_keep(&x, m, idx.as_ref(), y_kept, Accumulate::Overwrite, &mut u)
+            .forward(
+                &x,
+                m,
+                y_kept,
+                Accumulate::Overwrite,
+                LoraTerm::Adapted {
+                    adapter_idx: idx.as_ref(),
+                    keep: Some(&mut u),
+                },
+            )
             .unwrap();
         let run = |kept: bool| {
             let mut dx = dev.zeros::<bf16>(m * k).unwrap();
             let mut ga = dev.zeros::<f32>(2 * 8 * k).unwrap();
             let mut gb = dev.zeros::<f32>(2 * n * 8).unwrap();
             dev.reset_emulator_counters();
-            let g = (&mut ga, &mut gb);
-            if kept {
-                let ow = Accumulate::Overwrite;
-                layer.backward_kept(&x, &u, &dy, m, idx.as_ref(), &mut dx, g, ow)
-            } else {
-                layer.backward(&x, &dy, m, idx.as_ref(), &mut dx, g, Accumulate::Overwrite)
-            }
-            .unwrap();
+            let term = LoraBackTerm::Adapted {
+                adapter_idx: idx.as_ref(),
+                kept: kept.then_some(&u),
+                grads: (&mut ga, &mut gb),
+            };
+            layer
+                .backward(&x, &dy, m, &mut dx, Accumulate::Overwrite, term)
+                .unwrap();
             let xa = dev
                 .emulator_counters(kernels::LORA_RANK_XA_BF16)
                 .map(|c| c.0);
@@ -1344,12 +1404,18 @@ fn cuda_backward_from_the_kept_u_skips_the_xa_product() {
         };
         let ((dx1, ga1, gb1), xa1) = run(true);
         layer
-            .forward(&x, m, idx.as_ref(), y_plain, Accumulate::Overwrite)
+            .forward(
+                &x,
+                m,
+                y_plain,
+                Accumulate::Overwrite,
+                LoraTerm::adapted(idx.as_ref()),
+            )
             .unwrap();
         assert_eq!(
             dev.download(y_kept).unwrap(),
             dev.download(y_plain).unwrap(),
-            "{tag}: forward_keep's y"
+            "{tag}: the kept forward's y"
         );
         let ((dx0, ga0, gb0), xa0) = run(false);
         if let (Some(xa0), Some(xa1)) = (xa0, xa1) {
@@ -1371,17 +1437,13 @@ fn cuda_backward_from_the_kept_u_skips_the_xa_product() {
             dev.zeros::<f32>(2 * 8 * k).unwrap(),
             dev.zeros::<f32>(2 * n * 8).unwrap(),
         );
+        let term = LoraBackTerm::Adapted {
+            adapter_idx: idx.as_ref(),
+            kept: Some(&short),
+            grads: (&mut ga, &mut gb),
+        };
         let e = layer
-            .backward_kept(
-                &x,
-                &short,
-                &dy,
-                m,
-                idx.as_ref(),
-                &mut dx,
-                (&mut ga, &mut gb),
-                Accumulate::Overwrite,
-            )
+            .backward(&x, &dy, m, &mut dx, Accumulate::Overwrite, term)
             .unwrap_err();
         assert!(matches!(e, Error::Shape { .. }), "{tag}: {e}");
     }
