@@ -55,7 +55,7 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::config::LlamaConfig;
-use crate::ia3::{Ia3Side, scale_rows};
+use crate::ia3;
 use crate::layer::{self, LayerRun, Norm};
 use crate::lora::LoraAdapter;
 use crate::model::Llama;
@@ -92,6 +92,42 @@ pub struct LoraScratch {
     xg: Vec<f32>,
     u: Vec<f32>,
     yg: Vec<f32>,
+}
+
+impl LoraScratch {
+    /// One adapter's hook on its own rows of a ragged batch: the rows `t` of `x [*, inp]` where
+    /// `mine(t)` are gathered, `f(xg, u, yg)` maps them (`xg [g, inp]` to `yg [g, out]`, with `u`
+    /// its scratch), and `yg` is added into those rows of `y [*, out]`. The generator applies
+    /// each per-row hook (a LoRA term, a Houlsby adapter) through this, the math itself being the
+    /// training model's.
+    fn on_rows(
+        &mut self,
+        x: &[f32],
+        (inp, out): (usize, usize),
+        mine: impl Fn(usize) -> bool,
+        y: &mut [f32],
+        f: impl FnOnce(&[f32], &mut Vec<f32>, &mut [f32]) -> Result<()>,
+    ) -> Result<()> {
+        self.rows.clear();
+        self.rows
+            .extend((0..x.len() / inp.max(1)).filter(|&t| mine(t)));
+        let g = self.rows.len();
+        if g == 0 {
+            return Ok(());
+        }
+        let xg = buf(&mut self.xg, g * inp);
+        for (dst, &t) in xg.chunks_exact_mut(inp).zip(&self.rows) {
+            dst.copy_from_slice(&x[t * inp..][..inp]);
+        }
+        let yg = buf(&mut self.yg, g * out);
+        f(xg, &mut self.u, yg)?;
+        for (src, &t) in yg.chunks_exact(out).zip(&self.rows) {
+            for (o, v) in y[t * out..][..out].iter_mut().zip(src) {
+                *o += *v;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// `v` resized to `n` zeros, reusing its allocation.
@@ -177,48 +213,19 @@ impl LoraStack {
             if !on {
                 continue;
             }
-            s.rows.clear();
-            s.rows.extend((0..m).filter(|&row| idx[row] == ai as i32));
-            let g = s.rows.len();
-            if g == 0 {
-                continue;
-            }
-            let xg = buf(&mut s.xg, g * inp);
-            for (dst, &row) in xg.chunks_exact_mut(inp).zip(&s.rows) {
-                dst.copy_from_slice(&x[row * inp..][..inp]);
-            }
-            let u = buf(&mut s.u, g * r);
-            let a = &self.a[ai * r * inp..][..r * inp];
-            linear::forward(
-                LinearShape {
-                    rows: g,
-                    inp,
-                    out: r,
-                },
-                xg,
-                a,
-                u,
-                Accumulate::Overwrite,
-            )?;
-            let sc = self.scales[ai];
-            u.iter_mut().for_each(|v| *v *= sc);
-            let yg = buf(&mut s.yg, g * out);
-            linear::forward(
-                LinearShape {
-                    rows: g,
-                    inp: r,
-                    out,
-                },
-                u,
-                &self.b[ai * out * r..][..out * r],
-                yg,
-                Accumulate::Overwrite,
-            )?;
-            for (src, &row) in yg.chunks_exact(out).zip(&s.rows) {
-                for (o, v) in y[row * out..][..out].iter_mut().zip(src) {
-                    *o += *v;
-                }
-            }
+            let mine = |t: usize| idx[t] == ai as i32;
+            s.on_rows(x, (inp, out), mine, y, |xg, u, yg| {
+                crate::lora::lora_term(
+                    xg,
+                    &self.a[ai * r * inp..][..r * inp],
+                    &self.b[ai * out * r..][..out * r],
+                    (inp, r, out),
+                    self.scales[ai],
+                    buf(u, yg.len() / out * r),
+                    yg,
+                    Accumulate::Overwrite,
+                )
+            })?;
         }
         Ok(())
     }
@@ -415,7 +422,9 @@ struct Scratch {
     xn: Vec<f32>,
     rstd: Vec<f32>,
     tmp: Vec<f32>,
+    /// (IA)³: the scaled input, and the unscaled product.
     xs: Vec<f32>,
+    y0: Vec<f32>,
     /// `owner` and `pos` as the cache ops take them.
     row32: Vec<u32>,
     pos32: Vec<u32>,
@@ -747,52 +756,20 @@ impl<'a> Generator<'a> {
 
     /// `y = x W^T` for projection `p` of layer `l` on every token, with each token's adapter:
     /// (IA)³ scaling of the input or output, and the LoRA term through the stack.
-    #[allow(clippy::too_many_arguments)]
-    fn project(
-        &self,
-        l: usize,
-        p: Proj,
-        x: &[f32],
-        y: &mut [f32],
-        adapter: &[Option<usize>],
-        lora_idx: &[i32],
-        xs: &mut Vec<f32>,
-        ls: &mut LoraScratch,
-    ) -> Result<()> {
+    fn project(&self, l: usize, p: Proj, x: &[f32], y: &mut [f32], s: &mut Scratch) -> Result<()> {
         let (inp, out) = p.dims(&self.model.config);
-        let n = adapter.len();
+        let n = s.adapter.len();
         let w = self.model.weights.layers[l].proj(p);
+        let adapter = &s.adapter;
         let ia3 = |t: usize| match adapter[t].map(|a| &self.adapters[a]) {
             Some(Adapter::Ia3(a)) => a.hook(l, p),
             _ => None,
         };
-        let scales_input = (0..n).any(|t| matches!(ia3(t), Some((Ia3Side::Input, _))));
-        let xin: &[f32] = if scales_input {
-            xs.clear();
-            xs.extend_from_slice(x);
-            for t in 0..n {
-                if let Some((Ia3Side::Input, s)) = ia3(t) {
-                    scale_rows(&mut xs[t * inp..(t + 1) * inp], s);
-                }
-            }
-            xs
-        } else {
-            x
-        };
-        linear::forward(
-            LinearShape { rows: n, inp, out },
-            xin,
-            w,
-            y,
-            Accumulate::Overwrite,
-        )?;
-        for t in 0..n {
-            if let Some((Ia3Side::Output, s)) = ia3(t) {
-                scale_rows(&mut y[t * out..(t + 1) * out], s);
-            }
-        }
+        let sh = LinearShape { rows: n, inp, out };
+        let ow = Accumulate::Overwrite;
+        ia3::hooked_linear(sh, x, w, y, ow, ia3, &mut s.xs, &mut s.y0)?;
         if let Some(st) = &self.lora[l][p.index()] {
-            st.forward(x, lora_idx, y, ls)?;
+            st.forward(x, &s.lora_idx, y, &mut s.lora)?;
         }
         Ok(())
     }
@@ -811,16 +788,7 @@ impl<'a> Generator<'a> {
         let cw = self.model.config.hidden_size;
         let n = s.adapter.len();
         let mut tmp = self.model.pool.overwritten(n * cw);
-        self.project(
-            l,
-            p,
-            x,
-            &mut tmp,
-            &s.adapter,
-            &s.lora_idx,
-            &mut s.xs,
-            &mut s.lora,
-        )?;
+        self.project(l, p, x, &mut tmp, s)?;
         let mut out = self.model.pool.overwritten(n * cw);
         out.copy_from_slice(resid);
         for t in 0..n {
@@ -837,30 +805,12 @@ impl<'a> Generator<'a> {
         }
         for (ai, ad) in self.adapters.iter().enumerate() {
             let Adapter::Houlsby(ha) = ad else { continue };
-            let ls = &mut s.lora;
-            ls.rows.clear();
-            ls.rows.extend((0..n).filter(|&t| s.adapter[t] == Some(ai)));
-            let g = ls.rows.len();
-            if g == 0 {
-                continue;
-            }
-            let yin = buf(&mut ls.xg, g * cw);
-            for (dst, &t) in yin.chunks_exact_mut(cw).zip(&ls.rows) {
-                dst.copy_from_slice(&tmp[t * cw..(t + 1) * cw]);
-            }
-            ha.forward(
-                l,
-                p,
-                yin,
-                buf(&mut ls.u, g * ha.config.bottleneck),
-                buf(&mut ls.yg, g * cw),
-            )?;
-            for (src, &t) in ls.yg.chunks_exact(cw).zip(&ls.rows) {
-                out[t * cw..(t + 1) * cw]
-                    .iter_mut()
-                    .zip(src)
-                    .for_each(|(r, v)| *r += *v);
-            }
+            let mine = |t: usize| s.adapter[t] == Some(ai);
+            s.lora
+                .on_rows(&tmp, (cw, cw), mine, &mut out, |yin, z, y| {
+                    let z = buf(z, yin.len() / cw * ha.config.bottleneck);
+                    ha.forward(l, p, yin, z, y)
+                })?;
         }
         Ok(out)
     }
@@ -970,16 +920,7 @@ impl LayerRun for CachedRun<'_, '_> {
             .model
             .pool
             .overwritten(s.owner.len() * p.dims(&g.model.config).1);
-        g.project(
-            l,
-            p,
-            x,
-            &mut y,
-            &s.adapter,
-            &s.lora_idx,
-            &mut s.xs,
-            &mut s.lora,
-        )?;
+        g.project(l, p, x, &mut y, s)?;
         Ok(y)
     }
 

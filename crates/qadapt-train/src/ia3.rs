@@ -17,7 +17,8 @@
 use std::path::Path;
 
 use qadapt::Result;
-use qadapt::ops::Real;
+use qadapt::ops::linear::{self, LinearShape};
+use qadapt::ops::{Accumulate, Real};
 use serde_json::{Value, json};
 
 use crate::config::LlamaConfig;
@@ -67,6 +68,65 @@ pub fn scale_rows<T: Real>(x: &mut [T], s: &[T]) {
     for row in x.chunks_exact_mut(s.len()) {
         row.iter_mut().zip(s).for_each(|(v, g)| *v *= *g);
     }
+}
+
+/// `y (=|+=) x W^T` (shape `sh`, `w [out, inp]`) with each row `t`'s (IA)³ hook `hook(t)`, or
+/// none: an input-side row is scaled before the product, an output-side row after it. This is
+/// (IA)³'s forward on a projection, written once: the training model gives every row the one
+/// attached adapter's hook, the generator each row the hook of its own adapter. `xs` and `y0`
+/// are scratch; when some row scales its output, `y0` is left holding the unscaled product
+/// `x W^T` (all rows), which the backward's `dl` reads, and the result is `true`.
+#[allow(clippy::too_many_arguments)]
+pub fn hooked_linear<'s, T: Real>(
+    sh: LinearShape,
+    x: &[T],
+    w: &[T],
+    y: &mut [T],
+    acc: Accumulate,
+    hook: impl Fn(usize) -> Option<(Ia3Side, &'s [T])>,
+    xs: &mut Vec<T>,
+    y0: &mut Vec<T>,
+) -> Result<bool> {
+    let (rows, inp, out) = (sh.rows, sh.inp, sh.out);
+    let side = |t: usize, want: Ia3Side| hook(t).filter(|(s, _)| *s == want).map(|(_, v)| v);
+    let xin: &[T] = if (0..rows).any(|t| side(t, Ia3Side::Input).is_some()) {
+        xs.clear();
+        xs.extend_from_slice(x);
+        for (t, row) in xs.chunks_exact_mut(inp).enumerate() {
+            if let Some(s) = side(t, Ia3Side::Input) {
+                scale_rows(row, s);
+            }
+        }
+        xs
+    } else {
+        x
+    };
+    if !(0..rows).any(|t| side(t, Ia3Side::Output).is_some()) {
+        linear::forward(sh, xin, w, y, acc)?;
+        return Ok(false);
+    }
+    y0.clear();
+    y0.resize(rows * out, T::ZERO);
+    linear::forward(sh, xin, w, y0, Accumulate::Overwrite)?;
+    for (t, (yr, y0r)) in y
+        .chunks_exact_mut(out)
+        .zip(y0.chunks_exact(out))
+        .enumerate()
+    {
+        match side(t, Ia3Side::Output) {
+            Some(s) => {
+                for ((o, v), g) in yr.iter_mut().zip(y0r).zip(s) {
+                    acc.store(o, *v * *g);
+                }
+            }
+            None => {
+                for (o, v) in yr.iter_mut().zip(y0r) {
+                    acc.store(o, *v);
+                }
+            }
+        }
+    }
+    Ok(true)
 }
 
 /// Scaling vectors for every targeted projection.

@@ -26,14 +26,17 @@
 //!
 //! | hook | written once in | applied by |
 //! | --- | --- | --- |
-//! | LoRA term `s (x A^T) B^T`, dropout on its input | [`qadapt::lora`] (CPU reference and fused kernels), [`crate::lora::dropout_mask`] | `project` (one adapter, or a per-row [`qadapt::lora::AdapterStack`] when generating) |
-//! | (IA)³ scaling of a projection's input or output | [`crate::Ia3Adapter::hook`], [`crate::ia3::scale_rows`] | `project` |
+//! | LoRA term `s (x A^T) B^T`, dropout on its input | [`crate::lora::lora_term`] (f32/f64 CPU model), [`qadapt::lora`] (bf16: CPU reference and fused kernels), [`crate::lora::dropout_mask`] | `project` (one adapter, or each adapter's rows through [`crate::LoraStack`] when generating) |
+//! | (IA)³ scaling of a projection's input or output | [`crate::ia3::hooked_linear`] (per row, from [`crate::Ia3Adapter::hook`]) | `project` |
 //! | Houlsby bottleneck on a sublayer's output | [`crate::HoulsbyAdapter::forward`] | `residual` |
 //! | prefix keys and values | [`crate::prefix_attention`] (training), the KV cache's first positions (generation) | `attention`, `rope` |
 //! | soft prompt | [`crate::PromptTuning`]'s embeddings before the first layer | the runner's input, not a layer op |
 //!
 //! What differs between runners is which rows a hook covers (the whole batch in training, each
-//! row's own adapter in generation) and what is saved for a backward (training only).
+//! row's own adapter in generation: the generator gathers an adapter's rows, applies the same
+//! function, and adds the result back) and what is saved for a backward (training only). The
+//! bf16 runner ([`crate::backend::LoraModel`]) trains LoRA and QLoRA only, through the fused
+//! kernels or their CPU reference.
 //!
 //! The backward, with `dy` the gradient of the layer output (it becomes the gradient of the
 //! layer input in place):

@@ -31,8 +31,9 @@ use std::path::Path;
 
 use crate::peft_io::write_adapter;
 use half::bf16;
-use qadapt::ops::Real;
 use qadapt::ops::dropout::{DropoutMask, GOLDEN, mix};
+use qadapt::ops::linear::{self, LinearShape};
+use qadapt::ops::{Accumulate, Real};
 use qadapt::{Error, Result};
 use safetensors::SafeTensors;
 use serde_json::{Value, json};
@@ -137,6 +138,29 @@ pub struct DropoutKey {
     pub step: u64,
     /// The micro-batch within the step.
     pub micro: u64,
+}
+
+/// One adapter's LoRA term on a projection, `y (=|+=) u B^T` with `u = s (x A^T)`, for
+/// `x [rows, inp]`, `A [r, inp]`, `B [out, r]`, `y [rows, out]`; `u [rows, r]` is left for a
+/// backward. The term's math, written once for the CPU model: the training model applies it to
+/// the batch (`x` after LoRA dropout) and the generator to each adapter's rows.
+#[allow(clippy::too_many_arguments)]
+pub fn lora_term<T: Real>(
+    x: &[T],
+    a: &[T],
+    b: &[T],
+    (inp, r, out): (usize, usize, usize),
+    s: T,
+    u: &mut [T],
+    y: &mut [T],
+    acc: Accumulate,
+) -> Result<()> {
+    let rows = u.len() / r.max(1);
+    let down = LinearShape { rows, inp, out: r };
+    linear::forward(down, x, a, u, Accumulate::Overwrite)?;
+    u.iter_mut().for_each(|v| *v *= s);
+    let up = LinearShape { rows, inp: r, out };
+    linear::forward(up, u, b, y, acc)
 }
 
 /// The name of the dropout mask of projection `p` of `layer` under `key`: a hash of (seed, step,

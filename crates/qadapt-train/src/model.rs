@@ -34,10 +34,9 @@ use qadapt::bottleneck::{self, BottleneckShape};
 
 use crate::config::LlamaConfig;
 use crate::houlsby::HoulsbyAdapter;
-use crate::ia3::Ia3Adapter;
-use crate::ia3::{Ia3Side, scale_rows};
+use crate::ia3::{self, Ia3Adapter, Ia3Side, scale_rows};
 use crate::layer::{self, BackBufs, LayerActs, LayerBackRun, LayerRun, Norm};
-use crate::lora::{DropoutKey, LoraAdapter, dropout_mask};
+use crate::lora::{DropoutKey, LoraAdapter, dropout_mask, lora_term};
 use crate::pool::{Buf, Pool};
 use crate::prefix_attention::{self, PrefixShape};
 use crate::prompt::PrefixTuning;
@@ -567,22 +566,12 @@ impl<T: Real> Llama<T> {
         let sh = LinearShape { rows: n, inp, out };
         let w = self.weights.layers[l].proj(p);
         if let Attached::Ia3(a) = att
-            && let Some((side, s)) = a.hook(l, p)
+            && let Some(hook) = a.hook(l, p)
         {
-            if side == Ia3Side::Input {
-                let mut xs = x.to_vec();
-                scale_rows(&mut xs, s);
-                linear::forward(sh, &xs, w, y, acc)?;
-                return Ok(None);
-            }
-            let mut y0 = vec![T::ZERO; n * out];
-            linear::forward(sh, x, w, &mut y0, Accumulate::Overwrite)?;
-            for (yr, y0r) in y.chunks_exact_mut(out).zip(y0.chunks_exact(out)) {
-                for ((o, v), g) in yr.iter_mut().zip(y0r).zip(s) {
-                    acc.store_value(o, *v * *g);
-                }
-            }
-            return Ok(Some(y0));
+            let (mut xs, mut y0) = (Vec::new(), Vec::new());
+            let scaled_output =
+                ia3::hooked_linear(sh, x, w, y, acc, |_| Some(hook), &mut xs, &mut y0)?;
+            return Ok(scaled_output.then_some(y0));
         }
         linear::forward(sh, x, w, y, acc)?;
         let Some((a, key)) = att.lora() else {
@@ -594,27 +583,13 @@ impl<T: Real> Llama<T> {
         let r = a.config.r;
         let dropped = lora_dropout(a, key, l, p, x)?;
         let mut u = vec![T::ZERO; n * r];
-        linear::forward(
-            LinearShape {
-                rows: n,
-                inp,
-                out: r,
-            },
+        lora_term(
             dropped.as_ref().map_or(x, |(xd, _)| xd),
             &pair.a,
-            &mut u,
-            Accumulate::Overwrite,
-        )?;
-        let s = T::from_f64(a.config.scaling());
-        u.iter_mut().for_each(|v| *v *= s);
-        linear::forward(
-            LinearShape {
-                rows: n,
-                inp: r,
-                out,
-            },
-            &u,
             &pair.b,
+            (inp, r, out),
+            T::from_f64(a.config.scaling()),
+            &mut u,
             y,
             Accumulate::Add,
         )?;
@@ -661,7 +636,7 @@ impl<T: Real> Llama<T> {
                 {
                     for k in 0..inp {
                         gs[k] += xr[k] * dr[k];
-                        acc.store_value(&mut dxr[k], dr[k] * s[k]);
+                        acc.store(&mut dxr[k], dr[k] * s[k]);
                     }
                 }
                 return Ok(());
@@ -1162,18 +1137,4 @@ fn lora_dropout<T: Real>(
     let m = dropout_mask::<T>(key, prob, l, p, x.len())?;
     let xd = x.iter().zip(&m).map(|(v, k)| *v * *k).collect();
     Ok(Some((xd, m)))
-}
-
-trait StoreValue<T> {
-    fn store_value(self, out: &mut T, v: T);
-}
-
-impl<T: Real> StoreValue<T> for Accumulate {
-    #[inline]
-    fn store_value(self, out: &mut T, v: T) {
-        match self {
-            Accumulate::Overwrite => *out = v,
-            Accumulate::Add => *out += v,
-        }
-    }
 }

@@ -52,8 +52,9 @@ impl Accumulate {
         }
     }
 
+    /// `*out = v` or `*out += v`: one element of an op's output.
     #[inline]
-    pub(crate) fn store<T: Real>(self, out: &mut T, v: T) {
+    pub fn store<T: Real>(self, out: &mut T, v: T) {
         match self {
             Accumulate::Overwrite => *out = v,
             Accumulate::Add => *out += v,
