@@ -15,6 +15,16 @@
 //!
 //! Everything is per process: one device (ordinal 0), its primary context and any contexts
 //! created on it. README.md says what it checks and what it cannot prove.
+//!
+//! **Its `unsafe`.** qadapt's own `unsafe` sits in one launch layer (`qadapt::cuda::launch`);
+//! this crate is the other side of that door, a test double of the driver, and cannot avoid its
+//! own: the driver and cuBLAS APIs it implements are C functions that receive raw pointers from
+//! cudarc. Each exported function is an `unsafe extern "C" fn` under the contract `cuda.h` or
+//! `cublas_api.h` documents for it; out-parameters are written through `write`, which refuses
+//! NULL; device addresses are looked up in the allocation table before a copy, a memset or a
+//! cuBLAS operand touches them; and every block carries its own `// SAFETY:` (clippy's
+//! `undocumented_unsafe_blocks` is denied). No crate of the library or the binary depends on
+//! it: it reaches a process only as the `libcuda.so` a test run puts first on the library path.
 
 pub mod cublas;
 pub mod driver;
