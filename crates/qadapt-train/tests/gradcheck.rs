@@ -8,6 +8,7 @@
 
 use qadapt::ops::Real;
 use qadapt::ops::cross_entropy;
+use qadapt::ops::gradcheck::check_grad;
 use qadapt::ops::rope::RopeScaling;
 use qadapt_train::{Batch, Input, Options};
 use qadapt_train::{Llama, causal_targets};
@@ -27,31 +28,6 @@ fn loss_of(m: &Llama<f64>) -> f64 {
     .unwrap()
 }
 
-fn check(
-    what: &str,
-    p: &[f64],
-    g: &[f64],
-    mut loss: impl FnMut(&[f64]) -> f64,
-) -> Result<(), String> {
-    const H: f64 = 1e-5;
-    let mut q = p.to_vec();
-    for i in 0..p.len() {
-        q[i] = p[i] + H;
-        let up = loss(&q);
-        q[i] = p[i] - H;
-        let down = loss(&q);
-        q[i] = p[i];
-        let fd = (up - down) / (2.0 * H);
-        if (g[i] - fd).abs() > 1e-6 * (1.0 + fd.abs()) {
-            return Err(format!(
-                "{what}[{i}]: analytic {} vs finite difference {fd}",
-                g[i]
-            ));
-        }
-    }
-    Ok(())
-}
-
 fn check_model(m: &Llama<f64>) {
     let (loss, _, grads) = m
         .loss_and_grads(
@@ -66,7 +42,7 @@ fn check_model(m: &Llama<f64>) {
         let p = m.weights.slots()[k].clone();
         let g = grads.weights.as_ref().unwrap().slots()[k].clone();
         let mut probe = m.clone();
-        check(name, &p, &g, |v| {
+        check_grad(name, &p, &g, |v| {
             *probe.weights.slots_mut()[k] = v.to_vec();
             loss_of(&probe)
         })
@@ -83,7 +59,7 @@ fn check_model(m: &Llama<f64>) {
     )
     .unwrap();
     let targets = causal_targets(&IDS, B, T).unwrap();
-    check("inputs_embeds", &e, &grads.inputs_embeds, |v| {
+    check_grad("inputs_embeds", &e, &grads.inputs_embeds, |v| {
         let f = m
             .forward(Input::embeds(v.to_vec(), B, T), Options::default())
             .unwrap();
@@ -135,7 +111,7 @@ fn checker_catches_a_wrong_gradient() {
     g[i] *= 1.001;
     let p = m.weights.layers[1].k_proj.clone();
     let mut probe = m.clone();
-    let err = check("k_proj", &p, &g, |v| {
+    let err = check_grad("k_proj", &p, &g, |v| {
         probe.weights.layers[1].k_proj = v.to_vec();
         loss_of(&probe)
     })

@@ -7,6 +7,7 @@
 //! `|g - fd| <= 1e-6 (1 + |fd|)`, as in `gradcheck.rs`.
 
 use qadapt::bottleneck::Activation;
+use qadapt::ops::gradcheck::check_grad_with;
 use qadapt::ops::rope::RopeScaling;
 use qadapt_train::{
     Adapter, Batch, Evaluation, Grads, HoulsbyAdapter, HoulsbyConfig, Ia3Adapter, Ia3Config, Llama,
@@ -42,13 +43,6 @@ fn run(m: &Llama<f64>, a: Option<&Adapter<f64>>, grads: Grads) -> qadapt::Result
 
 fn check_all(name: &str, m: &Llama<f64>, a: &Adapter<f64>) {
     let cfg = &m.config;
-    const H: f64 = 1e-5;
-    let ok = |what: &str, i: usize, g: f64, fd: f64| {
-        assert!(
-            (g - fd).abs() <= 1e-6 * (1.0 + fd.abs()),
-            "{name}: {what}[{i}]: {g} vs {fd}"
-        );
-    };
     let ev = run(m, Some(a), Grads::All).unwrap();
     let ga = ev.adapter_grads.unwrap();
     let gw = ev.base_grads.unwrap();
@@ -60,16 +54,12 @@ fn check_all(name: &str, m: &Llama<f64>, a: &Adapter<f64>) {
         .collect();
     let mut probe = a.clone();
     for (ti, (key, g)) in named.iter().enumerate() {
-        for (i, &gi) in g.iter().enumerate() {
-            let orig = probe.tensors_mut()[ti][i];
-            let mut at = |v: f64| {
-                probe.tensors_mut()[ti][i] = v;
-                run(m, Some(&probe), Grads::None).unwrap().loss
-            };
-            let fd = (at(orig + H) - at(orig - H)) / (2.0 * H);
-            at(orig);
-            ok(key, i, gi, fd);
-        }
+        let p = probe.tensors_mut()[ti].to_vec();
+        check_grad_with(&format!("{name}: {key}"), &p, g, |i, v| {
+            probe.tensors_mut()[ti][i] = v;
+            run(m, Some(&probe), Grads::None).unwrap().loss
+        })
+        .unwrap();
     }
     // Base parameters.
     let names: Vec<String> = qadapt_train::weights::layout(cfg)
@@ -79,16 +69,12 @@ fn check_all(name: &str, m: &Llama<f64>, a: &Adapter<f64>) {
     let grads: Vec<Vec<f64>> = gw.slots().into_iter().cloned().collect();
     let mut mp = m.clone();
     for (ti, (pname, g)) in names.iter().zip(&grads).enumerate() {
-        for (i, &gi) in g.iter().enumerate() {
-            let orig = mp.weights.slots()[ti][i];
-            let mut at = |v: f64| {
-                mp.weights.slots_mut()[ti][i] = v;
-                run(&mp, Some(a), Grads::None).unwrap().loss
-            };
-            let fd = (at(orig + H) - at(orig - H)) / (2.0 * H);
-            at(orig);
-            ok(pname, i, gi, fd);
-        }
+        let p = mp.weights.slots()[ti].clone();
+        check_grad_with(&format!("{name}: {pname}"), &p, g, |i, v| {
+            mp.weights.slots_mut()[ti][i] = v;
+            run(&mp, Some(a), Grads::None).unwrap().loss
+        })
+        .unwrap();
     }
 }
 

@@ -24,8 +24,7 @@ pub mod rmsnorm;
 pub mod rope;
 pub mod swiglu;
 
-#[cfg(test)]
-pub(crate) mod gradcheck;
+pub mod gradcheck;
 
 use std::fmt::{Debug, Display};
 use std::ops::{AddAssign, DivAssign, MulAssign, Neg, SubAssign};
