@@ -40,6 +40,37 @@ struct Case {
     m: usize,
 }
 
+/// A [`Case`] on a device: its layer, input and adapter indices.
+struct OnDevice {
+    layer: qadapt::lora::CudaLoraLinear,
+    x: qadapt::cuda::DeviceBuffer<bf16>,
+    idx: Option<qadapt::cuda::DeviceBuffer<i32>>,
+    m: usize,
+}
+
+impl Case {
+    fn upload(&self, dev: &qadapt::cuda::CudaDevice) -> OnDevice {
+        OnDevice {
+            layer: qadapt::lora::CudaLoraLinear::upload(dev, &self.layer).unwrap(),
+            x: dev.upload(&self.x).unwrap(),
+            idx: self.idx.as_ref().map(|i| dev.upload(i).unwrap()),
+            m: self.m,
+        }
+    }
+}
+
+impl OnDevice {
+    /// The adapted forward of every row into `y`, overwritten or added into.
+    fn forward(
+        &self,
+        y: &mut qadapt::cuda::DeviceBuffer<bf16>,
+        acc: Accumulate,
+    ) -> qadapt::Result<()> {
+        let term = LoraTerm::adapted(self.idx.as_ref());
+        self.layer.forward(&self.x, self.m, y, acc, term)
+    }
+}
+
 fn make_case(
     seed: u64,
     m: usize,
@@ -1009,19 +1040,10 @@ fn cuda_forward_accumulates_into_y_in_the_epilogue() {
         let y0 = rand_bf16(&mut rng, m * n, 2.0);
         let (want, tol) = naive_forward(&c, true);
         let (want, tol) = added_to(&want, &tol, &y0);
-        let layer = qadapt::lora::CudaLoraLinear::upload(&dev, &c.layer).unwrap();
-        let x = dev.upload(&c.x).unwrap();
-        let idx = c.idx.as_ref().map(|i| dev.upload(i).unwrap());
+        let d = c.upload(&dev);
+        let (layer, x, idx) = (&d.layer, &d.x, &d.idx);
         let mut y = dev.upload(&y0).unwrap();
-        layer
-            .forward(
-                &x,
-                m,
-                &mut y,
-                Accumulate::Add,
-                LoraTerm::adapted(idx.as_ref()),
-            )
-            .unwrap();
+        d.forward(&mut y, Accumulate::Add).unwrap();
         assert_close(
             &format!("cuda add, {tag}"),
             &dev.download(&y).unwrap(),
@@ -1045,15 +1067,7 @@ fn cuda_forward_accumulates_into_y_in_the_epilogue() {
         assert_close(&format!("cpu add, {tag}"), &y_cpu, &want, &tol);
         // Overwrite: what y held does not matter.
         let mut y = dev.upload(&y0).unwrap();
-        layer
-            .forward(
-                &x,
-                m,
-                &mut y,
-                Accumulate::Overwrite,
-                LoraTerm::adapted(idx.as_ref()),
-            )
-            .unwrap();
+        d.forward(&mut y, Accumulate::Overwrite).unwrap();
         let fresh = c
             .layer
             .forward(&Device::Cpu, &c.x, m, c.idx.as_deref())
@@ -1079,7 +1093,7 @@ fn cuda_forward_accumulates_into_y_in_the_epilogue() {
         let g = (&mut ga, &mut gb);
         layer
             .backward(
-                &x,
+                x,
                 &dyd,
                 m,
                 &mut dx_ow,
@@ -1091,7 +1105,7 @@ fn cuda_forward_accumulates_into_y_in_the_epilogue() {
         let g = (&mut ga, &mut gb);
         layer
             .backward(
-                &x,
+                x,
                 &dyd,
                 m,
                 &mut dx_add,
@@ -1231,9 +1245,7 @@ fn cuda_sm90_nf4_gemm_matches_f64_and_the_sm80_kernel() {
         let tag = format!("m {m} n {n} k {k} r {r} x {na} {stats:?}");
         let c = make_case(seed, m, n, k, r, na, Base::Nf4(stats), bias, multi);
         let (want, tol) = naive_forward(&c, true);
-        let layer = qadapt::lora::CudaLoraLinear::upload(&dev, &c.layer).unwrap();
-        let x = dev.upload(&c.x).unwrap();
-        let idx = c.idx.as_ref().map(|i| dev.upload(i).unwrap());
+        let d = c.upload(&dev);
         let sm90 = if bn == 256 {
             kernels::LORA_GEMM_NF4_SM90_BN256_BF16
         } else {
@@ -1243,15 +1255,7 @@ fn cuda_sm90_nf4_gemm_matches_f64_and_the_sm80_kernel() {
             dev.set_hopper_kernels(hopper).unwrap();
             dev.reset_emulator_counters();
             let mut y = dev.zeros::<bf16>(m * n).unwrap();
-            layer
-                .forward(
-                    &x,
-                    m,
-                    &mut y,
-                    Accumulate::Overwrite,
-                    LoraTerm::adapted(idx.as_ref()),
-                )
-                .unwrap();
+            d.forward(&mut y, Accumulate::Overwrite).unwrap();
             let got = dev.download(&y).unwrap();
             assert_close(&format!("hopper {hopper}, {tag}"), &got, &want, &tol);
             assert_which_ran(&dev, hopper, sm90, kernels::LORA_GEMM_NF4_BF16, &tag);
@@ -1261,15 +1265,7 @@ fn cuda_sm90_nf4_gemm_matches_f64_and_the_sm80_kernel() {
         let mut rng = ChaCha8Rng::seed_from_u64(seed + 1);
         let y0 = rand_bf16(&mut rng, m * n, 2.0);
         let mut y = dev.upload(&y0).unwrap();
-        layer
-            .forward(
-                &x,
-                m,
-                &mut y,
-                Accumulate::Add,
-                LoraTerm::adapted(idx.as_ref()),
-            )
-            .unwrap();
+        d.forward(&mut y, Accumulate::Add).unwrap();
         let (want_add, tol_add) = added_to(&want, &tol, &y0);
         assert_close(
             &format!("hopper add, {tag}"),
@@ -1355,9 +1351,8 @@ fn cuda_backward_from_the_kept_u_skips_the_xa_product() {
     ] {
         let tag = format!("m {m} n {n} k {k} {base:?}");
         let c = make_case(seed, m, n, k, 8, 2, base, false, true);
-        let layer = qadapt::lora::CudaLoraLinear::upload(&dev, &c.layer).unwrap();
-        let x = dev.upload(&c.x).unwrap();
-        let idx = c.idx.as_ref().map(|i| dev.upload(i).unwrap());
+        let d = c.upload(&dev);
+        let (layer, x, idx) = (&d.layer, &d.x, &d.idx);
         let mut rng = ChaCha8Rng::seed_from_u64(seed + 1);
         let dy = dev.upload(&rand_bf16(&mut rng, m * n, 1.0)).unwrap();
         let (y_plain, y_kept) = (
@@ -1369,7 +1364,7 @@ fn cuda_backward_from_the_kept_u_skips_the_xa_product() {
         // or the previous case's), so a backward that read it instead of the kept u would fail.
         layer
             .forward(
-                &x,
+                x,
                 m,
                 y_kept,
                 Accumulate::Overwrite,
@@ -1390,7 +1385,7 @@ fn cuda_backward_from_the_kept_u_skips_the_xa_product() {
                 grads: (&mut ga, &mut gb),
             };
             layer
-                .backward(&x, &dy, m, &mut dx, Accumulate::Overwrite, term)
+                .backward(x, &dy, m, &mut dx, Accumulate::Overwrite, term)
                 .unwrap();
             let xa = dev
                 .emulator_counters(kernels::LORA_RANK_XA_BF16)
@@ -1403,15 +1398,7 @@ fn cuda_backward_from_the_kept_u_skips_the_xa_product() {
             (out, xa)
         };
         let ((dx1, ga1, gb1), xa1) = run(true);
-        layer
-            .forward(
-                &x,
-                m,
-                y_plain,
-                Accumulate::Overwrite,
-                LoraTerm::adapted(idx.as_ref()),
-            )
-            .unwrap();
+        d.forward(y_plain, Accumulate::Overwrite).unwrap();
         assert_eq!(
             dev.download(y_kept).unwrap(),
             dev.download(y_plain).unwrap(),
@@ -1443,7 +1430,7 @@ fn cuda_backward_from_the_kept_u_skips_the_xa_product() {
             grads: (&mut ga, &mut gb),
         };
         let e = layer
-            .backward(&x, &dy, m, &mut dx, Accumulate::Overwrite, term)
+            .backward(x, &dy, m, &mut dx, Accumulate::Overwrite, term)
             .unwrap_err();
         assert!(matches!(e, Error::Shape { .. }), "{tag}: {e}");
     }
