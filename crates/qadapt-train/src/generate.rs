@@ -422,9 +422,8 @@ struct Scratch {
     xn: Vec<f32>,
     rstd: Vec<f32>,
     tmp: Vec<f32>,
-    /// (IA)³: the scaled input, and the unscaled product.
+    /// (IA)³'s scaled input.
     xs: Vec<f32>,
-    y0: Vec<f32>,
     /// `owner` and `pos` as the cache ops take them.
     row32: Vec<u32>,
     pos32: Vec<u32>,
@@ -767,7 +766,7 @@ impl<'a> Generator<'a> {
         };
         let sh = LinearShape { rows: n, inp, out };
         let ow = Accumulate::Overwrite;
-        ia3::hooked_linear(sh, x, w, y, ow, ia3, &mut s.xs, &mut s.y0)?;
+        ia3::hooked_linear(sh, x, w, y, ow, ia3, &mut s.xs, None)?;
         if let Some(st) = &self.lora[l][p.index()] {
             st.forward(x, &s.lora_idx, y, &mut s.lora)?;
         }

@@ -73,9 +73,11 @@ pub fn scale_rows<T: Real>(x: &mut [T], s: &[T]) {
 /// `y (=|+=) x W^T` (shape `sh`, `w [out, inp]`) with each row `t`'s (IA)³ hook `hook(t)`, or
 /// none: an input-side row is scaled before the product, an output-side row after it. This is
 /// (IA)³'s forward on a projection, written once: the training model gives every row the one
-/// attached adapter's hook, the generator each row the hook of its own adapter. `xs` and `y0`
-/// are scratch; when some row scales its output, `y0` is left holding the unscaled product
-/// `x W^T` (all rows), which the backward's `dl` reads, and the result is `true`.
+/// attached adapter's hook, the generator each row the hook of its own adapter. `xs` is scratch
+/// for the scaled input. Returns whether some row scales its output; then, when `keep` is given,
+/// it is left holding the unscaled product `x W^T` (all rows), which the backward's `dl` reads.
+/// Overwriting, the output rows are scaled in place; adding, the product goes through `keep`
+/// (or a temporary) first.
 #[allow(clippy::too_many_arguments)]
 pub fn hooked_linear<'s, T: Real>(
     sh: LinearShape,
@@ -85,7 +87,7 @@ pub fn hooked_linear<'s, T: Real>(
     acc: Accumulate,
     hook: impl Fn(usize) -> Option<(Ia3Side, &'s [T])>,
     xs: &mut Vec<T>,
-    y0: &mut Vec<T>,
+    keep: Option<&mut Vec<T>>,
 ) -> Result<bool> {
     let (rows, inp, out) = (sh.rows, sh.inp, sh.out);
     let side = |t: usize, want: Ia3Side| hook(t).filter(|(s, _)| *s == want).map(|(_, v)| v);
@@ -105,6 +107,24 @@ pub fn hooked_linear<'s, T: Real>(
         linear::forward(sh, xin, w, y, acc)?;
         return Ok(false);
     }
+    let mut tmp = Vec::new();
+    let y0 = match (acc, keep) {
+        (Accumulate::Overwrite, keep) => {
+            linear::forward(sh, xin, w, y, acc)?;
+            if let Some(k) = keep {
+                k.clear();
+                k.extend_from_slice(y);
+            }
+            for (t, yr) in y.chunks_exact_mut(out).enumerate() {
+                if let Some(s) = side(t, Ia3Side::Output) {
+                    scale_rows(yr, s);
+                }
+            }
+            return Ok(true);
+        }
+        (Accumulate::Add, Some(k)) => k,
+        (Accumulate::Add, None) => &mut tmp,
+    };
     y0.clear();
     y0.resize(rows * out, T::ZERO);
     linear::forward(sh, xin, w, y0, Accumulate::Overwrite)?;
@@ -113,17 +133,9 @@ pub fn hooked_linear<'s, T: Real>(
         .zip(y0.chunks_exact(out))
         .enumerate()
     {
-        match side(t, Ia3Side::Output) {
-            Some(s) => {
-                for ((o, v), g) in yr.iter_mut().zip(y0r).zip(s) {
-                    acc.store(o, *v * *g);
-                }
-            }
-            None => {
-                for (o, v) in yr.iter_mut().zip(y0r) {
-                    acc.store(o, *v);
-                }
-            }
+        let s = side(t, Ia3Side::Output);
+        for (k, (o, v)) in yr.iter_mut().zip(y0r).enumerate() {
+            *o += s.map_or(*v, |s| *v * s[k]);
         }
     }
     Ok(true)

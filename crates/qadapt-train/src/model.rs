@@ -569,8 +569,9 @@ impl<T: Real> Llama<T> {
             && let Some(hook) = a.hook(l, p)
         {
             let (mut xs, mut y0) = (Vec::new(), Vec::new());
+            let keep = Some(&mut y0);
             let scaled_output =
-                ia3::hooked_linear(sh, x, w, y, acc, |_| Some(hook), &mut xs, &mut y0)?;
+                ia3::hooked_linear(sh, x, w, y, acc, |_| Some(hook), &mut xs, keep)?;
             return Ok(scaled_output.then_some(y0));
         }
         linear::forward(sh, x, w, y, acc)?;
