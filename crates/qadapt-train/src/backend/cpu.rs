@@ -86,106 +86,6 @@ impl CpuBackend {
         x
     }
 
-    /// `y (=|+=) x W^T`, plus the LoRA term when `lora` and the projection has one.
-    fn forward_part(
-        &self,
-        p: &CpuProj,
-        x: &[f32],
-        rows: usize,
-        y: &mut [f32],
-        acc: Accumulate,
-        lora: bool,
-    ) -> Result<()> {
-        let mut t = vec![0.0; rows * p.out];
-        let sh = LinearShape {
-            rows,
-            inp: p.inp,
-            out: p.out,
-        };
-        linear::forward(sh, x, &p.w, &mut t, Accumulate::Overwrite)?;
-        if let Some(l) = p.lora.as_ref().filter(|_| lora) {
-            let u = self.lora_u(l, x, rows, p.inp)?;
-            let su = LinearShape {
-                rows,
-                inp: l.rank,
-                out: p.out,
-            };
-            linear::forward(su, &u, &l.b, &mut t, Accumulate::Add)?;
-        }
-        check("projection forward (cpu)", "y", y, t.len())?;
-        store(acc, y, &t);
-        self.round(y);
-        Ok(())
-    }
-
-    /// `dx (=|+=) dy W`, plus the LoRA term (and its gradients into `grads`) when `lora` and
-    /// the projection has one.
-    #[allow(clippy::too_many_arguments)]
-    fn backward_part(
-        &self,
-        p: &CpuProj,
-        x: &[f32],
-        dy: &[f32],
-        rows: usize,
-        dx: &mut [f32],
-        acc: Accumulate,
-        grads: Option<(&mut Vec<f32>, &mut Vec<f32>)>,
-        lora: bool,
-    ) -> Result<()> {
-        const OP: &str = "projection backward (cpu)";
-        let sh = LinearShape {
-            rows,
-            inp: p.inp,
-            out: p.out,
-        };
-        let mut t = vec![0.0; rows * p.inp];
-        linear::backward(sh, x, &p.w, dy, Some((&mut t, Accumulate::Overwrite)), None)?;
-        if let Some(l) = p.lora.as_ref().filter(|_| lora) {
-            let (mut ga0, mut gb0);
-            let (ga, gb) = match grads {
-                Some((ga, gb)) => (ga, gb),
-                None => {
-                    ga0 = vec![0.0; l.a.len()];
-                    gb0 = vec![0.0; l.b.len()];
-                    (&mut ga0, &mut gb0)
-                }
-            };
-            check(OP, "dA", ga, l.a.len())?;
-            check(OP, "dB", gb, l.b.len())?;
-            // g = s dy B (rounded as the kernel's g), dB += dy^T u with u = bf16(s x A^T).
-            let u = self.lora_u(l, x, rows, p.inp)?;
-            let mut g = vec![0.0; rows * l.rank];
-            let su = LinearShape {
-                rows,
-                inp: l.rank,
-                out: p.out,
-            };
-            linear::backward(
-                su,
-                &u,
-                &l.b,
-                dy,
-                Some((&mut g, Accumulate::Overwrite)),
-                Some(gb),
-            )?;
-            g.iter_mut().for_each(|v| *v *= l.scale);
-            self.round(&mut g);
-            // dx += g A, dA += g^T x.
-            let sa = LinearShape {
-                rows,
-                inp: p.inp,
-                out: l.rank,
-            };
-            linear::backward(sa, x, &l.a, &g, Some((&mut t, Accumulate::Add)), Some(ga))?;
-        } else if grads.is_some() {
-            return Err(invalid(OP, "gradients asked of a projection without LoRA"));
-        }
-        check(OP, "dx", dx, t.len())?;
-        store(acc, dx, &t);
-        self.round(dx);
-        Ok(())
-    }
-
     /// `s x A^T` `[rows, r]`, rounded as the kernel's `u`.
     fn lora_u(&self, l: &CpuLora, x: &[f32], rows: usize, inp: usize) -> Result<Vec<f32>> {
         let mut u = vec![0.0; rows * l.rank];
@@ -450,8 +350,26 @@ impl Backend for CpuBackend {
         acc: Accumulate,
         terms: Terms<'_, Vec<f32>>,
     ) -> Result<()> {
-        let lora = matches!(terms, Terms::Adapted { .. });
-        self.forward_part(p, x, rows, y, acc, lora)
+        let mut t = vec![0.0; rows * p.out];
+        let sh = LinearShape {
+            rows,
+            inp: p.inp,
+            out: p.out,
+        };
+        linear::forward(sh, x, &p.w, &mut t, Accumulate::Overwrite)?;
+        if let (Some(l), Terms::Adapted { .. }) = (p.lora.as_ref(), terms) {
+            let u = self.lora_u(l, x, rows, p.inp)?;
+            let su = LinearShape {
+                rows,
+                inp: l.rank,
+                out: p.out,
+            };
+            linear::forward(su, &u, &l.b, &mut t, Accumulate::Add)?;
+        }
+        check("projection forward (cpu)", "y", y, t.len())?;
+        store(acc, y, &t);
+        self.round(y);
+        Ok(())
     }
 
     fn proj_backward(
@@ -464,12 +382,62 @@ impl Backend for CpuBackend {
         acc: Accumulate,
         terms: BackTerms<'_, Vec<f32>, Vec<f32>>,
     ) -> Result<()> {
-        match terms {
-            BackTerms::Base => self.backward_part(p, x, dy, rows, dx, acc, None, false),
-            BackTerms::Adapted { grads, .. } => {
-                self.backward_part(p, x, dy, rows, dx, acc, grads, true)
-            }
+        const OP: &str = "projection backward (cpu)";
+        let (lora, grads) = match terms {
+            BackTerms::Base => (false, None),
+            BackTerms::Adapted { grads, .. } => (true, grads),
+        };
+        let sh = LinearShape {
+            rows,
+            inp: p.inp,
+            out: p.out,
+        };
+        let mut t = vec![0.0; rows * p.inp];
+        linear::backward(sh, x, &p.w, dy, Some((&mut t, Accumulate::Overwrite)), None)?;
+        if let Some(l) = p.lora.as_ref().filter(|_| lora) {
+            let (mut ga0, mut gb0);
+            let (ga, gb) = match grads {
+                Some((ga, gb)) => (ga, gb),
+                None => {
+                    ga0 = vec![0.0; l.a.len()];
+                    gb0 = vec![0.0; l.b.len()];
+                    (&mut ga0, &mut gb0)
+                }
+            };
+            check(OP, "dA", ga, l.a.len())?;
+            check(OP, "dB", gb, l.b.len())?;
+            // g = s dy B (rounded as the kernel's g), dB += dy^T u with u = bf16(s x A^T).
+            let u = self.lora_u(l, x, rows, p.inp)?;
+            let mut g = vec![0.0; rows * l.rank];
+            let su = LinearShape {
+                rows,
+                inp: l.rank,
+                out: p.out,
+            };
+            linear::backward(
+                su,
+                &u,
+                &l.b,
+                dy,
+                Some((&mut g, Accumulate::Overwrite)),
+                Some(gb),
+            )?;
+            g.iter_mut().for_each(|v| *v *= l.scale);
+            self.round(&mut g);
+            // dx += g A, dA += g^T x.
+            let sa = LinearShape {
+                rows,
+                inp: p.inp,
+                out: l.rank,
+            };
+            linear::backward(sa, x, &l.a, &g, Some((&mut t, Accumulate::Add)), Some(ga))?;
+        } else if grads.is_some() {
+            return Err(invalid(OP, "gradients asked of a projection without LoRA"));
         }
+        check(OP, "dx", dx, t.len())?;
+        store(acc, dx, &t);
+        self.round(dx);
+        Ok(())
     }
 
     fn mask_mix(

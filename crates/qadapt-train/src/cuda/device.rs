@@ -56,100 +56,6 @@ impl CudaBackend {
     pub fn device(&self) -> &CudaDevice {
         &self.dev
     }
-
-    /// `y (=|+=) x W^T`, plus the LoRA term when `lora` and the projection is adapted (its u
-    /// left in `keep` when given).
-    #[allow(clippy::too_many_arguments)]
-    fn forward_part(
-        &self,
-        p: &CudaProj,
-        x: &DeviceBuffer<bf16>,
-        rows: usize,
-        y: &mut DeviceBuffer<bf16>,
-        acc: Accumulate,
-        lora: bool,
-        keep: Option<&mut DeviceBuffer<bf16>>,
-    ) -> Result<()> {
-        match p {
-            CudaProj::Dense { out, inp, w } => {
-                self.dev
-                    .gemm_bf16(x, Op::N, w, Op::T, y, (rows, *out, *inp), 1.0, beta(acc))
-            }
-            // Every row adapted (no index buffer) with the LoRA term, else the base only; a
-            // residual add (`acc`) happens in the kernels' epilogue.
-            CudaProj::Fused { layer, adapted, .. } => {
-                let term = if *adapted && lora {
-                    LoraTerm::Adapted {
-                        adapter_idx: None,
-                        keep,
-                    }
-                } else {
-                    LoraTerm::Base
-                };
-                layer.forward(x, rows, y, acc, term)
-            }
-        }
-    }
-
-    /// `dx (=|+=) dy W`, plus the LoRA term (and its gradients into `grads`) when `lora` and the
-    /// projection is adapted (from the forward's `kept` u when given).
-    #[allow(clippy::too_many_arguments)]
-    fn backward_part(
-        &self,
-        p: &CudaProj,
-        x: &DeviceBuffer<bf16>,
-        dy: &DeviceBuffer<bf16>,
-        rows: usize,
-        dx: &mut DeviceBuffer<bf16>,
-        acc: Accumulate,
-        grads: Option<(&mut DeviceBuffer<f32>, &mut DeviceBuffer<f32>)>,
-        lora: bool,
-        kept: Option<&DeviceBuffer<bf16>>,
-    ) -> Result<()> {
-        const OP: &str = "projection backward (cuda)";
-        match p {
-            CudaProj::Dense { out, inp, w } => {
-                if grads.is_some() {
-                    return Err(invalid(OP, "gradients asked of a projection without LoRA"));
-                }
-                self.dev
-                    .gemm_bf16(dy, Op::N, w, Op::N, dx, (rows, *inp, *out), 1.0, beta(acc))
-            }
-            CudaProj::Fused {
-                out,
-                inp,
-                layer,
-                rank,
-                adapted,
-            } => {
-                if grads.is_some() && !(*adapted && lora) {
-                    return Err(invalid(OP, "gradients asked without the LoRA term"));
-                }
-                // With the LoRA term: the full backward (gradients into `grads`, or into
-                // scratch when the caller wants none); without: the dx GEMM only.
-                let (mut sa, mut sb);
-                let grads = match grads {
-                    Some(g) => Some(g),
-                    None if *adapted && lora => {
-                        sa = self.dev.zeros::<f32>(rank * inp)?;
-                        sb = self.dev.zeros::<f32>(out * rank)?;
-                        Some((&mut sa, &mut sb))
-                    }
-                    None => None,
-                };
-                // A sum of input gradients (`acc`) happens in the kernels' epilogue.
-                let term = match grads {
-                    Some(grads) => LoraBackTerm::Adapted {
-                        adapter_idx: None,
-                        kept,
-                        grads,
-                    },
-                    None => LoraBackTerm::Base,
-                };
-                layer.backward(x, dy, rows, dx, acc, term)
-            }
-        }
-    }
 }
 
 /// The `beta` of a cuBLAS GEMM that overwrites or accumulates.
@@ -483,9 +389,23 @@ impl Backend for CudaBackend {
         acc: Accumulate,
         terms: Terms<'_, Self::Act>,
     ) -> Result<()> {
-        match terms {
-            Terms::Base => self.forward_part(p, x, rows, y, acc, false, None),
-            Terms::Adapted { keep } => self.forward_part(p, x, rows, y, acc, true, keep),
+        // Every row adapted (no index buffer) with the LoRA term, else the base only; a
+        // residual add (`acc`) happens in the kernels' epilogue.
+        match p {
+            CudaProj::Dense { out, inp, w } => {
+                self.dev
+                    .gemm_bf16(x, Op::N, w, Op::T, y, (rows, *out, *inp), 1.0, beta(acc))
+            }
+            CudaProj::Fused { layer, adapted, .. } => {
+                let term = match terms {
+                    Terms::Adapted { keep } if *adapted => LoraTerm::Adapted {
+                        adapter_idx: None,
+                        keep,
+                    },
+                    _ => LoraTerm::Base,
+                };
+                layer.forward(x, rows, y, acc, term)
+            }
         }
     }
 
@@ -499,10 +419,51 @@ impl Backend for CudaBackend {
         acc: Accumulate,
         terms: BackTerms<'_, Self::Act, Self::F32>,
     ) -> Result<()> {
-        match terms {
-            BackTerms::Base => self.backward_part(p, x, dy, rows, dx, acc, None, false, None),
-            BackTerms::Adapted { kept, grads } => {
-                self.backward_part(p, x, dy, rows, dx, acc, grads, true, kept)
+        const OP: &str = "projection backward (cuda)";
+        let (lora, kept, grads) = match terms {
+            BackTerms::Base => (false, None, None),
+            BackTerms::Adapted { kept, grads } => (true, kept, grads),
+        };
+        match p {
+            CudaProj::Dense { out, inp, w } => {
+                if grads.is_some() {
+                    return Err(invalid(OP, "gradients asked of a projection without LoRA"));
+                }
+                self.dev
+                    .gemm_bf16(dy, Op::N, w, Op::N, dx, (rows, *inp, *out), 1.0, beta(acc))
+            }
+            CudaProj::Fused {
+                out,
+                inp,
+                layer,
+                rank,
+                adapted,
+            } => {
+                if grads.is_some() && !(*adapted && lora) {
+                    return Err(invalid(OP, "gradients asked without the LoRA term"));
+                }
+                // With the LoRA term: the full backward (gradients into `grads`, or into
+                // scratch when the caller wants none); without: the dx GEMM only.
+                let (mut sa, mut sb);
+                let grads = match grads {
+                    Some(g) => Some(g),
+                    None if *adapted && lora => {
+                        sa = self.dev.zeros::<f32>(rank * inp)?;
+                        sb = self.dev.zeros::<f32>(out * rank)?;
+                        Some((&mut sa, &mut sb))
+                    }
+                    None => None,
+                };
+                // A sum of input gradients (`acc`) happens in the kernels' epilogue.
+                let term = match grads {
+                    Some(grads) => LoraBackTerm::Adapted {
+                        adapter_idx: None,
+                        kept,
+                        grads,
+                    },
+                    None => LoraBackTerm::Base,
+                };
+                layer.backward(x, dy, rows, dx, acc, term)
             }
         }
     }
