@@ -103,13 +103,13 @@ impl<T: Real> HoulsbyAdapter<T> {
     /// `y = A(yin)` overwritten, and `z [rows, b]` (the pre-activation its backward reads).
     /// Every runner of the decoder layer applies Houlsby through this.
     pub fn forward(&self, l: usize, p: Proj, yin: &[T], z: &mut [T], y: &mut [T]) -> Result<()> {
-        let hidden = self.layers[l][layer::site(p)].up_bias.len();
+        let w = &self.layers[l][layer::site(p)];
+        let hidden = w.up_bias.len();
         let sh = BottleneckShape {
             rows: yin.len() / hidden.max(1),
             hidden,
             bottleneck: self.config.bottleneck,
         };
-        let w = &self.layers[l][layer::site(p)];
         bottleneck::forward(sh, self.config.activation, yin, w, z, y)
     }
 

@@ -29,7 +29,6 @@
 use std::collections::HashSet;
 use std::path::Path;
 
-use crate::peft_io::write_adapter;
 use half::bf16;
 use qadapt::ops::dropout::{DropoutMask, GOLDEN, mix};
 use qadapt::ops::linear::{self, LinearShape};
@@ -39,6 +38,7 @@ use safetensors::SafeTensors;
 use serde_json::{Value, json};
 
 use crate::config::LlamaConfig;
+use crate::peft_io::write_adapter;
 use crate::rng::uniform;
 use crate::weights::{Proj, to_f32};
 use crate::{format_err, invalid};

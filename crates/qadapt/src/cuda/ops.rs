@@ -36,6 +36,8 @@ use crate::ops::cross_entropy::{LmHeadShape, RowScore};
 use crate::ops::dropout::{DropoutMask, MaskCoef};
 use crate::ops::rope::{RopeDirection, RopeTable};
 
+pub use launch::{AttentionKernels, FLASH_HEAD_DIMS};
+
 /// `y = w * x / sqrt(mean(x^2) + eps)` row by row: `x`, `y` are `[rows, w.len()]` bf16, `rstd`
 /// is `[rows]` f32 (overwritten with `1/sqrt(mean(x^2) + eps)`, saved for the backward).
 pub fn rmsnorm_forward(
@@ -457,8 +459,6 @@ pub fn attention_cached(
 ) -> Result<()> {
     launch::attention_cached(dev, tokens, q, kc, vc, out)
 }
-
-pub use launch::{AttentionKernels, FLASH_HEAD_DIMS};
 
 /// Causal grouped-query attention forward (layouts of [`crate::ops::attention`]) on `kernels`:
 /// `out [batch * seq, heads * head_dim]` overwritten, and `lse [batch, heads, seq]` (f32)

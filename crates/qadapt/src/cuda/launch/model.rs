@@ -1007,9 +1007,9 @@ pub(crate) fn attention_forward(
     let (kp, _g2) = k.device_ptr(&stream);
     let (vp, _g3) = v.device_ptr(&stream);
     let (lp, _g4) = lse.device_ptr_mut(&stream);
-    let (op_, _g5) = out.device_ptr_mut(&stream);
+    let (outp, _g5) = out.device_ptr_mut(&stream);
     let (sp, _g6) = segments_ptr!(segments, &stream);
-    for (what, a) in [("q", qp), ("k", kp), ("v", vp), ("out", op_)] {
+    for (what, a) in [("q", qp), ("k", kp), ("v", vp), ("out", outp)] {
         kind.aligned(op, what, a)?;
     }
     aligned4(op, "lse", lp)?;
@@ -1017,7 +1017,7 @@ pub(crate) fn attention_forward(
         q: qp,
         k: kp,
         v: vp,
-        out: op_,
+        out: outp,
         lse: lp,
         seg_start: sp,
         ..attention_args(&sh, dims)
@@ -1088,7 +1088,7 @@ pub(crate) fn attention_backward(
     let (qp, _g1) = q.device_ptr(&stream);
     let (kp, _g2) = k.device_ptr(&stream);
     let (vp, _g3) = v.device_ptr(&stream);
-    let (op_, _g4) = match out {
+    let (outp, _g4) = match out {
         Some(o) => {
             let (p, g) = o.device_ptr(&stream);
             (p, Some(g))
@@ -1106,7 +1106,7 @@ pub(crate) fn attention_backward(
         ("q", qp),
         ("k", kp),
         ("v", vp),
-        ("out", op_), // 0 when absent: aligned
+        ("out", outp), // 0 when absent: aligned
         ("dout", dop),
         ("dq", dqp),
         ("dk", dkp),
@@ -1119,7 +1119,7 @@ pub(crate) fn attention_backward(
         q: qp,
         k: kp,
         v: vp,
-        out: op_,
+        out: outp,
         lse: lp,
         dout: dop,
         dq: dqp,
